@@ -1,0 +1,155 @@
+//! The one error type, and its rendering into the contract's `{"error", "code"}` envelope.
+
+use axum::{
+    http::{header, HeaderValue, StatusCode},
+    response::{IntoResponse, Response},
+    Json,
+};
+use serde_json::{json, Map, Value};
+
+/// Every way a request can fail; each variant maps to one status and one stable code.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    InvalidJson(String),
+    #[error("{message}")]
+    InvalidInput {
+        field: &'static str,
+        message: String,
+    },
+    #[error("missing, malformed, unknown or expired token")]
+    Unauthorized,
+    #[error("invalid username or password")]
+    InvalidCredentials,
+    #[error("Out of Tokens")]
+    OutOfTokens { tokens: i64 },
+    #[error("no such route")]
+    NotFound,
+    #[error("method not allowed on this route")]
+    MethodNotAllowed,
+    #[error("this username is already taken")]
+    UsernameTaken,
+    #[error("request body is too large")]
+    PayloadTooLarge,
+    #[error("request body must be JSON or form data")]
+    UnsupportedMediaType,
+    #[error("too many attempts; try again later")]
+    RateLimited { retry_after_secs: u64 },
+    #[error("the language model could not answer: {0}")]
+    Upstream(String),
+    #[error("the language model did not answer in time")]
+    UpstreamTimeout,
+    /// Details are logged, never shown.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl Error {
+    pub fn invalid_input(field: &'static str, message: impl Into<String>) -> Self {
+        Self::InvalidInput {
+            field,
+            message: message.into(),
+        }
+    }
+
+    pub fn internal(err: impl std::fmt::Display) -> Self {
+        Self::Internal(err.to_string())
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::InvalidJson(_) | Self::InvalidInput { .. } => StatusCode::BAD_REQUEST,
+            Self::Unauthorized | Self::InvalidCredentials => StatusCode::UNAUTHORIZED,
+            Self::OutOfTokens { .. } => StatusCode::PAYMENT_REQUIRED,
+            Self::NotFound => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::UsernameTaken => StatusCode::CONFLICT,
+            Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::Upstream(_) => StatusCode::BAD_GATEWAY,
+            Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::InvalidJson(_) => "invalid_json",
+            Self::InvalidInput { .. } => "invalid_input",
+            Self::Unauthorized => "unauthorized",
+            Self::InvalidCredentials => "invalid_credentials",
+            Self::OutOfTokens { .. } => "out_of_tokens",
+            Self::NotFound => "not_found",
+            Self::MethodNotAllowed => "method_not_allowed",
+            Self::UsernameTaken => "username_taken",
+            Self::PayloadTooLarge => "payload_too_large",
+            Self::UnsupportedMediaType => "unsupported_media_type",
+            Self::RateLimited { .. } => "rate_limited",
+            Self::Upstream(_) => "upstream_error",
+            Self::UpstreamTimeout => "upstream_timeout",
+            Self::Internal(_) => "internal",
+        }
+    }
+
+    /// The error that stands for a bare status produced outside our handlers
+    /// (axum's router, body limits, panics), so those get the envelope too.
+    pub fn from_status(status: StatusCode) -> Self {
+        match status {
+            StatusCode::NOT_FOUND => Self::NotFound,
+            StatusCode::METHOD_NOT_ALLOWED => Self::MethodNotAllowed,
+            StatusCode::PAYLOAD_TOO_LARGE => Self::PayloadTooLarge,
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => Self::UnsupportedMediaType,
+            StatusCode::UNAUTHORIZED => Self::Unauthorized,
+            StatusCode::BAD_REQUEST => Self::InvalidJson("the request could not be read".into()),
+            StatusCode::GATEWAY_TIMEOUT | StatusCode::REQUEST_TIMEOUT => Self::UpstreamTimeout,
+            _ => Self::Internal(format!("bare {status} response")),
+        }
+    }
+
+    fn public_message(&self) -> String {
+        match self {
+            Self::Internal(_) => "something went wrong on our side".to_string(),
+            other => other.to_string(),
+        }
+    }
+}
+
+impl From<sqlx::Error> for Error {
+    fn from(err: sqlx::Error) -> Self {
+        Self::internal(format!("database: {err}"))
+    }
+}
+
+impl From<tokio::task::JoinError> for Error {
+    fn from(err: tokio::task::JoinError) -> Self {
+        Self::internal(format!("task: {err}"))
+    }
+}
+
+impl IntoResponse for Error {
+    fn into_response(self) -> Response {
+        if let Self::Internal(detail) = &self {
+            tracing::error!(%detail, "internal error");
+        }
+        let mut body = Map::new();
+        body.insert("error".into(), self.public_message().into());
+        body.insert("code".into(), self.code().into());
+        match &self {
+            Self::InvalidInput { field, .. } => {
+                body.insert("field".into(), (*field).into());
+            }
+            Self::OutOfTokens { tokens } => {
+                body.insert("tokens".into(), json!(tokens));
+            }
+            _ => {}
+        }
+        let mut response = (self.status(), Json(Value::Object(body))).into_response();
+        if let Self::RateLimited { retry_after_secs } = self {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
+        }
+        response
+    }
+}

@@ -1,0 +1,70 @@
+//! tokenchat: a metered LLM chat API. Users register, log in, chat with an upstream
+//! OpenAI-compatible model, and every answered question costs tokens from their balance.
+//!
+//! [`router`] builds the application; [`serve`] runs it on a listener until shut down.
+
+pub mod config;
+pub mod db;
+pub mod error;
+mod routes;
+pub mod services;
+
+use std::{future::Future, sync::Arc, time::Duration};
+
+use tokio::net::TcpListener;
+use tokio_util::task::TaskTracker;
+
+pub use config::Config;
+pub use error::Error;
+pub use routes::router;
+
+use crate::{
+    db::Db,
+    services::{llm::LlmClient, throttle::LoginThrottle},
+};
+
+/// Failed logins allowed per username in one window before it is locked until the window ends.
+const LOGIN_FAILURES_PER_WINDOW: u32 = 10;
+const LOGIN_FAILURE_WINDOW: Duration = Duration::from_secs(300);
+
+/// What every handler shares; cloning it is cheap.
+#[derive(Clone)]
+pub struct AppState {
+    pub db: Db,
+    pub config: Arc<Config>,
+    pub llm: LlmClient,
+    /// Chats in progress; shutdown waits for them to settle.
+    pub tasks: TaskTracker,
+    pub login_throttle: Arc<LoginThrottle>,
+}
+
+impl AppState {
+    pub fn new(config: Config, db: Db) -> Result<Self, reqwest::Error> {
+        Ok(Self {
+            llm: LlmClient::new(&config)?,
+            db,
+            config: Arc::new(config),
+            tasks: TaskTracker::new(),
+            login_throttle: Arc::new(LoginThrottle::new(
+                LOGIN_FAILURES_PER_WINDOW,
+                LOGIN_FAILURE_WINDOW,
+            )),
+        })
+    }
+}
+
+/// Serves the application on `listener` until `shutdown` resolves, then stops accepting,
+/// lets open requests finish and waits for every chat in progress to settle.
+pub async fn serve(
+    listener: TcpListener,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let tasks = state.tasks.clone();
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown)
+        .await?;
+    tasks.close();
+    tasks.wait().await;
+    Ok(())
+}

@@ -1,0 +1,224 @@
+//! Shared test harness: a fresh SQLite database per test, the router driven in-process,
+//! and a fake OpenAI-compatible model on an ephemeral loopback port.
+#![allow(dead_code)]
+
+pub mod fake_llm;
+
+use std::path::PathBuf;
+
+use axum::{
+    body::Body,
+    http::{header, Method, Request, StatusCode},
+    Router,
+};
+use http_body_util::BodyExt;
+use serde_json::{json, Value};
+use tempfile::TempDir;
+use tokenchat::{AppState, Config};
+use tower::ServiceExt;
+
+#[allow(unused_imports)]
+pub use fake_llm::{FakeLlm, Reply};
+
+pub struct TestApp {
+    pub router: Router,
+    pub state: AppState,
+    pub llm: FakeLlm,
+    pub db_path: PathBuf,
+    _dir: TempDir,
+}
+
+/// What came back: status, content type and the body parsed as JSON.
+#[derive(Debug)]
+pub struct TestResponse {
+    pub status: StatusCode,
+    pub content_type: Option<String>,
+    pub headers: axum::http::HeaderMap,
+    pub json: Value,
+}
+
+impl TestApp {
+    pub async fn new() -> Self {
+        Self::with_env(&[]).await
+    }
+
+    /// A fresh app whose configuration is the defaults, pointed at its own database and fake
+    /// model, with `overrides` on top.
+    pub async fn with_env(overrides: &[(&str, &str)]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let llm = FakeLlm::start().await;
+        let db_path = dir.path().join("tokenchat.db");
+        let (state, router) = build(&db_path, &llm.base_url, overrides).await;
+        Self {
+            router,
+            state,
+            llm,
+            db_path,
+            _dir: dir,
+        }
+    }
+
+    /// The same database and model, as a freshly started process would see them.
+    pub async fn restart(&mut self, overrides: &[(&str, &str)]) {
+        self.state.db.close().await;
+        let (state, router) = build(&self.db_path, &self.llm.base_url, overrides).await;
+        self.state = state;
+        self.router = router;
+    }
+
+    pub async fn request(
+        &self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: impl Into<Body>,
+    ) -> TestResponse {
+        let mut request = Request::builder().method(method).uri(path);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let response = self
+            .router
+            .clone()
+            .oneshot(request.body(body.into()).unwrap())
+            .await
+            .unwrap();
+        TestResponse::read(response).await
+    }
+
+    pub async fn post_json(&self, path: &str, body: Value) -> TestResponse {
+        self.request(
+            Method::POST,
+            path,
+            &[("content-type", "application/json")],
+            body.to_string(),
+        )
+        .await
+    }
+
+    pub async fn post_authorized(&self, path: &str, token: &str, body: Value) -> TestResponse {
+        let authorization = format!("Token {token}");
+        self.request(
+            Method::POST,
+            path,
+            &[
+                ("content-type", "application/json"),
+                ("authorization", &authorization),
+            ],
+            body.to_string(),
+        )
+        .await
+    }
+
+    pub async fn register(&self, username: &str, password: &str) -> TestResponse {
+        self.post_json(
+            "/register/",
+            json!({ "username": username, "password": password }),
+        )
+        .await
+    }
+
+    pub async fn login(&self, username: &str, password: &str) -> TestResponse {
+        self.post_json(
+            "/login/",
+            json!({ "username": username, "password": password }),
+        )
+        .await
+    }
+
+    /// Registers `username` with password `pass123` and returns a fresh login token.
+    pub async fn user_with_token(&self, username: &str) -> String {
+        assert_eq!(
+            self.register(username, "pass123").await.status,
+            StatusCode::CREATED
+        );
+        let login = self.login(username, "pass123").await;
+        assert_eq!(login.status, StatusCode::OK, "{login:?}");
+        login.json["token"].as_str().unwrap().to_string()
+    }
+
+    pub async fn chat(&self, token: &str, message: &str) -> TestResponse {
+        self.post_authorized("/chat/", token, json!({ "message": message }))
+            .await
+    }
+
+    pub async fn balance(&self, token: &str) -> i64 {
+        let response = self.post_authorized("/balance/", token, json!({})).await;
+        assert_eq!(response.status, StatusCode::OK, "{response:?}");
+        response.json["tokens"].as_i64().unwrap()
+    }
+
+    /// Rows of `SELECT status, COUNT(*) FROM chats GROUP BY status`, read straight from the file.
+    pub async fn chat_counts(&self) -> Vec<(String, i64)> {
+        sqlx::query_as("SELECT status, COUNT(*) FROM chats GROUP BY status ORDER BY status")
+            .fetch_all(&self.state.db)
+            .await
+            .unwrap()
+    }
+}
+
+async fn build(
+    db_path: &std::path::Path,
+    llm_url: &str,
+    overrides: &[(&str, &str)],
+) -> (AppState, Router) {
+    let database_url = format!("sqlite://{}", db_path.display());
+    let base = [
+        ("DATABASE_URL", database_url.as_str()),
+        ("LLM_BASE_URL", llm_url),
+        ("LLM_TIMEOUT_SECS", "5"),
+    ];
+    let config = Config::from_lookup(|name| {
+        overrides
+            .iter()
+            .chain(base.iter())
+            .find(|(key, _)| *key == name)
+            .map(|(_, value)| value.to_string())
+    })
+    .unwrap();
+    let db = tokenchat::db::connect(&config.database_url).await.unwrap();
+    tokenchat::db::migrate(&db).await.unwrap();
+    let state = AppState::new(config, db).unwrap();
+    (state.clone(), tokenchat::router(state))
+}
+
+impl TestResponse {
+    pub async fn read(response: axum::response::Response) -> Self {
+        let status = response.status();
+        let headers = response.headers().clone();
+        let content_type = headers
+            .get(header::CONTENT_TYPE)
+            .map(|value| value.to_str().unwrap().to_string());
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        let json = serde_json::from_slice(&bytes).unwrap_or_else(|err| {
+            panic!(
+                "{status}: body is not JSON ({err}): {:?}",
+                String::from_utf8_lossy(&bytes)
+            )
+        });
+        Self {
+            status,
+            content_type,
+            headers,
+            json,
+        }
+    }
+
+    /// Asserts the contract's error envelope with this status and code.
+    #[track_caller]
+    pub fn assert_error(&self, status: StatusCode, code: &str) {
+        assert_eq!(self.status, status, "{self:?}");
+        assert_eq!(self.json["code"], code, "{self:?}");
+        assert!(
+            self.json["error"]
+                .as_str()
+                .is_some_and(|text| !text.is_empty()),
+            "{self:?}"
+        );
+        assert_eq!(
+            self.content_type.as_deref(),
+            Some("application/json"),
+            "{self:?}"
+        );
+    }
+}
