@@ -184,6 +184,21 @@ async fn form_data_and_a_missing_content_type_are_accepted() {
 }
 
 #[tokio::test]
+async fn json_sent_as_form_data_by_curl_d_is_read_as_json() {
+    let app = TestApp::new().await;
+    let response = app
+        .request(
+            Method::POST,
+            "/register",
+            &[("content-type", "application/x-www-form-urlencoded")],
+            r#"{"username":"curluser","password":"pass123"}"#,
+        )
+        .await;
+    assert_eq!(response.status, StatusCode::CREATED, "{response:?}");
+    assert_eq!(response.json["username"], "curluser");
+}
+
+#[tokio::test]
 async fn usernames_are_unique_in_any_letter_case_and_stored_as_given() {
     let app = TestApp::new().await;
     assert_eq!(

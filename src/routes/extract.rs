@@ -36,6 +36,11 @@ where
         let Some(first_byte) = body.iter().find(|byte| !byte.is_ascii_whitespace()) else {
             return Err(Error::InvalidJson("the request body is empty".into()));
         };
+        // `curl -d '{...}'` labels JSON as form data; no form body of ours starts with '{'.
+        let format = match format {
+            BodyFormat::Form if *first_byte == b'{' => BodyFormat::Json,
+            other => other,
+        };
         let decoded = match format {
             // serde would also fill a struct from an array; the contract's bodies are objects.
             BodyFormat::Json if *first_byte != b'{' => Err(Error::InvalidJson(

@@ -1,0 +1,389 @@
+//! The real server over TCP: in-process on `127.0.0.1:0`, and the built binary as an
+//! operator runs it (start-up, configuration errors, graceful shutdown, restarts).
+
+mod common;
+
+use std::{
+    io::{BufRead, BufReader},
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use common::{FakeLlm, Reply, TestApp};
+use serde_json::{json, Value};
+use tokio::{io::AsyncWriteExt, net::TcpStream};
+
+/// Serves `app`'s state on an ephemeral port; returns the base URL.
+async fn serve_in_process(app: &TestApp) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let state = app.state.clone();
+    tokio::spawn(tokenchat::serve(listener, state, std::future::pending()));
+    base
+}
+
+#[tokio::test]
+async fn the_walkthrough_works_over_tcp() {
+    let app = TestApp::new().await;
+    let base = serve_in_process(&app).await;
+    let http = reqwest::Client::new();
+
+    let registered = http
+        .post(format!("{base}/register/"))
+        .json(&json!({ "username": "user", "password": "pass123" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(registered.status(), 201);
+    assert_eq!(registered.headers()["content-type"], "application/json");
+
+    let login: Value = http
+        .post(format!("{base}/login"))
+        .form(&[("username", "user"), ("password", "pass123")])
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let token = login["token"].as_str().unwrap();
+
+    let chat = http
+        .post(format!("{base}/chat"))
+        .header("authorization", token)
+        .json(&json!({ "message": "code hello world in python" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(chat.status(), 200);
+    let chat: Value = chat.json().await.unwrap();
+    assert_eq!(chat["response"], "Echo: code hello world in python");
+
+    let balance: Value = http
+        .post(format!("{base}/balance/"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(balance, json!({ "tokens": 3900 }));
+
+    let missing = http.get(format!("{base}/nowhere")).send().await.unwrap();
+    assert_eq!(missing.status(), 404);
+    let missing: Value = missing.json().await.unwrap();
+    assert_eq!(missing["code"], "not_found");
+}
+
+#[tokio::test]
+async fn a_client_that_goes_away_mid_chat_is_not_charged_and_nothing_stays_pending() {
+    let app = TestApp::new().await;
+    let token = app.user_with_token("user").await;
+    let base = serve_in_process(&app).await;
+    app.llm.set_reply(Reply::Stall(Duration::from_secs(2)));
+
+    let address = base.trim_start_matches("http://");
+    let mut stream = TcpStream::connect(address).await.unwrap();
+    let body = json!({ "message": "a slow question" }).to_string();
+    let request = format!(
+        "POST /chat/ HTTP/1.1\r\nHost: {address}\r\nAuthorization: Token {token}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    // Wait until the chat is reserved and the model has been asked, then hang up.
+    wait_until(|| async { app.llm.calls() == 1 }).await;
+    assert_eq!(app.balance(&token).await, 3900, "reserved while in flight");
+    drop(stream);
+
+    wait_until(|| async { app.chat_counts().await == [("failed".to_string(), 1)] }).await;
+    assert_eq!(app.balance(&token).await, 4000);
+}
+
+#[tokio::test]
+async fn a_restart_keeps_users_tokens_and_balances() {
+    let mut app = TestApp::new().await;
+    let token = app.user_with_token("user").await;
+    app.chat(&token, "hello").await;
+    app.restart(&[]).await;
+    assert_eq!(app.balance(&token).await, 3900);
+    assert_eq!(app.login("user", "pass123").await.status, 200);
+    app.register("USER", "pass123")
+        .await
+        .assert_error(axum::http::StatusCode::CONFLICT, "username_taken");
+}
+
+#[tokio::test]
+async fn the_database_holds_no_plaintext_password_or_token() {
+    let app = TestApp::new().await;
+    let password = "correct-horse-battery-staple";
+    app.register("user", password).await;
+    let token = app.login("user", password).await.json["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    app.chat(&token, "hello").await;
+
+    let stored_hash: String = sqlx::query_scalar("SELECT password_hash FROM users")
+        .fetch_one(&app.state.db)
+        .await
+        .unwrap();
+    assert!(stored_hash.starts_with("$argon2id$"));
+    let token_hash: String = sqlx::query_scalar("SELECT token_hash FROM login_tokens")
+        .fetch_one(&app.state.db)
+        .await
+        .unwrap();
+    assert_eq!(token_hash, tokenchat::services::auth::token_hash(&token));
+
+    // Every byte on disk: the database, its write-ahead log and shared memory.
+    app.state.db.close().await;
+    let mut on_disk = Vec::new();
+    for suffix in ["", "-wal", "-shm"] {
+        let path = format!("{}{suffix}", app.db_path.display());
+        on_disk.extend(std::fs::read(path).unwrap_or_default());
+    }
+    assert!(on_disk.len() > 4096);
+    for secret in [password.as_bytes(), token.as_bytes()] {
+        assert!(
+            !on_disk.windows(secret.len()).any(|window| window == secret),
+            "{} found on disk",
+            String::from_utf8_lossy(secret)
+        );
+    }
+}
+
+/// The built binary, run in its own directory with only the variables given.
+struct Server {
+    child: Child,
+    base: String,
+    log: Arc<Mutex<String>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Server {
+    fn command(dir: &std::path::Path, vars: &[(&str, &str)]) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_tokenchat"));
+        command
+            .current_dir(dir)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("BIND_ADDR", "127.0.0.1:0")
+            .env("RUST_LOG", "info")
+            .envs(vars.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        command
+    }
+
+    /// Starts the binary and waits for its "listening" line to learn the port.
+    fn start(vars: &[(&str, &str)]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mut child = Self::command(dir.path(), vars).spawn().unwrap();
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut lines = stdout.lines();
+        let address = loop {
+            let line = lines
+                .next()
+                .expect("the server exited before listening")
+                .unwrap();
+            if let Some(rest) = line.split("address=").nth(1) {
+                break rest.split_whitespace().next().unwrap().to_string();
+            }
+        };
+        // Keep reading the log so the server never blocks on a full pipe.
+        let log = Arc::new(Mutex::new(String::new()));
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                let mut log = sink.lock().unwrap();
+                log.push_str(&line);
+                log.push('\n');
+            }
+        });
+        Self {
+            child,
+            base: format!("http://{address}"),
+            log,
+            _dir: dir,
+        }
+    }
+
+    fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args([name, &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test]
+async fn the_binary_creates_and_migrates_its_database_and_serves() {
+    let llm = FakeLlm::start().await;
+    let server = Server::start(&[("LLM_BASE_URL", &llm.base_url)]);
+    assert!(server._dir.path().join("tokenchat.db").exists());
+    let http = reqwest::Client::new();
+    let registered = http
+        .post(format!("{}/register", server.base))
+        .json(&json!({ "username": "user", "password": "pass123" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(registered.status(), 201);
+}
+
+#[tokio::test]
+async fn the_log_has_a_line_per_request_and_never_a_secret() {
+    let llm = FakeLlm::start().await;
+    let server = Server::start(&[
+        ("LLM_BASE_URL", &llm.base_url),
+        ("LLM_API_KEY", "sk-the-upstream-key"),
+    ]);
+    let http = reqwest::Client::new();
+    let base = &server.base;
+    let password = "a-memorable-password";
+    http.post(format!("{base}/register"))
+        .json(&json!({ "username": "user", "password": password }))
+        .send()
+        .await
+        .unwrap();
+    let login: Value = http
+        .post(format!("{base}/login"))
+        .json(&json!({ "username": "user", "password": password }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let token = login["token"].as_str().unwrap();
+    for reply in [Reply::Echo, Reply::Status(500)] {
+        llm.set_reply(reply);
+        http.post(format!("{base}/chat"))
+            .bearer_auth(token)
+            .json(&json!({ "message": "hello" }))
+            .send()
+            .await
+            .unwrap();
+    }
+    assert_eq!(llm.received()[0].authorization.as_deref(), Some("Bearer sk-the-upstream-key"));
+
+    wait_until(|| async { server.log.lock().unwrap().matches("answered status=").count() == 4 }).await;
+    let log = server.log.lock().unwrap().clone();
+    for expected in [
+        "method=POST route=\"/register\"}: tokenchat::routes: answered status=201",
+        "method=POST route=\"/login\"}: tokenchat::routes: answered status=200",
+        "method=POST route=\"/chat\"}: tokenchat::routes: answered status=200",
+        "method=POST route=\"/chat\"}: tokenchat::routes: answered status=502",
+    ] {
+        assert!(log.contains(expected), "{expected} not in:\n{log}");
+    }
+    for secret in [password, token, "sk-the-upstream-key"] {
+        assert!(!log.contains(secret), "{secret} in the log:\n{log}");
+    }
+}
+
+#[tokio::test]
+async fn sigterm_lets_a_chat_in_progress_finish_and_exits_cleanly() {
+    let llm = FakeLlm::start().await;
+    let mut server = Server::start(&[("LLM_BASE_URL", &llm.base_url)]);
+    let http = reqwest::Client::new();
+    let base = server.base.clone();
+    http.post(format!("{base}/register"))
+        .json(&json!({ "username": "user", "password": "pass123" }))
+        .send()
+        .await
+        .unwrap();
+    let login: Value = http
+        .post(format!("{base}/login"))
+        .json(&json!({ "username": "user", "password": "pass123" }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let token = login["token"].as_str().unwrap().to_string();
+
+    llm.set_reply(Reply::Stall(Duration::from_millis(1500)));
+    let chat = tokio::spawn({
+        let http = http.clone();
+        let token = token.clone();
+        let base = base.clone();
+        async move {
+            http.post(format!("{base}/chat"))
+                .bearer_auth(token)
+                .json(&json!({ "message": "finish me" }))
+                .send()
+                .await
+        }
+    });
+    wait_until(|| async { llm.calls() == 1 }).await;
+    server.signal("-TERM");
+
+    let chat = chat.await.unwrap().unwrap();
+    assert_eq!(chat.status(), 200);
+    let chat: Value = chat.json().await.unwrap();
+    assert_eq!(chat["tokens"], 3900);
+    let exit = tokio::task::spawn_blocking(move || {
+        let status = server.child.wait().unwrap();
+        (status, server)
+    })
+    .await
+    .unwrap()
+    .0;
+    assert!(exit.success(), "{exit:?}");
+}
+
+#[test]
+fn a_bad_configuration_value_stops_start_up_naming_the_variable() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, value) in [
+        ("CHAT_COST", "a hundred"),
+        ("LLM_TIMEOUT_SECS", "-1"),
+        ("LLM_BASE_URL", "gopher://example.com"),
+        ("DATABASE_URL", "mysql://localhost/tokenchat"),
+        ("BIND_ADDR", "localhost"),
+    ] {
+        let output = Server::command(dir.path(), &[(name, value)]).output().unwrap();
+        assert!(!output.status.success(), "{name}={value} started");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(stderr.contains(name), "{name}: {stderr}");
+    }
+    assert!(!dir.path().join("tokenchat.db").exists());
+}
+
+#[test]
+fn a_dot_env_file_in_the_working_directory_is_read() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join(".env"), "INITIAL_TOKENS=plenty\n").unwrap();
+    let output = Server::command(dir.path(), &[]).output().unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("INITIAL_TOKENS"));
+}
+
+/// Polls `condition` for up to ten seconds.
+async fn wait_until<F, Fut>(condition: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    for _ in 0..200 {
+        if condition().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("condition not met within ten seconds");
+}
