@@ -139,6 +139,7 @@ impl fmt::Debug for Config {
                 &self.llm_api_key.as_ref().map(|_| "<redacted>"),
             )
             .field("llm_model", &self.llm_model)
+            .field("llm_system_prompt", &self.llm_system_prompt)
             .field("llm_timeout", &self.llm_timeout)
             .field("chat_cost", &self.chat_cost)
             .field("initial_tokens", &self.initial_tokens)
@@ -146,7 +147,8 @@ impl fmt::Debug for Config {
             .field("max_message_chars", &self.max_message_chars)
             .field("max_body_bytes", &self.max_body_bytes)
             .field("password_min_length", &self.password_min_length)
-            .finish_non_exhaustive()
+            .field("log_filter", &self.log_filter)
+            .finish()
     }
 }
 
@@ -178,6 +180,37 @@ mod tests {
         assert_eq!(config.max_message_chars, 8000);
         assert_eq!(config.max_body_bytes, 65536);
         assert_eq!(config.password_min_length, 6);
+    }
+
+    #[test]
+    fn env_example_lists_every_variable_with_its_default() {
+        let example: Vec<(&str, &str)> = include_str!("../.env.example")
+            .lines()
+            .filter(|line| !line.starts_with('#') && !line.trim().is_empty())
+            .map(|line| line.split_once('=').expect("KEY=value"))
+            .collect();
+        let names: Vec<&str> = example.iter().map(|(name, _)| *name).collect();
+        assert_eq!(
+            names,
+            [
+                "BIND_ADDR",
+                "DATABASE_URL",
+                "LLM_BASE_URL",
+                "LLM_API_KEY",
+                "LLM_MODEL",
+                "LLM_SYSTEM_PROMPT",
+                "LLM_TIMEOUT_SECS",
+                "CHAT_COST",
+                "INITIAL_TOKENS",
+                "TOKEN_TTL_SECS",
+                "MAX_MESSAGE_CHARS",
+                "MAX_BODY_BYTES",
+                "PASSWORD_MIN_LENGTH",
+                "RUST_LOG",
+            ]
+        );
+        let from_example = format!("{:?}", config(&example).unwrap());
+        assert_eq!(from_example, format!("{:?}", config(&[]).unwrap()));
     }
 
     #[test]

@@ -276,9 +276,21 @@ async fn the_log_has_a_line_per_request_and_never_a_secret() {
             .await
             .unwrap();
     }
-    assert_eq!(llm.received()[0].authorization.as_deref(), Some("Bearer sk-the-upstream-key"));
+    assert_eq!(
+        llm.received()[0].authorization.as_deref(),
+        Some("Bearer sk-the-upstream-key")
+    );
 
-    wait_until(|| async { server.log.lock().unwrap().matches("answered status=").count() == 4 }).await;
+    wait_until(|| async {
+        server
+            .log
+            .lock()
+            .unwrap()
+            .matches("answered status=")
+            .count()
+            == 4
+    })
+    .await;
     let log = server.log.lock().unwrap().clone();
     for expected in [
         "method=POST route=\"/register\"}: tokenchat::routes: answered status=201",
@@ -355,7 +367,9 @@ fn a_bad_configuration_value_stops_start_up_naming_the_variable() {
         ("DATABASE_URL", "mysql://localhost/tokenchat"),
         ("BIND_ADDR", "localhost"),
     ] {
-        let output = Server::command(dir.path(), &[(name, value)]).output().unwrap();
+        let output = Server::command(dir.path(), &[(name, value)])
+            .output()
+            .unwrap();
         assert!(!output.status.success(), "{name}={value} started");
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert_eq!(stderr.lines().count(), 1, "{stderr}");
