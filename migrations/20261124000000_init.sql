@@ -34,4 +34,34 @@ CREATE TABLE chats (
 );
 
 CREATE INDEX chats_user ON chats (user_id, id);
-CREATE INDEX chats_status ON chats (status);
+CREATE INDEX chats_status ON chats (status, created_at);
+
+-- Every balance change, written in the same transaction as the change. For every user,
+-- users.tokens = SUM(ledger.amount), always; balance_after is the balance right after the row.
+CREATE TABLE ledger (
+    id            INTEGER PRIMARY KEY AUTOINCREMENT,
+    user_id       INTEGER NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+    amount        BIGINT  NOT NULL,
+    reason        TEXT    NOT NULL
+        CHECK (reason IN ('initial_grant', 'chat_reservation', 'chat_refund', 'grant')),
+    chat_id       INTEGER REFERENCES chats (id) ON DELETE CASCADE,
+    balance_after BIGINT  NOT NULL CHECK (balance_after >= 0),
+    created_at    BIGINT  NOT NULL
+);
+
+CREATE INDEX ledger_user ON ledger (user_id, id);
+CREATE INDEX ledger_chat ON ledger (chat_id);
+
+-- Idempotency-Key of POST /chat: claimed before the chat starts (chat_id NULL while in
+-- flight), tied to the chat when its answer is stored, released when the chat fails.
+CREATE TABLE idempotency_keys (
+    user_id      INTEGER NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+    idem_key     TEXT    NOT NULL,
+    -- hex SHA-256 of the chat message: a reused key must come with the same request
+    request_hash TEXT    NOT NULL,
+    chat_id      INTEGER REFERENCES chats (id) ON DELETE CASCADE,
+    created_at   BIGINT  NOT NULL,
+    PRIMARY KEY (user_id, idem_key)
+);
+
+CREATE INDEX idempotency_keys_created ON idempotency_keys (created_at);

@@ -54,17 +54,20 @@ impl AppState {
 }
 
 /// Serves the application on `listener` until `shutdown` resolves, then stops accepting,
-/// lets open requests finish and waits for every chat in progress to settle.
+/// lets open requests finish and waits for every chat in progress to settle. Meanwhile
+/// it refunds chats that an earlier process left pending (see [`services::recovery`]).
 pub async fn serve(
     listener: TcpListener,
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let tasks = state.tasks.clone();
-    axum::serve(listener, router(state))
+    let recovery = tokio::spawn(services::recovery::run_periodically(state.clone()));
+    let served = axum::serve(listener, router(state))
         .with_graceful_shutdown(shutdown)
-        .await?;
+        .await;
     tasks.close();
     tasks.wait().await;
-    Ok(())
+    recovery.abort();
+    served
 }

@@ -1,13 +1,42 @@
-//! Loads the configuration, sets up logging, opens and migrates the database, and serves.
+//! Loads the configuration, sets up logging, opens and migrates the database, then serves
+//! (`tokenchat`), audits the ledger (`tokenchat audit`) or grants tokens (`tokenchat grant`).
 
 use std::{io::IsTerminal, process::ExitCode};
 
-use tokenchat::{db, AppState, Config};
+use tokenchat::{db, services, AppState, Config};
 use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
 
+const USAGE: &str = "\
+usage: tokenchat               serve the API (configuration from the environment and .env)
+       tokenchat audit         check every balance and chat against the ledger; exit 1 on any offence
+       tokenchat grant USER N  add N tokens to USER's balance, recorded in the ledger";
+
+enum Command {
+    Serve,
+    Audit,
+    Grant { username: String, amount: i64 },
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let command = match args.iter().map(String::as_str).collect::<Vec<_>>()[..] {
+        [] => Command::Serve,
+        ["audit"] => Command::Audit,
+        ["grant", username, amount] => match amount.parse() {
+            Ok(amount) => Command::Grant {
+                username: username.to_string(),
+                amount,
+            },
+            Err(_) => return usage_error(),
+        },
+        ["help" | "--help" | "-h"] => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        _ => return usage_error(),
+    };
     // A missing .env is normal; a broken one is reported by the variable it fails to set.
     let _ = dotenvy::dotenv();
     let config = match Config::from_env() {
@@ -21,23 +50,34 @@ async fn main() -> ExitCode {
         .with_env_filter(EnvFilter::new(&config.log_filter))
         .with_ansi(std::io::stdout().is_terminal())
         .init();
-    match run(config).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            tracing::error!("{err}");
-            eprintln!("tokenchat: {err}");
-            ExitCode::FAILURE
-        }
-    }
+    let outcome = match command {
+        Command::Serve => serve(config).await,
+        Command::Audit => audit(config).await,
+        Command::Grant { username, amount } => grant(config, &username, amount).await,
+    };
+    outcome.unwrap_or_else(|err| {
+        eprintln!("tokenchat: {err}");
+        ExitCode::FAILURE
+    })
 }
 
-async fn run(config: Config) -> Result<(), String> {
+fn usage_error() -> ExitCode {
+    eprintln!("{USAGE}");
+    ExitCode::from(2)
+}
+
+async fn open_database(config: &Config) -> Result<db::Db, String> {
     let database = db::connect(&config.database_url)
         .await
         .map_err(|err| format!("cannot open DATABASE_URL: {err}"))?;
     db::migrate(&database)
         .await
         .map_err(|err| format!("cannot migrate the database: {err}"))?;
+    Ok(database)
+}
+
+async fn serve(config: Config) -> Result<ExitCode, String> {
+    let database = open_database(&config).await?;
     let listener = TcpListener::bind(config.bind_addr)
         .await
         .map_err(|err| format!("cannot listen on BIND_ADDR {}: {err}", config.bind_addr))?;
@@ -57,7 +97,42 @@ async fn run(config: Config) -> Result<(), String> {
         .map_err(|err| format!("server error: {err}"))?;
     database.close().await;
     tracing::info!("stopped");
-    Ok(())
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn audit(config: Config) -> Result<ExitCode, String> {
+    let database = open_database(&config).await?;
+    let report = services::audit::run(&database)
+        .await
+        .map_err(|err| format!("audit failed to run: {err}"))?;
+    for offence in &report.offences {
+        println!("OFFENCE {offence}");
+    }
+    println!(
+        "audit {}: {} users, {} chats, {} ledger rows, {} offences",
+        if report.passed() { "passed" } else { "FAILED" },
+        report.users,
+        report.chats,
+        report.ledger_rows,
+        report.offences.len()
+    );
+    Ok(if report.passed() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+async fn grant(config: Config, username: &str, amount: i64) -> Result<ExitCode, String> {
+    let database = open_database(&config).await?;
+    match services::accounts::grant(&database, username, amount).await {
+        Ok(Some(balance)) => {
+            println!("granted {amount} tokens to {username}; balance now {balance}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Ok(None) => Err(format!("no user named {username}")),
+        Err(err) => Err(err.to_string()),
+    }
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

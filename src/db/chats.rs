@@ -1,40 +1,57 @@
 //! Queries on `chats` and the balance moves that go with them: reserve, settle, refund.
 //!
-//! Each move is one transaction whose conditional `UPDATE`s make it safe to race:
-//! the balance never goes below zero and a chat is settled or refunded at most once.
+//! Each move is one transaction whose conditional `UPDATE`s make it safe to race, across
+//! tasks and processes: the balance never goes below zero and a chat is settled or
+//! refunded at most once.
 
-use super::{unix_now, users, Db};
+use sqlx::SqliteExecutor;
+
+use super::{
+    ledger::{self, Reason},
+    unix_now, users, Db,
+};
 
 /// The outcome of trying to reserve the price of a chat.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Reservation {
     /// The price was taken and a pending chat recorded.
-    Reserved { chat_id: i64 },
+    Reserved { chat_id: i64, balance_after: i64 },
     /// The balance was below the price; nothing changed.
     Insufficient { balance: i64 },
 }
 
+/// A stored chat.
+#[derive(Debug, sqlx::FromRow)]
+pub struct Chat {
+    pub id: i64,
+    pub message: String,
+    pub response: Option<String>,
+    pub status: String,
+    pub cost: i64,
+    pub created_at: i64,
+    pub finished_at: Option<i64>,
+}
+
+/// An answered chat as its first response reported it.
+#[derive(Debug, sqlx::FromRow)]
+pub struct StoredAnswer {
+    pub chat_id: i64,
+    pub response: String,
+    pub cost: i64,
+    pub balance_after: i64,
+}
+
 /// Takes `cost` from the user's balance and records the chat as pending, or changes nothing.
+/// With an idempotency key (already claimed), ties the key to the new chat.
 pub async fn reserve(
     db: &Db,
     user_id: i64,
     message: &str,
     cost: i64,
+    idempotency_key: Option<&str>,
 ) -> Result<Reservation, sqlx::Error> {
     let mut tx = db.begin().await?;
-    let charged =
-        sqlx::query("UPDATE users SET tokens = tokens - $1 WHERE id = $2 AND tokens >= $1")
-            .bind(cost)
-            .bind(user_id)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-    if charged == 0 {
-        let balance = users::balance(&mut *tx, user_id).await?;
-        tx.rollback().await?;
-        return Ok(Reservation::Insufficient { balance });
-    }
-    let chat_id = sqlx::query_scalar(
+    let chat_id: i64 = sqlx::query_scalar(
         "INSERT INTO chats (user_id, message, status, cost, created_at)
          VALUES ($1, $2, 'pending', $3, $4) RETURNING id",
     )
@@ -44,19 +61,39 @@ pub async fn reserve(
     .bind(unix_now())
     .fetch_one(&mut *tx)
     .await?;
+    let charged = ledger::apply(
+        &mut tx,
+        user_id,
+        -cost,
+        Reason::ChatReservation,
+        Some(chat_id),
+    )
+    .await?;
+    let Some(balance_after) = charged else {
+        let balance = users::balance(&mut *tx, user_id).await?;
+        tx.rollback().await?;
+        return Ok(Reservation::Insufficient { balance });
+    };
+    if let Some(key) = idempotency_key {
+        sqlx::query(
+            "UPDATE idempotency_keys SET chat_id = $1 WHERE user_id = $2 AND idem_key = $3",
+        )
+        .bind(chat_id)
+        .bind(user_id)
+        .bind(key)
+        .execute(&mut *tx)
+        .await?;
+    }
     tx.commit().await?;
-    Ok(Reservation::Reserved { chat_id })
+    Ok(Reservation::Reserved {
+        chat_id,
+        balance_after,
+    })
 }
 
 /// Stores the answer of a pending chat, keeping its reservation as the charge.
-/// Returns the user's balance afterwards, or `None` if the chat was no longer pending.
-pub async fn settle_answered(
-    db: &Db,
-    chat_id: i64,
-    user_id: i64,
-    response: &str,
-) -> Result<Option<i64>, sqlx::Error> {
-    let mut tx = db.begin().await?;
+/// `false` when the chat was no longer pending (recovery refunded it first).
+pub async fn settle_answered(db: &Db, chat_id: i64, response: &str) -> Result<bool, sqlx::Error> {
     let settled = sqlx::query(
         "UPDATE chats SET status = 'answered', response = $1, finished_at = $2
          WHERE id = $3 AND status = 'pending'",
@@ -64,22 +101,17 @@ pub async fn settle_answered(
     .bind(response)
     .bind(unix_now())
     .bind(chat_id)
-    .execute(&mut *tx)
+    .execute(db)
     .await?
     .rows_affected();
-    if settled == 0 {
-        tx.rollback().await?;
-        return Ok(None);
-    }
-    let balance = users::balance(&mut *tx, user_id).await?;
-    tx.commit().await?;
-    Ok(Some(balance))
+    Ok(settled == 1)
 }
 
-/// Marks a pending chat failed and gives its reservation back; a no-op for a settled chat.
+/// Marks a pending chat failed, gives its reservation back and releases its idempotency
+/// key, in one transaction; `false`, changing nothing, when the chat was not pending.
 pub async fn refund(db: &Db, chat_id: i64) -> Result<bool, sqlx::Error> {
     let mut tx = db.begin().await?;
-    let refunded: Option<(i64, i64)> = sqlx::query_as(
+    let failed: Option<(i64, i64)> = sqlx::query_as(
         "UPDATE chats SET status = 'failed', finished_at = $1
          WHERE id = $2 AND status = 'pending' RETURNING user_id, cost",
     )
@@ -87,15 +119,77 @@ pub async fn refund(db: &Db, chat_id: i64) -> Result<bool, sqlx::Error> {
     .bind(chat_id)
     .fetch_optional(&mut *tx)
     .await?;
-    let Some((user_id, cost)) = refunded else {
+    let Some((user_id, cost)) = failed else {
         tx.rollback().await?;
         return Ok(false);
     };
-    sqlx::query("UPDATE users SET tokens = tokens + $1 WHERE id = $2")
-        .bind(cost)
-        .bind(user_id)
+    ledger::apply(&mut tx, user_id, cost, Reason::ChatRefund, Some(chat_id)).await?;
+    sqlx::query("DELETE FROM idempotency_keys WHERE chat_id = $1")
+        .bind(chat_id)
         .execute(&mut *tx)
         .await?;
     tx.commit().await?;
     Ok(true)
+}
+
+/// Ids of chats still pending that were created before `created_before`.
+pub async fn stale_pending(
+    db: &Db,
+    created_before: i64,
+    limit: i64,
+) -> Result<Vec<i64>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT id FROM chats WHERE status = 'pending' AND created_at < $1 ORDER BY id LIMIT $2",
+    )
+    .bind(created_before)
+    .bind(limit)
+    .fetch_all(db)
+    .await
+}
+
+/// One of the user's chats; `None` for a chat of someone else's.
+pub async fn find(
+    db: impl SqliteExecutor<'_>,
+    user_id: i64,
+    chat_id: i64,
+) -> Result<Option<Chat>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT id, message, response, status, cost, created_at, finished_at
+         FROM chats WHERE id = $1 AND user_id = $2",
+    )
+    .bind(chat_id)
+    .bind(user_id)
+    .fetch_optional(db)
+    .await
+}
+
+/// The user's chats with ids below `before` (all when `None`), newest first.
+pub async fn page(
+    db: impl SqliteExecutor<'_>,
+    user_id: i64,
+    before: Option<i64>,
+    limit: i64,
+) -> Result<Vec<Chat>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT id, message, response, status, cost, created_at, finished_at FROM chats
+         WHERE user_id = $1 AND ($2 IS NULL OR id < $2)
+         ORDER BY id DESC LIMIT $3",
+    )
+    .bind(user_id)
+    .bind(before)
+    .bind(limit)
+    .fetch_all(db)
+    .await
+}
+
+/// An answered chat with the balance its charge left, as its first response reported.
+pub async fn stored_answer(db: &Db, chat_id: i64) -> Result<Option<StoredAnswer>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT c.id AS chat_id, c.response, c.cost, l.balance_after
+         FROM chats c JOIN ledger l ON l.chat_id = c.id AND l.reason = 'chat_reservation'
+         WHERE c.id = $1 AND c.status = 'answered'",
+    )
+    .bind(chat_id)
+    .fetch_optional(db)
+    .await
 }

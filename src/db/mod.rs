@@ -1,6 +1,9 @@
 //! The database layer: connecting, migrating, and every query the service runs.
 
+pub mod audit;
 pub mod chats;
+pub mod idempotency;
+pub mod ledger;
 pub mod tokens;
 pub mod users;
 

@@ -1,8 +1,11 @@
-//! Queries on `users`: creation, credentials and balances.
+//! Queries on `users`: creation with its starting grant, credentials and balances.
 
 use sqlx::SqliteExecutor;
 
-use super::{unix_now, Db};
+use super::{
+    ledger::{self, Reason},
+    unix_now, Db,
+};
 
 /// What login needs to check a password.
 #[derive(Debug, sqlx::FromRow)]
@@ -11,30 +14,49 @@ pub struct Credentials {
     pub password_hash: String,
 }
 
-/// Inserts a user; `None` when the username (compared by `username_key`) is taken.
+/// Inserts a user and grants the starting balance through the ledger, in one transaction.
+/// `None` when the username (compared by `username_key`) is taken.
 pub async fn insert(
     db: &Db,
     username: &str,
     username_key: &str,
     password_hash: &str,
-    tokens: i64,
+    initial_tokens: i64,
 ) -> Result<Option<i64>, sqlx::Error> {
+    let mut tx = db.begin().await?;
     let inserted = sqlx::query_scalar(
         "INSERT INTO users (username, username_key, password_hash, tokens, created_at)
-         VALUES ($1, $2, $3, $4, $5) RETURNING id",
+         VALUES ($1, $2, $3, 0, $4) RETURNING id",
     )
     .bind(username)
     .bind(username_key)
     .bind(password_hash)
-    .bind(tokens)
     .bind(unix_now())
-    .fetch_one(db)
+    .fetch_one(&mut *tx)
     .await;
-    match inserted {
-        Ok(id) => Ok(Some(id)),
-        Err(sqlx::Error::Database(err)) if err.is_unique_violation() => Ok(None),
-        Err(err) => Err(err),
-    }
+    let user_id = match inserted {
+        Ok(id) => id,
+        Err(sqlx::Error::Database(err)) if err.is_unique_violation() => return Ok(None),
+        Err(err) => return Err(err),
+    };
+    ledger::apply(&mut tx, user_id, initial_tokens, Reason::InitialGrant, None).await?;
+    tx.commit().await?;
+    Ok(Some(user_id))
+}
+
+/// Adds `amount` tokens to a user's balance; the balance after, or `None` for no such user.
+pub async fn grant(db: &Db, username_key: &str, amount: i64) -> Result<Option<i64>, sqlx::Error> {
+    let mut tx = db.begin().await?;
+    let user_id: Option<i64> = sqlx::query_scalar("SELECT id FROM users WHERE username_key = $1")
+        .bind(username_key)
+        .fetch_optional(&mut *tx)
+        .await?;
+    let Some(user_id) = user_id else {
+        return Ok(None);
+    };
+    let balance = ledger::apply(&mut tx, user_id, amount, Reason::Grant, None).await?;
+    tx.commit().await?;
+    Ok(balance)
 }
 
 pub async fn find_credentials(

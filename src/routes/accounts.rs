@@ -3,9 +3,8 @@
 use axum::{extract::State, http::StatusCode, Json};
 use serde::Deserialize;
 use serde_json::{json, Value};
-use time::{format_description::well_known::Rfc3339, OffsetDateTime};
 
-use super::extract::Payload;
+use super::{extract::Payload, rfc3339};
 use crate::{error::Error, services::accounts, AppState};
 
 const MAX_USERNAME_CHARS: usize = 50;
@@ -54,7 +53,7 @@ pub async fn login(
         return Err(too_long_password());
     }
     let issued = accounts::login(&state, &credentials.username, credentials.password).await?;
-    let expires_at = issued.expires_at.map(rfc3339).transpose()?;
+    let expires_at = issued.expires_at.map(rfc3339);
     Ok(Json(
         json!({ "token": issued.token, "expires_at": expires_at }),
     ))
@@ -97,11 +96,4 @@ fn too_long_password() -> Error {
         "password",
         format!("password must be at most {MAX_PASSWORD_BYTES} bytes"),
     )
-}
-
-fn rfc3339(unix_secs: i64) -> Result<String, Error> {
-    OffsetDateTime::from_unix_timestamp(unix_secs)
-        .map_err(Error::internal)?
-        .format(&Rfc3339)
-        .map_err(Error::internal)
 }

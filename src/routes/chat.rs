@@ -1,11 +1,13 @@
 //! `/chat` and `/balance`.
 
-use axum::{extract::State, Json};
+use axum::{extract::State, http::HeaderName, response::IntoResponse, Extension, Json};
 use serde::Deserialize;
-use serde_json::{json, Value};
+use serde_json::json;
 
-use super::extract::{AuthUser, Payload};
+use super::extract::{AuthUser, IdempotencyKey, Payload, TokensRemaining};
 use crate::{error::Error, services::billing, AppState};
+
+const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
 
 #[derive(Deserialize)]
 pub struct ChatRequest {
@@ -15,8 +17,9 @@ pub struct ChatRequest {
 pub async fn chat(
     State(state): State<AppState>,
     user: AuthUser,
+    IdempotencyKey(idempotency_key): IdempotencyKey,
     Payload(request): Payload<ChatRequest>,
-) -> Result<Json<Value>, Error> {
+) -> Result<impl IntoResponse, Error> {
     let max_chars = state.config.max_message_chars;
     if request.message.trim().is_empty() {
         return Err(Error::invalid_input("message", "message must not be empty"));
@@ -27,16 +30,26 @@ pub async fn chat(
             format!("message must be at most {max_chars} characters"),
         ));
     }
-    let answer = billing::chat(&state, user.id, request.message).await?;
-    Ok(Json(json!({
+    let answer = billing::chat(&state, user.id, request.message, idempotency_key).await?;
+    let body = Json(json!({
         "response": answer.response,
         "tokens": answer.balance,
         "tokens_charged": answer.charged,
         "chat_id": answer.chat_id,
-    })))
+    }));
+    // A replayed answer's balance is from the first time; the header shows today's.
+    let fresh_balance = (!answer.replayed).then_some(TokensRemaining(answer.balance));
+    let replayed = answer.replayed.then_some([(IDEMPOTENT_REPLAYED, "true")]);
+    Ok((fresh_balance.map(Extension), replayed, body))
 }
 
-pub async fn balance(State(state): State<AppState>, user: AuthUser) -> Result<Json<Value>, Error> {
+pub async fn balance(
+    State(state): State<AppState>,
+    user: AuthUser,
+) -> Result<impl IntoResponse, Error> {
     let tokens = billing::balance(&state, user.id).await?;
-    Ok(Json(json!({ "tokens": tokens })))
+    Ok((
+        Extension(TokensRemaining(tokens)),
+        Json(json!({ "tokens": tokens })),
+    ))
 }

@@ -2,12 +2,18 @@
 
 use axum::{
     body::Bytes,
-    extract::{FromRequest, FromRequestParts, Request},
-    http::{header, request::Parts, HeaderMap, StatusCode},
+    extract::{FromRequest, FromRequestParts, Request, State},
+    http::{header, request::Parts, HeaderMap, HeaderName, HeaderValue, StatusCode},
+    middleware::Next,
+    response::Response,
 };
-use serde::de::DeserializeOwned;
+use serde::{de::DeserializeOwned, Deserialize};
 
-use crate::{error::Error, services::auth, AppState};
+use crate::{
+    error::Error,
+    services::{auth, billing},
+    AppState,
+};
 
 /// A request body decoded from JSON, or from form data as Django REST framework allowed.
 pub struct Payload<T>(pub T);
@@ -82,21 +88,127 @@ fn body_format(headers: &HeaderMap) -> Result<BodyFormat, Error> {
     }
 }
 
-/// The user whose login token came in the `Authorization` header.
+/// The user whose login token came in the `Authorization` header; set by [`authorize`].
+#[derive(Clone, Copy)]
 pub struct AuthUser {
     pub id: i64,
 }
 
-impl FromRequestParts<AppState> for AuthUser {
+impl<S: Send + Sync> FromRequestParts<S> for AuthUser {
     type Rejection = Error;
 
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Error> {
-        let header = parts
-            .headers
-            .get(header::AUTHORIZATION)
-            .and_then(|value| value.to_str().ok())
-            .ok_or(Error::Unauthorized)?;
-        let id = auth::authenticate(&state.db, header).await?;
-        Ok(Self { id })
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Error> {
+        parts
+            .extensions
+            .get::<AuthUser>()
+            .copied()
+            .ok_or(Error::Unauthorized)
+    }
+}
+
+/// A balance a handler already knows, so [`authorize`] need not read it again.
+#[derive(Clone, Copy)]
+pub struct TokensRemaining(pub i64);
+
+pub const X_TOKENS_REMAINING: HeaderName = HeaderName::from_static("x-tokens-remaining");
+
+/// Middleware of the authorised routes: answers 401 without a live token, and stamps
+/// every answer to an authorised request with `X-Tokens-Remaining`.
+pub async fn authorize(
+    State(state): State<AppState>,
+    mut request: Request,
+    next: Next,
+) -> Result<Response, Error> {
+    let header = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .ok_or(Error::Unauthorized)?;
+    let user_id = auth::authenticate(&state.db, header).await?;
+    request.extensions_mut().insert(AuthUser { id: user_id });
+    let mut response = next.run(request).await;
+    let remaining = match response.extensions().get::<TokensRemaining>() {
+        Some(known) => Ok(known.0),
+        None => billing::balance(&state, user_id).await,
+    };
+    match remaining {
+        Ok(tokens) => {
+            response
+                .headers_mut()
+                .insert(X_TOKENS_REMAINING, HeaderValue::from(tokens));
+        }
+        Err(err) => tracing::warn!(error = %err, "could not read the balance for the header"),
+    }
+    Ok(response)
+}
+
+/// `?limit=` (1 to 100, default 20) and `?cursor=` (a `next` from the previous page).
+pub struct PageQuery {
+    pub limit: i64,
+    /// Continue with ids below this one.
+    pub before: Option<i64>,
+}
+
+const DEFAULT_PAGE: i64 = 20;
+const MAX_PAGE: i64 = 100;
+
+impl<S: Send + Sync> FromRequestParts<S> for PageQuery {
+    type Rejection = Error;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Error> {
+        #[derive(Deserialize)]
+        struct Raw {
+            limit: Option<String>,
+            cursor: Option<String>,
+        }
+        let raw: Raw = serde_urlencoded::from_str(parts.uri.query().unwrap_or_default())
+            .map_err(|err| Error::InvalidJson(format!("invalid query string: {err}")))?;
+        let limit = match raw.limit {
+            None => DEFAULT_PAGE,
+            Some(text) => text
+                .parse()
+                .ok()
+                .filter(|limit| (1..=MAX_PAGE).contains(limit))
+                .ok_or_else(|| {
+                    Error::invalid_input("limit", format!("limit must be 1 to {MAX_PAGE}"))
+                })?,
+        };
+        let before =
+            raw.cursor
+                .map(|text| {
+                    text.parse().ok().filter(|id: &i64| *id > 0).ok_or_else(|| {
+                        Error::invalid_input("cursor", "cursor must be a `next` value")
+                    })
+                })
+                .transpose()?;
+        Ok(Self { limit, before })
+    }
+}
+
+/// The optional `Idempotency-Key` header: 1 to 255 visible ASCII characters.
+pub struct IdempotencyKey(pub Option<String>);
+
+const MAX_IDEMPOTENCY_KEY: usize = 255;
+
+impl<S: Send + Sync> FromRequestParts<S> for IdempotencyKey {
+    type Rejection = Error;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Error> {
+        let Some(value) = parts.headers.get("idempotency-key") else {
+            return Ok(Self(None));
+        };
+        let key = value
+            .to_str()
+            .ok()
+            .map(str::trim)
+            .filter(|key| (1..=MAX_IDEMPOTENCY_KEY).contains(&key.len()))
+            .filter(|key| key.bytes().all(|byte| byte.is_ascii_graphic() || byte == b' '))
+            .ok_or_else(|| {
+                Error::invalid_input(
+                    "Idempotency-Key",
+                    format!("Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} visible ASCII characters"),
+                )
+            })?;
+        Ok(Self(Some(key.to_string())))
     }
 }

@@ -3,6 +3,7 @@
 mod accounts;
 mod chat;
 mod extract;
+mod history;
 
 use std::{any::Any, time::Duration};
 
@@ -14,6 +15,7 @@ use axum::{
     routing::{get, post, MethodRouter},
     Router,
 };
+use time::{format_description::well_known::Rfc3339, OffsetDateTime};
 use tower_http::{catch_panic::CatchPanicLayer, trace::TraceLayer};
 use tracing::Span;
 
@@ -21,20 +23,25 @@ use crate::{error::Error, AppState};
 
 /// The whole application: every route, with and without its trailing slash.
 pub fn router(state: AppState) -> Router {
-    let routes: [(&str, MethodRouter<AppState>); 4] = [
+    let public = with_and_without_slash([
         ("/register", post(accounts::register)),
         ("/login", post(accounts::login)),
+    ]);
+    // Layered per method router, so a wrong method is a 405 before any token is asked for.
+    let authorised = [
         ("/chat", post(chat::chat)),
         ("/balance", get(chat::balance).post(chat::balance)),
-    ];
-    let router = routes
-        .into_iter()
-        .fold(Router::new(), |router, (path, handler)| {
-            router
-                .route(path, handler.clone())
-                .route(&format!("{path}/"), handler)
-        });
-    router
+        ("/chats", get(history::chats)),
+        ("/chats/{id}", get(history::chat)),
+        ("/transactions", get(history::transactions)),
+    ]
+    .map(|(path, handler)| {
+        let authorize = middleware::from_fn_with_state(state.clone(), extract::authorize);
+        (path, handler.route_layer(authorize))
+    });
+    let authorised = with_and_without_slash(authorised);
+    public
+        .merge(authorised)
         .fallback(|| async { Error::NotFound })
         .layer(DefaultBodyLimit::max(state.config.max_body_bytes))
         .layer(middleware::map_response(envelope_bare_errors))
@@ -47,6 +54,27 @@ pub fn router(state: AppState) -> Router {
                 .on_failure(()),
         )
         .with_state(state)
+}
+
+fn with_and_without_slash<const N: usize>(
+    routes: [(&str, MethodRouter<AppState>); N],
+) -> Router<AppState> {
+    routes
+        .into_iter()
+        .fold(Router::new(), |router, (path, handler)| {
+            router
+                .route(path, handler.clone())
+                .route(&format!("{path}/"), handler)
+        })
+}
+
+/// A Unix time as RFC 3339 UTC, the form of every time in a response.
+fn rfc3339(unix_secs: i64) -> String {
+    OffsetDateTime::from_unix_timestamp(unix_secs)
+        .ok()
+        .and_then(|time| time.format(&Rfc3339).ok())
+        // Unreachable for times this service writes (years 1970 to 9999).
+        .unwrap_or_else(|| unix_secs.to_string())
 }
 
 /// Gives the envelope to error responses built outside our handlers (axum's 405, a body

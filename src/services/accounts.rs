@@ -54,3 +54,15 @@ pub async fn login(
     let ttl_secs = state.config.token_ttl.map(|ttl| ttl.as_secs());
     auth::issue(&state.db, user_id, ttl_secs).await
 }
+
+/// Adds `amount` (> 0) tokens to a user's balance, through the ledger; the new balance,
+/// or `None` for an unknown user.
+pub async fn grant(db: &crate::db::Db, username: &str, amount: i64) -> Result<Option<i64>, Error> {
+    if amount <= 0 {
+        return Err(Error::invalid_input(
+            "amount",
+            "a grant must be a positive number of tokens",
+        ));
+    }
+    Ok(db::users::grant(db, &username_key(username), amount).await?)
+}

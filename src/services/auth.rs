@@ -5,11 +5,11 @@ use rand::{
     distributions::{Alphanumeric, DistString},
     rngs::OsRng,
 };
-use sha2::{Digest, Sha256};
 
 use crate::{
     db::{self, Db},
     error::Error,
+    services::sha256_hex,
 };
 
 pub const TOKEN_LENGTH: usize = 32;
@@ -36,9 +36,9 @@ pub async fn authenticate(db: &Db, authorization: &str) -> Result<i64, Error> {
         .ok_or(Error::Unauthorized)
 }
 
-/// Hex SHA-256: what the database keeps instead of the token.
+/// What the database keeps instead of the token.
 pub fn token_hash(token: &str) -> String {
-    format!("{:x}", Sha256::digest(token.as_bytes()))
+    sha256_hex(token.as_bytes())
 }
 
 /// Extracts a well-formed token from any of the three accepted header forms.

@@ -1,21 +1,30 @@
 //! Chat accounting, reserve-then-settle: take the price first, ask the model with no
-//! transaction open, then keep the charge for a stored answer or refund it.
+//! transaction open, then keep the charge for a stored answer or refund it. Optional
+//! idempotency keys make a retried chat return the first answer instead of paying twice.
+
+use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    db::{self, chats::Reservation},
+    db::{self, chats::Reservation, idempotency::Claim},
     error::Error,
+    services::sha256_hex,
     AppState,
 };
 
-/// A stored, charged answer.
+/// How long an idempotency key is remembered.
+pub const IDEMPOTENCY_KEY_LIFETIME: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// A stored, charged answer: just now, or replayed for a repeated idempotency key.
 #[derive(Debug)]
 pub struct ChatAnswer {
     pub chat_id: i64,
     pub response: String,
+    /// The balance right after this chat's charge.
     pub balance: i64,
     pub charged: i64,
+    pub replayed: bool,
 }
 
 pub async fn balance(state: &AppState, user_id: i64) -> Result<i64, Error> {
@@ -28,60 +37,138 @@ pub async fn balance(state: &AppState, user_id: i64) -> Result<i64, Error> {
 /// dropped (the client went away) and graceful shutdown waits for it. A client that
 /// goes away before the answer is stored is not charged: the upstream call is abandoned
 /// and the reservation refunded.
-pub async fn chat(state: &AppState, user_id: i64, message: String) -> Result<ChatAnswer, Error> {
+pub async fn chat(
+    state: &AppState,
+    user_id: i64,
+    message: String,
+    idempotency_key: Option<String>,
+) -> Result<ChatAnswer, Error> {
     let client_gone = CancellationToken::new();
     let _cancel_when_dropped = client_gone.clone().drop_guard();
-    let task = state.tasks.spawn(answer_and_settle(
-        state.clone(),
+    let request = ChatRequest {
+        state: state.clone(),
         user_id,
         message,
+        idempotency_key,
         client_gone,
-    ));
-    task.await?
+    };
+    state.tasks.spawn(request.run()).await?
 }
 
-async fn answer_and_settle(
+struct ChatRequest {
     state: AppState,
     user_id: i64,
     message: String,
+    idempotency_key: Option<String>,
     client_gone: CancellationToken,
-) -> Result<ChatAnswer, Error> {
-    let cost = state.config.chat_cost;
-    let chat_id = match db::chats::reserve(&state.db, user_id, &message, cost).await? {
-        Reservation::Reserved { chat_id } => chat_id,
-        Reservation::Insufficient { balance } => {
-            return Err(Error::OutOfTokens { tokens: balance })
-        }
-    };
+}
 
-    let answer = tokio::select! {
-        biased;
-        _ = client_gone.cancelled() => None,
-        answer = state.llm.complete(&message) => Some(answer),
-    };
-    let failure = match answer {
-        Some(Ok(response)) if !client_gone.is_cancelled() => {
-            match db::chats::settle_answered(&state.db, chat_id, user_id, &response).await {
-                Ok(Some(balance)) => {
-                    return Ok(ChatAnswer {
-                        chat_id,
-                        response,
-                        balance,
-                        charged: cost,
-                    })
-                }
-                Ok(None) => Error::internal(format!("chat {chat_id} was no longer pending")),
-                Err(err) => err.into(),
+impl ChatRequest {
+    async fn run(self) -> Result<ChatAnswer, Error> {
+        if let Some(key) = &self.idempotency_key {
+            if let Some(earlier) = self.claim(key).await? {
+                return Ok(earlier);
             }
         }
-        Some(Err(err)) => err.into(),
-        Some(Ok(_)) | None => {
-            tracing::info!(chat_id, "client went away before the answer was stored");
-            Error::internal("client went away")
+        let reserved = db::chats::reserve(
+            &self.state.db,
+            self.user_id,
+            &self.message,
+            self.state.config.chat_cost,
+            self.idempotency_key.as_deref(),
+        )
+        .await;
+        match reserved {
+            Ok(Reservation::Reserved {
+                chat_id,
+                balance_after,
+            }) => self.answer_and_settle(chat_id, balance_after).await,
+            Ok(Reservation::Insufficient { balance }) => {
+                self.release_key().await;
+                Err(Error::OutOfTokens { tokens: balance })
+            }
+            Err(err) => {
+                self.release_key().await;
+                Err(err.into())
+            }
         }
-    };
-    if let Err(err) = db::chats::refund(&state.db, chat_id).await {
-        tracing::error!(chat_id, error = %err, "refund failed; the chat stays pending");
     }
-    Err(failure)
+
+    /// Claims the key; `Some` with the earlier answer when it already bought one.
+    async fn claim(&self, key: &str) -> Result<Option<ChatAnswer>, Error> {
+        let db = &self.state.db;
+        let request_hash = sha256_hex(self.message.as_bytes());
+        let expired_before = db::unix_now() - IDEMPOTENCY_KEY_LIFETIME.as_secs() as i64;
+        let claim = db::idempotency::claim(db, self.user_id, key, &request_hash, expired_before);
+        let chat_id = match claim.await? {
+            Claim::Claimed => return Ok(None),
+            Claim::Held {
+                request_hash: held, ..
+            } if held != request_hash => return Err(Error::IdempotencyKeyReused),
+            Claim::Held {
+                chat_id: Some(chat_id),
+                chat_status: Some(status),
+                ..
+            } if status == "answered" => chat_id,
+            Claim::Held { .. } => return Err(Error::RequestInProgress),
+        };
+        let stored = db::chats::stored_answer(db, chat_id)
+            .await?
+            .ok_or_else(|| Error::internal(format!("chat {chat_id} has no stored answer")))?;
+        Ok(Some(ChatAnswer {
+            chat_id: stored.chat_id,
+            response: stored.response,
+            balance: stored.balance_after,
+            charged: stored.cost,
+            replayed: true,
+        }))
+    }
+
+    async fn release_key(&self) {
+        if let Some(key) = &self.idempotency_key {
+            if let Err(err) = db::idempotency::release(&self.state.db, self.user_id, key).await {
+                tracing::error!(error = %err, "could not release an idempotency key");
+            }
+        }
+    }
+
+    async fn answer_and_settle(
+        &self,
+        chat_id: i64,
+        balance_after: i64,
+    ) -> Result<ChatAnswer, Error> {
+        let state = &self.state;
+        let answer = tokio::select! {
+            biased;
+            _ = self.client_gone.cancelled() => None,
+            answer = state.llm.complete(&self.message) => Some(answer),
+        };
+        let failure = match answer {
+            Some(Ok(response)) if !self.client_gone.is_cancelled() => {
+                match db::chats::settle_answered(&state.db, chat_id, &response).await {
+                    Ok(true) => {
+                        return Ok(ChatAnswer {
+                            chat_id,
+                            response,
+                            balance: balance_after,
+                            charged: state.config.chat_cost,
+                            replayed: false,
+                        })
+                    }
+                    // Recovery judged it abandoned and refunded it: not stored, not charged.
+                    Ok(false) => Error::UpstreamTimeout,
+                    Err(err) => err.into(),
+                }
+            }
+            Some(Err(err)) => err.into(),
+            Some(Ok(_)) | None => {
+                tracing::info!(chat_id, "client went away before the answer was stored");
+                Error::internal("client went away")
+            }
+        };
+        if let Err(err) = db::chats::refund(&state.db, chat_id).await {
+            tracing::error!(chat_id, error = %err, "refund failed; recovery will retry it");
+        }
+        Err(failure)
+    }
 }

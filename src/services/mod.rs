@@ -1,8 +1,18 @@
 //! The service layer: the rules of the product, between the routes and the database.
 
 pub mod accounts;
+pub mod audit;
 pub mod auth;
 pub mod billing;
+pub mod history;
 pub mod llm;
 pub mod passwords;
+pub mod recovery;
 pub mod throttle;
+
+use sha2::{Digest, Sha256};
+
+/// Hex SHA-256: how login tokens and idempotent requests are fingerprinted.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    format!("{:x}", Sha256::digest(bytes))
+}

@@ -1,0 +1,102 @@
+//! Read-only queries that check the ledger against balances and chats.
+
+use super::Db;
+
+/// A user whose balance is not the sum of their ledger rows.
+#[derive(Debug, sqlx::FromRow)]
+pub struct BalanceMismatch {
+    pub user_id: i64,
+    pub username: String,
+    pub tokens: i64,
+    pub ledger_sum: i64,
+}
+
+/// A ledger row whose `balance_after` is not the running sum of the user's rows up to it.
+#[derive(Debug, sqlx::FromRow)]
+pub struct RunningMismatch {
+    pub entry_id: i64,
+    pub user_id: i64,
+    pub balance_after: i64,
+    pub running_sum: i64,
+}
+
+/// A chat's ledger rows, counted: what the audit compares with its status.
+#[derive(Debug, sqlx::FromRow)]
+pub struct ChatMoves {
+    pub chat_id: i64,
+    pub status: String,
+    pub cost: i64,
+    pub has_response: bool,
+    /// Reservation rows of exactly `-cost` for the chat's own user.
+    pub reservations: i64,
+    /// Refund rows of exactly `+cost` for the chat's own user.
+    pub refunds: i64,
+    /// Rows of any other kind, amount or user that name the chat.
+    pub strays: i64,
+}
+
+pub async fn balance_mismatches(db: &Db) -> Result<Vec<BalanceMismatch>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT u.id AS user_id, u.username, u.tokens, COALESCE(SUM(l.amount), 0) AS ledger_sum
+         FROM users u LEFT JOIN ledger l ON l.user_id = u.id
+         GROUP BY u.id, u.username, u.tokens
+         HAVING u.tokens <> COALESCE(SUM(l.amount), 0)
+         ORDER BY u.id",
+    )
+    .fetch_all(db)
+    .await
+}
+
+pub async fn running_mismatches(db: &Db) -> Result<Vec<RunningMismatch>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT entry_id, user_id, balance_after, running_sum FROM (
+             SELECT id AS entry_id, user_id, balance_after,
+                    SUM(amount) OVER (PARTITION BY user_id ORDER BY id) AS running_sum
+             FROM ledger
+         ) AS running
+         WHERE balance_after <> running_sum
+         ORDER BY entry_id",
+    )
+    .fetch_all(db)
+    .await
+}
+
+/// Chats whose ledger rows do not match their status. The rule: every chat has exactly one
+/// reservation of `-cost`; a failed chat also exactly one refund of `+cost`; an answered
+/// or pending chat none, and an answered chat has its response; no other row names a chat.
+pub async fn chat_mismatches(db: &Db) -> Result<Vec<ChatMoves>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT * FROM (
+             SELECT c.id AS chat_id, c.status, c.cost, c.response IS NOT NULL AS has_response,
+                 COALESCE(SUM(CASE WHEN l.reason = 'chat_reservation' AND l.amount = -c.cost
+                                   AND l.user_id = c.user_id THEN 1 ELSE 0 END), 0) AS reservations,
+                 COALESCE(SUM(CASE WHEN l.reason = 'chat_refund' AND l.amount = c.cost
+                                   AND l.user_id = c.user_id THEN 1 ELSE 0 END), 0) AS refunds,
+                 COALESCE(SUM(CASE WHEN l.id IS NOT NULL AND l.user_id = c.user_id
+                                   AND ((l.reason = 'chat_reservation' AND l.amount = -c.cost)
+                                        OR (l.reason = 'chat_refund' AND l.amount = c.cost))
+                                   THEN 0 WHEN l.id IS NOT NULL THEN 1 ELSE 0 END), 0) AS strays
+             FROM chats c LEFT JOIN ledger l ON l.chat_id = c.id
+             GROUP BY c.id, c.status, c.cost, c.response
+         ) AS moves
+         WHERE NOT (
+             reservations = 1 AND strays = 0 AND (
+                 (status = 'answered' AND refunds = 0 AND has_response)
+                 OR (status = 'pending' AND refunds = 0)
+                 OR (status = 'failed' AND refunds = 1)
+             )
+         )
+         ORDER BY chat_id",
+    )
+    .fetch_all(db)
+    .await
+}
+
+/// How many users, chats and ledger rows the audit looked at.
+pub async fn totals(db: &Db) -> Result<(i64, i64, i64), sqlx::Error> {
+    sqlx::query_as(
+        "SELECT (SELECT COUNT(*) FROM users), (SELECT COUNT(*) FROM chats), (SELECT COUNT(*) FROM ledger)",
+    )
+    .fetch_one(db)
+    .await
+}

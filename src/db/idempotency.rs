@@ -1,0 +1,99 @@
+//! Queries on `idempotency_keys`: claiming a key for a chat, and finding what it led to.
+
+use super::{unix_now, Db};
+
+/// What a claim found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Claim {
+    /// The key is ours; go ahead.
+    Claimed,
+    /// The key is held by an earlier request for the same user.
+    Held {
+        request_hash: String,
+        /// The chat it started, once reserved.
+        chat_id: Option<i64>,
+        /// That chat's status.
+        chat_status: Option<String>,
+    },
+}
+
+/// Claims `key` for the user, first forgetting a claim of it made before `expired_before`.
+pub async fn claim(
+    db: &Db,
+    user_id: i64,
+    key: &str,
+    request_hash: &str,
+    expired_before: i64,
+) -> Result<Claim, sqlx::Error> {
+    let mut tx = db.begin().await?;
+    sqlx::query(
+        "DELETE FROM idempotency_keys WHERE user_id = $1 AND idem_key = $2 AND created_at < $3",
+    )
+    .bind(user_id)
+    .bind(key)
+    .bind(expired_before)
+    .execute(&mut *tx)
+    .await?;
+    let inserted = sqlx::query(
+        "INSERT INTO idempotency_keys (user_id, idem_key, request_hash, created_at)
+         VALUES ($1, $2, $3, $4) ON CONFLICT (user_id, idem_key) DO NOTHING",
+    )
+    .bind(user_id)
+    .bind(key)
+    .bind(request_hash)
+    .bind(unix_now())
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    let claim = if inserted == 1 {
+        Claim::Claimed
+    } else {
+        let (request_hash, chat_id, chat_status) = sqlx::query_as(
+            "SELECT k.request_hash, k.chat_id, c.status FROM idempotency_keys k
+             LEFT JOIN chats c ON c.id = k.chat_id
+             WHERE k.user_id = $1 AND k.idem_key = $2",
+        )
+        .bind(user_id)
+        .bind(key)
+        .fetch_one(&mut *tx)
+        .await?;
+        Claim::Held {
+            request_hash,
+            chat_id,
+            chat_status,
+        }
+    };
+    tx.commit().await?;
+    Ok(claim)
+}
+
+/// Lets go of a claim that never reserved a chat (out of tokens, or an error before).
+pub async fn release(db: &Db, user_id: i64, key: &str) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "DELETE FROM idempotency_keys WHERE user_id = $1 AND idem_key = $2 AND chat_id IS NULL",
+    )
+    .bind(user_id)
+    .bind(key)
+    .execute(db)
+    .await?;
+    Ok(())
+}
+
+/// Forgets keys past their lifetime, and claims that never reserved a chat before
+/// `abandoned_before` (their process died between claim and reservation).
+pub async fn sweep(
+    db: &Db,
+    expired_before: i64,
+    abandoned_before: i64,
+) -> Result<u64, sqlx::Error> {
+    let swept = sqlx::query(
+        "DELETE FROM idempotency_keys
+         WHERE created_at < $1 OR (chat_id IS NULL AND created_at < $2)",
+    )
+    .bind(expired_before)
+    .bind(abandoned_before)
+    .execute(db)
+    .await?
+    .rows_affected();
+    Ok(swept)
+}
