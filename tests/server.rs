@@ -100,6 +100,12 @@ async fn a_client_that_goes_away_mid_chat_is_not_charged_and_nothing_stays_pendi
 
     wait_until(|| async { app.chat_counts().await == [("failed".to_string(), 1)] }).await;
     assert_eq!(app.balance(&token).await, 4000);
+
+    // An answered chat after it is charged as usual: grant - cost x answered.
+    app.llm.set_reply(Reply::Echo);
+    assert_eq!(app.chat(&token, "a quick one").await.json["tokens"], 3900);
+    assert_eq!(app.balance(&token).await, 3900);
+    app.assert_audit_passes().await;
 }
 
 #[tokio::test]
@@ -154,12 +160,11 @@ async fn the_database_holds_no_plaintext_password_or_token() {
     }
 }
 
-/// The built binary, run in its own directory with only the variables given.
+/// The built binary, run in a directory with only the variables given.
 struct Server {
     child: Child,
     base: String,
     log: Arc<Mutex<String>>,
-    _dir: tempfile::TempDir,
 }
 
 impl Server {
@@ -178,10 +183,9 @@ impl Server {
         command
     }
 
-    /// Starts the binary and waits for its "listening" line to learn the port.
-    fn start(vars: &[(&str, &str)]) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let mut child = Self::command(dir.path(), vars).spawn().unwrap();
+    /// Starts the binary in `dir` and waits for its "listening" line to learn the port.
+    fn start(dir: &std::path::Path, vars: &[(&str, &str)]) -> Self {
+        let mut child = Self::command(dir, vars).spawn().unwrap();
         let stdout = BufReader::new(child.stdout.take().unwrap());
         let mut lines = stdout.lines();
         let address = loop {
@@ -207,7 +211,6 @@ impl Server {
             child,
             base: format!("http://{address}"),
             log,
-            _dir: dir,
         }
     }
 
@@ -230,8 +233,9 @@ impl Drop for Server {
 #[tokio::test]
 async fn the_binary_creates_and_migrates_its_database_and_serves() {
     let llm = FakeLlm::start().await;
-    let server = Server::start(&[("LLM_BASE_URL", &llm.base_url)]);
-    assert!(server._dir.path().join("tokenchat.db").exists());
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[("LLM_BASE_URL", &llm.base_url)]);
+    assert!(dir.path().join("tokenchat.db").exists());
     let http = reqwest::Client::new();
     let registered = http
         .post(format!("{}/register", server.base))
@@ -245,10 +249,14 @@ async fn the_binary_creates_and_migrates_its_database_and_serves() {
 #[tokio::test]
 async fn the_log_has_a_line_per_request_and_never_a_secret() {
     let llm = FakeLlm::start().await;
-    let server = Server::start(&[
-        ("LLM_BASE_URL", &llm.base_url),
-        ("LLM_API_KEY", "sk-the-upstream-key"),
-    ]);
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(
+        dir.path(),
+        &[
+            ("LLM_BASE_URL", &llm.base_url),
+            ("LLM_API_KEY", "sk-the-upstream-key"),
+        ],
+    );
     let http = reqwest::Client::new();
     let base = &server.base;
     let password = "a-memorable-password";
@@ -308,7 +316,8 @@ async fn the_log_has_a_line_per_request_and_never_a_secret() {
 #[tokio::test]
 async fn sigterm_lets_a_chat_in_progress_finish_and_exits_cleanly() {
     let llm = FakeLlm::start().await;
-    let mut server = Server::start(&[("LLM_BASE_URL", &llm.base_url)]);
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(dir.path(), &[("LLM_BASE_URL", &llm.base_url)]);
     let http = reqwest::Client::new();
     let base = server.base.clone();
     http.post(format!("{base}/register"))
@@ -387,17 +396,164 @@ fn a_dot_env_file_in_the_working_directory_is_read() {
     assert!(String::from_utf8_lossy(&output.stderr).contains("INITIAL_TOKENS"));
 }
 
-/// Polls `condition` for up to ten seconds.
+/// Registers `user`/`pass123` on a running server and returns a login token.
+async fn register_and_login(http: &reqwest::Client, base: &str) -> String {
+    let credentials = json!({ "username": "user", "password": "pass123" });
+    http.post(format!("{base}/register"))
+        .json(&credentials)
+        .send()
+        .await
+        .unwrap();
+    let login: Value = http
+        .post(format!("{base}/login"))
+        .json(&credentials)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    login["token"].as_str().unwrap().to_string()
+}
+
+#[tokio::test]
+async fn a_chat_cut_off_by_sigkill_is_refunded_by_the_next_process() {
+    let llm = FakeLlm::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let vars = [
+        ("LLM_BASE_URL", llm.base_url.as_str()),
+        ("LLM_TIMEOUT_SECS", "1"),
+    ];
+    let http = reqwest::Client::new();
+
+    let server = Server::start(dir.path(), &vars);
+    let token = register_and_login(&http, &server.base).await;
+    llm.set_reply(Reply::Stall(Duration::from_secs(30)));
+    let cut_off = tokio::spawn({
+        let request = http
+            .post(format!("{}/chat", server.base))
+            .bearer_auth(&token)
+            .json(&json!({ "message": "never answered" }));
+        async move { request.send().await }
+    });
+    wait_until(|| async { llm.calls() == 1 }).await;
+    server.signal("-KILL");
+    assert!(
+        cut_off.await.unwrap().is_err(),
+        "the killed server answered"
+    );
+    drop(server);
+
+    let database_url = format!("sqlite://{}", dir.path().join("tokenchat.db").display());
+    let db = tokenchat::db::connect(&database_url).await.unwrap();
+    let left_behind: (String, i64) =
+        sqlx::query_as("SELECT c.status, u.tokens FROM chats c JOIN users u ON u.id = c.user_id")
+            .fetch_one(&db)
+            .await
+            .unwrap();
+    assert_eq!(left_behind, ("pending".to_string(), 3900));
+
+    llm.set_reply(Reply::Echo);
+    let server = Server::start(dir.path(), &vars);
+    wait_until(|| async {
+        let status: String = sqlx::query_scalar("SELECT status FROM chats")
+            .fetch_one(&db)
+            .await
+            .unwrap();
+        status == "failed"
+    })
+    .await;
+    let balance: Value = http
+        .get(format!("{}/balance", server.base))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(balance["tokens"], 4000);
+
+    let audit = Server::command(dir.path(), &vars)
+        .arg("audit")
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&audit.stdout);
+    assert!(audit.status.success(), "{report}");
+    assert!(
+        report.contains("audit passed: 1 users, 1 chats, 3 ledger rows, 0 offences"),
+        "{report}"
+    );
+}
+
+#[test]
+fn the_audit_command_exits_non_zero_listing_offenders() {
+    let dir = tempfile::tempdir().unwrap();
+    let vars: [(&str, &str); 0] = [];
+    let grant = |name: &str| {
+        Server::command(dir.path(), &vars)
+            .args(["grant", name, "5"])
+            .output()
+            .unwrap()
+    };
+    // Nobody yet: the grant fails; the (empty) audit passes.
+    assert!(!grant("ghost").status.success());
+    assert!(Server::command(dir.path(), &vars)
+        .arg("audit")
+        .status()
+        .unwrap()
+        .success());
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let database_url = format!("sqlite://{}", dir.path().join("tokenchat.db").display());
+    rt.block_on(async {
+        let db = tokenchat::db::connect(&database_url).await.unwrap();
+        tokenchat::db::users::insert(&db, "mallory", "mallory", "$argon2id$x", 4000)
+            .await
+            .unwrap();
+        db.close().await;
+    });
+    let granted = grant("MALLORY");
+    assert!(granted.status.success());
+    assert!(String::from_utf8_lossy(&granted.stdout).contains("balance now 4005"));
+    assert!(Server::command(dir.path(), &vars)
+        .arg("audit")
+        .status()
+        .unwrap()
+        .success());
+
+    rt.block_on(async {
+        let db = tokenchat::db::connect(&database_url).await.unwrap();
+        sqlx::query("UPDATE users SET tokens = 9999")
+            .execute(&db)
+            .await
+            .unwrap();
+        db.close().await;
+    });
+    let audit = Server::command(dir.path(), &vars)
+        .arg("audit")
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&audit.stdout);
+    assert_eq!(audit.status.code(), Some(1), "{report}");
+    assert!(
+        report.contains("OFFENCE user 1 (mallory): balance 9999 but ledger sums to 4005"),
+        "{report}"
+    );
+    assert!(report.contains("audit FAILED"), "{report}");
+}
+
+/// Polls `condition` for up to twenty seconds.
 async fn wait_until<F, Fut>(condition: F)
 where
     F: Fn() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    for _ in 0..200 {
+    for _ in 0..400 {
         if condition().await {
             return;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    panic!("condition not met within ten seconds");
+    panic!("condition not met within twenty seconds");
 }

@@ -16,6 +16,7 @@ use axum::{
     routing::post,
     Json, Router,
 };
+use rand::{rngs::OsRng, Rng};
 use serde_json::{json, Value};
 
 /// How the fake answers the next requests.
@@ -33,6 +34,8 @@ pub enum Reply {
     EmptyContent,
     /// Waits this long, then echoes.
     Stall(Duration),
+    /// Fails (500) this fraction of requests at random and echoes the rest.
+    FailRandomly(f64),
 }
 
 /// One request the fake received.
@@ -99,7 +102,17 @@ async fn completions(
             .map(|value| value.to_str().unwrap().to_string()),
         body,
     });
-    let reply = shared.reply.lock().unwrap().clone();
+    let reply = match user_message.split(']').next().unwrap_or_default() {
+        "[fail" => Reply::Status(500),
+        "[garbage" => Reply::Garbage,
+        "[stall" => Reply::Stall(Duration::from_secs(10)),
+        _ => shared.reply.lock().unwrap().clone(),
+    };
+    let reply = match reply {
+        Reply::FailRandomly(fraction) if OsRng.gen_bool(fraction) => Reply::Status(500),
+        Reply::FailRandomly(_) => Reply::Echo,
+        other => other,
+    };
     match reply {
         Reply::Echo => completion(&format!("Echo: {user_message}")),
         Reply::Stall(delay) => {
@@ -114,6 +127,7 @@ async fn completions(
         Reply::Garbage => (StatusCode::OK, "<html>definitely not json</html>").into_response(),
         Reply::NoChoices => Json(json!({ "id": "x", "object": "chat.completion", "choices": [] })).into_response(),
         Reply::EmptyContent => completion(""),
+        Reply::FailRandomly(_) => unreachable!("decided above"),
     }
 }
 

@@ -37,6 +37,20 @@ pub struct TestResponse {
     pub json: Value,
 }
 
+impl TestResponse {
+    /// The `X-Tokens-Remaining` header as a number.
+    #[track_caller]
+    pub fn tokens_remaining(&self) -> i64 {
+        self.headers
+            .get("x-tokens-remaining")
+            .unwrap_or_else(|| panic!("no X-Tokens-Remaining: {self:?}"))
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap()
+    }
+}
+
 impl TestApp {
     pub async fn new() -> Self {
         Self::with_env(&[]).await
@@ -146,6 +160,36 @@ impl TestApp {
         let response = self.post_authorized("/balance/", token, json!({})).await;
         assert_eq!(response.status, StatusCode::OK, "{response:?}");
         response.json["tokens"].as_i64().unwrap()
+    }
+
+    pub async fn get_authorized(&self, path: &str, token: &str) -> TestResponse {
+        let authorization = format!("Bearer {token}");
+        self.request(Method::GET, path, &[("authorization", &authorization)], "")
+            .await
+    }
+
+    /// A chat sent with an `Idempotency-Key`.
+    pub async fn chat_with_key(&self, token: &str, key: &str, message: &str) -> TestResponse {
+        let authorization = format!("Token {token}");
+        self.request(
+            Method::POST,
+            "/chat",
+            &[
+                ("content-type", "application/json"),
+                ("authorization", &authorization),
+                ("idempotency-key", key),
+            ],
+            json!({ "message": message }).to_string(),
+        )
+        .await
+    }
+
+    /// Runs the ledger audit and fails the test, listing the offences, unless it passes.
+    pub async fn assert_audit_passes(&self) {
+        let report = tokenchat::services::audit::run(&self.state.db)
+            .await
+            .unwrap();
+        assert!(report.passed(), "audit offences: {:#?}", report.offences);
     }
 
     /// Rows of `SELECT status, COUNT(*) FROM chats GROUP BY status`, read straight from the file.
