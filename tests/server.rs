@@ -38,42 +38,22 @@ async fn the_walkthrough_works_over_tcp() {
     assert_eq!(registered.status(), 201);
     assert_eq!(registered.headers()["content-type"], "application/json");
 
-    let login: Value = http
-        .post(format!("{base}/login"))
-        .form(&[("username", "user"), ("password", "pass123")])
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let login = http.post(format!("{base}/login"));
+    let (_, login) = send(login.form(&[("username", "user"), ("password", "pass123")])).await;
     let token = login["token"].as_str().unwrap();
 
     let chat = http
         .post(format!("{base}/chat"))
-        .header("authorization", token)
-        .json(&json!({ "message": "code hello world in python" }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(chat.status(), 200);
-    let chat: Value = chat.json().await.unwrap();
+        .header("authorization", token);
+    let (status, chat) = send(chat.json(&json!({ "message": "code hello world in python" }))).await;
+    assert_eq!(status, 200);
     assert_eq!(chat["response"], "Echo: code hello world in python");
 
-    let balance: Value = http
-        .post(format!("{base}/balance/"))
-        .bearer_auth(token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (_, balance) = send(http.post(format!("{base}/balance/")).bearer_auth(token)).await;
     assert_eq!(balance, json!({ "tokens": 3900 }));
 
-    let missing = http.get(format!("{base}/nowhere")).send().await.unwrap();
-    assert_eq!(missing.status(), 404);
-    let missing: Value = missing.json().await.unwrap();
+    let (status, missing) = send(http.get(format!("{base}/nowhere"))).await;
+    assert_eq!(status, 404);
     assert_eq!(missing["code"], "not_found");
 }
 
@@ -236,14 +216,8 @@ async fn the_binary_creates_and_migrates_its_database_and_serves() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path(), &[("LLM_BASE_URL", &llm.base_url)]);
     assert!(dir.path().join("tokenchat.db").exists());
-    let http = reqwest::Client::new();
-    let registered = http
-        .post(format!("{}/register", server.base))
-        .json(&json!({ "username": "user", "password": "pass123" }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(registered.status(), 201);
+    let token = register_and_login(&reqwest::Client::new(), &server.base, "pass123").await;
+    assert_eq!(token.len(), 32);
 }
 
 #[tokio::test]
@@ -260,29 +234,11 @@ async fn the_log_has_a_line_per_request_and_never_a_secret() {
     let http = reqwest::Client::new();
     let base = &server.base;
     let password = "a-memorable-password";
-    http.post(format!("{base}/register"))
-        .json(&json!({ "username": "user", "password": password }))
-        .send()
-        .await
-        .unwrap();
-    let login: Value = http
-        .post(format!("{base}/login"))
-        .json(&json!({ "username": "user", "password": password }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let token = login["token"].as_str().unwrap();
+    let token = register_and_login(&http, base, password).await;
     for reply in [Reply::Echo, Reply::Status(500)] {
         llm.set_reply(reply);
-        http.post(format!("{base}/chat"))
-            .bearer_auth(token)
-            .json(&json!({ "message": "hello" }))
-            .send()
-            .await
-            .unwrap();
+        let chat = http.post(format!("{base}/chat")).bearer_auth(&token);
+        send(chat.json(&json!({ "message": "hello" }))).await;
     }
     assert_eq!(
         llm.received()[0].authorization.as_deref(),
@@ -308,7 +264,7 @@ async fn the_log_has_a_line_per_request_and_never_a_secret() {
     ] {
         assert!(log.contains(expected), "{expected} not in:\n{log}");
     }
-    for secret in [password, token, "sk-the-upstream-key"] {
+    for secret in [password, &token, "sk-the-upstream-key"] {
         assert!(!log.contains(secret), "{secret} in the log:\n{log}");
     }
 }
@@ -320,41 +276,16 @@ async fn sigterm_lets_a_chat_in_progress_finish_and_exits_cleanly() {
     let mut server = Server::start(dir.path(), &[("LLM_BASE_URL", &llm.base_url)]);
     let http = reqwest::Client::new();
     let base = server.base.clone();
-    http.post(format!("{base}/register"))
-        .json(&json!({ "username": "user", "password": "pass123" }))
-        .send()
-        .await
-        .unwrap();
-    let login: Value = http
-        .post(format!("{base}/login"))
-        .json(&json!({ "username": "user", "password": "pass123" }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let token = login["token"].as_str().unwrap().to_string();
+    let token = register_and_login(&http, &base, "pass123").await;
 
     llm.set_reply(Reply::Stall(Duration::from_millis(1500)));
-    let chat = tokio::spawn({
-        let http = http.clone();
-        let token = token.clone();
-        let base = base.clone();
-        async move {
-            http.post(format!("{base}/chat"))
-                .bearer_auth(token)
-                .json(&json!({ "message": "finish me" }))
-                .send()
-                .await
-        }
-    });
+    let chat = http.post(format!("{base}/chat")).bearer_auth(token);
+    let chat = tokio::spawn(send(chat.json(&json!({ "message": "finish me" }))));
     wait_until(|| async { llm.calls() == 1 }).await;
     server.signal("-TERM");
 
-    let chat = chat.await.unwrap().unwrap();
-    assert_eq!(chat.status(), 200);
-    let chat: Value = chat.json().await.unwrap();
+    let (status, chat) = chat.await.unwrap();
+    assert_eq!(status, 200);
     assert_eq!(chat["tokens"], 3900);
     let exit = tokio::task::spawn_blocking(move || {
         let status = server.child.wait().unwrap();
@@ -396,26 +327,6 @@ fn a_dot_env_file_in_the_working_directory_is_read() {
     assert!(String::from_utf8_lossy(&output.stderr).contains("INITIAL_TOKENS"));
 }
 
-/// Registers `user`/`pass123` on a running server and returns a login token.
-async fn register_and_login(http: &reqwest::Client, base: &str) -> String {
-    let credentials = json!({ "username": "user", "password": "pass123" });
-    http.post(format!("{base}/register"))
-        .json(&credentials)
-        .send()
-        .await
-        .unwrap();
-    let login: Value = http
-        .post(format!("{base}/login"))
-        .json(&credentials)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    login["token"].as_str().unwrap().to_string()
-}
-
 #[tokio::test]
 async fn a_chat_cut_off_by_sigkill_is_refunded_by_the_next_process() {
     let llm = FakeLlm::start().await;
@@ -427,7 +338,7 @@ async fn a_chat_cut_off_by_sigkill_is_refunded_by_the_next_process() {
     let http = reqwest::Client::new();
 
     let server = Server::start(dir.path(), &vars);
-    let token = register_and_login(&http, &server.base).await;
+    let token = register_and_login(&http, &server.base, "pass123").await;
     llm.set_reply(Reply::Stall(Duration::from_secs(30)));
     let cut_off = tokio::spawn({
         let request = http
@@ -463,15 +374,11 @@ async fn a_chat_cut_off_by_sigkill_is_refunded_by_the_next_process() {
         status == "failed"
     })
     .await;
-    let balance: Value = http
-        .get(format!("{}/balance", server.base))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (_, balance) = send(
+        http.get(format!("{}/balance", server.base))
+            .bearer_auth(&token),
+    )
+    .await;
     assert_eq!(balance["tokens"], 4000);
 
     let audit = Server::command(dir.path(), &vars)
@@ -541,6 +448,22 @@ fn the_audit_command_exits_non_zero_listing_offenders() {
         "{report}"
     );
     assert!(report.contains("audit FAILED"), "{report}");
+}
+
+/// Sends a request; its status and JSON body.
+async fn send(request: reqwest::RequestBuilder) -> (u16, Value) {
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap())
+}
+
+/// Registers `user` with `password` on a running server and returns a login token.
+async fn register_and_login(http: &reqwest::Client, base: &str, password: &str) -> String {
+    let credentials = json!({ "username": "user", "password": password });
+    let (registered, _) = send(http.post(format!("{base}/register")).json(&credentials)).await;
+    assert_eq!(registered, 201);
+    let (_, login) = send(http.post(format!("{base}/login")).json(&credentials)).await;
+    login["token"].as_str().unwrap().to_string()
 }
 
 /// Polls `condition` for up to twenty seconds.
