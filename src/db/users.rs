@@ -46,14 +46,16 @@ pub async fn insert(
 
 /// Adds `amount` tokens to a user's balance; the balance after, or `None` for no such user.
 pub async fn grant(db: &Db, username_key: &str, amount: i64) -> Result<Option<i64>, sqlx::Error> {
-    let mut tx = db.begin().await?;
+    // Looked up before the transaction, so the transaction starts with its write: a
+    // deferred SQLite transaction that reads first can fail to upgrade under contention.
     let user_id: Option<i64> = sqlx::query_scalar("SELECT id FROM users WHERE username_key = $1")
         .bind(username_key)
-        .fetch_optional(&mut *tx)
+        .fetch_optional(db)
         .await?;
     let Some(user_id) = user_id else {
         return Ok(None);
     };
+    let mut tx = db.begin().await?;
     let balance = ledger::apply(&mut tx, user_id, amount, Reason::Grant, None).await?;
     tx.commit().await?;
     Ok(balance)

@@ -13,8 +13,9 @@ use axum::{
     middleware,
     response::{IntoResponse, Response},
     routing::{get, post, MethodRouter},
-    Router,
+    Json, Router,
 };
+use serde_json::{json, Value};
 use time::{format_description::well_known::Rfc3339, OffsetDateTime};
 use tower_http::{catch_panic::CatchPanicLayer, trace::TraceLayer};
 use tracing::Span;
@@ -24,6 +25,7 @@ use crate::{error::Error, AppState};
 /// The whole application: every route, with and without its trailing slash.
 pub fn router(state: AppState) -> Router {
     let public = with_and_without_slash([
+        ("/health", get(health)),
         ("/register", post(accounts::register)),
         ("/login", post(accounts::login)),
     ]);
@@ -54,6 +56,11 @@ pub fn router(state: AppState) -> Router {
                 .on_failure(()),
         )
         .with_state(state)
+}
+
+/// Liveness: answers without touching the database (also the benchmark's static route).
+async fn health() -> Json<Value> {
+    Json(json!({ "status": "ok" }))
 }
 
 fn with_and_without_slash<const N: usize>(

@@ -1,25 +1,55 @@
 //! Password hashing with Argon2id (the `argon2` crate's defaults: 19 MiB, 2 passes, 1 lane),
 //! always on the blocking pool so a hash never stalls the async workers.
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use argon2::{
     password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString},
     Argon2,
 };
 use rand::rngs::OsRng;
+use tokio::sync::Semaphore;
 
 use crate::error::Error;
 
+/// At most one Argon2 computation per core at a time: each holds 19 MiB, and more at once
+/// would only add memory and latency, not throughput. Waiters are served first come, first served.
+fn hashing_slots() -> Arc<Semaphore> {
+    static SLOTS: OnceLock<Arc<Semaphore>> = OnceLock::new();
+    SLOTS
+        .get_or_init(|| {
+            let cores = std::thread::available_parallelism().map_or(1, |cores| cores.get());
+            Arc::new(Semaphore::new(cores))
+        })
+        .clone()
+}
+
+/// Runs `work` on the blocking pool once a hashing slot is free.
+async fn with_hashing_slot<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, Error> + Send + 'static,
+) -> Result<T, Error> {
+    let slot = hashing_slots()
+        .acquire_owned()
+        .await
+        .map_err(Error::internal)?;
+    // The slot moves into the blocking task: freed when the hash is done, even if the
+    // request that wanted it was dropped meanwhile.
+    tokio::task::spawn_blocking(move || {
+        let _slot = slot;
+        work()
+    })
+    .await?
+}
+
 /// Hashes a password with a fresh random salt, as a PHC string.
 pub async fn hash(password: String) -> Result<String, Error> {
-    tokio::task::spawn_blocking(move || hash_blocking(&password)).await?
+    with_hashing_slot(move || hash_blocking(&password)).await
 }
 
 /// Checks a password against a stored hash. With no stored hash (unknown user) it checks
 /// against a dummy hash of the same cost and answers `false`, so both cases take as long.
 pub async fn verify(password: String, stored: Option<String>) -> Result<bool, Error> {
-    tokio::task::spawn_blocking(move || {
+    with_hashing_slot(move || {
         let phc = match &stored {
             Some(phc) => phc.as_str(),
             None => dummy_hash()?,
@@ -30,7 +60,7 @@ pub async fn verify(password: String, stored: Option<String>) -> Result<bool, Er
             .is_ok();
         Ok(matches && stored.is_some())
     })
-    .await?
+    .await
 }
 
 fn hash_blocking(password: &str) -> Result<String, Error> {

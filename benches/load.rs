@@ -1,0 +1,617 @@
+//! `cargo bench --bench load`: tokenchat's throughput, latency overhead and memory.
+//!
+//! Starts the release binary on a fresh SQLite database, pinned to core 0, with an instant
+//! OpenAI-compatible fake model served from this process, which is pinned to core 1 and
+//! drives closed-loop HTTP/1.1 keep-alive load, recording latencies in HDR histograms.
+//! `BENCH_SECS` (default 10) sets the measured time of each throughput scenario.
+
+use std::{
+    fmt::Write as _,
+    net::SocketAddr,
+    path::Path,
+    process::{Child, Command, Stdio},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use argon2::{
+    password_hash::{PasswordHasher, SaltString},
+    Argon2,
+};
+use axum::{body::Bytes, routing::post, Router};
+use hdrhistogram::Histogram;
+use http_body_util::{BodyExt, Full};
+use hyper::{
+    header::{AUTHORIZATION, CONTENT_TYPE, HOST},
+    Method, Request, StatusCode,
+};
+use hyper_util::rt::TokioIo;
+use rand::rngs::OsRng;
+use serde_json::{json, Value};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Set in the environment of the copy of this binary that measures raw Argon2.
+const ROLE: &str = "TOKENCHAT_BENCH_ROLE";
+const SERVER_CORE: usize = 0;
+const LOAD_CORE: usize = 1;
+const CONNECTIONS: usize = 32;
+const WARM_UP: Duration = Duration::from_secs(1);
+const SLOW_CHATS: usize = 1000;
+const SLOW_MODEL: Duration = Duration::from_secs(2);
+/// A completion body of a realistic size (a short code answer).
+const ANSWER: &str = "Here is hello world in Python:\n\n```python\nprint(\"Hello, world!\")\n```\n\nSave it as hello.py and run `python hello.py`.";
+
+fn main() {
+    if std::env::var(ROLE).as_deref() == Ok("argon2") {
+        return raw_argon2_rate();
+    }
+    let pinned = std::thread::available_parallelism().map_or(1, |cores| cores.get()) >= 2;
+    if pinned {
+        // Before the runtime starts, so every thread of this process inherits the core.
+        pin(std::process::id(), LOAD_CORE);
+    }
+    let _ = rlimit::increase_nofile_limit(4 * SLOW_CHATS as u64 + 1024);
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(run(pinned));
+}
+
+fn pin(pid: u32, core: usize) {
+    let status = Command::new("taskset")
+        .args(["-a", "-p", "-c", &core.to_string(), &pid.to_string()])
+        .stdout(Stdio::null())
+        .status()
+        .expect("taskset (util-linux) is needed to pin processes to cores");
+    assert!(status.success(), "taskset failed");
+}
+
+async fn run(pinned: bool) {
+    let secs: u64 = std::env::var("BENCH_SECS")
+        .ok()
+        .and_then(|secs| secs.parse().ok())
+        .unwrap_or(10);
+    let measured = Duration::from_secs(secs);
+    let model = start_fake_model().await;
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let server = Server::start(dir.path(), model, pinned).await;
+    let target = Target {
+        addr: server.addr,
+        token: String::new(),
+    };
+    let token = target.register_and_login("bench", "bench-password").await;
+    let target = Arc::new(Target { token, ..target });
+
+    let mut rows: Vec<Row> = Vec::new();
+    let chat_body = json!({ "message": "code hello world in python" }).to_string();
+    let login_body = json!({ "username": "bench", "password": "bench-password" }).to_string();
+    // Unique across warm-up and measurement: every registration must create a user.
+    let registrations = Arc::new(AtomicU64::new(0));
+
+    println!(
+        "tokenchat load benchmark: {secs} s per scenario, {CONNECTIONS} connections unless noted"
+    );
+    println!("{}", describe_machine(pinned));
+    println!();
+
+    let scenarios: Vec<(&str, usize, Arc<MakeRequest>)> = vec![
+        ("static GET /health", CONNECTIONS, target.get("/health")),
+        ("GET /balance", CONNECTIONS, target.get("/balance")),
+        (
+            "POST /chat (instant model)",
+            CONNECTIONS,
+            target.post("/chat", chat_body.clone()),
+        ),
+        (
+            "POST /login",
+            CONNECTIONS,
+            target.post("/login", login_body),
+        ),
+        (
+            "POST /register",
+            CONNECTIONS,
+            Arc::new(move |_, _| {
+                let n = registrations.fetch_add(1, Ordering::Relaxed);
+                let body = json!({ "username": format!("user{n}"), "password": "bench-password" });
+                request(Method::POST, "/register", None, body.to_string())
+            }),
+        ),
+    ];
+    for (name, connections, make) in scenarios {
+        let expected = if name.contains("register") {
+            StatusCode::CREATED
+        } else {
+            StatusCode::OK
+        };
+        closed_loop(target.addr, connections, WARM_UP, expected, make.clone()).await;
+        server.reset_peak();
+        let outcome = closed_loop(target.addr, connections, measured, expected, make).await;
+        rows.push(Row::new(name, connections, &outcome, server.peak_rss()));
+    }
+
+    // Overhead at one connection: the same model call, direct and through tokenchat.
+    let direct_body = json!({
+        "model": "llama3.2",
+        "messages": [{ "role": "system", "content": "You are a helpful assistant." },
+                     { "role": "user", "content": "code hello world in python" }]
+    })
+    .to_string();
+    let direct: Arc<MakeRequest> = Arc::new(move |_, _| {
+        request(
+            Method::POST,
+            "/v1/chat/completions",
+            None,
+            direct_body.clone(),
+        )
+    });
+    let chat_one = target.post("/chat", chat_body);
+    closed_loop(model, 1, WARM_UP, StatusCode::OK, direct.clone()).await;
+    let direct = closed_loop(model, 1, measured, StatusCode::OK, direct).await;
+    rows.push(Row::new(
+        "direct model call (no tokenchat)",
+        1,
+        &direct,
+        None,
+    ));
+    closed_loop(target.addr, 1, WARM_UP, StatusCode::OK, chat_one.clone()).await;
+    server.reset_peak();
+    let chat_one = closed_loop(target.addr, 1, measured, StatusCode::OK, chat_one).await;
+    rows.push(Row::new(
+        "POST /chat (instant model)",
+        1,
+        &chat_one,
+        server.peak_rss(),
+    ));
+
+    server.reset_peak();
+    let slow = slow_chats(&target).await;
+    rows.push(Row::new(
+        "POST /chat, model takes 2 s (one shot)",
+        SLOW_CHATS,
+        &slow,
+        server.peak_rss(),
+    ));
+
+    server.reset_peak();
+    let argon2_rate = raw_argon2_rate_on_server_core(pinned, measured.min(Duration::from_secs(5)));
+
+    print_table(&rows);
+    let rate = |name: &str| {
+        rows.iter()
+            .find(|row| row.name.starts_with(name))
+            .map_or(0.0, |row| row.rps)
+    };
+    let overhead = |quantile: f64| {
+        chat_one.histogram.value_at_quantile(quantile) as f64 / 1000.0
+            - direct.histogram.value_at_quantile(quantile) as f64 / 1000.0
+    };
+    println!();
+    println!(
+        "chat overhead at 1 connection: p50 {:.3} ms, p99 {:.3} ms (chat minus direct model call)",
+        overhead(0.5),
+        overhead(0.99)
+    );
+    println!(
+        "/balance is {:.0}% of the static route",
+        100.0 * rate("GET /balance") / rate("static")
+    );
+    println!("raw Argon2id (19 MiB, t=2, p=1) on the server's core: {argon2_rate:.1} hashes/s; /login is {:.0}% of it", 100.0 * rate("POST /login") / argon2_rate);
+    println!(
+        "{SLOW_CHATS} concurrent slow chats: {} answered, {} failed, all done in {:.2} s",
+        slow.requests - slow.errors,
+        slow.errors,
+        slow.elapsed.as_secs_f64()
+    );
+    println!(
+        "server peak RSS over the whole run (VmHWM): {:.1} MB",
+        server.high_water_mark() as f64 / 1e6
+    );
+    drop(server);
+}
+
+type MakeRequest = dyn Fn(usize, u64) -> Request<Full<Bytes>> + Send + Sync;
+
+fn request(method: Method, path: &str, token: Option<&str>, body: String) -> Request<Full<Bytes>> {
+    let mut builder = Request::builder()
+        .method(method)
+        .uri(path)
+        .header(HOST, "127.0.0.1")
+        .header(CONTENT_TYPE, "application/json");
+    if let Some(token) = token {
+        builder = builder.header(AUTHORIZATION, format!("Bearer {token}"));
+    }
+    builder.body(Full::new(Bytes::from(body))).expect("request")
+}
+
+struct Target {
+    addr: SocketAddr,
+    token: String,
+}
+
+impl Target {
+    fn get(&self, path: &'static str) -> Arc<MakeRequest> {
+        let token = self.token.clone();
+        Arc::new(move |_, _| request(Method::GET, path, Some(&token), String::new()))
+    }
+
+    fn post(&self, path: &'static str, body: String) -> Arc<MakeRequest> {
+        let token = self.token.clone();
+        Arc::new(move |_, _| request(Method::POST, path, Some(&token), body.clone()))
+    }
+
+    async fn register_and_login(&self, username: &str, password: &str) -> String {
+        let credentials = json!({ "username": username, "password": password }).to_string();
+        let (status, _) = send_once(
+            self.addr,
+            request(Method::POST, "/register", None, credentials.clone()),
+        )
+        .await;
+        assert_eq!(status, StatusCode::CREATED, "bench registration failed");
+        let (_, login) = send_once(
+            self.addr,
+            request(Method::POST, "/login", None, credentials),
+        )
+        .await;
+        login["token"].as_str().expect("a login token").to_string()
+    }
+}
+
+async fn connect(addr: SocketAddr) -> hyper::client::conn::http1::SendRequest<Full<Bytes>> {
+    let stream = TcpStream::connect(addr).await.expect("connect");
+    stream.set_nodelay(true).expect("nodelay");
+    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .expect("handshake");
+    tokio::spawn(connection);
+    sender
+}
+
+async fn send_once(addr: SocketAddr, request: Request<Full<Bytes>>) -> (StatusCode, Value) {
+    let mut sender = connect(addr).await;
+    let response = sender.send_request(request).await.expect("response");
+    let status = response.status();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
+    (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
+}
+
+/// What one scenario measured.
+struct Outcome {
+    requests: u64,
+    errors: u64,
+    elapsed: Duration,
+    histogram: Histogram<u64>,
+}
+
+fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 120_000_000, 3).expect("histogram")
+}
+
+/// `connections` clients, each sending its next request as soon as the last is answered,
+/// until `duration` is over. Latencies in microseconds.
+async fn closed_loop(
+    addr: SocketAddr,
+    connections: usize,
+    duration: Duration,
+    expected: StatusCode,
+    make: Arc<MakeRequest>,
+) -> Outcome {
+    let start = Instant::now();
+    let deadline = start + duration;
+    let clients: Vec<_> = (0..connections)
+        .map(|conn| {
+            let make = make.clone();
+            tokio::spawn(async move {
+                let mut sender = connect(addr).await;
+                let mut histogram = histogram();
+                let (mut requests, mut errors) = (0u64, 0u64);
+                while Instant::now() < deadline {
+                    let request = make(conn, requests);
+                    let sent = Instant::now();
+                    let ok = match sender.send_request(request).await {
+                        Ok(response) => {
+                            let status = response.status();
+                            response.into_body().collect().await.is_ok() && status == expected
+                        }
+                        Err(_) => false,
+                    };
+                    histogram.saturating_record(sent.elapsed().as_micros() as u64);
+                    requests += 1;
+                    if !ok {
+                        errors += 1;
+                        if sender.ready().await.is_err() {
+                            sender = connect(addr).await;
+                        }
+                    }
+                }
+                (requests, errors, histogram)
+            })
+        })
+        .collect();
+    let mut outcome = Outcome {
+        requests: 0,
+        errors: 0,
+        elapsed: Duration::ZERO,
+        histogram: histogram(),
+    };
+    for client in clients {
+        let (requests, errors, histogram) = client.await.expect("client task");
+        outcome.requests += requests;
+        outcome.errors += errors;
+        outcome.histogram.add(histogram).expect("same bounds");
+    }
+    outcome.elapsed = start.elapsed();
+    outcome
+}
+
+/// Opens `SLOW_CHATS` connections, then sends one chat on each at once to a model that
+/// takes two seconds to answer.
+async fn slow_chats(target: &Target) -> Outcome {
+    let mut senders = Vec::with_capacity(SLOW_CHATS);
+    for _ in 0..SLOW_CHATS {
+        senders.push(connect(target.addr).await);
+    }
+    let body = json!({ "message": "[slow] code hello world in python" }).to_string();
+    let start = Instant::now();
+    let chats: Vec<_> = senders
+        .into_iter()
+        .map(|mut sender| {
+            let request = request(Method::POST, "/chat", Some(&target.token), body.clone());
+            tokio::spawn(async move {
+                let sent = Instant::now();
+                let ok = match sender.send_request(request).await {
+                    Ok(response) => {
+                        response.status() == StatusCode::OK
+                            && response.into_body().collect().await.is_ok()
+                    }
+                    Err(_) => false,
+                };
+                (ok, sent.elapsed())
+            })
+        })
+        .collect();
+    let mut outcome = Outcome {
+        requests: 0,
+        errors: 0,
+        elapsed: Duration::ZERO,
+        histogram: histogram(),
+    };
+    for chat in chats {
+        let (ok, latency) = chat.await.expect("chat task");
+        outcome.requests += 1;
+        outcome.errors += u64::from(!ok);
+        outcome
+            .histogram
+            .saturating_record(latency.as_micros() as u64);
+    }
+    outcome.elapsed = start.elapsed();
+    outcome
+}
+
+/// The fake model: answers at once, or after two seconds when the question says `[slow]`.
+async fn start_fake_model() -> SocketAddr {
+    let completion = json!({
+        "id": "chatcmpl-bench",
+        "object": "chat.completion",
+        "model": "fake",
+        "choices": [{ "index": 0, "message": { "role": "assistant", "content": ANSWER }, "finish_reason": "stop" }]
+    })
+    .to_string();
+    let app = Router::new().route(
+        "/v1/chat/completions",
+        post(move |body: Bytes| {
+            let completion = completion.clone();
+            async move {
+                if body.windows(6).any(|window| window == b"[slow]") {
+                    tokio::time::sleep(SLOW_MODEL).await;
+                }
+                ([(CONTENT_TYPE, "application/json")], completion)
+            }
+        }),
+    );
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind the fake model");
+    let addr = listener.local_addr().expect("address");
+    tokio::spawn(async move { axum::serve(listener, app).await.expect("fake model") });
+    addr
+}
+
+/// The release binary, pinned to its core, with its memory watched.
+struct Server {
+    child: Child,
+    addr: SocketAddr,
+    peak: Arc<AtomicU64>,
+}
+
+impl Server {
+    async fn start(dir: &Path, model: SocketAddr, pinned: bool) -> Self {
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|listener| listener.local_addr())
+            .expect("a free port");
+        let binary = env!("CARGO_BIN_EXE_tokenchat");
+        let mut command = if pinned {
+            let mut command = Command::new("taskset");
+            command.args(["-c", &SERVER_CORE.to_string(), binary]);
+            command
+        } else {
+            Command::new(binary)
+        };
+        let child = command
+            .current_dir(dir)
+            .env("BIND_ADDR", addr.to_string())
+            .env(
+                "DATABASE_URL",
+                format!("sqlite://{}", dir.join("bench.db").display()),
+            )
+            .env("LLM_BASE_URL", format!("http://{model}/v1"))
+            .env("INITIAL_TOKENS", "1000000000000000")
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start tokenchat");
+        for _ in 0..200 {
+            if TcpStream::connect(addr).await.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let peak = Arc::new(AtomicU64::new(0));
+        let (pid, watched) = (child.id(), peak.clone());
+        tokio::spawn(async move {
+            loop {
+                let rss = proc_status_kb(pid, "VmRSS:") * 1024;
+                watched.fetch_max(rss, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        });
+        Self { child, addr, peak }
+    }
+
+    fn reset_peak(&self) {
+        self.peak.store(0, Ordering::Relaxed);
+    }
+
+    fn peak_rss(&self) -> Option<u64> {
+        Some(self.peak.load(Ordering::Relaxed))
+    }
+
+    fn high_water_mark(&self) -> u64 {
+        proc_status_kb(self.child.id(), "VmHWM:") * 1024
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn proc_status_kb(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find(|line| line.starts_with(field))
+                .and_then(|line| line.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Hashes per second of one thread, in a copy of this binary pinned to the server's core.
+fn raw_argon2_rate_on_server_core(pinned: bool, duration: Duration) -> f64 {
+    let exe = std::env::current_exe().expect("this binary");
+    let mut command = if pinned {
+        let mut command = Command::new("taskset");
+        command.args(["-c", &SERVER_CORE.to_string()]).arg(exe);
+        command
+    } else {
+        Command::new(exe)
+    };
+    let output = command
+        .env(ROLE, "argon2")
+        .env("BENCH_SECS", duration.as_secs().to_string())
+        .output()
+        .expect("run the Argon2 measurement");
+    String::from_utf8_lossy(&output.stdout)
+        .trim()
+        .parse()
+        .expect("a rate")
+}
+
+fn raw_argon2_rate() {
+    let secs: u64 = std::env::var("BENCH_SECS")
+        .ok()
+        .and_then(|secs| secs.parse().ok())
+        .unwrap_or(5);
+    let argon2 = Argon2::default();
+    let start = Instant::now();
+    let mut hashes = 0u64;
+    while start.elapsed() < Duration::from_secs(secs) {
+        let salt = SaltString::generate(&mut OsRng);
+        argon2
+            .hash_password(b"bench-password", &salt)
+            .expect("hash");
+        hashes += 1;
+    }
+    println!("{}", hashes as f64 / start.elapsed().as_secs_f64());
+}
+
+struct Row {
+    name: String,
+    connections: usize,
+    rps: f64,
+    p50: u64,
+    p90: u64,
+    p99: u64,
+    errors: u64,
+    peak_rss: Option<u64>,
+}
+
+impl Row {
+    fn new(name: &str, connections: usize, outcome: &Outcome, peak_rss: Option<u64>) -> Self {
+        let histogram = &outcome.histogram;
+        Self {
+            name: name.to_string(),
+            connections,
+            rps: outcome.requests as f64 / outcome.elapsed.as_secs_f64(),
+            p50: histogram.value_at_quantile(0.50),
+            p90: histogram.value_at_quantile(0.90),
+            p99: histogram.value_at_quantile(0.99),
+            errors: outcome.errors,
+            peak_rss,
+        }
+    }
+}
+
+fn print_table(rows: &[Row]) {
+    let ms = |micros: u64| format!("{:.3}", micros as f64 / 1000.0);
+    println!("| scenario | connections | requests/s | p50 ms | p90 ms | p99 ms | errors | server peak RSS MB |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    for row in rows {
+        println!(
+            "| {} | {} | {:.0} | {} | {} | {} | {} | {} |",
+            row.name,
+            row.connections,
+            row.rps,
+            ms(row.p50),
+            ms(row.p90),
+            ms(row.p99),
+            row.errors,
+            row.peak_rss
+                .map_or("-".to_string(), |rss| format!("{:.1}", rss as f64 / 1e6)),
+        );
+    }
+}
+
+fn describe_machine(pinned: bool) -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find(|line| line.starts_with("model name"))
+                .and_then(|line| line.split(':').nth(1))
+                .map(|model| model.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, |cores| cores.get());
+    let mut text = format!("machine: {cpu}; ");
+    if pinned {
+        let _ = write!(text, "server pinned to core {SERVER_CORE}, load generator and fake model to core {LOAD_CORE}");
+    } else {
+        let _ = write!(text, "{cores} core(s): nothing pinned");
+    }
+    text
+}
