@@ -3,7 +3,8 @@
 //! Starts the release binary on a fresh SQLite database, pinned to core 0, with an instant
 //! OpenAI-compatible fake model served from this process, which is pinned to core 1 and
 //! drives closed-loop HTTP/1.1 keep-alive load, recording latencies in HDR histograms.
-//! `BENCH_SECS` (default 10) sets the measured time of each throughput scenario.
+//! `BENCH_SECS` (default 10) sets the measured time of each throughput scenario;
+//! `BENCH_ONLY=<text>` runs only the throughput scenarios whose name contains it.
 
 use std::{
     fmt::Write as _,
@@ -121,6 +122,12 @@ async fn run(pinned: bool) {
             }),
         ),
     ];
+    // BENCH_ONLY=chat (say) runs just the throughput scenarios whose name contains it,
+    // for profiling one path.
+    let only = std::env::var("BENCH_ONLY").ok();
+    let scenarios = scenarios
+        .into_iter()
+        .filter(|(name, _, _)| only.as_deref().is_none_or(|only| name.contains(only)));
     for (name, connections, make) in scenarios {
         let expected = if name.contains("register") {
             StatusCode::CREATED
@@ -131,6 +138,11 @@ async fn run(pinned: bool) {
         server.reset_peak();
         let outcome = closed_loop(target.addr, connections, measured, expected, make).await;
         rows.push(Row::new(name, connections, &outcome, server.peak_rss()));
+    }
+
+    if only.is_some() {
+        print_table(&rows);
+        return;
     }
 
     // Overhead at one connection: the same model call, direct and through tokenchat.

@@ -21,11 +21,18 @@ pub async fn insert(
     Ok(())
 }
 
-/// The user a live (unexpired) token hash belongs to.
-pub async fn find_user(db: &Db, token_hash: &str) -> Result<Option<i64>, sqlx::Error> {
-    sqlx::query_scalar(
-        "SELECT user_id FROM login_tokens
-         WHERE token_hash = $1 AND (expires_at IS NULL OR expires_at > $2)",
+/// The owner of a live token, with their balance as this read found it.
+#[derive(Debug, sqlx::FromRow)]
+pub struct TokenOwner {
+    pub user_id: i64,
+    pub tokens: i64,
+}
+
+/// The user a live (unexpired) token hash belongs to, read with their balance in one query.
+pub async fn find_owner(db: &Db, token_hash: &str) -> Result<Option<TokenOwner>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT t.user_id, u.tokens FROM login_tokens t JOIN users u ON u.id = t.user_id
+         WHERE t.token_hash = $1 AND (t.expires_at IS NULL OR t.expires_at > $2)",
     )
     .bind(token_hash)
     .bind(unix_now())

@@ -92,6 +92,8 @@ fn body_format(headers: &HeaderMap) -> Result<BodyFormat, Error> {
 #[derive(Clone, Copy)]
 pub struct AuthUser {
     pub id: i64,
+    /// The balance read with the token, during this request.
+    pub tokens: i64,
 }
 
 impl<S: Send + Sync> FromRequestParts<S> for AuthUser {
@@ -124,12 +126,17 @@ pub async fn authorize(
         .get(header::AUTHORIZATION)
         .and_then(|value| value.to_str().ok())
         .ok_or(Error::Unauthorized)?;
-    let user_id = auth::authenticate(&state.db, header).await?;
-    request.extensions_mut().insert(AuthUser { id: user_id });
+    let owner = auth::authenticate(&state.db, header).await?;
+    request.extensions_mut().insert(AuthUser {
+        id: owner.user_id,
+        tokens: owner.tokens,
+    });
     let mut response = next.run(request).await;
+    // Handlers that know the balance after their work say so; after the others (which
+    // may have moved it, like a failed chat) it is read afresh.
     let remaining = match response.extensions().get::<TokensRemaining>() {
         Some(known) => Ok(known.0),
-        None => billing::balance(&state, user_id).await,
+        None => billing::balance(&state, owner.user_id).await,
     };
     match remaining {
         Ok(tokens) => {

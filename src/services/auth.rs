@@ -7,7 +7,7 @@ use rand::{
 };
 
 use crate::{
-    db::{self, Db},
+    db::{self, tokens::TokenOwner, Db},
     error::Error,
     services::sha256_hex,
 };
@@ -28,10 +28,10 @@ pub async fn issue(db: &Db, user_id: i64, ttl_secs: Option<u64>) -> Result<Issue
     Ok(IssuedToken { token, expires_at })
 }
 
-/// The user behind an `Authorization` header value, or `Unauthorized`.
-pub async fn authenticate(db: &Db, authorization: &str) -> Result<i64, Error> {
+/// The user behind an `Authorization` header value, with their balance, or `Unauthorized`.
+pub async fn authenticate(db: &Db, authorization: &str) -> Result<TokenOwner, Error> {
     let token = token_from_header(authorization).ok_or(Error::Unauthorized)?;
-    db::tokens::find_user(db, &token_hash(token))
+    db::tokens::find_owner(db, &token_hash(token))
         .await?
         .ok_or(Error::Unauthorized)
 }

@@ -1,11 +1,12 @@
 //! Password hashing with Argon2id (the `argon2` crate's defaults: 19 MiB, 2 passes, 1 lane),
-//! always on the blocking pool so a hash never stalls the async workers.
+//! always on the blocking pool so a hash never stalls the async workers, at most one per
+//! core at a time, each in a reused 19 MiB working area.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use argon2::{
-    password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString},
-    Argon2,
+    password_hash::{self, Output, ParamsString, PasswordHash, Salt, SaltString},
+    Algorithm, Argon2, Block, Params, Version,
 };
 use rand::rngs::OsRng;
 use tokio::sync::Semaphore;
@@ -55,20 +56,88 @@ pub async fn verify(password: String, stored: Option<String>) -> Result<bool, Er
             None => dummy_hash()?,
         };
         let parsed = PasswordHash::new(phc).map_err(Error::internal)?;
-        let matches = Argon2::default()
-            .verify_password(password.as_bytes(), &parsed)
-            .is_ok();
+        let matches = verify_blocking(&password, &parsed)?;
         Ok(matches && stored.is_some())
     })
     .await
 }
 
 fn hash_blocking(password: &str) -> Result<String, Error> {
+    let argon2 = Argon2::default();
     let salt = SaltString::generate(&mut OsRng);
-    Argon2::default()
-        .hash_password(password.as_bytes(), &salt)
-        .map(|hash| hash.to_string())
-        .map_err(Error::internal)
+    let output = compute(&argon2, password.as_bytes(), salt.as_salt()).map_err(Error::internal)?;
+    let phc = PasswordHash {
+        algorithm: Algorithm::Argon2id.ident(),
+        version: Some(Version::V0x13.into()),
+        params: ParamsString::try_from(argon2.params()).map_err(Error::internal)?,
+        salt: Some(salt.as_salt()),
+        hash: Some(output),
+    };
+    Ok(phc.to_string())
+}
+
+/// Whether `password` yields the output recorded in `phc`, under the parameters it names.
+fn verify_blocking(password: &str, phc: &PasswordHash<'_>) -> Result<bool, Error> {
+    let (Some(salt), Some(expected)) = (phc.salt, &phc.hash) else {
+        return Err(Error::internal(
+            "stored password hash has no salt or output",
+        ));
+    };
+    let algorithm = Algorithm::try_from(phc.algorithm).map_err(Error::internal)?;
+    let version = phc
+        .version
+        .map(Version::try_from)
+        .transpose()
+        .map_err(Error::internal)?
+        .unwrap_or_default();
+    let params = Params::try_from(phc).map_err(Error::internal)?;
+    let argon2 = Argon2::new(algorithm, version, params);
+    let computed = compute(&argon2, password.as_bytes(), salt).map_err(Error::internal)?;
+    // `Output`'s equality is constant-time.
+    Ok(computed == *expected)
+}
+
+/// Argon2's output for `password` and `salt`, computed in pooled working memory: what
+/// `PasswordHasher::hash_password` computes, without allocating 19 MiB each time (freed
+/// areas that large pile up in the allocator's per-thread arenas).
+fn compute(argon2: &Argon2<'_>, password: &[u8], salt: Salt<'_>) -> password_hash::Result<Output> {
+    let mut salt_buffer = [0u8; 64];
+    let salt = salt.decode_b64(&mut salt_buffer)?;
+    let output_len = argon2
+        .params()
+        .output_len()
+        .unwrap_or(Params::DEFAULT_OUTPUT_LEN);
+    let blocks_needed = argon2.params().block_count();
+    let mut memory = take_working_memory(blocks_needed);
+    let output = Output::init_with(output_len, |out| {
+        Ok(argon2.hash_password_into_with_memory(
+            password,
+            salt,
+            out,
+            &mut memory[..blocks_needed],
+        )?)
+    });
+    return_working_memory(memory);
+    output
+}
+
+/// Idle working areas of the default size; never more than there are hashing slots.
+static WORKING_MEMORY: Mutex<Vec<Vec<Block>>> = Mutex::new(Vec::new());
+
+fn take_working_memory(blocks: usize) -> Vec<Block> {
+    let pooled = WORKING_MEMORY.lock().expect("pool lock").pop();
+    match pooled {
+        Some(memory) if memory.len() >= blocks => memory,
+        _ => vec![Block::default(); blocks],
+    }
+}
+
+fn return_working_memory(memory: Vec<Block>) {
+    // Only areas of the default size are kept: an old hash with bigger parameters
+    // must not pin its memory for good.
+    if memory.len() == Params::default().block_count() {
+        WORKING_MEMORY.lock().expect("pool lock").push(memory);
+    }
 }
 
 fn dummy_hash() -> Result<&'static str, Error> {
@@ -90,6 +159,48 @@ mod tests {
         assert!(phc.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"), "{phc}");
         assert!(verify("pass123".into(), Some(phc.clone())).await.unwrap());
         assert!(!verify("pass124".into(), Some(phc)).await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn hashes_interoperate_with_the_argon2_crates_own_hasher_and_verifier() {
+        use argon2::{PasswordHasher, PasswordVerifier};
+
+        let ours = hash("pass123".into()).await.unwrap();
+        let parsed = PasswordHash::new(&ours).unwrap();
+        assert!(Argon2::default()
+            .verify_password(b"pass123", &parsed)
+            .is_ok());
+        assert!(Argon2::default()
+            .verify_password(b"pass124", &parsed)
+            .is_err());
+
+        let salt = SaltString::generate(&mut OsRng);
+        let theirs = Argon2::default()
+            .hash_password(b"pass123", &salt)
+            .unwrap()
+            .to_string();
+        // Twice: the second run reuses working memory the first left dirty.
+        for _ in 0..2 {
+            assert!(verify("pass123".into(), Some(theirs.clone()))
+                .await
+                .unwrap());
+            assert!(!verify("pass124".into(), Some(theirs.clone()))
+                .await
+                .unwrap());
+        }
+    }
+
+    #[tokio::test]
+    async fn a_hash_with_other_parameters_still_verifies() {
+        use argon2::PasswordHasher;
+
+        let params = Params::new(8 * 1024, 3, 1, None).unwrap();
+        let argon2 = Argon2::new(Algorithm::Argon2id, Version::V0x13, params);
+        let salt = SaltString::generate(&mut OsRng);
+        let phc = argon2.hash_password(b"pass123", &salt).unwrap().to_string();
+        assert!(phc.contains("m=8192,t=3,p=1"), "{phc}");
+        assert!(verify("pass123".into(), Some(phc.clone())).await.unwrap());
+        assert!(!verify("nope".into(), Some(phc)).await.unwrap());
     }
 
     #[tokio::test]
