@@ -55,7 +55,8 @@ impl AppState {
 
 /// Serves the application on `listener` until `shutdown` resolves, then stops accepting,
 /// lets open requests finish and waits for every chat in progress to settle. Meanwhile
-/// it refunds chats that an earlier process left pending (see [`services::recovery`]).
+/// it refunds chats that an earlier process left pending (see [`services::recovery`])
+/// and checkpoints the database's write-ahead log in the background.
 pub async fn serve(
     listener: TcpListener,
     state: AppState,
@@ -63,11 +64,13 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let tasks = state.tasks.clone();
     let recovery = tokio::spawn(services::recovery::run_periodically(state.clone()));
+    let checkpoints = tokio::spawn(db::checkpoint_periodically(state.db.clone()));
     let served = axum::serve(listener, router(state))
         .with_graceful_shutdown(shutdown)
         .await;
     tasks.close();
     tasks.wait().await;
     recovery.abort();
+    checkpoints.abort();
     served
 }
