@@ -60,6 +60,16 @@ async fn the_original_walkthrough_works_with_every_authorization_form() {
 }
 
 #[tokio::test]
+async fn health_answers_without_a_token() {
+    let app = TestApp::new().await;
+    for path in ["/health", "/health/"] {
+        let response = app.request(Method::GET, path, &[], "").await;
+        assert_eq!(response.status, StatusCode::OK);
+        assert_eq!(response.json, json!({ "status": "ok" }));
+    }
+}
+
+#[tokio::test]
 async fn the_first_chat_leaves_3900_as_in_the_original() {
     let app = TestApp::new().await;
     let token = app.user_with_token("user").await;

@@ -46,7 +46,10 @@ pub async fn checkpoint_periodically(db: Db) {
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticks.tick().await;
-        if let Err(err) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)").execute(&db).await {
+        if let Err(err) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+            .execute(&db)
+            .await
+        {
             tracing::warn!(error = %err, "background checkpoint failed");
         }
     }
