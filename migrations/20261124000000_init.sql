@@ -36,8 +36,9 @@ CREATE TABLE chats (
 CREATE INDEX chats_user ON chats (user_id, id);
 CREATE INDEX chats_status ON chats (status, created_at);
 
--- Every balance change, written in the same transaction as the change. For every user,
--- users.tokens = SUM(ledger.amount), always; balance_after is the balance right after the row.
+-- Every balance change. The ledger drives the balance (trigger ledger_moves_balance below),
+-- so for every user users.tokens = SUM(ledger.amount), always; balance_after is the
+-- balance right after the row.
 CREATE TABLE ledger (
     id            INTEGER PRIMARY KEY AUTOINCREMENT,
     user_id       INTEGER NOT NULL REFERENCES users (id) ON DELETE CASCADE,
@@ -52,8 +53,8 @@ CREATE TABLE ledger (
 CREATE INDEX ledger_user ON ledger (user_id, id);
 CREATE INDEX ledger_chat ON ledger (chat_id);
 
--- Idempotency-Key of POST /chat: claimed before the chat starts (chat_id NULL while in
--- flight), tied to the chat when its answer is stored, released when the chat fails.
+-- Idempotency-Key of POST /chat: claimed before the chat starts (chat_id NULL until its
+-- chat is reserved), released when the chat fails.
 CREATE TABLE idempotency_keys (
     user_id      INTEGER NOT NULL REFERENCES users (id) ON DELETE CASCADE,
     idem_key     TEXT    NOT NULL,
@@ -65,3 +66,31 @@ CREATE TABLE idempotency_keys (
 );
 
 CREATE INDEX idempotency_keys_created ON idempotency_keys (created_at);
+
+-- The database itself keeps balances and the ledger together: nothing writes users.tokens
+-- but this trigger, and the chat moves below are written with the chat change that causes
+-- them, in the same statement.
+
+-- A ledger row moves its user's balance by its amount.
+CREATE TRIGGER ledger_moves_balance AFTER INSERT ON ledger
+BEGIN
+    UPDATE users SET tokens = tokens + NEW.amount WHERE id = NEW.user_id;
+END;
+
+-- A new chat reserves its cost.
+CREATE TRIGGER chat_reserves_its_cost AFTER INSERT ON chats
+BEGIN
+    INSERT INTO ledger (user_id, amount, reason, chat_id, balance_after, created_at)
+    SELECT NEW.user_id, -NEW.cost, 'chat_reservation', NEW.id, tokens - NEW.cost, NEW.created_at
+    FROM users WHERE id = NEW.user_id;
+END;
+
+-- A pending chat that fails gets its reservation back and lets go of its idempotency key.
+CREATE TRIGGER failed_chat_is_refunded AFTER UPDATE OF status ON chats
+WHEN OLD.status = 'pending' AND NEW.status = 'failed'
+BEGIN
+    INSERT INTO ledger (user_id, amount, reason, chat_id, balance_after, created_at)
+    SELECT NEW.user_id, NEW.cost, 'chat_refund', NEW.id, tokens + NEW.cost, NEW.finished_at
+    FROM users WHERE id = NEW.user_id;
+    DELETE FROM idempotency_keys WHERE chat_id = NEW.id;
+END;

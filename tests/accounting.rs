@@ -426,7 +426,7 @@ async fn recovery_refunds_abandoned_chats_once_however_many_sweep() {
         .unwrap();
     // What a process that died mid-chat leaves behind: a reservation and a pending chat.
     for _ in 0..3 {
-        tokenchat::db::chats::reserve(&app.state.db, user_id, "orphan", 100, None)
+        tokenchat::db::chats::reserve(&app.state.db, user_id, "orphan", 100)
             .await
             .unwrap();
     }

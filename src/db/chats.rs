@@ -1,21 +1,19 @@
 //! Queries on `chats` and the balance moves that go with them: reserve, settle, refund.
 //!
-//! Each move is one transaction whose conditional `UPDATE`s make it safe to race, across
-//! tasks and processes: the balance never goes below zero and a chat is settled or
-//! refunded at most once.
+//! Each move is one conditional statement, so it is atomic and safe to race across tasks
+//! and processes: the balance never goes below zero and a chat is settled or refunded at
+//! most once. The ledger rows (and so the balance) move with the chat, written by the
+//! triggers `chat_reserves_its_cost` and `failed_chat_is_refunded` in the same statement.
 
 use sqlx::SqliteExecutor;
 
-use super::{
-    ledger::{self, Reason},
-    unix_now, users, Db,
-};
+use super::{unix_now, users, Db};
 
 /// The outcome of trying to reserve the price of a chat.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Reservation {
     /// The price was taken and a pending chat recorded.
-    Reserved { chat_id: i64, balance_after: i64 },
+    Reserved { chat_id: i64 },
     /// The balance was below the price; nothing changed.
     Insufficient { balance: i64 },
 }
@@ -41,95 +39,66 @@ pub struct StoredAnswer {
     pub balance_after: i64,
 }
 
-/// Takes `cost` from the user's balance and records the chat as pending, or changes nothing.
-/// With an idempotency key (already claimed), ties the key to the new chat.
+/// Records the chat as pending if the user's balance covers `cost`, which takes the cost
+/// (a `chat_reservation` ledger row); otherwise changes nothing.
 pub async fn reserve(
     db: &Db,
     user_id: i64,
     message: &str,
     cost: i64,
-    idempotency_key: Option<&str>,
 ) -> Result<Reservation, sqlx::Error> {
-    let mut tx = db.begin().await?;
-    let chat_id: i64 = sqlx::query_scalar(
+    let chat_id: Option<i64> = sqlx::query_scalar(
         "INSERT INTO chats (user_id, message, status, cost, created_at)
-         VALUES ($1, $2, 'pending', $3, $4) RETURNING id",
+         SELECT id, $2, 'pending', $3, $4 FROM users WHERE id = $1 AND tokens >= $3
+         RETURNING id",
     )
     .bind(user_id)
     .bind(message)
     .bind(cost)
     .bind(unix_now())
-    .fetch_one(&mut *tx)
+    .fetch_optional(db)
     .await?;
-    let charged = ledger::apply(
-        &mut tx,
-        user_id,
-        -cost,
-        Reason::ChatReservation,
-        Some(chat_id),
-    )
-    .await?;
-    let Some(balance_after) = charged else {
-        let balance = users::balance(&mut *tx, user_id).await?;
-        tx.rollback().await?;
-        return Ok(Reservation::Insufficient { balance });
-    };
-    if let Some(key) = idempotency_key {
-        sqlx::query(
-            "UPDATE idempotency_keys SET chat_id = $1 WHERE user_id = $2 AND idem_key = $3",
-        )
-        .bind(chat_id)
-        .bind(user_id)
-        .bind(key)
-        .execute(&mut *tx)
-        .await?;
-    }
-    tx.commit().await?;
-    Ok(Reservation::Reserved {
-        chat_id,
-        balance_after,
+    Ok(match chat_id {
+        Some(chat_id) => Reservation::Reserved { chat_id },
+        None => Reservation::Insufficient {
+            balance: users::balance(db, user_id).await?,
+        },
     })
 }
 
-/// Stores the answer of a pending chat, keeping its reservation as the charge.
-/// `false` when the chat was no longer pending (recovery refunded it first).
-pub async fn settle_answered(db: &Db, chat_id: i64, response: &str) -> Result<bool, sqlx::Error> {
-    let settled = sqlx::query(
+/// Stores the answer of a pending chat, keeping its reservation as the charge. Returns the
+/// balance its reservation left, or `None` if the chat was no longer pending (recovery
+/// refunded it first).
+pub async fn settle_answered(
+    db: &Db,
+    chat_id: i64,
+    response: &str,
+) -> Result<Option<i64>, sqlx::Error> {
+    sqlx::query_scalar(
         "UPDATE chats SET status = 'answered', response = $1, finished_at = $2
-         WHERE id = $3 AND status = 'pending'",
+         WHERE id = $3 AND status = 'pending'
+         RETURNING (SELECT balance_after FROM ledger
+                    WHERE ledger.chat_id = chats.id AND reason = 'chat_reservation')",
     )
     .bind(response)
+    .bind(unix_now())
+    .bind(chat_id)
+    .fetch_optional(db)
+    .await
+}
+
+/// Marks a pending chat failed, which refunds its reservation and releases its
+/// idempotency key; `false`, changing nothing, when the chat was not pending.
+pub async fn refund(db: &Db, chat_id: i64) -> Result<bool, sqlx::Error> {
+    let failed = sqlx::query(
+        "UPDATE chats SET status = 'failed', finished_at = $1 WHERE id = $2 AND status = 'pending'",
+    )
     .bind(unix_now())
     .bind(chat_id)
     .execute(db)
     .await?
     .rows_affected();
-    Ok(settled == 1)
-}
-
-/// Marks a pending chat failed, gives its reservation back and releases its idempotency
-/// key, in one transaction; `false`, changing nothing, when the chat was not pending.
-pub async fn refund(db: &Db, chat_id: i64) -> Result<bool, sqlx::Error> {
-    let mut tx = db.begin().await?;
-    let failed: Option<(i64, i64)> = sqlx::query_as(
-        "UPDATE chats SET status = 'failed', finished_at = $1
-         WHERE id = $2 AND status = 'pending' RETURNING user_id, cost",
-    )
-    .bind(unix_now())
-    .bind(chat_id)
-    .fetch_optional(&mut *tx)
-    .await?;
-    let Some((user_id, cost)) = failed else {
-        tx.rollback().await?;
-        return Ok(false);
-    };
-    ledger::apply(&mut tx, user_id, cost, Reason::ChatRefund, Some(chat_id)).await?;
-    sqlx::query("DELETE FROM idempotency_keys WHERE chat_id = $1")
-        .bind(chat_id)
-        .execute(&mut *tx)
-        .await?;
-    tx.commit().await?;
-    Ok(true)
+    Ok(failed == 1)
 }
 
 /// Ids of chats still pending that were created before `created_before`.

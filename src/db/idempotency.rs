@@ -67,6 +67,18 @@ pub async fn claim(
     Ok(claim)
 }
 
+/// Ties a claimed key to the chat it reserved. Until then a repeat is "in progress"; a
+/// process that dies before this leaves a claim that `sweep` forgets.
+pub async fn attach(db: &Db, user_id: i64, key: &str, chat_id: i64) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE idempotency_keys SET chat_id = $1 WHERE user_id = $2 AND idem_key = $3")
+        .bind(chat_id)
+        .bind(user_id)
+        .bind(key)
+        .execute(db)
+        .await?;
+    Ok(())
+}
+
 /// Lets go of a claim that never reserved a chat (out of tokens, or an error before).
 pub async fn release(db: &Db, user_id: i64, key: &str) -> Result<(), sqlx::Error> {
     sqlx::query(

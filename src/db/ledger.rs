@@ -1,16 +1,16 @@
-//! The ledger: the one way a balance moves. Each move updates `users.tokens` and writes
-//! its ledger row in the caller's transaction, so the two can never disagree.
+//! The ledger: every balance move is a row here, and inserting the row is what moves the
+//! balance (the `ledger_moves_balance` trigger), so the two can never disagree. Chat
+//! reservations and refunds are written by triggers on `chats` (see `chats.rs`).
 
-use sqlx::{SqliteConnection, SqliteExecutor};
+use sqlx::SqliteExecutor;
 
 use super::unix_now;
 
-/// Why a balance moved.
+/// Why a balance moved, for the moves made here; chat moves are `chat_reservation`
+/// and `chat_refund`, written by the database.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reason {
     InitialGrant,
-    ChatReservation,
-    ChatRefund,
     Grant,
 }
 
@@ -18,8 +18,6 @@ impl Reason {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::InitialGrant => "initial_grant",
-            Self::ChatReservation => "chat_reservation",
-            Self::ChatRefund => "chat_refund",
             Self::Grant => "grant",
         }
     }
@@ -36,38 +34,26 @@ pub struct Entry {
     pub created_at: i64,
 }
 
-/// Adds `amount` (negative to take) to the user's balance and records it. Returns the
-/// balance after, or `None`, changing nothing, when the balance would go below zero.
-pub async fn apply(
-    tx: &mut SqliteConnection,
+/// Records a move of `amount` (negative to take) for the user, which moves the balance.
+/// Returns the balance after, or `None`, changing nothing, when the user does not exist
+/// or the balance would go below zero. One statement: atomic on its own.
+pub async fn record(
+    db: impl SqliteExecutor<'_>,
     user_id: i64,
     amount: i64,
     reason: Reason,
-    chat_id: Option<i64>,
 ) -> Result<Option<i64>, sqlx::Error> {
-    let balance_after: Option<i64> = sqlx::query_scalar(
-        "UPDATE users SET tokens = tokens + $1 WHERE id = $2 AND tokens + $1 >= 0 RETURNING tokens",
-    )
-    .bind(amount)
-    .bind(user_id)
-    .fetch_optional(&mut *tx)
-    .await?;
-    let Some(balance_after) = balance_after else {
-        return Ok(None);
-    };
-    sqlx::query(
-        "INSERT INTO ledger (user_id, amount, reason, chat_id, balance_after, created_at)
-         VALUES ($1, $2, $3, $4, $5, $6)",
+    sqlx::query_scalar(
+        "INSERT INTO ledger (user_id, amount, reason, balance_after, created_at)
+         SELECT id, $2, $3, tokens + $2, $4 FROM users WHERE id = $1 AND tokens + $2 >= 0
+         RETURNING balance_after",
     )
     .bind(user_id)
     .bind(amount)
     .bind(reason.as_str())
-    .bind(chat_id)
-    .bind(balance_after)
     .bind(unix_now())
-    .execute(&mut *tx)
-    .await?;
-    Ok(Some(balance_after))
+    .fetch_optional(db)
+    .await
 }
 
 /// The user's rows with ids below `before` (all when `None`), newest first.

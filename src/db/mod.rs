@@ -24,11 +24,15 @@ pub async fn connect(url: &str) -> Result<Db, sqlx::Error> {
         .synchronous(SqliteSynchronous::Normal)
         .busy_timeout(Duration::from_secs(10))
         .foreign_keys(true)
-        // Checkpoints (which fsync) normally run off the request path, in
-        // `checkpoint_periodically`; this only bounds the log if that falls behind.
+        // Checkpoints (which fsync) normally run in `checkpoint_periodically`; this only
+        // bounds the log if that falls behind.
         .pragma("wal_autocheckpoint", WAL_AUTOCHECKPOINT_PAGES.to_string());
+    // One connection: SQLite takes one writer at a time anyway, and a lone connection keeps
+    // its page cache (which any other connection's write would invalidate) and never waits
+    // on SQLite's file locks (BENCHMARKS.md: chat throughput ~3,300/s with 8, ~4,600/s with 1).
+    // Nothing may use the pool while holding a transaction from it.
     SqlitePoolOptions::new()
-        .max_connections(8)
+        .max_connections(1)
         .connect_with(options)
         .await
 }
@@ -39,8 +43,11 @@ const WAL_AUTOCHECKPOINT_PAGES: u32 = 10_000;
 /// How often the background checkpoint runs.
 pub const CHECKPOINT_PERIOD: Duration = Duration::from_millis(200);
 
-/// Copies the write-ahead log into the database file without blocking anyone (PASSIVE),
-/// every [`CHECKPOINT_PERIOD`], so that requests never wait for a checkpoint's fsync.
+/// Copies the write-ahead log into the database file (PASSIVE: it never waits for other
+/// processes) every [`CHECKPOINT_PERIOD`]. Frequent checkpoints are short, and none runs
+/// inside a request's commit, where SQLite's automatic one would. It queues on the pool's
+/// one connection like any query: a connection of its own was measured slower overall
+/// (it competed for the file and the disk), though its pauses were shorter.
 pub async fn checkpoint_periodically(db: Db) {
     let mut ticks = tokio::time::interval(CHECKPOINT_PERIOD);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -14,7 +14,8 @@ pub struct Credentials {
     pub password_hash: String,
 }
 
-/// Inserts a user and grants the starting balance through the ledger, in one transaction.
+/// Inserts a user with a zero balance and grants the starting one through the ledger,
+/// in one transaction.
 /// `None` when the username (compared by `username_key`) is taken.
 pub async fn insert(
     db: &Db,
@@ -39,26 +40,21 @@ pub async fn insert(
         Err(sqlx::Error::Database(err)) if err.is_unique_violation() => return Ok(None),
         Err(err) => return Err(err),
     };
-    ledger::apply(&mut tx, user_id, initial_tokens, Reason::InitialGrant, None).await?;
+    ledger::record(&mut *tx, user_id, initial_tokens, Reason::InitialGrant).await?;
     tx.commit().await?;
     Ok(Some(user_id))
 }
 
 /// Adds `amount` tokens to a user's balance; the balance after, or `None` for no such user.
 pub async fn grant(db: &Db, username_key: &str, amount: i64) -> Result<Option<i64>, sqlx::Error> {
-    // Looked up before the transaction, so the transaction starts with its write: a
-    // deferred SQLite transaction that reads first can fail to upgrade under contention.
     let user_id: Option<i64> = sqlx::query_scalar("SELECT id FROM users WHERE username_key = $1")
         .bind(username_key)
         .fetch_optional(db)
         .await?;
-    let Some(user_id) = user_id else {
-        return Ok(None);
-    };
-    let mut tx = db.begin().await?;
-    let balance = ledger::apply(&mut tx, user_id, amount, Reason::Grant, None).await?;
-    tx.commit().await?;
-    Ok(balance)
+    match user_id {
+        Some(user_id) => ledger::record(db, user_id, amount, Reason::Grant).await,
+        None => Ok(None),
+    }
 }
 
 pub async fn find_credentials(

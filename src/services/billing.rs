@@ -70,28 +70,29 @@ impl ChatRequest {
                 return Ok(earlier);
             }
         }
-        let reserved = db::chats::reserve(
-            &self.state.db,
-            self.user_id,
-            &self.message,
-            self.state.config.chat_cost,
-            self.idempotency_key.as_deref(),
-        )
-        .await;
-        match reserved {
-            Ok(Reservation::Reserved {
-                chat_id,
-                balance_after,
-            }) => self.answer_and_settle(chat_id, balance_after).await,
+        let cost = self.state.config.chat_cost;
+        let reserved = db::chats::reserve(&self.state.db, self.user_id, &self.message, cost).await;
+        let chat_id = match reserved {
+            Ok(Reservation::Reserved { chat_id }) => chat_id,
             Ok(Reservation::Insufficient { balance }) => {
                 self.release_key().await;
-                Err(Error::OutOfTokens { tokens: balance })
+                return Err(Error::OutOfTokens { tokens: balance });
             }
             Err(err) => {
                 self.release_key().await;
-                Err(err.into())
+                return Err(err.into());
+            }
+        };
+        if let Some(key) = &self.idempotency_key {
+            if let Err(err) =
+                db::idempotency::attach(&self.state.db, self.user_id, key, chat_id).await
+            {
+                // Unattached, the claim blocks retries until recovery forgets it; the chat
+                // itself must still settle, so carry on.
+                tracing::error!(chat_id, error = %err, "could not tie an idempotency key to its chat");
             }
         }
+        self.answer_and_settle(chat_id).await
     }
 
     /// Claims the key; `Some` with the earlier answer when it already bought one.
@@ -132,11 +133,7 @@ impl ChatRequest {
         }
     }
 
-    async fn answer_and_settle(
-        &self,
-        chat_id: i64,
-        balance_after: i64,
-    ) -> Result<ChatAnswer, Error> {
+    async fn answer_and_settle(&self, chat_id: i64) -> Result<ChatAnswer, Error> {
         let state = &self.state;
         let answer = tokio::select! {
             biased;
@@ -146,7 +143,7 @@ impl ChatRequest {
         let failure = match answer {
             Some(Ok(response)) if !self.client_gone.is_cancelled() => {
                 match db::chats::settle_answered(&state.db, chat_id, &response).await {
-                    Ok(true) => {
+                    Ok(Some(balance_after)) => {
                         return Ok(ChatAnswer {
                             chat_id,
                             response,
@@ -156,7 +153,7 @@ impl ChatRequest {
                         })
                     }
                     // Recovery judged it abandoned and refunded it: not stored, not charged.
-                    Ok(false) => Error::UpstreamTimeout,
+                    Ok(None) => Error::UpstreamTimeout,
                     Err(err) => err.into(),
                 }
             }
