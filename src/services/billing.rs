@@ -84,12 +84,13 @@ impl ChatRequest {
             }
         };
         if let Some(key) = &self.idempotency_key {
-            if let Err(err) =
-                db::idempotency::attach(&self.state.db, self.user_id, key, chat_id).await
-            {
-                // Unattached, the claim blocks retries until recovery forgets it; the chat
-                // itself must still settle, so carry on.
-                tracing::error!(chat_id, error = %err, "could not tie an idempotency key to its chat");
+            let attached = db::idempotency::attach(&self.state.db, self.user_id, key, chat_id);
+            if let Err(err) = attached.await {
+                // An answer bought under a key that does not lead to it could be bought
+                // twice by a retry: give the reservation back instead.
+                self.refund(chat_id).await;
+                self.release_key().await;
+                return Err(err.into());
             }
         }
         self.answer_and_settle(chat_id).await
@@ -123,6 +124,12 @@ impl ChatRequest {
             charged: stored.cost,
             replayed: true,
         }))
+    }
+
+    async fn refund(&self, chat_id: i64) {
+        if let Err(err) = db::chats::refund(&self.state.db, chat_id).await {
+            tracing::error!(chat_id, error = %err, "refund failed; recovery will redo it");
+        }
     }
 
     async fn release_key(&self) {
@@ -163,9 +170,7 @@ impl ChatRequest {
                 Error::internal("client went away")
             }
         };
-        if let Err(err) = db::chats::refund(&state.db, chat_id).await {
-            tracing::error!(chat_id, error = %err, "refund failed; recovery will retry it");
-        }
+        self.refund(chat_id).await;
         Err(failure)
     }
 }
