@@ -62,6 +62,17 @@ fn main() {
         .block_on(run(pinned));
 }
 
+/// A command for `program`, run on the server's core when `pinned`.
+fn on_server_core(program: impl AsRef<std::ffi::OsStr>, pinned: bool) -> Command {
+    if pinned {
+        let mut command = Command::new("taskset");
+        command.args(["-c", &SERVER_CORE.to_string()]).arg(program);
+        command
+    } else {
+        Command::new(program)
+    }
+}
+
 fn pin(pid: u32, core: usize) {
     let status = Command::new("taskset")
         .args(["-a", "-p", "-c", &core.to_string(), &pid.to_string()])
@@ -303,6 +314,17 @@ struct Outcome {
     histogram: Histogram<u64>,
 }
 
+impl Outcome {
+    fn new() -> Self {
+        Self {
+            requests: 0,
+            errors: 0,
+            elapsed: Duration::ZERO,
+            histogram: histogram(),
+        }
+    }
+}
+
 fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 120_000_000, 3).expect("histogram")
 }
@@ -348,12 +370,7 @@ async fn closed_loop(
             })
         })
         .collect();
-    let mut outcome = Outcome {
-        requests: 0,
-        errors: 0,
-        elapsed: Duration::ZERO,
-        histogram: histogram(),
-    };
+    let mut outcome = Outcome::new();
     for client in clients {
         let (requests, errors, histogram) = client.await.expect("client task");
         outcome.requests += requests;
@@ -390,12 +407,7 @@ async fn slow_chats(target: &Target) -> Outcome {
             })
         })
         .collect();
-    let mut outcome = Outcome {
-        requests: 0,
-        errors: 0,
-        elapsed: Duration::ZERO,
-        histogram: histogram(),
-    };
+    let mut outcome = Outcome::new();
     for chat in chats {
         let (ok, latency) = chat.await.expect("chat task");
         outcome.requests += 1;
@@ -449,15 +461,7 @@ impl Server {
         let addr = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|listener| listener.local_addr())
             .expect("a free port");
-        let binary = env!("CARGO_BIN_EXE_tokenchat");
-        let mut command = if pinned {
-            let mut command = Command::new("taskset");
-            command.args(["-c", &SERVER_CORE.to_string(), binary]);
-            command
-        } else {
-            Command::new(binary)
-        };
-        let child = command
+        let child = on_server_core(env!("CARGO_BIN_EXE_tokenchat"), pinned)
             .current_dir(dir)
             .env("BIND_ADDR", addr.to_string())
             .env(
@@ -525,14 +529,7 @@ fn proc_status_kb(pid: u32, field: &str) -> u64 {
 /// Hashes per second of one thread, in a copy of this binary pinned to the server's core.
 fn raw_argon2_rate_on_server_core(pinned: bool, duration: Duration) -> f64 {
     let exe = std::env::current_exe().expect("this binary");
-    let mut command = if pinned {
-        let mut command = Command::new("taskset");
-        command.args(["-c", &SERVER_CORE.to_string()]).arg(exe);
-        command
-    } else {
-        Command::new(exe)
-    };
-    let output = command
+    let output = on_server_core(exe, pinned)
         .env(ROLE, "argon2")
         .env("BENCH_SECS", duration.as_secs().to_string())
         .output()

@@ -107,12 +107,7 @@ async fn a_storm_of_concurrent_chats_over_four_tokens_charges_exactly_the_answer
             .into_iter()
             .collect();
     assert_eq!(stored, answered);
-    let pending: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM chats WHERE status = 'pending'")
-        .fetch_one(&app.state.db)
-        .await
-        .unwrap();
-    assert_eq!(pending, 0);
-    app.assert_audit_passes().await;
+    app.assert_all_settled().await;
 }
 
 #[tokio::test]
@@ -275,6 +270,30 @@ async fn every_authorised_response_carries_the_balance_in_a_header() {
     assert!(!unauthorised.headers.contains_key("x-tokens-remaining"));
 }
 
+/// Follows `next` from the first page of `route` to the last; the ids of every row seen.
+async fn walk_pages(app: &TestApp, token: &str, route: &str, rows: &str, limit: usize) -> Vec<i64> {
+    let mut seen = Vec::new();
+    let mut path = format!("{route}?limit={limit}");
+    loop {
+        let page = app.get_authorized(&path, token).await;
+        assert_eq!(page.status, StatusCode::OK, "{page:?}");
+        let items = page.json[rows].as_array().unwrap();
+        assert!(items.len() <= limit);
+        seen.extend(items.iter().map(|item| item["id"].as_i64().unwrap()));
+        match page.json["next"].as_str() {
+            Some(next) => path = format!("{route}?limit={limit}&cursor={next}"),
+            None => return seen,
+        }
+    }
+}
+
+async fn ids_newest_first(app: &TestApp, table: &str) -> Vec<i64> {
+    sqlx::query_scalar(&format!("SELECT id FROM {table} ORDER BY id DESC"))
+        .fetch_all(&app.state.db)
+        .await
+        .unwrap()
+}
+
 #[tokio::test]
 async fn chat_history_pages_cover_every_chat_once_newest_first() {
     let app = TestApp::with_env(&[("INITIAL_TOKENS", "100000")]).await;
@@ -287,25 +306,8 @@ async fn chat_history_pages_cover_every_chat_once_newest_first() {
         };
         app.chat(&token, &message).await;
     }
-    let mut seen = Vec::new();
-    let mut path = "/chats?limit=7".to_string();
-    loop {
-        let page = app.get_authorized(&path, &token).await;
-        assert_eq!(page.status, StatusCode::OK, "{page:?}");
-        let chats = page.json["chats"].as_array().unwrap();
-        assert!(chats.len() <= 7);
-        seen.extend(chats.iter().map(|chat| chat["id"].as_i64().unwrap()));
-        match page.json["next"].as_str() {
-            Some(next) => path = format!("/chats/?limit=7&cursor={next}"),
-            None => break,
-        }
-    }
-    let mut expected: Vec<i64> = sqlx::query_scalar("SELECT id FROM chats")
-        .fetch_all(&app.state.db)
-        .await
-        .unwrap();
-    expected.sort_unstable_by(|a, b| b.cmp(a));
-    assert_eq!(seen, expected);
+    let seen = walk_pages(&app, &token, "/chats/", "chats", 7).await;
+    assert_eq!(seen, ids_newest_first(&app, "chats").await);
 
     let newest = app.get_authorized("/chats?limit=1", &token).await.json["chats"][0].clone();
     assert_eq!(newest["message"], "question 22");
@@ -337,28 +339,8 @@ async fn transaction_pages_cover_every_ledger_row_once() {
         app.chat(&token, if i % 3 == 0 { "[fail] x" } else { "fine" })
             .await;
     }
-    let mut seen = Vec::new();
-    let mut path = "/transactions?limit=4".to_string();
-    loop {
-        let page = app.get_authorized(&path, &token).await;
-        seen.extend(
-            page.json["transactions"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|row| row["id"].as_i64().unwrap()),
-        );
-        match page.json["next"].as_str() {
-            Some(next) => path = format!("/transactions?limit=4&cursor={next}"),
-            None => break,
-        }
-    }
-    let mut expected: Vec<i64> = sqlx::query_scalar("SELECT id FROM ledger")
-        .fetch_all(&app.state.db)
-        .await
-        .unwrap();
-    expected.sort_unstable_by(|a, b| b.cmp(a));
-    assert_eq!(seen, expected);
+    let seen = walk_pages(&app, &token, "/transactions", "transactions", 4).await;
+    assert_eq!(seen, ids_newest_first(&app, "ledger").await);
     assert_eq!(seen.len(), 1 + 9 + 3);
 }
 

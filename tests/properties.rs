@@ -84,12 +84,7 @@ async fn run_in_waves(waves: Vec<Vec<Op>>) {
         }
     }
 
-    let pending: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM chats WHERE status = 'pending'")
-        .fetch_one(&app.state.db)
-        .await
-        .unwrap();
-    assert_eq!(pending, 0);
-    app.assert_audit_passes().await;
+    app.assert_all_settled().await;
 
     let tokens = tokens.lock().unwrap().clone();
     for (user, token) in tokens {

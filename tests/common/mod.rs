@@ -192,6 +192,17 @@ impl TestApp {
         assert!(report.passed(), "audit offences: {:#?}", report.offences);
     }
 
+    /// Asserts that no chat is left pending and that the ledger audit passes.
+    pub async fn assert_all_settled(&self) {
+        let pending: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM chats WHERE status = 'pending'")
+                .fetch_one(&self.state.db)
+                .await
+                .unwrap();
+        assert_eq!(pending, 0, "chats left pending");
+        self.assert_audit_passes().await;
+    }
+
     /// Rows of `SELECT status, COUNT(*) FROM chats GROUP BY status`, read straight from the file.
     pub async fn chat_counts(&self) -> Vec<(String, i64)> {
         sqlx::query_as("SELECT status, COUNT(*) FROM chats GROUP BY status ORDER BY status")
