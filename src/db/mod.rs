@@ -31,7 +31,7 @@ pub async fn connect(url: &str) -> Result<Db, sqlx::Error> {
         .pragma("journal_size_limit", WAL_SIZE_LIMIT_BYTES.to_string());
     // One connection: SQLite takes one writer at a time anyway, and a lone connection keeps
     // its page cache (which any other connection's write would invalidate) and never waits
-    // on SQLite's file locks (BENCHMARKS.md: chat throughput ~3,300/s with 8, ~4,600/s with 1).
+    // on SQLite's file locks (BENCHMARKS.md: chat throughput ~4,400/s with 8, ~5,200/s with 1).
     // Nothing may use the pool while holding a transaction from it.
     SqlitePoolOptions::new()
         .max_connections(1)
