@@ -109,7 +109,6 @@ impl Error {
             StatusCode::UNSUPPORTED_MEDIA_TYPE => Self::UnsupportedMediaType,
             StatusCode::UNAUTHORIZED => Self::Unauthorized,
             StatusCode::BAD_REQUEST => Self::InvalidJson("the request could not be read".into()),
-            StatusCode::GATEWAY_TIMEOUT | StatusCode::REQUEST_TIMEOUT => Self::UpstreamTimeout,
             _ => Self::Internal(format!("bare {status} response")),
         }
     }

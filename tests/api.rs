@@ -337,6 +337,37 @@ async fn other_content_types_get_415() {
 }
 
 #[tokio::test]
+async fn a_body_in_another_format_is_415_even_where_no_body_is_read() {
+    let app = TestApp::new().await;
+    let token = app.user_with_token("user").await;
+    let authorization = format!("Token {token}");
+    app.request(
+        Method::POST,
+        "/balance",
+        &[
+            ("authorization", &authorization),
+            ("content-type", "text/plain"),
+        ],
+        "tokens please",
+    )
+    .await
+    .assert_error(StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type");
+    // A Content-Type with no body, as some clients send, is fine.
+    let empty = app
+        .request(
+            Method::POST,
+            "/balance",
+            &[
+                ("authorization", &authorization),
+                ("content-type", "text/plain"),
+            ],
+            "",
+        )
+        .await;
+    assert_eq!(empty.json, json!({ "tokens": 4000 }));
+}
+
+#[tokio::test]
 async fn an_oversized_body_gets_413_and_changes_nothing() {
     let app = TestApp::with_env(&[("MAX_BODY_BYTES", "1024")]).await;
     let token = app.user_with_token("user").await;

@@ -1,7 +1,8 @@
-//! Extractors: request bodies (JSON, form data, or no Content-Type) and the authorised user.
+//! Extractors and the authorising middleware: request bodies (JSON, form data, or no
+//! Content-Type), the authorised user, page parameters and idempotency keys.
 
 use axum::{
-    body::Bytes,
+    body::{Bytes, HttpBody},
     extract::{FromRequest, FromRequestParts, Request, State},
     http::{header, request::Parts, HeaderMap, HeaderName, HeaderValue, StatusCode},
     middleware::Next,
@@ -86,6 +87,15 @@ fn body_format(headers: &HeaderMap) -> Result<BodyFormat, Error> {
         }
         _ => Err(Error::UnsupportedMediaType),
     }
+}
+
+/// Middleware of every route: a body in a format we do not read is 415, even on a route
+/// that reads no body (`POST /balance`), as the contract says of any body.
+pub async fn reject_unreadable_body(request: Request, next: Next) -> Result<Response, Error> {
+    if !request.body().is_end_stream() {
+        body_format(request.headers())?;
+    }
+    Ok(next.run(request).await)
 }
 
 /// The user whose login token came in the `Authorization` header; set by [`authorize`].

@@ -24,11 +24,12 @@ use crate::{error::Error, AppState};
 
 /// The whole application: every route, with and without its trailing slash.
 pub fn router(state: AppState) -> Router {
-    let public = with_and_without_slash([
+    let public = [
         ("/health", get(health)),
         ("/register", post(accounts::register)),
         ("/login", post(accounts::login)),
-    ]);
+    ]
+    .map(|(path, handler)| (path, with_body_check(handler)));
     // Layered per method router, so a wrong method is a 405 before any token is asked for.
     let authorised = [
         ("/chat", post(chat::chat)),
@@ -39,8 +40,9 @@ pub fn router(state: AppState) -> Router {
     ]
     .map(|(path, handler)| {
         let authorize = middleware::from_fn_with_state(state.clone(), extract::authorize);
-        (path, handler.route_layer(authorize))
+        (path, with_body_check(handler).route_layer(authorize))
     });
+    let public = with_and_without_slash(public);
     let authorised = with_and_without_slash(authorised);
     public
         .merge(authorised)
@@ -56,6 +58,11 @@ pub fn router(state: AppState) -> Router {
                 .on_failure(()),
         )
         .with_state(state)
+}
+
+/// `handler`, answering 415 to a body in a format we do not read.
+fn with_body_check(handler: MethodRouter<AppState>) -> MethodRouter<AppState> {
+    handler.route_layer(middleware::from_fn(extract::reject_unreadable_body))
 }
 
 /// Liveness: answers without touching the database (also the benchmark's static route).
