@@ -6,6 +6,7 @@ mod common;
 use axum::http::{Method, StatusCode};
 use common::TestApp;
 use serde_json::json;
+use tower::ServiceExt;
 
 #[tokio::test]
 async fn the_original_walkthrough_works_with_every_authorization_form() {
@@ -57,6 +58,59 @@ async fn the_original_walkthrough_works_with_every_authorization_form() {
         .await;
     assert_eq!(get_balance.status, StatusCode::OK);
     assert_eq!(get_balance.json, json!({ "tokens": 3700 }));
+}
+
+#[tokio::test]
+async fn browsers_on_other_origins_may_call_the_api_and_read_its_headers() {
+    let app = TestApp::new().await;
+    let preflight = app
+        .router
+        .clone()
+        .oneshot(
+            axum::http::Request::builder()
+                .method(Method::OPTIONS)
+                .uri("/chat/")
+                .header("origin", "https://app.example")
+                .header("access-control-request-method", "POST")
+                .header(
+                    "access-control-request-headers",
+                    "authorization, content-type, idempotency-key",
+                )
+                .body(axum::body::Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(preflight.status(), StatusCode::OK);
+    assert_eq!(preflight.headers()["access-control-allow-origin"], "*");
+    assert!(preflight
+        .headers()
+        .contains_key("access-control-allow-methods"));
+    assert!(preflight
+        .headers()
+        .contains_key("access-control-allow-headers"));
+
+    let token = app.user_with_token("user").await;
+    let balance = app
+        .request(
+            Method::GET,
+            "/balance",
+            &[("origin", "https://app.example"), ("authorization", &token)],
+            "",
+        )
+        .await;
+    assert_eq!(balance.headers["access-control-allow-origin"], "*");
+    assert_eq!(balance.headers["access-control-expose-headers"], "*");
+    let refused = app
+        .request(
+            Method::GET,
+            "/balance",
+            &[("origin", "https://app.example")],
+            "",
+        )
+        .await;
+    refused.assert_error(StatusCode::UNAUTHORIZED, "unauthorized");
+    assert_eq!(refused.headers["access-control-allow-origin"], "*");
 }
 
 #[tokio::test]
@@ -386,6 +440,20 @@ async fn an_oversized_body_gets_413_and_changes_nothing() {
     .assert_error(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large");
     assert_eq!(app.balance(&token).await, 4000);
     assert_eq!(app.llm.calls(), 0);
+
+    // Also where no body is read, as long as the length is declared.
+    let declared = "x".repeat(2000);
+    app.request(
+        Method::POST,
+        "/balance",
+        &[
+            ("authorization", &authorization),
+            ("content-type", "application/json"),
+        ],
+        declared,
+    )
+    .await
+    .assert_error(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large");
 }
 
 #[tokio::test]

@@ -89,11 +89,21 @@ fn body_format(headers: &HeaderMap) -> Result<BodyFormat, Error> {
     }
 }
 
-/// Middleware of every route: a body in a format we do not read is 415, even on a route
-/// that reads no body (`POST /balance`), as the contract says of any body.
-pub async fn reject_unreadable_body(request: Request, next: Next) -> Result<Response, Error> {
-    if !request.body().is_end_stream() {
+/// Middleware of every route: a body in a format we do not read is 415, and one declared
+/// longer than `MAX_BODY_BYTES` is 413, even on a route that reads no body (`POST
+/// /balance`), as the contract says of any body. (A body that only turns out too long as
+/// it is read is caught where it is read.)
+pub async fn check_body(
+    State(state): State<AppState>,
+    request: Request,
+    next: Next,
+) -> Result<Response, Error> {
+    let body = request.body();
+    if !body.is_end_stream() {
         body_format(request.headers())?;
+        if body.size_hint().lower() > state.config.max_body_bytes as u64 {
+            return Err(Error::PayloadTooLarge);
+        }
     }
     Ok(next.run(request).await)
 }

@@ -17,7 +17,7 @@ use axum::{
 };
 use serde_json::{json, Value};
 use time::{format_description::well_known::Rfc3339, OffsetDateTime};
-use tower_http::{catch_panic::CatchPanicLayer, trace::TraceLayer};
+use tower_http::{catch_panic::CatchPanicLayer, cors::CorsLayer, trace::TraceLayer};
 use tracing::Span;
 
 use crate::{error::Error, AppState};
@@ -29,7 +29,7 @@ pub fn router(state: AppState) -> Router {
         ("/register", post(accounts::register)),
         ("/login", post(accounts::login)),
     ]
-    .map(|(path, handler)| (path, with_body_check(handler)));
+    .map(|(path, handler)| (path, with_body_check(handler, &state)));
     // Layered per method router, so a wrong method is a 405 before any token is asked for.
     let authorised = [
         ("/chat", post(chat::chat)),
@@ -40,7 +40,10 @@ pub fn router(state: AppState) -> Router {
     ]
     .map(|(path, handler)| {
         let authorize = middleware::from_fn_with_state(state.clone(), extract::authorize);
-        (path, with_body_check(handler).route_layer(authorize))
+        (
+            path,
+            with_body_check(handler, &state).route_layer(authorize),
+        )
     });
     let public = with_and_without_slash(public);
     let authorised = with_and_without_slash(authorised);
@@ -50,6 +53,9 @@ pub fn router(state: AppState) -> Router {
         .layer(DefaultBodyLimit::max(state.config.max_body_bytes))
         .layer(middleware::map_response(envelope_bare_errors))
         .layer(CatchPanicLayer::custom(panic_response))
+        // Browsers may call the API from any origin: it authenticates by header, never by
+        // cookie, so there are no ambient credentials for another site to use.
+        .layer(CorsLayer::permissive())
         .layer(
             TraceLayer::new_for_http()
                 .make_span_with(request_span)
@@ -60,9 +66,12 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// `handler`, answering 415 to a body in a format we do not read.
-fn with_body_check(handler: MethodRouter<AppState>) -> MethodRouter<AppState> {
-    handler.route_layer(middleware::from_fn(extract::reject_unreadable_body))
+/// `handler`, answering 415 or 413 to a body it could not read (see [`extract::check_body`]).
+fn with_body_check(handler: MethodRouter<AppState>, state: &AppState) -> MethodRouter<AppState> {
+    handler.route_layer(middleware::from_fn_with_state(
+        state.clone(),
+        extract::check_body,
+    ))
 }
 
 /// Liveness: answers without touching the database (also the benchmark's static route).
