@@ -54,7 +54,9 @@ impl AppState {
 }
 
 /// Serves the application on `listener` until `shutdown` resolves, then stops accepting,
-/// lets open requests finish and waits for every chat in progress to settle. Meanwhile
+/// lets open requests finish and waits for every chat in progress to settle. Before it
+/// accepts, it prepares what login needs to fail unknown users as slowly as wrong passwords;
+/// meanwhile
 /// it refunds chats that an earlier process left pending (see [`services::recovery`])
 /// and checkpoints the database's write-ahead log in the background.
 pub async fn serve(
@@ -63,6 +65,9 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let tasks = state.tasks.clone();
+    if let Err(err) = services::passwords::prepare().await {
+        tracing::warn!(error = %err, "could not prepare the dummy password hash");
+    }
     let recovery = tokio::spawn(services::recovery::run_periodically(state.clone()));
     let checkpoints = tokio::spawn(db::checkpoint_periodically(state.db.clone()));
     let served = axum::serve(listener, router(state))

@@ -140,6 +140,12 @@ fn return_working_memory(memory: Vec<Block>) {
     }
 }
 
+/// Computes the dummy hash ahead of the first login of an unknown user, which would
+/// otherwise pay for it and so take twice as long as any other failed login.
+pub async fn prepare() -> Result<(), Error> {
+    tokio::task::spawn_blocking(|| dummy_hash().map(drop)).await?
+}
+
 fn dummy_hash() -> Result<&'static str, Error> {
     static DUMMY: OnceLock<String> = OnceLock::new();
     if let Some(hash) = DUMMY.get() {
