@@ -54,11 +54,11 @@ impl AppState {
 }
 
 /// Serves the application on `listener` until `shutdown` resolves, then stops accepting,
-/// lets open requests finish and waits for every chat in progress to settle. Before it
-/// accepts, it prepares what login needs to fail unknown users as slowly as wrong passwords;
-/// meanwhile
-/// it refunds chats that an earlier process left pending (see [`services::recovery`])
-/// and checkpoints the database's write-ahead log in the background.
+/// lets open requests finish and waits for every chat in progress to settle.
+///
+/// Before it accepts, it prepares what login needs to fail unknown users as slowly as
+/// wrong passwords. Meanwhile it refunds chats that an earlier process left pending (see
+/// [`services::recovery`]) and checkpoints the database's write-ahead log.
 pub async fn serve(
     listener: TcpListener,
     state: AppState,
