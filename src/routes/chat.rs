@@ -2,7 +2,7 @@
 
 use axum::{extract::State, http::HeaderName, response::IntoResponse, Extension, Json};
 use serde::Deserialize;
-use serde_json::json;
+use serde_json::{json, Value};
 
 use super::extract::{AuthUser, IdempotencyKey, Payload, TokensRemaining};
 use crate::{error::Error, services::billing, AppState};
@@ -44,9 +44,6 @@ pub async fn chat(
 }
 
 /// The balance read with the token in this very request: one query for the whole answer.
-pub async fn balance(user: AuthUser) -> impl IntoResponse {
-    (
-        Extension(TokensRemaining(user.tokens)),
-        Json(json!({ "tokens": user.tokens })),
-    )
+pub async fn balance(user: AuthUser) -> Json<Value> {
+    Json(json!({ "tokens": user.tokens }))
 }

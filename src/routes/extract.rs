@@ -10,11 +10,7 @@ use axum::{
 };
 use serde::{de::DeserializeOwned, Deserialize};
 
-use crate::{
-    error::Error,
-    services::{auth, billing},
-    AppState,
-};
+use crate::{error::Error, services::auth, AppState};
 
 /// A request body decoded from JSON, or from form data as Django REST framework allowed.
 pub struct Payload<T>(pub T);
@@ -128,7 +124,7 @@ impl<S: Send + Sync> FromRequestParts<S> for AuthUser {
     }
 }
 
-/// A balance a handler already knows, so [`authorize`] need not read it again.
+/// The balance a handler's work left, for [`authorize`] to put in `X-Tokens-Remaining`.
 #[derive(Clone, Copy)]
 pub struct TokensRemaining(pub i64);
 
@@ -152,20 +148,15 @@ pub async fn authorize(
         tokens: owner.tokens,
     });
     let mut response = next.run(request).await;
-    // Handlers that know the balance after their work say so; after the others (which
-    // may have moved it, like a failed chat) it is read afresh.
-    let remaining = match response.extensions().get::<TokensRemaining>() {
-        Some(known) => Ok(known.0),
-        None => billing::balance(&state, owner.user_id).await,
-    };
-    match remaining {
-        Ok(tokens) => {
-            response
-                .headers_mut()
-                .insert(X_TOKENS_REMAINING, HeaderValue::from(tokens));
-        }
-        Err(err) => tracing::warn!(error = %err, "could not read the balance for the header"),
-    }
+    // A handler that moved the balance says what it left; any other answer leaves the
+    // balance read with the token, in this same request.
+    let remaining = response
+        .extensions()
+        .get::<TokensRemaining>()
+        .map_or(owner.tokens, |known| known.0);
+    response
+        .headers_mut()
+        .insert(X_TOKENS_REMAINING, HeaderValue::from(remaining));
     Ok(response)
 }
 

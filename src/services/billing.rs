@@ -27,10 +27,6 @@ pub struct ChatAnswer {
     pub replayed: bool,
 }
 
-pub async fn balance(state: &AppState, user_id: i64) -> Result<i64, Error> {
-    Ok(db::users::balance(&state.db, user_id).await?)
-}
-
 /// Answers one chat for `user_id`, charging `CHAT_COST` only when the answer is stored.
 ///
 /// The work runs in a tracked task, so it settles even when the caller's future is
