@@ -3,17 +3,23 @@
 use std::{fmt, net::SocketAddr, time::Duration};
 
 use reqwest::Url;
+use secrecy::SecretString;
 
 pub const DEFAULT_SYSTEM_PROMPT: &str =
     "You are a helpful assistant. Answer clearly and concisely.";
 
+/// The highest balance an account may hold, and so the largest grant: far below where
+/// 64-bit arithmetic overflows, and exact in every JSON client (JavaScript's numbers are
+/// exact up to 2^53, about 9 * 10^15).
+pub const MAX_BALANCE: i64 = 1_000_000_000_000_000;
+
 /// Everything the server reads from its environment.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct Config {
     pub bind_addr: SocketAddr,
     pub database_url: String,
     pub llm_base_url: Url,
-    pub llm_api_key: Option<String>,
+    pub llm_api_key: Option<SecretString>,
     pub llm_model: String,
     pub llm_system_prompt: String,
     pub llm_timeout: Duration,
@@ -25,6 +31,46 @@ pub struct Config {
     pub max_body_bytes: usize,
     pub password_min_length: usize,
     pub log_filter: String,
+    pub connections: ConnectionLimits,
+    pub abuse: AbuseLimits,
+}
+
+/// How long a connection may take over each part of a request, and how many may be open.
+#[derive(Clone, Debug)]
+pub struct ConnectionLimits {
+    /// From a connection's first byte of a request to the end of its headers.
+    pub header_read_timeout: Duration,
+    /// How long a keep-alive connection may wait between requests.
+    pub idle_timeout: Duration,
+    /// From the end of the headers to the end of the body.
+    pub body_read_timeout: Duration,
+    /// `None`: derived from the file-descriptor limit when serving starts.
+    pub max_connections: Option<usize>,
+    /// After a shutdown signal, how long open requests and chats may take to finish.
+    pub shutdown_grace: Duration,
+}
+
+/// Limits on what one client address or one user may do; a limit of `None` is off.
+#[derive(Clone, Debug)]
+pub struct AbuseLimits {
+    /// Login attempts per client address per minute, whatever their outcome.
+    pub login_attempts_per_minute: Option<u32>,
+    /// Failed logins of one username from one address before that pair is locked.
+    pub login_failures_per_user_and_address: Option<u32>,
+    pub login_failures_per_user_and_address_window: Duration,
+    /// Failed logins of one username from all addresses before it is locked everywhere.
+    pub login_failures_per_user: Option<u32>,
+    pub login_failures_per_user_window: Duration,
+    /// Registrations per client address per hour.
+    pub registrations_per_hour: Option<u32>,
+    /// `false`: `/register` is closed and only the command line creates users.
+    pub registration_open: bool,
+    /// Chats per user per minute.
+    pub chat_rate_per_minute: Option<u32>,
+    /// Take the client address from `X-Forwarded-For` (set only behind a trusted proxy).
+    pub trust_proxy_headers: bool,
+    /// Password hashes that may wait for a free core; beyond them requests are 503 `busy`.
+    pub password_hash_queue: usize,
 }
 
 /// A variable whose value cannot be used; start-up stops with this one line.
@@ -34,6 +80,12 @@ pub struct ConfigError {
     pub variable: &'static str,
     pub reason: String,
 }
+
+/// A day, an hour: the ceilings of durations, so no setting overflows a clock.
+const DAY_SECS: u64 = 24 * 60 * 60;
+const HOUR_SECS: u64 = 60 * 60;
+/// Tokens may live ten years at most: their expiry stays a valid RFC 3339 time.
+const MAX_TOKEN_TTL_SECS: u64 = 10 * 365 * DAY_SECS;
 
 impl Config {
     /// Reads the process environment (after `.env`, which `main` loads).
@@ -65,22 +117,57 @@ impl Config {
         if let Err(err) = tracing_subscriber::EnvFilter::try_new(&log_filter) {
             return Err(ConfigError::new("RUST_LOG", err.to_string()));
         }
-        let token_ttl_secs: u64 = vars.parse("TOKEN_TTL_SECS", "86400")?;
+        let token_ttl_secs: u64 = vars.between("TOKEN_TTL_SECS", "86400", 0, MAX_TOKEN_TTL_SECS)?;
         Ok(Self {
             bind_addr: vars.parse("BIND_ADDR", "127.0.0.1:8000")?,
             database_url,
             llm_base_url,
-            llm_api_key: lookup("LLM_API_KEY").filter(|key| !key.is_empty()),
+            llm_api_key: lookup("LLM_API_KEY")
+                .filter(|key| !key.is_empty())
+                .map(SecretString::from),
             llm_model: vars.string("LLM_MODEL", "llama3.2"),
             llm_system_prompt: vars.string("LLM_SYSTEM_PROMPT", DEFAULT_SYSTEM_PROMPT),
-            llm_timeout: Duration::from_secs(vars.at_least("LLM_TIMEOUT_SECS", "60", 1)?),
-            chat_cost: vars.at_least("CHAT_COST", "100", 1)?,
-            initial_tokens: vars.at_least("INITIAL_TOKENS", "4000", 0)?,
+            llm_timeout: vars.seconds("LLM_TIMEOUT_SECS", "60", 1, HOUR_SECS)?,
+            chat_cost: vars.between("CHAT_COST", "100", 1, MAX_BALANCE)?,
+            initial_tokens: vars.between("INITIAL_TOKENS", "4000", 0, MAX_BALANCE)?,
             token_ttl: (token_ttl_secs > 0).then(|| Duration::from_secs(token_ttl_secs)),
-            max_message_chars: vars.at_least("MAX_MESSAGE_CHARS", "8000", 1)?,
-            max_body_bytes: vars.at_least("MAX_BODY_BYTES", "65536", 1)?,
-            password_min_length: vars.at_least("PASSWORD_MIN_LENGTH", "6", 1)?,
+            max_message_chars: vars.between("MAX_MESSAGE_CHARS", "8000", 1, 1_000_000)?,
+            max_body_bytes: vars.between("MAX_BODY_BYTES", "65536", 1, 64 * 1024 * 1024)?,
+            password_min_length: vars.between("PASSWORD_MIN_LENGTH", "6", 1, 1024)?,
             log_filter,
+            connections: ConnectionLimits {
+                header_read_timeout: vars.seconds("HEADER_READ_TIMEOUT_SECS", "10", 1, HOUR_SECS)?,
+                idle_timeout: vars.seconds("IDLE_TIMEOUT_SECS", "60", 1, DAY_SECS)?,
+                body_read_timeout: vars.seconds("BODY_READ_TIMEOUT_SECS", "30", 1, HOUR_SECS)?,
+                max_connections: match vars.optional("MAX_CONNECTIONS") {
+                    None => None,
+                    Some(_) => Some(vars.between("MAX_CONNECTIONS", "", 1, 1_000_000)?),
+                },
+                shutdown_grace: vars.seconds("SHUTDOWN_GRACE_SECS", "30", 0, HOUR_SECS)?,
+            },
+            abuse: AbuseLimits {
+                login_attempts_per_minute: vars.limit("LOGIN_ATTEMPTS_PER_MINUTE", "30")?,
+                login_failures_per_user_and_address: vars
+                    .limit("LOGIN_FAILURES_PER_USER_AND_ADDRESS", "10")?,
+                login_failures_per_user_and_address_window: vars.seconds(
+                    "LOGIN_FAILURES_PER_USER_AND_ADDRESS_WINDOW_SECS",
+                    "900",
+                    1,
+                    DAY_SECS,
+                )?,
+                login_failures_per_user: vars.limit("LOGIN_FAILURES_PER_USER", "100")?,
+                login_failures_per_user_window: vars.seconds(
+                    "LOGIN_FAILURES_PER_USER_WINDOW_SECS",
+                    "3600",
+                    1,
+                    DAY_SECS,
+                )?,
+                registrations_per_hour: vars.limit("REGISTRATIONS_PER_HOUR", "10")?,
+                registration_open: vars.parse("REGISTRATION_OPEN", "true")?,
+                chat_rate_per_minute: vars.limit("CHAT_RATE_PER_MINUTE", "60")?,
+                trust_proxy_headers: vars.parse("TRUST_PROXY_HEADERS", "false")?,
+                password_hash_queue: vars.between("PASSWORD_HASH_QUEUE", "64", 0, 1_000_000)?,
+            },
         })
     }
 }
@@ -94,9 +181,12 @@ impl ConfigError {
 struct Vars<'a>(&'a dyn Fn(&str) -> Option<String>);
 
 impl Vars<'_> {
+    fn optional(&self, name: &str) -> Option<String> {
+        (self.0)(name).filter(|value| !value.trim().is_empty())
+    }
+
     fn string(&self, name: &str, default: &str) -> String {
-        (self.0)(name)
-            .filter(|value| !value.trim().is_empty())
+        self.optional(name)
             .unwrap_or_else(|| default.to_string())
     }
 
@@ -111,7 +201,13 @@ impl Vars<'_> {
             .map_err(|err| ConfigError::new(name, format!("{raw:?} ({err})")))
     }
 
-    fn at_least<T>(&self, name: &'static str, default: &str, minimum: T) -> Result<T, ConfigError>
+    fn between<T>(
+        &self,
+        name: &'static str,
+        default: &str,
+        minimum: T,
+        maximum: T,
+    ) -> Result<T, ConfigError>
     where
         T: std::str::FromStr + PartialOrd + fmt::Display,
         T::Err: fmt::Display,
@@ -123,32 +219,30 @@ impl Vars<'_> {
                 format!("{value} is below the minimum of {minimum}"),
             ));
         }
+        if value > maximum {
+            return Err(ConfigError::new(
+                name,
+                format!("{value} is above the maximum of {maximum}"),
+            ));
+        }
         Ok(value)
     }
-}
 
-/// Keeps the LLM key out of any `{:?}` that reaches a log.
-impl fmt::Debug for Config {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Config")
-            .field("bind_addr", &self.bind_addr)
-            .field("database_url", &self.database_url)
-            .field("llm_base_url", &self.llm_base_url.as_str())
-            .field(
-                "llm_api_key",
-                &self.llm_api_key.as_ref().map(|_| "<redacted>"),
-            )
-            .field("llm_model", &self.llm_model)
-            .field("llm_system_prompt", &self.llm_system_prompt)
-            .field("llm_timeout", &self.llm_timeout)
-            .field("chat_cost", &self.chat_cost)
-            .field("initial_tokens", &self.initial_tokens)
-            .field("token_ttl", &self.token_ttl)
-            .field("max_message_chars", &self.max_message_chars)
-            .field("max_body_bytes", &self.max_body_bytes)
-            .field("password_min_length", &self.password_min_length)
-            .field("log_filter", &self.log_filter)
-            .finish()
+    fn seconds(
+        &self,
+        name: &'static str,
+        default: &str,
+        minimum: u64,
+        maximum: u64,
+    ) -> Result<Duration, ConfigError> {
+        self.between(name, default, minimum, maximum)
+            .map(Duration::from_secs)
+    }
+
+    /// A count per period where 0 turns the limit off.
+    fn limit(&self, name: &'static str, default: &str) -> Result<Option<u32>, ConfigError> {
+        let value: u32 = self.parse(name, default)?;
+        Ok((value > 0).then_some(value))
     }
 }
 
@@ -171,7 +265,7 @@ mod tests {
         assert_eq!(config.bind_addr.to_string(), "127.0.0.1:8000");
         assert_eq!(config.database_url, "sqlite://tokenchat.db");
         assert_eq!(config.llm_base_url.as_str(), "http://127.0.0.1:11434/v1");
-        assert_eq!(config.llm_api_key, None);
+        assert!(config.llm_api_key.is_none());
         assert_eq!(config.llm_model, "llama3.2");
         assert_eq!(config.llm_timeout, Duration::from_secs(60));
         assert_eq!(config.chat_cost, 100);
@@ -207,6 +301,21 @@ mod tests {
                 "MAX_BODY_BYTES",
                 "PASSWORD_MIN_LENGTH",
                 "RUST_LOG",
+                "HEADER_READ_TIMEOUT_SECS",
+                "IDLE_TIMEOUT_SECS",
+                "BODY_READ_TIMEOUT_SECS",
+                "MAX_CONNECTIONS",
+                "SHUTDOWN_GRACE_SECS",
+                "LOGIN_ATTEMPTS_PER_MINUTE",
+                "LOGIN_FAILURES_PER_USER_AND_ADDRESS",
+                "LOGIN_FAILURES_PER_USER_AND_ADDRESS_WINDOW_SECS",
+                "LOGIN_FAILURES_PER_USER",
+                "LOGIN_FAILURES_PER_USER_WINDOW_SECS",
+                "REGISTRATIONS_PER_HOUR",
+                "REGISTRATION_OPEN",
+                "CHAT_RATE_PER_MINUTE",
+                "TRUST_PROXY_HEADERS",
+                "PASSWORD_HASH_QUEUE",
             ]
         );
         let from_example = format!("{:?}", config(&example).unwrap());
@@ -235,6 +344,17 @@ mod tests {
             ("MAX_BODY_BYTES", "big"),
             ("PASSWORD_MIN_LENGTH", "0"),
             ("RUST_LOG", "info,[[["),
+            ("TOKEN_TTL_SECS", "999999999999"),
+            ("LLM_TIMEOUT_SECS", "18446744073709551615"),
+            ("CHAT_COST", "9223372036854775807"),
+            ("INITIAL_TOKENS", "1000000000000000000"),
+            ("HEADER_READ_TIMEOUT_SECS", "0"),
+            ("IDLE_TIMEOUT_SECS", "never"),
+            ("MAX_CONNECTIONS", "0"),
+            ("SHUTDOWN_GRACE_SECS", "99999999"),
+            ("REGISTRATION_OPEN", "maybe"),
+            ("CHAT_RATE_PER_MINUTE", "-1"),
+            ("TRUST_PROXY_HEADERS", "yes please"),
         ] {
             let err = config(&[(name, value)]).expect_err(value);
             assert_eq!(err.variable, name);
@@ -245,7 +365,9 @@ mod tests {
     #[test]
     fn debug_output_never_shows_the_llm_key() {
         let config = config(&[("LLM_API_KEY", "sk-very-secret")]).unwrap();
-        assert_eq!(config.llm_api_key.as_deref(), Some("sk-very-secret"));
+        use secrecy::ExposeSecret;
+        let key = config.llm_api_key.as_ref().unwrap();
+        assert_eq!(key.expose_secret(), "sk-very-secret");
         assert!(!format!("{config:?}").contains("sk-very-secret"));
     }
 }

@@ -39,6 +39,14 @@ pub enum Error {
     RequestInProgress,
     #[error("too many attempts; try again later")]
     RateLimited { retry_after_secs: u64 },
+    #[error("registration is closed; ask an operator for an account")]
+    RegistrationClosed,
+    #[error("the request body did not arrive in time")]
+    RequestTimeout,
+    #[error("the server is busy; try again shortly")]
+    Busy { retry_after_secs: u64 },
+    #[error("the server is shutting down; try again shortly")]
+    ShuttingDown,
     #[error("the language model could not answer: {0}")]
     Upstream(String),
     #[error("the language model did not answer in time")]
@@ -72,6 +80,9 @@ impl Error {
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::RegistrationClosed => StatusCode::FORBIDDEN,
+            Self::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
+            Self::Busy { .. } | Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             Self::Upstream(_) => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -93,6 +104,10 @@ impl Error {
             Self::PayloadTooLarge => "payload_too_large",
             Self::UnsupportedMediaType => "unsupported_media_type",
             Self::RateLimited { .. } => "rate_limited",
+            Self::RegistrationClosed => "registration_closed",
+            Self::RequestTimeout => "request_timeout",
+            Self::Busy { .. } => "busy",
+            Self::ShuttingDown => "shutting_down",
             Self::Upstream(_) => "upstream_error",
             Self::UpstreamTimeout => "upstream_timeout",
             Self::Internal(_) => "internal",
@@ -109,6 +124,7 @@ impl Error {
             StatusCode::UNSUPPORTED_MEDIA_TYPE => Self::UnsupportedMediaType,
             StatusCode::UNAUTHORIZED => Self::Unauthorized,
             StatusCode::BAD_REQUEST => Self::InvalidJson("the request could not be read".into()),
+            StatusCode::REQUEST_TIMEOUT => Self::RequestTimeout,
             _ => Self::Internal(format!("bare {status} response")),
         }
     }
@@ -151,7 +167,7 @@ impl IntoResponse for Error {
             _ => {}
         }
         let mut response = (self.status(), Json(Value::Object(body))).into_response();
-        if let Self::RateLimited { retry_after_secs } = self {
+        if let Self::RateLimited { retry_after_secs } | Self::Busy { retry_after_secs } = self {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));

@@ -12,7 +12,7 @@ pub mod services;
 use std::{future::Future, sync::Arc, time::Duration};
 
 use tokio::net::TcpListener;
-use tokio_util::task::TaskTracker;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 pub use config::Config;
 pub use error::Error;
@@ -35,6 +35,9 @@ pub struct AppState {
     pub llm: LlmClient,
     /// Chats in progress; shutdown waits for them to settle.
     pub tasks: TaskTracker,
+    /// Cancelled when shutdown's grace period is over: chats still waiting for the model
+    /// give up and are refunded, so the process can exit with its accounts settled.
+    pub cancel_chats: CancellationToken,
     pub login_throttle: Arc<LoginThrottle>,
 }
 
@@ -45,6 +48,7 @@ impl AppState {
             db,
             config: Arc::new(config),
             tasks: TaskTracker::new(),
+            cancel_chats: CancellationToken::new(),
             login_throttle: Arc::new(LoginThrottle::new(
                 LOGIN_FAILURES_PER_WINDOW,
                 LOGIN_FAILURE_WINDOW,

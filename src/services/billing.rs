@@ -141,6 +141,11 @@ impl ChatRequest {
         let answer = tokio::select! {
             biased;
             _ = self.client_gone.cancelled() => None,
+            _ = state.cancel_chats.cancelled() => {
+                tracing::warn!(chat_id, "shutdown grace is over: refunding a chat in flight");
+                self.refund(chat_id).await;
+                return Err(Error::ShuttingDown);
+            }
             answer = state.llm.complete(&self.message) => Some(answer),
         };
         let failure = match answer {

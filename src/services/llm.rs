@@ -3,6 +3,7 @@
 use std::{sync::Arc, time::Duration};
 
 use reqwest::Url;
+use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
 use crate::{config::Config, error::Error};
@@ -16,7 +17,7 @@ pub struct LlmClient {
 
 struct Settings {
     endpoint: Url,
-    api_key: Option<String>,
+    api_key: Option<SecretString>,
     model: String,
     system_prompt: String,
     timeout: Duration,
@@ -113,7 +114,7 @@ impl LlmClient {
             .timeout(settings.timeout)
             .json(&body);
         if let Some(key) = &settings.api_key {
-            request = request.bearer_auth(key);
+            request = request.bearer_auth(key.expose_secret());
         }
         let response = request.send().await.map_err(classify)?;
         let status = response.status();

@@ -59,6 +59,7 @@ impl TestApp {
     /// A fresh app whose configuration is the defaults, pointed at its own database and fake
     /// model, with `overrides` on top.
     pub async fn with_env(overrides: &[(&str, &str)]) -> Self {
+        init_logging();
         let dir = tempfile::tempdir().unwrap();
         let llm = FakeLlm::start().await;
         let db_path = dir.path().join("tokenchat.db");
@@ -209,6 +210,19 @@ impl TestApp {
             .fetch_all(&self.state.db)
             .await
             .unwrap()
+    }
+}
+
+/// With `TEST_LOG=1`, the server's logs go to the test's output (shown for failing tests).
+pub fn init_logging() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    if std::env::var_os("TEST_LOG").is_some() {
+        ONCE.call_once(|| {
+            tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::new("debug,hyper=info"))
+                .with_test_writer()
+                .init();
+        });
     }
 }
 

@@ -1,7 +1,6 @@
 //! The real server over TCP: in-process on `127.0.0.1:0`, and the built binary as an
 //! operator runs it (start-up, configuration errors, graceful shutdown, restarts).
 
-mod common;
 
 use std::{
     io::{BufRead, BufReader},
@@ -10,7 +9,7 @@ use std::{
     time::Duration,
 };
 
-use common::{FakeLlm, Reply, TestApp};
+use crate::common::{FakeLlm, Reply, TestApp};
 use serde_json::{json, Value};
 use tokio::{io::AsyncWriteExt, net::TcpStream};
 

@@ -1,11 +1,10 @@
 //! Money-grade accounting: the ledger, history, idempotent retries and recovery.
 
-mod common;
 
 use std::{collections::BTreeSet, sync::Arc, time::Duration};
 
 use axum::http::StatusCode;
-use common::{Reply, TestApp};
+use crate::common::{Reply, TestApp};
 use serde_json::{json, Value};
 use tokenchat::services::recovery;
 

@@ -1,10 +1,9 @@
 //! The contract's routes through the router in-process: the original walkthrough,
 //! validation, authentication and the error envelope from every layer.
 
-mod common;
 
 use axum::http::{Method, StatusCode};
-use common::TestApp;
+use crate::common::TestApp;
 use serde_json::json;
 use tower::ServiceExt;
 

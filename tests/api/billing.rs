@@ -1,11 +1,10 @@
 //! Chat accounting: charged exactly once per stored answer, never below zero, never for a failure.
 
-mod common;
 
 use std::time::Duration;
 
 use axum::http::StatusCode;
-use common::{Reply, TestApp};
+use crate::common::{Reply, TestApp};
 
 #[tokio::test]
 async fn below_the_price_of_a_chat_the_answer_is_402_and_nothing_changes() {

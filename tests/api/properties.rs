@@ -2,7 +2,6 @@
 //! idempotent retries runs at once, every balance is its ledger, every answered chat was
 //! delivered and paid for exactly once, and nothing is left pending.
 
-mod common;
 
 use std::{
     collections::{BTreeSet, HashMap},
@@ -10,7 +9,7 @@ use std::{
 };
 
 use axum::http::StatusCode;
-use common::TestApp;
+use crate::common::TestApp;
 use proptest::prelude::*;
 
 const USERS: usize = 3;

@@ -1,0 +1,9 @@
+//! The integration suite, one binary: the contract, the accounting, the real server and
+//! binary, and attacks on both. `TEST_LOG=1 cargo test` shows the server's logs.
+
+mod accounting;
+mod billing;
+mod common;
+mod contract;
+mod properties;
+mod server;
