@@ -136,7 +136,12 @@ impl Config {
             password_min_length: vars.between("PASSWORD_MIN_LENGTH", "6", 1, 1024)?,
             log_filter,
             connections: ConnectionLimits {
-                header_read_timeout: vars.seconds("HEADER_READ_TIMEOUT_SECS", "10", 1, HOUR_SECS)?,
+                header_read_timeout: vars.seconds(
+                    "HEADER_READ_TIMEOUT_SECS",
+                    "10",
+                    1,
+                    HOUR_SECS,
+                )?,
                 idle_timeout: vars.seconds("IDLE_TIMEOUT_SECS", "60", 1, DAY_SECS)?,
                 body_read_timeout: vars.seconds("BODY_READ_TIMEOUT_SECS", "30", 1, HOUR_SECS)?,
                 max_connections: match vars.optional("MAX_CONNECTIONS") {
@@ -172,6 +177,23 @@ impl Config {
     }
 }
 
+/// The most bytes one character of a message can take in a request body: a character
+/// outside the Basic Multilingual Plane written as two JSON escapes (`\ud83d\ude00`), or as
+/// four percent-encoded bytes in form data (`%F0%9F%98%80`).
+const MAX_ENCODED_BYTES_PER_CHAR: usize = 12;
+/// Room in a chat body for everything but the message: field names, other fields.
+const CHAT_BODY_OVERHEAD_BYTES: usize = 4096;
+
+impl Config {
+    /// The body limit of `/chat`: `MAX_BODY_BYTES`, raised where needed so that every
+    /// message of up to `MAX_MESSAGE_CHARS` fits in any valid encoding.
+    pub fn chat_body_limit(&self) -> usize {
+        let longest_valid =
+            self.max_message_chars * MAX_ENCODED_BYTES_PER_CHAR + CHAT_BODY_OVERHEAD_BYTES;
+        self.max_body_bytes.max(longest_valid)
+    }
+}
+
 impl ConfigError {
     fn new(variable: &'static str, reason: String) -> Self {
         Self { variable, reason }
@@ -186,8 +208,7 @@ impl Vars<'_> {
     }
 
     fn string(&self, name: &str, default: &str) -> String {
-        self.optional(name)
-            .unwrap_or_else(|| default.to_string())
+        self.optional(name).unwrap_or_else(|| default.to_string())
     }
 
     fn parse<T>(&self, name: &'static str, default: &str) -> Result<T, ConfigError>

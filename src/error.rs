@@ -137,6 +137,15 @@ impl Error {
     }
 }
 
+impl From<crate::domain::Invalid> for Error {
+    fn from(invalid: crate::domain::Invalid) -> Self {
+        Self::InvalidInput {
+            field: invalid.field,
+            message: invalid.message,
+        }
+    }
+}
+
 impl From<sqlx::Error> for Error {
     fn from(err: sqlx::Error) -> Self {
         Self::internal(format!("database: {err}"))

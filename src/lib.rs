@@ -5,11 +5,12 @@
 
 pub mod config;
 pub mod db;
+pub mod domain;
 pub mod error;
 mod routes;
 pub mod services;
 
-use std::{future::Future, sync::Arc, time::Duration};
+use std::{future::Future, sync::Arc};
 
 use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -20,12 +21,8 @@ pub use routes::router;
 
 use crate::{
     db::Db,
-    services::{llm::LlmClient, throttle::LoginThrottle},
+    services::{llm::LlmClient, passwords::PasswordHasher, throttle::Throttle},
 };
-
-/// Failed logins allowed per username in one window before it is locked until the window ends.
-const LOGIN_FAILURES_PER_WINDOW: u32 = 10;
-const LOGIN_FAILURE_WINDOW: Duration = Duration::from_secs(300);
 
 /// What every handler shares; cloning it is cheap.
 #[derive(Clone)]
@@ -38,21 +35,20 @@ pub struct AppState {
     /// Cancelled when shutdown's grace period is over: chats still waiting for the model
     /// give up and are refunded, so the process can exit with its accounts settled.
     pub cancel_chats: CancellationToken,
-    pub login_throttle: Arc<LoginThrottle>,
+    pub throttle: Arc<Throttle>,
+    pub passwords: Arc<PasswordHasher>,
 }
 
 impl AppState {
     pub fn new(config: Config, db: Db) -> Result<Self, reqwest::Error> {
         Ok(Self {
             llm: LlmClient::new(&config)?,
+            throttle: Arc::new(Throttle::new(&config.abuse)),
+            passwords: Arc::new(PasswordHasher::new(config.abuse.password_hash_queue)),
             db,
             config: Arc::new(config),
             tasks: TaskTracker::new(),
             cancel_chats: CancellationToken::new(),
-            login_throttle: Arc::new(LoginThrottle::new(
-                LOGIN_FAILURES_PER_WINDOW,
-                LOGIN_FAILURE_WINDOW,
-            )),
         })
     }
 }

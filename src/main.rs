@@ -1,21 +1,29 @@
 //! Loads the configuration, sets up logging, opens and migrates the database, then serves
-//! (`tokenchat`), audits the ledger (`tokenchat audit`) or grants tokens (`tokenchat grant`).
+//! (`tokenchat`), audits the ledger (`tokenchat audit`), grants tokens (`tokenchat grant`)
+//! or creates a user (`tokenchat create-user`).
 
-use std::{io::IsTerminal, process::ExitCode};
+use std::{
+    io::{BufRead, IsTerminal},
+    process::ExitCode,
+};
 
-use tokenchat::{db, services, AppState, Config};
+use tokenchat::{db, domain, services, AppState, Config};
 use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
 
 const USAGE: &str = "\
 usage: tokenchat               serve the API (configuration from the environment and .env)
        tokenchat audit         check every balance and chat against the ledger; exit 1 on any offence
-       tokenchat grant USER N  add N tokens to USER's balance, recorded in the ledger";
+       tokenchat grant USER N  add N tokens to USER's balance, recorded in the ledger
+       tokenchat create-user USER
+                               create USER with the password read from standard input
+                               (works while REGISTRATION_OPEN=false)";
 
 enum Command {
     Serve,
     Audit,
     Grant { username: String, amount: i64 },
+    CreateUser { username: String },
 }
 
 #[tokio::main]
@@ -30,6 +38,9 @@ async fn main() -> ExitCode {
                 amount,
             },
             Err(_) => return usage_error(),
+        },
+        ["create-user", username] => Command::CreateUser {
+            username: username.to_string(),
         },
         ["help" | "--help" | "-h"] => {
             println!("{USAGE}");
@@ -54,6 +65,7 @@ async fn main() -> ExitCode {
         Command::Serve => serve(config).await,
         Command::Audit => audit(config).await,
         Command::Grant { username, amount } => grant(config, &username, amount).await,
+        Command::CreateUser { username } => create_user(config, &username).await,
     };
     outcome.unwrap_or_else(|err| {
         eprintln!("tokenchat: {err}");
@@ -66,8 +78,8 @@ fn usage_error() -> ExitCode {
     ExitCode::from(2)
 }
 
-async fn open_database(config: &Config) -> Result<db::Db, String> {
-    let database = db::connect(&config.database_url)
+async fn open_database(config: &Config, open: db::Open) -> Result<db::Db, String> {
+    let database = db::connect(&config.database_url, open)
         .await
         .map_err(|err| format!("cannot open DATABASE_URL: {err}"))?;
     db::migrate(&database)
@@ -77,10 +89,11 @@ async fn open_database(config: &Config) -> Result<db::Db, String> {
 }
 
 async fn serve(config: Config) -> Result<ExitCode, String> {
-    let database = open_database(&config).await?;
+    // The port first: a server that cannot listen must not create or migrate anything.
     let listener = TcpListener::bind(config.bind_addr)
         .await
         .map_err(|err| format!("cannot listen on BIND_ADDR {}: {err}", config.bind_addr))?;
+    let database = open_database(&config, db::Open::CreateIfMissing).await?;
     let state = AppState::new(config, database.clone())
         .map_err(|err| format!("cannot build the LLM client: {err}"))?;
     let address = listener
@@ -101,7 +114,7 @@ async fn serve(config: Config) -> Result<ExitCode, String> {
 }
 
 async fn audit(config: Config) -> Result<ExitCode, String> {
-    let database = open_database(&config).await?;
+    let database = open_database(&config, db::Open::ExistingOnly).await?;
     let report = services::audit::run(&database)
         .await
         .map_err(|err| format!("audit failed to run: {err}"))?;
@@ -124,13 +137,37 @@ async fn audit(config: Config) -> Result<ExitCode, String> {
 }
 
 async fn grant(config: Config, username: &str, amount: i64) -> Result<ExitCode, String> {
-    let database = open_database(&config).await?;
+    let database = open_database(&config, db::Open::ExistingOnly).await?;
     match services::accounts::grant(&database, username, amount).await {
         Ok(Some(balance)) => {
             println!("granted {amount} tokens to {username}; balance now {balance}");
             Ok(ExitCode::SUCCESS)
         }
         Ok(None) => Err(format!("no user named {username}")),
+        Err(err) => Err(err.to_string()),
+    }
+}
+
+/// Creates a user as `/register` would, by the same rules, with the password read from the
+/// first line of standard input (so it never shows in the process list or shell history).
+async fn create_user(config: Config, username: &str) -> Result<ExitCode, String> {
+    let username = domain::Username::parse(username).map_err(|err| err.to_string())?;
+    let mut line = String::new();
+    std::io::stdin()
+        .lock()
+        .read_line(&mut line)
+        .map_err(|err| format!("cannot read the password from standard input: {err}"))?;
+    let password = line.trim_end_matches(['\r', '\n']).to_string();
+    let password = domain::Password::parse(password, config.password_min_length, "password")
+        .map_err(|err| err.to_string())?;
+    let database = open_database(&config, db::Open::ExistingOnly).await?;
+    let state = AppState::new(config, database)
+        .map_err(|err| format!("cannot build the LLM client: {err}"))?;
+    match services::accounts::create(&state, &username, password).await {
+        Ok(tokens) => {
+            println!("created {} with {tokens} tokens", username.as_str());
+            Ok(ExitCode::SUCCESS)
+        }
         Err(err) => Err(err.to_string()),
     }
 }

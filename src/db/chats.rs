@@ -5,6 +5,8 @@
 //! most once. The ledger rows (and so the balance) move with the chat, written by the
 //! triggers `chat_reserves_its_cost` and `failed_chat_is_refunded` in the same statement.
 
+use std::time::Duration;
+
 use sqlx::SqliteExecutor;
 
 use super::{unix_now, users, Db};
@@ -41,21 +43,27 @@ pub struct StoredAnswer {
 
 /// Records the chat as pending if the user's balance covers `cost`, which takes the cost
 /// (a `chat_reservation` ledger row); otherwise changes nothing.
+/// `settle_within` is how long the chat may stay pending before recovery (in any
+/// process) judges it abandoned.
 pub async fn reserve(
     db: &Db,
     user_id: i64,
     message: &str,
     cost: i64,
+    settle_within: Duration,
 ) -> Result<Reservation, sqlx::Error> {
+    let now = unix_now();
+    let deadline_at = now.saturating_add_unsigned(settle_within.as_secs());
     let chat_id: Option<i64> = sqlx::query_scalar(
-        "INSERT INTO chats (user_id, message, status, cost, created_at)
-         SELECT id, $2, 'pending', $3, $4 FROM users WHERE id = $1 AND tokens >= $3
+        "INSERT INTO chats (user_id, message, status, cost, created_at, deadline_at)
+         SELECT id, $2, 'pending', $3, $4, $5 FROM users WHERE id = $1 AND tokens >= $3
          RETURNING id",
     )
     .bind(user_id)
     .bind(message)
     .bind(cost)
-    .bind(unix_now())
+    .bind(now)
+    .bind(deadline_at)
     .fetch_optional(db)
     .await?;
     Ok(match chat_id {
@@ -101,16 +109,22 @@ pub async fn refund(db: &Db, chat_id: i64) -> Result<bool, sqlx::Error> {
     Ok(failed == 1)
 }
 
-/// Ids of chats still pending that were created before `created_before`.
+/// Ids of chats still pending past their deadline at `now`. A chat from before deadlines
+/// were recorded is past it once created before `legacy_created_before`.
 pub async fn stale_pending(
     db: &Db,
-    created_before: i64,
+    now: i64,
+    legacy_created_before: i64,
     limit: i64,
 ) -> Result<Vec<i64>, sqlx::Error> {
     sqlx::query_scalar(
-        "SELECT id FROM chats WHERE status = 'pending' AND created_at < $1 ORDER BY id LIMIT $2",
+        "SELECT id FROM chats
+         WHERE status = 'pending'
+           AND (deadline_at < $1 OR (deadline_at IS NULL AND created_at < $2))
+         ORDER BY id LIMIT $3",
     )
-    .bind(created_before)
+    .bind(now)
+    .bind(legacy_created_before)
     .bind(limit)
     .fetch_all(db)
     .await

@@ -14,10 +14,32 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 /// The connection pool every layer above passes around.
 pub type Db = sqlx::SqlitePool;
 
-/// Opens (creating the file when missing) the database at `url`.
-pub async fn connect(url: &str) -> Result<Db, sqlx::Error> {
-    let options = SqliteConnectOptions::from_str(url)?
-        .create_if_missing(true)
+/// Whether opening a database may create it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Open {
+    /// Serving and `migrate`: a missing SQLite file is created (readable by its owner only).
+    CreateIfMissing,
+    /// Every other command: a missing file is an error, never a new empty database.
+    ExistingOnly,
+}
+
+/// Opens the database at `url`.
+pub async fn connect(url: &str, open: Open) -> Result<Db, sqlx::Error> {
+    let options = SqliteConnectOptions::from_str(url)?;
+    let file = options.get_filename();
+    let in_memory = file.as_os_str().is_empty() || file.to_string_lossy().starts_with(':');
+    if !in_memory && !file.exists() {
+        match open {
+            Open::ExistingOnly => {
+                return Err(sqlx::Error::Configuration(
+                    format!("no database file at {}", file.display()).into(),
+                ))
+            }
+            Open::CreateIfMissing => create_private_file(file)?,
+        }
+    }
+    let options = options
+        .create_if_missing(false)
         .journal_mode(SqliteJournalMode::Wal)
         // In WAL mode NORMAL survives a process crash; a power cut can lose the last
         // commits, never corrupt the file, and a lost refund is redone by recovery.
@@ -40,6 +62,21 @@ pub async fn connect(url: &str) -> Result<Db, sqlx::Error> {
         .test_before_acquire(false)
         .connect_with(options)
         .await
+}
+
+/// Creates an empty database file that only its owner may read or write: it holds
+/// password hashes. SQLite gives its -wal and -shm files the same permissions.
+fn create_private_file(path: &std::path::Path) -> Result<(), sqlx::Error> {
+    let mut file = std::fs::OpenOptions::new();
+    file.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut file, 0o600);
+    match file.open(path) {
+        Ok(_) => Ok(()),
+        // Another process created it meanwhile: theirs is as good.
+        Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(err) => Err(sqlx::Error::Io(err)),
+    }
 }
 
 /// Pages of write-ahead log at which a committing request runs a checkpoint itself.

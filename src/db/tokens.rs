@@ -39,3 +39,33 @@ pub async fn find_owner(db: &Db, token_hash: &str) -> Result<Option<TokenOwner>,
     .fetch_optional(db)
     .await
 }
+
+pub async fn revoke(db: &Db, token_hash: &str) -> Result<(), sqlx::Error> {
+    sqlx::query("DELETE FROM login_tokens WHERE token_hash = $1")
+        .bind(token_hash)
+        .execute(db)
+        .await?;
+    Ok(())
+}
+
+pub async fn revoke_all(db: &Db, user_id: i64) -> Result<(), sqlx::Error> {
+    sqlx::query("DELETE FROM login_tokens WHERE user_id = $1")
+        .bind(user_id)
+        .execute(db)
+        .await?;
+    Ok(())
+}
+
+/// Deletes tokens that expired before `now`, at most `limit` of them; how many went.
+pub async fn delete_expired(db: &Db, now: i64, limit: i64) -> Result<u64, sqlx::Error> {
+    let deleted = sqlx::query(
+        "DELETE FROM login_tokens WHERE token_hash IN (
+             SELECT token_hash FROM login_tokens WHERE expires_at <= $1 LIMIT $2)",
+    )
+    .bind(now)
+    .bind(limit)
+    .execute(db)
+    .await?
+    .rows_affected();
+    Ok(deleted)
+}

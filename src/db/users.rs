@@ -45,16 +45,87 @@ pub async fn insert(
     Ok(Some(user_id))
 }
 
-/// Adds `amount` tokens to a user's balance; the balance after, or `None` for no such user.
-pub async fn grant(db: &Db, username_key: &str, amount: i64) -> Result<Option<i64>, sqlx::Error> {
-    let user_id: Option<i64> = sqlx::query_scalar("SELECT id FROM users WHERE username_key = $1")
-        .bind(username_key)
-        .fetch_optional(db)
-        .await?;
-    match user_id {
-        Some(user_id) => ledger::record(db, user_id, amount, Reason::Grant).await,
-        None => Ok(None),
+/// What a grant did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Grant {
+    Granted {
+        balance: i64,
+    },
+    NoSuchUser,
+    /// The balance would have gone over `ceiling`; nothing was written.
+    OverCeiling {
+        balance: i64,
+    },
+}
+
+/// Adds `amount` tokens to a user's balance unless that would pass `ceiling`, in one
+/// transaction.
+pub async fn grant(
+    db: &Db,
+    username_key: &str,
+    amount: i64,
+    ceiling: i64,
+) -> Result<Grant, sqlx::Error> {
+    let mut tx = db.begin().await?;
+    let user: Option<(i64, i64)> =
+        sqlx::query_as("SELECT id, tokens FROM users WHERE username_key = $1")
+            .bind(username_key)
+            .fetch_optional(&mut *tx)
+            .await?;
+    let Some((user_id, balance)) = user else {
+        return Ok(Grant::NoSuchUser);
+    };
+    if balance
+        .checked_add(amount)
+        .is_none_or(|after| after > ceiling)
+    {
+        return Ok(Grant::OverCeiling { balance });
     }
+    let outcome = match ledger::record(&mut *tx, user_id, amount, Reason::Grant).await? {
+        Some(balance) => Grant::Granted { balance },
+        None => Grant::OverCeiling { balance },
+    };
+    tx.commit().await?;
+    Ok(outcome)
+}
+
+/// Replaces the password hash and revokes every login token of the user but one, in
+/// one transaction.
+pub async fn set_password(
+    db: &Db,
+    user_id: i64,
+    password_hash: &str,
+    keep_token_hash: &str,
+) -> Result<(), sqlx::Error> {
+    let mut tx = db.begin().await?;
+    sqlx::query("UPDATE users SET password_hash = $1 WHERE id = $2")
+        .bind(password_hash)
+        .bind(user_id)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("DELETE FROM login_tokens WHERE user_id = $1 AND token_hash <> $2")
+        .bind(user_id)
+        .bind(keep_token_hash)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await
+}
+
+/// What a password change needs: the current hash and the key its lock-outs count under.
+#[derive(Debug, sqlx::FromRow)]
+pub struct StoredPassword {
+    pub username_key: String,
+    pub password_hash: String,
+}
+
+pub async fn credentials_by_id(
+    db: &Db,
+    user_id: i64,
+) -> Result<Option<StoredPassword>, sqlx::Error> {
+    sqlx::query_as("SELECT username_key, password_hash FROM users WHERE id = $1")
+        .bind(user_id)
+        .fetch_optional(db)
+        .await
 }
 
 pub async fn find_credentials(

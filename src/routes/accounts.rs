@@ -1,14 +1,19 @@
-//! `/register` and `/login`.
+//! `/register`, `/login`, `/logout`, `/logout/all` and `/password`.
 
 use axum::{extract::State, http::StatusCode, Json};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::{extract::Payload, rfc3339};
-use crate::{error::Error, services::accounts, AppState};
-
-const MAX_USERNAME_CHARS: usize = 50;
-const MAX_PASSWORD_BYTES: usize = 1024;
+use super::{
+    extract::{AuthUser, Client, Payload},
+    rfc3339,
+};
+use crate::{
+    domain::{Password, Username},
+    error::Error,
+    services::{accounts, auth},
+    AppState,
+};
 
 #[derive(Deserialize)]
 pub struct Credentials {
@@ -18,16 +23,21 @@ pub struct Credentials {
 
 pub async fn register(
     State(state): State<AppState>,
+    Client(address): Client,
     Payload(credentials): Payload<Credentials>,
 ) -> Result<(StatusCode, Json<Value>), Error> {
-    validate_username(&credentials.username)?;
-    validate_password(&credentials.password, state.config.password_min_length)?;
-    let tokens = accounts::register(&state, &credentials.username, credentials.password).await?;
+    let username = Username::parse(&credentials.username)?;
+    let password = Password::parse(
+        credentials.password,
+        state.config.password_min_length,
+        "password",
+    )?;
+    let tokens = accounts::register(&state, &username, password, address).await?;
     Ok((
         StatusCode::CREATED,
         Json(json!({
             "message": "Registration Successful",
-            "username": credentials.username,
+            "username": username.as_str(),
             "tokens": tokens,
         })),
     ))
@@ -35,6 +45,7 @@ pub async fn register(
 
 pub async fn login(
     State(state): State<AppState>,
+    Client(address): Client,
     Payload(credentials): Payload<Credentials>,
 ) -> Result<Json<Value>, Error> {
     if credentials.username.is_empty() {
@@ -43,57 +54,50 @@ pub async fn login(
             "username must not be empty",
         ));
     }
-    if credentials.password.is_empty() {
-        return Err(Error::invalid_input(
-            "password",
-            "password must not be empty",
-        ));
-    }
-    if credentials.password.len() > MAX_PASSWORD_BYTES {
-        return Err(too_long_password());
-    }
-    let issued = accounts::login(&state, &credentials.username, credentials.password).await?;
+    let password = Password::offered(credentials.password, "password")?;
+    // A name no one could have registered fails as an unknown user would.
+    let username = Username::parse(&credentials.username).ok();
+    let issued = accounts::login(&state, username.as_ref(), password, address).await?;
     let expires_at = issued.expires_at.map(rfc3339);
     Ok(Json(
         json!({ "token": issued.token, "expires_at": expires_at }),
     ))
 }
 
-/// Django's rules: 1 to 50 characters, each a letter, a digit or one of `@ . + - _`.
-fn validate_username(username: &str) -> Result<(), Error> {
-    let length = username.chars().count();
-    if length == 0 || length > MAX_USERNAME_CHARS {
-        return Err(Error::invalid_input(
-            "username",
-            format!("username must be 1 to {MAX_USERNAME_CHARS} characters"),
-        ));
-    }
-    let allowed = |c: char| c.is_alphanumeric() || matches!(c, '@' | '.' | '+' | '-' | '_');
-    if !username.chars().all(allowed) {
-        return Err(Error::invalid_input(
-            "username",
-            "username may contain only letters, digits and @ . + - _",
-        ));
-    }
-    Ok(())
+/// Revokes the token this request came with.
+pub async fn logout(State(state): State<AppState>, user: AuthUser) -> Result<StatusCode, Error> {
+    auth::logout(&state.db, &user.token_hash).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
-fn validate_password(password: &str, min_chars: usize) -> Result<(), Error> {
-    if password.chars().count() < min_chars {
-        return Err(Error::invalid_input(
-            "password",
-            format!("password must be at least {min_chars} characters"),
-        ));
-    }
-    if password.len() > MAX_PASSWORD_BYTES {
-        return Err(too_long_password());
-    }
-    Ok(())
+/// Revokes every login token of the user.
+pub async fn logout_everywhere(
+    State(state): State<AppState>,
+    user: AuthUser,
+) -> Result<StatusCode, Error> {
+    auth::logout_everywhere(&state.db, user.id).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
-fn too_long_password() -> Error {
-    Error::invalid_input(
-        "password",
-        format!("password must be at most {MAX_PASSWORD_BYTES} bytes"),
-    )
+#[derive(Deserialize)]
+pub struct PasswordChange {
+    old_password: String,
+    new_password: String,
+}
+
+/// Changes the password; every other login token of the user stops working.
+pub async fn change_password(
+    State(state): State<AppState>,
+    Client(address): Client,
+    user: AuthUser,
+    Payload(change): Payload<PasswordChange>,
+) -> Result<StatusCode, Error> {
+    let old = Password::offered(change.old_password, "old_password")?;
+    let new = Password::parse(
+        change.new_password,
+        state.config.password_min_length,
+        "new_password",
+    )?;
+    accounts::change_password(&state, user.id, &user.token_hash, old, new, address).await?;
+    Ok(StatusCode::NO_CONTENT)
 }

@@ -5,7 +5,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::extract::{AuthUser, IdempotencyKey, Payload, TokensRemaining};
-use crate::{error::Error, services::billing, AppState};
+use crate::{domain::Message, error::Error, services::billing, AppState};
 
 const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
 
@@ -20,17 +20,8 @@ pub async fn chat(
     IdempotencyKey(idempotency_key): IdempotencyKey,
     Payload(request): Payload<ChatRequest>,
 ) -> Result<impl IntoResponse, Error> {
-    let max_chars = state.config.max_message_chars;
-    if request.message.trim().is_empty() {
-        return Err(Error::invalid_input("message", "message must not be empty"));
-    }
-    if request.message.chars().count() > max_chars {
-        return Err(Error::invalid_input(
-            "message",
-            format!("message must be at most {max_chars} characters"),
-        ));
-    }
-    let answer = billing::chat(&state, user.id, request.message, idempotency_key).await?;
+    let message = Message::parse(request.message, state.config.max_message_chars)?;
+    let answer = billing::chat(&state, user.id, message, idempotency_key).await?;
     let body = Json(json!({
         "response": answer.response,
         "tokens": answer.balance,

@@ -1,16 +1,22 @@
 //! Extractors and the authorising middleware: request bodies (JSON, form data, or no
 //! Content-Type), the authorised user, page parameters and idempotency keys.
 
+use std::net::{IpAddr, SocketAddr};
+
 use axum::{
     body::{Bytes, HttpBody},
-    extract::{FromRequest, FromRequestParts, Request, State},
+    extract::{ConnectInfo, FromRequest, FromRequestParts, Request, State},
     http::{header, request::Parts, HeaderMap, HeaderName, HeaderValue, StatusCode},
     middleware::Next,
     response::Response,
 };
 use serde::{de::DeserializeOwned, Deserialize};
 
-use crate::{error::Error, services::auth, AppState};
+use crate::{
+    error::Error,
+    services::{auth, throttle::ClientAddress},
+    AppState,
+};
 
 /// A request body decoded from JSON, or from form data as Django REST framework allowed.
 pub struct Payload<T>(pub T);
@@ -20,22 +26,23 @@ enum BodyFormat {
     Form,
 }
 
-impl<T, S> FromRequest<S> for Payload<T>
+impl<T> FromRequest<AppState> for Payload<T>
 where
     T: DeserializeOwned,
-    S: Send + Sync,
 {
     type Rejection = Error;
 
-    async fn from_request(request: Request, state: &S) -> Result<Self, Error> {
+    async fn from_request(request: Request, state: &AppState) -> Result<Self, Error> {
         let format = body_format(request.headers())?;
-        let body =
-            Bytes::from_request(request, state)
-                .await
-                .map_err(|rejection| match rejection.status() {
-                    StatusCode::PAYLOAD_TOO_LARGE => Error::PayloadTooLarge,
-                    _ => Error::InvalidJson("the request body could not be read".into()),
-                })?;
+        // However slowly a client sends, the whole body must arrive within the limit.
+        let deadline = state.config.connections.body_read_timeout;
+        let body = tokio::time::timeout(deadline, Bytes::from_request(request, state))
+            .await
+            .map_err(|_| Error::RequestTimeout)?
+            .map_err(|rejection| match rejection.status() {
+                StatusCode::PAYLOAD_TOO_LARGE => Error::PayloadTooLarge,
+                _ => Error::InvalidJson("the request body could not be read".into()),
+            })?;
         let Some(first_byte) = body.iter().find(|byte| !byte.is_ascii_whitespace()) else {
             return Err(Error::InvalidJson("the request body is empty".into()));
         };
@@ -57,10 +64,25 @@ where
                 };
                 Error::InvalidJson(format!("{what}: {err}"))
             }),
-            BodyFormat::Form => serde_urlencoded::from_bytes(&body)
-                .map_err(|err| Error::InvalidJson(format!("invalid form data: {err}"))),
+            BodyFormat::Form => check_form_is_utf8(&body).and_then(|()| {
+                serde_urlencoded::from_bytes(&body)
+                    .map_err(|err| Error::InvalidJson(format!("invalid form data: {err}")))
+            }),
         };
         decoded.map(Payload)
+    }
+}
+
+/// serde_urlencoded decodes invalid UTF-8 (`message=%ff`) to U+FFFD without a word; form
+/// data must be as strictly UTF-8 as JSON is.
+fn check_form_is_utf8(body: &[u8]) -> Result<(), Error> {
+    let all_utf8 = body
+        .split(|byte| matches!(byte, b'&' | b'='))
+        .all(|part| percent_encoding::percent_decode(part).decode_utf8().is_ok());
+    if all_utf8 {
+        Ok(())
+    } else {
+        Err(Error::InvalidJson("form data is not valid UTF-8".into()))
     }
 }
 
@@ -86,30 +108,67 @@ fn body_format(headers: &HeaderMap) -> Result<BodyFormat, Error> {
 }
 
 /// Middleware of every route: a body in a format we do not read is 415, and one declared
-/// longer than `MAX_BODY_BYTES` is 413, even on a route that reads no body (`POST
+/// longer than the route's limit is 413, even on a route that reads no body (`POST
 /// /balance`), as the contract says of any body. (A body that only turns out too long as
 /// it is read is caught where it is read.)
 pub async fn check_body(
-    State(state): State<AppState>,
+    State(max_body_bytes): State<usize>,
     request: Request,
     next: Next,
 ) -> Result<Response, Error> {
     let body = request.body();
     if !body.is_end_stream() {
         body_format(request.headers())?;
-        if body.size_hint().lower() > state.config.max_body_bytes as u64 {
+        if body.size_hint().lower() > max_body_bytes as u64 {
             return Err(Error::PayloadTooLarge);
         }
     }
     Ok(next.run(request).await)
 }
 
+/// The address a request came from: the peer of its connection, or, behind a trusted
+/// proxy (`TRUST_PROXY_HEADERS=true`), the last address in `X-Forwarded-For`, the one
+/// that proxy appended.
+pub struct Client(pub ClientAddress);
+
+impl FromRequestParts<AppState> for Client {
+    type Rejection = Error;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Error> {
+        let forwarded = state
+            .config
+            .abuse
+            .trust_proxy_headers
+            .then(|| forwarded_for(&parts.headers))
+            .flatten();
+        let peer = || {
+            parts
+                .extensions
+                .get::<ConnectInfo<SocketAddr>>()
+                .map(|info| info.0.ip())
+        };
+        Ok(Self(
+            forwarded
+                .or_else(peer)
+                .map_or_else(ClientAddress::unknown, ClientAddress::new),
+        ))
+    }
+}
+
+fn forwarded_for(headers: &HeaderMap) -> Option<IpAddr> {
+    let last_header = headers.get_all("x-forwarded-for").iter().next_back()?;
+    let last_hop = last_header.to_str().ok()?.rsplit(',').next()?;
+    last_hop.trim().parse().ok()
+}
+
 /// The user whose login token came in the `Authorization` header; set by [`authorize`].
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 pub struct AuthUser {
     pub id: i64,
     /// The balance read with the token, during this request.
     pub tokens: i64,
+    /// The hash of the token presented, for the routes that act on the token itself.
+    pub token_hash: String,
 }
 
 impl<S: Send + Sync> FromRequestParts<S> for AuthUser {
@@ -119,7 +178,7 @@ impl<S: Send + Sync> FromRequestParts<S> for AuthUser {
         parts
             .extensions
             .get::<AuthUser>()
-            .copied()
+            .cloned()
             .ok_or(Error::Unauthorized)
     }
 }
@@ -137,15 +196,18 @@ pub async fn authorize(
     mut request: Request,
     next: Next,
 ) -> Result<Response, Error> {
-    let header = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|value| value.to_str().ok())
-        .ok_or(Error::Unauthorized)?;
+    let mut headers = request.headers().get_all(header::AUTHORIZATION).iter();
+    let (Some(header), None) = (headers.next(), headers.next()) else {
+        // None, or two: which one would be meant is anyone's guess.
+        return Err(Error::Unauthorized);
+    };
+    let header = header.to_str().map_err(|_| Error::Unauthorized)?;
     let owner = auth::authenticate(&state.db, header).await?;
+    let balance = owner.tokens;
     request.extensions_mut().insert(AuthUser {
         id: owner.user_id,
         tokens: owner.tokens,
+        token_hash: owner.token_hash,
     });
     let mut response = next.run(request).await;
     // A handler that moved the balance says what it left; any other answer leaves the
@@ -153,7 +215,7 @@ pub async fn authorize(
     let remaining = response
         .extensions()
         .get::<TokensRemaining>()
-        .map_or(owner.tokens, |known| known.0);
+        .map_or(balance, |known| known.0);
     response
         .headers_mut()
         .insert(X_TOKENS_REMAINING, HeaderValue::from(remaining));

@@ -24,33 +24,54 @@ use crate::{error::Error, AppState};
 
 /// The whole application: every route, with and without its trailing slash.
 pub fn router(state: AppState) -> Router {
+    let body_limit = state.config.max_body_bytes;
     let public = [
         ("/health", get(health)),
         ("/register", post(accounts::register)),
         ("/login", post(accounts::login)),
     ]
-    .map(|(path, handler)| (path, with_body_check(handler, &state)));
+    .map(|(path, handler)| (path, with_body_limit(handler, body_limit)));
     // Layered per method router, so a wrong method is a 405 before any token is asked for.
     let authorised = [
-        ("/chat", post(chat::chat)),
-        ("/balance", get(chat::balance).post(chat::balance)),
-        ("/chats", get(history::chats)),
-        ("/chats/{id}", get(history::chat)),
-        ("/transactions", get(history::transactions)),
+        (
+            "/chat",
+            with_body_limit(post(chat::chat), state.config.chat_body_limit()),
+        ),
+        (
+            "/balance",
+            with_body_limit(get(chat::balance).post(chat::balance), body_limit),
+        ),
+        ("/chats", with_body_limit(get(history::chats), body_limit)),
+        (
+            "/chats/{id}",
+            with_body_limit(get(history::chat), body_limit),
+        ),
+        (
+            "/transactions",
+            with_body_limit(get(history::transactions), body_limit),
+        ),
+        (
+            "/logout",
+            with_body_limit(post(accounts::logout), body_limit),
+        ),
+        (
+            "/logout/all",
+            with_body_limit(post(accounts::logout_everywhere), body_limit),
+        ),
+        (
+            "/password",
+            with_body_limit(post(accounts::change_password), body_limit),
+        ),
     ]
     .map(|(path, handler)| {
         let authorize = middleware::from_fn_with_state(state.clone(), extract::authorize);
-        (
-            path,
-            with_body_check(handler, &state).route_layer(authorize),
-        )
+        (path, handler.route_layer(authorize))
     });
     let public = with_and_without_slash(public);
     let authorised = with_and_without_slash(authorised);
     public
         .merge(authorised)
         .fallback(|| async { Error::NotFound })
-        .layer(DefaultBodyLimit::max(state.config.max_body_bytes))
         .layer(middleware::map_response(envelope_bare_errors))
         .layer(CatchPanicLayer::custom(panic_response))
         // Browsers may call the API from any origin: it authenticates by header, never by
@@ -66,12 +87,12 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// `handler`, answering 415 or 413 to a body it could not read (see [`extract::check_body`]).
-fn with_body_check(handler: MethodRouter<AppState>, state: &AppState) -> MethodRouter<AppState> {
-    handler.route_layer(middleware::from_fn_with_state(
-        state.clone(),
-        extract::check_body,
-    ))
+/// `handler` reading bodies of at most `limit` bytes, and answering 415 or 413 to a body
+/// it could not read (see [`extract::check_body`]).
+fn with_body_limit(handler: MethodRouter<AppState>, limit: usize) -> MethodRouter<AppState> {
+    handler
+        .route_layer(middleware::from_fn_with_state(limit, extract::check_body))
+        .layer(DefaultBodyLimit::max(limit))
 }
 
 /// Liveness: answers without touching the database (also the benchmark's static route).

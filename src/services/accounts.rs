@@ -1,28 +1,45 @@
-//! Registration and login.
+//! Accounts: registration, login, logout, password changes and operator grants.
 
 use crate::{
-    db,
+    config::MAX_BALANCE,
+    db::{self, Db},
+    domain::{Password, Username},
     error::Error,
     services::{
         auth::{self, IssuedToken},
-        passwords,
+        throttle::ClientAddress,
     },
     AppState,
 };
 
-/// The key that makes usernames unique regardless of letter case.
-pub fn username_key(username: &str) -> String {
-    username.to_lowercase()
+/// Creates a user from `/register`, within the per-address rate and only while
+/// registration is open; returns the starting balance.
+pub async fn register(
+    state: &AppState,
+    username: &Username,
+    password: Password,
+    address: ClientAddress,
+) -> Result<i64, Error> {
+    if !state.config.abuse.registration_open {
+        return Err(Error::RegistrationClosed);
+    }
+    state.throttle.registration(address)?;
+    create(state, username, password).await
 }
 
-/// Creates a user with the starting balance; returns that balance.
-pub async fn register(state: &AppState, username: &str, password: String) -> Result<i64, Error> {
-    let password_hash = passwords::hash(password).await?;
+/// Creates a user with the starting balance, as an operator may even with registration
+/// closed; returns that balance.
+pub async fn create(
+    state: &AppState,
+    username: &Username,
+    password: Password,
+) -> Result<i64, Error> {
+    let password_hash = state.passwords.hash(password.into_inner()).await?;
     let tokens = state.config.initial_tokens;
     db::users::insert(
         &state.db,
-        username,
-        &username_key(username),
+        username.as_str(),
+        &username.key(),
         &password_hash,
         tokens,
     )
@@ -31,38 +48,91 @@ pub async fn register(state: &AppState, username: &str, password: String) -> Res
     Ok(tokens)
 }
 
-/// Checks the password and issues a new login token. Unknown users and wrong passwords
-/// fail alike, after the same Argon2 work.
+/// Checks the password and issues a new login token. Unknown users, usernames that
+/// cannot exist (`None`) and wrong passwords fail alike, after the same Argon2 work; only
+/// a name that could be someone's counts towards a lock-out, so junk names cost no memory.
 pub async fn login(
     state: &AppState,
-    username: &str,
-    password: String,
+    username: Option<&Username>,
+    password: Password,
+    address: ClientAddress,
 ) -> Result<IssuedToken, Error> {
-    let key = username_key(username);
-    state.login_throttle.check(&key)?;
+    state.throttle.login_attempt(address)?;
+    let Some(username) = username else {
+        state.passwords.verify(password.into_inner(), None).await?;
+        return Err(Error::InvalidCredentials);
+    };
+    let key = username.key();
+    state.throttle.check_login(&key, address)?;
     let credentials = db::users::find_credentials(&state.db, &key).await?;
     let (user_id, stored_hash) = credentials
         .map(|found| (found.id, found.password_hash))
         .unzip();
     // `verify` runs Argon2 even without a stored hash, so both failures cost the same.
-    let verified = passwords::verify(password, stored_hash).await?;
+    let verified = state
+        .passwords
+        .verify(password.into_inner(), stored_hash)
+        .await?;
     let Some(user_id) = user_id.filter(|_| verified) else {
-        state.login_throttle.record_failure(&key);
+        state.throttle.record_login_failure(&key, address);
         return Err(Error::InvalidCredentials);
     };
-    state.login_throttle.clear(&key);
+    state.throttle.record_login_success(&key, address);
     let ttl_secs = state.config.token_ttl.map(|ttl| ttl.as_secs());
     auth::issue(&state.db, user_id, ttl_secs).await
 }
 
-/// Adds `amount` (> 0) tokens to a user's balance, through the ledger; the new balance,
-/// or `None` for an unknown user.
-pub async fn grant(db: &crate::db::Db, username: &str, amount: i64) -> Result<Option<i64>, Error> {
-    if amount <= 0 {
+/// Changes a user's password when `old` is the current one, and revokes every login
+/// token of theirs but `keep_token_hash` (the one the change was made with). A wrong old
+/// password counts as a failed login, so a stolen token guesses no faster than login.
+pub async fn change_password(
+    state: &AppState,
+    user_id: i64,
+    keep_token_hash: &str,
+    old: Password,
+    new: Password,
+    address: ClientAddress,
+) -> Result<(), Error> {
+    let credentials = db::users::credentials_by_id(&state.db, user_id)
+        .await?
+        .ok_or(Error::Unauthorized)?;
+    let key = credentials.username_key;
+    state.throttle.check_login(&key, address)?;
+    let verified = state
+        .passwords
+        .verify(old.into_inner(), Some(credentials.password_hash))
+        .await?;
+    if !verified {
+        state.throttle.record_login_failure(&key, address);
         return Err(Error::invalid_input(
-            "amount",
-            "a grant must be a positive number of tokens",
+            "old_password",
+            "old_password is not the current password",
         ));
     }
-    Ok(db::users::grant(db, &username_key(username), amount).await?)
+    let new_hash = state.passwords.hash(new.into_inner()).await?;
+    db::users::set_password(&state.db, user_id, &new_hash, keep_token_hash).await?;
+    Ok(())
+}
+
+/// Adds `amount` tokens (1 to [`MAX_BALANCE`]) to a user's balance through the ledger;
+/// the new balance, or `None` for an unknown user. A grant that would lift the balance
+/// over the ceiling is refused and writes nothing.
+pub async fn grant(db: &Db, username: &str, amount: i64) -> Result<Option<i64>, Error> {
+    if !(1..=MAX_BALANCE).contains(&amount) {
+        return Err(Error::invalid_input(
+            "amount",
+            format!("a grant must be 1 to {MAX_BALANCE} tokens"),
+        ));
+    }
+    let key = crate::domain::username_key(username);
+    match db::users::grant(db, &key, amount, MAX_BALANCE).await? {
+        db::users::Grant::Granted { balance } => Ok(Some(balance)),
+        db::users::Grant::NoSuchUser => Ok(None),
+        db::users::Grant::OverCeiling { balance } => Err(Error::invalid_input(
+            "amount",
+            format!(
+                "the balance would exceed the ceiling of {MAX_BALANCE} tokens (it is {balance})"
+            ),
+        )),
+    }
 }

@@ -28,12 +28,39 @@ pub async fn issue(db: &Db, user_id: i64, ttl_secs: Option<u64>) -> Result<Issue
     Ok(IssuedToken { token, expires_at })
 }
 
+/// Who a live token belongs to, with their balance as read with it.
+#[derive(Debug, Clone)]
+pub struct Authenticated {
+    pub user_id: i64,
+    pub tokens: i64,
+    /// The hash of the token presented, so that logout can revoke exactly it.
+    pub token_hash: String,
+}
+
 /// The user behind an `Authorization` header value, with their balance, or `Unauthorized`.
-pub async fn authenticate(db: &Db, authorization: &str) -> Result<TokenOwner, Error> {
+pub async fn authenticate(db: &Db, authorization: &str) -> Result<Authenticated, Error> {
     let token = token_from_header(authorization).ok_or(Error::Unauthorized)?;
-    db::tokens::find_owner(db, &token_hash(token))
+    let token_hash = token_hash(token);
+    let TokenOwner { user_id, tokens } = db::tokens::find_owner(db, &token_hash)
         .await?
-        .ok_or(Error::Unauthorized)
+        .ok_or(Error::Unauthorized)?;
+    Ok(Authenticated {
+        user_id,
+        tokens,
+        token_hash,
+    })
+}
+
+/// Revokes one login token, given as its hash.
+pub async fn logout(db: &Db, token_hash: &str) -> Result<(), Error> {
+    db::tokens::revoke(db, token_hash).await?;
+    Ok(())
+}
+
+/// Revokes every login token of the user.
+pub async fn logout_everywhere(db: &Db, user_id: i64) -> Result<(), Error> {
+    db::tokens::revoke_all(db, user_id).await?;
+    Ok(())
 }
 
 /// What the database keeps instead of the token.

@@ -8,8 +8,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     db::{self, chats::Reservation, idempotency::Claim},
+    domain::Message,
     error::Error,
-    services::sha256_hex,
+    services::{recovery, sha256_hex},
     AppState,
 };
 
@@ -32,13 +33,14 @@ pub struct ChatAnswer {
 /// The work runs in a tracked task, so it settles even when the caller's future is
 /// dropped (the client went away) and graceful shutdown waits for it. A client that
 /// goes away before the answer is stored is not charged: the upstream call is abandoned
-/// and the reservation refunded.
+/// and the reservation refunded. Past the user's chat rate nothing is tried.
 pub async fn chat(
     state: &AppState,
     user_id: i64,
-    message: String,
+    message: Message,
     idempotency_key: Option<String>,
 ) -> Result<ChatAnswer, Error> {
+    state.throttle.chat(user_id)?;
     let client_gone = CancellationToken::new();
     let _cancel_when_dropped = client_gone.clone().drop_guard();
     let request = ChatRequest {
@@ -54,7 +56,7 @@ pub async fn chat(
 struct ChatRequest {
     state: AppState,
     user_id: i64,
-    message: String,
+    message: Message,
     idempotency_key: Option<String>,
     client_gone: CancellationToken,
 }
@@ -67,7 +69,15 @@ impl ChatRequest {
             }
         }
         let cost = self.state.config.chat_cost;
-        let reserved = db::chats::reserve(&self.state.db, self.user_id, &self.message, cost).await;
+        let settle_within = recovery::abandoned_after(&self.state);
+        let reserved = db::chats::reserve(
+            &self.state.db,
+            self.user_id,
+            self.message.as_str(),
+            cost,
+            settle_within,
+        )
+        .await;
         let chat_id = match reserved {
             Ok(Reservation::Reserved { chat_id }) => chat_id,
             Ok(Reservation::Insufficient { balance }) => {
@@ -95,7 +105,7 @@ impl ChatRequest {
     /// Claims the key; `Some` with the earlier answer when it already bought one.
     async fn claim(&self, key: &str) -> Result<Option<ChatAnswer>, Error> {
         let db = &self.state.db;
-        let request_hash = sha256_hex(self.message.as_bytes());
+        let request_hash = sha256_hex(self.message.as_str().as_bytes());
         let expired_before = db::unix_now() - IDEMPOTENCY_KEY_LIFETIME.as_secs() as i64;
         let claim = db::idempotency::claim(db, self.user_id, key, &request_hash, expired_before);
         let chat_id = match claim.await? {
@@ -146,7 +156,7 @@ impl ChatRequest {
                 self.refund(chat_id).await;
                 return Err(Error::ShuttingDown);
             }
-            answer = state.llm.complete(&self.message) => Some(answer),
+            answer = state.llm.complete(self.message.as_str()) => Some(answer),
         };
         let failure = match answer {
             Some(Ok(response)) if !self.client_gone.is_cancelled() => {

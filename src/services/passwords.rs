@@ -2,7 +2,10 @@
 //! always on the blocking pool so a hash never stalls the async workers, at most one per
 //! core at a time, each in a reused 19 MiB working area.
 
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{
+    atomic::{AtomicUsize, Ordering},
+    Arc, Mutex, OnceLock,
+};
 
 use argon2::{
     password_hash::{self, Output, ParamsString, PasswordHash, Salt, SaltString},
@@ -13,53 +16,97 @@ use tokio::sync::Semaphore;
 
 use crate::error::Error;
 
-/// At most one Argon2 computation per core at a time: each holds 19 MiB, and more at once
-/// would only add memory and latency, not throughput. Waiters are served first come, first served.
-fn hashing_slots() -> Arc<Semaphore> {
-    static SLOTS: OnceLock<Arc<Semaphore>> = OnceLock::new();
-    SLOTS
-        .get_or_init(|| {
-            let cores = std::thread::available_parallelism().map_or(1, |cores| cores.get());
-            Arc::new(Semaphore::new(cores))
+/// Where password hashes wait for a core. At most one Argon2 computation per core runs at
+/// a time: each holds 19 MiB, and more at once would only add memory and latency, not
+/// throughput. Waiters are served first come, first served, and only `queue_limit` may
+/// wait: past that a request is turned away at once (`Busy`) rather than wait ever longer.
+pub struct PasswordHasher {
+    slots: Arc<Semaphore>,
+    waiting: AtomicUsize,
+    queue_limit: usize,
+}
+
+/// How long a client turned away for a full queue is asked to wait.
+const BUSY_RETRY_AFTER_SECS: u64 = 1;
+
+impl PasswordHasher {
+    pub fn new(queue_limit: usize) -> Self {
+        let cores = std::thread::available_parallelism().map_or(1, |cores| cores.get());
+        Self {
+            slots: Arc::new(Semaphore::new(cores)),
+            waiting: AtomicUsize::new(0),
+            queue_limit,
+        }
+    }
+
+    /// Hashes a password with a fresh random salt, as a PHC string.
+    pub async fn hash(&self, password: String) -> Result<String, Error> {
+        self.with_slot(move || hash_blocking(&password)).await
+    }
+
+    /// Checks a password against a stored hash. With no stored hash (unknown user) it
+    /// checks against a dummy hash of the same cost and answers `false`, so both cases
+    /// take as long.
+    pub async fn verify(&self, password: String, stored: Option<String>) -> Result<bool, Error> {
+        self.with_slot(move || {
+            let phc = match &stored {
+                Some(phc) => phc.as_str(),
+                None => dummy_hash()?,
+            };
+            let parsed = PasswordHash::new(phc).map_err(Error::internal)?;
+            let matches = verify_blocking(&password, &parsed)?;
+            Ok(matches && stored.is_some())
         })
-        .clone()
-}
-
-/// Runs `work` on the blocking pool once a hashing slot is free.
-async fn with_hashing_slot<T: Send + 'static>(
-    work: impl FnOnce() -> Result<T, Error> + Send + 'static,
-) -> Result<T, Error> {
-    let slot = hashing_slots()
-        .acquire_owned()
         .await
-        .map_err(Error::internal)?;
-    // The slot moves into the blocking task: freed when the hash is done, even if the
-    // request that wanted it was dropped meanwhile.
-    tokio::task::spawn_blocking(move || {
-        let _slot = slot;
-        work()
-    })
-    .await?
-}
+    }
 
-/// Hashes a password with a fresh random salt, as a PHC string.
-pub async fn hash(password: String) -> Result<String, Error> {
-    with_hashing_slot(move || hash_blocking(&password)).await
-}
-
-/// Checks a password against a stored hash. With no stored hash (unknown user) it checks
-/// against a dummy hash of the same cost and answers `false`, so both cases take as long.
-pub async fn verify(password: String, stored: Option<String>) -> Result<bool, Error> {
-    with_hashing_slot(move || {
-        let phc = match &stored {
-            Some(phc) => phc.as_str(),
-            None => dummy_hash()?,
+    /// Runs `work` on the blocking pool once a hashing slot is free.
+    async fn with_slot<T: Send + 'static>(
+        &self,
+        work: impl FnOnce() -> Result<T, Error> + Send + 'static,
+    ) -> Result<T, Error> {
+        let slot = match self.slots.clone().try_acquire_owned() {
+            Ok(slot) => slot,
+            Err(_) => {
+                let _waiting = self.join_queue()?;
+                self.slots
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .map_err(Error::internal)?
+            }
         };
-        let parsed = PasswordHash::new(phc).map_err(Error::internal)?;
-        let matches = verify_blocking(&password, &parsed)?;
-        Ok(matches && stored.is_some())
-    })
-    .await
+        // The slot moves into the blocking task: freed when the hash is done, even if the
+        // request that wanted it was dropped meanwhile. The span goes along, so the
+        // hash's time shows in the request's trace.
+        let span = tracing::Span::current();
+        tokio::task::spawn_blocking(move || {
+            let _entered = span.enter();
+            let _slot = slot;
+            work()
+        })
+        .await?
+    }
+
+    /// A place in the queue, given back when dropped (served, or the request went away).
+    fn join_queue(&self) -> Result<QueuePlace<'_>, Error> {
+        let ahead = self.waiting.fetch_add(1, Ordering::SeqCst);
+        let place = QueuePlace(&self.waiting);
+        if ahead >= self.queue_limit {
+            return Err(Error::Busy {
+                retry_after_secs: BUSY_RETRY_AFTER_SECS,
+            });
+        }
+        Ok(place)
+    }
+}
+
+struct QueuePlace<'a>(&'a AtomicUsize);
+
+impl Drop for QueuePlace<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 fn hash_blocking(password: &str) -> Result<String, Error> {
@@ -158,6 +205,43 @@ fn dummy_hash() -> Result<&'static str, Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    async fn hash(password: String) -> Result<String, Error> {
+        PasswordHasher::new(64).hash(password).await
+    }
+
+    async fn verify(password: String, stored: Option<String>) -> Result<bool, Error> {
+        PasswordHasher::new(64).verify(password, stored).await
+    }
+
+    #[tokio::test]
+    async fn past_its_queue_a_hasher_turns_requests_away_at_once() {
+        let hasher = Arc::new(PasswordHasher::new(1));
+        let cores = hasher.slots.available_permits();
+        let hashes: Vec<_> = (0..cores + 4)
+            .map(|_| {
+                let hasher = hasher.clone();
+                tokio::spawn(async move { hasher.hash("pass123".into()).await })
+            })
+            .collect();
+        let mut busy = 0;
+        for hash in hashes {
+            match hash.await.unwrap() {
+                Ok(_) => {}
+                Err(Error::Busy { retry_after_secs }) => {
+                    assert_eq!(retry_after_secs, 1);
+                    busy += 1;
+                }
+                Err(other) => panic!("unexpected {other:?}"),
+            }
+        }
+        assert!(busy >= 1, "nothing was turned away");
+        assert!(
+            busy <= 3,
+            "a slot or the queue place was not used: {busy} turned away"
+        );
+        assert_eq!(hasher.waiting.load(Ordering::SeqCst), 0);
+    }
 
     #[tokio::test]
     async fn a_hash_is_argon2id_in_phc_format_and_verifies_only_its_password() {

@@ -18,22 +18,24 @@ const BATCH: i64 = 100;
 pub struct Sweep {
     pub refunded_chats: usize,
     pub forgotten_keys: u64,
+    pub expired_tokens: u64,
 }
 
-/// How old a pending chat must be to be judged abandoned.
+/// How long this process's chats may stay pending before they count as abandoned: the
+/// deadline each records in its row, so every process judges a chat by its own limit.
 pub fn abandoned_after(state: &AppState) -> Duration {
     state.config.llm_timeout + SETTLE_MARGIN
 }
 
-/// Refunds every chat pending for longer than `abandoned_after`, and forgets idempotency
-/// keys that expired or were abandoned before they reserved a chat.
-pub async fn sweep(state: &AppState, abandoned_after: Duration) -> Result<Sweep, Error> {
+/// As of `now` (Unix seconds): refunds every chat pending past its deadline, forgets
+/// idempotency keys that expired or were abandoned before they reserved a chat, and
+/// deletes expired login tokens.
+pub async fn sweep(state: &AppState, now: i64) -> Result<Sweep, Error> {
     let db = &state.db;
-    let now = db::unix_now();
-    let abandoned_before = now - abandoned_after.as_secs() as i64;
+    let abandoned_before = now - abandoned_after(state).as_secs() as i64;
     let mut report = Sweep::default();
     loop {
-        let stale = db::chats::stale_pending(db, abandoned_before, BATCH).await?;
+        let stale = db::chats::stale_pending(db, now, abandoned_before, BATCH).await?;
         for &chat_id in &stale {
             // Another process may win the race for a chat; then this refund is a no-op.
             if db::chats::refund(db, chat_id).await? {
@@ -47,6 +49,13 @@ pub async fn sweep(state: &AppState, abandoned_after: Duration) -> Result<Sweep,
     }
     let expired_before = now - IDEMPOTENCY_KEY_LIFETIME.as_secs() as i64;
     report.forgotten_keys = db::idempotency::sweep(db, expired_before, abandoned_before).await?;
+    loop {
+        let deleted = db::tokens::delete_expired(db, now, BATCH).await?;
+        report.expired_tokens += deleted;
+        if deleted < BATCH as u64 {
+            break;
+        }
+    }
     Ok(report)
 }
 
@@ -58,7 +67,7 @@ pub async fn run_periodically(state: AppState) {
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticks.tick().await;
-        match sweep(&state, abandoned_after).await {
+        match sweep(&state, db::unix_now()).await {
             Ok(report) if report != Sweep::default() => tracing::info!(?report, "recovery sweep"),
             Ok(_) => {}
             Err(err) => tracing::error!(error = %err, "recovery sweep failed"),

@@ -1,21 +1,215 @@
-//! Failed-login throttling: too many wrong passwords for one username in a window
-//! locks that username's login for the rest of the window (429 with `Retry-After`).
+//! Abuse limits: login attempts and registrations per client address, chats per user
+//! (rates, with governor), and failed-login lock-outs per (username, address) and per
+//! username across addresses (counters of our own, below). Every store is bounded.
 
 use std::{
     collections::HashMap,
+    net::IpAddr,
+    num::NonZeroU32,
     sync::Mutex,
     time::{Duration, Instant},
 };
 
-use crate::error::Error;
+use governor::{
+    clock::{Clock, DefaultClock},
+    DefaultKeyedRateLimiter, Quota, RateLimiter,
+};
+use sha2::{Digest, Sha256};
 
-/// Entries kept before expired ones are swept, so random usernames cannot grow the map forever.
-const SWEEP_ABOVE: usize = 10_000;
+use crate::{config::AbuseLimits, error::Error};
 
-pub struct LoginThrottle {
-    max_failures: u32,
+/// The address a rate is counted for. IPv6 clients are counted by their /64, since one
+/// subscriber commonly holds a whole /64 and could otherwise rotate through it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ClientAddress(IpAddr);
+
+impl ClientAddress {
+    pub fn new(ip: IpAddr) -> Self {
+        match ip {
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => Self(IpAddr::V4(v4)),
+                None => {
+                    let prefix = u128::from(v6) & !((1u128 << 64) - 1);
+                    Self(IpAddr::V6(prefix.into()))
+                }
+            },
+            v4 => Self(v4),
+        }
+    }
+
+    /// The address of a request that came with none (in-process calls).
+    pub fn unknown() -> Self {
+        Self(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED))
+    }
+}
+
+/// Every limit of [`AbuseLimits`], shared by all requests of the process.
+pub struct Throttle {
+    login_attempts: Option<DefaultKeyedRateLimiter<ClientAddress>>,
+    registrations: Option<DefaultKeyedRateLimiter<ClientAddress>>,
+    chats: Option<DefaultKeyedRateLimiter<i64>>,
+    failures_by_user_and_address: Option<FailureCounter>,
+    failures_by_user: Option<FailureCounter>,
+}
+
+impl Throttle {
+    pub fn new(limits: &AbuseLimits) -> Self {
+        Self {
+            login_attempts: keyed(limits.login_attempts_per_minute, Quota::per_minute),
+            registrations: keyed(limits.registrations_per_hour, Quota::per_hour),
+            chats: keyed(limits.chat_rate_per_minute, Quota::per_minute),
+            failures_by_user_and_address: limits.login_failures_per_user_and_address.map(|max| {
+                FailureCounter::new(max, limits.login_failures_per_user_and_address_window)
+            }),
+            failures_by_user: limits
+                .login_failures_per_user
+                .map(|max| FailureCounter::new(max, limits.login_failures_per_user_window)),
+        }
+    }
+
+    /// Counts a login attempt from `address`; `RateLimited` past the per-address rate.
+    pub fn login_attempt(&self, address: ClientAddress) -> Result<(), Error> {
+        check_rate(self.login_attempts.as_ref(), &address)
+    }
+
+    /// Counts a registration from `address`; `RateLimited` past the per-address rate.
+    pub fn registration(&self, address: ClientAddress) -> Result<(), Error> {
+        check_rate(self.registrations.as_ref(), &address)
+    }
+
+    /// Counts a chat of `user_id`; `RateLimited` past the per-user rate.
+    pub fn chat(&self, user_id: i64) -> Result<(), Error> {
+        check_rate(self.chats.as_ref(), &user_id)
+    }
+
+    /// `RateLimited` while `username_key` is locked, from `address` or from everywhere.
+    pub fn check_login(&self, username_key: &str, address: ClientAddress) -> Result<(), Error> {
+        let pair = pair_key(username_key, address);
+        let user = user_key(username_key);
+        let lock = [
+            (self.failures_by_user_and_address.as_ref(), pair),
+            (self.failures_by_user.as_ref(), user),
+        ]
+        .into_iter()
+        .filter_map(|(counter, key)| counter?.locked_for(&key))
+        .max();
+        match lock {
+            Some(left) => Err(Error::RateLimited {
+                retry_after_secs: retry_after_secs(left),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    pub fn record_login_failure(&self, username_key: &str, address: ClientAddress) {
+        if let Some(counter) = &self.failures_by_user_and_address {
+            counter.record(pair_key(username_key, address));
+        }
+        if let Some(counter) = &self.failures_by_user {
+            counter.record(user_key(username_key));
+        }
+    }
+
+    /// After a successful login the owner's own address starts afresh; the count across
+    /// addresses stays, or an attacker could reset it by watching the owner log in.
+    pub fn record_login_success(&self, username_key: &str, address: ClientAddress) {
+        if let Some(counter) = &self.failures_by_user_and_address {
+            counter.clear(&pair_key(username_key, address));
+        }
+    }
+
+    /// Forgets what no longer limits anyone, so the stores shrink after a burst.
+    pub fn forget_stale(&self) {
+        for limiter in [&self.login_attempts, &self.registrations]
+            .into_iter()
+            .flatten()
+        {
+            limiter.retain_recent();
+            limiter.shrink_to_fit();
+        }
+        if let Some(chats) = &self.chats {
+            chats.retain_recent();
+            chats.shrink_to_fit();
+        }
+        for counter in [&self.failures_by_user_and_address, &self.failures_by_user]
+            .into_iter()
+            .flatten()
+        {
+            counter.forget_expired();
+        }
+    }
+}
+
+/// A limiter of `count` per period for each key, or none when the limit is off.
+fn keyed<K>(count: Option<u32>, per: fn(NonZeroU32) -> Quota) -> Option<DefaultKeyedRateLimiter<K>>
+where
+    K: Clone + Eq + std::hash::Hash,
+{
+    count
+        .and_then(NonZeroU32::new)
+        .map(|count| RateLimiter::keyed(per(count)))
+}
+
+fn check_rate<K>(limiter: Option<&DefaultKeyedRateLimiter<K>>, key: &K) -> Result<(), Error>
+where
+    K: Clone + Eq + std::hash::Hash,
+{
+    let Some(limiter) = limiter else {
+        return Ok(());
+    };
+    limiter
+        .check_key(key)
+        .map_err(|not_until| Error::RateLimited {
+            retry_after_secs: retry_after_secs(
+                not_until.wait_time_from(DefaultClock::default().now()),
+            ),
+        })
+}
+
+/// Whole seconds, rounded up, and at least one: `Retry-After: 0` invites a hot loop.
+fn retry_after_secs(wait: Duration) -> u64 {
+    let rounded_up = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    rounded_up.max(1)
+}
+
+/// A fixed-size key: however long the username, an entry costs the same.
+type Key = [u8; 16];
+
+fn user_key(username_key: &str) -> Key {
+    digest(&[b"user", username_key.as_bytes()])
+}
+
+fn pair_key(username_key: &str, address: ClientAddress) -> Key {
+    digest(&[
+        b"pair",
+        username_key.as_bytes(),
+        address.0.to_string().as_bytes(),
+    ])
+}
+
+fn digest(parts: &[&[u8]]) -> Key {
+    let mut hasher = Sha256::new();
+    for part in parts {
+        hasher.update((part.len() as u64).to_le_bytes());
+        hasher.update(part);
+    }
+    let mut key = [0; 16];
+    key.copy_from_slice(&hasher.finalize()[..16]);
+    key
+}
+
+/// Most keys a counter remembers: at 16 bytes a key, a few megabytes at the most.
+const MAX_TRACKED: usize = 100_000;
+
+/// Failures per key in fixed windows; `max` failures lock the key until its window ends.
+///
+/// Hand-written rather than governor because a lock-out counts failures only and must be
+/// checked before the password is, without spending anything on a success; a GCRA limiter
+/// can only count every attempt it is asked about.
+struct FailureCounter {
+    max: u32,
     window: Duration,
-    failures: Mutex<HashMap<String, Window>>,
+    windows: Mutex<HashMap<Key, Window>>,
 }
 
 struct Window {
@@ -23,38 +217,41 @@ struct Window {
     failures: u32,
 }
 
-impl LoginThrottle {
-    pub fn new(max_failures: u32, window: Duration) -> Self {
+impl FailureCounter {
+    fn new(max: u32, window: Duration) -> Self {
         Self {
-            max_failures,
+            max,
             window,
-            failures: Mutex::new(HashMap::new()),
+            windows: Mutex::new(HashMap::new()),
         }
     }
 
-    /// `RateLimited` while `key` has used up its failures in the current window.
-    pub fn check(&self, key: &str) -> Result<(), Error> {
-        let failures = self.failures.lock().expect("throttle lock poisoned");
-        match failures.get(key) {
-            Some(window) if window.failures >= self.max_failures => {
-                let left = self.window.saturating_sub(window.started.elapsed());
-                if left.is_zero() {
-                    return Ok(());
+    /// How long `key` stays locked, if it is.
+    fn locked_for(&self, key: &Key) -> Option<Duration> {
+        let windows = self.windows.lock().expect("throttle lock poisoned");
+        let window = windows
+            .get(key)
+            .filter(|window| window.failures >= self.max)?;
+        let left = self.window.saturating_sub(window.started.elapsed());
+        (!left.is_zero()).then_some(left)
+    }
+
+    fn record(&self, key: Key) {
+        let mut windows = self.windows.lock().expect("throttle lock poisoned");
+        if windows.len() >= MAX_TRACKED && !windows.contains_key(&key) {
+            windows.retain(|_, window| window.started.elapsed() < self.window);
+            if windows.len() >= MAX_TRACKED {
+                // Still full of live windows: the oldest has the least time left to count.
+                let oldest = windows
+                    .iter()
+                    .min_by_key(|(_, window)| window.started)
+                    .map(|(key, _)| *key);
+                if let Some(oldest) = oldest {
+                    windows.remove(&oldest);
                 }
-                Err(Error::RateLimited {
-                    retry_after_secs: left.as_secs().max(1),
-                })
             }
-            _ => Ok(()),
         }
-    }
-
-    pub fn record_failure(&self, key: &str) {
-        let mut failures = self.failures.lock().expect("throttle lock poisoned");
-        if failures.len() >= SWEEP_ABOVE {
-            failures.retain(|_, window| window.started.elapsed() < self.window);
-        }
-        let window = failures.entry(key.to_string()).or_insert(Window {
+        let window = windows.entry(key).or_insert(Window {
             started: Instant::now(),
             failures: 0,
         });
@@ -64,14 +261,25 @@ impl LoginThrottle {
                 failures: 0,
             };
         }
-        window.failures += 1;
+        window.failures = window.failures.saturating_add(1);
     }
 
-    pub fn clear(&self, key: &str) {
-        self.failures
+    fn clear(&self, key: &Key) {
+        self.windows
             .lock()
             .expect("throttle lock poisoned")
             .remove(key);
+    }
+
+    fn forget_expired(&self) {
+        let mut windows = self.windows.lock().expect("throttle lock poisoned");
+        windows.retain(|_, window| window.started.elapsed() < self.window);
+        windows.shrink_to_fit();
+    }
+
+    #[cfg(test)]
+    fn tracked(&self) -> usize {
+        self.windows.lock().unwrap().len()
     }
 }
 
@@ -79,32 +287,57 @@ impl LoginThrottle {
 mod tests {
     use super::*;
 
-    #[test]
-    fn locks_after_the_last_allowed_failure_and_names_a_wait() {
-        let throttle = LoginThrottle::new(3, Duration::from_secs(60));
-        for _ in 0..3 {
-            throttle.check("alice").unwrap();
-            throttle.record_failure("alice");
-        }
-        match throttle.check("alice") {
-            Err(Error::RateLimited { retry_after_secs }) => {
-                assert!((1..=60).contains(&retry_after_secs))
-            }
-            other => panic!("expected a lock, got {other:?}"),
-        }
-        throttle.check("bob").unwrap();
+    fn address(text: &str) -> ClientAddress {
+        ClientAddress::new(text.parse().unwrap())
     }
 
     #[test]
-    fn a_success_or_an_elapsed_window_unlocks() {
-        let throttle = LoginThrottle::new(1, Duration::from_millis(30));
-        throttle.record_failure("alice");
-        assert!(throttle.check("alice").is_err());
-        std::thread::sleep(Duration::from_millis(40));
-        throttle.check("alice").unwrap();
+    fn a_counter_locks_after_the_last_allowed_failure_and_names_a_wait() {
+        let counter = FailureCounter::new(3, Duration::from_secs(60));
+        let key = user_key("alice");
+        for _ in 0..3 {
+            assert_eq!(counter.locked_for(&key), None);
+            counter.record(key);
+        }
+        let left = counter.locked_for(&key).expect("locked");
+        assert!(left <= Duration::from_secs(60) && left > Duration::from_secs(50));
+        assert_eq!(counter.locked_for(&user_key("bob")), None);
+    }
 
-        throttle.record_failure("alice");
-        throttle.clear("alice");
-        throttle.check("alice").unwrap();
+    #[test]
+    fn a_cleared_key_or_an_elapsed_window_unlocks() {
+        let counter = FailureCounter::new(1, Duration::from_millis(30));
+        let key = user_key("alice");
+        counter.record(key);
+        assert!(counter.locked_for(&key).is_some());
+        std::thread::sleep(Duration::from_millis(40));
+        assert_eq!(counter.locked_for(&key), None);
+        counter.record(key);
+        counter.clear(&key);
+        assert_eq!(counter.locked_for(&key), None);
+    }
+
+    #[test]
+    fn a_counter_never_remembers_more_than_its_cap() {
+        let counter = FailureCounter::new(5, Duration::from_secs(60));
+        for n in 0..(MAX_TRACKED + 500) {
+            counter.record(user_key(&n.to_string()));
+        }
+        assert_eq!(counter.tracked(), MAX_TRACKED);
+    }
+
+    #[test]
+    fn ipv6_clients_are_counted_by_their_slash_64() {
+        assert_eq!(address("2001:db8::1"), address("2001:db8::ffff:1"));
+        assert_ne!(address("2001:db8::1"), address("2001:db8:0:1::1"));
+        assert_eq!(address("::ffff:10.0.0.1"), address("10.0.0.1"));
+    }
+
+    #[test]
+    fn retry_after_is_whole_seconds_rounded_up_and_never_zero() {
+        assert_eq!(retry_after_secs(Duration::ZERO), 1);
+        assert_eq!(retry_after_secs(Duration::from_millis(1)), 1);
+        assert_eq!(retry_after_secs(Duration::from_secs(2)), 2);
+        assert_eq!(retry_after_secs(Duration::from_millis(2001)), 3);
     }
 }

@@ -1,10 +1,9 @@
 //! Money-grade accounting: the ledger, history, idempotent retries and recovery.
 
-
 use std::{collections::BTreeSet, sync::Arc, time::Duration};
 
-use axum::http::StatusCode;
 use crate::common::{Reply, TestApp};
+use axum::http::StatusCode;
 use serde_json::{json, Value};
 use tokenchat::services::recovery;
 
@@ -405,26 +404,31 @@ async fn recovery_refunds_abandoned_chats_once_however_many_sweep() {
         .fetch_one(&app.state.db)
         .await
         .unwrap();
-    // What a process that died mid-chat leaves behind: a reservation and a pending chat.
+    // What a process that died mid-chat leaves behind: a reservation and a pending chat,
+    // due to settle within a minute.
     for _ in 0..3 {
-        tokenchat::db::chats::reserve(&app.state.db, user_id, "orphan", 100)
-            .await
-            .unwrap();
+        tokenchat::db::chats::reserve(
+            &app.state.db,
+            user_id,
+            "orphan",
+            100,
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap();
     }
     assert_eq!(app.balance(&token).await, 3700);
     app.assert_audit_passes().await;
 
-    // Too young to be judged abandoned: left alone.
-    let early = recovery::sweep(&app.state, Duration::from_secs(60))
-        .await
-        .unwrap();
+    // Before its deadline a chat is left alone.
+    let now = tokenchat::db::unix_now();
+    let early = recovery::sweep(&app.state, now + 59).await.unwrap();
     assert_eq!(early.refunded_chats, 0);
 
-    tokio::time::sleep(Duration::from_millis(1100)).await;
     let sweeps: Vec<_> = (0..4)
         .map(|_| {
             let state = app.state.clone();
-            tokio::spawn(async move { recovery::sweep(&state, Duration::ZERO).await.unwrap() })
+            tokio::spawn(async move { recovery::sweep(&state, now + 61).await.unwrap() })
         })
         .collect();
     let mut refunded = 0;

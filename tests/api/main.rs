@@ -5,5 +5,6 @@ mod accounting;
 mod billing;
 mod common;
 mod contract;
+mod hardening;
 mod properties;
 mod server;

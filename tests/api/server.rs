@@ -1,7 +1,6 @@
 //! The real server over TCP: in-process on `127.0.0.1:0`, and the built binary as an
 //! operator runs it (start-up, configuration errors, graceful shutdown, restarts).
 
-
 use std::{
     io::{BufRead, BufReader},
     process::{Child, Command, Stdio},
@@ -355,7 +354,9 @@ async fn a_chat_cut_off_by_sigkill_is_refunded_by_the_next_process() {
     drop(server);
 
     let database_url = format!("sqlite://{}", dir.path().join("tokenchat.db").display());
-    let db = tokenchat::db::connect(&database_url).await.unwrap();
+    let db = tokenchat::db::connect(&database_url, tokenchat::db::Open::ExistingOnly)
+        .await
+        .unwrap();
     let left_behind: (String, i64) =
         sqlx::query_as("SELECT c.status, u.tokens FROM chats c JOIN users u ON u.id = c.user_id")
             .fetch_one(&db)
@@ -402,6 +403,27 @@ fn the_audit_command_exits_non_zero_listing_offenders() {
             .output()
             .unwrap()
     };
+    // No database yet (a mistyped DATABASE_URL looks the same): both commands fail and
+    // create nothing, rather than audit a new empty database.
+    let audit = Server::command(dir.path(), &vars)
+        .arg("audit")
+        .output()
+        .unwrap();
+    assert_eq!(audit.status.code(), Some(1));
+    let said = String::from_utf8_lossy(&audit.stderr);
+    assert!(said.contains("no database file at"), "{said}");
+    assert!(!grant("ghost").status.success());
+    assert!(!dir.path().join("tokenchat.db").exists());
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let database_url = format!("sqlite://{}", dir.path().join("tokenchat.db").display());
+    rt.block_on(async {
+        let db = tokenchat::db::connect(&database_url, tokenchat::db::Open::CreateIfMissing)
+            .await
+            .unwrap();
+        tokenchat::db::migrate(&db).await.unwrap();
+        db.close().await;
+    });
     // Nobody yet: the grant fails; the (empty) audit passes.
     assert!(!grant("ghost").status.success());
     assert!(Server::command(dir.path(), &vars)
@@ -410,10 +432,10 @@ fn the_audit_command_exits_non_zero_listing_offenders() {
         .unwrap()
         .success());
 
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let database_url = format!("sqlite://{}", dir.path().join("tokenchat.db").display());
     rt.block_on(async {
-        let db = tokenchat::db::connect(&database_url).await.unwrap();
+        let db = tokenchat::db::connect(&database_url, tokenchat::db::Open::ExistingOnly)
+            .await
+            .unwrap();
         tokenchat::db::users::insert(&db, "mallory", "mallory", "$argon2id$x", 4000)
             .await
             .unwrap();
@@ -429,7 +451,9 @@ fn the_audit_command_exits_non_zero_listing_offenders() {
         .success());
 
     rt.block_on(async {
-        let db = tokenchat::db::connect(&database_url).await.unwrap();
+        let db = tokenchat::db::connect(&database_url, tokenchat::db::Open::ExistingOnly)
+            .await
+            .unwrap();
         sqlx::query("UPDATE users SET tokens = 9999")
             .execute(&db)
             .await

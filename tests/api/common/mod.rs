@@ -81,6 +81,25 @@ impl TestApp {
         self.router = router;
     }
 
+    /// Another process's view of the same database and model, with its own settings.
+    pub async fn another_process(&self, overrides: &[(&str, &str)]) -> AppState {
+        build(&self.db_path, &self.llm.base_url, overrides).await.0
+    }
+
+    /// A JSON POST from the client address `from` (the app must trust proxy headers).
+    pub async fn post_from(&self, from: &str, path: &str, body: Value) -> TestResponse {
+        self.request(
+            Method::POST,
+            path,
+            &[
+                ("content-type", "application/json"),
+                ("x-forwarded-for", from),
+            ],
+            body.to_string(),
+        )
+        .await
+    }
+
     pub async fn request(
         &self,
         method: Method,
@@ -232,10 +251,15 @@ async fn build(
     overrides: &[(&str, &str)],
 ) -> (AppState, Router) {
     let database_url = format!("sqlite://{}", db_path.display());
+    // Tests register many users and chat fast from one address: the rate limits are off
+    // unless a test turns one on. The lock-outs after failed logins keep their defaults.
     let base = [
         ("DATABASE_URL", database_url.as_str()),
         ("LLM_BASE_URL", llm_url),
         ("LLM_TIMEOUT_SECS", "5"),
+        ("LOGIN_ATTEMPTS_PER_MINUTE", "0"),
+        ("REGISTRATIONS_PER_HOUR", "0"),
+        ("CHAT_RATE_PER_MINUTE", "0"),
     ];
     let config = Config::from_lookup(|name| {
         overrides
@@ -245,7 +269,9 @@ async fn build(
             .map(|(_, value)| value.to_string())
     })
     .unwrap();
-    let db = tokenchat::db::connect(&config.database_url).await.unwrap();
+    let db = tokenchat::db::connect(&config.database_url, tokenchat::db::Open::CreateIfMissing)
+        .await
+        .unwrap();
     tokenchat::db::migrate(&db).await.unwrap();
     let state = AppState::new(config, db).unwrap();
     (state.clone(), tokenchat::router(state))
@@ -259,12 +285,17 @@ impl TestResponse {
             .get(header::CONTENT_TYPE)
             .map(|value| value.to_str().unwrap().to_string());
         let bytes = response.into_body().collect().await.unwrap().to_bytes();
-        let json = serde_json::from_slice(&bytes).unwrap_or_else(|err| {
-            panic!(
-                "{status}: body is not JSON ({err}): {:?}",
-                String::from_utf8_lossy(&bytes)
-            )
-        });
+        let empty_by_design = status == StatusCode::NO_CONTENT && bytes.is_empty();
+        let json = if empty_by_design {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).unwrap_or_else(|err| {
+                panic!(
+                    "{status}: body is not JSON ({err}): {:?}",
+                    String::from_utf8_lossy(&bytes)
+                )
+            })
+        };
         Self {
             status,
             content_type,

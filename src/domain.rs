@@ -1,0 +1,247 @@
+//! The product's values, parsed once at the edge: a value of these types obeys its rules,
+//! so nothing past the routes checks them again.
+
+use caseless::Caseless;
+use unicode_normalization::UnicodeNormalization;
+use unicode_security::MixedScript;
+
+/// A value that breaks one of its rules; `field` names the request field it came from.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct Invalid {
+    pub field: &'static str,
+    pub message: String,
+}
+
+impl Invalid {
+    fn new(field: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            field,
+            message: message.into(),
+        }
+    }
+}
+
+pub const MAX_USERNAME_CHARS: usize = 50;
+pub const MAX_PASSWORD_BYTES: usize = 1024;
+
+/// A username by Django's rules (1 to 50 characters, each a letter, a digit or one of
+/// `@ . + - _`), written in one script so that look-alikes cannot pass for each other.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Username(String);
+
+impl Username {
+    pub fn parse(text: &str) -> Result<Self, Invalid> {
+        let length = text.chars().count();
+        if length == 0 || length > MAX_USERNAME_CHARS {
+            return Err(Invalid::new(
+                "username",
+                format!("username must be 1 to {MAX_USERNAME_CHARS} characters"),
+            ));
+        }
+        let allowed = |c: char| c.is_alphanumeric() || matches!(c, '@' | '.' | '+' | '-' | '_');
+        if !text.chars().all(allowed) {
+            return Err(Invalid::new(
+                "username",
+                "username may contain only letters, digits and @ . + - _",
+            ));
+        }
+        // UTS #39's test: Cyrillic `а` among Latin letters (`аdmin`) is refused, while
+        // scripts that are written together (Japanese kana with Han) are not.
+        if !text.is_single_script() {
+            return Err(Invalid::new(
+                "username",
+                "username must not mix scripts (for example Latin and Cyrillic letters)",
+            ));
+        }
+        Ok(Self(text.to_string()))
+    }
+
+    /// The username as the user wrote it.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// What makes two usernames the same account: compatibility-normalised (NFKC, so a
+    /// fullwidth `ａｄｍｉｎ` is `admin` and the Kelvin sign is `K`) and case-folded.
+    pub fn key(&self) -> String {
+        username_key(&self.0)
+    }
+}
+
+/// NFKC, then Unicode default case folding, then NFKC again (folding can denormalise).
+pub fn username_key(text: &str) -> String {
+    text.nfkc().default_case_fold().nfkc().collect()
+}
+
+/// A password of at least the configured length in characters, at most 1024 bytes.
+pub struct Password(String);
+
+impl Password {
+    pub fn parse(text: String, min_chars: usize, field: &'static str) -> Result<Self, Invalid> {
+        if text.chars().count() < min_chars {
+            return Err(Invalid::new(
+                field,
+                format!("{field} must be at least {min_chars} characters"),
+            ));
+        }
+        Self::check_size(&text, field)?;
+        Ok(Self(text))
+    }
+
+    /// A password offered to be checked (login, the old password of a change): only its
+    /// size is limited, since the rules may have changed since it was chosen.
+    pub fn offered(text: String, field: &'static str) -> Result<Self, Invalid> {
+        if text.is_empty() {
+            return Err(Invalid::new(field, format!("{field} must not be empty")));
+        }
+        Self::check_size(&text, field)?;
+        Ok(Self(text))
+    }
+
+    fn check_size(text: &str, field: &'static str) -> Result<(), Invalid> {
+        if text.len() > MAX_PASSWORD_BYTES {
+            return Err(Invalid::new(
+                field,
+                format!("{field} must be at most {MAX_PASSWORD_BYTES} bytes"),
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn into_inner(self) -> String {
+        self.0
+    }
+}
+
+/// Passwords never reach a log through `{:?}`.
+impl std::fmt::Debug for Password {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Password(<redacted>)")
+    }
+}
+
+/// A chat message: 1 to `max_chars` characters, with something visible in it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message(String);
+
+impl Message {
+    pub fn parse(text: String, max_chars: usize) -> Result<Self, Invalid> {
+        if text
+            .chars()
+            .all(|c| c.is_whitespace() || is_default_ignorable(c))
+        {
+            return Err(Invalid::new("message", "message must not be empty"));
+        }
+        if text.chars().count() > max_chars {
+            return Err(Invalid::new(
+                "message",
+                format!("message must be at most {max_chars} characters"),
+            ));
+        }
+        Ok(Self(text))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    pub fn into_inner(self) -> String {
+        self.0
+    }
+}
+
+/// Unicode's Default_Ignorable_Code_Point property (DerivedCoreProperties.txt, Unicode 15):
+/// characters that render as nothing, such as the zero-width space. Written out because
+/// no maintained crate exposes this one property; the list is short and stable.
+fn is_default_ignorable(c: char) -> bool {
+    matches!(c as u32,
+        0x00AD | 0x034F | 0x061C | 0x115F..=0x1160 | 0x17B4..=0x17B5 | 0x180B..=0x180F
+        | 0x200B..=0x200F | 0x202A..=0x202E | 0x2060..=0x206F | 0x3164 | 0xFE00..=0xFE0F
+        | 0xFEFF | 0xFFA0 | 0xFFF0..=0xFFF8 | 0x1BCA0..=0x1BCA3 | 0x1D173..=0x1D17A
+        | 0xE0000..=0xE0FFF)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_username_is_one_to_fifty_characters_not_bytes() {
+        assert!(Username::parse("").is_err());
+        assert!(Username::parse("a").is_ok());
+        assert!(Username::parse(&"a".repeat(50)).is_ok());
+        assert!(Username::parse(&"a".repeat(51)).is_err());
+        // 50 two-byte letters are 100 bytes and still fine.
+        assert!(Username::parse(&"é".repeat(50)).is_ok());
+        assert!(Username::parse(&"é".repeat(51)).is_err());
+    }
+
+    #[test]
+    fn a_username_takes_letters_digits_and_five_signs_only() {
+        assert!(Username::parse("user.name+tag@example-1_2").is_ok());
+        assert!(Username::parse("José").is_ok());
+        for bad in [
+            "with space",
+            "semi;colon",
+            "tab\t",
+            "slash/",
+            "quote'",
+            "emoji😀",
+        ] {
+            assert_eq!(Username::parse(bad).unwrap_err().field, "username", "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_username_that_mixes_scripts_is_refused() {
+        // Cyrillic а (U+0430) among Latin letters.
+        assert!(Username::parse("\u{430}dmin").is_err());
+        assert!(Username::parse("админ").is_ok());
+        assert!(Username::parse("admin").is_ok());
+        assert!(Username::parse("ひらがなカタカナ漢字").is_ok());
+    }
+
+    #[test]
+    fn look_alike_usernames_share_one_key() {
+        let key = |name: &str| Username::parse(name).unwrap().key();
+        assert_eq!(key("ａｄｍｉｎ"), "admin");
+        assert_eq!(key("ADMIN"), "admin");
+        // The Kelvin sign (U+212A) is the letter K.
+        assert_eq!(key("\u{212A}ate"), key("Kate"));
+        assert_eq!(key("STRASSE"), key("straße"));
+        assert_ne!(key("admin"), key("admim"));
+    }
+
+    #[test]
+    fn a_password_is_counted_in_characters_and_capped_in_bytes() {
+        assert!(Password::parse("12345".into(), 6, "password").is_err());
+        assert!(Password::parse("éééééé".into(), 6, "password").is_ok());
+        assert!(Password::parse("a".repeat(1024), 6, "password").is_ok());
+        assert!(Password::parse("a".repeat(1025), 6, "password").is_err());
+        // 342 three-byte characters are 1026 bytes.
+        assert!(Password::parse("€".repeat(342), 6, "password").is_err());
+        assert!(Password::offered(String::new(), "password").is_err());
+        assert!(Password::offered("x".into(), "password").is_ok());
+        assert!(
+            !format!("{:?}", Password::offered("secret".into(), "p").unwrap()).contains("secret")
+        );
+    }
+
+    #[test]
+    fn a_message_needs_something_visible_and_at_most_the_limit() {
+        for empty in [
+            "",
+            " ",
+            "\n\t ",
+            "\u{200B}",
+            " \u{200B}\u{FEFF}\u{2060} ",
+            "\u{3164}",
+        ] {
+            assert!(Message::parse(empty.into(), 10).is_err(), "{empty:?}");
+        }
+        assert!(Message::parse("hi\u{200B}".into(), 10).is_ok());
+        assert!(Message::parse("😀".repeat(10), 10).is_ok());
+        assert!(Message::parse("😀".repeat(11), 10).is_err());
+    }
+}
