@@ -526,3 +526,168 @@ async fn a_new_database_file_is_readable_by_its_owner_only() {
         assert_eq!(mode & 0o777, 0o600, "{path}");
     }
 }
+
+/// The binary's commands, run in `dir` against its default database file.
+fn command(dir: &std::path::Path, args: &[&str]) -> std::process::Output {
+    crate::server::Server::command(dir, &[])
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// A fresh directory whose database the server has created, with user `mallory`.
+async fn database_with_a_user() -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("tokenchat.db").display());
+    let db = tokenchat::db::connect(&url, tokenchat::db::Open::CreateIfMissing)
+        .await
+        .unwrap();
+    tokenchat::db::migrate(&db).await.unwrap();
+    tokenchat::db::users::insert(&db, "mallory", "mallory", "$argon2id$x", 4000)
+        .await
+        .unwrap();
+    db.close().await;
+    (dir, url)
+}
+
+async fn balance_in(url: &str) -> (String, i64) {
+    let db = tokenchat::db::connect(url, tokenchat::db::Open::ExistingOnly)
+        .await
+        .unwrap();
+    let row = sqlx::query_as("SELECT typeof(tokens), tokens FROM users")
+        .fetch_one(&db)
+        .await
+        .unwrap();
+    db.close().await;
+    row
+}
+
+#[tokio::test]
+async fn a_grant_past_the_ceiling_is_refused_and_writes_nothing() {
+    let (dir, url) = database_with_a_user().await;
+    for amount in ["9223372036854775807", "1000000000000001", "0", "-5"] {
+        let refused = command(dir.path(), &["grant", "mallory", amount]);
+        assert_eq!(refused.status.code(), Some(1), "{amount}");
+        assert!(!String::from_utf8_lossy(&refused.stderr).is_empty());
+    }
+    // Up to the ceiling exactly, then not one token more.
+    let to_ceiling = (tokenchat::config::MAX_BALANCE - 4000).to_string();
+    assert!(command(dir.path(), &["grant", "mallory", &to_ceiling])
+        .status
+        .success());
+    let over = command(dir.path(), &["grant", "mallory", "1"]);
+    assert_eq!(over.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&over.stderr).contains("ceiling"));
+    assert_eq!(
+        balance_in(&url).await,
+        ("integer".to_string(), tokenchat::config::MAX_BALANCE)
+    );
+    let audit = command(dir.path(), &["audit"]);
+    assert!(audit.status.success(), "{:?}", audit);
+}
+
+#[tokio::test]
+async fn with_registration_closed_the_operator_creates_users_from_the_command_line() {
+    let (dir, _) = database_with_a_user().await;
+    let mut create = crate::server::Server::command(dir.path(), &[("REGISTRATION_OPEN", "false")]);
+    let mut child = create
+        .args(["create-user", "carol"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(b"s3cret-pass\n").unwrap();
+    }
+    let created = child.wait_with_output().unwrap();
+    assert!(created.status.success(), "{created:?}");
+    assert!(String::from_utf8_lossy(&created.stdout).contains("created carol with 4000 tokens"));
+    // The same rules as /register: a taken name or a short password is refused.
+    let again = command(dir.path(), &["create-user", "CAROL"]);
+    assert_eq!(again.status.code(), Some(1));
+
+    let server = crate::server::Server::start(dir.path(), &[("REGISTRATION_OPEN", "false")]);
+    let http = reqwest::Client::new();
+    let closed = http
+        .post(format!("{}/register", server.base))
+        .json(&json!({ "username": "dave", "password": "pass123" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(closed.status(), 403);
+    let login = http
+        .post(format!("{}/login", server.base))
+        .json(&json!({ "username": "carol", "password": "s3cret-pass" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(login.status(), 200);
+}
+
+#[test]
+fn a_server_that_cannot_listen_creates_no_database() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = taken.local_addr().unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let output = crate::server::Server::command(dir.path(), &[("BIND_ADDR", &address)])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("cannot listen on BIND_ADDR"));
+    assert!(!dir.path().join("tokenchat.db").exists());
+}
+
+/// Resident memory of a process, in kB.
+fn resident_kb(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status
+        .lines()
+        .find(|line| line.starts_with("VmRSS:"))
+        .unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[tokio::test]
+async fn failed_logins_with_huge_unique_usernames_do_not_grow_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = crate::server::Server::start(
+        dir.path(),
+        &[
+            ("LOGIN_ATTEMPTS_PER_MINUTE", "0"),
+            ("MAX_BODY_BYTES", "70000"),
+        ],
+    );
+    let http = reqwest::Client::new();
+    let attempt = |n: usize| {
+        let http = http.clone();
+        let url = format!("{}/login", server.base);
+        async move {
+            let username = format!("{n:08}{}", "u".repeat(60_000));
+            let body = json!({ "username": username, "password": "wrong!" });
+            let response = http.post(url).json(&body).send().await.unwrap();
+            assert_eq!(response.status(), 401);
+        }
+    };
+    // Warm up the allocator and the connection pool, then measure.
+    futures_join_all((0..40).map(attempt)).await;
+    let before = resident_kb(server.child.id());
+    for wave in 0..10 {
+        futures_join_all((0..40).map(|n| attempt(1000 + wave * 40 + n))).await;
+    }
+    let after = resident_kb(server.child.id());
+    // 400 usernames of 60 KB: 24 MB if any were kept.
+    assert!(
+        after < before + 8 * 1024,
+        "resident memory grew from {before} kB to {after} kB"
+    );
+}
+
+async fn futures_join_all<F: std::future::Future<Output = ()> + Send + 'static>(
+    futures: impl Iterator<Item = F>,
+) {
+    let tasks: Vec<_> = futures.map(tokio::spawn).collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+}

@@ -139,14 +139,14 @@ async fn the_database_holds_no_plaintext_password_or_token() {
 }
 
 /// The built binary, run in a directory with only the variables given.
-struct Server {
-    child: Child,
-    base: String,
-    log: Arc<Mutex<String>>,
+pub(crate) struct Server {
+    pub(crate) child: Child,
+    pub(crate) base: String,
+    pub(crate) log: Arc<Mutex<String>>,
 }
 
 impl Server {
-    fn command(dir: &std::path::Path, vars: &[(&str, &str)]) -> Command {
+    pub(crate) fn command(dir: &std::path::Path, vars: &[(&str, &str)]) -> Command {
         let mut command = Command::new(env!("CARGO_BIN_EXE_tokenchat"));
         command
             .current_dir(dir)
@@ -162,7 +162,7 @@ impl Server {
     }
 
     /// Starts the binary in `dir` and waits for its "listening" line to learn the port.
-    fn start(dir: &std::path::Path, vars: &[(&str, &str)]) -> Self {
+    pub(crate) fn start(dir: &std::path::Path, vars: &[(&str, &str)]) -> Self {
         let mut child = Self::command(dir, vars).spawn().unwrap();
         let stdout = BufReader::new(child.stdout.take().unwrap());
         let mut lines = stdout.lines();
