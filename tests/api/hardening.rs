@@ -691,3 +691,45 @@ async fn futures_join_all<F: std::future::Future<Output = ()> + Send + 'static>(
         task.await.unwrap();
     }
 }
+
+#[tokio::test]
+async fn a_body_that_trickles_in_too_slowly_gets_408_and_charges_nothing() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let app = TestApp::with_env(&[("BODY_READ_TIMEOUT_SECS", "1")]).await;
+    let token = app.user_with_token("user").await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(tokenchat::serve(
+        listener,
+        app.state.clone(),
+        std::future::pending(),
+    ));
+    let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+    let head = format!(
+        "POST /chat HTTP/1.1\r\nHost: {address}\r\nAuthorization: Token {token}\r\n\
+         Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"message\": "
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut buffer = [0u8; 4096];
+        loop {
+            let n = stream.read(&mut buffer).await.unwrap_or(0);
+            if n == 0 {
+                break;
+            }
+            answer.extend_from_slice(&buffer[..n]);
+            if answer.windows(4).any(|w| w == b"\r\n\r\n") && answer.ends_with(b"}") {
+                break;
+            }
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "no answer within 5 s");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains(r#""code":"request_timeout""#), "{answer}");
+    assert_eq!(app.balance(&token).await, 4000);
+    assert_eq!(app.llm.calls(), 0);
+}
