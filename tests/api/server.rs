@@ -403,6 +403,13 @@ fn the_audit_command_exits_non_zero_listing_offenders() {
             .output()
             .unwrap()
     };
+    let audit_passes = || {
+        Server::command(dir.path(), &vars)
+            .arg("audit")
+            .status()
+            .unwrap()
+            .success()
+    };
     // No database yet (a mistyped DATABASE_URL looks the same): both commands fail and
     // create nothing, rather than audit a new empty database.
     let audit = Server::command(dir.path(), &vars)
@@ -426,11 +433,7 @@ fn the_audit_command_exits_non_zero_listing_offenders() {
     });
     // Nobody yet: the grant fails; the (empty) audit passes.
     assert!(!grant("ghost").status.success());
-    assert!(Server::command(dir.path(), &vars)
-        .arg("audit")
-        .status()
-        .unwrap()
-        .success());
+    assert!(audit_passes());
 
     rt.block_on(async {
         let db = tokenchat::db::connect(&database_url, tokenchat::db::Open::ExistingOnly)
@@ -444,11 +447,7 @@ fn the_audit_command_exits_non_zero_listing_offenders() {
     let granted = grant("MALLORY");
     assert!(granted.status.success());
     assert!(String::from_utf8_lossy(&granted.stdout).contains("balance now 4005"));
-    assert!(Server::command(dir.path(), &vars)
-        .arg("audit")
-        .status()
-        .unwrap()
-        .success());
+    assert!(audit_passes());
 
     rt.block_on(async {
         let db = tokenchat::db::connect(&database_url, tokenchat::db::Open::ExistingOnly)
