@@ -9,8 +9,8 @@ use std::{any::Any, time::Duration};
 
 use axum::{
     extract::{DefaultBodyLimit, MatchedPath, Request},
-    http::{header, Response as HttpResponse},
-    middleware,
+    http::{header, Method, Response as HttpResponse},
+    middleware::{self, Next},
     response::{IntoResponse, Response},
     routing::{get, post, MethodRouter},
     Json, Router,
@@ -77,6 +77,7 @@ pub fn router(state: AppState) -> Router {
         // Browsers may call the API from any origin: it authenticates by header, never by
         // cookie, so there are no ambient credentials for another site to use.
         .layer(CorsLayer::permissive())
+        .layer(middleware::from_fn(route_options_unless_preflight))
         .layer(
             TraceLayer::new_for_http()
                 .make_span_with(request_span)
@@ -110,6 +111,24 @@ fn with_and_without_slash<const N: usize>(
                 .route(path, handler.clone())
                 .route(&format!("{path}/"), handler)
         })
+}
+
+/// tower-http's CORS layer answers every OPTIONS request as a preflight (200, no body), on
+/// any path. Only a preflight (`Origin` and `Access-Control-Request-Method`) gets that;
+/// any other OPTIONS is answered like any method without a handler: 405 (the method
+/// router adds `Allow`) on a route, 404 elsewhere.
+async fn route_options_unless_preflight(request: Request, next: Next) -> Response {
+    let headers = request.headers();
+    let preflight = headers.contains_key(header::ORIGIN)
+        && headers.contains_key(header::ACCESS_CONTROL_REQUEST_METHOD);
+    if request.method() != Method::OPTIONS || preflight {
+        return next.run(request).await;
+    }
+    if request.extensions().get::<MatchedPath>().is_some() {
+        Error::MethodNotAllowed.into_response()
+    } else {
+        Error::NotFound.into_response()
+    }
 }
 
 /// A Unix time as RFC 3339 UTC, the form of every time in a response.

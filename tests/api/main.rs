@@ -6,5 +6,6 @@ mod billing;
 mod common;
 mod contract;
 mod hardening;
+mod hostile;
 mod properties;
 mod server;
