@@ -136,7 +136,12 @@ impl Config {
             password_min_length: vars.between("PASSWORD_MIN_LENGTH", "6", 1, 1024)?,
             log_filter,
             connections: ConnectionLimits {
-                header_read_timeout: vars.seconds("HEADER_READ_TIMEOUT_SECS", "10", 1, HOUR_SECS)?,
+                header_read_timeout: vars.seconds(
+                    "HEADER_READ_TIMEOUT_SECS",
+                    "10",
+                    1,
+                    HOUR_SECS,
+                )?,
                 idle_timeout: vars.seconds("IDLE_TIMEOUT_SECS", "60", 1, DAY_SECS)?,
                 body_read_timeout: vars.seconds("BODY_READ_TIMEOUT_SECS", "30", 1, HOUR_SECS)?,
                 max_connections: match vars.optional("MAX_CONNECTIONS") {
@@ -186,8 +191,7 @@ impl Vars<'_> {
     }
 
     fn string(&self, name: &str, default: &str) -> String {
-        self.optional(name)
-            .unwrap_or_else(|| default.to_string())
+        self.optional(name).unwrap_or_else(|| default.to_string())
     }
 
     fn parse<T>(&self, name: &'static str, default: &str) -> Result<T, ConfigError>

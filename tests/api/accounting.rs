@@ -1,10 +1,9 @@
 //! Money-grade accounting: the ledger, history, idempotent retries and recovery.
 
-
 use std::{collections::BTreeSet, sync::Arc, time::Duration};
 
-use axum::http::StatusCode;
 use crate::common::{Reply, TestApp};
+use axum::http::StatusCode;
 use serde_json::{json, Value};
 use tokenchat::services::recovery;
 

@@ -1,10 +1,9 @@
 //! Chat accounting: charged exactly once per stored answer, never below zero, never for a failure.
 
-
 use std::time::Duration;
 
-use axum::http::StatusCode;
 use crate::common::{Reply, TestApp};
+use axum::http::StatusCode;
 
 #[tokio::test]
 async fn below_the_price_of_a_chat_the_answer_is_402_and_nothing_changes() {

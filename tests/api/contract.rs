@@ -1,9 +1,8 @@
 //! The contract's routes through the router in-process: the original walkthrough,
 //! validation, authentication and the error envelope from every layer.
 
-
-use axum::http::{Method, StatusCode};
 use crate::common::TestApp;
+use axum::http::{Method, StatusCode};
 use serde_json::json;
 use tower::ServiceExt;
 

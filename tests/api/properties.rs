@@ -2,14 +2,13 @@
 //! idempotent retries runs at once, every balance is its ledger, every answered chat was
 //! delivered and paid for exactly once, and nothing is left pending.
 
-
 use std::{
     collections::{BTreeSet, HashMap},
     sync::{Arc, Mutex},
 };
 
-use axum::http::StatusCode;
 use crate::common::TestApp;
+use axum::http::StatusCode;
 use proptest::prelude::*;
 
 const USERS: usize = 3;
