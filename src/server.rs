@@ -102,8 +102,18 @@ pub(crate) async fn run(
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> io::Result<()> {
+    serve_router(listener, router(state.clone()), state, shutdown).await
+}
+
+/// [`run`] with any router; `state` gives the limits and the chats shutdown waits for.
+async fn serve_router(
+    listener: TcpListener,
+    router: Router,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> io::Result<()> {
     let server = Arc::new(Server {
-        router: router(state.clone()),
+        router,
         limits: state.config.connections.clone(),
         cap: connection_cap(&state.config.connections),
         registry: Registry::new(),
@@ -412,15 +422,17 @@ impl Registry {
     /// is closing to make room, just asked or asked earlier and not closed yet.
     fn evict_longest_idle(&self) -> bool {
         let open = self.open();
+        // One at a time; but one that took a request just before it was asked goes on to
+        // serve it, and may take long, so it does not count.
         if open
             .values()
-            .any(|activity| activity.evicted.load(Ordering::SeqCst))
+            .any(|activity| activity.evicted.load(Ordering::SeqCst) && !activity.is_busy())
         {
             return true;
         }
         let longest_idle = open
             .values()
-            .filter(|activity| activity.requests_in_flight.load(Ordering::SeqCst) == 0)
+            .filter(|activity| !activity.is_busy() && !activity.evicted.load(Ordering::SeqCst))
             .min_by_key(|activity| {
                 (
                     activity.idle_since_micros.load(Ordering::SeqCst),
@@ -651,6 +663,50 @@ mod tests {
         assert_eq!(connections_for_descriptor_limit(0), 1);
         assert_eq!(connections_for_descriptor_limit(1 << 20), 10_000);
         assert_eq!(connections_for_descriptor_limit(u64::MAX), 10_000);
+    }
+
+    #[tokio::test]
+    async fn every_request_carries_the_client_address() {
+        use axum::routing::get;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+        let dir = tempfile::tempdir().unwrap();
+        let database_url = format!("sqlite://{}", dir.path().join("db").display());
+        let config = crate::Config::from_lookup(|name| {
+            (name == "DATABASE_URL").then(|| database_url.clone())
+        })
+        .unwrap();
+        let db = crate::db::connect(&config.database_url).await.unwrap();
+        let state = AppState::new(config, db).unwrap();
+        let peer_echo = Router::new().route(
+            "/peer",
+            get(|ConnectInfo(peer): ConnectInfo<SocketAddr>| async move { peer.to_string() }),
+        );
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(serve_router(
+            listener,
+            peer_echo,
+            state,
+            std::future::pending(),
+        ));
+
+        let mut client = TcpStream::connect(address).await.unwrap();
+        let client_address = client.local_addr().unwrap();
+        client
+            .write_all(b"GET /peer HTTP/1.1\r\nHost: tokenchat\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut response = String::new();
+        timeout(Duration::from_secs(5), client.read_to_string(&mut response))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+        assert!(
+            response.ends_with(&client_address.to_string()),
+            "{response}"
+        );
     }
 
     #[test]
