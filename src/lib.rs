@@ -8,6 +8,7 @@ pub mod db;
 pub mod domain;
 pub mod error;
 mod routes;
+pub mod server;
 pub mod services;
 
 use std::{future::Future, sync::Arc};
@@ -54,28 +55,30 @@ impl AppState {
 }
 
 /// Serves the application on `listener` until `shutdown` resolves, then stops accepting,
-/// lets open requests finish and waits for every chat in progress to settle.
+/// lets open requests finish and waits for every chat in progress to settle, for up to
+/// `SHUTDOWN_GRACE_SECS`; after that, chats still waiting are refunded and connections
+/// closed (see [`server`] for the time-outs and the connection cap).
 ///
 /// Before it accepts, it prepares what login needs to fail unknown users as slowly as
 /// wrong passwords. Meanwhile it refunds chats that an earlier process left pending (see
-/// [`services::recovery`]) and checkpoints the database's write-ahead log.
+/// [`services::recovery`]), checkpoints the database's write-ahead log, and lets the
+/// abuse limits forget what no longer limits anyone.
 pub async fn serve(
     listener: TcpListener,
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let tasks = state.tasks.clone();
     if let Err(err) = services::passwords::prepare().await {
         tracing::warn!(error = %err, "could not prepare the dummy password hash");
     }
     let recovery = tokio::spawn(services::recovery::run_periodically(state.clone()));
     let checkpoints = tokio::spawn(db::checkpoint_periodically(state.db.clone()));
-    let served = axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown)
-        .await;
-    tasks.close();
-    tasks.wait().await;
+    let forgetting = tokio::spawn(services::throttle::forget_stale_periodically(
+        state.throttle.clone(),
+    ));
+    let served = server::run(listener, state, shutdown).await;
     recovery.abort();
     checkpoints.abort();
+    forgetting.abort();
     served
 }

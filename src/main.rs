@@ -4,11 +4,12 @@
 
 use std::{
     io::{BufRead, IsTerminal},
+    net::SocketAddr,
     process::ExitCode,
 };
 
-use tokenchat::{db, domain, services, AppState, Config};
-use tokio::net::TcpListener;
+use tokenchat::{db, domain, server, services, AppState, Config};
+use tokio::net::{TcpListener, TcpSocket};
 use tracing_subscriber::EnvFilter;
 
 const USAGE: &str = "\
@@ -89,9 +90,9 @@ async fn open_database(config: &Config, open: db::Open) -> Result<db::Db, String
 }
 
 async fn serve(config: Config) -> Result<ExitCode, String> {
+    raise_descriptor_limit_and_log_cap(&config);
     // The port first: a server that cannot listen must not create or migrate anything.
-    let listener = TcpListener::bind(config.bind_addr)
-        .await
+    let listener = listen(config.bind_addr)
         .map_err(|err| format!("cannot listen on BIND_ADDR {}: {err}", config.bind_addr))?;
     let database = open_database(&config, db::Open::CreateIfMissing).await?;
     let state = AppState::new(config, database.clone())
@@ -111,6 +112,50 @@ async fn serve(config: Config) -> Result<ExitCode, String> {
     database.close().await;
     tracing::info!("stopped");
     Ok(ExitCode::SUCCESS)
+}
+
+/// Connections the kernel may queue for us: at the connection cap they wait there, and past
+/// this many a client's connection attempt is dropped and retried only a second or more later.
+/// (Tokio's `TcpListener::bind` queues 128; the kernel caps this at `net.core.somaxconn`.)
+const LISTEN_BACKLOG: u32 = 1024;
+
+fn listen(address: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = match address {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    // A restarted server can bind again while its old connections linger in TIME_WAIT.
+    #[cfg(unix)]
+    socket.set_reuseaddr(true)?;
+    socket.bind(address)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
+/// Raises the file-descriptor soft limit to the hard limit, since every open connection holds
+/// a descriptor, and logs it with the connection cap in one line.
+fn raise_descriptor_limit_and_log_cap(config: &Config) {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(descriptors) => {
+            let max_connections = server::connection_cap(&config.connections);
+            tracing::info!(
+                file_descriptor_limit = descriptors,
+                max_connections,
+                "connection limits"
+            );
+            if max_connections > server::connections_for_descriptor_limit(descriptors) {
+                tracing::warn!(
+                    max_connections,
+                    "MAX_CONNECTIONS leaves too few file descriptors: past them, new \
+                     connections wait while idle ones are closed"
+                );
+            }
+        }
+        Err(err) => tracing::warn!(
+            error = %err,
+            max_connections = server::connection_cap(&config.connections),
+            "cannot raise the file-descriptor limit"
+        ),
+    }
 }
 
 async fn audit(config: Config) -> Result<ExitCode, String> {

@@ -150,6 +150,19 @@ where
         .map(|count| RateLimiter::keyed(per(count)))
 }
 
+/// How often the stores drop what has expired.
+const FORGET_PERIOD: Duration = Duration::from_secs(60);
+
+/// Calls [`Throttle::forget_stale`] every minute, forever.
+pub async fn forget_stale_periodically(throttle: std::sync::Arc<Throttle>) {
+    let mut ticks = tokio::time::interval(FORGET_PERIOD);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        throttle.forget_stale();
+    }
+}
+
 fn check_rate<K>(limiter: Option<&DefaultKeyedRateLimiter<K>>, key: &K) -> Result<(), Error>
 where
     K: Clone + Eq + std::hash::Hash,

@@ -4,6 +4,7 @@
 mod accounting;
 mod billing;
 mod common;
+mod connections;
 mod contract;
 mod hardening;
 mod hostile;

@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use tokio::{io::AsyncWriteExt, net::TcpStream};
 
 /// Serves `app`'s state on an ephemeral port; returns the base URL.
-async fn serve_in_process(app: &TestApp) -> String {
+pub(crate) async fn serve_in_process(app: &TestApp) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let state = app.state.clone();
@@ -163,20 +163,28 @@ impl Server {
 
     /// Starts the binary in `dir` and waits for its "listening" line to learn the port.
     pub(crate) fn start(dir: &std::path::Path, vars: &[(&str, &str)]) -> Self {
-        let mut child = Self::command(dir, vars).spawn().unwrap();
+        Self::start_command(Self::command(dir, vars))
+    }
+
+    /// Starts `command` (made by [`Server::command`]) and waits for its "listening" line.
+    pub(crate) fn start_command(mut command: Command) -> Self {
+        let mut child = command.spawn().unwrap();
         let stdout = BufReader::new(child.stdout.take().unwrap());
         let mut lines = stdout.lines();
+        let mut start_up = String::new();
         let address = loop {
             let line = lines
                 .next()
                 .expect("the server exited before listening")
                 .unwrap();
+            start_up.push_str(&line);
+            start_up.push('\n');
             if let Some(rest) = line.split("address=").nth(1) {
                 break rest.split_whitespace().next().unwrap().to_string();
             }
         };
         // Keep reading the log so the server never blocks on a full pipe.
-        let log = Arc::new(Mutex::new(String::new()));
+        let log = Arc::new(Mutex::new(start_up));
         let sink = log.clone();
         std::thread::spawn(move || {
             for line in lines.map_while(Result::ok) {
@@ -192,7 +200,7 @@ impl Server {
         }
     }
 
-    fn signal(&self, name: &str) {
+    pub(crate) fn signal(&self, name: &str) {
         let status = Command::new("kill")
             .args([name, &self.child.id().to_string()])
             .status()
@@ -473,14 +481,18 @@ fn the_audit_command_exits_non_zero_listing_offenders() {
 }
 
 /// Sends a request; its status and JSON body.
-async fn send(request: reqwest::RequestBuilder) -> (u16, Value) {
+pub(crate) async fn send(request: reqwest::RequestBuilder) -> (u16, Value) {
     let response = request.send().await.unwrap();
     let status = response.status().as_u16();
     (status, response.json().await.unwrap())
 }
 
 /// Registers `user` with `password` on a running server and returns a login token.
-async fn register_and_login(http: &reqwest::Client, base: &str, password: &str) -> String {
+pub(crate) async fn register_and_login(
+    http: &reqwest::Client,
+    base: &str,
+    password: &str,
+) -> String {
     let credentials = json!({ "username": "user", "password": password });
     let (registered, _) = send(http.post(format!("{base}/register")).json(&credentials)).await;
     assert_eq!(registered, 201);
@@ -489,7 +501,7 @@ async fn register_and_login(http: &reqwest::Client, base: &str, password: &str) 
 }
 
 /// Polls `condition` for up to twenty seconds.
-async fn wait_until<F, Fut>(condition: F)
+pub(crate) async fn wait_until<F, Fut>(condition: F)
 where
     F: Fn() -> Fut,
     Fut: std::future::Future<Output = bool>,

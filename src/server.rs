@@ -1,0 +1,725 @@
+//! The HTTP/1 server behind [`crate::serve`]: an accept loop that caps open connections, closes
+//! clients that are slow to send their headers or idle too long, and shuts down by a deadline.
+//!
+//! Each connection is driven by hyper's `http1` connection inside a task that also keeps its
+//! timers. What the timers need to know is shared in an `Activity`: the socket notes when the
+//! first bytes of a request arrive, the service counts the request in flight until hyper drops
+//! its response body, and the accept loop reads it to pick a connection to close.
+//!
+//! hyper's own `header_read_timeout` is not used. hyper (1.12) starts it whenever it waits for
+//! a request's headers: on a fresh connection and again right after each response, so it
+//! would close every idle keep-alive connection after `HEADER_READ_TIMEOUT_SECS` instead of
+//! `IDLE_TIMEOUT_SECS`. Here the header clock starts at the first byte of a request. Nor does
+//! hyper's `graceful_shutdown` close a connection in the middle of its first request's
+//! headers (it waits for that request), so such a connection is dropped instead.
+
+use std::{
+    collections::HashMap,
+    convert::Infallible,
+    future::Future,
+    io,
+    net::SocketAddr,
+    pin::{pin, Pin},
+    sync::{
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+        Arc, Mutex, PoisonError,
+    },
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use axum::{
+    body::{Body, Bytes},
+    extract::ConnectInfo,
+    Router,
+};
+use hyper::{
+    body::{Frame, Incoming, SizeHint},
+    server::conn::http1,
+    service::service_fn,
+    Request,
+};
+use hyper_util::rt::TokioIo;
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::{TcpListener, TcpStream},
+    sync::Notify,
+    time::{sleep, sleep_until, timeout, Instant},
+};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tower::ServiceExt;
+
+use crate::{config::ConnectionLimits, routes::router, AppState};
+
+/// File descriptors kept back from client connections when the cap is derived from the limit:
+/// standard streams, the runtime's event queue, the SQLite files, the log, DNS look-ups.
+const DESCRIPTORS_RESERVED: u64 = 64;
+/// The highest cap derived from the descriptor limit; set `MAX_CONNECTIONS` to go beyond.
+const MAX_DERIVED_CONNECTIONS: u64 = 10_000;
+/// After a failed accept, the pause before the next try, so a full descriptor table is not
+/// retried in a tight loop.
+const ACCEPT_RETRY_DELAY: Duration = Duration::from_millis(50);
+/// The most often a failing accept is logged; the rest are counted into the next line.
+const ACCEPT_FAILURE_LOG_INTERVAL: Duration = Duration::from_secs(1);
+/// How long a connection asked to close may take (to flush what it was writing to a client
+/// that does not read) before it is dropped.
+const CLOSE_LINGER: Duration = Duration::from_secs(5);
+/// After shutdown's grace, how long chats get to refund themselves and connections to close.
+const AFTER_GRACE: Duration = Duration::from_secs(5);
+
+/// How many connections may be open at once: `MAX_CONNECTIONS` when set, else derived from the
+/// process's current file-descriptor soft limit (see [`connections_for_descriptor_limit`]).
+pub fn connection_cap(limits: &ConnectionLimits) -> usize {
+    limits
+        .max_connections
+        .unwrap_or_else(|| connections_for_descriptor_limit(descriptor_limit()))
+}
+
+/// The cap for a soft limit of `descriptors`: 64 are kept back for the process itself
+/// (standard streams, the runtime, the SQLite files), and half of the rest goes to client
+/// connections, because every client connection may be waiting on a chat that holds a second
+/// socket, to the model. At least 1, at most 10,000.
+pub fn connections_for_descriptor_limit(descriptors: u64) -> usize {
+    let cap =
+        (descriptors.saturating_sub(DESCRIPTORS_RESERVED) / 2).clamp(1, MAX_DERIVED_CONNECTIONS);
+    usize::try_from(cap).unwrap_or(1)
+}
+
+#[cfg(unix)]
+fn descriptor_limit() -> u64 {
+    rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(1024, |(soft, _hard)| soft)
+}
+
+#[cfg(not(unix))]
+fn descriptor_limit() -> u64 {
+    u64::MAX
+}
+
+/// Serves `state`'s application on `listener` until `shutdown` resolves, then shuts down
+/// within `SHUTDOWN_GRACE_SECS` (see [`Server::shut_down`]).
+pub(crate) async fn run(
+    listener: TcpListener,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> io::Result<()> {
+    serve_router(listener, router(state.clone()), state, shutdown).await
+}
+
+/// [`run`] with any router; `state` gives the limits and the chats shutdown waits for.
+async fn serve_router(
+    listener: TcpListener,
+    router: Router,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> io::Result<()> {
+    let server = Arc::new(Server {
+        router,
+        limits: state.config.connections.clone(),
+        cap: connection_cap(&state.config.connections),
+        registry: Registry::new(),
+        connections: TaskTracker::new(),
+        stop: CancellationToken::new(),
+        force_close: CancellationToken::new(),
+    });
+    let stop = server.stop.clone();
+    let watcher = tokio::spawn(async move {
+        shutdown.await;
+        stop.cancel();
+    });
+    server.accept_until_stopped(&listener).await;
+    drop(listener);
+    watcher.abort();
+    server.shut_down(&state).await;
+    Ok(())
+}
+
+struct Server {
+    router: Router,
+    limits: ConnectionLimits,
+    cap: usize,
+    registry: Registry,
+    connections: TaskTracker,
+    /// Cancelled when shutdown begins: no more accepts, every connection closes gracefully.
+    stop: CancellationToken,
+    /// Cancelled when shutdown's grace is over: every connection still open is dropped.
+    force_close: CancellationToken,
+}
+
+impl Server {
+    async fn accept_until_stopped(self: &Arc<Self>, listener: &TcpListener) {
+        let mut failures = AcceptFailures::default();
+        loop {
+            let accepted = tokio::select! {
+                () = self.stop.cancelled() => return,
+                accepted = listener.accept() => accepted,
+            };
+            match accepted {
+                Ok((stream, peer)) => {
+                    // Until there is room this one waits, accepted but not served, and the
+                    // clients after it wait in the kernel's backlog.
+                    if !self.wait_for_room().await {
+                        return;
+                    }
+                    self.spawn_connection(stream, peer);
+                }
+                // The client gave up while queued; each such error uses up its connection, so
+                // retrying at once cannot spin, and a pause would let anyone slow our accepts.
+                Err(err) if is_the_clients_doing(&err) => {
+                    tracing::debug!(error = %err, "a queued connection failed before accept");
+                }
+                Err(err) => {
+                    failures.record(&err);
+                    // Most likely out of file descriptors (EMFILE, ENFILE): closing an idle
+                    // connection gives one back.
+                    let mut room = pin!(self.registry.room.notified());
+                    room.as_mut().enable();
+                    let making_room = self.registry.evict_longest_idle();
+                    tokio::select! {
+                        () = self.stop.cancelled() => return,
+                        () = room, if making_room => {}
+                        () = sleep(ACCEPT_RETRY_DELAY) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// Waits until fewer than the cap are open, closing the longest-idle connection to make
+    /// room; `false` when shutdown began first.
+    async fn wait_for_room(&self) -> bool {
+        loop {
+            // Registered before looking, so a connection that closes in between still wakes us.
+            let mut room = pin!(self.registry.room.notified());
+            room.as_mut().enable();
+            if self.registry.len() < self.cap {
+                return true;
+            }
+            // With none idle, a connection that finishes its request becomes a candidate and
+            // wakes us as well.
+            self.registry.evict_longest_idle();
+            tokio::select! {
+                () = self.stop.cancelled() => return false,
+                () = room => {}
+            }
+        }
+    }
+
+    fn spawn_connection(self: &Arc<Self>, stream: TcpStream, peer: SocketAddr) {
+        let activity = self.registry.register();
+        let server = self.clone();
+        self.connections.spawn(async move {
+            let _registered = Registered {
+                registry: &server.registry,
+                id: activity.id,
+            };
+            server.drive(stream, peer, activity).await;
+        });
+    }
+
+    /// Serves one connection until it ends, is timed out, evicted or closed by shutdown.
+    async fn drive(&self, stream: TcpStream, peer: SocketAddr, activity: Arc<Activity>) {
+        let socket = TokioIo::new(WatchedStream {
+            stream,
+            activity: activity.clone(),
+        });
+        let router = self.router.clone();
+        let requests = activity.clone();
+        let service = service_fn(move |mut request: Request<Incoming>| {
+            let in_flight = RequestInFlight::begin(requests.clone());
+            request.extensions_mut().insert(ConnectInfo(peer));
+            let router = router.clone();
+            async move {
+                let response = router.oneshot(request).await?;
+                Ok::<_, Infallible>(response.map(|body| CountedBody {
+                    body,
+                    _in_flight: in_flight,
+                }))
+            }
+        });
+        let connection = http1::Builder::new()
+            // See the module's documentation: the header clock is kept below instead.
+            .header_read_timeout(None)
+            .serve_connection(socket, service);
+        let mut connection = pin!(connection);
+        let mut timers = Timers::default();
+        loop {
+            let due = timers.due(&activity, &self.limits);
+            let close_because = tokio::select! {
+                biased;
+                () = self.force_close.cancelled() => {
+                    tracing::debug!(%peer, "connection dropped: shutdown grace is over");
+                    return;
+                }
+                ended = connection.as_mut() => {
+                    if let Err(err) = ended {
+                        tracing::debug!(%peer, error = %err, "connection ended with an error");
+                    }
+                    return;
+                }
+                () = self.stop.cancelled(), if timers.closing_since.is_none() => {
+                    Some("shutting down")
+                }
+                () = activity.changed.notified() => None,
+                () = sleep_until(due.map_or_else(Instant::now, |(at, _)| at)), if due.is_some() => {
+                    match due.map(|(_, expiry)| expiry) {
+                        Some(Expiry::Idle) => Some("idle for IDLE_TIMEOUT_SECS"),
+                        Some(Expiry::Headers) => {
+                            tracing::debug!(%peer, "connection dropped: headers not complete within HEADER_READ_TIMEOUT_SECS");
+                            return;
+                        }
+                        Some(Expiry::Linger) | None => {
+                            tracing::debug!(%peer, "connection dropped: still open after being asked to close");
+                            return;
+                        }
+                    }
+                }
+            };
+            timers.observe(&activity);
+            let close_because = close_because.or_else(|| {
+                activity
+                    .evicted
+                    .load(Ordering::SeqCst)
+                    .then_some("making room for a new connection")
+            });
+            if let (Some(reason), None) = (close_because, timers.closing_since) {
+                if timers.headers_since.is_some() {
+                    // Nothing is lost, and hyper's graceful shutdown would wait for headers
+                    // that are the first on their connection to be complete.
+                    tracing::debug!(%peer, reason, "connection dropped in the middle of headers");
+                    return;
+                }
+                tracing::debug!(%peer, reason, "closing connection");
+                // At once when no request is in flight, else after its response.
+                connection.as_mut().graceful_shutdown();
+                timers.closing_since = Some(Instant::now());
+            }
+        }
+    }
+
+    /// Stops accepting (the caller has dropped the listener), lets every connection finish the
+    /// request it is serving, then waits for connections and chats for up to
+    /// `SHUTDOWN_GRACE_SECS`.
+    ///
+    /// When the grace is over, chats still waiting for the model are cancelled: they refund
+    /// themselves, and waiting for that before dropping connections usually lets their
+    /// clients get the 503. Then every connection still open is dropped, including clients
+    /// holding a half-sent request: shutdown always ends.
+    async fn shut_down(&self, state: &AppState) {
+        self.stop.cancel();
+        self.connections.close();
+        state.tasks.close();
+        let settled = async {
+            self.connections.wait().await;
+            state.tasks.wait().await;
+        };
+        if timeout(self.limits.shutdown_grace, settled).await.is_ok() {
+            return;
+        }
+        tracing::warn!(
+            connections = self.registry.len(),
+            chats = state.tasks.len(),
+            "shutdown grace is over: refunding chats in progress and closing connections"
+        );
+        state.cancel_chats.cancel();
+        if timeout(AFTER_GRACE, state.tasks.wait()).await.is_err() {
+            tracing::warn!(
+                chats = state.tasks.len(),
+                "chats did not settle; the next start's recovery refunds them"
+            );
+        }
+        self.force_close.cancel();
+        // Dropping a connection is immediate; this only lets the tasks see the cancellation.
+        let _ = timeout(AFTER_GRACE, self.connections.wait()).await;
+    }
+}
+
+/// Errors of accept that belong to one queued connection, not to the server.
+fn is_the_clients_doing(err: &io::Error) -> bool {
+    matches!(
+        err.kind(),
+        io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::Interrupted
+            | io::ErrorKind::WouldBlock
+    )
+}
+
+/// Logs failing accepts at most once per [`ACCEPT_FAILURE_LOG_INTERVAL`], with a count of the
+/// ones in between, so a descriptor shortage does not flood the log.
+#[derive(Default)]
+struct AcceptFailures {
+    last_logged: Option<Instant>,
+    unlogged: u64,
+}
+
+impl AcceptFailures {
+    fn record(&mut self, err: &io::Error) {
+        let now = Instant::now();
+        if self
+            .last_logged
+            .is_some_and(|at| now.duration_since(at) < ACCEPT_FAILURE_LOG_INTERVAL)
+        {
+            self.unlogged += 1;
+            return;
+        }
+        tracing::warn!(
+            error = %err,
+            failures_since_last_line = self.unlogged,
+            "cannot accept connections; closing an idle one and retrying"
+        );
+        self.last_logged = Some(now);
+        self.unlogged = 0;
+    }
+}
+
+/// The open connections, for the cap and for choosing which one to close.
+struct Registry {
+    epoch: Instant,
+    next_id: AtomicU64,
+    open: Mutex<HashMap<u64, Arc<Activity>>>,
+    /// Notified when a connection closes or has no request left in flight: the accept loop,
+    /// when it waits for room, looks again.
+    room: Arc<Notify>,
+}
+
+impl Registry {
+    fn new() -> Self {
+        Self {
+            epoch: Instant::now(),
+            next_id: AtomicU64::new(0),
+            open: Mutex::new(HashMap::new()),
+            room: Arc::new(Notify::new()),
+        }
+    }
+
+    fn open(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Activity>>> {
+        // The map stays consistent whatever panicked while holding it.
+        self.open.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn len(&self) -> usize {
+        self.open().len()
+    }
+
+    fn register(&self) -> Arc<Activity> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let activity = Arc::new(Activity {
+            id,
+            epoch: self.epoch,
+            requests_in_flight: AtomicUsize::new(0),
+            idle_since_micros: AtomicU64::new(0),
+            headers_started: AtomicBool::new(false),
+            evicted: AtomicBool::new(false),
+            changed: Notify::new(),
+            room: self.room.clone(),
+        });
+        activity.mark_idle_now();
+        self.open().insert(id, activity.clone());
+        activity
+    }
+
+    /// Asks the connection idle the longest (no request in flight) to close. `true` when one
+    /// is closing to make room, just asked or asked earlier and not closed yet.
+    fn evict_longest_idle(&self) -> bool {
+        let open = self.open();
+        // One at a time; but one that took a request just before it was asked goes on to
+        // serve it, and may take long, so it does not count.
+        if open
+            .values()
+            .any(|activity| activity.evicted.load(Ordering::SeqCst) && !activity.is_busy())
+        {
+            return true;
+        }
+        let longest_idle = open
+            .values()
+            .filter(|activity| !activity.is_busy() && !activity.evicted.load(Ordering::SeqCst))
+            .min_by_key(|activity| {
+                (
+                    activity.idle_since_micros.load(Ordering::SeqCst),
+                    activity.id,
+                )
+            });
+        match longest_idle {
+            Some(activity) => {
+                activity.evicted.store(true, Ordering::SeqCst);
+                activity.changed.notify_one();
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// Removes its connection from the registry when the connection's task ends, however it ends.
+struct Registered<'a> {
+    registry: &'a Registry,
+    id: u64,
+}
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        self.registry.open().remove(&self.id);
+        self.registry.room.notify_one();
+    }
+}
+
+/// What one connection is doing, as far as its timers and the cap care.
+struct Activity {
+    id: u64,
+    epoch: Instant,
+    requests_in_flight: AtomicUsize,
+    /// When the last request in flight ended (or the connection opened), in microseconds
+    /// since `epoch`.
+    idle_since_micros: AtomicU64,
+    /// Bytes arrived while no request was in flight: a request's headers are being read.
+    headers_started: AtomicBool,
+    /// Asked to close to make room for a new connection.
+    evicted: AtomicBool,
+    /// Wakes the connection's task to look at the fields above again.
+    changed: Notify,
+    room: Arc<Notify>,
+}
+
+impl Activity {
+    fn mark_idle_now(&self) {
+        let micros = u64::try_from(self.epoch.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.idle_since_micros.store(micros, Ordering::SeqCst);
+    }
+
+    fn idle_since(&self) -> Instant {
+        self.epoch + Duration::from_micros(self.idle_since_micros.load(Ordering::SeqCst))
+    }
+
+    fn is_busy(&self) -> bool {
+        self.requests_in_flight.load(Ordering::SeqCst) > 0
+    }
+
+    fn note_bytes_read(&self) {
+        if !self.is_busy() && !self.headers_started.load(Ordering::SeqCst) {
+            self.headers_started.store(true, Ordering::SeqCst);
+            self.changed.notify_one();
+        }
+    }
+}
+
+/// A request counted as in flight on its connection, from the moment hyper hands over its
+/// headers until hyper drops its response body: after writing the last byte, or when the
+/// connection ends. A slow chat or a long response is never idle.
+struct RequestInFlight(Arc<Activity>);
+
+impl RequestInFlight {
+    fn begin(activity: Arc<Activity>) -> Self {
+        activity.requests_in_flight.fetch_add(1, Ordering::SeqCst);
+        activity.headers_started.store(false, Ordering::SeqCst);
+        activity.changed.notify_one();
+        Self(activity)
+    }
+}
+
+impl Drop for RequestInFlight {
+    fn drop(&mut self) {
+        let activity = &self.0;
+        if activity.requests_in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
+            activity.mark_idle_now();
+            activity.changed.notify_one();
+            activity.room.notify_one();
+        }
+    }
+}
+
+/// A response body that keeps its request in flight for as long as hyper holds it.
+struct CountedBody {
+    body: Body,
+    _in_flight: RequestInFlight,
+}
+
+impl hyper::body::Body for CountedBody {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// The client's socket, noting when the first bytes of a new request arrive.
+struct WatchedStream {
+    stream: TcpStream,
+    activity: Arc<Activity>,
+}
+
+impl AsyncRead for WatchedStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let filled_before = buf.filled().len();
+        let polled = Pin::new(&mut this.stream).poll_read(cx, buf);
+        if buf.filled().len() > filled_before {
+            this.activity.note_bytes_read();
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for WatchedStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+}
+
+/// What ends a connection when its deadline passes.
+#[derive(Clone, Copy, Debug)]
+enum Expiry {
+    /// No request for `IDLE_TIMEOUT_SECS`: close gracefully.
+    Idle,
+    /// A request's headers took longer than `HEADER_READ_TIMEOUT_SECS`: drop.
+    Headers,
+    /// Asked to close [`CLOSE_LINGER`] ago and still open: drop.
+    Linger,
+}
+
+/// A connection's own clocks, kept by its task.
+#[derive(Default)]
+struct Timers {
+    /// When the first bytes of the request being read arrived.
+    headers_since: Option<Instant>,
+    /// When the connection was asked to close.
+    closing_since: Option<Instant>,
+}
+
+impl Timers {
+    /// The next deadline and what happens then; none while a request is in flight.
+    fn due(&self, activity: &Activity, limits: &ConnectionLimits) -> Option<(Instant, Expiry)> {
+        if activity.is_busy() {
+            return None;
+        }
+        Some(if let Some(since) = self.closing_since {
+            (since + CLOSE_LINGER, Expiry::Linger)
+        } else if let Some(since) = self.headers_since {
+            (since + limits.header_read_timeout, Expiry::Headers)
+        } else {
+            (activity.idle_since() + limits.idle_timeout, Expiry::Idle)
+        })
+    }
+
+    fn observe(&mut self, activity: &Activity) {
+        let reading_headers =
+            !activity.is_busy() && activity.headers_started.load(Ordering::SeqCst);
+        self.headers_since = match (reading_headers, self.headers_since) {
+            (true, Some(since)) => Some(since),
+            (true, None) => Some(Instant::now()),
+            (false, _) => None,
+        };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_derived_cap_keeps_descriptors_back_and_halves_the_rest() {
+        assert_eq!(connections_for_descriptor_limit(1024), 480);
+        assert_eq!(connections_for_descriptor_limit(256), 96);
+        assert_eq!(connections_for_descriptor_limit(64), 1);
+        assert_eq!(connections_for_descriptor_limit(0), 1);
+        assert_eq!(connections_for_descriptor_limit(1 << 20), 10_000);
+        assert_eq!(connections_for_descriptor_limit(u64::MAX), 10_000);
+    }
+
+    #[tokio::test]
+    async fn every_request_carries_the_client_address() {
+        use axum::routing::get;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+        let dir = tempfile::tempdir().unwrap();
+        let database_url = format!("sqlite://{}", dir.path().join("db").display());
+        let config = crate::Config::from_lookup(|name| {
+            (name == "DATABASE_URL").then(|| database_url.clone())
+        })
+        .unwrap();
+        let db = crate::db::connect(&config.database_url, crate::db::Open::CreateIfMissing)
+            .await
+            .unwrap();
+        let state = AppState::new(config, db).unwrap();
+        let peer_echo = Router::new().route(
+            "/peer",
+            get(|ConnectInfo(peer): ConnectInfo<SocketAddr>| async move { peer.to_string() }),
+        );
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(serve_router(
+            listener,
+            peer_echo,
+            state,
+            std::future::pending(),
+        ));
+
+        let mut client = TcpStream::connect(address).await.unwrap();
+        let client_address = client.local_addr().unwrap();
+        client
+            .write_all(b"GET /peer HTTP/1.1\r\nHost: tokenchat\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut response = String::new();
+        timeout(Duration::from_secs(5), client.read_to_string(&mut response))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+        assert!(
+            response.ends_with(&client_address.to_string()),
+            "{response}"
+        );
+    }
+
+    #[test]
+    fn an_explicit_cap_wins_over_the_derived_one() {
+        let limits = ConnectionLimits {
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            body_read_timeout: Duration::from_secs(30),
+            max_connections: Some(7),
+            shutdown_grace: Duration::from_secs(30),
+        };
+        assert_eq!(connection_cap(&limits), 7);
+    }
+}
