@@ -17,7 +17,11 @@ pub const MAX_BALANCE: i64 = 1_000_000_000_000_000;
 #[derive(Clone, Debug)]
 pub struct Config {
     pub bind_addr: SocketAddr,
-    pub database_url: String,
+    pub database_url: DatabaseUrl,
+    /// `DATABASE_MAX_CONNECTIONS`; `None`: one for SQLite, ten for PostgreSQL.
+    pub database_max_connections: Option<u32>,
+    /// `DATABASE_STATEMENT_TIMEOUT_MS` (PostgreSQL only); `None`: the server's own.
+    pub database_statement_timeout: Option<Duration>,
     pub llm_base_url: Url,
     pub llm_api_key: Option<SecretString>,
     pub llm_model: String,
@@ -73,6 +77,40 @@ pub struct AbuseLimits {
     pub password_hash_queue: usize,
 }
 
+/// `DATABASE_URL`, which may hold a password: `Debug` shows it with the password masked,
+/// and only [`DatabaseUrl::expose`] gives the whole of it, to the database driver.
+#[derive(Clone)]
+pub struct DatabaseUrl(String);
+
+impl DatabaseUrl {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// The URL with any password replaced by `<redacted>`, for logs and messages.
+    pub fn redacted(&self) -> String {
+        match Url::parse(&self.0) {
+            Ok(mut url) if url.password().is_some() => {
+                // The URL type would percent-encode `<redacted>`; mark it plainly and swap.
+                let _ = url.set_password(Some("REDACTED"));
+                url.to_string().replacen(":REDACTED@", ":<redacted>@", 1)
+            }
+            Ok(_) => self.0.clone(),
+            // Unparsable: it may still hold a secret somewhere, so show only its scheme.
+            Err(_) => format!(
+                "{}:<redacted>",
+                self.0.split(':').next().unwrap_or_default()
+            ),
+        }
+    }
+}
+
+impl fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.redacted(), f)
+    }
+}
+
 /// A variable whose value cannot be used; start-up stops with this one line.
 #[derive(Debug, thiserror::Error)]
 #[error("invalid {variable}: {reason}")]
@@ -106,11 +144,14 @@ impl Config {
                 ),
             ));
         }
-        let database_url = vars.string("DATABASE_URL", "sqlite://tokenchat.db");
-        if !database_url.starts_with("sqlite:") {
+        let database_url = DatabaseUrl(vars.string("DATABASE_URL", "sqlite://tokenchat.db"));
+        if crate::db::Backend::of_url(database_url.expose()).is_none() {
             return Err(ConfigError::new(
                 "DATABASE_URL",
-                "unsupported database; use a sqlite:// URL".to_string(),
+                format!(
+                    "unsupported database in {:?}; use a sqlite://, postgres:// or postgresql:// URL",
+                    database_url.redacted()
+                ),
             ));
         }
         let log_filter = vars.string("RUST_LOG", "info");
@@ -121,6 +162,19 @@ impl Config {
         Ok(Self {
             bind_addr: vars.parse("BIND_ADDR", "127.0.0.1:8000")?,
             database_url,
+            database_max_connections: match vars.optional("DATABASE_MAX_CONNECTIONS") {
+                None => None,
+                Some(_) => Some(vars.between("DATABASE_MAX_CONNECTIONS", "", 1, 10_000)?),
+            },
+            database_statement_timeout: match vars.optional("DATABASE_STATEMENT_TIMEOUT_MS") {
+                None => None,
+                Some(_) => Some(Duration::from_millis(vars.between(
+                    "DATABASE_STATEMENT_TIMEOUT_MS",
+                    "",
+                    1,
+                    HOUR_SECS * 1000,
+                )?)),
+            },
             llm_base_url,
             llm_api_key: lookup("LLM_API_KEY")
                 .filter(|key| !key.is_empty())
@@ -284,7 +338,7 @@ mod tests {
     fn defaults_match_the_contract() {
         let config = config(&[]).unwrap();
         assert_eq!(config.bind_addr.to_string(), "127.0.0.1:8000");
-        assert_eq!(config.database_url, "sqlite://tokenchat.db");
+        assert_eq!(config.database_url.expose(), "sqlite://tokenchat.db");
         assert_eq!(config.llm_base_url.as_str(), "http://127.0.0.1:11434/v1");
         assert!(config.llm_api_key.is_none());
         assert_eq!(config.llm_model, "llama3.2");
@@ -310,6 +364,8 @@ mod tests {
             [
                 "BIND_ADDR",
                 "DATABASE_URL",
+                "DATABASE_MAX_CONNECTIONS",
+                "DATABASE_STATEMENT_TIMEOUT_MS",
                 "LLM_BASE_URL",
                 "LLM_API_KEY",
                 "LLM_MODEL",
@@ -381,6 +437,23 @@ mod tests {
             assert_eq!(err.variable, name);
             assert!(err.to_string().starts_with(&format!("invalid {name}: ")));
         }
+    }
+
+    #[test]
+    fn postgres_urls_are_accepted_and_their_password_never_shows() {
+        for url in [
+            "postgres://tokenchat:hunter2-secret@127.0.0.1:5432/tokenchat",
+            "postgresql://tokenchat:hunter2-secret@db.internal/tokenchat?sslmode=require",
+        ] {
+            let config = config(&[("DATABASE_URL", url)]).unwrap();
+            assert_eq!(config.database_url.expose(), url);
+            let shown = format!("{config:?}");
+            assert!(!shown.contains("hunter2-secret"), "{shown}");
+            assert!(shown.contains("<redacted>"), "{shown}");
+        }
+        let err = config(&[("DATABASE_URL", "mysql://root:hunter2-secret@localhost/db")])
+            .expect_err("mysql");
+        assert!(!err.to_string().contains("hunter2-secret"), "{err}");
     }
 
     #[test]

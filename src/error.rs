@@ -47,6 +47,8 @@ pub enum Error {
     Busy { retry_after_secs: u64 },
     #[error("the server is shutting down; try again shortly")]
     ShuttingDown,
+    #[error("the database cannot be reached right now; try again shortly")]
+    DatabaseUnavailable,
     #[error("the language model could not answer: {0}")]
     Upstream(String),
     #[error("the language model did not answer in time")]
@@ -82,7 +84,9 @@ impl Error {
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::RegistrationClosed => StatusCode::FORBIDDEN,
             Self::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
-            Self::Busy { .. } | Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Busy { .. } | Self::ShuttingDown | Self::DatabaseUnavailable => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Self::Upstream(_) => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -108,6 +112,7 @@ impl Error {
             Self::RequestTimeout => "request_timeout",
             Self::Busy { .. } => "busy",
             Self::ShuttingDown => "shutting_down",
+            Self::DatabaseUnavailable => "database_unavailable",
             Self::Upstream(_) => "upstream_error",
             Self::UpstreamTimeout => "upstream_timeout",
             Self::Internal(_) => "internal",
@@ -148,7 +153,29 @@ impl From<crate::domain::Invalid> for Error {
 
 impl From<sqlx::Error> for Error {
     fn from(err: sqlx::Error) -> Self {
+        if database_unreachable(&err) {
+            tracing::warn!(error = %err, "database unavailable");
+            return Self::DatabaseUnavailable;
+        }
         Self::internal(format!("database: {err}"))
+    }
+}
+
+/// Whether `err` says the database could not be reached (down, restarting, the network
+/// gone), which passes by itself, rather than that a statement failed.
+fn database_unreachable(err: &sqlx::Error) -> bool {
+    match err {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        // PostgreSQL's connection exceptions (class 08) and operator interventions such as
+        // a shutdown or a restart (57P01 to 57P03).
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            code.starts_with("08") || matches!(&*code, "57P01" | "57P02" | "57P03")
+        }),
+        _ => false,
     }
 }
 

@@ -80,7 +80,11 @@ fn usage_error() -> ExitCode {
 }
 
 async fn open_database(config: &Config, open: db::Open) -> Result<db::Db, String> {
-    let database = db::connect(&config.database_url, open)
+    let settings = db::PoolSettings {
+        max_connections: config.database_max_connections,
+        statement_timeout: config.database_statement_timeout,
+    };
+    let database = db::connect_with(config.database_url.expose(), open, &settings)
         .await
         .map_err(|err| format!("cannot open DATABASE_URL: {err}"))?;
     db::migrate(&database)

@@ -676,9 +676,12 @@ mod tests {
             (name == "DATABASE_URL").then(|| database_url.clone())
         })
         .unwrap();
-        let db = crate::db::connect(&config.database_url, crate::db::Open::CreateIfMissing)
-            .await
-            .unwrap();
+        let db = crate::db::connect(
+            config.database_url.expose(),
+            crate::db::Open::CreateIfMissing,
+        )
+        .await
+        .unwrap();
         let state = AppState::new(config, db).unwrap();
         let peer_echo = Router::new().route(
             "/peer",

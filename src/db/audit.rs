@@ -1,6 +1,6 @@
 //! Read-only queries that check the ledger against balances and chats.
 
-use super::Db;
+use super::{db_run, Db};
 
 /// A user whose balance is not the sum of their ledger rows.
 #[derive(Debug, sqlx::FromRow)]
@@ -36,36 +36,36 @@ pub struct ChatMoves {
 }
 
 pub async fn balance_mismatches(db: &Db) -> Result<Vec<BalanceMismatch>, sqlx::Error> {
-    sqlx::query_as(
-        "SELECT u.id AS user_id, u.username, u.tokens, COALESCE(SUM(l.amount), 0) AS ledger_sum
+    db_run!(db, pool => sqlx::query_as(
+        "SELECT u.id AS user_id, u.username, u.tokens, CAST(COALESCE(SUM(l.amount), 0) AS BIGINT) AS ledger_sum
          FROM users u LEFT JOIN ledger l ON l.user_id = u.id
          GROUP BY u.id, u.username, u.tokens
-         HAVING u.tokens <> COALESCE(SUM(l.amount), 0)
+         HAVING u.tokens <> CAST(COALESCE(SUM(l.amount), 0) AS BIGINT)
          ORDER BY u.id",
     )
-    .fetch_all(db)
-    .await
+    .fetch_all(pool)
+    .await)
 }
 
 pub async fn running_mismatches(db: &Db) -> Result<Vec<RunningMismatch>, sqlx::Error> {
-    sqlx::query_as(
+    db_run!(db, pool => sqlx::query_as(
         "SELECT entry_id, user_id, balance_after, running_sum FROM (
              SELECT id AS entry_id, user_id, balance_after,
-                    SUM(amount) OVER (PARTITION BY user_id ORDER BY id) AS running_sum
+                    CAST(SUM(amount) OVER (PARTITION BY user_id ORDER BY id) AS BIGINT) AS running_sum
              FROM ledger
          ) AS running
          WHERE balance_after <> running_sum
          ORDER BY entry_id",
     )
-    .fetch_all(db)
-    .await
+    .fetch_all(pool)
+    .await)
 }
 
 /// Chats whose ledger rows do not match their status. The rule: every chat has exactly one
 /// reservation of `-cost`; a failed chat also exactly one refund of `+cost`; an answered
 /// or pending chat none, and an answered chat has its response; no other row names a chat.
 pub async fn chat_mismatches(db: &Db) -> Result<Vec<ChatMoves>, sqlx::Error> {
-    sqlx::query_as(
+    db_run!(db, pool => sqlx::query_as(
         "SELECT * FROM (
              SELECT c.id AS chat_id, c.status, c.cost, c.response IS NOT NULL AS has_response,
                  COALESCE(SUM(CASE WHEN l.reason = 'chat_reservation' AND l.amount = -c.cost
@@ -88,15 +88,15 @@ pub async fn chat_mismatches(db: &Db) -> Result<Vec<ChatMoves>, sqlx::Error> {
          )
          ORDER BY chat_id",
     )
-    .fetch_all(db)
-    .await
+    .fetch_all(pool)
+    .await)
 }
 
 /// How many users, chats and ledger rows the audit looked at.
 pub async fn totals(db: &Db) -> Result<(i64, i64, i64), sqlx::Error> {
-    sqlx::query_as(
+    db_run!(db, pool => sqlx::query_as(
         "SELECT (SELECT COUNT(*) FROM users), (SELECT COUNT(*) FROM chats), (SELECT COUNT(*) FROM ledger)",
     )
-    .fetch_one(db)
-    .await
+    .fetch_one(pool)
+    .await)
 }

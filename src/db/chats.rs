@@ -7,9 +7,7 @@
 
 use std::time::Duration;
 
-use sqlx::SqliteExecutor;
-
-use super::{unix_now, users, Db};
+use super::{db_run, unix_now, users, Db};
 
 /// The outcome of trying to reserve the price of a chat.
 #[derive(Debug, PartialEq, Eq)]
@@ -54,7 +52,7 @@ pub async fn reserve(
 ) -> Result<Reservation, sqlx::Error> {
     let now = unix_now();
     let deadline_at = now.saturating_add_unsigned(settle_within.as_secs());
-    let chat_id: Option<i64> = sqlx::query_scalar(
+    let chat_id: Result<Option<i64>, _> = db_run!(db, pool => sqlx::query_scalar(
         "INSERT INTO chats (user_id, message, status, cost, created_at, deadline_at)
          SELECT id, $2, 'pending', $3, $4, $5 FROM users WHERE id = $1 AND tokens >= $3
          RETURNING id",
@@ -64,8 +62,16 @@ pub async fn reserve(
     .bind(cost)
     .bind(now)
     .bind(deadline_at)
-    .fetch_optional(db)
-    .await?;
+    .fetch_optional(pool)
+    .await);
+    let chat_id = match chat_id {
+        Ok(chat_id) => chat_id,
+        // PostgreSQL: the balance read by this statement covered the cost, but a concurrent
+        // reservation took it first; the ledger trigger, under the row lock, found the
+        // balance would go below zero. The same answer as a short balance.
+        Err(sqlx::Error::Database(err)) if err.is_check_violation() => None,
+        Err(err) => return Err(err),
+    };
     Ok(match chat_id {
         Some(chat_id) => Reservation::Reserved { chat_id },
         None => Reservation::Insufficient {
@@ -82,7 +88,7 @@ pub async fn settle_answered(
     chat_id: i64,
     response: &str,
 ) -> Result<Option<i64>, sqlx::Error> {
-    sqlx::query_scalar(
+    db_run!(db, pool => sqlx::query_scalar(
         "UPDATE chats SET status = 'answered', response = $1, finished_at = $2
          WHERE id = $3 AND status = 'pending'
          RETURNING (SELECT balance_after FROM ledger
@@ -91,21 +97,21 @@ pub async fn settle_answered(
     .bind(response)
     .bind(unix_now())
     .bind(chat_id)
-    .fetch_optional(db)
-    .await
+    .fetch_optional(pool)
+    .await)
 }
 
 /// Marks a pending chat failed, which refunds its reservation and releases its
 /// idempotency key; `false`, changing nothing, when the chat was not pending.
 pub async fn refund(db: &Db, chat_id: i64) -> Result<bool, sqlx::Error> {
-    let failed = sqlx::query(
+    let failed = db_run!(db, pool => sqlx::query(
         "UPDATE chats SET status = 'failed', finished_at = $1 WHERE id = $2 AND status = 'pending'",
     )
     .bind(unix_now())
     .bind(chat_id)
-    .execute(db)
-    .await?
-    .rows_affected();
+    .execute(pool)
+    .await
+    .map(|done| done.rows_affected()))?;
     Ok(failed == 1)
 }
 
@@ -117,7 +123,7 @@ pub async fn stale_pending(
     legacy_created_before: i64,
     limit: i64,
 ) -> Result<Vec<i64>, sqlx::Error> {
-    sqlx::query_scalar(
+    db_run!(db, pool => sqlx::query_scalar(
         "SELECT id FROM chats
          WHERE status = 'pending'
            AND (deadline_at < $1 OR (deadline_at IS NULL AND created_at < $2))
@@ -126,53 +132,49 @@ pub async fn stale_pending(
     .bind(now)
     .bind(legacy_created_before)
     .bind(limit)
-    .fetch_all(db)
-    .await
+    .fetch_all(pool)
+    .await)
 }
 
 /// One of the user's chats; `None` for a chat of someone else's.
-pub async fn find(
-    db: impl SqliteExecutor<'_>,
-    user_id: i64,
-    chat_id: i64,
-) -> Result<Option<Chat>, sqlx::Error> {
-    sqlx::query_as(
+pub async fn find(db: &Db, user_id: i64, chat_id: i64) -> Result<Option<Chat>, sqlx::Error> {
+    db_run!(db, pool => sqlx::query_as(
         "SELECT id, message, response, status, cost, created_at, finished_at
          FROM chats WHERE id = $1 AND user_id = $2",
     )
     .bind(chat_id)
     .bind(user_id)
-    .fetch_optional(db)
-    .await
+    .fetch_optional(pool)
+    .await)
 }
 
 /// The user's chats with ids below `before` (all when `None`), newest first.
 pub async fn page(
-    db: impl SqliteExecutor<'_>,
+    db: &Db,
     user_id: i64,
     before: Option<i64>,
     limit: i64,
 ) -> Result<Vec<Chat>, sqlx::Error> {
-    sqlx::query_as(
+    db_run!(db, pool => sqlx::query_as(
         "SELECT id, message, response, status, cost, created_at, finished_at FROM chats
-         WHERE user_id = $1 AND ($2 IS NULL OR id < $2)
+         WHERE user_id = $1 AND (CAST($2 AS BIGINT) IS NULL OR id < $2)
          ORDER BY id DESC LIMIT $3",
     )
     .bind(user_id)
     .bind(before)
     .bind(limit)
-    .fetch_all(db)
-    .await
+    .fetch_all(pool)
+    .await)
 }
 
 /// An answered chat with the balance its charge left, as its first response reported.
 pub async fn stored_answer(db: &Db, chat_id: i64) -> Result<Option<StoredAnswer>, sqlx::Error> {
-    sqlx::query_as(
+    db_run!(db, pool => sqlx::query_as(
         "SELECT c.id AS chat_id, c.response, c.cost, l.balance_after
          FROM chats c JOIN ledger l ON l.chat_id = c.id AND l.reason = 'chat_reservation'
          WHERE c.id = $1 AND c.status = 'answered'",
     )
     .bind(chat_id)
-    .fetch_optional(db)
-    .await
+    .fetch_optional(pool)
+    .await)
 }

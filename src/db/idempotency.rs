@@ -1,6 +1,6 @@
 //! Queries on `idempotency_keys`: claiming a key for a chat, and finding what it led to.
 
-use super::{unix_now, Db};
+use super::{db_run, unix_now, Db};
 
 /// What a claim found.
 #[derive(Debug, PartialEq, Eq)]
@@ -25,69 +25,81 @@ pub async fn claim(
     request_hash: &str,
     expired_before: i64,
 ) -> Result<Claim, sqlx::Error> {
-    let mut tx = db.begin().await?;
-    sqlx::query(
-        "DELETE FROM idempotency_keys WHERE user_id = $1 AND idem_key = $2 AND created_at < $3",
-    )
-    .bind(user_id)
-    .bind(key)
-    .bind(expired_before)
-    .execute(&mut *tx)
-    .await?;
-    let inserted = sqlx::query(
-        "INSERT INTO idempotency_keys (user_id, idem_key, request_hash, created_at)
-         VALUES ($1, $2, $3, $4) ON CONFLICT (user_id, idem_key) DO NOTHING",
-    )
-    .bind(user_id)
-    .bind(key)
-    .bind(request_hash)
-    .bind(unix_now())
-    .execute(&mut *tx)
-    .await?
-    .rows_affected();
-    let claim = if inserted == 1 {
-        Claim::Claimed
-    } else {
-        let (request_hash, chat_id, chat_status) = sqlx::query_as(
-            "SELECT k.request_hash, k.chat_id, c.status FROM idempotency_keys k
-             LEFT JOIN chats c ON c.id = k.chat_id
-             WHERE k.user_id = $1 AND k.idem_key = $2",
+    db_run!(db, pool => {
+        let mut tx = pool.begin().await?;
+        sqlx::query(
+            "DELETE FROM idempotency_keys
+             WHERE user_id = $1 AND idem_key = $2 AND created_at < $3",
         )
         .bind(user_id)
         .bind(key)
-        .fetch_one(&mut *tx)
+        .bind(expired_before)
+        .execute(&mut *tx)
         .await?;
-        Claim::Held {
-            request_hash,
-            chat_id,
-            chat_status,
-        }
-    };
-    tx.commit().await?;
-    Ok(claim)
+        let inserted = sqlx::query(
+            "INSERT INTO idempotency_keys (user_id, idem_key, request_hash, created_at)
+             VALUES ($1, $2, $3, $4) ON CONFLICT (user_id, idem_key) DO NOTHING",
+        )
+        .bind(user_id)
+        .bind(key)
+        .bind(request_hash)
+        .bind(unix_now())
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        let claim = if inserted == 1 {
+            Claim::Claimed
+        } else {
+            let (request_hash, chat_id, chat_status) = sqlx::query_as(
+                "SELECT k.request_hash, k.chat_id, c.status FROM idempotency_keys k
+                 LEFT JOIN chats c ON c.id = k.chat_id
+                 WHERE k.user_id = $1 AND k.idem_key = $2",
+            )
+            .bind(user_id)
+            .bind(key)
+            .fetch_one(&mut *tx)
+            .await?;
+            Claim::Held {
+                request_hash,
+                chat_id,
+                chat_status,
+            }
+        };
+        tx.commit().await?;
+        Ok(claim)
+    })
 }
 
 /// Ties a claimed key to the chat it reserved. Until then a repeat is "in progress"; a
 /// process that dies before this leaves a claim that `sweep` forgets.
 pub async fn attach(db: &Db, user_id: i64, key: &str, chat_id: i64) -> Result<(), sqlx::Error> {
-    sqlx::query("UPDATE idempotency_keys SET chat_id = $1 WHERE user_id = $2 AND idem_key = $3")
+    db_run!(db, pool => {
+        sqlx::query(
+            "UPDATE idempotency_keys SET chat_id = $1 WHERE user_id = $2 AND idem_key = $3",
+        )
         .bind(chat_id)
         .bind(user_id)
         .bind(key)
-        .execute(db)
-        .await?;
+        .execute(pool)
+        .await
+        .map(|done| done.rows_affected())
+    })?;
     Ok(())
 }
 
 /// Lets go of a claim that never reserved a chat (out of tokens, or an error before).
 pub async fn release(db: &Db, user_id: i64, key: &str) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "DELETE FROM idempotency_keys WHERE user_id = $1 AND idem_key = $2 AND chat_id IS NULL",
-    )
-    .bind(user_id)
-    .bind(key)
-    .execute(db)
-    .await?;
+    db_run!(db, pool => {
+        sqlx::query(
+            "DELETE FROM idempotency_keys
+             WHERE user_id = $1 AND idem_key = $2 AND chat_id IS NULL",
+        )
+        .bind(user_id)
+        .bind(key)
+        .execute(pool)
+        .await
+        .map(|done| done.rows_affected())
+    })?;
     Ok(())
 }
 
@@ -98,14 +110,16 @@ pub async fn sweep(
     expired_before: i64,
     abandoned_before: i64,
 ) -> Result<u64, sqlx::Error> {
-    let swept = sqlx::query(
-        "DELETE FROM idempotency_keys
-         WHERE created_at < $1 OR (chat_id IS NULL AND created_at < $2)",
-    )
-    .bind(expired_before)
-    .bind(abandoned_before)
-    .execute(db)
-    .await?
-    .rows_affected();
+    let swept = db_run!(db, pool => {
+        sqlx::query(
+            "DELETE FROM idempotency_keys
+             WHERE created_at < $1 OR (chat_id IS NULL AND created_at < $2)",
+        )
+        .bind(expired_before)
+        .bind(abandoned_before)
+        .execute(pool)
+        .await?
+        .rows_affected()
+    });
     Ok(swept)
 }

@@ -2,9 +2,7 @@
 //! balance (the `ledger_moves_balance` trigger), so the two can never disagree. Chat
 //! reservations and refunds are written by triggers on `chats` (see `chats.rs`).
 
-use sqlx::SqliteExecutor;
-
-use super::unix_now;
+use super::{db_run, Db};
 
 /// Why a balance moved, for the moves made here; chat moves are `chat_reservation`
 /// and `chat_refund`, written by the database.
@@ -34,43 +32,55 @@ pub struct Entry {
     pub created_at: i64,
 }
 
+/// The statement behind [`record`]. On SQLite it computes the balance after from its own
+/// read, which the single writer makes exact; on PostgreSQL the `ledger_moves_balance`
+/// trigger overwrites it with the balance it leaves under the row lock.
+pub(super) const RECORD: &str =
+    "INSERT INTO ledger (user_id, amount, reason, balance_after, created_at)
+     SELECT id, $2, $3, tokens + $2, $4 FROM users WHERE id = $1 AND tokens + $2 >= 0
+     RETURNING balance_after";
+
+/// [`RECORD`] on any executor of either backend (a pool or a transaction): a future of the
+/// balance after, or `None` when the user does not exist or the balance would go below zero.
+macro_rules! record_move {
+    ($executor:expr, $user_id:expr, $amount:expr, $reason:expr) => {
+        sqlx::query_scalar::<_, i64>($crate::db::ledger::RECORD)
+            .bind($user_id)
+            .bind($amount)
+            .bind($reason.as_str())
+            .bind($crate::db::unix_now())
+            .fetch_optional($executor)
+    };
+}
+pub(super) use record_move;
+
 /// Records a move of `amount` (negative to take) for the user, which moves the balance.
 /// Returns the balance after, or `None`, changing nothing, when the user does not exist
 /// or the balance would go below zero. One statement: atomic on its own.
 pub async fn record(
-    db: impl SqliteExecutor<'_>,
+    db: &Db,
     user_id: i64,
     amount: i64,
     reason: Reason,
 ) -> Result<Option<i64>, sqlx::Error> {
-    sqlx::query_scalar(
-        "INSERT INTO ledger (user_id, amount, reason, balance_after, created_at)
-         SELECT id, $2, $3, tokens + $2, $4 FROM users WHERE id = $1 AND tokens + $2 >= 0
-         RETURNING balance_after",
-    )
-    .bind(user_id)
-    .bind(amount)
-    .bind(reason.as_str())
-    .bind(unix_now())
-    .fetch_optional(db)
-    .await
+    db_run!(db, pool => record_move!(pool, user_id, amount, reason).await)
 }
 
 /// The user's rows with ids below `before` (all when `None`), newest first.
 pub async fn page(
-    db: impl SqliteExecutor<'_>,
+    db: &Db,
     user_id: i64,
     before: Option<i64>,
     limit: i64,
 ) -> Result<Vec<Entry>, sqlx::Error> {
-    sqlx::query_as(
+    db_run!(db, pool => sqlx::query_as(
         "SELECT id, amount, reason, chat_id, balance_after, created_at FROM ledger
-         WHERE user_id = $1 AND ($2 IS NULL OR id < $2)
+         WHERE user_id = $1 AND (CAST($2 AS BIGINT) IS NULL OR id < $2)
          ORDER BY id DESC LIMIT $3",
     )
     .bind(user_id)
     .bind(before)
     .bind(limit)
-    .fetch_all(db)
-    .await
+    .fetch_all(pool)
+    .await)
 }

@@ -9,22 +9,130 @@ pub mod users;
 
 use std::{str::FromStr, time::Duration};
 
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{
+    postgres::{PgConnectOptions, PgPoolOptions},
+    sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous},
+    PgPool, SqlitePool,
+};
 
-/// The connection pool every layer above passes around.
-pub type Db = sqlx::SqlitePool;
+/// The connection pool every layer above passes around: SQLite or PostgreSQL, chosen at run
+/// time by the scheme of `DATABASE_URL`.
+///
+/// An enum rather than a trait with two implementations: the functions of this module keep
+/// one signature each and everything above them stays free of generics, while
+/// [`db_run!`](crate::db_run) expands one query body for each backend, so only the
+/// statements that truly differ are written twice.
+#[derive(Clone, Debug)]
+pub enum Db {
+    Sqlite(SqlitePool),
+    Postgres(PgPool),
+}
+
+/// Runs `$body` with `$pool` bound to the backend's own pool (`&SqlitePool` or `&PgPool`):
+/// the same code, compiled once for each backend, so sqlx checks the types for both.
+#[macro_export]
+macro_rules! db_run {
+    ($db:expr, $pool:ident => $body:expr) => {
+        match $db {
+            $crate::db::Db::Sqlite($pool) => $body,
+            $crate::db::Db::Postgres($pool) => $body,
+        }
+    };
+}
+pub use db_run;
+
+impl Db {
+    pub async fn close(&self) {
+        db_run!(self, pool => pool.close().await)
+    }
+
+    pub fn backend(&self) -> Backend {
+        match self {
+            Self::Sqlite(_) => Backend::Sqlite,
+            Self::Postgres(_) => Backend::Postgres,
+        }
+    }
+}
+
+/// Which database a URL names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+impl Backend {
+    /// The backend of a `DATABASE_URL`, by its scheme; `None` for any other scheme.
+    pub fn of_url(url: &str) -> Option<Self> {
+        let scheme = url.split(':').next()?.to_ascii_lowercase();
+        match scheme.as_str() {
+            "sqlite" => Some(Self::Sqlite),
+            "postgres" | "postgresql" => Some(Self::Postgres),
+            _ => None,
+        }
+    }
+}
 
 /// Whether opening a database may create it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Open {
     /// Serving and `migrate`: a missing SQLite file is created (readable by its owner only).
+    /// A PostgreSQL database is never created: its operator does that (see the README).
     CreateIfMissing,
     /// Every other command: a missing file is an error, never a new empty database.
     ExistingOnly,
 }
 
-/// Opens the database at `url`.
+/// Pool settings beyond the URL.
+#[derive(Debug, Clone, Default)]
+pub struct PoolSettings {
+    /// `None`: one connection for SQLite (see [`connect_sqlite`]), ten for PostgreSQL.
+    pub max_connections: Option<u32>,
+    /// PostgreSQL's `statement_timeout` for every connection; `None` leaves the server's.
+    pub statement_timeout: Option<Duration>,
+}
+
+/// How long a request waits for a pooled connection before the database counts as
+/// unavailable (503) rather than slow.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Opens the database at `url` with the default pool settings.
 pub async fn connect(url: &str, open: Open) -> Result<Db, sqlx::Error> {
+    connect_with(url, open, &PoolSettings::default()).await
+}
+
+/// Opens the database at `url`, SQLite or PostgreSQL by its scheme.
+pub async fn connect_with(
+    url: &str,
+    open: Open,
+    settings: &PoolSettings,
+) -> Result<Db, sqlx::Error> {
+    match Backend::of_url(url) {
+        Some(Backend::Sqlite) => connect_sqlite(url, open, settings).await.map(Db::Sqlite),
+        Some(Backend::Postgres) => connect_postgres(url, settings).await.map(Db::Postgres),
+        None => Err(sqlx::Error::Configuration(
+            "DATABASE_URL must start with sqlite:, postgres: or postgresql:".into(),
+        )),
+    }
+}
+
+async fn connect_postgres(url: &str, settings: &PoolSettings) -> Result<PgPool, sqlx::Error> {
+    let mut options = PgConnectOptions::from_str(url)?;
+    if let Some(timeout) = settings.statement_timeout {
+        options = options.options([("statement_timeout", timeout.as_millis().to_string())]);
+    }
+    PgPoolOptions::new()
+        .max_connections(settings.max_connections.unwrap_or(10))
+        .acquire_timeout(ACQUIRE_TIMEOUT)
+        .connect_with(options)
+        .await
+}
+
+async fn connect_sqlite(
+    url: &str,
+    open: Open,
+    settings: &PoolSettings,
+) -> Result<SqlitePool, sqlx::Error> {
     let options = SqliteConnectOptions::from_str(url)?;
     let file = options.get_filename();
     let in_memory = file.as_os_str().is_empty() || file.to_string_lossy().starts_with(':');
@@ -56,7 +164,7 @@ pub async fn connect(url: &str, open: Open) -> Result<Db, sqlx::Error> {
     // on SQLite's file locks (BENCHMARKS.md: chat throughput ~4,400/s with 8, ~5,200/s with 1).
     // Nothing may use the pool while holding a transaction from it.
     SqlitePoolOptions::new()
-        .max_connections(1)
+        .max_connections(settings.max_connections.unwrap_or(1))
         // sqlx would otherwise ping the connection's thread before every query: a second
         // round trip each time, for a file that cannot hang up.
         .test_before_acquire(false)
@@ -96,6 +204,10 @@ pub const CHECKPOINT_PERIOD: Duration = Duration::from_millis(200);
 /// one connection like any query: a connection of its own was measured slower overall
 /// (it competed for the file and the disk), though its pauses were shorter.
 pub async fn checkpoint_periodically(db: Db) {
+    // PostgreSQL checkpoints by itself.
+    let Db::Sqlite(db) = db else {
+        return;
+    };
     let mut ticks = tokio::time::interval(CHECKPOINT_PERIOD);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -109,9 +221,12 @@ pub async fn checkpoint_periodically(db: Db) {
     }
 }
 
-/// Applies the migrations embedded from `migrations/`.
+/// Applies the migrations embedded from `migrations/sqlite` or `migrations/postgres`.
 pub async fn migrate(db: &Db) -> Result<(), sqlx::migrate::MigrateError> {
-    sqlx::migrate!().run(db).await
+    match db {
+        Db::Sqlite(pool) => sqlx::migrate!("migrations/sqlite").run(pool).await,
+        Db::Postgres(pool) => sqlx::migrate!("migrations/postgres").run(pool).await,
+    }
 }
 
 /// Seconds since the Unix epoch: the unit of every time column.

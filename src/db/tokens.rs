@@ -1,6 +1,6 @@
 //! Queries on `login_tokens`, which hold only SHA-256 hashes of the tokens handed out.
 
-use super::{unix_now, Db};
+use super::{db_run, unix_now, Db};
 
 pub async fn insert(
     db: &Db,
@@ -8,16 +8,19 @@ pub async fn insert(
     user_id: i64,
     expires_at: Option<i64>,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO login_tokens (token_hash, user_id, issued_at, expires_at)
-         VALUES ($1, $2, $3, $4)",
-    )
-    .bind(token_hash)
-    .bind(user_id)
-    .bind(unix_now())
-    .bind(expires_at)
-    .execute(db)
-    .await?;
+    db_run!(db, pool => {
+        sqlx::query(
+            "INSERT INTO login_tokens (token_hash, user_id, issued_at, expires_at)
+             VALUES ($1, $2, $3, $4)",
+        )
+        .bind(token_hash)
+        .bind(user_id)
+        .bind(unix_now())
+        .bind(expires_at)
+        .execute(pool)
+        .await
+        .map(|done| done.rows_affected())
+    })?;
     Ok(())
 }
 
@@ -30,42 +33,52 @@ pub struct TokenOwner {
 
 /// The user a live (unexpired) token hash belongs to, read with their balance in one query.
 pub async fn find_owner(db: &Db, token_hash: &str) -> Result<Option<TokenOwner>, sqlx::Error> {
-    sqlx::query_as(
-        "SELECT t.user_id, u.tokens FROM login_tokens t JOIN users u ON u.id = t.user_id
-         WHERE t.token_hash = $1 AND (t.expires_at IS NULL OR t.expires_at > $2)",
-    )
-    .bind(token_hash)
-    .bind(unix_now())
-    .fetch_optional(db)
-    .await
+    db_run!(db, pool => {
+        sqlx::query_as(
+            "SELECT t.user_id, u.tokens FROM login_tokens t JOIN users u ON u.id = t.user_id
+             WHERE t.token_hash = $1 AND (t.expires_at IS NULL OR t.expires_at > $2)",
+        )
+        .bind(token_hash)
+        .bind(unix_now())
+        .fetch_optional(pool)
+        .await
+    })
 }
 
 pub async fn revoke(db: &Db, token_hash: &str) -> Result<(), sqlx::Error> {
-    sqlx::query("DELETE FROM login_tokens WHERE token_hash = $1")
-        .bind(token_hash)
-        .execute(db)
-        .await?;
+    db_run!(db, pool => {
+        sqlx::query("DELETE FROM login_tokens WHERE token_hash = $1")
+            .bind(token_hash)
+            .execute(pool)
+            .await
+            .map(|done| done.rows_affected())
+    })?;
     Ok(())
 }
 
 pub async fn revoke_all(db: &Db, user_id: i64) -> Result<(), sqlx::Error> {
-    sqlx::query("DELETE FROM login_tokens WHERE user_id = $1")
-        .bind(user_id)
-        .execute(db)
-        .await?;
+    db_run!(db, pool => {
+        sqlx::query("DELETE FROM login_tokens WHERE user_id = $1")
+            .bind(user_id)
+            .execute(pool)
+            .await
+            .map(|done| done.rows_affected())
+    })?;
     Ok(())
 }
 
 /// Deletes tokens that expired before `now`, at most `limit` of them; how many went.
 pub async fn delete_expired(db: &Db, now: i64, limit: i64) -> Result<u64, sqlx::Error> {
-    let deleted = sqlx::query(
-        "DELETE FROM login_tokens WHERE token_hash IN (
-             SELECT token_hash FROM login_tokens WHERE expires_at <= $1 LIMIT $2)",
-    )
-    .bind(now)
-    .bind(limit)
-    .execute(db)
-    .await?
-    .rows_affected();
+    let deleted = db_run!(db, pool => {
+        sqlx::query(
+            "DELETE FROM login_tokens WHERE token_hash IN (
+                 SELECT token_hash FROM login_tokens WHERE expires_at <= $1 LIMIT $2)",
+        )
+        .bind(now)
+        .bind(limit)
+        .execute(pool)
+        .await?
+        .rows_affected()
+    });
     Ok(deleted)
 }

@@ -1,9 +1,8 @@
 //! Queries on `users`: creation with its starting grant, credentials and balances.
 
-use sqlx::SqliteExecutor;
-
 use super::{
-    ledger::{self, Reason},
+    db_run,
+    ledger::{record_move, Reason},
     unix_now, Db,
 };
 
@@ -24,25 +23,27 @@ pub async fn insert(
     password_hash: &str,
     initial_tokens: i64,
 ) -> Result<Option<i64>, sqlx::Error> {
-    let mut tx = db.begin().await?;
-    let inserted = sqlx::query_scalar(
-        "INSERT INTO users (username, username_key, password_hash, tokens, created_at)
-         VALUES ($1, $2, $3, 0, $4) RETURNING id",
-    )
-    .bind(username)
-    .bind(username_key)
-    .bind(password_hash)
-    .bind(unix_now())
-    .fetch_one(&mut *tx)
-    .await;
-    let user_id = match inserted {
-        Ok(id) => id,
-        Err(sqlx::Error::Database(err)) if err.is_unique_violation() => return Ok(None),
-        Err(err) => return Err(err),
-    };
-    ledger::record(&mut *tx, user_id, initial_tokens, Reason::InitialGrant).await?;
-    tx.commit().await?;
-    Ok(Some(user_id))
+    db_run!(db, pool => {
+        let mut tx = pool.begin().await?;
+        let inserted = sqlx::query_scalar(
+            "INSERT INTO users (username, username_key, password_hash, tokens, created_at)
+             VALUES ($1, $2, $3, 0, $4) RETURNING id",
+        )
+        .bind(username)
+        .bind(username_key)
+        .bind(password_hash)
+        .bind(unix_now())
+        .fetch_one(&mut *tx)
+        .await;
+        let user_id: i64 = match inserted {
+            Ok(id) => id,
+            Err(sqlx::Error::Database(err)) if err.is_unique_violation() => return Ok(None),
+            Err(err) => return Err(err),
+        };
+        record_move!(&mut *tx, user_id, initial_tokens, Reason::InitialGrant).await?;
+        tx.commit().await?;
+        Ok(Some(user_id))
+    })
 }
 
 /// What a grant did.
@@ -66,27 +67,26 @@ pub async fn grant(
     amount: i64,
     ceiling: i64,
 ) -> Result<Grant, sqlx::Error> {
-    let mut tx = db.begin().await?;
-    let user: Option<(i64, i64)> =
-        sqlx::query_as("SELECT id, tokens FROM users WHERE username_key = $1")
-            .bind(username_key)
-            .fetch_optional(&mut *tx)
-            .await?;
-    let Some((user_id, balance)) = user else {
-        return Ok(Grant::NoSuchUser);
-    };
-    if balance
-        .checked_add(amount)
-        .is_none_or(|after| after > ceiling)
-    {
-        return Ok(Grant::OverCeiling { balance });
-    }
-    let outcome = match ledger::record(&mut *tx, user_id, amount, Reason::Grant).await? {
-        Some(balance) => Grant::Granted { balance },
-        None => Grant::OverCeiling { balance },
-    };
-    tx.commit().await?;
-    Ok(outcome)
+    db_run!(db, pool => {
+        let mut tx = pool.begin().await?;
+        let user: Option<(i64, i64)> =
+            sqlx::query_as("SELECT id, tokens FROM users WHERE username_key = $1")
+                .bind(username_key)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let Some((user_id, balance)) = user else {
+            return Ok(Grant::NoSuchUser);
+        };
+        if balance.checked_add(amount).is_none_or(|after| after > ceiling) {
+            return Ok(Grant::OverCeiling { balance });
+        }
+        let outcome = match record_move!(&mut *tx, user_id, amount, Reason::Grant).await? {
+            Some(balance) => Grant::Granted { balance },
+            None => Grant::OverCeiling { balance },
+        };
+        tx.commit().await?;
+        Ok(outcome)
+    })
 }
 
 /// Replaces the password hash and revokes every login token of the user but one, in
@@ -97,18 +97,20 @@ pub async fn set_password(
     password_hash: &str,
     keep_token_hash: &str,
 ) -> Result<(), sqlx::Error> {
-    let mut tx = db.begin().await?;
-    sqlx::query("UPDATE users SET password_hash = $1 WHERE id = $2")
-        .bind(password_hash)
-        .bind(user_id)
-        .execute(&mut *tx)
-        .await?;
-    sqlx::query("DELETE FROM login_tokens WHERE user_id = $1 AND token_hash <> $2")
-        .bind(user_id)
-        .bind(keep_token_hash)
-        .execute(&mut *tx)
-        .await?;
-    tx.commit().await
+    db_run!(db, pool => {
+        let mut tx = pool.begin().await?;
+        sqlx::query("UPDATE users SET password_hash = $1 WHERE id = $2")
+            .bind(password_hash)
+            .bind(user_id)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM login_tokens WHERE user_id = $1 AND token_hash <> $2")
+            .bind(user_id)
+            .bind(keep_token_hash)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await
+    })
 }
 
 /// What a password change needs: the current hash and the key its lock-outs count under.
@@ -122,25 +124,31 @@ pub async fn credentials_by_id(
     db: &Db,
     user_id: i64,
 ) -> Result<Option<StoredPassword>, sqlx::Error> {
-    sqlx::query_as("SELECT username_key, password_hash FROM users WHERE id = $1")
-        .bind(user_id)
-        .fetch_optional(db)
-        .await
+    db_run!(db, pool => {
+        sqlx::query_as("SELECT username_key, password_hash FROM users WHERE id = $1")
+            .bind(user_id)
+            .fetch_optional(pool)
+            .await
+    })
 }
 
 pub async fn find_credentials(
     db: &Db,
     username_key: &str,
 ) -> Result<Option<Credentials>, sqlx::Error> {
-    sqlx::query_as("SELECT id, password_hash FROM users WHERE username_key = $1")
-        .bind(username_key)
-        .fetch_optional(db)
-        .await
+    db_run!(db, pool => {
+        sqlx::query_as("SELECT id, password_hash FROM users WHERE username_key = $1")
+            .bind(username_key)
+            .fetch_optional(pool)
+            .await
+    })
 }
 
-pub async fn balance(db: impl SqliteExecutor<'_>, user_id: i64) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar("SELECT tokens FROM users WHERE id = $1")
-        .bind(user_id)
-        .fetch_one(db)
-        .await
+pub async fn balance(db: &Db, user_id: i64) -> Result<i64, sqlx::Error> {
+    db_run!(db, pool => {
+        sqlx::query_scalar("SELECT tokens FROM users WHERE id = $1")
+            .bind(user_id)
+            .fetch_one(pool)
+            .await
+    })
 }

@@ -8,13 +8,13 @@ use serde_json::{json, Value};
 use tokenchat::services::recovery;
 
 async fn ledger_sum(app: &TestApp, username: &str) -> i64 {
-    sqlx::query_scalar(
+    tokenchat::db_run!(&app.state.db, pool => sqlx::query_scalar(
         "SELECT COALESCE(SUM(l.amount), 0) FROM ledger l JOIN users u ON u.id = l.user_id
          WHERE u.username = $1",
     )
     .bind(username)
-    .fetch_one(&app.state.db)
-    .await
+    .fetch_one(pool)
+    .await)
     .unwrap()
 }
 
@@ -98,9 +98,9 @@ async fn a_storm_of_concurrent_chats_over_four_tokens_charges_exactly_the_answer
     assert_eq!(balance, 3700 - 100 * answered.len() as i64);
     assert_eq!(ledger_sum(&app, "storm").await, balance);
     let stored: BTreeSet<i64> =
-        sqlx::query_scalar("SELECT id FROM chats WHERE status = 'answered'")
-            .fetch_all(&app.state.db)
-            .await
+        tokenchat::db_run!(&app.state.db, pool => sqlx::query_scalar("SELECT id FROM chats WHERE status = 'answered'")
+            .fetch_all(pool)
+            .await)
             .unwrap()
             .into_iter()
             .collect();
@@ -223,9 +223,9 @@ async fn keys_belong_to_one_user_and_expire_after_a_day() {
     assert_ne!(bobs.json["chat_id"], first.json["chat_id"]);
     assert_eq!(app.balance(&bob).await, 3900);
 
-    sqlx::query("UPDATE idempotency_keys SET created_at = created_at - 86401")
-        .execute(&app.state.db)
-        .await
+    tokenchat::db_run!(&app.state.db, pool => sqlx::query("UPDATE idempotency_keys SET created_at = created_at - 86401")
+        .execute(pool)
+        .await.map(|done| done.rows_affected()))
         .unwrap();
     let after_a_day = app.chat_with_key(&alice, "shared", "hello").await;
     assert_ne!(after_a_day.json["chat_id"], first.json["chat_id"]);
@@ -286,9 +286,9 @@ async fn walk_pages(app: &TestApp, token: &str, route: &str, rows: &str, limit: 
 }
 
 async fn ids_newest_first(app: &TestApp, table: &str) -> Vec<i64> {
-    sqlx::query_scalar(&format!("SELECT id FROM {table} ORDER BY id DESC"))
-        .fetch_all(&app.state.db)
-        .await
+    tokenchat::db_run!(&app.state.db, pool => sqlx::query_scalar(&format!("SELECT id FROM {table} ORDER BY id DESC"))
+        .fetch_all(pool)
+        .await)
         .unwrap()
 }
 
@@ -400,9 +400,10 @@ async fn page_parameters_are_validated() {
 async fn recovery_refunds_abandoned_chats_once_however_many_sweep() {
     let app = TestApp::new().await;
     let token = app.user_with_token("user").await;
-    let user_id: i64 = sqlx::query_scalar("SELECT id FROM users")
-        .fetch_one(&app.state.db)
-        .await
+    let user_id: i64 =
+        tokenchat::db_run!(&app.state.db, pool => sqlx::query_scalar("SELECT id FROM users")
+        .fetch_one(pool)
+        .await)
         .unwrap();
     // What a process that died mid-chat leaves behind: a reservation and a pending chat,
     // due to settle within a minute.
@@ -446,14 +447,14 @@ async fn the_audit_names_a_balance_that_disagrees_with_the_ledger() {
     let app = TestApp::new().await;
     let token = app.user_with_token("user").await;
     app.chat(&token, "hello").await;
-    sqlx::query("UPDATE users SET tokens = tokens + 1")
-        .execute(&app.state.db)
-        .await
-        .unwrap();
-    sqlx::query("UPDATE chats SET status = 'failed'")
-        .execute(&app.state.db)
-        .await
-        .unwrap();
+    tokenchat::db_run!(&app.state.db, pool => sqlx::query("UPDATE users SET tokens = tokens + 1")
+        .execute(pool)
+        .await.map(|done| done.rows_affected()))
+    .unwrap();
+    tokenchat::db_run!(&app.state.db, pool => sqlx::query("UPDATE chats SET status = 'failed'")
+        .execute(pool)
+        .await.map(|done| done.rows_affected()))
+    .unwrap();
     let report = tokenchat::services::audit::run(&app.state.db)
         .await
         .unwrap();

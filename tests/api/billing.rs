@@ -139,13 +139,13 @@ async fn each_answered_chat_is_stored_with_its_user_message_response_and_time() 
         i64,
         i64,
         i64,
-    ) = sqlx::query_as(
+    ) = tokenchat::db_run!(&app.state.db, pool => sqlx::query_as(
         "SELECT u.username, c.message, c.response, c.status, c.cost, c.created_at, c.finished_at
              FROM chats c JOIN users u ON u.id = c.user_id WHERE c.id = $1",
     )
     .bind(chat_id)
-    .fetch_one(&app.state.db)
-    .await
+    .fetch_one(pool)
+    .await)
     .unwrap();
     assert_eq!(
         (

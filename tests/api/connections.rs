@@ -319,9 +319,9 @@ async fn sigterm_ends_a_half_sent_request_and_refunds_a_stalled_chat_within_the_
         .await
         .unwrap();
     let settled: (String, i64) =
-        sqlx::query_as("SELECT c.status, u.tokens FROM chats c JOIN users u ON u.id = c.user_id")
-            .fetch_one(&db)
-            .await
+        tokenchat::db_run!(&db, pool => sqlx::query_as("SELECT c.status, u.tokens FROM chats c JOIN users u ON u.id = c.user_id")
+            .fetch_one(pool)
+            .await)
             .unwrap();
     assert_eq!(settled, ("failed".to_string(), 4000));
     db.close().await;

@@ -272,9 +272,10 @@ async fn usernames_are_unique_in_any_letter_case_and_stored_as_given() {
             .await
             .assert_error(StatusCode::CONFLICT, "username_taken");
     }
-    let stored: Vec<String> = sqlx::query_scalar("SELECT username FROM users")
-        .fetch_all(&app.state.db)
-        .await
+    let stored: Vec<String> =
+        tokenchat::db_run!(&app.state.db, pool => sqlx::query_scalar("SELECT username FROM users")
+        .fetch_all(pool)
+        .await)
         .unwrap();
     assert_eq!(stored, ["Alice"]);
 }
@@ -298,9 +299,10 @@ async fn registration_rejects_each_invalid_field_by_name() {
         response.assert_error(StatusCode::BAD_REQUEST, "invalid_input");
         assert_eq!(response.json["field"], field, "{username:?} {password:?}");
     }
-    let users: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM users")
-        .fetch_one(&app.state.db)
-        .await
+    let users: i64 =
+        tokenchat::db_run!(&app.state.db, pool => sqlx::query_scalar("SELECT COUNT(*) FROM users")
+        .fetch_one(pool)
+        .await)
         .unwrap();
     assert_eq!(users, 0);
 }
@@ -587,9 +589,9 @@ async fn a_zero_ttl_issues_tokens_that_never_expire() {
     app.register("user", "pass123").await;
     let login = app.login("user", "pass123").await;
     assert_eq!(login.json["expires_at"], serde_json::Value::Null);
-    let expires: Option<i64> = sqlx::query_scalar("SELECT expires_at FROM login_tokens")
-        .fetch_one(&app.state.db)
-        .await
+    let expires: Option<i64> = tokenchat::db_run!(&app.state.db, pool => sqlx::query_scalar("SELECT expires_at FROM login_tokens")
+        .fetch_one(pool)
+        .await)
         .unwrap();
     assert_eq!(expires, None);
 }

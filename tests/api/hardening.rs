@@ -145,9 +145,10 @@ async fn registrations_per_address_are_limited_and_can_be_closed() {
         .await;
     limited.assert_error(StatusCode::TOO_MANY_REQUESTS, "rate_limited");
     assert!(retry_after(&limited) >= 1);
-    let users: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM users")
-        .fetch_one(&app.state.db)
-        .await
+    let users: i64 =
+        tokenchat::db_run!(&app.state.db, pool => sqlx::query_scalar("SELECT COUNT(*) FROM users")
+        .fetch_one(pool)
+        .await)
         .unwrap();
     assert_eq!(users, 3);
     let elsewhere = app.post_from("198.51.100.7", "/register", body).await;
@@ -292,9 +293,10 @@ async fn the_longest_message_fits_in_any_json_encoding() {
         "{:?}",
         answered.json["error"]
     );
-    let stored: String = sqlx::query_scalar("SELECT message FROM chats")
-        .fetch_one(&app.state.db)
-        .await
+    let stored: String =
+        tokenchat::db_run!(&app.state.db, pool => sqlx::query_scalar("SELECT message FROM chats")
+        .fetch_one(pool)
+        .await)
         .unwrap();
     assert_eq!(stored, "😀".repeat(8000));
 }
@@ -451,9 +453,10 @@ async fn a_process_with_a_shorter_time_out_never_refunds_anothers_live_chat() {
     assert_eq!(app.balance(&token).await, 3900);
     // A chat that process abandons is refunded by the other once its own deadline
     // (60 + 5 s) is past, and not before.
-    let user_id: i64 = sqlx::query_scalar("SELECT id FROM users")
-        .fetch_one(&app.state.db)
-        .await
+    let user_id: i64 =
+        tokenchat::db_run!(&app.state.db, pool => sqlx::query_scalar("SELECT id FROM users")
+        .fetch_one(pool)
+        .await)
         .unwrap();
     let settle_within = recovery::abandoned_after(&app.state);
     tokenchat::db::chats::reserve(&app.state.db, user_id, "orphan", 100, settle_within)
@@ -483,9 +486,9 @@ async fn recovery_deletes_expired_login_tokens() {
     let app = TestApp::with_env(&[("TOKEN_TTL_SECS", "60")]).await;
     let token = app.user_with_token("user").await;
     let count = || async {
-        sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM login_tokens")
-            .fetch_one(&app.state.db)
-            .await
+        tokenchat::db_run!(&app.state.db, pool => sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM login_tokens")
+            .fetch_one(pool)
+            .await)
             .unwrap()
     };
     let now = tokenchat::db::unix_now();
@@ -508,7 +511,7 @@ async fn the_schema_refuses_a_balance_that_is_not_whole_tokens_under_the_ceiling
         "INSERT INTO ledger (user_id, amount, reason, balance_after, created_at)
          SELECT id, 9223372036854775807, 'grant', tokens + 9223372036854775807, 0 FROM users",
     ] {
-        let refused = sqlx::query(statement).execute(&app.state.db).await;
+        let refused = tokenchat::db_run!(&app.state.db, pool => sqlx::query(statement).execute(pool).await.map(|done| done.rows_affected()));
         assert!(refused.is_err(), "{statement} was accepted");
     }
     app.assert_audit_passes().await;
@@ -554,9 +557,10 @@ async fn balance_in(url: &str) -> (String, i64) {
     let db = tokenchat::db::connect(url, tokenchat::db::Open::ExistingOnly)
         .await
         .unwrap();
-    let row = sqlx::query_as("SELECT typeof(tokens), tokens FROM users")
-        .fetch_one(&db)
-        .await
+    let row =
+        tokenchat::db_run!(&db, pool => sqlx::query_as("SELECT typeof(tokens), tokens FROM users")
+        .fetch_one(pool)
+        .await)
         .unwrap();
     db.close().await;
     row

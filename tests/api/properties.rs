@@ -86,13 +86,13 @@ async fn run_in_waves(waves: Vec<Vec<Op>>) {
 
     let tokens = tokens.lock().unwrap().clone();
     for (user, token) in tokens {
-        let answered: BTreeSet<i64> = sqlx::query_scalar(
+        let answered: BTreeSet<i64> = tokenchat::db_run!(&app.state.db, pool => sqlx::query_scalar(
             "SELECT c.id FROM chats c JOIN users u ON u.id = c.user_id
              WHERE u.username = $1 AND c.status = 'answered'",
         )
         .bind(format!("user{user}"))
-        .fetch_all(&app.state.db)
-        .await
+        .fetch_all(pool)
+        .await)
         .unwrap()
         .into_iter()
         .collect();

@@ -110,14 +110,14 @@ async fn the_database_holds_no_plaintext_password_or_token() {
         .to_string();
     app.chat(&token, "hello").await;
 
-    let stored_hash: String = sqlx::query_scalar("SELECT password_hash FROM users")
-        .fetch_one(&app.state.db)
-        .await
+    let stored_hash: String = tokenchat::db_run!(&app.state.db, pool => sqlx::query_scalar("SELECT password_hash FROM users")
+        .fetch_one(pool)
+        .await)
         .unwrap();
     assert!(stored_hash.starts_with("$argon2id$"));
-    let token_hash: String = sqlx::query_scalar("SELECT token_hash FROM login_tokens")
-        .fetch_one(&app.state.db)
-        .await
+    let token_hash: String = tokenchat::db_run!(&app.state.db, pool => sqlx::query_scalar("SELECT token_hash FROM login_tokens")
+        .fetch_one(pool)
+        .await)
         .unwrap();
     assert_eq!(token_hash, tokenchat::services::auth::token_hash(&token));
 
@@ -366,18 +366,19 @@ async fn a_chat_cut_off_by_sigkill_is_refunded_by_the_next_process() {
         .await
         .unwrap();
     let left_behind: (String, i64) =
-        sqlx::query_as("SELECT c.status, u.tokens FROM chats c JOIN users u ON u.id = c.user_id")
-            .fetch_one(&db)
-            .await
+        tokenchat::db_run!(&db, pool => sqlx::query_as("SELECT c.status, u.tokens FROM chats c JOIN users u ON u.id = c.user_id")
+            .fetch_one(pool)
+            .await)
             .unwrap();
     assert_eq!(left_behind, ("pending".to_string(), 3900));
 
     llm.set_reply(Reply::Echo);
     let server = Server::start(dir.path(), &vars);
     wait_until(|| async {
-        let status: String = sqlx::query_scalar("SELECT status FROM chats")
-            .fetch_one(&db)
-            .await
+        let status: String =
+            tokenchat::db_run!(&db, pool => sqlx::query_scalar("SELECT status FROM chats")
+            .fetch_one(pool)
+            .await)
             .unwrap();
         status == "failed"
     })
@@ -461,10 +462,10 @@ fn the_audit_command_exits_non_zero_listing_offenders() {
         let db = tokenchat::db::connect(&database_url, tokenchat::db::Open::ExistingOnly)
             .await
             .unwrap();
-        sqlx::query("UPDATE users SET tokens = 9999")
-            .execute(&db)
-            .await
-            .unwrap();
+        tokenchat::db_run!(&db, pool => sqlx::query("UPDATE users SET tokens = 9999")
+            .execute(pool)
+            .await.map(|done| done.rows_affected()))
+        .unwrap();
         db.close().await;
     });
     let audit = Server::command(dir.path(), &vars)

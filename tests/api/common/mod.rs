@@ -215,9 +215,9 @@ impl TestApp {
     /// Asserts that no chat is left pending and that the ledger audit passes.
     pub async fn assert_all_settled(&self) {
         let pending: i64 =
-            sqlx::query_scalar("SELECT COUNT(*) FROM chats WHERE status = 'pending'")
-                .fetch_one(&self.state.db)
-                .await
+            tokenchat::db_run!(&self.state.db, pool => sqlx::query_scalar("SELECT COUNT(*) FROM chats WHERE status = 'pending'")
+                .fetch_one(pool)
+                .await)
                 .unwrap();
         assert_eq!(pending, 0, "chats left pending");
         self.assert_audit_passes().await;
@@ -225,9 +225,9 @@ impl TestApp {
 
     /// Rows of `SELECT status, COUNT(*) FROM chats GROUP BY status`, read straight from the file.
     pub async fn chat_counts(&self) -> Vec<(String, i64)> {
-        sqlx::query_as("SELECT status, COUNT(*) FROM chats GROUP BY status ORDER BY status")
-            .fetch_all(&self.state.db)
-            .await
+        tokenchat::db_run!(&self.state.db, pool => sqlx::query_as("SELECT status, COUNT(*) FROM chats GROUP BY status ORDER BY status")
+            .fetch_all(pool)
+            .await)
             .unwrap()
     }
 }
@@ -269,9 +269,12 @@ async fn build(
             .map(|(_, value)| value.to_string())
     })
     .unwrap();
-    let db = tokenchat::db::connect(&config.database_url, tokenchat::db::Open::CreateIfMissing)
-        .await
-        .unwrap();
+    let db = tokenchat::db::connect(
+        config.database_url.expose(),
+        tokenchat::db::Open::CreateIfMissing,
+    )
+    .await
+    .unwrap();
     tokenchat::db::migrate(&db).await.unwrap();
     let state = AppState::new(config, db).unwrap();
     (state.clone(), tokenchat::router(state))
