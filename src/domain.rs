@@ -133,6 +133,13 @@ impl Message {
         {
             return Err(Invalid::new("message", "message must not be empty"));
         }
+        // PostgreSQL's text cannot hold it, and no one means to send it.
+        if text.contains('\0') {
+            return Err(Invalid::new(
+                "message",
+                "message must not contain NUL characters",
+            ));
+        }
         if text.chars().count() > max_chars {
             return Err(Invalid::new(
                 "message",
@@ -241,6 +248,7 @@ mod tests {
             assert!(Message::parse(empty.into(), 10).is_err(), "{empty:?}");
         }
         assert!(Message::parse("hi\u{200B}".into(), 10).is_ok());
+        assert!(Message::parse("a\0b".into(), 10).is_err());
         assert!(Message::parse("😀".repeat(10), 10).is_ok());
         assert!(Message::parse("😀".repeat(11), 10).is_err());
     }

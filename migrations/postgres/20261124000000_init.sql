@@ -73,11 +73,14 @@ CREATE INDEX idempotency_keys_created ON idempotency_keys (created_at);
 -- left. The UPDATE takes the user's row lock, so concurrent moves of one balance queue here
 -- and each row's balance_after is exact (a value computed by the inserting statement from
 -- its snapshot would not be, at READ COMMITTED). A move below zero fails the tokens check,
--- which the service reads as "not enough tokens".
+-- which the service reads as "not enough tokens". The row's id is drawn only now, under
+-- the lock: the default was drawn before the wait, so ids would not follow the order in
+-- which the moves happened, and a running sum by id would not be the balance.
 CREATE FUNCTION ledger_moves_balance() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     UPDATE users SET tokens = tokens + NEW.amount WHERE id = NEW.user_id
     RETURNING tokens INTO NEW.balance_after;
+    NEW.id := nextval(pg_get_serial_sequence('ledger', 'id'));
     RETURN NEW;
 END
 $$;

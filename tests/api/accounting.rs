@@ -9,7 +9,8 @@ use tokenchat::services::recovery;
 
 async fn ledger_sum(app: &TestApp, username: &str) -> i64 {
     tokenchat::db_run!(&app.state.db, pool => sqlx::query_scalar(
-        "SELECT COALESCE(SUM(l.amount), 0) FROM ledger l JOIN users u ON u.id = l.user_id
+        "SELECT CAST(COALESCE(SUM(l.amount), 0) AS BIGINT) FROM ledger l
+         JOIN users u ON u.id = l.user_id
          WHERE u.username = $1",
     )
     .bind(username)

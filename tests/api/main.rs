@@ -8,5 +8,6 @@ mod connections;
 mod contract;
 mod hardening;
 mod hostile;
+mod postgres;
 mod properties;
 mod server;

@@ -2,9 +2,8 @@
 //! and a fake OpenAI-compatible model on an ephemeral loopback port.
 #![allow(dead_code)]
 
+pub mod database;
 pub mod fake_llm;
-
-use std::path::PathBuf;
 
 use axum::{
     body::Body,
@@ -13,10 +12,10 @@ use axum::{
 };
 use http_body_util::BodyExt;
 use serde_json::{json, Value};
-use tempfile::TempDir;
 use tokenchat::{AppState, Config};
 use tower::ServiceExt;
 
+pub use database::TestDatabase;
 #[allow(unused_imports)]
 pub use fake_llm::{FakeLlm, Reply};
 
@@ -24,8 +23,7 @@ pub struct TestApp {
     pub router: Router,
     pub state: AppState,
     pub llm: FakeLlm,
-    pub db_path: PathBuf,
-    _dir: TempDir,
+    pub database: TestDatabase,
 }
 
 /// What came back: status, content type and the body parsed as JSON.
@@ -60,30 +58,30 @@ impl TestApp {
     /// model, with `overrides` on top.
     pub async fn with_env(overrides: &[(&str, &str)]) -> Self {
         init_logging();
-        let dir = tempfile::tempdir().unwrap();
+        let database = TestDatabase::create().await;
         let llm = FakeLlm::start().await;
-        let db_path = dir.path().join("tokenchat.db");
-        let (state, router) = build(&db_path, &llm.base_url, overrides).await;
+        let (state, router) = build(database.url(), &llm.base_url, overrides).await;
         Self {
             router,
             state,
             llm,
-            db_path,
-            _dir: dir,
+            database,
         }
     }
 
     /// The same database and model, as a freshly started process would see them.
     pub async fn restart(&mut self, overrides: &[(&str, &str)]) {
         self.state.db.close().await;
-        let (state, router) = build(&self.db_path, &self.llm.base_url, overrides).await;
+        let (state, router) = build(self.database.url(), &self.llm.base_url, overrides).await;
         self.state = state;
         self.router = router;
     }
 
     /// Another process's view of the same database and model, with its own settings.
     pub async fn another_process(&self, overrides: &[(&str, &str)]) -> AppState {
-        build(&self.db_path, &self.llm.base_url, overrides).await.0
+        build(self.database.url(), &self.llm.base_url, overrides)
+            .await
+            .0
     }
 
     /// A JSON POST from the client address `from` (the app must trust proxy headers).
@@ -246,15 +244,14 @@ pub fn init_logging() {
 }
 
 async fn build(
-    db_path: &std::path::Path,
+    database_url: &str,
     llm_url: &str,
     overrides: &[(&str, &str)],
 ) -> (AppState, Router) {
-    let database_url = format!("sqlite://{}", db_path.display());
     // Tests register many users and chat fast from one address: the rate limits are off
     // unless a test turns one on. The lock-outs after failed logins keep their defaults.
     let base = [
-        ("DATABASE_URL", database_url.as_str()),
+        ("DATABASE_URL", database_url),
         ("LLM_BASE_URL", llm_url),
         ("LLM_TIMEOUT_SECS", "5"),
         ("LOGIN_ATTEMPTS_PER_MINUTE", "0"),

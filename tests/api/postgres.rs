@@ -1,0 +1,253 @@
+//! PostgreSQL: the whole suite once more on it, and what only several processes sharing one
+//! database can show: races for the last tokens and for one idempotency key, and one
+//! process's orphans refunded by another.
+
+use std::{process::Command, time::Duration};
+
+use serde_json::json;
+
+use crate::{
+    common::{
+        database::{on_postgres, postgres_server, TestDatabase, POSTGRES_URL_VARIABLE},
+        FakeLlm, Reply,
+    },
+    server::{wait_until, Server},
+};
+
+/// Runs this test binary again with `TEST_BACKEND=postgres`, so one `cargo test` covers
+/// both backends whenever a PostgreSQL server is configured.
+#[test]
+fn the_whole_suite_also_passes_on_postgresql() {
+    if on_postgres() {
+        return; // This is that run.
+    }
+    let Some(_) = postgres_server() else {
+        println!("PostgreSQL run skipped: set {POSTGRES_URL_VARIABLE} to run the suite on it too");
+        return;
+    };
+    let output = Command::new(std::env::current_exe().unwrap())
+        .env("TEST_BACKEND", "postgres")
+        .args(["--skip", "the_whole_suite_also_passes_on_postgresql"])
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&output.stdout);
+    let summary: Vec<&str> = report
+        .lines()
+        .filter(|line| line.starts_with("test result") || line.contains("FAILED"))
+        .collect();
+    println!("on PostgreSQL: {}", summary.join("\n"));
+    assert!(
+        output.status.success(),
+        "the suite failed on PostgreSQL:\n{report}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// Two tokenchat processes on one fresh PostgreSQL database and one fake model.
+struct TwoInstances {
+    first: Server,
+    second: Server,
+    llm: FakeLlm,
+    database: TestDatabase,
+    _dir: tempfile::TempDir,
+}
+
+impl TwoInstances {
+    /// `None`, saying so, unless this is the PostgreSQL run.
+    async fn start(vars: &[(&str, &str)]) -> Option<Self> {
+        if !on_postgres() {
+            println!("skipped: runs in the PostgreSQL run of the suite");
+            return None;
+        }
+        let database = TestDatabase::create().await;
+        let llm = FakeLlm::start().await;
+        let dir = tempfile::tempdir().unwrap();
+        let mut all = vec![
+            ("DATABASE_URL", database.url()),
+            ("LLM_BASE_URL", llm.base_url.as_str()),
+            ("CHAT_RATE_PER_MINUTE", "0"),
+            ("LOGIN_ATTEMPTS_PER_MINUTE", "0"),
+        ];
+        all.extend_from_slice(vars);
+        let first = Server::start(dir.path(), &all);
+        let second = Server::start(dir.path(), &all);
+        Some(Self {
+            first,
+            second,
+            llm,
+            database,
+            _dir: dir,
+        })
+    }
+
+    /// Registers `user` on the first instance and logs in on the second.
+    async fn user(&self, http: &reqwest::Client) -> String {
+        let credentials = json!({ "username": "user", "password": "pass123" });
+        let registered = http
+            .post(format!("{}/register", self.first.base))
+            .json(&credentials)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(registered.status(), 201);
+        let login: serde_json::Value = http
+            .post(format!("{}/login", self.second.base))
+            .json(&credentials)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        login["token"].as_str().unwrap().to_string()
+    }
+
+    fn audit(&self) -> std::process::Output {
+        Server::command(self._dir.path(), &[("DATABASE_URL", self.database.url())])
+            .arg("audit")
+            .output()
+            .unwrap()
+    }
+
+    async fn scalar(&self, sql: &str) -> i64 {
+        let db = tokenchat::db::connect(self.database.url(), tokenchat::db::Open::ExistingOnly)
+            .await
+            .unwrap();
+        let value =
+            tokenchat::db_run!(&db, pool => sqlx::query_scalar(sql).fetch_one(pool).await).unwrap();
+        db.close().await;
+        value
+    }
+}
+
+async fn chat(http: &reqwest::Client, base: &str, token: &str, key: Option<&str>) -> u16 {
+    let mut request = http
+        .post(format!("{base}/chat"))
+        .bearer_auth(token)
+        .json(&json!({ "message": "race" }));
+    if let Some(key) = key {
+        request = request.header("idempotency-key", key);
+    }
+    request.send().await.unwrap().status().as_u16()
+}
+
+#[tokio::test]
+async fn two_processes_racing_for_the_last_tokens_answer_exactly_what_the_balance_buys() {
+    let Some(pair) = TwoInstances::start(&[("INITIAL_TOKENS", "5000")]).await else {
+        return;
+    };
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(64)
+        .build()
+        .unwrap();
+    let token = pair.user(&http).await;
+    let chats: Vec<_> = (0..300)
+        .map(|n| {
+            let base = if n % 2 == 0 {
+                &pair.first.base
+            } else {
+                &pair.second.base
+            };
+            let (http, base, token) = (http.clone(), base.clone(), token.clone());
+            tokio::spawn(async move { chat(&http, &base, &token, None).await })
+        })
+        .collect();
+    let mut answered = 0;
+    for chat in chats {
+        match chat.await.unwrap() {
+            200 => answered += 1,
+            402 => {}
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    assert_eq!(answered, 50);
+    assert_eq!(pair.llm.calls(), 50);
+    assert_eq!(pair.scalar("SELECT tokens FROM users").await, 0);
+    let audit = pair.audit();
+    assert!(audit.status.success(), "{audit:?}");
+}
+
+#[tokio::test]
+async fn one_idempotency_key_sent_to_both_processes_at_once_is_charged_once() {
+    let Some(pair) = TwoInstances::start(&[]).await else {
+        return;
+    };
+    pair.llm.set_reply(Reply::Stall(Duration::from_millis(500)));
+    let http = reqwest::Client::new();
+    let token = pair.user(&http).await;
+    let sends: Vec<_> = [
+        &pair.first.base,
+        &pair.second.base,
+        &pair.first.base,
+        &pair.second.base,
+    ]
+    .into_iter()
+    .map(|base| {
+        let (http, base, token) = (http.clone(), base.clone(), token.clone());
+        tokio::spawn(async move { chat(&http, &base, &token, Some("same-key")).await })
+    })
+    .collect();
+    let mut statuses = Vec::new();
+    for send in sends {
+        statuses.push(send.await.unwrap());
+    }
+    assert!(statuses.contains(&200), "{statuses:?}");
+    assert!(
+        statuses.iter().all(|status| [200, 409].contains(status)),
+        "{statuses:?}"
+    );
+    // Once the first has settled, a retry anywhere replays it.
+    assert_eq!(
+        chat(&http, &pair.second.base, &token, Some("same-key")).await,
+        200
+    );
+    assert_eq!(
+        chat(&http, &pair.first.base, &token, Some("same-key")).await,
+        200
+    );
+    assert_eq!(pair.llm.calls(), 1);
+    assert_eq!(pair.scalar("SELECT tokens FROM users").await, 3900);
+    assert!(pair.audit().status.success());
+}
+
+#[tokio::test]
+async fn chats_of_a_killed_process_are_refunded_once_by_the_other() {
+    let Some(mut pair) =
+        TwoInstances::start(&[("LLM_TIMEOUT_SECS", "1"), ("INITIAL_TOKENS", "4000")]).await
+    else {
+        return;
+    };
+    pair.llm.set_reply(Reply::Stall(Duration::from_secs(30)));
+    let http = reqwest::Client::new();
+    let token = pair.user(&http).await;
+    for _ in 0..3 {
+        let (http, base, token) = (http.clone(), pair.first.base.clone(), token.clone());
+        tokio::spawn(async move {
+            let _ = http
+                .post(format!("{base}/chat"))
+                .bearer_auth(token)
+                .json(&json!({ "message": "doomed" }))
+                .send()
+                .await;
+        });
+    }
+    wait_until(|| async { pair.llm.calls() == 3 }).await;
+    assert_eq!(pair.scalar("SELECT tokens FROM users").await, 3700);
+    pair.first.child.kill().unwrap();
+    pair.first.child.wait().unwrap();
+    // The second process's sweep (every second here) refunds them past their deadline
+    // (1 + 5 s), each once.
+    wait_until(|| async {
+        pair.scalar("SELECT COUNT(*) FROM chats WHERE status = 'failed'")
+            .await
+            == 3
+    })
+    .await;
+    assert_eq!(pair.scalar("SELECT tokens FROM users").await, 4000);
+    assert_eq!(
+        pair.scalar("SELECT COUNT(*) FROM ledger WHERE reason = 'chat_refund'")
+            .await,
+        3
+    );
+    assert!(pair.audit().status.success());
+}
