@@ -124,6 +124,10 @@ async fn connect_postgres(url: &str, settings: &PoolSettings) -> Result<PgPool, 
     PgPoolOptions::new()
         .max_connections(settings.max_connections.unwrap_or(10))
         .acquire_timeout(ACQUIRE_TIMEOUT)
+        // No ping before each statement: that would double a chat's round trips. A
+        // connection that broke fails its next statement (503 for that request) and is
+        // then replaced, so the pool heals once the database is back.
+        .test_before_acquire(false)
         .connect_with(options)
         .await
 }
