@@ -5,6 +5,9 @@
 //! drives closed-loop HTTP/1.1 keep-alive load, recording latencies in HDR histograms.
 //! `BENCH_SECS` (default 10) sets the measured time of each throughput scenario;
 //! `BENCH_ONLY=<text>` runs only the throughput scenarios whose name contains it.
+//! `BENCH_POSTGRES_URL=postgres://USER:PASSWORD@HOST/postgres` (a user that may create
+//! databases) runs instead the backend comparison: `/balance` and `/chat` on SQLite, on
+//! PostgreSQL with one instance and with two, in one run, with the statements a chat costs.
 
 use std::{
     fmt::Write as _,
@@ -90,7 +93,11 @@ async fn run(pinned: bool) {
     let measured = Duration::from_secs(secs);
     let model = start_fake_model().await;
     let dir = tempfile::tempdir().expect("temporary directory");
-    let server = Server::start(dir.path(), model, pinned).await;
+    if let Ok(postgres) = std::env::var("BENCH_POSTGRES_URL") {
+        return compare_backends(dir.path(), model, pinned, measured, &postgres).await;
+    }
+    let sqlite = format!("sqlite://{}", dir.path().join("bench.db").display());
+    let server = Server::start(dir.path(), &sqlite, model, pinned).await;
     let target = Target {
         addr: server.addr,
         token: String::new(),
@@ -236,6 +243,137 @@ async fn run(pinned: bool) {
     drop(server);
 }
 
+/// `/balance` and `/chat` (instant model) on SQLite, on PostgreSQL with one instance and with
+/// two sharing the database, measured in one run; for PostgreSQL also the statements (each
+/// one round trip: no pings, autocommit) a chat costs, from `pg_stat_database`.
+async fn compare_backends(
+    dir: &Path,
+    model: SocketAddr,
+    pinned: bool,
+    measured: Duration,
+    postgres_server: &str,
+) {
+    use sqlx::{Connection, PgConnection};
+
+    println!(
+        "tokenchat backend comparison: {} s per scenario, {CONNECTIONS} connections",
+        measured.as_secs()
+    );
+    println!("{}", describe_machine(pinned));
+    println!();
+    let chat_body = json!({ "message": "code hello world in python" }).to_string();
+    let mut rows = Vec::new();
+    let mut statements_per_chat = Vec::new();
+    for (backend, instances) in [("SQLite", 1), ("PostgreSQL", 1), ("PostgreSQL", 2)] {
+        let name = format!("tokenchat_bench_{}_{instances}", std::process::id());
+        let database_url = if backend == "SQLite" {
+            format!("sqlite://{}", dir.join("compare.db").display())
+        } else {
+            let mut admin = PgConnection::connect(postgres_server)
+                .await
+                .expect("PostgreSQL");
+            sqlx::query(&format!("DROP DATABASE IF EXISTS {name}"))
+                .execute(&mut admin)
+                .await
+                .expect("drop");
+            sqlx::query(&format!("CREATE DATABASE {name}"))
+                .execute(&mut admin)
+                .await
+                .expect("create");
+            let mut url = reqwest::Url::parse(postgres_server).expect("a URL");
+            url.set_path(&name);
+            url.to_string()
+        };
+        let mut servers = Vec::new();
+        for _ in 0..instances {
+            servers.push(Server::start(dir, &database_url, model, pinned).await);
+        }
+        let addrs: Vec<SocketAddr> = servers.iter().map(|server| server.addr).collect();
+        let first = Target {
+            addr: addrs[0],
+            token: String::new(),
+        };
+        let token = first.register_and_login("bench", "bench-password").await;
+        let target = Target { token, ..first };
+        let label = |route: &str| {
+            format!(
+                "{route} ({backend}, {instances} instance{})",
+                if instances > 1 { "s" } else { "" }
+            )
+        };
+        for (route, make) in [
+            ("GET /balance", target.get("/balance")),
+            ("POST /chat", target.post("/chat", chat_body.clone())),
+        ] {
+            closed_loop_across(&addrs, CONNECTIONS, WARM_UP, StatusCode::OK, make.clone()).await;
+            let commits_before = transactions_committed(postgres_server, &name, backend).await;
+            let outcome =
+                closed_loop_across(&addrs, CONNECTIONS, measured, StatusCode::OK, make).await;
+            let commits =
+                transactions_committed(postgres_server, &name, backend).await - commits_before;
+            if route == "POST /chat" && backend != "SQLite" {
+                statements_per_chat.push((
+                    label(route),
+                    commits as f64 / outcome.requests.max(1) as f64,
+                ));
+            }
+            rows.push(Row::new(&label(route), CONNECTIONS, &outcome, None));
+        }
+        drop(servers);
+        if backend != "SQLite" {
+            let mut admin = PgConnection::connect(postgres_server)
+                .await
+                .expect("PostgreSQL");
+            sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                .execute(&mut admin)
+                .await
+                .expect("drop");
+        }
+    }
+    print_table(&rows);
+    println!();
+    let rate = |name: &str| {
+        rows.iter()
+            .find(|row| row.name == name)
+            .map_or(0.0, |row| row.rps)
+    };
+    for instances in ["1 instance", "2 instances"] {
+        println!(
+            "PostgreSQL chat throughput ({instances}) is {:.0}% of SQLite's",
+            100.0 * rate(&format!("POST /chat (PostgreSQL, {instances})"))
+                / rate("POST /chat (SQLite, 1 instance)")
+        );
+    }
+    for (label, statements) in statements_per_chat {
+        println!(
+            "{label}: {statements:.2} statements committed per chat (pg_stat_database.xact_commit)"
+        );
+    }
+}
+
+/// Transactions committed in database `name` so far (0 for SQLite). Statistics reach
+/// `pg_stat_database` with a delay, so this first waits for them to settle.
+async fn transactions_committed(server: &str, name: &str, backend: &str) -> u64 {
+    use sqlx::{Connection, PgConnection};
+
+    if backend == "SQLite" {
+        return 0;
+    }
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let mut admin = PgConnection::connect(server).await.expect("PostgreSQL");
+    sqlx::query("SELECT pg_stat_clear_snapshot()")
+        .execute(&mut admin)
+        .await
+        .expect("snapshot");
+    let committed: i64 =
+        sqlx::query_scalar("SELECT xact_commit FROM pg_stat_database WHERE datname = $1")
+            .bind(name)
+            .fetch_one(&mut admin)
+            .await
+            .expect("statistics");
+    committed as u64
+}
+
 type MakeRequest = dyn Fn(usize, u64) -> Request<Full<Bytes>> + Send + Sync;
 
 fn request(method: Method, path: &str, token: Option<&str>, body: String) -> Request<Full<Bytes>> {
@@ -338,11 +476,23 @@ async fn closed_loop(
     expected: StatusCode,
     make: Arc<MakeRequest>,
 ) -> Outcome {
+    closed_loop_across(&[addr], connections, duration, expected, make).await
+}
+
+/// [`closed_loop`] with the connections spread evenly over several servers.
+async fn closed_loop_across(
+    addrs: &[SocketAddr],
+    connections: usize,
+    duration: Duration,
+    expected: StatusCode,
+    make: Arc<MakeRequest>,
+) -> Outcome {
     let start = Instant::now();
     let deadline = start + duration;
     let clients: Vec<_> = (0..connections)
         .map(|conn| {
             let make = make.clone();
+            let addr = addrs[conn % addrs.len()];
             tokio::spawn(async move {
                 let mut sender = connect(addr).await;
                 let mut histogram = histogram();
@@ -457,17 +607,21 @@ struct Server {
 }
 
 impl Server {
-    async fn start(dir: &Path, model: SocketAddr, pinned: bool) -> Self {
+    async fn start(dir: &Path, database_url: &str, model: SocketAddr, pinned: bool) -> Self {
         let addr = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|listener| listener.local_addr())
             .expect("a free port");
         let child = on_server_core(env!("CARGO_BIN_EXE_tokenchat"), pinned)
             .current_dir(dir)
             .env("BIND_ADDR", addr.to_string())
-            .env(
-                "DATABASE_URL",
-                format!("sqlite://{}", dir.join("bench.db").display()),
-            )
+            .env("DATABASE_URL", database_url)
+            // Throughput, not the abuse limits, is measured here.
+            .env("LOGIN_ATTEMPTS_PER_MINUTE", "0")
+            .env("REGISTRATIONS_PER_HOUR", "0")
+            .env("CHAT_RATE_PER_MINUTE", "0")
+            .env("LOGIN_FAILURES_PER_USER_AND_ADDRESS", "0")
+            .env("LOGIN_FAILURES_PER_USER", "0")
+            .env("PASSWORD_HASH_QUEUE", "100000")
             .env("LLM_BASE_URL", format!("http://{model}/v1"))
             .env("INITIAL_TOKENS", "1000000000000000")
             .env("RUST_LOG", "info")
