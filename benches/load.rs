@@ -7,7 +7,8 @@
 //! `BENCH_ONLY=<text>` runs only the throughput scenarios whose name contains it.
 //! `BENCH_POSTGRES_URL=postgres://USER:PASSWORD@HOST/postgres` (a user that may create
 //! databases) runs instead the backend comparison: `/balance` and `/chat` on SQLite, on
-//! PostgreSQL with one instance and with two, in one run, with the statements a chat costs.
+//! PostgreSQL with one instance and with two, in one run, with the statements a chat costs;
+//! there each of the 32 connections is a user of its own.
 
 use std::{
     fmt::Write as _,
@@ -289,12 +290,28 @@ async fn compare_backends(
             servers.push(Server::start(dir, &database_url, model, pinned).await);
         }
         let addrs: Vec<SocketAddr> = servers.iter().map(|server| server.addr).collect();
-        let first = Target {
-            addr: addrs[0],
-            token: String::new(),
+        // One user per connection, as real traffic comes from many users: the chats of one
+        // user queue on that user's balance (its row lock, on PostgreSQL) by design.
+        let mut tokens = Vec::new();
+        for n in 0..CONNECTIONS {
+            let registrar = Target {
+                addr: addrs[n % addrs.len()],
+                token: String::new(),
+            };
+            let username = format!("bench{n}");
+            tokens.push(
+                registrar
+                    .register_and_login(&username, "bench-password")
+                    .await,
+            );
+        }
+        let tokens = Arc::new(tokens);
+        let per_user = |method: Method, path: &'static str, body: String| -> Arc<MakeRequest> {
+            let tokens = tokens.clone();
+            Arc::new(move |conn, _| {
+                request(method.clone(), path, Some(&tokens[conn]), body.clone())
+            })
         };
-        let token = first.register_and_login("bench", "bench-password").await;
-        let target = Target { token, ..first };
         let label = |route: &str| {
             format!(
                 "{route} ({backend}, {instances} instance{})",
@@ -302,8 +319,14 @@ async fn compare_backends(
             )
         };
         for (route, make) in [
-            ("GET /balance", target.get("/balance")),
-            ("POST /chat", target.post("/chat", chat_body.clone())),
+            (
+                "GET /balance",
+                per_user(Method::GET, "/balance", String::new()),
+            ),
+            (
+                "POST /chat",
+                per_user(Method::POST, "/chat", chat_body.clone()),
+            ),
         ] {
             closed_loop_across(&addrs, CONNECTIONS, WARM_UP, StatusCode::OK, make.clone()).await;
             let commits_before = transactions_committed(postgres_server, &name, backend).await;

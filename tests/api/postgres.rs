@@ -361,3 +361,26 @@ fn a_database_that_is_down_at_start_stops_the_server_with_one_line() {
     let everything = format!("{said}{}", String::from_utf8_lossy(&output.stdout));
     assert!(!everything.contains("hunter2-secret"), "{everything}");
 }
+
+#[tokio::test]
+async fn the_statement_timeout_bounds_every_statement_on_postgresql() {
+    if !on_postgres() {
+        println!("skipped: runs in the PostgreSQL run of the suite");
+        return;
+    }
+    let database = TestDatabase::create().await;
+    let settings = tokenchat::db::PoolSettings {
+        max_connections: Some(2),
+        statement_timeout: Some(Duration::from_millis(100)),
+    };
+    let db =
+        tokenchat::db::connect_with(database.url(), tokenchat::db::Open::ExistingOnly, &settings)
+            .await
+            .unwrap();
+    let slow = tokenchat::db_run!(&db, pool => {
+        sqlx::query("SELECT pg_sleep(2)").execute(pool).await.map(|_| ())
+    });
+    let err = slow.expect_err("a two-second statement outlived a 100 ms timeout");
+    assert!(err.to_string().contains("statement timeout"), "{err}");
+    db.close().await;
+}
