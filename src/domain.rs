@@ -129,7 +129,7 @@ impl Message {
     pub fn parse(text: String, max_chars: usize) -> Result<Self, Invalid> {
         if text
             .chars()
-            .all(|c| c.is_whitespace() || is_default_ignorable(c))
+            .all(|c| c.is_whitespace() || renders_as_nothing(c))
         {
             return Err(Invalid::new("message", "message must not be empty"));
         }
@@ -156,6 +156,12 @@ impl Message {
     pub fn into_inner(self) -> String {
         self.0
     }
+}
+
+/// Characters that show nothing: the default-ignorable ones below, and the blank Braille
+/// pattern, which is a symbol by category but an empty cell on the screen.
+fn renders_as_nothing(c: char) -> bool {
+    c == '\u{2800}' || is_default_ignorable(c)
 }
 
 /// Unicode's Default_Ignorable_Code_Point property (DerivedCoreProperties.txt, Unicode 15):
@@ -244,6 +250,7 @@ mod tests {
             "\u{200B}",
             " \u{200B}\u{FEFF}\u{2060} ",
             "\u{3164}",
+            "\u{2800}",
         ] {
             assert!(Message::parse(empty.into(), 10).is_err(), "{empty:?}");
         }

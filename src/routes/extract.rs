@@ -155,10 +155,29 @@ impl FromRequestParts<AppState> for Client {
     }
 }
 
+/// The last address in the last `X-Forwarded-For` header, in any form proxies write it:
+/// `203.0.113.9`, `203.0.113.9:5040`, `2001:db8::1` or `[2001:db8::1]:443`. A value that is
+/// none of these (`unknown`, a name) is logged and the connection's own address is used.
 fn forwarded_for(headers: &HeaderMap) -> Option<IpAddr> {
     let last_header = headers.get_all("x-forwarded-for").iter().next_back()?;
-    let last_hop = last_header.to_str().ok()?.rsplit(',').next()?;
-    last_hop.trim().parse().ok()
+    let last_hop = last_header
+        .to_str()
+        .ok()
+        .and_then(|value| value.rsplit(',').next())
+        .map(|hop| hop.trim().trim_matches('"'));
+    let address = last_hop.and_then(|hop| {
+        hop.parse::<IpAddr>()
+            .ok()
+            .or_else(|| hop.parse::<SocketAddr>().ok().map(|socket| socket.ip()))
+            .or_else(|| {
+                let bracketed = hop.strip_prefix('[')?.strip_suffix(']')?;
+                bracketed.parse().ok()
+            })
+    });
+    if address.is_none() {
+        tracing::warn!("X-Forwarded-For names no address; counting the proxy's own");
+    }
+    address
 }
 
 /// The user whose login token came in the `Authorization` header; set by [`authorize`].
@@ -290,5 +309,29 @@ impl<S: Send + Sync> FromRequestParts<S> for IdempotencyKey {
                 )
             })?;
         Ok(Self(Some(key.to_string())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forwarded_addresses_are_read_in_every_form_proxies_write() {
+        for (value, expected) in [
+            ("203.0.113.9", Some("203.0.113.9")),
+            ("10.0.0.1, 203.0.113.9:5040", Some("203.0.113.9")),
+            ("2001:db8::1", Some("2001:db8::1")),
+            ("[2001:db8::1]:443", Some("2001:db8::1")),
+            ("[2001:db8::1]", Some("2001:db8::1")),
+            ("\"198.51.100.7\"", Some("198.51.100.7")),
+            ("unknown", None),
+            ("", None),
+        ] {
+            let mut headers = HeaderMap::new();
+            headers.insert("x-forwarded-for", HeaderValue::from_str(value).unwrap());
+            let expected = expected.map(|text: &str| text.parse::<IpAddr>().unwrap());
+            assert_eq!(forwarded_for(&headers), expected, "{value}");
+        }
     }
 }

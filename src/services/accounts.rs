@@ -63,7 +63,7 @@ pub async fn login(
         return Err(Error::InvalidCredentials);
     };
     let key = username.key();
-    state.throttle.check_login(&key, address)?;
+    state.throttle.begin_password_check(&key, address)?;
     let credentials = db::users::find_credentials(&state.db, &key).await?;
     let (user_id, stored_hash) = credentials
         .map(|found| (found.id, found.password_hash))
@@ -74,10 +74,9 @@ pub async fn login(
         .verify(password.into_inner(), stored_hash)
         .await?;
     let Some(user_id) = user_id.filter(|_| verified) else {
-        state.throttle.record_login_failure(&key, address);
         return Err(Error::InvalidCredentials);
     };
-    state.throttle.record_login_success(&key, address);
+    state.throttle.password_matched(&key, address);
     let ttl_secs = state.config.token_ttl.map(|ttl| ttl.as_secs());
     auth::issue(&state.db, user_id, ttl_secs).await
 }
@@ -93,22 +92,24 @@ pub async fn change_password(
     new: Password,
     address: ClientAddress,
 ) -> Result<(), Error> {
+    state.throttle.login_attempt(address)?;
+    state.throttle.password_change(user_id)?;
     let credentials = db::users::credentials_by_id(&state.db, user_id)
         .await?
         .ok_or(Error::Unauthorized)?;
     let key = credentials.username_key;
-    state.throttle.check_login(&key, address)?;
+    state.throttle.begin_password_check(&key, address)?;
     let verified = state
         .passwords
         .verify(old.into_inner(), Some(credentials.password_hash))
         .await?;
     if !verified {
-        state.throttle.record_login_failure(&key, address);
         return Err(Error::invalid_input(
             "old_password",
             "old_password is not the current password",
         ));
     }
+    state.throttle.password_matched(&key, address);
     let new_hash = state.passwords.hash(new.into_inner()).await?;
     db::users::set_password(&state.db, user_id, &new_hash, keep_token_hash).await?;
     Ok(())

@@ -43,11 +43,16 @@ impl ClientAddress {
     }
 }
 
+/// Password changes per user per hour: far more than anyone needs, and few enough that a
+/// stolen token cannot keep the hashing cores busy for everyone.
+const PASSWORD_CHANGES_PER_HOUR: NonZeroU32 = NonZeroU32::new(10).expect("not zero");
+
 /// Every limit of [`AbuseLimits`], shared by all requests of the process.
 pub struct Throttle {
     login_attempts: Option<DefaultKeyedRateLimiter<ClientAddress>>,
     registrations: Option<DefaultKeyedRateLimiter<ClientAddress>>,
     chats: Option<DefaultKeyedRateLimiter<i64>>,
+    password_changes: DefaultKeyedRateLimiter<i64>,
     failures_by_user_and_address: Option<FailureCounter>,
     failures_by_user: Option<FailureCounter>,
 }
@@ -58,6 +63,7 @@ impl Throttle {
             login_attempts: keyed(limits.login_attempts_per_minute, Quota::per_minute),
             registrations: keyed(limits.registrations_per_hour, Quota::per_hour),
             chats: keyed(limits.chat_rate_per_minute, Quota::per_minute),
+            password_changes: RateLimiter::keyed(Quota::per_hour(PASSWORD_CHANGES_PER_HOUR)),
             failures_by_user_and_address: limits.login_failures_per_user_and_address.map(|max| {
                 FailureCounter::new(max, limits.login_failures_per_user_and_address_window)
             }),
@@ -82,40 +88,49 @@ impl Throttle {
         check_rate(self.chats.as_ref(), &user_id)
     }
 
-    /// `RateLimited` while `username_key` is locked, from `address` or from everywhere.
-    pub fn check_login(&self, username_key: &str, address: ClientAddress) -> Result<(), Error> {
+    /// Counts a password check of `username_key` from `address` as a failure before it
+    /// runs, so that concurrent guesses cannot all pass the check while none has failed
+    /// yet; `RateLimited`, counting nothing, while the name is locked from `address` or
+    /// from everywhere. A check that succeeds is taken back by [`Self::password_matched`].
+    pub fn begin_password_check(
+        &self,
+        username_key: &str,
+        address: ClientAddress,
+    ) -> Result<(), Error> {
         let pair = pair_key(username_key, address);
         let user = user_key(username_key);
-        let lock = [
-            (self.failures_by_user_and_address.as_ref(), pair),
-            (self.failures_by_user.as_ref(), user),
-        ]
-        .into_iter()
-        .filter_map(|(counter, key)| counter?.locked_for(&key))
-        .max();
-        match lock {
-            Some(left) => Err(Error::RateLimited {
-                retry_after_secs: retry_after_secs(left),
-            }),
-            None => Ok(()),
-        }
-    }
-
-    pub fn record_login_failure(&self, username_key: &str, address: ClientAddress) {
+        let locked = |left: Duration| Error::RateLimited {
+            retry_after_secs: retry_after_secs(left),
+        };
         if let Some(counter) = &self.failures_by_user_and_address {
-            counter.record(pair_key(username_key, address));
+            counter.try_count(pair).map_err(locked)?;
         }
         if let Some(counter) = &self.failures_by_user {
-            counter.record(user_key(username_key));
+            if let Err(left) = counter.try_count(user) {
+                if let Some(pairs) = &self.failures_by_user_and_address {
+                    pairs.take_back(&pair);
+                }
+                return Err(locked(left));
+            }
         }
+        Ok(())
     }
 
-    /// After a successful login the owner's own address starts afresh; the count across
-    /// addresses stays, or an attacker could reset it by watching the owner log in.
-    pub fn record_login_success(&self, username_key: &str, address: ClientAddress) {
+    /// The password was right: the check counted by [`Self::begin_password_check`] is taken
+    /// back, and the owner's own address starts afresh. The earlier failures from other
+    /// addresses stay counted, or an attacker could reset them by watching the owner log in.
+    pub fn password_matched(&self, username_key: &str, address: ClientAddress) {
         if let Some(counter) = &self.failures_by_user_and_address {
             counter.clear(&pair_key(username_key, address));
         }
+        if let Some(counter) = &self.failures_by_user {
+            counter.take_back(&user_key(username_key));
+        }
+    }
+
+    /// Counts a password change of `user_id`, successful or not: each costs two hashes.
+    pub fn password_change(&self, user_id: i64) -> Result<(), Error> {
+        check_rate(Some(&self.password_changes), &user_id)
     }
 
     /// Forgets what no longer limits anyone, so the stores shrink after a burst.
@@ -127,9 +142,12 @@ impl Throttle {
             limiter.retain_recent();
             limiter.shrink_to_fit();
         }
-        if let Some(chats) = &self.chats {
-            chats.retain_recent();
-            chats.shrink_to_fit();
+        for limiter in [self.chats.as_ref(), Some(&self.password_changes)]
+            .into_iter()
+            .flatten()
+        {
+            limiter.retain_recent();
+            limiter.shrink_to_fit();
         }
         for counter in [&self.failures_by_user_and_address, &self.failures_by_user]
             .into_iter()
@@ -239,17 +257,8 @@ impl FailureCounter {
         }
     }
 
-    /// How long `key` stays locked, if it is.
-    fn locked_for(&self, key: &Key) -> Option<Duration> {
-        let windows = self.windows.lock().expect("throttle lock poisoned");
-        let window = windows
-            .get(key)
-            .filter(|window| window.failures >= self.max)?;
-        let left = self.window.saturating_sub(window.started.elapsed());
-        (!left.is_zero()).then_some(left)
-    }
-
-    fn record(&self, key: Key) {
+    /// Counts one failure of `key` unless it is locked; how long it stays locked, if it is.
+    fn try_count(&self, key: Key) -> Result<(), Duration> {
         let mut windows = self.windows.lock().expect("throttle lock poisoned");
         if windows.len() >= MAX_TRACKED && !windows.contains_key(&key) {
             windows.retain(|_, window| window.started.elapsed() < self.window);
@@ -274,7 +283,19 @@ impl FailureCounter {
                 failures: 0,
             };
         }
-        window.failures = window.failures.saturating_add(1);
+        if window.failures >= self.max {
+            return Err(self.window.saturating_sub(window.started.elapsed()));
+        }
+        window.failures += 1;
+        Ok(())
+    }
+
+    /// Takes back one failure counted by [`Self::try_count`].
+    fn take_back(&self, key: &Key) {
+        let mut windows = self.windows.lock().expect("throttle lock poisoned");
+        if let Some(window) = windows.get_mut(key) {
+            window.failures = window.failures.saturating_sub(1);
+        }
     }
 
     fn clear(&self, key: &Key) {
@@ -309,32 +330,51 @@ mod tests {
         let counter = FailureCounter::new(3, Duration::from_secs(60));
         let key = user_key("alice");
         for _ in 0..3 {
-            assert_eq!(counter.locked_for(&key), None);
-            counter.record(key);
+            counter.try_count(key).unwrap();
         }
-        let left = counter.locked_for(&key).expect("locked");
+        let left = counter.try_count(key).expect_err("locked");
         assert!(left <= Duration::from_secs(60) && left > Duration::from_secs(50));
-        assert_eq!(counter.locked_for(&user_key("bob")), None);
+        counter.try_count(user_key("bob")).unwrap();
     }
 
     #[test]
-    fn a_cleared_key_or_an_elapsed_window_unlocks() {
+    fn a_taken_back_or_cleared_count_or_an_elapsed_window_unlocks() {
         let counter = FailureCounter::new(1, Duration::from_millis(30));
         let key = user_key("alice");
-        counter.record(key);
-        assert!(counter.locked_for(&key).is_some());
+        counter.try_count(key).unwrap();
+        assert!(counter.try_count(key).is_err());
+        counter.take_back(&key);
+        counter.try_count(key).unwrap();
         std::thread::sleep(Duration::from_millis(40));
-        assert_eq!(counter.locked_for(&key), None);
-        counter.record(key);
+        counter.try_count(key).unwrap();
         counter.clear(&key);
-        assert_eq!(counter.locked_for(&key), None);
+        counter.try_count(key).unwrap();
+    }
+
+    #[test]
+    fn concurrent_checks_never_pass_more_than_the_limit() {
+        let limits = crate::config::Config::from_lookup(|_| None).unwrap().abuse;
+        let throttle = std::sync::Arc::new(Throttle::new(&limits));
+        let address = address("203.0.113.9");
+        let passed: usize = (0..8)
+            .map(|_| {
+                let throttle = throttle.clone();
+                std::thread::spawn(move || {
+                    (0..10)
+                        .filter(|_| throttle.begin_password_check("alice", address).is_ok())
+                        .count()
+                })
+            })
+            .map(|thread| thread.join().unwrap())
+            .sum();
+        assert_eq!(passed, 10);
     }
 
     #[test]
     fn a_counter_never_remembers_more_than_its_cap() {
         let counter = FailureCounter::new(5, Duration::from_secs(60));
         for n in 0..(MAX_TRACKED + 500) {
-            counter.record(user_key(&n.to_string()));
+            let _ = counter.try_count(user_key(&n.to_string()));
         }
         assert_eq!(counter.tracked(), MAX_TRACKED);
     }

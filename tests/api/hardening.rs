@@ -748,3 +748,25 @@ async fn a_body_that_trickles_in_too_slowly_gets_408_and_charges_nothing() {
     assert_eq!(app.balance(&token).await, 4000);
     assert_eq!(app.llm.calls(), 0);
 }
+
+#[tokio::test]
+async fn password_changes_are_limited_per_user_so_a_stolen_token_cannot_busy_the_cores() {
+    let app = TestApp::new().await;
+    let token = app.user_with_token("user").await;
+    let change = |old: &str, new: &str| json!({ "old_password": old, "new_password": new });
+    let passwords: Vec<String> = (0..=10).map(|n| format!("password-{n}")).collect();
+    let mut current = "pass123".to_string();
+    for next in &passwords[..10] {
+        let changed = app
+            .post_authorized("/password", &token, change(&current, next))
+            .await;
+        assert_eq!(changed.status, StatusCode::NO_CONTENT, "{changed:?}");
+        current = next.clone();
+    }
+    let limited = app
+        .post_authorized("/password", &token, change(&current, &passwords[10]))
+        .await;
+    limited.assert_error(StatusCode::TOO_MANY_REQUESTS, "rate_limited");
+    assert!(retry_after(&limited) >= 1);
+    assert_eq!(app.login("user", &current).await.status, StatusCode::OK);
+}
