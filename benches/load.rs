@@ -645,6 +645,8 @@ impl Server {
             .env("LOGIN_FAILURES_PER_USER_AND_ADDRESS", "0")
             .env("LOGIN_FAILURES_PER_USER", "0")
             .env("PASSWORD_HASH_QUEUE", "100000")
+            // Every load connection comes from 127.0.0.1.
+            .env("MAX_CONNECTIONS_PER_ADDRESS", "0")
             .env("LLM_BASE_URL", format!("http://{model}/v1"))
             .env("INITIAL_TOKENS", "1000000000000000")
             .env("RUST_LOG", "info")

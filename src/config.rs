@@ -48,8 +48,14 @@ pub struct ConnectionLimits {
     pub idle_timeout: Duration,
     /// From the end of the headers to the end of the body.
     pub body_read_timeout: Duration,
+    /// How long a connection's output may make no progress (its client reads nothing)
+    /// before the connection is dropped.
+    pub write_stall_timeout: Duration,
     /// `None`: derived from the file-descriptor limit when serving starts.
     pub max_connections: Option<usize>,
+    /// Open connections from one client address at most; `None` when
+    /// `MAX_CONNECTIONS_PER_ADDRESS=0`.
+    pub max_connections_per_address: Option<usize>,
     /// After a shutdown signal, how long open requests and chats may take to finish.
     pub shutdown_grace: Duration,
 }
@@ -198,9 +204,24 @@ impl Config {
                 )?,
                 idle_timeout: vars.seconds("IDLE_TIMEOUT_SECS", "60", 1, DAY_SECS)?,
                 body_read_timeout: vars.seconds("BODY_READ_TIMEOUT_SECS", "30", 1, HOUR_SECS)?,
+                write_stall_timeout: vars.seconds(
+                    "WRITE_STALL_TIMEOUT_SECS",
+                    "30",
+                    1,
+                    HOUR_SECS,
+                )?,
                 max_connections: match vars.optional("MAX_CONNECTIONS") {
                     None => None,
                     Some(_) => Some(vars.between("MAX_CONNECTIONS", "", 1, 1_000_000)?),
+                },
+                max_connections_per_address: match vars.between(
+                    "MAX_CONNECTIONS_PER_ADDRESS",
+                    "64",
+                    0,
+                    1_000_000,
+                )? {
+                    0 => None,
+                    cap => Some(cap),
                 },
                 shutdown_grace: vars.seconds("SHUTDOWN_GRACE_SECS", "30", 0, HOUR_SECS)?,
             },
@@ -381,7 +402,9 @@ mod tests {
                 "HEADER_READ_TIMEOUT_SECS",
                 "IDLE_TIMEOUT_SECS",
                 "BODY_READ_TIMEOUT_SECS",
+                "WRITE_STALL_TIMEOUT_SECS",
                 "MAX_CONNECTIONS",
+                "MAX_CONNECTIONS_PER_ADDRESS",
                 "SHUTDOWN_GRACE_SECS",
                 "LOGIN_ATTEMPTS_PER_MINUTE",
                 "LOGIN_FAILURES_PER_USER_AND_ADDRESS",
@@ -397,6 +420,19 @@ mod tests {
         );
         let from_example = format!("{:?}", config(&example).unwrap());
         assert_eq!(from_example, format!("{:?}", config(&[]).unwrap()));
+    }
+
+    #[test]
+    fn a_zero_per_address_cap_turns_it_off() {
+        let limits = |value| {
+            config(&[("MAX_CONNECTIONS_PER_ADDRESS", value)])
+                .unwrap()
+                .connections
+                .max_connections_per_address
+        };
+        assert_eq!(limits("0"), None);
+        assert_eq!(limits(""), Some(64));
+        assert_eq!(limits("3"), Some(3));
     }
 
     #[test]
@@ -428,6 +464,9 @@ mod tests {
             ("HEADER_READ_TIMEOUT_SECS", "0"),
             ("IDLE_TIMEOUT_SECS", "never"),
             ("MAX_CONNECTIONS", "0"),
+            ("WRITE_STALL_TIMEOUT_SECS", "0"),
+            ("MAX_CONNECTIONS_PER_ADDRESS", "-1"),
+            ("MAX_CONNECTIONS_PER_ADDRESS", "1000001"),
             ("SHUTDOWN_GRACE_SECS", "99999999"),
             ("REGISTRATION_OPEN", "maybe"),
             ("CHAT_RATE_PER_MINUTE", "-1"),

@@ -1,10 +1,18 @@
-//! The HTTP/1 server behind [`crate::serve`]: an accept loop that caps open connections, closes
-//! clients that are slow to send their headers or idle too long, and shuts down by a deadline.
+//! The HTTP/1 server behind [`crate::serve`]: an accept loop that caps open connections, in all
+//! and per client address, closes clients that are slow to send their headers, idle too long
+//! or not reading what they are sent, and shuts down by a deadline.
 //!
 //! Each connection is driven by hyper's `http1` connection inside a task that also keeps its
 //! timers. What the timers need to know is shared in an `Activity`: the socket notes when the
-//! first bytes of a request arrive, the service counts the request in flight until hyper drops
-//! its response body, and the accept loop reads it to pick a connection to close.
+//! first bytes of a request arrive and when its writes stall, the request body notes when the
+//! application waits for more of it, the service counts the request in flight until hyper
+//! drops its response body, and the accept loop reads it all to pick a connection to evict.
+//!
+//! At the cap a connection is evicted, dropped at once, in this order: one already closing,
+//! then the one idle the longest, then the one that has waited on its client the longest (a
+//! body that does not arrive, output the client does not read). Only connections busy with the
+//! server's own work (a chat waiting for the model, a request being answered) are never
+//! evicted: a newcomer waits for them.
 //!
 //! hyper's own `header_read_timeout` is not used. hyper (1.12) starts it whenever it waits for
 //! a request's headers: on a fresh connection and again right after each response, so it
@@ -18,7 +26,7 @@ use std::{
     convert::Infallible,
     future::Future,
     io,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     pin::{pin, Pin},
     sync::{
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
@@ -66,6 +74,24 @@ const ACCEPT_FAILURE_LOG_INTERVAL: Duration = Duration::from_secs(1);
 const CLOSE_LINGER: Duration = Duration::from_secs(5);
 /// After shutdown's grace, how long chats get to refund themselves and connections to close.
 const AFTER_GRACE: Duration = Duration::from_secs(5);
+/// Once the chats cancelled at the end of the grace have settled, how long their connections
+/// get to write the 503 they now hold before every connection is dropped. Writing a small
+/// response to a reading client takes milliseconds; one that does not read loses nothing more.
+const WRITE_BEFORE_FORCE_CLOSE: Duration = Duration::from_secs(1);
+/// How long a connection with a request in flight must have waited on its client (for body
+/// bytes, or for it to take output) before it may be evicted at the cap. A second is the
+/// initial TCP retransmission time-out (RFC 6298), so a client whose next segment is merely
+/// lost and resent is not cut off mid-request.
+const WAITING_ON_CLIENT_EVICTABLE_AFTER: Duration = Duration::from_secs(1);
+/// At the cap with nothing to evict, how often to look again: a busy connection becomes
+/// evictable by waiting on its client long enough, which wakes nobody.
+const ROOM_RECHECK_INTERVAL: Duration = Duration::from_millis(250);
+/// The most hyper buffers of one connection's input (and queues of its output). A request
+/// head must fit (beyond it hyper answers 431 itself); hyper's default of about 400 KB would
+/// let every connection still sending its headers hold that much memory.
+const MAX_CONNECTION_BUFFER_BYTES: usize = 64 * 1024;
+/// Marks an `Activity` clock that is not running.
+const NOT_WAITING: u64 = u64::MAX;
 
 /// How many connections may be open at once: `MAX_CONNECTIONS` when set, else derived from the
 /// process's current file-descriptor soft limit (see [`connections_for_descriptor_limit`]).
@@ -155,6 +181,17 @@ impl Server {
             };
             match accepted {
                 Ok((stream, peer)) => {
+                    if self
+                        .limits
+                        .max_connections_per_address
+                        .is_some_and(|cap| self.registry.open_from(peer.ip()) >= cap)
+                    {
+                        // Closed before it costs anything, so one address cannot take every
+                        // slot. Logged at debug only: an attacker would flood the log.
+                        tracing::debug!(%peer, "connection refused: MAX_CONNECTIONS_PER_ADDRESS reached");
+                        drop(stream);
+                        continue;
+                    }
                     // Until there is room this one waits, accepted but not served, and the
                     // clients after it wait in the kernel's backlog.
                     if !self.wait_for_room().await {
@@ -173,7 +210,7 @@ impl Server {
                     // connection gives one back.
                     let mut room = pin!(self.registry.room.notified());
                     room.as_mut().enable();
-                    let making_room = self.registry.evict_longest_idle();
+                    let making_room = self.registry.evict_one();
                     tokio::select! {
                         () = self.stop.cancelled() => return,
                         () = room, if making_room => {}
@@ -184,8 +221,8 @@ impl Server {
         }
     }
 
-    /// Waits until fewer than the cap are open, closing the longest-idle connection to make
-    /// room; `false` when shutdown began first.
+    /// Waits until fewer than the cap are open, evicting a connection to make room (see the
+    /// module's documentation); `false` when shutdown began first.
     async fn wait_for_room(&self) -> bool {
         loop {
             // Registered before looking, so a connection that closes in between still wakes us.
@@ -194,18 +231,20 @@ impl Server {
             if self.registry.len() < self.cap {
                 return true;
             }
-            // With none idle, a connection that finishes its request becomes a candidate and
-            // wakes us as well.
-            self.registry.evict_longest_idle();
+            // With none to evict, a connection that finishes its request or starts closing
+            // wakes us as well; one that starts waiting on its client does not, hence the
+            // recheck.
+            let making_room = self.registry.evict_one();
             tokio::select! {
                 () = self.stop.cancelled() => return false,
                 () = room => {}
+                () = sleep(ROOM_RECHECK_INTERVAL), if !making_room => {}
             }
         }
     }
 
     fn spawn_connection(self: &Arc<Self>, stream: TcpStream, peer: SocketAddr) {
-        let activity = self.registry.register();
+        let activity = self.registry.register(peer.ip());
         let server = self.clone();
         self.connections.spawn(async move {
             let _registered = Registered {
@@ -224,8 +263,12 @@ impl Server {
         });
         let router = self.router.clone();
         let requests = activity.clone();
-        let service = service_fn(move |mut request: Request<Incoming>| {
+        let service = service_fn(move |request: Request<Incoming>| {
             let in_flight = RequestInFlight::begin(requests.clone());
+            let mut request = request.map(|body| WatchedBody {
+                body,
+                activity: requests.clone(),
+            });
             request.extensions_mut().insert(ConnectInfo(peer));
             let router = router.clone();
             async move {
@@ -239,6 +282,10 @@ impl Server {
         let connection = http1::Builder::new()
             // See the module's documentation: the header clock is kept below instead.
             .header_read_timeout(None)
+            .max_buf_size(MAX_CONNECTION_BUFFER_BYTES)
+            // hyper checks its buffer's size only between reads, and one read may take the
+            // buffer past it; this checks a complete head too.
+            .max_header_size(MAX_CONNECTION_BUFFER_BYTES)
             .serve_connection(socket, service);
         let mut connection = pin!(connection);
         let mut timers = Timers::default();
@@ -267,6 +314,10 @@ impl Server {
                             tracing::debug!(%peer, "connection dropped: headers not complete within HEADER_READ_TIMEOUT_SECS");
                             return;
                         }
+                        Some(Expiry::WriteStall) => {
+                            tracing::debug!(%peer, "connection dropped: its client read nothing for WRITE_STALL_TIMEOUT_SECS");
+                            return;
+                        }
                         Some(Expiry::Linger) | None => {
                             tracing::debug!(%peer, "connection dropped: still open after being asked to close");
                             return;
@@ -274,13 +325,13 @@ impl Server {
                     }
                 }
             };
+            if activity.evicted.load(Ordering::SeqCst) {
+                // At once, whatever it was doing: a graceful close would wait for a client
+                // that may never read or send, and the newcomer would wait with it.
+                tracing::debug!(%peer, "connection dropped to make room for a new one");
+                return;
+            }
             timers.observe(&activity);
-            let close_because = close_because.or_else(|| {
-                activity
-                    .evicted
-                    .load(Ordering::SeqCst)
-                    .then_some("making room for a new connection")
-            });
             if let (Some(reason), None) = (close_because, timers.closing_since) {
                 if timers.headers_since.is_some() {
                     // Nothing is lost, and hyper's graceful shutdown would wait for headers
@@ -292,6 +343,9 @@ impl Server {
                 // At once when no request is in flight, else after its response.
                 connection.as_mut().graceful_shutdown();
                 timers.closing_since = Some(Instant::now());
+                // Now the first to be evicted; an accept waiting for room may take its slot.
+                activity.closing.store(true, Ordering::SeqCst);
+                activity.room.notify_one();
             }
         }
     }
@@ -301,9 +355,9 @@ impl Server {
     /// `SHUTDOWN_GRACE_SECS`.
     ///
     /// When the grace is over, chats still waiting for the model are cancelled: they refund
-    /// themselves, and waiting for that before dropping connections usually lets their
-    /// clients get the 503. Then every connection still open is dropped, including clients
-    /// holding a half-sent request: shutdown always ends.
+    /// themselves and answer 503, which their connections get a moment to write. Then every
+    /// connection still open is dropped, including clients holding a half-sent request:
+    /// shutdown always ends.
     async fn shut_down(&self, state: &AppState) {
         self.stop.cancel();
         self.connections.close();
@@ -327,6 +381,9 @@ impl Server {
                 "chats did not settle; the next start's recovery refunds them"
             );
         }
+        // Connections close on their own once their 503 is written (they were asked to close
+        // when shutdown began); dropping them at once would lose it.
+        let _ = timeout(WRITE_BEFORE_FORCE_CLOSE, self.connections.wait()).await;
         self.force_close.cancel();
         // Dropping a connection is immediate; this only lets the tasks see the cancellation.
         let _ = timeout(AFTER_GRACE, self.connections.wait()).await;
@@ -372,14 +429,20 @@ impl AcceptFailures {
     }
 }
 
-/// The open connections, for the cap and for choosing which one to close.
+/// The open connections, for the caps and for choosing which one to evict.
 struct Registry {
     epoch: Instant,
     next_id: AtomicU64,
-    open: Mutex<HashMap<u64, Arc<Activity>>>,
-    /// Notified when a connection closes or has no request left in flight: the accept loop,
-    /// when it waits for room, looks again.
+    open: Mutex<OpenConnections>,
+    /// Notified when a connection closes, starts closing or has no request left in flight:
+    /// the accept loop, when it waits for room, looks again.
     room: Arc<Notify>,
+}
+
+#[derive(Default)]
+struct OpenConnections {
+    by_id: HashMap<u64, Arc<Activity>>,
+    per_address: HashMap<IpAddr, usize>,
 }
 
 impl Registry {
@@ -387,60 +450,85 @@ impl Registry {
         Self {
             epoch: Instant::now(),
             next_id: AtomicU64::new(0),
-            open: Mutex::new(HashMap::new()),
+            open: Mutex::new(OpenConnections::default()),
             room: Arc::new(Notify::new()),
         }
     }
 
-    fn open(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Activity>>> {
+    fn open(&self) -> std::sync::MutexGuard<'_, OpenConnections> {
         // The map stays consistent whatever panicked while holding it.
         self.open.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn len(&self) -> usize {
-        self.open().len()
+        self.open().by_id.len()
     }
 
-    fn register(&self) -> Arc<Activity> {
+    /// How many connections from `address` are open.
+    fn open_from(&self, address: IpAddr) -> usize {
+        let address = address.to_canonical();
+        self.open().per_address.get(&address).copied().unwrap_or(0)
+    }
+
+    fn register(&self, address: IpAddr) -> Arc<Activity> {
+        let address = address.to_canonical();
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let activity = Arc::new(Activity {
             id,
+            address,
             epoch: self.epoch,
             requests_in_flight: AtomicUsize::new(0),
             idle_since_micros: AtomicU64::new(0),
             headers_started: AtomicBool::new(false),
+            body_wait_since_micros: AtomicU64::new(NOT_WAITING),
+            write_stall_since_micros: AtomicU64::new(NOT_WAITING),
+            closing: AtomicBool::new(false),
             evicted: AtomicBool::new(false),
             changed: Notify::new(),
             room: self.room.clone(),
         });
         activity.mark_idle_now();
-        self.open().insert(id, activity.clone());
+        let mut open = self.open();
+        open.by_id.insert(id, activity.clone());
+        *open.per_address.entry(address).or_default() += 1;
         activity
     }
 
-    /// Asks the connection idle the longest (no request in flight) to close. `true` when one
-    /// is closing to make room, just asked or asked earlier and not closed yet.
-    fn evict_longest_idle(&self) -> bool {
+    fn remove(&self, id: u64) {
+        let mut open = self.open();
+        let Some(activity) = open.by_id.remove(&id) else {
+            return;
+        };
+        if let Some(count) = open.per_address.get_mut(&activity.address) {
+            *count -= 1;
+            if *count == 0 {
+                open.per_address.remove(&activity.address);
+            }
+        }
+    }
+
+    /// Evicts one connection, which drops at once, to make room: the first by
+    /// [`Evictable`]'s order. `true` when one is on its way out, just evicted or evicted
+    /// earlier and not gone yet; `false` when none may be evicted.
+    fn evict_one(&self) -> bool {
         let open = self.open();
-        // One at a time; but one that took a request just before it was asked goes on to
-        // serve it, and may take long, so it does not count.
+        // An evicted connection is gone as soon as its task runs; evicting another meanwhile
+        // would close two for one newcomer.
         if open
+            .by_id
             .values()
-            .any(|activity| activity.evicted.load(Ordering::SeqCst) && !activity.is_busy())
+            .any(|activity| activity.evicted.load(Ordering::SeqCst))
         {
             return true;
         }
-        let longest_idle = open
+        let now = Instant::now();
+        let first = open
+            .by_id
             .values()
-            .filter(|activity| !activity.is_busy() && !activity.evicted.load(Ordering::SeqCst))
-            .min_by_key(|activity| {
-                (
-                    activity.idle_since_micros.load(Ordering::SeqCst),
-                    activity.id,
-                )
-            });
-        match longest_idle {
-            Some(activity) => {
+            .filter_map(|activity| Some((activity.evictable(now)?, activity.id, activity)))
+            .min_by_key(|(evictable, id, _)| (*evictable, *id));
+        match first {
+            Some((_, _, activity)) => {
                 activity.evicted.store(true, Ordering::SeqCst);
                 activity.changed.notify_one();
                 true
@@ -448,6 +536,18 @@ impl Registry {
             None => false,
         }
     }
+}
+
+/// Why a connection may be evicted; the derived order is the order of eviction.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Evictable {
+    /// Already asked to close (idle for too long, or shutdown): it would be gone soon anyway.
+    Closing,
+    /// No request in flight since this instant: nothing is lost but a keep-alive connection.
+    Idle(Instant),
+    /// A request in flight, but waiting on its client since this instant: for more of its
+    /// body, or for it to take the response.
+    WaitingOnClient(Instant),
 }
 
 /// Removes its connection from the registry when the connection's task ends, however it ends.
@@ -458,14 +558,16 @@ struct Registered<'a> {
 
 impl Drop for Registered<'_> {
     fn drop(&mut self) {
-        self.registry.open().remove(&self.id);
+        self.registry.remove(self.id);
         self.registry.room.notify_one();
     }
 }
 
-/// What one connection is doing, as far as its timers and the cap care.
+/// What one connection is doing, as far as its timers and the caps care.
 struct Activity {
     id: u64,
+    /// The client's address, for the per-address cap.
+    address: IpAddr,
     epoch: Instant,
     requests_in_flight: AtomicUsize,
     /// When the last request in flight ended (or the connection opened), in microseconds
@@ -473,7 +575,15 @@ struct Activity {
     idle_since_micros: AtomicU64,
     /// Bytes arrived while no request was in flight: a request's headers are being read.
     headers_started: AtomicBool,
-    /// Asked to close to make room for a new connection.
+    /// Since when the application has been waiting for more of a request's body, in
+    /// microseconds since `epoch`; [`NOT_WAITING`] when it is not.
+    body_wait_since_micros: AtomicU64,
+    /// Since when the socket has refused output (the client's window is full), in
+    /// microseconds since `epoch`; [`NOT_WAITING`] once a write goes through.
+    write_stall_since_micros: AtomicU64,
+    /// Asked to close gracefully.
+    closing: AtomicBool,
+    /// Evicted to make room for a new connection: drop at once.
     evicted: AtomicBool,
     /// Wakes the connection's task to look at the fields above again.
     changed: Notify,
@@ -481,13 +591,21 @@ struct Activity {
 }
 
 impl Activity {
+    fn micros_now(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_micros()).unwrap_or(NOT_WAITING - 1)
+    }
+
+    fn instant_of(&self, micros: u64) -> Instant {
+        self.epoch + Duration::from_micros(micros)
+    }
+
     fn mark_idle_now(&self) {
-        let micros = u64::try_from(self.epoch.elapsed().as_micros()).unwrap_or(u64::MAX);
-        self.idle_since_micros.store(micros, Ordering::SeqCst);
+        self.idle_since_micros
+            .store(self.micros_now(), Ordering::SeqCst);
     }
 
     fn idle_since(&self) -> Instant {
-        self.epoch + Duration::from_micros(self.idle_since_micros.load(Ordering::SeqCst))
+        self.instant_of(self.idle_since_micros.load(Ordering::SeqCst))
     }
 
     fn is_busy(&self) -> bool {
@@ -499,6 +617,74 @@ impl Activity {
             self.headers_started.store(true, Ordering::SeqCst);
             self.changed.notify_one();
         }
+    }
+
+    /// Starts `clock` unless it is running; `true` when it was started.
+    fn start_clock(&self, clock: &AtomicU64) -> bool {
+        clock
+            .compare_exchange(
+                NOT_WAITING,
+                self.micros_now(),
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            )
+            .is_ok()
+    }
+
+    /// Stops `clock`; `true` when it was running.
+    fn stop_clock(clock: &AtomicU64) -> bool {
+        clock.swap(NOT_WAITING, Ordering::SeqCst) != NOT_WAITING
+    }
+
+    fn since(&self, clock: &AtomicU64) -> Option<Instant> {
+        match clock.load(Ordering::SeqCst) {
+            NOT_WAITING => None,
+            micros => Some(self.instant_of(micros)),
+        }
+    }
+
+    fn note_write(&self, polled: &Poll<io::Result<usize>>) {
+        match polled {
+            Poll::Pending => self.note_write_stalled(),
+            Poll::Ready(Ok(written)) if *written > 0 => self.note_write_progress(),
+            Poll::Ready(_) => {}
+        }
+    }
+
+    fn write_stalled_since(&self) -> Option<Instant> {
+        self.since(&self.write_stall_since_micros)
+    }
+
+    fn note_write_stalled(&self) {
+        // The connection's task arms its write-stall deadline.
+        if self.start_clock(&self.write_stall_since_micros) {
+            self.changed.notify_one();
+        }
+    }
+
+    fn note_write_progress(&self) {
+        if Self::stop_clock(&self.write_stall_since_micros) {
+            self.changed.notify_one();
+        }
+    }
+
+    /// Whether this connection may be evicted `now`, and how early.
+    fn evictable(&self, now: Instant) -> Option<Evictable> {
+        if self.closing.load(Ordering::SeqCst) {
+            return Some(Evictable::Closing);
+        }
+        if !self.is_busy() {
+            return Some(Evictable::Idle(self.idle_since()));
+        }
+        let waiting_since = [
+            self.since(&self.body_wait_since_micros),
+            self.write_stalled_since(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()?;
+        (now.saturating_duration_since(waiting_since) >= WAITING_ON_CLIENT_EVICTABLE_AFTER)
+            .then_some(Evictable::WaitingOnClient(waiting_since))
     }
 }
 
@@ -553,7 +739,50 @@ impl hyper::body::Body for CountedBody {
     }
 }
 
-/// The client's socket, noting when the first bytes of a new request arrive.
+/// A request's body, noting when the application waits for more of it: a client that
+/// promises a body and sends it slowly is waiting on itself, and may be evicted at the cap.
+struct WatchedBody {
+    body: Incoming,
+    activity: Arc<Activity>,
+}
+
+impl hyper::body::Body for WatchedBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.body).poll_frame(cx);
+        let activity = &this.activity;
+        if polled.is_pending() {
+            activity.start_clock(&activity.body_wait_since_micros);
+        } else {
+            Activity::stop_clock(&activity.body_wait_since_micros);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl Drop for WatchedBody {
+    fn drop(&mut self) {
+        // The application gave up on the body (too large, too slow): it waits no more.
+        Activity::stop_clock(&self.activity.body_wait_since_micros);
+    }
+}
+
+/// The client's socket, noting when the first bytes of a new request arrive, and when output
+/// stalls because the client does not read.
 struct WatchedStream {
     stream: TcpStream,
     activity: Arc<Activity>,
@@ -581,7 +810,10 @@ impl AsyncWrite for WatchedStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.stream).poll_write(cx, buf);
+        this.activity.note_write(&polled);
+        polled
     }
 
     fn poll_write_vectored(
@@ -589,7 +821,10 @@ impl AsyncWrite for WatchedStream {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.stream).poll_write_vectored(cx, bufs);
+        this.activity.note_write(&polled);
+        polled
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -614,6 +849,8 @@ enum Expiry {
     Headers,
     /// Asked to close [`CLOSE_LINGER`] ago and still open: drop.
     Linger,
+    /// Output has made no progress for `WRITE_STALL_TIMEOUT_SECS`: drop.
+    WriteStall,
 }
 
 /// A connection's own clocks, kept by its task.
@@ -626,18 +863,26 @@ struct Timers {
 }
 
 impl Timers {
-    /// The next deadline and what happens then; none while a request is in flight.
+    /// The next deadline and what happens then. While a request is in flight only a stalled
+    /// write has one: the request's own work may take long, a client that reads nothing may
+    /// not.
     fn due(&self, activity: &Activity, limits: &ConnectionLimits) -> Option<(Instant, Expiry)> {
-        if activity.is_busy() {
-            return None;
-        }
-        Some(if let Some(since) = self.closing_since {
-            (since + CLOSE_LINGER, Expiry::Linger)
-        } else if let Some(since) = self.headers_since {
-            (since + limits.header_read_timeout, Expiry::Headers)
-        } else {
-            (activity.idle_since() + limits.idle_timeout, Expiry::Idle)
-        })
+        let between_requests = (!activity.is_busy()).then(|| {
+            if let Some(since) = self.closing_since {
+                (since + CLOSE_LINGER, Expiry::Linger)
+            } else if let Some(since) = self.headers_since {
+                (since + limits.header_read_timeout, Expiry::Headers)
+            } else {
+                (activity.idle_since() + limits.idle_timeout, Expiry::Idle)
+            }
+        });
+        let write_stall = activity
+            .write_stalled_since()
+            .map(|since| (since + limits.write_stall_timeout, Expiry::WriteStall));
+        [between_requests, write_stall]
+            .into_iter()
+            .flatten()
+            .min_by_key(|(at, _)| *at)
     }
 
     fn observe(&mut self, activity: &Activity) {
@@ -720,7 +965,9 @@ mod tests {
             header_read_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
             body_read_timeout: Duration::from_secs(30),
+            write_stall_timeout: Duration::from_secs(30),
             max_connections: Some(7),
+            max_connections_per_address: Some(64),
             shutdown_grace: Duration::from_secs(30),
         };
         assert_eq!(connection_cap(&limits), 7);

@@ -1,16 +1,19 @@
-//! Connections over real TCP on 127.0.0.1: slow headers and idle keep-alive connections are
-//! closed, the connection cap makes room by closing idle ones, a low file-descriptor limit
-//! does not lock clients out, and shutdown ends by its deadline whatever clients hold.
+//! Connections over real TCP on 127.0.0.1: slow headers, idle keep-alive connections and
+//! clients that read nothing are closed, the connection cap makes room by evicting idle
+//! connections and ones waiting on their clients, one address cannot take every slot, a low
+//! file-descriptor limit does not lock clients out, and shutdown ends by its deadline whatever
+//! clients hold.
 
 use std::{
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     os::unix::process::CommandExt,
     time::{Duration, Instant},
 };
 
 use serde_json::{json, Value};
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpStream,
+    io::{AsyncRead, AsyncReadExt, AsyncWriteExt},
+    net::{tcp::OwnedReadHalf, TcpSocket, TcpStream},
     time::{sleep, timeout},
 };
 
@@ -196,7 +199,12 @@ async fn under_a_low_descriptor_limit_idle_connections_cannot_lock_new_clients_o
     let _ = rlimit::increase_nofile_limit(4096);
     let llm = FakeLlm::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let server = start_with_descriptor_limit(dir.path(), &[("LLM_BASE_URL", &llm.base_url)], 256);
+    // Every connection comes from 127.0.0.1: the per-address cap would hide the global one.
+    let vars = [
+        ("LLM_BASE_URL", llm.base_url.as_str()),
+        ("MAX_CONNECTIONS_PER_ADDRESS", "0"),
+    ];
+    let server = start_with_descriptor_limit(dir.path(), &vars, 256);
     assert!(
         server
             .log
@@ -235,6 +243,7 @@ async fn when_descriptors_run_out_the_server_backs_off_and_closes_idle_connectio
     let vars = [
         ("LLM_BASE_URL", llm.base_url.as_str()),
         ("MAX_CONNECTIONS", "1000"),
+        ("MAX_CONNECTIONS_PER_ADDRESS", "0"),
     ];
     let server = start_with_descriptor_limit(dir.path(), &vars, 256);
 
@@ -333,6 +342,249 @@ async fn sigterm_ends_a_half_sent_request_and_refunds_a_stalled_chat_within_the_
     assert!(audit.status.success(), "{report}");
 }
 
+#[tokio::test]
+async fn a_client_that_never_reads_its_responses_is_dropped_after_the_write_stall_timeout() {
+    let app = TestApp::with_env(&[("WRITE_STALL_TIMEOUT_SECS", "1")]).await;
+    let base = serve_in_process(&app).await;
+
+    let mut never_reads = pipeline_without_reading(&base, PIPELINED_REQUESTS).await;
+    // Its output stalls within milliseconds; a second later it is dropped.
+    sleep(Duration::from_secs(3)).await;
+    let (responses, closed) = count_responses_until_closed(&mut never_reads, 5).await;
+    assert!(closed, "still open; {responses} responses read");
+    assert!(
+        responses < PIPELINED_REQUESTS,
+        "all {responses} responses were written"
+    );
+
+    // A client that reads is never stalled for long, however much it asks for, and may then
+    // stay quiet for longer than the write-stall time-out.
+    let mut reads = connect(&base).await;
+    let pipelined = health(&base).repeat(2000);
+    let (mut reader, mut writer) = reads.split();
+    let (written, (responses, closed)) = tokio::join!(
+        writer.write_all(pipelined.as_bytes()),
+        count_responses_until(&mut reader, 2000, 10)
+    );
+    written.unwrap();
+    assert_eq!((responses, closed), (2000, false));
+    sleep(Duration::from_millis(1500)).await;
+    reads.write_all(health(&base).as_bytes()).await.unwrap();
+    assert_eq!(read_response(&mut reads).await.0, 200);
+}
+
+#[tokio::test]
+async fn at_the_connection_cap_clients_that_never_read_make_way_for_a_new_client_at_once() {
+    // The write-stall time-out is left at its 30 s: eviction alone must make the room.
+    let app = TestApp::with_env(&[("MAX_CONNECTIONS", "4")]).await;
+    let base = serve_in_process(&app).await;
+
+    let mut attackers = Vec::new();
+    for round in 0..3 {
+        // A fresh set each round, as an attacker would open them, filling every slot.
+        for _ in 0..4 {
+            attackers.push(pipeline_without_reading(&base, PIPELINED_REQUESTS).await);
+        }
+        sleep(Duration::from_millis(1500)).await;
+        let started = Instant::now();
+        let mut newcomer = connect(&base).await;
+        newcomer.write_all(health(&base).as_bytes()).await.unwrap();
+        let answered = timeout(Duration::from_secs(2), read_response(&mut newcomer)).await;
+        let waited = started.elapsed();
+        assert!(
+            matches!(answered, Ok((200, _))),
+            "round {round}: no answer within {waited:?}"
+        );
+        assert!(waited < Duration::from_secs(1), "round {round}: {waited:?}");
+    }
+}
+
+#[tokio::test]
+async fn at_the_connection_cap_clients_dribbling_their_bodies_make_way_but_a_slow_chat_is_not_cut()
+{
+    let app = TestApp::with_env(&[("MAX_CONNECTIONS", "4")]).await;
+    let token = app.user_with_token("user").await;
+    let base = serve_in_process(&app).await;
+    app.llm.set_reply(Reply::Stall(Duration::from_secs(4)));
+
+    let mut chatting = connect(&base).await;
+    chatting
+        .write_all(chat(&base, &token, "a slow question").as_bytes())
+        .await
+        .unwrap();
+    wait_until(|| async { app.llm.calls() == 1 }).await;
+    // The other three slots: a login that promises 1000 bytes of body and sends one every 2 s.
+    let mut dribblers = Vec::new();
+    for _ in 0..3 {
+        let mut dribbler = connect(&base).await;
+        let host = base.trim_start_matches("http://");
+        let headers = format!(
+            "POST /login HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n\
+             Content-Length: 1000\r\n\r\n{{"
+        );
+        dribbler.write_all(headers.as_bytes()).await.unwrap();
+        dribblers.push(dribbler);
+    }
+    let dribbling = tokio::spawn(async move {
+        for _ in 0..5 {
+            sleep(Duration::from_secs(2)).await;
+            for dribbler in &mut dribblers {
+                let _ = dribbler.write_all(b" ").await;
+            }
+        }
+    });
+    sleep(Duration::from_millis(1200)).await;
+
+    for newcomer in 0..3 {
+        let started = Instant::now();
+        let mut client = connect(&base).await;
+        client.write_all(health(&base).as_bytes()).await.unwrap();
+        let answered = timeout(Duration::from_secs(2), read_response(&mut client)).await;
+        let waited = started.elapsed();
+        assert!(
+            matches!(answered, Ok((200, _))),
+            "newcomer {newcomer}: no answer within {waited:?}"
+        );
+        assert!(
+            waited < Duration::from_secs(1),
+            "newcomer {newcomer}: {waited:?}"
+        );
+    }
+
+    let (status, answer) = read_response(&mut chatting).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["response"], "Echo: a slow question");
+    dribbling.abort();
+    app.assert_all_settled().await;
+}
+
+#[tokio::test]
+async fn beyond_max_connections_per_address_a_new_connection_from_that_address_is_closed_at_once() {
+    let app = TestApp::with_env(&[("MAX_CONNECTIONS_PER_ADDRESS", "3")]).await;
+    let base = serve_in_process(&app).await;
+    let first_address = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1));
+    let second_address = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
+
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let mut connection = connect_from(&base, first_address).await;
+        connection
+            .write_all(health(&base).as_bytes())
+            .await
+            .unwrap();
+        assert_eq!(read_response(&mut connection).await.0, 200);
+        held.push(connection);
+    }
+
+    let mut one_too_many = connect_from(&base, first_address).await;
+    // The request may meet a closed socket already.
+    let _ = one_too_many.write_all(health(&base).as_bytes()).await;
+    let mut received = Vec::new();
+    let closed = timeout(
+        Duration::from_secs(1),
+        one_too_many.read_to_end(&mut received),
+    )
+    .await;
+    assert!(closed.is_ok(), "the fourth connection is still open");
+    assert!(
+        received.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&received)
+    );
+
+    // Another address is served as usual, and the first again once it has room.
+    let mut elsewhere = connect_from(&base, second_address).await;
+    elsewhere.write_all(health(&base).as_bytes()).await.unwrap();
+    assert_eq!(read_response(&mut elsewhere).await.0, 200);
+    drop(held.pop());
+    let mut again = connect_from(&base, first_address).await;
+    let answered = async {
+        // The server notices the closed connection a moment later.
+        loop {
+            again.write_all(health(&base).as_bytes()).await.ok()?;
+            let mut first_byte = [0u8; 1];
+            match timeout(Duration::from_millis(200), again.peek(&mut first_byte)).await {
+                Ok(Ok(1)) => return Some(read_response(&mut again).await.0),
+                _ => {
+                    sleep(Duration::from_millis(100)).await;
+                    again = connect_from(&base, first_address).await;
+                }
+            }
+        }
+    };
+    assert_eq!(
+        timeout(Duration::from_secs(5), answered).await,
+        Ok(Some(200))
+    );
+}
+
+#[tokio::test]
+async fn a_request_head_beyond_64_kib_is_refused_without_being_served() {
+    let app = TestApp::new().await;
+    let base = serve_in_process(&app).await;
+    let host = base.trim_start_matches("http://");
+
+    let mut client = connect(&base).await;
+    let request = format!(
+        "GET /health HTTP/1.1\r\nHost: {host}\r\nX-Padding: {}\r\n\r\n",
+        "a".repeat(100 * 1024)
+    );
+    // The server may answer and close before it has read all of it.
+    let _ = client.write_all(request.as_bytes()).await;
+    let mut received = Vec::new();
+    let _ = timeout(Duration::from_secs(5), client.read_to_end(&mut received)).await;
+    let head = String::from_utf8_lossy(&received);
+    assert!(
+        head.is_empty() || head.starts_with("HTTP/1.1 431") || head.starts_with("HTTP/1.1 400"),
+        "{head}"
+    );
+
+    // A head within the limit is served.
+    let mut client = connect(&base).await;
+    let request = format!(
+        "GET /health HTTP/1.1\r\nHost: {host}\r\nX-Padding: {}\r\n\r\n",
+        "a".repeat(32 * 1024)
+    );
+    client.write_all(request.as_bytes()).await.unwrap();
+    assert_eq!(read_response(&mut client).await.0, 200);
+}
+
+#[tokio::test]
+async fn sigterm_past_the_grace_delivers_the_503_of_a_cancelled_chat_and_exits_cleanly() {
+    let llm = FakeLlm::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let vars = [
+        ("LLM_BASE_URL", llm.base_url.as_str()),
+        ("LLM_TIMEOUT_SECS", "30"),
+        ("SHUTDOWN_GRACE_SECS", "1"),
+    ];
+    let mut server = Server::start(dir.path(), &vars);
+    let http = reqwest::Client::new();
+    let base = server.base.clone();
+    let token = register_and_login(&http, &base, "pass123").await;
+
+    llm.set_reply(Reply::Stall(Duration::from_secs(30)));
+    let mut chatting = connect(&base).await;
+    chatting
+        .write_all(chat(&base, &token, "never answered").as_bytes())
+        .await
+        .unwrap();
+    wait_until(|| async { llm.calls() == 1 }).await;
+
+    server.signal("-TERM");
+    let (status, answer) = read_response(&mut chatting).await;
+    assert_eq!(status, 503, "{answer}");
+    assert_eq!(answer["code"], "shutting_down");
+    let signalled = Instant::now();
+    let mut exit = None;
+    while exit.is_none() && signalled.elapsed() < Duration::from_secs(10) {
+        exit = server.child.try_wait().unwrap();
+        sleep(Duration::from_millis(50)).await;
+    }
+    let exit = exit.expect("still running 10 s after SIGTERM");
+    assert!(exit.success(), "{exit:?}");
+}
+
 /// The binary, started with a file-descriptor limit of `limit` (soft and hard, so it cannot
 /// raise it).
 fn start_with_descriptor_limit(dir: &std::path::Path, vars: &[(&str, &str)], limit: u64) -> Server {
@@ -375,6 +627,87 @@ fn cpu_ticks(pid: u32) -> u64 {
         .split_whitespace()
         .collect();
     fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+/// Pipelined requests a client that never reads sends: far more responses than the kernel's
+/// buffers between server and client hold.
+const PIPELINED_REQUESTS: usize = 20_000;
+
+/// A connection with a receive buffer of about a kilobyte that sends `count` pipelined
+/// `GET /health` (from a task of its own, since the server soon stops reading them) and reads
+/// nothing.
+async fn pipeline_without_reading(base: &str, count: usize) -> OwnedReadHalf {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(1024).unwrap();
+    let address: SocketAddr = base.trim_start_matches("http://").parse().unwrap();
+    let stream = timeout(Duration::from_secs(5), socket.connect(address))
+        .await
+        .expect("connect timed out")
+        .unwrap();
+    let (reader, mut writer) = stream.into_split();
+    let pipelined = health(base).repeat(count);
+    tokio::spawn(async move {
+        // Fails once the server drops the connection.
+        if writer.write_all(pipelined.as_bytes()).await.is_ok() {
+            // Dropping the writing half would end the requests (FIN): keep it a while.
+            sleep(Duration::from_secs(15)).await;
+        }
+    });
+    reader
+}
+
+/// Reads until the server closes the connection (or `seconds` pass), counting the responses
+/// that arrive; and whether it closed.
+async fn count_responses_until_closed<R: AsyncRead + Unpin>(
+    stream: &mut R,
+    seconds: u64,
+) -> (usize, bool) {
+    count_responses_until(stream, usize::MAX, seconds).await
+}
+
+/// Reads until `expected` responses have arrived, the server closes the connection or
+/// `seconds` pass: the responses counted, and whether it closed.
+async fn count_responses_until<R: AsyncRead + Unpin>(
+    stream: &mut R,
+    expected: usize,
+    seconds: u64,
+) -> (usize, bool) {
+    let status_line = b"HTTP/1.1 200";
+    let mut responses = 0;
+    let mut tail = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(seconds);
+    let mut chunk = vec![0u8; 64 * 1024];
+    while responses < expected {
+        let read = match tokio::time::timeout_at(deadline, stream.read(&mut chunk)).await {
+            Err(_) => return (responses, false),
+            Ok(Ok(0) | Err(_)) => return (responses, true),
+            Ok(Ok(read)) => read,
+        };
+        tail.extend_from_slice(&chunk[..read]);
+        let mut scanned = 0;
+        while let Some(at) = find(&tail[scanned..], status_line) {
+            responses += 1;
+            scanned += at + status_line.len();
+        }
+        // Keep what may be the start of a status line split across reads.
+        let keep_from = tail
+            .len()
+            .saturating_sub(status_line.len() - 1)
+            .max(scanned);
+        tail.drain(..keep_from);
+    }
+    (responses, false)
+}
+
+/// A connection from `source`, any address of the loopback network.
+async fn connect_from(base: &str, source: IpAddr) -> TcpStream {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::new(source, 0)).unwrap();
+    let address: SocketAddr = base.trim_start_matches("http://").parse().unwrap();
+    timeout(Duration::from_secs(5), socket.connect(address))
+        .await
+        .expect("connect timed out")
+        .unwrap()
 }
 
 async fn connect(base: &str) -> TcpStream {

@@ -67,6 +67,8 @@ impl TwoInstances {
             ("LLM_BASE_URL", llm.base_url.as_str()),
             ("CHAT_RATE_PER_MINUTE", "0"),
             ("LOGIN_ATTEMPTS_PER_MINUTE", "0"),
+            // Hundreds of concurrent chats come from 127.0.0.1.
+            ("MAX_CONNECTIONS_PER_ADDRESS", "0"),
         ];
         all.extend_from_slice(vars);
         let first = Server::start(dir.path(), &all);
