@@ -289,8 +289,18 @@ impl Server {
             .serve_connection(socket, service);
         let mut connection = pin!(connection);
         let mut timers = Timers::default();
+        // One timer for the connection's life, moved only when its deadline changes: a
+        // fresh `sleep_until` on every wake-up would register with the timer wheel several
+        // times per request.
+        let mut alarm = pin!(sleep_until(Instant::now()));
+        let mut alarm_at = None;
         loop {
             let due = timers.due(&activity, &self.limits);
+            let at = due.map(|(at, _)| at);
+            if at.is_some() && at != alarm_at {
+                alarm.as_mut().reset(at.unwrap_or_else(Instant::now));
+            }
+            alarm_at = at;
             let close_because = tokio::select! {
                 biased;
                 () = self.force_close.cancelled() => {
@@ -307,7 +317,9 @@ impl Server {
                     Some("shutting down")
                 }
                 () = activity.changed.notified() => None,
-                () = sleep_until(due.map_or_else(Instant::now, |(at, _)| at)), if due.is_some() => {
+                () = alarm.as_mut(), if due.is_some() => {
+                    // Spent: the next deadline, even an equal one, must set it again.
+                    alarm_at = None;
                     match due.map(|(_, expiry)| expiry) {
                         Some(Expiry::Idle) => Some("idle for IDLE_TIMEOUT_SECS"),
                         Some(Expiry::Headers) => {
