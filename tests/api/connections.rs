@@ -323,17 +323,8 @@ async fn sigterm_ends_a_half_sent_request_and_refunds_a_stalled_chat_within_the_
         .unwrap()
         .contains("shutdown grace is over"));
 
-    let database_url = format!("sqlite://{}", dir.path().join("tokenchat.db").display());
-    let db = tokenchat::db::connect(&database_url, tokenchat::db::Open::ExistingOnly)
-        .await
-        .unwrap();
-    let settled: (String, i64) =
-        tokenchat::db_run!(&db, pool => sqlx::query_as("SELECT c.status, u.tokens FROM chats c JOIN users u ON u.id = c.user_id")
-            .fetch_one(pool)
-            .await)
-            .unwrap();
+    let settled = crate::server::only_chat_and_its_balance(dir.path()).await;
     assert_eq!(settled, ("failed".to_string(), 4000));
-    db.close().await;
     let audit = Server::command(dir.path(), &vars)
         .arg("audit")
         .output()

@@ -365,28 +365,12 @@ async fn a_chat_cut_off_by_sigkill_is_refunded_by_the_next_process() {
     );
     drop(server);
 
-    let database_url = format!("sqlite://{}", dir.path().join("tokenchat.db").display());
-    let db = tokenchat::db::connect(&database_url, tokenchat::db::Open::ExistingOnly)
-        .await
-        .unwrap();
-    let left_behind: (String, i64) =
-        tokenchat::db_run!(&db, pool => sqlx::query_as("SELECT c.status, u.tokens FROM chats c JOIN users u ON u.id = c.user_id")
-            .fetch_one(pool)
-            .await)
-            .unwrap();
+    let left_behind = only_chat_and_its_balance(dir.path()).await;
     assert_eq!(left_behind, ("pending".to_string(), 3900));
 
     llm.set_reply(Reply::Echo);
     let server = Server::start(dir.path(), &vars);
-    wait_until(|| async {
-        let status: String =
-            tokenchat::db_run!(&db, pool => sqlx::query_scalar("SELECT status FROM chats")
-            .fetch_one(pool)
-            .await)
-            .unwrap();
-        status == "failed"
-    })
-    .await;
+    wait_until(|| async { only_chat_and_its_balance(dir.path()).await.0 == "failed" }).await;
     let (_, balance) = send(
         http.get(format!("{}/balance", server.base))
             .bearer_auth(&token),
@@ -483,6 +467,22 @@ fn the_audit_command_exits_non_zero_listing_offenders() {
         "{report}"
     );
     assert!(report.contains("audit FAILED"), "{report}");
+}
+
+/// The status of the one chat in the SQLite file in `dir`, and its user's balance.
+pub(crate) async fn only_chat_and_its_balance(dir: &std::path::Path) -> (String, i64) {
+    let database_url = format!("sqlite://{}", dir.join("tokenchat.db").display());
+    let db = tokenchat::db::connect(&database_url, tokenchat::db::Open::ExistingOnly)
+        .await
+        .unwrap();
+    let row = tokenchat::db_run!(&db, pool => {
+        sqlx::query_as("SELECT c.status, u.tokens FROM chats c JOIN users u ON u.id = c.user_id")
+            .fetch_one(pool)
+            .await
+    })
+    .unwrap();
+    db.close().await;
+    row
 }
 
 /// Sends a request; its status and JSON body.
