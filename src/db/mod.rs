@@ -239,3 +239,21 @@ pub fn unix_now() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |elapsed| elapsed.as_secs() as i64)
 }
+
+#[cfg(test)]
+mod tests {
+    /// Every schema change must be written for both backends, under one version.
+    #[test]
+    fn both_backends_have_the_same_migrations() {
+        let versions = |migrator: sqlx::migrate::Migrator| -> Vec<(i64, String)> {
+            migrator
+                .iter()
+                .map(|migration| (migration.version, migration.description.to_string()))
+                .collect()
+        };
+        let sqlite = versions(sqlx::migrate!("migrations/sqlite"));
+        let postgres = versions(sqlx::migrate!("migrations/postgres"));
+        assert!(!sqlite.is_empty());
+        assert_eq!(sqlite, postgres);
+    }
+}
