@@ -8,10 +8,7 @@ use secrecy::SecretString;
 pub const DEFAULT_SYSTEM_PROMPT: &str =
     "You are a helpful assistant. Answer clearly and concisely.";
 
-/// The highest balance an account may hold, and so the largest grant: far below where
-/// 64-bit arithmetic overflows, and exact in every JSON client (JavaScript's numbers are
-/// exact up to 2^53, about 9 * 10^15).
-pub const MAX_BALANCE: i64 = 1_000_000_000_000_000;
+pub use crate::domain::MAX_BALANCE;
 
 /// Everything the server reads from its environment.
 #[derive(Clone, Debug)]
@@ -34,7 +31,13 @@ pub struct Config {
     pub max_message_chars: usize,
     pub max_body_bytes: usize,
     pub password_min_length: usize,
+    /// How long an `Idempotency-Key` is remembered after its first use.
+    pub idempotency_key_lifetime: Duration,
     pub log_filter: String,
+    /// `LOG_SPAN_TIMINGS=true`: a log line as each span closes, with the time it took, so
+    /// a slow request shows where its time went (with `RUST_LOG=tokenchat=debug`, down to
+    /// each service and database call).
+    pub log_span_timings: bool,
     pub connections: ConnectionLimits,
     pub abuse: AbuseLimits,
 }
@@ -77,6 +80,8 @@ pub struct AbuseLimits {
     pub registration_open: bool,
     /// Chats per user per minute.
     pub chat_rate_per_minute: Option<u32>,
+    /// Password changes per user per hour, successful or not.
+    pub password_changes_per_hour: Option<u32>,
     /// Take the client address from `X-Forwarded-For` (set only behind a trusted proxy).
     pub trust_proxy_headers: bool,
     /// Password hashes that may wait for a free core; beyond them requests are 503 `busy`.
@@ -194,7 +199,14 @@ impl Config {
             max_message_chars: vars.between("MAX_MESSAGE_CHARS", "8000", 1, 1_000_000)?,
             max_body_bytes: vars.between("MAX_BODY_BYTES", "65536", 1, 64 * 1024 * 1024)?,
             password_min_length: vars.between("PASSWORD_MIN_LENGTH", "6", 1, 1024)?,
+            idempotency_key_lifetime: vars.seconds(
+                "IDEMPOTENCY_KEY_LIFETIME_SECS",
+                "86400",
+                1,
+                30 * DAY_SECS,
+            )?,
             log_filter,
+            log_span_timings: vars.parse("LOG_SPAN_TIMINGS", "false")?,
             connections: ConnectionLimits {
                 header_read_timeout: vars.seconds(
                     "HEADER_READ_TIMEOUT_SECS",
@@ -245,6 +257,7 @@ impl Config {
                 registrations_per_hour: vars.limit("REGISTRATIONS_PER_HOUR", "10")?,
                 registration_open: vars.parse("REGISTRATION_OPEN", "true")?,
                 chat_rate_per_minute: vars.limit("CHAT_RATE_PER_MINUTE", "60")?,
+                password_changes_per_hour: vars.limit("PASSWORD_CHANGES_PER_HOUR", "10")?,
                 trust_proxy_headers: vars.parse("TRUST_PROXY_HEADERS", "false")?,
                 password_hash_queue: vars.between("PASSWORD_HASH_QUEUE", "64", 0, 1_000_000)?,
             },
@@ -398,7 +411,9 @@ mod tests {
                 "MAX_MESSAGE_CHARS",
                 "MAX_BODY_BYTES",
                 "PASSWORD_MIN_LENGTH",
+                "IDEMPOTENCY_KEY_LIFETIME_SECS",
                 "RUST_LOG",
+                "LOG_SPAN_TIMINGS",
                 "HEADER_READ_TIMEOUT_SECS",
                 "IDLE_TIMEOUT_SECS",
                 "BODY_READ_TIMEOUT_SECS",
@@ -414,6 +429,7 @@ mod tests {
                 "REGISTRATIONS_PER_HOUR",
                 "REGISTRATION_OPEN",
                 "CHAT_RATE_PER_MINUTE",
+                "PASSWORD_CHANGES_PER_HOUR",
                 "TRUST_PROXY_HEADERS",
                 "PASSWORD_HASH_QUEUE",
             ]
@@ -470,6 +486,9 @@ mod tests {
             ("SHUTDOWN_GRACE_SECS", "99999999"),
             ("REGISTRATION_OPEN", "maybe"),
             ("CHAT_RATE_PER_MINUTE", "-1"),
+            ("PASSWORD_CHANGES_PER_HOUR", "many"),
+            ("IDEMPOTENCY_KEY_LIFETIME_SECS", "0"),
+            ("LOG_SPAN_TIMINGS", "sometimes"),
             ("TRUST_PROXY_HEADERS", "yes please"),
         ] {
             let err = config(&[(name, value)]).expect_err(value);

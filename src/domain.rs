@@ -14,13 +14,18 @@ pub struct Invalid {
 }
 
 impl Invalid {
-    fn new(field: &'static str, message: impl Into<String>) -> Self {
+    pub fn new(field: &'static str, message: impl Into<String>) -> Self {
         Self {
             field,
             message: message.into(),
         }
     }
 }
+
+/// The highest balance an account may hold, and so the largest grant: far below where
+/// 64-bit arithmetic overflows, and exact in every JSON client (JavaScript's numbers are
+/// exact up to 2^53, about 9 * 10^15).
+pub const MAX_BALANCE: i64 = 1_000_000_000_000_000;
 
 pub const MAX_USERNAME_CHARS: usize = 50;
 pub const MAX_PASSWORD_BYTES: usize = 1024;
@@ -66,6 +71,15 @@ impl Username {
     /// fullwidth `ａｄｍｉｎ` is `admin` and the Kelvin sign is `K`) and case-folded.
     pub fn key(&self) -> String {
         username_key(&self.0)
+    }
+
+    /// A username offered at login: empty is refused, while a name no one could have
+    /// registered is `None`, so that it fails as an unknown user would (after the same work).
+    pub fn offered(text: &str) -> Result<Option<Self>, Invalid> {
+        if text.is_empty() {
+            return Err(Invalid::new("username", "username must not be empty"));
+        }
+        Ok(Self::parse(text).ok())
     }
 }
 
@@ -156,6 +170,126 @@ impl Message {
     pub fn into_inner(self) -> String {
         self.0
     }
+}
+
+/// Tokens an operator adds to a balance: 1 to [`MAX_BALANCE`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GrantAmount(i64);
+
+impl GrantAmount {
+    pub fn parse(amount: i64) -> Result<Self, Invalid> {
+        if !(1..=MAX_BALANCE).contains(&amount) {
+            return Err(Invalid::new(
+                "amount",
+                format!("a grant must be 1 to {MAX_BALANCE} tokens"),
+            ));
+        }
+        Ok(Self(amount))
+    }
+
+    pub fn get(self) -> i64 {
+        self.0
+    }
+}
+
+/// The key a client sends to make a retried chat return the first answer: 1 to 255
+/// visible ASCII characters (spaces allowed inside), surrounding white space dropped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdempotencyKey(String);
+
+pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 255;
+
+impl IdempotencyKey {
+    pub fn parse(text: &str) -> Result<Self, Invalid> {
+        let key = text.trim();
+        let well_formed = (1..=MAX_IDEMPOTENCY_KEY_BYTES).contains(&key.len())
+            && key
+                .bytes()
+                .all(|byte| byte.is_ascii_graphic() || byte == b' ');
+        if !well_formed {
+            return Err(Invalid::new(
+                "Idempotency-Key",
+                format!(
+                    "Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_BYTES} visible ASCII characters"
+                ),
+            ));
+        }
+        Ok(Self(key.to_string()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Which page of a history to show: at most `limit` (1 to 100, default 20) items with ids
+/// below `before` (from the newest when `None`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageRequest {
+    pub limit: i64,
+    pub before: Option<i64>,
+}
+
+pub const DEFAULT_PAGE_SIZE: i64 = 20;
+pub const MAX_PAGE_SIZE: i64 = 100;
+
+impl PageRequest {
+    /// From the text of `limit` and `cursor` (a `next` of an earlier page), either absent.
+    pub fn parse(limit: Option<&str>, cursor: Option<&str>) -> Result<Self, Invalid> {
+        let limit = match limit {
+            None => DEFAULT_PAGE_SIZE,
+            Some(text) => text
+                .parse()
+                .ok()
+                .filter(|limit| (1..=MAX_PAGE_SIZE).contains(limit))
+                .ok_or_else(|| {
+                    Invalid::new("limit", format!("limit must be 1 to {MAX_PAGE_SIZE}"))
+                })?,
+        };
+        let before = cursor
+            .map(|text| {
+                text.parse()
+                    .ok()
+                    .filter(|id: &i64| *id > 0)
+                    .ok_or_else(|| Invalid::new("cursor", "cursor must be a `next` value"))
+            })
+            .transpose()?;
+        Ok(Self { limit, before })
+    }
+}
+
+/// Where a chat is in its life. Its tokens are reserved when it is created, `Pending`;
+/// an `Answered` chat keeps them as its charge, a `Failed` one was refunded.
+/// (The names it is stored and shown under are the database layer's: see `db::columns`.)
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ChatStatus {
+    Pending,
+    Answered,
+    Failed,
+}
+
+impl ChatStatus {
+    /// What a chat of this status costs its user, given the price it reserved: a pending
+    /// chat holds its reservation, an answered one was charged it, a failed one nothing.
+    pub fn tokens_charged(self, cost: i64) -> i64 {
+        match self {
+            Self::Pending | Self::Answered => cost,
+            Self::Failed => 0,
+        }
+    }
+}
+
+/// Why a balance moved: every ledger row has one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LedgerReason {
+    /// The starting balance of a new account.
+    InitialGrant,
+    /// Tokens added by an operator.
+    Grant,
+    /// A chat's price, taken when it is created.
+    ChatReservation,
+    /// A failed chat's price, given back.
+    ChatRefund,
 }
 
 /// Characters that show nothing: the default-ignorable ones below, and the blank Braille

@@ -6,7 +6,6 @@
 pub mod config;
 pub mod db;
 pub mod domain;
-pub mod error;
 mod routes;
 pub mod server;
 pub mod services;
@@ -17,8 +16,7 @@ use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 pub use config::Config;
-pub use error::Error;
-pub use routes::router;
+pub use routes::{router, ApiError};
 
 use crate::{
     db::Db,

@@ -8,9 +8,13 @@ use std::{
     process::ExitCode,
 };
 
-use tokenchat::{db, domain, server, services, AppState, Config};
+use tokenchat::{
+    db, domain, server,
+    services::{self, error::with_sources},
+    AppState, Config,
+};
 use tokio::net::{TcpListener, TcpSocket};
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::{fmt::format::FmtSpan, EnvFilter};
 
 const USAGE: &str = "\
 usage: tokenchat               serve the API (configuration from the environment and .env)
@@ -58,9 +62,15 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let span_events = if config.log_span_timings {
+        FmtSpan::CLOSE
+    } else {
+        FmtSpan::NONE
+    };
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::new(&config.log_filter))
         .with_ansi(std::io::stdout().is_terminal())
+        .with_span_events(span_events)
         .init();
     let outcome = match command {
         Command::Serve => serve(config).await,
@@ -166,7 +176,7 @@ async fn audit(config: Config) -> Result<ExitCode, String> {
     let database = open_database(&config, db::Open::ExistingOnly).await?;
     let report = services::audit::run(&database)
         .await
-        .map_err(|err| format!("audit failed to run: {err}"))?;
+        .map_err(|err| format!("audit failed to run: {}", with_sources(&err)))?;
     for offence in &report.offences {
         println!("OFFENCE {offence}");
     }
@@ -186,15 +196,20 @@ async fn audit(config: Config) -> Result<ExitCode, String> {
 }
 
 async fn grant(config: Config, username: &str, amount: i64) -> Result<ExitCode, String> {
+    let amount = domain::GrantAmount::parse(amount).map_err(|err| err.to_string())?;
+    // A name that breaks the rules cannot have been registered.
+    let username =
+        domain::Username::parse(username).map_err(|_| format!("no user named {username}"))?;
     let database = open_database(&config, db::Open::ExistingOnly).await?;
-    match services::accounts::grant(&database, username, amount).await {
-        Ok(Some(balance)) => {
-            println!("granted {amount} tokens to {username}; balance now {balance}");
-            Ok(ExitCode::SUCCESS)
-        }
-        Ok(None) => Err(format!("no user named {username}")),
-        Err(err) => Err(err.to_string()),
-    }
+    let balance = services::accounts::grant(&database, &username, amount)
+        .await
+        .map_err(|err| with_sources(&err))?;
+    println!(
+        "granted {} tokens to {}; balance now {balance}",
+        amount.get(),
+        username.as_str()
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Creates a user as `/register` would, by the same rules, with the password read from the
@@ -217,7 +232,7 @@ async fn create_user(config: Config, username: &str) -> Result<ExitCode, String>
             println!("created {} with {tokens} tokens", username.as_str());
             Ok(ExitCode::SUCCESS)
         }
-        Err(err) => Err(err.to_string()),
+        Err(err) => Err(with_sources(&err)),
     }
 }
 

@@ -1,6 +1,7 @@
 //! Read-only queries that check the ledger against balances and chats.
 
 use super::{db_run, Db};
+use crate::domain::ChatStatus;
 
 /// A user whose balance is not the sum of their ledger rows.
 #[derive(Debug, sqlx::FromRow)]
@@ -24,7 +25,7 @@ pub struct RunningMismatch {
 #[derive(Debug, sqlx::FromRow)]
 pub struct ChatMoves {
     pub chat_id: i64,
-    pub status: String,
+    pub status: ChatStatus,
     pub cost: i64,
     pub has_response: bool,
     /// Reservation rows of exactly `-cost` for the chat's own user.
@@ -35,6 +36,7 @@ pub struct ChatMoves {
     pub strays: i64,
 }
 
+#[tracing::instrument(level = "debug", skip_all)]
 pub async fn balance_mismatches(db: &Db) -> Result<Vec<BalanceMismatch>, sqlx::Error> {
     db_run!(db, pool => sqlx::query_as(
         "SELECT u.id AS user_id, u.username, u.tokens, CAST(COALESCE(SUM(l.amount), 0) AS BIGINT) AS ledger_sum
@@ -47,6 +49,7 @@ pub async fn balance_mismatches(db: &Db) -> Result<Vec<BalanceMismatch>, sqlx::E
     .await)
 }
 
+#[tracing::instrument(level = "debug", skip_all)]
 pub async fn running_mismatches(db: &Db) -> Result<Vec<RunningMismatch>, sqlx::Error> {
     db_run!(db, pool => sqlx::query_as(
         "SELECT entry_id, user_id, balance_after, running_sum FROM (
@@ -64,6 +67,7 @@ pub async fn running_mismatches(db: &Db) -> Result<Vec<RunningMismatch>, sqlx::E
 /// Chats whose ledger rows do not match their status. The rule: every chat has exactly one
 /// reservation of `-cost`; a failed chat also exactly one refund of `+cost`; an answered
 /// or pending chat none, and an answered chat has its response; no other row names a chat.
+#[tracing::instrument(level = "debug", skip_all)]
 pub async fn chat_mismatches(db: &Db) -> Result<Vec<ChatMoves>, sqlx::Error> {
     db_run!(db, pool => sqlx::query_as(
         "SELECT * FROM (
@@ -93,6 +97,7 @@ pub async fn chat_mismatches(db: &Db) -> Result<Vec<ChatMoves>, sqlx::Error> {
 }
 
 /// How many users, chats and ledger rows the audit looked at.
+#[tracing::instrument(level = "debug", skip_all)]
 pub async fn totals(db: &Db) -> Result<(i64, i64, i64), sqlx::Error> {
     db_run!(db, pool => sqlx::query_as(
         "SELECT (SELECT COUNT(*) FROM users), (SELECT COUNT(*) FROM chats), (SELECT COUNT(*) FROM ledger)",

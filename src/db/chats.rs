@@ -8,6 +8,7 @@
 use std::time::Duration;
 
 use super::{db_run, unix_now, users, Db};
+use crate::domain::ChatStatus;
 
 /// The outcome of trying to reserve the price of a chat.
 #[derive(Debug, PartialEq, Eq)]
@@ -24,7 +25,7 @@ pub struct Chat {
     pub id: i64,
     pub message: String,
     pub response: Option<String>,
-    pub status: String,
+    pub status: ChatStatus,
     pub cost: i64,
     pub created_at: i64,
     pub finished_at: Option<i64>,
@@ -43,6 +44,7 @@ pub struct StoredAnswer {
 /// (a `chat_reservation` ledger row); otherwise changes nothing.
 /// `settle_within` is how long the chat may stay pending before recovery (in any
 /// process) judges it abandoned.
+#[tracing::instrument(level = "debug", skip_all)]
 pub async fn reserve(
     db: &Db,
     user_id: i64,
@@ -83,6 +85,7 @@ pub async fn reserve(
 /// Stores the answer of a pending chat, keeping its reservation as the charge. Returns the
 /// balance its reservation left, or `None` if the chat was no longer pending (recovery
 /// refunded it first).
+#[tracing::instrument(level = "debug", skip_all)]
 pub async fn settle_answered(
     db: &Db,
     chat_id: i64,
@@ -103,6 +106,7 @@ pub async fn settle_answered(
 
 /// Marks a pending chat failed, which refunds its reservation and releases its
 /// idempotency key; `false`, changing nothing, when the chat was not pending.
+#[tracing::instrument(level = "debug", skip_all)]
 pub async fn refund(db: &Db, chat_id: i64) -> Result<bool, sqlx::Error> {
     let failed = db_run!(db, pool => sqlx::query(
         "UPDATE chats SET status = 'failed', finished_at = $1 WHERE id = $2 AND status = 'pending'",
@@ -117,6 +121,7 @@ pub async fn refund(db: &Db, chat_id: i64) -> Result<bool, sqlx::Error> {
 
 /// Ids of chats still pending past their deadline at `now`. A chat from before deadlines
 /// were recorded is past it once created before `legacy_created_before`.
+#[tracing::instrument(level = "debug", skip_all)]
 pub async fn stale_pending(
     db: &Db,
     now: i64,
@@ -137,6 +142,7 @@ pub async fn stale_pending(
 }
 
 /// One of the user's chats; `None` for a chat of someone else's.
+#[tracing::instrument(level = "debug", skip_all)]
 pub async fn find(db: &Db, user_id: i64, chat_id: i64) -> Result<Option<Chat>, sqlx::Error> {
     db_run!(db, pool => sqlx::query_as(
         "SELECT id, message, response, status, cost, created_at, finished_at
@@ -149,6 +155,7 @@ pub async fn find(db: &Db, user_id: i64, chat_id: i64) -> Result<Option<Chat>, s
 }
 
 /// The user's chats with ids below `before` (all when `None`), newest first.
+#[tracing::instrument(level = "debug", skip_all)]
 pub async fn page(
     db: &Db,
     user_id: i64,
@@ -168,6 +175,7 @@ pub async fn page(
 }
 
 /// An answered chat with the balance its charge left, as its first response reported.
+#[tracing::instrument(level = "debug", skip_all)]
 pub async fn stored_answer(db: &Db, chat_id: i64) -> Result<Option<StoredAnswer>, sqlx::Error> {
     db_run!(db, pool => sqlx::query_as(
         "SELECT c.id AS chat_id, c.response, c.cost, l.balance_after

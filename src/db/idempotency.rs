@@ -1,6 +1,7 @@
 //! Queries on `idempotency_keys`: claiming a key for a chat, and finding what it led to.
 
 use super::{db_run, unix_now, Db};
+use crate::domain::ChatStatus;
 
 /// What a claim found.
 #[derive(Debug, PartialEq, Eq)]
@@ -13,11 +14,12 @@ pub enum Claim {
         /// The chat it started, once reserved.
         chat_id: Option<i64>,
         /// That chat's status.
-        chat_status: Option<String>,
+        chat_status: Option<ChatStatus>,
     },
 }
 
 /// Claims `key` for the user, first forgetting a claim of it made before `expired_before`.
+#[tracing::instrument(level = "debug", skip_all)]
 pub async fn claim(
     db: &Db,
     user_id: i64,
@@ -72,6 +74,7 @@ pub async fn claim(
 
 /// Ties a claimed key to the chat it reserved. Until then a repeat is "in progress"; a
 /// process that dies before this leaves a claim that `sweep` forgets.
+#[tracing::instrument(level = "debug", skip_all)]
 pub async fn attach(db: &Db, user_id: i64, key: &str, chat_id: i64) -> Result<(), sqlx::Error> {
     db_run!(db, pool => {
         sqlx::query(
@@ -88,6 +91,7 @@ pub async fn attach(db: &Db, user_id: i64, key: &str, chat_id: i64) -> Result<()
 }
 
 /// Lets go of a claim that never reserved a chat (out of tokens, or an error before).
+#[tracing::instrument(level = "debug", skip_all)]
 pub async fn release(db: &Db, user_id: i64, key: &str) -> Result<(), sqlx::Error> {
     db_run!(db, pool => {
         sqlx::query(
@@ -105,6 +109,7 @@ pub async fn release(db: &Db, user_id: i64, key: &str) -> Result<(), sqlx::Error
 
 /// Forgets keys past their lifetime, and claims that never reserved a chat before
 /// `abandoned_before` (their process died between claim and reservation).
+#[tracing::instrument(level = "debug", skip_all)]
 pub async fn sweep(
     db: &Db,
     expired_before: i64,

@@ -3,30 +3,14 @@
 //! reservations and refunds are written by triggers on `chats` (see `chats.rs`).
 
 use super::{db_run, Db};
-
-/// Why a balance moved, for the moves made here; chat moves are `chat_reservation`
-/// and `chat_refund`, written by the database.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Reason {
-    InitialGrant,
-    Grant,
-}
-
-impl Reason {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::InitialGrant => "initial_grant",
-            Self::Grant => "grant",
-        }
-    }
-}
+use crate::domain::LedgerReason;
 
 /// One ledger row as the user sees it.
 #[derive(Debug, sqlx::FromRow)]
 pub struct Entry {
     pub id: i64,
     pub amount: i64,
-    pub reason: String,
+    pub reason: LedgerReason,
     pub chat_id: Option<i64>,
     pub balance_after: i64,
     pub created_at: i64,
@@ -47,7 +31,7 @@ macro_rules! record_move {
         sqlx::query_scalar::<_, i64>($crate::db::ledger::RECORD)
             .bind($user_id)
             .bind($amount)
-            .bind($reason.as_str())
+            .bind($reason)
             .bind($crate::db::unix_now())
             .fetch_optional($executor)
     };
@@ -57,16 +41,18 @@ pub(super) use record_move;
 /// Records a move of `amount` (negative to take) for the user, which moves the balance.
 /// Returns the balance after, or `None`, changing nothing, when the user does not exist
 /// or the balance would go below zero. One statement: atomic on its own.
+#[tracing::instrument(level = "debug", skip_all)]
 pub async fn record(
     db: &Db,
     user_id: i64,
     amount: i64,
-    reason: Reason,
+    reason: LedgerReason,
 ) -> Result<Option<i64>, sqlx::Error> {
     db_run!(db, pool => record_move!(pool, user_id, amount, reason).await)
 }
 
 /// The user's rows with ids below `before` (all when `None`), newest first.
+#[tracing::instrument(level = "debug", skip_all)]
 pub async fn page(
     db: &Db,
     user_id: i64,

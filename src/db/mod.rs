@@ -2,6 +2,7 @@
 
 pub mod audit;
 pub mod chats;
+mod columns;
 pub mod idempotency;
 pub mod ledger;
 pub mod tokens;
@@ -97,11 +98,13 @@ pub struct PoolSettings {
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Opens the database at `url` with the default pool settings.
+#[tracing::instrument(level = "debug", skip_all)]
 pub async fn connect(url: &str, open: Open) -> Result<Db, sqlx::Error> {
     connect_with(url, open, &PoolSettings::default()).await
 }
 
 /// Opens the database at `url`, SQLite or PostgreSQL by its scheme.
+#[tracing::instrument(level = "debug", skip_all)]
 pub async fn connect_with(
     url: &str,
     open: Open,
@@ -226,10 +229,29 @@ pub async fn checkpoint_periodically(db: Db) {
 }
 
 /// Applies the migrations embedded from `migrations/sqlite` or `migrations/postgres`.
+#[tracing::instrument(level = "debug", skip_all)]
 pub async fn migrate(db: &Db) -> Result<(), sqlx::migrate::MigrateError> {
     match db {
         Db::Sqlite(pool) => sqlx::migrate!("migrations/sqlite").run(pool).await,
         Db::Postgres(pool) => sqlx::migrate!("migrations/postgres").run(pool).await,
+    }
+}
+
+/// Whether `err` says the database could not be reached (down, restarting, the network
+/// gone), which passes by itself, rather than that a statement failed.
+pub fn is_unreachable(err: &sqlx::Error) -> bool {
+    match err {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        // PostgreSQL's connection exceptions (class 08) and operator interventions such as
+        // a shutdown or a restart (57P01 to 57P03).
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            code.starts_with("08") || matches!(&*code, "57P01" | "57P02" | "57P03")
+        }),
+        _ => false,
     }
 }
 

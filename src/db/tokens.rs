@@ -2,6 +2,7 @@
 
 use super::{db_run, unix_now, Db};
 
+#[tracing::instrument(level = "debug", skip_all)]
 pub async fn insert(
     db: &Db,
     token_hash: &str,
@@ -32,6 +33,7 @@ pub struct TokenOwner {
 }
 
 /// The user a live (unexpired) token hash belongs to, read with their balance in one query.
+#[tracing::instrument(level = "debug", skip_all)]
 pub async fn find_owner(db: &Db, token_hash: &str) -> Result<Option<TokenOwner>, sqlx::Error> {
     db_run!(db, pool => {
         sqlx::query_as(
@@ -45,6 +47,7 @@ pub async fn find_owner(db: &Db, token_hash: &str) -> Result<Option<TokenOwner>,
     })
 }
 
+#[tracing::instrument(level = "debug", skip_all)]
 pub async fn revoke(db: &Db, token_hash: &str) -> Result<(), sqlx::Error> {
     db_run!(db, pool => {
         sqlx::query("DELETE FROM login_tokens WHERE token_hash = $1")
@@ -56,6 +59,7 @@ pub async fn revoke(db: &Db, token_hash: &str) -> Result<(), sqlx::Error> {
     Ok(())
 }
 
+#[tracing::instrument(level = "debug", skip_all)]
 pub async fn revoke_all(db: &Db, user_id: i64) -> Result<(), sqlx::Error> {
     db_run!(db, pool => {
         sqlx::query("DELETE FROM login_tokens WHERE user_id = $1")
@@ -68,6 +72,7 @@ pub async fn revoke_all(db: &Db, user_id: i64) -> Result<(), sqlx::Error> {
 }
 
 /// Deletes tokens that expired before `now`, at most `limit` of them; how many went.
+#[tracing::instrument(level = "debug", skip_all)]
 pub async fn delete_expired(db: &Db, now: i64, limit: i64) -> Result<u64, sqlx::Error> {
     let deleted = db_run!(db, pool => {
         sqlx::query(

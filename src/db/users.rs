@@ -1,10 +1,7 @@
 //! Queries on `users`: creation with its starting grant, credentials and balances.
 
-use super::{
-    db_run,
-    ledger::{record_move, Reason},
-    unix_now, Db,
-};
+use super::{db_run, ledger::record_move, unix_now, Db};
+use crate::domain::LedgerReason;
 
 /// What login needs to check a password.
 #[derive(Debug, sqlx::FromRow)]
@@ -16,6 +13,7 @@ pub struct Credentials {
 /// Inserts a user with a zero balance and grants the starting one through the ledger,
 /// in one transaction.
 /// `None` when the username (compared by `username_key`) is taken.
+#[tracing::instrument(level = "debug", skip_all)]
 pub async fn insert(
     db: &Db,
     username: &str,
@@ -40,7 +38,7 @@ pub async fn insert(
             Err(sqlx::Error::Database(err)) if err.is_unique_violation() => return Ok(None),
             Err(err) => return Err(err),
         };
-        record_move!(&mut *tx, user_id, initial_tokens, Reason::InitialGrant).await?;
+        record_move!(&mut *tx, user_id, initial_tokens, LedgerReason::InitialGrant).await?;
         tx.commit().await?;
         Ok(Some(user_id))
     })
@@ -61,6 +59,7 @@ pub enum Grant {
 
 /// Adds `amount` tokens to a user's balance unless that would pass `ceiling`, in one
 /// transaction.
+#[tracing::instrument(level = "debug", skip_all)]
 pub async fn grant(
     db: &Db,
     username_key: &str,
@@ -80,7 +79,7 @@ pub async fn grant(
         if balance.checked_add(amount).is_none_or(|after| after > ceiling) {
             return Ok(Grant::OverCeiling { balance });
         }
-        let outcome = match record_move!(&mut *tx, user_id, amount, Reason::Grant).await? {
+        let outcome = match record_move!(&mut *tx, user_id, amount, LedgerReason::Grant).await? {
             Some(balance) => Grant::Granted { balance },
             None => Grant::OverCeiling { balance },
         };
@@ -91,6 +90,7 @@ pub async fn grant(
 
 /// Replaces the password hash and revokes every login token of the user but one, in
 /// one transaction.
+#[tracing::instrument(level = "debug", skip_all)]
 pub async fn set_password(
     db: &Db,
     user_id: i64,
@@ -120,6 +120,7 @@ pub struct StoredPassword {
     pub password_hash: String,
 }
 
+#[tracing::instrument(level = "debug", skip_all)]
 pub async fn credentials_by_id(
     db: &Db,
     user_id: i64,
@@ -132,6 +133,7 @@ pub async fn credentials_by_id(
     })
 }
 
+#[tracing::instrument(level = "debug", skip_all)]
 pub async fn find_credentials(
     db: &Db,
     username_key: &str,
@@ -144,6 +146,7 @@ pub async fn find_credentials(
     })
 }
 
+#[tracing::instrument(level = "debug", skip_all)]
 pub async fn balance(db: &Db, user_id: i64) -> Result<i64, sqlx::Error> {
     db_run!(db, pool => {
         sqlx::query_scalar("SELECT tokens FROM users WHERE id = $1")

@@ -5,12 +5,12 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::{
+    error::ApiError,
     extract::{AuthUser, Client, Payload},
     rfc3339,
 };
 use crate::{
     domain::{Password, Username},
-    error::Error,
     services::{accounts, auth},
     AppState,
 };
@@ -25,7 +25,7 @@ pub async fn register(
     State(state): State<AppState>,
     Client(address): Client,
     Payload(credentials): Payload<Credentials>,
-) -> Result<(StatusCode, Json<Value>), Error> {
+) -> Result<(StatusCode, Json<Value>), ApiError> {
     let username = Username::parse(&credentials.username)?;
     let password = Password::parse(
         credentials.password,
@@ -47,16 +47,9 @@ pub async fn login(
     State(state): State<AppState>,
     Client(address): Client,
     Payload(credentials): Payload<Credentials>,
-) -> Result<Json<Value>, Error> {
-    if credentials.username.is_empty() {
-        return Err(Error::invalid_input(
-            "username",
-            "username must not be empty",
-        ));
-    }
+) -> Result<Json<Value>, ApiError> {
+    let username = Username::offered(&credentials.username)?;
     let password = Password::offered(credentials.password, "password")?;
-    // A name no one could have registered fails as an unknown user would.
-    let username = Username::parse(&credentials.username).ok();
     let issued = accounts::login(&state, username.as_ref(), password, address).await?;
     let expires_at = issued.expires_at.map(rfc3339);
     Ok(Json(
@@ -65,7 +58,7 @@ pub async fn login(
 }
 
 /// Revokes the token this request came with.
-pub async fn logout(State(state): State<AppState>, user: AuthUser) -> Result<StatusCode, Error> {
+pub async fn logout(State(state): State<AppState>, user: AuthUser) -> Result<StatusCode, ApiError> {
     auth::logout(&state.db, &user.token_hash).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -74,7 +67,7 @@ pub async fn logout(State(state): State<AppState>, user: AuthUser) -> Result<Sta
 pub async fn logout_everywhere(
     State(state): State<AppState>,
     user: AuthUser,
-) -> Result<StatusCode, Error> {
+) -> Result<StatusCode, ApiError> {
     auth::logout_everywhere(&state.db, user.id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -91,7 +84,7 @@ pub async fn change_password(
     Client(address): Client,
     user: AuthUser,
     Payload(change): Payload<PasswordChange>,
-) -> Result<StatusCode, Error> {
+) -> Result<StatusCode, ApiError> {
     let old = Password::offered(change.old_password, "old_password")?;
     let new = Password::parse(
         change.new_password,

@@ -4,8 +4,11 @@ use axum::{extract::State, http::HeaderName, response::IntoResponse, Extension, 
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::extract::{AuthUser, IdempotencyKey, Payload, TokensRemaining};
-use crate::{domain::Message, error::Error, services::billing, AppState};
+use super::{
+    error::ApiError,
+    extract::{AuthUser, IdempotencyKey, Payload, TokensRemaining},
+};
+use crate::{domain::Message, services::billing, AppState};
 
 const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
 
@@ -19,7 +22,7 @@ pub async fn chat(
     user: AuthUser,
     IdempotencyKey(idempotency_key): IdempotencyKey,
     Payload(request): Payload<ChatRequest>,
-) -> Result<impl IntoResponse, Error> {
+) -> Result<impl IntoResponse, ApiError> {
     let message = Message::parse(request.message, state.config.max_message_chars)?;
     let answer = billing::chat(&state, user.id, message, idempotency_key).await?;
     let body = Json(json!({

@@ -1,27 +1,26 @@
-//! Extractors and the authorising middleware: request bodies (JSON, form data, or no
-//! Content-Type), the authorised user, page parameters and idempotency keys.
+//! Extractors: request bodies (JSON, form data, or no Content-Type), the client's address,
+//! the authorised user, page parameters and idempotency keys.
 
 use std::net::{IpAddr, SocketAddr};
 
 use axum::{
-    body::{Bytes, HttpBody},
-    extract::{ConnectInfo, FromRequest, FromRequestParts, Request, State},
-    http::{header, request::Parts, HeaderMap, HeaderName, HeaderValue, StatusCode},
-    middleware::Next,
-    response::Response,
+    body::Bytes,
+    extract::{ConnectInfo, FromRequest, FromRequestParts, Request},
+    http::{header, request::Parts, HeaderMap, HeaderName, StatusCode},
 };
 use serde::{de::DeserializeOwned, Deserialize};
 
+use super::error::ApiError as Error;
 use crate::{
-    error::Error,
-    services::{auth, throttle::ClientAddress},
+    domain::{self, PageRequest},
+    services::throttle::ClientAddress,
     AppState,
 };
 
 /// A request body decoded from JSON, or from form data as Django REST framework allowed.
 pub struct Payload<T>(pub T);
 
-enum BodyFormat {
+pub(super) enum BodyFormat {
     Json,
     Form,
 }
@@ -86,7 +85,7 @@ fn check_form_is_utf8(body: &[u8]) -> Result<(), Error> {
     }
 }
 
-fn body_format(headers: &HeaderMap) -> Result<BodyFormat, Error> {
+pub(super) fn body_format(headers: &HeaderMap) -> Result<BodyFormat, Error> {
     let Some(value) = headers.get(header::CONTENT_TYPE) else {
         return Ok(BodyFormat::Json);
     };
@@ -105,25 +104,6 @@ fn body_format(headers: &HeaderMap) -> Result<BodyFormat, Error> {
         }
         _ => Err(Error::UnsupportedMediaType),
     }
-}
-
-/// Middleware of every route: a body in a format we do not read is 415, and one declared
-/// longer than the route's limit is 413, even on a route that reads no body (`POST
-/// /balance`), as the contract says of any body. (A body that only turns out too long as
-/// it is read is caught where it is read.)
-pub async fn check_body(
-    State(max_body_bytes): State<usize>,
-    request: Request,
-    next: Next,
-) -> Result<Response, Error> {
-    let body = request.body();
-    if !body.is_end_stream() {
-        body_format(request.headers())?;
-        if body.size_hint().lower() > max_body_bytes as u64 {
-            return Err(Error::PayloadTooLarge);
-        }
-    }
-    Ok(next.run(request).await)
 }
 
 /// The address a request came from: the peer of its connection, or, behind a trusted
@@ -180,7 +160,8 @@ fn forwarded_for(headers: &HeaderMap) -> Option<IpAddr> {
     address
 }
 
-/// The user whose login token came in the `Authorization` header; set by [`authorize`].
+/// The user whose login token came in the `Authorization` header; set by
+/// [`authorize`](super::middleware::authorize).
 #[derive(Clone)]
 pub struct AuthUser {
     pub id: i64,
@@ -202,54 +183,15 @@ impl<S: Send + Sync> FromRequestParts<S> for AuthUser {
     }
 }
 
-/// The balance a handler's work left, for [`authorize`] to put in `X-Tokens-Remaining`.
+/// The balance a handler's work left, for [`authorize`](super::middleware::authorize) to
+/// put in `X-Tokens-Remaining`.
 #[derive(Clone, Copy)]
 pub struct TokensRemaining(pub i64);
 
 pub const X_TOKENS_REMAINING: HeaderName = HeaderName::from_static("x-tokens-remaining");
 
-/// Middleware of the authorised routes: answers 401 without a live token, and stamps
-/// every answer to an authorised request with `X-Tokens-Remaining`.
-pub async fn authorize(
-    State(state): State<AppState>,
-    mut request: Request,
-    next: Next,
-) -> Result<Response, Error> {
-    let mut headers = request.headers().get_all(header::AUTHORIZATION).iter();
-    let (Some(header), None) = (headers.next(), headers.next()) else {
-        // None, or two: which one would be meant is anyone's guess.
-        return Err(Error::Unauthorized);
-    };
-    let header = header.to_str().map_err(|_| Error::Unauthorized)?;
-    let owner = auth::authenticate(&state.db, header).await?;
-    let balance = owner.tokens;
-    request.extensions_mut().insert(AuthUser {
-        id: owner.user_id,
-        tokens: owner.tokens,
-        token_hash: owner.token_hash,
-    });
-    let mut response = next.run(request).await;
-    // A handler that moved the balance says what it left; any other answer leaves the
-    // balance read with the token, in this same request.
-    let remaining = response
-        .extensions()
-        .get::<TokensRemaining>()
-        .map_or(balance, |known| known.0);
-    response
-        .headers_mut()
-        .insert(X_TOKENS_REMAINING, HeaderValue::from(remaining));
-    Ok(response)
-}
-
-/// `?limit=` (1 to 100, default 20) and `?cursor=` (a `next` from the previous page).
-pub struct PageQuery {
-    pub limit: i64,
-    /// Continue with ids below this one.
-    pub before: Option<i64>,
-}
-
-const DEFAULT_PAGE: i64 = 20;
-const MAX_PAGE: i64 = 100;
+/// `?limit=` and `?cursor=`: which page of a history (see [`PageRequest`]).
+pub struct PageQuery(pub PageRequest);
 
 impl<S: Send + Sync> FromRequestParts<S> for PageQuery {
     type Rejection = Error;
@@ -262,32 +204,13 @@ impl<S: Send + Sync> FromRequestParts<S> for PageQuery {
         }
         let raw: Raw = serde_urlencoded::from_str(parts.uri.query().unwrap_or_default())
             .map_err(|err| Error::InvalidJson(format!("invalid query string: {err}")))?;
-        let limit = match raw.limit {
-            None => DEFAULT_PAGE,
-            Some(text) => text
-                .parse()
-                .ok()
-                .filter(|limit| (1..=MAX_PAGE).contains(limit))
-                .ok_or_else(|| {
-                    Error::invalid_input("limit", format!("limit must be 1 to {MAX_PAGE}"))
-                })?,
-        };
-        let before =
-            raw.cursor
-                .map(|text| {
-                    text.parse().ok().filter(|id: &i64| *id > 0).ok_or_else(|| {
-                        Error::invalid_input("cursor", "cursor must be a `next` value")
-                    })
-                })
-                .transpose()?;
-        Ok(Self { limit, before })
+        let page = PageRequest::parse(raw.limit.as_deref(), raw.cursor.as_deref())?;
+        Ok(Self(page))
     }
 }
 
-/// The optional `Idempotency-Key` header: 1 to 255 visible ASCII characters.
-pub struct IdempotencyKey(pub Option<String>);
-
-const MAX_IDEMPOTENCY_KEY: usize = 255;
+/// The optional `Idempotency-Key` header (see [`domain::IdempotencyKey`]).
+pub struct IdempotencyKey(pub Option<domain::IdempotencyKey>);
 
 impl<S: Send + Sync> FromRequestParts<S> for IdempotencyKey {
     type Rejection = Error;
@@ -296,25 +219,16 @@ impl<S: Send + Sync> FromRequestParts<S> for IdempotencyKey {
         let Some(value) = parts.headers.get("idempotency-key") else {
             return Ok(Self(None));
         };
-        let key = value
-            .to_str()
-            .ok()
-            .map(str::trim)
-            .filter(|key| (1..=MAX_IDEMPOTENCY_KEY).contains(&key.len()))
-            .filter(|key| key.bytes().all(|byte| byte.is_ascii_graphic() || byte == b' '))
-            .ok_or_else(|| {
-                Error::invalid_input(
-                    "Idempotency-Key",
-                    format!("Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} visible ASCII characters"),
-                )
-            })?;
-        Ok(Self(Some(key.to_string())))
+        // Not text at all: as malformed as text that breaks the key's rules.
+        let text = value.to_str().unwrap_or("\u{0}");
+        Ok(Self(Some(domain::IdempotencyKey::parse(text)?)))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use axum::http::HeaderValue;
 
     #[test]
     fn forwarded_addresses_are_read_in_every_form_proxies_write() {

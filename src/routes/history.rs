@@ -7,22 +7,21 @@ use axum::{
 use serde_json::{json, Value};
 
 use super::{
+    error::ApiError,
     extract::{AuthUser, PageQuery},
     rfc3339,
 };
 use crate::{
-    db::{chats::Chat, ledger::Entry},
-    error::Error,
-    services::history,
+    services::history::{self, ChatRecord, LedgerEntry},
     AppState,
 };
 
 pub async fn chats(
     State(state): State<AppState>,
     user: AuthUser,
-    page: PageQuery,
-) -> Result<Json<Value>, Error> {
-    let page = history::chats(&state, user.id, page.before, page.limit).await?;
+    PageQuery(page): PageQuery,
+) -> Result<Json<Value>, ApiError> {
+    let page = history::chats(&state, user.id, page).await?;
     let chats: Vec<Value> = page.items.iter().map(chat_json).collect();
     Ok(Json(
         json!({ "chats": chats, "next": page.next.map(|id| id.to_string()) }),
@@ -33,9 +32,9 @@ pub async fn chat(
     State(state): State<AppState>,
     user: AuthUser,
     Path(id): Path<String>,
-) -> Result<Json<Value>, Error> {
+) -> Result<Json<Value>, ApiError> {
     // Not a number, or someone else's: either way there is no such chat for this user.
-    let chat_id: i64 = id.parse().map_err(|_| Error::NotFound)?;
+    let chat_id: i64 = id.parse().map_err(|_| ApiError::NotFound)?;
     let chat = history::chat(&state, user.id, chat_id).await?;
     Ok(Json(chat_json(&chat)))
 }
@@ -43,9 +42,9 @@ pub async fn chat(
 pub async fn transactions(
     State(state): State<AppState>,
     user: AuthUser,
-    page: PageQuery,
-) -> Result<Json<Value>, Error> {
-    let page = history::transactions(&state, user.id, page.before, page.limit).await?;
+    PageQuery(page): PageQuery,
+) -> Result<Json<Value>, ApiError> {
+    let page = history::transactions(&state, user.id, page).await?;
     let transactions: Vec<Value> = page.items.iter().map(entry_json).collect();
     Ok(Json(json!({
         "transactions": transactions,
@@ -53,29 +52,23 @@ pub async fn transactions(
     })))
 }
 
-fn chat_json(chat: &Chat) -> Value {
-    // A failed chat was refunded; a pending one holds its reservation.
-    let tokens_charged = if chat.status == "failed" {
-        0
-    } else {
-        chat.cost
-    };
+fn chat_json(chat: &ChatRecord) -> Value {
     json!({
         "id": chat.id,
         "message": chat.message,
         "response": chat.response,
-        "status": chat.status,
-        "tokens_charged": tokens_charged,
+        "status": chat.status.as_str(),
+        "tokens_charged": chat.tokens_charged,
         "created_at": rfc3339(chat.created_at),
         "finished_at": chat.finished_at.map(rfc3339),
     })
 }
 
-fn entry_json(entry: &Entry) -> Value {
+fn entry_json(entry: &LedgerEntry) -> Value {
     json!({
         "id": entry.id,
         "amount": entry.amount,
-        "reason": entry.reason,
+        "reason": entry.reason.as_str(),
         "chat_id": entry.chat_id,
         "balance_after": entry.balance_after,
         "created_at": rfc3339(entry.created_at),

@@ -1,27 +1,27 @@
 //! Accounts: registration, login, logout, password changes and operator grants.
 
 use crate::{
-    config::MAX_BALANCE,
     db::{self, Db},
-    domain::{Password, Username},
-    error::Error,
+    domain::{GrantAmount, Invalid, Password, Username, MAX_BALANCE},
     services::{
         auth::{self, IssuedToken},
         throttle::ClientAddress,
+        ServiceError, ServiceResult,
     },
     AppState,
 };
 
 /// Creates a user from `/register`, within the per-address rate and only while
 /// registration is open; returns the starting balance.
+#[tracing::instrument(skip_all)]
 pub async fn register(
     state: &AppState,
     username: &Username,
     password: Password,
     address: ClientAddress,
-) -> Result<i64, Error> {
+) -> ServiceResult<i64> {
     if !state.config.abuse.registration_open {
-        return Err(Error::RegistrationClosed);
+        return Err(ServiceError::RegistrationClosed);
     }
     state.throttle.registration(address)?;
     create(state, username, password).await
@@ -29,11 +29,12 @@ pub async fn register(
 
 /// Creates a user with the starting balance, as an operator may even with registration
 /// closed; returns that balance.
+#[tracing::instrument(skip_all)]
 pub async fn create(
     state: &AppState,
     username: &Username,
     password: Password,
-) -> Result<i64, Error> {
+) -> ServiceResult<i64> {
     let password_hash = state.passwords.hash(password.into_inner()).await?;
     let tokens = state.config.initial_tokens;
     db::users::insert(
@@ -44,23 +45,24 @@ pub async fn create(
         tokens,
     )
     .await?
-    .ok_or(Error::UsernameTaken)?;
+    .ok_or(ServiceError::UsernameTaken)?;
     Ok(tokens)
 }
 
 /// Checks the password and issues a new login token. Unknown users, usernames that
 /// cannot exist (`None`) and wrong passwords fail alike, after the same Argon2 work; only
 /// a name that could be someone's counts towards a lock-out, so junk names cost no memory.
+#[tracing::instrument(skip_all)]
 pub async fn login(
     state: &AppState,
     username: Option<&Username>,
     password: Password,
     address: ClientAddress,
-) -> Result<IssuedToken, Error> {
+) -> ServiceResult<IssuedToken> {
     state.throttle.login_attempt(address)?;
     let Some(username) = username else {
         state.passwords.verify(password.into_inner(), None).await?;
-        return Err(Error::InvalidCredentials);
+        return Err(ServiceError::WrongCredentials);
     };
     let key = username.key();
     state.throttle.begin_password_check(&key, address)?;
@@ -74,7 +76,7 @@ pub async fn login(
         .verify(password.into_inner(), stored_hash)
         .await?;
     let Some(user_id) = user_id.filter(|_| verified) else {
-        return Err(Error::InvalidCredentials);
+        return Err(ServiceError::WrongCredentials);
     };
     state.throttle.password_matched(&key, address);
     let ttl_secs = state.config.token_ttl.map(|ttl| ttl.as_secs());
@@ -84,6 +86,7 @@ pub async fn login(
 /// Changes a user's password when `old` is the current one, and revokes every login
 /// token of theirs but `keep_token_hash` (the one the change was made with). A wrong old
 /// password counts as a failed login, so a stolen token guesses no faster than login.
+#[tracing::instrument(skip_all)]
 pub async fn change_password(
     state: &AppState,
     user_id: i64,
@@ -91,12 +94,12 @@ pub async fn change_password(
     old: Password,
     new: Password,
     address: ClientAddress,
-) -> Result<(), Error> {
+) -> ServiceResult<()> {
     state.throttle.login_attempt(address)?;
     state.throttle.password_change(user_id)?;
     let credentials = db::users::credentials_by_id(&state.db, user_id)
         .await?
-        .ok_or(Error::Unauthorized)?;
+        .ok_or(ServiceError::NotAuthenticated)?;
     let key = credentials.username_key;
     state.throttle.begin_password_check(&key, address)?;
     let verified = state
@@ -104,10 +107,9 @@ pub async fn change_password(
         .verify(old.into_inner(), Some(credentials.password_hash))
         .await?;
     if !verified {
-        return Err(Error::invalid_input(
-            "old_password",
-            "old_password is not the current password",
-        ));
+        return Err(
+            Invalid::new("old_password", "old_password is not the current password").into(),
+        );
     }
     state.throttle.password_matched(&key, address);
     let new_hash = state.passwords.hash(new.into_inner()).await?;
@@ -115,25 +117,19 @@ pub async fn change_password(
     Ok(())
 }
 
-/// Adds `amount` tokens (1 to [`MAX_BALANCE`]) to a user's balance through the ledger;
-/// the new balance, or `None` for an unknown user. A grant that would lift the balance
-/// over the ceiling is refused and writes nothing.
-pub async fn grant(db: &Db, username: &str, amount: i64) -> Result<Option<i64>, Error> {
-    if !(1..=MAX_BALANCE).contains(&amount) {
-        return Err(Error::invalid_input(
-            "amount",
-            format!("a grant must be 1 to {MAX_BALANCE} tokens"),
-        ));
-    }
-    let key = crate::domain::username_key(username);
-    match db::users::grant(db, &key, amount, MAX_BALANCE).await? {
-        db::users::Grant::Granted { balance } => Ok(Some(balance)),
-        db::users::Grant::NoSuchUser => Ok(None),
-        db::users::Grant::OverCeiling { balance } => Err(Error::invalid_input(
+/// Adds `amount` tokens to a user's balance through the ledger; the new balance. A grant
+/// that would lift the balance over [`MAX_BALANCE`] is refused and writes nothing.
+#[tracing::instrument(skip_all)]
+pub async fn grant(db: &Db, username: &Username, amount: GrantAmount) -> ServiceResult<i64> {
+    match db::users::grant(db, &username.key(), amount.get(), MAX_BALANCE).await? {
+        db::users::Grant::Granted { balance } => Ok(balance),
+        db::users::Grant::NoSuchUser => Err(ServiceError::NoSuchUser(username.as_str().into())),
+        db::users::Grant::OverCeiling { balance } => Err(Invalid::new(
             "amount",
             format!(
                 "the balance would exceed the ceiling of {MAX_BALANCE} tokens (it is {balance})"
             ),
-        )),
+        )
+        .into()),
     }
 }

@@ -1,7 +1,7 @@
 //! The ledger audit behind `tokenchat audit`: every balance is the sum of its ledger, every
 //! ledger row's running balance is right, and every chat's rows match its status.
 
-use crate::{db, error::Error};
+use crate::{db, domain::ChatStatus, services::ServiceResult};
 
 /// What the audit found; `offences` is empty when everything holds.
 #[derive(Debug)]
@@ -18,7 +18,8 @@ impl AuditReport {
     }
 }
 
-pub async fn run(db: &db::Db) -> Result<AuditReport, Error> {
+#[tracing::instrument(skip_all)]
+pub async fn run(db: &db::Db) -> ServiceResult<AuditReport> {
     let mut offences = Vec::new();
     for user in db::audit::balance_mismatches(db).await? {
         offences.push(format!(
@@ -41,7 +42,7 @@ pub async fn run(db: &db::Db) -> Result<AuditReport, Error> {
             chat.reservations,
             chat.refunds,
             chat.strays,
-            if chat.status == "answered" && !chat.has_response {
+            if chat.status == ChatStatus::Answered && !chat.has_response {
                 ", no stored response"
             } else {
                 ""

@@ -1,5 +1,5 @@
 //! Login tokens: generated from the OS's secure generator, stored only as SHA-256 hashes,
-//! and read from `Authorization: Token <t>`, `Bearer <t>` or a bare `<t>`.
+//! and checked when a client presents one (the routes take it from `Authorization`).
 
 use rand::{
     distributions::{Alphanumeric, DistString},
@@ -8,8 +8,7 @@ use rand::{
 
 use crate::{
     db::{self, tokens::TokenOwner, Db},
-    error::Error,
-    services::sha256_hex,
+    services::{sha256_hex, ServiceError, ServiceResult},
 };
 
 pub const TOKEN_LENGTH: usize = 32;
@@ -21,7 +20,8 @@ pub struct IssuedToken {
 }
 
 /// Creates a token for `user_id` and stores its hash.
-pub async fn issue(db: &Db, user_id: i64, ttl_secs: Option<u64>) -> Result<IssuedToken, Error> {
+#[tracing::instrument(skip_all)]
+pub async fn issue(db: &Db, user_id: i64, ttl_secs: Option<u64>) -> ServiceResult<IssuedToken> {
     let token = Alphanumeric.sample_string(&mut OsRng, TOKEN_LENGTH);
     let expires_at = ttl_secs.map(|ttl| db::unix_now().saturating_add_unsigned(ttl));
     db::tokens::insert(db, &token_hash(&token), user_id, expires_at).await?;
@@ -37,13 +37,17 @@ pub struct Authenticated {
     pub token_hash: String,
 }
 
-/// The user behind an `Authorization` header value, with their balance, or `Unauthorized`.
-pub async fn authenticate(db: &Db, authorization: &str) -> Result<Authenticated, Error> {
-    let token = token_from_header(authorization).ok_or(Error::Unauthorized)?;
-    let token_hash = token_hash(token);
+/// The user behind a presented login token, with their balance; `NotAuthenticated` for a
+/// token that is malformed, unknown, expired or revoked.
+#[tracing::instrument(skip_all)]
+pub async fn authenticate(db: &Db, presented: &str) -> ServiceResult<Authenticated> {
+    if !is_well_formed(presented) {
+        return Err(ServiceError::NotAuthenticated);
+    }
+    let token_hash = token_hash(presented);
     let TokenOwner { user_id, tokens } = db::tokens::find_owner(db, &token_hash)
         .await?
-        .ok_or(Error::Unauthorized)?;
+        .ok_or(ServiceError::NotAuthenticated)?;
     Ok(Authenticated {
         user_id,
         tokens,
@@ -52,13 +56,15 @@ pub async fn authenticate(db: &Db, authorization: &str) -> Result<Authenticated,
 }
 
 /// Revokes one login token, given as its hash.
-pub async fn logout(db: &Db, token_hash: &str) -> Result<(), Error> {
+#[tracing::instrument(skip_all)]
+pub async fn logout(db: &Db, token_hash: &str) -> ServiceResult<()> {
     db::tokens::revoke(db, token_hash).await?;
     Ok(())
 }
 
 /// Revokes every login token of the user.
-pub async fn logout_everywhere(db: &Db, user_id: i64) -> Result<(), Error> {
+#[tracing::instrument(skip_all)]
+pub async fn logout_everywhere(db: &Db, user_id: i64) -> ServiceResult<()> {
     db::tokens::revoke_all(db, user_id).await?;
     Ok(())
 }
@@ -68,53 +74,27 @@ pub fn token_hash(token: &str) -> String {
     sha256_hex(token.as_bytes())
 }
 
-/// Extracts a well-formed token from any of the three accepted header forms.
-fn token_from_header(value: &str) -> Option<&str> {
-    let value = value.trim();
-    let token = match value.split_once(' ') {
-        Some((scheme, rest))
-            if scheme.eq_ignore_ascii_case("token") || scheme.eq_ignore_ascii_case("bearer") =>
-        {
-            rest.trim()
-        }
-        Some(_) => return None,
-        None => value,
-    };
-    let well_formed =
-        token.len() == TOKEN_LENGTH && token.bytes().all(|byte| byte.is_ascii_alphanumeric());
-    well_formed.then_some(token)
+/// Whether `token` could be one this service issued: 32 ASCII letters and digits, so
+/// nothing else costs a database look-up.
+fn is_well_formed(token: &str) -> bool {
+    token.len() == TOKEN_LENGTH && token.bytes().all(|byte| byte.is_ascii_alphanumeric())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    const TOKEN: &str = "abcdefghijklmnopqrstuvwxyzABCDE1";
-
     #[test]
-    fn all_three_header_forms_yield_the_token() {
-        for header in [
-            TOKEN.to_string(),
-            format!("Token {TOKEN}"),
-            format!("Bearer {TOKEN}"),
-            format!("bearer  {TOKEN} "),
-        ] {
-            assert_eq!(token_from_header(&header), Some(TOKEN), "{header}");
-        }
-    }
-
-    #[test]
-    fn malformed_headers_yield_nothing() {
-        for header in [
+    fn a_well_formed_token_is_thirty_two_letters_and_digits() {
+        assert!(is_well_formed("abcdefghijklmnopqrstuvwxyzABCDE1"));
+        for bad in [
             "",
-            "Bearer",
-            "Basic dXNlcjpwYXNz",
-            &format!("Basic {TOKEN}"),
-            &TOKEN[1..],
-            &format!("{TOKEN}x"),
+            "abcdefghijklmnopqrstuvwxyzABCDE",
+            "abcdefghijklmnopqrstuvwxyzABCDE12",
             "abcdefghijklmnopqrstuvwxyzABCD-1",
+            "abcdefghijklmnopqrstuvwxyzABCDé",
         ] {
-            assert_eq!(token_from_header(header), None, "{header}");
+            assert!(!is_well_formed(bad), "{bad}");
         }
     }
 

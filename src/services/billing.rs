@@ -2,20 +2,15 @@
 //! transaction open, then keep the charge for a stored answer or refund it. Optional
 //! idempotency keys make a retried chat return the first answer instead of paying twice.
 
-use std::time::Duration;
-
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::{
     db::{self, chats::Reservation, idempotency::Claim},
-    domain::Message,
-    error::Error,
-    services::{recovery, sha256_hex},
+    domain::{ChatStatus, IdempotencyKey, Message},
+    services::{recovery, sha256_hex, ServiceError, ServiceResult},
     AppState,
 };
-
-/// How long an idempotency key is remembered.
-pub const IDEMPOTENCY_KEY_LIFETIME: Duration = Duration::from_secs(24 * 60 * 60);
 
 /// A stored, charged answer: just now, or replayed for a repeated idempotency key.
 #[derive(Debug)]
@@ -34,12 +29,13 @@ pub struct ChatAnswer {
 /// dropped (the client went away) and graceful shutdown waits for it. A client that
 /// goes away before the answer is stored is not charged: the upstream call is abandoned
 /// and the reservation refunded. Past the user's chat rate nothing is tried.
+#[tracing::instrument(skip_all)]
 pub async fn chat(
     state: &AppState,
     user_id: i64,
     message: Message,
-    idempotency_key: Option<String>,
-) -> Result<ChatAnswer, Error> {
+    idempotency_key: Option<IdempotencyKey>,
+) -> ServiceResult<ChatAnswer> {
     state.throttle.chat(user_id)?;
     let client_gone = CancellationToken::new();
     let _cancel_when_dropped = client_gone.clone().drop_guard();
@@ -50,19 +46,20 @@ pub async fn chat(
         idempotency_key,
         client_gone,
     };
-    state.tasks.spawn(request.run()).await?
+    // The span goes along, so the chat's work shows in the request's trace.
+    state.tasks.spawn(request.run().in_current_span()).await?
 }
 
 struct ChatRequest {
     state: AppState,
     user_id: i64,
     message: Message,
-    idempotency_key: Option<String>,
+    idempotency_key: Option<IdempotencyKey>,
     client_gone: CancellationToken,
 }
 
 impl ChatRequest {
-    async fn run(self) -> Result<ChatAnswer, Error> {
+    async fn run(self) -> ServiceResult<ChatAnswer> {
         if let Some(key) = &self.idempotency_key {
             if let Some(earlier) = self.claim(key).await? {
                 return Ok(earlier);
@@ -82,7 +79,7 @@ impl ChatRequest {
             Ok(Reservation::Reserved { chat_id }) => chat_id,
             Ok(Reservation::Insufficient { balance }) => {
                 self.release_key().await;
-                return Err(Error::OutOfTokens { tokens: balance });
+                return Err(ServiceError::OutOfTokens { balance });
             }
             Err(err) => {
                 self.release_key().await;
@@ -90,7 +87,8 @@ impl ChatRequest {
             }
         };
         if let Some(key) = &self.idempotency_key {
-            let attached = db::idempotency::attach(&self.state.db, self.user_id, key, chat_id);
+            let attached =
+                db::idempotency::attach(&self.state.db, self.user_id, key.as_str(), chat_id);
             if let Err(err) = attached.await {
                 // An answer bought under a key that does not lead to it could be bought
                 // twice by a retry: give the reservation back instead.
@@ -103,26 +101,35 @@ impl ChatRequest {
     }
 
     /// Claims the key; `Some` with the earlier answer when it already bought one.
-    async fn claim(&self, key: &str) -> Result<Option<ChatAnswer>, Error> {
+    async fn claim(&self, key: &IdempotencyKey) -> ServiceResult<Option<ChatAnswer>> {
         let db = &self.state.db;
         let request_hash = sha256_hex(self.message.as_str().as_bytes());
-        let expired_before = db::unix_now() - IDEMPOTENCY_KEY_LIFETIME.as_secs() as i64;
-        let claim = db::idempotency::claim(db, self.user_id, key, &request_hash, expired_before);
+        let lifetime = self.state.config.idempotency_key_lifetime;
+        let expired_before = db::unix_now() - lifetime.as_secs() as i64;
+        let claim = db::idempotency::claim(
+            db,
+            self.user_id,
+            key.as_str(),
+            &request_hash,
+            expired_before,
+        );
         let chat_id = match claim.await? {
             Claim::Claimed => return Ok(None),
             Claim::Held {
                 request_hash: held, ..
-            } if held != request_hash => return Err(Error::IdempotencyKeyReused),
+            } if held != request_hash => return Err(ServiceError::IdempotencyKeyReused),
             Claim::Held {
                 chat_id: Some(chat_id),
-                chat_status: Some(status),
+                chat_status: Some(ChatStatus::Answered),
                 ..
-            } if status == "answered" => chat_id,
-            Claim::Held { .. } => return Err(Error::RequestInProgress),
+            } => chat_id,
+            Claim::Held { .. } => return Err(ServiceError::RequestInProgress),
         };
         let stored = db::chats::stored_answer(db, chat_id)
             .await?
-            .ok_or_else(|| Error::internal(format!("chat {chat_id} has no stored answer")))?;
+            .ok_or_else(|| {
+                ServiceError::Inconsistent(format!("chat {chat_id} has no stored answer"))
+            })?;
         Ok(Some(ChatAnswer {
             chat_id: stored.chat_id,
             response: stored.response,
@@ -140,13 +147,14 @@ impl ChatRequest {
 
     async fn release_key(&self) {
         if let Some(key) = &self.idempotency_key {
-            if let Err(err) = db::idempotency::release(&self.state.db, self.user_id, key).await {
+            let released = db::idempotency::release(&self.state.db, self.user_id, key.as_str());
+            if let Err(err) = released.await {
                 tracing::error!(error = %err, "could not release an idempotency key");
             }
         }
     }
 
-    async fn answer_and_settle(&self, chat_id: i64) -> Result<ChatAnswer, Error> {
+    async fn answer_and_settle(&self, chat_id: i64) -> ServiceResult<ChatAnswer> {
         let state = &self.state;
         let answer = tokio::select! {
             biased;
@@ -154,7 +162,7 @@ impl ChatRequest {
             _ = state.cancel_chats.cancelled() => {
                 tracing::warn!(chat_id, "shutdown grace is over: refunding a chat in flight");
                 self.refund(chat_id).await;
-                return Err(Error::ShuttingDown);
+                return Err(ServiceError::ShuttingDown);
             }
             answer = state.llm.complete(self.message.as_str()) => Some(answer),
         };
@@ -171,14 +179,14 @@ impl ChatRequest {
                         })
                     }
                     // Recovery judged it abandoned and refunded it: not stored, not charged.
-                    Ok(None) => Error::UpstreamTimeout,
+                    Ok(None) => ServiceError::ChatExpired,
                     Err(err) => err.into(),
                 }
             }
             Some(Err(err)) => err.into(),
             Some(Ok(_)) | None => {
                 tracing::info!(chat_id, "client went away before the answer was stored");
-                Error::internal("client went away")
+                ServiceError::ClientGone
             }
         };
         self.refund(chat_id).await;

@@ -2,7 +2,8 @@
 
 use crate::{
     db::{self, chats::Chat, ledger::Entry},
-    error::Error,
+    domain::{ChatStatus, LedgerReason, PageRequest},
+    services::{ServiceError, ServiceResult},
     AppState,
 };
 
@@ -12,36 +13,97 @@ pub struct Page<T> {
     pub next: Option<i64>,
 }
 
+/// A chat as its user sees it in their history. Times are Unix seconds.
+#[derive(Debug)]
+pub struct ChatRecord {
+    pub id: i64,
+    pub message: String,
+    pub response: Option<String>,
+    pub status: ChatStatus,
+    /// What the chat costs its user now: nothing once it failed and was refunded.
+    pub tokens_charged: i64,
+    pub created_at: i64,
+    pub finished_at: Option<i64>,
+}
+
+impl From<Chat> for ChatRecord {
+    fn from(chat: Chat) -> Self {
+        Self {
+            id: chat.id,
+            tokens_charged: chat.status.tokens_charged(chat.cost),
+            message: chat.message,
+            response: chat.response,
+            status: chat.status,
+            created_at: chat.created_at,
+            finished_at: chat.finished_at,
+        }
+    }
+}
+
+/// One move of a user's balance. Times are Unix seconds.
+#[derive(Debug)]
+pub struct LedgerEntry {
+    pub id: i64,
+    pub amount: i64,
+    pub reason: LedgerReason,
+    pub chat_id: Option<i64>,
+    pub balance_after: i64,
+    pub created_at: i64,
+}
+
+impl From<Entry> for LedgerEntry {
+    fn from(entry: Entry) -> Self {
+        Self {
+            id: entry.id,
+            amount: entry.amount,
+            reason: entry.reason,
+            chat_id: entry.chat_id,
+            balance_after: entry.balance_after,
+            created_at: entry.created_at,
+        }
+    }
+}
+
+#[tracing::instrument(skip_all)]
 pub async fn chats(
     state: &AppState,
     user_id: i64,
-    before: Option<i64>,
-    limit: i64,
-) -> Result<Page<Chat>, Error> {
-    let rows = db::chats::page(&state.db, user_id, before, limit + 1).await?;
-    Ok(paginate(rows, limit, |chat| chat.id))
+    page: PageRequest,
+) -> ServiceResult<Page<ChatRecord>> {
+    let rows = db::chats::page(&state.db, user_id, page.before, page.limit + 1).await?;
+    Ok(paginate(rows, page.limit, |chat| chat.id))
 }
 
-pub async fn chat(state: &AppState, user_id: i64, chat_id: i64) -> Result<Chat, Error> {
+/// One of the user's chats; `NoSuchChat` for an unknown id and for someone else's chat alike.
+#[tracing::instrument(skip_all)]
+pub async fn chat(state: &AppState, user_id: i64, chat_id: i64) -> ServiceResult<ChatRecord> {
     db::chats::find(&state.db, user_id, chat_id)
         .await?
-        .ok_or(Error::NotFound)
+        .map(ChatRecord::from)
+        .ok_or(ServiceError::NoSuchChat)
 }
 
+#[tracing::instrument(skip_all)]
 pub async fn transactions(
     state: &AppState,
     user_id: i64,
-    before: Option<i64>,
-    limit: i64,
-) -> Result<Page<Entry>, Error> {
-    let rows = db::ledger::page(&state.db, user_id, before, limit + 1).await?;
-    Ok(paginate(rows, limit, |entry| entry.id))
+    page: PageRequest,
+) -> ServiceResult<Page<LedgerEntry>> {
+    let rows = db::ledger::page(&state.db, user_id, page.before, page.limit + 1).await?;
+    Ok(paginate(rows, page.limit, |entry| entry.id))
 }
 
 /// `rows` holds up to `limit + 1` rows: the extra one only says there is a next page.
-fn paginate<T>(mut rows: Vec<T>, limit: i64, id: impl Fn(&T) -> i64) -> Page<T> {
+fn paginate<Row, Item: From<Row>>(
+    mut rows: Vec<Row>,
+    limit: i64,
+    id: impl Fn(&Row) -> i64,
+) -> Page<Item> {
     let more = rows.len() as i64 > limit;
     rows.truncate(limit as usize);
     let next = if more { rows.last().map(id) } else { None };
-    Page { items: rows, next }
+    Page {
+        items: rows.into_iter().map(Item::from).collect(),
+        next,
+    }
 }

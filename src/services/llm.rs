@@ -6,7 +6,7 @@ use reqwest::Url;
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
-use crate::{config::Config, error::Error};
+use crate::config::Config;
 
 /// Cheap to clone: every clone shares one `reqwest::Client` and its connections.
 #[derive(Clone)]
@@ -34,15 +34,6 @@ pub enum LlmError {
     Status(u16),
     #[error("its answer was unusable ({0})")]
     Unusable(&'static str),
-}
-
-impl From<LlmError> for Error {
-    fn from(err: LlmError) -> Self {
-        match err {
-            LlmError::Timeout => Error::UpstreamTimeout,
-            other => Error::Upstream(other.to_string()),
-        }
-    }
 }
 
 #[derive(Serialize)]
@@ -93,6 +84,7 @@ impl LlmClient {
     }
 
     /// Asks the model one question; the answer is `choices[0].message.content`.
+    #[tracing::instrument(skip_all)]
     pub async fn complete(&self, user_message: &str) -> Result<String, LlmError> {
         let settings = &*self.settings;
         let body = CompletionRequest {

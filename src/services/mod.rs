@@ -4,6 +4,7 @@ pub mod accounts;
 pub mod audit;
 pub mod auth;
 pub mod billing;
+pub mod error;
 pub mod history;
 pub mod llm;
 pub mod passwords;
@@ -11,6 +12,8 @@ pub mod recovery;
 pub mod throttle;
 
 use sha2::{Digest, Sha256};
+
+pub use error::{ServiceError, ServiceResult};
 
 /// Hex SHA-256: how login tokens and idempotent requests are fingerprinted.
 pub fn sha256_hex(bytes: &[u8]) -> String {

@@ -14,7 +14,7 @@ use argon2::{
 use rand::rngs::OsRng;
 use tokio::sync::Semaphore;
 
-use crate::error::Error;
+use crate::services::ServiceError as Error;
 
 /// Where password hashes wait for a core. At most one Argon2 computation per core runs at
 /// a time: each holds 19 MiB, and more at once would only add memory and latency, not
@@ -40,6 +40,7 @@ impl PasswordHasher {
     }
 
     /// Hashes a password with a fresh random salt, as a PHC string.
+    #[tracing::instrument(skip_all)]
     pub async fn hash(&self, password: String) -> Result<String, Error> {
         self.with_slot(move || hash_blocking(&password)).await
     }
@@ -47,13 +48,14 @@ impl PasswordHasher {
     /// Checks a password against a stored hash. With no stored hash (unknown user) it
     /// checks against a dummy hash of the same cost and answers `false`, so both cases
     /// take as long.
+    #[tracing::instrument(skip_all)]
     pub async fn verify(&self, password: String, stored: Option<String>) -> Result<bool, Error> {
         self.with_slot(move || {
             let phc = match &stored {
                 Some(phc) => phc.as_str(),
                 None => dummy_hash()?,
             };
-            let parsed = PasswordHash::new(phc).map_err(Error::internal)?;
+            let parsed = PasswordHash::new(phc).map_err(hashing)?;
             let matches = verify_blocking(&password, &parsed)?;
             Ok(matches && stored.is_some())
         })
@@ -69,11 +71,7 @@ impl PasswordHasher {
             Ok(slot) => slot,
             Err(_) => {
                 let _waiting = self.join_queue()?;
-                self.slots
-                    .clone()
-                    .acquire_owned()
-                    .await
-                    .map_err(Error::internal)?
+                self.slots.clone().acquire_owned().await.map_err(hashing)?
             }
         };
         // The slot moves into the blocking task: freed when the hash is done, even if the
@@ -93,12 +91,17 @@ impl PasswordHasher {
         let ahead = self.waiting.fetch_add(1, Ordering::SeqCst);
         let place = QueuePlace(&self.waiting);
         if ahead >= self.queue_limit {
-            return Err(Error::Busy {
+            return Err(Error::HashersBusy {
                 retry_after_secs: BUSY_RETRY_AFTER_SECS,
             });
         }
         Ok(place)
     }
+}
+
+/// A failure of the hashing itself, never of the password: a bug or a corrupt stored hash.
+fn hashing(err: impl std::fmt::Display) -> Error {
+    Error::Hashing(err.to_string())
 }
 
 struct QueuePlace<'a>(&'a AtomicUsize);
@@ -112,11 +115,11 @@ impl Drop for QueuePlace<'_> {
 fn hash_blocking(password: &str) -> Result<String, Error> {
     let argon2 = Argon2::default();
     let salt = SaltString::generate(&mut OsRng);
-    let output = compute(&argon2, password.as_bytes(), salt.as_salt()).map_err(Error::internal)?;
+    let output = compute(&argon2, password.as_bytes(), salt.as_salt()).map_err(hashing)?;
     let phc = PasswordHash {
         algorithm: Algorithm::Argon2id.ident(),
         version: Some(Version::V0x13.into()),
-        params: ParamsString::try_from(argon2.params()).map_err(Error::internal)?,
+        params: ParamsString::try_from(argon2.params()).map_err(hashing)?,
         salt: Some(salt.as_salt()),
         hash: Some(output),
     };
@@ -126,20 +129,18 @@ fn hash_blocking(password: &str) -> Result<String, Error> {
 /// Whether `password` yields the output recorded in `phc`, under the parameters it names.
 fn verify_blocking(password: &str, phc: &PasswordHash<'_>) -> Result<bool, Error> {
     let (Some(salt), Some(expected)) = (phc.salt, &phc.hash) else {
-        return Err(Error::internal(
-            "stored password hash has no salt or output",
-        ));
+        return Err(hashing("stored password hash has no salt or output"));
     };
-    let algorithm = Algorithm::try_from(phc.algorithm).map_err(Error::internal)?;
+    let algorithm = Algorithm::try_from(phc.algorithm).map_err(hashing)?;
     let version = phc
         .version
         .map(Version::try_from)
         .transpose()
-        .map_err(Error::internal)?
+        .map_err(hashing)?
         .unwrap_or_default();
-    let params = Params::try_from(phc).map_err(Error::internal)?;
+    let params = Params::try_from(phc).map_err(hashing)?;
     let argon2 = Argon2::new(algorithm, version, params);
-    let computed = compute(&argon2, password.as_bytes(), salt).map_err(Error::internal)?;
+    let computed = compute(&argon2, password.as_bytes(), salt).map_err(hashing)?;
     // `Output`'s equality is constant-time.
     Ok(computed == *expected)
 }
@@ -228,7 +229,7 @@ mod tests {
         for hash in hashes {
             match hash.await.unwrap() {
                 Ok(_) => {}
-                Err(Error::Busy { retry_after_secs }) => {
+                Err(Error::HashersBusy { retry_after_secs }) => {
                     assert_eq!(retry_after_secs, 1);
                     busy += 1;
                 }

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use crate::{db, error::Error, services::billing::IDEMPOTENCY_KEY_LIFETIME, AppState};
+use crate::{db, services::ServiceResult, AppState};
 
 /// Beyond the model's time-out, how long a chat may take to reserve and settle before a
 /// pending one is judged abandoned.
@@ -30,7 +30,8 @@ pub fn abandoned_after(state: &AppState) -> Duration {
 /// As of `now` (Unix seconds): refunds every chat pending past its deadline, forgets
 /// idempotency keys that expired or were abandoned before they reserved a chat, and
 /// deletes expired login tokens.
-pub async fn sweep(state: &AppState, now: i64) -> Result<Sweep, Error> {
+#[tracing::instrument(skip_all)]
+pub async fn sweep(state: &AppState, now: i64) -> ServiceResult<Sweep> {
     let db = &state.db;
     let abandoned_before = now - abandoned_after(state).as_secs() as i64;
     let mut report = Sweep::default();
@@ -47,7 +48,7 @@ pub async fn sweep(state: &AppState, now: i64) -> Result<Sweep, Error> {
             break;
         }
     }
-    let expired_before = now - IDEMPOTENCY_KEY_LIFETIME.as_secs() as i64;
+    let expired_before = now - state.config.idempotency_key_lifetime.as_secs() as i64;
     report.forgotten_keys = db::idempotency::sweep(db, expired_before, abandoned_before).await?;
     loop {
         let deleted = db::tokens::delete_expired(db, now, BATCH).await?;

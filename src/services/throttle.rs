@@ -16,7 +16,7 @@ use governor::{
 };
 use sha2::{Digest, Sha256};
 
-use crate::{config::AbuseLimits, error::Error};
+use crate::{config::AbuseLimits, services::ServiceError};
 
 /// The address a rate is counted for. IPv6 clients are counted by their /64, since one
 /// subscriber commonly holds a whole /64 and could otherwise rotate through it.
@@ -43,16 +43,13 @@ impl ClientAddress {
     }
 }
 
-/// Password changes per user per hour: far more than anyone needs, and few enough that a
-/// stolen token cannot keep the hashing cores busy for everyone.
-const PASSWORD_CHANGES_PER_HOUR: NonZeroU32 = NonZeroU32::new(10).expect("not zero");
-
 /// Every limit of [`AbuseLimits`], shared by all requests of the process.
 pub struct Throttle {
     login_attempts: Option<DefaultKeyedRateLimiter<ClientAddress>>,
     registrations: Option<DefaultKeyedRateLimiter<ClientAddress>>,
     chats: Option<DefaultKeyedRateLimiter<i64>>,
-    password_changes: DefaultKeyedRateLimiter<i64>,
+    /// Few enough that a stolen token cannot keep the hashing cores busy for everyone.
+    password_changes: Option<DefaultKeyedRateLimiter<i64>>,
     failures_by_user_and_address: Option<FailureCounter>,
     failures_by_user: Option<FailureCounter>,
 }
@@ -63,7 +60,7 @@ impl Throttle {
             login_attempts: keyed(limits.login_attempts_per_minute, Quota::per_minute),
             registrations: keyed(limits.registrations_per_hour, Quota::per_hour),
             chats: keyed(limits.chat_rate_per_minute, Quota::per_minute),
-            password_changes: RateLimiter::keyed(Quota::per_hour(PASSWORD_CHANGES_PER_HOUR)),
+            password_changes: keyed(limits.password_changes_per_hour, Quota::per_hour),
             failures_by_user_and_address: limits.login_failures_per_user_and_address.map(|max| {
                 FailureCounter::new(max, limits.login_failures_per_user_and_address_window)
             }),
@@ -74,17 +71,17 @@ impl Throttle {
     }
 
     /// Counts a login attempt from `address`; `RateLimited` past the per-address rate.
-    pub fn login_attempt(&self, address: ClientAddress) -> Result<(), Error> {
+    pub fn login_attempt(&self, address: ClientAddress) -> Result<(), ServiceError> {
         check_rate(self.login_attempts.as_ref(), &address)
     }
 
     /// Counts a registration from `address`; `RateLimited` past the per-address rate.
-    pub fn registration(&self, address: ClientAddress) -> Result<(), Error> {
+    pub fn registration(&self, address: ClientAddress) -> Result<(), ServiceError> {
         check_rate(self.registrations.as_ref(), &address)
     }
 
     /// Counts a chat of `user_id`; `RateLimited` past the per-user rate.
-    pub fn chat(&self, user_id: i64) -> Result<(), Error> {
+    pub fn chat(&self, user_id: i64) -> Result<(), ServiceError> {
         check_rate(self.chats.as_ref(), &user_id)
     }
 
@@ -96,10 +93,10 @@ impl Throttle {
         &self,
         username_key: &str,
         address: ClientAddress,
-    ) -> Result<(), Error> {
+    ) -> Result<(), ServiceError> {
         let pair = pair_key(username_key, address);
         let user = user_key(username_key);
-        let locked = |left: Duration| Error::RateLimited {
+        let locked = |left: Duration| ServiceError::TooManyAttempts {
             retry_after_secs: retry_after_secs(left),
         };
         if let Some(counter) = &self.failures_by_user_and_address {
@@ -129,8 +126,8 @@ impl Throttle {
     }
 
     /// Counts a password change of `user_id`, successful or not: each costs two hashes.
-    pub fn password_change(&self, user_id: i64) -> Result<(), Error> {
-        check_rate(Some(&self.password_changes), &user_id)
+    pub fn password_change(&self, user_id: i64) -> Result<(), ServiceError> {
+        check_rate(self.password_changes.as_ref(), &user_id)
     }
 
     /// Forgets what no longer limits anyone, so the stores shrink after a burst.
@@ -142,10 +139,7 @@ impl Throttle {
             limiter.retain_recent();
             limiter.shrink_to_fit();
         }
-        for limiter in [self.chats.as_ref(), Some(&self.password_changes)]
-            .into_iter()
-            .flatten()
-        {
+        for limiter in [&self.chats, &self.password_changes].into_iter().flatten() {
             limiter.retain_recent();
             limiter.shrink_to_fit();
         }
@@ -181,7 +175,7 @@ pub async fn forget_stale_periodically(throttle: std::sync::Arc<Throttle>) {
     }
 }
 
-fn check_rate<K>(limiter: Option<&DefaultKeyedRateLimiter<K>>, key: &K) -> Result<(), Error>
+fn check_rate<K>(limiter: Option<&DefaultKeyedRateLimiter<K>>, key: &K) -> Result<(), ServiceError>
 where
     K: Clone + Eq + std::hash::Hash,
 {
@@ -190,7 +184,7 @@ where
     };
     limiter
         .check_key(key)
-        .map_err(|not_until| Error::RateLimited {
+        .map_err(|not_until| ServiceError::TooManyAttempts {
             retry_after_secs: retry_after_secs(
                 not_until.wait_time_from(DefaultClock::default().now()),
             ),

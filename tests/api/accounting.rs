@@ -204,10 +204,12 @@ async fn a_retry_after_out_of_tokens_is_tried_again_once_tokens_are_granted() {
     let refused = app.chat_with_key(&token, "key", "hello").await;
     refused.assert_error(StatusCode::PAYMENT_REQUIRED, "out_of_tokens");
     assert_eq!(refused.tokens_remaining(), 50);
-    let granted = tokenchat::services::accounts::grant(&app.state.db, "USER", 100)
+    let user = tokenchat::domain::Username::parse("USER").unwrap();
+    let amount = tokenchat::domain::GrantAmount::parse(100).unwrap();
+    let granted = tokenchat::services::accounts::grant(&app.state.db, &user, amount)
         .await
         .unwrap();
-    assert_eq!(granted, Some(150));
+    assert_eq!(granted, 150);
     let answered = app.chat_with_key(&token, "key", "hello").await;
     assert_eq!(answered.status, StatusCode::OK);
     assert_eq!(answered.json["tokens"], 50);

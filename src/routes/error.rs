@@ -1,4 +1,5 @@
-//! The one error type, and its rendering into the contract's `{"error", "code"}` envelope.
+//! The HTTP answers that are errors: each service error mapped to one status and one stable
+//! code, rendered as the contract's `{"error", "code"}` envelope.
 
 use axum::{
     http::{header, HeaderValue, StatusCode},
@@ -7,9 +8,18 @@ use axum::{
 };
 use serde_json::{json, Map, Value};
 
+use crate::{
+    domain::Invalid,
+    services::{error::with_sources, llm::LlmError, ServiceError},
+};
+
+/// What a 401 offers: a login token (or API key) as a Bearer token; `Token <t>` and a bare
+/// token are accepted too.
+const WWW_AUTHENTICATE: HeaderValue = HeaderValue::from_static("Bearer realm=\"tokenchat\"");
+
 /// Every way a request can fail; each variant maps to one status and one stable code.
 #[derive(Debug, thiserror::Error)]
-pub enum Error {
+pub enum ApiError {
     #[error("{0}")]
     InvalidJson(String),
     #[error("{message}")]
@@ -53,12 +63,12 @@ pub enum Error {
     Upstream(String),
     #[error("the language model did not answer in time")]
     UpstreamTimeout,
-    /// Details are logged, never shown.
-    #[error("internal error: {0}")]
-    Internal(String),
+    /// Logged whole, with its sources; shown without detail.
+    #[error("internal error")]
+    Internal(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
-impl Error {
+impl ApiError {
     pub fn invalid_input(field: &'static str, message: impl Into<String>) -> Self {
         Self::InvalidInput {
             field,
@@ -66,8 +76,8 @@ impl Error {
         }
     }
 
-    pub fn internal(err: impl std::fmt::Display) -> Self {
-        Self::Internal(err.to_string())
+    pub fn internal(err: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        Self::Internal(err.into())
     }
 
     pub fn status(&self) -> StatusCode {
@@ -130,7 +140,7 @@ impl Error {
             StatusCode::UNAUTHORIZED => Self::Unauthorized,
             StatusCode::BAD_REQUEST => Self::InvalidJson("the request could not be read".into()),
             StatusCode::REQUEST_TIMEOUT => Self::RequestTimeout,
-            _ => Self::Internal(format!("bare {status} response")),
+            _ => Self::internal(format!("bare {status} response")),
         }
     }
 
@@ -142,8 +152,8 @@ impl Error {
     }
 }
 
-impl From<crate::domain::Invalid> for Error {
-    fn from(invalid: crate::domain::Invalid) -> Self {
+impl From<Invalid> for ApiError {
+    fn from(invalid: Invalid) -> Self {
         Self::InvalidInput {
             field: invalid.field,
             message: invalid.message,
@@ -151,44 +161,46 @@ impl From<crate::domain::Invalid> for Error {
     }
 }
 
-impl From<sqlx::Error> for Error {
-    fn from(err: sqlx::Error) -> Self {
-        if database_unreachable(&err) {
-            tracing::warn!(error = %err, "database unavailable");
-            return Self::DatabaseUnavailable;
+impl From<ServiceError> for ApiError {
+    fn from(err: ServiceError) -> Self {
+        match err {
+            ServiceError::Invalid(invalid) => invalid.into(),
+            ServiceError::NotAuthenticated => Self::Unauthorized,
+            ServiceError::WrongCredentials => Self::InvalidCredentials,
+            ServiceError::UsernameTaken => Self::UsernameTaken,
+            ServiceError::RegistrationClosed => Self::RegistrationClosed,
+            ServiceError::OutOfTokens { balance } => Self::OutOfTokens { tokens: balance },
+            ServiceError::NoSuchChat => Self::NotFound,
+            ServiceError::IdempotencyKeyReused => Self::IdempotencyKeyReused,
+            ServiceError::RequestInProgress => Self::RequestInProgress,
+            ServiceError::TooManyAttempts { retry_after_secs } => {
+                Self::RateLimited { retry_after_secs }
+            }
+            ServiceError::HashersBusy { retry_after_secs } => Self::Busy { retry_after_secs },
+            ServiceError::ShuttingDown => Self::ShuttingDown,
+            // The model was too slow for the chat's deadline, as a time-out is.
+            ServiceError::ChatExpired | ServiceError::Model(LlmError::Timeout) => {
+                Self::UpstreamTimeout
+            }
+            ServiceError::Model(err) => Self::Upstream(err.to_string()),
+            ServiceError::DatabaseUnavailable(err) => {
+                tracing::warn!(error = %err, "database unavailable");
+                Self::DatabaseUnavailable
+            }
+            other @ (ServiceError::NoSuchUser(_)
+            | ServiceError::ClientGone
+            | ServiceError::Database(_)
+            | ServiceError::Hashing(_)
+            | ServiceError::Task(_)
+            | ServiceError::Inconsistent(_)) => Self::internal(other),
         }
-        Self::internal(format!("database: {err}"))
     }
 }
 
-/// Whether `err` says the database could not be reached (down, restarting, the network
-/// gone), which passes by itself, rather than that a statement failed.
-fn database_unreachable(err: &sqlx::Error) -> bool {
-    match err {
-        sqlx::Error::Io(_)
-        | sqlx::Error::Tls(_)
-        | sqlx::Error::PoolTimedOut
-        | sqlx::Error::PoolClosed
-        | sqlx::Error::WorkerCrashed => true,
-        // PostgreSQL's connection exceptions (class 08) and operator interventions such as
-        // a shutdown or a restart (57P01 to 57P03).
-        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
-            code.starts_with("08") || matches!(&*code, "57P01" | "57P02" | "57P03")
-        }),
-        _ => false,
-    }
-}
-
-impl From<tokio::task::JoinError> for Error {
-    fn from(err: tokio::task::JoinError) -> Self {
-        Self::internal(format!("task: {err}"))
-    }
-}
-
-impl IntoResponse for Error {
+impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        if let Self::Internal(detail) = &self {
-            tracing::error!(%detail, "internal error");
+        if let Self::Internal(err) = &self {
+            tracing::error!(error = %with_sources(err.as_ref()), "internal error");
         }
         let mut body = Map::new();
         body.insert("error".into(), self.public_message().into());
@@ -203,10 +215,16 @@ impl IntoResponse for Error {
             _ => {}
         }
         let mut response = (self.status(), Json(Value::Object(body))).into_response();
-        if let Self::RateLimited { retry_after_secs } | Self::Busy { retry_after_secs } = self {
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
+        let headers = response.headers_mut();
+        match self {
+            Self::RateLimited { retry_after_secs } | Self::Busy { retry_after_secs } => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
+            }
+            // RFC 9110: a 401 names the scheme that would be accepted.
+            Self::Unauthorized | Self::InvalidCredentials => {
+                headers.insert(header::WWW_AUTHENTICATE, WWW_AUTHENTICATE);
+            }
+            _ => {}
         }
         response
     }
