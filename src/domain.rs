@@ -393,4 +393,79 @@ mod tests {
         assert!(Message::parse("😀".repeat(10), 10).is_ok());
         assert!(Message::parse("😀".repeat(11), 10).is_err());
     }
+
+    #[test]
+    fn a_login_name_must_not_be_empty_but_may_be_one_no_one_could_register() {
+        assert!(Username::offered("").is_err());
+        assert_eq!(Username::offered("with space").unwrap(), None);
+        assert_eq!(Username::offered(&"a".repeat(51)).unwrap(), None);
+        let alice = Username::offered("alice").unwrap().unwrap();
+        assert_eq!(alice.as_str(), "alice");
+    }
+
+    #[test]
+    fn a_message_is_counted_in_characters_and_white_space_alone_is_empty() {
+        // Exactly the limit in characters passes whatever its bytes; one more does not.
+        assert!(Message::parse("é".repeat(8), 8).is_ok());
+        assert!(Message::parse("é".repeat(9), 8).is_err());
+        // Surrounding white space counts towards the limit but is kept as sent.
+        assert_eq!(Message::parse(" hi ".into(), 4).unwrap().as_str(), " hi ");
+        assert!(Message::parse(" hi  ".into(), 4).is_err());
+        assert!(Message::parse("\u{3000}\u{00A0}\r\n".into(), 10).is_err());
+        assert_eq!(Message::parse(" ".into(), 10).unwrap_err().field, "message");
+    }
+
+    #[test]
+    fn a_grant_is_one_token_to_the_ceiling() {
+        assert!(GrantAmount::parse(0).is_err());
+        assert!(GrantAmount::parse(-1).is_err());
+        assert_eq!(GrantAmount::parse(1).unwrap().get(), 1);
+        assert_eq!(GrantAmount::parse(MAX_BALANCE).unwrap().get(), MAX_BALANCE);
+        assert_eq!(
+            GrantAmount::parse(MAX_BALANCE + 1).unwrap_err().field,
+            "amount"
+        );
+    }
+
+    #[test]
+    fn an_idempotency_key_is_one_to_255_visible_ascii_characters() {
+        assert!(IdempotencyKey::parse("").is_err());
+        assert!(IdempotencyKey::parse("   ").is_err());
+        assert_eq!(IdempotencyKey::parse(" k ").unwrap().as_str(), "k");
+        assert!(IdempotencyKey::parse("a key with spaces").is_ok());
+        assert!(IdempotencyKey::parse(&"k".repeat(255)).is_ok());
+        assert!(IdempotencyKey::parse(&"k".repeat(256)).is_err());
+        for bad in ["tab\there", "new\nline", "é", "\u{0}"] {
+            let err = IdempotencyKey::parse(bad).unwrap_err();
+            assert_eq!(err.field, "Idempotency-Key", "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_page_is_one_to_a_hundred_items_below_a_positive_cursor() {
+        let page = PageRequest::parse(None, None).unwrap();
+        assert_eq!((page.limit, page.before), (DEFAULT_PAGE_SIZE, None));
+        assert_eq!(PageRequest::parse(Some("1"), None).unwrap().limit, 1);
+        assert_eq!(PageRequest::parse(Some("100"), None).unwrap().limit, 100);
+        for bad in ["0", "101", "-1", "", " 5", "ten", "1.5"] {
+            assert_eq!(
+                PageRequest::parse(Some(bad), None).unwrap_err().field,
+                "limit"
+            );
+        }
+        assert_eq!(PageRequest::parse(None, Some("7")).unwrap().before, Some(7));
+        for bad in ["0", "-3", "", "next", "9223372036854775808"] {
+            assert_eq!(
+                PageRequest::parse(None, Some(bad)).unwrap_err().field,
+                "cursor"
+            );
+        }
+    }
+
+    #[test]
+    fn only_a_failed_chat_costs_nothing() {
+        assert_eq!(ChatStatus::Pending.tokens_charged(100), 100);
+        assert_eq!(ChatStatus::Answered.tokens_charged(100), 100);
+        assert_eq!(ChatStatus::Failed.tokens_charged(100), 0);
+    }
 }

@@ -229,3 +229,55 @@ impl IntoResponse for ApiError {
         response
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::to_bytes;
+
+    async fn rendered(err: ServiceError) -> (StatusCode, Value) {
+        let response = ApiError::from(err).into_response();
+        let status = response.status();
+        let body = to_bytes(response.into_body(), 4096).await.unwrap();
+        (status, serde_json::from_slice(&body).unwrap())
+    }
+
+    #[tokio::test]
+    async fn a_failure_beneath_the_services_is_a_500_without_its_detail() {
+        let (status, body) = rendered(ServiceError::Database(sqlx::Error::Protocol(
+            "secret detail".into(),
+        )))
+        .await;
+        assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(body["code"], "internal");
+        assert!(!body.to_string().contains("secret detail"), "{body}");
+    }
+
+    #[tokio::test]
+    async fn a_chat_past_its_deadline_is_a_time_out_like_a_slow_model() {
+        for late in [
+            ServiceError::ChatExpired,
+            ServiceError::Model(LlmError::Timeout),
+        ] {
+            let (status, body) = rendered(late).await;
+            assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
+            assert_eq!(body["code"], "upstream_timeout");
+        }
+        let (status, body) = rendered(ServiceError::Model(LlmError::Status(500))).await;
+        assert_eq!(status, StatusCode::BAD_GATEWAY);
+        assert_eq!(body["code"], "upstream_error");
+        assert_eq!(
+            body["error"],
+            "the language model could not answer: it answered with status 500"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_refused_value_names_its_field() {
+        let invalid = Invalid::new("amount", "a grant must be positive");
+        let (status, body) = rendered(invalid.into()).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(body["code"], "invalid_input");
+        assert_eq!(body["field"], "amount");
+    }
+}

@@ -665,29 +665,57 @@ async fn count_responses_until<R: AsyncRead + Unpin>(
 ) -> (usize, bool) {
     let status_line = b"HTTP/1.1 200";
     let mut responses = 0;
+    // The bytes from the newest status line on, so that the last response is read whole
+    // before returning and the next read starts at a response of its own.
     let mut tail = Vec::new();
+    let mut scan_from = 0;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(seconds);
     let mut chunk = vec![0u8; 64 * 1024];
-    while responses < expected {
+    while responses < expected || !holds_a_whole_response(&tail) {
         let read = match tokio::time::timeout_at(deadline, stream.read(&mut chunk)).await {
             Err(_) => return (responses, false),
             Ok(Ok(0) | Err(_)) => return (responses, true),
             Ok(Ok(read)) => read,
         };
         tail.extend_from_slice(&chunk[..read]);
-        let mut scanned = 0;
+        let mut scanned = scan_from;
+        let mut newest = None;
         while let Some(at) = find(&tail[scanned..], status_line) {
             responses += 1;
+            newest = Some(scanned + at);
             scanned += at + status_line.len();
         }
-        // Keep what may be the start of a status line split across reads.
-        let keep_from = tail
-            .len()
-            .saturating_sub(status_line.len() - 1)
-            .max(scanned);
-        tail.drain(..keep_from);
+        match newest {
+            Some(start) => {
+                tail.drain(..start);
+                scan_from = scanned - start;
+            }
+            // What may be the start of a status line split across reads is scanned again.
+            None => {
+                scan_from = tail
+                    .len()
+                    .saturating_sub(status_line.len() - 1)
+                    .max(scan_from)
+            }
+        }
     }
     (responses, false)
+}
+
+/// Whether `bytes` (a response's first bytes) hold its whole head and body.
+fn holds_a_whole_response(bytes: &[u8]) -> bool {
+    let Some(end) = find(bytes, b"\r\n\r\n") else {
+        return false;
+    };
+    let length = String::from_utf8_lossy(&bytes[..end])
+        .lines()
+        .find_map(|line| {
+            let (name, value) = line.split_once(':')?;
+            name.eq_ignore_ascii_case("content-length")
+                .then(|| value.trim().parse::<usize>().ok())?
+        })
+        .unwrap_or(0);
+    bytes.len() >= end + 4 + length
 }
 
 /// A connection from `source`, any address of the loopback network.

@@ -320,5 +320,13 @@ impl TestResponse {
             Some("application/json"),
             "{self:?}"
         );
+        // RFC 9110: every 401 names the scheme it would accept.
+        if status == StatusCode::UNAUTHORIZED {
+            assert_eq!(
+                self.headers[header::WWW_AUTHENTICATE],
+                "Bearer realm=\"tokenchat\"",
+                "{self:?}"
+            );
+        }
     }
 }
