@@ -19,11 +19,16 @@ pub struct Config {
     pub database_max_connections: Option<u32>,
     /// `DATABASE_STATEMENT_TIMEOUT_MS` (PostgreSQL only); `None`: the server's own.
     pub database_statement_timeout: Option<Duration>,
-    pub llm_base_url: Url,
+    /// `None` when `LLM_BASE_URL` is empty: answers come from the built-in demo model.
+    pub llm_base_url: Option<Url>,
     pub llm_api_key: Option<SecretString>,
     pub llm_model: String,
     pub llm_system_prompt: String,
     pub llm_timeout: Duration,
+    /// How long a streamed answer may go silent before it counts as timed out.
+    pub llm_stream_idle: Duration,
+    /// How a streamed chat whose client went away before its end is settled.
+    pub abandoned_stream_charge: AbandonedStreamCharge,
     pub chat_cost: i64,
     pub initial_tokens: i64,
     /// `None` when `TOKEN_TTL_SECS=0`: login tokens never expire.
@@ -88,6 +93,28 @@ pub struct AbuseLimits {
     pub password_hash_queue: usize,
 }
 
+/// How a streamed chat is settled when its client goes away before the model finished.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AbandonedStreamCharge {
+    /// Charged once any of the answer was sent to the client, refunded otherwise: hanging
+    /// up just before the end is no way to get answers for free.
+    Delivered,
+    /// Always refunded.
+    Never,
+}
+
+impl std::str::FromStr for AbandonedStreamCharge {
+    type Err = &'static str;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text {
+            "delivered" => Ok(Self::Delivered),
+            "never" => Ok(Self::Never),
+            _ => Err("use delivered or never"),
+        }
+    }
+}
+
 /// `DATABASE_URL`, which may hold a password: `Debug` shows it with the password masked,
 /// and only [`DatabaseUrl::expose`] gives the whole of it, to the database driver.
 #[derive(Clone)]
@@ -145,15 +172,17 @@ impl Config {
     /// Builds a configuration from any variable source; unset and empty mean "use the default".
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         let vars = Vars(&lookup);
-        let llm_base_url: Url = vars.parse("LLM_BASE_URL", "http://127.0.0.1:11434/v1")?;
-        if !matches!(llm_base_url.scheme(), "http" | "https") {
-            return Err(ConfigError::new(
-                "LLM_BASE_URL",
-                format!(
-                    "unsupported scheme {:?}; use http or https",
-                    llm_base_url.scheme()
-                ),
-            ));
+        let llm_base_url: Option<Url> = match vars.optional("LLM_BASE_URL") {
+            None => None,
+            Some(_) => Some(vars.parse("LLM_BASE_URL", "")?),
+        };
+        if let Some(url) = &llm_base_url {
+            if !matches!(url.scheme(), "http" | "https") {
+                return Err(ConfigError::new(
+                    "LLM_BASE_URL",
+                    format!("unsupported scheme {:?}; use http or https", url.scheme()),
+                ));
+            }
         }
         let database_url = DatabaseUrl(vars.string("DATABASE_URL", "sqlite://tokenchat.db"));
         if crate::db::Backend::of_url(database_url.expose()).is_none() {
@@ -193,6 +222,8 @@ impl Config {
             llm_model: vars.string("LLM_MODEL", "llama3.2"),
             llm_system_prompt: vars.string("LLM_SYSTEM_PROMPT", DEFAULT_SYSTEM_PROMPT),
             llm_timeout: vars.seconds("LLM_TIMEOUT_SECS", "60", 1, HOUR_SECS)?,
+            llm_stream_idle: vars.seconds("LLM_STREAM_IDLE_SECS", "30", 1, HOUR_SECS)?,
+            abandoned_stream_charge: vars.parse("ABANDONED_STREAM_CHARGE", "delivered")?,
             chat_cost: vars.between("CHAT_COST", "100", 1, MAX_BALANCE)?,
             initial_tokens: vars.between("INITIAL_TOKENS", "4000", 0, MAX_BALANCE)?,
             token_ttl: (token_ttl_secs > 0).then(|| Duration::from_secs(token_ttl_secs)),
@@ -373,7 +404,12 @@ mod tests {
         let config = config(&[]).unwrap();
         assert_eq!(config.bind_addr.to_string(), "127.0.0.1:8000");
         assert_eq!(config.database_url.expose(), "sqlite://tokenchat.db");
-        assert_eq!(config.llm_base_url.as_str(), "http://127.0.0.1:11434/v1");
+        assert_eq!(config.llm_base_url, None, "empty: the built-in demo model");
+        assert_eq!(config.llm_stream_idle, Duration::from_secs(30));
+        assert_eq!(
+            config.abandoned_stream_charge,
+            AbandonedStreamCharge::Delivered
+        );
         assert!(config.llm_api_key.is_none());
         assert_eq!(config.llm_model, "llama3.2");
         assert_eq!(config.llm_timeout, Duration::from_secs(60));
@@ -405,6 +441,8 @@ mod tests {
                 "LLM_MODEL",
                 "LLM_SYSTEM_PROMPT",
                 "LLM_TIMEOUT_SECS",
+                "LLM_STREAM_IDLE_SECS",
+                "ABANDONED_STREAM_CHARGE",
                 "CHAT_COST",
                 "INITIAL_TOKENS",
                 "TOKEN_TTL_SECS",
@@ -465,6 +503,8 @@ mod tests {
             ("LLM_BASE_URL", "not a url"),
             ("LLM_TIMEOUT_SECS", "soon"),
             ("LLM_TIMEOUT_SECS", "0"),
+            ("LLM_STREAM_IDLE_SECS", "0"),
+            ("ABANDONED_STREAM_CHARGE", "sometimes"),
             ("CHAT_COST", "-5"),
             ("CHAT_COST", "0"),
             ("INITIAL_TOKENS", "lots"),

@@ -259,22 +259,28 @@ impl PageRequest {
 }
 
 /// Where a chat is in its life. Its tokens are reserved when it is created, `Pending`;
-/// an `Answered` chat keeps them as its charge, a `Failed` one was refunded.
+/// an `Answered` chat keeps them as its charge, a `Failed` one was refunded, and an
+/// `Abandoned` one (a stream whose client went away before the end) was either, as
+/// `ABANDONED_STREAM_CHARGE` settled it.
 /// (The names it is stored and shown under are the database layer's: see `db::columns`.)
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ChatStatus {
     Pending,
     Answered,
     Failed,
+    Abandoned,
 }
 
 impl ChatStatus {
-    /// What a chat of this status costs its user, given the price it reserved: a pending
-    /// chat holds its reservation, an answered one was charged it, a failed one nothing.
-    pub fn tokens_charged(self, cost: i64) -> i64 {
+    /// What a chat of this status costs its user, given the price it reserved and whether
+    /// it was refunded: a pending chat holds its reservation, an answered one was charged
+    /// it, a failed one nothing.
+    pub fn tokens_charged(self, cost: i64, refunded: bool) -> i64 {
         match self {
             Self::Pending | Self::Answered => cost,
             Self::Failed => 0,
+            Self::Abandoned if refunded => 0,
+            Self::Abandoned => cost,
         }
     }
 }
@@ -463,9 +469,13 @@ mod tests {
     }
 
     #[test]
-    fn only_a_failed_chat_costs_nothing() {
-        assert_eq!(ChatStatus::Pending.tokens_charged(100), 100);
-        assert_eq!(ChatStatus::Answered.tokens_charged(100), 100);
-        assert_eq!(ChatStatus::Failed.tokens_charged(100), 0);
+    fn only_a_refunded_chat_costs_nothing() {
+        assert_eq!(ChatStatus::Pending.tokens_charged(100, false), 100);
+        assert_eq!(ChatStatus::Answered.tokens_charged(100, false), 100);
+        assert_eq!(ChatStatus::Failed.tokens_charged(100, true), 0);
+        // A failed chat is refunded even when an older process did not mark it so.
+        assert_eq!(ChatStatus::Failed.tokens_charged(100, false), 0);
+        assert_eq!(ChatStatus::Abandoned.tokens_charged(100, false), 100);
+        assert_eq!(ChatStatus::Abandoned.tokens_charged(100, true), 0);
     }
 }

@@ -114,12 +114,21 @@ async fn serve(config: Config) -> Result<ExitCode, String> {
     let address = listener
         .local_addr()
         .map_err(|err| format!("cannot read the bound address: {err}"))?;
-    tracing::info!(
-        %address,
-        model = %state.config.llm_model,
-        llm = %state.config.llm_base_url,
-        "tokenchat listening"
-    );
+    match &state.config.llm_base_url {
+        Some(url) => tracing::info!(
+            %address,
+            model = %state.config.llm_model,
+            llm = %url,
+            "tokenchat listening"
+        ),
+        None => {
+            tracing::info!(%address, model = state.llm.model_name(), "tokenchat listening");
+            tracing::warn!(
+                "LLM_BASE_URL is empty: answering from the built-in demo model (hello-world \
+                 programs); set it to an OpenAI-compatible API to use a real model"
+            );
+        }
+    }
     tokenchat::serve(listener, state, shutdown_signal())
         .await
         .map_err(|err| format!("server error: {err}"))?;

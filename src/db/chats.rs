@@ -27,8 +27,35 @@ pub struct Chat {
     pub response: Option<String>,
     pub status: ChatStatus,
     pub cost: i64,
+    pub refunded: bool,
     pub created_at: i64,
     pub finished_at: Option<i64>,
+    pub prompt_tokens: Option<i64>,
+    pub completion_tokens: Option<i64>,
+}
+
+/// The columns of [`Chat`], for `concat!` into its queries.
+macro_rules! chat_columns {
+    () => {
+        "id, message, response, status, cost, refunded, created_at, finished_at, \
+         prompt_tokens, completion_tokens"
+    };
+}
+
+/// What the model reported an answer cost it, as stored with the chat.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TokenUsage {
+    pub prompt_tokens: Option<i64>,
+    pub completion_tokens: Option<i64>,
+}
+
+/// How a chat that got no whole answer is settled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unanswered {
+    /// The model failed or the chat was cut short: refunded.
+    Failed,
+    /// A stream whose client went away; `refund` or keep the charge.
+    Abandoned { refund: bool },
 }
 
 /// An answered chat as its first response reported it.
@@ -90,9 +117,11 @@ pub async fn settle_answered(
     db: &Db,
     chat_id: i64,
     response: &str,
+    usage: TokenUsage,
 ) -> Result<Option<i64>, sqlx::Error> {
     db_run!(db, pool => sqlx::query_scalar(
-        "UPDATE chats SET status = 'answered', response = $1, finished_at = $2
+        "UPDATE chats SET status = 'answered', response = $1, finished_at = $2,
+                          prompt_tokens = $4, completion_tokens = $5
          WHERE id = $3 AND status = 'pending'
          RETURNING (SELECT balance_after FROM ledger
                     WHERE ledger.chat_id = chats.id AND reason = 'chat_reservation')",
@@ -100,6 +129,8 @@ pub async fn settle_answered(
     .bind(response)
     .bind(unix_now())
     .bind(chat_id)
+    .bind(usage.prompt_tokens)
+    .bind(usage.completion_tokens)
     .fetch_optional(pool)
     .await)
 }
@@ -108,15 +139,40 @@ pub async fn settle_answered(
 /// idempotency key; `false`, changing nothing, when the chat was not pending.
 #[tracing::instrument(level = "debug", skip_all)]
 pub async fn refund(db: &Db, chat_id: i64) -> Result<bool, sqlx::Error> {
-    let failed = db_run!(db, pool => sqlx::query(
-        "UPDATE chats SET status = 'failed', finished_at = $1 WHERE id = $2 AND status = 'pending'",
+    settle_unanswered(db, chat_id, Unanswered::Failed, None, TokenUsage::default()).await
+}
+
+/// Settles a pending chat that got no whole answer, keeping the text it got (`partial`):
+/// failed (refunded, by the trigger `failed_chat_is_refunded`) or abandoned (refunded or
+/// charged). `false`, changing nothing, when the chat was not pending.
+#[tracing::instrument(level = "debug", skip_all)]
+pub async fn settle_unanswered(
+    db: &Db,
+    chat_id: i64,
+    how: Unanswered,
+    partial: Option<&str>,
+    usage: TokenUsage,
+) -> Result<bool, sqlx::Error> {
+    let (status, refunded) = match how {
+        Unanswered::Failed => (ChatStatus::Failed, true),
+        Unanswered::Abandoned { refund } => (ChatStatus::Abandoned, refund),
+    };
+    let settled = db_run!(db, pool => sqlx::query(
+        "UPDATE chats SET status = $1, refunded = $2, response = $3, finished_at = $4,
+                          prompt_tokens = $6, completion_tokens = $7
+         WHERE id = $5 AND status = 'pending'",
     )
+    .bind(status)
+    .bind(refunded)
+    .bind(partial)
     .bind(unix_now())
     .bind(chat_id)
+    .bind(usage.prompt_tokens)
+    .bind(usage.completion_tokens)
     .execute(pool)
     .await
     .map(|done| done.rows_affected()))?;
-    Ok(failed == 1)
+    Ok(settled == 1)
 }
 
 /// Ids of chats still pending past their deadline at `now`. A chat from before deadlines
@@ -144,10 +200,9 @@ pub async fn stale_pending(
 /// One of the user's chats; `None` for a chat of someone else's.
 #[tracing::instrument(level = "debug", skip_all)]
 pub async fn find(db: &Db, user_id: i64, chat_id: i64) -> Result<Option<Chat>, sqlx::Error> {
-    db_run!(db, pool => sqlx::query_as(
-        "SELECT id, message, response, status, cost, created_at, finished_at
-         FROM chats WHERE id = $1 AND user_id = $2",
-    )
+    db_run!(db, pool => sqlx::query_as(concat!(
+        "SELECT ", chat_columns!(), " FROM chats WHERE id = $1 AND user_id = $2"
+    ))
     .bind(chat_id)
     .bind(user_id)
     .fetch_optional(pool)
@@ -162,11 +217,11 @@ pub async fn page(
     before: Option<i64>,
     limit: i64,
 ) -> Result<Vec<Chat>, sqlx::Error> {
-    db_run!(db, pool => sqlx::query_as(
-        "SELECT id, message, response, status, cost, created_at, finished_at FROM chats
+    db_run!(db, pool => sqlx::query_as(concat!(
+        "SELECT ", chat_columns!(), " FROM chats
          WHERE user_id = $1 AND (CAST($2 AS BIGINT) IS NULL OR id < $2)
-         ORDER BY id DESC LIMIT $3",
-    )
+         ORDER BY id DESC LIMIT $3"
+    ))
     .bind(user_id)
     .bind(before)
     .bind(limit)

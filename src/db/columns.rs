@@ -76,6 +76,7 @@ text_column!(ChatStatus {
     Pending => "pending",
     Answered => "answered",
     Failed => "failed",
+    Abandoned => "abandoned",
 });
 
 text_column!(LedgerReason {

@@ -197,15 +197,17 @@ impl From<ServiceError> for ApiError {
     }
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        if let Self::Internal(err) = &self {
+impl ApiError {
+    /// The contract's envelope: `{"error", "code"}`, and `"field"` or `"tokens"` where they
+    /// apply. Logs an internal error whole, since this is where it is answered.
+    pub fn envelope(&self) -> Value {
+        if let Self::Internal(err) = self {
             tracing::error!(error = %with_sources(err.as_ref()), "internal error");
         }
         let mut body = Map::new();
         body.insert("error".into(), self.public_message().into());
         body.insert("code".into(), self.code().into());
-        match &self {
+        match self {
             Self::InvalidInput { field, .. } => {
                 body.insert("field".into(), (*field).into());
             }
@@ -214,7 +216,13 @@ impl IntoResponse for ApiError {
             }
             _ => {}
         }
-        let mut response = (self.status(), Json(Value::Object(body))).into_response();
+        Value::Object(body)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut response = (self.status(), Json(self.envelope())).into_response();
         let headers = response.headers_mut();
         match self {
             Self::RateLimited { retry_after_secs } | Self::Busy { retry_after_secs } => {

@@ -12,7 +12,10 @@ use super::{
     rfc3339,
 };
 use crate::{
-    services::history::{self, ChatRecord, LedgerEntry},
+    services::{
+        history::{self, ChatRecord, LedgerEntry},
+        llm::Usage,
+    },
     AppState,
 };
 
@@ -59,6 +62,7 @@ fn chat_json(chat: &ChatRecord) -> Value {
         "response": chat.response,
         "status": chat.status.as_str(),
         "tokens_charged": chat.tokens_charged,
+        "usage": chat.usage.map(usage_json),
         "created_at": rfc3339(chat.created_at),
         "finished_at": chat.finished_at.map(rfc3339),
     })
@@ -72,5 +76,13 @@ fn entry_json(entry: &LedgerEntry) -> Value {
         "chat_id": entry.chat_id,
         "balance_after": entry.balance_after,
         "created_at": rfc3339(entry.created_at),
+    })
+}
+
+/// `{"prompt_tokens", "completion_tokens"}`, as the model reported them.
+pub(super) fn usage_json(usage: Usage) -> Value {
+    json!({
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
     })
 }

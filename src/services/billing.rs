@@ -1,14 +1,25 @@
 //! Chat accounting, reserve-then-settle: take the price first, ask the model with no
 //! transaction open, then keep the charge for a stored answer or refund it. Optional
 //! idempotency keys make a retried chat return the first answer instead of paying twice.
+//! A streamed chat is settled by how its stream ended (see [`chat_streamed`]).
 
+use futures_util::StreamExt;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::{
-    db::{self, chats::Reservation, idempotency::Claim},
+    config::AbandonedStreamCharge,
+    db::{
+        self,
+        chats::{Reservation, TokenUsage, Unanswered},
+        idempotency::Claim,
+    },
     domain::{ChatStatus, IdempotencyKey, Message},
-    services::{recovery, sha256_hex, ServiceError, ServiceResult},
+    services::{
+        llm::{AnswerStream, LlmError, Piece, Usage},
+        recovery, sha256_hex, ServiceError, ServiceResult,
+    },
     AppState,
 };
 
@@ -21,7 +32,38 @@ pub struct ChatAnswer {
     pub balance: i64,
     pub charged: i64,
     pub replayed: bool,
+    /// What the model said the answer cost it, when it said.
+    pub usage: Option<Usage>,
 }
+
+/// A streamed chat once the model has begun to answer.
+pub enum StreamedChat {
+    /// The chat is under way: its events follow, the last a `Done` or a `Failed`.
+    Live {
+        chat_id: i64,
+        events: mpsc::Receiver<StreamEvent>,
+    },
+    /// A repeated idempotency key: the first answer, whole.
+    Replayed(ChatAnswer),
+}
+
+/// What a streamed chat tells its client, in order.
+#[derive(Debug)]
+pub enum StreamEvent {
+    /// More of the answer.
+    Text(String),
+    /// The whole answer is stored and charged: the balance after the charge.
+    Done {
+        balance: i64,
+        charged: i64,
+        usage: Option<Usage>,
+    },
+    /// The chat ended without an answer and was refunded; nothing follows.
+    Failed(ServiceError),
+}
+
+/// Pieces of answer that may wait for a slow client before the model is read no further.
+const STREAM_BUFFER: usize = 16;
 
 /// Answers one chat for `user_id`, charging `CHAT_COST` only when the answer is stored.
 ///
@@ -50,6 +92,52 @@ pub async fn chat(
     state.tasks.spawn(request.run().in_current_span()).await?
 }
 
+/// Starts a streamed chat for `user_id`; resolves once the model has begun to answer, so
+/// that everything refused before (out of tokens, a model that fails at once) is refused
+/// here, charging nothing. Its events then come as the model writes.
+///
+/// Every ending settles the chat: the model finished and the answer was stored, charged
+/// (whether or not the client read the last event); the model failed or went silent,
+/// refunded and `failed`, keeping the partial text; the client went away first, the
+/// upstream request is dropped at once, the partial text kept, and the chat `abandoned`,
+/// charged or refunded by `ABANDONED_STREAM_CHARGE`.
+#[tracing::instrument(skip_all)]
+pub async fn chat_streamed(
+    state: &AppState,
+    user_id: i64,
+    message: Message,
+    idempotency_key: Option<IdempotencyKey>,
+) -> ServiceResult<StreamedChat> {
+    state.throttle.chat(user_id)?;
+    let client_gone = CancellationToken::new();
+    let cancel_when_dropped = client_gone.clone().drop_guard();
+    let request = ChatRequest {
+        state: state.clone(),
+        user_id,
+        message,
+        idempotency_key,
+        client_gone,
+    };
+    let (started, start) = oneshot::channel();
+    state
+        .tasks
+        .spawn(request.run_streamed(started).in_current_span());
+    let started = start
+        .await
+        .map_err(|_| ServiceError::Inconsistent("a streamed chat ended unannounced".into()))?;
+    // From here on the stream's own channel tells the chat whether the client is there.
+    cancel_when_dropped.disarm();
+    started
+}
+
+/// How a stream ended, before it is settled.
+enum Ending {
+    Finished,
+    ModelFailed(LlmError),
+    ClientGone,
+    ShuttingDown,
+}
+
 struct ChatRequest {
     state: AppState,
     user_id: i64,
@@ -58,11 +146,25 @@ struct ChatRequest {
     client_gone: CancellationToken,
 }
 
+/// How a chat began: with its reservation, or with the answer a repeated key bought.
+enum Begun {
+    Reserved(i64),
+    Replayed(ChatAnswer),
+}
+
 impl ChatRequest {
     async fn run(self) -> ServiceResult<ChatAnswer> {
+        match self.begin().await? {
+            Begun::Reserved(chat_id) => self.answer_and_settle(chat_id).await,
+            Begun::Replayed(earlier) => Ok(earlier),
+        }
+    }
+
+    /// Claims the idempotency key, if any, and reserves the price.
+    async fn begin(&self) -> ServiceResult<Begun> {
         if let Some(key) = &self.idempotency_key {
             if let Some(earlier) = self.claim(key).await? {
-                return Ok(earlier);
+                return Ok(Begun::Replayed(earlier));
             }
         }
         let cost = self.state.config.chat_cost;
@@ -97,7 +199,152 @@ impl ChatRequest {
                 return Err(err.into());
             }
         }
-        self.answer_and_settle(chat_id).await
+        Ok(Begun::Reserved(chat_id))
+    }
+
+    async fn run_streamed(self, started: oneshot::Sender<ServiceResult<StreamedChat>>) {
+        let chat_id = match self.begin().await {
+            Ok(Begun::Reserved(chat_id)) => chat_id,
+            Ok(Begun::Replayed(earlier)) => {
+                let _ = started.send(Ok(StreamedChat::Replayed(earlier)));
+                return;
+            }
+            Err(err) => {
+                let _ = started.send(Err(err));
+                return;
+            }
+        };
+        let state = &self.state;
+        let prompt = state.llm.prompt(self.message.as_str());
+        let upstream = tokio::select! {
+            biased;
+            _ = self.client_gone.cancelled() => Err(ServiceError::ClientGone),
+            _ = state.cancel_chats.cancelled() => Err(ServiceError::ShuttingDown),
+            upstream = state.llm.stream(&prompt) => upstream.map_err(ServiceError::from),
+        };
+        let upstream = match upstream {
+            Ok(upstream) => upstream,
+            Err(err) => {
+                self.refund(chat_id).await;
+                let _ = started.send(Err(err));
+                return;
+            }
+        };
+        let (events, receiver) = mpsc::channel(STREAM_BUFFER);
+        let live = StreamedChat::Live {
+            chat_id,
+            events: receiver,
+        };
+        // A client gone before it got the start hears nothing more: the pump sees the
+        // channel closed at once.
+        let _ = started.send(Ok(live));
+        self.pump_and_settle(chat_id, upstream, events).await;
+    }
+
+    /// Passes the model's pieces on to the client as they come, then settles the chat by
+    /// how the stream ended and tells the client, if it is still there.
+    async fn pump_and_settle(
+        &self,
+        chat_id: i64,
+        mut upstream: AnswerStream,
+        events: mpsc::Sender<StreamEvent>,
+    ) {
+        let state = &self.state;
+        let mut answer = String::new();
+        let mut usage = None;
+        let mut delivered_any = false;
+        let ending = loop {
+            tokio::select! {
+                biased;
+                _ = events.closed() => break Ending::ClientGone,
+                _ = state.cancel_chats.cancelled() => break Ending::ShuttingDown,
+                piece = upstream.next() => match piece {
+                    None => break Ending::Finished,
+                    Some(Ok(Piece::Usage(reported))) => usage = Some(reported),
+                    Some(Ok(Piece::Text(text))) => {
+                        answer.push_str(&text);
+                        if events.send(StreamEvent::Text(text)).await.is_err() {
+                            break Ending::ClientGone;
+                        }
+                        delivered_any = true;
+                    }
+                    Some(Err(err)) => break Ending::ModelFailed(err),
+                },
+            }
+        };
+        // The model stops writing (and the operator stops paying) at once.
+        drop(upstream);
+        let stored_usage = TokenUsage {
+            prompt_tokens: usage.map(|usage| usage.prompt_tokens),
+            completion_tokens: usage.map(|usage| usage.completion_tokens),
+        };
+        let partial = (!answer.is_empty()).then_some(answer.as_str());
+        let ending = match ending {
+            Ending::Finished if answer.trim().is_empty() => {
+                Ending::ModelFailed(LlmError::Unusable("empty answer"))
+            }
+            other => other,
+        };
+        let failure = match ending {
+            Ending::Finished => {
+                match db::chats::settle_answered(&state.db, chat_id, &answer, stored_usage).await {
+                    Ok(Some(balance)) => {
+                        let done = StreamEvent::Done {
+                            balance,
+                            charged: state.config.chat_cost,
+                            usage,
+                        };
+                        // Charged whether or not the client is still there to read it.
+                        let _ = events.send(done).await;
+                        return;
+                    }
+                    Ok(None) => ServiceError::ChatExpired,
+                    Err(err) => {
+                        self.refund(chat_id).await;
+                        ServiceError::from(err)
+                    }
+                }
+            }
+            Ending::ClientGone => {
+                let refund = match state.config.abandoned_stream_charge {
+                    AbandonedStreamCharge::Delivered => !delivered_any,
+                    AbandonedStreamCharge::Never => true,
+                };
+                tracing::info!(chat_id, refund, "client went away mid-stream");
+                let how = Unanswered::Abandoned { refund };
+                self.settle_unanswered(chat_id, how, partial, stored_usage)
+                    .await;
+                return;
+            }
+            Ending::ModelFailed(err) => {
+                self.settle_unanswered(chat_id, Unanswered::Failed, partial, stored_usage)
+                    .await;
+                err.into()
+            }
+            Ending::ShuttingDown => {
+                tracing::warn!(
+                    chat_id,
+                    "shutdown grace is over: refunding a stream in flight"
+                );
+                self.settle_unanswered(chat_id, Unanswered::Failed, partial, stored_usage)
+                    .await;
+                ServiceError::ShuttingDown
+            }
+        };
+        let _ = events.send(StreamEvent::Failed(failure)).await;
+    }
+
+    async fn settle_unanswered(
+        &self,
+        chat_id: i64,
+        how: Unanswered,
+        partial: Option<&str>,
+        usage: TokenUsage,
+    ) {
+        let settled = db::chats::settle_unanswered(&self.state.db, chat_id, how, partial, usage);
+        if let Err(err) = settled.await {
+            tracing::error!(chat_id, error = %err, "settling a stream failed; recovery will refund it");
+        }
     }
 
     /// Claims the key; `Some` with the earlier answer when it already bought one.
@@ -136,6 +383,7 @@ impl ChatRequest {
             balance: stored.balance_after,
             charged: stored.cost,
             replayed: true,
+            usage: None,
         }))
     }
 
@@ -156,6 +404,7 @@ impl ChatRequest {
 
     async fn answer_and_settle(&self, chat_id: i64) -> ServiceResult<ChatAnswer> {
         let state = &self.state;
+        let prompt = state.llm.prompt(self.message.as_str());
         let answer = tokio::select! {
             biased;
             _ = self.client_gone.cancelled() => None,
@@ -164,18 +413,25 @@ impl ChatRequest {
                 self.refund(chat_id).await;
                 return Err(ServiceError::ShuttingDown);
             }
-            answer = state.llm.complete(self.message.as_str()) => Some(answer),
+            answer = state.llm.complete(&prompt) => Some(answer),
         };
         let failure = match answer {
-            Some(Ok(response)) if !self.client_gone.is_cancelled() => {
-                match db::chats::settle_answered(&state.db, chat_id, &response).await {
+            Some(Ok(completion)) if !self.client_gone.is_cancelled() => {
+                let usage = TokenUsage {
+                    prompt_tokens: completion.usage.map(|usage| usage.prompt_tokens),
+                    completion_tokens: completion.usage.map(|usage| usage.completion_tokens),
+                };
+                let settled =
+                    db::chats::settle_answered(&state.db, chat_id, &completion.content, usage);
+                match settled.await {
                     Ok(Some(balance_after)) => {
                         return Ok(ChatAnswer {
                             chat_id,
-                            response,
+                            response: completion.content,
                             balance: balance_after,
                             charged: state.config.chat_cost,
                             replayed: false,
+                            usage: completion.usage,
                         })
                     }
                     // Recovery judged it abandoned and refunded it: not stored, not charged.

@@ -3,7 +3,7 @@
 use crate::{
     db::{self, chats::Chat, ledger::Entry},
     domain::{ChatStatus, LedgerReason, PageRequest},
-    services::{ServiceError, ServiceResult},
+    services::{llm::Usage, ServiceError, ServiceResult},
     AppState,
 };
 
@@ -24,13 +24,23 @@ pub struct ChatRecord {
     pub tokens_charged: i64,
     pub created_at: i64,
     pub finished_at: Option<i64>,
+    /// What the model said the chat cost it, when it said.
+    pub usage: Option<Usage>,
 }
 
 impl From<Chat> for ChatRecord {
     fn from(chat: Chat) -> Self {
+        let usage = match (chat.prompt_tokens, chat.completion_tokens) {
+            (Some(prompt_tokens), Some(completion_tokens)) => Some(Usage {
+                prompt_tokens,
+                completion_tokens,
+            }),
+            _ => None,
+        };
         Self {
             id: chat.id,
-            tokens_charged: chat.status.tokens_charged(chat.cost),
+            tokens_charged: chat.status.tokens_charged(chat.cost, chat.refunded),
+            usage,
             message: chat.message,
             response: chat.response,
             status: chat.status,

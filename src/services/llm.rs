@@ -1,26 +1,35 @@
-//! The upstream model client: OpenAI's Chat Completions protocol over one shared connection pool.
+//! The model: an upstream speaking OpenAI's Chat Completions protocol over one shared
+//! connection pool, streamed or not, or the built-in demo model when no upstream is set.
 
-use std::{sync::Arc, time::Duration};
+use std::{pin::Pin, sync::Arc, time::Duration};
 
+use eventsource_stream::Eventsource;
+use futures_util::{Stream, StreamExt};
 use reqwest::Url;
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
-use crate::config::Config;
+use crate::{config::Config, services::demo};
 
 /// Cheap to clone: every clone shares one `reqwest::Client` and its connections.
 #[derive(Clone)]
 pub struct LlmClient {
-    http: reqwest::Client,
-    settings: Arc<Settings>,
+    model: Arc<Model>,
+    system_prompt: Arc<str>,
 }
 
-struct Settings {
+enum Model {
+    Upstream(Upstream),
+    Demo,
+}
+
+struct Upstream {
+    http: reqwest::Client,
     endpoint: Url,
     api_key: Option<SecretString>,
     model: String,
-    system_prompt: String,
     timeout: Duration,
+    stream_idle: Duration,
 }
 
 /// Why the model gave no usable answer.
@@ -34,23 +43,71 @@ pub enum LlmError {
     Status(u16),
     #[error("its answer was unusable ({0})")]
     Unusable(&'static str),
+    #[error("it broke off its answer")]
+    BrokeOff,
+}
+
+/// A whole answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Completion {
+    pub content: String,
+    pub usage: Option<Usage>,
+}
+
+/// What the model says the question and the answer cost it, when it says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub struct Usage {
+    pub prompt_tokens: i64,
+    pub completion_tokens: i64,
+}
+
+/// One event of a streamed answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Piece {
+    /// The next text of the answer.
+    Text(String),
+    /// What the answer cost the model (sent once, near the end, when asked for).
+    Usage(Usage),
+}
+
+/// A streamed answer: pieces until the model finished (the stream ends) or failed (an
+/// error, then nothing). Dropping it drops the upstream request, so the model stops.
+pub type AnswerStream = Pin<Box<dyn Stream<Item = Result<Piece, LlmError>> + Send>>;
+
+/// One message of the conversation the model is asked to continue.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Turn<'a> {
+    pub role: Role,
+    pub content: &'a str,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    System,
+    User,
+    Assistant,
 }
 
 #[derive(Serialize)]
 struct CompletionRequest<'a> {
     model: &'a str,
-    messages: [Message<'a>; 2],
+    messages: &'a [Turn<'a>],
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    stream: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stream_options: Option<StreamOptions>,
 }
 
 #[derive(Serialize)]
-struct Message<'a> {
-    role: &'a str,
-    content: &'a str,
+struct StreamOptions {
+    include_usage: bool,
 }
 
 #[derive(Deserialize)]
 struct CompletionResponse {
     choices: Vec<Choice>,
+    usage: Option<Usage>,
 }
 
 #[derive(Deserialize)]
@@ -63,60 +120,91 @@ struct AnswerMessage {
     content: Option<String>,
 }
 
+/// A `chat.completion.chunk`, or the error object some servers send mid-stream.
+#[derive(Deserialize)]
+struct Chunk {
+    #[serde(default)]
+    choices: Vec<ChunkChoice>,
+    usage: Option<Usage>,
+    error: Option<serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+struct ChunkChoice {
+    #[serde(default)]
+    delta: Delta,
+}
+
+#[derive(Deserialize, Default)]
+struct Delta {
+    content: Option<String>,
+}
+
+/// How long the demo model takes per word, so that it streams as a model would.
+const DEMO_WORD_DELAY: Duration = Duration::from_millis(15);
+
 impl LlmClient {
     pub fn new(config: &Config) -> Result<Self, reqwest::Error> {
-        let base = config.llm_base_url.as_str().trim_end_matches('/');
-        let endpoint = Url::parse(&format!("{base}/chat/completions"))
-            .expect("a valid base URL stays valid with a path appended");
-        let http = reqwest::Client::builder()
-            .connect_timeout(config.llm_timeout)
-            .build()?;
+        let model = match &config.llm_base_url {
+            None => Model::Demo,
+            Some(base_url) => {
+                let base = base_url.as_str().trim_end_matches('/');
+                let endpoint = Url::parse(&format!("{base}/chat/completions"))
+                    .expect("a valid base URL stays valid with a path appended");
+                let http = reqwest::Client::builder()
+                    .connect_timeout(config.llm_timeout)
+                    .build()?;
+                Model::Upstream(Upstream {
+                    http,
+                    endpoint,
+                    api_key: config.llm_api_key.clone(),
+                    model: config.llm_model.clone(),
+                    timeout: config.llm_timeout,
+                    stream_idle: config.llm_stream_idle,
+                })
+            }
+        };
         Ok(Self {
-            http,
-            settings: Arc::new(Settings {
-                endpoint,
-                api_key: config.llm_api_key.clone(),
-                model: config.llm_model.clone(),
-                system_prompt: config.llm_system_prompt.clone(),
-                timeout: config.llm_timeout,
-            }),
+            model: Arc::new(model),
+            system_prompt: config.llm_system_prompt.as_str().into(),
         })
     }
 
-    /// Asks the model one question; the answer is `choices[0].message.content`.
+    /// The model's name: the upstream's `LLM_MODEL`, or `demo`.
+    pub fn model_name(&self) -> &str {
+        match &*self.model {
+            Model::Upstream(upstream) => &upstream.model,
+            Model::Demo => demo::MODEL_NAME,
+        }
+    }
+
+    /// The system prompt, then `message`: what a chat without earlier turns sends.
+    pub fn prompt<'a>(&'a self, message: &'a str) -> [Turn<'a>; 2] {
+        [
+            Turn {
+                role: Role::System,
+                content: &self.system_prompt,
+            },
+            Turn {
+                role: Role::User,
+                content: message,
+            },
+        ]
+    }
+
+    /// Asks for a whole answer (`choices[0].message.content`).
     #[tracing::instrument(skip_all)]
-    pub async fn complete(&self, user_message: &str) -> Result<String, LlmError> {
-        let settings = &*self.settings;
-        let body = CompletionRequest {
-            model: &settings.model,
-            messages: [
-                Message {
-                    role: "system",
-                    content: &settings.system_prompt,
-                },
-                Message {
-                    role: "user",
-                    content: user_message,
-                },
-            ],
+    pub async fn complete(&self, turns: &[Turn<'_>]) -> Result<Completion, LlmError> {
+        let upstream = match &*self.model {
+            Model::Demo => {
+                return Ok(Completion {
+                    content: demo::answer(last_user_message(turns)),
+                    usage: None,
+                })
+            }
+            Model::Upstream(upstream) => upstream,
         };
-        let mut request = self
-            .http
-            .post(settings.endpoint.clone())
-            .timeout(settings.timeout)
-            .json(&body);
-        if let Some(key) = &settings.api_key {
-            request = request.bearer_auth(key.expose_secret());
-        }
-        let response = request.send().await.map_err(classify)?;
-        let status = response.status();
-        if !status.is_success() {
-            tracing::warn!(
-                status = status.as_u16(),
-                "model answered with an error status"
-            );
-            return Err(LlmError::Status(status.as_u16()));
-        }
+        let response = upstream.send(turns, false).await?;
         let completion: CompletionResponse = response.json().await.map_err(classify)?;
         let content = completion
             .choices
@@ -129,8 +217,132 @@ impl LlmClient {
         if content.trim().is_empty() {
             return Err(LlmError::Unusable("empty answer"));
         }
-        Ok(content)
+        Ok(Completion {
+            content,
+            usage: completion.usage,
+        })
     }
+
+    /// Asks for a streamed answer; resolves once the model has begun (its response head
+    /// arrived with a success status), so that a model failing before that fails here.
+    /// Past `LLM_STREAM_IDLE_SECS` of silence, or `LLM_TIMEOUT_SECS` in all, the stream
+    /// ends with `Timeout`.
+    #[tracing::instrument(skip_all)]
+    pub async fn stream(&self, turns: &[Turn<'_>]) -> Result<AnswerStream, LlmError> {
+        let upstream = match &*self.model {
+            Model::Demo => return Ok(demo_stream(demo::answer(last_user_message(turns)))),
+            Model::Upstream(upstream) => upstream,
+        };
+        let response = upstream.send(turns, true).await?;
+        let idle = upstream.stream_idle;
+        let events = response.bytes_stream().eventsource();
+        let pieces = futures_util::stream::unfold(
+            (Box::pin(events), false),
+            move |(mut events, done)| async move {
+                if done {
+                    return None;
+                }
+                loop {
+                    let event = match tokio::time::timeout(idle, events.next()).await {
+                        Err(_) => return Some((Err(LlmError::Timeout), (events, true))),
+                        // The body ended without `[DONE]`: the model was cut off.
+                        Ok(None) => return Some((Err(LlmError::BrokeOff), (events, true))),
+                        Ok(Some(Err(err))) => {
+                            let err = match err {
+                                eventsource_stream::EventStreamError::Transport(err) => {
+                                    classify(err)
+                                }
+                                _ => LlmError::Unusable("not server-sent events"),
+                            };
+                            return Some((Err(err), (events, true)));
+                        }
+                        Ok(Some(Ok(event))) => event,
+                    };
+                    if event.data.trim() == "[DONE]" {
+                        return None;
+                    }
+                    match read_chunk(&event.data) {
+                        Ok(Some(piece)) => return Some((Ok(piece), (events, false))),
+                        Ok(None) => continue,
+                        Err(err) => return Some((Err(err), (events, true))),
+                    }
+                }
+            },
+        );
+        Ok(Box::pin(pieces))
+    }
+}
+
+impl Upstream {
+    /// Posts the request; the response once its head says success.
+    async fn send(&self, turns: &[Turn<'_>], stream: bool) -> Result<reqwest::Response, LlmError> {
+        let body = CompletionRequest {
+            model: &self.model,
+            messages: turns,
+            stream,
+            stream_options: stream.then_some(StreamOptions {
+                include_usage: true,
+            }),
+        };
+        let mut request = self
+            .http
+            .post(self.endpoint.clone())
+            // Bounds the whole answer, body included, streamed or not.
+            .timeout(self.timeout)
+            .json(&body);
+        if let Some(key) = &self.api_key {
+            request = request.bearer_auth(key.expose_secret());
+        }
+        let response = request.send().await.map_err(classify)?;
+        let status = response.status();
+        if !status.is_success() {
+            tracing::warn!(
+                status = status.as_u16(),
+                "model answered with an error status"
+            );
+            return Err(LlmError::Status(status.as_u16()));
+        }
+        Ok(response)
+    }
+}
+
+/// The piece one streamed chunk carries: text, usage, or nothing (a role-only first delta,
+/// a last chunk with only `finish_reason`).
+fn read_chunk(data: &str) -> Result<Option<Piece>, LlmError> {
+    let chunk: Chunk = serde_json::from_str(data).map_err(|err| {
+        tracing::warn!(error = %err, "a streamed chunk was not the expected JSON");
+        LlmError::Unusable("a chunk was not the expected JSON")
+    })?;
+    if chunk.error.is_some() {
+        tracing::warn!("model sent an error in the middle of its answer");
+        return Err(LlmError::BrokeOff);
+    }
+    let text = chunk
+        .choices
+        .into_iter()
+        .filter_map(|choice| choice.delta.content)
+        .collect::<String>();
+    if !text.is_empty() {
+        return Ok(Some(Piece::Text(text)));
+    }
+    Ok(chunk.usage.map(Piece::Usage))
+}
+
+/// The demo model's answer, a word at a time.
+fn demo_stream(answer: String) -> AnswerStream {
+    let words = demo::pieces(&answer);
+    Box::pin(futures_util::stream::iter(words).then(|word| async move {
+        tokio::time::sleep(DEMO_WORD_DELAY).await;
+        Ok(Piece::Text(word))
+    }))
+}
+
+fn last_user_message<'a>(turns: &[Turn<'a>]) -> &'a str {
+    turns
+        .iter()
+        .rev()
+        .find(|turn| turn.role == Role::User)
+        .map_or("", |turn| turn.content)
 }
 
 /// Sorts a transport error; its text (which names the URL) goes to the log only.
@@ -140,8 +352,40 @@ fn classify(err: reqwest::Error) -> LlmError {
     } else if err.is_decode() {
         tracing::warn!(error = %err, "model answer was not the expected JSON");
         LlmError::Unusable("not the expected JSON")
+    } else if err.is_body() {
+        tracing::warn!(error = %err, "model broke off its answer");
+        LlmError::BrokeOff
     } else {
         tracing::warn!(error = %err, "model could not be reached");
         LlmError::Unreachable
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_chunk_yields_its_text_its_usage_or_nothing() {
+        let text = r#"{"choices":[{"index":0,"delta":{"content":"Hel"},"finish_reason":null}]}"#;
+        assert_eq!(read_chunk(text).unwrap(), Some(Piece::Text("Hel".into())));
+        let role = r#"{"choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}"#;
+        assert_eq!(read_chunk(role).unwrap(), None);
+        let finish = r#"{"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}"#;
+        assert_eq!(read_chunk(finish).unwrap(), None);
+        let usage =
+            r#"{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":5,"total_tokens":8}}"#;
+        assert_eq!(
+            read_chunk(usage).unwrap(),
+            Some(Piece::Usage(Usage {
+                prompt_tokens: 3,
+                completion_tokens: 5
+            }))
+        );
+        assert!(matches!(
+            read_chunk(r#"{"error":{"message":"overloaded"}}"#),
+            Err(LlmError::BrokeOff)
+        ));
+        assert!(read_chunk("not json").is_err());
     }
 }
