@@ -13,7 +13,7 @@ use crate::{
 
 /// Creates a user from `/register`, within the per-address rate and only while
 /// registration is open; returns the starting balance.
-#[tracing::instrument(skip_all)]
+#[tracing::instrument(level = "debug", skip_all)]
 pub async fn register(
     state: &AppState,
     username: &Username,
@@ -29,7 +29,7 @@ pub async fn register(
 
 /// Creates a user with the starting balance, as an operator may even with registration
 /// closed; returns that balance.
-#[tracing::instrument(skip_all)]
+#[tracing::instrument(level = "debug", skip_all)]
 pub async fn create(
     state: &AppState,
     username: &Username,
@@ -52,7 +52,7 @@ pub async fn create(
 /// Checks the password and issues a new login token. Unknown users, usernames that
 /// cannot exist (`None`) and wrong passwords fail alike, after the same Argon2 work; only
 /// a name that could be someone's counts towards a lock-out, so junk names cost no memory.
-#[tracing::instrument(skip_all)]
+#[tracing::instrument(level = "debug", skip_all)]
 pub async fn login(
     state: &AppState,
     username: Option<&Username>,
@@ -86,7 +86,7 @@ pub async fn login(
 /// Changes a user's password when `old` is the current one, and revokes every login
 /// token of theirs but `keep_token_hash` (the one the change was made with). A wrong old
 /// password counts as a failed login, so a stolen token guesses no faster than login.
-#[tracing::instrument(skip_all)]
+#[tracing::instrument(level = "debug", skip_all)]
 pub async fn change_password(
     state: &AppState,
     user_id: i64,
@@ -119,7 +119,7 @@ pub async fn change_password(
 
 /// Adds `amount` tokens to a user's balance through the ledger; the new balance. A grant
 /// that would lift the balance over [`MAX_BALANCE`] is refused and writes nothing.
-#[tracing::instrument(skip_all)]
+#[tracing::instrument(level = "debug", skip_all)]
 pub async fn grant(db: &Db, username: &Username, amount: GrantAmount) -> ServiceResult<i64> {
     match db::users::grant(db, &username.key(), amount.get(), MAX_BALANCE).await? {
         db::users::Grant::Granted { balance } => Ok(balance),

@@ -18,7 +18,7 @@ impl AuditReport {
     }
 }
 
-#[tracing::instrument(skip_all)]
+#[tracing::instrument(level = "debug", skip_all)]
 pub async fn run(db: &db::Db) -> ServiceResult<AuditReport> {
     let mut offences = Vec::new();
     for user in db::audit::balance_mismatches(db).await? {

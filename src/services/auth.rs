@@ -20,7 +20,7 @@ pub struct IssuedToken {
 }
 
 /// Creates a token for `user_id` and stores its hash.
-#[tracing::instrument(skip_all)]
+#[tracing::instrument(level = "debug", skip_all)]
 pub async fn issue(db: &Db, user_id: i64, ttl_secs: Option<u64>) -> ServiceResult<IssuedToken> {
     let token = Alphanumeric.sample_string(&mut OsRng, TOKEN_LENGTH);
     let expires_at = ttl_secs.map(|ttl| db::unix_now().saturating_add_unsigned(ttl));
@@ -39,7 +39,7 @@ pub struct Authenticated {
 
 /// The user behind a presented login token, with their balance; `NotAuthenticated` for a
 /// token that is malformed, unknown, expired or revoked.
-#[tracing::instrument(skip_all)]
+#[tracing::instrument(level = "debug", skip_all)]
 pub async fn authenticate(db: &Db, presented: &str) -> ServiceResult<Authenticated> {
     if !is_well_formed(presented) {
         return Err(ServiceError::NotAuthenticated);
@@ -56,14 +56,14 @@ pub async fn authenticate(db: &Db, presented: &str) -> ServiceResult<Authenticat
 }
 
 /// Revokes one login token, given as its hash.
-#[tracing::instrument(skip_all)]
+#[tracing::instrument(level = "debug", skip_all)]
 pub async fn logout(db: &Db, token_hash: &str) -> ServiceResult<()> {
     db::tokens::revoke(db, token_hash).await?;
     Ok(())
 }
 
 /// Revokes every login token of the user.
-#[tracing::instrument(skip_all)]
+#[tracing::instrument(level = "debug", skip_all)]
 pub async fn logout_everywhere(db: &Db, user_id: i64) -> ServiceResult<()> {
     db::tokens::revoke_all(db, user_id).await?;
     Ok(())

@@ -71,7 +71,7 @@ const STREAM_BUFFER: usize = 16;
 /// dropped (the client went away) and graceful shutdown waits for it. A client that
 /// goes away before the answer is stored is not charged: the upstream call is abandoned
 /// and the reservation refunded. Past the user's chat rate nothing is tried.
-#[tracing::instrument(skip_all)]
+#[tracing::instrument(level = "debug", skip_all)]
 pub async fn chat(
     state: &AppState,
     user_id: i64,
@@ -101,7 +101,7 @@ pub async fn chat(
 /// refunded and `failed`, keeping the partial text; the client went away first, the
 /// upstream request is dropped at once, the partial text kept, and the chat `abandoned`,
 /// charged or refunded by `ABANDONED_STREAM_CHARGE`.
-#[tracing::instrument(skip_all)]
+#[tracing::instrument(level = "debug", skip_all)]
 pub async fn chat_streamed(
     state: &AppState,
     user_id: i64,

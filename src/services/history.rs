@@ -74,7 +74,7 @@ impl From<Entry> for LedgerEntry {
     }
 }
 
-#[tracing::instrument(skip_all)]
+#[tracing::instrument(level = "debug", skip_all)]
 pub async fn chats(
     state: &AppState,
     user_id: i64,
@@ -85,7 +85,7 @@ pub async fn chats(
 }
 
 /// One of the user's chats; `NoSuchChat` for an unknown id and for someone else's chat alike.
-#[tracing::instrument(skip_all)]
+#[tracing::instrument(level = "debug", skip_all)]
 pub async fn chat(state: &AppState, user_id: i64, chat_id: i64) -> ServiceResult<ChatRecord> {
     db::chats::find(&state.db, user_id, chat_id)
         .await?
@@ -93,7 +93,7 @@ pub async fn chat(state: &AppState, user_id: i64, chat_id: i64) -> ServiceResult
         .ok_or(ServiceError::NoSuchChat)
 }
 
-#[tracing::instrument(skip_all)]
+#[tracing::instrument(level = "debug", skip_all)]
 pub async fn transactions(
     state: &AppState,
     user_id: i64,

@@ -193,7 +193,7 @@ impl LlmClient {
     }
 
     /// Asks for a whole answer (`choices[0].message.content`).
-    #[tracing::instrument(skip_all)]
+    #[tracing::instrument(level = "debug", skip_all)]
     pub async fn complete(&self, turns: &[Turn<'_>]) -> Result<Completion, LlmError> {
         let upstream = match &*self.model {
             Model::Demo => {
@@ -227,7 +227,7 @@ impl LlmClient {
     /// arrived with a success status), so that a model failing before that fails here.
     /// Past `LLM_STREAM_IDLE_SECS` of silence, or `LLM_TIMEOUT_SECS` in all, the stream
     /// ends with `Timeout`.
-    #[tracing::instrument(skip_all)]
+    #[tracing::instrument(level = "debug", skip_all)]
     pub async fn stream(&self, turns: &[Turn<'_>]) -> Result<AnswerStream, LlmError> {
         let upstream = match &*self.model {
             Model::Demo => return Ok(demo_stream(demo::answer(last_user_message(turns)))),

@@ -40,7 +40,7 @@ impl PasswordHasher {
     }
 
     /// Hashes a password with a fresh random salt, as a PHC string.
-    #[tracing::instrument(skip_all)]
+    #[tracing::instrument(level = "debug", skip_all)]
     pub async fn hash(&self, password: String) -> Result<String, Error> {
         self.with_slot(move || hash_blocking(&password)).await
     }
@@ -48,7 +48,7 @@ impl PasswordHasher {
     /// Checks a password against a stored hash. With no stored hash (unknown user) it
     /// checks against a dummy hash of the same cost and answers `false`, so both cases
     /// take as long.
-    #[tracing::instrument(skip_all)]
+    #[tracing::instrument(level = "debug", skip_all)]
     pub async fn verify(&self, password: String, stored: Option<String>) -> Result<bool, Error> {
         self.with_slot(move || {
             let phc = match &stored {

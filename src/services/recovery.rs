@@ -30,7 +30,7 @@ pub fn abandoned_after(state: &AppState) -> Duration {
 /// As of `now` (Unix seconds): refunds every chat pending past its deadline, forgets
 /// idempotency keys that expired or were abandoned before they reserved a chat, and
 /// deletes expired login tokens.
-#[tracing::instrument(skip_all)]
+#[tracing::instrument(level = "debug", skip_all)]
 pub async fn sweep(state: &AppState, now: i64) -> ServiceResult<Sweep> {
     let db = &state.db;
     let abandoned_before = now - abandoned_after(state).as_secs() as i64;

@@ -11,3 +11,4 @@ mod hostile;
 mod postgres;
 mod properties;
 mod server;
+mod streaming;
