@@ -8,6 +8,7 @@ mod connections;
 mod contract;
 mod hardening;
 mod hostile;
+mod migrations;
 mod postgres;
 mod properties;
 mod server;

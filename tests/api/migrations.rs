@@ -1,0 +1,139 @@
+//! Upgrading a database that holds accounts: every migration keeps every row, id and
+//! balance, and the triggers work afterwards.
+
+use tokenchat::db::{self, db_run, Db};
+
+use crate::common::{database::on_postgres, TestDatabase};
+
+/// The migrations of this backend up to (not including) `first_version_left_out`, as a
+/// migrator of their own read from a copy of those files.
+async fn migrator_before(
+    first_version_left_out: &str,
+) -> (sqlx::migrate::Migrator, tempfile::TempDir) {
+    let backend = if on_postgres() { "postgres" } else { "sqlite" };
+    let source = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("migrations")
+        .join(backend);
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(source).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().to_string();
+        if name.as_str() < first_version_left_out {
+            std::fs::copy(&path, dir.path().join(&name)).unwrap();
+        }
+    }
+    let migrator = sqlx::migrate::Migrator::new(dir.path()).await.unwrap();
+    (migrator, dir)
+}
+
+async fn execute(db: &Db, statement: &str) {
+    db_run!(db, pool => sqlx::query(statement).execute(pool).await.map(|_| ())).unwrap();
+}
+
+async fn count(db: &Db, query: &str) -> i64 {
+    db_run!(db, pool => sqlx::query_scalar(query).fetch_one(pool).await).unwrap()
+}
+
+#[tokio::test]
+async fn the_streaming_migration_keeps_every_row_and_the_ledger_still_moves_balances() {
+    let database = TestDatabase::create().await;
+    let db = db::connect(database.url(), db::Open::CreateIfMissing)
+        .await
+        .unwrap();
+    let (before, _dir) = migrator_before("20261201000000").await;
+    db_run!(&db, pool => before.run(pool).await).unwrap();
+
+    // A year of history in miniature, written as the earlier schema's triggers write it.
+    execute(
+        &db,
+        "INSERT INTO users (username, username_key, password_hash, tokens, created_at)
+         VALUES ('alice', 'alice', 'x', 0, 1)",
+    )
+    .await;
+    execute(
+        &db,
+        "INSERT INTO ledger (user_id, amount, reason, balance_after, created_at)
+         VALUES (1, 1000, 'initial_grant', 1000, 1)",
+    )
+    .await;
+    for status in ["answered", "failed", "pending"] {
+        execute(
+            &db,
+            "INSERT INTO chats (user_id, message, status, cost, created_at, deadline_at)
+             VALUES (1, 'hi', 'pending', 100, 2, 999999999999)",
+        )
+        .await;
+        if status != "pending" {
+            let response = if status == "answered" {
+                "'hello'"
+            } else {
+                "NULL"
+            };
+            execute(
+                &db,
+                &format!(
+                    "UPDATE chats SET status = '{status}', response = {response}, finished_at = 3
+                     WHERE id = (SELECT MAX(id) FROM chats)"
+                ),
+            )
+            .await;
+        }
+    }
+    execute(
+        &db,
+        "INSERT INTO idempotency_keys (user_id, idem_key, request_hash, chat_id, created_at)
+         VALUES (1, 'k', 'h', 1, 2)",
+    )
+    .await;
+    assert_eq!(count(&db, "SELECT tokens FROM users").await, 800);
+    let ledger_before = count(&db, "SELECT COUNT(*) FROM ledger").await;
+
+    db::migrate(&db).await.unwrap();
+
+    assert_eq!(count(&db, "SELECT COUNT(*) FROM chats").await, 3);
+    assert_eq!(
+        count(&db, "SELECT COUNT(*) FROM ledger").await,
+        ledger_before
+    );
+    assert_eq!(count(&db, "SELECT COUNT(*) FROM idempotency_keys").await, 1);
+    assert_eq!(count(&db, "SELECT tokens FROM users").await, 800);
+    assert_eq!(
+        count(
+            &db,
+            "SELECT COUNT(*) FROM chats WHERE refunded AND status = 'failed'"
+        )
+        .await,
+        1
+    );
+    let report = tokenchat::services::audit::run(&db).await.unwrap();
+    assert!(report.passed(), "{:#?}", report.offences);
+
+    // The triggers came through: a new chat reserves, an abandoned refunded one is
+    // refunded, the pending one still fails with its refund, and ids go on.
+    execute(
+        &db,
+        "INSERT INTO chats (user_id, message, status, cost, created_at)
+         VALUES (1, 'again', 'pending', 100, 4)",
+    )
+    .await;
+    assert_eq!(count(&db, "SELECT MAX(id) FROM chats").await, 4);
+    assert_eq!(count(&db, "SELECT tokens FROM users").await, 700);
+    execute(
+        &db,
+        "UPDATE chats SET status = 'abandoned', refunded = TRUE, finished_at = 5 WHERE id = 4",
+    )
+    .await;
+    execute(
+        &db,
+        "UPDATE chats SET status = 'failed', refunded = TRUE, finished_at = 5 WHERE id = 3",
+    )
+    .await;
+    assert_eq!(count(&db, "SELECT tokens FROM users").await, 900);
+    // Deleting a user still cascades through the new tables' references.
+    let report = tokenchat::services::audit::run(&db).await.unwrap();
+    assert!(report.passed(), "{:#?}", report.offences);
+    execute(&db, "DELETE FROM users").await;
+    assert_eq!(count(&db, "SELECT COUNT(*) FROM ledger").await, 0);
+    assert_eq!(count(&db, "SELECT COUNT(*) FROM chats").await, 0);
+    db.close().await;
+}
