@@ -34,6 +34,8 @@ pub struct Config {
     /// `None` when `TOKEN_TTL_SECS=0`: login tokens never expire.
     pub token_ttl: Option<Duration>,
     pub max_message_chars: usize,
+    /// Characters of earlier turns (messages and answers) sent with a new message.
+    pub context_max_chars: usize,
     pub max_body_bytes: usize,
     pub password_min_length: usize,
     /// How long an `Idempotency-Key` is remembered after its first use.
@@ -228,6 +230,7 @@ impl Config {
             initial_tokens: vars.between("INITIAL_TOKENS", "4000", 0, MAX_BALANCE)?,
             token_ttl: (token_ttl_secs > 0).then(|| Duration::from_secs(token_ttl_secs)),
             max_message_chars: vars.between("MAX_MESSAGE_CHARS", "8000", 1, 1_000_000)?,
+            context_max_chars: vars.between("CONTEXT_MAX_CHARS", "24000", 0, 10_000_000)?,
             max_body_bytes: vars.between("MAX_BODY_BYTES", "65536", 1, 64 * 1024 * 1024)?,
             password_min_length: vars.between("PASSWORD_MIN_LENGTH", "6", 1, 1024)?,
             idempotency_key_lifetime: vars.seconds(
@@ -447,6 +450,7 @@ mod tests {
                 "INITIAL_TOKENS",
                 "TOKEN_TTL_SECS",
                 "MAX_MESSAGE_CHARS",
+                "CONTEXT_MAX_CHARS",
                 "MAX_BODY_BYTES",
                 "PASSWORD_MIN_LENGTH",
                 "IDEMPOTENCY_KEY_LIFETIME_SECS",
@@ -510,6 +514,7 @@ mod tests {
             ("INITIAL_TOKENS", "lots"),
             ("TOKEN_TTL_SECS", "-1"),
             ("MAX_MESSAGE_CHARS", "1.5"),
+            ("CONTEXT_MAX_CHARS", "-1"),
             ("MAX_BODY_BYTES", "big"),
             ("PASSWORD_MIN_LENGTH", "0"),
             ("RUST_LOG", "info,[[["),

@@ -29,6 +29,8 @@ pub struct ChatMoves {
     pub cost: i64,
     pub refunded: bool,
     pub has_response: bool,
+    /// Its conversation was deleted, and with it the message and the answer.
+    pub erased: bool,
     /// Reservation rows of exactly `-cost` for the chat's own user.
     pub reservations: i64,
     /// Refund rows of exactly `+cost` for the chat's own user.
@@ -68,13 +70,14 @@ pub async fn running_mismatches(db: &Db) -> Result<Vec<RunningMismatch>, sqlx::E
 /// Chats whose ledger rows do not match their status. The rule: every chat has exactly one
 /// reservation of `-cost`; a failed chat also exactly one refund of `+cost`, an abandoned
 /// one exactly one if it was refunded and none if not; an answered or pending chat none,
-/// and an answered chat has its response; no other row names a chat.
+/// and an answered chat has its response unless its conversation was deleted; no other
+/// row names a chat.
 #[tracing::instrument(level = "debug", skip_all)]
 pub async fn chat_mismatches(db: &Db) -> Result<Vec<ChatMoves>, sqlx::Error> {
     db_run!(db, pool => sqlx::query_as(
         "SELECT * FROM (
              SELECT c.id AS chat_id, c.status, c.cost, c.refunded,
-                 c.response IS NOT NULL AS has_response,
+                 c.response IS NOT NULL AS has_response, c.erased_at IS NOT NULL AS erased,
                  COALESCE(SUM(CASE WHEN l.reason = 'chat_reservation' AND l.amount = -c.cost
                                    AND l.user_id = c.user_id THEN 1 ELSE 0 END), 0) AS reservations,
                  COALESCE(SUM(CASE WHEN l.reason = 'chat_refund' AND l.amount = c.cost
@@ -84,11 +87,11 @@ pub async fn chat_mismatches(db: &Db) -> Result<Vec<ChatMoves>, sqlx::Error> {
                                         OR (l.reason = 'chat_refund' AND l.amount = c.cost))
                                    THEN 0 WHEN l.id IS NOT NULL THEN 1 ELSE 0 END), 0) AS strays
              FROM chats c LEFT JOIN ledger l ON l.chat_id = c.id
-             GROUP BY c.id, c.status, c.cost, c.refunded, c.response
+             GROUP BY c.id, c.status, c.cost, c.refunded, c.response, c.erased_at
          ) AS moves
          WHERE NOT (
              reservations = 1 AND strays = 0 AND (
-                 (status = 'answered' AND refunds = 0 AND has_response)
+                 (status = 'answered' AND refunds = 0 AND (has_response OR erased))
                  OR (status = 'pending' AND refunds = 0)
                  OR (status = 'failed' AND refunds = 1)
                  OR (status = 'abandoned' AND refunds = CASE WHEN refunded THEN 1 ELSE 0 END)

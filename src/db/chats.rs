@@ -13,8 +13,8 @@ use crate::domain::ChatStatus;
 /// The outcome of trying to reserve the price of a chat.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Reservation {
-    /// The price was taken and a pending chat recorded.
-    Reserved { chat_id: i64 },
+    /// The price was taken and a pending chat recorded, in this conversation.
+    Reserved { chat_id: i64, conversation_id: i64 },
     /// The balance was below the price; nothing changed.
     Insufficient { balance: i64 },
 }
@@ -32,13 +32,24 @@ pub struct Chat {
     pub finished_at: Option<i64>,
     pub prompt_tokens: Option<i64>,
     pub completion_tokens: Option<i64>,
+    /// `None` only for chats from before conversations, or erased with theirs.
+    pub conversation_id: Option<i64>,
+}
+
+/// Which conversation a new chat goes into.
+#[derive(Debug, Clone, Copy)]
+pub enum InConversation<'a> {
+    /// One of the user's (checked before).
+    Existing(i64),
+    /// A new one, created with the chat, under this title.
+    New { title: &'a str },
 }
 
 /// The columns of [`Chat`], for `concat!` into its queries.
 macro_rules! chat_columns {
     () => {
         "id, message, response, status, cost, refunded, created_at, finished_at, \
-         prompt_tokens, completion_tokens"
+         prompt_tokens, completion_tokens, conversation_id"
     };
 }
 
@@ -65,6 +76,7 @@ pub struct StoredAnswer {
     pub response: String,
     pub cost: i64,
     pub balance_after: i64,
+    pub conversation_id: Option<i64>,
 }
 
 /// Records the chat as pending if the user's balance covers `cost`, which takes the cost
@@ -75,34 +87,64 @@ pub struct StoredAnswer {
 pub async fn reserve(
     db: &Db,
     user_id: i64,
+    conversation: InConversation<'_>,
     message: &str,
     cost: i64,
     settle_within: Duration,
 ) -> Result<Reservation, sqlx::Error> {
     let now = unix_now();
     let deadline_at = now.saturating_add_unsigned(settle_within.as_secs());
-    let chat_id: Result<Option<i64>, _> = db_run!(db, pool => sqlx::query_scalar(
-        "INSERT INTO chats (user_id, message, status, cost, created_at, deadline_at)
-         SELECT id, $2, 'pending', $3, $4, $5 FROM users WHERE id = $1 AND tokens >= $3
-         RETURNING id",
-    )
-    .bind(user_id)
-    .bind(message)
-    .bind(cost)
-    .bind(now)
-    .bind(deadline_at)
-    .fetch_optional(pool)
-    .await);
-    let chat_id = match chat_id {
-        Ok(chat_id) => chat_id,
+    let reserved: Result<Option<(i64, i64)>, _> = db_run!(db, pool => {
+        // One transaction, so that a chat refused for its price leaves no new conversation.
+        let mut tx = pool.begin().await?;
+        let conversation_id: i64 = match conversation {
+            InConversation::Existing(id) => id,
+            InConversation::New { title } => sqlx::query_scalar(
+                "INSERT INTO conversations (user_id, title, created_at) VALUES ($1, $2, $3)
+                 RETURNING id",
+            )
+            .bind(user_id)
+            .bind(title)
+            .bind(now)
+            .fetch_one(&mut *tx)
+            .await?,
+        };
+        let chat_id: Result<Option<i64>, _> = sqlx::query_scalar(
+            "INSERT INTO chats (user_id, message, status, cost, created_at, deadline_at,
+                                conversation_id)
+             SELECT id, $2, 'pending', $3, $4, $5, $6 FROM users WHERE id = $1 AND tokens >= $3
+             RETURNING id",
+        )
+        .bind(user_id)
+        .bind(message)
+        .bind(cost)
+        .bind(now)
+        .bind(deadline_at)
+        .bind(conversation_id)
+        .fetch_optional(&mut *tx)
+        .await;
+        match chat_id {
+            Ok(Some(chat_id)) => {
+                tx.commit().await?;
+                Ok(Some((chat_id, conversation_id)))
+            }
+            Ok(None) => Ok(None),
+            Err(err) => Err(err),
+        }
+    });
+    let reserved = match reserved {
+        Ok(reserved) => reserved,
         // PostgreSQL: the balance read by this statement covered the cost, but a concurrent
         // reservation took it first; the ledger trigger, under the row lock, found the
         // balance would go below zero. The same answer as a short balance.
         Err(sqlx::Error::Database(err)) if err.is_check_violation() => None,
         Err(err) => return Err(err),
     };
-    Ok(match chat_id {
-        Some(chat_id) => Reservation::Reserved { chat_id },
+    Ok(match reserved {
+        Some((chat_id, conversation_id)) => Reservation::Reserved {
+            chat_id,
+            conversation_id,
+        },
         None => Reservation::Insufficient {
             balance: users::balance(db, user_id).await?,
         },
@@ -201,7 +243,8 @@ pub async fn stale_pending(
 #[tracing::instrument(level = "debug", skip_all)]
 pub async fn find(db: &Db, user_id: i64, chat_id: i64) -> Result<Option<Chat>, sqlx::Error> {
     db_run!(db, pool => sqlx::query_as(concat!(
-        "SELECT ", chat_columns!(), " FROM chats WHERE id = $1 AND user_id = $2"
+        "SELECT ", chat_columns!(), " FROM chats
+         WHERE id = $1 AND user_id = $2 AND erased_at IS NULL"
     ))
     .bind(chat_id)
     .bind(user_id)
@@ -219,7 +262,7 @@ pub async fn page(
 ) -> Result<Vec<Chat>, sqlx::Error> {
     db_run!(db, pool => sqlx::query_as(concat!(
         "SELECT ", chat_columns!(), " FROM chats
-         WHERE user_id = $1 AND (CAST($2 AS BIGINT) IS NULL OR id < $2)
+         WHERE user_id = $1 AND erased_at IS NULL AND (CAST($2 AS BIGINT) IS NULL OR id < $2)
          ORDER BY id DESC LIMIT $3"
     ))
     .bind(user_id)
@@ -233,7 +276,7 @@ pub async fn page(
 #[tracing::instrument(level = "debug", skip_all)]
 pub async fn stored_answer(db: &Db, chat_id: i64) -> Result<Option<StoredAnswer>, sqlx::Error> {
     db_run!(db, pool => sqlx::query_as(
-        "SELECT c.id AS chat_id, c.response, c.cost, l.balance_after
+        "SELECT c.id AS chat_id, c.response, c.cost, l.balance_after, c.conversation_id
          FROM chats c JOIN ledger l ON l.chat_id = c.id AND l.reason = 'chat_reservation'
          WHERE c.id = $1 AND c.status = 'answered'",
     )

@@ -1,8 +1,10 @@
 //! The database layer: connecting, migrating, and every query the service runs.
 
 pub mod audit;
+#[macro_use]
 pub mod chats;
 mod columns;
+pub mod conversations;
 pub mod idempotency;
 pub mod ledger;
 pub mod tokens;

@@ -22,7 +22,7 @@ use super::{
 };
 use crate::{
     domain::Message,
-    services::billing::{self, ChatAnswer, StreamEvent, StreamedChat},
+    services::billing::{self, ChatAnswer, Question, StreamEvent, StreamedChat},
     AppState,
 };
 
@@ -36,6 +36,8 @@ pub struct ChatRequest {
     message: String,
     /// `true`: answer as server-sent events; absent: as the `Accept` header asks.
     stream: Option<bool>,
+    /// One of the user's conversations to continue; absent or null: a new one.
+    conversation_id: Option<i64>,
 }
 
 pub async fn chat(
@@ -49,16 +51,22 @@ pub async fn chat(
     let streamed = request
         .stream
         .unwrap_or_else(|| accepts_event_stream(&headers));
+    let question = Question {
+        message,
+        conversation_id: request.conversation_id,
+        idempotency_key,
+    };
     if streamed {
-        let started = billing::chat_streamed(&state, user.id, message, idempotency_key).await?;
+        let started = billing::chat_streamed(&state, user.id, question).await?;
         return Ok(event_stream(started));
     }
-    let answer = billing::chat(&state, user.id, message, idempotency_key).await?;
+    let answer = billing::chat(&state, user.id, question).await?;
     let body = Json(json!({
         "response": answer.response,
         "tokens": answer.balance,
         "tokens_charged": answer.charged,
         "chat_id": answer.chat_id,
+        "conversation_id": answer.conversation_id,
     }));
     // A replayed answer's balance is from the first time; the header shows today's.
     let fresh_balance = (!answer.replayed).then_some(TokensRemaining(answer.balance));
@@ -85,22 +93,34 @@ fn accepts_event_stream(headers: &HeaderMap) -> bool {
 
 /// `start`, then `delta`s as the model writes, then `done` or `error`.
 fn event_stream(started: StreamedChat) -> Response {
-    let (chat_id, events, replayed): (i64, EventStream, bool) = match started {
-        StreamedChat::Live { chat_id, events } => {
+    let (ids, events, replayed): (ChatIds, EventStream, bool) = match started {
+        StreamedChat::Live {
+            chat_id,
+            conversation_id,
+            events,
+        } => {
             let events = stream::unfold(events, |mut events| async move {
                 events.recv().await.map(|event| (event, events))
             });
-            (chat_id, Box::pin(events), false)
+            let ids = ChatIds {
+                chat_id,
+                conversation_id: Some(conversation_id),
+            };
+            (ids, Box::pin(events), false)
         }
         StreamedChat::Replayed(answer) => {
-            (answer.chat_id, Box::pin(stream::iter(replay(answer))), true)
+            let ids = ChatIds {
+                chat_id: answer.chat_id,
+                conversation_id: answer.conversation_id,
+            };
+            (ids, Box::pin(stream::iter(replay(answer))), true)
         }
     };
-    let start = Event::default()
-        .event("start")
-        .data(json!({ "chat_id": chat_id }).to_string());
+    let start = Event::default().event("start").data(
+        json!({ "chat_id": ids.chat_id, "conversation_id": ids.conversation_id }).to_string(),
+    );
     let events = stream::once(async move { start })
-        .chain(events.map(move |event| sse_event(chat_id, event)))
+        .chain(events.map(move |event| sse_event(ids, event)))
         .map(Ok::<_, Infallible>);
     let keep_alive = KeepAlive::new()
         .interval(KEEP_ALIVE_EVERY)
@@ -110,6 +130,13 @@ fn event_stream(started: StreamedChat) -> Response {
 }
 
 type EventStream = std::pin::Pin<Box<dyn Stream<Item = StreamEvent> + Send>>;
+
+/// What every `start` and `done` event names.
+#[derive(Clone, Copy)]
+struct ChatIds {
+    chat_id: i64,
+    conversation_id: Option<i64>,
+}
 
 /// The events of a stream that already happened: the stored answer, whole, then `done`.
 fn replay(answer: ChatAnswer) -> [StreamEvent; 2] {
@@ -123,7 +150,7 @@ fn replay(answer: ChatAnswer) -> [StreamEvent; 2] {
     ]
 }
 
-fn sse_event(chat_id: i64, event: StreamEvent) -> Event {
+fn sse_event(ids: ChatIds, event: StreamEvent) -> Event {
     let (name, data) = match event {
         StreamEvent::Text(content) => ("delta", json!({ "content": content })),
         StreamEvent::Done {
@@ -133,7 +160,8 @@ fn sse_event(chat_id: i64, event: StreamEvent) -> Event {
         } => (
             "done",
             json!({
-                "chat_id": chat_id,
+                "chat_id": ids.chat_id,
+                "conversation_id": ids.conversation_id,
                 "tokens": balance,
                 "tokens_charged": charged,
                 "usage": usage.map(usage_json),

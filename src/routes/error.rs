@@ -170,7 +170,7 @@ impl From<ServiceError> for ApiError {
             ServiceError::UsernameTaken => Self::UsernameTaken,
             ServiceError::RegistrationClosed => Self::RegistrationClosed,
             ServiceError::OutOfTokens { balance } => Self::OutOfTokens { tokens: balance },
-            ServiceError::NoSuchChat => Self::NotFound,
+            ServiceError::NoSuchChat | ServiceError::NoSuchConversation => Self::NotFound,
             ServiceError::IdempotencyKeyReused => Self::IdempotencyKeyReused,
             ServiceError::RequestInProgress => Self::RequestInProgress,
             ServiceError::TooManyAttempts { retry_after_secs } => {

@@ -55,7 +55,7 @@ pub async fn transactions(
     })))
 }
 
-fn chat_json(chat: &ChatRecord) -> Value {
+pub(super) fn chat_json(chat: &ChatRecord) -> Value {
     json!({
         "id": chat.id,
         "message": chat.message,
@@ -63,6 +63,7 @@ fn chat_json(chat: &ChatRecord) -> Value {
         "status": chat.status.as_str(),
         "tokens_charged": chat.tokens_charged,
         "usage": chat.usage.map(usage_json),
+        "conversation_id": chat.conversation_id,
         "created_at": rfc3339(chat.created_at),
         "finished_at": chat.finished_at.map(rfc3339),
     })

@@ -2,6 +2,7 @@
 
 mod accounts;
 mod chat;
+mod conversations;
 mod error;
 mod extract;
 mod history;
@@ -47,6 +48,17 @@ pub fn router(state: AppState) -> Router {
         (
             "/chats/{id}",
             with_body_limit(get(history::chat), body_limit),
+        ),
+        (
+            "/conversations",
+            with_body_limit(get(conversations::list), body_limit),
+        ),
+        (
+            "/conversations/{id}",
+            with_body_limit(
+                get(conversations::show).delete(conversations::delete),
+                body_limit,
+            ),
         ),
         (
             "/transactions",

@@ -42,7 +42,7 @@ pub async fn run(db: &db::Db) -> ServiceResult<AuditReport> {
             chat.reservations,
             chat.refunds,
             chat.strays,
-            if chat.status == ChatStatus::Answered && !chat.has_response {
+            if chat.status == ChatStatus::Answered && !chat.has_response && !chat.erased {
                 ", no stored response"
             } else {
                 ""

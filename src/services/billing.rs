@@ -12,11 +12,12 @@ use crate::{
     config::AbandonedStreamCharge,
     db::{
         self,
-        chats::{Reservation, TokenUsage, Unanswered},
+        chats::{InConversation, Reservation, TokenUsage, Unanswered},
         idempotency::Claim,
     },
     domain::{ChatStatus, IdempotencyKey, Message},
     services::{
+        conversations::{self, Turn},
         llm::{AnswerStream, LlmError, Piece, Usage},
         recovery, sha256_hex, ServiceError, ServiceResult,
     },
@@ -34,6 +35,8 @@ pub struct ChatAnswer {
     pub replayed: bool,
     /// What the model said the answer cost it, when it said.
     pub usage: Option<Usage>,
+    /// `None` only for a replayed chat whose conversation was deleted since.
+    pub conversation_id: Option<i64>,
 }
 
 /// A streamed chat once the model has begun to answer.
@@ -41,6 +44,7 @@ pub enum StreamedChat {
     /// The chat is under way: its events follow, the last a `Done` or a `Failed`.
     Live {
         chat_id: i64,
+        conversation_id: i64,
         events: mpsc::Receiver<StreamEvent>,
     },
     /// A repeated idempotency key: the first answer, whole.
@@ -62,6 +66,15 @@ pub enum StreamEvent {
     Failed(ServiceError),
 }
 
+/// What a client asks: a message, in one of its conversations or a new one, with an
+/// optional idempotency key.
+pub struct Question {
+    pub message: Message,
+    /// `None`: a new conversation, titled with the message.
+    pub conversation_id: Option<i64>,
+    pub idempotency_key: Option<IdempotencyKey>,
+}
+
 /// Pieces of answer that may wait for a slow client before the model is read no further.
 const STREAM_BUFFER: usize = 16;
 
@@ -72,20 +85,16 @@ const STREAM_BUFFER: usize = 16;
 /// goes away before the answer is stored is not charged: the upstream call is abandoned
 /// and the reservation refunded. Past the user's chat rate nothing is tried.
 #[tracing::instrument(level = "debug", skip_all)]
-pub async fn chat(
-    state: &AppState,
-    user_id: i64,
-    message: Message,
-    idempotency_key: Option<IdempotencyKey>,
-) -> ServiceResult<ChatAnswer> {
+pub async fn chat(state: &AppState, user_id: i64, question: Question) -> ServiceResult<ChatAnswer> {
     state.throttle.chat(user_id)?;
     let client_gone = CancellationToken::new();
     let _cancel_when_dropped = client_gone.clone().drop_guard();
     let request = ChatRequest {
         state: state.clone(),
         user_id,
-        message,
-        idempotency_key,
+        message: question.message,
+        conversation_id: question.conversation_id,
+        idempotency_key: question.idempotency_key,
         client_gone,
     };
     // The span goes along, so the chat's work shows in the request's trace.
@@ -105,8 +114,7 @@ pub async fn chat(
 pub async fn chat_streamed(
     state: &AppState,
     user_id: i64,
-    message: Message,
-    idempotency_key: Option<IdempotencyKey>,
+    question: Question,
 ) -> ServiceResult<StreamedChat> {
     state.throttle.chat(user_id)?;
     let client_gone = CancellationToken::new();
@@ -114,8 +122,9 @@ pub async fn chat_streamed(
     let request = ChatRequest {
         state: state.clone(),
         user_id,
-        message,
-        idempotency_key,
+        message: question.message,
+        conversation_id: question.conversation_id,
+        idempotency_key: question.idempotency_key,
         client_gone,
     };
     let (started, start) = oneshot::channel();
@@ -142,20 +151,28 @@ struct ChatRequest {
     state: AppState,
     user_id: i64,
     message: Message,
+    conversation_id: Option<i64>,
     idempotency_key: Option<IdempotencyKey>,
     client_gone: CancellationToken,
 }
 
 /// How a chat began: with its reservation, or with the answer a repeated key bought.
 enum Begun {
-    Reserved(i64),
+    Reserved(Reserved),
     Replayed(ChatAnswer),
+}
+
+/// A chat whose price is reserved, with what the model will be sent before its message.
+struct Reserved {
+    chat_id: i64,
+    conversation_id: i64,
+    earlier: Vec<Turn>,
 }
 
 impl ChatRequest {
     async fn run(self) -> ServiceResult<ChatAnswer> {
         match self.begin().await? {
-            Begun::Reserved(chat_id) => self.answer_and_settle(chat_id).await,
+            Begun::Reserved(reserved) => self.answer_and_settle(reserved).await,
             Begun::Replayed(earlier) => Ok(earlier),
         }
     }
@@ -167,18 +184,37 @@ impl ChatRequest {
                 return Ok(Begun::Replayed(earlier));
             }
         }
+        let earlier = match self.conversation_id {
+            None => Vec::new(),
+            Some(id) => match conversations::context(&self.state, self.user_id, id).await {
+                Ok(earlier) => earlier,
+                Err(err) => {
+                    self.release_key().await;
+                    return Err(err);
+                }
+            },
+        };
+        let title = conversations::title_for(self.message.as_str());
+        let conversation = match self.conversation_id {
+            Some(id) => InConversation::Existing(id),
+            None => InConversation::New { title: &title },
+        };
         let cost = self.state.config.chat_cost;
         let settle_within = recovery::abandoned_after(&self.state);
         let reserved = db::chats::reserve(
             &self.state.db,
             self.user_id,
+            conversation,
             self.message.as_str(),
             cost,
             settle_within,
         )
         .await;
-        let chat_id = match reserved {
-            Ok(Reservation::Reserved { chat_id }) => chat_id,
+        let (chat_id, conversation_id) = match reserved {
+            Ok(Reservation::Reserved {
+                chat_id,
+                conversation_id,
+            }) => (chat_id, conversation_id),
             Ok(Reservation::Insufficient { balance }) => {
                 self.release_key().await;
                 return Err(ServiceError::OutOfTokens { balance });
@@ -199,12 +235,16 @@ impl ChatRequest {
                 return Err(err.into());
             }
         }
-        Ok(Begun::Reserved(chat_id))
+        Ok(Begun::Reserved(Reserved {
+            chat_id,
+            conversation_id,
+            earlier,
+        }))
     }
 
     async fn run_streamed(self, started: oneshot::Sender<ServiceResult<StreamedChat>>) {
-        let chat_id = match self.begin().await {
-            Ok(Begun::Reserved(chat_id)) => chat_id,
+        let reserved = match self.begin().await {
+            Ok(Begun::Reserved(reserved)) => reserved,
             Ok(Begun::Replayed(earlier)) => {
                 let _ = started.send(Ok(StreamedChat::Replayed(earlier)));
                 return;
@@ -215,7 +255,8 @@ impl ChatRequest {
             }
         };
         let state = &self.state;
-        let prompt = state.llm.prompt(self.message.as_str());
+        let chat_id = reserved.chat_id;
+        let prompt = state.llm.prompt(&reserved.earlier, self.message.as_str());
         let upstream = tokio::select! {
             biased;
             _ = self.client_gone.cancelled() => Err(ServiceError::ClientGone),
@@ -233,6 +274,7 @@ impl ChatRequest {
         let (events, receiver) = mpsc::channel(STREAM_BUFFER);
         let live = StreamedChat::Live {
             chat_id,
+            conversation_id: reserved.conversation_id,
             events: receiver,
         };
         // A client gone before it got the start hears nothing more: the pump sees the
@@ -350,7 +392,11 @@ impl ChatRequest {
     /// Claims the key; `Some` with the earlier answer when it already bought one.
     async fn claim(&self, key: &IdempotencyKey) -> ServiceResult<Option<ChatAnswer>> {
         let db = &self.state.db;
-        let request_hash = sha256_hex(self.message.as_str().as_bytes());
+        // The conversation is part of the request: the same key in another is a reuse.
+        let request_hash = match self.conversation_id {
+            None => sha256_hex(self.message.as_str().as_bytes()),
+            Some(id) => sha256_hex(format!("{id}\0{}", self.message.as_str()).as_bytes()),
+        };
         let lifetime = self.state.config.idempotency_key_lifetime;
         let expired_before = db::unix_now() - lifetime.as_secs() as i64;
         let claim = db::idempotency::claim(
@@ -384,6 +430,7 @@ impl ChatRequest {
             charged: stored.cost,
             replayed: true,
             usage: None,
+            conversation_id: stored.conversation_id,
         }))
     }
 
@@ -402,9 +449,10 @@ impl ChatRequest {
         }
     }
 
-    async fn answer_and_settle(&self, chat_id: i64) -> ServiceResult<ChatAnswer> {
+    async fn answer_and_settle(&self, reserved: Reserved) -> ServiceResult<ChatAnswer> {
         let state = &self.state;
-        let prompt = state.llm.prompt(self.message.as_str());
+        let chat_id = reserved.chat_id;
+        let prompt = state.llm.prompt(&reserved.earlier, self.message.as_str());
         let answer = tokio::select! {
             biased;
             _ = self.client_gone.cancelled() => None,
@@ -432,6 +480,7 @@ impl ChatRequest {
                             charged: state.config.chat_cost,
                             replayed: false,
                             usage: completion.usage,
+                            conversation_id: Some(reserved.conversation_id),
                         })
                     }
                     // Recovery judged it abandoned and refunded it: not stored, not charged.

@@ -25,6 +25,8 @@ pub enum ServiceError {
     OutOfTokens { balance: i64 },
     #[error("no such chat")]
     NoSuchChat,
+    #[error("no such conversation")]
+    NoSuchConversation,
     #[error("this Idempotency-Key was already used with a different request")]
     IdempotencyKeyReused,
     #[error("a request with this Idempotency-Key is still in progress")]

@@ -26,6 +26,7 @@ pub struct ChatRecord {
     pub finished_at: Option<i64>,
     /// What the model said the chat cost it, when it said.
     pub usage: Option<Usage>,
+    pub conversation_id: Option<i64>,
 }
 
 impl From<Chat> for ChatRecord {
@@ -41,6 +42,7 @@ impl From<Chat> for ChatRecord {
             id: chat.id,
             tokens_charged: chat.status.tokens_charged(chat.cost, chat.refunded),
             usage,
+            conversation_id: chat.conversation_id,
             message: chat.message,
             response: chat.response,
             status: chat.status,
@@ -104,7 +106,7 @@ pub async fn transactions(
 }
 
 /// `rows` holds up to `limit + 1` rows: the extra one only says there is a next page.
-fn paginate<Row, Item: From<Row>>(
+pub(super) fn paginate<Row, Item: From<Row>>(
     mut rows: Vec<Row>,
     limit: i64,
     id: impl Fn(&Row) -> i64,

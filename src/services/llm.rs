@@ -76,7 +76,7 @@ pub type AnswerStream = Pin<Box<dyn Stream<Item = Result<Piece, LlmError>> + Sen
 
 /// One message of the conversation the model is asked to continue.
 #[derive(Debug, Clone, Copy, Serialize)]
-pub struct Turn<'a> {
+pub struct PromptMessage<'a> {
     pub role: Role,
     pub content: &'a str,
 }
@@ -92,7 +92,7 @@ pub enum Role {
 #[derive(Serialize)]
 struct CompletionRequest<'a> {
     model: &'a str,
-    messages: &'a [Turn<'a>],
+    messages: &'a [PromptMessage<'a>],
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     stream: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -178,23 +178,38 @@ impl LlmClient {
         }
     }
 
-    /// The system prompt, then `message`: what a chat without earlier turns sends.
-    pub fn prompt<'a>(&'a self, message: &'a str) -> [Turn<'a>; 2] {
-        [
-            Turn {
-                role: Role::System,
-                content: &self.system_prompt,
-            },
-            Turn {
+    /// What the model is asked: the system prompt, then the earlier turns (each the user's
+    /// message and the model's answer), then the new `message`.
+    pub fn prompt<'a>(
+        &'a self,
+        earlier: &'a [(String, String)],
+        message: &'a str,
+    ) -> Vec<PromptMessage<'a>> {
+        let mut prompt = Vec::with_capacity(2 + 2 * earlier.len());
+        prompt.push(PromptMessage {
+            role: Role::System,
+            content: &self.system_prompt,
+        });
+        for (asked, answered) in earlier {
+            prompt.push(PromptMessage {
                 role: Role::User,
-                content: message,
-            },
-        ]
+                content: asked,
+            });
+            prompt.push(PromptMessage {
+                role: Role::Assistant,
+                content: answered,
+            });
+        }
+        prompt.push(PromptMessage {
+            role: Role::User,
+            content: message,
+        });
+        prompt
     }
 
     /// Asks for a whole answer (`choices[0].message.content`).
     #[tracing::instrument(level = "debug", skip_all)]
-    pub async fn complete(&self, turns: &[Turn<'_>]) -> Result<Completion, LlmError> {
+    pub async fn complete(&self, turns: &[PromptMessage<'_>]) -> Result<Completion, LlmError> {
         let upstream = match &*self.model {
             Model::Demo => {
                 return Ok(Completion {
@@ -228,7 +243,7 @@ impl LlmClient {
     /// Past `LLM_STREAM_IDLE_SECS` of silence, or `LLM_TIMEOUT_SECS` in all, the stream
     /// ends with `Timeout`.
     #[tracing::instrument(level = "debug", skip_all)]
-    pub async fn stream(&self, turns: &[Turn<'_>]) -> Result<AnswerStream, LlmError> {
+    pub async fn stream(&self, turns: &[PromptMessage<'_>]) -> Result<AnswerStream, LlmError> {
         let upstream = match &*self.model {
             Model::Demo => return Ok(demo_stream(demo::answer(last_user_message(turns)))),
             Model::Upstream(upstream) => upstream,
@@ -275,7 +290,11 @@ impl LlmClient {
 
 impl Upstream {
     /// Posts the request; the response once its head says success.
-    async fn send(&self, turns: &[Turn<'_>], stream: bool) -> Result<reqwest::Response, LlmError> {
+    async fn send(
+        &self,
+        turns: &[PromptMessage<'_>],
+        stream: bool,
+    ) -> Result<reqwest::Response, LlmError> {
         let body = CompletionRequest {
             model: &self.model,
             messages: turns,
@@ -337,7 +356,7 @@ fn demo_stream(answer: String) -> AnswerStream {
     }))
 }
 
-fn last_user_message<'a>(turns: &[Turn<'a>]) -> &'a str {
+fn last_user_message<'a>(turns: &[PromptMessage<'a>]) -> &'a str {
     turns
         .iter()
         .rev()

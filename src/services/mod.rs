@@ -4,6 +4,7 @@ pub mod accounts;
 pub mod audit;
 pub mod auth;
 pub mod billing;
+pub mod conversations;
 pub mod demo;
 pub mod error;
 pub mod history;

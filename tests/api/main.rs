@@ -6,6 +6,7 @@ mod billing;
 mod common;
 mod connections;
 mod contract;
+mod conversations;
 mod hardening;
 mod hostile;
 mod migrations;

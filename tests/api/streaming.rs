@@ -164,6 +164,7 @@ async fn a_streamed_answer_arrives_as_start_deltas_and_done_and_is_charged_once(
     let (name, start) = events.next().await.unwrap();
     assert_eq!(name, "start");
     let chat_id = start["chat_id"].as_i64().unwrap();
+    assert!(start["conversation_id"].is_i64(), "{start}");
     let rest = events.rest().await;
     let (done, deltas) = rest.split_last().unwrap();
     assert!(deltas.len() >= 4, "one delta per word: {deltas:?}");
@@ -177,6 +178,7 @@ async fn a_streamed_answer_arrives_as_start_deltas_and_done_and_is_charged_once(
     assert_eq!(text, "Echo: tell me a story");
     assert_eq!(done.0, "done");
     assert_eq!(done.1["chat_id"], chat_id);
+    assert_eq!(done.1["conversation_id"], start["conversation_id"]);
     assert_eq!(done.1["tokens"], 3900);
     assert_eq!(done.1["tokens_charged"], 100);
     assert!(
@@ -196,7 +198,20 @@ async fn a_streamed_answer_arrives_as_start_deltas_and_done_and_is_charged_once(
     assert_eq!(chat["response"], "Echo: tell me a story");
     assert_eq!(chat["tokens_charged"], 100);
     assert_eq!(chat["usage"], done.1["usage"]);
-    assert_eq!(app.balance(&token).await, 3900);
+    assert_eq!(chat["conversation_id"], start["conversation_id"]);
+
+    // A stream continues a conversation like a whole answer does.
+    let again = json!({ "message": "and then?", "stream": true, "conversation_id": start["conversation_id"] });
+    let events = stream_chat(&app, &token, again, None)
+        .await
+        .events()
+        .rest()
+        .await;
+    assert_eq!(events[0].1["conversation_id"], start["conversation_id"]);
+    let prompt = &app.llm.received()[1].body["messages"];
+    assert_eq!(prompt[2]["content"], "Echo: tell me a story");
+    assert_eq!(prompt[3]["content"], "and then?");
+    assert_eq!(app.balance(&token).await, 3800);
     app.assert_all_settled().await;
 }
 

@@ -1,0 +1,71 @@
+//! `/conversations` and `/conversations/{id}`: a user's own threads of chats.
+
+use axum::{
+    extract::{Path, State},
+    http::StatusCode,
+    Json,
+};
+use serde_json::{json, Value};
+
+use super::{
+    error::ApiError,
+    extract::{AuthUser, PageQuery},
+    history::chat_json,
+    rfc3339,
+};
+use crate::{
+    services::conversations::{self, Conversation},
+    AppState,
+};
+
+/// Newest first, a page at a time like `/chats`.
+pub async fn list(
+    State(state): State<AppState>,
+    user: AuthUser,
+    PageQuery(page): PageQuery,
+) -> Result<Json<Value>, ApiError> {
+    let page = conversations::list(&state, user.id, page).await?;
+    let items: Vec<Value> = page.items.iter().map(conversation_json).collect();
+    Ok(Json(json!({
+        "conversations": items,
+        "next": page.next.map(|id| id.to_string()),
+    })))
+}
+
+/// The conversation and its chats, oldest first; `next` continues after the last one.
+pub async fn show(
+    State(state): State<AppState>,
+    user: AuthUser,
+    Path(id): Path<String>,
+    PageQuery(page): PageQuery,
+) -> Result<Json<Value>, ApiError> {
+    let id = conversation_id(&id)?;
+    let (conversation, chats) = conversations::show(&state, user.id, id, page).await?;
+    let mut body = conversation_json(&conversation);
+    body["chats"] = chats.items.iter().map(chat_json).collect();
+    body["next"] = json!(chats.next.map(|id| id.to_string()));
+    Ok(Json(body))
+}
+
+/// Erases the conversation's messages and answers; its charges stay in the ledger.
+pub async fn delete(
+    State(state): State<AppState>,
+    user: AuthUser,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    conversations::delete(&state, user.id, conversation_id(&id)?).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Not a number, or someone else's: either way there is no such conversation for this user.
+fn conversation_id(text: &str) -> Result<i64, ApiError> {
+    text.parse().map_err(|_| ApiError::NotFound)
+}
+
+fn conversation_json(conversation: &Conversation) -> Value {
+    json!({
+        "id": conversation.id,
+        "title": conversation.title,
+        "created_at": rfc3339(conversation.created_at),
+    })
+}

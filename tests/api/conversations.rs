@@ -1,0 +1,257 @@
+//! Conversations: every chat belongs to one, the model is sent its earlier answered turns
+//! within the budget, they are private to their owner, and deleting one erases its text
+//! but never the money history.
+
+use axum::http::{Method, StatusCode};
+use serde_json::{json, Value};
+
+use crate::common::{TestApp, TestResponse};
+
+async fn chat_in(app: &TestApp, token: &str, conversation: &Value, message: &str) -> TestResponse {
+    app.post_authorized(
+        "/chat",
+        token,
+        json!({ "message": message, "conversation_id": conversation }),
+    )
+    .await
+}
+
+/// The messages the fake model received with the newest request, as (role, content).
+fn last_prompt(app: &TestApp) -> Vec<(String, String)> {
+    let received = app.llm.received();
+    received.last().unwrap().body["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|message| {
+            (
+                message["role"].as_str().unwrap().to_string(),
+                message["content"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+async fn delete(app: &TestApp, token: &str, path: &str) -> TestResponse {
+    let authorization = format!("Bearer {token}");
+    app.request(
+        Method::DELETE,
+        path,
+        &[("authorization", &authorization)],
+        "",
+    )
+    .await
+}
+
+#[tokio::test]
+async fn a_chat_without_a_conversation_starts_one_titled_with_its_message() {
+    let app = TestApp::new().await;
+    let token = app.user_with_token("user").await;
+    let long = format!("{} and then some", "é".repeat(85));
+    let first = app.chat(&token, &long).await;
+    assert_eq!(first.status, StatusCode::OK);
+    let second = app.chat(&token, "  another topic  ").await;
+    let (one, two) = (
+        &first.json["conversation_id"],
+        &second.json["conversation_id"],
+    );
+    assert!(one.is_i64() && two.is_i64() && one != two, "{one} {two}");
+
+    let listed = app.get_authorized("/conversations", &token).await;
+    assert_eq!(listed.status, StatusCode::OK);
+    let conversations = listed.json["conversations"].as_array().unwrap();
+    assert_eq!(conversations.len(), 2);
+    assert_eq!(&conversations[0]["id"], two, "newest first");
+    assert_eq!(conversations[0]["title"], "another topic");
+    assert_eq!(conversations[1]["title"], "é".repeat(80));
+    assert!(conversations[1]["created_at"]
+        .as_str()
+        .unwrap()
+        .ends_with('Z'));
+    assert_eq!(listed.json["next"], Value::Null);
+    // The chat names its conversation in history too.
+    let chat = app
+        .get_authorized(&format!("/chats/{}", first.json["chat_id"]), &token)
+        .await;
+    assert_eq!(&chat.json["conversation_id"], one);
+}
+
+#[tokio::test]
+async fn the_model_is_sent_the_earlier_answered_turns_then_the_new_message() {
+    let app = TestApp::new().await;
+    let token = app.user_with_token("user").await;
+    let first = app.chat(&token, "my name is Ada").await;
+    let conversation = first.json["conversation_id"].clone();
+    // A failed turn is not sent.
+    let failed = chat_in(&app, &token, &conversation, "[fail] this one").await;
+    assert_eq!(failed.status, StatusCode::BAD_GATEWAY);
+    let second = chat_in(&app, &token, &conversation, "what is my name?").await;
+    assert_eq!(second.status, StatusCode::OK);
+    assert_eq!(second.json["conversation_id"], conversation);
+    let prompt = last_prompt(&app);
+    let roles: Vec<&str> = prompt.iter().map(|(role, _)| role.as_str()).collect();
+    assert_eq!(roles, ["system", "user", "assistant", "user"]);
+    assert_eq!(prompt[1].1, "my name is Ada");
+    assert_eq!(prompt[2].1, "Echo: my name is Ada");
+    assert_eq!(prompt[3].1, "what is my name?");
+    // Another conversation knows nothing of it.
+    app.chat(&token, "fresh start").await;
+    assert_eq!(last_prompt(&app).len(), 2);
+}
+
+#[tokio::test]
+async fn earlier_turns_are_kept_newest_first_and_whole_within_the_budget() {
+    // Each turn below is 10 + 16 = 26 characters: one fits in 30, two do not.
+    let app = TestApp::with_env(&[("CONTEXT_MAX_CHARS", "30")]).await;
+    let token = app.user_with_token("user").await;
+    let first = app.chat(&token, "aaaaaaaaaa").await;
+    let conversation = first.json["conversation_id"].clone();
+    chat_in(&app, &token, &conversation, "bbbbbbbbbb").await;
+    chat_in(&app, &token, &conversation, "cccccccccc").await;
+    let prompt = last_prompt(&app);
+    assert_eq!(prompt.len(), 4, "{prompt:?}");
+    assert_eq!(prompt[1].1, "bbbbbbbbbb");
+    assert_eq!(prompt[2].1, "Echo: bbbbbbbbbb");
+
+    let none_fit = TestApp::with_env(&[("CONTEXT_MAX_CHARS", "0")]).await;
+    let token = none_fit.user_with_token("user").await;
+    let first = none_fit.chat(&token, "hello").await;
+    chat_in(&none_fit, &token, &first.json["conversation_id"], "again").await;
+    assert_eq!(last_prompt(&none_fit).len(), 2);
+}
+
+#[tokio::test]
+async fn someone_elses_or_an_unknown_conversation_is_404_and_charges_nothing() {
+    let app = TestApp::new().await;
+    let alice = app.user_with_token("alice").await;
+    let bob = app.user_with_token("bob").await;
+    let hers = app.chat(&alice, "secret plans").await.json["conversation_id"].clone();
+    let path = format!("/conversations/{hers}");
+    for refused in [
+        chat_in(&app, &bob, &hers, "let me in").await,
+        chat_in(&app, &bob, &json!(999_999), "nowhere").await,
+        app.get_authorized(&path, &bob).await,
+        delete(&app, &bob, &path).await,
+        app.get_authorized("/conversations/999999", &alice).await,
+        app.get_authorized("/conversations/abc", &alice).await,
+    ] {
+        refused.assert_error(StatusCode::NOT_FOUND, "not_found");
+    }
+    assert_eq!(app.balance(&bob).await, 4000);
+    assert_eq!(app.llm.calls(), 1);
+    let listed = app.get_authorized("/conversations", &bob).await;
+    assert_eq!(listed.json["conversations"], json!([]));
+    // Still hers, untouched.
+    let shown = app.get_authorized(&path, &alice).await;
+    assert_eq!(shown.json["chats"][0]["message"], "secret plans");
+    app.assert_all_settled().await;
+}
+
+#[tokio::test]
+async fn a_conversation_shows_its_chats_oldest_first_a_page_at_a_time() {
+    let app = TestApp::new().await;
+    let token = app.user_with_token("user").await;
+    let first = app.chat(&token, "one").await;
+    let conversation = first.json["conversation_id"].clone();
+    for message in ["two", "three"] {
+        chat_in(&app, &token, &conversation, message).await;
+    }
+    let path = format!("/conversations/{conversation}");
+    let page = app.get_authorized(&format!("{path}?limit=2"), &token).await;
+    assert_eq!(page.status, StatusCode::OK, "{page:?}");
+    assert_eq!(page.json["id"], conversation);
+    assert_eq!(page.json["title"], "one");
+    let messages: Vec<&Value> = page.json["chats"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|chat| &chat["message"])
+        .collect();
+    assert_eq!(messages, ["one", "two"]);
+    let next = page.json["next"].as_str().unwrap();
+    let rest = app
+        .get_authorized(&format!("{path}?limit=2&cursor={next}"), &token)
+        .await;
+    assert_eq!(rest.json["chats"][0]["message"], "three");
+    assert_eq!(rest.json["chats"][0]["response"], "Echo: three");
+    assert_eq!(rest.json["next"], Value::Null);
+}
+
+#[tokio::test]
+async fn deleting_a_conversation_erases_its_text_but_keeps_the_charges_and_the_audit() {
+    let app = TestApp::new().await;
+    let token = app.user_with_token("user").await;
+    let kept = app.chat(&token, "keep me").await;
+    let doomed = app.chat(&token, "forget me").await;
+    let conversation = doomed.json["conversation_id"].clone();
+    chat_in(&app, &token, &conversation, "and me").await;
+    let ledger_before = app
+        .get_authorized("/transactions?limit=100", &token)
+        .await
+        .json;
+
+    let path = format!("/conversations/{conversation}");
+    let deleted = delete(&app, &token, &path).await;
+    assert_eq!(deleted.status, StatusCode::NO_CONTENT);
+    assert_eq!(deleted.tokens_remaining(), 3700);
+    delete(&app, &token, &path)
+        .await
+        .assert_error(StatusCode::NOT_FOUND, "not_found");
+    app.get_authorized(&path, &token)
+        .await
+        .assert_error(StatusCode::NOT_FOUND, "not_found");
+    app.get_authorized(&format!("/chats/{}", doomed.json["chat_id"]), &token)
+        .await
+        .assert_error(StatusCode::NOT_FOUND, "not_found");
+
+    let chats = app.get_authorized("/chats", &token).await.json;
+    let chats = chats["chats"].as_array().unwrap();
+    assert_eq!(chats.len(), 1);
+    assert_eq!(chats[0]["id"], kept.json["chat_id"]);
+    let conversations = app.get_authorized("/conversations", &token).await.json;
+    assert_eq!(conversations["conversations"].as_array().unwrap().len(), 1);
+    // Money history is never deleted.
+    let ledger_after = app
+        .get_authorized("/transactions?limit=100", &token)
+        .await
+        .json;
+    assert_eq!(ledger_after, ledger_before);
+    assert_eq!(app.balance(&token).await, 3700);
+    // The text is gone from the database, not only hidden.
+    let left: i64 = tokenchat::db_run!(&app.state.db, pool => sqlx::query_scalar(
+        "SELECT COUNT(*) FROM chats WHERE message LIKE '%me' OR response LIKE '%me'")
+        .fetch_one(pool)
+        .await)
+    .unwrap();
+    assert_eq!(left, 1, "only the kept chat still holds its text");
+    app.assert_all_settled().await;
+}
+
+#[tokio::test]
+async fn a_repeated_key_in_another_conversation_is_a_reuse() {
+    let app = TestApp::new().await;
+    let token = app.user_with_token("user").await;
+    let first = app.chat_with_key(&token, "k1", "hello").await;
+    assert_eq!(first.status, StatusCode::OK);
+    let authorization = format!("Token {token}");
+    let elsewhere = app
+        .request(
+            Method::POST,
+            "/chat",
+            &[
+                ("content-type", "application/json"),
+                ("authorization", &authorization),
+                ("idempotency-key", "k1"),
+            ],
+            json!({ "message": "hello", "conversation_id": first.json["conversation_id"] })
+                .to_string(),
+        )
+        .await;
+    elsewhere.assert_error(StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused");
+    let replayed = app.chat_with_key(&token, "k1", "hello").await;
+    assert_eq!(
+        replayed.json["conversation_id"],
+        first.json["conversation_id"]
+    );
+    assert_eq!(app.balance(&token).await, 3900);
+}
