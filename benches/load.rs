@@ -26,7 +26,8 @@ use argon2::{
     password_hash::{PasswordHasher, SaltString},
     Argon2,
 };
-use axum::{body::Bytes, routing::post, Router};
+use axum::{body::Bytes, response::IntoResponse, routing::post, Router};
+use futures_util::StreamExt;
 use hdrhistogram::Histogram;
 use http_body_util::{BodyExt, Full};
 use hyper::{
@@ -46,6 +47,11 @@ const CONNECTIONS: usize = 32;
 const WARM_UP: Duration = Duration::from_secs(1);
 const SLOW_CHATS: usize = 1000;
 const SLOW_MODEL: Duration = Duration::from_secs(2);
+/// Streams open at once on a slow streaming model.
+const SLOW_STREAMS: usize = 2000;
+/// Chunks of a streamed answer; on the slow model one every 100 ms, 2 s in all.
+const STREAM_CHUNKS: usize = 20;
+const SLOW_CHUNK_EVERY: Duration = Duration::from_millis(100);
 /// A completion body of a realistic size (a short code answer).
 const ANSWER: &str = "Here is hello world in Python:\n\n```python\nprint(\"Hello, world!\")\n```\n\nSave it as hello.py and run `python hello.py`.";
 
@@ -58,7 +64,7 @@ fn main() {
         // Before the runtime starts, so every thread of this process inherits the core.
         pin(std::process::id(), LOAD_CORE);
     }
-    let _ = rlimit::increase_nofile_limit(4 * SLOW_CHATS as u64 + 1024);
+    let _ = rlimit::increase_nofile_limit(4 * SLOW_STREAMS as u64 + 1024);
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -207,6 +213,59 @@ async fn run(pinned: bool) {
         server.peak_rss(),
     ));
 
+    // Streaming: how long the first piece of an answer takes, from the model itself and
+    // through tokenchat (one client, one request at a time), then many slow streams at once.
+    let direct_stream_body = json!({
+        "model": "llama3.2",
+        "stream": true,
+        "messages": [{ "role": "user", "content": "code hello world in python" }]
+    })
+    .to_string();
+    let first_direct = first_piece_latency(
+        model,
+        Arc::new(move |_, _| {
+            request(
+                Method::POST,
+                "/v1/chat/completions",
+                None,
+                direct_stream_body.clone(),
+            )
+        }),
+        b"data:",
+        measured,
+    )
+    .await;
+    rows.push(Row::new(
+        "first piece, direct model stream",
+        1,
+        &first_direct,
+        None,
+    ));
+    server.reset_peak();
+    let stream_body =
+        json!({ "message": "code hello world in python", "stream": true }).to_string();
+    let first_through = first_piece_latency(
+        target.addr,
+        target.post("/chat", stream_body),
+        b"event: delta",
+        measured,
+    )
+    .await;
+    rows.push(Row::new(
+        "first delta, POST /chat stream",
+        1,
+        &first_through,
+        server.peak_rss(),
+    ));
+    server.reset_peak();
+    let streams = slow_streams(&target).await;
+    rows.push(Row::new(
+        "POST /chat stream, 20 chunks over 2 s (one shot)",
+        SLOW_STREAMS,
+        &streams,
+        server.peak_rss(),
+    ));
+
     server.reset_peak();
     let argon2_rate = raw_argon2_rate_on_server_core(pinned, measured.min(Duration::from_secs(5)));
 
@@ -236,6 +295,21 @@ async fn run(pinned: bool) {
         slow.requests - slow.errors,
         slow.errors,
         slow.elapsed.as_secs_f64()
+    );
+    let first_overhead = |quantile: f64| {
+        first_through.histogram.value_at_quantile(quantile) as f64 / 1000.0
+            - first_direct.histogram.value_at_quantile(quantile) as f64 / 1000.0
+    };
+    println!(
+        "time to first delta added by tokenchat at 1 connection: p50 {:.3} ms, p99 {:.3} ms",
+        first_overhead(0.5),
+        first_overhead(0.99)
+    );
+    println!(
+        "{SLOW_STREAMS} concurrent slow streams: {} completed with `done`, {} did not, all done in {:.2} s",
+        streams.requests - streams.errors,
+        streams.errors,
+        streams.elapsed.as_secs_f64()
     );
     println!(
         "server peak RSS over the whole run (VmHWM): {:.1} MB",
@@ -557,32 +631,57 @@ async fn closed_loop_across(
 /// Opens `SLOW_CHATS` connections, then sends one chat on each at once to a model that
 /// takes two seconds to answer.
 async fn slow_chats(target: &Target) -> Outcome {
-    let mut senders = Vec::with_capacity(SLOW_CHATS);
-    for _ in 0..SLOW_CHATS {
+    let body = json!({ "message": "[slow] code hello world in python" });
+    one_shot(target, SLOW_CHATS, body, |_| true).await
+}
+
+/// Opens `SLOW_STREAMS` connections, then starts one streamed chat on each at once, on a
+/// model that writes its answer in 20 chunks over 2 s; a stream counts when it ends with
+/// `done`.
+async fn slow_streams(target: &Target) -> Outcome {
+    let body = json!({ "message": "[slow] code hello world in python", "stream": true });
+    one_shot(target, SLOW_STREAMS, body, |body| {
+        body.windows(11).any(|window| window == b"event: done")
+    })
+    .await
+}
+
+/// Opens `connections` connections, then sends `body` to `/chat` on each at once; a request
+/// counts when it is a 200 whose whole body passes `complete`.
+async fn one_shot(
+    target: &Target,
+    connections: usize,
+    body: Value,
+    complete: fn(&[u8]) -> bool,
+) -> Outcome {
+    let mut senders = Vec::with_capacity(connections);
+    for _ in 0..connections {
         senders.push(connect(target.addr).await);
     }
-    let body = json!({ "message": "[slow] code hello world in python" }).to_string();
+    let body = body.to_string();
     let start = Instant::now();
-    let chats: Vec<_> = senders
+    let requests: Vec<_> = senders
         .into_iter()
         .map(|mut sender| {
             let request = request(Method::POST, "/chat", Some(&target.token), body.clone());
             tokio::spawn(async move {
                 let sent = Instant::now();
                 let ok = match sender.send_request(request).await {
-                    Ok(response) => {
-                        response.status() == StatusCode::OK
-                            && response.into_body().collect().await.is_ok()
+                    Ok(response) if response.status() == StatusCode::OK => {
+                        match response.into_body().collect().await {
+                            Ok(body) => complete(&body.to_bytes()),
+                            Err(_) => false,
+                        }
                     }
-                    Err(_) => false,
+                    _ => false,
                 };
                 (ok, sent.elapsed())
             })
         })
         .collect();
     let mut outcome = Outcome::new();
-    for chat in chats {
-        let (ok, latency) = chat.await.expect("chat task");
+    for request in requests {
+        let (ok, latency) = request.await.expect("request task");
         outcome.requests += 1;
         outcome.errors += u64::from(!ok);
         outcome
@@ -593,7 +692,88 @@ async fn slow_chats(target: &Target) -> Outcome {
     outcome
 }
 
-/// The fake model: answers at once, or after two seconds when the question says `[slow]`.
+/// One client sending one request at a time for `duration`: the latency to the first byte
+/// sequence `marker` in each response body (the rest is read before the next request).
+async fn first_piece_latency(
+    addr: SocketAddr,
+    make: Arc<MakeRequest>,
+    marker: &'static [u8],
+    duration: Duration,
+) -> Outcome {
+    let mut sender = connect(addr).await;
+    let mut outcome = Outcome::new();
+    let start = Instant::now();
+    let deadline = start + WARM_UP + duration;
+    while Instant::now() < deadline {
+        let request = make(0, outcome.requests);
+        let sent = Instant::now();
+        let mut first = None;
+        let mut ok = false;
+        if let Ok(response) = sender.send_request(request).await {
+            let mut body = response.into_body();
+            let mut seen = Vec::new();
+            while let Some(Ok(frame)) = body.frame().await {
+                if let Ok(data) = frame.into_data() {
+                    seen.extend_from_slice(&data);
+                    if first.is_none() && seen.windows(marker.len()).any(|w| w == marker) {
+                        first = Some(sent.elapsed());
+                    }
+                }
+            }
+            ok = first.is_some();
+        }
+        // The first second warms up, as in every other scenario.
+        if sent.duration_since(start) < WARM_UP {
+            continue;
+        }
+        outcome.requests += 1;
+        outcome.errors += u64::from(!ok);
+        if let Some(latency) = first {
+            outcome
+                .histogram
+                .saturating_record(latency.as_micros() as u64);
+        }
+    }
+    outcome.elapsed = start.elapsed() - WARM_UP;
+    outcome
+}
+
+/// An OpenAI-style stream of `ANSWER` in `STREAM_CHUNKS` chunks, `every` apart, with
+/// usage and `[DONE]`.
+fn streamed_answer(every: Option<Duration>) -> axum::body::Body {
+    let size = ANSWER.len().div_ceil(STREAM_CHUNKS);
+    let mut events: Vec<String> = ANSWER
+        .as_bytes()
+        .chunks(size)
+        .enumerate()
+        .map(|(n, piece)| {
+            let delta = if n == 0 {
+                json!({ "role": "assistant", "content": String::from_utf8_lossy(piece) })
+            } else {
+                json!({ "content": String::from_utf8_lossy(piece) })
+            };
+            let chunk = json!({ "id": "chatcmpl-bench", "object": "chat.completion.chunk",
+                "created": 0, "model": "fake",
+                "choices": [{ "index": 0, "delta": delta, "finish_reason": null }] });
+            format!("data: {chunk}\n\n")
+        })
+        .collect();
+    events.push(format!(
+        "data: {}\n\n",
+        json!({ "id": "chatcmpl-bench", "object": "chat.completion.chunk", "created": 0,
+            "model": "fake", "choices": [],
+            "usage": { "prompt_tokens": 12, "completion_tokens": 30, "total_tokens": 42 } })
+    ));
+    events.push("data: [DONE]\n\n".to_string());
+    let chunks = futures_util::stream::iter(events).then(move |event| async move {
+        if let Some(every) = every {
+            tokio::time::sleep(every).await;
+        }
+        Ok::<_, std::convert::Infallible>(Bytes::from(event))
+    });
+    axum::body::Body::from_stream(chunks)
+}
+
 async fn start_fake_model() -> SocketAddr {
     let completion = json!({
         "id": "chatcmpl-bench",
@@ -607,10 +787,21 @@ async fn start_fake_model() -> SocketAddr {
         post(move |body: Bytes| {
             let completion = completion.clone();
             async move {
-                if body.windows(6).any(|window| window == b"[slow]") {
+                let slow = body.windows(6).any(|window| window == b"[slow]");
+                let streamed = serde_json::from_slice::<Value>(&body)
+                    .is_ok_and(|request| request["stream"] == true);
+                if streamed {
+                    let every = slow.then_some(SLOW_CHUNK_EVERY);
+                    return (
+                        [(CONTENT_TYPE, "text/event-stream")],
+                        streamed_answer(every),
+                    )
+                        .into_response();
+                }
+                if slow {
                     tokio::time::sleep(SLOW_MODEL).await;
                 }
-                ([(CONTENT_TYPE, "application/json")], completion)
+                ([(CONTENT_TYPE, "application/json")], completion).into_response()
             }
         }),
     );
@@ -618,6 +809,10 @@ async fn start_fake_model() -> SocketAddr {
         .await
         .expect("bind the fake model");
     let addr = listener.local_addr().expect("address");
+    // Like a real model server, each streamed chunk leaves at once.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     tokio::spawn(async move { axum::serve(listener, app).await.expect("fake model") });
     addr
 }

@@ -197,6 +197,11 @@ impl Server {
                     if !self.wait_for_room().await {
                         return;
                     }
+                    // A streamed answer is many small writes: each must leave at once, not
+                    // wait (Nagle's algorithm) for the client to acknowledge the one before.
+                    if let Err(err) = stream.set_nodelay(true) {
+                        tracing::debug!(error = %err, "could not set TCP_NODELAY");
+                    }
                     self.spawn_connection(stream, peer);
                 }
                 // The client gave up while queued; each such error uses up its connection, so

@@ -87,16 +87,8 @@ const STREAM_BUFFER: usize = 16;
 #[tracing::instrument(level = "debug", skip_all)]
 pub async fn chat(state: &AppState, user_id: i64, question: Question) -> ServiceResult<ChatAnswer> {
     state.throttle.chat(user_id)?;
-    let client_gone = CancellationToken::new();
-    let _cancel_when_dropped = client_gone.clone().drop_guard();
-    let request = ChatRequest {
-        state: state.clone(),
-        user_id,
-        message: question.message,
-        conversation_id: question.conversation_id,
-        idempotency_key: question.idempotency_key,
-        client_gone,
-    };
+    let (request, client_gone) = ChatRequest::new(state, user_id, question);
+    let _cancel_when_dropped = client_gone.drop_guard();
     // The span goes along, so the chat's work shows in the request's trace.
     state.tasks.spawn(request.run().in_current_span()).await?
 }
@@ -117,16 +109,8 @@ pub async fn chat_streamed(
     question: Question,
 ) -> ServiceResult<StreamedChat> {
     state.throttle.chat(user_id)?;
-    let client_gone = CancellationToken::new();
-    let cancel_when_dropped = client_gone.clone().drop_guard();
-    let request = ChatRequest {
-        state: state.clone(),
-        user_id,
-        message: question.message,
-        conversation_id: question.conversation_id,
-        idempotency_key: question.idempotency_key,
-        client_gone,
-    };
+    let (request, client_gone) = ChatRequest::new(state, user_id, question);
+    let cancel_when_dropped = client_gone.drop_guard();
     let (started, start) = oneshot::channel();
     state
         .tasks
@@ -170,6 +154,20 @@ struct Reserved {
 }
 
 impl ChatRequest {
+    /// The request, and the token that tells it its client went away (cancel it then).
+    fn new(state: &AppState, user_id: i64, question: Question) -> (Self, CancellationToken) {
+        let client_gone = CancellationToken::new();
+        let request = Self {
+            state: state.clone(),
+            user_id,
+            message: question.message,
+            conversation_id: question.conversation_id,
+            idempotency_key: question.idempotency_key,
+            client_gone: client_gone.clone(),
+        };
+        (request, client_gone)
+    }
+
     async fn run(self) -> ServiceResult<ChatAnswer> {
         match self.begin().await? {
             Begun::Reserved(reserved) => self.answer_and_settle(reserved).await,

@@ -231,6 +231,39 @@ async fn the_binary_creates_and_migrates_its_database_and_serves() {
 }
 
 #[tokio::test]
+async fn with_no_upstream_configured_the_readme_walkthrough_answers_from_the_demo_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[]);
+    let http = reqwest::Client::new();
+    let token = register_and_login(&http, &server.base, "pass123").await;
+    let chat = http
+        .post(format!("{}/chat/", server.base))
+        .header("authorization", format!("Token {token}"))
+        .json(&json!({ "message": "code hello world in python" }));
+    let (status, chat) = send(chat).await;
+    assert_eq!(status, 200, "{chat}");
+    let answer = chat["response"].as_str().unwrap();
+    assert!(
+        answer.starts_with("Code for 'Hello World' in Python:"),
+        "{answer}"
+    );
+    assert_eq!(chat["tokens"], 3900);
+    let (_, balance) = send(
+        http.post(format!("{}/balance/", server.base))
+            .bearer_auth(&token),
+    )
+    .await;
+    assert_eq!(balance, json!({ "tokens": 3900 }));
+    let log = server.log.lock().unwrap().clone();
+    let warnings: Vec<&str> = log
+        .lines()
+        .filter(|line| line.contains("demo model"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{log}");
+    assert!(warnings[0].contains("WARN"), "{log}");
+}
+
+#[tokio::test]
 async fn the_log_has_a_line_per_request_and_never_a_secret() {
     let llm = FakeLlm::start().await;
     let dir = tempfile::tempdir().unwrap();

@@ -298,11 +298,7 @@ async fn a_model_that_dies_mid_stream_ends_it_with_an_error_and_is_refunded_keep
         assert_eq!(name, "error", "{message}: {events:?}");
         assert_eq!(error["code"], "upstream_error");
         assert!(error["error"].as_str().is_some_and(|text| !text.is_empty()));
-        let deltas: String = events
-            .iter()
-            .filter(|(name, _)| name == "delta")
-            .map(|(_, data)| data["content"].as_str().unwrap())
-            .collect();
+        let deltas = deltas(&events).concat();
         assert!(!deltas.is_empty(), "{events:?}");
         let chat = only_chat(&app, &token).await;
         assert_eq!(chat["status"], "failed");
@@ -517,11 +513,7 @@ async fn a_repeated_idempotency_key_replays_the_stream_without_a_second_charge()
             comments: 0,
         };
         let events = events.rest().await;
-        let text: String = events
-            .iter()
-            .filter(|(name, _)| name == "delta")
-            .map(|(_, data)| data["content"].as_str().unwrap())
-            .collect();
+        let text = deltas(&events).concat();
         assert_eq!(events.last().unwrap().1["tokens"], 3900);
         texts.push((text, replayed));
     }
@@ -550,13 +542,9 @@ async fn with_no_upstream_the_demo_model_answers_whole_and_streamed_and_is_meter
         .events()
         .rest()
         .await;
-    let deltas: Vec<&str> = events
-        .iter()
-        .filter(|(name, _)| name == "delta")
-        .map(|(_, data)| data["content"].as_str().unwrap())
-        .collect();
-    assert!(deltas.len() > 10, "word by word: {deltas:?}");
-    let text = deltas.concat();
+    let pieces = deltas(&events);
+    assert!(pieces.len() > 10, "word by word: {pieces:?}");
+    let text = pieces.concat();
     assert!(
         text.starts_with("Sorry, I could not generate 'Hello World'"),
         "{text}"
@@ -565,6 +553,15 @@ async fn with_no_upstream_the_demo_model_answers_whole_and_streamed_and_is_meter
     assert_eq!(events.last().unwrap().1["tokens"], 3800);
     assert_eq!(app.llm.calls(), 0, "no upstream was asked");
     app.assert_all_settled().await;
+}
+
+/// The texts of the `delta` events, in order.
+fn deltas(events: &[(String, Value)]) -> Vec<&str> {
+    events
+        .iter()
+        .filter(|(name, _)| name == "delta")
+        .map(|(_, data)| data["content"].as_str().unwrap())
+        .collect()
 }
 
 /// Polls `condition` every 10 ms for up to 5 s.

@@ -32,6 +32,8 @@ use hyper::body::Frame;
 use rand::{rngs::OsRng, Rng};
 use serde::Serialize;
 use serde_json::{json, Value};
+// Split into words as the demo model streams them: each with the white space after it.
+use tokenchat::services::demo::pieces;
 use tokio::time::Sleep;
 
 /// How the fake answers the next requests.
@@ -286,25 +288,6 @@ impl Usage {
             total_tokens: prompt_tokens + completion_tokens,
         }
     }
-}
-
-/// `text` in the pieces a model would stream it in: each word with the white space after it,
-/// so the pieces joined are `text` again.
-fn pieces(text: &str) -> Vec<String> {
-    let mut pieces = Vec::new();
-    let mut current = String::new();
-    let mut in_space = false;
-    for c in text.chars() {
-        if !c.is_whitespace() && in_space {
-            pieces.push(std::mem::take(&mut current));
-        }
-        in_space = c.is_whitespace();
-        current.push(c);
-    }
-    if !current.is_empty() {
-        pieces.push(current);
-    }
-    pieces
 }
 
 /// What a streamed answer sends, before `StreamBody` turns it into timed events.
