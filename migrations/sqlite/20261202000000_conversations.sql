@@ -1,8 +1,12 @@
 -- Conversations: each chat belongs to one, and the model is sent its earlier answered
--- turns. Deleting a conversation erases its chats' messages and answers (`erased_at`) but
--- keeps the chats themselves, because the ledger rows that charged them stay.
+-- turns. A chat inserted without one starts its own, in the same statement (the trigger
+-- chat_starts_a_conversation below): the conversation takes the id of its first chat and
+-- that chat's message, trimmed and cut to 80 characters, as its title. Deleting a
+-- conversation erases its chats' messages and answers (`erased_at`) but keeps the chats
+-- themselves, because the ledger rows that charged them stay.
 CREATE TABLE conversations (
-    id         INTEGER PRIMARY KEY AUTOINCREMENT,
+    -- the id of its first chat
+    id         INTEGER PRIMARY KEY,
     user_id    INTEGER NOT NULL REFERENCES users (id) ON DELETE CASCADE,
     title      TEXT    NOT NULL,
     created_at BIGINT  NOT NULL
@@ -14,3 +18,12 @@ ALTER TABLE chats ADD COLUMN conversation_id INTEGER REFERENCES conversations (i
 ALTER TABLE chats ADD COLUMN erased_at BIGINT;
 
 CREATE INDEX chats_conversation ON chats (conversation_id, id);
+
+CREATE TRIGGER chat_starts_a_conversation AFTER INSERT ON chats
+WHEN NEW.conversation_id IS NULL
+BEGIN
+    INSERT INTO conversations (id, user_id, title, created_at)
+    VALUES (NEW.id, NEW.user_id,
+            substr(trim(NEW.message, ' ' || char(9, 10, 13)), 1, 80), NEW.created_at);
+    UPDATE chats SET conversation_id = NEW.id WHERE id = NEW.id;
+END;

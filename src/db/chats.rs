@@ -36,15 +36,6 @@ pub struct Chat {
     pub conversation_id: Option<i64>,
 }
 
-/// Which conversation a new chat goes into.
-#[derive(Debug, Clone, Copy)]
-pub enum InConversation<'a> {
-    /// One of the user's (checked before).
-    Existing(i64),
-    /// A new one, created with the chat, under this title.
-    New { title: &'a str },
-}
-
 /// The columns of [`Chat`], for `concat!` into its queries.
 macro_rules! chat_columns {
     () => {
@@ -79,7 +70,9 @@ pub struct StoredAnswer {
     pub conversation_id: Option<i64>,
 }
 
-/// Records the chat as pending if the user's balance covers `cost`, which takes the cost
+/// Records the chat as pending, in `conversation_id` (one of the user's, checked before) or
+/// a new conversation started by the database (the trigger `chat_starts_a_conversation`),
+/// if the user's balance covers `cost`, which takes the cost
 /// (a `chat_reservation` ledger row); otherwise changes nothing.
 /// `settle_within` is how long the chat may stay pending before recovery (in any
 /// process) judges it abandoned.
@@ -87,63 +80,40 @@ pub struct StoredAnswer {
 pub async fn reserve(
     db: &Db,
     user_id: i64,
-    conversation: InConversation<'_>,
+    conversation_id: Option<i64>,
     message: &str,
     cost: i64,
     settle_within: Duration,
 ) -> Result<Reservation, sqlx::Error> {
     let now = unix_now();
     let deadline_at = now.saturating_add_unsigned(settle_within.as_secs());
-    let reserved: Result<Option<(i64, i64)>, _> = db_run!(db, pool => {
-        // One transaction, so that a chat refused for its price leaves no new conversation.
-        let mut tx = pool.begin().await?;
-        let conversation_id: i64 = match conversation {
-            InConversation::Existing(id) => id,
-            InConversation::New { title } => sqlx::query_scalar(
-                "INSERT INTO conversations (user_id, title, created_at) VALUES ($1, $2, $3)
-                 RETURNING id",
-            )
-            .bind(user_id)
-            .bind(title)
-            .bind(now)
-            .fetch_one(&mut *tx)
-            .await?,
-        };
-        let chat_id: Result<Option<i64>, _> = sqlx::query_scalar(
-            "INSERT INTO chats (user_id, message, status, cost, created_at, deadline_at,
-                                conversation_id)
-             SELECT id, $2, 'pending', $3, $4, $5, $6 FROM users WHERE id = $1 AND tokens >= $3
-             RETURNING id",
-        )
-        .bind(user_id)
-        .bind(message)
-        .bind(cost)
-        .bind(now)
-        .bind(deadline_at)
-        .bind(conversation_id)
-        .fetch_optional(&mut *tx)
-        .await;
-        match chat_id {
-            Ok(Some(chat_id)) => {
-                tx.commit().await?;
-                Ok(Some((chat_id, conversation_id)))
-            }
-            Ok(None) => Ok(None),
-            Err(err) => Err(err),
-        }
-    });
-    let reserved = match reserved {
-        Ok(reserved) => reserved,
+    let chat_id: Result<Option<i64>, _> = db_run!(db, pool => sqlx::query_scalar(
+        "INSERT INTO chats (user_id, message, status, cost, created_at, deadline_at,
+                            conversation_id)
+         SELECT id, $2, 'pending', $3, $4, $5, $6 FROM users WHERE id = $1 AND tokens >= $3
+         RETURNING id",
+    )
+    .bind(user_id)
+    .bind(message)
+    .bind(cost)
+    .bind(now)
+    .bind(deadline_at)
+    .bind(conversation_id)
+    .fetch_optional(pool)
+    .await);
+    let chat_id = match chat_id {
+        Ok(chat_id) => chat_id,
         // PostgreSQL: the balance read by this statement covered the cost, but a concurrent
         // reservation took it first; the ledger trigger, under the row lock, found the
         // balance would go below zero. The same answer as a short balance.
         Err(sqlx::Error::Database(err)) if err.is_check_violation() => None,
         Err(err) => return Err(err),
     };
-    Ok(match reserved {
-        Some((chat_id, conversation_id)) => Reservation::Reserved {
+    Ok(match chat_id {
+        Some(chat_id) => Reservation::Reserved {
             chat_id,
-            conversation_id,
+            // A chat without a conversation started one under its own id.
+            conversation_id: conversation_id.unwrap_or(chat_id),
         },
         None => Reservation::Insufficient {
             balance: users::balance(db, user_id).await?,

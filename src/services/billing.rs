@@ -12,7 +12,7 @@ use crate::{
     config::AbandonedStreamCharge,
     db::{
         self,
-        chats::{InConversation, Reservation, TokenUsage, Unanswered},
+        chats::{Reservation, TokenUsage, Unanswered},
         idempotency::Claim,
     },
     domain::{ChatStatus, IdempotencyKey, Message},
@@ -192,17 +192,12 @@ impl ChatRequest {
                 }
             },
         };
-        let title = conversations::title_for(self.message.as_str());
-        let conversation = match self.conversation_id {
-            Some(id) => InConversation::Existing(id),
-            None => InConversation::New { title: &title },
-        };
         let cost = self.state.config.chat_cost;
         let settle_within = recovery::abandoned_after(&self.state);
         let reserved = db::chats::reserve(
             &self.state.db,
             self.user_id,
-            conversation,
+            self.conversation_id,
             self.message.as_str(),
             cost,
             settle_within,

@@ -11,9 +11,6 @@ use crate::{
     AppState,
 };
 
-/// Characters of a new conversation's title: its first message, cut.
-pub const TITLE_CHARS: usize = 80;
-
 /// The most earlier turns read to fill the context, however short they are.
 const MAX_TURNS_READ: i64 = 500;
 
@@ -37,11 +34,6 @@ impl From<db::conversations::Conversation> for Conversation {
 
 /// One earlier turn: the user's message and the model's answer.
 pub type Turn = (String, String);
-
-/// The title of a conversation that begins with `message`.
-pub fn title_for(message: &str) -> String {
-    message.trim().chars().take(TITLE_CHARS).collect()
-}
 
 /// The earlier answered turns of one of the user's conversations that fit in
 /// `CONTEXT_MAX_CHARS`, oldest first: whole turns only, the newest kept first, counting
@@ -151,11 +143,5 @@ mod tests {
         let turn = vec![("é".repeat(5), "😀".repeat(5))];
         assert_eq!(fit(turn.clone(), 10).len(), 1);
         assert_eq!(fit(turn, 9).len(), 0);
-    }
-
-    #[test]
-    fn a_title_is_the_first_eighty_characters() {
-        assert_eq!(title_for("  hello  "), "hello");
-        assert_eq!(title_for(&"é".repeat(100)).chars().count(), 80);
     }
 }

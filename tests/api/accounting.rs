@@ -414,7 +414,7 @@ async fn recovery_refunds_abandoned_chats_once_however_many_sweep() {
         tokenchat::db::chats::reserve(
             &app.state.db,
             user_id,
-            tokenchat::db::chats::InConversation::New { title: "orphan" },
+            None,
             "orphan",
             100,
             Duration::from_secs(60),

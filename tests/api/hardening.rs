@@ -459,8 +459,7 @@ async fn a_process_with_a_shorter_time_out_never_refunds_anothers_live_chat() {
         .await)
         .unwrap();
     let settle_within = recovery::abandoned_after(&app.state);
-    let new = tokenchat::db::chats::InConversation::New { title: "orphan" };
-    tokenchat::db::chats::reserve(&app.state.db, user_id, new, "orphan", 100, settle_within)
+    tokenchat::db::chats::reserve(&app.state.db, user_id, None, "orphan", 100, settle_within)
         .await
         .unwrap();
     let now = tokenchat::db::unix_now();
