@@ -555,6 +555,53 @@ async fn with_no_upstream_the_demo_model_answers_whole_and_streamed_and_is_meter
     app.assert_all_settled().await;
 }
 
+#[tokio::test]
+async fn llm_timeout_secs_bounds_a_whole_stream_that_never_goes_silent() {
+    let app = TestApp::with_env(&[("LLM_TIMEOUT_SECS", "1"), ("LLM_STREAM_IDLE_SECS", "5")]).await;
+    let token = app.user_with_token("user").await;
+    app.llm.set_reply(Reply::SlowStream {
+        every: Duration::from_millis(100),
+    });
+    let words = "word ".repeat(40);
+    let events = stream_message(&app, &token, &words)
+        .await
+        .events()
+        .rest()
+        .await;
+    let (name, error) = events.last().unwrap();
+    assert_eq!(name, "error", "{events:?}");
+    assert_eq!(error["code"], "upstream_timeout");
+    assert!(deltas(&events).len() >= 3, "it was writing: {events:?}");
+    let chat = only_chat(&app, &token).await;
+    assert_eq!(chat["status"], "failed");
+    assert_eq!(app.balance(&token).await, 4000);
+    app.assert_all_settled().await;
+}
+
+#[tokio::test]
+async fn a_stream_cut_by_the_end_of_shutdown_grace_ends_with_an_error_and_is_refunded() {
+    let app = TestApp::new().await;
+    let token = app.user_with_token("user").await;
+    app.llm.set_reply(Reply::SlowStream {
+        every: Duration::from_millis(200),
+    });
+    let mut events = stream_message(&app, &token, "one two three four five")
+        .await
+        .events();
+    assert_eq!(events.next().await.unwrap().0, "start");
+    assert_eq!(events.next().await.unwrap().0, "delta");
+    app.state.cancel_chats.cancel();
+    let rest = events.rest().await;
+    let (name, error) = rest.last().unwrap();
+    assert_eq!(name, "error");
+    assert_eq!(error["code"], "shutting_down");
+    let chat = only_chat(&app, &token).await;
+    assert_eq!(chat["status"], "failed");
+    assert_eq!(chat["tokens_charged"], 0);
+    assert_eq!(app.balance(&token).await, 4000);
+    app.assert_all_settled().await;
+}
+
 /// The texts of the `delta` events, in order.
 fn deltas(events: &[(String, Value)]) -> Vec<&str> {
     events
