@@ -57,6 +57,28 @@ impl EventReader {
         }
     }
 
+    /// Reads on until a `: keep-alive` comment arrives; how long that took, or `None` if the
+    /// stream sent anything else first or nothing within `within`.
+    async fn keep_alive(&mut self, within: Duration) -> Option<Duration> {
+        let started = std::time::Instant::now();
+        loop {
+            if self.buffer.contains(": keep-alive\n") {
+                return Some(started.elapsed());
+            }
+            if !self.buffer.trim().is_empty() {
+                return None;
+            }
+            let left = within.checked_sub(started.elapsed())?;
+            let frame = tokio::time::timeout(left, self.body.frame())
+                .await
+                .ok()??
+                .ok()?;
+            if let Ok(bytes) = frame.into_data() {
+                self.buffer.push_str(std::str::from_utf8(&bytes).unwrap());
+            }
+        }
+    }
+
     /// Every event to the end of the stream.
     async fn rest(&mut self) -> Vec<(String, Value)> {
         let mut events = Vec::new();
@@ -599,6 +621,26 @@ async fn a_stream_cut_by_the_end_of_shutdown_grace_ends_with_an_error_and_is_ref
     assert_eq!(chat["status"], "failed");
     assert_eq!(chat["tokens_charged"], 0);
     assert_eq!(app.balance(&token).await, 4000);
+    app.assert_all_settled().await;
+}
+
+#[tokio::test]
+async fn a_stream_whose_model_is_silent_says_keep_alive_every_fifteen_seconds() {
+    let app =
+        TestApp::with_env(&[("LLM_TIMEOUT_SECS", "60"), ("LLM_STREAM_IDLE_SECS", "40")]).await;
+    let token = app.user_with_token("user").await;
+    app.llm.set_reply(Reply::StallMidStream {
+        after_words: 1,
+        stall: Duration::from_secs(30),
+    });
+    let mut events = stream_message(&app, &token, "hello there").await.events();
+    assert_eq!(events.next().await.unwrap().0, "start");
+    assert_eq!(events.next().await.unwrap().0, "delta");
+    let waited = events.keep_alive(Duration::from_secs(20)).await;
+    let waited = waited.expect("no keep-alive comment within 20 s of silence");
+    assert!(waited > Duration::from_secs(10), "{waited:?}");
+    drop(events);
+    settled_chat(&app, &token).await;
     app.assert_all_settled().await;
 }
 
