@@ -172,6 +172,39 @@ impl Message {
     }
 }
 
+/// The name a user gives an API key: 1 to 100 characters, something visible, no control
+/// characters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyName(String);
+
+pub const MAX_KEY_NAME_CHARS: usize = 100;
+
+impl KeyName {
+    pub fn parse(text: &str) -> Result<Self, Invalid> {
+        let name = text.trim();
+        if name.is_empty() || name.chars().all(renders_as_nothing) {
+            return Err(Invalid::new("name", "name must not be empty"));
+        }
+        if name.chars().count() > MAX_KEY_NAME_CHARS {
+            return Err(Invalid::new(
+                "name",
+                format!("name must be at most {MAX_KEY_NAME_CHARS} characters"),
+            ));
+        }
+        if name.chars().any(char::is_control) {
+            return Err(Invalid::new(
+                "name",
+                "name must not contain control characters",
+            ));
+        }
+        Ok(Self(name.to_string()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
 /// Tokens an operator adds to a balance: 1 to [`MAX_BALANCE`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GrantAmount(i64);
@@ -465,6 +498,16 @@ mod tests {
                 PageRequest::parse(None, Some(bad)).unwrap_err().field,
                 "cursor"
             );
+        }
+    }
+
+    #[test]
+    fn a_key_name_is_one_to_a_hundred_visible_characters() {
+        assert_eq!(KeyName::parse("  laptop ").unwrap().as_str(), "laptop");
+        assert!(KeyName::parse(&"é".repeat(100)).is_ok());
+        assert!(KeyName::parse(&"é".repeat(101)).is_err());
+        for bad in ["", "   ", "\u{200B}", "tab\there", "nul\0"] {
+            assert_eq!(KeyName::parse(bad).unwrap_err().field, "name", "{bad:?}");
         }
     }
 

@@ -59,7 +59,7 @@ pub async fn login(
 
 /// Revokes the token this request came with.
 pub async fn logout(State(state): State<AppState>, user: AuthUser) -> Result<StatusCode, ApiError> {
-    auth::logout(&state.db, &user.token_hash).await?;
+    auth::logout(&state.db, &user.credential).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -91,6 +91,6 @@ pub async fn change_password(
         state.config.password_min_length,
         "new_password",
     )?;
-    accounts::change_password(&state, user.id, &user.token_hash, old, new, address).await?;
+    accounts::change_password(&state, user.id, &user.credential, old, new, address).await?;
     Ok(StatusCode::NO_CONTENT)
 }

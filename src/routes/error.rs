@@ -51,6 +51,8 @@ pub enum ApiError {
     RateLimited { retry_after_secs: u64 },
     #[error("registration is closed; ask an operator for an account")]
     RegistrationClosed,
+    #[error("{0}")]
+    Forbidden(&'static str),
     #[error("the request body did not arrive in time")]
     RequestTimeout,
     #[error("the server is busy; try again shortly")]
@@ -92,7 +94,7 @@ impl ApiError {
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
-            Self::RegistrationClosed => StatusCode::FORBIDDEN,
+            Self::RegistrationClosed | Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             Self::Busy { .. } | Self::ShuttingDown | Self::DatabaseUnavailable => {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -119,6 +121,7 @@ impl ApiError {
             Self::UnsupportedMediaType => "unsupported_media_type",
             Self::RateLimited { .. } => "rate_limited",
             Self::RegistrationClosed => "registration_closed",
+            Self::Forbidden(_) => "forbidden",
             Self::RequestTimeout => "request_timeout",
             Self::Busy { .. } => "busy",
             Self::ShuttingDown => "shutting_down",
@@ -170,7 +173,10 @@ impl From<ServiceError> for ApiError {
             ServiceError::UsernameTaken => Self::UsernameTaken,
             ServiceError::RegistrationClosed => Self::RegistrationClosed,
             ServiceError::OutOfTokens { balance } => Self::OutOfTokens { tokens: balance },
-            ServiceError::NoSuchChat | ServiceError::NoSuchConversation => Self::NotFound,
+            ServiceError::NoSuchChat
+            | ServiceError::NoSuchConversation
+            | ServiceError::NoSuchKey => Self::NotFound,
+            ServiceError::Forbidden(why) => Self::Forbidden(why),
             ServiceError::IdempotencyKeyReused => Self::IdempotencyKeyReused,
             ServiceError::RequestInProgress => Self::RequestInProgress,
             ServiceError::TooManyAttempts { retry_after_secs } => {

@@ -13,7 +13,7 @@ use serde::{de::DeserializeOwned, Deserialize};
 use super::error::ApiError as Error;
 use crate::{
     domain::{self, PageRequest},
-    services::throttle::ClientAddress,
+    services::{auth::Credential, throttle::ClientAddress},
     AppState,
 };
 
@@ -167,8 +167,8 @@ pub struct AuthUser {
     pub id: i64,
     /// The balance read with the token, during this request.
     pub tokens: i64,
-    /// The hash of the token presented, for the routes that act on the token itself.
-    pub token_hash: String,
+    /// What the request came with: a login token (by its hash) or an API key.
+    pub credential: Credential,
 }
 
 impl<S: Send + Sync> FromRequestParts<S> for AuthUser {

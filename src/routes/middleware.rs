@@ -6,7 +6,7 @@ use std::any::Any;
 use axum::{
     body::HttpBody,
     extract::{MatchedPath, Request, State},
-    http::{header, HeaderValue, Method, Response as HttpResponse},
+    http::{header, HeaderName, HeaderValue, Method, Response as HttpResponse},
     middleware::Next,
     response::{IntoResponse, Response},
 };
@@ -58,7 +58,7 @@ pub async fn authorize(
     request.extensions_mut().insert(AuthUser {
         id: owner.user_id,
         tokens: owner.tokens,
-        token_hash: owner.token_hash,
+        credential: owner.credential,
     });
     let mut response = next.run(request).await;
     // A handler that moved the balance says what it left; any other answer leaves the
@@ -71,6 +71,34 @@ pub async fn authorize(
         .headers_mut()
         .insert(X_TOKENS_REMAINING, HeaderValue::from(remaining));
     Ok(response)
+}
+
+/// The header that names a request in the logs and in its answer.
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Outermost middleware: every request has an id, the client's `X-Request-Id` when it is
+/// 1 to 128 of `[A-Za-z0-9._-]` (anything else could forge or flood log lines), otherwise
+/// 16 random hex digits; it is on the request's log lines and on its answer.
+pub async fn request_id(mut request: Request, next: Next) -> Response {
+    let given = request
+        .headers()
+        .get(X_REQUEST_ID)
+        .filter(|value| {
+            (1..=128).contains(&value.len())
+                && value
+                    .as_bytes()
+                    .iter()
+                    .all(|byte| byte.is_ascii_alphanumeric() || b"._-".contains(byte))
+        })
+        .cloned();
+    let id = given.unwrap_or_else(|| {
+        let random: u64 = rand::Rng::gen(&mut rand::rngs::OsRng);
+        HeaderValue::from_str(&format!("{random:016x}")).expect("hex is a valid header value")
+    });
+    request.headers_mut().insert(X_REQUEST_ID, id.clone());
+    let mut response = next.run(request).await;
+    response.headers_mut().insert(X_REQUEST_ID, id);
+    response
 }
 
 /// The credential in an `Authorization` header value, in any of the three accepted forms:
@@ -163,6 +191,38 @@ mod tests {
         ] {
             assert_eq!(credential_from_header(header), None, "{header}");
         }
+    }
+
+    #[tokio::test]
+    async fn every_answer_names_its_request_keeping_a_sane_id_from_the_client() {
+        use tower::ServiceExt;
+        let app = axum::Router::new()
+            .route("/", axum::routing::get(|| async { "ok" }))
+            .layer(axum::middleware::from_fn(request_id));
+        let id_of = |given: Option<&'static str>| {
+            let app = app.clone();
+            async move {
+                let mut request = Request::builder().uri("/");
+                if let Some(given) = given {
+                    request = request.header("x-request-id", given);
+                }
+                let response = app
+                    .oneshot(request.body(axum::body::Body::empty()).unwrap())
+                    .await
+                    .unwrap();
+                response.headers()[X_REQUEST_ID]
+                    .to_str()
+                    .unwrap()
+                    .to_string()
+            }
+        };
+        assert_eq!(id_of(Some("trace-42.a_b")).await, "trace-42.a_b");
+        for bad in [None, Some("has space"), Some("new\\nline"), Some("")] {
+            let id = id_of(bad).await;
+            assert_eq!(id.len(), 16, "{bad:?}: {id}");
+            assert!(id.bytes().all(|byte| byte.is_ascii_hexdigit()));
+        }
+        assert_ne!(id_of(None).await, id_of(None).await);
     }
 
     #[tokio::test]

@@ -6,6 +6,7 @@ mod conversations;
 mod error;
 mod extract;
 mod history;
+mod keys;
 mod middleware;
 
 use std::time::Duration;
@@ -61,6 +62,14 @@ pub fn router(state: AppState) -> Router {
             ),
         ),
         (
+            "/keys",
+            with_body_limit(get(keys::list).post(keys::create), body_limit),
+        ),
+        (
+            "/keys/{id}",
+            with_body_limit(axum::routing::delete(keys::revoke), body_limit),
+        ),
+        (
             "/transactions",
             with_body_limit(get(history::transactions), body_limit),
         ),
@@ -99,6 +108,7 @@ pub fn router(state: AppState) -> Router {
                 .on_response(log_response)
                 .on_failure(()),
         )
+        .layer(from_fn(middleware::request_id))
         .with_state(state)
 }
 
@@ -142,7 +152,12 @@ fn request_span(request: &Request) -> Span {
         .extensions()
         .get::<MatchedPath>()
         .map_or("<unmatched>", MatchedPath::as_str);
-    tracing::info_span!("request", method = %request.method(), route)
+    let request_id = request
+        .headers()
+        .get(middleware::X_REQUEST_ID)
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or_default();
+    tracing::info_span!("request", request_id, method = %request.method(), route)
 }
 
 fn log_response(response: &Response, latency: Duration, _span: &Span) {

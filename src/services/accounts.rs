@@ -4,7 +4,7 @@ use crate::{
     db::{self, Db},
     domain::{GrantAmount, Invalid, Password, Username, MAX_BALANCE},
     services::{
-        auth::{self, IssuedToken},
+        auth::{self, Credential, IssuedToken},
         throttle::ClientAddress,
         ServiceError, ServiceResult,
     },
@@ -90,11 +90,12 @@ pub async fn login(
 pub async fn change_password(
     state: &AppState,
     user_id: i64,
-    keep_token_hash: &str,
+    credential: &Credential,
     old: Password,
     new: Password,
     address: ClientAddress,
 ) -> ServiceResult<()> {
+    let keep_token_hash = auth::login_token_hash(credential)?;
     state.throttle.login_attempt(address)?;
     state.throttle.password_change(user_id)?;
     let credentials = db::users::credentials_by_id(&state.db, user_id)

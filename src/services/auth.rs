@@ -1,5 +1,6 @@
-//! Login tokens: generated from the OS's secure generator, stored only as SHA-256 hashes,
-//! and checked when a client presents one (the routes take it from `Authorization`).
+//! Credentials: login tokens and API keys, generated from the OS's secure generator,
+//! stored only as SHA-256 hashes, and checked when a client presents one (the routes take
+//! it from `Authorization`).
 
 use rand::{
     distributions::{Alphanumeric, DistString},
@@ -28,19 +29,55 @@ pub async fn issue(db: &Db, user_id: i64, ttl_secs: Option<u64>) -> ServiceResul
     Ok(IssuedToken { token, expires_at })
 }
 
-/// Who a live token belongs to, with their balance as read with it.
+/// What an API key starts with, so it is told apart from a login token at a glance.
+pub const API_KEY_PREFIX: &str = "tc_";
+/// Random characters of an API key after its prefix.
+pub const API_KEY_RANDOM_LENGTH: usize = 40;
+
+/// Who a live credential belongs to, with their balance as read with it.
 #[derive(Debug, Clone)]
 pub struct Authenticated {
     pub user_id: i64,
     pub tokens: i64,
-    /// The hash of the token presented, so that logout can revoke exactly it.
-    pub token_hash: String,
+    pub credential: Credential,
 }
 
-/// The user behind a presented login token, with their balance; `NotAuthenticated` for a
-/// token that is malformed, unknown, expired or revoked.
+/// The credential a request came with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Credential {
+    /// A login token, by its hash, so that logout can revoke exactly it.
+    LoginToken { token_hash: String },
+    /// An API key, by its id.
+    ApiKey { key_id: i64 },
+}
+
+/// How stale a key's `last_used_at` may get before a use refreshes it: one write a minute
+/// per busy key rather than one per request.
+const LAST_USED_GRANULARITY_SECS: i64 = 60;
+
+/// The user behind a presented login token or API key, with their balance;
+/// `NotAuthenticated` for one that is malformed, unknown, expired or revoked.
 #[tracing::instrument(level = "debug", skip_all)]
 pub async fn authenticate(db: &Db, presented: &str) -> ServiceResult<Authenticated> {
+    if is_api_key_shaped(presented) {
+        let owner = db::api_keys::find_owner(db, &token_hash(presented))
+            .await?
+            .ok_or(ServiceError::NotAuthenticated)?;
+        let now = db::unix_now();
+        if owner
+            .last_used_at
+            .is_none_or(|used| now - used >= LAST_USED_GRANULARITY_SECS)
+        {
+            db::api_keys::touch(db, owner.key_id).await?;
+        }
+        return Ok(Authenticated {
+            user_id: owner.user_id,
+            tokens: owner.tokens,
+            credential: Credential::ApiKey {
+                key_id: owner.key_id,
+            },
+        });
+    }
     if !is_well_formed(presented) {
         return Err(ServiceError::NotAuthenticated);
     }
@@ -51,15 +88,44 @@ pub async fn authenticate(db: &Db, presented: &str) -> ServiceResult<Authenticat
     Ok(Authenticated {
         user_id,
         tokens,
-        token_hash,
+        credential: Credential::LoginToken { token_hash },
     })
 }
 
-/// Revokes one login token, given as its hash.
+/// A new API key: `tc_` and 40 letters and digits.
+pub fn generate_api_key() -> String {
+    format!(
+        "{API_KEY_PREFIX}{}",
+        Alphanumeric.sample_string(&mut OsRng, API_KEY_RANDOM_LENGTH)
+    )
+}
+
+fn is_api_key_shaped(presented: &str) -> bool {
+    presented
+        .strip_prefix(API_KEY_PREFIX)
+        .is_some_and(|random| {
+            random.len() == API_KEY_RANDOM_LENGTH
+                && random.bytes().all(|b| b.is_ascii_alphanumeric())
+        })
+}
+
+/// Revokes the login token a request came with; an API key is revoked by its owner
+/// instead (see `keys::revoke`).
 #[tracing::instrument(level = "debug", skip_all)]
-pub async fn logout(db: &Db, token_hash: &str) -> ServiceResult<()> {
-    db::tokens::revoke(db, token_hash).await?;
+pub async fn logout(db: &Db, credential: &Credential) -> ServiceResult<()> {
+    db::tokens::revoke(db, login_token_hash(credential)?).await?;
     Ok(())
+}
+
+/// The hash of the login token behind `credential`; `Forbidden` for an API key, which may
+/// use the service but not manage the account (log out, change the password, manage keys).
+pub fn login_token_hash(credential: &Credential) -> ServiceResult<&str> {
+    match credential {
+        Credential::LoginToken { token_hash } => Ok(token_hash),
+        Credential::ApiKey { .. } => Err(ServiceError::Forbidden(
+            "this needs a login token; an API key cannot manage the account",
+        )),
+    }
 }
 
 /// Revokes every login token of the user.
@@ -96,6 +162,17 @@ mod tests {
         ] {
             assert!(!is_well_formed(bad), "{bad}");
         }
+    }
+
+    #[test]
+    fn an_api_key_is_tc_and_forty_letters_and_digits() {
+        let key = generate_api_key();
+        assert!(is_api_key_shaped(&key), "{key}");
+        assert_eq!(key.len(), 43);
+        assert_ne!(generate_api_key(), key);
+        assert!(!is_api_key_shaped(&key[..42]));
+        assert!(!is_api_key_shaped(&format!("tc-{}", &key[3..])));
+        assert!(!is_well_formed(&key), "never mistaken for a login token");
     }
 
     #[test]

@@ -27,6 +27,11 @@ pub enum ServiceError {
     NoSuchChat,
     #[error("no such conversation")]
     NoSuchConversation,
+    #[error("no such API key")]
+    NoSuchKey,
+    /// The credential presented may not do this (an API key managing keys, say).
+    #[error("{0}")]
+    Forbidden(&'static str),
     #[error("this Idempotency-Key was already used with a different request")]
     IdempotencyKeyReused,
     #[error("a request with this Idempotency-Key is still in progress")]

@@ -8,6 +8,7 @@ pub mod conversations;
 pub mod demo;
 pub mod error;
 pub mod history;
+pub mod keys;
 pub mod llm;
 pub mod passwords;
 pub mod recovery;

@@ -1470,7 +1470,20 @@ impl CaseState {
                 .ok()
                 .and_then(|text| text.parse().ok())
                 .ok_or("X-Tokens-Remaining is not a number")?;
-            if remaining != balances[user] {
+            // A stream's headers leave before its answer: they carry the balance before it
+            // (the `done` event has the one after).
+            let streamed = answer
+                .headers
+                .get(header::CONTENT_TYPE)
+                .is_some_and(|value| value == "text/event-stream");
+            let charged = if streamed {
+                json.as_ref()
+                    .and_then(|json| json["tokens_charged"].as_i64())
+                    .unwrap_or(0)
+            } else {
+                0
+            };
+            if remaining != balances[user] + charged {
                 return Err(format!(
                     "X-Tokens-Remaining {remaining}, but the balance is {}",
                     balances[user]
@@ -1559,6 +1572,50 @@ impl CaseState {
     }
 }
 
+/// A streamed chat's events read as the whole answer they add up to: the `done` event's
+/// fields with the deltas' text as `response`, or the `error` event's envelope. Every
+/// event's data must be JSON, `start` must come first, and one of those must end it.
+fn streamed_answer(body: &[u8]) -> Result<Value, String> {
+    let text = std::str::from_utf8(body).map_err(|_| "a stream that is not UTF-8")?;
+    let mut events = Vec::new();
+    for block in text.split("\n\n").filter(|block| !block.trim().is_empty()) {
+        let mut name = "";
+        let mut data = String::new();
+        for line in block.lines() {
+            if let Some(value) = line.strip_prefix("event: ") {
+                name = value;
+            } else if let Some(value) = line.strip_prefix("data: ") {
+                data.push_str(value);
+            }
+        }
+        if data.is_empty() {
+            continue; // a keep-alive comment
+        }
+        let data: Value =
+            serde_json::from_str(&data).map_err(|err| format!("event data is not JSON: {err}"))?;
+        events.push((name, data));
+    }
+    if events.first().map(|(name, _)| *name) != Some("start") {
+        return Err(format!(
+            "a stream that does not begin with start: {events:?}"
+        ));
+    }
+    let response: String = events
+        .iter()
+        .filter(|(name, _)| *name == "delta")
+        .filter_map(|(_, data)| data["content"].as_str())
+        .collect();
+    match events.last() {
+        Some(("done", done)) => {
+            let mut answer = done.clone();
+            answer["response"] = response.into();
+            Ok(answer)
+        }
+        Some(("error", envelope)) => Ok(envelope.clone()),
+        other => Err(format!("a stream that ends with {other:?}")),
+    }
+}
+
 /// The contract's rules for any answer; the body as JSON, unless it is empty by design.
 fn check_answer(method: &Method, answer: &Answer) -> Result<Option<Value>, String> {
     let status = answer.status;
@@ -1580,6 +1637,9 @@ fn check_answer(method: &Method, answer: &Answer) -> Result<Option<Value>, Strin
         .headers
         .get(header::CONTENT_TYPE)
         .map(|value| value.as_bytes());
+    if status == StatusCode::OK && content_type == Some(b"text/event-stream") {
+        return streamed_answer(&answer.body).map(Some);
+    }
     if content_type != Some(b"application/json") {
         return Err(format!("{status} with Content-Type {content_type:?}"));
     }

@@ -9,6 +9,7 @@ mod contract;
 mod conversations;
 mod hardening;
 mod hostile;
+mod keys;
 mod migrations;
 mod postgres;
 mod properties;

@@ -1,0 +1,103 @@
+//! Queries on `api_keys`, which hold only SHA-256 hashes of the keys handed out.
+
+use super::{db_run, unix_now, Db};
+
+/// A live key as its owner sees it in a list.
+#[derive(Debug, sqlx::FromRow)]
+pub struct ApiKey {
+    pub id: i64,
+    pub name: String,
+    pub prefix: String,
+    pub created_at: i64,
+    pub last_used_at: Option<i64>,
+}
+
+/// The owner of a live key, with their balance as this read found it, and the key's id
+/// and when it was last used (to refresh that only now and then).
+#[derive(Debug, sqlx::FromRow)]
+pub struct KeyOwner {
+    pub key_id: i64,
+    pub user_id: i64,
+    pub tokens: i64,
+    pub last_used_at: Option<i64>,
+}
+
+/// Stores a new key of the user unless they already hold `max_live` live ones, in one
+/// statement; its id, or `None` at the limit.
+#[tracing::instrument(level = "debug", skip_all)]
+pub async fn insert(
+    db: &Db,
+    user_id: i64,
+    name: &str,
+    key_hash: &str,
+    prefix: &str,
+    max_live: i64,
+) -> Result<Option<(i64, i64)>, sqlx::Error> {
+    let now = unix_now();
+    db_run!(db, pool => sqlx::query_as(
+        "INSERT INTO api_keys (user_id, name, key_hash, prefix, created_at)
+         SELECT $1, $2, $3, $4, $5
+         WHERE (SELECT COUNT(*) FROM api_keys WHERE user_id = $1 AND revoked_at IS NULL) < $6
+         RETURNING id, created_at",
+    )
+    .bind(user_id)
+    .bind(name)
+    .bind(key_hash)
+    .bind(prefix)
+    .bind(now)
+    .bind(max_live)
+    .fetch_optional(pool)
+    .await)
+}
+
+/// The user's live keys, oldest first.
+#[tracing::instrument(level = "debug", skip_all)]
+pub async fn live(db: &Db, user_id: i64) -> Result<Vec<ApiKey>, sqlx::Error> {
+    db_run!(db, pool => sqlx::query_as(
+        "SELECT id, name, prefix, created_at, last_used_at FROM api_keys
+         WHERE user_id = $1 AND revoked_at IS NULL ORDER BY id",
+    )
+    .bind(user_id)
+    .fetch_all(pool)
+    .await)
+}
+
+/// Revokes one of the user's live keys; `false` when they have no such live key.
+#[tracing::instrument(level = "debug", skip_all)]
+pub async fn revoke(db: &Db, user_id: i64, id: i64) -> Result<bool, sqlx::Error> {
+    let revoked = db_run!(db, pool => sqlx::query(
+        "UPDATE api_keys SET revoked_at = $3
+         WHERE id = $1 AND user_id = $2 AND revoked_at IS NULL",
+    )
+    .bind(id)
+    .bind(user_id)
+    .bind(unix_now())
+    .execute(pool)
+    .await
+    .map(|done| done.rows_affected()))?;
+    Ok(revoked == 1)
+}
+
+/// The owner of a live key hash, read with their balance in one query.
+#[tracing::instrument(level = "debug", skip_all)]
+pub async fn find_owner(db: &Db, key_hash: &str) -> Result<Option<KeyOwner>, sqlx::Error> {
+    db_run!(db, pool => sqlx::query_as(
+        "SELECT k.id AS key_id, k.user_id, u.tokens, k.last_used_at
+         FROM api_keys k JOIN users u ON u.id = k.user_id
+         WHERE k.key_hash = $1 AND k.revoked_at IS NULL",
+    )
+    .bind(key_hash)
+    .fetch_optional(pool)
+    .await)
+}
+
+/// Records that a key was used now.
+#[tracing::instrument(level = "debug", skip_all)]
+pub async fn touch(db: &Db, key_id: i64) -> Result<(), sqlx::Error> {
+    db_run!(db, pool => sqlx::query("UPDATE api_keys SET last_used_at = $2 WHERE id = $1")
+        .bind(key_id)
+        .bind(unix_now())
+        .execute(pool)
+        .await
+        .map(|_| ()))
+}

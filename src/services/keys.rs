@@ -1,0 +1,106 @@
+//! API keys: created, listed and revoked by their owner with a login token (a key cannot
+//! manage keys); accepted wherever a login token is, and never expiring until revoked.
+
+use crate::{
+    db,
+    domain::{Invalid, KeyName},
+    services::{
+        auth::{self, Credential},
+        sha256_hex, ServiceError, ServiceResult,
+    },
+    AppState,
+};
+
+/// Live keys one user may hold at once.
+pub const MAX_LIVE_KEYS: i64 = 25;
+
+/// Characters of a key shown in a list to tell it apart.
+const SHOWN_PREFIX_CHARS: usize = 7;
+
+/// A key just created: the only time the key itself is shown.
+pub struct IssuedKey {
+    pub id: i64,
+    pub name: String,
+    pub key: String,
+    pub created_at: i64,
+}
+
+/// A live key as its owner sees it in a list. Times are Unix seconds.
+pub struct KeyRecord {
+    pub id: i64,
+    pub name: String,
+    pub prefix: String,
+    pub created_at: i64,
+    pub last_used_at: Option<i64>,
+}
+
+#[tracing::instrument(level = "debug", skip_all)]
+pub async fn create(
+    state: &AppState,
+    user_id: i64,
+    credential: &Credential,
+    name: &KeyName,
+) -> ServiceResult<IssuedKey> {
+    auth::login_token_hash(credential)?;
+    let key = auth::generate_api_key();
+    let prefix: String = key.chars().take(SHOWN_PREFIX_CHARS).collect();
+    let key_hash = sha256_hex(key.as_bytes());
+    let inserted = db::api_keys::insert(
+        &state.db,
+        user_id,
+        name.as_str(),
+        &key_hash,
+        &prefix,
+        MAX_LIVE_KEYS,
+    )
+    .await?;
+    let Some((id, created_at)) = inserted else {
+        return Err(Invalid::new(
+            "name",
+            format!("at most {MAX_LIVE_KEYS} live API keys per user; delete one first"),
+        )
+        .into());
+    };
+    Ok(IssuedKey {
+        id,
+        name: name.as_str().to_string(),
+        key,
+        created_at,
+    })
+}
+
+#[tracing::instrument(level = "debug", skip_all)]
+pub async fn list(
+    state: &AppState,
+    user_id: i64,
+    credential: &Credential,
+) -> ServiceResult<Vec<KeyRecord>> {
+    auth::login_token_hash(credential)?;
+    let keys = db::api_keys::live(&state.db, user_id).await?;
+    Ok(keys
+        .into_iter()
+        .map(|key| KeyRecord {
+            id: key.id,
+            name: key.name,
+            prefix: key.prefix,
+            created_at: key.created_at,
+            last_used_at: key.last_used_at,
+        })
+        .collect())
+}
+
+/// Revokes one of the user's live keys: refused from then on.
+#[tracing::instrument(level = "debug", skip_all)]
+pub async fn revoke(
+    state: &AppState,
+    user_id: i64,
+    credential: &Credential,
+    key_id: i64,
+) -> ServiceResult<()> {
+    auth::login_token_hash(credential)?;
+    if db::api_keys::revoke(&state.db, user_id, key_id).await? {
+        Ok(())
+    } else {
+        Err(ServiceError::NoSuchKey)
+    }
+}
