@@ -23,6 +23,9 @@ pub struct Config {
     pub llm_base_url: Option<Url>,
     pub llm_api_key: Option<SecretString>,
     pub llm_model: String,
+    /// `LLM_MODELS`: more model names served beside `LLM_MODEL`, each passed upstream as
+    /// its own name.
+    pub llm_models: Vec<String>,
     pub llm_system_prompt: String,
     pub llm_timeout: Duration,
     /// How long a streamed answer may go silent before it counts as timed out.
@@ -222,6 +225,13 @@ impl Config {
                 .filter(|key| !key.is_empty())
                 .map(SecretString::from),
             llm_model: vars.string("LLM_MODEL", "llama3.2"),
+            llm_models: vars
+                .string("LLM_MODELS", "")
+                .split(',')
+                .map(str::trim)
+                .filter(|name| !name.is_empty())
+                .map(str::to_string)
+                .collect(),
             llm_system_prompt: vars.string("LLM_SYSTEM_PROMPT", DEFAULT_SYSTEM_PROMPT),
             llm_timeout: vars.seconds("LLM_TIMEOUT_SECS", "60", 1, HOUR_SECS)?,
             llm_stream_idle: vars.seconds("LLM_STREAM_IDLE_SECS", "30", 1, HOUR_SECS)?,
@@ -312,6 +322,14 @@ impl Config {
     pub fn chat_body_limit(&self) -> usize {
         let longest_valid =
             self.max_message_chars * MAX_ENCODED_BYTES_PER_CHAR + CHAT_BODY_OVERHEAD_BYTES;
+        self.max_body_bytes.max(longest_valid)
+    }
+
+    /// The body limit of `/v1/chat/completions`: room for a whole conversation of a message
+    /// and its context in any valid encoding, with the fields around each message.
+    pub fn completions_body_limit(&self) -> usize {
+        let chars = self.max_message_chars + self.context_max_chars;
+        let longest_valid = chars * MAX_ENCODED_BYTES_PER_CHAR + 16 * CHAT_BODY_OVERHEAD_BYTES;
         self.max_body_bytes.max(longest_valid)
     }
 }
@@ -442,6 +460,7 @@ mod tests {
                 "LLM_BASE_URL",
                 "LLM_API_KEY",
                 "LLM_MODEL",
+                "LLM_MODELS",
                 "LLM_SYSTEM_PROMPT",
                 "LLM_TIMEOUT_SECS",
                 "LLM_STREAM_IDLE_SECS",

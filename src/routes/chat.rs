@@ -55,6 +55,7 @@ pub async fn chat(
         message,
         conversation_id: request.conversation_id,
         idempotency_key,
+        client_prompt: None,
     };
     if streamed {
         let started = billing::chat_streamed(&state, user.id, question).await?;

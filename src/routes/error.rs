@@ -35,6 +35,8 @@ pub enum ApiError {
     OutOfTokens { tokens: i64 },
     #[error("no such route")]
     NotFound,
+    #[error("the model {0:?} is not served here; GET /v1/models lists those that are")]
+    ModelNotFound(String),
     #[error("method not allowed on this route")]
     MethodNotAllowed,
     #[error("this username is already taken")]
@@ -87,7 +89,7 @@ impl ApiError {
             Self::InvalidJson(_) | Self::InvalidInput { .. } => StatusCode::BAD_REQUEST,
             Self::Unauthorized | Self::InvalidCredentials => StatusCode::UNAUTHORIZED,
             Self::OutOfTokens { .. } => StatusCode::PAYMENT_REQUIRED,
-            Self::NotFound => StatusCode::NOT_FOUND,
+            Self::NotFound | Self::ModelNotFound(_) => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::UsernameTaken | Self::RequestInProgress => StatusCode::CONFLICT,
             Self::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
@@ -113,6 +115,7 @@ impl ApiError {
             Self::InvalidCredentials => "invalid_credentials",
             Self::OutOfTokens { .. } => "out_of_tokens",
             Self::NotFound => "not_found",
+            Self::ModelNotFound(_) => "model_not_found",
             Self::MethodNotAllowed => "method_not_allowed",
             Self::UsernameTaken => "username_taken",
             Self::IdempotencyKeyReused => "idempotency_key_reused",
@@ -216,6 +219,9 @@ impl ApiError {
         match self {
             Self::InvalidInput { field, .. } => {
                 body.insert("field".into(), (*field).into());
+            }
+            Self::ModelNotFound(_) => {
+                body.insert("field".into(), "model".into());
             }
             Self::OutOfTokens { tokens } => {
                 body.insert("tokens".into(), json!(tokens));

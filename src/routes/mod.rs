@@ -8,6 +8,7 @@ mod extract;
 mod history;
 mod keys;
 mod middleware;
+mod openai;
 
 use std::time::Duration;
 
@@ -90,10 +91,33 @@ pub fn router(state: AppState) -> Router {
         let authorize = from_fn_with_state(state.clone(), middleware::authorize);
         (path, handler.route_layer(authorize))
     });
+    // OpenAI's SDKs read OpenAI's error object, so these answer errors in it.
+    let openai = [
+        (
+            "/v1/chat/completions",
+            with_body_limit(
+                post(openai::chat_completions),
+                state.config.completions_body_limit(),
+            ),
+        ),
+        (
+            "/v1/models",
+            with_body_limit(get(openai::models), body_limit),
+        ),
+    ]
+    .map(|(path, handler)| {
+        let authorize = from_fn_with_state(state.clone(), middleware::authorize);
+        let handler = handler
+            .route_layer(authorize)
+            .layer(map_response(openai::openai_errors));
+        (path, handler)
+    });
     let public = with_and_without_slash(public);
     let authorised = with_and_without_slash(authorised);
+    let openai = with_and_without_slash(openai);
     public
         .merge(authorised)
+        .merge(openai)
         .fallback(|| async { ApiError::NotFound })
         .layer(map_response(middleware::envelope_bare_errors))
         .layer(CatchPanicLayer::custom(middleware::panic_response))

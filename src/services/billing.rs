@@ -18,7 +18,7 @@ use crate::{
     domain::{ChatStatus, IdempotencyKey, Message},
     services::{
         conversations::{self, Turn},
-        llm::{AnswerStream, LlmError, Piece, Usage},
+        llm::{AnswerStream, Ask, LlmError, Piece, PromptMessage, Role, Usage},
         recovery, sha256_hex, ServiceError, ServiceResult,
     },
     AppState,
@@ -73,6 +73,19 @@ pub struct Question {
     /// `None`: a new conversation, titled with the message.
     pub conversation_id: Option<i64>,
     pub idempotency_key: Option<IdempotencyKey>,
+    /// The whole conversation as an OpenAI client sends it (`message` is its last user
+    /// message): sent upstream as given, instead of a stored conversation's turns.
+    pub client_prompt: Option<ClientPrompt>,
+}
+
+/// What a client of the OpenAI-compatible route asks the model, as it sent it.
+#[derive(Debug, Clone)]
+pub struct ClientPrompt {
+    pub messages: Vec<(Role, String)>,
+    /// One of the served models.
+    pub model: String,
+    /// Sampling fields, passed upstream as given.
+    pub extra: serde_json::Map<String, serde_json::Value>,
 }
 
 /// Pieces of answer that may wait for a slow client before the model is read no further.
@@ -137,6 +150,7 @@ struct ChatRequest {
     message: Message,
     conversation_id: Option<i64>,
     idempotency_key: Option<IdempotencyKey>,
+    client_prompt: Option<ClientPrompt>,
     client_gone: CancellationToken,
 }
 
@@ -163,6 +177,7 @@ impl ChatRequest {
             message: question.message,
             conversation_id: question.conversation_id,
             idempotency_key: question.idempotency_key,
+            client_prompt: question.client_prompt,
             client_gone: client_gone.clone(),
         };
         (request, client_gone)
@@ -175,6 +190,26 @@ impl ChatRequest {
         }
     }
 
+    /// What the model is sent: the client's own conversation, or the system prompt, the
+    /// stored conversation's earlier turns and the new message.
+    fn prompt<'a>(&'a self, earlier: &'a [Turn]) -> Vec<PromptMessage<'a>> {
+        match &self.client_prompt {
+            Some(client) => self.state.llm.prompt_as_given(&client.messages),
+            None => self.state.llm.prompt(earlier, self.message.as_str()),
+        }
+    }
+
+    fn ask<'a>(&'a self, prompt: &'a [PromptMessage<'a>]) -> Ask<'a> {
+        Ask {
+            messages: prompt,
+            model: self
+                .client_prompt
+                .as_ref()
+                .map(|client| client.model.as_str()),
+            extra: self.client_prompt.as_ref().map(|client| &client.extra),
+        }
+    }
+
     /// Claims the idempotency key, if any, and reserves the price.
     async fn begin(&self) -> ServiceResult<Begun> {
         if let Some(key) = &self.idempotency_key {
@@ -183,6 +218,8 @@ impl ChatRequest {
             }
         }
         let earlier = match self.conversation_id {
+            // A client that sends its own conversation gets no stored turns.
+            _ if self.client_prompt.is_some() => Vec::new(),
             None => Vec::new(),
             Some(id) => match conversations::context(&self.state, self.user_id, id).await {
                 Ok(earlier) => earlier,
@@ -249,12 +286,13 @@ impl ChatRequest {
         };
         let state = &self.state;
         let chat_id = reserved.chat_id;
-        let prompt = state.llm.prompt(&reserved.earlier, self.message.as_str());
+        let prompt = self.prompt(&reserved.earlier);
+        let ask = self.ask(&prompt);
         let upstream = tokio::select! {
             biased;
             _ = self.client_gone.cancelled() => Err(ServiceError::ClientGone),
             _ = state.cancel_chats.cancelled() => Err(ServiceError::ShuttingDown),
-            upstream = state.llm.stream(&prompt) => upstream.map_err(ServiceError::from),
+            upstream = state.llm.stream(&ask) => upstream.map_err(ServiceError::from),
         };
         let upstream = match upstream {
             Ok(upstream) => upstream,
@@ -386,9 +424,18 @@ impl ChatRequest {
     async fn claim(&self, key: &IdempotencyKey) -> ServiceResult<Option<ChatAnswer>> {
         let db = &self.state.db;
         // The conversation is part of the request: the same key in another is a reuse.
-        let request_hash = match self.conversation_id {
-            None => sha256_hex(self.message.as_str().as_bytes()),
-            Some(id) => sha256_hex(format!("{id}\0{}", self.message.as_str()).as_bytes()),
+        let request_hash = match (&self.client_prompt, self.conversation_id) {
+            (Some(client), _) => {
+                let messages: Vec<(&str, &str)> = client
+                    .messages
+                    .iter()
+                    .map(|(role, content)| (role.as_str(), content.as_str()))
+                    .collect();
+                let request = serde_json::json!([client.model, messages]);
+                sha256_hex(request.to_string().as_bytes())
+            }
+            (None, None) => sha256_hex(self.message.as_str().as_bytes()),
+            (None, Some(id)) => sha256_hex(format!("{id}\0{}", self.message.as_str()).as_bytes()),
         };
         let lifetime = self.state.config.idempotency_key_lifetime;
         let expired_before = db::unix_now() - lifetime.as_secs() as i64;
@@ -445,7 +492,8 @@ impl ChatRequest {
     async fn answer_and_settle(&self, reserved: Reserved) -> ServiceResult<ChatAnswer> {
         let state = &self.state;
         let chat_id = reserved.chat_id;
-        let prompt = state.llm.prompt(&reserved.earlier, self.message.as_str());
+        let prompt = self.prompt(&reserved.earlier);
+        let ask = self.ask(&prompt);
         let answer = tokio::select! {
             biased;
             _ = self.client_gone.cancelled() => None,
@@ -454,7 +502,7 @@ impl ChatRequest {
                 self.refund(chat_id).await;
                 return Err(ServiceError::ShuttingDown);
             }
-            answer = state.llm.complete(&prompt) => Some(answer),
+            answer = state.llm.complete(&ask) => Some(answer),
         };
         let failure = match answer {
             Some(Ok(completion)) if !self.client_gone.is_cancelled() => {

@@ -16,6 +16,10 @@ use crate::{config::Config, services::demo};
 pub struct LlmClient {
     model: Arc<Model>,
     system_prompt: Arc<str>,
+    /// Every model name clients may ask for: `LLM_MODEL` and `LLM_MODELS`, or `demo`.
+    served: Arc<[String]>,
+    /// When this client was made (Unix seconds): the `created` of the models it serves.
+    since: i64,
 }
 
 enum Model {
@@ -81,16 +85,62 @@ pub struct PromptMessage<'a> {
     pub content: &'a str,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
     System,
     User,
     Assistant,
 }
 
+impl Role {
+    /// The name OpenAI's protocol gives the role.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::System => "system",
+            Self::User => "user",
+            Self::Assistant => "assistant",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        [Self::System, Self::User, Self::Assistant]
+            .into_iter()
+            .find(|role| role.as_str() == text)
+    }
+}
+
+impl Serialize for Role {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
+}
+
+/// One request to the model: the conversation to continue, and what a client of the
+/// OpenAI-compatible route chose beyond it.
+#[derive(Debug, Clone, Copy)]
+pub struct Ask<'a> {
+    pub messages: &'a [PromptMessage<'a>],
+    /// `None`: `LLM_MODEL`.
+    pub model: Option<&'a str>,
+    /// Sampling fields (`temperature`, `max_tokens`, ...) passed upstream as given.
+    pub extra: Option<&'a serde_json::Map<String, serde_json::Value>>,
+}
+
+impl<'a> Ask<'a> {
+    /// The conversation alone, to the configured model with its defaults.
+    pub fn plain(messages: &'a [PromptMessage<'a>]) -> Self {
+        Self {
+            messages,
+            model: None,
+            extra: None,
+        }
+    }
+}
+
 #[derive(Serialize)]
 struct CompletionRequest<'a> {
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    extra: Option<&'a serde_json::Map<String, serde_json::Value>>,
     model: &'a str,
     messages: &'a [PromptMessage<'a>],
     #[serde(skip_serializing_if = "std::ops::Not::not")]
@@ -164,10 +214,33 @@ impl LlmClient {
                 })
             }
         };
+        let served: Vec<String> = match model {
+            Model::Demo => vec![demo::MODEL_NAME.to_string()],
+            Model::Upstream(_) => std::iter::once(&config.llm_model)
+                .chain(&config.llm_models)
+                .fold(Vec::new(), |mut names, name| {
+                    if !names.contains(name) {
+                        names.push(name.clone());
+                    }
+                    names
+                }),
+        };
         Ok(Self {
             model: Arc::new(model),
             system_prompt: config.llm_system_prompt.as_str().into(),
+            served: served.into(),
+            since: crate::db::unix_now(),
         })
+    }
+
+    /// The names of every model served, the default first, and since when (Unix seconds).
+    pub fn served_models(&self) -> (&[String], i64) {
+        (&self.served, self.since)
+    }
+
+    /// Whether `name` is one of the served models.
+    pub fn serves(&self, name: &str) -> bool {
+        self.served.iter().any(|served| served == name)
     }
 
     /// The model's name: the upstream's `LLM_MODEL`, or `demo`.
@@ -207,19 +280,36 @@ impl LlmClient {
         prompt
     }
 
+    /// A client's own conversation, as it sent it: `LLM_SYSTEM_PROMPT` goes first only
+    /// when it holds no system message.
+    pub fn prompt_as_given<'a>(&'a self, messages: &'a [(Role, String)]) -> Vec<PromptMessage<'a>> {
+        let has_system = messages.iter().any(|(role, _)| *role == Role::System);
+        let system = (!has_system).then(|| PromptMessage {
+            role: Role::System,
+            content: &self.system_prompt,
+        });
+        system
+            .into_iter()
+            .chain(messages.iter().map(|(role, content)| PromptMessage {
+                role: *role,
+                content,
+            }))
+            .collect()
+    }
+
     /// Asks for a whole answer (`choices[0].message.content`).
     #[tracing::instrument(level = "debug", skip_all)]
-    pub async fn complete(&self, turns: &[PromptMessage<'_>]) -> Result<Completion, LlmError> {
+    pub async fn complete(&self, ask: &Ask<'_>) -> Result<Completion, LlmError> {
         let upstream = match &*self.model {
             Model::Demo => {
                 return Ok(Completion {
-                    content: demo::answer(last_user_message(turns)),
+                    content: demo::answer(last_user_message(ask.messages)),
                     usage: None,
                 })
             }
             Model::Upstream(upstream) => upstream,
         };
-        let response = upstream.send(turns, false).await?;
+        let response = upstream.send(ask, false).await?;
         let completion: CompletionResponse = response.json().await.map_err(classify)?;
         let content = completion
             .choices
@@ -243,12 +333,12 @@ impl LlmClient {
     /// Past `LLM_STREAM_IDLE_SECS` of silence, or `LLM_TIMEOUT_SECS` in all, the stream
     /// ends with `Timeout`.
     #[tracing::instrument(level = "debug", skip_all)]
-    pub async fn stream(&self, turns: &[PromptMessage<'_>]) -> Result<AnswerStream, LlmError> {
+    pub async fn stream(&self, ask: &Ask<'_>) -> Result<AnswerStream, LlmError> {
         let upstream = match &*self.model {
-            Model::Demo => return Ok(demo_stream(demo::answer(last_user_message(turns)))),
+            Model::Demo => return Ok(demo_stream(demo::answer(last_user_message(ask.messages)))),
             Model::Upstream(upstream) => upstream,
         };
-        let response = upstream.send(turns, true).await?;
+        let response = upstream.send(ask, true).await?;
         let idle = upstream.stream_idle;
         let events = response.bytes_stream().eventsource();
         let pieces = futures_util::stream::unfold(
@@ -290,14 +380,11 @@ impl LlmClient {
 
 impl Upstream {
     /// Posts the request; the response once its head says success.
-    async fn send(
-        &self,
-        turns: &[PromptMessage<'_>],
-        stream: bool,
-    ) -> Result<reqwest::Response, LlmError> {
+    async fn send(&self, ask: &Ask<'_>, stream: bool) -> Result<reqwest::Response, LlmError> {
         let body = CompletionRequest {
-            model: &self.model,
-            messages: turns,
+            extra: ask.extra,
+            model: ask.model.unwrap_or(&self.model),
+            messages: ask.messages,
             stream,
             stream_options: stream.then_some(StreamOptions {
                 include_usage: true,

@@ -11,6 +11,7 @@ mod hardening;
 mod hostile;
 mod keys;
 mod migrations;
+mod openai;
 mod postgres;
 mod properties;
 mod server;
