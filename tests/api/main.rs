@@ -14,5 +14,6 @@ mod migrations;
 mod openai;
 mod postgres;
 mod properties;
+mod sdk;
 mod server;
 mod streaming;
