@@ -238,6 +238,61 @@ async fn a_stream_that_fails_after_it_began_ends_with_an_error_event_and_charges
 }
 
 #[tokio::test]
+async fn a_client_gone_mid_stream_is_settled_by_the_same_rule_as_on_chat() {
+    let app = TestApp::new().await;
+    let key = key_of(&app, "user").await;
+    app.llm.set_reply(Reply::SlowStream {
+        every: Duration::from_millis(200),
+    });
+    let mut body = hello("llama3.2");
+    body["messages"][0]["content"] = json!("one two three four five six");
+    body["stream"] = json!(true);
+    let request = Request::builder()
+        .method(Method::POST)
+        .uri("/v1/chat/completions")
+        .header(header::CONTENT_TYPE, "application/json")
+        .header(header::AUTHORIZATION, format!("Bearer {key}"))
+        .body(Body::from(body.to_string()))
+        .unwrap();
+    let mut response = app
+        .router
+        .clone()
+        .oneshot(request)
+        .await
+        .unwrap()
+        .into_body();
+    // Read until the first piece of content has arrived, then hang up.
+    let mut seen = String::new();
+    while !seen.contains(r#""content":"Echo"#) {
+        let frame = tokio::time::timeout(Duration::from_secs(5), response.frame())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        if let Ok(data) = frame.into_data() {
+            seen.push_str(std::str::from_utf8(&data).unwrap());
+        }
+    }
+    drop(response);
+    assert!(
+        app.llm
+            .wait_for_cancelled_streams(1, Duration::from_secs(1))
+            .await
+    );
+    for _ in 0..300 {
+        let chats = app.get_authorized("/chats", &key).await.json;
+        if chats["chats"][0]["status"] != "pending" {
+            assert_eq!(chats["chats"][0]["status"], "abandoned");
+            assert_eq!(chats["chats"][0]["tokens_charged"], 100);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(app.balance(&key).await, 3900);
+    app.assert_all_settled().await;
+}
+
+#[tokio::test]
 async fn errors_are_openais_error_object_with_the_same_statuses() {
     let app = TestApp::with_env(&[("INITIAL_TOKENS", "100")]).await;
     let key = key_of(&app, "user").await;
