@@ -11,7 +11,7 @@ use axum::{
     },
     Extension, Json,
 };
-use futures_util::{stream, Stream, StreamExt};
+use futures_util::{stream, StreamExt};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -22,7 +22,7 @@ use super::{
 };
 use crate::{
     domain::Message,
-    services::billing::{self, ChatAnswer, Question, StreamEvent, StreamedChat},
+    services::billing::{self, Question, StreamEvent, StreamedChat},
     AppState,
 };
 
@@ -94,61 +94,34 @@ fn accepts_event_stream(headers: &HeaderMap) -> bool {
 
 /// `start`, then `delta`s as the model writes, then `done` or `error`.
 fn event_stream(started: StreamedChat) -> Response {
-    let (ids, events, replayed): (ChatIds, EventStream, bool) = match started {
-        StreamedChat::Live {
-            chat_id,
-            conversation_id,
-            events,
-        } => {
-            let events = stream::unfold(events, |mut events| async move {
-                events.recv().await.map(|event| (event, events))
-            });
-            let ids = ChatIds {
-                chat_id,
-                conversation_id: Some(conversation_id),
-            };
-            (ids, Box::pin(events), false)
-        }
-        StreamedChat::Replayed(answer) => {
-            let ids = ChatIds {
-                chat_id: answer.chat_id,
-                conversation_id: answer.conversation_id,
-            };
-            (ids, Box::pin(stream::iter(replay(answer))), true)
-        }
+    let chat = started.into_events();
+    let ids = ChatIds {
+        chat_id: chat.chat_id,
+        conversation_id: chat.conversation_id,
     };
     let start = Event::default().event("start").data(
         json!({ "chat_id": ids.chat_id, "conversation_id": ids.conversation_id }).to_string(),
     );
     let events = stream::once(async move { start })
-        .chain(events.map(move |event| sse_event(ids, event)))
+        .chain(chat.events.map(move |event| sse_event(ids, event)))
         .map(Ok::<_, Infallible>);
-    let keep_alive = KeepAlive::new()
-        .interval(KEEP_ALIVE_EVERY)
-        .text("keep-alive");
-    let replayed = replayed.then_some([(IDEMPOTENT_REPLAYED, "true")]);
-    (replayed, Sse::new(events).keep_alive(keep_alive)).into_response()
+    let replayed = chat.replayed.then_some([(IDEMPOTENT_REPLAYED, "true")]);
+    (replayed, Sse::new(events).keep_alive(keep_alive())).into_response()
 }
 
-type EventStream = std::pin::Pin<Box<dyn Stream<Item = StreamEvent> + Send>>;
+/// A comment line every 15 seconds while the model is silent, so that proxies and clients
+/// see the stream is alive.
+pub(super) fn keep_alive() -> KeepAlive {
+    KeepAlive::new()
+        .interval(KEEP_ALIVE_EVERY)
+        .text("keep-alive")
+}
 
 /// What every `start` and `done` event names.
 #[derive(Clone, Copy)]
 struct ChatIds {
     chat_id: i64,
     conversation_id: Option<i64>,
-}
-
-/// The events of a stream that already happened: the stored answer, whole, then `done`.
-fn replay(answer: ChatAnswer) -> [StreamEvent; 2] {
-    [
-        StreamEvent::Text(answer.response),
-        StreamEvent::Done {
-            balance: answer.balance,
-            charged: answer.charged,
-            usage: answer.usage,
-        },
-    ]
 }
 
 fn sse_event(ids: ChatIds, event: StreamEvent) -> Event {

@@ -1,14 +1,14 @@
 //! The OpenAI-compatible routes: `POST /v1/chat/completions` and `GET /v1/models`, metered
 //! exactly like `/chat`, and answering errors with OpenAI's error object.
 
-use std::{convert::Infallible, time::Duration};
+use std::convert::Infallible;
 
 use axum::{
     body::{to_bytes, Body},
     extract::State,
     http::{header, HeaderValue},
     response::{
-        sse::{Event, KeepAlive, Sse},
+        sse::{Event, Sse},
         IntoResponse, Response,
     },
     Extension, Json,
@@ -17,6 +17,7 @@ use futures_util::{stream, StreamExt};
 use serde_json::{json, Map, Value};
 
 use super::{
+    chat::keep_alive,
     error::ApiError,
     extract::{AuthUser, IdempotencyKey, Payload, TokensRemaining},
 };
@@ -24,7 +25,7 @@ use crate::{
     db::unix_now,
     domain::Message,
     services::{
-        billing::{self, ChatAnswer, ClientPrompt, Question, StreamEvent, StreamedChat},
+        billing::{self, ClientPrompt, Question, StreamEvent, StreamedChat},
         llm::{Role, Usage},
     },
     AppState,
@@ -52,9 +53,6 @@ const REFUSED: [&str; 5] = [
     "function_call",
     "audio",
 ];
-
-/// How often a stream whose model is silent says it is still there.
-const KEEP_ALIVE_EVERY: Duration = Duration::from_secs(15);
 
 pub async fn models(State(state): State<AppState>, _user: AuthUser) -> Json<Value> {
     let (names, since) = state.llm.served_models();
@@ -242,20 +240,8 @@ fn usage_json(usage: Option<Usage>) -> Value {
 /// comes, a last chunk with `finish_reason`, the usage chunk when asked for, `[DONE]`; a
 /// failure after the start is an `{"error": ...}` event.
 fn chunk_stream(started: StreamedChat, model: String, include_usage: bool) -> Response {
-    let (chat_id, events): (i64, futures_util::stream::BoxStream<'static, StreamEvent>) =
-        match started {
-            StreamedChat::Live {
-                chat_id, events, ..
-            } => {
-                let events = stream::unfold(events, |mut events| async move {
-                    events.recv().await.map(|event| (event, events))
-                });
-                (chat_id, events.boxed())
-            }
-            StreamedChat::Replayed(answer) => {
-                (answer.chat_id, stream::iter(replay(answer)).boxed())
-            }
-        };
+    let chat = started.into_events();
+    let chat_id = chat.chat_id;
     let created = unix_now();
     let chunk = move |delta: Value, finish_reason: Value| {
         json!({
@@ -268,7 +254,7 @@ fn chunk_stream(started: StreamedChat, model: String, include_usage: bool) -> Re
     };
     let first = chunk(json!({ "role": "assistant", "content": "" }), Value::Null);
     let events = stream::once(async move { vec![first] })
-        .chain(events.map(move |event| match event {
+        .chain(chat.events.map(move |event| match event {
             StreamEvent::Text(content) => vec![chunk(json!({ "content": content }), Value::Null)],
             StreamEvent::Done { usage, .. } => {
                 let mut last = vec![chunk(json!({}), json!("stop"))];
@@ -291,21 +277,7 @@ fn chunk_stream(started: StreamedChat, model: String, include_usage: bool) -> Re
             };
             Ok::<_, Infallible>(Event::default().data(text))
         });
-    let keep_alive = KeepAlive::new()
-        .interval(KEEP_ALIVE_EVERY)
-        .text("keep-alive");
-    Sse::new(events).keep_alive(keep_alive).into_response()
-}
-
-fn replay(answer: ChatAnswer) -> [StreamEvent; 2] {
-    [
-        StreamEvent::Text(answer.response),
-        StreamEvent::Done {
-            balance: answer.balance,
-            charged: answer.charged,
-            usage: answer.usage,
-        },
-    ]
+    Sse::new(events).keep_alive(keep_alive()).into_response()
 }
 
 /// Middleware of the `/v1` routes: every error answer, from a handler or a layer, in

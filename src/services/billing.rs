@@ -51,6 +51,51 @@ pub enum StreamedChat {
     Replayed(ChatAnswer),
 }
 
+/// A streamed chat read to its end, live or replayed.
+pub struct ChatEvents {
+    pub chat_id: i64,
+    /// `None` only for a replayed chat whose conversation was deleted since.
+    pub conversation_id: Option<i64>,
+    pub replayed: bool,
+    pub events: futures_util::stream::BoxStream<'static, StreamEvent>,
+}
+
+impl StreamedChat {
+    /// Its events as one stream: a live chat's as they come; a replayed one's stored answer,
+    /// whole, then `Done`, as the first time ended.
+    pub fn into_events(self) -> ChatEvents {
+        match self {
+            Self::Live {
+                chat_id,
+                conversation_id,
+                events,
+            } => ChatEvents {
+                chat_id,
+                conversation_id: Some(conversation_id),
+                replayed: false,
+                events: futures_util::stream::unfold(events, |mut events| async move {
+                    events.recv().await.map(|event| (event, events))
+                })
+                .boxed(),
+            },
+            Self::Replayed(answer) => ChatEvents {
+                chat_id: answer.chat_id,
+                conversation_id: answer.conversation_id,
+                replayed: true,
+                events: futures_util::stream::iter([
+                    StreamEvent::Text(answer.response),
+                    StreamEvent::Done {
+                        balance: answer.balance,
+                        charged: answer.charged,
+                        usage: answer.usage,
+                    },
+                ])
+                .boxed(),
+            },
+        }
+    }
+}
+
 /// What a streamed chat tells its client, in order.
 #[derive(Debug)]
 pub enum StreamEvent {
