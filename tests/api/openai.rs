@@ -36,15 +36,19 @@ async fn completions(app: &TestApp, key: &str, body: Value) -> TestResponse {
     .await
 }
 
-/// The `data:` payloads of a streamed completion, to its end.
-async fn stream_completion(app: &TestApp, key: &str, body: Value) -> Vec<String> {
-    let request = Request::builder()
+fn completion_request(key: &str, body: &Value) -> Request<Body> {
+    Request::builder()
         .method(Method::POST)
         .uri("/v1/chat/completions")
         .header(header::CONTENT_TYPE, "application/json")
         .header(header::AUTHORIZATION, format!("Bearer {key}"))
         .body(Body::from(body.to_string()))
-        .unwrap();
+        .unwrap()
+}
+
+/// The `data:` payloads of a streamed completion, to its end.
+async fn stream_completion(app: &TestApp, key: &str, body: Value) -> Vec<String> {
+    let request = completion_request(key, &body);
     let response = app.router.clone().oneshot(request).await.unwrap();
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(
@@ -247,13 +251,7 @@ async fn a_client_gone_mid_stream_is_settled_by_the_same_rule_as_on_chat() {
     let mut body = hello("llama3.2");
     body["messages"][0]["content"] = json!("one two three four five six");
     body["stream"] = json!(true);
-    let request = Request::builder()
-        .method(Method::POST)
-        .uri("/v1/chat/completions")
-        .header(header::CONTENT_TYPE, "application/json")
-        .header(header::AUTHORIZATION, format!("Bearer {key}"))
-        .body(Body::from(body.to_string()))
-        .unwrap();
+    let request = completion_request(&key, &body);
     let mut response = app
         .router
         .clone()
