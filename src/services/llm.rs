@@ -126,17 +126,6 @@ pub struct Ask<'a> {
     pub extra: Option<&'a serde_json::Map<String, serde_json::Value>>,
 }
 
-impl<'a> Ask<'a> {
-    /// The conversation alone, to the configured model with its defaults.
-    pub fn plain(messages: &'a [PromptMessage<'a>]) -> Self {
-        Self {
-            messages,
-            model: None,
-            extra: None,
-        }
-    }
-}
-
 #[derive(Serialize)]
 struct CompletionRequest<'a> {
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
