@@ -39,6 +39,9 @@ use rand::rngs::OsRng;
 use serde_json::{json, Value};
 use tokio::net::{TcpListener, TcpStream};
 
+#[path = "load/big_db.rs"]
+mod big_db;
+
 /// Set in the environment of the copy of this binary that measures raw Argon2.
 const ROLE: &str = "TOKENCHAT_BENCH_ROLE";
 const SERVER_CORE: usize = 0;
@@ -46,6 +49,8 @@ const LOAD_CORE: usize = 1;
 const CONNECTIONS: usize = 32;
 const WARM_UP: Duration = Duration::from_secs(1);
 const SLOW_CHATS: usize = 1000;
+const LOGIN_BURST: usize = 200;
+const READERS_DURING_LOGINS: usize = 8;
 const SLOW_MODEL: Duration = Duration::from_secs(2);
 /// Streams open at once on a slow streaming model.
 const SLOW_STREAMS: usize = 2000;
@@ -100,7 +105,11 @@ async fn run(pinned: bool) {
     let measured = Duration::from_secs(secs);
     let model = start_fake_model().await;
     let dir = tempfile::tempdir().expect("temporary directory");
-    if let Ok(postgres) = std::env::var("BENCH_POSTGRES_URL") {
+    let postgres = std::env::var("BENCH_POSTGRES_URL").ok();
+    if std::env::var("BENCH_BIG").is_ok_and(|big| big == "1") {
+        return growth(dir.path(), model, pinned, measured, postgres.as_deref()).await;
+    }
+    if let Some(postgres) = postgres {
         return compare_backends(dir.path(), model, pinned, measured, &postgres).await;
     }
     let sqlite = format!("sqlite://{}", dir.path().join("bench.db").display());
@@ -163,6 +172,48 @@ async fn run(pinned: bool) {
         server.reset_peak();
         let outcome = closed_loop(target.addr, connections, measured, expected, make).await;
         rows.push(Row::new(name, connections, &outcome, server.peak_rss()));
+    }
+
+    // Reads while the server's core also hashes passwords: a few connections asking for
+    // the balance beside LOGIN_BURST connections logging in.
+    let during_logins = format!("GET /balance during {LOGIN_BURST} logins");
+    if only
+        .as_deref()
+        .is_none_or(|only| during_logins.contains(only))
+    {
+        let login_body = json!({ "username": "bench", "password": "bench-password" }).to_string();
+        let (balance, logins) = (target.get("/balance"), target.post("/login", login_body));
+        let both = |duration| {
+            let (balance, logins) = (balance.clone(), logins.clone());
+            let addr = target.addr;
+            async move {
+                tokio::join!(
+                    closed_loop(
+                        addr,
+                        READERS_DURING_LOGINS,
+                        duration,
+                        StatusCode::OK,
+                        balance
+                    ),
+                    closed_loop(addr, LOGIN_BURST, duration, StatusCode::OK, logins),
+                )
+            }
+        };
+        both(WARM_UP).await;
+        server.reset_peak();
+        let (balance, logins) = both(measured).await;
+        rows.push(Row::new(
+            &during_logins,
+            READERS_DURING_LOGINS,
+            &balance,
+            server.peak_rss(),
+        ));
+        rows.push(Row::new(
+            "POST /login beside those reads",
+            LOGIN_BURST,
+            &logins,
+            server.peak_rss(),
+        ));
     }
 
     if only.is_some() {
@@ -344,20 +395,7 @@ async fn compare_backends(
         let database_url = if backend == "SQLite" {
             format!("sqlite://{}", dir.join("compare.db").display())
         } else {
-            let mut admin = PgConnection::connect(postgres_server)
-                .await
-                .expect("PostgreSQL");
-            sqlx::query(&format!("DROP DATABASE IF EXISTS {name}"))
-                .execute(&mut admin)
-                .await
-                .expect("drop");
-            sqlx::query(&format!("CREATE DATABASE {name}"))
-                .execute(&mut admin)
-                .await
-                .expect("create");
-            let mut url = reqwest::Url::parse(postgres_server).expect("a URL");
-            url.set_path(&name);
-            url.to_string()
+            postgres_database(postgres_server, &name, Fresh::Yes).await
         };
         let mut servers = Vec::new();
         for _ in 0..instances {
@@ -448,6 +486,218 @@ async fn compare_backends(
     }
 }
 
+/// Whether [`postgres_database`] empties a database that exists.
+#[derive(PartialEq)]
+enum Fresh {
+    Yes,
+    KeepIfThere,
+}
+
+/// The URL of database `name` on the server, created first (or, `Fresh::Yes`, made anew).
+async fn postgres_database(server: &str, name: &str, fresh: Fresh) -> String {
+    use sqlx::{Connection, PgConnection};
+
+    let mut admin = PgConnection::connect(server).await.expect("PostgreSQL");
+    if fresh == Fresh::Yes {
+        sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .execute(&mut admin)
+            .await
+            .expect("drop");
+    }
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+            .bind(name)
+            .fetch_one(&mut admin)
+            .await
+            .expect("catalogue");
+    if !exists {
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&mut admin)
+            .await
+            .expect("create");
+    }
+    let mut url = reqwest::Url::parse(server).expect("a URL");
+    url.set_path(name);
+    url.to_string()
+}
+
+/// `BENCH_BIG=1`: `/balance`, `/chat` and the history routes on an empty database and on the
+/// big one of [`big_db`] (generated on the first such run, then reused), then
+/// `tokenchat audit` on each, with its time and peak memory; on SQLite, and on PostgreSQL
+/// too when `BENCH_POSTGRES_URL` is set. Every figure of the big database is set beside the
+/// empty one's from the same run.
+async fn growth(
+    dir: &Path,
+    model: SocketAddr,
+    pinned: bool,
+    measured: Duration,
+    postgres_server: Option<&str>,
+) {
+    println!(
+        "tokenchat growth benchmark: {} s per scenario, {CONNECTIONS} connections",
+        measured.as_secs()
+    );
+    println!("{}", describe_machine(pinned));
+    println!();
+    let mut backends = vec![(
+        "SQLite",
+        format!("sqlite://{}", dir.join("empty.db").display()),
+        format!("sqlite://{}/bench-big.db", env!("CARGO_TARGET_TMPDIR")),
+    )];
+    if let Some(server) = postgres_server {
+        backends.push((
+            "PostgreSQL",
+            postgres_database(server, "tokenchat_bench_empty", Fresh::Yes).await,
+            postgres_database(server, "tokenchat_bench_big", Fresh::KeepIfThere).await,
+        ));
+    }
+    let password_hash = Argon2::default()
+        .hash_password(b"bench-password", &SaltString::generate(&mut OsRng))
+        .expect("hash")
+        .to_string();
+    let chat_body = json!({ "message": "code hello world in python" }).to_string();
+    // BENCH_ONLY=<text>: only the first four routes whose name holds it, and no audit.
+    let only = std::env::var("BENCH_ONLY").ok();
+    let mut rows = Vec::new();
+    let mut audits = Vec::new();
+    for (backend, empty, big) in &backends {
+        if !big_db::exists(big).await {
+            println!("generating the big {backend} database (once; later runs reuse it)");
+            big_db::generate(big, &password_hash).await;
+        }
+        let (users, ledger, chats) = big_db::counts(big).await;
+        println!("big {backend} database: {users} users, {ledger} ledger rows, {chats} chats");
+        for (size, url) in [("empty", empty), ("big", big)] {
+            let server = Server::start(dir, url, model, pinned).await;
+            let anonymous = Target {
+                addr: server.addr,
+                token: String::new(),
+            };
+            let token = if size == "empty" {
+                anonymous
+                    .register_and_login("bench", "bench-password")
+                    .await
+            } else {
+                anonymous.login("user1", "bench-password").await
+            };
+            let target = Target { token, ..anonymous };
+            let label = |route: &str| format!("{route} ({backend}, {size})");
+            let routes = [
+                ("GET /balance", target.get("/balance")),
+                ("POST /chat", target.post("/chat", chat_body.clone())),
+                ("GET /chats", target.get("/chats")),
+                ("GET /transactions", target.get("/transactions")),
+            ];
+            for (route, make) in routes
+                .into_iter()
+                .filter(|(route, _)| only.as_deref().is_none_or(|only| route.contains(only)))
+            {
+                closed_loop(
+                    target.addr,
+                    CONNECTIONS,
+                    WARM_UP,
+                    StatusCode::OK,
+                    make.clone(),
+                )
+                .await;
+                let outcome =
+                    closed_loop(target.addr, CONNECTIONS, measured, StatusCode::OK, make).await;
+                rows.push(Row::new(&label(route), CONNECTIONS, &outcome, None));
+            }
+            if only.is_some() {
+                continue;
+            }
+            // A page from the middle of the user's history: the cursor is half the newest id.
+            for (route, list) in [("/chats", "chats"), ("/transactions", "transactions")] {
+                let (_, first) = send_once(
+                    target.addr,
+                    request(Method::GET, route, Some(&target.token), String::new()),
+                )
+                .await;
+                let newest = first[list][0]["id"].as_i64().expect("a first page");
+                let path: &'static str =
+                    Box::leak(format!("{route}?cursor={}", newest / 2).into_boxed_str());
+                let make = target.get(path);
+                closed_loop(
+                    target.addr,
+                    CONNECTIONS,
+                    WARM_UP,
+                    StatusCode::OK,
+                    make.clone(),
+                )
+                .await;
+                let outcome =
+                    closed_loop(target.addr, CONNECTIONS, measured, StatusCode::OK, make).await;
+                rows.push(Row::new(
+                    &label(&format!("GET {route}, a page deep in the history")),
+                    CONNECTIONS,
+                    &outcome,
+                    None,
+                ));
+            }
+            drop(server);
+            audits.push((label("tokenchat audit"), run_audit(dir, url)));
+        }
+    }
+    print_table(&rows);
+    println!();
+    for (label, (elapsed, peak_rss, summary)) in &audits {
+        println!(
+            "{label}: {:.1} s, peak RSS {:.1} MB: {summary}",
+            elapsed.as_secs_f64(),
+            *peak_rss as f64 / 1e6
+        );
+    }
+    println!();
+    for row in rows.iter().filter(|row| row.name.ends_with(", big)")) {
+        let empty_name = row.name.replace(", big)", ", empty)");
+        let Some(empty) = rows.iter().find(|other| other.name == empty_name) else {
+            continue;
+        };
+        println!(
+            "{}: big/empty requests/s {:.2}, p50 {:.2}, p99 {:.2}",
+            row.name.replace(", big)", ")"),
+            row.rps / empty.rps,
+            row.p50 as f64 / empty.p50.max(1) as f64,
+            row.p99 as f64 / empty.p99.max(1) as f64,
+        );
+    }
+}
+
+/// Runs `tokenchat audit` on `url`: how long it took, its peak resident memory (bytes: the
+/// last `VmHWM` sampled, every 10 ms, before it ended) and its summary line.
+fn run_audit(dir: &Path, url: &str) -> (Duration, u64, String) {
+    let started = Instant::now();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tokenchat"))
+        .arg("audit")
+        .current_dir(dir)
+        .env("DATABASE_URL", url)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("tokenchat audit");
+    let pid = child.id();
+    let stdout = child.stdout.take().expect("stdout");
+    let reader = std::thread::spawn(move || {
+        let mut output = String::new();
+        std::io::Read::read_to_string(&mut { stdout }, &mut output).map(|_| output)
+    });
+    let mut peak = 0;
+    while child.try_wait().expect("audit").is_none() {
+        peak = peak.max(proc_status_kb(pid, "VmHWM:") * 1024);
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let elapsed = started.elapsed();
+    let output = reader.join().expect("reader").expect("audit output");
+    let summary = output
+        .lines()
+        .rfind(|line| line.starts_with("audit "))
+        .unwrap_or("no summary")
+        .to_string();
+    (elapsed, peak, summary)
+}
+
 /// Transactions committed in database `name` so far (0 for SQLite). Statistics reach
 /// `pg_stat_database` with a delay, so this first waits for them to settle.
 async fn transactions_committed(server: &str, name: &str, backend: &str) -> u64 {
@@ -505,10 +755,15 @@ impl Target {
         let credentials = json!({ "username": username, "password": password }).to_string();
         let (status, _) = send_once(
             self.addr,
-            request(Method::POST, "/register", None, credentials.clone()),
+            request(Method::POST, "/register", None, credentials),
         )
         .await;
         assert_eq!(status, StatusCode::CREATED, "bench registration failed");
+        self.login(username, password).await
+    }
+
+    async fn login(&self, username: &str, password: &str) -> String {
+        let credentials = json!({ "username": username, "password": password }).to_string();
         let (_, login) = send_once(
             self.addr,
             request(Method::POST, "/login", None, credentials),
@@ -961,17 +1216,18 @@ impl Row {
 
 fn print_table(rows: &[Row]) {
     let ms = |micros: u64| format!("{:.3}", micros as f64 / 1000.0);
-    println!("| scenario | connections | requests/s | p50 ms | p90 ms | p99 ms | errors | server peak RSS MB |");
-    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    println!("| scenario | connections | requests/s | p50 ms | p90 ms | p99 ms | p99/p50 | errors | server peak RSS MB |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     for row in rows {
         println!(
-            "| {} | {} | {:.0} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {:.0} | {} | {} | {} | {:.2} | {} | {} |",
             row.name,
             row.connections,
             row.rps,
             ms(row.p50),
             ms(row.p90),
             ms(row.p99),
+            row.p99 as f64 / row.p50.max(1) as f64,
             row.errors,
             row.peak_rss
                 .map_or("-".to_string(), |rss| format!("{:.1}", rss as f64 / 1e6)),

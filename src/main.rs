@@ -183,19 +183,18 @@ fn raise_descriptor_limit_and_log_cap(config: &Config) {
 
 async fn audit(config: Config) -> Result<ExitCode, String> {
     let database = open_database(&config, db::Open::ExistingOnly).await?;
-    let report = services::audit::run(&database)
-        .await
-        .map_err(|err| format!("audit failed to run: {}", with_sources(&err)))?;
-    for offence in &report.offences {
+    let report = services::audit::run_reporting(&database, |offence| {
         println!("OFFENCE {offence}");
-    }
+    })
+    .await
+    .map_err(|err| format!("audit failed to run: {}", with_sources(&err)))?;
     println!(
         "audit {}: {} users, {} chats, {} ledger rows, {} offences",
         if report.passed() { "passed" } else { "FAILED" },
         report.users,
         report.chats,
         report.ledger_rows,
-        report.offences.len()
+        report.offence_count
     );
     Ok(if report.passed() {
         ExitCode::SUCCESS

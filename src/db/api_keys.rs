@@ -1,6 +1,6 @@
 //! Queries on `api_keys`, which hold only SHA-256 hashes of the keys handed out.
 
-use super::{db_run, unix_now, Db};
+use super::{db_read, db_run, unix_now, Db};
 
 /// A live key as its owner sees it in a list.
 #[derive(Debug, sqlx::FromRow)]
@@ -53,7 +53,7 @@ pub async fn insert(
 /// The user's live keys, oldest first.
 #[tracing::instrument(level = "debug", skip_all)]
 pub async fn live(db: &Db, user_id: i64) -> Result<Vec<ApiKey>, sqlx::Error> {
-    db_run!(db, pool => sqlx::query_as(
+    db_read!(db, pool => sqlx::query_as(
         "SELECT id, name, prefix, created_at, last_used_at FROM api_keys
          WHERE user_id = $1 AND revoked_at IS NULL ORDER BY id",
     )
@@ -81,7 +81,7 @@ pub async fn revoke(db: &Db, user_id: i64, id: i64) -> Result<bool, sqlx::Error>
 /// The owner of a live key hash, read with their balance in one query.
 #[tracing::instrument(level = "debug", skip_all)]
 pub async fn find_owner(db: &Db, key_hash: &str) -> Result<Option<KeyOwner>, sqlx::Error> {
-    db_run!(db, pool => sqlx::query_as(
+    db_read!(db, pool => sqlx::query_as(
         "SELECT k.id AS key_id, k.user_id, u.tokens, k.last_used_at
          FROM api_keys k JOIN users u ON u.id = k.user_id
          WHERE k.key_hash = $1 AND k.revoked_at IS NULL",

@@ -1,6 +1,9 @@
-//! Read-only queries that check the ledger against balances and chats.
+//! Read-only queries that check the ledger against balances and chats. Each streams what
+//! it finds, so a database with many offences is not held in memory at once.
 
-use super::{db_run, Db};
+use futures_util::stream::BoxStream;
+
+use super::{db_read, Db};
 use crate::domain::ChatStatus;
 
 /// A user whose balance is not the sum of their ledger rows.
@@ -39,22 +42,19 @@ pub struct ChatMoves {
     pub strays: i64,
 }
 
-#[tracing::instrument(level = "debug", skip_all)]
-pub async fn balance_mismatches(db: &Db) -> Result<Vec<BalanceMismatch>, sqlx::Error> {
-    db_run!(db, pool => sqlx::query_as(
+pub fn balance_mismatches(db: &Db) -> BoxStream<'_, Result<BalanceMismatch, sqlx::Error>> {
+    db_read!(db, pool => sqlx::query_as(
         "SELECT u.id AS user_id, u.username, u.tokens, CAST(COALESCE(SUM(l.amount), 0) AS BIGINT) AS ledger_sum
          FROM users u LEFT JOIN ledger l ON l.user_id = u.id
          GROUP BY u.id, u.username, u.tokens
          HAVING u.tokens <> CAST(COALESCE(SUM(l.amount), 0) AS BIGINT)
          ORDER BY u.id",
     )
-    .fetch_all(pool)
-    .await)
+    .fetch(pool))
 }
 
-#[tracing::instrument(level = "debug", skip_all)]
-pub async fn running_mismatches(db: &Db) -> Result<Vec<RunningMismatch>, sqlx::Error> {
-    db_run!(db, pool => sqlx::query_as(
+pub fn running_mismatches(db: &Db) -> BoxStream<'_, Result<RunningMismatch, sqlx::Error>> {
+    db_read!(db, pool => sqlx::query_as(
         "SELECT entry_id, user_id, balance_after, running_sum FROM (
              SELECT id AS entry_id, user_id, balance_after,
                     CAST(SUM(amount) OVER (PARTITION BY user_id ORDER BY id) AS BIGINT) AS running_sum
@@ -63,8 +63,7 @@ pub async fn running_mismatches(db: &Db) -> Result<Vec<RunningMismatch>, sqlx::E
          WHERE balance_after <> running_sum
          ORDER BY entry_id",
     )
-    .fetch_all(pool)
-    .await)
+    .fetch(pool))
 }
 
 /// Chats whose ledger rows do not match their status. The rule: every chat has exactly one
@@ -72,9 +71,8 @@ pub async fn running_mismatches(db: &Db) -> Result<Vec<RunningMismatch>, sqlx::E
 /// one exactly one if it was refunded and none if not; an answered or pending chat none,
 /// and an answered chat has its response unless its conversation was deleted; no other
 /// row names a chat.
-#[tracing::instrument(level = "debug", skip_all)]
-pub async fn chat_mismatches(db: &Db) -> Result<Vec<ChatMoves>, sqlx::Error> {
-    db_run!(db, pool => sqlx::query_as(
+pub fn chat_mismatches(db: &Db) -> BoxStream<'_, Result<ChatMoves, sqlx::Error>> {
+    db_read!(db, pool => sqlx::query_as(
         "SELECT * FROM (
              SELECT c.id AS chat_id, c.status, c.cost, c.refunded,
                  c.response IS NOT NULL AS has_response, c.erased_at IS NOT NULL AS erased,
@@ -99,14 +97,13 @@ pub async fn chat_mismatches(db: &Db) -> Result<Vec<ChatMoves>, sqlx::Error> {
          )
          ORDER BY chat_id",
     )
-    .fetch_all(pool)
-    .await)
+    .fetch(pool))
 }
 
 /// How many users, chats and ledger rows the audit looked at.
 #[tracing::instrument(level = "debug", skip_all)]
 pub async fn totals(db: &Db) -> Result<(i64, i64, i64), sqlx::Error> {
-    db_run!(db, pool => sqlx::query_as(
+    db_read!(db, pool => sqlx::query_as(
         "SELECT (SELECT COUNT(*) FROM users), (SELECT COUNT(*) FROM chats), (SELECT COUNT(*) FROM ledger)",
     )
     .fetch_one(pool)

@@ -1,6 +1,6 @@
 //! Queries on `conversations`, and on the chats of one.
 
-use super::{chats::Chat, db_run, unix_now, Db};
+use super::{chats::Chat, db_read, db_run, unix_now, Db};
 
 /// A conversation as its owner sees it.
 #[derive(Debug, sqlx::FromRow)]
@@ -13,7 +13,7 @@ pub struct Conversation {
 /// One of the user's conversations; `None` for an unknown id or someone else's.
 #[tracing::instrument(level = "debug", skip_all)]
 pub async fn find(db: &Db, user_id: i64, id: i64) -> Result<Option<Conversation>, sqlx::Error> {
-    db_run!(db, pool => sqlx::query_as(
+    db_read!(db, pool => sqlx::query_as(
         "SELECT id, title, created_at FROM conversations WHERE id = $1 AND user_id = $2",
     )
     .bind(id)
@@ -23,6 +23,8 @@ pub async fn find(db: &Db, user_id: i64, id: i64) -> Result<Option<Conversation>
 }
 
 /// The user's conversations with ids below `before` (all when `None`), newest first.
+/// `None` is bound as `i64::MAX`: one range seek in the index, where `$2 IS NULL OR id < $2`
+/// made SQLite walk all the user's newer rows first (BENCHMARKS.md, issue 13).
 #[tracing::instrument(level = "debug", skip_all)]
 pub async fn page(
     db: &Db,
@@ -30,13 +32,13 @@ pub async fn page(
     before: Option<i64>,
     limit: i64,
 ) -> Result<Vec<Conversation>, sqlx::Error> {
-    db_run!(db, pool => sqlx::query_as(
+    db_read!(db, pool => sqlx::query_as(
         "SELECT id, title, created_at FROM conversations
-         WHERE user_id = $1 AND (CAST($2 AS BIGINT) IS NULL OR id < $2)
+         WHERE user_id = $1 AND id < $2
          ORDER BY id DESC LIMIT $3",
     )
     .bind(user_id)
-    .bind(before)
+    .bind(before.unwrap_or(i64::MAX))
     .bind(limit)
     .fetch_all(pool)
     .await)
@@ -49,7 +51,7 @@ pub async fn answered_turns(
     conversation_id: i64,
     limit: i64,
 ) -> Result<Vec<(String, String)>, sqlx::Error> {
-    db_run!(db, pool => sqlx::query_as(
+    db_read!(db, pool => sqlx::query_as(
         "SELECT message, response FROM chats
          WHERE conversation_id = $1 AND status = 'answered' AND erased_at IS NULL
            AND response IS NOT NULL
@@ -70,7 +72,7 @@ pub async fn chats(
     after: Option<i64>,
     limit: i64,
 ) -> Result<Vec<Chat>, sqlx::Error> {
-    db_run!(db, pool => sqlx::query_as(concat!(
+    db_read!(db, pool => sqlx::query_as(concat!(
         "SELECT ", chat_columns!(), " FROM chats
          WHERE conversation_id = $1 AND user_id = $2 AND erased_at IS NULL
            AND (CAST($3 AS BIGINT) IS NULL OR id > $3)

@@ -2,7 +2,7 @@
 //! balance (the `ledger_moves_balance` trigger), so the two can never disagree. Chat
 //! reservations and refunds are written by triggers on `chats` (see `chats.rs`).
 
-use super::{db_run, Db};
+use super::{db_read, db_run, Db};
 use crate::domain::LedgerReason;
 
 /// One ledger row as the user sees it.
@@ -52,6 +52,8 @@ pub async fn record(
 }
 
 /// The user's rows with ids below `before` (all when `None`), newest first.
+/// `None` is bound as `i64::MAX`: one range seek in the index, where `$2 IS NULL OR id < $2`
+/// made SQLite walk all the user's newer rows first (BENCHMARKS.md, issue 13).
 #[tracing::instrument(level = "debug", skip_all)]
 pub async fn page(
     db: &Db,
@@ -59,13 +61,13 @@ pub async fn page(
     before: Option<i64>,
     limit: i64,
 ) -> Result<Vec<Entry>, sqlx::Error> {
-    db_run!(db, pool => sqlx::query_as(
+    db_read!(db, pool => sqlx::query_as(
         "SELECT id, amount, reason, chat_id, balance_after, created_at FROM ledger
-         WHERE user_id = $1 AND (CAST($2 AS BIGINT) IS NULL OR id < $2)
+         WHERE user_id = $1 AND id < $2
          ORDER BY id DESC LIMIT $3",
     )
     .bind(user_id)
-    .bind(before)
+    .bind(before.unwrap_or(i64::MAX))
     .bind(limit)
     .fetch_all(pool)
     .await)

@@ -16,7 +16,7 @@ use std::{str::FromStr, time::Duration};
 use sqlx::{
     postgres::{PgConnectOptions, PgPoolOptions},
     sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous},
-    PgPool, SqlitePool,
+    ConnectOptions, PgPool, SqlitePool,
 };
 
 /// The connection pool every layer above passes around: SQLite or PostgreSQL, chosen at run
@@ -28,26 +28,66 @@ use sqlx::{
 /// statements that truly differ are written twice.
 #[derive(Clone, Debug)]
 pub enum Db {
-    Sqlite(SqlitePool),
+    Sqlite(SqliteDb),
     Postgres(PgPool),
 }
 
-/// Runs `$body` with `$pool` bound to the backend's own pool (`&SqlitePool` or `&PgPool`):
-/// the same code, compiled once for each backend, so sqlx checks the types for both.
+/// SQLite's two pools: the one connection that writes, and the connections that only read.
+///
+/// In WAL mode a reader never waits for the writer, nor the writer for readers, so the
+/// reads of a request (its credential, a balance, a page of history) do not queue behind
+/// other requests' writes on the writer's connection (BENCHMARKS.md, issue 13).
+#[derive(Clone, Debug)]
+pub struct SqliteDb {
+    pub writer: SqlitePool,
+    /// For an in-memory database (each connection would be a database of its own), the
+    /// writer's pool again.
+    pub readers: SqlitePool,
+}
+
+/// Runs `$body` with `$pool` bound to the backend's pool for writing (`&SqlitePool` or
+/// `&PgPool`): the same code, compiled once for each backend, so sqlx checks the types for
+/// both. Statements that write, and reads that must see the writer's own transaction, use
+/// this one.
 #[macro_export]
 macro_rules! db_run {
     ($db:expr, $pool:ident => $body:expr) => {
         match $db {
-            $crate::db::Db::Sqlite($pool) => $body,
+            $crate::db::Db::Sqlite(sqlite) => {
+                let $pool = &sqlite.writer;
+                $body
+            }
             $crate::db::Db::Postgres($pool) => $body,
         }
     };
 }
 pub use db_run;
 
+/// [`db_run!`] for statements that only read: on SQLite they run on the readers' pool, so
+/// they never queue behind a write. Every committed write is visible to them.
+#[macro_export]
+macro_rules! db_read {
+    ($db:expr, $pool:ident => $body:expr) => {
+        match $db {
+            $crate::db::Db::Sqlite(sqlite) => {
+                let $pool = &sqlite.readers;
+                $body
+            }
+            $crate::db::Db::Postgres($pool) => $body,
+        }
+    };
+}
+pub use db_read;
+
 impl Db {
     pub async fn close(&self) {
-        db_run!(self, pool => pool.close().await)
+        match self {
+            Self::Sqlite(sqlite) => {
+                sqlite.readers.close().await;
+                sqlite.writer.close().await;
+            }
+            Self::Postgres(pool) => pool.close().await,
+        }
     }
 
     pub fn backend(&self) -> Backend {
@@ -142,7 +182,7 @@ async fn connect_sqlite(
     url: &str,
     open: Open,
     settings: &PoolSettings,
-) -> Result<SqlitePool, sqlx::Error> {
+) -> Result<SqliteDb, sqlx::Error> {
     let options = SqliteConnectOptions::from_str(url)?;
     let file = options.get_filename();
     let in_memory = file.as_os_str().is_empty() || file.to_string_lossy().starts_with(':');
@@ -173,14 +213,36 @@ async fn connect_sqlite(
     // its page cache (which any other connection's write would invalidate) and never waits
     // on SQLite's file locks (BENCHMARKS.md: chat throughput ~4,400/s with 8, ~5,200/s with 1).
     // Nothing may use the pool while holding a transaction from it.
-    SqlitePoolOptions::new()
+    let writer = SqlitePoolOptions::new()
         .max_connections(settings.max_connections.unwrap_or(1))
         // sqlx would otherwise ping the connection's thread before every query: a second
         // round trip each time, for a file that cannot hang up.
         .test_before_acquire(false)
-        .connect_with(options)
-        .await
+        .acquire_timeout(ACQUIRE_TIMEOUT)
+        .connect_with(options.clone())
+        .await?;
+    if in_memory {
+        return Ok(SqliteDb {
+            readers: writer.clone(),
+            writer,
+        });
+    }
+    let readers = SqlitePoolOptions::new()
+        .max_connections(SQLITE_READERS)
+        .test_before_acquire(false)
+        .acquire_timeout(ACQUIRE_TIMEOUT)
+        // Opened when first needed: a command that only writes never opens one.
+        .min_connections(0)
+        // No memory map (`mmap_size`): measured, it made a big audit query 15 times
+        // slower on this kind of machine (BENCHMARKS.md, issue 13).
+        .connect_lazy_with(options.pragma("query_only", "ON"));
+    Ok(SqliteDb { writer, readers })
 }
+
+/// Connections of SQLite's readers' pool. Reads are short, so a few are enough for each of
+/// them to find one free while others read; more would only add threads (sqlx runs each
+/// SQLite connection on a thread of its own).
+const SQLITE_READERS: u32 = 4;
 
 /// Creates an empty database file that only its owner may read or write: it holds
 /// password hashes. SQLite gives its -wal and -shm files the same permissions.
@@ -208,25 +270,37 @@ const WAL_SIZE_LIMIT_BYTES: u64 = 64 * 1024 * 1024;
 /// 250 MB for no gain in throughput.
 pub const CHECKPOINT_PERIOD: Duration = Duration::from_millis(200);
 
-/// Copies the write-ahead log into the database file (PASSIVE: it never waits for other
-/// processes) every [`CHECKPOINT_PERIOD`]. Frequent checkpoints are short, and none runs
-/// inside a request's commit, where SQLite's automatic one would. It queues on the pool's
-/// one connection like any query: a connection of its own was measured slower overall
-/// (it competed for the file and the disk), though its pauses were shorter.
+/// Copies the write-ahead log into the database file (PASSIVE: it never waits for a reader
+/// or the writer) every [`CHECKPOINT_PERIOD`], on a connection of its own. Frequent
+/// checkpoints are short, none runs inside a request's commit (where SQLite's automatic one
+/// would), and none holds the writer's connection: with the checkpoint queued on it, every
+/// request waited out its fsyncs, five times a second (BENCHMARKS.md, issue 13).
 pub async fn checkpoint_periodically(db: Db) {
     // PostgreSQL checkpoints by itself.
     let Db::Sqlite(db) = db else {
         return;
     };
+    let mut connection = None;
     let mut ticks = tokio::time::interval(CHECKPOINT_PERIOD);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticks.tick().await;
+        let checkpointer = match &mut connection {
+            Some(connection) => connection,
+            None => match db.writer.connect_options().connect().await {
+                Ok(opened) => connection.insert(opened),
+                Err(err) => {
+                    tracing::warn!(error = %err, "background checkpoint could not connect");
+                    continue;
+                }
+            },
+        };
         if let Err(err) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
-            .execute(&db)
+            .execute(&mut *checkpointer)
             .await
         {
             tracing::warn!(error = %err, "background checkpoint failed");
+            connection = None;
         }
     }
 }
@@ -235,7 +309,11 @@ pub async fn checkpoint_periodically(db: Db) {
 #[tracing::instrument(level = "debug", skip_all)]
 pub async fn migrate(db: &Db) -> Result<(), sqlx::migrate::MigrateError> {
     match db {
-        Db::Sqlite(pool) => sqlx::migrate!("migrations/sqlite").run(pool).await,
+        Db::Sqlite(sqlite) => {
+            sqlx::migrate!("migrations/sqlite")
+                .run(&sqlite.writer)
+                .await
+        }
         Db::Postgres(pool) => sqlx::migrate!("migrations/postgres").run(pool).await,
     }
 }

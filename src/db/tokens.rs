@@ -1,6 +1,6 @@
 //! Queries on `login_tokens`, which hold only SHA-256 hashes of the tokens handed out.
 
-use super::{db_run, unix_now, Db};
+use super::{db_read, db_run, unix_now, Db};
 
 #[tracing::instrument(level = "debug", skip_all)]
 pub async fn insert(
@@ -35,7 +35,7 @@ pub struct TokenOwner {
 /// The user a live (unexpired) token hash belongs to, read with their balance in one query.
 #[tracing::instrument(level = "debug", skip_all)]
 pub async fn find_owner(db: &Db, token_hash: &str) -> Result<Option<TokenOwner>, sqlx::Error> {
-    db_run!(db, pool => {
+    db_read!(db, pool => {
         sqlx::query_as(
             "SELECT t.user_id, u.tokens FROM login_tokens t JOIN users u ON u.id = t.user_id
              WHERE t.token_hash = $1 AND (t.expires_at IS NULL OR t.expires_at > $2)",

@@ -1,6 +1,6 @@
 //! Queries on `users`: creation with its starting grant, credentials and balances.
 
-use super::{db_run, ledger::record_move, unix_now, Db};
+use super::{db_read, db_run, ledger::record_move, unix_now, Db};
 use crate::domain::LedgerReason;
 
 /// What login needs to check a password.
@@ -125,7 +125,7 @@ pub async fn credentials_by_id(
     db: &Db,
     user_id: i64,
 ) -> Result<Option<StoredPassword>, sqlx::Error> {
-    db_run!(db, pool => {
+    db_read!(db, pool => {
         sqlx::query_as("SELECT username_key, password_hash FROM users WHERE id = $1")
             .bind(user_id)
             .fetch_optional(pool)
@@ -138,7 +138,7 @@ pub async fn find_credentials(
     db: &Db,
     username_key: &str,
 ) -> Result<Option<Credentials>, sqlx::Error> {
-    db_run!(db, pool => {
+    db_read!(db, pool => {
         sqlx::query_as("SELECT id, password_hash FROM users WHERE username_key = $1")
             .bind(username_key)
             .fetch_optional(pool)
@@ -148,7 +148,7 @@ pub async fn find_credentials(
 
 #[tracing::instrument(level = "debug", skip_all)]
 pub async fn balance(db: &Db, user_id: i64) -> Result<i64, sqlx::Error> {
-    db_run!(db, pool => {
+    db_read!(db, pool => {
         sqlx::query_scalar("SELECT tokens FROM users WHERE id = $1")
             .bind(user_id)
             .fetch_one(pool)

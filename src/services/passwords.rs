@@ -1,10 +1,11 @@
 //! Password hashing with Argon2id (the `argon2` crate's defaults: 19 MiB, 2 passes, 1 lane),
-//! always on the blocking pool so a hash never stalls the async workers, at most one per
-//! core at a time, each in a reused 19 MiB working area.
+//! on threads of its own at a lower CPU priority, so a hash never stalls the async workers
+//! nor takes a core from them, at most one per core at a time, each in a reused 19 MiB
+//! working area.
 
 use std::sync::{
     atomic::{AtomicUsize, Ordering},
-    Arc, Mutex, OnceLock,
+    mpsc, Arc, Mutex, OnceLock,
 };
 
 use argon2::{
@@ -12,7 +13,7 @@ use argon2::{
     Algorithm, Argon2, Block, Params, Version,
 };
 use rand::rngs::OsRng;
-use tokio::sync::Semaphore;
+use tokio::sync::{oneshot, Semaphore};
 
 use crate::services::ServiceError as Error;
 
@@ -24,7 +25,17 @@ pub struct PasswordHasher {
     slots: Arc<Semaphore>,
     waiting: AtomicUsize,
     queue_limit: usize,
+    threads: mpsc::Sender<HashingJob>,
 }
+
+type HashingJob = Box<dyn FnOnce() + Send>;
+
+/// The niceness of the hashing threads. A hash takes a few milliseconds of a core; at the
+/// same priority as the async workers it takes its full share of the core from them, and
+/// every other request waits for it (`/balance` p99 8 ms during a login burst, BENCHMARKS.md
+/// issue 13). At 10 a hashing thread weighs a tenth of a worker: requests are served first,
+/// and hashes use whatever the core has left (all of it, when nothing else runs).
+const HASHING_NICENESS: i32 = 10;
 
 /// How long a client turned away for a full queue is asked to wait.
 const BUSY_RETRY_AFTER_SECS: u64 = 1;
@@ -36,6 +47,7 @@ impl PasswordHasher {
             slots: Arc::new(Semaphore::new(cores)),
             waiting: AtomicUsize::new(0),
             queue_limit,
+            threads: start_hashing_threads(cores),
         }
     }
 
@@ -62,7 +74,7 @@ impl PasswordHasher {
         .await
     }
 
-    /// Runs `work` on the blocking pool once a hashing slot is free.
+    /// Runs `work` on a hashing thread once a hashing slot is free.
     async fn with_slot<T: Send + 'static>(
         &self,
         work: impl FnOnce() -> Result<T, Error> + Send + 'static,
@@ -74,16 +86,25 @@ impl PasswordHasher {
                 self.slots.clone().acquire_owned().await.map_err(hashing)?
             }
         };
-        // The slot moves into the blocking task: freed when the hash is done, even if the
-        // request that wanted it was dropped meanwhile. The span goes along, so the
-        // hash's time shows in the request's trace.
+        // The slot moves into the job: freed when the hash is done, even if the request
+        // that wanted it was dropped meanwhile. The span goes along, so the hash's time
+        // shows in the request's trace.
         let span = tracing::Span::current();
-        tokio::task::spawn_blocking(move || {
+        let (answer, answered) = oneshot::channel();
+        let job = move || {
             let _entered = span.enter();
             let _slot = slot;
-            work()
-        })
-        .await?
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(work))
+                .unwrap_or_else(|_| Err(hashing("password hashing panicked")));
+            // The request may be gone; its answer is then not wanted.
+            let _ = answer.send(outcome);
+        };
+        self.threads
+            .send(Box::new(job))
+            .map_err(|_| hashing("the hashing threads have stopped"))?;
+        answered
+            .await
+            .map_err(|_| hashing("a hashing thread dropped its job"))?
     }
 
     /// A place in the queue, given back when dropped (served, or the request went away).
@@ -96,6 +117,60 @@ impl PasswordHasher {
             });
         }
         Ok(place)
+    }
+}
+
+/// Starts `count` hashing threads taking jobs from the returned sender, at
+/// [`HASHING_NICENESS`]; they end when the sender (the hasher) is dropped. Threads of their
+/// own rather than tokio's blocking pool: a thread's priority can only be lowered, never
+/// raised again without privileges, and the blocking pool also runs other work.
+fn start_hashing_threads(count: usize) -> mpsc::Sender<HashingJob> {
+    let (sender, jobs) = mpsc::channel::<HashingJob>();
+    let jobs = Arc::new(Mutex::new(jobs));
+    for n in 0..count {
+        let jobs = jobs.clone();
+        let started = std::thread::Builder::new()
+            .name(format!("argon2-{n}"))
+            .spawn(move || {
+                lower_this_threads_priority();
+                loop {
+                    // The lock is held only while waiting: a job runs unlocked.
+                    let job = jobs
+                        .lock()
+                        .map_err(drop)
+                        .and_then(|jobs| jobs.recv().map_err(drop));
+                    match job {
+                        Ok(job) => job(),
+                        Err(()) => return,
+                    }
+                }
+            });
+        if let Err(err) = started {
+            tracing::error!(error = %err, "could not start a password hashing thread");
+        }
+    }
+    sender
+}
+
+/// Raises the calling thread's niceness to [`HASHING_NICENESS`]. By hand, through `libc`:
+/// Linux keeps a niceness per thread (`setpriority` on a thread id), which neither the
+/// standard library nor tokio exposes. Elsewhere the thread keeps the normal priority.
+fn lower_this_threads_priority() {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: these calls only read or change the scheduling of the calling thread.
+        // A process already nicer than that keeps its niceness: it is only ever raised.
+        let failed = unsafe {
+            let thread = libc::gettid() as libc::id_t;
+            let current = libc::getpriority(libc::PRIO_PROCESS, thread);
+            libc::setpriority(libc::PRIO_PROCESS, thread, current.max(HASHING_NICENESS)) != 0
+        };
+        if failed {
+            tracing::warn!(
+                error = %std::io::Error::last_os_error(),
+                "password hashing runs at normal priority"
+            );
+        }
     }
 }
 
@@ -213,6 +288,24 @@ mod tests {
 
     async fn verify(password: String, stored: Option<String>) -> Result<bool, Error> {
         PasswordHasher::new(64).verify(password, stored).await
+    }
+
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn hashes_run_on_threads_nicer_than_the_ones_serving_requests() {
+        // SAFETY: reads the calling thread's niceness.
+        let niceness =
+            || unsafe { libc::getpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t) };
+        let serving = niceness();
+        let hashing = PasswordHasher::new(1)
+            .with_slot(move || Ok(niceness()))
+            .await
+            .unwrap();
+        assert!(hashing >= HASHING_NICENESS, "{hashing}");
+        assert!(
+            hashing > serving || serving >= HASHING_NICENESS,
+            "{hashing} {serving}"
+        );
     }
 
     #[tokio::test]

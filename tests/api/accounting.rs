@@ -447,6 +447,40 @@ async fn recovery_refunds_abandoned_chats_once_however_many_sweep() {
 }
 
 #[tokio::test]
+async fn the_audit_counts_every_offence_but_keeps_only_the_first_thousand() {
+    let app = TestApp::new().await;
+    let wrong_users = tokenchat::services::audit::OFFENCES_KEPT as i64 + 1;
+    // Users with a balance and no ledger rows at all: each one an offence.
+    tokenchat::db_run!(&app.state.db, pool => sqlx::query(&format!(
+        "INSERT INTO users (username, username_key, password_hash, tokens, created_at)
+         WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {wrong_users})
+         SELECT 'user' || i, 'user' || i, 'not a hash', 1, 0 FROM n"
+    ))
+    .execute(pool)
+    .await
+    .map(|done| done.rows_affected()))
+    .unwrap();
+    let mut handed_over = 0;
+    let report = tokenchat::services::audit::run_reporting(&app.state.db, |offence| {
+        assert!(
+            offence.contains("balance 1 but ledger sums to 0"),
+            "{offence}"
+        );
+        handed_over += 1;
+    })
+    .await
+    .unwrap();
+    assert!(!report.passed());
+    assert_eq!(report.users, wrong_users);
+    assert_eq!(handed_over, wrong_users);
+    assert_eq!(report.offence_count, wrong_users as u64);
+    assert_eq!(
+        report.offences.len(),
+        tokenchat::services::audit::OFFENCES_KEPT
+    );
+}
+
+#[tokio::test]
 async fn the_audit_names_a_balance_that_disagrees_with_the_ledger() {
     let app = TestApp::new().await;
     let token = app.user_with_token("user").await;
@@ -463,7 +497,8 @@ async fn the_audit_names_a_balance_that_disagrees_with_the_ledger() {
         .await
         .unwrap();
     assert!(!report.passed());
-    assert_eq!(report.offences.len(), 2, "{:#?}", report.offences);
+    assert_eq!(report.offence_count, 2, "{:#?}", report.offences);
+    assert_eq!(report.offences.len(), 2);
     assert!(report.offences[0].starts_with("user 1 (user): balance 3901 but ledger sums to 3900"));
     assert!(
         report.offences[1].starts_with("chat 1 (failed, cost 100): 1 reservation(s), 0 refund(s)")

@@ -179,6 +179,30 @@ async fn chats_per_user_are_limited_and_a_refused_chat_costs_nothing() {
 }
 
 #[tokio::test]
+async fn a_balance_is_read_while_another_write_holds_the_database() {
+    let app = TestApp::new().await;
+    let token = app.user_with_token("reader").await;
+    // An open write transaction: on SQLite it holds the one connection that writes, on
+    // PostgreSQL the user's row.
+    tokenchat::db_run!(&app.state.db, pool => {
+        let mut write = pool.begin().await.unwrap();
+        sqlx::query("UPDATE users SET tokens = tokens")
+            .execute(&mut *write)
+            .await
+            .unwrap();
+        let read = tokio::time::timeout(
+            Duration::from_secs(4),
+            app.post_authorized("/balance/", &token, json!({})),
+        )
+        .await
+        .expect("a read waited for the write");
+        assert_eq!(read.status, StatusCode::OK, "{:?}", read.json);
+        assert_eq!(read.json["tokens"], 4000);
+        write.rollback().await.unwrap();
+    });
+}
+
+#[tokio::test]
 async fn a_full_password_hashing_queue_answers_503_busy_at_once() {
     let app = TestApp::with_env(&[("PASSWORD_HASH_QUEUE", "0")]).await;
     let logins: Vec<_> = (0..12)
