@@ -8,7 +8,9 @@
 //! `BENCH_POSTGRES_URL=postgres://USER:PASSWORD@HOST/postgres` (a user that may create
 //! databases) runs instead the backend comparison: `/balance` and `/chat` on SQLite, on
 //! PostgreSQL with one instance and with two, in one run, with the statements a chat costs;
-//! there each of the 32 connections is a user of its own.
+//! there each of the 32 connections is a user of its own. `BENCH_BIG=1` runs instead the
+//! growth benchmark: the same routes on an empty database and on a big one (see `big_db`),
+//! and `tokenchat audit` on each, on SQLite and, with `BENCH_POSTGRES_URL`, on PostgreSQL.
 
 use std::{
     fmt::Write as _,
