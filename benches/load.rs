@@ -804,6 +804,8 @@ struct Outcome {
     errors: u64,
     elapsed: Duration,
     histogram: Histogram<u64>,
+    /// The share of the machine's CPU time the hypervisor took (steal) while it ran.
+    stolen: f64,
 }
 
 impl Outcome {
@@ -813,7 +815,40 @@ impl Outcome {
             errors: 0,
             elapsed: Duration::ZERO,
             histogram: histogram(),
+            stolen: 0.0,
         }
+    }
+}
+
+/// The machine's CPU time counters (`/proc/stat`, all cores), in clock ticks.
+#[derive(Clone, Copy)]
+struct CpuTimes {
+    total: u64,
+    steal: u64,
+}
+
+impl CpuTimes {
+    fn now() -> Self {
+        let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+        let fields: Vec<u64> = stat
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|field| field.parse().ok())
+            .collect();
+        Self {
+            // user, nice, system, idle, iowait, irq, softirq, steal (guest time is in user).
+            total: fields.iter().take(8).sum(),
+            steal: fields.get(7).copied().unwrap_or(0),
+        }
+    }
+
+    /// The share of CPU time stolen from this machine since `self`: a noisy neighbour's.
+    fn stolen_since(self) -> f64 {
+        let now = Self::now();
+        (now.steal - self.steal) as f64 / (now.total - self.total).max(1) as f64
     }
 }
 
@@ -842,6 +877,7 @@ async fn closed_loop_across(
     make: Arc<MakeRequest>,
 ) -> Outcome {
     let start = Instant::now();
+    let cpu = CpuTimes::now();
     let deadline = start + duration;
     let clients: Vec<_> = (0..connections)
         .map(|conn| {
@@ -882,6 +918,7 @@ async fn closed_loop_across(
         outcome.histogram.add(histogram).expect("same bounds");
     }
     outcome.elapsed = start.elapsed();
+    outcome.stolen = cpu.stolen_since();
     outcome
 }
 
@@ -917,6 +954,7 @@ async fn one_shot(
     }
     let body = body.to_string();
     let start = Instant::now();
+    let cpu = CpuTimes::now();
     let requests: Vec<_> = senders
         .into_iter()
         .map(|mut sender| {
@@ -946,6 +984,7 @@ async fn one_shot(
             .saturating_record(latency.as_micros() as u64);
     }
     outcome.elapsed = start.elapsed();
+    outcome.stolen = cpu.stolen_since();
     outcome
 }
 
@@ -960,6 +999,7 @@ async fn first_piece_latency(
     let mut sender = connect(addr).await;
     let mut outcome = Outcome::new();
     let start = Instant::now();
+    let cpu = CpuTimes::now();
     let deadline = start + WARM_UP + duration;
     while Instant::now() < deadline {
         let request = make(0, outcome.requests);
@@ -992,6 +1032,7 @@ async fn first_piece_latency(
         }
     }
     outcome.elapsed = start.elapsed() - WARM_UP;
+    outcome.stolen = cpu.stolen_since();
     outcome
 }
 
@@ -1198,6 +1239,7 @@ struct Row {
     p99: u64,
     errors: u64,
     peak_rss: Option<u64>,
+    stolen: f64,
 }
 
 impl Row {
@@ -1212,17 +1254,18 @@ impl Row {
             p99: histogram.value_at_quantile(0.99),
             errors: outcome.errors,
             peak_rss,
+            stolen: outcome.stolen,
         }
     }
 }
 
 fn print_table(rows: &[Row]) {
     let ms = |micros: u64| format!("{:.3}", micros as f64 / 1000.0);
-    println!("| scenario | connections | requests/s | p50 ms | p90 ms | p99 ms | p99/p50 | errors | server peak RSS MB |");
-    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    println!("| scenario | connections | requests/s | p50 ms | p90 ms | p99 ms | p99/p50 | errors | server peak RSS MB | CPU stolen |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     for row in rows {
         println!(
-            "| {} | {} | {:.0} | {} | {} | {} | {:.2} | {} | {} |",
+            "| {} | {} | {:.0} | {} | {} | {} | {:.2} | {} | {} | {:.0}% |",
             row.name,
             row.connections,
             row.rps,
@@ -1233,6 +1276,7 @@ fn print_table(rows: &[Row]) {
             row.errors,
             row.peak_rss
                 .map_or("-".to_string(), |rss| format!("{:.1}", rss as f64 / 1e6)),
+            100.0 * row.stolen,
         );
     }
 }
