@@ -52,13 +52,7 @@ pub struct SqliteDb {
 #[macro_export]
 macro_rules! db_run {
     ($db:expr, $pool:ident => $body:expr) => {
-        match $db {
-            $crate::db::Db::Sqlite(sqlite) => {
-                let $pool = &sqlite.writer;
-                $body
-            }
-            $crate::db::Db::Postgres($pool) => $body,
-        }
+        $crate::db_on!(writer, $db, $pool => $body)
     };
 }
 pub use db_run;
@@ -68,16 +62,25 @@ pub use db_run;
 #[macro_export]
 macro_rules! db_read {
     ($db:expr, $pool:ident => $body:expr) => {
+        $crate::db_on!(readers, $db, $pool => $body)
+    };
+}
+pub use db_read;
+
+/// The body of [`db_run!`] and [`db_read!`]: `$side` names SQLite's pool.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! db_on {
+    ($side:ident, $db:expr, $pool:ident => $body:expr) => {
         match $db {
             $crate::db::Db::Sqlite(sqlite) => {
-                let $pool = &sqlite.readers;
+                let $pool = &sqlite.$side;
                 $body
             }
             $crate::db::Db::Postgres($pool) => $body,
         }
     };
 }
-pub use db_read;
 
 impl Db {
     pub async fn close(&self) {
