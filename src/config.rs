@@ -48,6 +48,10 @@ pub struct Config {
     /// a slow request shows where its time went (with `RUST_LOG=tokenchat=debug`, down to
     /// each service and database call).
     pub log_span_timings: bool,
+    /// `LOG_FORMAT`: lines for people, or one JSON object a line for log collectors.
+    pub log_format: LogFormat,
+    /// `METRICS_TOKEN`: when set, `GET /metrics` asks for it as a Bearer token.
+    pub metrics_token: Option<SecretString>,
     pub connections: ConnectionLimits,
     pub abuse: AbuseLimits,
 }
@@ -116,6 +120,27 @@ impl std::str::FromStr for AbandonedStreamCharge {
             "delivered" => Ok(Self::Delivered),
             "never" => Ok(Self::Never),
             _ => Err("use delivered or never"),
+        }
+    }
+}
+
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    /// One line of text per event, with the span's fields before it.
+    Text,
+    /// One JSON object per line, the span's fields (the request id among them) included.
+    Json,
+}
+
+impl std::str::FromStr for LogFormat {
+    type Err = &'static str;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text {
+            "text" => Ok(Self::Text),
+            "json" => Ok(Self::Json),
+            _ => Err("use text or json"),
         }
     }
 }
@@ -251,6 +276,10 @@ impl Config {
             )?,
             log_filter,
             log_span_timings: vars.parse("LOG_SPAN_TIMINGS", "false")?,
+            log_format: vars.parse("LOG_FORMAT", "text")?,
+            metrics_token: lookup("METRICS_TOKEN")
+                .filter(|token| !token.is_empty())
+                .map(SecretString::from),
             connections: ConnectionLimits {
                 header_read_timeout: vars.seconds(
                     "HEADER_READ_TIMEOUT_SECS",
@@ -475,6 +504,8 @@ mod tests {
                 "IDEMPOTENCY_KEY_LIFETIME_SECS",
                 "RUST_LOG",
                 "LOG_SPAN_TIMINGS",
+                "LOG_FORMAT",
+                "METRICS_TOKEN",
                 "HEADER_READ_TIMEOUT_SECS",
                 "IDLE_TIMEOUT_SECS",
                 "BODY_READ_TIMEOUT_SECS",
@@ -553,6 +584,7 @@ mod tests {
             ("PASSWORD_CHANGES_PER_HOUR", "many"),
             ("IDEMPOTENCY_KEY_LIFETIME_SECS", "0"),
             ("LOG_SPAN_TIMINGS", "sometimes"),
+            ("LOG_FORMAT", "xml"),
             ("TRUST_PROXY_HEADERS", "yes please"),
         ] {
             let err = config(&[(name, value)]).expect_err(value);

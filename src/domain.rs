@@ -205,16 +205,17 @@ impl KeyName {
     }
 }
 
-/// Tokens an operator adds to a balance: 1 to [`MAX_BALANCE`].
+/// Tokens an operator adds to a balance (or takes from it, when negative): 1 to
+/// [`MAX_BALANCE`] either way. Whether the balance can take it is the ledger's to say.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GrantAmount(i64);
 
 impl GrantAmount {
     pub fn parse(amount: i64) -> Result<Self, Invalid> {
-        if !(1..=MAX_BALANCE).contains(&amount) {
+        if amount == 0 || !(-MAX_BALANCE..=MAX_BALANCE).contains(&amount) {
             return Err(Invalid::new(
                 "amount",
-                format!("a grant must be 1 to {MAX_BALANCE} tokens"),
+                format!("a grant must be 1 to {MAX_BALANCE} tokens, or -1 to -{MAX_BALANCE}"),
             ));
         }
         Ok(Self(amount))
@@ -455,9 +456,15 @@ mod tests {
     }
 
     #[test]
-    fn a_grant_is_one_token_to_the_ceiling() {
+    fn a_grant_is_one_token_to_the_ceiling_either_way() {
         assert!(GrantAmount::parse(0).is_err());
-        assert!(GrantAmount::parse(-1).is_err());
+        assert_eq!(GrantAmount::parse(-1).unwrap().get(), -1);
+        assert_eq!(
+            GrantAmount::parse(-MAX_BALANCE).unwrap().get(),
+            -MAX_BALANCE
+        );
+        assert!(GrantAmount::parse(-MAX_BALANCE - 1).is_err());
+        assert!(GrantAmount::parse(i64::MIN).is_err());
         assert_eq!(GrantAmount::parse(1).unwrap().get(), 1);
         assert_eq!(GrantAmount::parse(MAX_BALANCE).unwrap().get(), MAX_BALANCE);
         assert_eq!(

@@ -3,14 +3,18 @@
 //!
 //! [`router`] builds the application; [`serve`] runs it on a listener until shut down.
 
+pub mod cli;
 pub mod config;
 pub mod db;
 pub mod domain;
 mod routes;
 pub mod server;
 pub mod services;
+pub mod telemetry;
 
 use std::{future::Future, sync::Arc};
+
+use time::{format_description::well_known::Rfc3339, OffsetDateTime};
 
 use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -21,6 +25,7 @@ pub use routes::{router, ApiError};
 use crate::{
     db::Db,
     services::{llm::LlmClient, passwords::PasswordHasher, throttle::Throttle},
+    telemetry::Metrics,
 };
 
 /// What every handler shares; cloning it is cheap.
@@ -36,6 +41,10 @@ pub struct AppState {
     pub cancel_chats: CancellationToken,
     pub throttle: Arc<Throttle>,
     pub passwords: Arc<PasswordHasher>,
+    pub metrics: Metrics,
+    /// What the last probe of the model's `GET /models` found, and when (see
+    /// [`services::health`]).
+    pub model_probe: Arc<services::health::ProbeCache>,
 }
 
 impl AppState {
@@ -48,6 +57,8 @@ impl AppState {
             config: Arc::new(config),
             tasks: TaskTracker::new(),
             cancel_chats: CancellationToken::new(),
+            metrics: Metrics::new(),
+            model_probe: Arc::new(services::health::ProbeCache::default()),
         })
     }
 }
@@ -58,7 +69,7 @@ impl AppState {
 /// closed (see [`server`] for the time-outs and the connection cap).
 ///
 /// Before it accepts, it prepares what login needs to fail unknown users as slowly as
-/// wrong passwords. Meanwhile it refunds chats that an earlier process left pending (see
+/// wrong passwords, and asks the model's `GET /models` once, logging what it found. Meanwhile it refunds chats that an earlier process left pending (see
 /// [`services::recovery`]), checkpoints the database's write-ahead log, and lets the
 /// abuse limits forget what no longer limits anyone.
 pub async fn serve(
@@ -74,9 +85,22 @@ pub async fn serve(
     let forgetting = tokio::spawn(services::throttle::forget_stale_periodically(
         state.throttle.clone(),
     ));
+    // In the background: a model that does not answer must not hold up serving.
+    tokio::spawn(services::health::probe_model_and_log(state.clone()));
+    let upkeep = tokio::spawn(telemetry::upkeep_periodically(state.metrics.clone()));
     let served = server::run(listener, state, shutdown).await;
     recovery.abort();
     checkpoints.abort();
     forgetting.abort();
+    upkeep.abort();
     served
+}
+
+/// A Unix time as RFC 3339 UTC, the form of every time in a response.
+pub fn rfc3339(unix_secs: i64) -> String {
+    OffsetDateTime::from_unix_timestamp(unix_secs)
+        .ok()
+        .and_then(|time| time.format(&Rfc3339).ok())
+        // Unreachable for times this service writes (years 1970 to 9999).
+        .unwrap_or_else(|| unix_secs.to_string())
 }

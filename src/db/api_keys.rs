@@ -20,6 +20,8 @@ pub struct KeyOwner {
     pub user_id: i64,
     pub tokens: i64,
     pub last_used_at: Option<i64>,
+    /// The owner's account was disabled by an operator.
+    pub disabled: bool,
 }
 
 /// Stores a new key of the user unless they already hold `max_live` live ones, in one
@@ -82,7 +84,8 @@ pub async fn revoke(db: &Db, user_id: i64, id: i64) -> Result<bool, sqlx::Error>
 #[tracing::instrument(level = "debug", skip_all)]
 pub async fn find_owner(db: &Db, key_hash: &str) -> Result<Option<KeyOwner>, sqlx::Error> {
     db_read!(db, pool => sqlx::query_as(
-        "SELECT k.id AS key_id, k.user_id, u.tokens, k.last_used_at
+        "SELECT k.id AS key_id, k.user_id, u.tokens, k.last_used_at,
+                u.disabled_at IS NOT NULL AS disabled
          FROM api_keys k JOIN users u ON u.id = k.user_id
          WHERE k.key_hash = $1 AND k.revoked_at IS NULL",
     )

@@ -93,12 +93,41 @@ impl Db {
         }
     }
 
+    /// How many connections each pool holds, busy and idle, and may hold.
+    pub fn pool_use(&self) -> Vec<PoolUse> {
+        fn of<DB: sqlx::Database>(name: &'static str, pool: &sqlx::Pool<DB>) -> PoolUse {
+            let idle = u32::try_from(pool.num_idle()).unwrap_or(u32::MAX);
+            PoolUse {
+                name,
+                in_use: pool.size().saturating_sub(idle),
+                idle,
+                max: pool.options().get_max_connections(),
+            }
+        }
+        match self {
+            Self::Sqlite(sqlite) => vec![
+                of("sqlite_writer", &sqlite.writer),
+                of("sqlite_readers", &sqlite.readers),
+            ],
+            Self::Postgres(pool) => vec![of("postgres", pool)],
+        }
+    }
+
     pub fn backend(&self) -> Backend {
         match self {
             Self::Sqlite(_) => Backend::Sqlite,
             Self::Postgres(_) => Backend::Postgres,
         }
     }
+}
+
+/// One database pool's connections.
+#[derive(Debug, Clone, Copy)]
+pub struct PoolUse {
+    pub name: &'static str,
+    pub in_use: u32,
+    pub idle: u32,
+    pub max: u32,
 }
 
 /// Which database a URL names.
@@ -308,17 +337,53 @@ pub async fn checkpoint_periodically(db: Db) {
     }
 }
 
+static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
+static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
+
 /// Applies the migrations embedded from `migrations/sqlite` or `migrations/postgres`.
 #[tracing::instrument(level = "debug", skip_all)]
 pub async fn migrate(db: &Db) -> Result<(), sqlx::migrate::MigrateError> {
     match db {
-        Db::Sqlite(sqlite) => {
-            sqlx::migrate!("migrations/sqlite")
-                .run(&sqlite.writer)
-                .await
-        }
-        Db::Postgres(pool) => sqlx::migrate!("migrations/postgres").run(pool).await,
+        Db::Sqlite(sqlite) => SQLITE_MIGRATIONS.run(&sqlite.writer).await,
+        Db::Postgres(pool) => POSTGRES_MIGRATIONS.run(pool).await,
     }
+}
+
+/// How far the database's schema is from this build's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MigrationState {
+    /// This build's migrations that the database has applied.
+    pub applied: usize,
+    /// This build's migrations.
+    pub known: usize,
+}
+
+impl MigrationState {
+    pub fn complete(&self) -> bool {
+        self.applied == self.known
+    }
+}
+
+/// Which of this build's migrations the database has applied (an error when it has no
+/// migrations table at all).
+#[tracing::instrument(level = "debug", skip_all)]
+pub async fn migration_state(db: &Db) -> Result<MigrationState, sqlx::Error> {
+    let known = match db {
+        Db::Sqlite(_) => &SQLITE_MIGRATIONS,
+        Db::Postgres(_) => &POSTGRES_MIGRATIONS,
+    };
+    let applied: Vec<i64> = db_read!(db, pool => {
+        sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
+            .fetch_all(pool)
+            .await
+    })?;
+    Ok(MigrationState {
+        applied: known
+            .iter()
+            .filter(|migration| applied.contains(&migration.version))
+            .count(),
+        known: known.iter().count(),
+    })
 }
 
 /// Whether `err` says the database could not be reached (down, restarting, the network

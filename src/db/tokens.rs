@@ -30,6 +30,8 @@ pub async fn insert(
 pub struct TokenOwner {
     pub user_id: i64,
     pub tokens: i64,
+    /// The owner's account was disabled by an operator.
+    pub disabled: bool,
 }
 
 /// The user a live (unexpired) token hash belongs to, read with their balance in one query.
@@ -37,7 +39,7 @@ pub struct TokenOwner {
 pub async fn find_owner(db: &Db, token_hash: &str) -> Result<Option<TokenOwner>, sqlx::Error> {
     db_read!(db, pool => {
         sqlx::query_as(
-            "SELECT t.user_id, u.tokens FROM login_tokens t JOIN users u ON u.id = t.user_id
+            "SELECT t.user_id, u.tokens, u.disabled_at IS NOT NULL AS disabled FROM login_tokens t JOIN users u ON u.id = t.user_id
              WHERE t.token_hash = $1 AND (t.expires_at IS NULL OR t.expires_at > $2)",
         )
         .bind(token_hash)

@@ -1,5 +1,7 @@
 //! Queries on `users`: creation with its starting grant, credentials and balances.
 
+use futures_util::stream::BoxStream;
+
 use super::{db_read, db_run, ledger::record_move, unix_now, Db};
 use crate::domain::LedgerReason;
 
@@ -8,6 +10,8 @@ use crate::domain::LedgerReason;
 pub struct Credentials {
     pub id: i64,
     pub password_hash: String,
+    /// The account was disabled by an operator.
+    pub disabled: bool,
 }
 
 /// Inserts a user with a zero balance and grants the starting one through the ledger,
@@ -55,10 +59,14 @@ pub enum Grant {
     OverCeiling {
         balance: i64,
     },
+    /// The balance would have gone below zero; nothing was written.
+    BelowZero {
+        balance: i64,
+    },
 }
 
-/// Adds `amount` tokens to a user's balance unless that would pass `ceiling`, in one
-/// transaction.
+/// Adds `amount` tokens (negative to take) to a user's balance unless that would pass
+/// `ceiling` or go below zero, in one transaction.
 #[tracing::instrument(level = "debug", skip_all)]
 pub async fn grant(
     db: &Db,
@@ -79,9 +87,10 @@ pub async fn grant(
         if balance.checked_add(amount).is_none_or(|after| after > ceiling) {
             return Ok(Grant::OverCeiling { balance });
         }
+        // The user exists and the ceiling holds: no row means the balance would go below zero.
         let outcome = match record_move!(&mut *tx, user_id, amount, LedgerReason::Grant).await? {
             Some(balance) => Grant::Granted { balance },
-            None => Grant::OverCeiling { balance },
+            None => Grant::BelowZero { balance },
         };
         tx.commit().await?;
         Ok(outcome)
@@ -139,7 +148,8 @@ pub async fn find_credentials(
     username_key: &str,
 ) -> Result<Option<Credentials>, sqlx::Error> {
     db_read!(db, pool => {
-        sqlx::query_as("SELECT id, password_hash FROM users WHERE username_key = $1")
+        sqlx::query_as("SELECT id, password_hash, disabled_at IS NOT NULL AS disabled
+             FROM users WHERE username_key = $1")
             .bind(username_key)
             .fetch_optional(pool)
             .await
@@ -154,4 +164,40 @@ pub async fn balance(db: &Db, user_id: i64) -> Result<i64, sqlx::Error> {
             .fetch_one(pool)
             .await
     })
+}
+
+/// Sets or clears `disabled_at` of the user with `username_key`; `false` when there is none.
+#[tracing::instrument(level = "debug", skip_all)]
+pub async fn set_disabled(
+    db: &Db,
+    username_key: &str,
+    disabled_at: Option<i64>,
+) -> Result<bool, sqlx::Error> {
+    let changed = db_run!(db, pool => {
+        sqlx::query("UPDATE users SET disabled_at = $2 WHERE username_key = $1")
+            .bind(username_key)
+            .bind(disabled_at)
+            .execute(pool)
+            .await
+            .map(|done| done.rows_affected())
+    })?;
+    Ok(changed == 1)
+}
+
+/// A user as an operator's list shows them.
+#[derive(Debug, sqlx::FromRow)]
+pub struct Listed {
+    pub id: i64,
+    pub username: String,
+    pub tokens: i64,
+    pub created_at: i64,
+    pub disabled_at: Option<i64>,
+}
+
+/// Every user, oldest first, streamed: a million users are never in memory at once.
+pub fn all(db: &Db) -> BoxStream<'_, Result<Listed, sqlx::Error>> {
+    db_read!(db, pool => sqlx::query_as(
+        "SELECT id, username, tokens, created_at, disabled_at FROM users ORDER BY id",
+    )
+    .fetch(pool))
 }

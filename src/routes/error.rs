@@ -55,6 +55,8 @@ pub enum ApiError {
     RegistrationClosed,
     #[error("{0}")]
     Forbidden(&'static str),
+    #[error("this account has been disabled by an operator")]
+    AccountDisabled,
     #[error("the request body did not arrive in time")]
     RequestTimeout,
     #[error("the server is busy; try again shortly")]
@@ -63,6 +65,8 @@ pub enum ApiError {
     ShuttingDown,
     #[error("the database cannot be reached right now; try again shortly")]
     DatabaseUnavailable,
+    #[error("not ready: the database is unreachable or not migrated")]
+    NotReady,
     #[error("the language model could not answer: {0}")]
     Upstream(String),
     #[error("the language model did not answer in time")]
@@ -96,9 +100,11 @@ impl ApiError {
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
-            Self::RegistrationClosed | Self::Forbidden(_) => StatusCode::FORBIDDEN,
+            Self::RegistrationClosed | Self::Forbidden(_) | Self::AccountDisabled => {
+                StatusCode::FORBIDDEN
+            }
             Self::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
-            Self::Busy { .. } | Self::ShuttingDown | Self::DatabaseUnavailable => {
+            Self::Busy { .. } | Self::ShuttingDown | Self::DatabaseUnavailable | Self::NotReady => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             Self::Upstream(_) => StatusCode::BAD_GATEWAY,
@@ -125,10 +131,12 @@ impl ApiError {
             Self::RateLimited { .. } => "rate_limited",
             Self::RegistrationClosed => "registration_closed",
             Self::Forbidden(_) => "forbidden",
+            Self::AccountDisabled => "account_disabled",
             Self::RequestTimeout => "request_timeout",
             Self::Busy { .. } => "busy",
             Self::ShuttingDown => "shutting_down",
             Self::DatabaseUnavailable => "database_unavailable",
+            Self::NotReady => "not_ready",
             Self::Upstream(_) => "upstream_error",
             Self::UpstreamTimeout => "upstream_timeout",
             Self::Internal(_) => "internal",
@@ -180,6 +188,7 @@ impl From<ServiceError> for ApiError {
             | ServiceError::NoSuchConversation
             | ServiceError::NoSuchKey => Self::NotFound,
             ServiceError::Forbidden(why) => Self::Forbidden(why),
+            ServiceError::AccountDisabled => Self::AccountDisabled,
             ServiceError::IdempotencyKeyReused => Self::IdempotencyKeyReused,
             ServiceError::RequestInProgress => Self::RequestInProgress,
             ServiceError::TooManyAttempts { retry_after_secs } => {

@@ -6,7 +6,7 @@ use std::any::Any;
 use axum::{
     body::HttpBody,
     extract::{MatchedPath, Request, State},
-    http::{header, HeaderName, HeaderValue, Method, Response as HttpResponse},
+    http::{header, HeaderName, HeaderValue, Method, Response as HttpResponse, StatusCode},
     middleware::Next,
     response::{IntoResponse, Response},
 };
@@ -15,7 +15,7 @@ use super::{
     error::ApiError as Error,
     extract::{body_format, AuthUser, TokensRemaining, X_TOKENS_REMAINING},
 };
-use crate::{services::auth, AppState};
+use crate::{services::auth, telemetry::Metrics, AppState};
 
 /// Middleware of every route: a body in a format we do not read is 415, and one declared
 /// longer than the route's limit is 413, even on a route that reads no body (`POST
@@ -97,7 +97,47 @@ pub async fn request_id(mut request: Request, next: Next) -> Response {
     });
     request.headers_mut().insert(X_REQUEST_ID, id.clone());
     let mut response = next.run(request).await;
+    if response.status() == StatusCode::INTERNAL_SERVER_ERROR {
+        response = with_request_id_in_body(response, &id).await;
+    }
     response.headers_mut().insert(X_REQUEST_ID, id);
+    response
+}
+
+/// A 500's JSON body with `"request_id"` added, so that a user can quote it and an
+/// operator find the request's log lines (where the error is logged whole).
+async fn with_request_id_in_body(response: Response, id: &HeaderValue) -> Response {
+    let (mut parts, body) = response.into_parts();
+    // Our 500 bodies are a few hundred bytes; anything else is passed on as it was.
+    let Ok(bytes) = axum::body::to_bytes(body, 64 * 1024).await else {
+        return Error::internal("an unreadable 500 body").into_response();
+    };
+    let Ok(serde_json::Value::Object(mut object)) = serde_json::from_slice(&bytes) else {
+        return Response::from_parts(parts, axum::body::Body::from(bytes));
+    };
+    let id = id.to_str().unwrap_or_default();
+    object.insert("request_id".into(), id.into());
+    let body = serde_json::Value::Object(object).to_string();
+    parts.headers.remove(header::CONTENT_LENGTH);
+    Response::from_parts(parts, axum::body::Body::from(body))
+}
+
+/// Counts every answer in the metrics, by matched route, method and status, with the time
+/// to its head.
+pub async fn count_request(
+    State(metrics): State<Metrics>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let started = std::time::Instant::now();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|path| path.as_str().to_string());
+    let method = request.method().clone();
+    let response = next.run(request).await;
+    let status = response.status().as_u16();
+    metrics.request(route.as_deref(), &method, status, started.elapsed());
     response
 }
 
@@ -165,7 +205,7 @@ pub fn panic_response(panic: Box<dyn Any + Send + 'static>) -> HttpResponse<axum
 #[cfg(test)]
 mod tests {
     use super::*;
-    use axum::{body::to_bytes, http::StatusCode};
+    use axum::body::to_bytes;
     use serde_json::Value;
 
     const TOKEN: &str = "abcdefghijklmnopqrstuvwxyzABCDE1";

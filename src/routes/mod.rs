@@ -9,6 +9,7 @@ mod history;
 mod keys;
 mod middleware;
 mod openai;
+mod operations;
 
 use std::time::Duration;
 
@@ -17,21 +18,21 @@ use axum::{
     middleware::{from_fn, from_fn_with_state, map_response},
     response::Response,
     routing::{get, post, MethodRouter},
-    Json, Router,
+    Router,
 };
-use serde_json::{json, Value};
-use time::{format_description::well_known::Rfc3339, OffsetDateTime};
 use tower_http::{catch_panic::CatchPanicLayer, cors::CorsLayer, trace::TraceLayer};
 use tracing::Span;
 
 pub use self::error::ApiError;
-use crate::AppState;
+use crate::{rfc3339, AppState};
 
 /// The whole application: every route, with and without its trailing slash.
 pub fn router(state: AppState) -> Router {
     let body_limit = state.config.max_body_bytes;
     let public = [
-        ("/health", get(health)),
+        ("/health", get(operations::health)),
+        ("/ready", get(operations::ready)),
+        ("/metrics", get(operations::metrics)),
         ("/register", post(accounts::register)),
         ("/login", post(accounts::login)),
     ]
@@ -115,7 +116,9 @@ pub fn router(state: AppState) -> Router {
     let public = with_and_without_slash(public);
     let authorised = with_and_without_slash(authorised);
     let openai = with_and_without_slash(openai);
+    let page = Router::new().route("/", with_body_limit(get(operations::page), body_limit));
     public
+        .merge(page)
         .merge(authorised)
         .merge(openai)
         .fallback(|| async { ApiError::NotFound })
@@ -125,6 +128,10 @@ pub fn router(state: AppState) -> Router {
         // cookie, so there are no ambient credentials for another site to use.
         .layer(CorsLayer::permissive())
         .layer(from_fn(middleware::route_options_unless_preflight))
+        .layer(from_fn_with_state(
+            state.metrics.clone(),
+            middleware::count_request,
+        ))
         .layer(
             TraceLayer::new_for_http()
                 .make_span_with(request_span)
@@ -144,11 +151,6 @@ fn with_body_limit(handler: MethodRouter<AppState>, limit: usize) -> MethodRoute
         .layer(DefaultBodyLimit::max(limit))
 }
 
-/// Liveness: answers without touching the database (also the benchmark's static route).
-async fn health() -> Json<Value> {
-    Json(json!({ "status": "ok" }))
-}
-
 fn with_and_without_slash<const N: usize>(
     routes: [(&str, MethodRouter<AppState>); N],
 ) -> Router<AppState> {
@@ -159,15 +161,6 @@ fn with_and_without_slash<const N: usize>(
                 .route(path, handler.clone())
                 .route(&format!("{path}/"), handler)
         })
-}
-
-/// A Unix time as RFC 3339 UTC, the form of every time in a response.
-fn rfc3339(unix_secs: i64) -> String {
-    OffsetDateTime::from_unix_timestamp(unix_secs)
-        .ok()
-        .and_then(|time| time.format(&Rfc3339).ok())
-        // Unreachable for times this service writes (years 1970 to 9999).
-        .unwrap_or_else(|| unix_secs.to_string())
 }
 
 /// The span of one request: method and matched route, never headers (they hold tokens).

@@ -67,6 +67,7 @@ pub async fn login(
     let key = username.key();
     state.throttle.begin_password_check(&key, address)?;
     let credentials = db::users::find_credentials(&state.db, &key).await?;
+    let disabled = credentials.as_ref().is_some_and(|found| found.disabled);
     let (user_id, stored_hash) = credentials
         .map(|found| (found.id, found.password_hash))
         .unzip();
@@ -79,6 +80,11 @@ pub async fn login(
         return Err(ServiceError::WrongCredentials);
     };
     state.throttle.password_matched(&key, address);
+    // Said only to whoever knows the password: to anyone else a disabled account is
+    // indistinguishable from any other.
+    if disabled {
+        return Err(ServiceError::AccountDisabled);
+    }
     let ttl_secs = state.config.token_ttl.map(|ttl| ttl.as_secs());
     auth::issue(&state.db, user_id, ttl_secs).await
 }
@@ -118,8 +124,9 @@ pub async fn change_password(
     Ok(())
 }
 
-/// Adds `amount` tokens to a user's balance through the ledger; the new balance. A grant
-/// that would lift the balance over [`MAX_BALANCE`] is refused and writes nothing.
+/// Adds `amount` tokens to a user's balance (takes them, when negative) through the
+/// ledger; the new balance. A grant that would lift the balance over [`MAX_BALANCE`] or
+/// take it below zero is refused and writes nothing.
 #[tracing::instrument(level = "debug", skip_all)]
 pub async fn grant(db: &Db, username: &Username, amount: GrantAmount) -> ServiceResult<i64> {
     match db::users::grant(db, &username.key(), amount.get(), MAX_BALANCE).await? {
@@ -132,5 +139,21 @@ pub async fn grant(db: &Db, username: &Username, amount: GrantAmount) -> Service
             ),
         )
         .into()),
+        db::users::Grant::BelowZero { balance } => Err(Invalid::new(
+            "amount",
+            format!("the balance would go below zero (it is {balance})"),
+        )
+        .into()),
     }
+}
+
+/// Disables a user's account (`disabled`) or enables it again: while disabled, its login,
+/// tokens and keys are refused; its balance and history are kept.
+#[tracing::instrument(level = "debug", skip_all)]
+pub async fn set_disabled(db: &Db, username: &Username, disabled: bool) -> ServiceResult<()> {
+    let disabled_at = disabled.then(db::unix_now);
+    if !db::users::set_disabled(db, &username.key(), disabled_at).await? {
+        return Err(ServiceError::NoSuchUser(username.as_str().into()));
+    }
+    Ok(())
 }

@@ -56,13 +56,17 @@ pub enum Credential {
 const LAST_USED_GRANULARITY_SECS: i64 = 60;
 
 /// The user behind a presented login token or API key, with their balance;
-/// `NotAuthenticated` for one that is malformed, unknown, expired or revoked.
+/// `NotAuthenticated` for one that is malformed, unknown, expired or revoked, and
+/// `AccountDisabled` for a live one of a disabled account.
 #[tracing::instrument(level = "debug", skip_all)]
 pub async fn authenticate(db: &Db, presented: &str) -> ServiceResult<Authenticated> {
     if is_api_key_shaped(presented) {
         let owner = db::api_keys::find_owner(db, &token_hash(presented))
             .await?
             .ok_or(ServiceError::NotAuthenticated)?;
+        if owner.disabled {
+            return Err(ServiceError::AccountDisabled);
+        }
         let now = db::unix_now();
         if owner
             .last_used_at
@@ -82,9 +86,16 @@ pub async fn authenticate(db: &Db, presented: &str) -> ServiceResult<Authenticat
         return Err(ServiceError::NotAuthenticated);
     }
     let token_hash = token_hash(presented);
-    let TokenOwner { user_id, tokens } = db::tokens::find_owner(db, &token_hash)
+    let TokenOwner {
+        user_id,
+        tokens,
+        disabled,
+    } = db::tokens::find_owner(db, &token_hash)
         .await?
         .ok_or(ServiceError::NotAuthenticated)?;
+    if disabled {
+        return Err(ServiceError::AccountDisabled);
+    }
     Ok(Authenticated {
         user_id,
         tokens,

@@ -3,6 +3,8 @@
 //! idempotency keys make a retried chat return the first answer instead of paying twice.
 //! A streamed chat is settled by how its stream ended (see [`chat_streamed`]).
 
+use std::time::Instant;
+
 use futures_util::StreamExt;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -21,6 +23,7 @@ use crate::{
         llm::{AnswerStream, Ask, LlmError, Piece, PromptMessage, Role, Usage},
         recovery, sha256_hex, ServiceError, ServiceResult,
     },
+    telemetry::{ChatOutcome, TokenMove},
     AppState,
 };
 
@@ -229,6 +232,7 @@ impl ChatRequest {
     }
 
     async fn run(self) -> ServiceResult<ChatAnswer> {
+        let _in_flight = self.state.metrics.chat_begun();
         match self.begin().await? {
             Begun::Reserved(reserved) => self.answer_and_settle(reserved).await,
             Begun::Replayed(earlier) => Ok(earlier),
@@ -292,6 +296,8 @@ impl ChatRequest {
             }) => (chat_id, conversation_id),
             Ok(Reservation::Insufficient { balance }) => {
                 self.release_key().await;
+                let metrics = &self.state.metrics;
+                metrics.chat_ended(ChatOutcome::OutOfTokens, TokenMove::None);
                 return Err(ServiceError::OutOfTokens { balance });
             }
             Err(err) => {
@@ -307,7 +313,9 @@ impl ChatRequest {
                 // twice by a retry: give the reservation back instead.
                 self.refund(chat_id).await;
                 self.release_key().await;
-                return Err(err.into());
+                let err = ServiceError::from(err);
+                self.count_failed(&err);
+                return Err(err);
             }
         }
         Ok(Begun::Reserved(Reserved {
@@ -318,6 +326,7 @@ impl ChatRequest {
     }
 
     async fn run_streamed(self, started: oneshot::Sender<ServiceResult<StreamedChat>>) {
+        let _in_flight = self.state.metrics.chat_begun();
         let reserved = match self.begin().await {
             Ok(Begun::Reserved(reserved)) => reserved,
             Ok(Begun::Replayed(earlier)) => {
@@ -333,16 +342,22 @@ impl ChatRequest {
         let chat_id = reserved.chat_id;
         let prompt = self.prompt(&reserved.earlier);
         let ask = self.ask(&prompt);
+        let asked = Instant::now();
         let upstream = tokio::select! {
             biased;
             _ = self.client_gone.cancelled() => Err(ServiceError::ClientGone),
             _ = state.cancel_chats.cancelled() => Err(ServiceError::ShuttingDown),
-            upstream = state.llm.stream(&ask) => upstream.map_err(ServiceError::from),
+            upstream = state.llm.stream(&ask) => {
+                let upstream = upstream.map_err(ServiceError::from);
+                self.count_upstream(true, asked, upstream.as_ref().err());
+                upstream
+            }
         };
         let upstream = match upstream {
             Ok(upstream) => upstream,
             Err(err) => {
                 self.refund(chat_id).await;
+                self.count_failed(&err);
                 let _ = started.send(Err(err));
                 return;
             }
@@ -356,7 +371,7 @@ impl ChatRequest {
         // A client gone before it got the start hears nothing more: the pump sees the
         // channel closed at once.
         let _ = started.send(Ok(live));
-        self.pump_and_settle(chat_id, upstream, events).await;
+        self.pump_and_settle(chat_id, upstream, events, asked).await;
     }
 
     /// Passes the model's pieces on to the client as they come, then settles the chat by
@@ -366,6 +381,7 @@ impl ChatRequest {
         chat_id: i64,
         mut upstream: AnswerStream,
         events: mpsc::Sender<StreamEvent>,
+        asked: Instant,
     ) {
         let state = &self.state;
         let mut answer = String::new();
@@ -392,6 +408,11 @@ impl ChatRequest {
         };
         // The model stops writing (and the operator stops paying) at once.
         drop(upstream);
+        let model_error = match &ending {
+            Ending::ModelFailed(err) => Some(err.kind()),
+            _ => None,
+        };
+        state.metrics.upstream(true, asked.elapsed(), model_error);
         let stored_usage = TokenUsage {
             prompt_tokens: usage.map(|usage| usage.prompt_tokens),
             completion_tokens: usage.map(|usage| usage.completion_tokens),
@@ -414,6 +435,7 @@ impl ChatRequest {
                         };
                         // Charged whether or not the client is still there to read it.
                         let _ = events.send(done).await;
+                        self.count_answered();
                         return;
                     }
                     Ok(None) => ServiceError::ChatExpired,
@@ -432,6 +454,13 @@ impl ChatRequest {
                 let how = Unanswered::Abandoned { refund };
                 self.settle_unanswered(chat_id, how, partial, stored_usage)
                     .await;
+                let cost = state.config.chat_cost;
+                let tokens = if refund {
+                    TokenMove::Refunded(cost)
+                } else {
+                    TokenMove::Charged(cost)
+                };
+                state.metrics.chat_ended(ChatOutcome::Abandoned, tokens);
                 return;
             }
             Ending::ModelFailed(err) => {
@@ -449,7 +478,39 @@ impl ChatRequest {
                 ServiceError::ShuttingDown
             }
         };
+        self.count_failed(&failure);
         let _ = events.send(StreamEvent::Failed(failure)).await;
+    }
+
+    fn count_answered(&self) {
+        let cost = self.state.config.chat_cost;
+        let metrics = &self.state.metrics;
+        metrics.chat_ended(ChatOutcome::Answered, TokenMove::Charged(cost));
+    }
+
+    /// Counts a reserved chat that ended in `failure`, refunded.
+    fn count_failed(&self, failure: &ServiceError) {
+        let outcome = match failure {
+            // Recovery refunded it first, and counted it then.
+            ServiceError::ChatExpired => return,
+            ServiceError::Model(LlmError::Timeout) => ChatOutcome::UpstreamTimeout,
+            ServiceError::Model(_) => ChatOutcome::UpstreamError,
+            ServiceError::ClientGone => ChatOutcome::Abandoned,
+            _ => ChatOutcome::Refunded,
+        };
+        let cost = self.state.config.chat_cost;
+        self.state
+            .metrics
+            .chat_ended(outcome, TokenMove::Refunded(cost));
+    }
+
+    /// Counts one answer of the model asked at `asked`, or its failure.
+    fn count_upstream(&self, streamed: bool, asked: Instant, failure: Option<&ServiceError>) {
+        let kind = match failure {
+            Some(ServiceError::Model(err)) => Some(err.kind()),
+            _ => None,
+        };
+        self.state.metrics.upstream(streamed, asked.elapsed(), kind);
     }
 
     async fn settle_unanswered(
@@ -539,15 +600,21 @@ impl ChatRequest {
         let chat_id = reserved.chat_id;
         let prompt = self.prompt(&reserved.earlier);
         let ask = self.ask(&prompt);
+        let asked = Instant::now();
         let answer = tokio::select! {
             biased;
             _ = self.client_gone.cancelled() => None,
             _ = state.cancel_chats.cancelled() => {
                 tracing::warn!(chat_id, "shutdown grace is over: refunding a chat in flight");
                 self.refund(chat_id).await;
+                self.count_failed(&ServiceError::ShuttingDown);
                 return Err(ServiceError::ShuttingDown);
             }
-            answer = state.llm.complete(&ask) => Some(answer),
+            answer = state.llm.complete(&ask) => {
+                let failure = answer.as_ref().err().map(|err| err.kind());
+                state.metrics.upstream(false, asked.elapsed(), failure);
+                Some(answer)
+            }
         };
         let failure = match answer {
             Some(Ok(completion)) if !self.client_gone.is_cancelled() => {
@@ -559,6 +626,7 @@ impl ChatRequest {
                     db::chats::settle_answered(&state.db, chat_id, &completion.content, usage);
                 match settled.await {
                     Ok(Some(balance_after)) => {
+                        self.count_answered();
                         return Ok(ChatAnswer {
                             chat_id,
                             response: completion.content,
@@ -567,7 +635,7 @@ impl ChatRequest {
                             replayed: false,
                             usage: completion.usage,
                             conversation_id: Some(reserved.conversation_id),
-                        })
+                        });
                     }
                     // Recovery judged it abandoned and refunded it: not stored, not charged.
                     Ok(None) => ServiceError::ChatExpired,
@@ -581,6 +649,7 @@ impl ChatRequest {
             }
         };
         self.refund(chat_id).await;
+        self.count_failed(&failure);
         Err(failure)
     }
 }

@@ -17,6 +17,8 @@ pub enum ServiceError {
     WrongCredentials,
     #[error("this username is already taken")]
     UsernameTaken,
+    #[error("this account has been disabled by an operator")]
+    AccountDisabled,
     #[error("no user named {0}")]
     NoSuchUser(String),
     #[error("registration is closed; ask an operator for an account")]

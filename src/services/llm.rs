@@ -23,17 +23,58 @@ pub struct LlmClient {
 }
 
 enum Model {
-    Upstream(Upstream),
+    Upstream(Box<Upstream>),
     Demo,
 }
 
 struct Upstream {
     http: reqwest::Client,
     endpoint: Url,
+    /// `{LLM_BASE_URL}/models`, asked at start-up and by `/ready`.
+    models_endpoint: Url,
     api_key: Option<SecretString>,
     model: String,
     timeout: Duration,
     stream_idle: Duration,
+}
+
+/// How long the start-up and readiness probes wait for `GET /models`.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What asking the model's `GET /models` found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelProbe {
+    /// The built-in demo model: nothing to reach.
+    BuiltIn,
+    /// Reachable, and `LLM_MODEL` is among its models.
+    Serving,
+    /// Reachable, but `LLM_MODEL` is not among its models.
+    ReachableWithoutModel,
+    /// Not reachable, or its answer was not a model list; why, in words.
+    Unreachable(String),
+}
+
+impl ModelProbe {
+    /// The stable word `/ready` reports it with.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::BuiltIn => "built_in",
+            Self::Serving => "reachable",
+            Self::ReachableWithoutModel => "model_missing",
+            Self::Unreachable(_) => "unreachable",
+        }
+    }
+}
+
+/// `GET /models`: `{"data": [{"id": ...}, ...]}`.
+#[derive(Deserialize)]
+struct ModelList {
+    data: Vec<ListedModel>,
+}
+
+#[derive(Deserialize)]
+struct ListedModel {
+    id: String,
 }
 
 /// Why the model gave no usable answer.
@@ -49,6 +90,19 @@ pub enum LlmError {
     Unusable(&'static str),
     #[error("it broke off its answer")]
     BrokeOff,
+}
+
+impl LlmError {
+    /// A stable word for the kind of failure, for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Timeout => "timeout",
+            Self::Unreachable => "unreachable",
+            Self::Status(_) => "status",
+            Self::Unusable(_) => "unusable",
+            Self::BrokeOff => "broke_off",
+        }
+    }
 }
 
 /// A whole answer.
@@ -190,17 +244,20 @@ impl LlmClient {
                 let base = base_url.as_str().trim_end_matches('/');
                 let endpoint = Url::parse(&format!("{base}/chat/completions"))
                     .expect("a valid base URL stays valid with a path appended");
+                let models_endpoint = Url::parse(&format!("{base}/models"))
+                    .expect("a valid base URL stays valid with a path appended");
                 let http = reqwest::Client::builder()
                     .connect_timeout(config.llm_timeout)
                     .build()?;
-                Model::Upstream(Upstream {
+                Model::Upstream(Box::new(Upstream {
                     http,
                     endpoint,
+                    models_endpoint,
                     api_key: config.llm_api_key.clone(),
                     model: config.llm_model.clone(),
                     timeout: config.llm_timeout,
                     stream_idle: config.llm_stream_idle,
-                })
+                }))
             }
         };
         let served: Vec<String> = match model {
@@ -237,6 +294,50 @@ impl LlmClient {
         match &*self.model {
             Model::Upstream(upstream) => &upstream.model,
             Model::Demo => demo::MODEL_NAME,
+        }
+    }
+
+    /// Asks the upstream's `GET /models` whether it is reachable and serves `LLM_MODEL`,
+    /// waiting at most `PROBE_TIMEOUT`.
+    #[tracing::instrument(level = "debug", skip_all)]
+    pub async fn probe(&self) -> ModelProbe {
+        let upstream = match &*self.model {
+            Model::Demo => return ModelProbe::BuiltIn,
+            Model::Upstream(upstream) => upstream,
+        };
+        let mut request = upstream
+            .http
+            .get(upstream.models_endpoint.clone())
+            .timeout(PROBE_TIMEOUT);
+        if let Some(key) = &upstream.api_key {
+            request = request.bearer_auth(key.expose_secret());
+        }
+        let listed = async {
+            let response = request.send().await.map_err(classify)?;
+            if !response.status().is_success() {
+                return Err(LlmError::Status(response.status().as_u16()));
+            }
+            response.json::<ModelList>().await.map_err(classify)
+        };
+        match listed.await {
+            Ok(list) if list.data.iter().any(|model| model.id == upstream.model) => {
+                ModelProbe::Serving
+            }
+            Ok(_) => ModelProbe::ReachableWithoutModel,
+            Err(err) => ModelProbe::Unreachable(err.to_string()),
+        }
+    }
+
+    /// The upstream's base URL (never its key), for logs; `None` for the demo model.
+    pub fn base_url(&self) -> Option<&str> {
+        match &*self.model {
+            Model::Upstream(upstream) => Some(
+                upstream
+                    .models_endpoint
+                    .as_str()
+                    .trim_end_matches("/models"),
+            ),
+            Model::Demo => None,
         }
     }
 

@@ -7,6 +7,7 @@ pub mod billing;
 pub mod conversations;
 pub mod demo;
 pub mod error;
+pub mod health;
 pub mod history;
 pub mod keys;
 pub mod llm;

@@ -4,7 +4,12 @@
 
 use std::time::Duration;
 
-use crate::{db, services::ServiceResult, AppState};
+use crate::{
+    db,
+    services::ServiceResult,
+    telemetry::{ChatOutcome, TokenMove},
+    AppState,
+};
 
 /// Beyond the model's time-out, how long a chat may take to reserve and settle before a
 /// pending one is judged abandoned.
@@ -42,6 +47,8 @@ pub async fn sweep(state: &AppState, now: i64) -> ServiceResult<Sweep> {
             if db::chats::refund(db, chat_id).await? {
                 tracing::warn!(chat_id, "refunded a chat abandoned while pending");
                 report.refunded_chats += 1;
+                let cost = TokenMove::Refunded(state.config.chat_cost);
+                state.metrics.chat_ended(ChatOutcome::Refunded, cost);
             }
         }
         if (stale.len() as i64) < BATCH {

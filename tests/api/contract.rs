@@ -464,9 +464,10 @@ async fn unknown_routes_and_wrong_methods_get_the_envelope() {
     app.request(Method::GET, "/nope", &[], "")
         .await
         .assert_error(StatusCode::NOT_FOUND, "not_found");
+    // `/` is the page: GET only.
     app.request(Method::POST, "/", &[], "")
         .await
-        .assert_error(StatusCode::NOT_FOUND, "not_found");
+        .assert_error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed");
     for (method, path) in [
         (Method::GET, "/register"),
         (Method::GET, "/login/"),

@@ -602,9 +602,15 @@ async fn balance_in(url: &str) -> (String, i64) {
 }
 
 #[tokio::test]
-async fn a_grant_past_the_ceiling_is_refused_and_writes_nothing() {
+async fn a_grant_past_the_ceiling_or_below_zero_is_refused_and_writes_nothing() {
     let (dir, url) = database_with_a_user().await;
-    for amount in ["9223372036854775807", "1000000000000001", "0", "-5"] {
+    for amount in [
+        "9223372036854775807",
+        "1000000000000001",
+        "0",
+        "-4001",
+        "-9223372036854775808",
+    ] {
         let refused = command(dir.path(), &["grant", "mallory", amount]);
         assert_eq!(refused.status.code(), Some(1), "{amount}");
         assert!(!String::from_utf8_lossy(&refused.stderr).is_empty());

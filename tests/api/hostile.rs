@@ -1,6 +1,6 @@
 //! Property: whatever bytes, headers, methods and paths a client sends, to any route, the
-//! server never answers 5xx; every answer but a 204 (and a bodiless HEAD) is
-//! `application/json`; every error is the contract's envelope (a sentence in `error`, a
+//! server never answers 5xx; every answer but a 204 (and a bodiless HEAD), the page at `/`
+//! and `/metrics` is `application/json`; every error is the contract's envelope (a sentence in `error`, a
 //! snake_case `code` the contract lists for its status, `Allow` on 405, `Retry-After` on
 //! 429); and only an answered chat moves a balance, by exactly `CHAT_COST`, and only for
 //! the owner of the one live token it came with.
@@ -259,8 +259,10 @@ fn method() -> BoxedStrategy<Method> {
     .boxed()
 }
 
-const ROUTES: [&str; 10] = [
+const ROUTES: [&str; 12] = [
     "/health",
+    "/ready",
+    "/metrics",
     "/register",
     "/login",
     "/chat",
@@ -373,7 +375,6 @@ fn unknown_target() -> BoxedStrategy<String> {
         "/%63hat",
         "/chat/%2e%2e/balance",
         "/register/../chat",
-        "/ready",
         "/api/chat",
         "/chat.json",
         "/chat?",
@@ -1429,7 +1430,8 @@ struct CaseState {
     answered: [BTreeSet<i64>; 2],
 }
 
-const PUBLIC: [&str; 3] = ["/health", "/register", "/login"];
+/// The routes that answer without a token (`/metrics` does while `METRICS_TOKEN` is unset).
+const PUBLIC: [&str; 6] = ["/", "/health", "/ready", "/metrics", "/register", "/login"];
 
 impl CaseState {
     /// Checks an answer against what the case has done, and records what it did.
@@ -1639,6 +1641,16 @@ fn check_answer(method: &Method, answer: &Answer) -> Result<Option<Value>, Strin
         .map(|value| value.as_bytes());
     if status == StatusCode::OK && content_type == Some(b"text/event-stream") {
         return streamed_answer(&answer.body).map(Some);
+    }
+    // The two answers that are not JSON by design: the page at `/` and `/metrics`.
+    let not_json_by_design: [&[u8]; 2] = [
+        b"text/html; charset=utf-8",
+        b"text/plain; version=0.0.4; charset=utf-8",
+    ];
+    if status == StatusCode::OK
+        && content_type.is_some_and(|kind| not_json_by_design.contains(&kind))
+    {
+        return Ok(None);
     }
     if content_type != Some(b"application/json") {
         return Err(format!("{status} with Content-Type {content_type:?}"));

@@ -12,6 +12,8 @@ mod hostile;
 mod keys;
 mod migrations;
 mod openai;
+mod operations;
+mod page;
 mod postgres;
 mod properties;
 mod sdk;

@@ -104,6 +104,16 @@ impl FakeLlm {
         });
         let app = Router::new()
             .route("/v1/chat/completions", post(completions))
+            // What tokenchat's start-up and `/ready` ask: the models it serves.
+            .route(
+                "/v1/models",
+                axum::routing::get(|| async {
+                    axum::Json(serde_json::json!({
+                        "object": "list",
+                        "data": [{ "id": "llama3.2", "object": "model" }],
+                    }))
+                }),
+            )
             .with_state(shared.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base_url = format!("http://{}/v1", listener.local_addr().unwrap());

@@ -1,0 +1,382 @@
+//! The command line: `tokenchat serve` (the default), `migrate`, `audit`, and the `user`
+//! commands an operator runs instead of a web admin. Each opens the database named by the
+//! configuration, does one thing, and says what it did in one line.
+
+use std::{
+    io::{BufRead, IsTerminal, Write},
+    net::SocketAddr,
+    process::ExitCode,
+};
+
+use clap::{Parser, Subcommand};
+use futures_util::TryStreamExt;
+use tokio::net::{TcpListener, TcpSocket};
+
+use crate::{
+    db, domain, server,
+    services::{self, error::with_sources},
+    telemetry, AppState, Config,
+};
+
+/// A metered, OpenAI-compatible LLM chat API. Configuration comes from the environment and
+/// a `.env` file in the working directory (see `.env.example`).
+#[derive(Debug, Parser)]
+#[command(name = "tokenchat", version, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve the API (what plain `tokenchat` does); creates and migrates a missing SQLite file.
+    Serve,
+    /// Create a missing SQLite file and apply the database's migrations, then exit.
+    Migrate,
+    /// Check every balance and chat against the ledger; exit 1 on any offence.
+    Audit,
+    /// Manage users: create, list, grant tokens, disable and enable.
+    #[command(subcommand)]
+    User(UserCommand),
+    /// The older form of `tokenchat user grant`.
+    #[command(hide = true)]
+    Grant {
+        username: String,
+        #[arg(allow_negative_numbers = true)]
+        amount: i64,
+    },
+    /// The older form of `tokenchat user create`.
+    #[command(hide = true, name = "create-user")]
+    CreateUser { username: String },
+}
+
+#[derive(Debug, Subcommand)]
+enum UserCommand {
+    /// Create a user with the starting balance, even while registration is closed. The
+    /// password is read from standard input, or asked for without echo on a terminal.
+    Create { username: String },
+    /// List every user: id, username, balance, created, disabled.
+    List,
+    /// Add N tokens to a user's balance (take them, when N is negative, down to zero),
+    /// recorded in the ledger.
+    Grant {
+        username: String,
+        #[arg(allow_negative_numbers = true)]
+        amount: i64,
+    },
+    /// Disable a user: their login, tokens and keys are refused (403 account_disabled);
+    /// the balance and history are kept.
+    Disable { username: String },
+    /// Enable a disabled user again.
+    Enable { username: String },
+}
+
+/// Runs the command: loads the configuration (after `.env`), sets up logging and does it.
+pub async fn run(cli: Cli) -> ExitCode {
+    // A missing .env is normal; a broken one is reported by the variable it fails to set.
+    let _ = dotenvy::dotenv();
+    let config = match Config::from_env() {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("tokenchat: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    telemetry::init_logging(&config);
+    let outcome = match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => serve(config).await,
+        Command::Migrate => migrate(config).await,
+        Command::Audit => audit(config).await,
+        Command::User(UserCommand::Create { username }) | Command::CreateUser { username } => {
+            create_user(config, &username).await
+        }
+        Command::User(UserCommand::List) => list_users(config).await,
+        Command::User(UserCommand::Grant { username, amount })
+        | Command::Grant { username, amount } => grant(config, &username, amount).await,
+        Command::User(UserCommand::Disable { username }) => {
+            set_disabled(config, &username, true).await
+        }
+        Command::User(UserCommand::Enable { username }) => {
+            set_disabled(config, &username, false).await
+        }
+    };
+    outcome.unwrap_or_else(|err| {
+        eprintln!("tokenchat: {err}");
+        ExitCode::FAILURE
+    })
+}
+
+async fn open_database(config: &Config, open: db::Open) -> Result<db::Db, String> {
+    let settings = db::PoolSettings {
+        max_connections: config.database_max_connections,
+        statement_timeout: config.database_statement_timeout,
+    };
+    let database = db::connect_with(config.database_url.expose(), open, &settings)
+        .await
+        .map_err(|err| format!("cannot open DATABASE_URL: {err}"))?;
+    db::migrate(&database)
+        .await
+        .map_err(|err| format!("cannot migrate the database: {err}"))?;
+    Ok(database)
+}
+
+async fn serve(config: Config) -> Result<ExitCode, String> {
+    raise_descriptor_limit_and_log_cap(&config);
+    // The port first: a server that cannot listen must not create or migrate anything.
+    let listener = listen(config.bind_addr)
+        .map_err(|err| format!("cannot listen on BIND_ADDR {}: {err}", config.bind_addr))?;
+    let database = open_database(&config, db::Open::CreateIfMissing).await?;
+    let state = AppState::new(config, database.clone())
+        .map_err(|err| format!("cannot build the LLM client: {err}"))?;
+    let address = listener
+        .local_addr()
+        .map_err(|err| format!("cannot read the bound address: {err}"))?;
+    match &state.config.llm_base_url {
+        Some(url) => tracing::info!(
+            %address,
+            model = %state.config.llm_model,
+            llm = %url,
+            "tokenchat listening"
+        ),
+        None => {
+            tracing::info!(%address, model = state.llm.model_name(), "tokenchat listening");
+            tracing::warn!(
+                "LLM_BASE_URL is empty: answering from the built-in demo model (hello-world \
+                 programs); set it to an OpenAI-compatible API to use a real model"
+            );
+        }
+    }
+    crate::serve(listener, state, shutdown_signal())
+        .await
+        .map_err(|err| format!("server error: {err}"))?;
+    database.close().await;
+    tracing::info!("stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn migrate(config: Config) -> Result<ExitCode, String> {
+    let database = open_database(&config, db::Open::CreateIfMissing).await?;
+    let migrations = db::migration_state(&database)
+        .await
+        .map_err(|err| format!("cannot read the applied migrations: {err}"))?;
+    database.close().await;
+    println!(
+        "database {} is migrated: {} of {} migrations applied",
+        config.database_url.redacted(),
+        migrations.applied,
+        migrations.known
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Connections the kernel may queue for us: at the connection cap they wait there, and past
+/// this many a client's connection attempt is dropped and retried only a second or more later.
+/// (Tokio's `TcpListener::bind` queues 128; the kernel caps this at `net.core.somaxconn`.)
+const LISTEN_BACKLOG: u32 = 1024;
+
+fn listen(address: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = match address {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    // A restarted server can bind again while its old connections linger in TIME_WAIT.
+    #[cfg(unix)]
+    socket.set_reuseaddr(true)?;
+    socket.bind(address)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
+/// Raises the file-descriptor soft limit to the hard limit, since every open connection holds
+/// a descriptor, and logs it with the connection cap in one line.
+fn raise_descriptor_limit_and_log_cap(config: &Config) {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(descriptors) => {
+            let max_connections = server::connection_cap(&config.connections);
+            tracing::info!(
+                file_descriptor_limit = descriptors,
+                max_connections,
+                "connection limits"
+            );
+            if max_connections > server::connections_for_descriptor_limit(descriptors) {
+                tracing::warn!(
+                    max_connections,
+                    "MAX_CONNECTIONS leaves too few file descriptors: past them, new \
+                     connections wait while idle ones are closed"
+                );
+            }
+        }
+        Err(err) => tracing::warn!(
+            error = %err,
+            max_connections = server::connection_cap(&config.connections),
+            "cannot raise the file-descriptor limit"
+        ),
+    }
+}
+
+async fn audit(config: Config) -> Result<ExitCode, String> {
+    let database = open_database(&config, db::Open::ExistingOnly).await?;
+    let report = services::audit::run_reporting(&database, |offence| {
+        println!("OFFENCE {offence}");
+    })
+    .await
+    .map_err(|err| format!("audit failed to run: {}", with_sources(&err)))?;
+    println!(
+        "audit {}: {} users, {} chats, {} ledger rows, {} offences",
+        if report.passed() { "passed" } else { "FAILED" },
+        report.users,
+        report.chats,
+        report.ledger_rows,
+        report.offence_count
+    );
+    Ok(if report.passed() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// A username given on the command line; one that breaks the rules cannot have been
+/// registered, so it names nobody.
+fn existing_username(username: &str) -> Result<domain::Username, String> {
+    domain::Username::parse(username).map_err(|_| format!("no user named {username}"))
+}
+
+async fn grant(config: Config, username: &str, amount: i64) -> Result<ExitCode, String> {
+    let amount = domain::GrantAmount::parse(amount).map_err(|err| err.to_string())?;
+    let username = existing_username(username)?;
+    let database = open_database(&config, db::Open::ExistingOnly).await?;
+    let balance = services::accounts::grant(&database, &username, amount)
+        .await
+        .map_err(|err| with_sources(&err))?;
+    let (verb, tokens) = if amount.get() < 0 {
+        ("took", -amount.get())
+    } else {
+        ("granted", amount.get())
+    };
+    let direction = if amount.get() < 0 { "from" } else { "to" };
+    println!(
+        "{verb} {tokens} tokens {direction} {}; balance now {balance}",
+        username.as_str()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn set_disabled(config: Config, username: &str, disabled: bool) -> Result<ExitCode, String> {
+    let username = existing_username(username)?;
+    let database = open_database(&config, db::Open::ExistingOnly).await?;
+    services::accounts::set_disabled(&database, &username, disabled)
+        .await
+        .map_err(|err| with_sources(&err))?;
+    if disabled {
+        println!(
+            "disabled {}: login, tokens and keys are refused until `tokenchat user enable {}`",
+            username.as_str(),
+            username.as_str()
+        );
+    } else {
+        println!("enabled {}", username.as_str());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Prints every user as a table, row by row as the database streams them.
+async fn list_users(config: Config) -> Result<ExitCode, String> {
+    let database = open_database(&config, db::Open::ExistingOnly).await?;
+    let mut out = std::io::stdout().lock();
+    let line = |out: &mut std::io::StdoutLock, cells: [&str; 5]| {
+        let [id, username, balance, created, disabled] = cells;
+        writeln!(
+            out,
+            "{id:>8}  {username:<24}  {balance:>12}  {created:<20}  {disabled}"
+        )
+    };
+    let write_failed = |err: std::io::Error| format!("cannot write the list: {err}");
+    line(
+        &mut out,
+        ["id", "username", "balance", "created", "disabled"],
+    )
+    .map_err(write_failed)?;
+    let mut users = db::users::all(&database);
+    while let Some(user) = users
+        .try_next()
+        .await
+        .map_err(|err| format!("cannot list the users: {err}"))?
+    {
+        let disabled = user.disabled_at.map(crate::rfc3339);
+        line(
+            &mut out,
+            [
+                &user.id.to_string(),
+                &user.username,
+                &user.tokens.to_string(),
+                &crate::rfc3339(user.created_at),
+                disabled.as_deref().unwrap_or("-"),
+            ],
+        )
+        .map_err(write_failed)?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Creates a user as `/register` would, by the same rules. The password comes from the
+/// first line of standard input (so it never shows in the process list or shell history),
+/// or, on a terminal, from a prompt that does not echo it, asked twice.
+async fn create_user(config: Config, username: &str) -> Result<ExitCode, String> {
+    let username = domain::Username::parse(username).map_err(|err| err.to_string())?;
+    let password = read_password(username.as_str())?;
+    let password = domain::Password::parse(password, config.password_min_length, "password")
+        .map_err(|err| err.to_string())?;
+    let database = open_database(&config, db::Open::ExistingOnly).await?;
+    let state = AppState::new(config, database)
+        .map_err(|err| format!("cannot build the LLM client: {err}"))?;
+    match services::accounts::create(&state, &username, password).await {
+        Ok(tokens) => {
+            println!("created {} with {tokens} tokens", username.as_str());
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(err) => Err(with_sources(&err)),
+    }
+}
+
+fn read_password(username: &str) -> Result<String, String> {
+    if std::io::stdin().is_terminal() {
+        let ask = |prompt: &str| {
+            rpassword::prompt_password(prompt)
+                .map_err(|err| format!("cannot read the password: {err}"))
+        };
+        let password = ask(&format!("password for {username}: "))?;
+        if ask("the same password again: ")? != password {
+            return Err("the two passwords differ; nothing was created".into());
+        }
+        return Ok(password);
+    }
+    let mut line = String::new();
+    std::io::stdin()
+        .lock()
+        .read_line(&mut line)
+        .map_err(|err| format!("cannot read the password from standard input: {err}"))?;
+    Ok(line.trim_end_matches(['\r', '\n']).to_string())
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = terminate => {},
+    }
+    tracing::info!("shutting down: finishing requests and chats in progress");
+}

@@ -1,0 +1,59 @@
+//! The page at `/`, driven in headless Chromium by `tests/browser/page_test.py` (selenium
+//! and chromedriver) with the Python of `TOKENCHAT_SDK_PYTHON`, which `.ci/run` makes and
+//! gives selenium; skipped, saying so, when that is not set. It saves a screenshot to
+//! `target/page-screenshot.png` (the README's is a copy of one).
+
+use axum::http::Method;
+
+use crate::{common::TestApp, server::serve_in_process};
+
+#[tokio::test]
+async fn the_page_is_one_self_contained_html_file() {
+    let app = TestApp::new().await;
+    let (status, content_type, html) = app.request_raw(Method::GET, "/", &[], "").await;
+    assert_eq!(status, 200);
+    assert_eq!(content_type, "text/html; charset=utf-8");
+    assert!(html.starts_with("<!doctype html>"));
+    // No external assets: it works offline and leaks nothing to a third party.
+    for external in ["http://", "https://", "src=\"//", "@import"] {
+        assert!(!html.contains(external), "{external}");
+    }
+}
+
+#[tokio::test]
+async fn in_a_browser_a_new_user_registers_chats_and_sees_the_answer_stream_and_the_balance_drop() {
+    let Ok(python) = std::env::var("TOKENCHAT_SDK_PYTHON") else {
+        println!("page test skipped: set TOKENCHAT_SDK_PYTHON to a Python with selenium");
+        return;
+    };
+    // The built-in demo model, as on a fresh machine.
+    let app = TestApp::with_env(&[("LLM_BASE_URL", "")]).await;
+    let base = serve_in_process(&app).await;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/browser/page_test.py");
+    let screenshot = concat!(env!("CARGO_MANIFEST_DIR"), "/target/page-screenshot.png");
+    let _ = std::fs::remove_file(screenshot);
+    // On a blocking thread: this test's runtime serves the page meanwhile.
+    let run = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(python)
+            .args([script, &base, screenshot, "100"])
+            .output()
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(
+        run.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&run.stdout),
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let png = std::fs::read(screenshot).unwrap();
+    assert!(png.starts_with(b"\x89PNG"), "a PNG screenshot");
+    // What the page showed is what the database holds.
+    let token = app.login("browser-user", "pass123").await.json["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(app.balance(&token).await, 3900);
+    app.assert_audit_passes().await;
+}

@@ -1,0 +1,61 @@
+"""Drives the page at / in headless Chromium (through chromedriver, with selenium):
+register, log in, send a message, see the answer stream in and the balance drop by the
+cost, the conversation listed. Usage: page_test.py BASE_URL SCREENSHOT_PATH COST.
+Exits non-zero, saying why, when anything is not as it should be."""
+
+import sys
+
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support import expected_conditions as until
+from selenium.webdriver.support.ui import WebDriverWait
+
+base, screenshot, cost = sys.argv[1], sys.argv[2], int(sys.argv[3])
+
+options = webdriver.ChromeOptions()
+options.binary_location = "/usr/bin/chromium"
+for flag in [
+    "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+    "--disable-quic", "--no-first-run", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--window-size=1100,720",
+]:
+    options.add_argument(flag)
+driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
+wait = WebDriverWait(driver, 20)
+try:
+    driver.get(base + "/")
+    assert driver.title == "tokenchat", driver.title
+    driver.find_element(By.ID, "username").send_keys("browser-user")
+    driver.find_element(By.ID, "password").send_keys("pass123")
+    driver.find_element(By.ID, "register").click()
+    wait.until(until.visibility_of_element_located((By.ID, "app")))
+    balance = driver.find_element(By.ID, "balance")
+    wait.until(lambda _: balance.text.isdigit())
+    before = int(balance.text)
+
+    # Watch the answer grow: record every length it has while it streams in.
+    driver.execute_script("""
+        window.lengths = [];
+        new MutationObserver(() => {
+            const answer = document.getElementById("answer");
+            if (answer) window.lengths.push(answer.textContent.length);
+        }).observe(document.getElementById("history"),
+                   { subtree: true, childList: true, characterData: true });
+    """)
+    driver.find_element(By.ID, "message").send_keys("code hello world in python")
+    driver.find_element(By.ID, "send").click()
+    wait.until(lambda d: d.find_element(By.ID, "answer").get_attribute("data-done") == "true")
+    answer = driver.find_element(By.ID, "answer").text
+    error = driver.find_element(By.ID, "error").text
+    assert error == "", f"the page shows an error: {error}"
+    assert "Hello World" in answer and "print" in answer, answer
+    lengths = driver.execute_script("return window.lengths")
+    distinct = sorted(set(lengths))
+    assert len(distinct) >= 3, f"the answer did not stream in pieces: {lengths}"
+    wait.until(lambda _: balance.text == str(before - cost))
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#conversations li")) == 1)
+    driver.save_screenshot(screenshot)
+    print(f"page test passed: balance {before} -> {balance.text}, answer in {len(distinct)} sizes")
+finally:
+    driver.quit()
