@@ -20,7 +20,7 @@ use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 pub use config::Config;
-pub use routes::{router, ApiError};
+pub use routes::{api_paths, openapi_document, router, ApiError};
 
 use crate::{
     db::Db,

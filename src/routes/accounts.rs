@@ -21,6 +21,7 @@ pub struct Credentials {
     password: String,
 }
 
+#[utoipa::path(post, path = "/register", tag = "accounts", request_body(content = super::openapi::Credentials, content_type = "application/json"), responses((status = 201, body = super::openapi::Registered, description = "Registered with the starting balance"), (status = 400, description = "invalid_json or invalid_input", body = super::openapi::Error), (status = 403, description = "registration_closed", body = super::openapi::Error), (status = 409, description = "username_taken", body = super::openapi::Error), (status = 429, description = "rate_limited", body = super::openapi::Error)))]
 pub async fn register(
     State(state): State<AppState>,
     Client(address): Client,
@@ -43,6 +44,7 @@ pub async fn register(
     ))
 }
 
+#[utoipa::path(post, path = "/login", tag = "accounts", request_body(content = super::openapi::Credentials, content_type = "application/json"), responses((status = 200, body = super::openapi::LoginToken, description = "A new login token"), (status = 400, description = "invalid_json or invalid_input", body = super::openapi::Error), (status = 401, description = "invalid_credentials", body = super::openapi::Error), (status = 403, description = "account_disabled", body = super::openapi::Error), (status = 429, description = "rate_limited", body = super::openapi::Error)))]
 pub async fn login(
     State(state): State<AppState>,
     Client(address): Client,
@@ -58,12 +60,14 @@ pub async fn login(
 }
 
 /// Revokes the token this request came with.
+#[utoipa::path(post, path = "/logout", tag = "accounts", security(("bearer" = []), ("token" = [])), responses((status = 204, description = "This login token is revoked"), (status = 401, description = "unauthorized", body = super::openapi::Error), (status = 403, description = "account_disabled", body = super::openapi::Error)))]
 pub async fn logout(State(state): State<AppState>, user: AuthUser) -> Result<StatusCode, ApiError> {
     auth::logout(&state.db, &user.credential).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
 /// Revokes every login token of the user.
+#[utoipa::path(post, path = "/logout/all", tag = "accounts", security(("bearer" = []), ("token" = [])), responses((status = 204, description = "Every login token of the user is revoked"), (status = 401, description = "unauthorized", body = super::openapi::Error), (status = 403, description = "account_disabled", body = super::openapi::Error)))]
 pub async fn logout_everywhere(
     State(state): State<AppState>,
     user: AuthUser,
@@ -79,6 +83,7 @@ pub struct PasswordChange {
 }
 
 /// Changes the password; every other login token of the user stops working.
+#[utoipa::path(post, path = "/password", tag = "accounts", security(("bearer" = []), ("token" = [])), request_body(content = super::openapi::PasswordChange, content_type = "application/json"), responses((status = 204, description = "Changed; every other login token is revoked"), (status = 400, description = "invalid_json or invalid_input", body = super::openapi::Error), (status = 401, description = "unauthorized", body = super::openapi::Error), (status = 403, description = "account_disabled", body = super::openapi::Error), (status = 429, description = "rate_limited", body = super::openapi::Error)))]
 pub async fn change_password(
     State(state): State<AppState>,
     Client(address): Client,

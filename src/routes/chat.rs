@@ -40,6 +40,7 @@ pub struct ChatRequest {
     conversation_id: Option<i64>,
 }
 
+#[utoipa::path(post, path = "/chat", tag = "chat", security(("bearer" = []), ("token" = [])), params(("Idempotency-Key" = Option<String>, Header, description = "Makes a retried chat return the first answer")), request_body(content = super::openapi::ChatRequest, content_type = "application/json"), responses((status = 200, description = "Answered and charged (or, streamed, text/event-stream: start, delta, done or error events)", body = super::openapi::ChatAnswer), (status = 400, description = "invalid_json or invalid_input", body = super::openapi::Error), (status = 401, description = "unauthorized", body = super::openapi::Error), (status = 403, description = "account_disabled", body = super::openapi::Error), (status = 402, description = "out_of_tokens, with the balance", body = super::openapi::Error), (status = 409, description = "request_in_progress", body = super::openapi::Error), (status = 422, description = "idempotency_key_reused", body = super::openapi::Error), (status = 429, description = "rate_limited", body = super::openapi::Error), (status = 502, description = "upstream_error: nothing charged", body = super::openapi::Error), (status = 504, description = "upstream_timeout: nothing charged", body = super::openapi::Error)))]
 pub async fn chat(
     State(state): State<AppState>,
     user: AuthUser,
@@ -76,6 +77,7 @@ pub async fn chat(
 }
 
 /// The balance read with the token in this very request: one query for the whole answer.
+#[utoipa::path(get, path = "/balance", operation_id = "balance", tag = "chat", security(("bearer" = []), ("token" = [])), responses((status = 200, body = super::openapi::Balance, description = "The balance"), (status = 401, description = "unauthorized", body = super::openapi::Error), (status = 403, description = "account_disabled", body = super::openapi::Error)))]
 pub async fn balance(user: AuthUser) -> Json<Value> {
     Json(json!({ "tokens": user.tokens }))
 }
@@ -144,4 +146,10 @@ fn sse_event(ids: ChatIds, event: StreamEvent) -> Event {
         StreamEvent::Failed(err) => ("error", ApiError::from(err).envelope()),
     };
     Event::default().event(name).data(data.to_string())
+}
+
+/// The same, by POST, as the original system's clients ask.
+#[utoipa::path(post, path = "/balance", operation_id = "balance_by_post", tag = "chat", security(("bearer" = []), ("token" = [])), responses((status = 200, body = super::openapi::Balance, description = "The balance"), (status = 401, description = "unauthorized", body = super::openapi::Error), (status = 403, description = "account_disabled", body = super::openapi::Error)))]
+pub async fn balance_by_post(user: AuthUser) -> Json<Value> {
+    balance(user).await
 }

@@ -19,6 +19,7 @@ use crate::{
 };
 
 /// Newest first, a page at a time like `/chats`.
+#[utoipa::path(operation_id = "list_conversations", get, path = "/conversations", tag = "history", security(("bearer" = []), ("token" = [])), params(("limit" = Option<u32>, Query, description = "1 to 100"), ("cursor" = Option<String>, Query, description = "`next` of the page before")), responses((status = 200, body = super::openapi::ConversationPage, description = "Conversations, newest first"), (status = 400, description = "invalid_input", body = super::openapi::Error), (status = 401, description = "unauthorized", body = super::openapi::Error), (status = 403, description = "account_disabled", body = super::openapi::Error)))]
 pub async fn list(
     State(state): State<AppState>,
     user: AuthUser,
@@ -33,6 +34,7 @@ pub async fn list(
 }
 
 /// The conversation and its chats, oldest first; `next` continues after the last one.
+#[utoipa::path(operation_id = "show_conversation", get, path = "/conversations/{id}", tag = "history", security(("bearer" = []), ("token" = [])), params(("id" = i64, Path, description = "A conversation id"), ("limit" = Option<u32>, Query, description = "1 to 100"), ("cursor" = Option<String>, Query, description = "`next` of the page before")), responses((status = 200, body = super::openapi::ConversationWithChats, description = "The conversation and its chats, oldest first"), (status = 401, description = "unauthorized", body = super::openapi::Error), (status = 403, description = "account_disabled", body = super::openapi::Error), (status = 404, description = "not_found", body = super::openapi::Error)))]
 pub async fn show(
     State(state): State<AppState>,
     user: AuthUser,
@@ -48,6 +50,7 @@ pub async fn show(
 }
 
 /// Erases the conversation's messages and answers; its charges stay in the ledger.
+#[utoipa::path(operation_id = "delete_conversation", delete, path = "/conversations/{id}", tag = "history", security(("bearer" = []), ("token" = [])), params(("id" = i64, Path, description = "A conversation id")), responses((status = 204, description = "Its messages and answers are erased; the ledger keeps its charges"), (status = 401, description = "unauthorized", body = super::openapi::Error), (status = 403, description = "account_disabled", body = super::openapi::Error), (status = 404, description = "not_found", body = super::openapi::Error)))]
 pub async fn delete(
     State(state): State<AppState>,
     user: AuthUser,

@@ -19,6 +19,7 @@ use crate::{
     AppState,
 };
 
+#[utoipa::path(operation_id = "list_chats", get, path = "/chats", tag = "history", security(("bearer" = []), ("token" = [])), params(("limit" = Option<u32>, Query, description = "1 to 100"), ("cursor" = Option<String>, Query, description = "`next` of the page before")), responses((status = 200, body = super::openapi::ChatPage, description = "Chats, newest first"), (status = 400, description = "invalid_input", body = super::openapi::Error), (status = 401, description = "unauthorized", body = super::openapi::Error), (status = 403, description = "account_disabled", body = super::openapi::Error)))]
 pub async fn chats(
     State(state): State<AppState>,
     user: AuthUser,
@@ -31,6 +32,7 @@ pub async fn chats(
     ))
 }
 
+#[utoipa::path(operation_id = "show_chat", get, path = "/chats/{id}", tag = "history", security(("bearer" = []), ("token" = [])), params(("id" = i64, Path, description = "A chat id")), responses((status = 200, body = super::openapi::ChatRecord, description = "One chat"), (status = 401, description = "unauthorized", body = super::openapi::Error), (status = 403, description = "account_disabled", body = super::openapi::Error), (status = 404, description = "not_found", body = super::openapi::Error)))]
 pub async fn chat(
     State(state): State<AppState>,
     user: AuthUser,
@@ -42,6 +44,7 @@ pub async fn chat(
     Ok(Json(chat_json(&chat)))
 }
 
+#[utoipa::path(operation_id = "list_transactions", get, path = "/transactions", tag = "history", security(("bearer" = []), ("token" = [])), params(("limit" = Option<u32>, Query, description = "1 to 100"), ("cursor" = Option<String>, Query, description = "`next` of the page before")), responses((status = 200, body = super::openapi::TransactionPage, description = "Ledger rows, newest first"), (status = 400, description = "invalid_input", body = super::openapi::Error), (status = 401, description = "unauthorized", body = super::openapi::Error), (status = 403, description = "account_disabled", body = super::openapi::Error)))]
 pub async fn transactions(
     State(state): State<AppState>,
     user: AuthUser,

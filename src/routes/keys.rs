@@ -21,6 +21,7 @@ pub struct NewKey {
 }
 
 /// 201 with the key, shown this once.
+#[utoipa::path(operation_id = "create_key", post, path = "/keys", tag = "keys", security(("bearer" = []), ("token" = [])), request_body(content = super::openapi::NewKey, content_type = "application/json"), responses((status = 201, body = super::openapi::CreatedKey, description = "The key, shown this once"), (status = 400, description = "invalid_json or invalid_input", body = super::openapi::Error), (status = 401, description = "unauthorized", body = super::openapi::Error), (status = 403, description = "forbidden (an API key managing keys, or 25 live keys) or account_disabled", body = super::openapi::Error)))]
 pub async fn create(
     State(state): State<AppState>,
     user: AuthUser,
@@ -40,6 +41,7 @@ pub async fn create(
 }
 
 /// The live keys, oldest first, each by the first characters of its key.
+#[utoipa::path(operation_id = "list_keys", get, path = "/keys", tag = "keys", security(("bearer" = []), ("token" = [])), responses((status = 200, body = super::openapi::KeyList, description = "The live keys, oldest first"), (status = 401, description = "unauthorized", body = super::openapi::Error), (status = 403, description = "forbidden or account_disabled", body = super::openapi::Error)))]
 pub async fn list(State(state): State<AppState>, user: AuthUser) -> Result<Json<Value>, ApiError> {
     let keys: Vec<Value> = keys::list(&state, user.id, &user.credential)
         .await?
@@ -58,6 +60,7 @@ pub async fn list(State(state): State<AppState>, user: AuthUser) -> Result<Json<
 }
 
 /// 204; the key is refused from then on.
+#[utoipa::path(operation_id = "revoke_key", delete, path = "/keys/{id}", tag = "keys", security(("bearer" = []), ("token" = [])), params(("id" = i64, Path, description = "A key id")), responses((status = 204, description = "Revoked"), (status = 401, description = "unauthorized", body = super::openapi::Error), (status = 403, description = "forbidden or account_disabled", body = super::openapi::Error), (status = 404, description = "not_found", body = super::openapi::Error)))]
 pub async fn revoke(
     State(state): State<AppState>,
     user: AuthUser,

@@ -9,6 +9,7 @@ mod history;
 mod keys;
 mod middleware;
 mod openai;
+mod openapi;
 mod operations;
 
 use std::time::Duration;
@@ -29,6 +30,54 @@ use crate::{rfc3339, AppState};
 /// The whole application: every route, with and without its trailing slash.
 pub fn router(state: AppState) -> Router {
     let body_limit = state.config.max_body_bytes;
+    let api = with_and_without_slash(api_routes(&state));
+    let page = Router::new()
+        .route("/", with_body_limit(get(operations::page), body_limit))
+        .route(
+            "/openapi.json",
+            with_body_limit(get(openapi::document), body_limit),
+        );
+    api.merge(page)
+        .fallback(|| async { ApiError::NotFound })
+        .layer(map_response(middleware::envelope_bare_errors))
+        .layer(CatchPanicLayer::custom(middleware::panic_response))
+        // Browsers may call the API from any origin: it authenticates by header, never by
+        // cookie, so there are no ambient credentials for another site to use.
+        .layer(CorsLayer::permissive())
+        .layer(from_fn(middleware::route_options_unless_preflight))
+        .layer(from_fn_with_state(
+            state.metrics.clone(),
+            middleware::count_request,
+        ))
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(request_span)
+                .on_request(())
+                .on_response(log_response)
+                .on_failure(()),
+        )
+        .layer(from_fn(middleware::request_id))
+        .with_state(state)
+}
+
+/// The path of every API route the router serves (each also with a trailing slash): all
+/// but the page at `/` and `/openapi.json`, which the OpenAPI document need not list.
+pub fn api_paths(state: &AppState) -> Vec<&'static str> {
+    api_routes(state)
+        .into_iter()
+        .map(|(path, _)| path)
+        .collect()
+}
+
+/// The OpenAPI 3.1 document `GET /openapi.json` serves.
+pub fn openapi_document() -> utoipa::openapi::OpenApi {
+    <openapi::ApiDoc as utoipa::OpenApi>::openapi()
+}
+
+/// Every API route with its handlers and their layers: the one table [`router`] serves
+/// and [`api_paths`] lists.
+fn api_routes(state: &AppState) -> Vec<(&'static str, MethodRouter<AppState>)> {
+    let body_limit = state.config.max_body_bytes;
     let public = [
         ("/health", get(operations::health)),
         ("/ready", get(operations::ready)),
@@ -45,7 +94,7 @@ pub fn router(state: AppState) -> Router {
         ),
         (
             "/balance",
-            with_body_limit(get(chat::balance).post(chat::balance), body_limit),
+            with_body_limit(get(chat::balance).post(chat::balance_by_post), body_limit),
         ),
         ("/chats", with_body_limit(get(history::chats), body_limit)),
         (
@@ -113,34 +162,7 @@ pub fn router(state: AppState) -> Router {
             .layer(map_response(openai::openai_errors));
         (path, handler)
     });
-    let public = with_and_without_slash(public);
-    let authorised = with_and_without_slash(authorised);
-    let openai = with_and_without_slash(openai);
-    let page = Router::new().route("/", with_body_limit(get(operations::page), body_limit));
-    public
-        .merge(page)
-        .merge(authorised)
-        .merge(openai)
-        .fallback(|| async { ApiError::NotFound })
-        .layer(map_response(middleware::envelope_bare_errors))
-        .layer(CatchPanicLayer::custom(middleware::panic_response))
-        // Browsers may call the API from any origin: it authenticates by header, never by
-        // cookie, so there are no ambient credentials for another site to use.
-        .layer(CorsLayer::permissive())
-        .layer(from_fn(middleware::route_options_unless_preflight))
-        .layer(from_fn_with_state(
-            state.metrics.clone(),
-            middleware::count_request,
-        ))
-        .layer(
-            TraceLayer::new_for_http()
-                .make_span_with(request_span)
-                .on_request(())
-                .on_response(log_response)
-                .on_failure(()),
-        )
-        .layer(from_fn(middleware::request_id))
-        .with_state(state)
+    public.into_iter().chain(authorised).chain(openai).collect()
 }
 
 /// `handler` reading bodies of at most `limit` bytes, and answering 415 or 413 to a body
@@ -151,9 +173,7 @@ fn with_body_limit(handler: MethodRouter<AppState>, limit: usize) -> MethodRoute
         .layer(DefaultBodyLimit::max(limit))
 }
 
-fn with_and_without_slash<const N: usize>(
-    routes: [(&str, MethodRouter<AppState>); N],
-) -> Router<AppState> {
+fn with_and_without_slash(routes: Vec<(&str, MethodRouter<AppState>)>) -> Router<AppState> {
     routes
         .into_iter()
         .fold(Router::new(), |router, (path, handler)| {

@@ -54,6 +54,7 @@ const REFUSED: [&str; 5] = [
     "audio",
 ];
 
+#[utoipa::path(get, path = "/v1/models", tag = "openai", security(("bearer" = []), ("token" = [])), responses((status = 200, body = super::openapi::ModelList, description = "The models served"), (status = 401, description = "invalid_api_key", body = super::openapi::OpenAiError), (status = 403, description = "permission_error", body = super::openapi::OpenAiError)))]
 pub async fn models(State(state): State<AppState>, _user: AuthUser) -> Json<Value> {
     let (names, since) = state.llm.served_models();
     let data: Vec<Value> = names
@@ -178,6 +179,7 @@ fn content_text(content: &Value) -> Result<String, ApiError> {
     }
 }
 
+#[utoipa::path(post, path = "/v1/chat/completions", tag = "openai", security(("bearer" = []), ("token" = [])), params(("Idempotency-Key" = Option<String>, Header, description = "Makes a retried request return the first answer")), request_body(content = super::openapi::CompletionRequest, content_type = "application/json"), responses((status = 200, description = "A chat.completion (or, streamed, chat.completion.chunk events and [DONE])", body = super::openapi::Completion), (status = 400, description = "invalid_request_error", body = super::openapi::OpenAiError), (status = 401, description = "invalid_api_key", body = super::openapi::OpenAiError), (status = 402, description = "insufficient_quota", body = super::openapi::OpenAiError), (status = 403, description = "permission_error", body = super::openapi::OpenAiError), (status = 404, description = "model_not_found", body = super::openapi::OpenAiError), (status = 429, description = "rate_limit_exceeded", body = super::openapi::OpenAiError), (status = 502, description = "upstream_error", body = super::openapi::OpenAiError), (status = 504, description = "upstream_timeout", body = super::openapi::OpenAiError)))]
 pub async fn chat_completions(
     State(state): State<AppState>,
     user: AuthUser,

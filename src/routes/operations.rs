@@ -22,12 +22,14 @@ use crate::{
 };
 
 /// Liveness: answers without touching the database (also the benchmark's static route).
+#[utoipa::path(get, path = "/health", tag = "operations", responses((status = 200, description = "The process is up", body = super::openapi::Health)))]
 pub async fn health() -> Json<Value> {
     Json(json!({ "status": "ok" }))
 }
 
 /// Readiness: 200 when the database answers with every migration applied, 503
 /// `not_ready` otherwise; both say what the database and the model were found to be.
+#[utoipa::path(get, path = "/ready", tag = "operations", responses((status = 200, description = "The database answers and is migrated", body = super::openapi::Readiness), (status = 503, description = "not_ready, with the database and model fields", body = super::openapi::Error)))]
 pub async fn ready(State(state): State<AppState>) -> Response {
     let readiness = health::readiness(&state).await;
     let (database_status, migrations) = match &readiness.database {
@@ -65,6 +67,7 @@ pub async fn ready(State(state): State<AppState>) -> Response {
 
 /// The Prometheus text exposition. With `METRICS_TOKEN` set, only for a request that
 /// presents it as `Authorization: Bearer <token>`.
+#[utoipa::path(get, path = "/metrics", tag = "operations", security((), ("metrics_token" = [])), responses((status = 200, description = "Prometheus text format", content_type = "text/plain; version=0.0.4", body = String), (status = 401, description = "METRICS_TOKEN is set and was not presented", body = super::openapi::Error)))]
 pub async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Response {
     if let Some(expected) = &state.config.metrics_token {
         let presented = headers

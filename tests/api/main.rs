@@ -12,6 +12,7 @@ mod hostile;
 mod keys;
 mod migrations;
 mod openai;
+mod openapi;
 mod operations;
 mod page;
 mod postgres;
