@@ -10,7 +10,7 @@ use axum::http::Method;
 use serde_json::{json, Value};
 
 use crate::{
-    common::{FakeLlm, Reply, TestApp},
+    common::{database::on_postgres, FakeLlm, Reply, TestApp},
     server::{send, Server},
 };
 
@@ -332,7 +332,13 @@ async fn metrics_count_requests_chats_tokens_and_the_model_in_prometheus_text() 
         1.0
     );
     assert!(text.contains("# TYPE tokenchat_http_request_duration_seconds histogram"));
-    assert!(value(r#"tokenchat_database_connections{pool="sqlite_writer",state="max"}"#) >= 1.0);
+    let writer = if on_postgres() {
+        "postgres"
+    } else {
+        "sqlite_writer"
+    };
+    let pool_max = format!(r#"tokenchat_database_connections{{pool="{writer}",state="max"}}"#);
+    assert!(value(&pool_max) >= 1.0);
 
     // A model failure: counted by kind, and the chat refunded.
     let token = app.user_with_token("other").await;

@@ -105,17 +105,26 @@ impl TestApp {
         headers: &[(&str, &str)],
         body: impl Into<Body>,
     ) -> TestResponse {
+        TestResponse::read(self.respond(method, path, headers, body).await).await
+    }
+
+    /// The router's answer to one request, unread.
+    async fn respond(
+        &self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: impl Into<Body>,
+    ) -> axum::response::Response {
         let mut request = Request::builder().method(method).uri(path);
         for (name, value) in headers {
             request = request.header(*name, *value);
         }
-        let response = self
-            .router
+        self.router
             .clone()
             .oneshot(request.body(body.into()).unwrap())
             .await
-            .unwrap();
-        TestResponse::read(response).await
+            .unwrap()
     }
 
     pub async fn post_json(&self, path: &str, body: Value) -> TestResponse {
@@ -166,16 +175,7 @@ impl TestApp {
         headers: &[(&str, &str)],
         body: impl Into<Body>,
     ) -> (StatusCode, String, String) {
-        let mut request = Request::builder().method(method).uri(path);
-        for (name, value) in headers {
-            request = request.header(*name, *value);
-        }
-        let response = self
-            .router
-            .clone()
-            .oneshot(request.body(body.into()).unwrap())
-            .await
-            .unwrap();
+        let response = self.respond(method, path, headers, body).await;
         let status = response.status();
         let content_type = response
             .headers()
