@@ -153,7 +153,7 @@ impl Metrics {
             );
             metrics::describe_gauge!(
                 "tokenchat_chats_in_flight",
-                "Chats reserved and not yet settled."
+                "Chats being served: reserving, waiting for the model, settling."
             );
             metrics::describe_gauge!(
                 "tokenchat_database_connections",
@@ -208,7 +208,7 @@ impl Metrics {
         });
     }
 
-    /// A chat begun; it counts as in flight until the guard is dropped.
+    /// A chat request begun; it counts as in flight until the guard is dropped.
     pub fn chat_begun(&self) -> InFlight {
         self.record(|| metrics::gauge!("tokenchat_chats_in_flight").increment(1.0));
         InFlight(self.clone())

@@ -349,7 +349,10 @@ impl ChatRequest {
             _ = state.cancel_chats.cancelled() => Err(ServiceError::ShuttingDown),
             upstream = state.llm.stream(&ask) => {
                 let upstream = upstream.map_err(ServiceError::from);
-                self.count_upstream(true, asked, upstream.as_ref().err());
+                // A stream that begins is counted once, when it ends (`pump_and_settle`).
+                if let Err(failure) = &upstream {
+                    self.count_upstream(true, asked, Some(failure));
+                }
                 upstream
             }
         };

@@ -285,9 +285,21 @@ fn sample(text: &str, series: &str) -> Option<f64> {
 
 #[tokio::test]
 async fn metrics_count_requests_chats_tokens_and_the_model_in_prometheus_text() {
-    let app = TestApp::with_env(&[("INITIAL_TOKENS", "150")]).await;
+    let app = TestApp::with_env(&[("INITIAL_TOKENS", "250")]).await;
     let token = app.user_with_token("user").await;
     assert_eq!(app.chat(&token, "hello").await.status, 200);
+    let streamed = app
+        .request_raw(
+            Method::POST,
+            "/chat",
+            &[
+                ("authorization", &token),
+                ("content-type", "application/json"),
+            ],
+            json!({ "message": "hello", "stream": true }).to_string(),
+        )
+        .await;
+    assert!(streamed.2.contains("event: done"), "{streamed:?}");
     assert_eq!(app.chat(&token, "hello again").await.status, 402);
     app.llm.set_reply(Reply::Status(500));
     app.request(Method::POST, "/balance", &[("authorization", &token)], "")
@@ -299,7 +311,7 @@ async fn metrics_count_requests_chats_tokens_and_the_model_in_prometheus_text() 
     assert_eq!(metrics.1, "text/plain; version=0.0.4; charset=utf-8");
     let text = metrics.2;
     let value = |series: &str| sample(&text, series).unwrap_or_else(|| panic!("{series}:\n{text}"));
-    assert_eq!(value(r#"tokenchat_chats_total{outcome="answered"}"#), 1.0);
+    assert_eq!(value(r#"tokenchat_chats_total{outcome="answered"}"#), 2.0);
     assert_eq!(
         value(r#"tokenchat_chats_total{outcome="out_of_tokens"}"#),
         1.0
@@ -308,12 +320,12 @@ async fn metrics_count_requests_chats_tokens_and_the_model_in_prometheus_text() 
         value(r#"tokenchat_chats_total{outcome="upstream_error"}"#),
         0.0
     );
-    assert_eq!(value("tokenchat_tokens_charged_total"), 100.0);
+    assert_eq!(value("tokenchat_tokens_charged_total"), 200.0);
     assert_eq!(value("tokenchat_tokens_refunded_total"), 0.0);
     assert_eq!(value("tokenchat_chats_in_flight"), 0.0);
     assert_eq!(
         value(r#"tokenchat_http_requests_total{route="/chat",method="POST",status="200"}"#),
-        1.0
+        2.0
     );
     assert_eq!(
         value(r#"tokenchat_http_requests_total{route="/chat",method="POST",status="402"}"#),
@@ -327,10 +339,11 @@ async fn metrics_count_requests_chats_tokens_and_the_model_in_prometheus_text() 
         value(r#"tokenchat_http_request_duration_seconds_count{route="/register",method="POST"}"#),
         1.0
     );
-    assert_eq!(
-        value(r#"tokenchat_upstream_duration_seconds_count{mode="complete"}"#),
-        1.0
-    );
+    // Each answer once, streamed or not (a stream is timed to its end).
+    for mode in ["complete", "stream"] {
+        let series = format!(r#"tokenchat_upstream_duration_seconds_count{{mode="{mode}"}}"#);
+        assert_eq!(value(&series), 1.0, "{mode}");
+    }
     assert!(text.contains("# TYPE tokenchat_http_request_duration_seconds histogram"));
     let writer = if on_postgres() {
         "postgres"
