@@ -2,7 +2,12 @@
 //! JSON by `LOG_FORMAT`, each request's span with its id on every line logged while serving
 //! it) and the Prometheus metrics of `GET /metrics`.
 
-use std::{io::IsTerminal, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    io::IsTerminal,
+    sync::{Arc, PoisonError, RwLock},
+    time::Duration,
+};
 
 use http::Method;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
@@ -42,6 +47,19 @@ pub fn init_logging(config: &Config) {
 pub struct Metrics {
     recorder: Arc<PrometheusRecorder>,
     handle: PrometheusHandle,
+    /// The series of each route, method and status seen, registered once: looking a
+    /// series up by its labels in the recorder on every request cost the static route
+    /// about a quarter of its throughput (BENCHMARKS.md).
+    requests: Arc<RwLock<RequestSeriesByRoute>>,
+}
+
+/// Route, then (method, status), to the request counter and latency histogram. Bounded:
+/// routes are the router's, methods eight labels, statuses a few dozen.
+type RequestSeriesByRoute = HashMap<Box<str>, HashMap<(&'static str, u16), RequestSeries>>;
+
+struct RequestSeries {
+    requests: metrics::Counter,
+    duration: metrics::Histogram,
 }
 
 /// Latency buckets, in seconds: from a cached read to a slow model's whole answer.
@@ -122,6 +140,7 @@ impl Metrics {
         let metrics = Self {
             recorder: Arc::new(recorder),
             handle,
+            requests: Arc::default(),
         };
         metrics.record(|| {
             metrics::describe_counter!(
@@ -171,8 +190,9 @@ impl Metrics {
         metrics
     }
 
-    fn record(&self, record: impl FnOnce()) {
-        metrics::with_local_recorder(&*self.recorder, record);
+    /// Runs `record` with this app's recorder as the one the `metrics` macros use.
+    fn record<T>(&self, record: impl FnOnce() -> T) -> T {
+        metrics::with_local_recorder(&*self.recorder, record)
     }
 
     /// One answered request. `route` is the matched route (`None`: no route matched).
@@ -180,9 +200,9 @@ impl Metrics {
         // Bounded labels only: an unknown method or path would otherwise mint a series
         // per attacker's whim.
         let route = match route {
-            Some("/") => "/".to_string(),
-            Some(route) => route.trim_end_matches('/').to_string(),
-            None => "unmatched".to_string(),
+            Some("/") => "/",
+            Some(route) => route.trim_end_matches('/'),
+            None => "unmatched",
         };
         let method = match *method {
             Method::GET => "GET",
@@ -194,18 +214,38 @@ impl Metrics {
             Method::OPTIONS => "OPTIONS",
             _ => "other",
         };
-        self.record(|| {
-            metrics::counter!(
-                "tokenchat_http_requests_total",
-                "route" => route.clone(), "method" => method, "status" => status.to_string()
-            )
-            .increment(1);
-            metrics::histogram!(
-                "tokenchat_http_request_duration_seconds",
-                "route" => route, "method" => method
-            )
-            .record(took.as_secs_f64());
-        });
+        let seconds = took.as_secs_f64();
+        let record = |series: &RequestSeries| {
+            series.requests.increment(1);
+            series.duration.record(seconds);
+        };
+        let known = self.requests.read().unwrap_or_else(PoisonError::into_inner);
+        if let Some(series) = known.get(route).and_then(|of| of.get(&(method, status))) {
+            return record(series);
+        }
+        drop(known);
+        let mut known = self
+            .requests
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        let series = known
+            .entry(route.into())
+            .or_default()
+            .entry((method, status))
+            .or_insert_with(|| {
+                let (route, status) = (route.to_string(), status.to_string());
+                self.record(|| RequestSeries {
+                    requests: metrics::counter!(
+                        "tokenchat_http_requests_total",
+                        "route" => route.clone(), "method" => method, "status" => status
+                    ),
+                    duration: metrics::histogram!(
+                        "tokenchat_http_request_duration_seconds",
+                        "route" => route, "method" => method
+                    ),
+                })
+            });
+        record(series);
     }
 
     /// A chat request begun; it counts as in flight until the guard is dropped.

@@ -21,13 +21,13 @@ async fn the_page_is_one_self_contained_html_file() {
 }
 
 #[tokio::test]
-async fn in_a_browser_a_new_user_registers_chats_and_sees_the_answer_stream_and_the_balance_drop() {
+async fn in_a_browser_a_new_user_chats_sees_the_answer_stream_and_the_balance_drop_then_runs_out() {
     let Ok(python) = std::env::var("TOKENCHAT_SDK_PYTHON") else {
         println!("page test skipped: set TOKENCHAT_SDK_PYTHON to a Python with selenium");
         return;
     };
-    // The built-in demo model, as on a fresh machine.
-    let app = TestApp::with_env(&[("LLM_BASE_URL", "")]).await;
+    // The built-in demo model, as on a fresh machine; a balance of one chat.
+    let app = TestApp::with_env(&[("LLM_BASE_URL", ""), ("INITIAL_TOKENS", "100")]).await;
     let base = serve_in_process(&app).await;
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/browser/page_test.py");
     let screenshot = concat!(env!("CARGO_MANIFEST_DIR"), "/target/page-screenshot.png");
@@ -54,6 +54,6 @@ async fn in_a_browser_a_new_user_registers_chats_and_sees_the_answer_stream_and_
         .as_str()
         .unwrap()
         .to_string();
-    assert_eq!(app.balance(&token).await, 3900);
+    assert_eq!(app.balance(&token).await, 0);
     app.assert_audit_passes().await;
 }

@@ -1,6 +1,8 @@
 """Drives the page at / in headless Chromium (through chromedriver, with selenium):
 register, log in, send a message, see the answer stream in and the balance drop by the
-cost, the conversation listed. Usage: page_test.py BASE_URL SCREENSHOT_PATH COST.
+cost, the conversation listed; then, with the balance spent, see the contract's
+out-of-tokens error in words. Usage: page_test.py BASE_URL SCREENSHOT_PATH COST; the
+server must start users with exactly COST tokens.
 Exits non-zero, saying why, when anything is not as it should be."""
 
 import sys
@@ -56,6 +58,14 @@ try:
     wait.until(lambda _: balance.text == str(before - cost))
     wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#conversations li")) == 1)
     driver.save_screenshot(screenshot)
+
+    # The balance is spent: the next message is refused, in words, and charges nothing.
+    driver.find_element(By.ID, "message").send_keys("code hello world in go")
+    driver.find_element(By.ID, "send").click()
+    error = driver.find_element(By.ID, "error")
+    wait.until(lambda _: error.text != "")
+    assert error.text == "You are out of tokens (balance 0). Ask an operator for more.", error.text
+    assert balance.text == "0", balance.text
     print(f"page test passed: balance {before} -> {balance.text}, answer in {len(distinct)} sizes")
 finally:
     driver.quit()
