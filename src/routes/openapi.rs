@@ -5,7 +5,12 @@
 
 #![allow(dead_code)]
 
-use axum::Json;
+use std::sync::OnceLock;
+
+use axum::{
+    http::{header, HeaderValue},
+    response::{IntoResponse, Response},
+};
 use serde_json::Value;
 use utoipa::{
     openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme},
@@ -95,8 +100,20 @@ impl Modify for SecuritySchemes {
     }
 }
 
-pub async fn document() -> Json<utoipa::openapi::OpenApi> {
-    Json(ApiDoc::openapi())
+/// The document, built once: it depends on nothing but the code.
+pub async fn document() -> Response {
+    static DOCUMENT: OnceLock<String> = OnceLock::new();
+    let document = DOCUMENT.get_or_init(|| {
+        serde_json::to_string(&ApiDoc::openapi()).expect("an OpenAPI document serialises")
+    });
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        document.as_str(),
+    )
+        .into_response()
 }
 
 /// The contract's error envelope.
