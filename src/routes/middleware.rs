@@ -142,7 +142,7 @@ pub async fn count_request(
 
 /// The credential in an `Authorization` header value, in any of the three accepted forms:
 /// `Token <t>`, `Bearer <t>` (either scheme in any letter case) or a bare `<t>`.
-fn credential_from_header(value: &str) -> Option<&str> {
+pub(super) fn credential_from_header(value: &str) -> Option<&str> {
     let value = value.trim();
     match value.split_once(' ') {
         Some((scheme, rest))

@@ -73,8 +73,8 @@ pub async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Respo
         let presented = headers
             .get(header::AUTHORIZATION)
             .and_then(|value| value.to_str().ok())
-            .and_then(|value| value.strip_prefix("Bearer "))
-            .map(str::trim);
+            // The same three forms as every other credential: `Bearer`, `Token` or bare.
+            .and_then(super::middleware::credential_from_header);
         // Compared as digests: the time taken says nothing about how much of it matched.
         let matches = presented.is_some_and(|presented| {
             Sha256::digest(presented.as_bytes())

@@ -421,6 +421,17 @@ async fn with_a_metrics_token_metrics_need_it_as_a_bearer_token() {
         .await;
     assert_eq!(right.0, 200);
     assert!(right.2.contains("tokenchat_chats_total"));
+    // Like every credential, in any of the three accepted forms.
+    for form in [
+        "bearer scrape-secret",
+        "Token scrape-secret",
+        "scrape-secret",
+    ] {
+        let answer = app
+            .request_raw(Method::GET, "/metrics", &[("authorization", form)], "")
+            .await;
+        assert_eq!(answer.0, 200, "{form}");
+    }
 }
 
 #[tokio::test]
