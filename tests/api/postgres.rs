@@ -386,3 +386,92 @@ async fn the_statement_timeout_bounds_every_statement_on_postgresql() {
     assert!(err.to_string().contains("statement timeout"), "{err}");
     db.close().await;
 }
+
+/// A chat's transaction locks its payer's row before its foreign key checks can share it
+/// (migration `payer_locked_first`). Otherwise a second chat of the same user, waiting for
+/// the first, would already hold a KEY SHARE lock on the row, PostgreSQL would record the
+/// row's deleter as a MultiXact of both, and that old version would stay in the way of
+/// every read of the row until VACUUM (BENCHMARKS.md, "Row locks that no reader can see
+/// past"). Seen from outside: while the second chat waits, the row's visible version names
+/// one deleter, the first chat's transaction.
+#[tokio::test]
+async fn a_waiting_second_chat_of_one_user_never_shares_the_row_lock_of_the_first() {
+    use sqlx::{Connection, PgConnection};
+    if !on_postgres() {
+        println!("skipped: runs in the PostgreSQL run of the suite");
+        return;
+    }
+    let database = TestDatabase::create().await;
+    let db = tokenchat::db::connect(database.url(), tokenchat::db::Open::CreateIfMissing)
+        .await
+        .unwrap();
+    tokenchat::db::migrate(&db).await.unwrap();
+    db.close().await;
+    let observer = sqlx::PgPool::connect(database.url()).await.unwrap();
+    let user_id: i64 = sqlx::query_scalar(
+        "INSERT INTO users (username, username_key, password_hash, tokens, created_at)
+         VALUES ('payer', 'payer', 'not-a-hash', 1000, 0) RETURNING id",
+    )
+    .fetch_one(&observer)
+    .await
+    .unwrap();
+    let insert_chat = format!(
+        "INSERT INTO chats (user_id, message, status, cost, created_at)
+         VALUES ({user_id}, 'hi', 'pending', 100, 0)"
+    );
+
+    let mut first = PgConnection::connect(database.url()).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut first).await.unwrap();
+    sqlx::query(&insert_chat).execute(&mut first).await.unwrap();
+    let first_xid: String = sqlx::query_scalar("SELECT pg_current_xact_id()::text")
+        .fetch_one(&mut first)
+        .await
+        .unwrap();
+
+    let mut second = PgConnection::connect(database.url()).await.unwrap();
+    let second_pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut second)
+        .await
+        .unwrap();
+    let waiting_chat = {
+        let insert_chat = insert_chat.clone();
+        tokio::spawn(async move {
+            sqlx::query(&insert_chat)
+                .execute(&mut second)
+                .await
+                .unwrap();
+            second
+        })
+    };
+    let waits_for_first =
+        format!("SELECT count(*) FROM pg_locks WHERE pid = {second_pid} AND NOT granted");
+    wait_until(|| async {
+        sqlx::query_scalar::<_, i64>(&waits_for_first)
+            .fetch_one(&observer)
+            .await
+            .unwrap()
+            == 1
+    })
+    .await;
+
+    let deleter: String = sqlx::query_scalar(&format!(
+        "SELECT xmax::text FROM users WHERE id = {user_id}"
+    ))
+    .fetch_one(&observer)
+    .await
+    .unwrap();
+    assert_eq!(
+        deleter, first_xid,
+        "the payer's row names a deleter other than the first chat's transaction"
+    );
+
+    sqlx::query("COMMIT").execute(&mut first).await.unwrap();
+    waiting_chat.await.unwrap().close().await.unwrap();
+    let (chats, tokens): (i64, i64) = sqlx::query_as(&format!(
+        "SELECT (SELECT count(*) FROM chats), tokens FROM users WHERE id = {user_id}"
+    ))
+    .fetch_one(&observer)
+    .await
+    .unwrap();
+    assert_eq!((chats, tokens), (2, 800));
+}
