@@ -18,6 +18,9 @@ pub enum Claim {
     },
 }
 
+/// How many times a claim meets a key that its holder lets go before it can be read.
+const CLAIM_ATTEMPTS: usize = 3;
+
 /// Claims `key` for the user, first forgetting a claim of it made before `expired_before`.
 #[tracing::instrument(level = "debug", skip_all)]
 pub async fn claim(
@@ -38,35 +41,50 @@ pub async fn claim(
         .bind(expired_before)
         .execute(&mut *tx)
         .await?;
-        let inserted = sqlx::query(
-            "INSERT INTO idempotency_keys (user_id, idem_key, request_hash, created_at)
-             VALUES ($1, $2, $3, $4) ON CONFLICT (user_id, idem_key) DO NOTHING",
-        )
-        .bind(user_id)
-        .bind(key)
-        .bind(request_hash)
-        .bind(unix_now())
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        let claim = if inserted == 1 {
-            Claim::Claimed
-        } else {
-            let (request_hash, chat_id, chat_status) = sqlx::query_as(
+        // READ COMMITTED (PostgreSQL): the holder of the key may let it go (its chat failed)
+        // between the insert that met it and the read of it, and the read then finds
+        // nothing; the key is free again, so the claim is tried once more.
+        let mut claim = None;
+        for _ in 0..CLAIM_ATTEMPTS {
+            let inserted = sqlx::query(
+                "INSERT INTO idempotency_keys (user_id, idem_key, request_hash, created_at)
+                 VALUES ($1, $2, $3, $4) ON CONFLICT (user_id, idem_key) DO NOTHING",
+            )
+            .bind(user_id)
+            .bind(key)
+            .bind(request_hash)
+            .bind(unix_now())
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if inserted == 1 {
+                claim = Some(Claim::Claimed);
+                break;
+            }
+            let held: Option<(String, Option<i64>, Option<ChatStatus>)> = sqlx::query_as(
                 "SELECT k.request_hash, k.chat_id, c.status FROM idempotency_keys k
                  LEFT JOIN chats c ON c.id = k.chat_id
                  WHERE k.user_id = $1 AND k.idem_key = $2",
             )
             .bind(user_id)
             .bind(key)
-            .fetch_one(&mut *tx)
+            .fetch_optional(&mut *tx)
             .await?;
-            Claim::Held {
-                request_hash,
-                chat_id,
-                chat_status,
+            if let Some((request_hash, chat_id, chat_status)) = held {
+                claim = Some(Claim::Held {
+                    request_hash,
+                    chat_id,
+                    chat_status,
+                });
+                break;
             }
-        };
+        }
+        // A key taken and let go again on every attempt is busy: in progress, as it was.
+        let claim = claim.unwrap_or_else(|| Claim::Held {
+            request_hash: request_hash.to_string(),
+            chat_id: None,
+            chat_status: None,
+        });
         tx.commit().await?;
         Ok(claim)
     })
