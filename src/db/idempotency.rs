@@ -44,8 +44,9 @@ pub async fn claim(
         // READ COMMITTED (PostgreSQL): the holder of the key may let it go (its chat failed)
         // between the insert that met it and the read of it, and the read then finds
         // nothing; the key is free again, so the claim is tried once more.
-        let mut claim = None;
-        for _ in 0..CLAIM_ATTEMPTS {
+        let mut attempts = 0;
+        let claim = loop {
+            attempts += 1;
             let inserted = sqlx::query(
                 "INSERT INTO idempotency_keys (user_id, idem_key, request_hash, created_at)
                  VALUES ($1, $2, $3, $4) ON CONFLICT (user_id, idem_key) DO NOTHING",
@@ -58,8 +59,7 @@ pub async fn claim(
             .await?
             .rows_affected();
             if inserted == 1 {
-                claim = Some(Claim::Claimed);
-                break;
+                break Claim::Claimed;
             }
             let held: Option<(String, Option<i64>, Option<ChatStatus>)> = sqlx::query_as(
                 "SELECT k.request_hash, k.chat_id, c.status FROM idempotency_keys k
@@ -70,21 +70,25 @@ pub async fn claim(
             .bind(key)
             .fetch_optional(&mut *tx)
             .await?;
-            if let Some((request_hash, chat_id, chat_status)) = held {
-                claim = Some(Claim::Held {
-                    request_hash,
-                    chat_id,
-                    chat_status,
-                });
-                break;
+            match held {
+                Some((request_hash, chat_id, chat_status)) => {
+                    break Claim::Held {
+                        request_hash,
+                        chat_id,
+                        chat_status,
+                    }
+                }
+                // A key taken and let go again on every attempt is busy: in progress.
+                None if attempts == CLAIM_ATTEMPTS => {
+                    break Claim::Held {
+                        request_hash: request_hash.to_string(),
+                        chat_id: None,
+                        chat_status: None,
+                    }
+                }
+                None => continue,
             }
-        }
-        // A key taken and let go again on every attempt is busy: in progress, as it was.
-        let claim = claim.unwrap_or_else(|| Claim::Held {
-            request_hash: request_hash.to_string(),
-            chat_id: None,
-            chat_status: None,
-        });
+        };
         tx.commit().await?;
         Ok(claim)
     })
