@@ -4,7 +4,9 @@
 //! OpenAI-compatible fake model served from this process, which is pinned to core 1 and
 //! drives closed-loop HTTP/1.1 keep-alive load, recording latencies in HDR histograms.
 //! `BENCH_SECS` (default 10) sets the measured time of each throughput scenario;
-//! `BENCH_ONLY=<text>` runs only the throughput scenarios whose name contains it.
+//! `BENCH_ONLY=<text>` runs only the throughput scenarios whose name contains it (`during`
+//! the reads beside a login burst, `busy` logins while another process spins on the
+//! server's core).
 //! `BENCH_POSTGRES_URL=postgres://USER:PASSWORD@HOST/postgres` (a user that may create
 //! databases) runs instead the backend comparison: `/balance` and `/chat` on SQLite, on
 //! PostgreSQL with one instance and with two, in one run, with the statements a chat costs;
@@ -63,8 +65,10 @@ const SLOW_CHUNK_EVERY: Duration = Duration::from_millis(100);
 const ANSWER: &str = "Here is hello world in Python:\n\n```python\nprint(\"Hello, world!\")\n```\n\nSave it as hello.py and run `python hello.py`.";
 
 fn main() {
-    if std::env::var(ROLE).as_deref() == Ok("argon2") {
-        return raw_argon2_rate();
+    match std::env::var(ROLE).as_deref() {
+        Ok("argon2") => return raw_argon2_rate(),
+        Ok("spin") => return spin(),
+        _ => {}
     }
     let pinned = std::thread::available_parallelism().map_or(1, |cores| cores.get()) >= 2;
     if pinned {
@@ -216,6 +220,24 @@ async fn run(pinned: bool) {
             &logins,
             server.peak_rss(),
         ));
+    }
+
+    // Logins one at a time while another process keeps the server's core busy: what the
+    // hashing threads' low priority costs a login when the core has nothing left over.
+    let busy_core = "POST /login, server's core busy with another process";
+    if pinned && only.as_deref().is_none_or(|only| busy_core.contains(only)) {
+        let login_body = json!({ "username": "bench", "password": "bench-password" }).to_string();
+        let _spinner = CoreSpinner::start(measured);
+        server.reset_peak();
+        let logins = closed_loop(
+            target.addr,
+            1,
+            measured,
+            StatusCode::OK,
+            target.post("/login", login_body),
+        )
+        .await;
+        rows.push(Row::new(busy_core, 1, &logins, server.peak_rss()));
     }
 
     if only.is_some() {
@@ -1267,6 +1289,41 @@ fn raw_argon2_rate() {
         hashes += 1;
     }
     println!("{}", hashes as f64 / start.elapsed().as_secs_f64());
+}
+
+/// A copy of this binary spinning on the server's core at normal priority, until dropped.
+struct CoreSpinner(Child);
+
+impl CoreSpinner {
+    fn start(measured: Duration) -> Self {
+        let exe = std::env::current_exe().expect("this binary");
+        let child = on_server_core(exe, true)
+            .env(ROLE, "spin")
+            .env("BENCH_SECS", measured.as_secs().to_string())
+            .spawn()
+            .expect("start the spinner");
+        Self(child)
+    }
+}
+
+impl Drop for CoreSpinner {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Keeps a core busy for a minute more than the measured time at most, so it ends even if
+/// the benchmark is killed.
+fn spin() {
+    let secs: u64 = std::env::var("BENCH_SECS")
+        .ok()
+        .and_then(|secs| secs.parse().ok())
+        .unwrap_or(10);
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(secs + 60) {
+        std::hint::black_box(0u64);
+    }
 }
 
 struct Row {
