@@ -34,9 +34,10 @@ type HashingJob = Box<dyn FnOnce() + Send>;
 /// same priority as the async workers it takes its full share of the core from them, and
 /// every other request waits for it (`/balance` p99 8 ms during a login burst, BENCHMARKS.md
 /// issue 13). At 10 that p99 was still about 4 ms, one scheduler tick at 250 Hz, as if a
-/// worker woken beside a hash waited for the tick; from 15 it is 1 to 2 ms. The price is paid only when the core has nothing left over: with another
-/// process spinning on it, a login takes about 0.7 s at 15 (0.25 s at 10, 1.6 s at 19,
-/// 9 s with `SCHED_IDLE`), and at full speed when the core is free.
+/// worker woken beside a hash waited for the tick; from 15 it is 1 to 2 ms. The price is
+/// paid only when the core has nothing left over: with another process spinning on it, a
+/// login takes about 0.7 s at 15 (0.25 s at 10, 1.6 s at 19, 9 s with `SCHED_IDLE`), and
+/// runs at full speed when the core is free.
 const HASHING_NICENESS: i32 = 15;
 
 /// How long a client turned away for a full queue is asked to wait.
