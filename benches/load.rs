@@ -104,10 +104,7 @@ fn pin(pid: u32, core: usize) {
 }
 
 async fn run(pinned: bool) {
-    let secs: u64 = std::env::var("BENCH_SECS")
-        .ok()
-        .and_then(|secs| secs.parse().ok())
-        .unwrap_or(10);
+    let secs = bench_secs(10);
     let measured = Duration::from_secs(secs);
     let model = start_fake_model().await;
     let dir = tempfile::tempdir().expect("temporary directory");
@@ -1259,12 +1256,27 @@ fn proc_status_kb(pid: u32, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// `BENCH_SECS`, or `default` when unset.
+fn bench_secs(default: u64) -> u64 {
+    std::env::var("BENCH_SECS")
+        .ok()
+        .and_then(|secs| secs.parse().ok())
+        .unwrap_or(default)
+}
+
+/// A copy of this binary in `role` for `duration`, on the server's core when `pinned`.
+fn this_binary_as(role: &str, pinned: bool, duration: Duration) -> Command {
+    let exe = std::env::current_exe().expect("this binary");
+    let mut command = on_server_core(exe, pinned);
+    command
+        .env(ROLE, role)
+        .env("BENCH_SECS", duration.as_secs().to_string());
+    command
+}
+
 /// Hashes per second of one thread, in a copy of this binary pinned to the server's core.
 fn raw_argon2_rate_on_server_core(pinned: bool, duration: Duration) -> f64 {
-    let exe = std::env::current_exe().expect("this binary");
-    let output = on_server_core(exe, pinned)
-        .env(ROLE, "argon2")
-        .env("BENCH_SECS", duration.as_secs().to_string())
+    let output = this_binary_as("argon2", pinned, duration)
         .output()
         .expect("run the Argon2 measurement");
     String::from_utf8_lossy(&output.stdout)
@@ -1274,10 +1286,7 @@ fn raw_argon2_rate_on_server_core(pinned: bool, duration: Duration) -> f64 {
 }
 
 fn raw_argon2_rate() {
-    let secs: u64 = std::env::var("BENCH_SECS")
-        .ok()
-        .and_then(|secs| secs.parse().ok())
-        .unwrap_or(5);
+    let secs = bench_secs(5);
     let argon2 = Argon2::default();
     let start = Instant::now();
     let mut hashes = 0u64;
@@ -1296,10 +1305,7 @@ struct CoreSpinner(Child);
 
 impl CoreSpinner {
     fn start(measured: Duration) -> Self {
-        let exe = std::env::current_exe().expect("this binary");
-        let child = on_server_core(exe, true)
-            .env(ROLE, "spin")
-            .env("BENCH_SECS", measured.as_secs().to_string())
+        let child = this_binary_as("spin", true, measured)
             .spawn()
             .expect("start the spinner");
         Self(child)
@@ -1316,10 +1322,7 @@ impl Drop for CoreSpinner {
 /// Keeps a core busy for a minute more than the measured time at most, so it ends even if
 /// the benchmark is killed.
 fn spin() {
-    let secs: u64 = std::env::var("BENCH_SECS")
-        .ok()
-        .and_then(|secs| secs.parse().ok())
-        .unwrap_or(10);
+    let secs = bench_secs(10);
     let start = Instant::now();
     while start.elapsed() < Duration::from_secs(secs + 60) {
         std::hint::black_box(0u64);
