@@ -4,8 +4,8 @@
 //! OpenAI-compatible fake model served from this process, which is pinned to core 1 and
 //! drives closed-loop HTTP/1.1 keep-alive load, recording latencies in HDR histograms.
 //! `BENCH_SECS` (default 10) sets the measured time of each throughput scenario;
-//! `BENCH_ONLY=<text>` runs only the throughput scenarios whose name contains it (`during`
-//! the reads beside a login burst, `busy` logins while another process spins on the
+//! `BENCH_ONLY=<text>` runs only the throughput scenarios whose name contains it (`during`:
+//! the reads beside a login burst; `busy`: logins while another process spins on the
 //! server's core).
 //! `BENCH_POSTGRES_URL=postgres://USER:PASSWORD@HOST/postgres` (a user that may create
 //! databases) runs instead the backend comparison: `/balance` and `/chat` on SQLite, on

@@ -30,7 +30,7 @@ pub struct PasswordHasher {
 
 type HashingJob = Box<dyn FnOnce() + Send>;
 
-/// The niceness of the hashing threads. A hash takes tens of milliseconds of a core; at the
+/// The niceness of the hashing threads. A hash takes about 18 ms of a core; at the
 /// same priority as the async workers it takes its full share of the core from them, and
 /// every other request waits for it (`/balance` p99 8 ms during a login burst, BENCHMARKS.md
 /// issue 13). At 10 that p99 was still about 4 ms, one scheduler tick at 250 Hz, as if a
