@@ -20,7 +20,7 @@ pub struct Config {
     /// `DATABASE_STATEMENT_TIMEOUT_MS` (PostgreSQL only); `None`: the server's own.
     pub database_statement_timeout: Option<Duration>,
     /// `None` when `LLM_BASE_URL` is empty: answers come from the built-in demo model.
-    pub llm_base_url: Option<Url>,
+    pub llm_base_url: Option<UpstreamUrl>,
     pub llm_api_key: Option<SecretString>,
     pub llm_model: String,
     /// `LLM_MODELS`: more model names served beside `LLM_MODEL`, each passed upstream as
@@ -30,6 +30,9 @@ pub struct Config {
     pub llm_timeout: Duration,
     /// How long a streamed answer may go silent before it counts as timed out.
     pub llm_stream_idle: Duration,
+    /// `LLM_STREAM_MAX_SECS`: how long a streamed answer may take in all, once it began
+    /// (`llm_timeout` bounds the wait for it to begin).
+    pub llm_stream_max: Duration,
     /// How a streamed chat whose client went away before its end is settled.
     pub abandoned_stream_charge: AbandonedStreamCharge,
     pub chat_cost: i64,
@@ -179,6 +182,76 @@ impl fmt::Debug for DatabaseUrl {
     }
 }
 
+/// `LLM_BASE_URL`, which may carry credentials in its user info (`http://user:pw@host`) or
+/// its query (`?key=…`): `Debug` and `Display` show it with both replaced by `<redacted>`,
+/// and only [`UpstreamUrl::join`] gives the whole of it, to the HTTP client.
+#[derive(Clone, PartialEq, Eq)]
+pub struct UpstreamUrl(Url);
+
+impl UpstreamUrl {
+    /// An http or https URL; the error never repeats the value, which may hold a secret.
+    pub fn parse(raw: &str) -> Result<Self, ConfigError> {
+        let url = Url::parse(raw.trim())
+            .map_err(|err| ConfigError::new("LLM_BASE_URL", format!("not a URL ({err})")))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(ConfigError::new(
+                "LLM_BASE_URL",
+                format!("unsupported scheme {:?}; use http or https", url.scheme()),
+            ));
+        }
+        Ok(Self(url))
+    }
+
+    /// The URL of `path` under this API root: appended to the root's path, with the root's
+    /// query (an API key some providers take there) and user info kept.
+    pub fn join(&self, path: &str) -> Url {
+        let mut url = self.0.clone();
+        let joined = format!(
+            "{}/{}",
+            url.path().trim_end_matches('/'),
+            path.trim_start_matches('/')
+        );
+        url.set_path(&joined);
+        url
+    }
+
+    /// The URL for logs and messages: user info and query replaced by `<redacted>`.
+    pub fn redacted(&self) -> String {
+        redacted_url(&self.0)
+    }
+}
+
+/// `url` with its user info and query replaced by `<redacted>`, for logs and messages.
+pub fn redacted_url(url: &Url) -> String {
+    let mut shown = format!("{}://", url.scheme());
+    if !url.username().is_empty() || url.password().is_some() {
+        shown.push_str("<redacted>@");
+    }
+    if let Some(host) = url.host_str() {
+        shown.push_str(host);
+    }
+    if let Some(port) = url.port() {
+        shown.push_str(&format!(":{port}"));
+    }
+    shown.push_str(url.path());
+    if url.query().is_some() {
+        shown.push_str("?<redacted>");
+    }
+    shown
+}
+
+impl fmt::Debug for UpstreamUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.redacted(), f)
+    }
+}
+
+impl fmt::Display for UpstreamUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
 /// A variable whose value cannot be used; start-up stops with this one line.
 #[derive(Debug, thiserror::Error)]
 #[error("invalid {variable}: {reason}")]
@@ -202,18 +275,10 @@ impl Config {
     /// Builds a configuration from any variable source; unset and empty mean "use the default".
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         let vars = Vars(&lookup);
-        let llm_base_url: Option<Url> = match vars.optional("LLM_BASE_URL") {
+        let llm_base_url = match vars.optional("LLM_BASE_URL") {
             None => None,
-            Some(_) => Some(vars.parse("LLM_BASE_URL", "")?),
+            Some(raw) => Some(UpstreamUrl::parse(&raw)?),
         };
-        if let Some(url) = &llm_base_url {
-            if !matches!(url.scheme(), "http" | "https") {
-                return Err(ConfigError::new(
-                    "LLM_BASE_URL",
-                    format!("unsupported scheme {:?}; use http or https", url.scheme()),
-                ));
-            }
-        }
         let database_url = DatabaseUrl(vars.string("DATABASE_URL", "sqlite://tokenchat.db"));
         if crate::db::Backend::of_url(database_url.expose()).is_none() {
             return Err(ConfigError::new(
@@ -260,6 +325,7 @@ impl Config {
             llm_system_prompt: vars.string("LLM_SYSTEM_PROMPT", DEFAULT_SYSTEM_PROMPT),
             llm_timeout: vars.seconds("LLM_TIMEOUT_SECS", "60", 1, HOUR_SECS)?,
             llm_stream_idle: vars.seconds("LLM_STREAM_IDLE_SECS", "30", 1, HOUR_SECS)?,
+            llm_stream_max: vars.seconds("LLM_STREAM_MAX_SECS", "600", 1, DAY_SECS)?,
             abandoned_stream_charge: vars.parse("ABANDONED_STREAM_CHARGE", "delivered")?,
             chat_cost: vars.between("CHAT_COST", "100", 1, MAX_BALANCE)?,
             initial_tokens: vars.between("INITIAL_TOKENS", "4000", 0, MAX_BALANCE)?,
@@ -456,6 +522,7 @@ mod tests {
         assert_eq!(config.database_url.expose(), "sqlite://tokenchat.db");
         assert_eq!(config.llm_base_url, None, "empty: the built-in demo model");
         assert_eq!(config.llm_stream_idle, Duration::from_secs(30));
+        assert_eq!(config.llm_stream_max, Duration::from_secs(600));
         assert_eq!(
             config.abandoned_stream_charge,
             AbandonedStreamCharge::Delivered
@@ -493,6 +560,7 @@ mod tests {
                 "LLM_SYSTEM_PROMPT",
                 "LLM_TIMEOUT_SECS",
                 "LLM_STREAM_IDLE_SECS",
+                "LLM_STREAM_MAX_SECS",
                 "ABANDONED_STREAM_CHARGE",
                 "CHAT_COST",
                 "INITIAL_TOKENS",
@@ -558,6 +626,7 @@ mod tests {
             ("LLM_TIMEOUT_SECS", "soon"),
             ("LLM_TIMEOUT_SECS", "0"),
             ("LLM_STREAM_IDLE_SECS", "0"),
+            ("LLM_STREAM_MAX_SECS", "0"),
             ("ABANDONED_STREAM_CHARGE", "sometimes"),
             ("CHAT_COST", "-5"),
             ("CHAT_COST", "0"),
@@ -617,5 +686,36 @@ mod tests {
         let key = config.llm_api_key.as_ref().unwrap();
         assert_eq!(key.expose_secret(), "sk-very-secret");
         assert!(!format!("{config:?}").contains("sk-very-secret"));
+    }
+
+    #[test]
+    fn an_upstream_url_joins_paths_under_its_own_and_keeps_its_query() {
+        let url = UpstreamUrl::parse("http://user:pw@127.0.0.1:8080/v1/?key=q").unwrap();
+        assert_eq!(
+            url.join("chat/completions").as_str(),
+            "http://user:pw@127.0.0.1:8080/v1/chat/completions?key=q"
+        );
+        let bare = UpstreamUrl::parse("https://api.example.com").unwrap();
+        assert_eq!(
+            bare.join("models").as_str(),
+            "https://api.example.com/models"
+        );
+    }
+
+    #[test]
+    fn an_upstream_url_is_shown_without_its_user_info_or_query() {
+        let url = UpstreamUrl::parse("http://user:pw@127.0.0.1:8080/v1?key=q").unwrap();
+        let shown = "http://<redacted>@127.0.0.1:8080/v1?<redacted>";
+        assert_eq!(url.redacted(), shown);
+        assert_eq!(url.to_string(), shown);
+        assert_eq!(format!("{url:?}"), format!("{shown:?}"));
+        let config = config(&[("LLM_BASE_URL", "http://user:pw@h/v1?key=q")]).unwrap();
+        let debug = format!("{config:?}");
+        assert!(!debug.contains("pw") && !debug.contains("key=q"), "{debug}");
+        let plain = UpstreamUrl::parse("http://127.0.0.1:11434/v1").unwrap();
+        assert_eq!(plain.redacted(), "http://127.0.0.1:11434/v1");
+        // A value that is not a URL is not repeated in the error either.
+        let err = UpstreamUrl::parse("http//user:secret@host").unwrap_err();
+        assert!(!err.to_string().contains("secret"), "{err}");
     }
 }

@@ -24,8 +24,14 @@ pub struct KeyOwner {
     pub disabled: bool,
 }
 
-/// Stores a new key of the user unless they already hold `max_live` live ones, in one
-/// statement; its id, or `None` at the limit.
+/// Stores a new key of the user unless they already hold `max_live` live ones; its id, or
+/// `None` at the limit.
+///
+/// On PostgreSQL the count and the insert run under the user's row lock: at READ COMMITTED
+/// two inserts from two processes would each count the other's key as not there yet and
+/// both pass the cap (issue 21). The lock is the one a chat's reservation takes, so key
+/// creations of one user queue behind each other and see each other's keys. SQLite's one
+/// writer already runs them one at a time.
 #[tracing::instrument(level = "debug", skip_all)]
 pub async fn insert(
     db: &Db,
@@ -36,20 +42,32 @@ pub async fn insert(
     max_live: i64,
 ) -> Result<Option<(i64, i64)>, sqlx::Error> {
     let now = unix_now();
-    db_run!(db, pool => sqlx::query_as(
-        "INSERT INTO api_keys (user_id, name, key_hash, prefix, created_at)
-         SELECT $1, $2, $3, $4, $5
-         WHERE (SELECT COUNT(*) FROM api_keys WHERE user_id = $1 AND revoked_at IS NULL) < $6
-         RETURNING id, created_at",
-    )
-    .bind(user_id)
-    .bind(name)
-    .bind(key_hash)
-    .bind(prefix)
-    .bind(now)
-    .bind(max_live)
-    .fetch_optional(pool)
-    .await)
+    let locks_rows = matches!(db, Db::Postgres(_));
+    db_run!(db, pool => {
+        let mut tx = pool.begin().await?;
+        if locks_rows {
+            sqlx::query("SELECT 1 FROM users WHERE id = $1 FOR NO KEY UPDATE")
+                .bind(user_id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        let inserted = sqlx::query_as(
+            "INSERT INTO api_keys (user_id, name, key_hash, prefix, created_at)
+             SELECT $1, $2, $3, $4, $5
+             WHERE (SELECT COUNT(*) FROM api_keys WHERE user_id = $1 AND revoked_at IS NULL) < $6
+             RETURNING id, created_at",
+        )
+        .bind(user_id)
+        .bind(name)
+        .bind(key_hash)
+        .bind(prefix)
+        .bind(now)
+        .bind(max_live)
+        .fetch_optional(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(inserted)
+    })
 }
 
 /// The user's live keys, oldest first.

@@ -187,23 +187,26 @@ pub async fn settle_unanswered(
     Ok(settled == 1)
 }
 
-/// Ids of chats still pending past their deadline at `now`. A chat from before deadlines
-/// were recorded is past it once created before `legacy_created_before`.
+/// Ids above `after` of chats still pending past their deadline at `now`, in order. A chat
+/// from before deadlines were recorded is past it once created before
+/// `legacy_created_before`.
 #[tracing::instrument(level = "debug", skip_all)]
 pub async fn stale_pending(
     db: &Db,
     now: i64,
     legacy_created_before: i64,
+    after: i64,
     limit: i64,
 ) -> Result<Vec<i64>, sqlx::Error> {
     db_read!(db, pool => sqlx::query_scalar(
         "SELECT id FROM chats
-         WHERE status = 'pending'
+         WHERE status = 'pending' AND id > $3
            AND (deadline_at < $1 OR (deadline_at IS NULL AND created_at < $2))
-         ORDER BY id LIMIT $3",
+         ORDER BY id LIMIT $4",
     )
     .bind(now)
     .bind(legacy_created_before)
+    .bind(after)
     .bind(limit)
     .fetch_all(pool)
     .await)
@@ -244,13 +247,16 @@ pub async fn page(
     .await)
 }
 
-/// An answered chat with the balance its charge left, as its first response reported.
+/// A charged chat (answered, or an abandoned stream that kept its charge, with the text it
+/// got) with the balance its charge left, as its first response reported.
 #[tracing::instrument(level = "debug", skip_all)]
 pub async fn stored_answer(db: &Db, chat_id: i64) -> Result<Option<StoredAnswer>, sqlx::Error> {
     db_read!(db, pool => sqlx::query_as(
-        "SELECT c.id AS chat_id, c.response, c.cost, l.balance_after, c.conversation_id
+        "SELECT c.id AS chat_id, COALESCE(c.response, '') AS response, c.cost, l.balance_after,
+                c.conversation_id
          FROM chats c JOIN ledger l ON l.chat_id = c.id AND l.reason = 'chat_reservation'
-         WHERE c.id = $1 AND c.status = 'answered'",
+         WHERE c.id = $1
+           AND (c.status = 'answered' OR (c.status = 'abandoned' AND NOT c.refunded))",
     )
     .bind(chat_id)
     .fetch_optional(pool)

@@ -91,7 +91,7 @@ pub async fn chats(
 /// user has no such conversation.
 #[tracing::instrument(level = "debug", skip_all)]
 pub async fn delete(db: &Db, user_id: i64, id: i64) -> Result<bool, sqlx::Error> {
-    db_run!(db, pool => {
+    let deleted = db_run!(db, pool => {
         let mut tx = pool.begin().await?;
         sqlx::query(
             "UPDATE chats SET message = '', response = NULL, conversation_id = NULL,
@@ -110,6 +110,28 @@ pub async fn delete(db: &Db, user_id: i64, id: i64) -> Result<bool, sqlx::Error>
             .await?
             .rows_affected();
         tx.commit().await?;
-        Ok(deleted == 1)
-    })
+        Ok::<_, sqlx::Error>(deleted == 1)
+    })?;
+    if deleted {
+        erase_from_the_log(db).await;
+    }
+    Ok(deleted)
+}
+
+/// On SQLite, copies the log into the file (where `secure_delete` has zeroed the erased
+/// text) and cuts the log to nothing, so the page images written before the erasure do not
+/// stay in it until they happen to be overwritten. Best effort: a checkpoint that finds
+/// readers in the way leaves the rest to the next one, and the erasure itself has happened.
+async fn erase_from_the_log(db: &Db) {
+    let Db::Sqlite(sqlite) = db else {
+        return;
+    };
+    let checkpoint = sqlx::query_as::<_, (i64, i64, i64)>("PRAGMA wal_checkpoint(TRUNCATE)")
+        .fetch_one(&sqlite.writer)
+        .await;
+    match checkpoint {
+        Ok((0, _, _)) => {}
+        Ok(_) => tracing::info!("the log still holds erased text until the next checkpoint"),
+        Err(err) => tracing::warn!(error = %err, "checkpoint after an erasure failed"),
+    }
 }

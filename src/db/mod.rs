@@ -236,6 +236,9 @@ async fn connect_sqlite(
         .synchronous(SqliteSynchronous::Normal)
         .busy_timeout(Duration::from_secs(10))
         .foreign_keys(true)
+        // Deleted and overwritten content is zeroed in the file, so an erased conversation's
+        // text does not linger in free pages until a VACUUM (issue 21).
+        .pragma("secure_delete", "ON")
         // Checkpoints (which fsync) normally run in `checkpoint_periodically`; this only
         // bounds the log if that falls behind.
         .pragma("wal_autocheckpoint", WAL_AUTOCHECKPOINT_PAGES.to_string())

@@ -55,7 +55,8 @@ pub enum Grant {
         balance: i64,
     },
     NoSuchUser,
-    /// The balance would have gone over `ceiling`; nothing was written.
+    /// The balance, with the tokens its pending chats reserved, would have gone over
+    /// `ceiling`; nothing was written.
     OverCeiling {
         balance: i64,
     },
@@ -76,15 +77,24 @@ pub async fn grant(
 ) -> Result<Grant, sqlx::Error> {
     db_run!(db, pool => {
         let mut tx = pool.begin().await?;
-        let user: Option<(i64, i64)> =
-            sqlx::query_as("SELECT id, tokens FROM users WHERE username_key = $1")
-                .bind(username_key)
-                .fetch_optional(&mut *tx)
-                .await?;
-        let Some((user_id, balance)) = user else {
+        // The tokens reserved by pending chats count as the user's here: each one's refund
+        // must fit under the ceiling whatever is granted meanwhile, so a grant leaves room
+        // for them (issue 21). Reserving and refunding keep balance + reserved the same;
+        // only grants raise it.
+        let user: Option<(i64, i64, i64)> = sqlx::query_as(
+            "SELECT id, tokens, CAST(COALESCE((SELECT SUM(cost) FROM chats
+                                              WHERE chats.user_id = users.id
+                                                AND status = 'pending'), 0) AS BIGINT)
+             FROM users WHERE username_key = $1",
+        )
+        .bind(username_key)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some((user_id, balance, reserved)) = user else {
             return Ok(Grant::NoSuchUser);
         };
-        if balance.checked_add(amount).is_none_or(|after| after > ceiling) {
+        let held = balance.saturating_add(reserved);
+        if held.checked_add(amount).is_none_or(|after| after > ceiling) {
             return Ok(Grant::OverCeiling { balance });
         }
         // The user exists and the ceiling holds: no row means the balance would go below zero.

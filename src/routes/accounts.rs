@@ -67,12 +67,12 @@ pub async fn logout(State(state): State<AppState>, user: AuthUser) -> Result<Sta
 }
 
 /// Revokes every login token of the user.
-#[utoipa::path(post, path = "/logout/all", tag = "accounts", security(("bearer" = []), ("token" = [])), responses((status = 204, description = "Every login token of the user is revoked"), (status = 401, description = "unauthorized", body = super::openapi::Error), (status = 403, description = "account_disabled", body = super::openapi::Error)))]
+#[utoipa::path(post, path = "/logout/all", tag = "accounts", security(("bearer" = []), ("token" = [])), responses((status = 204, description = "Every login token of the user is revoked"), (status = 401, description = "unauthorized", body = super::openapi::Error), (status = 403, description = "forbidden (an API key) or account_disabled", body = super::openapi::Error)))]
 pub async fn logout_everywhere(
     State(state): State<AppState>,
     user: AuthUser,
 ) -> Result<StatusCode, ApiError> {
-    auth::logout_everywhere(&state.db, user.id).await?;
+    auth::logout_everywhere(&state.db, user.id, &user.credential).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -26,7 +26,7 @@ use crate::{
     AppState,
 };
 
-const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
+pub(super) const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
 
 /// How often a stream whose model is silent says it is still there.
 const KEEP_ALIVE_EVERY: Duration = Duration::from_secs(15);
@@ -143,7 +143,11 @@ fn sse_event(ids: ChatIds, event: StreamEvent) -> Event {
                 "usage": usage.map(usage_json),
             }),
         ),
-        StreamEvent::Failed(err) => ("error", ApiError::from(err).envelope()),
+        StreamEvent::Failed { error, charged } => {
+            let mut envelope = ApiError::from(error).envelope();
+            envelope["tokens_charged"] = json!(charged);
+            ("error", envelope)
+        }
     };
     Event::default().event(name).data(data.to_string())
 }

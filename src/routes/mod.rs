@@ -11,6 +11,7 @@ mod middleware;
 mod openai;
 mod openapi;
 mod operations;
+mod page;
 
 use std::time::Duration;
 
@@ -32,7 +33,7 @@ pub fn router(state: AppState) -> Router {
     let body_limit = state.config.max_body_bytes;
     let api = with_and_without_slash(api_routes(&state));
     let page = Router::new()
-        .route("/", with_body_limit(get(operations::page), body_limit))
+        .route("/", with_body_limit(get(page::page), body_limit))
         .route(
             "/openapi.json",
             with_body_limit(get(openapi::document), body_limit),

@@ -17,7 +17,7 @@ use futures_util::{stream, StreamExt};
 use serde_json::{json, Map, Value};
 
 use super::{
-    chat::keep_alive,
+    chat::{keep_alive, IDEMPOTENT_REPLAYED},
     error::ApiError,
     extract::{AuthUser, IdempotencyKey, Payload, TokensRemaining},
 };
@@ -218,7 +218,8 @@ pub async fn chat_completions(
         "usage": usage_json(answer.usage),
     }));
     let fresh_balance = (!answer.replayed).then_some(TokensRemaining(answer.balance));
-    Ok((fresh_balance.map(Extension), body).into_response())
+    let replayed = answer.replayed.then_some([(IDEMPOTENT_REPLAYED, "true")]);
+    Ok((fresh_balance.map(Extension), replayed, body).into_response())
 }
 
 fn completion_id(chat_id: i64) -> String {
@@ -244,6 +245,7 @@ fn usage_json(usage: Option<Usage>) -> Value {
 fn chunk_stream(started: StreamedChat, model: String, include_usage: bool) -> Response {
     let chat = started.into_events();
     let chat_id = chat.chat_id;
+    let replayed = chat.replayed.then_some([(IDEMPOTENT_REPLAYED, "true")]);
     let created = unix_now();
     let chunk = move |delta: Value, finish_reason: Value| {
         json!({
@@ -269,7 +271,9 @@ fn chunk_stream(started: StreamedChat, model: String, include_usage: bool) -> Re
                 last.push(json!("[DONE]"));
                 last
             }
-            StreamEvent::Failed(err) => vec![openai_error(&ApiError::from(err).envelope(), 500)],
+            StreamEvent::Failed { error, .. } => {
+                vec![openai_error(&ApiError::from(error).envelope(), 500)]
+            }
         }))
         .flat_map(stream::iter)
         .map(|data| {
@@ -279,7 +283,7 @@ fn chunk_stream(started: StreamedChat, model: String, include_usage: bool) -> Re
             };
             Ok::<_, Infallible>(Event::default().data(text))
         });
-    Sse::new(events).keep_alive(keep_alive()).into_response()
+    (replayed, Sse::new(events).keep_alive(keep_alive())).into_response()
 }
 
 /// Middleware of the `/v1` routes: every error answer, from a handler or a layer, in

@@ -1,11 +1,11 @@
 //! What load balancers and monitoring ask: `/health` (the process is up), `/ready` (the
 //! database answers and is migrated; the model's reachability beside it) and `/metrics`
-//! (Prometheus' text format, behind `METRICS_TOKEN` when that is set); and the page at `/`.
+//! (Prometheus' text format, behind `METRICS_TOKEN` when that is set).
 
 use axum::{
     extract::State,
     http::{header, HeaderMap, HeaderValue, StatusCode},
-    response::{Html, IntoResponse, Response},
+    response::{IntoResponse, Response},
     Json,
 };
 use secrecy::ExposeSecret;
@@ -94,10 +94,4 @@ pub async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Respo
         body,
     )
         .into_response()
-}
-
-/// The page at `/`: register, log in and chat in a browser, from one HTML file built into
-/// the binary (no build step, no external assets).
-pub async fn page() -> Html<&'static str> {
-    Html(include_str!("page.html"))
 }

@@ -125,8 +125,9 @@ pub async fn change_password(
 }
 
 /// Adds `amount` tokens to a user's balance (takes them, when negative) through the
-/// ledger; the new balance. A grant that would lift the balance over [`MAX_BALANCE`] or
-/// take it below zero is refused and writes nothing.
+/// ledger; the new balance. A grant that would lift the balance, with the tokens its
+/// pending chats reserved, over [`MAX_BALANCE`] (so that their refunds always fit), or take
+/// it below zero, is refused and writes nothing.
 #[tracing::instrument(level = "debug", skip_all)]
 pub async fn grant(db: &Db, username: &Username, amount: GrantAmount) -> ServiceResult<i64> {
     match db::users::grant(db, &username.key(), amount.get(), MAX_BALANCE).await? {
@@ -135,7 +136,8 @@ pub async fn grant(db: &Db, username: &Username, amount: GrantAmount) -> Service
         db::users::Grant::OverCeiling { balance } => Err(Invalid::new(
             "amount",
             format!(
-                "the balance would exceed the ceiling of {MAX_BALANCE} tokens (it is {balance})"
+                "the balance, with what its pending chats reserved, would exceed the ceiling \
+                 of {MAX_BALANCE} tokens (it is {balance})"
             ),
         )
         .into()),

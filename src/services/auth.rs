@@ -139,9 +139,15 @@ pub fn login_token_hash(credential: &Credential) -> ServiceResult<&str> {
     }
 }
 
-/// Revokes every login token of the user.
+/// Revokes every login token of the user; `Forbidden` with an API key, so a leaked key
+/// cannot keep its owner signed out.
 #[tracing::instrument(level = "debug", skip_all)]
-pub async fn logout_everywhere(db: &Db, user_id: i64) -> ServiceResult<()> {
+pub async fn logout_everywhere(
+    db: &Db,
+    user_id: i64,
+    credential: &Credential,
+) -> ServiceResult<()> {
+    login_token_hash(credential)?;
     db::tokens::revoke_all(db, user_id).await?;
     Ok(())
 }

@@ -110,8 +110,9 @@ pub enum StreamEvent {
         charged: i64,
         usage: Option<Usage>,
     },
-    /// The chat ended without an answer and was refunded; nothing follows.
-    Failed(ServiceError),
+    /// The chat ended without a whole answer; nothing follows. `charged` is 0 when it was
+    /// refunded, else what the text already delivered cost (see `ABANDONED_STREAM_CHARGE`).
+    Failed { error: ServiceError, charged: i64 },
 }
 
 /// What a client asks: a message, in one of its conversations or a new one, with an
@@ -148,7 +149,7 @@ const STREAM_BUFFER: usize = 16;
 #[tracing::instrument(level = "debug", skip_all)]
 pub async fn chat(state: &AppState, user_id: i64, question: Question) -> ServiceResult<ChatAnswer> {
     state.throttle.chat(user_id)?;
-    let (request, client_gone) = ChatRequest::new(state, user_id, question);
+    let (request, client_gone) = ChatRequest::new(state, user_id, question, false);
     let _cancel_when_dropped = client_gone.drop_guard();
     // The span goes along, so the chat's work shows in the request's trace.
     state.tasks.spawn(request.run().in_current_span()).await?
@@ -170,7 +171,7 @@ pub async fn chat_streamed(
     question: Question,
 ) -> ServiceResult<StreamedChat> {
     state.throttle.chat(user_id)?;
-    let (request, client_gone) = ChatRequest::new(state, user_id, question);
+    let (request, client_gone) = ChatRequest::new(state, user_id, question, true);
     let cancel_when_dropped = client_gone.drop_guard();
     let (started, start) = oneshot::channel();
     state
@@ -200,6 +201,9 @@ struct ChatRequest {
     idempotency_key: Option<IdempotencyKey>,
     client_prompt: Option<ClientPrompt>,
     client_gone: CancellationToken,
+    /// Answered as a stream, which may take `LLM_STREAM_MAX_SECS` rather than
+    /// `LLM_TIMEOUT_SECS`.
+    streamed: bool,
 }
 
 /// How a chat began: with its reservation, or with the answer a repeated key bought.
@@ -217,7 +221,12 @@ struct Reserved {
 
 impl ChatRequest {
     /// The request, and the token that tells it its client went away (cancel it then).
-    fn new(state: &AppState, user_id: i64, question: Question) -> (Self, CancellationToken) {
+    fn new(
+        state: &AppState,
+        user_id: i64,
+        question: Question,
+        streamed: bool,
+    ) -> (Self, CancellationToken) {
         let client_gone = CancellationToken::new();
         let request = Self {
             state: state.clone(),
@@ -227,6 +236,7 @@ impl ChatRequest {
             idempotency_key: question.idempotency_key,
             client_prompt: question.client_prompt,
             client_gone: client_gone.clone(),
+            streamed,
         };
         (request, client_gone)
     }
@@ -279,7 +289,11 @@ impl ChatRequest {
             },
         };
         let cost = self.state.config.chat_cost;
-        let settle_within = recovery::abandoned_after(&self.state);
+        let settle_within = if self.streamed {
+            recovery::stream_abandoned_after(&self.state)
+        } else {
+            recovery::abandoned_after(&self.state)
+        };
         let reserved = db::chats::reserve(
             &self.state.db,
             self.user_id,
@@ -449,10 +463,7 @@ impl ChatRequest {
                 }
             }
             Ending::ClientGone => {
-                let refund = match state.config.abandoned_stream_charge {
-                    AbandonedStreamCharge::Delivered => !delivered_any,
-                    AbandonedStreamCharge::Never => true,
-                };
+                let refund = !(delivered_any && self.charges_for_delivered_text());
                 tracing::info!(chat_id, refund, "client went away mid-stream");
                 let how = Unanswered::Abandoned { refund };
                 self.settle_unanswered(chat_id, how, partial, stored_usage)
@@ -464,6 +475,27 @@ impl ChatRequest {
                     TokenMove::Charged(cost)
                 };
                 state.metrics.chat_ended(ChatOutcome::Abandoned, tokens);
+                return;
+            }
+            // Text the client already has is paid for as an abandoned stream's would be:
+            // otherwise a long answer cut by the model, or by `LLM_STREAM_MAX_SECS`, would
+            // be free however much of it arrived (issue 21).
+            Ending::ModelFailed(err) if delivered_any && self.charges_for_delivered_text() => {
+                tracing::info!(chat_id, error = %err, "the model failed after text was delivered: charged");
+                let how = Unanswered::Abandoned { refund: false };
+                let settled = self
+                    .settle_unanswered(chat_id, how, partial, stored_usage)
+                    .await;
+                let error = ServiceError::from(err);
+                let cost = state.config.chat_cost;
+                // Not settled here: recovery refunds it (or already did), and counts it.
+                let charged = if settled { cost } else { 0 };
+                if settled {
+                    let outcome = failure_outcome(&error);
+                    state.metrics.chat_ended(outcome, TokenMove::Charged(cost));
+                }
+                let failed = StreamEvent::Failed { error, charged };
+                let _ = events.send(failed).await;
                 return;
             }
             Ending::ModelFailed(err) => {
@@ -482,7 +514,19 @@ impl ChatRequest {
             }
         };
         self.count_failed(&failure);
-        let _ = events.send(StreamEvent::Failed(failure)).await;
+        let failed = StreamEvent::Failed {
+            error: failure,
+            charged: 0,
+        };
+        let _ = events.send(failed).await;
+    }
+
+    /// Whether a stream that ends early is charged once some of its text was delivered.
+    fn charges_for_delivered_text(&self) -> bool {
+        match self.state.config.abandoned_stream_charge {
+            AbandonedStreamCharge::Delivered => true,
+            AbandonedStreamCharge::Never => false,
+        }
     }
 
     fn count_answered(&self) {
@@ -493,14 +537,11 @@ impl ChatRequest {
 
     /// Counts a reserved chat that ended in `failure`, refunded.
     fn count_failed(&self, failure: &ServiceError) {
-        let outcome = match failure {
-            // Recovery refunded it first, and counted it then.
-            ServiceError::ChatExpired => return,
-            ServiceError::Model(LlmError::Timeout) => ChatOutcome::UpstreamTimeout,
-            ServiceError::Model(_) => ChatOutcome::UpstreamError,
-            ServiceError::ClientGone => ChatOutcome::Abandoned,
-            _ => ChatOutcome::Refunded,
-        };
+        // Recovery refunded it first, and counted it then.
+        if let ServiceError::ChatExpired = failure {
+            return;
+        }
+        let outcome = failure_outcome(failure);
         let cost = self.state.config.chat_cost;
         self.state
             .metrics
@@ -516,16 +557,22 @@ impl ChatRequest {
         self.state.metrics.upstream(streamed, asked.elapsed(), kind);
     }
 
+    /// Settles a stream that got no whole answer; `false` when it was not (recovery had
+    /// refunded it, or the write failed and recovery will).
     async fn settle_unanswered(
         &self,
         chat_id: i64,
         how: Unanswered,
         partial: Option<&str>,
         usage: TokenUsage,
-    ) {
+    ) -> bool {
         let settled = db::chats::settle_unanswered(&self.state.db, chat_id, how, partial, usage);
-        if let Err(err) = settled.await {
-            tracing::error!(chat_id, error = %err, "settling a stream failed; recovery will refund it");
+        match settled.await {
+            Ok(settled) => settled,
+            Err(err) => {
+                tracing::error!(chat_id, error = %err, "settling a stream failed; recovery will refund it");
+                false
+            }
         }
     }
 
@@ -540,7 +587,10 @@ impl ChatRequest {
                     .iter()
                     .map(|(role, content)| (role.as_str(), content.as_str()))
                     .collect();
-                let request = serde_json::json!([client.model, messages]);
+                // Every field sent upstream is part of the request: the same key with
+                // another `max_tokens` is a reuse, not a replay (issue 21). How the answer
+                // is delivered (`stream`, `stream_options`) is not.
+                let request = serde_json::json!([client.model, messages, client.extra]);
                 sha256_hex(request.to_string().as_bytes())
             }
             (None, None) => sha256_hex(self.message.as_str().as_bytes()),
@@ -560,9 +610,11 @@ impl ChatRequest {
             Claim::Held {
                 request_hash: held, ..
             } if held != request_hash => return Err(ServiceError::IdempotencyKeyReused),
+            // A charged chat's key replays what it bought; a refunded chat let go of its
+            // key when it was refunded (the trigger `failed_chat_is_refunded`).
             Claim::Held {
                 chat_id: Some(chat_id),
-                chat_status: Some(ChatStatus::Answered),
+                chat_status: Some(ChatStatus::Answered | ChatStatus::Abandoned),
                 ..
             } => chat_id,
             Claim::Held { .. } => return Err(ServiceError::RequestInProgress),
@@ -654,5 +706,15 @@ impl ChatRequest {
         self.refund(chat_id).await;
         self.count_failed(&failure);
         Err(failure)
+    }
+}
+
+/// How a chat that ended in `failure` is counted.
+fn failure_outcome(failure: &ServiceError) -> ChatOutcome {
+    match failure {
+        ServiceError::Model(LlmError::Timeout) => ChatOutcome::UpstreamTimeout,
+        ServiceError::Model(_) => ChatOutcome::UpstreamError,
+        ServiceError::ClientGone => ChatOutcome::Abandoned,
+        _ => ChatOutcome::Refunded,
     }
 }

@@ -32,10 +32,13 @@ struct Upstream {
     endpoint: Url,
     /// `{LLM_BASE_URL}/models`, asked at start-up and by `/ready`.
     models_endpoint: Url,
+    /// `LLM_BASE_URL` as logs show it (see [`crate::config::UpstreamUrl::redacted`]).
+    shown_url: String,
     api_key: Option<SecretString>,
     model: String,
     timeout: Duration,
     stream_idle: Duration,
+    stream_max: Duration,
 }
 
 /// How long the start-up and readiness probes wait for `GET /models`.
@@ -241,11 +244,8 @@ impl LlmClient {
         let model = match &config.llm_base_url {
             None => Model::Demo,
             Some(base_url) => {
-                let base = base_url.as_str().trim_end_matches('/');
-                let endpoint = Url::parse(&format!("{base}/chat/completions"))
-                    .expect("a valid base URL stays valid with a path appended");
-                let models_endpoint = Url::parse(&format!("{base}/models"))
-                    .expect("a valid base URL stays valid with a path appended");
+                let endpoint = base_url.join("chat/completions");
+                let models_endpoint = base_url.join("models");
                 let http = reqwest::Client::builder()
                     .connect_timeout(config.llm_timeout)
                     .build()?;
@@ -253,10 +253,12 @@ impl LlmClient {
                     http,
                     endpoint,
                     models_endpoint,
+                    shown_url: base_url.redacted(),
                     api_key: config.llm_api_key.clone(),
                     model: config.llm_model.clone(),
                     timeout: config.llm_timeout,
                     stream_idle: config.llm_stream_idle,
+                    stream_max: config.llm_stream_max,
                 }))
             }
         };
@@ -328,15 +330,10 @@ impl LlmClient {
         }
     }
 
-    /// The upstream's base URL (never its key), for logs; `None` for the demo model.
+    /// The upstream's base URL for logs: never its key, user info or query.
     pub fn base_url(&self) -> Option<&str> {
         match &*self.model {
-            Model::Upstream(upstream) => Some(
-                upstream
-                    .models_endpoint
-                    .as_str()
-                    .trim_end_matches("/models"),
-            ),
+            Model::Upstream(upstream) => Some(&upstream.shown_url),
             Model::Demo => None,
         }
     }
@@ -420,8 +417,8 @@ impl LlmClient {
 
     /// Asks for a streamed answer; resolves once the model has begun (its response head
     /// arrived with a success status), so that a model failing before that fails here.
-    /// Past `LLM_STREAM_IDLE_SECS` of silence, or `LLM_TIMEOUT_SECS` in all, the stream
-    /// ends with `Timeout`.
+    /// `LLM_TIMEOUT_SECS` bounds the wait for it to begin; past `LLM_STREAM_IDLE_SECS` of
+    /// silence, or `LLM_STREAM_MAX_SECS` in all, the stream ends with `Timeout`.
     #[tracing::instrument(level = "debug", skip_all)]
     pub async fn stream(&self, ask: &Ask<'_>) -> Result<AnswerStream, LlmError> {
         let upstream = match &*self.model {
@@ -480,16 +477,26 @@ impl Upstream {
                 include_usage: true,
             }),
         };
+        // Bounds the whole answer, body included: `LLM_TIMEOUT_SECS`, or for a stream, which
+        // may rightly write for minutes, `LLM_STREAM_MAX_SECS` (issue 21).
+        let whole_answer = if stream {
+            self.stream_max
+        } else {
+            self.timeout
+        };
         let mut request = self
             .http
             .post(self.endpoint.clone())
-            // Bounds the whole answer, body included, streamed or not.
-            .timeout(self.timeout)
+            .timeout(whole_answer)
             .json(&body);
         if let Some(key) = &self.api_key {
             request = request.bearer_auth(key.expose_secret());
         }
-        let response = request.send().await.map_err(classify)?;
+        // `LLM_TIMEOUT_SECS` bounds the wait for the response head either way.
+        let response = tokio::time::timeout(self.timeout, request.send())
+            .await
+            .map_err(|_| LlmError::Timeout)?
+            .map_err(classify)?;
         let status = response.status();
         if !status.is_success() {
             tracing::warn!(
@@ -541,8 +548,10 @@ fn last_user_message<'a>(turns: &[PromptMessage<'a>]) -> &'a str {
         .map_or("", |turn| turn.content)
 }
 
-/// Sorts a transport error; its text (which names the URL) goes to the log only.
+/// Sorts a transport error; its text goes to the log only, without the URL (which may
+/// carry credentials in its user info or query).
 fn classify(err: reqwest::Error) -> LlmError {
+    let err = err.without_url();
     if err.is_timeout() {
         LlmError::Timeout
     } else if err.is_decode() {

@@ -22,6 +22,8 @@ const BATCH: i64 = 100;
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Sweep {
     pub refunded_chats: usize,
+    /// Chats past their deadline whose refund failed this time (logged, each).
+    pub unsettled_chats: usize,
     pub forgotten_keys: u64,
     pub expired_tokens: u64,
 }
@@ -32,6 +34,11 @@ pub fn abandoned_after(state: &AppState) -> Duration {
     state.config.llm_timeout + SETTLE_MARGIN
 }
 
+/// The same for a streamed chat, which may take `LLM_STREAM_MAX_SECS` once it began.
+pub fn stream_abandoned_after(state: &AppState) -> Duration {
+    state.config.llm_timeout.max(state.config.llm_stream_max) + SETTLE_MARGIN
+}
+
 /// As of `now` (Unix seconds): refunds every chat pending past its deadline, forgets
 /// idempotency keys that expired or were abandoned before they reserved a chat, and
 /// deletes expired login tokens.
@@ -40,19 +47,31 @@ pub async fn sweep(state: &AppState, now: i64) -> ServiceResult<Sweep> {
     let db = &state.db;
     let abandoned_before = now - abandoned_after(state).as_secs() as i64;
     let mut report = Sweep::default();
+    // Chats whose refund failed stay pending and would be found again: the next batch
+    // starts after the last chat this sweep looked at, so one chat that cannot be settled
+    // holds back no other (issue 21).
+    let mut after = 0;
     loop {
-        let stale = db::chats::stale_pending(db, now, abandoned_before, BATCH).await?;
+        let stale = db::chats::stale_pending(db, now, abandoned_before, after, BATCH).await?;
         for &chat_id in &stale {
             // Another process may win the race for a chat; then this refund is a no-op.
-            if db::chats::refund(db, chat_id).await? {
-                tracing::warn!(chat_id, "refunded a chat abandoned while pending");
-                report.refunded_chats += 1;
-                let cost = TokenMove::Refunded(state.config.chat_cost);
-                state.metrics.chat_ended(ChatOutcome::Refunded, cost);
+            match db::chats::refund(db, chat_id).await {
+                Ok(true) => {
+                    tracing::warn!(chat_id, "refunded a chat abandoned while pending");
+                    report.refunded_chats += 1;
+                    let cost = TokenMove::Refunded(state.config.chat_cost);
+                    state.metrics.chat_ended(ChatOutcome::Refunded, cost);
+                }
+                Ok(false) => {}
+                Err(err) => {
+                    tracing::error!(chat_id, error = %err, "could not refund an abandoned chat; the next sweep tries again");
+                    report.unsettled_chats += 1;
+                }
             }
         }
-        if (stale.len() as i64) < BATCH {
-            break;
+        match stale.last() {
+            Some(&last) if (stale.len() as i64) == BATCH => after = last,
+            _ => break,
         }
     }
     let expired_before = now - state.config.idempotency_key_lifetime.as_secs() as i64;

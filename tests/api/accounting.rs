@@ -446,6 +446,89 @@ async fn recovery_refunds_abandoned_chats_once_however_many_sweep() {
     app.assert_audit_passes().await;
 }
 
+/// The id of the only user called `username`.
+async fn user_id(app: &TestApp, username: &str) -> i64 {
+    tokenchat::db_run!(&app.state.db, pool => sqlx::query_scalar(
+        "SELECT id FROM users WHERE username = $1")
+        .bind(username)
+        .fetch_one(pool)
+        .await)
+    .unwrap()
+}
+
+/// What a process that died mid-chat leaves behind: a pending chat due within a minute.
+async fn orphaned_chat(app: &TestApp, user_id: i64) {
+    tokenchat::db::chats::reserve(
+        &app.state.db,
+        user_id,
+        None,
+        "orphan",
+        100,
+        Duration::from_secs(60),
+    )
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn a_chat_that_cannot_be_refunded_holds_back_no_other_chats_refund() {
+    let app = TestApp::new().await;
+    let first = app.user_with_token("first").await;
+    let second = app.user_with_token("second").await;
+    let (first_id, second_id) = (user_id(&app, "first").await, user_id(&app, "second").await);
+    orphaned_chat(&app, first_id).await;
+    orphaned_chat(&app, second_id).await;
+    // The first user's balance is then lifted to the ceiling, as a build before the fix
+    // let a grant do: the refund of the first chat cannot be written.
+    tokenchat::db_run!(&app.state.db, pool => sqlx::query(
+        "INSERT INTO ledger (user_id, amount, reason, balance_after, created_at)
+         SELECT id, $2 - tokens, 'grant', $2, 0 FROM users WHERE id = $1")
+        .bind(first_id)
+        .bind(tokenchat::domain::MAX_BALANCE)
+        .execute(pool)
+        .await
+        .map(|done| done.rows_affected()))
+    .unwrap();
+
+    let now = tokenchat::db::unix_now();
+    let swept = recovery::sweep(&app.state, now + 61).await.unwrap();
+    assert_eq!(swept.refunded_chats, 1);
+    assert_eq!(swept.unsettled_chats, 1);
+    assert_eq!(app.balance(&second).await, 4000, "refunded");
+    assert_eq!(app.balance(&first).await, tokenchat::domain::MAX_BALANCE);
+    let counts = app.chat_counts().await;
+    assert_eq!(
+        counts,
+        [("failed".to_string(), 1), ("pending".to_string(), 1)]
+    );
+    // A second sweep tries again, and fails again without stopping.
+    let again = recovery::sweep(&app.state, now + 62).await.unwrap();
+    assert_eq!((again.refunded_chats, again.unsettled_chats), (0, 1));
+}
+
+#[tokio::test]
+async fn a_grant_leaves_room_under_the_ceiling_for_the_refunds_of_pending_chats() {
+    let app = TestApp::new().await;
+    let token = app.user_with_token("user").await;
+    orphaned_chat(&app, user_id(&app, "user").await).await;
+    assert_eq!(app.balance(&token).await, 3900);
+    let username = tokenchat::domain::Username::parse("user").unwrap();
+    let grant = |amount: i64| {
+        let amount = tokenchat::domain::GrantAmount::parse(amount).unwrap();
+        tokenchat::services::accounts::grant(&app.state.db, &username, amount)
+    };
+    let ceiling = tokenchat::domain::MAX_BALANCE;
+    // Up to the ceiling with the 100 reserved counted: 3900 + 100 + grant.
+    assert!(grant(ceiling - 3999).await.is_err());
+    assert_eq!(app.balance(&token).await, 3900, "nothing written");
+    assert_eq!(grant(ceiling - 4000).await.unwrap(), ceiling - 100);
+    let now = tokenchat::db::unix_now();
+    let swept = recovery::sweep(&app.state, now + 61).await.unwrap();
+    assert_eq!((swept.refunded_chats, swept.unsettled_chats), (1, 0));
+    assert_eq!(app.balance(&token).await, ceiling);
+    app.assert_audit_passes().await;
+}
+
 #[tokio::test]
 async fn the_audit_counts_every_offence_but_keeps_only_the_first_thousand() {
     let app = TestApp::new().await;

@@ -225,6 +225,26 @@ async fn deleting_a_conversation_erases_its_text_but_keeps_the_charges_and_the_a
     .unwrap();
     assert_eq!(left, 1, "only the kept chat still holds its text");
     app.assert_all_settled().await;
+    // Nor on disk: not in the file's free pages, nor in its write-ahead log.
+    let Some(file) = app.database.sqlite_file() else {
+        println!("on PostgreSQL the erased rows stay in the server's files until its vacuum");
+        return;
+    };
+    let mut on_disk = Vec::new();
+    for suffix in ["", "-wal"] {
+        let path = format!("{}{suffix}", file.display());
+        on_disk.extend(std::fs::read(path).unwrap_or_default());
+    }
+    assert!(on_disk.len() > 4096);
+    let kept: &[u8] = b"Echo: keep me";
+    assert!(on_disk.windows(kept.len()).any(|window| window == kept));
+    for erased in [&b"forget me"[..], b"and me"] {
+        assert!(
+            !on_disk.windows(erased.len()).any(|window| window == erased),
+            "{} is still on disk",
+            String::from_utf8_lossy(erased)
+        );
+    }
 }
 
 #[tokio::test]

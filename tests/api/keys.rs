@@ -98,9 +98,11 @@ async fn a_key_cannot_manage_keys_or_the_account() {
     delete_key(&app, &key, &json!(id))
         .await
         .assert_error(StatusCode::FORBIDDEN, "forbidden");
-    app.post_authorized("/logout", &key, json!({}))
-        .await
-        .assert_error(StatusCode::FORBIDDEN, "forbidden");
+    for logout in ["/logout", "/logout/", "/logout/all", "/logout/all/"] {
+        app.post_authorized(logout, &key, json!({}))
+            .await
+            .assert_error(StatusCode::FORBIDDEN, "forbidden");
+    }
     app.post_authorized(
         "/password",
         &key,
@@ -108,8 +110,9 @@ async fn a_key_cannot_manage_keys_or_the_account() {
     )
     .await
     .assert_error(StatusCode::FORBIDDEN, "forbidden");
-    // Still live and still the only one.
+    // Still live and still the only one, and the owner is still signed in.
     assert_eq!(app.balance(&key).await, 4000);
+    assert_eq!(app.balance(&token).await, 4000);
     assert_eq!(
         app.get_authorized("/keys", &token).await.json["keys"]
             .as_array()

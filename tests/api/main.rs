@@ -19,4 +19,5 @@ mod postgres;
 mod properties;
 mod sdk;
 mod server;
+mod stream_limits;
 mod streaming;

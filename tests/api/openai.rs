@@ -226,19 +226,28 @@ async fn a_streamed_completion_sends_chunks_exactly_as_openai_does() {
 }
 
 #[tokio::test]
-async fn a_stream_that_fails_after_it_began_ends_with_an_error_event_and_charges_nothing() {
-    let app = TestApp::new().await;
-    let key = key_of(&app, "user").await;
-    app.llm.set_reply(Reply::DieMidStream { after_words: 1 });
-    let mut body = hello("llama3.2");
-    body["stream"] = json!(true);
-    let events = stream_completion(&app, &key, body).await;
-    let last: Value = serde_json::from_str(events.last().unwrap()).unwrap();
-    assert_eq!(last["error"]["type"], "api_error", "{events:?}");
-    assert_eq!(last["error"]["code"], "upstream_error");
-    assert!(!events.contains(&"[DONE]".to_string()));
-    assert_eq!(app.balance(&key).await, 4000);
-    app.assert_all_settled().await;
+async fn a_stream_that_fails_after_it_began_ends_with_an_error_event_charged_only_for_delivered_text(
+) {
+    // Cut after the role chunk: nothing delivered, nothing charged. Cut after a word of
+    // text: charged, as a stream whose client left after a word would be.
+    for (after_words, balance) in [(0, 4000), (1, 3900)] {
+        let app = TestApp::new().await;
+        let key = key_of(&app, "user").await;
+        app.llm.set_reply(Reply::DieMidStream { after_words });
+        let mut body = hello("llama3.2");
+        body["stream"] = json!(true);
+        let events = stream_completion(&app, &key, body).await;
+        let last: Value = serde_json::from_str(events.last().unwrap()).unwrap();
+        assert_eq!(last["error"]["type"], "api_error", "{events:?}");
+        assert_eq!(last["error"]["code"], "upstream_error");
+        assert!(!events.contains(&"[DONE]".to_string()));
+        assert_eq!(
+            app.balance(&key).await,
+            balance,
+            "after {after_words} words"
+        );
+        app.assert_all_settled().await;
+    }
 }
 
 #[tokio::test]
@@ -372,10 +381,10 @@ async fn errors_are_openais_error_object_with_the_same_statuses() {
 }
 
 #[tokio::test]
-async fn a_retried_completion_with_its_idempotency_key_is_charged_once() {
+async fn a_retried_completion_with_its_idempotency_key_is_charged_once_and_says_it_was_replayed() {
     let app = TestApp::new().await;
     let key = key_of(&app, "user").await;
-    let send = || {
+    let send = |body: Value| {
         let authorization = format!("Bearer {key}");
         let app = &app;
         async move {
@@ -387,14 +396,41 @@ async fn a_retried_completion_with_its_idempotency_key_is_charged_once() {
                     ("authorization", &authorization),
                     ("idempotency-key", "retry-1"),
                 ],
-                hello("llama3.2").to_string(),
+                body.to_string(),
             )
             .await
         }
     };
-    let first = send().await;
-    let second = send().await;
+    let first = send(hello("llama3.2")).await;
+    let second = send(hello("llama3.2")).await;
     assert_eq!(first.json["choices"], second.json["choices"]);
+    assert!(!first.headers.contains_key("idempotent-replayed"));
+    assert_eq!(second.headers["idempotent-replayed"], "true");
+    // Streamed, the replay says so too.
+    let mut streamed = hello("llama3.2");
+    streamed["stream"] = json!(true);
+    let mut request = completion_request(&key, &streamed);
+    request
+        .headers_mut()
+        .insert("idempotency-key", "retry-1".parse().unwrap());
+    let response = app.router.clone().oneshot(request).await.unwrap();
+    assert_eq!(response.headers()["idempotent-replayed"], "true");
+    assert_eq!(app.llm.calls(), 1);
+    assert_eq!(app.balance(&key).await, 3900);
+
+    // The same key with any forwarded field changed is another request: 422, no charge.
+    let mut capped = hello("llama3.2");
+    capped["max_tokens"] = json!(5);
+    let reused = send(capped).await;
+    assert_openai_error(
+        &reused,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_request_error",
+        "idempotency_key_reused",
+    );
+    let mut warmer = hello("llama3.2");
+    warmer["temperature"] = json!(0.5);
+    assert_eq!(send(warmer).await.status, StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(app.llm.calls(), 1);
     assert_eq!(app.balance(&key).await, 3900);
 }

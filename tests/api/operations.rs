@@ -564,3 +564,47 @@ async fn start_up_logs_an_unreachable_model_with_its_url_and_never_its_key() {
     assert!(line.contains(&url), "{line}");
     assert!(!log.contains("sk-never-logged"), "{log}");
 }
+
+#[tokio::test]
+async fn credentials_in_llm_base_url_reach_the_model_but_never_a_log_line() {
+    let llm = crate::common::FakeLlm::start().await;
+    // The fake's root with user info and a query, as some providers take a key.
+    let url = llm
+        .base_url
+        .replacen("http://", "http://someone:pw-never-logged@", 1)
+        + "?key=query-never-logged";
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[("LLM_BASE_URL", &url)]);
+    crate::server::wait_until(|| async {
+        server
+            .log
+            .lock()
+            .unwrap()
+            .contains("the model is reachable")
+    })
+    .await;
+    let http = reqwest::Client::new();
+    let token = crate::server::register_and_login(&http, &server.base, "pass123").await;
+    let chat = http
+        .post(format!("{}/chat", server.base))
+        .bearer_auth(&token)
+        .json(&serde_json::json!({ "message": "hello" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(chat.status(), 200);
+    // The path is joined under the root's path, the query kept: the model was reached.
+    let received = llm.received();
+    assert_eq!(received.len(), 1);
+    assert_eq!(received[0].query.as_deref(), Some("key=query-never-logged"));
+    assert_eq!(
+        received[0].authorization.as_deref(),
+        Some("Basic c29tZW9uZTpwdy1uZXZlci1sb2dnZWQ="),
+        "the user info is sent as basic authentication"
+    );
+    let log = server.log.lock().unwrap().clone();
+    for secret in ["pw-never-logged", "query-never-logged", "someone"] {
+        assert!(!log.contains(secret), "{secret} in {log}");
+    }
+    assert!(log.contains("<redacted>@127.0.0.1"), "{log}");
+}

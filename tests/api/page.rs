@@ -4,6 +4,7 @@
 //! `target/page-screenshot.png` (the README's is a copy of one).
 
 use axum::http::Method;
+use tower::ServiceExt;
 
 use crate::{common::TestApp, server::serve_in_process};
 
@@ -18,6 +19,46 @@ async fn the_page_is_one_self_contained_html_file() {
     for external in ["http://", "https://", "src=\"//", "@import"] {
         assert!(!html.contains(external), "{external}");
     }
+}
+
+#[tokio::test]
+async fn the_page_cannot_be_framed_sniffed_or_made_to_run_other_scripts() {
+    let app = TestApp::new().await;
+    let request = axum::http::Request::get("/").body(axum::body::Body::empty());
+    let response = app.router.clone().oneshot(request.unwrap()).await.unwrap();
+    let header = |name: &str| {
+        response
+            .headers()
+            .get(name)
+            .unwrap_or_else(|| panic!("no {name}"))
+            .to_str()
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(header("x-frame-options"), "DENY");
+    assert_eq!(header("x-content-type-options"), "nosniff");
+    assert_eq!(header("referrer-policy"), "no-referrer");
+    let policy = header("content-security-policy");
+    for directive in [
+        "default-src 'none'",
+        "frame-ancestors 'none'",
+        "connect-src 'self'",
+        "base-uri 'none'",
+    ] {
+        assert!(policy.contains(directive), "{directive} in {policy}");
+    }
+    // The one inline script is allowed by its hash, and nothing else by any keyword.
+    let (_, _, html) = app.request_raw(Method::GET, "/", &[], "").await;
+    let script = html.split("<script>").nth(1).unwrap();
+    let script = script.split("</script>").next().unwrap();
+    use base64::Engine;
+    use sha2::Digest;
+    let hash = base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(script));
+    assert!(
+        policy.contains(&format!("script-src 'sha256-{hash}'")),
+        "{policy}"
+    );
+    assert!(!policy.contains("unsafe"), "{policy}");
 }
 
 #[tokio::test]

@@ -170,6 +170,60 @@ async fn two_processes_racing_for_the_last_tokens_answer_exactly_what_the_balanc
 }
 
 #[tokio::test]
+async fn two_processes_creating_keys_at_once_never_pass_the_cap_of_live_keys() {
+    let Some(pair) = TwoInstances::start(&[]).await else {
+        return;
+    };
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(64)
+        .build()
+        .unwrap();
+    let token = pair.user(&http).await;
+    // Several rounds, as the race showed in about half of them.
+    for round in 0..4 {
+        let creations: Vec<_> = (0..40)
+            .map(|n| {
+                let base = if n % 2 == 0 {
+                    &pair.first.base
+                } else {
+                    &pair.second.base
+                };
+                let (http, url, token) = (http.clone(), format!("{base}/keys"), token.clone());
+                tokio::spawn(async move {
+                    let created = http
+                        .post(url)
+                        .bearer_auth(token)
+                        .json(&json!({ "name": format!("key {n}") }))
+                        .send()
+                        .await
+                        .unwrap();
+                    created.status().as_u16()
+                })
+            })
+            .collect();
+        let mut created = 0;
+        for creation in creations {
+            match creation.await.unwrap() {
+                201 => created += 1,
+                400 => {}
+                other => panic!("unexpected status {other}"),
+            }
+        }
+        assert_eq!(created, 25, "round {round}");
+        let live = "SELECT COUNT(*) FROM api_keys WHERE revoked_at IS NULL";
+        assert_eq!(pair.scalar(live).await, 25, "round {round}");
+        // Revoke them all for the next round.
+        let revoked = pair
+            .scalar(
+                "WITH revoked AS (UPDATE api_keys SET revoked_at = 1 WHERE revoked_at IS NULL
+                 RETURNING id) SELECT COUNT(*) FROM revoked",
+            )
+            .await;
+        assert_eq!(revoked, 25);
+    }
+}
+
+#[tokio::test]
 async fn one_idempotency_key_sent_to_both_processes_at_once_is_charged_once() {
     let Some(pair) = TwoInstances::start(&[]).await else {
         return;

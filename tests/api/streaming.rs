@@ -15,7 +15,7 @@ use tower::ServiceExt;
 use crate::common::{Reply, TestApp, TestResponse};
 
 /// A streamed answer as a client reads it, an event at a time.
-struct EventReader {
+pub(crate) struct EventReader {
     body: Body,
     buffer: String,
     /// Comment lines (`: keep-alive`) seen so far.
@@ -23,8 +23,16 @@ struct EventReader {
 }
 
 impl EventReader {
+    pub(crate) fn new(body: Body) -> Self {
+        Self {
+            body,
+            buffer: String::new(),
+            comments: 0,
+        }
+    }
+
     /// The next event's name and data, or `None` once the stream ended.
-    async fn next(&mut self) -> Option<(String, Value)> {
+    pub(crate) async fn next(&mut self) -> Option<(String, Value)> {
         loop {
             if let Some(end) = self.buffer.find("\n\n") {
                 let block: String = self.buffer.drain(..end + 2).collect();
@@ -80,7 +88,7 @@ impl EventReader {
     }
 
     /// Every event to the end of the stream.
-    async fn rest(&mut self) -> Vec<(String, Value)> {
+    pub(crate) async fn rest(&mut self) -> Vec<(String, Value)> {
         let mut events = Vec::new();
         while let Some(event) = self.next().await {
             events.push(event);
@@ -90,14 +98,14 @@ impl EventReader {
 }
 
 /// What came back from a streamed chat: the stream, or the JSON error it was refused with.
-enum Streamed {
+pub(crate) enum Streamed {
     Events(EventReader),
     Refused(TestResponse),
 }
 
 impl Streamed {
     #[track_caller]
-    fn events(self) -> EventReader {
+    pub(crate) fn events(self) -> EventReader {
         match self {
             Self::Events(reader) => reader,
             Self::Refused(response) => panic!("refused: {response:?}"),
@@ -105,7 +113,7 @@ impl Streamed {
     }
 
     #[track_caller]
-    fn refused(self) -> TestResponse {
+    pub(crate) fn refused(self) -> TestResponse {
         match self {
             Self::Refused(response) => response,
             Self::Events(_) => panic!("a stream began"),
@@ -143,7 +151,7 @@ async fn stream_chat(app: &TestApp, token: &str, body: Value, accept: Option<&st
     })
 }
 
-async fn stream_message(app: &TestApp, token: &str, message: &str) -> Streamed {
+pub(crate) async fn stream_message(app: &TestApp, token: &str, message: &str) -> Streamed {
     stream_chat(
         app,
         token,
@@ -154,7 +162,7 @@ async fn stream_message(app: &TestApp, token: &str, message: &str) -> Streamed {
 }
 
 /// The one chat of the user, as `/chats` shows it.
-async fn only_chat(app: &TestApp, token: &str) -> Value {
+pub(crate) async fn only_chat(app: &TestApp, token: &str) -> Value {
     let chats = app.get_authorized("/chats", token).await;
     assert_eq!(
         chats.json["chats"].as_array().unwrap().len(),
@@ -165,7 +173,7 @@ async fn only_chat(app: &TestApp, token: &str) -> Value {
 }
 
 /// Waits until the user's only chat is settled (no longer pending), or fails the test.
-async fn settled_chat(app: &TestApp, token: &str) -> Value {
+pub(crate) async fn settled_chat(app: &TestApp, token: &str) -> Value {
     for _ in 0..300 {
         let chat = only_chat(app, token).await;
         if chat["status"] != "pending" {
@@ -307,32 +315,57 @@ async fn what_is_refused_before_the_stream_begins_is_an_ordinary_json_error() {
 }
 
 #[tokio::test]
-async fn a_model_that_dies_mid_stream_ends_it_with_an_error_and_is_refunded_keeping_the_text() {
+async fn a_model_that_dies_after_text_was_delivered_ends_the_stream_with_an_error_and_charges_by_the_abandoned_rule(
+) {
     for message in ["[die-mid-stream] a b c d", "[error-mid-stream] a b c d"] {
-        let app = TestApp::new().await;
-        let token = app.user_with_token("user").await;
-        let events = stream_message(&app, &token, message)
-            .await
-            .events()
-            .rest()
-            .await;
-        let (name, error) = events.last().unwrap();
-        assert_eq!(name, "error", "{message}: {events:?}");
-        assert_eq!(error["code"], "upstream_error");
-        assert!(error["error"].as_str().is_some_and(|text| !text.is_empty()));
-        let deltas = deltas(&events).concat();
-        assert!(!deltas.is_empty(), "{events:?}");
-        let chat = only_chat(&app, &token).await;
-        assert_eq!(chat["status"], "failed");
-        assert_eq!(chat["tokens_charged"], 0);
-        assert_eq!(chat["response"], deltas, "the partial text is kept");
-        assert_eq!(app.balance(&token).await, 4000);
-        app.assert_all_settled().await;
+        for (rule, charged) in [("delivered", 100), ("never", 0)] {
+            let app = TestApp::with_env(&[("ABANDONED_STREAM_CHARGE", rule)]).await;
+            let token = app.user_with_token("user").await;
+            let events = stream_message(&app, &token, message)
+                .await
+                .events()
+                .rest()
+                .await;
+            let (name, error) = events.last().unwrap();
+            assert_eq!(name, "error", "{message}: {events:?}");
+            assert_eq!(error["code"], "upstream_error");
+            assert_eq!(error["tokens_charged"], charged, "{rule}");
+            assert!(error["error"].as_str().is_some_and(|text| !text.is_empty()));
+            let deltas = deltas(&events).concat();
+            assert!(!deltas.is_empty(), "{events:?}");
+            let chat = only_chat(&app, &token).await;
+            let status = if charged > 0 { "abandoned" } else { "failed" };
+            assert_eq!(chat["status"], status, "{rule}");
+            assert_eq!(chat["tokens_charged"], charged);
+            assert_eq!(chat["response"], deltas, "the partial text is kept");
+            assert_eq!(app.balance(&token).await, 4000 - charged);
+            app.assert_all_settled().await;
+        }
     }
 }
 
 #[tokio::test]
-async fn a_model_silent_past_the_idle_limit_ends_as_a_time_out_and_is_refunded() {
+async fn a_model_that_dies_before_any_text_is_refunded_whatever_the_rule() {
+    let app = TestApp::new().await;
+    let token = app.user_with_token("user").await;
+    app.llm.set_reply(Reply::DieMidStream { after_words: 0 });
+    let events = stream_message(&app, &token, "hello")
+        .await
+        .events()
+        .rest()
+        .await;
+    let (name, error) = events.last().unwrap();
+    assert_eq!(name, "error", "{events:?}");
+    assert_eq!(error["tokens_charged"], 0);
+    assert!(deltas(&events).concat().is_empty(), "{events:?}");
+    let chat = only_chat(&app, &token).await;
+    assert_eq!(chat["status"], "failed");
+    assert_eq!(app.balance(&token).await, 4000);
+    app.assert_all_settled().await;
+}
+
+#[tokio::test]
+async fn a_model_silent_past_the_idle_limit_ends_as_a_time_out_charged_for_what_was_delivered() {
     let app = TestApp::with_env(&[("LLM_STREAM_IDLE_SECS", "1")]).await;
     let token = app.user_with_token("user").await;
     let started = std::time::Instant::now();
@@ -349,10 +382,11 @@ async fn a_model_silent_past_the_idle_limit_ends_as_a_time_out_and_is_refunded()
     let (name, error) = events.last().unwrap();
     assert_eq!(name, "error");
     assert_eq!(error["code"], "upstream_timeout");
+    assert_eq!(error["tokens_charged"], 100);
     let chat = only_chat(&app, &token).await;
-    assert_eq!(chat["status"], "failed");
+    assert_eq!(chat["status"], "abandoned");
     assert_eq!(chat["response"], "Echo: ");
-    assert_eq!(app.balance(&token).await, 4000);
+    assert_eq!(app.balance(&token).await, 3900);
     // The silent upstream request was let go.
     assert!(
         app.llm
@@ -578,29 +612,6 @@ async fn with_no_upstream_the_demo_model_answers_whole_and_streamed_and_is_meter
 }
 
 #[tokio::test]
-async fn llm_timeout_secs_bounds_a_whole_stream_that_never_goes_silent() {
-    let app = TestApp::with_env(&[("LLM_TIMEOUT_SECS", "1"), ("LLM_STREAM_IDLE_SECS", "5")]).await;
-    let token = app.user_with_token("user").await;
-    app.llm.set_reply(Reply::SlowStream {
-        every: Duration::from_millis(100),
-    });
-    let words = "word ".repeat(40);
-    let events = stream_message(&app, &token, &words)
-        .await
-        .events()
-        .rest()
-        .await;
-    let (name, error) = events.last().unwrap();
-    assert_eq!(name, "error", "{events:?}");
-    assert_eq!(error["code"], "upstream_timeout");
-    assert!(deltas(&events).len() >= 3, "it was writing: {events:?}");
-    let chat = only_chat(&app, &token).await;
-    assert_eq!(chat["status"], "failed");
-    assert_eq!(app.balance(&token).await, 4000);
-    app.assert_all_settled().await;
-}
-
-#[tokio::test]
 async fn a_stream_cut_by_the_end_of_shutdown_grace_ends_with_an_error_and_is_refunded() {
     let app = TestApp::new().await;
     let token = app.user_with_token("user").await;
@@ -645,7 +656,7 @@ async fn a_stream_whose_model_is_silent_says_keep_alive_every_fifteen_seconds() 
 }
 
 /// The texts of the `delta` events, in order.
-fn deltas(events: &[(String, Value)]) -> Vec<&str> {
+pub(crate) fn deltas(events: &[(String, Value)]) -> Vec<&str> {
     events
         .iter()
         .filter(|(name, _)| name == "delta")

@@ -22,7 +22,7 @@ use std::{
 
 use axum::{
     body::{Body, Bytes},
-    extract::State,
+    extract::{RawQuery, State},
     http::{header, HeaderMap, StatusCode},
     response::{IntoResponse, Response},
     routing::post,
@@ -73,6 +73,8 @@ pub enum Reply {
 #[derive(Clone, Debug)]
 pub struct Received {
     pub authorization: Option<String>,
+    /// The query string of the request's URL, if it had one.
+    pub query: Option<String>,
     pub body: Value,
 }
 
@@ -163,6 +165,7 @@ impl FakeLlm {
 
 async fn completions(
     State(shared): State<Arc<Shared>>,
+    RawQuery(query): RawQuery,
     headers: HeaderMap,
     Json(body): Json<Value>,
 ) -> Response {
@@ -189,6 +192,7 @@ async fn completions(
         authorization: headers
             .get("authorization")
             .map(|value| value.to_str().unwrap().to_string()),
+        query,
         body,
     });
     let reply = match user_message.split(']').next().unwrap_or_default() {
