@@ -7,6 +7,7 @@ pub mod cli;
 pub mod config;
 pub mod db;
 pub mod domain;
+pub mod llm;
 mod routes;
 pub mod server;
 pub mod services;
@@ -24,7 +25,8 @@ pub use routes::{api_paths, openapi_document, router, ApiError};
 
 use crate::{
     db::Db,
-    services::{llm::LlmClient, passwords::PasswordHasher, throttle::Throttle},
+    llm::LlmClient,
+    services::{passwords::PasswordHasher, throttle::Throttle},
     telemetry::Metrics,
 };
 

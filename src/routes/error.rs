@@ -10,7 +10,8 @@ use serde_json::{json, Map, Value};
 
 use crate::{
     domain::Invalid,
-    services::{error::with_sources, llm::LlmError, ServiceError},
+    llm::LlmError,
+    services::{error::with_sources, ServiceError},
 };
 
 /// What a 401 offers: a login token (or API key) as a Bearer token; `Token <t>` and a bare

@@ -12,10 +12,8 @@ use super::{
     rfc3339,
 };
 use crate::{
-    services::{
-        history::{self, ChatRecord, LedgerEntry},
-        llm::Usage,
-    },
+    llm::Usage,
+    services::history::{self, ChatRecord, LedgerEntry},
     AppState,
 };
 

@@ -24,10 +24,8 @@ use super::{
 use crate::{
     db::unix_now,
     domain::Message,
-    services::{
-        billing::{self, ClientPrompt, Question, StreamEvent, StreamedChat},
-        llm::{Role, Usage},
-    },
+    llm::{Role, Usage},
+    services::billing::{self, ClientPrompt, Question, StreamEvent, StreamedChat},
     AppState,
 };
 

@@ -14,10 +14,8 @@ use sha2::{Digest, Sha256};
 
 use super::error::ApiError;
 use crate::{
-    services::{
-        health::{self, DatabaseReadiness},
-        llm::ModelProbe,
-    },
+    llm::ModelProbe,
+    services::health::{self, DatabaseReadiness},
     AppState,
 };
 

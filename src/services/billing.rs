@@ -18,9 +18,9 @@ use crate::{
         idempotency::Claim,
     },
     domain::{ChatStatus, IdempotencyKey, Message},
+    llm::{AnswerStream, Ask, LlmError, Piece, PromptMessage, Role, Usage},
     services::{
         conversations::{self, Turn},
-        llm::{AnswerStream, Ask, LlmError, Piece, PromptMessage, Role, Usage},
         recovery, sha256_hex, ServiceError, ServiceResult,
     },
     telemetry::{ChatOutcome, TokenMove},

@@ -1,7 +1,7 @@
 //! What the product's rules refuse, and what went wrong beneath them, in the product's words;
 //! the routes decide how each is answered over HTTP, the command line prints it.
 
-use crate::{db, domain::Invalid, services::llm::LlmError};
+use crate::{db, domain::Invalid, llm::LlmError};
 
 /// Every way a service call can end without its outcome. Failures of the parts beneath
 /// (the database, the model, a task) keep their error as the source, so a log shows the

@@ -8,7 +8,7 @@ use tokio::sync::Mutex;
 
 use crate::{
     db::{self, MigrationState},
-    services::llm::ModelProbe,
+    llm::ModelProbe,
     AppState,
 };
 

@@ -3,7 +3,8 @@
 use crate::{
     db::{self, chats::Chat, ledger::Entry},
     domain::{ChatStatus, LedgerReason, PageRequest},
-    services::{llm::Usage, ServiceError, ServiceResult},
+    llm::Usage,
+    services::{ServiceError, ServiceResult},
     AppState,
 };
 

@@ -33,7 +33,7 @@ use rand::{rngs::OsRng, Rng};
 use serde::Serialize;
 use serde_json::{json, Value};
 // Split into words as the demo model streams them: each with the white space after it.
-use tokenchat::services::demo::pieces;
+use tokenchat::llm::demo::pieces;
 use tokio::time::Sleep;
 
 /// How the fake answers the next requests.

@@ -2,6 +2,64 @@
 //! "AI", a fixed table of hello-world programs, so a fresh machine can chat with nothing
 //! else installed.
 
+use std::time::Duration;
+
+use futures_util::{future::BoxFuture, FutureExt, StreamExt};
+
+use super::{
+    AnswerStream, Ask, Backend, Completion, LlmError, ModelProbe, Piece, PromptMessage, Role,
+};
+
+/// How long the demo model takes per word, so that it streams as a model would.
+const DEMO_WORD_DELAY: Duration = Duration::from_millis(15);
+
+/// The demo model as a backend: answers at once, streams word by word, reaches nothing.
+pub(super) struct Demo;
+
+impl Backend for Demo {
+    fn complete<'a>(&'a self, ask: &'a Ask<'a>) -> BoxFuture<'a, Result<Completion, LlmError>> {
+        let completion = Completion {
+            content: answer(last_user_message(ask.messages)),
+            usage: None,
+        };
+        futures_util::future::ready(Ok(completion)).boxed()
+    }
+
+    fn stream<'a>(&'a self, ask: &'a Ask<'a>) -> BoxFuture<'a, Result<AnswerStream, LlmError>> {
+        let stream = demo_stream(answer(last_user_message(ask.messages)));
+        futures_util::future::ready(Ok(stream)).boxed()
+    }
+
+    fn probe(&self) -> BoxFuture<'_, ModelProbe> {
+        futures_util::future::ready(ModelProbe::BuiltIn).boxed()
+    }
+
+    fn default_model(&self) -> &str {
+        MODEL_NAME
+    }
+
+    fn shown_url(&self) -> Option<&str> {
+        None
+    }
+}
+
+/// The demo model's answer, a word at a time.
+fn demo_stream(answer: String) -> AnswerStream {
+    let words = pieces(&answer);
+    Box::pin(futures_util::stream::iter(words).then(|word| async move {
+        tokio::time::sleep(DEMO_WORD_DELAY).await;
+        Ok(Piece::Text(word))
+    }))
+}
+
+fn last_user_message<'a>(turns: &[PromptMessage<'a>]) -> &'a str {
+    turns
+        .iter()
+        .rev()
+        .find(|turn| turn.role == Role::User)
+        .map_or("", |turn| turn.content)
+}
+
 /// The name the demo model is served under.
 pub const MODEL_NAME: &str = "demo";
 
