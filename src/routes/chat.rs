@@ -22,7 +22,7 @@ use super::{
 };
 use crate::{
     domain::Message,
-    services::billing::{self, Question, StreamEvent, StreamedChat},
+    services::chat::{self, Question, StreamEvent, StreamedChat},
     AppState,
 };
 
@@ -59,10 +59,10 @@ pub async fn chat(
         client_prompt: None,
     };
     if streamed {
-        let started = billing::chat_streamed(&state, user.id, question).await?;
+        let started = chat::chat_streamed(&state, user.id, question).await?;
         return Ok(event_stream(started));
     }
-    let answer = billing::chat(&state, user.id, question).await?;
+    let answer = chat::chat(&state, user.id, question).await?;
     let body = Json(json!({
         "response": answer.response,
         "tokens": answer.balance,

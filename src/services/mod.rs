@@ -3,7 +3,7 @@
 pub mod accounts;
 pub mod audit;
 pub mod auth;
-pub mod billing;
+pub mod chat;
 pub mod conversations;
 pub mod error;
 pub mod health;

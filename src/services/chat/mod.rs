@@ -1,0 +1,328 @@
+//! A chat, reserve-then-settle: take the price first, ask the model with no transaction
+//! open, then keep the charge for a stored answer or refund it. Optional idempotency keys
+//! make a retried chat return the first answer instead of paying twice ([`idempotency`]).
+//! A streamed chat is settled by how its stream ended ([`stream`]).
+
+mod idempotency;
+mod stream;
+
+use std::time::Instant;
+
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+pub use stream::{chat_streamed, ChatEvents, StreamEvent, StreamedChat};
+
+use crate::{
+    db::{self, chats::Reservation, chats::TokenUsage},
+    domain::{IdempotencyKey, Message},
+    llm::{Ask, LlmError, PromptMessage, Role, Usage},
+    services::{
+        conversations::{self, Turn},
+        recovery, ServiceError, ServiceResult,
+    },
+    telemetry::{ChatOutcome, TokenMove},
+    AppState,
+};
+
+/// A stored, charged answer: just now, or replayed for a repeated idempotency key.
+#[derive(Debug)]
+pub struct ChatAnswer {
+    pub chat_id: i64,
+    pub response: String,
+    /// The balance right after this chat's charge.
+    pub balance: i64,
+    pub charged: i64,
+    pub replayed: bool,
+    /// What the model said the answer cost it, when it said.
+    pub usage: Option<Usage>,
+    /// `None` only for a replayed chat whose conversation was deleted since.
+    pub conversation_id: Option<i64>,
+}
+
+/// What a client asks: a message, in one of its conversations or a new one, with an
+/// optional idempotency key.
+pub struct Question {
+    pub message: Message,
+    /// `None`: a new conversation, titled with the message.
+    pub conversation_id: Option<i64>,
+    pub idempotency_key: Option<IdempotencyKey>,
+    /// The whole conversation as an OpenAI client sends it (`message` is its last user
+    /// message): sent upstream as given, instead of a stored conversation's turns.
+    pub client_prompt: Option<ClientPrompt>,
+}
+
+/// What a client of the OpenAI-compatible route asks the model, as it sent it.
+#[derive(Debug, Clone)]
+pub struct ClientPrompt {
+    pub messages: Vec<(Role, String)>,
+    /// One of the served models.
+    pub model: String,
+    /// Sampling fields, passed upstream as given.
+    pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+/// Answers one chat for `user_id`, charging `CHAT_COST` only when the answer is stored.
+///
+/// The work runs in a tracked task, so it settles even when the caller's future is
+/// dropped (the client went away) and graceful shutdown waits for it. A client that
+/// goes away before the answer is stored is not charged: the upstream call is abandoned
+/// and the reservation refunded. Past the user's chat rate nothing is tried.
+#[tracing::instrument(level = "debug", skip_all)]
+pub async fn chat(state: &AppState, user_id: i64, question: Question) -> ServiceResult<ChatAnswer> {
+    state.throttle.chat(user_id)?;
+    let (request, client_gone) = ChatInFlight::new(state, user_id, question, false);
+    let _cancel_when_dropped = client_gone.drop_guard();
+    // The span goes along, so the chat's work shows in the request's trace.
+    state.tasks.spawn(request.run().in_current_span()).await?
+}
+
+/// One chat being answered, in a task of its own.
+struct ChatInFlight {
+    state: AppState,
+    user_id: i64,
+    message: Message,
+    conversation_id: Option<i64>,
+    idempotency_key: Option<IdempotencyKey>,
+    client_prompt: Option<ClientPrompt>,
+    client_gone: CancellationToken,
+    /// Answered as a stream, which may take `LLM_STREAM_MAX_SECS` rather than
+    /// `LLM_TIMEOUT_SECS`.
+    streamed: bool,
+}
+
+/// How a chat began: with its reservation, or with the answer a repeated key bought.
+enum Begun {
+    Reserved(Reserved),
+    Replayed(ChatAnswer),
+}
+
+/// A chat whose price is reserved, with what the model will be sent before its message.
+struct Reserved {
+    chat_id: i64,
+    conversation_id: i64,
+    earlier: Vec<Turn>,
+}
+
+impl ChatInFlight {
+    /// The request, and the token that tells it its client went away (cancel it then).
+    fn new(
+        state: &AppState,
+        user_id: i64,
+        question: Question,
+        streamed: bool,
+    ) -> (Self, CancellationToken) {
+        let client_gone = CancellationToken::new();
+        let request = Self {
+            state: state.clone(),
+            user_id,
+            message: question.message,
+            conversation_id: question.conversation_id,
+            idempotency_key: question.idempotency_key,
+            client_prompt: question.client_prompt,
+            client_gone: client_gone.clone(),
+            streamed,
+        };
+        (request, client_gone)
+    }
+
+    async fn run(self) -> ServiceResult<ChatAnswer> {
+        let _in_flight = self.state.metrics.chat_begun();
+        match self.begin().await? {
+            Begun::Reserved(reserved) => self.answer_and_settle(reserved).await,
+            Begun::Replayed(earlier) => Ok(earlier),
+        }
+    }
+
+    /// What the model is sent: the client's own conversation, or the system prompt, the
+    /// stored conversation's earlier turns and the new message.
+    fn prompt<'a>(&'a self, earlier: &'a [Turn]) -> Vec<PromptMessage<'a>> {
+        match &self.client_prompt {
+            Some(client) => self.state.llm.prompt_as_given(&client.messages),
+            None => self.state.llm.prompt(earlier, self.message.as_str()),
+        }
+    }
+
+    fn ask<'a>(&'a self, prompt: &'a [PromptMessage<'a>]) -> Ask<'a> {
+        Ask {
+            messages: prompt,
+            model: self
+                .client_prompt
+                .as_ref()
+                .map(|client| client.model.as_str()),
+            extra: self.client_prompt.as_ref().map(|client| &client.extra),
+        }
+    }
+
+    /// Claims the idempotency key, if any, and reserves the price.
+    async fn begin(&self) -> ServiceResult<Begun> {
+        if let Some(key) = &self.idempotency_key {
+            if let Some(earlier) = self.claim(key).await? {
+                return Ok(Begun::Replayed(earlier));
+            }
+        }
+        let earlier = match self.conversation_id {
+            // A client that sends its own conversation gets no stored turns.
+            _ if self.client_prompt.is_some() => Vec::new(),
+            None => Vec::new(),
+            Some(id) => match conversations::context(&self.state, self.user_id, id).await {
+                Ok(earlier) => earlier,
+                Err(err) => {
+                    self.release_key().await;
+                    return Err(err);
+                }
+            },
+        };
+        let cost = self.state.config.chat_cost;
+        let settle_within = if self.streamed {
+            recovery::stream_abandoned_after(&self.state)
+        } else {
+            recovery::abandoned_after(&self.state)
+        };
+        let reserved = db::chats::reserve(
+            &self.state.db,
+            self.user_id,
+            self.conversation_id,
+            self.message.as_str(),
+            cost,
+            settle_within,
+        )
+        .await;
+        let (chat_id, conversation_id) = match reserved {
+            Ok(Reservation::Reserved {
+                chat_id,
+                conversation_id,
+            }) => (chat_id, conversation_id),
+            Ok(Reservation::Insufficient { balance }) => {
+                self.release_key().await;
+                let metrics = &self.state.metrics;
+                metrics.chat_ended(ChatOutcome::OutOfTokens, TokenMove::None);
+                return Err(ServiceError::OutOfTokens { balance });
+            }
+            Err(err) => {
+                self.release_key().await;
+                return Err(err.into());
+            }
+        };
+        if let Some(key) = &self.idempotency_key {
+            let attached =
+                db::idempotency::attach(&self.state.db, self.user_id, key.as_str(), chat_id);
+            if let Err(err) = attached.await {
+                // An answer bought under a key that does not lead to it could be bought
+                // twice by a retry: give the reservation back instead.
+                self.refund(chat_id).await;
+                self.release_key().await;
+                let err = ServiceError::from(err);
+                self.count_failed(&err);
+                return Err(err);
+            }
+        }
+        Ok(Begun::Reserved(Reserved {
+            chat_id,
+            conversation_id,
+            earlier,
+        }))
+    }
+
+    async fn answer_and_settle(&self, reserved: Reserved) -> ServiceResult<ChatAnswer> {
+        let state = &self.state;
+        let chat_id = reserved.chat_id;
+        let prompt = self.prompt(&reserved.earlier);
+        let ask = self.ask(&prompt);
+        let asked = Instant::now();
+        let answer = tokio::select! {
+            biased;
+            _ = self.client_gone.cancelled() => None,
+            _ = state.cancel_chats.cancelled() => {
+                tracing::warn!(chat_id, "shutdown grace is over: refunding a chat in flight");
+                self.refund(chat_id).await;
+                self.count_failed(&ServiceError::ShuttingDown);
+                return Err(ServiceError::ShuttingDown);
+            }
+            answer = state.llm.complete(&ask) => {
+                let failure = answer.as_ref().err().map(|err| err.kind());
+                state.metrics.upstream(false, asked.elapsed(), failure);
+                Some(answer)
+            }
+        };
+        let failure = match answer {
+            Some(Ok(completion)) if !self.client_gone.is_cancelled() => {
+                let usage = TokenUsage {
+                    prompt_tokens: completion.usage.map(|usage| usage.prompt_tokens),
+                    completion_tokens: completion.usage.map(|usage| usage.completion_tokens),
+                };
+                let settled =
+                    db::chats::settle_answered(&state.db, chat_id, &completion.content, usage);
+                match settled.await {
+                    Ok(Some(balance_after)) => {
+                        self.count_answered();
+                        return Ok(ChatAnswer {
+                            chat_id,
+                            response: completion.content,
+                            balance: balance_after,
+                            charged: state.config.chat_cost,
+                            replayed: false,
+                            usage: completion.usage,
+                            conversation_id: Some(reserved.conversation_id),
+                        });
+                    }
+                    // Recovery judged it abandoned and refunded it: not stored, not charged.
+                    Ok(None) => ServiceError::ChatExpired,
+                    Err(err) => err.into(),
+                }
+            }
+            Some(Err(err)) => err.into(),
+            Some(Ok(_)) | None => {
+                tracing::info!(chat_id, "client went away before the answer was stored");
+                ServiceError::ClientGone
+            }
+        };
+        self.refund(chat_id).await;
+        self.count_failed(&failure);
+        Err(failure)
+    }
+
+    fn count_answered(&self) {
+        let cost = self.state.config.chat_cost;
+        let metrics = &self.state.metrics;
+        metrics.chat_ended(ChatOutcome::Answered, TokenMove::Charged(cost));
+    }
+
+    /// Counts a reserved chat that ended in `failure`, refunded.
+    fn count_failed(&self, failure: &ServiceError) {
+        // Recovery refunded it first, and counted it then.
+        if let ServiceError::ChatExpired = failure {
+            return;
+        }
+        let outcome = failure_outcome(failure);
+        let cost = self.state.config.chat_cost;
+        self.state
+            .metrics
+            .chat_ended(outcome, TokenMove::Refunded(cost));
+    }
+
+    /// Counts one answer of the model asked at `asked`, or its failure.
+    fn count_upstream(&self, streamed: bool, asked: Instant, failure: Option<&ServiceError>) {
+        let kind = match failure {
+            Some(ServiceError::Model(err)) => Some(err.kind()),
+            _ => None,
+        };
+        self.state.metrics.upstream(streamed, asked.elapsed(), kind);
+    }
+
+    async fn refund(&self, chat_id: i64) {
+        if let Err(err) = db::chats::refund(&self.state.db, chat_id).await {
+            tracing::error!(chat_id, error = %err, "refund failed; recovery will redo it");
+        }
+    }
+}
+
+/// How a chat that ended in `failure` is counted.
+fn failure_outcome(failure: &ServiceError) -> ChatOutcome {
+    match failure {
+        ServiceError::Model(LlmError::Timeout) => ChatOutcome::UpstreamTimeout,
+        ServiceError::Model(_) => ChatOutcome::UpstreamError,
+        ServiceError::ClientGone => ChatOutcome::Abandoned,
+        _ => ChatOutcome::Refunded,
+    }
+}

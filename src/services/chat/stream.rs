@@ -1,0 +1,347 @@
+//! A streamed chat: the pump that passes the model's pieces on to the client as they come,
+//! and the settlement of every way a stream can end (finished, the model failing or going
+//! silent, the client going away, shutdown).
+
+use std::time::Instant;
+
+use futures_util::StreamExt;
+use tokio::sync::{mpsc, oneshot};
+use tracing::Instrument;
+
+use super::{failure_outcome, Begun, ChatAnswer, ChatInFlight, Question};
+use crate::{
+    config::AbandonedStreamCharge,
+    db::{
+        self,
+        chats::{TokenUsage, Unanswered},
+    },
+    llm::{AnswerStream, LlmError, Piece, Usage},
+    services::{ServiceError, ServiceResult},
+    telemetry::{ChatOutcome, TokenMove},
+    AppState,
+};
+
+/// A streamed chat once the model has begun to answer.
+pub enum StreamedChat {
+    /// The chat is under way: its events follow, the last a `Done` or a `Failed`.
+    Live {
+        chat_id: i64,
+        conversation_id: i64,
+        events: mpsc::Receiver<StreamEvent>,
+    },
+    /// A repeated idempotency key: the first answer, whole.
+    Replayed(ChatAnswer),
+}
+
+/// A streamed chat read to its end, live or replayed.
+pub struct ChatEvents {
+    pub chat_id: i64,
+    /// `None` only for a replayed chat whose conversation was deleted since.
+    pub conversation_id: Option<i64>,
+    pub replayed: bool,
+    pub events: futures_util::stream::BoxStream<'static, StreamEvent>,
+}
+
+impl StreamedChat {
+    /// Its events as one stream: a live chat's as they come; a replayed one's stored answer,
+    /// whole, then `Done`, as the first time ended.
+    pub fn into_events(self) -> ChatEvents {
+        match self {
+            Self::Live {
+                chat_id,
+                conversation_id,
+                events,
+            } => ChatEvents {
+                chat_id,
+                conversation_id: Some(conversation_id),
+                replayed: false,
+                events: futures_util::stream::unfold(events, |mut events| async move {
+                    events.recv().await.map(|event| (event, events))
+                })
+                .boxed(),
+            },
+            Self::Replayed(answer) => ChatEvents {
+                chat_id: answer.chat_id,
+                conversation_id: answer.conversation_id,
+                replayed: true,
+                events: futures_util::stream::iter([
+                    StreamEvent::Text(answer.response),
+                    StreamEvent::Done {
+                        balance: answer.balance,
+                        charged: answer.charged,
+                        usage: answer.usage,
+                    },
+                ])
+                .boxed(),
+            },
+        }
+    }
+}
+
+/// What a streamed chat tells its client, in order.
+#[derive(Debug)]
+pub enum StreamEvent {
+    /// More of the answer.
+    Text(String),
+    /// The whole answer is stored and charged: the balance after the charge.
+    Done {
+        balance: i64,
+        charged: i64,
+        usage: Option<Usage>,
+    },
+    /// The chat ended without a whole answer; nothing follows. `charged` is 0 when it was
+    /// refunded, else what the text already delivered cost (see `ABANDONED_STREAM_CHARGE`).
+    Failed { error: ServiceError, charged: i64 },
+}
+
+/// Pieces of answer that may wait for a slow client before the model is read no further.
+const STREAM_BUFFER: usize = 16;
+
+/// Starts a streamed chat for `user_id`; resolves once the model has begun to answer, so
+/// that everything refused before (out of tokens, a model that fails at once) is refused
+/// here, charging nothing. Its events then come as the model writes.
+///
+/// Every ending settles the chat: the model finished and the answer was stored, charged
+/// (whether or not the client read the last event); the model failed or went silent,
+/// refunded and `failed`, keeping the partial text; the client went away first, the
+/// upstream request is dropped at once, the partial text kept, and the chat `abandoned`,
+/// charged or refunded by `ABANDONED_STREAM_CHARGE`.
+#[tracing::instrument(level = "debug", skip_all)]
+pub async fn chat_streamed(
+    state: &AppState,
+    user_id: i64,
+    question: Question,
+) -> ServiceResult<StreamedChat> {
+    state.throttle.chat(user_id)?;
+    let (request, client_gone) = ChatInFlight::new(state, user_id, question, true);
+    let cancel_when_dropped = client_gone.drop_guard();
+    let (started, start) = oneshot::channel();
+    state
+        .tasks
+        .spawn(request.run_streamed(started).in_current_span());
+    let started = start
+        .await
+        .map_err(|_| ServiceError::Inconsistent("a streamed chat ended unannounced".into()))?;
+    // From here on the stream's own channel tells the chat whether the client is there.
+    cancel_when_dropped.disarm();
+    started
+}
+
+/// How a stream ended, before it is settled.
+enum Ending {
+    Finished,
+    ModelFailed(LlmError),
+    ClientGone,
+    ShuttingDown,
+}
+
+impl ChatInFlight {
+    async fn run_streamed(self, started: oneshot::Sender<ServiceResult<StreamedChat>>) {
+        let _in_flight = self.state.metrics.chat_begun();
+        let reserved = match self.begin().await {
+            Ok(Begun::Reserved(reserved)) => reserved,
+            Ok(Begun::Replayed(earlier)) => {
+                let _ = started.send(Ok(StreamedChat::Replayed(earlier)));
+                return;
+            }
+            Err(err) => {
+                let _ = started.send(Err(err));
+                return;
+            }
+        };
+        let state = &self.state;
+        let chat_id = reserved.chat_id;
+        let prompt = self.prompt(&reserved.earlier);
+        let ask = self.ask(&prompt);
+        let asked = Instant::now();
+        let upstream = tokio::select! {
+            biased;
+            _ = self.client_gone.cancelled() => Err(ServiceError::ClientGone),
+            _ = state.cancel_chats.cancelled() => Err(ServiceError::ShuttingDown),
+            upstream = state.llm.stream(&ask) => {
+                let upstream = upstream.map_err(ServiceError::from);
+                // A stream that begins is counted once, when it ends (`pump_and_settle`).
+                if let Err(failure) = &upstream {
+                    self.count_upstream(true, asked, Some(failure));
+                }
+                upstream
+            }
+        };
+        let upstream = match upstream {
+            Ok(upstream) => upstream,
+            Err(err) => {
+                self.refund(chat_id).await;
+                self.count_failed(&err);
+                let _ = started.send(Err(err));
+                return;
+            }
+        };
+        let (events, receiver) = mpsc::channel(STREAM_BUFFER);
+        let live = StreamedChat::Live {
+            chat_id,
+            conversation_id: reserved.conversation_id,
+            events: receiver,
+        };
+        // A client gone before it got the start hears nothing more: the pump sees the
+        // channel closed at once.
+        let _ = started.send(Ok(live));
+        self.pump_and_settle(chat_id, upstream, events, asked).await;
+    }
+
+    /// Passes the model's pieces on to the client as they come, then settles the chat by
+    /// how the stream ended and tells the client, if it is still there.
+    async fn pump_and_settle(
+        &self,
+        chat_id: i64,
+        mut upstream: AnswerStream,
+        events: mpsc::Sender<StreamEvent>,
+        asked: Instant,
+    ) {
+        let state = &self.state;
+        let mut answer = String::new();
+        let mut usage = None;
+        let mut delivered_any = false;
+        let ending = loop {
+            tokio::select! {
+                biased;
+                _ = events.closed() => break Ending::ClientGone,
+                _ = state.cancel_chats.cancelled() => break Ending::ShuttingDown,
+                piece = upstream.next() => match piece {
+                    None => break Ending::Finished,
+                    Some(Ok(Piece::Usage(reported))) => usage = Some(reported),
+                    Some(Ok(Piece::Text(text))) => {
+                        answer.push_str(&text);
+                        if events.send(StreamEvent::Text(text)).await.is_err() {
+                            break Ending::ClientGone;
+                        }
+                        delivered_any = true;
+                    }
+                    Some(Err(err)) => break Ending::ModelFailed(err),
+                },
+            }
+        };
+        // The model stops writing (and the operator stops paying) at once.
+        drop(upstream);
+        let model_error = match &ending {
+            Ending::ModelFailed(err) => Some(err.kind()),
+            _ => None,
+        };
+        state.metrics.upstream(true, asked.elapsed(), model_error);
+        let stored_usage = TokenUsage {
+            prompt_tokens: usage.map(|usage| usage.prompt_tokens),
+            completion_tokens: usage.map(|usage| usage.completion_tokens),
+        };
+        let partial = (!answer.is_empty()).then_some(answer.as_str());
+        let ending = match ending {
+            Ending::Finished if answer.trim().is_empty() => {
+                Ending::ModelFailed(LlmError::Unusable("empty answer"))
+            }
+            other => other,
+        };
+        let failure = match ending {
+            Ending::Finished => {
+                match db::chats::settle_answered(&state.db, chat_id, &answer, stored_usage).await {
+                    Ok(Some(balance)) => {
+                        let done = StreamEvent::Done {
+                            balance,
+                            charged: state.config.chat_cost,
+                            usage,
+                        };
+                        // Charged whether or not the client is still there to read it.
+                        let _ = events.send(done).await;
+                        self.count_answered();
+                        return;
+                    }
+                    Ok(None) => ServiceError::ChatExpired,
+                    Err(err) => {
+                        self.refund(chat_id).await;
+                        ServiceError::from(err)
+                    }
+                }
+            }
+            Ending::ClientGone => {
+                let refund = !(delivered_any && self.charges_for_delivered_text());
+                tracing::info!(chat_id, refund, "client went away mid-stream");
+                let how = Unanswered::Abandoned { refund };
+                self.settle_unanswered(chat_id, how, partial, stored_usage)
+                    .await;
+                let cost = state.config.chat_cost;
+                let tokens = if refund {
+                    TokenMove::Refunded(cost)
+                } else {
+                    TokenMove::Charged(cost)
+                };
+                state.metrics.chat_ended(ChatOutcome::Abandoned, tokens);
+                return;
+            }
+            // Text the client already has is paid for as an abandoned stream's would be:
+            // otherwise a long answer cut by the model, or by `LLM_STREAM_MAX_SECS`, would
+            // be free however much of it arrived (issue 21).
+            Ending::ModelFailed(err) if delivered_any && self.charges_for_delivered_text() => {
+                tracing::info!(chat_id, error = %err, "the model failed after text was delivered: charged");
+                let how = Unanswered::Abandoned { refund: false };
+                let settled = self
+                    .settle_unanswered(chat_id, how, partial, stored_usage)
+                    .await;
+                let error = ServiceError::from(err);
+                let cost = state.config.chat_cost;
+                // Not settled here: recovery refunds it (or already did), and counts it.
+                let charged = if settled { cost } else { 0 };
+                if settled {
+                    let outcome = failure_outcome(&error);
+                    state.metrics.chat_ended(outcome, TokenMove::Charged(cost));
+                }
+                let failed = StreamEvent::Failed { error, charged };
+                let _ = events.send(failed).await;
+                return;
+            }
+            Ending::ModelFailed(err) => {
+                self.settle_unanswered(chat_id, Unanswered::Failed, partial, stored_usage)
+                    .await;
+                err.into()
+            }
+            Ending::ShuttingDown => {
+                tracing::warn!(
+                    chat_id,
+                    "shutdown grace is over: refunding a stream in flight"
+                );
+                self.settle_unanswered(chat_id, Unanswered::Failed, partial, stored_usage)
+                    .await;
+                ServiceError::ShuttingDown
+            }
+        };
+        self.count_failed(&failure);
+        let failed = StreamEvent::Failed {
+            error: failure,
+            charged: 0,
+        };
+        let _ = events.send(failed).await;
+    }
+
+    /// Whether a stream that ends early is charged once some of its text was delivered.
+    fn charges_for_delivered_text(&self) -> bool {
+        match self.state.config.abandoned_stream_charge {
+            AbandonedStreamCharge::Delivered => true,
+            AbandonedStreamCharge::Never => false,
+        }
+    }
+
+    /// Settles a stream that got no whole answer; `false` when it was not (recovery had
+    /// refunded it, or the write failed and recovery will).
+    async fn settle_unanswered(
+        &self,
+        chat_id: i64,
+        how: Unanswered,
+        partial: Option<&str>,
+        usage: TokenUsage,
+    ) -> bool {
+        let settled = db::chats::settle_unanswered(&self.state.db, chat_id, how, partial, usage);
+        match settled.await {
+            Ok(settled) => settled,
+            Err(err) => {
+                tracing::error!(chat_id, error = %err, "settling a stream failed; recovery will refund it");
+                false
+            }
+        }
+    }
+}
