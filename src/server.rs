@@ -14,6 +14,9 @@
 //! server's own work (a chat waiting for the model, a request being answered) are never
 //! evicted: a newcomer waits for them.
 //!
+//! The bytes of request bodies held while they arrive count against one budget for all
+//! connections, `MAX_INFLIGHT_BODY_BYTES` (see [`body_budget`]).
+//!
 //! hyper's own `header_read_timeout` is not used. hyper (1.12) starts it whenever it waits for
 //! a request's headers: on a fresh connection and again right after each response, so it
 //! would close every idle keep-alive connection after `HEADER_READ_TIMEOUT_SECS` instead of
@@ -58,6 +61,11 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tower::ServiceExt;
 
 use crate::{config::ConnectionLimits, routes::router, AppState};
+
+mod body_budget;
+
+use body_budget::BodyBudget;
+pub(crate) use body_budget::OverBudget;
 
 /// File descriptors kept back from client connections when the cap is derived from the limit:
 /// standard streams, the runtime's event queue, the SQLite files, the log, DNS look-ups.
@@ -138,11 +146,15 @@ async fn serve_router(
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> io::Result<()> {
+    let budget = Arc::new(BodyBudget::new(
+        state.config.connections.max_inflight_body_bytes,
+    ));
     let server = Arc::new(Server {
         router,
         limits: state.config.connections.clone(),
         cap: connection_cap(&state.config.connections),
         registry: Registry::new(),
+        budget: budget.clone(),
         connections: TaskTracker::new(),
         stop: CancellationToken::new(),
         force_close: CancellationToken::new(),
@@ -152,10 +164,14 @@ async fn serve_router(
         shutdown.await;
         stop.cancel();
     });
+    let trimming = CancellationToken::new();
+    let trimmer = tokio::spawn(budget.trim_freed_memory(trimming.clone()));
     server.accept_until_stopped(&listener).await;
     drop(listener);
     watcher.abort();
     server.shut_down(&state).await;
+    trimming.cancel();
+    let _ = trimmer.await;
     Ok(())
 }
 
@@ -164,6 +180,8 @@ struct Server {
     limits: ConnectionLimits,
     cap: usize,
     registry: Registry,
+    /// Body bytes of all requests in flight (`MAX_INFLIGHT_BODY_BYTES`).
+    budget: Arc<BodyBudget>,
     connections: TaskTracker,
     /// Cancelled when shutdown begins: no more accepts, every connection closes gracefully.
     stop: CancellationToken,
@@ -268,11 +286,14 @@ impl Server {
         });
         let router = self.router.clone();
         let requests = activity.clone();
+        let budget = self.budget.clone();
         let service = service_fn(move |request: Request<Incoming>| {
             let in_flight = RequestInFlight::begin(requests.clone());
             let mut request = request.map(|body| WatchedBody {
                 body,
                 activity: requests.clone(),
+                budget: budget.clone(),
+                held: 0,
             });
             request.extensions_mut().insert(ConnectInfo(peer));
             let router = router.clone();
@@ -756,21 +777,29 @@ impl hyper::body::Body for CountedBody {
     }
 }
 
-/// A request's body, noting when the application waits for more of it: a client that
-/// promises a body and sends it slowly is waiting on itself, and may be evicted at the cap.
+/// A request's body, noting when the application waits for more of it (a client that
+/// promises a body and sends it slowly is waiting on itself, and may be evicted at the cap),
+/// and counting the bytes it delivers against the budget of bodies in flight until it is
+/// dropped.
 struct WatchedBody {
     body: Incoming,
     activity: Arc<Activity>,
+    budget: Arc<BodyBudget>,
+    /// Bytes of this body counted against `budget`: all it has delivered. The frames are
+    /// held by whoever reads the body until it is complete, and dropped with it or soon
+    /// after (the extractor copies them into one buffer and parses that).
+    held: usize,
 }
 
 impl hyper::body::Body for WatchedBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    /// hyper's error, or [`OverBudget`], for the extractor to tell apart.
+    type Error = axum::BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::BoxError>>> {
         let this = self.get_mut();
         let polled = Pin::new(&mut this.body).poll_frame(cx);
         let activity = &this.activity;
@@ -779,7 +808,20 @@ impl hyper::body::Body for WatchedBody {
         } else {
             Activity::stop_clock(&activity.body_wait_since_micros);
         }
-        polled
+        match polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                let bytes = frame.data_ref().map_or(0, Bytes::len);
+                if !this.budget.take(bytes) {
+                    // The frame is dropped here, and the rest with the body.
+                    return Poll::Ready(Some(Err(Box::new(OverBudget))));
+                }
+                this.held += bytes;
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(err))) => Poll::Ready(Some(Err(err.into()))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
     }
 
     fn is_end_stream(&self) -> bool {
@@ -793,8 +835,12 @@ impl hyper::body::Body for WatchedBody {
 
 impl Drop for WatchedBody {
     fn drop(&mut self) {
-        // The application gave up on the body (too large, too slow): it waits no more.
+        // The application gave up on the body (too large, too slow) or has it all: it waits
+        // no more, and the bytes it was counted for are its reader's to free.
         Activity::stop_clock(&self.activity.body_wait_since_micros);
+        if self.held > 0 {
+            self.budget.release(self.held);
+        }
     }
 }
 
@@ -985,6 +1031,7 @@ mod tests {
             write_stall_timeout: Duration::from_secs(30),
             max_connections: Some(7),
             max_connections_per_address: Some(64),
+            max_inflight_body_bytes: 64 * 1024 * 1024,
             shutdown_grace: Duration::from_secs(30),
         };
         assert_eq!(connection_cap(&limits), 7);

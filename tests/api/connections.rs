@@ -719,7 +719,7 @@ fn holds_a_whole_response(bytes: &[u8]) -> bool {
 }
 
 /// A connection from `source`, any address of the loopback network.
-async fn connect_from(base: &str, source: IpAddr) -> TcpStream {
+pub(crate) async fn connect_from(base: &str, source: IpAddr) -> TcpStream {
     let socket = TcpSocket::new_v4().unwrap();
     socket.bind(SocketAddr::new(source, 0)).unwrap();
     let address: SocketAddr = base.trim_start_matches("http://").parse().unwrap();
@@ -755,6 +755,14 @@ fn chat(base: &str, token: &str, message: &str) -> String {
 /// Reads one response with a `Content-Length` body: its status and JSON body. Fails the test
 /// when the server closes first or takes over ten seconds.
 async fn read_response(stream: &mut TcpStream) -> (u16, Value) {
+    let (status, _head, body) = read_whole_response(stream).await;
+    (status, body)
+}
+
+/// [`read_response`] from any stream, with the response's head (status line and headers).
+pub(crate) async fn read_whole_response<R: AsyncRead + Unpin>(
+    stream: &mut R,
+) -> (u16, String, Value) {
     let read = async {
         let mut received = Vec::new();
         let mut chunk = [0u8; 4096];
@@ -776,7 +784,8 @@ async fn read_response(stream: &mut TcpStream) -> (u16, Value) {
                         .and_then(|code| code.parse().ok())
                         .unwrap_or_else(|| panic!("no status in {head}"));
                     let body = &received[end + 4..end + 4 + length];
-                    return (status, serde_json::from_slice(body).unwrap_or(Value::Null));
+                    let body = serde_json::from_slice(body).unwrap_or(Value::Null);
+                    return (status, head, body);
                 }
             }
             let read = stream.read(&mut chunk).await.unwrap();
