@@ -12,7 +12,11 @@
 //! then the one idle the longest, then the one that has waited on its client the longest (a
 //! body that does not arrive, output the client does not read). Only connections busy with the
 //! server's own work (a chat waiting for the model, a request being answered) are never
-//! evicted: a newcomer waits for them.
+//! evicted: a newcomer waits for them. At `MAX_CONNECTIONS_PER_ADDRESS` the same order picks
+//! among that address's own connections; when none of them may go, the newcomer is closed.
+//!
+//! The bytes of request bodies held while they arrive count against one budget for all
+//! connections, `MAX_INFLIGHT_BODY_BYTES` (see [`body_budget`]).
 //!
 //! The bytes of request bodies held while they arrive count against one budget for all
 //! connections, `MAX_INFLIGHT_BODY_BYTES` (see [`body_budget`]).
@@ -199,13 +203,17 @@ impl Server {
             };
             match accepted {
                 Ok((stream, peer)) => {
+                    // At its cap an address makes room the way the global cap does, from
+                    // its own connections only: clients behind one NAT are not locked out
+                    // by idle sockets of their own address.
                     if self
                         .limits
                         .max_connections_per_address
-                        .is_some_and(|cap| self.registry.open_from(peer.ip()) >= cap)
+                        .is_some_and(|cap| !self.registry.make_room_from(peer.ip(), cap))
                     {
-                        // Closed before it costs anything, so one address cannot take every
-                        // slot. Logged at debug only: an attacker would flood the log.
+                        // Every connection from the address is busy with the server's own
+                        // work: closed before it costs anything, so one address cannot take
+                        // every slot. Logged at debug only: an attacker would flood the log.
                         tracing::debug!(%peer, "connection refused: MAX_CONNECTIONS_PER_ADDRESS reached");
                         drop(stream);
                         continue;
@@ -480,7 +488,9 @@ struct Registry {
 #[derive(Default)]
 struct OpenConnections {
     by_id: HashMap<u64, Arc<Activity>>,
-    per_address: HashMap<IpAddr, usize>,
+    /// The same connections by client address, for the per-address cap; at most
+    /// `MAX_CONNECTIONS_PER_ADDRESS` (and one on its way out) each.
+    per_address: HashMap<IpAddr, Vec<Arc<Activity>>>,
 }
 
 impl Registry {
@@ -502,10 +512,31 @@ impl Registry {
         self.open().by_id.len()
     }
 
-    /// How many connections from `address` are open.
-    fn open_from(&self, address: IpAddr) -> usize {
+    /// Makes room for a new connection from `address`, which may hold `cap`: `true` when it
+    /// holds fewer (not counting any evicted and on their way out), or once one of its
+    /// connections, the first by [`Evictable`]'s order, has been evicted; `false` when none
+    /// of them may be.
+    fn make_room_from(&self, address: IpAddr, cap: usize) -> bool {
         let address = address.to_canonical();
-        self.open().per_address.get(&address).copied().unwrap_or(0)
+        let open = self.open();
+        let Some(connections) = open.per_address.get(&address) else {
+            return true;
+        };
+        let staying = || {
+            connections
+                .iter()
+                .filter(|activity| !activity.evicted.load(Ordering::SeqCst))
+        };
+        if staying().count() < cap {
+            return true;
+        }
+        match first_to_evict(staying(), Instant::now()) {
+            Some(activity) => {
+                activity.evict();
+                true
+            }
+            None => false,
+        }
     }
 
     fn register(&self, address: IpAddr) -> Arc<Activity> {
@@ -528,7 +559,10 @@ impl Registry {
         activity.mark_idle_now();
         let mut open = self.open();
         open.by_id.insert(id, activity.clone());
-        *open.per_address.entry(address).or_default() += 1;
+        open.per_address
+            .entry(address)
+            .or_default()
+            .push(activity.clone());
         activity
     }
 
@@ -537,9 +571,9 @@ impl Registry {
         let Some(activity) = open.by_id.remove(&id) else {
             return;
         };
-        if let Some(count) = open.per_address.get_mut(&activity.address) {
-            *count -= 1;
-            if *count == 0 {
+        if let Some(connections) = open.per_address.get_mut(&activity.address) {
+            connections.retain(|open| open.id != id);
+            if connections.is_empty() {
                 open.per_address.remove(&activity.address);
             }
         }
@@ -559,21 +593,26 @@ impl Registry {
         {
             return true;
         }
-        let now = Instant::now();
-        let first = open
-            .by_id
-            .values()
-            .filter_map(|activity| Some((activity.evictable(now)?, activity.id, activity)))
-            .min_by_key(|(evictable, id, _)| (*evictable, *id));
-        match first {
-            Some((_, _, activity)) => {
-                activity.evicted.store(true, Ordering::SeqCst);
-                activity.changed.notify_one();
+        match first_to_evict(open.by_id.values(), Instant::now()) {
+            Some(activity) => {
+                activity.evict();
                 true
             }
             None => false,
         }
     }
+}
+
+/// Of `connections`, the first to evict `now` by [`Evictable`]'s order (the oldest first
+/// among equals); `None` when none may be.
+fn first_to_evict<'a>(
+    connections: impl Iterator<Item = &'a Arc<Activity>>,
+    now: Instant,
+) -> Option<&'a Arc<Activity>> {
+    connections
+        .filter_map(|activity| Some((activity.evictable(now)?, activity.id, activity)))
+        .min_by_key(|(evictable, id, _)| (*evictable, *id))
+        .map(|(_, _, activity)| activity)
 }
 
 /// Why a connection may be evicted; the derived order is the order of eviction.
@@ -704,6 +743,12 @@ impl Activity {
         if Self::stop_clock(&self.write_stall_since_micros) {
             self.changed.notify_one();
         }
+    }
+
+    /// Drops the connection at once (its task sees the flag when woken).
+    fn evict(&self) {
+        self.evicted.store(true, Ordering::SeqCst);
+        self.changed.notify_one();
     }
 
     /// Whether this connection may be evicted `now`, and how early.
