@@ -76,6 +76,9 @@ pub struct ConnectionLimits {
     /// Open connections from one client address at most; `None` when
     /// `MAX_CONNECTIONS_PER_ADDRESS=0`.
     pub max_connections_per_address: Option<usize>,
+    /// Bytes of request bodies all connections together may hold while they arrive; a
+    /// request whose body would pass it is answered 503 `busy`.
+    pub max_inflight_body_bytes: usize,
     /// After a shutdown signal, how long open requests and chats may take to finish.
     pub shutdown_grace: Duration,
 }
@@ -265,6 +268,8 @@ const DAY_SECS: u64 = 24 * 60 * 60;
 const HOUR_SECS: u64 = 60 * 60;
 /// Tokens may live ten years at most: their expiry stays a valid RFC 3339 time.
 const MAX_TOKEN_TTL_SECS: u64 = 10 * 365 * DAY_SECS;
+/// The largest `MAX_INFLIGHT_BODY_BYTES`: 1 TiB, more memory than any machine we run on.
+const MAX_INFLIGHT_BODY_BYTES: usize = 1 << 40;
 
 impl Config {
     /// Reads the process environment (after `.env`, which `main` loads).
@@ -294,7 +299,7 @@ impl Config {
             return Err(ConfigError::new("RUST_LOG", err.to_string()));
         }
         let token_ttl_secs: u64 = vars.between("TOKEN_TTL_SECS", "86400", 0, MAX_TOKEN_TTL_SECS)?;
-        Ok(Self {
+        let config = Self {
             bind_addr: vars.parse("BIND_ADDR", "127.0.0.1:8000")?,
             database_url,
             database_max_connections: match vars.optional("DATABASE_MAX_CONNECTIONS") {
@@ -374,6 +379,12 @@ impl Config {
                     0 => None,
                     cap => Some(cap),
                 },
+                max_inflight_body_bytes: vars.between(
+                    "MAX_INFLIGHT_BODY_BYTES",
+                    "67108864",
+                    1,
+                    MAX_INFLIGHT_BODY_BYTES,
+                )?,
                 shutdown_grace: vars.seconds("SHUTDOWN_GRACE_SECS", "30", 0, HOUR_SECS)?,
             },
             abuse: AbuseLimits {
@@ -400,7 +411,21 @@ impl Config {
                 trust_proxy_headers: vars.parse("TRUST_PROXY_HEADERS", "false")?,
                 password_hash_queue: vars.between("PASSWORD_HASH_QUEUE", "64", 0, 1_000_000)?,
             },
-        })
+        };
+        // A budget smaller than one body of the largest kind would refuse every such request.
+        let largest_body = config.completions_body_limit();
+        if config.connections.max_inflight_body_bytes < largest_body {
+            return Err(ConfigError::new(
+                "MAX_INFLIGHT_BODY_BYTES",
+                format!(
+                    "{} is below the largest request body, {largest_body} bytes (of \
+                     /v1/chat/completions, from MAX_BODY_BYTES, MAX_MESSAGE_CHARS and \
+                     CONTEXT_MAX_CHARS)",
+                    config.connections.max_inflight_body_bytes
+                ),
+            ));
+        }
+        Ok(config)
     }
 }
 
@@ -536,6 +561,7 @@ mod tests {
         assert_eq!(config.max_message_chars, 8000);
         assert_eq!(config.max_body_bytes, 65536);
         assert_eq!(config.password_min_length, 6);
+        assert_eq!(config.connections.max_inflight_body_bytes, 64 * 1024 * 1024);
     }
 
     #[test]
@@ -580,6 +606,7 @@ mod tests {
                 "WRITE_STALL_TIMEOUT_SECS",
                 "MAX_CONNECTIONS",
                 "MAX_CONNECTIONS_PER_ADDRESS",
+                "MAX_INFLIGHT_BODY_BYTES",
                 "SHUTDOWN_GRACE_SECS",
                 "LOGIN_ATTEMPTS_PER_MINUTE",
                 "LOGIN_FAILURES_PER_USER_AND_ADDRESS",
@@ -647,6 +674,9 @@ mod tests {
             ("WRITE_STALL_TIMEOUT_SECS", "0"),
             ("MAX_CONNECTIONS_PER_ADDRESS", "-1"),
             ("MAX_CONNECTIONS_PER_ADDRESS", "1000001"),
+            ("MAX_INFLIGHT_BODY_BYTES", "lots"),
+            ("MAX_INFLIGHT_BODY_BYTES", "0"),
+            ("MAX_INFLIGHT_BODY_BYTES", "65536"),
             ("SHUTDOWN_GRACE_SECS", "99999999"),
             ("REGISTRATION_OPEN", "maybe"),
             ("CHAT_RATE_PER_MINUTE", "-1"),

@@ -12,7 +12,14 @@
 //! then the one idle the longest, then the one that has waited on its client the longest (a
 //! body that does not arrive, output the client does not read). Only connections busy with the
 //! server's own work (a chat waiting for the model, a request being answered) are never
-//! evicted: a newcomer waits for them.
+//! evicted: a newcomer waits for them. At `MAX_CONNECTIONS_PER_ADDRESS` the same order picks
+//! among that address's own connections; when none of them may go, the newcomer is closed.
+//!
+//! The bytes of request bodies held while they arrive count against one budget for all
+//! connections, `MAX_INFLIGHT_BODY_BYTES` (see [`body_budget`]).
+//!
+//! The bytes of request bodies held while they arrive count against one budget for all
+//! connections, `MAX_INFLIGHT_BODY_BYTES` (see [`body_budget`]).
 //!
 //! hyper's own `header_read_timeout` is not used. hyper (1.12) starts it whenever it waits for
 //! a request's headers: on a fresh connection and again right after each response, so it
@@ -58,6 +65,11 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tower::ServiceExt;
 
 use crate::{config::ConnectionLimits, routes::router, AppState};
+
+mod body_budget;
+
+use body_budget::BodyBudget;
+pub(crate) use body_budget::OverBudget;
 
 /// File descriptors kept back from client connections when the cap is derived from the limit:
 /// standard streams, the runtime's event queue, the SQLite files, the log, DNS look-ups.
@@ -138,11 +150,15 @@ async fn serve_router(
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> io::Result<()> {
+    let budget = Arc::new(BodyBudget::new(
+        state.config.connections.max_inflight_body_bytes,
+    ));
     let server = Arc::new(Server {
         router,
         limits: state.config.connections.clone(),
         cap: connection_cap(&state.config.connections),
         registry: Registry::new(),
+        budget: budget.clone(),
         connections: TaskTracker::new(),
         stop: CancellationToken::new(),
         force_close: CancellationToken::new(),
@@ -152,10 +168,14 @@ async fn serve_router(
         shutdown.await;
         stop.cancel();
     });
+    let trimming = CancellationToken::new();
+    let trimmer = tokio::spawn(budget.trim_freed_memory(trimming.clone()));
     server.accept_until_stopped(&listener).await;
     drop(listener);
     watcher.abort();
     server.shut_down(&state).await;
+    trimming.cancel();
+    let _ = trimmer.await;
     Ok(())
 }
 
@@ -164,6 +184,8 @@ struct Server {
     limits: ConnectionLimits,
     cap: usize,
     registry: Registry,
+    /// Body bytes of all requests in flight (`MAX_INFLIGHT_BODY_BYTES`).
+    budget: Arc<BodyBudget>,
     connections: TaskTracker,
     /// Cancelled when shutdown begins: no more accepts, every connection closes gracefully.
     stop: CancellationToken,
@@ -181,13 +203,17 @@ impl Server {
             };
             match accepted {
                 Ok((stream, peer)) => {
+                    // At its cap an address makes room the way the global cap does, from
+                    // its own connections only: clients behind one NAT are not locked out
+                    // by idle sockets of their own address.
                     if self
                         .limits
                         .max_connections_per_address
-                        .is_some_and(|cap| self.registry.open_from(peer.ip()) >= cap)
+                        .is_some_and(|cap| !self.registry.make_room_from(peer.ip(), cap))
                     {
-                        // Closed before it costs anything, so one address cannot take every
-                        // slot. Logged at debug only: an attacker would flood the log.
+                        // Every connection from the address is busy with the server's own
+                        // work: closed before it costs anything, so one address cannot take
+                        // every slot. Logged at debug only: an attacker would flood the log.
                         tracing::debug!(%peer, "connection refused: MAX_CONNECTIONS_PER_ADDRESS reached");
                         drop(stream);
                         continue;
@@ -268,11 +294,14 @@ impl Server {
         });
         let router = self.router.clone();
         let requests = activity.clone();
+        let budget = self.budget.clone();
         let service = service_fn(move |request: Request<Incoming>| {
             let in_flight = RequestInFlight::begin(requests.clone());
             let mut request = request.map(|body| WatchedBody {
                 body,
                 activity: requests.clone(),
+                budget: budget.clone(),
+                held: 0,
             });
             request.extensions_mut().insert(ConnectInfo(peer));
             let router = router.clone();
@@ -459,7 +488,9 @@ struct Registry {
 #[derive(Default)]
 struct OpenConnections {
     by_id: HashMap<u64, Arc<Activity>>,
-    per_address: HashMap<IpAddr, usize>,
+    /// The same connections by client address, for the per-address cap; at most
+    /// `MAX_CONNECTIONS_PER_ADDRESS` (and one on its way out) each.
+    per_address: HashMap<IpAddr, Vec<Arc<Activity>>>,
 }
 
 impl Registry {
@@ -481,10 +512,31 @@ impl Registry {
         self.open().by_id.len()
     }
 
-    /// How many connections from `address` are open.
-    fn open_from(&self, address: IpAddr) -> usize {
+    /// Makes room for a new connection from `address`, which may hold `cap`: `true` when it
+    /// holds fewer (not counting any evicted and on their way out), or once one of its
+    /// connections, the first by [`Evictable`]'s order, has been evicted; `false` when none
+    /// of them may be.
+    fn make_room_from(&self, address: IpAddr, cap: usize) -> bool {
         let address = address.to_canonical();
-        self.open().per_address.get(&address).copied().unwrap_or(0)
+        let open = self.open();
+        let Some(connections) = open.per_address.get(&address) else {
+            return true;
+        };
+        let staying = || {
+            connections
+                .iter()
+                .filter(|activity| !activity.evicted.load(Ordering::SeqCst))
+        };
+        if staying().count() < cap {
+            return true;
+        }
+        match first_to_evict(staying(), Instant::now()) {
+            Some(activity) => {
+                activity.evict();
+                true
+            }
+            None => false,
+        }
     }
 
     fn register(&self, address: IpAddr) -> Arc<Activity> {
@@ -507,7 +559,10 @@ impl Registry {
         activity.mark_idle_now();
         let mut open = self.open();
         open.by_id.insert(id, activity.clone());
-        *open.per_address.entry(address).or_default() += 1;
+        open.per_address
+            .entry(address)
+            .or_default()
+            .push(activity.clone());
         activity
     }
 
@@ -516,9 +571,9 @@ impl Registry {
         let Some(activity) = open.by_id.remove(&id) else {
             return;
         };
-        if let Some(count) = open.per_address.get_mut(&activity.address) {
-            *count -= 1;
-            if *count == 0 {
+        if let Some(connections) = open.per_address.get_mut(&activity.address) {
+            connections.retain(|open| open.id != id);
+            if connections.is_empty() {
                 open.per_address.remove(&activity.address);
             }
         }
@@ -538,21 +593,26 @@ impl Registry {
         {
             return true;
         }
-        let now = Instant::now();
-        let first = open
-            .by_id
-            .values()
-            .filter_map(|activity| Some((activity.evictable(now)?, activity.id, activity)))
-            .min_by_key(|(evictable, id, _)| (*evictable, *id));
-        match first {
-            Some((_, _, activity)) => {
-                activity.evicted.store(true, Ordering::SeqCst);
-                activity.changed.notify_one();
+        match first_to_evict(open.by_id.values(), Instant::now()) {
+            Some(activity) => {
+                activity.evict();
                 true
             }
             None => false,
         }
     }
+}
+
+/// Of `connections`, the first to evict `now` by [`Evictable`]'s order (the oldest first
+/// among equals); `None` when none may be.
+fn first_to_evict<'a>(
+    connections: impl Iterator<Item = &'a Arc<Activity>>,
+    now: Instant,
+) -> Option<&'a Arc<Activity>> {
+    connections
+        .filter_map(|activity| Some((activity.evictable(now)?, activity.id, activity)))
+        .min_by_key(|(evictable, id, _)| (*evictable, *id))
+        .map(|(_, _, activity)| activity)
 }
 
 /// Why a connection may be evicted; the derived order is the order of eviction.
@@ -685,6 +745,12 @@ impl Activity {
         }
     }
 
+    /// Drops the connection at once (its task sees the flag when woken).
+    fn evict(&self) {
+        self.evicted.store(true, Ordering::SeqCst);
+        self.changed.notify_one();
+    }
+
     /// Whether this connection may be evicted `now`, and how early.
     fn evictable(&self, now: Instant) -> Option<Evictable> {
         if self.closing.load(Ordering::SeqCst) {
@@ -756,21 +822,29 @@ impl hyper::body::Body for CountedBody {
     }
 }
 
-/// A request's body, noting when the application waits for more of it: a client that
-/// promises a body and sends it slowly is waiting on itself, and may be evicted at the cap.
+/// A request's body, noting when the application waits for more of it (a client that
+/// promises a body and sends it slowly is waiting on itself, and may be evicted at the cap),
+/// and counting the bytes it delivers against the budget of bodies in flight until it is
+/// dropped.
 struct WatchedBody {
     body: Incoming,
     activity: Arc<Activity>,
+    budget: Arc<BodyBudget>,
+    /// Bytes of this body counted against `budget`: all it has delivered. The frames are
+    /// held by whoever reads the body until it is complete, and dropped with it or soon
+    /// after (the extractor copies them into one buffer and parses that).
+    held: usize,
 }
 
 impl hyper::body::Body for WatchedBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    /// hyper's error, or [`OverBudget`], for the extractor to tell apart.
+    type Error = axum::BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::BoxError>>> {
         let this = self.get_mut();
         let polled = Pin::new(&mut this.body).poll_frame(cx);
         let activity = &this.activity;
@@ -779,7 +853,20 @@ impl hyper::body::Body for WatchedBody {
         } else {
             Activity::stop_clock(&activity.body_wait_since_micros);
         }
-        polled
+        match polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                let bytes = frame.data_ref().map_or(0, Bytes::len);
+                if !this.budget.take(bytes) {
+                    // The frame is dropped here, and the rest with the body.
+                    return Poll::Ready(Some(Err(Box::new(OverBudget))));
+                }
+                this.held += bytes;
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(err))) => Poll::Ready(Some(Err(err.into()))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
     }
 
     fn is_end_stream(&self) -> bool {
@@ -793,8 +880,12 @@ impl hyper::body::Body for WatchedBody {
 
 impl Drop for WatchedBody {
     fn drop(&mut self) {
-        // The application gave up on the body (too large, too slow): it waits no more.
+        // The application gave up on the body (too large, too slow) or has it all: it waits
+        // no more, and the bytes it was counted for are its reader's to free.
         Activity::stop_clock(&self.activity.body_wait_since_micros);
+        if self.held > 0 {
+            self.budget.release(self.held);
+        }
     }
 }
 
@@ -985,6 +1076,7 @@ mod tests {
             write_stall_timeout: Duration::from_secs(30),
             max_connections: Some(7),
             max_connections_per_address: Some(64),
+            max_inflight_body_bytes: 64 * 1024 * 1024,
             shutdown_grace: Duration::from_secs(30),
         };
         assert_eq!(connection_cap(&limits), 7);

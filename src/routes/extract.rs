@@ -13,9 +13,13 @@ use serde::{de::DeserializeOwned, Deserialize};
 use super::error::ApiError as Error;
 use crate::{
     domain::{self, PageRequest},
+    server::OverBudget,
     services::{auth::Credential, throttle::ClientAddress},
     AppState,
 };
+
+/// `Retry-After` of a body refused because the bodies in flight fill their budget.
+const BUSY_RETRY_AFTER_SECS: u64 = 1;
 
 /// A request body decoded from JSON, or from form data as Django REST framework allowed.
 pub struct Payload<T>(pub T);
@@ -40,6 +44,11 @@ where
             .map_err(|_| Error::RequestTimeout)?
             .map_err(|rejection| match rejection.status() {
                 StatusCode::PAYLOAD_TOO_LARGE => Error::PayloadTooLarge,
+                // The bodies in flight hold the server's budget for them; they finish or
+                // time out, so a retry in a moment may fit.
+                _ if OverBudget::caused(&rejection) => Error::Busy {
+                    retry_after_secs: BUSY_RETRY_AFTER_SECS,
+                },
                 _ => Error::InvalidJson("the request body could not be read".into()),
             })?;
         let Some(first_byte) = body.iter().find(|byte| !byte.is_ascii_whitespace()) else {

@@ -450,15 +450,17 @@ async fn at_the_connection_cap_clients_dribbling_their_bodies_make_way_but_a_slo
 }
 
 #[tokio::test]
-async fn beyond_max_connections_per_address_a_new_connection_from_that_address_is_closed_at_once() {
-    let app = TestApp::with_env(&[("MAX_CONNECTIONS_PER_ADDRESS", "3")]).await;
+async fn at_max_connections_per_address_that_addresss_longest_idle_connection_makes_way_for_a_new_one(
+) {
+    let app = TestApp::with_env(&[("MAX_CONNECTIONS_PER_ADDRESS", "4")]).await;
     let base = serve_in_process(&app).await;
-    let first_address = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1));
-    let second_address = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
+    // One office behind NAT: every client comes from the same address.
+    let office = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 3));
 
-    let mut held = Vec::new();
+    // The first never sends a byte; the other three have been answered and are idle.
+    let mut held = vec![connect_from(&base, office).await];
     for _ in 0..3 {
-        let mut connection = connect_from(&base, first_address).await;
+        let mut connection = connect_from(&base, office).await;
         connection
             .write_all(health(&base).as_bytes())
             .await
@@ -466,6 +468,57 @@ async fn beyond_max_connections_per_address_a_new_connection_from_that_address_i
         assert_eq!(read_response(&mut connection).await.0, 200);
         held.push(connection);
     }
+
+    for (round, evicted) in [(0, 0), (1, 1)] {
+        let started = Instant::now();
+        let mut newcomer = connect_from(&base, office).await;
+        newcomer.write_all(health(&base).as_bytes()).await.unwrap();
+        let answered = timeout(Duration::from_secs(2), read_response(&mut newcomer)).await;
+        let waited = started.elapsed();
+        assert!(
+            matches!(answered, Ok((200, _))),
+            "round {round}: no answer within {waited:?}"
+        );
+        assert!(waited < Duration::from_secs(1), "round {round}: {waited:?}");
+        assert!(
+            server_closes_within(&mut held[evicted], Duration::from_secs(1)).await,
+            "round {round}: the longest-idle connection {evicted} is still open"
+        );
+        for (index, connection) in held.iter_mut().enumerate().skip(evicted + 1) {
+            assert!(
+                !server_closes_within(connection, Duration::from_millis(20)).await,
+                "round {round}: connection {index} was closed too"
+            );
+        }
+        // Now among the address's idle connections, the newest.
+        held.push(newcomer);
+    }
+}
+
+#[tokio::test]
+async fn at_max_connections_per_address_with_every_connection_busy_a_new_one_from_it_is_closed_at_once(
+) {
+    let app = TestApp::with_env(&[
+        ("MAX_CONNECTIONS_PER_ADDRESS", "3"),
+        ("CHAT_RATE_PER_MINUTE", "0"),
+    ])
+    .await;
+    let token = app.user_with_token("user").await;
+    let base = serve_in_process(&app).await;
+    let first_address = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1));
+    let second_address = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
+    app.llm.set_reply(Reply::Stall(Duration::from_secs(3)));
+
+    // Each of the address's three connections waits for the model: busy with the server's
+    // own work, which is never evicted.
+    let mut chatting = Vec::new();
+    for index in 0..3 {
+        let mut connection = connect_from(&base, first_address).await;
+        let request = chat(&base, &token, &format!("question {index}"));
+        connection.write_all(request.as_bytes()).await.unwrap();
+        chatting.push(connection);
+    }
+    wait_until(|| async { app.llm.calls() == 3 }).await;
 
     let mut one_too_many = connect_from(&base, first_address).await;
     // The request may meet a closed socket already.
@@ -483,30 +536,22 @@ async fn beyond_max_connections_per_address_a_new_connection_from_that_address_i
         String::from_utf8_lossy(&received)
     );
 
-    // Another address is served as usual, and the first again once it has room.
+    // Another address is served as usual.
     let mut elsewhere = connect_from(&base, second_address).await;
     elsewhere.write_all(health(&base).as_bytes()).await.unwrap();
     assert_eq!(read_response(&mut elsewhere).await.0, 200);
-    drop(held.pop());
+
+    // Every chat is answered, and the first address, its connections idle again, makes room.
+    for (index, connection) in chatting.iter_mut().enumerate() {
+        let (status, answer) = read_response(connection).await;
+        assert_eq!(status, 200, "{answer}");
+        assert_eq!(answer["response"], format!("Echo: question {index}"));
+    }
     let mut again = connect_from(&base, first_address).await;
-    let answered = async {
-        // The server notices the closed connection a moment later.
-        loop {
-            again.write_all(health(&base).as_bytes()).await.ok()?;
-            let mut first_byte = [0u8; 1];
-            match timeout(Duration::from_millis(200), again.peek(&mut first_byte)).await {
-                Ok(Ok(1)) => return Some(read_response(&mut again).await.0),
-                _ => {
-                    sleep(Duration::from_millis(100)).await;
-                    again = connect_from(&base, first_address).await;
-                }
-            }
-        }
-    };
-    assert_eq!(
-        timeout(Duration::from_secs(5), answered).await,
-        Ok(Some(200))
-    );
+    again.write_all(health(&base).as_bytes()).await.unwrap();
+    let answered = timeout(Duration::from_secs(2), read_response(&mut again)).await;
+    assert!(matches!(answered, Ok((200, _))));
+    app.assert_all_settled().await;
 }
 
 #[tokio::test]
@@ -719,7 +764,7 @@ fn holds_a_whole_response(bytes: &[u8]) -> bool {
 }
 
 /// A connection from `source`, any address of the loopback network.
-async fn connect_from(base: &str, source: IpAddr) -> TcpStream {
+pub(crate) async fn connect_from(base: &str, source: IpAddr) -> TcpStream {
     let socket = TcpSocket::new_v4().unwrap();
     socket.bind(SocketAddr::new(source, 0)).unwrap();
     let address: SocketAddr = base.trim_start_matches("http://").parse().unwrap();
@@ -755,6 +800,14 @@ fn chat(base: &str, token: &str, message: &str) -> String {
 /// Reads one response with a `Content-Length` body: its status and JSON body. Fails the test
 /// when the server closes first or takes over ten seconds.
 async fn read_response(stream: &mut TcpStream) -> (u16, Value) {
+    let (status, _head, body) = read_whole_response(stream).await;
+    (status, body)
+}
+
+/// [`read_response`] from any stream, with the response's head (status line and headers).
+pub(crate) async fn read_whole_response<R: AsyncRead + Unpin>(
+    stream: &mut R,
+) -> (u16, String, Value) {
     let read = async {
         let mut received = Vec::new();
         let mut chunk = [0u8; 4096];
@@ -776,7 +829,8 @@ async fn read_response(stream: &mut TcpStream) -> (u16, Value) {
                         .and_then(|code| code.parse().ok())
                         .unwrap_or_else(|| panic!("no status in {head}"));
                     let body = &received[end + 4..end + 4 + length];
-                    return (status, serde_json::from_slice(body).unwrap_or(Value::Null));
+                    let body = serde_json::from_slice(body).unwrap_or(Value::Null);
+                    return (status, head, body);
                 }
             }
             let read = stream.read(&mut chunk).await.unwrap();

@@ -10,6 +10,7 @@ mod conversations;
 mod hardening;
 mod hostile;
 mod keys;
+mod memory;
 mod migrations;
 mod openai;
 mod openapi;

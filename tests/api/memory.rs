@@ -1,0 +1,207 @@
+//! The server's memory under attack, measured on the built binary: bodies held one byte
+//! short of complete by many connections stay within `MAX_INFLIGHT_BODY_BYTES` (the rest are
+//! answered 503 `busy`), and the memory they held is given back once their connections close.
+
+use std::{
+    net::{IpAddr, Ipv4Addr},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use serde_json::{json, Value};
+use tokio::{
+    io::AsyncWriteExt,
+    time::{sleep, timeout},
+};
+
+use crate::{
+    common::FakeLlm,
+    connections::{connect_from, read_whole_response},
+    server::{register_and_login, send, Server},
+};
+
+/// The budget of body bytes in flight the server is given: small, so the test is quick.
+const BUDGET: usize = 4 * 1024 * 1024;
+/// Each attacker's body, as in the attack run: under `/v1/chat/completions`' limit of
+/// 449,536 bytes, so only the budget can stop it.
+const BODY_BYTES: usize = 440_000;
+/// Attacking connections: 200 bodies of 440 KB are 88 MB, twenty times the budget.
+const CONNECTIONS: usize = 200;
+/// Loopback addresses they come from, 127.0.0.2 on: 40 each, under the per-address cap.
+const ADDRESSES: usize = 5;
+/// What the server may hold beyond the budget while attacked: the attackers' connections and
+/// hyper's read buffer of each (at most 64 KiB), and the allocator's own overhead.
+const SLACK_WHILE_HELD: usize = 16 * 1024 * 1024;
+/// How near its baseline the server's memory must come back once the attackers are gone.
+const SLACK_AFTER: usize = 6 * 1024 * 1024;
+
+#[tokio::test]
+async fn bodies_held_one_byte_short_stay_within_the_budget_and_their_memory_is_given_back() {
+    let _ = rlimit::increase_nofile_limit(4096);
+    let llm = FakeLlm::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let budget = BUDGET.to_string();
+    let vars = [
+        ("LLM_BASE_URL", llm.base_url.as_str()),
+        ("MAX_INFLIGHT_BODY_BYTES", budget.as_str()),
+        ("CHAT_RATE_PER_MINUTE", "0"),
+    ];
+    let server = Server::start(dir.path(), &vars);
+    let base = server.base.clone();
+    let pid = server.child.id();
+    let http = reqwest::Client::new();
+    let token = register_and_login(&http, &base, "pass123").await;
+    let (status, created) = send(
+        http.post(format!("{base}/keys"))
+            .bearer_auth(&token)
+            .json(&json!({ "name": "attacker" })),
+    )
+    .await;
+    assert_eq!(status, 201, "{created}");
+    let key = created["key"].as_str().unwrap().to_string();
+    // Served once, so what the server sets up on its first chat is in the baseline.
+    assert_small_chat_is_answered(&http, &base, &key).await;
+    let baseline = rss_bytes(pid);
+
+    let request = Arc::new(held_request(&base, &key));
+    let attackers: Vec<_> = (0..CONNECTIONS)
+        .map(|index| {
+            let (base, request) = (base.clone(), request.clone());
+            let source = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2 + (index % ADDRESSES) as u8));
+            tokio::spawn(async move { hold_body(&base, source, &request).await })
+        })
+        .collect();
+    let mut held = Vec::new();
+    let mut busy = 0;
+    for attacker in attackers {
+        match attacker.await.unwrap() {
+            Attempt::Held(connection) => held.push(connection),
+            Attempt::Answered(status, head, body) => {
+                // Under /v1, OpenAI's error object, with the contract's code.
+                assert_eq!(status, 503, "{head}\n{body}");
+                assert_eq!(body["error"]["code"], "busy", "{body}");
+                assert!(
+                    head.to_ascii_lowercase().contains("\r\nretry-after: 1"),
+                    "{head}"
+                );
+                busy += 1;
+            }
+        }
+    }
+    let while_held = rss_bytes(pid);
+    let most_held = BUDGET / (BODY_BYTES - 1);
+    assert!(
+        (1..=most_held).contains(&held.len()),
+        "{} bodies held, {busy} refused; at most {most_held} fit (RSS {} MiB, from {} MiB)",
+        held.len(),
+        while_held >> 20,
+        baseline >> 20
+    );
+    assert!(
+        while_held < baseline + BUDGET + SLACK_WHILE_HELD,
+        "RSS {} MiB with {} bodies held, from {} MiB",
+        while_held >> 20,
+        held.len(),
+        baseline >> 20
+    );
+    // What is left of the budget still serves ordinary requests.
+    assert_small_chat_is_answered(&http, &base, &key).await;
+
+    let held_count = held.len();
+    drop(held);
+    let closed = Instant::now();
+    let mut after = rss_bytes(pid);
+    while after >= baseline + SLACK_AFTER && closed.elapsed() < Duration::from_secs(5) {
+        sleep(Duration::from_millis(100)).await;
+        after = rss_bytes(pid);
+    }
+    eprintln!(
+        "RSS: {} KiB before, {} KiB with {held_count} bodies held ({busy} refused), {} KiB {:?} \
+         after they closed",
+        baseline >> 10,
+        while_held >> 10,
+        after >> 10,
+        closed.elapsed()
+    );
+    assert!(
+        after < baseline + SLACK_AFTER,
+        "RSS {} KiB 5 s after the connections closed, from {} KiB",
+        after >> 10,
+        baseline >> 10
+    );
+    // The budget is whole again.
+    assert_small_chat_is_answered(&http, &base, &key).await;
+}
+
+/// What came of one attacker's connection.
+enum Attempt {
+    /// No answer: the server holds the body, waiting for its last byte. Dropping this closes
+    /// the connection.
+    Held(tokio::net::TcpStream),
+    /// Status, head and JSON body of the answer.
+    Answered(u16, String, Value),
+}
+
+/// Sends `request` (all but the last byte of a body) from `source` and waits a while for
+/// an answer.
+async fn hold_body(base: &str, source: IpAddr, request: &[u8]) -> Attempt {
+    let mut connection = connect_from(base, source).await;
+    let (mut reader, mut writer) = connection.split();
+    let writing = async {
+        // Fails when the server answers without reading it all, and closes.
+        let _ = writer.write_all(request).await;
+        // The body is held only as long as its connection stays open.
+        std::future::pending::<()>().await;
+    };
+    // Long enough for all 200 to be sent and read on a busy two-core machine.
+    let answer = tokio::select! {
+        () = writing => unreachable!(),
+        answer = timeout(Duration::from_secs(4), read_whole_response(&mut reader)) => answer,
+    };
+    match answer {
+        Ok((status, head, body)) => Attempt::Answered(status, head, body),
+        Err(_) => Attempt::Held(connection),
+    }
+}
+
+/// The head of a chat completion and its body of [`BODY_BYTES`] but the last byte.
+fn held_request(base: &str, key: &str) -> Vec<u8> {
+    let host = base.trim_start_matches("http://");
+    let frame = |content: &str| {
+        json!({ "model": "llama3.2", "messages": [{ "role": "user", "content": content }] })
+            .to_string()
+    };
+    let padding = BODY_BYTES - frame("").len();
+    let body = frame(&"a".repeat(padding));
+    assert_eq!(body.len(), BODY_BYTES);
+    let mut request = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {key}\r\n\
+         Content-Type: application/json\r\nContent-Length: {BODY_BYTES}\r\n\r\n"
+    )
+    .into_bytes();
+    request.extend_from_slice(&body.as_bytes()[..BODY_BYTES - 1]);
+    request
+}
+
+async fn assert_small_chat_is_answered(http: &reqwest::Client, base: &str, key: &str) {
+    let chat = json!({ "model": "llama3.2", "messages": [{ "role": "user", "content": "hi" }] });
+    let (status, answer) = send(
+        http.post(format!("{base}/v1/chat/completions"))
+            .bearer_auth(key)
+            .json(&chat),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["choices"][0]["message"]["content"], "Echo: hi");
+}
+
+/// The resident set of process `pid`, in bytes.
+fn rss_bytes(pid: u32) -> usize {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: usize = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no VmRSS in {status}"));
+    kib * 1024
+}
