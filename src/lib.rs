@@ -90,7 +90,12 @@ pub async fn serve(
     // In the background: a model that does not answer must not hold up serving.
     tokio::spawn(services::health::probe_model_and_log(state.clone()));
     let upkeep = tokio::spawn(telemetry::upkeep_periodically(state.metrics.clone()));
-    let served = server::run(listener, state, shutdown).await;
+    let chats = server::ChatsToSettle {
+        tasks: state.tasks.clone(),
+        cut_short: state.cancel_chats.clone(),
+    };
+    let limits = state.config.connections.clone();
+    let served = server::run(listener, router(state), limits, chats, shutdown).await;
     recovery.abort();
     checkpoints.abort();
     forgetting.abort();
