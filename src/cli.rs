@@ -8,13 +8,14 @@ use std::{
     process::ExitCode,
 };
 
+use anyhow::{anyhow, bail, Context};
 use clap::{Parser, Subcommand};
 use futures_util::TryStreamExt;
 use tokio::net::{TcpListener, TcpSocket};
 
 use crate::{
     db, domain, server,
-    services::{self, error::with_sources},
+    services,
     telemetry, AppState, Config,
 };
 
@@ -101,36 +102,37 @@ pub async fn run(cli: Cli) -> ExitCode {
         }
     };
     outcome.unwrap_or_else(|err| {
-        eprintln!("tokenchat: {err}");
+        // The context and every cause beneath it, on one line.
+        eprintln!("tokenchat: {err:#}");
         ExitCode::FAILURE
     })
 }
 
-async fn open_database(config: &Config, open: db::Open) -> Result<db::Db, String> {
+async fn open_database(config: &Config, open: db::Open) -> anyhow::Result<db::Db> {
     let settings = db::PoolSettings {
         max_connections: config.database_max_connections,
         statement_timeout: config.database_statement_timeout,
     };
     let database = db::connect_with(config.database_url.expose(), open, &settings)
         .await
-        .map_err(|err| format!("cannot open DATABASE_URL: {err}"))?;
+        .context("cannot open DATABASE_URL")?;
     db::migrate(&database)
         .await
-        .map_err(|err| format!("cannot migrate the database: {err}"))?;
+        .context("cannot migrate the database")?;
     Ok(database)
 }
 
-async fn serve(config: Config) -> Result<ExitCode, String> {
+async fn serve(config: Config) -> anyhow::Result<ExitCode> {
     raise_descriptor_limit_and_log_cap(&config);
     // The port first: a server that cannot listen must not create or migrate anything.
     let listener = listen(config.bind_addr)
-        .map_err(|err| format!("cannot listen on BIND_ADDR {}: {err}", config.bind_addr))?;
+        .with_context(|| format!("cannot listen on BIND_ADDR {}", config.bind_addr))?;
     let database = open_database(&config, db::Open::CreateIfMissing).await?;
     let state = AppState::new(config, database.clone())
-        .map_err(|err| format!("cannot build the LLM client: {err}"))?;
+        .context("cannot build the LLM client")?;
     let address = listener
         .local_addr()
-        .map_err(|err| format!("cannot read the bound address: {err}"))?;
+        .context("cannot read the bound address")?;
     match &state.config.llm_base_url {
         Some(url) => tracing::info!(
             %address,
@@ -148,17 +150,17 @@ async fn serve(config: Config) -> Result<ExitCode, String> {
     }
     crate::serve(listener, state, shutdown_signal())
         .await
-        .map_err(|err| format!("server error: {err}"))?;
+        .context("server error")?;
     database.close().await;
     tracing::info!("stopped");
     Ok(ExitCode::SUCCESS)
 }
 
-async fn migrate(config: Config) -> Result<ExitCode, String> {
+async fn migrate(config: Config) -> anyhow::Result<ExitCode> {
     let database = open_database(&config, db::Open::CreateIfMissing).await?;
     let migrations = db::migration_state(&database)
         .await
-        .map_err(|err| format!("cannot read the applied migrations: {err}"))?;
+        .context("cannot read the applied migrations")?;
     database.close().await;
     println!(
         "database {} is migrated: {} of {} migrations applied",
@@ -213,13 +215,13 @@ fn raise_descriptor_limit_and_log_cap(config: &Config) {
     }
 }
 
-async fn audit(config: Config) -> Result<ExitCode, String> {
+async fn audit(config: Config) -> anyhow::Result<ExitCode> {
     let database = open_database(&config, db::Open::ExistingOnly).await?;
     let report = services::audit::run_reporting(&database, |offence| {
         println!("OFFENCE {offence}");
     })
     .await
-    .map_err(|err| format!("audit failed to run: {}", with_sources(&err)))?;
+    .context("audit failed to run")?;
     println!(
         "audit {}: {} users, {} chats, {} ledger rows, {} offences",
         if report.passed() { "passed" } else { "FAILED" },
@@ -237,17 +239,15 @@ async fn audit(config: Config) -> Result<ExitCode, String> {
 
 /// A username given on the command line; one that breaks the rules cannot have been
 /// registered, so it names nobody.
-fn existing_username(username: &str) -> Result<domain::Username, String> {
-    domain::Username::parse(username).map_err(|_| format!("no user named {username}"))
+fn existing_username(username: &str) -> anyhow::Result<domain::Username> {
+    domain::Username::parse(username).map_err(|_| anyhow!("no user named {username}"))
 }
 
-async fn grant(config: Config, username: &str, amount: i64) -> Result<ExitCode, String> {
-    let amount = domain::GrantAmount::parse(amount).map_err(|err| err.to_string())?;
+async fn grant(config: Config, username: &str, amount: i64) -> anyhow::Result<ExitCode> {
+    let amount = domain::GrantAmount::parse(amount)?;
     let username = existing_username(username)?;
     let database = open_database(&config, db::Open::ExistingOnly).await?;
-    let balance = services::accounts::grant(&database, &username, amount)
-        .await
-        .map_err(|err| with_sources(&err))?;
+    let balance = services::accounts::grant(&database, &username, amount).await?;
     let (verb, tokens) = if amount.get() < 0 {
         ("took", -amount.get())
     } else {
@@ -261,12 +261,10 @@ async fn grant(config: Config, username: &str, amount: i64) -> Result<ExitCode, 
     Ok(ExitCode::SUCCESS)
 }
 
-async fn set_disabled(config: Config, username: &str, disabled: bool) -> Result<ExitCode, String> {
+async fn set_disabled(config: Config, username: &str, disabled: bool) -> anyhow::Result<ExitCode> {
     let username = existing_username(username)?;
     let database = open_database(&config, db::Open::ExistingOnly).await?;
-    services::accounts::set_disabled(&database, &username, disabled)
-        .await
-        .map_err(|err| with_sources(&err))?;
+    services::accounts::set_disabled(&database, &username, disabled).await?;
     if disabled {
         println!(
             "disabled {}: login, tokens and keys are refused until `tokenchat user enable {}`",
@@ -280,7 +278,7 @@ async fn set_disabled(config: Config, username: &str, disabled: bool) -> Result<
 }
 
 /// Prints every user as a table, row by row as the database streams them.
-async fn list_users(config: Config) -> Result<ExitCode, String> {
+async fn list_users(config: Config) -> anyhow::Result<ExitCode> {
     let database = open_database(&config, db::Open::ExistingOnly).await?;
     let mut out = std::io::stdout().lock();
     let line = |out: &mut std::io::StdoutLock, cells: [&str; 5]| {
@@ -290,7 +288,7 @@ async fn list_users(config: Config) -> Result<ExitCode, String> {
             "{id:>8}  {username:<24}  {balance:>12}  {created:<20}  {disabled}"
         )
     };
-    let write_failed = |err: std::io::Error| format!("cannot write the list: {err}");
+    let write_failed = |err: std::io::Error| anyhow!(err).context("cannot write the list");
     line(
         &mut out,
         ["id", "username", "balance", "created", "disabled"],
@@ -300,7 +298,7 @@ async fn list_users(config: Config) -> Result<ExitCode, String> {
     while let Some(user) = users
         .try_next()
         .await
-        .map_err(|err| format!("cannot list the users: {err}"))?
+        .context("cannot list the users")?
     {
         let disabled = user.disabled_at.map(crate::rfc3339);
         line(
@@ -321,32 +319,27 @@ async fn list_users(config: Config) -> Result<ExitCode, String> {
 /// Creates a user as `/register` would, by the same rules. The password comes from the
 /// first line of standard input (so it never shows in the process list or shell history),
 /// or, on a terminal, from a prompt that does not echo it, asked twice.
-async fn create_user(config: Config, username: &str) -> Result<ExitCode, String> {
-    let username = domain::Username::parse(username).map_err(|err| err.to_string())?;
+async fn create_user(config: Config, username: &str) -> anyhow::Result<ExitCode> {
+    let username = domain::Username::parse(username)?;
     let password = read_password(username.as_str())?;
-    let password = domain::Password::parse(password, config.password_min_length, "password")
-        .map_err(|err| err.to_string())?;
+    let password = domain::Password::parse(password, config.password_min_length, "password")?;
     let database = open_database(&config, db::Open::ExistingOnly).await?;
     let state = AppState::new(config, database)
-        .map_err(|err| format!("cannot build the LLM client: {err}"))?;
-    match services::accounts::create(&state, &username, password).await {
-        Ok(tokens) => {
-            println!("created {} with {tokens} tokens", username.as_str());
-            Ok(ExitCode::SUCCESS)
-        }
-        Err(err) => Err(with_sources(&err)),
-    }
+        .context("cannot build the LLM client")?;
+    let tokens = services::accounts::create(&state, &username, password).await?;
+    println!("created {} with {tokens} tokens", username.as_str());
+    Ok(ExitCode::SUCCESS)
 }
 
-fn read_password(username: &str) -> Result<String, String> {
+fn read_password(username: &str) -> anyhow::Result<String> {
     if std::io::stdin().is_terminal() {
         let ask = |prompt: &str| {
             rpassword::prompt_password(prompt)
-                .map_err(|err| format!("cannot read the password: {err}"))
+                .context("cannot read the password")
         };
         let password = ask(&format!("password for {username}: "))?;
         if ask("the same password again: ")? != password {
-            return Err("the two passwords differ; nothing was created".into());
+            bail!("the two passwords differ; nothing was created");
         }
         return Ok(password);
     }
@@ -354,7 +347,7 @@ fn read_password(username: &str) -> Result<String, String> {
     std::io::stdin()
         .lock()
         .read_line(&mut line)
-        .map_err(|err| format!("cannot read the password from standard input: {err}"))?;
+        .context("cannot read the password from standard input")?;
     Ok(line.trim_end_matches(['\r', '\n']).to_string())
 }
 

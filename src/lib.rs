@@ -82,25 +82,47 @@ pub async fn serve(
     if let Err(err) = services::passwords::prepare().await {
         tracing::warn!(error = %err, "could not prepare the dummy password hash");
     }
-    let recovery = tokio::spawn(services::recovery::run_periodically(state.clone()));
-    let checkpoints = tokio::spawn(db::checkpoint_periodically(state.db.clone()));
-    let forgetting = tokio::spawn(services::throttle::forget_stale_periodically(
+    let background = Background::default();
+    background.spawn(services::recovery::run_periodically(state.clone()));
+    background.spawn(db::checkpoint_periodically(state.db.clone()));
+    background.spawn(services::throttle::forget_stale_periodically(
         state.throttle.clone(),
     ));
     // In the background: a model that does not answer must not hold up serving.
-    tokio::spawn(services::health::probe_model_and_log(state.clone()));
-    let upkeep = tokio::spawn(telemetry::upkeep_periodically(state.metrics.clone()));
+    background.spawn(services::health::probe_model_and_log(state.clone()));
+    background.spawn(telemetry::upkeep_periodically(state.metrics.clone()));
     let chats = server::ChatsToSettle {
         tasks: state.tasks.clone(),
         cut_short: state.cancel_chats.clone(),
     };
     let limits = state.config.connections.clone();
     let served = server::run(listener, router(state), limits, chats, shutdown).await;
-    recovery.abort();
-    checkpoints.abort();
-    forgetting.abort();
-    upkeep.abort();
+    background.stop().await;
     served
+}
+
+/// The process's periodic work beside serving (recovery, checkpoints, forgetting stale
+/// limits, the model probe, metrics upkeep): every task tracked, and all of them stopped and
+/// waited for when serving is over.
+#[derive(Default)]
+struct Background {
+    tasks: TaskTracker,
+    stop: CancellationToken,
+}
+
+impl Background {
+    fn spawn(&self, task: impl Future<Output = ()> + Send + 'static) {
+        let stop = self.stop.clone();
+        self.tasks
+            .spawn(async move { stop.run_until_cancelled(task).await });
+    }
+
+    /// Cancels every task (each is dropped at its next await) and waits until all have ended.
+    async fn stop(self) {
+        self.stop.cancel();
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
 }
 
 /// A Unix time as RFC 3339 UTC, the form of every time in a response.
