@@ -3,6 +3,9 @@
 //!
 //! [`router`] builds the application; [`serve`] runs it on a listener until shut down.
 
+// Outside tests, a `None` or an error is handled, never unwrapped into a panic.
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
 pub mod cli;
 pub mod config;
 pub mod db;

@@ -141,6 +141,8 @@ impl BodyBudget {
     }
 }
 
+// glibc's `malloc_trim` has no safe wrapper in any maintained crate.
+#[allow(unsafe_code)]
 fn trim_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim takes the arenas' own locks; it is safe to call at any time.

@@ -158,6 +158,9 @@ fn start_hashing_threads(count: usize) -> mpsc::Sender<HashingJob> {
 /// Raises the calling thread's niceness to [`HASHING_NICENESS`]. By hand, through `libc`:
 /// Linux keeps a niceness per thread (`setpriority` on a thread id), which neither the
 /// standard library nor tokio exposes. Elsewhere the thread keeps the normal priority.
+// A thread's own niceness (`setpriority` on its thread id) has no safe wrapper in std,
+// tokio or a maintained crate.
+#[allow(unsafe_code)]
 fn lower_this_threads_priority() {
     #[cfg(target_os = "linux")]
     {
@@ -295,6 +298,7 @@ mod tests {
 
     #[cfg(target_os = "linux")]
     #[tokio::test]
+    #[allow(unsafe_code)] // reads a thread's niceness, as the code under test sets it
     async fn hashes_run_on_threads_nicer_than_the_ones_serving_requests() {
         // SAFETY: reads the calling thread's niceness.
         let niceness =

@@ -623,6 +623,7 @@ async fn sigterm_past_the_grace_delivers_the_503_of_a_cancelled_chat_and_exits_c
 
 /// The binary, started with a file-descriptor limit of `limit` (soft and hard, so it cannot
 /// raise it).
+#[allow(unsafe_code)] // `pre_exec` is the only way to set a child's limit before it starts
 fn start_with_descriptor_limit(dir: &std::path::Path, vars: &[(&str, &str)], limit: u64) -> Server {
     let mut command = Server::command(dir, vars);
     // SAFETY: between fork and exec the closure only makes one system call; it neither
