@@ -13,11 +13,7 @@ use clap::{Parser, Subcommand};
 use futures_util::TryStreamExt;
 use tokio::net::{TcpListener, TcpSocket};
 
-use crate::{
-    db, domain, server,
-    services,
-    telemetry, AppState, Config,
-};
+use crate::{db, domain, server, services, telemetry, AppState, Config};
 
 /// A metered, OpenAI-compatible LLM chat API. Configuration comes from the environment and
 /// a `.env` file in the working directory (see `.env.example`).
@@ -128,8 +124,7 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
     let listener = listen(config.bind_addr)
         .with_context(|| format!("cannot listen on BIND_ADDR {}", config.bind_addr))?;
     let database = open_database(&config, db::Open::CreateIfMissing).await?;
-    let state = AppState::new(config, database.clone())
-        .context("cannot build the LLM client")?;
+    let state = AppState::new(config, database.clone()).context("cannot build the LLM client")?;
     let address = listener
         .local_addr()
         .context("cannot read the bound address")?;
@@ -295,11 +290,7 @@ async fn list_users(config: Config) -> anyhow::Result<ExitCode> {
     )
     .map_err(write_failed)?;
     let mut users = db::users::all(&database);
-    while let Some(user) = users
-        .try_next()
-        .await
-        .context("cannot list the users")?
-    {
+    while let Some(user) = users.try_next().await.context("cannot list the users")? {
         let disabled = user.disabled_at.map(crate::rfc3339);
         line(
             &mut out,
@@ -324,8 +315,7 @@ async fn create_user(config: Config, username: &str) -> anyhow::Result<ExitCode>
     let password = read_password(username.as_str())?;
     let password = domain::Password::parse(password, config.password_min_length, "password")?;
     let database = open_database(&config, db::Open::ExistingOnly).await?;
-    let state = AppState::new(config, database)
-        .context("cannot build the LLM client")?;
+    let state = AppState::new(config, database).context("cannot build the LLM client")?;
     let tokens = services::accounts::create(&state, &username, password).await?;
     println!("created {} with {tokens} tokens", username.as_str());
     Ok(ExitCode::SUCCESS)
@@ -333,10 +323,8 @@ async fn create_user(config: Config, username: &str) -> anyhow::Result<ExitCode>
 
 fn read_password(username: &str) -> anyhow::Result<String> {
     if std::io::stdin().is_terminal() {
-        let ask = |prompt: &str| {
-            rpassword::prompt_password(prompt)
-                .context("cannot read the password")
-        };
+        let ask =
+            |prompt: &str| rpassword::prompt_password(prompt).context("cannot read the password");
         let password = ask(&format!("password for {username}: "))?;
         if ask("the same password again: ")? != password {
             bail!("the two passwords differ; nothing was created");

@@ -296,8 +296,21 @@ impl PageRequest {
 /// an `Answered` chat keeps them as its charge, a `Failed` one was refunded, and an
 /// `Abandoned` one (a stream whose client went away before the end) was either, as
 /// `ABANDONED_STREAM_CHARGE` settled it.
-/// (The names it is stored and shown under are the database layer's: see `db::columns`.)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// It is stored and shown under its snake_case name (`pending`, ...), the name the
+/// migrations' CHECK constraints and triggers use (see `db::columns`).
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    strum::IntoStaticStr,
+    strum::EnumString,
+    strum::Display,
+    strum::EnumIter,
+)]
+#[strum(serialize_all = "snake_case")]
 pub enum ChatStatus {
     Pending,
     Answered,
@@ -319,8 +332,21 @@ impl ChatStatus {
     }
 }
 
-/// Why a balance moved: every ledger row has one.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// Why a balance moved: every ledger row has one. Stored and shown under its snake_case
+/// name (`initial_grant`, ...), like [`ChatStatus`].
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    strum::IntoStaticStr,
+    strum::EnumString,
+    strum::Display,
+    strum::EnumIter,
+)]
+#[strum(serialize_all = "snake_case")]
 pub enum LedgerReason {
     /// The starting balance of a new account.
     InitialGrant,

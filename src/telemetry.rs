@@ -11,6 +11,7 @@ use std::{
 
 use http::Method;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
+use strum::IntoEnumIterator;
 use tracing_subscriber::{fmt::format::FmtSpan, EnvFilter};
 
 use crate::{
@@ -67,8 +68,9 @@ const LATENCY_BUCKETS: [f64; 14] = [
     0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0, 60.0,
 ];
 
-/// How a chat ended, as the metrics count it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How a chat ended, as the metrics count it (its label is the variant's snake_case name).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, strum::IntoStaticStr, strum::EnumIter)]
+#[strum(serialize_all = "snake_case")]
 pub enum ChatOutcome {
     /// Answered and charged.
     Answered,
@@ -85,24 +87,8 @@ pub enum ChatOutcome {
 }
 
 impl ChatOutcome {
-    const ALL: [Self; 6] = [
-        Self::Answered,
-        Self::OutOfTokens,
-        Self::UpstreamError,
-        Self::UpstreamTimeout,
-        Self::Abandoned,
-        Self::Refunded,
-    ];
-
     fn label(self) -> &'static str {
-        match self {
-            Self::Answered => "answered",
-            Self::OutOfTokens => "out_of_tokens",
-            Self::UpstreamError => "upstream_error",
-            Self::UpstreamTimeout => "upstream_timeout",
-            Self::Abandoned => "abandoned",
-            Self::Refunded => "refunded",
-        }
+        self.into()
     }
 }
 
@@ -179,7 +165,7 @@ impl Metrics {
                 "Database connections, by pool and state (in_use, idle, max)."
             );
             // Every series a dashboard plots starts at zero rather than appearing later.
-            for outcome in ChatOutcome::ALL {
+            for outcome in ChatOutcome::iter() {
                 metrics::counter!("tokenchat_chats_total", "outcome" => outcome.label())
                     .absolute(0);
             }

@@ -1,35 +1,19 @@
-//! How the domain's enums are stored: each as the text of a `TEXT` column, the names the
-//! migrations' CHECK constraints and triggers use. These names are also the ones the API
-//! shows (`Display`), so they live in one place.
-
-use std::fmt;
+//! How the domain's enums are stored: each as the text of a `TEXT` column, its snake_case
+//! name (derived with strum in `domain`), which the migrations' CHECK constraints and
+//! triggers use and the API shows.
 
 use sqlx::{encode::IsNull, error::BoxDynError, Database, Decode, Encode, Type};
 
 use crate::domain::{ChatStatus, LedgerReason};
 
-/// Maps an enum to and from its column text for every backend, and displays it so.
+/// Maps an enum to and from its column text for every backend: its strum name (`as_str`,
+/// `FromStr`), which the migrations' CHECK constraints and triggers use.
 macro_rules! text_column {
-    ($type:ident { $($variant:ident => $text:literal),+ $(,)? }) => {
+    ($type:ident) => {
         impl $type {
             /// The name it is stored and shown under.
             pub fn as_str(self) -> &'static str {
-                match self {
-                    $(Self::$variant => $text,)+
-                }
-            }
-
-            fn from_column(text: &str) -> Option<Self> {
-                match text {
-                    $($text => Some(Self::$variant),)+
-                    _ => None,
-                }
-            }
-        }
-
-        impl fmt::Display for $type {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(self.as_str())
+                self.into()
             }
         }
 
@@ -52,9 +36,8 @@ macro_rules! text_column {
         {
             fn decode(value: DB::ValueRef<'r>) -> Result<Self, BoxDynError> {
                 let text = <&'r str as Decode<'r, DB>>::decode(value)?;
-                Self::from_column(text).ok_or_else(|| {
-                    format!("{text:?} is no {}", stringify!($type)).into()
-                })
+                text.parse()
+                    .map_err(|_| format!("{text:?} is no {}", stringify!($type)).into())
             }
         }
 
@@ -72,41 +55,32 @@ macro_rules! text_column {
     };
 }
 
-text_column!(ChatStatus {
-    Pending => "pending",
-    Answered => "answered",
-    Failed => "failed",
-    Abandoned => "abandoned",
-});
-
-text_column!(LedgerReason {
-    InitialGrant => "initial_grant",
-    Grant => "grant",
-    ChatReservation => "chat_reservation",
-    ChatRefund => "chat_refund",
-});
+text_column!(ChatStatus);
+text_column!(LedgerReason);
 
 #[cfg(test)]
 mod tests {
+    use strum::IntoEnumIterator;
+
     use super::*;
 
     #[test]
     fn every_name_reads_back_as_its_variant() {
-        for status in [
-            ChatStatus::Pending,
-            ChatStatus::Answered,
-            ChatStatus::Failed,
-        ] {
-            assert_eq!(ChatStatus::from_column(status.as_str()), Some(status));
+        for status in ChatStatus::iter() {
+            assert_eq!(status.as_str().parse(), Ok(status));
+            assert_eq!(status.to_string(), status.as_str());
         }
-        for reason in [
-            LedgerReason::InitialGrant,
-            LedgerReason::Grant,
-            LedgerReason::ChatReservation,
-            LedgerReason::ChatRefund,
-        ] {
-            assert_eq!(LedgerReason::from_column(reason.as_str()), Some(reason));
+        let names: Vec<_> = ChatStatus::iter().map(ChatStatus::as_str).collect();
+        // The names the migrations' CHECK constraint allows.
+        assert_eq!(names, ["pending", "answered", "failed", "abandoned"]);
+        for reason in LedgerReason::iter() {
+            assert_eq!(reason.as_str().parse(), Ok(reason));
         }
-        assert_eq!(ChatStatus::from_column("Answered"), None);
+        let names: Vec<_> = LedgerReason::iter().map(LedgerReason::as_str).collect();
+        assert_eq!(
+            names,
+            ["initial_grant", "grant", "chat_reservation", "chat_refund"]
+        );
+        assert!("Answered".parse::<ChatStatus>().is_err());
     }
 }

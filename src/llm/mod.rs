@@ -45,14 +45,18 @@ trait Backend: Send + Sync {
     fn shown_url(&self) -> Option<&str>;
 }
 
-/// What asking the model's `GET /models` found.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What asking the model's `GET /models` found; `as_str` is the stable word `/ready`
+/// reports it with.
+#[derive(Debug, Clone, PartialEq, Eq, strum::IntoStaticStr)]
+#[strum(serialize_all = "snake_case")]
 pub enum ModelProbe {
     /// The built-in demo model: nothing to reach.
     BuiltIn,
     /// Reachable, and `LLM_MODEL` is among its models.
+    #[strum(serialize = "reachable")]
     Serving,
     /// Reachable, but `LLM_MODEL` is not among its models.
+    #[strum(serialize = "model_missing")]
     ReachableWithoutModel,
     /// Not reachable, or its answer was not a model list; why, in words.
     Unreachable(String),
@@ -61,17 +65,13 @@ pub enum ModelProbe {
 impl ModelProbe {
     /// The stable word `/ready` reports it with.
     pub fn as_str(&self) -> &'static str {
-        match self {
-            Self::BuiltIn => "built_in",
-            Self::Serving => "reachable",
-            Self::ReachableWithoutModel => "model_missing",
-            Self::Unreachable(_) => "unreachable",
-        }
+        self.into()
     }
 }
 
 /// Why the model gave no usable answer.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, thiserror::Error, strum::IntoStaticStr)]
+#[strum(serialize_all = "snake_case")]
 pub enum LlmError {
     #[error("it did not answer in time")]
     Timeout,
@@ -88,13 +88,7 @@ pub enum LlmError {
 impl LlmError {
     /// A stable word for the kind of failure, for metrics.
     pub fn kind(&self) -> &'static str {
-        match self {
-            Self::Timeout => "timeout",
-            Self::Unreachable => "unreachable",
-            Self::Status(_) => "status",
-            Self::Unusable(_) => "unusable",
-            Self::BrokeOff => "broke_off",
-        }
+        self.into()
     }
 }
 
@@ -132,7 +126,9 @@ pub struct PromptMessage<'a> {
     pub content: &'a str,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Who said a message, by OpenAI's names for the roles.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, strum::IntoStaticStr, strum::EnumString)]
+#[strum(serialize_all = "lowercase")]
 pub enum Role {
     System,
     User,
@@ -142,17 +138,11 @@ pub enum Role {
 impl Role {
     /// The name OpenAI's protocol gives the role.
     pub fn as_str(self) -> &'static str {
-        match self {
-            Self::System => "system",
-            Self::User => "user",
-            Self::Assistant => "assistant",
-        }
+        self.into()
     }
 
     pub fn parse(text: &str) -> Option<Self> {
-        [Self::System, Self::User, Self::Assistant]
-            .into_iter()
-            .find(|role| role.as_str() == text)
+        text.parse().ok()
     }
 }
 
