@@ -316,7 +316,7 @@ async fn create_user(config: Config, username: &str) -> anyhow::Result<ExitCode>
     let password = domain::Password::parse(password, config.password_min_length, "password")?;
     let database = open_database(&config, db::Open::ExistingOnly).await?;
     let state = AppState::new(config, database).context("cannot build the LLM client")?;
-    let tokens = services::accounts::create(&state, &username, password).await?;
+    let tokens = state.accounts.create(&username, password).await?;
     println!("created {} with {tokens} tokens", username.as_str());
     Ok(ExitCode::SUCCESS)
 }

@@ -14,9 +14,10 @@ pub mod llm;
 mod routes;
 pub mod server;
 pub mod services;
+mod state;
 pub mod telemetry;
 
-use std::{future::Future, sync::Arc};
+use std::future::Future;
 
 use time::{format_description::well_known::Rfc3339, OffsetDateTime};
 
@@ -25,48 +26,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 pub use config::Config;
 pub use routes::{api_paths, openapi_document, router, ApiError};
-
-use crate::{
-    db::Db,
-    llm::LlmClient,
-    services::{passwords::PasswordHasher, throttle::Throttle},
-    telemetry::Metrics,
-};
-
-/// What every handler shares; cloning it is cheap.
-#[derive(Clone)]
-pub struct AppState {
-    pub db: Db,
-    pub config: Arc<Config>,
-    pub llm: LlmClient,
-    /// Chats in progress; shutdown waits for them to settle.
-    pub tasks: TaskTracker,
-    /// Cancelled when shutdown's grace period is over: chats still waiting for the model
-    /// give up and are refunded, so the process can exit with its accounts settled.
-    pub cancel_chats: CancellationToken,
-    pub throttle: Arc<Throttle>,
-    pub passwords: Arc<PasswordHasher>,
-    pub metrics: Metrics,
-    /// What the last probe of the model's `GET /models` found, and when (see
-    /// [`services::health`]).
-    pub model_probe: Arc<services::health::ProbeCache>,
-}
-
-impl AppState {
-    pub fn new(config: Config, db: Db) -> Result<Self, reqwest::Error> {
-        Ok(Self {
-            llm: LlmClient::new(&config)?,
-            throttle: Arc::new(Throttle::new(&config.abuse)),
-            passwords: Arc::new(PasswordHasher::new(config.abuse.password_hash_queue)),
-            db,
-            config: Arc::new(config),
-            tasks: TaskTracker::new(),
-            cancel_chats: CancellationToken::new(),
-            metrics: Metrics::new(),
-            model_probe: Arc::new(services::health::ProbeCache::default()),
-        })
-    }
-}
+pub use state::AppState;
 
 /// Serves the application on `listener` until `shutdown` resolves, then stops accepting,
 /// lets open requests finish and waits for every chat in progress to settle, for up to
@@ -86,13 +46,13 @@ pub async fn serve(
         tracing::warn!(error = %err, "could not prepare the dummy password hash");
     }
     let background = Background::default();
-    background.spawn(services::recovery::run_periodically(state.clone()));
+    background.spawn(state.recovery.clone().run_periodically());
     background.spawn(db::checkpoint_periodically(state.db.clone()));
     background.spawn(services::throttle::forget_stale_periodically(
         state.throttle.clone(),
     ));
     // In the background: a model that does not answer must not hold up serving.
-    background.spawn(services::health::probe_model_and_log(state.clone()));
+    background.spawn(state.health.clone().probe_model_and_log());
     background.spawn(telemetry::upkeep_periodically(state.metrics.clone()));
     let chats = server::ChatsToSettle {
         tasks: state.tasks.clone(),

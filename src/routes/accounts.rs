@@ -11,7 +11,7 @@ use super::{
 };
 use crate::{
     domain::{Password, Username},
-    services::{accounts, auth},
+    services::auth,
     AppState,
 };
 
@@ -33,7 +33,10 @@ pub async fn register(
         state.config.password_min_length,
         "password",
     )?;
-    let tokens = accounts::register(&state, &username, password, address).await?;
+    let tokens = state
+        .accounts
+        .register(&username, password, address)
+        .await?;
     Ok((
         StatusCode::CREATED,
         Json(json!({
@@ -52,7 +55,10 @@ pub async fn login(
 ) -> Result<Json<Value>, ApiError> {
     let username = Username::offered(&credentials.username)?;
     let password = Password::offered(credentials.password, "password")?;
-    let issued = accounts::login(&state, username.as_ref(), password, address).await?;
+    let issued = state
+        .accounts
+        .login(username.as_ref(), password, address)
+        .await?;
     let expires_at = issued.expires_at.map(rfc3339);
     Ok(Json(
         json!({ "token": issued.token, "expires_at": expires_at }),
@@ -96,6 +102,9 @@ pub async fn change_password(
         state.config.password_min_length,
         "new_password",
     )?;
-    accounts::change_password(&state, user.id, &user.credential, old, new, address).await?;
+    state
+        .accounts
+        .change_password(user.id, &user.credential, old, new, address)
+        .await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -59,10 +59,10 @@ pub async fn chat(
         client_prompt: None,
     };
     if streamed {
-        let started = chat::chat_streamed(&state, user.id, question).await?;
+        let started = chat::chat_streamed(&state.chats, user.id, question).await?;
         return Ok(event_stream(started));
     }
-    let answer = chat::chat(&state, user.id, question).await?;
+    let answer = chat::chat(&state.chats, user.id, question).await?;
     let body = Json(json!({
         "response": answer.response,
         "tokens": answer.balance,

@@ -25,7 +25,7 @@ pub async fn list(
     user: AuthUser,
     PageQuery(page): PageQuery,
 ) -> Result<Json<Value>, ApiError> {
-    let page = conversations::list(&state, user.id, page).await?;
+    let page = conversations::list(&state.db, user.id, page).await?;
     let items: Vec<Value> = page.items.iter().map(conversation_json).collect();
     Ok(Json(json!({
         "conversations": items,
@@ -42,7 +42,7 @@ pub async fn show(
     PageQuery(page): PageQuery,
 ) -> Result<Json<Value>, ApiError> {
     let id = conversation_id(&id)?;
-    let (conversation, chats) = conversations::show(&state, user.id, id, page).await?;
+    let (conversation, chats) = conversations::show(&state.db, user.id, id, page).await?;
     let mut body = conversation_json(&conversation);
     body["chats"] = chats.items.iter().map(chat_json).collect();
     body["next"] = json!(chats.next.map(|id| id.to_string()));
@@ -56,7 +56,7 @@ pub async fn delete(
     user: AuthUser,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    conversations::delete(&state, user.id, conversation_id(&id)?).await?;
+    conversations::delete(&state.db, user.id, conversation_id(&id)?).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

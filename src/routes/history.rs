@@ -23,7 +23,7 @@ pub async fn chats(
     user: AuthUser,
     PageQuery(page): PageQuery,
 ) -> Result<Json<Value>, ApiError> {
-    let page = history::chats(&state, user.id, page).await?;
+    let page = history::chats(&state.db, user.id, page).await?;
     let chats: Vec<Value> = page.items.iter().map(chat_json).collect();
     Ok(Json(
         json!({ "chats": chats, "next": page.next.map(|id| id.to_string()) }),
@@ -38,7 +38,7 @@ pub async fn chat(
 ) -> Result<Json<Value>, ApiError> {
     // Not a number, or someone else's: either way there is no such chat for this user.
     let chat_id: i64 = id.parse().map_err(|_| ApiError::NotFound)?;
-    let chat = history::chat(&state, user.id, chat_id).await?;
+    let chat = history::chat(&state.db, user.id, chat_id).await?;
     Ok(Json(chat_json(&chat)))
 }
 
@@ -48,7 +48,7 @@ pub async fn transactions(
     user: AuthUser,
     PageQuery(page): PageQuery,
 ) -> Result<Json<Value>, ApiError> {
-    let page = history::transactions(&state, user.id, page).await?;
+    let page = history::transactions(&state.db, user.id, page).await?;
     let transactions: Vec<Value> = page.items.iter().map(entry_json).collect();
     Ok(Json(json!({
         "transactions": transactions,

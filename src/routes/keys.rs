@@ -28,7 +28,7 @@ pub async fn create(
     Payload(new): Payload<NewKey>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let name = KeyName::parse(&new.name)?;
-    let issued = keys::create(&state, user.id, &user.credential, &name).await?;
+    let issued = keys::create(&state.db, user.id, &user.credential, &name).await?;
     Ok((
         StatusCode::CREATED,
         Json(json!({
@@ -43,7 +43,7 @@ pub async fn create(
 /// The live keys, oldest first, each by the first characters of its key.
 #[utoipa::path(operation_id = "list_keys", get, path = "/keys", tag = "keys", security(("bearer" = []), ("token" = [])), responses((status = 200, body = super::openapi::KeyList, description = "The live keys, oldest first"), (status = 401, description = "unauthorized", body = super::openapi::Error), (status = 403, description = "forbidden or account_disabled", body = super::openapi::Error)))]
 pub async fn list(State(state): State<AppState>, user: AuthUser) -> Result<Json<Value>, ApiError> {
-    let keys: Vec<Value> = keys::list(&state, user.id, &user.credential)
+    let keys: Vec<Value> = keys::list(&state.db, user.id, &user.credential)
         .await?
         .into_iter()
         .map(|key| {
@@ -68,6 +68,6 @@ pub async fn revoke(
 ) -> Result<StatusCode, ApiError> {
     // Not a number, or someone else's: either way there is no such key for this user.
     let id: i64 = id.parse().map_err(|_| ApiError::NotFound)?;
-    keys::revoke(&state, user.id, &user.credential, id).await?;
+    keys::revoke(&state.db, user.id, &user.credential, id).await?;
     Ok(StatusCode::NO_CONTENT)
 }

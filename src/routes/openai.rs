@@ -199,10 +199,10 @@ pub async fn chat_completions(
         client_prompt: Some(request.prompt),
     };
     if request.stream {
-        let started = chat::chat_streamed(&state, user.id, question).await?;
+        let started = chat::chat_streamed(&state.chats, user.id, question).await?;
         return Ok(chunk_stream(started, model, request.include_usage));
     }
-    let answer = chat::chat(&state, user.id, question).await?;
+    let answer = chat::chat(&state.chats, user.id, question).await?;
     let body = Json(json!({
         "id": completion_id(answer.chat_id),
         "object": "chat.completion",

@@ -13,11 +13,7 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 use super::error::ApiError;
-use crate::{
-    llm::ModelProbe,
-    services::health::{self, DatabaseReadiness},
-    AppState,
-};
+use crate::{llm::ModelProbe, services::health::DatabaseReadiness, AppState};
 
 /// Liveness: answers without touching the database (also the benchmark's static route).
 #[utoipa::path(get, path = "/health", tag = "operations", responses((status = 200, description = "The process is up", body = super::openapi::Health)))]
@@ -29,7 +25,7 @@ pub async fn health() -> Json<Value> {
 /// `not_ready` otherwise; both say what the database and the model were found to be.
 #[utoipa::path(get, path = "/ready", tag = "operations", responses((status = 200, description = "The database answers and is migrated", body = super::openapi::Readiness), (status = 503, description = "not_ready, with the database and model fields", body = super::openapi::Error)))]
 pub async fn ready(State(state): State<AppState>) -> Response {
-    let readiness = health::readiness(&state).await;
+    let readiness = state.health.readiness().await;
     let (database_status, migrations) = match &readiness.database {
         DatabaseReadiness::Ready(migrations) => ("ok", Some(migrations)),
         DatabaseReadiness::NotMigrated(migrations) => ("not_migrated", Some(migrations)),

@@ -2,13 +2,12 @@
 //! sent with a new message.
 
 use crate::{
-    db,
+    db::{self, Db},
     domain::PageRequest,
     services::{
         history::{paginate, ChatRecord, Page},
         ServiceError, ServiceResult,
     },
-    AppState,
 };
 
 /// The most earlier turns read to fill the context, however short they are.
@@ -36,21 +35,22 @@ impl From<db::conversations::Conversation> for Conversation {
 pub type Turn = (String, String);
 
 /// The earlier answered turns of one of the user's conversations that fit in
-/// `CONTEXT_MAX_CHARS`, oldest first: whole turns only, the newest kept first, counting
+/// `max_chars` (`CONTEXT_MAX_CHARS`), oldest first: whole turns only, the newest kept first, counting
 /// the characters of messages and answers. `NoSuchConversation` for an unknown id or
 /// someone else's.
 #[tracing::instrument(level = "debug", skip_all)]
 pub async fn context(
-    state: &AppState,
+    db: &Db,
     user_id: i64,
     conversation_id: i64,
+    max_chars: usize,
 ) -> ServiceResult<Vec<Turn>> {
-    db::conversations::find(&state.db, user_id, conversation_id)
+    db::conversations::find(db, user_id, conversation_id)
         .await?
         .ok_or(ServiceError::NoSuchConversation)?;
     let newest_first =
-        db::conversations::answered_turns(&state.db, conversation_id, MAX_TURNS_READ).await?;
-    Ok(fit(newest_first, state.config.context_max_chars))
+        db::conversations::answered_turns(db, conversation_id, MAX_TURNS_READ).await?;
+    Ok(fit(newest_first, max_chars))
 }
 
 /// The newest turns whose characters together fit in `budget`, oldest first.
@@ -68,12 +68,8 @@ fn fit(newest_first: Vec<(String, String)>, budget: usize) -> Vec<Turn> {
 }
 
 #[tracing::instrument(level = "debug", skip_all)]
-pub async fn list(
-    state: &AppState,
-    user_id: i64,
-    page: PageRequest,
-) -> ServiceResult<Page<Conversation>> {
-    let rows = db::conversations::page(&state.db, user_id, page.before, page.limit + 1).await?;
+pub async fn list(db: &Db, user_id: i64, page: PageRequest) -> ServiceResult<Page<Conversation>> {
+    let rows = db::conversations::page(db, user_id, page.before, page.limit + 1).await?;
     Ok(paginate(rows, page.limit, |row| row.id))
 }
 
@@ -81,22 +77,16 @@ pub async fn list(
 /// `before` read as "after": the cursor continues upwards).
 #[tracing::instrument(level = "debug", skip_all)]
 pub async fn show(
-    state: &AppState,
+    db: &Db,
     user_id: i64,
     conversation_id: i64,
     page: PageRequest,
 ) -> ServiceResult<(Conversation, Page<ChatRecord>)> {
-    let conversation = db::conversations::find(&state.db, user_id, conversation_id)
+    let conversation = db::conversations::find(db, user_id, conversation_id)
         .await?
         .ok_or(ServiceError::NoSuchConversation)?;
-    let rows = db::conversations::chats(
-        &state.db,
-        user_id,
-        conversation_id,
-        page.before,
-        page.limit + 1,
-    )
-    .await?;
+    let rows =
+        db::conversations::chats(db, user_id, conversation_id, page.before, page.limit + 1).await?;
     Ok((
         conversation.into(),
         paginate(rows, page.limit, |chat| chat.id),
@@ -106,8 +96,8 @@ pub async fn show(
 /// Deletes one of the user's conversations: its messages and answers are erased, its
 /// chats' charges and ledger rows stay.
 #[tracing::instrument(level = "debug", skip_all)]
-pub async fn delete(state: &AppState, user_id: i64, conversation_id: i64) -> ServiceResult<()> {
-    if db::conversations::delete(&state.db, user_id, conversation_id).await? {
+pub async fn delete(db: &Db, user_id: i64, conversation_id: i64) -> ServiceResult<()> {
+    if db::conversations::delete(db, user_id, conversation_id).await? {
         Ok(())
     } else {
         Err(ServiceError::NoSuchConversation)

@@ -1,11 +1,10 @@
 //! A user's own chats and ledger, newest first, a page at a time.
 
 use crate::{
-    db::{self, chats::Chat, ledger::Entry},
+    db::{self, chats::Chat, ledger::Entry, Db},
     domain::{ChatStatus, LedgerReason, PageRequest},
     llm::Usage,
     services::{ServiceError, ServiceResult},
-    AppState,
 };
 
 /// One page and the cursor of the next (the id to continue below), if there is more.
@@ -78,19 +77,15 @@ impl From<Entry> for LedgerEntry {
 }
 
 #[tracing::instrument(level = "debug", skip_all)]
-pub async fn chats(
-    state: &AppState,
-    user_id: i64,
-    page: PageRequest,
-) -> ServiceResult<Page<ChatRecord>> {
-    let rows = db::chats::page(&state.db, user_id, page.before, page.limit + 1).await?;
+pub async fn chats(db: &Db, user_id: i64, page: PageRequest) -> ServiceResult<Page<ChatRecord>> {
+    let rows = db::chats::page(db, user_id, page.before, page.limit + 1).await?;
     Ok(paginate(rows, page.limit, |chat| chat.id))
 }
 
 /// One of the user's chats; `NoSuchChat` for an unknown id and for someone else's chat alike.
 #[tracing::instrument(level = "debug", skip_all)]
-pub async fn chat(state: &AppState, user_id: i64, chat_id: i64) -> ServiceResult<ChatRecord> {
-    db::chats::find(&state.db, user_id, chat_id)
+pub async fn chat(db: &Db, user_id: i64, chat_id: i64) -> ServiceResult<ChatRecord> {
+    db::chats::find(db, user_id, chat_id)
         .await?
         .map(ChatRecord::from)
         .ok_or(ServiceError::NoSuchChat)
@@ -98,11 +93,11 @@ pub async fn chat(state: &AppState, user_id: i64, chat_id: i64) -> ServiceResult
 
 #[tracing::instrument(level = "debug", skip_all)]
 pub async fn transactions(
-    state: &AppState,
+    db: &Db,
     user_id: i64,
     page: PageRequest,
 ) -> ServiceResult<Page<LedgerEntry>> {
-    let rows = db::ledger::page(&state.db, user_id, page.before, page.limit + 1).await?;
+    let rows = db::ledger::page(db, user_id, page.before, page.limit + 1).await?;
     Ok(paginate(rows, page.limit, |entry| entry.id))
 }
 

@@ -2,13 +2,12 @@
 //! manage keys); accepted wherever a login token is, and never expiring until revoked.
 
 use crate::{
-    db,
+    db::{self, Db},
     domain::{Invalid, KeyName},
     services::{
         auth::{self, Credential},
         sha256_hex, ServiceError, ServiceResult,
     },
-    AppState,
 };
 
 /// Live keys one user may hold at once.
@@ -36,7 +35,7 @@ pub struct KeyRecord {
 
 #[tracing::instrument(level = "debug", skip_all)]
 pub async fn create(
-    state: &AppState,
+    db: &Db,
     user_id: i64,
     credential: &Credential,
     name: &KeyName,
@@ -46,7 +45,7 @@ pub async fn create(
     let prefix: String = key.chars().take(SHOWN_PREFIX_CHARS).collect();
     let key_hash = sha256_hex(key.as_bytes());
     let inserted = db::api_keys::insert(
-        &state.db,
+        db,
         user_id,
         name.as_str(),
         &key_hash,
@@ -70,13 +69,9 @@ pub async fn create(
 }
 
 #[tracing::instrument(level = "debug", skip_all)]
-pub async fn list(
-    state: &AppState,
-    user_id: i64,
-    credential: &Credential,
-) -> ServiceResult<Vec<KeyRecord>> {
+pub async fn list(db: &Db, user_id: i64, credential: &Credential) -> ServiceResult<Vec<KeyRecord>> {
     auth::login_token_hash(credential)?;
-    let keys = db::api_keys::live(&state.db, user_id).await?;
+    let keys = db::api_keys::live(db, user_id).await?;
     Ok(keys
         .into_iter()
         .map(|key| KeyRecord {
@@ -92,13 +87,13 @@ pub async fn list(
 /// Revokes one of the user's live keys: refused from then on.
 #[tracing::instrument(level = "debug", skip_all)]
 pub async fn revoke(
-    state: &AppState,
+    db: &Db,
     user_id: i64,
     credential: &Credential,
     key_id: i64,
 ) -> ServiceResult<()> {
     auth::login_token_hash(credential)?;
-    if db::api_keys::revoke(&state.db, user_id, key_id).await? {
+    if db::api_keys::revoke(db, user_id, key_id).await? {
         Ok(())
     } else {
         Err(ServiceError::NoSuchKey)

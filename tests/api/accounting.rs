@@ -5,7 +5,6 @@ use std::{collections::BTreeSet, sync::Arc, time::Duration};
 use crate::common::{Reply, TestApp};
 use axum::http::StatusCode;
 use serde_json::{json, Value};
-use tokenchat::services::recovery;
 
 async fn ledger_sum(app: &TestApp, username: &str) -> i64 {
     tokenchat::db_run!(&app.state.db, pool => sqlx::query_scalar(
@@ -427,13 +426,13 @@ async fn recovery_refunds_abandoned_chats_once_however_many_sweep() {
 
     // Before its deadline a chat is left alone.
     let now = tokenchat::db::unix_now();
-    let early = recovery::sweep(&app.state, now + 59).await.unwrap();
+    let early = app.state.recovery.sweep(now + 59).await.unwrap();
     assert_eq!(early.refunded_chats, 0);
 
     let sweeps: Vec<_> = (0..4)
         .map(|_| {
             let state = app.state.clone();
-            tokio::spawn(async move { recovery::sweep(&state, now + 61).await.unwrap() })
+            tokio::spawn(async move { state.recovery.sweep(now + 61).await.unwrap() })
         })
         .collect();
     let mut refunded = 0;
@@ -491,7 +490,7 @@ async fn a_chat_that_cannot_be_refunded_holds_back_no_other_chats_refund() {
     .unwrap();
 
     let now = tokenchat::db::unix_now();
-    let swept = recovery::sweep(&app.state, now + 61).await.unwrap();
+    let swept = app.state.recovery.sweep(now + 61).await.unwrap();
     assert_eq!(swept.refunded_chats, 1);
     assert_eq!(swept.unsettled_chats, 1);
     assert_eq!(app.balance(&second).await, 4000, "refunded");
@@ -502,7 +501,7 @@ async fn a_chat_that_cannot_be_refunded_holds_back_no_other_chats_refund() {
         [("failed".to_string(), 1), ("pending".to_string(), 1)]
     );
     // A second sweep tries again, and fails again without stopping.
-    let again = recovery::sweep(&app.state, now + 62).await.unwrap();
+    let again = app.state.recovery.sweep(now + 62).await.unwrap();
     assert_eq!((again.refunded_chats, again.unsettled_chats), (0, 1));
 }
 
@@ -523,7 +522,7 @@ async fn a_grant_leaves_room_under_the_ceiling_for_the_refunds_of_pending_chats(
     assert_eq!(app.balance(&token).await, 3900, "nothing written");
     assert_eq!(grant(ceiling - 4000).await.unwrap(), ceiling - 100);
     let now = tokenchat::db::unix_now();
-    let swept = recovery::sweep(&app.state, now + 61).await.unwrap();
+    let swept = app.state.recovery.sweep(now + 61).await.unwrap();
     assert_eq!((swept.refunded_chats, swept.unsettled_chats), (1, 0));
     assert_eq!(app.balance(&token).await, ceiling);
     app.assert_audit_passes().await;

@@ -470,7 +470,7 @@ async fn a_process_with_a_shorter_time_out_never_refunds_anothers_live_chat() {
     // ten seconds on: the first process's chat still has time, by its own deadline.
     let impatient = app.another_process(&[("LLM_TIMEOUT_SECS", "1")]).await;
     let now = tokenchat::db::unix_now();
-    let swept = recovery::sweep(&impatient, now + 10).await.unwrap();
+    let swept = impatient.recovery.sweep(now + 10).await.unwrap();
     assert_eq!(swept.refunded_chats, 0);
     let answered = chat.await.unwrap();
     assert_eq!(answered.status, StatusCode::OK, "{answered:?}");
@@ -482,20 +482,24 @@ async fn a_process_with_a_shorter_time_out_never_refunds_anothers_live_chat() {
         .fetch_one(pool)
         .await)
         .unwrap();
-    let settle_within = recovery::abandoned_after(&app.state);
+    let settle_within = recovery::abandoned_after(&app.state.config);
     tokenchat::db::chats::reserve(&app.state.db, user_id, None, "orphan", 100, settle_within)
         .await
         .unwrap();
     let now = tokenchat::db::unix_now();
     assert_eq!(
-        recovery::sweep(&impatient, now + 10)
+        impatient
+            .recovery
+            .sweep(now + 10)
             .await
             .unwrap()
             .refunded_chats,
         0
     );
     assert_eq!(
-        recovery::sweep(&impatient, now + 66)
+        impatient
+            .recovery
+            .sweep(now + 66)
             .await
             .unwrap()
             .refunded_chats,
@@ -516,10 +520,10 @@ async fn recovery_deletes_expired_login_tokens() {
             .unwrap()
     };
     let now = tokenchat::db::unix_now();
-    recovery::sweep(&app.state, now).await.unwrap();
+    app.state.recovery.sweep(now).await.unwrap();
     assert_eq!(count().await, 1);
     assert_eq!(app.balance(&token).await, 4000);
-    let swept = recovery::sweep(&app.state, now + 61).await.unwrap();
+    let swept = app.state.recovery.sweep(now + 61).await.unwrap();
     assert_eq!(swept.expired_tokens, 1);
     assert_eq!(count().await, 0);
 }

@@ -93,16 +93,12 @@ async fn recovery_leaves_a_live_stream_alone_past_llm_timeout_secs() {
     // A sweep as if the model's time-out and its margin had long passed: the stream's own
     // deadline is LLM_STREAM_MAX_SECS (600) and the margin away.
     let now = tokenchat::db::unix_now();
-    let swept = tokenchat::services::recovery::sweep(&app.state, now + 60)
-        .await
-        .unwrap();
+    let swept = app.state.recovery.sweep(now + 60).await.unwrap();
     assert_eq!(swept.refunded_chats, 0);
     let rest = events.rest().await;
     assert_eq!(rest.last().unwrap().0, "done", "{rest:?}");
     assert_eq!(app.balance(&token).await, 3900);
-    let late = tokenchat::services::recovery::sweep(&app.state, now + 700)
-        .await
-        .unwrap();
+    let late = app.state.recovery.sweep(now + 700).await.unwrap();
     assert_eq!(late.refunded_chats, 0, "settled: nothing left to refund");
     app.assert_all_settled().await;
 }

@@ -12,7 +12,7 @@ use crate::{
 impl ChatInFlight {
     /// Claims the key; `Some` with the earlier answer when it already bought one.
     pub(super) async fn claim(&self, key: &IdempotencyKey) -> ServiceResult<Option<ChatAnswer>> {
-        let db = &self.state.db;
+        let db = &self.chats.db;
         // The conversation is part of the request: the same key in another is a reuse.
         let request_hash = match (&self.client_prompt, self.conversation_id) {
             (Some(client), _) => {
@@ -30,7 +30,7 @@ impl ChatInFlight {
             (None, None) => sha256_hex(self.message.as_str().as_bytes()),
             (None, Some(id)) => sha256_hex(format!("{id}\0{}", self.message.as_str()).as_bytes()),
         };
-        let lifetime = self.state.config.idempotency_key_lifetime;
+        let lifetime = self.chats.config.idempotency_key_lifetime;
         let expired_before = db::unix_now() - lifetime.as_secs() as i64;
         let claim = db::idempotency::claim(
             db,
@@ -71,7 +71,7 @@ impl ChatInFlight {
 
     pub(super) async fn release_key(&self) {
         if let Some(key) = &self.idempotency_key {
-            let released = db::idempotency::release(&self.state.db, self.user_id, key.as_str());
+            let released = db::idempotency::release(&self.chats.db, self.user_id, key.as_str());
             if let Err(err) = released.await {
                 tracing::error!(error = %err, "could not release an idempotency key");
             }

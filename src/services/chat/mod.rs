@@ -6,23 +6,25 @@
 mod idempotency;
 mod stream;
 
-use std::time::Instant;
+use std::{sync::Arc, time::Instant};
 
-use tokio_util::sync::CancellationToken;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::Instrument;
 
 pub use stream::{chat_streamed, ChatEvents, StreamEvent, StreamedChat};
 
 use crate::{
-    db::{self, chats::Reservation, chats::TokenUsage},
+    config::Config,
+    db::{self, chats::Reservation, chats::TokenUsage, Db},
     domain::{IdempotencyKey, Message},
-    llm::{Ask, LlmError, PromptMessage, Role, Usage},
+    llm::{Ask, LlmClient, LlmError, PromptMessage, Role, Usage},
     services::{
         conversations::{self, Turn},
-        recovery, ServiceError, ServiceResult,
+        recovery,
+        throttle::Throttle,
+        ServiceError, ServiceResult,
     },
-    telemetry::{ChatOutcome, TokenMove},
-    AppState,
+    telemetry::{ChatOutcome, Metrics, TokenMove},
 };
 
 /// A stored, charged answer: just now, or replayed for a repeated idempotency key.
@@ -69,17 +71,72 @@ pub struct ClientPrompt {
 /// goes away before the answer is stored is not charged: the upstream call is abandoned
 /// and the reservation refunded. Past the user's chat rate nothing is tried.
 #[tracing::instrument(level = "debug", skip_all)]
-pub async fn chat(state: &AppState, user_id: i64, question: Question) -> ServiceResult<ChatAnswer> {
-    state.throttle.chat(user_id)?;
-    let (request, client_gone) = ChatInFlight::new(state, user_id, question, false);
+pub async fn chat(
+    chats: &Arc<Chats>,
+    user_id: i64,
+    question: Question,
+) -> ServiceResult<ChatAnswer> {
+    chats.throttle.chat(user_id)?;
+    let (request, client_gone) = ChatInFlight::new(chats, user_id, question, false);
     let _cancel_when_dropped = client_gone.drop_guard();
     // The span goes along, so the chat's work shows in the request's trace.
-    state.tasks.spawn(request.run().in_current_span()).await?
+    chats.tasks.spawn(request.run().in_current_span()).await?
+}
+
+/// What answering and settling chats needs, built once at start: the database, the model
+/// clients, the metrics, the chat rate, the chats in progress and the cost rules.
+pub struct Chats {
+    db: Db,
+    llm: LlmClient,
+    metrics: Metrics,
+    throttle: Arc<Throttle>,
+    /// Chats in progress; shutdown waits for them to settle.
+    tasks: TaskTracker,
+    /// Cancelled when shutdown's grace period is over: chats still waiting for the model
+    /// give up and are refunded, so the process can exit with its accounts settled.
+    cut_short: CancellationToken,
+    /// The cost rules (`CHAT_COST`, `ABANDONED_STREAM_CHARGE`), the time limits and the
+    /// context and idempotency settings.
+    config: Arc<Config>,
+}
+
+/// What [`Chats`] is built from.
+pub struct ChatsParts {
+    pub db: Db,
+    pub llm: LlmClient,
+    pub metrics: Metrics,
+    pub throttle: Arc<Throttle>,
+    pub tasks: TaskTracker,
+    pub cut_short: CancellationToken,
+    pub config: Arc<Config>,
+}
+
+impl Chats {
+    pub fn new(parts: ChatsParts) -> Self {
+        let ChatsParts {
+            db,
+            llm,
+            metrics,
+            throttle,
+            tasks,
+            cut_short,
+            config,
+        } = parts;
+        Self {
+            db,
+            llm,
+            metrics,
+            throttle,
+            tasks,
+            cut_short,
+            config,
+        }
+    }
 }
 
 /// One chat being answered, in a task of its own.
 struct ChatInFlight {
-    state: AppState,
+    chats: Arc<Chats>,
     user_id: i64,
     message: Message,
     conversation_id: Option<i64>,
@@ -107,14 +164,14 @@ struct Reserved {
 impl ChatInFlight {
     /// The request, and the token that tells it its client went away (cancel it then).
     fn new(
-        state: &AppState,
+        chats: &Arc<Chats>,
         user_id: i64,
         question: Question,
         streamed: bool,
     ) -> (Self, CancellationToken) {
         let client_gone = CancellationToken::new();
         let request = Self {
-            state: state.clone(),
+            chats: chats.clone(),
             user_id,
             message: question.message,
             conversation_id: question.conversation_id,
@@ -127,7 +184,7 @@ impl ChatInFlight {
     }
 
     async fn run(self) -> ServiceResult<ChatAnswer> {
-        let _in_flight = self.state.metrics.chat_begun();
+        let _in_flight = self.chats.metrics.chat_begun();
         match self.begin().await? {
             Begun::Reserved(reserved) => self.answer_and_settle(reserved).await,
             Begun::Replayed(earlier) => Ok(earlier),
@@ -138,8 +195,8 @@ impl ChatInFlight {
     /// stored conversation's earlier turns and the new message.
     fn prompt<'a>(&'a self, earlier: &'a [Turn]) -> Vec<PromptMessage<'a>> {
         match &self.client_prompt {
-            Some(client) => self.state.llm.prompt_as_given(&client.messages),
-            None => self.state.llm.prompt(earlier, self.message.as_str()),
+            Some(client) => self.chats.llm.prompt_as_given(&client.messages),
+            None => self.chats.llm.prompt(earlier, self.message.as_str()),
         }
     }
 
@@ -165,7 +222,14 @@ impl ChatInFlight {
             // A client that sends its own conversation gets no stored turns.
             _ if self.client_prompt.is_some() => Vec::new(),
             None => Vec::new(),
-            Some(id) => match conversations::context(&self.state, self.user_id, id).await {
+            Some(id) => match conversations::context(
+                &self.chats.db,
+                self.user_id,
+                id,
+                self.chats.config.context_max_chars,
+            )
+            .await
+            {
                 Ok(earlier) => earlier,
                 Err(err) => {
                     self.release_key().await;
@@ -173,14 +237,14 @@ impl ChatInFlight {
                 }
             },
         };
-        let cost = self.state.config.chat_cost;
+        let cost = self.chats.config.chat_cost;
         let settle_within = if self.streamed {
-            recovery::stream_abandoned_after(&self.state)
+            recovery::stream_abandoned_after(&self.chats.config)
         } else {
-            recovery::abandoned_after(&self.state)
+            recovery::abandoned_after(&self.chats.config)
         };
         let reserved = db::chats::reserve(
-            &self.state.db,
+            &self.chats.db,
             self.user_id,
             self.conversation_id,
             self.message.as_str(),
@@ -195,7 +259,7 @@ impl ChatInFlight {
             }) => (chat_id, conversation_id),
             Ok(Reservation::Insufficient { balance }) => {
                 self.release_key().await;
-                let metrics = &self.state.metrics;
+                let metrics = &self.chats.metrics;
                 metrics.chat_ended(ChatOutcome::OutOfTokens, TokenMove::None);
                 return Err(ServiceError::OutOfTokens { balance });
             }
@@ -206,7 +270,7 @@ impl ChatInFlight {
         };
         if let Some(key) = &self.idempotency_key {
             let attached =
-                db::idempotency::attach(&self.state.db, self.user_id, key.as_str(), chat_id);
+                db::idempotency::attach(&self.chats.db, self.user_id, key.as_str(), chat_id);
             if let Err(err) = attached.await {
                 // An answer bought under a key that does not lead to it could be bought
                 // twice by a retry: give the reservation back instead.
@@ -225,7 +289,7 @@ impl ChatInFlight {
     }
 
     async fn answer_and_settle(&self, reserved: Reserved) -> ServiceResult<ChatAnswer> {
-        let state = &self.state;
+        let chats = &self.chats;
         let chat_id = reserved.chat_id;
         let prompt = self.prompt(&reserved.earlier);
         let ask = self.ask(&prompt);
@@ -233,15 +297,15 @@ impl ChatInFlight {
         let answer = tokio::select! {
             biased;
             _ = self.client_gone.cancelled() => None,
-            _ = state.cancel_chats.cancelled() => {
+            _ = chats.cut_short.cancelled() => {
                 tracing::warn!(chat_id, "shutdown grace is over: refunding a chat in flight");
                 self.refund(chat_id).await;
                 self.count_failed(&ServiceError::ShuttingDown);
                 return Err(ServiceError::ShuttingDown);
             }
-            answer = state.llm.complete(&ask) => {
+            answer = chats.llm.complete(&ask) => {
                 let failure = answer.as_ref().err().map(|err| err.kind());
-                state.metrics.upstream(false, asked.elapsed(), failure);
+                chats.metrics.upstream(false, asked.elapsed(), failure);
                 Some(answer)
             }
         };
@@ -252,7 +316,7 @@ impl ChatInFlight {
                     completion_tokens: completion.usage.map(|usage| usage.completion_tokens),
                 };
                 let settled =
-                    db::chats::settle_answered(&state.db, chat_id, &completion.content, usage);
+                    db::chats::settle_answered(&chats.db, chat_id, &completion.content, usage);
                 match settled.await {
                     Ok(Some(balance_after)) => {
                         self.count_answered();
@@ -260,7 +324,7 @@ impl ChatInFlight {
                             chat_id,
                             response: completion.content,
                             balance: balance_after,
-                            charged: state.config.chat_cost,
+                            charged: chats.config.chat_cost,
                             replayed: false,
                             usage: completion.usage,
                             conversation_id: Some(reserved.conversation_id),
@@ -283,8 +347,8 @@ impl ChatInFlight {
     }
 
     fn count_answered(&self) {
-        let cost = self.state.config.chat_cost;
-        let metrics = &self.state.metrics;
+        let cost = self.chats.config.chat_cost;
+        let metrics = &self.chats.metrics;
         metrics.chat_ended(ChatOutcome::Answered, TokenMove::Charged(cost));
     }
 
@@ -295,8 +359,8 @@ impl ChatInFlight {
             return;
         }
         let outcome = failure_outcome(failure);
-        let cost = self.state.config.chat_cost;
-        self.state
+        let cost = self.chats.config.chat_cost;
+        self.chats
             .metrics
             .chat_ended(outcome, TokenMove::Refunded(cost));
     }
@@ -307,11 +371,11 @@ impl ChatInFlight {
             Some(ServiceError::Model(err)) => Some(err.kind()),
             _ => None,
         };
-        self.state.metrics.upstream(streamed, asked.elapsed(), kind);
+        self.chats.metrics.upstream(streamed, asked.elapsed(), kind);
     }
 
     async fn refund(&self, chat_id: i64) {
-        if let Err(err) = db::chats::refund(&self.state.db, chat_id).await {
+        if let Err(err) = db::chats::refund(&self.chats.db, chat_id).await {
             tracing::error!(chat_id, error = %err, "refund failed; recovery will redo it");
         }
     }

@@ -2,13 +2,13 @@
 //! and the settlement of every way a stream can end (finished, the model failing or going
 //! silent, the client going away, shutdown).
 
-use std::time::Instant;
+use std::{sync::Arc, time::Instant};
 
 use futures_util::StreamExt;
 use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument;
 
-use super::{failure_outcome, Begun, ChatAnswer, ChatInFlight, Question};
+use super::{failure_outcome, Begun, ChatAnswer, ChatInFlight, Chats, Question};
 use crate::{
     config::AbandonedStreamCharge,
     db::{
@@ -18,7 +18,6 @@ use crate::{
     llm::{AnswerStream, LlmError, Piece, Usage},
     services::{ServiceError, ServiceResult},
     telemetry::{ChatOutcome, TokenMove},
-    AppState,
 };
 
 /// A streamed chat once the model has begun to answer.
@@ -108,15 +107,15 @@ const STREAM_BUFFER: usize = 16;
 /// charged or refunded by `ABANDONED_STREAM_CHARGE`.
 #[tracing::instrument(level = "debug", skip_all)]
 pub async fn chat_streamed(
-    state: &AppState,
+    chats: &Arc<Chats>,
     user_id: i64,
     question: Question,
 ) -> ServiceResult<StreamedChat> {
-    state.throttle.chat(user_id)?;
-    let (request, client_gone) = ChatInFlight::new(state, user_id, question, true);
+    chats.throttle.chat(user_id)?;
+    let (request, client_gone) = ChatInFlight::new(chats, user_id, question, true);
     let cancel_when_dropped = client_gone.drop_guard();
     let (started, start) = oneshot::channel();
-    state
+    chats
         .tasks
         .spawn(request.run_streamed(started).in_current_span());
     let started = start
@@ -137,7 +136,7 @@ enum Ending {
 
 impl ChatInFlight {
     async fn run_streamed(self, started: oneshot::Sender<ServiceResult<StreamedChat>>) {
-        let _in_flight = self.state.metrics.chat_begun();
+        let _in_flight = self.chats.metrics.chat_begun();
         let reserved = match self.begin().await {
             Ok(Begun::Reserved(reserved)) => reserved,
             Ok(Begun::Replayed(earlier)) => {
@@ -149,7 +148,7 @@ impl ChatInFlight {
                 return;
             }
         };
-        let state = &self.state;
+        let chats = &self.chats;
         let chat_id = reserved.chat_id;
         let prompt = self.prompt(&reserved.earlier);
         let ask = self.ask(&prompt);
@@ -157,8 +156,8 @@ impl ChatInFlight {
         let upstream = tokio::select! {
             biased;
             _ = self.client_gone.cancelled() => Err(ServiceError::ClientGone),
-            _ = state.cancel_chats.cancelled() => Err(ServiceError::ShuttingDown),
-            upstream = state.llm.stream(&ask) => {
+            _ = chats.cut_short.cancelled() => Err(ServiceError::ShuttingDown),
+            upstream = chats.llm.stream(&ask) => {
                 let upstream = upstream.map_err(ServiceError::from);
                 // A stream that begins is counted once, when it ends (`pump_and_settle`).
                 if let Err(failure) = &upstream {
@@ -197,7 +196,7 @@ impl ChatInFlight {
         events: mpsc::Sender<StreamEvent>,
         asked: Instant,
     ) {
-        let state = &self.state;
+        let chats = &self.chats;
         let mut answer = String::new();
         let mut usage = None;
         let mut delivered_any = false;
@@ -205,7 +204,7 @@ impl ChatInFlight {
             tokio::select! {
                 biased;
                 _ = events.closed() => break Ending::ClientGone,
-                _ = state.cancel_chats.cancelled() => break Ending::ShuttingDown,
+                _ = chats.cut_short.cancelled() => break Ending::ShuttingDown,
                 piece = upstream.next() => match piece {
                     None => break Ending::Finished,
                     Some(Ok(Piece::Usage(reported))) => usage = Some(reported),
@@ -226,7 +225,7 @@ impl ChatInFlight {
             Ending::ModelFailed(err) => Some(err.kind()),
             _ => None,
         };
-        state.metrics.upstream(true, asked.elapsed(), model_error);
+        chats.metrics.upstream(true, asked.elapsed(), model_error);
         let stored_usage = TokenUsage {
             prompt_tokens: usage.map(|usage| usage.prompt_tokens),
             completion_tokens: usage.map(|usage| usage.completion_tokens),
@@ -240,11 +239,11 @@ impl ChatInFlight {
         };
         let failure = match ending {
             Ending::Finished => {
-                match db::chats::settle_answered(&state.db, chat_id, &answer, stored_usage).await {
+                match db::chats::settle_answered(&chats.db, chat_id, &answer, stored_usage).await {
                     Ok(Some(balance)) => {
                         let done = StreamEvent::Done {
                             balance,
-                            charged: state.config.chat_cost,
+                            charged: chats.config.chat_cost,
                             usage,
                         };
                         // Charged whether or not the client is still there to read it.
@@ -265,13 +264,13 @@ impl ChatInFlight {
                 let how = Unanswered::Abandoned { refund };
                 self.settle_unanswered(chat_id, how, partial, stored_usage)
                     .await;
-                let cost = state.config.chat_cost;
+                let cost = chats.config.chat_cost;
                 let tokens = if refund {
                     TokenMove::Refunded(cost)
                 } else {
                     TokenMove::Charged(cost)
                 };
-                state.metrics.chat_ended(ChatOutcome::Abandoned, tokens);
+                chats.metrics.chat_ended(ChatOutcome::Abandoned, tokens);
                 return;
             }
             // Text the client already has is paid for as an abandoned stream's would be:
@@ -284,12 +283,12 @@ impl ChatInFlight {
                     .settle_unanswered(chat_id, how, partial, stored_usage)
                     .await;
                 let error = ServiceError::from(err);
-                let cost = state.config.chat_cost;
+                let cost = chats.config.chat_cost;
                 // Not settled here: recovery refunds it (or already did), and counts it.
                 let charged = if settled { cost } else { 0 };
                 if settled {
                     let outcome = failure_outcome(&error);
-                    state.metrics.chat_ended(outcome, TokenMove::Charged(cost));
+                    chats.metrics.chat_ended(outcome, TokenMove::Charged(cost));
                 }
                 let failed = StreamEvent::Failed { error, charged };
                 let _ = events.send(failed).await;
@@ -320,7 +319,7 @@ impl ChatInFlight {
 
     /// Whether a stream that ends early is charged once some of its text was delivered.
     fn charges_for_delivered_text(&self) -> bool {
-        match self.state.config.abandoned_stream_charge {
+        match self.chats.config.abandoned_stream_charge {
             AbandonedStreamCharge::Delivered => true,
             AbandonedStreamCharge::Never => false,
         }
@@ -335,7 +334,7 @@ impl ChatInFlight {
         partial: Option<&str>,
         usage: TokenUsage,
     ) -> bool {
-        let settled = db::chats::settle_unanswered(&self.state.db, chat_id, how, partial, usage);
+        let settled = db::chats::settle_unanswered(&self.chats.db, chat_id, how, partial, usage);
         match settled.await {
             Ok(settled) => settled,
             Err(err) => {

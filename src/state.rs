@@ -1,0 +1,93 @@
+//! The state every handler shares: one `Arc` around the services and what the layers need,
+//! so that a layer or extractor that takes it costs one reference count.
+
+use std::{ops::Deref, sync::Arc};
+
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{
+    config::Config,
+    db::Db,
+    llm::LlmClient,
+    services::{
+        accounts::Accounts,
+        chat::{Chats, ChatsParts},
+        health::Health,
+        passwords::PasswordHasher,
+        recovery::Recovery,
+        throttle::Throttle,
+    },
+    telemetry::Metrics,
+};
+
+/// What every handler shares; cloning it is one reference count.
+#[derive(Clone)]
+pub struct AppState(Arc<Shared>);
+
+/// What [`AppState`] holds: the services, each built once, and the handles the layers and
+/// the server use.
+pub struct Shared {
+    pub config: Arc<Config>,
+    pub db: Db,
+    pub llm: LlmClient,
+    pub metrics: Metrics,
+    pub throttle: Arc<Throttle>,
+    pub passwords: Arc<PasswordHasher>,
+    pub accounts: Accounts,
+    pub chats: Arc<Chats>,
+    pub health: Arc<Health>,
+    pub recovery: Recovery,
+    /// Chats in progress; shutdown waits for them to settle.
+    pub tasks: TaskTracker,
+    /// Cancelled when shutdown's grace period is over: chats still waiting for the model
+    /// give up and are refunded, so the process can exit with its accounts settled.
+    pub cancel_chats: CancellationToken,
+}
+
+impl AppState {
+    pub fn new(config: Config, db: Db) -> Result<Self, reqwest::Error> {
+        let config = Arc::new(config);
+        let llm = LlmClient::new(&config)?;
+        let metrics = Metrics::new();
+        let throttle = Arc::new(Throttle::new(&config.abuse));
+        let passwords = Arc::new(PasswordHasher::new(config.abuse.password_hash_queue));
+        let tasks = TaskTracker::new();
+        let cancel_chats = CancellationToken::new();
+        let chats = Arc::new(Chats::new(ChatsParts {
+            db: db.clone(),
+            llm: llm.clone(),
+            metrics: metrics.clone(),
+            throttle: throttle.clone(),
+            tasks: tasks.clone(),
+            cut_short: cancel_chats.clone(),
+            config: config.clone(),
+        }));
+        Ok(Self(Arc::new(Shared {
+            accounts: Accounts::new(
+                db.clone(),
+                passwords.clone(),
+                throttle.clone(),
+                config.clone(),
+            ),
+            passwords,
+            health: Arc::new(Health::new(db.clone(), llm.clone())),
+            recovery: Recovery::new(db.clone(), config.clone(), metrics.clone()),
+            chats,
+            config,
+            db,
+            llm,
+            metrics,
+            throttle,
+            tasks,
+            cancel_chats,
+        })))
+    }
+}
+
+impl Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
