@@ -291,14 +291,14 @@ async fn list_users(config: Config) -> anyhow::Result<ExitCode> {
     .map_err(write_failed)?;
     let mut users = db::users::all(&database);
     while let Some(user) = users.try_next().await.context("cannot list the users")? {
-        let disabled = user.disabled_at.map(crate::rfc3339);
+        let disabled = user.disabled_at.map(crate::clock::rfc3339);
         line(
             &mut out,
             [
                 &user.id.to_string(),
                 &user.username,
                 &user.tokens.to_string(),
-                &crate::rfc3339(user.created_at),
+                &crate::clock::rfc3339(user.created_at),
                 disabled.as_deref().unwrap_or("-"),
             ],
         )

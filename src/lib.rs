@@ -7,6 +7,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod db;
 pub mod domain;
@@ -19,11 +20,10 @@ pub mod telemetry;
 
 use std::future::Future;
 
-use time::{format_description::well_known::Rfc3339, OffsetDateTime};
-
 use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
+pub use clock::rfc3339;
 pub use config::Config;
 pub use routes::{api_paths, openapi_document, router, ApiError};
 pub use state::AppState;
@@ -86,13 +86,4 @@ impl Background {
         self.tasks.close();
         self.tasks.wait().await;
     }
-}
-
-/// A Unix time as RFC 3339 UTC, the form of every time in a response.
-pub fn rfc3339(unix_secs: i64) -> String {
-    OffsetDateTime::from_unix_timestamp(unix_secs)
-        .ok()
-        .and_then(|time| time.format(&Rfc3339).ok())
-        // Unreachable for times this service writes (years 1970 to 9999).
-        .unwrap_or_else(|| unix_secs.to_string())
 }

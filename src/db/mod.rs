@@ -13,6 +13,9 @@ pub mod users;
 
 use std::{str::FromStr, time::Duration};
 
+/// Where every time column's value comes from.
+pub use crate::clock::unix_now;
+
 use sqlx::{
     postgres::{PgConnectOptions, PgPoolOptions},
     sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous},
@@ -405,13 +408,6 @@ pub fn is_unreachable(err: &sqlx::Error) -> bool {
         }),
         _ => false,
     }
-}
-
-/// Seconds since the Unix epoch: the unit of every time column.
-pub fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |elapsed| elapsed.as_secs() as i64)
 }
 
 #[cfg(test)]

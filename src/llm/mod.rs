@@ -184,7 +184,7 @@ impl LlmClient {
             backend,
             system_prompt: config.llm_system_prompt.as_str().into(),
             served: served.into(),
-            since: crate::db::unix_now(),
+            since: crate::clock::unix_now(),
         })
     }
 

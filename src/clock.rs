@@ -1,0 +1,20 @@
+//! Time as the service keeps it: whole seconds since the Unix epoch in the database, RFC 3339
+//! in UTC in every answer.
+
+use time::{format_description::well_known::Rfc3339, OffsetDateTime};
+
+/// Seconds since the Unix epoch: the unit of every time column.
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_secs() as i64)
+}
+
+/// A Unix time as RFC 3339 UTC, the form of every time in a response.
+pub fn rfc3339(unix_secs: i64) -> String {
+    OffsetDateTime::from_unix_timestamp(unix_secs)
+        .ok()
+        .and_then(|time| time.format(&Rfc3339).ok())
+        // Unreachable for times this service writes (years 1970 to 9999).
+        .unwrap_or_else(|| unix_secs.to_string())
+}
