@@ -10,12 +10,8 @@ use crate::{
     db::Db,
     llm::LlmClient,
     services::{
-        accounts::Accounts,
-        chat::{Chats, ChatsParts},
-        health::Health,
-        passwords::PasswordHasher,
-        recovery::Recovery,
-        throttle::Throttle,
+        accounts::Accounts, chat::Chats, health::Health, passwords::PasswordHasher,
+        recovery::Recovery, throttle::Throttle,
     },
     telemetry::Metrics,
 };
@@ -53,15 +49,15 @@ impl AppState {
         let passwords = Arc::new(PasswordHasher::new(config.abuse.password_hash_queue));
         let tasks = TaskTracker::new();
         let cancel_chats = CancellationToken::new();
-        let chats = Arc::new(Chats::new(ChatsParts {
-            db: db.clone(),
-            llm: llm.clone(),
-            metrics: metrics.clone(),
-            throttle: throttle.clone(),
-            tasks: tasks.clone(),
-            cut_short: cancel_chats.clone(),
-            config: config.clone(),
-        }));
+        let chats = Arc::new(Chats::new(
+            db.clone(),
+            llm.clone(),
+            metrics.clone(),
+            throttle.clone(),
+            tasks.clone(),
+            cancel_chats.clone(),
+            config.clone(),
+        ));
         Ok(Self(Arc::new(Shared {
             accounts: Accounts::new(
                 db.clone(),

@@ -100,28 +100,16 @@ pub struct Chats {
     config: Arc<Config>,
 }
 
-/// What [`Chats`] is built from.
-pub struct ChatsParts {
-    pub db: Db,
-    pub llm: LlmClient,
-    pub metrics: Metrics,
-    pub throttle: Arc<Throttle>,
-    pub tasks: TaskTracker,
-    pub cut_short: CancellationToken,
-    pub config: Arc<Config>,
-}
-
 impl Chats {
-    pub fn new(parts: ChatsParts) -> Self {
-        let ChatsParts {
-            db,
-            llm,
-            metrics,
-            throttle,
-            tasks,
-            cut_short,
-            config,
-        } = parts;
+    pub fn new(
+        db: Db,
+        llm: LlmClient,
+        metrics: Metrics,
+        throttle: Arc<Throttle>,
+        tasks: TaskTracker,
+        cut_short: CancellationToken,
+        config: Arc<Config>,
+    ) -> Self {
         Self {
             db,
             llm,
