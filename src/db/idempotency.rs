@@ -1,6 +1,6 @@
 //! Queries on `idempotency_keys`: claiming a key for a chat, and finding what it led to.
 
-use super::{db_run, unix_now, Db};
+use super::{db_execute, db_run, unix_now, Db};
 use crate::domain::ChatStatus;
 
 /// What a claim found.
@@ -98,34 +98,30 @@ pub async fn claim(
 /// process that dies before this leaves a claim that `sweep` forgets.
 #[tracing::instrument(level = "debug", skip_all)]
 pub async fn attach(db: &Db, user_id: i64, key: &str, chat_id: i64) -> Result<(), sqlx::Error> {
-    db_run!(db, pool => {
+    db_execute!(
+        db,
         sqlx::query(
             "UPDATE idempotency_keys SET chat_id = $1 WHERE user_id = $2 AND idem_key = $3",
         )
         .bind(chat_id)
         .bind(user_id)
         .bind(key)
-        .execute(pool)
-        .await
-        .map(|done| done.rows_affected())
-    })?;
+    )?;
     Ok(())
 }
 
 /// Lets go of a claim that never reserved a chat (out of tokens, or an error before).
 #[tracing::instrument(level = "debug", skip_all)]
 pub async fn release(db: &Db, user_id: i64, key: &str) -> Result<(), sqlx::Error> {
-    db_run!(db, pool => {
+    db_execute!(
+        db,
         sqlx::query(
             "DELETE FROM idempotency_keys
              WHERE user_id = $1 AND idem_key = $2 AND chat_id IS NULL",
         )
         .bind(user_id)
         .bind(key)
-        .execute(pool)
-        .await
-        .map(|done| done.rows_affected())
-    })?;
+    )?;
     Ok(())
 }
 

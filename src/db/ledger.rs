@@ -51,9 +51,7 @@ pub async fn record(
     db_run!(db, pool => record_move!(pool, user_id, amount, reason).await)
 }
 
-/// The user's rows with ids below `before` (all when `None`), newest first.
-/// `None` is bound as `i64::MAX`: one range seek in the index, where `$2 IS NULL OR id < $2`
-/// made SQLite walk all the user's newer rows first (BENCHMARKS.md, issue 13).
+/// The user's rows with ids below `before`, newest first (a page: see [`super::NO_CURSOR`]).
 #[tracing::instrument(level = "debug", skip_all)]
 pub async fn page(
     db: &Db,
@@ -67,7 +65,7 @@ pub async fn page(
          ORDER BY id DESC LIMIT $3",
     )
     .bind(user_id)
-    .bind(before.unwrap_or(i64::MAX))
+    .bind(before.unwrap_or(super::NO_CURSOR))
     .bind(limit)
     .fetch_all(pool)
     .await)

@@ -70,6 +70,20 @@ macro_rules! db_read {
 }
 pub use db_read;
 
+/// What a page query binds for "no cursor" (the first page): its `id < $2` then holds for
+/// every row, in one range seek of the index, where `$2 IS NULL OR id < $2` made SQLite walk
+/// all the user's newer rows first (BENCHMARKS.md, issue 13).
+pub const NO_CURSOR: i64 = i64::MAX;
+
+/// Runs one statement that returns no rows (built by `$query`, binds and all) on the pool
+/// for writing of either backend: how many rows it changed.
+macro_rules! db_execute {
+    ($db:expr, $query:expr) => {
+        $crate::db_run!($db, pool => $query.execute(pool).await.map(|done| done.rows_affected()))
+    };
+}
+pub(crate) use db_execute;
+
 /// The body of [`db_run!`] and [`db_read!`]: `$side` names SQLite's pool.
 #[doc(hidden)]
 #[macro_export]

@@ -1,6 +1,6 @@
 //! Queries on `login_tokens`, which hold only SHA-256 hashes of the tokens handed out.
 
-use super::{db_read, db_run, unix_now, Db};
+use super::{db_execute, db_read, db_run, unix_now, Db};
 
 #[tracing::instrument(level = "debug", skip_all)]
 pub async fn insert(
@@ -9,7 +9,8 @@ pub async fn insert(
     user_id: i64,
     expires_at: Option<i64>,
 ) -> Result<(), sqlx::Error> {
-    db_run!(db, pool => {
+    db_execute!(
+        db,
         sqlx::query(
             "INSERT INTO login_tokens (token_hash, user_id, issued_at, expires_at)
              VALUES ($1, $2, $3, $4)",
@@ -18,10 +19,7 @@ pub async fn insert(
         .bind(user_id)
         .bind(unix_now())
         .bind(expires_at)
-        .execute(pool)
-        .await
-        .map(|done| done.rows_affected())
-    })?;
+    )?;
     Ok(())
 }
 
@@ -51,25 +49,19 @@ pub async fn find_owner(db: &Db, token_hash: &str) -> Result<Option<TokenOwner>,
 
 #[tracing::instrument(level = "debug", skip_all)]
 pub async fn revoke(db: &Db, token_hash: &str) -> Result<(), sqlx::Error> {
-    db_run!(db, pool => {
-        sqlx::query("DELETE FROM login_tokens WHERE token_hash = $1")
-            .bind(token_hash)
-            .execute(pool)
-            .await
-            .map(|done| done.rows_affected())
-    })?;
+    db_execute!(
+        db,
+        sqlx::query("DELETE FROM login_tokens WHERE token_hash = $1").bind(token_hash)
+    )?;
     Ok(())
 }
 
 #[tracing::instrument(level = "debug", skip_all)]
 pub async fn revoke_all(db: &Db, user_id: i64) -> Result<(), sqlx::Error> {
-    db_run!(db, pool => {
-        sqlx::query("DELETE FROM login_tokens WHERE user_id = $1")
-            .bind(user_id)
-            .execute(pool)
-            .await
-            .map(|done| done.rows_affected())
-    })?;
+    db_execute!(
+        db,
+        sqlx::query("DELETE FROM login_tokens WHERE user_id = $1").bind(user_id)
+    )?;
     Ok(())
 }
 

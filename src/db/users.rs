@@ -2,7 +2,7 @@
 
 use futures_util::stream::BoxStream;
 
-use super::{db_read, db_run, ledger::record_move, unix_now, Db};
+use super::{db_execute, db_read, db_run, ledger::record_move, unix_now, Db};
 use crate::domain::LedgerReason;
 
 /// What login needs to check a password.
@@ -183,14 +183,12 @@ pub async fn set_disabled(
     username_key: &str,
     disabled_at: Option<i64>,
 ) -> Result<bool, sqlx::Error> {
-    let changed = db_run!(db, pool => {
+    let changed = db_execute!(
+        db,
         sqlx::query("UPDATE users SET disabled_at = $2 WHERE username_key = $1")
             .bind(username_key)
             .bind(disabled_at)
-            .execute(pool)
-            .await
-            .map(|done| done.rows_affected())
-    })?;
+    )?;
     Ok(changed == 1)
 }
 

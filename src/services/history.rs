@@ -2,7 +2,7 @@
 
 use crate::{
     db::{self, chats::Chat, ledger::Entry, Db},
-    domain::{ChatStatus, LedgerReason, PageRequest},
+    domain::{ChatStatus, PageRequest},
     llm::Usage,
     services::{ServiceError, ServiceResult},
 };
@@ -52,29 +52,8 @@ impl From<Chat> for ChatRecord {
     }
 }
 
-/// One move of a user's balance. Times are Unix seconds.
-#[derive(Debug)]
-pub struct LedgerEntry {
-    pub id: i64,
-    pub amount: i64,
-    pub reason: LedgerReason,
-    pub chat_id: Option<i64>,
-    pub balance_after: i64,
-    pub created_at: i64,
-}
-
-impl From<Entry> for LedgerEntry {
-    fn from(entry: Entry) -> Self {
-        Self {
-            id: entry.id,
-            amount: entry.amount,
-            reason: entry.reason,
-            chat_id: entry.chat_id,
-            balance_after: entry.balance_after,
-            created_at: entry.created_at,
-        }
-    }
-}
+/// One move of a user's balance, as the ledger holds it. Times are Unix seconds.
+pub type LedgerEntry = Entry;
 
 #[tracing::instrument(level = "debug", skip_all)]
 pub async fn chats(db: &Db, user_id: i64, page: PageRequest) -> ServiceResult<Page<ChatRecord>> {
