@@ -1,32 +1,54 @@
 //! `/register`, `/login`, `/logout`, `/logout/all` and `/password`.
 
 use axum::{extract::State, http::StatusCode, Json};
-use serde::Deserialize;
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 use super::{
-    error::ApiError,
+    error::{ApiError, Envelope, InvalidBody, RateLimited, Unauthorised},
     extract::{AuthUser, Client, Payload},
     rfc3339,
 };
 use crate::{
     domain::{Password, Username},
     services::auth,
-    AppState,
+    state::AppState,
 };
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 pub struct Credentials {
+    /// 1 to 50 letters, digits or `@ . + - _`; unique regardless of case.
     username: String,
+    /// At least PASSWORD_MIN_LENGTH characters, at most 1024 bytes.
     password: String,
 }
 
-#[utoipa::path(post, path = "/register", tag = "accounts", request_body(content = super::openapi::Credentials, content_type = "application/json"), responses((status = 201, body = super::openapi::Registered, description = "Registered with the starting balance"), (status = 400, description = "invalid_json or invalid_input", body = super::openapi::Error), (status = 403, description = "registration_closed", body = super::openapi::Error), (status = 409, description = "username_taken", body = super::openapi::Error), (status = 429, description = "rate_limited", body = super::openapi::Error)))]
+#[derive(Serialize, ToSchema)]
+pub struct Registered {
+    /// "Registration Successful"
+    message: &'static str,
+    tokens: i64,
+    username: String,
+}
+
+#[utoipa::path(
+    post,
+    path = "/register",
+    tag = "accounts",
+    request_body(content = Credentials, content_type = "application/json"),
+    responses(
+        (status = 201, body = Registered, description = "Registered with the starting balance"),
+        InvalidBody,
+        (status = 403, description = "registration_closed", body = Envelope),
+        (status = 409, description = "username_taken", body = Envelope),
+        RateLimited,
+    )
+)]
 pub async fn register(
     State(state): State<AppState>,
     Client(address): Client,
     Payload(credentials): Payload<Credentials>,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+) -> Result<(StatusCode, Json<Registered>), ApiError> {
     let username = Username::parse(&credentials.username)?;
     let password = Password::parse(
         credentials.password,
@@ -39,41 +61,80 @@ pub async fn register(
         .await?;
     Ok((
         StatusCode::CREATED,
-        Json(json!({
-            "message": "Registration Successful",
-            "username": username.as_str(),
-            "tokens": tokens,
-        })),
+        Json(Registered {
+            message: "Registration Successful",
+            tokens,
+            username: username.as_str().to_owned(),
+        }),
     ))
 }
 
-#[utoipa::path(post, path = "/login", tag = "accounts", request_body(content = super::openapi::Credentials, content_type = "application/json"), responses((status = 200, body = super::openapi::LoginToken, description = "A new login token"), (status = 400, description = "invalid_json or invalid_input", body = super::openapi::Error), (status = 401, description = "invalid_credentials", body = super::openapi::Error), (status = 403, description = "account_disabled", body = super::openapi::Error), (status = 429, description = "rate_limited", body = super::openapi::Error)))]
+#[derive(Serialize, ToSchema)]
+pub struct LoginToken {
+    /// RFC 3339, UTC; null when tokens never expire.
+    expires_at: Option<String>,
+    /// 32 characters of [A-Za-z0-9].
+    token: String,
+}
+
+#[utoipa::path(
+    post,
+    path = "/login",
+    tag = "accounts",
+    request_body(content = Credentials, content_type = "application/json"),
+    responses(
+        (status = 200, body = LoginToken, description = "A new login token"),
+        InvalidBody,
+        (status = 401, description = "invalid_credentials", body = Envelope),
+        (status = 403, description = "account_disabled", body = Envelope),
+        RateLimited,
+    )
+)]
 pub async fn login(
     State(state): State<AppState>,
     Client(address): Client,
     Payload(credentials): Payload<Credentials>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<LoginToken>, ApiError> {
     let username = Username::offered(&credentials.username)?;
     let password = Password::offered(credentials.password, "password")?;
     let issued = state
         .accounts
         .login(username.as_ref(), password, address)
         .await?;
-    let expires_at = issued.expires_at.map(rfc3339);
-    Ok(Json(
-        json!({ "token": issued.token, "expires_at": expires_at }),
-    ))
+    Ok(Json(LoginToken {
+        expires_at: issued.expires_at.map(rfc3339),
+        token: issued.token,
+    }))
 }
 
 /// Revokes the token this request came with.
-#[utoipa::path(post, path = "/logout", tag = "accounts", security(("bearer" = []), ("token" = [])), responses((status = 204, description = "This login token is revoked"), (status = 401, description = "unauthorized", body = super::openapi::Error), (status = 403, description = "account_disabled", body = super::openapi::Error)))]
+#[utoipa::path(
+    post,
+    path = "/logout",
+    tag = "accounts",
+    security(("bearer" = []), ("token" = [])),
+    responses(
+        (status = 204, description = "This login token is revoked"),
+        Unauthorised,
+    )
+)]
 pub async fn logout(State(state): State<AppState>, user: AuthUser) -> Result<StatusCode, ApiError> {
     auth::logout(&state.db, &user.credential).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
 /// Revokes every login token of the user.
-#[utoipa::path(post, path = "/logout/all", tag = "accounts", security(("bearer" = []), ("token" = [])), responses((status = 204, description = "Every login token of the user is revoked"), (status = 401, description = "unauthorized", body = super::openapi::Error), (status = 403, description = "forbidden (an API key) or account_disabled", body = super::openapi::Error)))]
+#[utoipa::path(
+    post,
+    path = "/logout/all",
+    tag = "accounts",
+    security(("bearer" = []), ("token" = [])),
+    responses(
+        (status = 204, description = "Every login token of the user is revoked"),
+        Unauthorised,
+        (status = 403, description = "forbidden (an API key) or account_disabled", body = Envelope),
+    )
+)]
 pub async fn logout_everywhere(
     State(state): State<AppState>,
     user: AuthUser,
@@ -82,14 +143,26 @@ pub async fn logout_everywhere(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 pub struct PasswordChange {
     old_password: String,
     new_password: String,
 }
 
 /// Changes the password; every other login token of the user stops working.
-#[utoipa::path(post, path = "/password", tag = "accounts", security(("bearer" = []), ("token" = [])), request_body(content = super::openapi::PasswordChange, content_type = "application/json"), responses((status = 204, description = "Changed; every other login token is revoked"), (status = 400, description = "invalid_json or invalid_input", body = super::openapi::Error), (status = 401, description = "unauthorized", body = super::openapi::Error), (status = 403, description = "account_disabled", body = super::openapi::Error), (status = 429, description = "rate_limited", body = super::openapi::Error)))]
+#[utoipa::path(
+    post,
+    path = "/password",
+    tag = "accounts",
+    security(("bearer" = []), ("token" = [])),
+    request_body(content = PasswordChange, content_type = "application/json"),
+    responses(
+        (status = 204, description = "Changed; every other login token is revoked"),
+        InvalidBody,
+        Unauthorised,
+        RateLimited,
+    )
+)]
 pub async fn change_password(
     State(state): State<AppState>,
     Client(address): Client,

@@ -12,18 +12,18 @@ use axum::{
     Extension, Json,
 };
 use futures_util::{stream, StreamExt};
-use serde::Deserialize;
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 use super::{
-    error::ApiError,
+    error::{ApiError, Envelope, InvalidBody, RateLimited, Unauthorised},
     extract::{AuthUser, IdempotencyKey, Payload, TokensRemaining},
-    history::usage_json,
+    history::Usage,
 };
 use crate::{
     domain::Message,
     services::chat::{self, Question, StreamEvent, StreamedChat},
-    AppState,
+    state::AppState,
 };
 
 pub(super) const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
@@ -31,16 +31,59 @@ pub(super) const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idem
 /// How often a stream whose model is silent says it is still there.
 const KEEP_ALIVE_EVERY: Duration = Duration::from_secs(15);
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 pub struct ChatRequest {
+    /// 1 to MAX_MESSAGE_CHARS characters, not only white space.
     message: String,
-    /// `true`: answer as server-sent events; absent: as the `Accept` header asks.
+    /// true: server-sent events (start, delta, done or error); absent: as `Accept` asks.
     stream: Option<bool>,
     /// One of the user's conversations to continue; absent or null: a new one.
     conversation_id: Option<i64>,
 }
 
-#[utoipa::path(post, path = "/chat", tag = "chat", security(("bearer" = []), ("token" = [])), params(("Idempotency-Key" = Option<String>, Header, description = "Makes a retried chat return the first answer")), request_body(content = super::openapi::ChatRequest, content_type = "application/json"), responses((status = 200, description = "Answered and charged (or, streamed, text/event-stream: start, delta, done or error events)", body = super::openapi::ChatAnswer), (status = 400, description = "invalid_json or invalid_input", body = super::openapi::Error), (status = 401, description = "unauthorized", body = super::openapi::Error), (status = 403, description = "account_disabled", body = super::openapi::Error), (status = 402, description = "out_of_tokens, with the balance", body = super::openapi::Error), (status = 409, description = "request_in_progress", body = super::openapi::Error), (status = 422, description = "idempotency_key_reused", body = super::openapi::Error), (status = 429, description = "rate_limited", body = super::openapi::Error), (status = 502, description = "upstream_error: nothing charged", body = super::openapi::Error), (status = 504, description = "upstream_timeout: nothing charged", body = super::openapi::Error)))]
+#[derive(Serialize, ToSchema)]
+pub struct ChatAnswer {
+    chat_id: i64,
+    conversation_id: Option<i64>,
+    response: String,
+    /// The balance after the charge.
+    tokens: i64,
+    tokens_charged: i64,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct Balance {
+    tokens: i64,
+}
+
+#[utoipa::path(
+    post,
+    path = "/chat",
+    tag = "chat",
+    security(("bearer" = []), ("token" = [])),
+    params((
+        "Idempotency-Key" = Option<String>,
+        Header,
+        description = "Makes a retried chat return the first answer"
+    )),
+    request_body(content = ChatRequest, content_type = "application/json"),
+    responses(
+        (
+            status = 200,
+            description = "Answered and charged \
+                           (or, streamed, text/event-stream: start, delta, done or error events)",
+            body = ChatAnswer
+        ),
+        InvalidBody,
+        Unauthorised,
+        (status = 402, description = "out_of_tokens, with the balance", body = Envelope),
+        (status = 409, description = "request_in_progress", body = Envelope),
+        (status = 422, description = "idempotency_key_reused", body = Envelope),
+        RateLimited,
+        (status = 502, description = "upstream_error: nothing charged", body = Envelope),
+        (status = 504, description = "upstream_timeout: nothing charged", body = Envelope),
+    )
+)]
 pub async fn chat(
     State(state): State<AppState>,
     user: AuthUser,
@@ -63,13 +106,13 @@ pub async fn chat(
         return Ok(event_stream(started));
     }
     let answer = chat::chat(&state.chats, user.id, question).await?;
-    let body = Json(json!({
-        "response": answer.response,
-        "tokens": answer.balance,
-        "tokens_charged": answer.charged,
-        "chat_id": answer.chat_id,
-        "conversation_id": answer.conversation_id,
-    }));
+    let body = Json(ChatAnswer {
+        chat_id: answer.chat_id,
+        conversation_id: answer.conversation_id,
+        response: answer.response,
+        tokens: answer.balance,
+        tokens_charged: answer.charged,
+    });
     // A replayed answer's balance is from the first time; the header shows today's.
     let fresh_balance = (!answer.replayed).then_some(TokensRemaining(answer.balance));
     let replayed = answer.replayed.then_some([(IDEMPOTENT_REPLAYED, "true")]);
@@ -77,9 +120,21 @@ pub async fn chat(
 }
 
 /// The balance read with the token in this very request: one query for the whole answer.
-#[utoipa::path(get, path = "/balance", operation_id = "balance", tag = "chat", security(("bearer" = []), ("token" = [])), responses((status = 200, body = super::openapi::Balance, description = "The balance"), (status = 401, description = "unauthorized", body = super::openapi::Error), (status = 403, description = "account_disabled", body = super::openapi::Error)))]
-pub async fn balance(user: AuthUser) -> Json<Value> {
-    Json(json!({ "tokens": user.tokens }))
+#[utoipa::path(
+    get,
+    path = "/balance",
+    operation_id = "balance",
+    tag = "chat",
+    security(("bearer" = []), ("token" = [])),
+    responses(
+        (status = 200, body = Balance, description = "The balance"),
+        Unauthorised,
+    )
+)]
+pub async fn balance(user: AuthUser) -> Json<Balance> {
+    Json(Balance {
+        tokens: user.tokens,
+    })
 }
 
 fn accepts_event_stream(headers: &HeaderMap) -> bool {
@@ -101,9 +156,7 @@ fn event_stream(started: StreamedChat) -> Response {
         chat_id: chat.chat_id,
         conversation_id: chat.conversation_id,
     };
-    let start = Event::default().event("start").data(
-        json!({ "chat_id": ids.chat_id, "conversation_id": ids.conversation_id }).to_string(),
-    );
+    let start = Event::default().event("start").data(event_data(&ids));
     let events = stream::once(async move { start })
         .chain(chat.events.map(move |event| sse_event(ids, event)))
         .map(Ok::<_, Infallible>);
@@ -119,41 +172,82 @@ pub(super) fn keep_alive() -> KeepAlive {
         .text("keep-alive")
 }
 
-/// What every `start` and `done` event names.
-#[derive(Clone, Copy)]
+/// What every `start` and `done` event names; the whole of `start`.
+#[derive(Clone, Copy, Serialize)]
 struct ChatIds {
     chat_id: i64,
     conversation_id: Option<i64>,
 }
 
+/// The data of a `delta` event: the next text of the answer.
+#[derive(Serialize)]
+struct Delta<'a> {
+    content: &'a str,
+}
+
+/// The data of the `done` event.
+#[derive(Serialize)]
+struct Done {
+    chat_id: i64,
+    conversation_id: Option<i64>,
+    tokens: i64,
+    tokens_charged: i64,
+    usage: Option<Usage>,
+}
+
+/// The data of an `error` event: the envelope and what the chat cost.
+#[derive(Serialize)]
+struct Failed {
+    #[serde(flatten)]
+    envelope: Envelope,
+    tokens_charged: i64,
+}
+
 fn sse_event(ids: ChatIds, event: StreamEvent) -> Event {
     let (name, data) = match event {
-        StreamEvent::Text(content) => ("delta", json!({ "content": content })),
+        StreamEvent::Text(content) => ("delta", event_data(&Delta { content: &content })),
         StreamEvent::Done {
             balance,
             charged,
             usage,
-        } => (
-            "done",
-            json!({
-                "chat_id": ids.chat_id,
-                "conversation_id": ids.conversation_id,
-                "tokens": balance,
-                "tokens_charged": charged,
-                "usage": usage.map(usage_json),
-            }),
-        ),
+        } => {
+            let done = Done {
+                chat_id: ids.chat_id,
+                conversation_id: ids.conversation_id,
+                tokens: balance,
+                tokens_charged: charged,
+                usage: usage.map(Usage::from),
+            };
+            ("done", event_data(&done))
+        }
         StreamEvent::Failed { error, charged } => {
-            let mut envelope = ApiError::from(error).envelope();
-            envelope["tokens_charged"] = json!(charged);
-            ("error", envelope)
+            let failed = Failed {
+                envelope: ApiError::from(error).envelope(),
+                tokens_charged: charged,
+            };
+            ("error", event_data(&failed))
         }
     };
-    Event::default().event(name).data(data.to_string())
+    Event::default().event(name).data(data)
+}
+
+/// An event's JSON data.
+pub(super) fn event_data(data: &impl Serialize) -> String {
+    serde_json::to_string(data).expect("an event's data serialises")
 }
 
 /// The same, by POST, as the original system's clients ask.
-#[utoipa::path(post, path = "/balance", operation_id = "balance_by_post", tag = "chat", security(("bearer" = []), ("token" = [])), responses((status = 200, body = super::openapi::Balance, description = "The balance"), (status = 401, description = "unauthorized", body = super::openapi::Error), (status = 403, description = "account_disabled", body = super::openapi::Error)))]
-pub async fn balance_by_post(user: AuthUser) -> Json<Value> {
+#[utoipa::path(
+    post,
+    path = "/balance",
+    operation_id = "balance_by_post",
+    tag = "chat",
+    security(("bearer" = []), ("token" = [])),
+    responses(
+        (status = 200, body = Balance, description = "The balance"),
+        Unauthorised,
+    )
+)]
+pub async fn balance_by_post(user: AuthUser) -> Json<Balance> {
     balance(user).await
 }

@@ -1,12 +1,19 @@
 //! The HTTP answers that are errors: each service error mapped to one status and one stable
-//! code, rendered as the contract's `{"error", "code"}` envelope.
+//! code, rendered as the contract's `{"error", "code"}` envelope, and the error answers the
+//! OpenAPI document lists, described once for the routes that share them.
+
+use std::collections::BTreeMap;
 
 use axum::{
     http::{header, HeaderValue, StatusCode},
     response::{IntoResponse, Response},
     Json,
 };
-use serde_json::{json, Map, Value};
+use serde::Serialize;
+use utoipa::{
+    openapi::{response::Response as DocumentedResponse, Content, Ref, RefOr},
+    ToSchema,
+};
 
 use crate::{
     domain::Invalid,
@@ -216,29 +223,51 @@ impl From<ServiceError> for ApiError {
     }
 }
 
+/// The contract's error envelope.
+// (A `///` paragraph here would join the schema's description in the OpenAPI document.)
+#[derive(Serialize, ToSchema)]
+#[schema(as = Error)]
+pub struct Envelope {
+    /// Stable snake_case: invalid_json, invalid_input, unauthorized, invalid_credentials,
+    /// out_of_tokens, not_found, method_not_allowed, username_taken, payload_too_large,
+    /// unsupported_media_type, rate_limited, forbidden, account_disabled, internal,
+    /// upstream_error, database_unavailable, not_ready, upstream_timeout, ...
+    pub code: &'static str,
+    /// A sentence for a person.
+    pub error: String,
+    /// The field at fault (`invalid_input`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub field: Option<&'static str>,
+    /// The request's id (500s), as in `X-Request-Id`.
+    // Never set here: `middleware::request_id` adds it to a 500's body on its way out,
+    // whichever layer made it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+    /// The balance (`out_of_tokens`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tokens: Option<i64>,
+}
+
 impl ApiError {
     /// The contract's envelope: `{"error", "code"}`, and `"field"` or `"tokens"` where they
     /// apply. Logs an internal error whole, since this is where it is answered.
-    pub fn envelope(&self) -> Value {
+    pub fn envelope(&self) -> Envelope {
         if let Self::Internal(err) = self {
             tracing::error!(error = %with_sources(err.as_ref()), "internal error");
         }
-        let mut body = Map::new();
-        body.insert("error".into(), self.public_message().into());
-        body.insert("code".into(), self.code().into());
-        match self {
-            Self::InvalidInput { field, .. } => {
-                body.insert("field".into(), (*field).into());
-            }
-            Self::ModelNotFound(_) => {
-                body.insert("field".into(), "model".into());
-            }
-            Self::OutOfTokens { tokens } => {
-                body.insert("tokens".into(), json!(tokens));
-            }
-            _ => {}
+        let (field, tokens) = match self {
+            Self::InvalidInput { field, .. } => (Some(*field), None),
+            Self::ModelNotFound(_) => (Some("model"), None),
+            Self::OutOfTokens { tokens } => (None, Some(*tokens)),
+            _ => (None, None),
+        };
+        Envelope {
+            code: self.code(),
+            error: self.public_message(),
+            field,
+            request_id: None,
+            tokens,
         }
-        Value::Object(body)
     }
 }
 
@@ -260,10 +289,61 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// Declares unit types that stand, in a `#[utoipa::path]`'s `responses(...)`, for error
+/// answers that several routes share: each `status: "description"` listed, with `$body`'s
+/// schema as its JSON body.
+macro_rules! error_responses {
+    ($body:ty => $($(#[$doc:meta])* $name:ident { $($status:literal: $description:literal),+ $(,)? })+) => {$(
+        $(#[$doc])*
+        pub struct $name;
+
+        impl utoipa::IntoResponses for $name {
+            fn responses() -> std::collections::BTreeMap<
+                String,
+                utoipa::openapi::RefOr<utoipa::openapi::response::Response>,
+            > {
+                $crate::routes::error::documented::<$body>(&[$(($status, $description)),+])
+            }
+        }
+    )+};
+}
+pub(super) use error_responses;
+
+/// The responses of `statuses`, each `(status, description)` with `B` as its JSON body.
+pub(super) fn documented<B: ToSchema>(
+    statuses: &[(u16, &str)],
+) -> BTreeMap<String, RefOr<DocumentedResponse>> {
+    statuses
+        .iter()
+        .map(|&(status, description)| {
+            let body = Content::new(Some(Ref::from_schema_name(B::name())));
+            let response = DocumentedResponse::builder()
+                .description(description)
+                .content("application/json", body)
+                .build();
+            (status.to_string(), response.into())
+        })
+        .collect()
+}
+
+error_responses! { Envelope =>
+    /// A body that is not JSON or form data, lacks a field or has one of the wrong type
+    /// (`invalid_json`), or a field that fails validation (`invalid_input`).
+    InvalidBody { 400: "invalid_json or invalid_input" }
+    /// A `?limit=` or `?cursor=` that fails validation.
+    InvalidPage { 400: "invalid_input" }
+    /// What an authorised route answers before its handler runs.
+    Unauthorised { 401: "unauthorized", 403: "account_disabled" }
+    /// An id that is not the user's.
+    NotFound { 404: "not_found" }
+    RateLimited { 429: "rate_limited" }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use axum::body::to_bytes;
+    use serde_json::Value;
 
     async fn rendered(err: ServiceError) -> (StatusCode, Value) {
         let response = ApiError::from(err).into_response();

@@ -15,7 +15,7 @@ use crate::{
     domain::{self, PageRequest},
     server::OverBudget,
     services::{auth::Credential, throttle::ClientAddress},
-    AppState,
+    state::AppState,
 };
 
 /// `Retry-After` of a body refused because the bodies in flight fill their budget.

@@ -15,7 +15,7 @@ use super::{
     error::ApiError as Error,
     extract::{body_format, AuthUser, TokensRemaining, X_TOKENS_REMAINING},
 };
-use crate::{services::auth, telemetry::Metrics, AppState};
+use crate::{services::auth, state::AppState, telemetry::Metrics};
 
 /// Middleware of every route: a body in a format we do not read is 415, and one declared
 /// longer than the route's limit is 413, even on a route that reads no body (`POST

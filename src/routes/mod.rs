@@ -1,4 +1,10 @@
 //! The HTTP surface: the route table and the layers that give every answer the contract's shape.
+//!
+//! Each handler reads and answers bodies of its own types (`Deserialize`/`Serialize` and
+//! `ToSchema`), defined beside it; the OpenAPI document is generated from those same types.
+//! The fields of an answer are declared in alphabetical order, the order in which the
+//! `serde_json` maps that came before them wrote them; those of a request in the order
+//! serde names the first missing one in.
 
 mod accounts;
 mod chat;
@@ -26,7 +32,7 @@ use tower_http::{catch_panic::CatchPanicLayer, cors::CorsLayer, trace::TraceLaye
 use tracing::Span;
 
 pub use self::error::ApiError;
-use crate::{rfc3339, AppState};
+use crate::{clock::rfc3339, state::AppState};
 
 /// The whole application: every route, with and without its trailing slash.
 pub fn router(state: AppState) -> Router {

@@ -9,59 +9,141 @@ use axum::{
     Json,
 };
 use secrecy::ExposeSecret;
-use serde_json::{json, Value};
+use serde::Serialize;
 use sha2::{Digest, Sha256};
+use utoipa::ToSchema;
 
-use super::error::ApiError;
-use crate::{llm::ModelProbe, services::health::DatabaseReadiness, AppState};
+use super::error::{ApiError, Envelope};
+use crate::{llm::ModelProbe, services::health::DatabaseReadiness, state::AppState};
+
+#[derive(Serialize, ToSchema)]
+pub struct Health {
+    /// "ok"
+    status: &'static str,
+}
 
 /// Liveness: answers without touching the database (also the benchmark's static route).
-#[utoipa::path(get, path = "/health", tag = "operations", responses((status = 200, description = "The process is up", body = super::openapi::Health)))]
-pub async fn health() -> Json<Value> {
-    Json(json!({ "status": "ok" }))
+#[utoipa::path(
+    get,
+    path = "/health",
+    tag = "operations",
+    responses((status = 200, description = "The process is up", body = Health))
+)]
+pub async fn health() -> Json<Health> {
+    Json(Health { status: "ok" })
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct Readiness<'a> {
+    /// status (ok, not_migrated, unreachable), migrations_applied, migrations_known
+    #[schema(value_type = Object)]
+    database: DatabaseState,
+    /// status (reachable, model_missing, unreachable, built_in), name, detail
+    #[schema(value_type = Object)]
+    model: ModelState<'a>,
+    /// "ready"; a 503 is the error envelope with `not_ready` and the same two fields.
+    status: &'static str,
+}
+
+/// The 503 of `/ready`: the envelope and the same two fields as [`Readiness`].
+#[derive(Serialize)]
+struct NotReady<'a> {
+    #[serde(flatten)]
+    envelope: Envelope,
+    database: DatabaseState,
+    model: ModelState<'a>,
+}
+
+#[derive(Serialize)]
+struct DatabaseState {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    migrations_applied: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    migrations_known: Option<usize>,
+    status: &'static str,
+}
+
+#[derive(Serialize)]
+struct ModelState<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    detail: Option<&'a str>,
+    name: &'a str,
+    status: &'static str,
 }
 
 /// Readiness: 200 when the database answers with every migration applied, 503
 /// `not_ready` otherwise; both say what the database and the model were found to be.
-#[utoipa::path(get, path = "/ready", tag = "operations", responses((status = 200, description = "The database answers and is migrated", body = super::openapi::Readiness), (status = 503, description = "not_ready, with the database and model fields", body = super::openapi::Error)))]
+#[utoipa::path(
+    get,
+    path = "/ready",
+    tag = "operations",
+    responses(
+        (status = 200, description = "The database answers and is migrated", body = Readiness),
+        (
+            status = 503,
+            description = "not_ready, with the database and model fields",
+            body = Envelope
+        ),
+    )
+)]
 pub async fn ready(State(state): State<AppState>) -> Response {
     let readiness = state.health.readiness().await;
-    let (database_status, migrations) = match &readiness.database {
+    let (status, migrations) = match &readiness.database {
         DatabaseReadiness::Ready(migrations) => ("ok", Some(migrations)),
         DatabaseReadiness::NotMigrated(migrations) => ("not_migrated", Some(migrations)),
         DatabaseReadiness::Unreachable => ("unreachable", None),
     };
-    let mut database = json!({ "status": database_status });
-    if let Some(migrations) = migrations {
-        database["migrations_applied"] = json!(migrations.applied);
-        database["migrations_known"] = json!(migrations.known);
-    }
-    let mut model = json!({
-        "status": readiness.model.as_str(),
-        "name": state.llm.model_name(),
-    });
-    if let ModelProbe::Unreachable(why) = &readiness.model {
-        model["detail"] = json!(why);
-    }
-    let details = [("database", database), ("model", model)];
+    let database = DatabaseState {
+        migrations_applied: migrations.map(|migrations| migrations.applied),
+        migrations_known: migrations.map(|migrations| migrations.known),
+        status,
+    };
+    let model = ModelState {
+        detail: match &readiness.model {
+            ModelProbe::Unreachable(why) => Some(why),
+            _ => None,
+        },
+        name: state.llm.model_name(),
+        status: readiness.model.as_str(),
+    };
     if readiness.is_ready() {
-        let mut body = json!({ "status": "ready" });
-        for (name, value) in details {
-            body[name] = value;
-        }
+        let body = Readiness {
+            database,
+            model,
+            status: "ready",
+        };
         return Json(body).into_response();
     }
     let not_ready = ApiError::NotReady;
-    let mut body = not_ready.envelope();
-    for (name, value) in details {
-        body[name] = value;
-    }
+    let body = NotReady {
+        envelope: not_ready.envelope(),
+        database,
+        model,
+    };
     (not_ready.status(), Json(body)).into_response()
 }
 
 /// The Prometheus text exposition. With `METRICS_TOKEN` set, only for a request that
 /// presents it as `Authorization: Bearer <token>`.
-#[utoipa::path(get, path = "/metrics", tag = "operations", security((), ("metrics_token" = [])), responses((status = 200, description = "Prometheus text format", content_type = "text/plain; version=0.0.4", body = String), (status = 401, description = "METRICS_TOKEN is set and was not presented", body = super::openapi::Error)))]
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "operations",
+    security((), ("metrics_token" = [])),
+    responses(
+        (
+            status = 200,
+            description = "Prometheus text format",
+            content_type = "text/plain; version=0.0.4",
+            body = String
+        ),
+        (
+            status = 401,
+            description = "METRICS_TOKEN is set and was not presented",
+            body = Envelope
+        ),
+    )
+)]
 pub async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Response {
     if let Some(expected) = &state.config.metrics_token {
         let presented = headers
