@@ -1,15 +1,14 @@
 //! The integration suite, one binary: the contract, the accounting, the real server and
 //! binary, and attacks on both. `TEST_LOG=1 cargo test` shows the server's logs.
 
-mod accounting;
-mod billing;
+mod chat_charges;
 mod common;
 mod connections;
 mod contract;
 mod conversations;
-mod hardening;
-mod hostile;
+mod fixed_weaknesses;
 mod keys;
+mod ledger;
 mod memory;
 mod migrations;
 mod openai;
@@ -18,6 +17,7 @@ mod operations;
 mod page;
 mod postgres;
 mod properties;
+mod request_fuzzing;
 mod sdk;
 mod server;
 mod stream_limits;

@@ -1,0 +1,17 @@
+//! Attacks and operator mistakes that once worked, each tried again: lock-outs, spraying,
+//! token farming, questionable input, ambiguous credentials, corrupting grants, and
+//! chats refunded by a process with another time-out.
+
+mod database_and_command_line;
+mod login_throttling;
+mod questionable_input;
+mod request_limits;
+mod token_revocation;
+
+fn retry_after(response: &crate::common::TestResponse) -> u64 {
+    response.headers["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap()
+}

@@ -1,0 +1,212 @@
+//! Every way a stream can end early, and its charge: the model dying before or after text
+//! or going silent, the client leaving before or after a delta or before `done`, and the
+//! end of shutdown's grace.
+
+use std::time::Duration;
+
+use crate::common::{Reply, TestApp};
+
+use super::{deltas, only_chat, settled_chat, stream_message, wait_until};
+
+#[tokio::test]
+async fn a_model_that_dies_after_text_was_delivered_ends_the_stream_with_an_error_and_charges_by_the_abandoned_rule(
+) {
+    for message in ["[die-mid-stream] a b c d", "[error-mid-stream] a b c d"] {
+        for (rule, charged) in [("delivered", 100), ("never", 0)] {
+            let app = TestApp::with_env(&[("ABANDONED_STREAM_CHARGE", rule)]).await;
+            let token = app.user_with_token("user").await;
+            let events = stream_message(&app, &token, message)
+                .await
+                .events()
+                .rest()
+                .await;
+            let (name, error) = events.last().unwrap();
+            assert_eq!(name, "error", "{message}: {events:?}");
+            assert_eq!(error["code"], "upstream_error");
+            assert_eq!(error["tokens_charged"], charged, "{rule}");
+            assert!(error["error"].as_str().is_some_and(|text| !text.is_empty()));
+            let deltas = deltas(&events).concat();
+            assert!(!deltas.is_empty(), "{events:?}");
+            let chat = only_chat(&app, &token).await;
+            let status = if charged > 0 { "abandoned" } else { "failed" };
+            assert_eq!(chat["status"], status, "{rule}");
+            assert_eq!(chat["tokens_charged"], charged);
+            assert_eq!(chat["response"], deltas, "the partial text is kept");
+            assert_eq!(app.balance(&token).await, 4000 - charged);
+            app.assert_all_settled().await;
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_model_that_dies_before_any_text_is_refunded_whatever_the_rule() {
+    let app = TestApp::new().await;
+    let token = app.user_with_token("user").await;
+    app.llm.set_reply(Reply::DieMidStream { after_words: 0 });
+    let events = stream_message(&app, &token, "hello")
+        .await
+        .events()
+        .rest()
+        .await;
+    let (name, error) = events.last().unwrap();
+    assert_eq!(name, "error", "{events:?}");
+    assert_eq!(error["tokens_charged"], 0);
+    assert!(deltas(&events).concat().is_empty(), "{events:?}");
+    let chat = only_chat(&app, &token).await;
+    assert_eq!(chat["status"], "failed");
+    assert_eq!(app.balance(&token).await, 4000);
+    app.assert_all_settled().await;
+}
+
+#[tokio::test]
+async fn a_model_silent_past_the_idle_limit_ends_as_a_time_out_charged_for_what_was_delivered() {
+    let app = TestApp::with_env(&[("LLM_STREAM_IDLE_SECS", "1")]).await;
+    let token = app.user_with_token("user").await;
+    let started = std::time::Instant::now();
+    let events = stream_message(&app, &token, "[stall-mid-stream] a b")
+        .await
+        .events()
+        .rest()
+        .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+    let (name, error) = events.last().unwrap();
+    assert_eq!(name, "error");
+    assert_eq!(error["code"], "upstream_timeout");
+    assert_eq!(error["tokens_charged"], 100);
+    let chat = only_chat(&app, &token).await;
+    assert_eq!(chat["status"], "abandoned");
+    assert_eq!(chat["response"], "Echo: ");
+    assert_eq!(app.balance(&token).await, 3900);
+    // The silent upstream request was let go.
+    assert!(
+        app.llm
+            .wait_for_cancelled_streams(1, Duration::from_secs(1))
+            .await
+    );
+    app.assert_all_settled().await;
+}
+
+#[tokio::test]
+async fn a_client_gone_after_a_delta_leaves_an_abandoned_chat_charged_and_the_model_stopped() {
+    let app = TestApp::new().await;
+    let token = app.user_with_token("user").await;
+    app.llm.set_reply(Reply::SlowStream {
+        every: Duration::from_millis(200),
+    });
+    let mut events = stream_message(&app, &token, "one two three four five six")
+        .await
+        .events();
+    assert_eq!(events.next().await.unwrap().0, "start");
+    let (name, first) = events.next().await.unwrap();
+    assert_eq!(name, "delta");
+    drop(events);
+    assert!(
+        app.llm
+            .wait_for_cancelled_streams(1, Duration::from_secs(1))
+            .await,
+        "the upstream request was not dropped within a second"
+    );
+    let chat = settled_chat(&app, &token).await;
+    assert_eq!(chat["status"], "abandoned");
+    assert_eq!(chat["tokens_charged"], 100);
+    let stored = chat["response"].as_str().unwrap();
+    assert!(
+        stored.starts_with(first["content"].as_str().unwrap()),
+        "{chat}"
+    );
+    assert!(
+        stored.len() < "Echo: one two three four five six".len(),
+        "{chat}"
+    );
+    assert_eq!(app.balance(&token).await, 3900);
+    assert_eq!(app.llm.finished_streams(), 0);
+    app.assert_all_settled().await;
+}
+
+#[tokio::test]
+async fn a_client_gone_before_any_delta_is_refunded_and_never_means_always_refunded() {
+    // Gone after the start, before the model wrote a word.
+    let app = TestApp::new().await;
+    let token = app.user_with_token("user").await;
+    app.llm.set_reply(Reply::StallMidStream {
+        after_words: 0,
+        stall: Duration::from_secs(60),
+    });
+    let mut events = stream_message(&app, &token, "hello").await.events();
+    assert_eq!(events.next().await.unwrap().0, "start");
+    drop(events);
+    assert!(
+        app.llm
+            .wait_for_cancelled_streams(1, Duration::from_secs(1))
+            .await
+    );
+    let chat = settled_chat(&app, &token).await;
+    assert_eq!(chat["status"], "abandoned");
+    assert_eq!(chat["tokens_charged"], 0);
+    assert_eq!(app.balance(&token).await, 4000);
+    app.assert_all_settled().await;
+
+    // ABANDONED_STREAM_CHARGE=never: refunded even after deltas.
+    let app = TestApp::with_env(&[("ABANDONED_STREAM_CHARGE", "never")]).await;
+    let token = app.user_with_token("user").await;
+    app.llm.set_reply(Reply::SlowStream {
+        every: Duration::from_millis(200),
+    });
+    let mut events = stream_message(&app, &token, "one two three four")
+        .await
+        .events();
+    events.next().await.unwrap();
+    assert_eq!(events.next().await.unwrap().0, "delta");
+    drop(events);
+    let chat = settled_chat(&app, &token).await;
+    assert_eq!(chat["status"], "abandoned");
+    assert_eq!(chat["tokens_charged"], 0);
+    assert!(!chat["response"].as_str().unwrap().is_empty());
+    assert_eq!(app.balance(&token).await, 4000);
+    app.assert_all_settled().await;
+}
+
+#[tokio::test]
+async fn a_finished_answer_is_charged_even_when_its_client_left_before_done() {
+    let app = TestApp::new().await;
+    let token = app.user_with_token("user").await;
+    let mut events = stream_message(&app, &token, "quick").await.events();
+    assert_eq!(events.next().await.unwrap().0, "start");
+    // Let the model finish while nobody reads, then leave.
+    assert!(wait_until(|| app.llm.finished_streams() == 1).await);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    drop(events);
+    let chat = settled_chat(&app, &token).await;
+    assert_eq!(chat["status"], "answered");
+    assert_eq!(chat["response"], "Echo: quick");
+    assert_eq!(app.balance(&token).await, 3900);
+    app.assert_all_settled().await;
+}
+
+#[tokio::test]
+async fn a_stream_cut_by_the_end_of_shutdown_grace_ends_with_an_error_and_is_refunded() {
+    let app = TestApp::new().await;
+    let token = app.user_with_token("user").await;
+    app.llm.set_reply(Reply::SlowStream {
+        every: Duration::from_millis(200),
+    });
+    let mut events = stream_message(&app, &token, "one two three four five")
+        .await
+        .events();
+    assert_eq!(events.next().await.unwrap().0, "start");
+    assert_eq!(events.next().await.unwrap().0, "delta");
+    app.state.cancel_chats.cancel();
+    let rest = events.rest().await;
+    let (name, error) = rest.last().unwrap();
+    assert_eq!(name, "error");
+    assert_eq!(error["code"], "shutting_down");
+    let chat = only_chat(&app, &token).await;
+    assert_eq!(chat["status"], "failed");
+    assert_eq!(chat["tokens_charged"], 0);
+    assert_eq!(app.balance(&token).await, 4000);
+    app.assert_all_settled().await;
+}
