@@ -180,6 +180,9 @@ fn with_body_limit(handler: MethodRouter<AppState>, limit: usize) -> MethodRoute
         .layer(DefaultBodyLimit::max(limit))
 }
 
+/// Registers each route at its path and at its path with one trailing slash. Not
+/// tower-http's `NormalizePathLayer`: it trims every trailing slash, so `/chats//` would be
+/// `/chats` instead of a 404, which the hostile-request property test caught.
 fn with_and_without_slash(routes: Vec<(&str, MethodRouter<AppState>)>) -> Router<AppState> {
     routes
         .into_iter()
