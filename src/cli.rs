@@ -13,7 +13,7 @@ use clap::{Parser, Subcommand};
 use futures_util::TryStreamExt;
 use tokio::net::{TcpListener, TcpSocket};
 
-use crate::{db, domain, server, services, telemetry, AppState, Config};
+use crate::{config::Config, db, domain, server, services, state::AppState, telemetry};
 
 /// A metered, OpenAI-compatible LLM chat API. Configuration comes from the environment and
 /// a `.env` file in the working directory (see `.env.example`).

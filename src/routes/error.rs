@@ -25,8 +25,10 @@ use crate::{
 /// token are accepted too.
 const WWW_AUTHENTICATE: HeaderValue = HeaderValue::from_static("Bearer realm=\"tokenchat\"");
 
-/// Every way a request can fail; each variant maps to one status and one stable code.
-#[derive(Debug, thiserror::Error)]
+/// Every way a request can fail; each variant maps to one status and one stable code (its
+/// snake_case name).
+#[derive(Debug, thiserror::Error, strum::IntoStaticStr)]
+#[strum(serialize_all = "snake_case")]
 pub enum ApiError {
     #[error("{0}")]
     InvalidJson(String),
@@ -76,6 +78,7 @@ pub enum ApiError {
     #[error("not ready: the database is unreachable or not migrated")]
     NotReady,
     #[error("the language model could not answer: {0}")]
+    #[strum(serialize = "upstream_error")]
     Upstream(String),
     #[error("the language model did not answer in time")]
     UpstreamTimeout,
@@ -122,33 +125,7 @@ impl ApiError {
     }
 
     pub fn code(&self) -> &'static str {
-        match self {
-            Self::InvalidJson(_) => "invalid_json",
-            Self::InvalidInput { .. } => "invalid_input",
-            Self::Unauthorized => "unauthorized",
-            Self::InvalidCredentials => "invalid_credentials",
-            Self::OutOfTokens { .. } => "out_of_tokens",
-            Self::NotFound => "not_found",
-            Self::ModelNotFound(_) => "model_not_found",
-            Self::MethodNotAllowed => "method_not_allowed",
-            Self::UsernameTaken => "username_taken",
-            Self::IdempotencyKeyReused => "idempotency_key_reused",
-            Self::RequestInProgress => "request_in_progress",
-            Self::PayloadTooLarge => "payload_too_large",
-            Self::UnsupportedMediaType => "unsupported_media_type",
-            Self::RateLimited { .. } => "rate_limited",
-            Self::RegistrationClosed => "registration_closed",
-            Self::Forbidden(_) => "forbidden",
-            Self::AccountDisabled => "account_disabled",
-            Self::RequestTimeout => "request_timeout",
-            Self::Busy { .. } => "busy",
-            Self::ShuttingDown => "shutting_down",
-            Self::DatabaseUnavailable => "database_unavailable",
-            Self::NotReady => "not_ready",
-            Self::Upstream(_) => "upstream_error",
-            Self::UpstreamTimeout => "upstream_timeout",
-            Self::Internal(_) => "internal",
-        }
+        self.into()
     }
 
     /// The error that stands for a bare status produced outside our handlers
