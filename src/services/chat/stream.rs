@@ -276,7 +276,12 @@ impl ChatInFlight {
             // Text the client already has is paid for as an abandoned stream's would be:
             // otherwise a long answer cut by the model, or by `LLM_STREAM_MAX_SECS`, would
             // be free however much of it arrived (issue 21).
-            Ending::ModelFailed(err) if delivered_any && self.charges_for_delivered_text() => {
+            // Only text: an answer of white space alone is unusable, and never charged.
+            Ending::ModelFailed(err)
+                if delivered_any
+                    && !answer.trim().is_empty()
+                    && self.charges_for_delivered_text() =>
+            {
                 tracing::info!(chat_id, error = %err, "the model failed after text was delivered: charged");
                 let how = Unanswered::Abandoned { refund: false };
                 let settled = self

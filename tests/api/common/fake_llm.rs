@@ -52,6 +52,8 @@ pub enum Reply {
     NoChoices,
     /// A 200 whose answer is an empty string.
     EmptyContent,
+    /// A 200 whose answer is only white space (streamed: one delta of it, then the end).
+    BlankContent,
     /// Waits this long, then echoes (streamed: waits before sending the headers).
     Stall(Duration),
     /// Fails (500) this fraction of requests at random and echoes the rest.
@@ -231,6 +233,7 @@ async fn completions(
         Reply::Garbage => (StatusCode::OK, "<html>definitely not json</html>").into_response(),
         Reply::NoChoices => Json(json!({ "id": "x", "object": "chat.completion", "choices": [] })).into_response(),
         Reply::EmptyContent if !stream => completion("", None),
+        Reply::BlankContent if !stream => completion(" \n ", None),
         Reply::EchoWithoutUsage if !stream => completion(&answer, None),
         _ if !stream => completion(&answer, Some(usage(&answer))),
         Reply::EmptyContent => {
@@ -238,6 +241,7 @@ async fn completions(
             sse(&shared, &model, StreamPlan::whole("", usage))
         }
         Reply::EchoWithoutUsage => sse(&shared, &model, StreamPlan::whole(&answer, None)),
+        Reply::BlankContent => sse(&shared, &model, StreamPlan::whole(" \n ", None)),
         Reply::Echo | Reply::Stall(_) => {
             let usage = include_usage.then(|| usage(&answer));
             sse(&shared, &model, StreamPlan::whole(&answer, usage))

@@ -210,3 +210,24 @@ async fn a_stream_cut_by_the_end_of_shutdown_grace_ends_with_an_error_and_is_ref
     assert_eq!(app.balance(&token).await, 4000);
     app.assert_all_settled().await;
 }
+
+#[tokio::test]
+async fn a_stream_of_white_space_alone_is_unusable_and_refunded_though_it_was_delivered() {
+    let app = TestApp::new().await;
+    let token = app.user_with_token("user").await;
+    app.llm.set_reply(Reply::BlankContent);
+    let events = stream_message(&app, &token, "hello")
+        .await
+        .events()
+        .rest()
+        .await;
+    assert_eq!(deltas(&events).concat(), " \n ", "{events:?}");
+    let (name, error) = events.last().unwrap();
+    assert_eq!(name, "error", "{events:?}");
+    assert_eq!(error["code"], "upstream_error");
+    assert_eq!(error["tokens_charged"], 0);
+    let chat = only_chat(&app, &token).await;
+    assert_eq!(chat["status"], "failed");
+    assert_eq!(app.balance(&token).await, 4000);
+    app.assert_all_settled().await;
+}
