@@ -101,10 +101,11 @@ const STREAM_BUFFER: usize = 16;
 /// here, charging nothing. Its events then come as the model writes.
 ///
 /// Every ending settles the chat: the model finished and the answer was stored, charged
-/// (whether or not the client read the last event); the model failed or went silent,
-/// refunded and `failed`, keeping the partial text; the client went away first, the
-/// upstream request is dropped at once, the partial text kept, and the chat `abandoned`,
-/// charged or refunded by `ABANDONED_STREAM_CHARGE`.
+/// (whether or not the client read the last event); the model failed, went silent or ran
+/// past `LLM_STREAM_MAX_SECS` before any text was delivered, refunded and `failed`; after
+/// text was delivered, settled as if the client had left; the client went away first, the
+/// upstream request is dropped at once and the chat `abandoned`, charged or refunded by
+/// `ABANDONED_STREAM_CHARGE`. The partial text is kept in every case.
 #[tracing::instrument(level = "debug", skip_all)]
 pub async fn chat_streamed(
     chats: &Arc<Chats>,
