@@ -7,8 +7,8 @@
 
 use std::time::Duration;
 
-use super::{db_read, db_run, unix_now, users, Db};
-use crate::domain::ChatStatus;
+use super::{db_page, db_read, db_run, unix_now, users, Db};
+use crate::domain::{ChatStatus, PageRequest};
 
 /// The outcome of trying to reserve the price of a chat.
 #[derive(Debug, PartialEq, Eq)]
@@ -225,24 +225,14 @@ pub async fn find(db: &Db, user_id: i64, chat_id: i64) -> Result<Option<Chat>, s
     .await)
 }
 
-/// The user's chats with ids below `before`, newest first (a page: see [`super::NO_CURSOR`]).
+/// The user's chats below `page.before`, newest first, at most `page.limit`.
 #[tracing::instrument(level = "debug", skip_all)]
-pub async fn page(
-    db: &Db,
-    user_id: i64,
-    before: Option<i64>,
-    limit: i64,
-) -> Result<Vec<Chat>, sqlx::Error> {
-    db_read!(db, pool => sqlx::query_as(concat!(
+pub async fn page(db: &Db, user_id: i64, page: PageRequest) -> Result<Vec<Chat>, sqlx::Error> {
+    db_page!(db, user_id, page => concat!(
         "SELECT ", chat_columns!(), " FROM chats
          WHERE user_id = $1 AND erased_at IS NULL AND id < $2
          ORDER BY id DESC LIMIT $3"
     ))
-    .bind(user_id)
-    .bind(before.unwrap_or(super::NO_CURSOR))
-    .bind(limit)
-    .fetch_all(pool)
-    .await)
 }
 
 /// A charged chat (answered, or an abandoned stream that kept its charge, with the text it

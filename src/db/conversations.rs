@@ -1,6 +1,7 @@
 //! Queries on `conversations`, and on the chats of one.
 
-use super::{chats::Chat, db_read, db_run, unix_now, Db};
+use super::{chats::Chat, db_page, db_read, db_run, unix_now, Db};
+use crate::domain::PageRequest;
 
 /// A conversation as its owner sees it.
 #[derive(Debug, sqlx::FromRow)]
@@ -22,24 +23,18 @@ pub async fn find(db: &Db, user_id: i64, id: i64) -> Result<Option<Conversation>
     .await)
 }
 
-/// The user's conversations with ids below `before`, newest first (a page: see [`super::NO_CURSOR`]).
+/// The user's conversations below `page.before`, newest first, at most `page.limit`.
 #[tracing::instrument(level = "debug", skip_all)]
 pub async fn page(
     db: &Db,
     user_id: i64,
-    before: Option<i64>,
-    limit: i64,
+    page: PageRequest,
 ) -> Result<Vec<Conversation>, sqlx::Error> {
-    db_read!(db, pool => sqlx::query_as(
+    db_page!(db, user_id, page =>
         "SELECT id, title, created_at FROM conversations
          WHERE user_id = $1 AND id < $2
-         ORDER BY id DESC LIMIT $3",
+         ORDER BY id DESC LIMIT $3"
     )
-    .bind(user_id)
-    .bind(before.unwrap_or(super::NO_CURSOR))
-    .bind(limit)
-    .fetch_all(pool)
-    .await)
 }
 
 /// The answered turns of a conversation (message, answer), newest first, at most `limit`.

@@ -2,8 +2,8 @@
 //! balance (the `ledger_moves_balance` trigger), so the two can never disagree. Chat
 //! reservations and refunds are written by triggers on `chats` (see `chats.rs`).
 
-use super::{db_read, db_run, Db};
-use crate::domain::LedgerReason;
+use super::{db_page, db_run, Db};
+use crate::domain::{LedgerReason, PageRequest};
 
 /// One ledger row as the user sees it.
 #[derive(Debug, sqlx::FromRow)]
@@ -51,22 +51,12 @@ pub async fn record(
     db_run!(db, pool => record_move!(pool, user_id, amount, reason).await)
 }
 
-/// The user's rows with ids below `before`, newest first (a page: see [`super::NO_CURSOR`]).
+/// The user's rows below `page.before`, newest first, at most `page.limit`.
 #[tracing::instrument(level = "debug", skip_all)]
-pub async fn page(
-    db: &Db,
-    user_id: i64,
-    before: Option<i64>,
-    limit: i64,
-) -> Result<Vec<Entry>, sqlx::Error> {
-    db_read!(db, pool => sqlx::query_as(
+pub async fn page(db: &Db, user_id: i64, page: PageRequest) -> Result<Vec<Entry>, sqlx::Error> {
+    db_page!(db, user_id, page =>
         "SELECT id, amount, reason, chat_id, balance_after, created_at FROM ledger
          WHERE user_id = $1 AND id < $2
-         ORDER BY id DESC LIMIT $3",
+         ORDER BY id DESC LIMIT $3"
     )
-    .bind(user_id)
-    .bind(before.unwrap_or(super::NO_CURSOR))
-    .bind(limit)
-    .fetch_all(pool)
-    .await)
 }

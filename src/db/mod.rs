@@ -75,6 +75,20 @@ pub use db_read;
 /// all the user's newer rows first (BENCHMARKS.md, issue 13).
 pub const NO_CURSOR: i64 = i64::MAX;
 
+/// Reads a page of one user's rows, newest first: `$sql` selects them by `user_id = $1`,
+/// `id < $2` (the page's cursor, or [`NO_CURSOR`] for the first page) and `LIMIT $3`.
+macro_rules! db_page {
+    ($db:expr, $user_id:expr, $page:expr => $sql:expr) => {
+        $crate::db_read!($db, pool => sqlx::query_as($sql)
+            .bind($user_id)
+            .bind($page.before.unwrap_or($crate::db::NO_CURSOR))
+            .bind($page.limit)
+            .fetch_all(pool)
+            .await)
+    };
+}
+pub(crate) use db_page;
+
 /// Runs one statement that returns no rows (built by `$query`, binds and all) on the pool
 /// for writing of either backend: how many rows it changed.
 macro_rules! db_execute {

@@ -2,6 +2,7 @@
 //! so nothing past the routes checks them again.
 
 use caseless::Caseless;
+use strum::{Display, EnumIter, EnumString, IntoStaticStr};
 use unicode_normalization::UnicodeNormalization;
 use unicode_security::MixedScript;
 
@@ -268,6 +269,15 @@ pub const DEFAULT_PAGE_SIZE: i64 = 20;
 pub const MAX_PAGE_SIZE: i64 = 100;
 
 impl PageRequest {
+    /// The rows to read for this page: one more than it shows, to tell whether another
+    /// page follows.
+    pub fn and_one_more(self) -> Self {
+        Self {
+            limit: self.limit + 1,
+            ..self
+        }
+    }
+
     /// From the text of `limit` and `cursor` (a `next` of an earlier page), either absent.
     pub fn parse(limit: Option<&str>, cursor: Option<&str>) -> Result<Self, Invalid> {
         let limit = match limit {
@@ -298,18 +308,7 @@ impl PageRequest {
 /// `ABANDONED_STREAM_CHARGE` settled it.
 /// It is stored and shown under its snake_case name (`pending`, ...), the name the
 /// migrations' CHECK constraints and triggers use (see `db::columns`).
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Hash,
-    strum::IntoStaticStr,
-    strum::EnumString,
-    strum::Display,
-    strum::EnumIter,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, IntoStaticStr, EnumString, Display, EnumIter)]
 #[strum(serialize_all = "snake_case")]
 pub enum ChatStatus {
     Pending,
@@ -334,18 +333,7 @@ impl ChatStatus {
 
 /// Why a balance moved: every ledger row has one. Stored and shown under its snake_case
 /// name (`initial_grant`, ...), like [`ChatStatus`].
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Hash,
-    strum::IntoStaticStr,
-    strum::EnumString,
-    strum::Display,
-    strum::EnumIter,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, IntoStaticStr, EnumString, Display, EnumIter)]
 #[strum(serialize_all = "snake_case")]
 pub enum LedgerReason {
     /// The starting balance of a new account.

@@ -10,7 +10,7 @@ use utoipa::ToSchema;
 
 use super::{
     error::{ApiError, InvalidPage, NotFound, Unauthorised},
-    extract::{AuthUser, PageQuery},
+    extract::{AuthUser, PageParams, PageQuery},
     history::ChatRecord,
     rfc3339,
 };
@@ -56,10 +56,7 @@ pub struct ConversationWithChats {
     path = "/conversations",
     tag = "history",
     security(("bearer" = []), ("token" = [])),
-    params(
-        ("limit" = Option<u32>, Query, description = "1 to 100"),
-        ("cursor" = Option<String>, Query, description = "`next` of the page before"),
-    ),
+    params(PageParams),
     responses(
         (status = 200, body = ConversationPage, description = "Conversations, newest first"),
         InvalidPage,
@@ -87,8 +84,7 @@ pub async fn list(
     security(("bearer" = []), ("token" = [])),
     params(
         ("id" = i64, Path, description = "A conversation id"),
-        ("limit" = Option<u32>, Query, description = "1 to 100"),
-        ("cursor" = Option<String>, Query, description = "`next` of the page before"),
+        PageParams,
     ),
     responses(
         (

@@ -9,6 +9,7 @@ use axum::{
     http::{header, request::Parts, HeaderMap, HeaderName, StatusCode},
 };
 use serde::{de::DeserializeOwned, Deserialize};
+use utoipa::IntoParams;
 
 use super::error::ApiError as Error;
 use crate::{
@@ -202,16 +203,23 @@ pub const X_TOKENS_REMAINING: HeaderName = HeaderName::from_static("x-tokens-rem
 /// `?limit=` and `?cursor=`: which page of a history (see [`PageRequest`]).
 pub struct PageQuery(pub PageRequest);
 
+/// The query string [`PageQuery`] reads, as the OpenAPI document describes it. Both are
+/// read as text so that a bad value gets the contract's `invalid_page` rather than serde's.
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct PageParams {
+    /// 1 to 100
+    #[param(value_type = Option<u32>)]
+    limit: Option<String>,
+    /// `next` of the page before
+    cursor: Option<String>,
+}
+
 impl<S: Send + Sync> FromRequestParts<S> for PageQuery {
     type Rejection = Error;
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Error> {
-        #[derive(Deserialize)]
-        struct Raw {
-            limit: Option<String>,
-            cursor: Option<String>,
-        }
-        let raw: Raw = serde_urlencoded::from_str(parts.uri.query().unwrap_or_default())
+        let raw: PageParams = serde_urlencoded::from_str(parts.uri.query().unwrap_or_default())
             .map_err(|err| Error::InvalidJson(format!("invalid query string: {err}")))?;
         let page = PageRequest::parse(raw.limit.as_deref(), raw.cursor.as_deref())?;
         Ok(Self(page))

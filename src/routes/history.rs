@@ -9,7 +9,7 @@ use utoipa::ToSchema;
 
 use super::{
     error::{ApiError, InvalidPage, NotFound, Unauthorised},
-    extract::{AuthUser, PageQuery},
+    extract::{AuthUser, PageParams, PageQuery},
     rfc3339,
 };
 use crate::{
@@ -109,10 +109,7 @@ pub struct TransactionPage {
     path = "/chats",
     tag = "history",
     security(("bearer" = []), ("token" = [])),
-    params(
-        ("limit" = Option<u32>, Query, description = "1 to 100"),
-        ("cursor" = Option<String>, Query, description = "`next` of the page before"),
-    ),
+    params(PageParams),
     responses(
         (status = 200, body = ChatPage, description = "Chats, newest first"),
         InvalidPage,
@@ -161,10 +158,7 @@ pub async fn chat(
     path = "/transactions",
     tag = "history",
     security(("bearer" = []), ("token" = [])),
-    params(
-        ("limit" = Option<u32>, Query, description = "1 to 100"),
-        ("cursor" = Option<String>, Query, description = "`next` of the page before"),
-    ),
+    params(PageParams),
     responses(
         (status = 200, body = TransactionPage, description = "Ledger rows, newest first"),
         InvalidPage,

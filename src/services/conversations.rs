@@ -69,7 +69,7 @@ fn fit(newest_first: Vec<(String, String)>, budget: usize) -> Vec<Turn> {
 
 #[tracing::instrument(level = "debug", skip_all)]
 pub async fn list(db: &Db, user_id: i64, page: PageRequest) -> ServiceResult<Page<Conversation>> {
-    let rows = db::conversations::page(db, user_id, page.before, page.limit + 1).await?;
+    let rows = db::conversations::page(db, user_id, page.and_one_more()).await?;
     Ok(paginate(rows, page.limit, |row| row.id))
 }
 

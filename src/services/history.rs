@@ -57,7 +57,7 @@ pub type LedgerEntry = Entry;
 
 #[tracing::instrument(level = "debug", skip_all)]
 pub async fn chats(db: &Db, user_id: i64, page: PageRequest) -> ServiceResult<Page<ChatRecord>> {
-    let rows = db::chats::page(db, user_id, page.before, page.limit + 1).await?;
+    let rows = db::chats::page(db, user_id, page.and_one_more()).await?;
     Ok(paginate(rows, page.limit, |chat| chat.id))
 }
 
@@ -76,7 +76,7 @@ pub async fn transactions(
     user_id: i64,
     page: PageRequest,
 ) -> ServiceResult<Page<LedgerEntry>> {
-    let rows = db::ledger::page(db, user_id, page.before, page.limit + 1).await?;
+    let rows = db::ledger::page(db, user_id, page.and_one_more()).await?;
     Ok(paginate(rows, page.limit, |entry| entry.id))
 }
 
