@@ -35,7 +35,7 @@ pub fn pin(pid: u32, core: usize) {
 }
 
 /// A copy of this binary in `role` for `duration`, on the server's core when `pinned`.
-fn this_binary_as(role: &str, pinned: bool, duration: Duration) -> Command {
+pub fn this_binary_as(role: &str, pinned: bool, duration: Duration) -> Command {
     let exe = std::env::current_exe().expect("this binary");
     let mut command = on_server_core(exe, pinned);
     command

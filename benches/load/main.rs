@@ -21,6 +21,7 @@
 use std::time::Duration;
 
 mod backends;
+mod bare;
 mod big_db;
 mod client;
 mod cores;
@@ -58,6 +59,7 @@ fn main() {
     match std::env::var(ROLE).as_deref() {
         Ok("argon2") => return raw_argon2_rate(),
         Ok("spin") => return spin(),
+        Ok("bare") => return bare::serve_bare(),
         _ => {}
     }
     let pinned = std::thread::available_parallelism().map_or(1, |cores| cores.get()) >= 2;

@@ -15,6 +15,7 @@ use std::{
 use hyper::{Method, StatusCode};
 use serde_json::json;
 
+use crate::bare::BareServer;
 use crate::client::{request, MakeRequest, Target};
 use crate::cores::{raw_argon2_rate_on_server_core, CoreSpinner};
 use crate::measure::{closed_loop, first_piece_latency, slow_chats, slow_streams, Outcome};
@@ -31,8 +32,10 @@ pub async fn run(dir: &Path, model: SocketAddr, pinned: bool, secs: u64) {
         token: String::new(),
     };
     let token = target.register_and_login("bench", "bench-password").await;
+    let bare = BareServer::start(dir, &sqlite, pinned).await;
     let mut run = Scenarios {
         server,
+        bare,
         target: Arc::new(Target { token, ..target }),
         model,
         pinned,
@@ -54,6 +57,7 @@ pub async fn run(dir: &Path, model: SocketAddr, pinned: bool, secs: u64) {
     run.logins_on_a_busy_core().await;
     if run.only.is_some() {
         print_table(&run.rows);
+        run.against_bare();
         return;
     }
     let (direct, chat_one) = run.overhead_at_one_connection().await;
@@ -79,6 +83,8 @@ pub async fn run(dir: &Path, model: SocketAddr, pinned: bool, secs: u64) {
 /// What every step measures against, and the table's rows so far.
 struct Scenarios {
     server: Server,
+    /// The floor for the static and `/balance` routes (see `bare`).
+    bare: BareServer,
     target: Arc<Target>,
     /// The fake model's address, for the direct calls.
     model: SocketAddr,
@@ -88,6 +94,20 @@ struct Scenarios {
     only: Option<String>,
     rows: Vec<Row>,
 }
+
+/// The bare server's row measured right after tokenchat's scenario `name`, if it has one.
+fn bare_counterpart(name: &str) -> Option<&'static str> {
+    match name {
+        STATIC => Some(BARE_STATIC),
+        BALANCE => Some(BARE_BALANCE),
+        _ => None,
+    }
+}
+
+const STATIC: &str = "static GET /health";
+const BALANCE: &str = "GET /balance";
+const BARE_STATIC: &str = "bare axum: static GET /health";
+const BARE_BALANCE: &str = "bare axum + sqlx: GET /balance";
 
 /// The outcomes the closing lines compare.
 struct Closing {
@@ -120,8 +140,8 @@ impl Scenarios {
         // Unique across warm-up and measurement: every registration must create a user.
         let registrations = Arc::new(AtomicU64::new(0));
         let scenarios: Vec<(&str, usize, Arc<MakeRequest>)> = vec![
-            ("static GET /health", CONNECTIONS, target.get("/health")),
-            ("GET /balance", CONNECTIONS, target.get("/balance")),
+            (STATIC, CONNECTIONS, target.get("/health")),
+            (BALANCE, CONNECTIONS, target.get("/balance")),
             (
                 "POST /chat (instant model)",
                 CONNECTIONS,
@@ -155,13 +175,22 @@ impl Scenarios {
             let addr = self.target.addr;
             closed_loop(addr, connections, WARM_UP, expected, make.clone()).await;
             self.server.reset_peak();
-            let outcome = closed_loop(addr, connections, self.measured, expected, make).await;
+            let outcome =
+                closed_loop(addr, connections, self.measured, expected, make.clone()).await;
             self.rows.push(Row::new(
                 name,
                 connections,
                 &outcome,
                 self.server.peak_rss(),
             ));
+            if let Some(bare_name) = bare_counterpart(name) {
+                // Right after, the same load on the bare server: the ratio is of one run.
+                let bare = self.bare.addr;
+                closed_loop(bare, connections, WARM_UP, expected, make.clone()).await;
+                let outcome = closed_loop(bare, connections, self.measured, expected, make).await;
+                self.rows
+                    .push(Row::new(bare_name, connections, &outcome, None));
+            }
         }
     }
 
@@ -342,14 +371,30 @@ impl Scenarios {
         streams
     }
 
+    /// Requests/s of a row whose name starts with `name` (0 when it did not run).
+    fn rate(&self, name: &str) -> f64 {
+        self.rows
+            .iter()
+            .find(|row| row.name.starts_with(name))
+            .map_or(0.0, |row| row.rps)
+    }
+
+    /// The static route and `/balance` as fractions of the bare server's, when they ran.
+    fn against_bare(&self) {
+        let (static_ratio, balance_ratio) = (
+            self.rate(STATIC) / self.rate(BARE_STATIC),
+            self.rate(BALANCE) / self.rate(BARE_BALANCE),
+        );
+        if static_ratio.is_finite() || balance_ratio.is_finite() {
+            println!(
+                "against bare axum in this run: static /health {static_ratio:.2}, /balance {balance_ratio:.2} (of bare axum + sqlx)"
+            );
+        }
+    }
+
     /// The lines under the table: overheads, ratios, the one-shot bursts and peak memory.
     fn closing_lines(&self, closing: &Closing) {
-        let rate = |name: &str| {
-            self.rows
-                .iter()
-                .find(|row| row.name.starts_with(name))
-                .map_or(0.0, |row| row.rps)
-        };
+        let rate = |name: &str| self.rate(name);
         let overhead = |quantile: f64| {
             closing.chat_one.histogram.value_at_quantile(quantile) as f64 / 1000.0
                 - closing.direct.histogram.value_at_quantile(quantile) as f64 / 1000.0
@@ -362,8 +407,9 @@ impl Scenarios {
         );
         println!(
             "/balance is {:.0}% of the static route",
-            100.0 * rate("GET /balance") / rate("static")
+            100.0 * rate(BALANCE) / rate(STATIC)
         );
+        self.against_bare();
         let argon2_rate = closing.argon2_rate;
         println!("raw Argon2id (19 MiB, t=2, p=1) on the server's core: {argon2_rate:.1} hashes/s; /login is {:.0}% of it", 100.0 * rate("POST /login") / argon2_rate);
         let slow = &closing.slow;

@@ -27,7 +27,7 @@ impl Server {
         let addr = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|listener| listener.local_addr())
             .expect("a free port");
-        let child = on_server_core(env!("CARGO_BIN_EXE_tokenchat"), pinned)
+        let child = on_server_core(server_binary(), pinned)
             .current_dir(dir)
             .env("BIND_ADDR", addr.to_string())
             .env("DATABASE_URL", database_url)
@@ -83,6 +83,12 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The binary under test: this build's, or `BENCH_SERVER_BIN` (another build's, to measure
+/// two builds in turns with one bench).
+pub fn server_binary() -> String {
+    std::env::var("BENCH_SERVER_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_tokenchat").into())
 }
 
 pub fn proc_status_kb(pid: u32, field: &str) -> u64 {

@@ -1,31 +1,75 @@
 //! The middlewares: what runs around the handlers, on every route or on the authorised
 //! ones: body checks, authorisation, the envelope for errors made outside our handlers.
 
-use std::any::Any;
+use std::{
+    any::Any,
+    convert::Infallible,
+    future::{ready, Ready},
+    task::{Context, Poll},
+};
 
 use axum::{
     body::HttpBody,
-    extract::{MatchedPath, Request, State},
-    http::{header, HeaderName, HeaderValue, Method, Response as HttpResponse, StatusCode},
-    middleware::Next,
+    extract::Request,
+    http::{header, HeaderName, HeaderValue, Response as HttpResponse},
     response::{IntoResponse, Response},
 };
+use futures_util::future::{BoxFuture, Either};
+use tower::{Layer, Service};
 
 use super::{
     error::ApiError as Error,
     extract::{body_format, AuthUser, TokensRemaining, X_TOKENS_REMAINING},
 };
-use crate::{services::auth, state::AppState, telemetry::Metrics};
+use crate::{services::auth, state::AppState};
 
-/// Middleware of every route: a body in a format we do not read is 415, and one declared
-/// longer than the route's limit is 413, even on a route that reads no body (`POST
-/// /balance`), as the contract says of any body. (A body that only turns out too long as
-/// it is read is caught where it is read.)
-pub async fn check_body(
-    State(max_body_bytes): State<usize>,
-    request: Request,
-    next: Next,
-) -> Result<Response, Error> {
+/// Layer of every route: a body in a format we do not read is 415, and one declared longer
+/// than the route's limit is 413, even on a route that reads no body (`POST /balance`), as
+/// the contract says of any body. (A body that only turns out too long as it is read is
+/// caught where it is read.) A concrete service, not `from_fn`: see `edge`.
+#[derive(Clone, Copy)]
+pub struct CheckBodyLayer {
+    pub max_body_bytes: usize,
+}
+
+impl<S> Layer<S> for CheckBodyLayer {
+    type Service = CheckBody<S>;
+
+    fn layer(&self, inner: S) -> CheckBody<S> {
+        CheckBody {
+            inner,
+            max_body_bytes: self.max_body_bytes,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct CheckBody<S> {
+    inner: S,
+    max_body_bytes: usize,
+}
+
+impl<S> Service<Request> for CheckBody<S>
+where
+    S: Service<Request, Response = Response, Error = Infallible>,
+{
+    type Response = Response;
+    type Error = Infallible;
+    type Future = Either<Ready<Result<Response, Infallible>>, S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request) -> Self::Future {
+        match check_body(&request, self.max_body_bytes) {
+            Ok(()) => Either::Right(self.inner.call(request)),
+            Err(error) => Either::Left(ready(Ok(error.into_response()))),
+        }
+    }
+}
+
+fn check_body(request: &Request, max_body_bytes: usize) -> Result<(), Error> {
     let body = request.body();
     if !body.is_end_stream() {
         body_format(request.headers())?;
@@ -33,16 +77,64 @@ pub async fn check_body(
             return Err(Error::PayloadTooLarge);
         }
     }
-    Ok(next.run(request).await)
+    Ok(())
 }
 
-/// Middleware of the authorised routes: answers 401 without a live token, and stamps
-/// every answer to an authorised request with `X-Tokens-Remaining`.
-pub async fn authorize(
-    State(state): State<AppState>,
-    mut request: Request,
-    next: Next,
-) -> Result<Response, Error> {
+/// Layer of the authorised routes: see [`authorize`].
+#[derive(Clone)]
+pub struct AuthorizeLayer {
+    pub state: AppState,
+}
+
+impl<S> Layer<S> for AuthorizeLayer {
+    type Service = Authorize<S>;
+
+    fn layer(&self, inner: S) -> Authorize<S> {
+        Authorize {
+            inner,
+            state: self.state.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Authorize<S> {
+    inner: S,
+    state: AppState,
+}
+
+impl<S> Service<Request> for Authorize<S>
+where
+    S: Service<Request, Response = Response, Error = Infallible> + Clone + Send + 'static,
+    S::Future: Send,
+{
+    type Response = Response;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<Response, Infallible>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request) -> Self::Future {
+        // The service that was made ready goes into the future; its clone stays for the next.
+        let ready = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, ready);
+        let state = self.state.clone();
+        Box::pin(async move {
+            Ok(authorize(state, request, inner)
+                .await
+                .unwrap_or_else(IntoResponse::into_response))
+        })
+    }
+}
+
+/// Answers 401 without a live token, and stamps every answer to an authorised request with
+/// `X-Tokens-Remaining`.
+async fn authorize<S>(state: AppState, mut request: Request, mut next: S) -> Result<Response, Error>
+where
+    S: Service<Request, Response = Response, Error = Infallible>,
+{
     let mut headers = request.headers().get_all(header::AUTHORIZATION).iter();
     let (Some(header), None) = (headers.next(), headers.next()) else {
         // None, or two: which one would be meant is anyone's guess.
@@ -60,7 +152,7 @@ pub async fn authorize(
         tokens: owner.tokens,
         credential: owner.credential,
     });
-    let mut response = next.run(request).await;
+    let Ok(mut response) = next.call(request).await;
     // A handler that moved the balance says what it left; any other answer leaves the
     // balance read with the token, in this same request.
     let remaining = response
@@ -76,37 +168,9 @@ pub async fn authorize(
 /// The header that names a request in the logs and in its answer.
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
-/// Outermost middleware: every request has an id, the client's `X-Request-Id` when it is
-/// 1 to 128 of `[A-Za-z0-9._-]` (anything else could forge or flood log lines), otherwise
-/// 16 random hex digits; it is on the request's log lines and on its answer.
-pub async fn request_id(mut request: Request, next: Next) -> Response {
-    let given = request
-        .headers()
-        .get(X_REQUEST_ID)
-        .filter(|value| {
-            (1..=128).contains(&value.len())
-                && value
-                    .as_bytes()
-                    .iter()
-                    .all(|byte| byte.is_ascii_alphanumeric() || b"._-".contains(byte))
-        })
-        .cloned();
-    let id = given.unwrap_or_else(|| {
-        let random: u64 = rand::Rng::gen(&mut rand::rngs::OsRng);
-        HeaderValue::from_str(&format!("{random:016x}")).expect("hex is a valid header value")
-    });
-    request.headers_mut().insert(X_REQUEST_ID, id.clone());
-    let mut response = next.run(request).await;
-    if response.status() == StatusCode::INTERNAL_SERVER_ERROR {
-        response = with_request_id_in_body(response, &id).await;
-    }
-    response.headers_mut().insert(X_REQUEST_ID, id);
-    response
-}
-
 /// A 500's JSON body with `"request_id"` added, so that a user can quote it and an
 /// operator find the request's log lines (where the error is logged whole).
-async fn with_request_id_in_body(response: Response, id: &HeaderValue) -> Response {
+pub(super) async fn with_request_id_in_body(response: Response, id: HeaderValue) -> Response {
     let (mut parts, body) = response.into_parts();
     // Our 500 bodies are a few hundred bytes; anything else is passed on as it was.
     let Ok(bytes) = axum::body::to_bytes(body, 64 * 1024).await else {
@@ -120,24 +184,6 @@ async fn with_request_id_in_body(response: Response, id: &HeaderValue) -> Respon
     let body = serde_json::Value::Object(object).to_string();
     parts.headers.remove(header::CONTENT_LENGTH);
     Response::from_parts(parts, axum::body::Body::from(body))
-}
-
-/// Counts every answer in the metrics, by matched route, method and status, with the time
-/// to its head.
-pub async fn count_request(
-    State(metrics): State<Metrics>,
-    request: Request,
-    next: Next,
-) -> Response {
-    let started = std::time::Instant::now();
-    // A matched path is shared, not copied: cloning it costs a reference count.
-    let route = request.extensions().get::<MatchedPath>().cloned();
-    let method = request.method().clone();
-    let response = next.run(request).await;
-    let status = response.status().as_u16();
-    let route = route.as_ref().map(MatchedPath::as_str);
-    metrics.request(route, &method, status, started.elapsed());
-    response
 }
 
 /// The credential in an `Authorization` header value, in any of the three accepted forms:
@@ -155,27 +201,9 @@ pub(super) fn credential_from_header(value: &str) -> Option<&str> {
     }
 }
 
-/// tower-http's CORS layer answers every OPTIONS request as a preflight (200, no body), on
-/// any path. Only a preflight (`Origin` and `Access-Control-Request-Method`) gets that;
-/// any other OPTIONS is answered like any method without a handler: 405 (the method
-/// router adds `Allow`) on a route, 404 elsewhere.
-pub async fn route_options_unless_preflight(request: Request, next: Next) -> Response {
-    let headers = request.headers();
-    let preflight = headers.contains_key(header::ORIGIN)
-        && headers.contains_key(header::ACCESS_CONTROL_REQUEST_METHOD);
-    if request.method() != Method::OPTIONS || preflight {
-        return next.run(request).await;
-    }
-    if request.extensions().get::<MatchedPath>().is_some() {
-        Error::MethodNotAllowed.into_response()
-    } else {
-        Error::NotFound.into_response()
-    }
-}
-
 /// Gives the envelope to error responses built outside our handlers (axum's 405, a body
 /// limit hit inside a layer): anything that is an error and not already JSON.
-pub async fn envelope_bare_errors(response: Response) -> Response {
+pub fn envelope_bare_errors(response: Response) -> Response {
     let status = response.status();
     let is_json = response
         .headers()
@@ -204,7 +232,7 @@ pub fn panic_response(panic: Box<dyn Any + Send + 'static>) -> HttpResponse<axum
 #[cfg(test)]
 mod tests {
     use super::*;
-    use axum::body::to_bytes;
+    use axum::{body::to_bytes, http::StatusCode};
     use serde_json::Value;
 
     const TOKEN: &str = "abcdefghijklmnopqrstuvwxyzABCDE1";
@@ -233,38 +261,6 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn every_answer_names_its_request_keeping_a_sane_id_from_the_client() {
-        use tower::ServiceExt;
-        let app = axum::Router::new()
-            .route("/", axum::routing::get(|| async { "ok" }))
-            .layer(axum::middleware::from_fn(request_id));
-        let id_of = |given: Option<&'static str>| {
-            let app = app.clone();
-            async move {
-                let mut request = Request::builder().uri("/");
-                if let Some(given) = given {
-                    request = request.header("x-request-id", given);
-                }
-                let response = app
-                    .oneshot(request.body(axum::body::Body::empty()).unwrap())
-                    .await
-                    .unwrap();
-                response.headers()[X_REQUEST_ID]
-                    .to_str()
-                    .unwrap()
-                    .to_string()
-            }
-        };
-        assert_eq!(id_of(Some("trace-42.a_b")).await, "trace-42.a_b");
-        for bad in [None, Some("has space"), Some("new\\nline"), Some("")] {
-            let id = id_of(bad).await;
-            assert_eq!(id.len(), 16, "{bad:?}: {id}");
-            assert!(id.bytes().all(|byte| byte.is_ascii_hexdigit()));
-        }
-        assert_ne!(id_of(None).await, id_of(None).await);
-    }
-
-    #[tokio::test]
     async fn a_panic_becomes_a_500_envelope_without_its_detail() {
         let response = panic_response(Box::new("secret detail".to_string()));
         assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
@@ -282,7 +278,7 @@ mod tests {
             .header(header::ALLOW, "POST")
             .body(axum::body::Body::empty())
             .unwrap();
-        let response = envelope_bare_errors(bare).await;
+        let response = envelope_bare_errors(bare);
         assert_eq!(response.status(), StatusCode::METHOD_NOT_ALLOWED);
         assert_eq!(response.headers()[header::ALLOW], "POST");
         let body = to_bytes(response.into_body(), 1024).await.unwrap();

@@ -9,6 +9,8 @@
 mod accounts;
 mod chat;
 mod conversations;
+mod cors;
+mod edge;
 mod error;
 mod extract;
 mod history;
@@ -19,19 +21,17 @@ mod openapi;
 mod operations;
 mod page;
 
-use std::time::Duration;
-
 use axum::{
-    extract::{DefaultBodyLimit, MatchedPath, Request},
-    middleware::{from_fn, from_fn_with_state, map_response},
-    response::Response,
+    extract::DefaultBodyLimit,
+    middleware::map_response,
     routing::{get, post, MethodRouter},
     Router,
 };
-use tower_http::{catch_panic::CatchPanicLayer, cors::CorsLayer, trace::TraceLayer};
-use tracing::Span;
+use tower::ServiceBuilder;
 
+use self::edge::{EdgeLayer, GuardLayer};
 pub use self::error::ApiError;
+use self::middleware::{AuthorizeLayer, CheckBodyLayer};
 use crate::{clock::rfc3339, state::AppState};
 
 /// The whole application: every route, with and without its trailing slash.
@@ -46,24 +46,12 @@ pub fn router(state: AppState) -> Router {
         );
     api.merge(page)
         .fallback(|| async { ApiError::NotFound })
-        .layer(map_response(middleware::envelope_bare_errors))
-        .layer(CatchPanicLayer::custom(middleware::panic_response))
-        // Browsers may call the API from any origin: it authenticates by header, never by
-        // cookie, so there are no ambient credentials for another site to use.
-        .layer(CorsLayer::permissive())
-        .layer(from_fn(middleware::route_options_unless_preflight))
-        .layer(from_fn_with_state(
-            state.metrics.clone(),
-            middleware::count_request,
-        ))
+        // One layer, so that axum boxes it once per route: see `edge`.
         .layer(
-            TraceLayer::new_for_http()
-                .make_span_with(request_span)
-                .on_request(())
-                .on_response(log_response)
-                .on_failure(()),
+            ServiceBuilder::new()
+                .layer(EdgeLayer::new(state.clone()))
+                .layer(GuardLayer),
         )
-        .layer(from_fn(middleware::request_id))
         .with_state(state)
 }
 
@@ -145,7 +133,9 @@ fn api_routes(state: &AppState) -> Vec<(&'static str, MethodRouter<AppState>)> {
         ),
     ]
     .map(|(path, handler)| {
-        let authorize = from_fn_with_state(state.clone(), middleware::authorize);
+        let authorize = AuthorizeLayer {
+            state: state.clone(),
+        };
         (path, handler.route_layer(authorize))
     });
     // OpenAI's SDKs read OpenAI's error object, so these answer errors in it.
@@ -163,7 +153,9 @@ fn api_routes(state: &AppState) -> Vec<(&'static str, MethodRouter<AppState>)> {
         ),
     ]
     .map(|(path, handler)| {
-        let authorize = from_fn_with_state(state.clone(), middleware::authorize);
+        let authorize = AuthorizeLayer {
+            state: state.clone(),
+        };
         let handler = handler
             .route_layer(authorize)
             .layer(map_response(openai::openai_errors));
@@ -175,9 +167,13 @@ fn api_routes(state: &AppState) -> Vec<(&'static str, MethodRouter<AppState>)> {
 /// `handler` reading bodies of at most `limit` bytes, and answering 415 or 413 to a body
 /// it could not read (see [`middleware::check_body`]).
 fn with_body_limit(handler: MethodRouter<AppState>, limit: usize) -> MethodRouter<AppState> {
-    handler
-        .route_layer(from_fn_with_state(limit, middleware::check_body))
-        .layer(DefaultBodyLimit::max(limit))
+    handler.route_layer(
+        ServiceBuilder::new()
+            .layer(DefaultBodyLimit::max(limit))
+            .layer(CheckBodyLayer {
+                max_body_bytes: limit,
+            }),
+    )
 }
 
 /// Registers each route at its path and at its path with one trailing slash. Not
@@ -191,26 +187,4 @@ fn with_and_without_slash(routes: Vec<(&str, MethodRouter<AppState>)>) -> Router
                 .route(path, handler.clone())
                 .route(&format!("{path}/"), handler)
         })
-}
-
-/// The span of one request: method and matched route, never headers (they hold tokens).
-fn request_span(request: &Request) -> Span {
-    let route = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or("<unmatched>", MatchedPath::as_str);
-    let request_id = request
-        .headers()
-        .get(middleware::X_REQUEST_ID)
-        .and_then(|value| value.to_str().ok())
-        .unwrap_or_default();
-    tracing::info_span!("request", request_id, method = %request.method(), route)
-}
-
-fn log_response(response: &Response, latency: Duration, _span: &Span) {
-    tracing::info!(
-        status = response.status().as_u16(),
-        latency_us = latency.as_micros() as u64,
-        "answered"
-    );
 }
