@@ -81,83 +81,65 @@ fn api_routes(state: &AppState) -> Vec<(&'static str, MethodRouter<AppState>)> {
         ("/login", post(accounts::login)),
     ]
     .map(|(path, handler)| (path, with_body_limit(handler, body_limit)));
-    // Layered per method router, so a wrong method is a 405 before any token is asked for.
     let authorised = [
         (
             "/chat",
-            with_body_limit(post(chat::chat), state.config.chat_body_limit()),
+            Layered::new(post(chat::chat), state.config.chat_body_limit()),
         ),
         (
             "/balance",
-            with_body_limit(get(chat::balance).post(chat::balance_by_post), body_limit),
+            Layered::new(get(chat::balance).post(chat::balance_by_post), body_limit),
         ),
-        ("/chats", with_body_limit(get(history::chats), body_limit)),
-        (
-            "/chats/{id}",
-            with_body_limit(get(history::chat), body_limit),
-        ),
+        ("/chats", Layered::new(get(history::chats), body_limit)),
+        ("/chats/{id}", Layered::new(get(history::chat), body_limit)),
         (
             "/conversations",
-            with_body_limit(get(conversations::list), body_limit),
+            Layered::new(get(conversations::list), body_limit),
         ),
         (
             "/conversations/{id}",
-            with_body_limit(
+            Layered::new(
                 get(conversations::show).delete(conversations::delete),
                 body_limit,
             ),
         ),
         (
             "/keys",
-            with_body_limit(get(keys::list).post(keys::create), body_limit),
+            Layered::new(get(keys::list).post(keys::create), body_limit),
         ),
         (
             "/keys/{id}",
-            with_body_limit(axum::routing::delete(keys::revoke), body_limit),
+            Layered::new(axum::routing::delete(keys::revoke), body_limit),
         ),
         (
             "/transactions",
-            with_body_limit(get(history::transactions), body_limit),
+            Layered::new(get(history::transactions), body_limit),
         ),
-        (
-            "/logout",
-            with_body_limit(post(accounts::logout), body_limit),
-        ),
+        ("/logout", Layered::new(post(accounts::logout), body_limit)),
         (
             "/logout/all",
-            with_body_limit(post(accounts::logout_everywhere), body_limit),
+            Layered::new(post(accounts::logout_everywhere), body_limit),
         ),
         (
             "/password",
-            with_body_limit(post(accounts::change_password), body_limit),
+            Layered::new(post(accounts::change_password), body_limit),
         ),
     ]
-    .map(|(path, handler)| {
-        let authorize = AuthorizeLayer {
-            state: state.clone(),
-        };
-        (path, handler.route_layer(authorize))
-    });
+    .map(|(path, handler)| (path, handler.authorised(state)));
     // OpenAI's SDKs read OpenAI's error object, so these answer errors in it.
     let openai = [
         (
             "/v1/chat/completions",
-            with_body_limit(
+            Layered::new(
                 post(openai::chat_completions),
                 state.config.completions_body_limit(),
             ),
         ),
-        (
-            "/v1/models",
-            with_body_limit(get(openai::models), body_limit),
-        ),
+        ("/v1/models", Layered::new(get(openai::models), body_limit)),
     ]
     .map(|(path, handler)| {
-        let authorize = AuthorizeLayer {
-            state: state.clone(),
-        };
         let handler = handler
-            .route_layer(authorize)
+            .authorised(state)
             .layer(map_response(openai::openai_errors));
         (path, handler)
     });
@@ -165,15 +147,50 @@ fn api_routes(state: &AppState) -> Vec<(&'static str, MethodRouter<AppState>)> {
 }
 
 /// `handler` reading bodies of at most `limit` bytes, and answering 415 or 413 to a body
-/// it could not read (see [`middleware::check_body`]).
+/// it could not read (see [`CheckBodyLayer`]).
 fn with_body_limit(handler: MethodRouter<AppState>, limit: usize) -> MethodRouter<AppState> {
-    handler.route_layer(
-        ServiceBuilder::new()
-            .layer(DefaultBodyLimit::max(limit))
-            .layer(CheckBodyLayer {
-                max_body_bytes: limit,
-            }),
-    )
+    Layered::new(handler, limit).public()
+}
+
+/// A route's handlers and the body limit they read with, before their layers. Each route
+/// gets its layers as one `route_layer`, because axum boxes every layer it is given once
+/// more on every request (see `edge`).
+struct Layered {
+    handler: MethodRouter<AppState>,
+    limit: usize,
+}
+
+impl Layered {
+    fn new(handler: MethodRouter<AppState>, limit: usize) -> Self {
+        Self { handler, limit }
+    }
+
+    /// Open to anyone: only the body limit and check.
+    fn public(self) -> MethodRouter<AppState> {
+        self.handler.route_layer(
+            ServiceBuilder::new()
+                .layer(DefaultBodyLimit::max(self.limit))
+                .layer(CheckBodyLayer {
+                    max_body_bytes: self.limit,
+                }),
+        )
+    }
+
+    /// A token or key first (401 before anything about the body), then the body limit and
+    /// check. Layered per method router, so a wrong method is a 405 before any token is
+    /// asked for.
+    fn authorised(self, state: &AppState) -> MethodRouter<AppState> {
+        self.handler.route_layer(
+            ServiceBuilder::new()
+                .layer(AuthorizeLayer {
+                    state: state.clone(),
+                })
+                .layer(DefaultBodyLimit::max(self.limit))
+                .layer(CheckBodyLayer {
+                    max_body_bytes: self.limit,
+                }),
+        )
+    }
 }
 
 /// Registers each route at its path and at its path with one trailing slash. Not
