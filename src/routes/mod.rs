@@ -45,7 +45,7 @@ pub fn router(state: AppState) -> Router {
             with_body_limit(get(openapi::document), body_limit),
         );
     api.merge(page)
-        .fallback(|| async { ApiError::NotFound })
+        .fallback(unknown_route)
         .layer(map_response(middleware::envelope_bare_errors))
         .layer(CatchPanicLayer::custom(middleware::panic_response))
         // Browsers may call the API from any origin: it authenticates by header, never by
@@ -148,19 +148,19 @@ fn api_routes(state: &AppState) -> Vec<(&'static str, MethodRouter<AppState>)> {
         let authorize = from_fn_with_state(state.clone(), middleware::authorize);
         (path, handler.route_layer(authorize))
     });
-    // OpenAI's SDKs read OpenAI's error object, so these answer errors in it.
+    // OpenAI's SDKs read OpenAI's error object, so these answer errors in it. Their bodies
+    // carry images: `V1_MAX_BODY_BYTES`.
+    let v1_limit = state.config.v1_max_body_bytes;
     let openai = [
         (
             "/v1/chat/completions",
-            with_body_limit(
-                post(openai::chat_completions),
-                state.config.completions_body_limit(),
-            ),
+            with_body_limit(post(openai::chat_completions), v1_limit),
         ),
         (
-            "/v1/models",
-            with_body_limit(get(openai::models), body_limit),
+            "/v1/embeddings",
+            with_body_limit(post(openai::embeddings), v1_limit),
         ),
+        ("/v1/models", with_body_limit(get(openai::models), v1_limit)),
     ]
     .map(|(path, handler)| {
         let authorize = from_fn_with_state(state.clone(), middleware::authorize);
@@ -178,6 +178,17 @@ fn with_body_limit(handler: MethodRouter<AppState>, limit: usize) -> MethodRoute
     handler
         .route_layer(from_fn_with_state(limit, middleware::check_body))
         .layer(DefaultBodyLimit::max(limit))
+}
+
+/// What a path no route serves answers: under `/v1`, OpenAI's error object, as the SDKs
+/// read it (`/v1/responses`, which the OpenAI Agents SDK asks by default, among them);
+/// elsewhere the contract's 404.
+async fn unknown_route(method: axum::http::Method, uri: axum::http::Uri) -> Response {
+    let path = uri.path();
+    if path == "/v1" || path.starts_with("/v1/") {
+        return openai::unknown_route(method, uri).await;
+    }
+    axum::response::IntoResponse::into_response(ApiError::NotFound)
 }
 
 /// Registers each route at its path and at its path with one trailing slash. Not

@@ -5,13 +5,18 @@
 //! A body is read frame by frame into memory until it is complete; a client that sends all
 //! of a large body but its last byte makes the server hold the rest for as long as
 //! `BODY_READ_TIMEOUT_SECS`. Each frame is counted against the budget as it arrives and the
-//! whole body's count given back when the body is dropped; a frame that would pass the budget
-//! fails the body with [`OverBudget`], which the extractor answers 503 `busy`.
+//! whole body's count given back when its last holder lets it go ([`HeldBody`]): the body as
+//! it is read, and a handler that keeps the bytes it read until it is done with them (the
+//! `/v1` routes, until the body has been sent to the model). A frame that would pass the
+//! budget fails the body with [`OverBudget`], which the extractor answers 503 `busy`.
 
 use std::{
     error::Error,
     fmt,
-    sync::atomic::{AtomicUsize, Ordering},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
     time::Duration,
 };
 
@@ -35,6 +40,44 @@ pub(crate) struct BodyBudget {
     trim_threshold: usize,
     /// Wakes [`BodyBudget::trim_freed_memory`] when `released` passes `trim_threshold`.
     freed_enough: Notify,
+}
+
+/// The bytes of one request's body counted against the budget, given back when the last
+/// clone is dropped: the body being read holds one, and the request's extensions another,
+/// which a handler may keep for as long as it keeps the bytes.
+#[derive(Clone)]
+pub struct HeldBody(Arc<Hold>);
+
+struct Hold {
+    budget: Arc<BodyBudget>,
+    held: AtomicUsize,
+}
+
+impl HeldBody {
+    pub(crate) fn new(budget: Arc<BodyBudget>) -> Self {
+        Self(Arc::new(Hold {
+            budget,
+            held: AtomicUsize::new(0),
+        }))
+    }
+
+    /// Counts `bytes` more of the body; `false`, counting nothing, when they do not fit.
+    pub(crate) fn take(&self, bytes: usize) -> bool {
+        if !self.0.budget.take(bytes) {
+            return false;
+        }
+        self.0.held.fetch_add(bytes, Ordering::Relaxed);
+        true
+    }
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        let held = *self.held.get_mut();
+        if held > 0 {
+            self.budget.release(held);
+        }
+    }
 }
 
 /// A body frame would have taken the bytes of bodies in flight past `MAX_INFLIGHT_BODY_BYTES`.
@@ -165,6 +208,19 @@ mod tests {
         assert!(!budget.take(41));
         assert!(budget.take(40));
         budget.release(100);
+        assert!(budget.take(100));
+    }
+
+    #[test]
+    fn a_bodys_bytes_are_given_back_when_its_last_holder_lets_go() {
+        let budget = Arc::new(BodyBudget::new(100));
+        let body = HeldBody::new(budget.clone());
+        assert!(body.take(60));
+        assert!(!body.take(41));
+        let handler = body.clone();
+        drop(body);
+        assert!(!budget.take(41), "the handler still holds the body");
+        drop(handler);
         assert!(budget.take(100));
     }
 
