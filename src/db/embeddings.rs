@@ -11,9 +11,13 @@ use crate::llm::EmbeddingUsage;
 /// The outcome of trying to reserve the price of an embeddings call.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Reservation {
-    Reserved { embedding_id: i64 },
+    Reserved {
+        embedding_id: i64,
+    },
     /// The balance was below the price; nothing changed.
-    Insufficient { balance: i64 },
+    Insufficient {
+        balance: i64,
+    },
 }
 
 /// Records the call as pending for `model` if the user's balance covers `cost`, which takes

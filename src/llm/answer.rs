@@ -209,14 +209,19 @@ pub fn read_chunk(data: String) -> Result<Chunk, LlmError> {
         };
         chunk.substantial |= text(&delta.content)
             || text(&delta.refusal)
-            || delta.tool_calls.as_ref().is_some_and(|calls| !calls.is_empty())
+            || delta
+                .tool_calls
+                .as_ref()
+                .is_some_and(|calls| !calls.is_empty())
             || present(delta.function_call)
             || present(delta.audio);
         if choice.index == 0 {
             if let Some(content) = delta.content {
                 chunk.text.push_str(&content);
             }
-            chunk.tool_calls.extend(delta.tool_calls.unwrap_or_default());
+            chunk
+                .tool_calls
+                .extend(delta.tool_calls.unwrap_or_default());
         }
     }
     chunk.data = data;
@@ -325,7 +330,8 @@ mod tests {
     #[test]
     fn a_chunk_yields_its_text_tool_calls_usage_and_whether_it_holds_anything() {
         let read = |data: &str| read_chunk(data.to_string()).unwrap();
-        let text = read(r#"{"choices":[{"index":0,"delta":{"content":"Hel"},"finish_reason":null}]}"#);
+        let text =
+            read(r#"{"choices":[{"index":0,"delta":{"content":"Hel"},"finish_reason":null}]}"#);
         assert_eq!((text.text.as_str(), text.substantial), ("Hel", true));
         let role = read(r#"{"choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}"#);
         assert!(!role.substantial);
@@ -338,7 +344,12 @@ mod tests {
         );
         assert!(call.substantial);
         assert_eq!(
-            call.tool_calls[0].function.as_ref().unwrap().arguments.as_deref(),
+            call.tool_calls[0]
+                .function
+                .as_ref()
+                .unwrap()
+                .arguments
+                .as_deref(),
             Some("{\"a")
         );
         let usage = read(r#"{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":5}}"#);

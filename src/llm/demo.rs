@@ -51,7 +51,9 @@ impl Backend for Demo {
             Ask::Forwarded {
                 request,
                 last_user_text,
-            } => Asked::read(&request).map(|asked| demo_stream(answer(last_user_text), Some(asked))),
+            } => {
+                Asked::read(&request).map(|asked| demo_stream(answer(last_user_text), Some(asked)))
+            }
         };
         futures_util::future::ready(stream).boxed()
     }
@@ -102,13 +104,19 @@ impl Asked {
             }
         }
         if field("logprobs").is_some_and(|logprobs| logprobs != false) {
-            return Err(refused("logprobs", "the built-in demo model has no log probabilities"));
+            return Err(refused(
+                "logprobs",
+                "the built-in demo model has no log probabilities",
+            ));
         }
         let audio = field("modalities")
             .and_then(|modalities| modalities.as_array().cloned())
             .is_some_and(|modalities| modalities.iter().any(|modality| modality != "text"));
         if audio || field("audio").is_some() {
-            return Err(refused("modalities", "the built-in demo model writes only text"));
+            return Err(refused(
+                "modalities",
+                "the built-in demo model writes only text",
+            ));
         }
         let choices = match field("n") {
             None => 1,
@@ -208,7 +216,10 @@ fn demo_stream(answer: String, asked: Option<Asked>) -> AnswerStream {
             .collect()
     };
     let mut chunks = vec![Chunk {
-        data: asked.chunk(every(json!({ "role": "assistant", "content": "" }), None), false),
+        data: asked.chunk(
+            every(json!({ "role": "assistant", "content": "" }), None),
+            false,
+        ),
         ..Chunk::default()
     }];
     for word in words {
@@ -267,7 +278,12 @@ fn embeddings(request: &Forwarded) -> Result<Embedding, LlmError> {
                 other => other.to_string(),
             })
             .collect(),
-        _ => return Err(refused("input", "input must be a string or a non-empty array")),
+        _ => {
+            return Err(refused(
+                "input",
+                "input must be a string or a non-empty array",
+            ))
+        }
     };
     let dimensions = match field("dimensions") {
         None | Some(Ok(Value::Null)) => EMBEDDING_DIMENSIONS,
@@ -281,7 +297,12 @@ fn embeddings(request: &Forwarded) -> Result<Embedding, LlmError> {
         None | Some(Ok(Value::Null)) => false,
         Some(Ok(Value::String(format))) if format == "float" => false,
         Some(Ok(Value::String(format))) if format == "base64" => true,
-        _ => return Err(refused("encoding_format", "encoding_format must be float or base64")),
+        _ => {
+            return Err(refused(
+                "encoding_format",
+                "encoding_format must be float or base64",
+            ))
+        }
     };
     let mut words = 0;
     let data: Vec<Value> = inputs

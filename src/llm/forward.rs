@@ -133,7 +133,9 @@ impl Forwarded {
                     // `[`, the system message, and the client's messages after its `[`.
                     head.push('[');
                     head.push_str(&system_message(system_prompt));
-                    if raw[1..].iter().any(|byte| !byte.is_ascii_whitespace() && *byte != b']')
+                    if raw[1..]
+                        .iter()
+                        .any(|byte| !byte.is_ascii_whitespace() && *byte != b']')
                     {
                         head.push(',');
                     }
@@ -177,7 +179,10 @@ impl Pieces {
     /// The whole body in one buffer, for tests to look at.
     #[cfg(test)]
     pub(super) fn concat(&self) -> Vec<u8> {
-        self.pieces.iter().flat_map(|piece| piece.iter().copied()).collect()
+        self.pieces
+            .iter()
+            .flat_map(|piece| piece.iter().copied())
+            .collect()
     }
 }
 

@@ -97,7 +97,9 @@ pub enum LlmError {
     #[error("it rejected the request: {}", .0.message)]
     Rejected(Rejection),
     /// The model refused tokenchat's own credentials (401, 403): the operator's fault.
-    #[error("it refused this server's credentials (status {0}); the operator must check LLM_API_KEY")]
+    #[error(
+        "it refused this server's credentials (status {0}); the operator must check LLM_API_KEY"
+    )]
     #[strum(serialize = "refused_credentials")]
     RefusedCredentials(u16),
     /// The model is rate-limited or overloaded (429, 503): try again after this long.

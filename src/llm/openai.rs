@@ -232,7 +232,9 @@ impl Upstream {
                 }),
             }),
             // Asked under the name the client used: each served name is the upstream's own.
-            Ask::Forwarded { request: forwarded, .. } => {
+            Ask::Forwarded {
+                request: forwarded, ..
+            } => {
                 let model = forwarded.model.clone();
                 let body = forwarded.into_body(&model, &self.system_prompt);
                 request

@@ -158,7 +158,10 @@ fn event_stream(started: StreamedChat) -> Response {
     };
     let start = Event::default().event("start").data(event_data(&ids));
     let events = stream::once(async move { start })
-        .chain(chat.events.filter_map(move |event| async move { sse_event(ids, event) }))
+        .chain(
+            chat.events
+                .filter_map(move |event| async move { sse_event(ids, event) }),
+        )
         .map(Ok::<_, Infallible>);
     let replayed = chat.replayed.then_some([(IDEMPOTENT_REPLAYED, "true")]);
     (replayed, Sse::new(events).keep_alive(keep_alive())).into_response()
@@ -208,7 +211,12 @@ struct Failed {
 fn sse_event(ids: ChatIds, event: StreamEvent) -> Option<Event> {
     let (name, data) = match event {
         StreamEvent::Chunk(chunk) if chunk.text.is_empty() => return None,
-        StreamEvent::Chunk(chunk) => ("delta", event_data(&Delta { content: &chunk.text })),
+        StreamEvent::Chunk(chunk) => (
+            "delta",
+            event_data(&Delta {
+                content: &chunk.text,
+            }),
+        ),
         StreamEvent::Replayed { text, .. } => ("delta", event_data(&Delta { content: &text })),
         StreamEvent::Done {
             balance,

@@ -390,12 +390,18 @@ mod tests {
         let (status, body) = rendered(ServiceError::Model(LlmError::Rejected(rejection))).await;
         assert_eq!(status, StatusCode::BAD_REQUEST);
         assert_eq!(body["code"], "upstream_rejected");
-        assert!(body["error"].as_str().unwrap().ends_with("tools[0] is not a valid schema"));
+        assert!(body["error"]
+            .as_str()
+            .unwrap()
+            .ends_with("tools[0] is not a valid schema"));
 
         let (status, body) = rendered(ServiceError::Model(LlmError::RefusedCredentials(401))).await;
         assert_eq!(status, StatusCode::BAD_GATEWAY);
         assert_eq!(body["code"], "upstream_error");
-        assert!(body["error"].as_str().unwrap().contains("LLM_API_KEY"), "{body}");
+        assert!(
+            body["error"].as_str().unwrap().contains("LLM_API_KEY"),
+            "{body}"
+        );
 
         let busy = ApiError::from(ServiceError::Model(LlmError::Busy {
             status: 429,

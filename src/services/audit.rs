@@ -82,12 +82,7 @@ pub async fn run_reporting(db: &db::Db, mut found: impl FnMut(&str)) -> ServiceR
     while let Some(call) = embeddings.try_next().await? {
         offend(format!(
             "embedding {} ({}, cost {}): {} reservation(s), {} refund(s), {} stray row(s)",
-            call.embedding_id,
-            call.status,
-            call.cost,
-            call.reservations,
-            call.refunds,
-            call.strays
+            call.embedding_id, call.status, call.cost, call.reservations, call.refunds, call.strays
         ));
     }
     drop(embeddings);

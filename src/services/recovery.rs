@@ -117,7 +117,10 @@ impl Recovery {
             for &embedding_id in &stale {
                 match db::embeddings::refund(&self.db, embedding_id).await {
                     Ok(true) => {
-                        tracing::warn!(embedding_id, "refunded an embeddings call abandoned while pending");
+                        tracing::warn!(
+                            embedding_id,
+                            "refunded an embeddings call abandoned while pending"
+                        );
                         report.refunded_embeddings += 1;
                     }
                     Ok(false) => {}

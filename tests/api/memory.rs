@@ -22,8 +22,8 @@ use crate::{
 
 /// The budget of body bytes in flight the server is given: small, so the test is quick.
 const BUDGET: usize = 4 * 1024 * 1024;
-/// Each attacker's body, as in the attack run: under `/v1/chat/completions`' limit of
-/// 449,536 bytes, so only the budget can stop it.
+/// Each attacker's body, as in the attack run: under `/v1`'s limit, which this test sets to
+/// a megabyte (`V1_MAX_BODY_BYTES`), so only the budget can stop it.
 const BODY_BYTES: usize = 440_000;
 /// Attacking connections: 200 bodies of 440 KB are 88 MB, twenty times the budget.
 const CONNECTIONS: usize = 200;
@@ -44,6 +44,7 @@ async fn bodies_held_one_byte_short_stay_within_the_budget_and_their_memory_is_g
     let vars = [
         ("LLM_BASE_URL", llm.base_url.as_str()),
         ("MAX_INFLIGHT_BODY_BYTES", budget.as_str()),
+        ("V1_MAX_BODY_BYTES", "1048576"),
         ("CHAT_RATE_PER_MINUTE", "0"),
     ];
     let server = Server::start(dir.path(), &vars);

@@ -203,7 +203,10 @@ fn json_answer(body: axum::body::Bytes, model: &str) -> Response {
     };
     let body = relay(text, model, true).unwrap_or_default();
     (
-        [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))],
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
         body,
     )
         .into_response()

@@ -67,7 +67,14 @@ pub(super) struct Checked {
 
 /// The roles OpenAI's protocol has; tokenchat needs to know them to find the user's
 /// message and whether the client sent its own system message.
-const ROLES: [&str; 6] = ["system", "developer", "user", "assistant", "tool", "function"];
+const ROLES: [&str; 6] = [
+    "system",
+    "developer",
+    "user",
+    "assistant",
+    "tool",
+    "function",
+];
 
 fn invalid(field: &'static str, message: impl Into<String>) -> ApiError {
     ApiError::invalid_input(field, message)
@@ -163,10 +170,11 @@ pub(super) fn completion(state: &AppState, raw: RawJson) -> Result<Checked, ApiE
         return Err(invalid("messages", "messages must hold a user message"));
     };
     let max_chars = state.config.max_message_chars;
-    let message = Message::parse(stored_text(content, max_chars)?, max_chars).map_err(|mut err| {
-        err.field = "messages";
-        err
-    })?;
+    let message =
+        Message::parse(stored_text(content, max_chars)?, max_chars).map_err(|mut err| {
+            err.field = "messages";
+            err
+        })?;
     let hold = raw.hold.clone().map(|hold| Box::new(hold) as _);
     let forwarded = Forwarded::from_fields(&raw.body, &fields, model, stream, !has_system, hold);
     Ok(Checked { forwarded, message })
@@ -272,6 +280,10 @@ mod tests {
         assert_eq!(stored("null"), "");
         let long = r#""a text that is longer than forty characters, cut""#;
         assert_eq!(stored(long), "a text that is longer than forty charact");
-        assert!(stored_text(Some(&serde_json::from_str::<Box<RawValue>>("5").unwrap()), 40).is_err());
+        assert!(stored_text(
+            Some(&serde_json::from_str::<Box<RawValue>>("5").unwrap()),
+            40
+        )
+        .is_err());
     }
 }

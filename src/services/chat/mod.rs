@@ -202,11 +202,7 @@ impl ChatInFlight {
     }
 
     /// What the model is asked: the OpenAI client's request as it sent it, or `prompt`.
-    fn ask<'a>(
-        &'a self,
-        prompt: &'a [PromptMessage<'a>],
-        forwarded: Option<Forwarded>,
-    ) -> Ask<'a> {
+    fn ask<'a>(&'a self, prompt: &'a [PromptMessage<'a>], forwarded: Option<Forwarded>) -> Ask<'a> {
         match forwarded {
             Some(request) => Ask::Forwarded {
                 request,
