@@ -61,8 +61,9 @@ pub enum Reply {
     Stall(Duration),
     /// Fails (500) this fraction of requests at random and echoes the rest.
     FailRandomly(f64),
-    /// Streamed: the role chunk and this many words, then the connection is cut, with neither
-    /// a `finish_reason` nor `[DONE]`. Not streamed: like `Echo`.
+    /// Streamed: the role chunk and this many words (or pieces of a tool call), then the
+    /// connection is cut, with neither a `finish_reason` nor `[DONE]`. Not streamed: like
+    /// `Echo`.
     DieMidStream { after_words: usize },
     /// Streamed: the role chunk and this many words, then an OpenAI-style error event, then
     /// the body ends normally but without `[DONE]`. Not streamed: like `Echo`.
@@ -106,6 +107,8 @@ pub struct FakeLlm {
 
 pub(super) struct Shared {
     reply: Mutex<Reply>,
+    /// How long a request waits before its body is read: an upstream slow to take it.
+    read_delay: Mutex<Duration>,
     received: Mutex<Vec<Received>>,
     calls: AtomicUsize,
     /// Streams whose body was dropped (by hyper, because tokenchat went away) before the fake
@@ -119,6 +122,7 @@ impl FakeLlm {
     pub async fn start() -> Self {
         let shared = Arc::new(Shared {
             reply: Mutex::new(Reply::Echo),
+            read_delay: Mutex::new(Duration::ZERO),
             received: Mutex::new(Vec::new()),
             calls: AtomicUsize::new(0),
             cancelled_streams: AtomicUsize::new(0),
@@ -137,11 +141,20 @@ impl FakeLlm {
                     }))
                 }),
             )
+            .layer(axum::middleware::from_fn_with_state(
+                shared.clone(),
+                delay_reading,
+            ))
             .with_state(shared.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base_url = format!("http://{}/v1", listener.local_addr().unwrap());
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
         Self { base_url, shared }
+    }
+
+    /// Makes every request wait this long before its body is read.
+    pub fn set_read_delay(&self, delay: Duration) {
+        *self.shared.read_delay.lock().unwrap() = delay;
     }
 
     pub fn set_reply(&self, reply: Reply) {
@@ -182,6 +195,17 @@ impl FakeLlm {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
+}
+
+/// Waits [`FakeLlm::set_read_delay`] before the handler reads the body.
+async fn delay_reading(
+    State(shared): State<Arc<Shared>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let delay = *shared.read_delay.lock().unwrap();
+    tokio::time::sleep(delay).await;
+    next.run(request).await
 }
 
 /// Records a request and says how to answer it: the reply a test set, or the one its
@@ -305,7 +329,6 @@ async fn completions(
     }
     let answered = answer(&body);
     let usage = include_usage.then_some(answered.usage);
-    let echo = answered.choices[0].content.clone().unwrap_or_default();
     match reply {
         Reply::NoChoices => {
             Json(json!({ "id": "x", "object": "chat.completion", "choices": [] })).into_response()
@@ -326,12 +349,12 @@ async fn completions(
         Reply::DieMidStream { after_words } => sse(
             &shared,
             &model,
-            StreamPlan::broken(&echo, after_words, Break::Die),
+            StreamPlan::of(&answered, None).broken(after_words, Break::Die),
         ),
         Reply::ErrorEventMidStream { after_words } => sse(
             &shared,
             &model,
-            StreamPlan::broken(&echo, after_words, Break::ErrorEvent),
+            StreamPlan::of(&answered, None).broken(after_words, Break::ErrorEvent),
         ),
         Reply::StallMidStream { after_words, stall } => {
             let mut plan = StreamPlan::of(&answered, usage);
@@ -357,6 +380,9 @@ async fn embeddings(
     Json(body): Json<Value>,
 ) -> Response {
     let reply = receive(&shared, &uri, query, &headers, &body);
+    if let Reply::Stall(delay) = reply {
+        tokio::time::sleep(delay).await;
+    }
     if let Some(failed) = failure(&reply, &headers) {
         return failed;
     }

@@ -107,12 +107,13 @@ impl StreamPlan {
         Self::of(&Answer::text(text), usage)
     }
 
-    /// One choice of `text`, broken `how` after `after_words` of it.
-    pub fn broken(text: &str, after_words: usize, how: Break) -> Self {
-        let mut plan = Self::whole(text, None);
-        plan.deltas.truncate(after_words);
-        plan.broken = Some(how);
-        plan
+    /// This plan without its usage, broken `how` after `after` of its deltas (words, or a
+    /// tool call's pieces).
+    pub fn broken(mut self, after: usize, how: Break) -> Self {
+        self.deltas.truncate(after);
+        self.usage = None;
+        self.broken = Some(how);
+        self
     }
 }
 

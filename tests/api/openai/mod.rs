@@ -1,6 +1,12 @@
 //! The OpenAI-compatible routes, as an OpenAI client sees them: `/v1/models`,
 //! `/v1/chat/completions` whole and streamed, OpenAI's error object, and the same metering
-//! as `/chat`.
+//! as `/chat`; what passes through as sent ([`pass_through`]), errors by whose fault they
+//! are ([`faults`]), embeddings ([`embeddings`]) and the size of bodies ([`bodies`]).
+
+mod bodies;
+mod embeddings;
+mod faults;
+mod pass_through;
 
 use std::time::Duration;
 
@@ -14,7 +20,7 @@ use tower::ServiceExt;
 
 use crate::common::{Reply, TestApp, TestResponse};
 
-async fn key_of(app: &TestApp, username: &str) -> String {
+pub(super) async fn key_of(app: &TestApp, username: &str) -> String {
     let token = app.user_with_token(username).await;
     let created = app
         .post_authorized("/keys", &token, json!({ "name": "sdk" }))
@@ -22,7 +28,7 @@ async fn key_of(app: &TestApp, username: &str) -> String {
     created.json["key"].as_str().unwrap().to_string()
 }
 
-async fn completions(app: &TestApp, key: &str, body: Value) -> TestResponse {
+pub(super) async fn completions(app: &TestApp, key: &str, body: Value) -> TestResponse {
     let authorization = format!("Bearer {key}");
     app.request(
         Method::POST,
@@ -36,7 +42,7 @@ async fn completions(app: &TestApp, key: &str, body: Value) -> TestResponse {
     .await
 }
 
-fn completion_request(key: &str, body: &Value) -> Request<Body> {
+pub(super) fn completion_request(key: &str, body: &Value) -> Request<Body> {
     Request::builder()
         .method(Method::POST)
         .uri("/v1/chat/completions")
@@ -47,7 +53,7 @@ fn completion_request(key: &str, body: &Value) -> Request<Body> {
 }
 
 /// The `data:` payloads of a streamed completion, to its end.
-async fn stream_completion(app: &TestApp, key: &str, body: Value) -> Vec<String> {
+pub(super) async fn stream_completion(app: &TestApp, key: &str, body: Value) -> Vec<String> {
     let request = completion_request(key, &body);
     let response = app.router.clone().oneshot(request).await.unwrap();
     assert_eq!(response.status(), StatusCode::OK);
@@ -70,7 +76,12 @@ async fn stream_completion(app: &TestApp, key: &str, body: Value) -> Vec<String>
 
 /// Asserts OpenAI's error object: all four keys, and this status, type and code.
 #[track_caller]
-fn assert_openai_error(response: &TestResponse, status: StatusCode, kind: &str, code: &str) {
+pub(super) fn assert_openai_error(
+    response: &TestResponse,
+    status: StatusCode,
+    kind: &str,
+    code: &str,
+) {
     assert_eq!(response.status, status, "{response:?}");
     let error = &response.json["error"];
     for field in ["message", "type", "param", "code"] {
@@ -83,7 +94,7 @@ fn assert_openai_error(response: &TestResponse, status: StatusCode, kind: &str, 
     assert_eq!(error["code"], code, "{response:?}");
 }
 
-fn hello(model: &str) -> Value {
+pub(super) fn hello(model: &str) -> Value {
     json!({ "model": model, "messages": [{ "role": "user", "content": "hello there" }] })
 }
 
