@@ -119,6 +119,11 @@ async fn read_body(request: Request, state: &AppState) -> Result<(BodyFormat, By
     Ok((format, body))
 }
 
+/// The most of a body's declared length allocated before its bytes arrive: beyond it the
+/// buffer grows with them, so a body that stops short (or is refused for the budget) never
+/// holds memory for bytes it did not send.
+const PREALLOCATED: usize = 1024 * 1024;
+
 /// The whole body (within the route's limit) in one buffer, each frame copied in and let go
 /// as it arrives: a body in many frames takes its own size once, not twice, as gathering
 /// the frames first and then joining them would (a 20 MiB image request, issue 24).
@@ -135,7 +140,7 @@ async fn collect(request: Request) -> Result<Bytes, axum::BoxError> {
             // One frame: the body itself, no copy.
             None if body.is_end_stream() => return Ok(data),
             None => {
-                let mut buffer = Vec::with_capacity(declared.max(data.len()));
+                let mut buffer = Vec::with_capacity(declared.min(PREALLOCATED).max(data.len()));
                 buffer.extend_from_slice(&data);
                 whole = Some(buffer);
             }

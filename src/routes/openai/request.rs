@@ -200,29 +200,24 @@ struct PartView {
     text: Option<String>,
 }
 
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum ContentView {
-    Text(String),
-    Parts(Vec<PartView>),
-}
-
 /// The text a chat stores of a user message's content: a string as it is; text parts
 /// joined as they are, each other part named (`[image]`, `[audio]`, `[file]`, or its type)
 /// apart from its neighbours by a space; at most `max_chars` characters.
 fn stored_text(content: Option<&RawValue>, max_chars: usize) -> Result<String, ApiError> {
-    let content = match content.map(RawValue::get) {
-        None | Some("null") => ContentView::Text(String::new()),
-        Some(raw) => serde_json::from_str(raw).map_err(|_| {
-            invalid(
-                "messages",
-                "content must be a string or an array of content parts",
-            )
-        })?,
+    let not_content = || {
+        invalid(
+            "messages",
+            "content must be a string or an array of content parts",
+        )
     };
-    let mut text = match content {
-        ContentView::Text(text) => text,
-        ContentView::Parts(parts) => {
+    // Told apart by their first byte rather than by serde's untagged enums, which would
+    // copy the whole content (a 20 MiB image) to try each.
+    let raw = content.map_or("null", RawValue::get);
+    let mut text = match raw.as_bytes().first() {
+        Some(b'n') if raw == "null" => String::new(),
+        Some(b'"') => serde_json::from_str(raw).map_err(|_| not_content())?,
+        Some(b'[') => {
+            let parts: Vec<PartView> = serde_json::from_str(raw).map_err(|_| not_content())?;
             let mut text = String::new();
             let mut after_name = false;
             for part in parts {
@@ -247,6 +242,7 @@ fn stored_text(content: Option<&RawValue>, max_chars: usize) -> Result<String, A
             }
             text
         }
+        _ => return Err(not_content()),
     };
     if let Some((cut, _)) = text.char_indices().nth(max_chars) {
         text.truncate(cut);

@@ -145,6 +145,8 @@ impl FakeLlm {
                 shared.clone(),
                 delay_reading,
             ))
+            // As big as tokenchat's `/v1` may send (images), and more.
+            .layer(axum::extract::DefaultBodyLimit::max(64 * 1024 * 1024))
             .with_state(shared.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base_url = format!("http://{}/v1", listener.local_addr().unwrap());
