@@ -386,3 +386,47 @@ async fn a_tool_call_cut_off_mid_stream_is_charged_by_the_rule_for_delivered_tex
         app.assert_all_settled().await;
     }
 }
+
+#[tokio::test]
+async fn the_demo_model_answers_tools_with_text_and_refuses_what_it_cannot_honour() {
+    let app = TestApp::with_env(&[("LLM_BASE_URL", "")]).await;
+    let key = key_of(&app, "user").await;
+    let ask = json!({ "model": "demo", "messages": user("code hello world in go"),
+        "tools": [weather_tool()], "n": 2 });
+    let whole = completions(&app, &key, ask.clone()).await;
+    assert_eq!(whole.status, StatusCode::OK, "{whole:?}");
+    let choices = whole.json["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 2);
+    for choice in choices {
+        let content = choice["message"]["content"].as_str().unwrap();
+        assert!(content.starts_with("Code for 'Hello World' in go:"), "{content}");
+        assert_eq!(choice["finish_reason"], "stop");
+    }
+    let mut streamed = ask;
+    streamed["stream"] = json!(true);
+    streamed["stream_options"] = json!({ "include_usage": true });
+    let chunks = chunks(&stream_completion(&app, &key, streamed).await);
+    let texts = texts(&chunks);
+    assert_eq!(texts.len(), 2);
+    assert_eq!(texts[&0], choices[0]["message"]["content"]);
+    assert_eq!(texts[&1], texts[&0]);
+    assert_eq!(chunks.last().unwrap()["usage"]["total_tokens"], 0);
+    assert!(chunks.iter().all(|chunk| chunk["model"] == "demo"));
+
+    // What it cannot do it refuses as a model would: 400 naming the field, refunded.
+    for (field, value) in [
+        ("response_format", json!({ "type": "json_object" })),
+        ("logprobs", json!(true)),
+        ("modalities", json!(["text", "audio"])),
+        ("n", json!(0)),
+    ] {
+        let mut ask = json!({ "model": "demo", "messages": user("hello") });
+        ask[field] = value;
+        let refused = completions(&app, &key, ask).await;
+        assert_eq!(refused.status, StatusCode::BAD_REQUEST, "{refused:?}");
+        assert_eq!(refused.json["error"]["param"], field);
+        assert_eq!(refused.json["error"]["code"], "unsupported_parameter");
+    }
+    assert_eq!(app.balance(&key).await, 3800);
+    app.assert_all_settled().await;
+}
