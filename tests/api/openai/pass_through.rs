@@ -399,7 +399,10 @@ async fn the_demo_model_answers_tools_with_text_and_refuses_what_it_cannot_honou
     assert_eq!(choices.len(), 2);
     for choice in choices {
         let content = choice["message"]["content"].as_str().unwrap();
-        assert!(content.starts_with("Code for 'Hello World' in go:"), "{content}");
+        assert!(
+            content.starts_with("Code for 'Hello World' in go:"),
+            "{content}"
+        );
         assert_eq!(choice["finish_reason"], "stop");
     }
     let mut streamed = ask;
