@@ -151,7 +151,10 @@ fn agent_request(stream: bool) -> String {
         .collect();
     let mut messages = vec![json!({ "role": "system", "content": "You are a coding agent." })];
     let turn = "fn main() { println!(\"hello\"); } // an earlier file, read back\n".repeat(30);
-    while serde_json::to_string(&messages).map_or(0, |text| text.len()) < REQUEST_BYTES - 20_000 {
+    let tools_bytes = serde_json::to_string(&tools).map_or(0, |text| text.len());
+    while serde_json::to_string(&messages).map_or(0, |text| text.len()) + tools_bytes
+        < REQUEST_BYTES
+    {
         messages.push(json!({ "role": "user", "content": "Look at this file." }));
         messages.push(json!({ "role": "assistant", "content": turn }));
     }

@@ -92,7 +92,7 @@ impl Asked {
         let field = |name| -> Option<Value> {
             request
                 .field(name)
-                .and_then(|raw| serde_json::from_slice(raw).ok())
+                .and_then(|raw| serde_json::from_slice(&raw).ok())
                 .filter(|value: &Value| !value.is_null())
         };
         if let Some(format) = field("response_format") {
@@ -268,8 +268,13 @@ enum Input {
 /// the same words, so that texts sharing words are near each other. Floats, or base64 of
 /// little-endian 32-bit floats (`encoding_format`, which OpenAI's Python SDK asks for).
 fn embeddings(request: &Forwarded) -> Result<Embedding, LlmError> {
-    let field = |name| request.field(name).map(serde_json::from_slice::<Value>);
-    let inputs = match request.field("input").map(serde_json::from_slice::<Input>) {
+    let field = |name| {
+        request
+            .field(name)
+            .map(|raw| serde_json::from_slice::<Value>(&raw))
+    };
+    let input = request.field("input");
+    let inputs = match input.as_deref().map(serde_json::from_slice::<Input>) {
         Some(Ok(Input::One(text))) => vec![text],
         Some(Ok(Input::Many(items))) if !items.is_empty() => items
             .into_iter()

@@ -16,7 +16,11 @@ use http_body::{Frame, SizeHint};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
-use super::raw::{json_string, push_name, slice_of, Fields};
+use super::raw::{json_string, push_name, slice_of, Element, Field, Fields};
+
+/// From this size a raw value goes upstream as a slice of the client's body (an image);
+/// smaller ones are copied together, so the body is a few pieces, not two per field.
+const SLICED_FROM_BYTES: usize = 16 * 1024;
 
 /// Whatever keeps a client's body counted against the budget of bodies in memory
 /// (`MAX_INFLIGHT_BODY_BYTES`) while tokenchat holds it: dropped once the body is sent.
@@ -32,8 +36,10 @@ pub struct Forwarded {
     pub include_usage: bool,
     /// `messages` holds no system (or developer) message: `LLM_SYSTEM_PROMPT` goes first.
     pub wants_system_prompt: bool,
-    /// Every field but `model`, and, when streamed, `stream` and `stream_options`, as sent.
-    fields: Vec<(String, Bytes)>,
+    /// Every field but `model`, and, when streamed, `stream` and `stream_options`, as sent,
+    /// each in pieces: an expanded array (`messages`) written anew from its objects' raw
+    /// fields, every value as sent.
+    fields: Vec<(String, Vec<Bytes>)>,
     /// `stream_options` as sent, when streamed: sent with `include_usage` set to true.
     stream_options: Option<Map<String, Value>>,
     /// Released once the body has been sent (or given up on).
@@ -65,7 +71,16 @@ impl Forwarded {
         let copied = fields
             .iter()
             .filter(|(name, _)| *name != "model" && (!stream || !WRITTEN.contains(name)))
-            .map(|(name, raw)| (name.to_string(), slice_of(body, raw.get())))
+            .filter_map(|(name, value)| {
+                let mut pieces = Pieces::writer(body);
+                match value {
+                    Field::Raw(raw) => pieces.raw(raw.get()),
+                    Field::Array(elements) => pieces.objects(elements),
+                    // Refused by the route before it would be sent.
+                    Field::NotAnArray => return None,
+                }
+                Some((name.to_string(), pieces.finish()))
+            })
             .collect();
         Self {
             model,
@@ -79,18 +94,18 @@ impl Forwarded {
     }
 
     /// The raw JSON of a field copied as sent.
-    pub fn field(&self, name: &str) -> Option<&[u8]> {
+    pub fn field(&self, name: &str) -> Option<Vec<u8>> {
         self.fields
             .iter()
             .find(|(field, _)| field == name)
-            .map(|(_, raw)| &raw[..])
+            .map(|(_, pieces)| pieces.concat())
     }
 
     /// What makes two requests the same for an `Idempotency-Key`: the model and every field
     /// sent upstream (by name, so their order does not matter), but how the answer is
     /// delivered (`stream`, `stream_options`), as hex SHA-256.
     pub fn fingerprint(&self) -> String {
-        let mut fields: Vec<&(String, Bytes)> = self
+        let mut fields: Vec<&(String, Vec<Bytes>)> = self
             .fields
             .iter()
             .filter(|(name, _)| !WRITTEN.contains(&name.as_str()))
@@ -98,12 +113,15 @@ impl Forwarded {
         fields.sort_by(|a, b| a.0.cmp(&b.0));
         let mut hash = Sha256::new();
         hash.update(self.model.as_bytes());
-        for (name, raw) in fields {
+        for (name, pieces) in fields {
             // Lengths first, so that no two different requests hash the same bytes.
             hash.update((name.len() as u64).to_le_bytes());
             hash.update(name.as_bytes());
-            hash.update((raw.len() as u64).to_le_bytes());
-            hash.update(raw);
+            let length: usize = pieces.iter().map(Bytes::len).sum();
+            hash.update((length as u64).to_le_bytes());
+            for piece in pieces {
+                hash.update(piece);
+            }
         }
         format!("{:x}", hash.finalize())
     }
@@ -124,28 +142,31 @@ impl Forwarded {
             push_name(&mut head, "stream_options");
             head.push_str(&Value::Object(options).to_string());
         }
-        for (name, raw) in self.fields {
+        for (name, value) in self.fields {
             head.push(',');
             push_name(&mut head, &name);
-            let messages = name == "messages" && self.wants_system_prompt;
-            match raw.first() {
-                Some(b'[') if messages => {
-                    // `[`, the system message, and the client's messages after its `[`.
-                    head.push('[');
-                    head.push_str(&system_message(system_prompt));
-                    if raw[1..]
-                        .iter()
-                        .any(|byte| !byte.is_ascii_whitespace() && *byte != b']')
-                    {
-                        head.push(',');
-                    }
-                    pieces.push_back(Bytes::from(std::mem::take(&mut head)));
-                    pieces.push_back(raw.slice(1..));
+            let mut value = value.into_iter();
+            let first = value.next().unwrap_or_default();
+            if name == "messages" && self.wants_system_prompt && first.first() == Some(&b'[') {
+                // `[`, the system message, and the client's messages after its `[`.
+                head.push('[');
+                head.push_str(&system_message(system_prompt));
+                let rest = std::iter::once(first.slice(1..)).chain(value);
+                let rest: Vec<Bytes> = rest.collect();
+                let empty = rest
+                    .iter()
+                    .flat_map(|piece| piece.iter())
+                    .find(|byte| !byte.is_ascii_whitespace())
+                    .is_none_or(|byte| *byte == b']');
+                if !empty {
+                    head.push(',');
                 }
-                _ => {
-                    pieces.push_back(Bytes::from(std::mem::take(&mut head)));
-                    pieces.push_back(raw);
-                }
+                pieces.push_back(Bytes::from(std::mem::take(&mut head)));
+                pieces.extend(rest);
+            } else {
+                pieces.push_back(Bytes::from(std::mem::take(&mut head)));
+                pieces.push_back(first);
+                pieces.extend(value);
             }
         }
         head.push('}');
@@ -156,6 +177,54 @@ impl Forwarded {
             remaining,
             _hold: self.hold,
         }
+    }
+}
+
+impl Writer<'_> {
+    fn text(&mut self, text: &str) {
+        self.copied.extend_from_slice(text.as_bytes());
+    }
+
+    fn raw(&mut self, raw: &str) {
+        if raw.len() < SLICED_FROM_BYTES {
+            return self.text(raw);
+        }
+        if !self.copied.is_empty() {
+            self.pieces
+                .push(Bytes::from(std::mem::take(&mut self.copied)));
+        }
+        self.pieces.push(slice_of(self.body, raw));
+    }
+
+    /// `[{"name":value,...},...]`, each object as sent but for the white space between its
+    /// fields; an element that is no object is left out (the route refuses those first).
+    fn objects(&mut self, elements: &[Element<'_>]) {
+        self.text("[");
+        let objects = elements.iter().filter_map(|element| match element {
+            Element::Object(fields) => Some(fields),
+            Element::NotAnObject => None,
+        });
+        for (index, fields) in objects.enumerate() {
+            self.text(if index == 0 { "{" } else { ",{" });
+            for (position, (name, value)) in fields.iter().enumerate() {
+                let mut named = String::new();
+                if position > 0 {
+                    named.push(',');
+                }
+                push_name(&mut named, name);
+                self.text(&named);
+                self.raw(value.get());
+            }
+            self.text("}");
+        }
+        self.text("]");
+    }
+
+    fn finish(mut self) -> Vec<Bytes> {
+        if !self.copied.is_empty() {
+            self.pieces.push(Bytes::from(self.copied));
+        }
+        self.pieces
     }
 }
 
@@ -171,7 +240,23 @@ pub(super) struct Pieces {
     _hold: Option<BodyHold>,
 }
 
+/// Writes a field's value in pieces: text of its own and small raw values copied together,
+/// big raw values as slices of the client's body.
+struct Writer<'b> {
+    body: &'b Bytes,
+    pieces: Vec<Bytes>,
+    copied: Vec<u8>,
+}
+
 impl Pieces {
+    fn writer(body: &Bytes) -> Writer<'_> {
+        Writer {
+            body,
+            pieces: Vec::new(),
+            copied: Vec::new(),
+        }
+    }
+
     pub(super) fn len(&self) -> u64 {
         self.remaining
     }
@@ -224,7 +309,7 @@ mod tests {
     fn forwarded(body: &'static str, stream: bool, system: bool) -> Forwarded {
         let body = Bytes::from_static(body.as_bytes());
         let text = std::str::from_utf8(&body).unwrap();
-        let fields = Fields::parse(text).unwrap();
+        let fields = Fields::parse_expanding(text, Some("messages")).unwrap();
         Forwarded::from_fields(&body, &fields, "served".into(), stream, system, None)
     }
 
@@ -265,6 +350,25 @@ mod tests {
         let body = r#"{"messages":[{"role":"developer","content":"x"}],"model":"served"}"#;
         let sent = sent(forwarded(body, false, false));
         assert_eq!(sent["messages"].as_array().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_big_value_goes_as_a_slice_of_the_clients_body_and_small_ones_copied_together() {
+        let image = "A".repeat(SLICED_FROM_BYTES);
+        let text = format!(
+            r#"{{"model":"m","messages":[{{"role":"user","content":[{{"type":"image_url","image_url":{{"url":"{image}"}}}}]}}],"n":1}}"#
+        );
+        let body = Bytes::from(text);
+        let fields =
+            Fields::parse_expanding(std::str::from_utf8(&body).unwrap(), Some("messages")).unwrap();
+        let forwarded = Forwarded::from_fields(&body, &fields, "m".into(), false, false, None);
+        let body_range = body.as_ptr() as usize..body.as_ptr() as usize + body.len();
+        let messages = &forwarded.fields[0].1;
+        assert_eq!(messages.len(), 3, "copied, the image's content, copied");
+        assert!(body_range.contains(&(messages[1].as_ptr() as usize)));
+        assert!(messages[1].len() > SLICED_FROM_BYTES);
+        let sent: Value = serde_json::from_slice(&forwarded.into_body("m", "").concat()).unwrap();
+        assert_eq!(sent["messages"][0]["content"][0]["image_url"]["url"], image);
     }
 
     #[test]

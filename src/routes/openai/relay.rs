@@ -29,7 +29,7 @@ pub(super) fn relay(answer: String, model: &str, keep_usage: bool) -> Option<Str
         drop(fields);
         return Some(answer);
     }
-    let rewritten = write_object(fields.iter().filter_map(|(name, value)| match name {
+    let rewritten = write_object(fields.raw().filter_map(|(name, value)| match name {
         "model" => Some((name, named.as_str())),
         "usage" if !keep_usage => None,
         _ => Some((name, value.get())),

@@ -12,7 +12,7 @@ use utoipa::ToSchema;
 use crate::{
     domain::Message,
     llm::{
-        raw::{Fields, NotAnObject},
+        raw::{Element, Field, Fields, NotAnObject},
         Forwarded,
     },
     routes::{error::ApiError, extract::RawJson},
@@ -80,11 +80,12 @@ fn invalid(field: &'static str, message: impl Into<String>) -> ApiError {
     ApiError::invalid_input(field, message)
 }
 
-/// A request body's top-level fields.
-fn fields(raw: &RawJson) -> Result<Fields<'_>, ApiError> {
+/// A request body's top-level fields, `expanded` read as an array of objects in the same
+/// pass (one scan of the body, however big).
+fn fields<'a>(raw: &'a RawJson, expanded: Option<&str>) -> Result<Fields<'a>, ApiError> {
     let text = std::str::from_utf8(&raw.body)
         .map_err(|_| ApiError::InvalidJson("the request body is not UTF-8".into()))?;
-    Fields::parse(text).map_err(|err| match err {
+    Fields::parse_expanding(text, expanded).map_err(|err| match err {
         NotAnObject::Json(err) => {
             ApiError::InvalidJson(format!("the request body is not valid JSON: {err}"))
         }
@@ -113,17 +114,8 @@ fn flag(fields: &Fields<'_>, name: &'static str) -> Result<bool, ApiError> {
     }
 }
 
-/// One message, read for its role and, for the last user message, its content.
-#[derive(Deserialize)]
-struct MessageView<'a> {
-    #[serde(borrow)]
-    role: Cow<'a, str>,
-    #[serde(default, borrow)]
-    content: Option<&'a RawValue>,
-}
-
 pub(super) fn completion(state: &AppState, raw: RawJson) -> Result<Checked, ApiError> {
-    let fields = fields(&raw)?;
+    let fields = fields(&raw, Some("messages"))?;
     let model = model(state, &fields)?;
     let stream = flag(&fields, "stream")?;
     match fields.get("stream_options").map(RawValue::get) {
@@ -143,27 +135,39 @@ pub(super) fn completion(state: &AppState, raw: RawJson) -> Result<Checked, ApiE
             })?;
         }
     }
-    let messages: Vec<&RawValue> = fields
-        .get("messages")
-        .and_then(|raw| serde_json::from_str(raw.get()).ok())
-        .ok_or_else(|| invalid("messages", "messages must be an array of messages"))?;
+    let Some(Field::Array(messages)) = fields.field("messages") else {
+        return Err(invalid("messages", "messages must be an array of messages"));
+    };
     if messages.is_empty() {
         return Err(invalid("messages", "messages must not be empty"));
     }
     let mut has_system = false;
     let mut last_user = None;
     for message in messages {
-        let message: MessageView = serde_json::from_str(message.get())
-            .map_err(|_| invalid("messages", "each message must be an object with a role"))?;
-        if !ROLES.contains(&message.role.as_ref()) {
+        let Element::Object(message) = message else {
+            return Err(invalid(
+                "messages",
+                "each message must be an object with a role",
+            ));
+        };
+        let field = |name| {
+            message
+                .iter()
+                .find(|(field, _)| field == name)
+                .map(|(_, value)| *value)
+        };
+        let role: Cow<str> = field("role")
+            .and_then(|role| serde_json::from_str(role.get()).ok())
+            .ok_or_else(|| invalid("messages", "each message must be an object with a role"))?;
+        if !ROLES.contains(&role.as_ref()) {
             return Err(invalid(
                 "messages",
                 "each role must be system, developer, user, assistant, tool or function",
             ));
         }
-        has_system |= matches!(message.role.as_ref(), "system" | "developer");
-        if message.role == "user" {
-            last_user = Some(message.content);
+        has_system |= matches!(role.as_ref(), "system" | "developer");
+        if role == "user" {
+            last_user = Some(field("content"));
         }
     }
     let Some(content) = last_user else {
@@ -181,7 +185,7 @@ pub(super) fn completion(state: &AppState, raw: RawJson) -> Result<Checked, ApiE
 }
 
 pub(super) fn embeddings(state: &AppState, raw: RawJson) -> Result<Forwarded, ApiError> {
-    let fields = fields(&raw)?;
+    let fields = fields(&raw, None)?;
     let model = model(state, &fields)?;
     if fields.get("input").is_none() {
         return Err(invalid("input", "input is required"));
