@@ -54,6 +54,25 @@ pub async fn run(dir: &Path, pinned: bool, measured: Duration) {
     assert!(body.len() >= REQUEST_BYTES, "{}", body.len());
     let streamed = agent_request(true);
     let mut rows = Vec::new();
+    // The same for a small request (one message and one tool), to tell what is the route's
+    // own from what grows with the body.
+    let small = json!({ "model": "llama3.2", "messages": [{ "role": "user", "content": "hi" }],
+        "tools": [{ "type": "function", "function": { "name": "tool_0" } }] })
+    .to_string();
+    let small_direct = measure(model, None, small.clone(), measured).await;
+    rows.push(Row::new(
+        "direct model call, small with a tool",
+        1,
+        &small_direct,
+        None,
+    ));
+    let small_through = measure(server.addr, Some(key.clone()), small, measured).await;
+    rows.push(Row::new(
+        "POST /v1/chat/completions, small with a tool",
+        1,
+        &small_through,
+        server.peak_rss(),
+    ));
     let direct = measure(model, None, body.clone(), measured).await;
     rows.push(Row::new(
         "direct model call, 100 KB with tools",
@@ -90,6 +109,11 @@ pub async fn run(dir: &Path, pinned: bool, measured: Duration) {
             - without.histogram.value_at_quantile(quantile) as f64 / 1000.0
     };
     println!();
+    println!(
+        "/v1 overhead at 1 connection, a small request: p50 {:.3} ms, p99 {:.3} ms",
+        added(&small_through, &small_direct, 0.5),
+        added(&small_through, &small_direct, 0.99)
+    );
     println!(
         "/v1 overhead at 1 connection, 100 KB with tools: p50 {:.3} ms, p99 {:.3} ms",
         added(&through, &direct, 0.5),

@@ -21,6 +21,12 @@ use super::raw::{json_string, push_name, slice_of, Element, Field, Fields};
 /// From this size a raw value goes upstream as a slice of the client's body (an image);
 /// smaller ones are copied together, so the body is a few pieces, not two per field.
 const SLICED_FROM_BYTES: usize = 16 * 1024;
+/// The most copied into one piece: below glibc's mmap threshold (128 KiB, see
+/// `server::body_budget`), so each piece comes from the allocator's arenas, reused from one
+/// request to the next, rather than from pages mapped and faulted in anew for each
+/// (measured: a 100 KB request copied into one growing buffer spent 7% of the server's
+/// time in page faults).
+const COPIED_PIECE_BYTES: usize = 64 * 1024;
 
 /// Whatever keeps a client's body counted against the budget of bodies in memory
 /// (`MAX_INFLIGHT_BODY_BYTES`) while tokenchat holds it: dropped once the body is sent.
@@ -72,7 +78,7 @@ impl Forwarded {
             .iter()
             .filter(|(name, _)| *name != "model" && (!stream || !WRITTEN.contains(name)))
             .filter_map(|(name, value)| {
-                let mut pieces = Pieces::writer(body);
+                let mut pieces = Pieces::writer(body, written_size(value));
                 match value {
                     Field::Raw(raw) => pieces.raw(raw.get()),
                     Field::Array(elements) => pieces.objects(elements),
@@ -182,6 +188,15 @@ impl Forwarded {
 
 impl Writer<'_> {
     fn text(&mut self, text: &str) {
+        if self.copied.len() + text.len() > COPIED_PIECE_BYTES && !self.copied.is_empty() {
+            self.pieces.push(Bytes::from(std::mem::take(&mut self.copied)));
+        }
+        if self.copied.capacity() == 0 {
+            // What is left of the value, up to a piece: one allocation per piece.
+            let wanted = self.left.clamp(text.len(), COPIED_PIECE_BYTES.max(text.len()));
+            self.copied.reserve_exact(wanted);
+        }
+        self.left = self.left.saturating_sub(text.len());
         self.copied.extend_from_slice(text.as_bytes());
     }
 
@@ -228,6 +243,26 @@ impl Writer<'_> {
     }
 }
 
+/// About how many bytes `value` takes written: its raw text, or its objects' fields.
+fn written_size(value: &Field<'_>) -> usize {
+    match value {
+        Field::Raw(raw) => raw.get().len(),
+        Field::Array(elements) => elements
+            .iter()
+            .map(|element| match element {
+                Element::Object(fields) => fields
+                    .iter()
+                    .map(|(name, value)| name.len() + value.get().len() + 4)
+                    .sum::<usize>()
+                    + 2,
+                Element::NotAnObject => 0,
+            })
+            .sum::<usize>()
+            + 2,
+        Field::NotAnArray => 0,
+    }
+}
+
 fn system_message(prompt: &str) -> String {
     format!(r#"{{"role":"system","content":{}}}"#, json_string(prompt))
 }
@@ -246,14 +281,17 @@ struct Writer<'b> {
     body: &'b Bytes,
     pieces: Vec<Bytes>,
     copied: Vec<u8>,
+    /// About how many bytes of the value are still to be written.
+    left: usize,
 }
 
 impl Pieces {
-    fn writer(body: &Bytes) -> Writer<'_> {
+    fn writer(body: &Bytes, size: usize) -> Writer<'_> {
         Writer {
             body,
             pieces: Vec::new(),
             copied: Vec::new(),
+            left: size,
         }
     }
 
