@@ -189,11 +189,14 @@ impl Forwarded {
 impl Writer<'_> {
     fn text(&mut self, text: &str) {
         if self.copied.len() + text.len() > COPIED_PIECE_BYTES && !self.copied.is_empty() {
-            self.pieces.push(Bytes::from(std::mem::take(&mut self.copied)));
+            self.pieces
+                .push(Bytes::from(std::mem::take(&mut self.copied)));
         }
         if self.copied.capacity() == 0 {
             // What is left of the value, up to a piece: one allocation per piece.
-            let wanted = self.left.clamp(text.len(), COPIED_PIECE_BYTES.max(text.len()));
+            let wanted = self
+                .left
+                .clamp(text.len(), COPIED_PIECE_BYTES.max(text.len()));
             self.copied.reserve_exact(wanted);
         }
         self.left = self.left.saturating_sub(text.len());
@@ -247,18 +250,22 @@ impl Writer<'_> {
 fn written_size(value: &Field<'_>) -> usize {
     match value {
         Field::Raw(raw) => raw.get().len(),
-        Field::Array(elements) => elements
-            .iter()
-            .map(|element| match element {
-                Element::Object(fields) => fields
-                    .iter()
-                    .map(|(name, value)| name.len() + value.get().len() + 4)
-                    .sum::<usize>()
-                    + 2,
-                Element::NotAnObject => 0,
-            })
-            .sum::<usize>()
-            + 2,
+        Field::Array(elements) => {
+            elements
+                .iter()
+                .map(|element| match element {
+                    Element::Object(fields) => {
+                        fields
+                            .iter()
+                            .map(|(name, value)| name.len() + value.get().len() + 4)
+                            .sum::<usize>()
+                            + 2
+                    }
+                    Element::NotAnObject => 0,
+                })
+                .sum::<usize>()
+                + 2
+        }
         Field::NotAnArray => 0,
     }
 }
