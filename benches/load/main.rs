@@ -13,6 +13,8 @@
 //! there each of the 32 connections is a user of its own. `BENCH_BIG=1` runs instead the
 //! growth benchmark: the same routes on an empty database and on a big one (see `big_db`),
 //! and `tokenchat audit` on each, on SQLite and, with `BENCH_POSTGRES_URL`, on PostgreSQL.
+//! `BENCH_V1=1` runs instead what `/v1` adds to a 100 KB request with tools and to the first
+//! tool-call delta of a stream (see `v1`).
 //!
 //! The default run is `scenarios`; the others are `backends` and `growth` (its database in
 //! `big_db`). `client` and `measure` drive the load, `fake_model` answers it, `server` and
@@ -31,6 +33,7 @@ mod measure;
 mod report;
 mod scenarios;
 mod server;
+mod v1;
 
 use backends::compare_backends;
 use cores::{pin, raw_argon2_rate, spin};
@@ -83,6 +86,9 @@ async fn run(pinned: bool) {
     let model = start_fake_model().await;
     let dir = tempfile::tempdir().expect("temporary directory");
     let postgres = std::env::var("BENCH_POSTGRES_URL").ok();
+    if std::env::var("BENCH_V1").is_ok_and(|v1| v1 == "1") {
+        return v1::run(dir.path(), pinned, measured).await;
+    }
     if std::env::var("BENCH_BIG").is_ok_and(|big| big == "1") {
         return growth(dir.path(), model, pinned, measured, postgres.as_deref()).await;
     }

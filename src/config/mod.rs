@@ -42,6 +42,8 @@ pub struct Config {
     /// How a streamed chat whose client went away before its end is settled.
     pub abandoned_stream_charge: AbandonedStreamCharge,
     pub chat_cost: i64,
+    /// `EMBEDDING_COST`: tokens per answered `/v1/embeddings` call.
+    pub embedding_cost: i64,
     pub initial_tokens: i64,
     /// `None` when `TOKEN_TTL_SECS=0`: login tokens never expire.
     pub token_ttl: Option<Duration>,
@@ -49,6 +51,8 @@ pub struct Config {
     /// Characters of earlier turns (messages and answers) sent with a new message.
     pub context_max_chars: usize,
     pub max_body_bytes: usize,
+    /// `V1_MAX_BODY_BYTES`: the largest body of the `/v1` routes, which carry images.
+    pub v1_max_body_bytes: usize,
     pub password_min_length: usize,
     /// How long an `Idempotency-Key` is remembered after its first use.
     pub idempotency_key_lifetime: Duration,
@@ -235,11 +239,13 @@ impl Config {
             llm_stream_max: vars.seconds("LLM_STREAM_MAX_SECS", "600", 1, DAY_SECS)?,
             abandoned_stream_charge: vars.parse("ABANDONED_STREAM_CHARGE", "delivered")?,
             chat_cost: vars.between("CHAT_COST", "100", 1, MAX_BALANCE)?,
+            embedding_cost: vars.between("EMBEDDING_COST", "1", 1, MAX_BALANCE)?,
             initial_tokens: vars.between("INITIAL_TOKENS", "4000", 0, MAX_BALANCE)?,
             token_ttl: (token_ttl_secs > 0).then(|| Duration::from_secs(token_ttl_secs)),
             max_message_chars: vars.between("MAX_MESSAGE_CHARS", "8000", 1, 1_000_000)?,
             context_max_chars: vars.between("CONTEXT_MAX_CHARS", "24000", 0, 10_000_000)?,
             max_body_bytes: vars.between("MAX_BODY_BYTES", "65536", 1, 64 * 1024 * 1024)?,
+            v1_max_body_bytes: vars.between("V1_MAX_BODY_BYTES", "20971520", 1, 1 << 30)?,
             password_min_length: vars.between("PASSWORD_MIN_LENGTH", "6", 1, 1024)?,
             idempotency_key_lifetime: vars.seconds(
                 "IDEMPOTENCY_KEY_LIFETIME_SECS",
@@ -315,14 +321,13 @@ impl Config {
             },
         };
         // A budget smaller than one body of the largest kind would refuse every such request.
-        let largest_body = config.completions_body_limit();
+        let largest_body = config.v1_max_body_bytes.max(config.chat_body_limit());
         if config.connections.max_inflight_body_bytes < largest_body {
             return Err(ConfigError::new(
                 "MAX_INFLIGHT_BODY_BYTES",
                 format!(
-                    "{} is below the largest request body, {largest_body} bytes (of \
-                     /v1/chat/completions, from MAX_BODY_BYTES, MAX_MESSAGE_CHARS and \
-                     CONTEXT_MAX_CHARS)",
+                    "{} is below the largest request body, {largest_body} bytes (of /v1, \
+                     V1_MAX_BODY_BYTES, or of /chat, from MAX_BODY_BYTES and MAX_MESSAGE_CHARS)",
                     config.connections.max_inflight_body_bytes
                 ),
             ));
@@ -344,14 +349,6 @@ impl Config {
     pub fn chat_body_limit(&self) -> usize {
         let longest_valid =
             self.max_message_chars * MAX_ENCODED_BYTES_PER_CHAR + CHAT_BODY_OVERHEAD_BYTES;
-        self.max_body_bytes.max(longest_valid)
-    }
-
-    /// The body limit of `/v1/chat/completions`: room for a whole conversation of a message
-    /// and its context in any valid encoding, with the fields around each message.
-    pub fn completions_body_limit(&self) -> usize {
-        let chars = self.max_message_chars + self.context_max_chars;
-        let longest_valid = chars * MAX_ENCODED_BYTES_PER_CHAR + 16 * CHAT_BODY_OVERHEAD_BYTES;
         self.max_body_bytes.max(longest_valid)
     }
 }

@@ -31,6 +31,8 @@ fn defaults_match_the_contract() {
     assert_eq!(config.token_ttl, Some(Duration::from_secs(86400)));
     assert_eq!(config.max_message_chars, 8000);
     assert_eq!(config.max_body_bytes, 65536);
+    assert_eq!(config.v1_max_body_bytes, 20 * 1024 * 1024);
+    assert_eq!(config.embedding_cost, 1);
     assert_eq!(config.password_min_length, 6);
     assert_eq!(config.connections.max_inflight_body_bytes, 64 * 1024 * 1024);
 }
@@ -60,11 +62,13 @@ fn env_example_lists_every_variable_with_its_default() {
             "LLM_STREAM_MAX_SECS",
             "ABANDONED_STREAM_CHARGE",
             "CHAT_COST",
+            "EMBEDDING_COST",
             "INITIAL_TOKENS",
             "TOKEN_TTL_SECS",
             "MAX_MESSAGE_CHARS",
             "CONTEXT_MAX_CHARS",
             "MAX_BODY_BYTES",
+            "V1_MAX_BODY_BYTES",
             "PASSWORD_MIN_LENGTH",
             "IDEMPOTENCY_KEY_LIFETIME_SECS",
             "RUST_LOG",
@@ -133,6 +137,9 @@ fn each_bad_value_names_its_variable() {
         ("MAX_MESSAGE_CHARS", "1.5"),
         ("CONTEXT_MAX_CHARS", "-1"),
         ("MAX_BODY_BYTES", "big"),
+        ("V1_MAX_BODY_BYTES", "0"),
+        ("V1_MAX_BODY_BYTES", "2147483648"),
+        ("EMBEDDING_COST", "0"),
         ("PASSWORD_MIN_LENGTH", "0"),
         ("RUST_LOG", "info,[[["),
         ("TOKEN_TTL_SECS", "999999999999"),

@@ -100,6 +100,50 @@ pub fn chat_mismatches(db: &Db) -> BoxStream<'_, Result<ChatMoves, sqlx::Error>>
     .fetch(pool))
 }
 
+/// An embeddings call's ledger rows, counted: what the audit compares with its status.
+#[derive(Debug, sqlx::FromRow)]
+pub struct EmbeddingMoves {
+    pub embedding_id: i64,
+    /// pending, answered or failed
+    pub status: String,
+    pub cost: i64,
+    /// `embedding` rows of exactly `-cost` for the call's own user.
+    pub reservations: i64,
+    /// `embedding_refund` rows of exactly `+cost` for the call's own user.
+    pub refunds: i64,
+    /// Rows of any other kind, amount or user that name the call.
+    pub strays: i64,
+}
+
+/// Embeddings calls whose ledger rows do not match their status, by the chats' rule:
+/// exactly one reservation of `-cost`; a failed call also exactly one refund of `+cost`, a
+/// pending or answered one none; no other row names a call.
+pub fn embedding_mismatches(db: &Db) -> BoxStream<'_, Result<EmbeddingMoves, sqlx::Error>> {
+    db_read!(db, pool => sqlx::query_as(
+        "SELECT * FROM (
+             SELECT e.id AS embedding_id, e.status, e.cost,
+                 COALESCE(SUM(CASE WHEN l.reason = 'embedding' AND l.amount = -e.cost
+                                   AND l.user_id = e.user_id THEN 1 ELSE 0 END), 0) AS reservations,
+                 COALESCE(SUM(CASE WHEN l.reason = 'embedding_refund' AND l.amount = e.cost
+                                   AND l.user_id = e.user_id THEN 1 ELSE 0 END), 0) AS refunds,
+                 COALESCE(SUM(CASE WHEN l.id IS NOT NULL AND l.user_id = e.user_id
+                                   AND ((l.reason = 'embedding' AND l.amount = -e.cost)
+                                        OR (l.reason = 'embedding_refund' AND l.amount = e.cost))
+                                   THEN 0 WHEN l.id IS NOT NULL THEN 1 ELSE 0 END), 0) AS strays
+             FROM embeddings e LEFT JOIN ledger l ON l.embedding_id = e.id
+             GROUP BY e.id, e.status, e.cost
+         ) AS moves
+         WHERE NOT (
+             reservations = 1 AND strays = 0 AND (
+                 (status IN ('pending', 'answered') AND refunds = 0)
+                 OR (status = 'failed' AND refunds = 1)
+             )
+         )
+         ORDER BY embedding_id",
+    )
+    .fetch(pool))
+}
+
 /// How many users, chats and ledger rows the audit looked at.
 #[tracing::instrument(level = "debug", skip_all)]
 pub async fn totals(db: &Db) -> Result<(i64, i64, i64), sqlx::Error> {

@@ -34,13 +34,15 @@ pub struct Chat {
     pub completion_tokens: Option<i64>,
     /// `None` only for chats from before conversations, or erased with theirs.
     pub conversation_id: Option<i64>,
+    /// The answer's tool calls, the JSON array the model gave (or a stream's, assembled).
+    pub tool_calls: Option<String>,
 }
 
 /// The columns of [`Chat`], for `concat!` into its queries.
 macro_rules! chat_columns {
     () => {
         "id, message, response, status, cost, refunded, created_at, finished_at, \
-         prompt_tokens, completion_tokens, conversation_id"
+         prompt_tokens, completion_tokens, conversation_id, tool_calls"
     };
 }
 
@@ -49,6 +51,16 @@ macro_rules! chat_columns {
 pub struct TokenUsage {
     pub prompt_tokens: Option<i64>,
     pub completion_tokens: Option<i64>,
+}
+
+/// What a chat keeps of its answer, whole or as far as it got: the first choice's text, its
+/// tool calls, and the usage the model reported.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Answer<'a> {
+    pub text: &'a str,
+    /// The JSON array of the tool calls.
+    pub tool_calls: Option<&'a str>,
+    pub usage: TokenUsage,
 }
 
 /// How a chat that got no whole answer is settled.
@@ -68,6 +80,7 @@ pub struct StoredAnswer {
     pub cost: i64,
     pub balance_after: i64,
     pub conversation_id: Option<i64>,
+    pub tool_calls: Option<String>,
 }
 
 /// Records the chat as pending, in `conversation_id` (one of the user's, checked before) or
@@ -128,21 +141,21 @@ pub async fn reserve(
 pub async fn settle_answered(
     db: &Db,
     chat_id: i64,
-    response: &str,
-    usage: TokenUsage,
+    answer: Answer<'_>,
 ) -> Result<Option<i64>, sqlx::Error> {
     db_run!(db, pool => sqlx::query_scalar(
         "UPDATE chats SET status = 'answered', response = $1, finished_at = $2,
-                          prompt_tokens = $4, completion_tokens = $5
+                          prompt_tokens = $4, completion_tokens = $5, tool_calls = $6
          WHERE id = $3 AND status = 'pending'
          RETURNING (SELECT balance_after FROM ledger
                     WHERE ledger.chat_id = chats.id AND reason = 'chat_reservation')",
     )
-    .bind(response)
+    .bind(answer.text)
     .bind(unix_now())
     .bind(chat_id)
-    .bind(usage.prompt_tokens)
-    .bind(usage.completion_tokens)
+    .bind(answer.usage.prompt_tokens)
+    .bind(answer.usage.completion_tokens)
+    .bind(answer.tool_calls)
     .fetch_optional(pool)
     .await)
 }
@@ -151,36 +164,38 @@ pub async fn settle_answered(
 /// idempotency key; `false`, changing nothing, when the chat was not pending.
 #[tracing::instrument(level = "debug", skip_all)]
 pub async fn refund(db: &Db, chat_id: i64) -> Result<bool, sqlx::Error> {
-    settle_unanswered(db, chat_id, Unanswered::Failed, None, TokenUsage::default()).await
+    settle_unanswered(db, chat_id, Unanswered::Failed, Answer::default()).await
 }
 
-/// Settles a pending chat that got no whole answer, keeping the text it got (`partial`):
-/// failed (refunded, by the trigger `failed_chat_is_refunded`) or abandoned (refunded or
-/// charged). `false`, changing nothing, when the chat was not pending.
+/// Settles a pending chat that got no whole answer, keeping what it got (`partial`; its
+/// response is null when it got no text): failed (refunded, by the trigger
+/// `failed_chat_is_refunded`) or abandoned (refunded or charged). `false`, changing
+/// nothing, when the chat was not pending.
 #[tracing::instrument(level = "debug", skip_all)]
 pub async fn settle_unanswered(
     db: &Db,
     chat_id: i64,
     how: Unanswered,
-    partial: Option<&str>,
-    usage: TokenUsage,
+    partial: Answer<'_>,
 ) -> Result<bool, sqlx::Error> {
     let (status, refunded) = match how {
         Unanswered::Failed => (ChatStatus::Failed, true),
         Unanswered::Abandoned { refund } => (ChatStatus::Abandoned, refund),
     };
+    let text = (!partial.text.is_empty()).then_some(partial.text);
     let settled = db_run!(db, pool => sqlx::query(
         "UPDATE chats SET status = $1, refunded = $2, response = $3, finished_at = $4,
-                          prompt_tokens = $6, completion_tokens = $7
+                          prompt_tokens = $6, completion_tokens = $7, tool_calls = $8
          WHERE id = $5 AND status = 'pending'",
     )
     .bind(status)
     .bind(refunded)
-    .bind(partial)
+    .bind(text)
     .bind(unix_now())
     .bind(chat_id)
-    .bind(usage.prompt_tokens)
-    .bind(usage.completion_tokens)
+    .bind(partial.usage.prompt_tokens)
+    .bind(partial.usage.completion_tokens)
+    .bind(partial.tool_calls)
     .execute(pool)
     .await
     .map(|done| done.rows_affected()))?;
@@ -241,7 +256,7 @@ pub async fn page(db: &Db, user_id: i64, page: PageRequest) -> Result<Vec<Chat>,
 pub async fn stored_answer(db: &Db, chat_id: i64) -> Result<Option<StoredAnswer>, sqlx::Error> {
     db_read!(db, pool => sqlx::query_as(
         "SELECT c.id AS chat_id, COALESCE(c.response, '') AS response, c.cost, l.balance_after,
-                c.conversation_id
+                c.conversation_id, c.tool_calls
          FROM chats c JOIN ledger l ON l.chat_id = c.id AND l.reason = 'chat_reservation'
          WHERE c.id = $1
            AND (c.status = 'answered' OR (c.status = 'abandoned' AND NOT c.refunded))",

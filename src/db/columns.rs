@@ -79,7 +79,14 @@ mod tests {
         let names: Vec<_> = LedgerReason::iter().map(LedgerReason::as_str).collect();
         assert_eq!(
             names,
-            ["initial_grant", "grant", "chat_reservation", "chat_refund"]
+            [
+                "initial_grant",
+                "grant",
+                "chat_reservation",
+                "chat_refund",
+                "embedding",
+                "embedding_refund"
+            ]
         );
         assert!("Answered".parse::<ChatStatus>().is_err());
     }

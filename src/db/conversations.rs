@@ -87,8 +87,8 @@ pub async fn delete(db: &Db, user_id: i64, id: i64) -> Result<bool, sqlx::Error>
     let deleted = db_run!(db, pool => {
         let mut tx = pool.begin().await?;
         sqlx::query(
-            "UPDATE chats SET message = '', response = NULL, conversation_id = NULL,
-                              erased_at = $3
+            "UPDATE chats SET message = '', response = NULL, tool_calls = NULL,
+                              conversation_id = NULL, erased_at = $3
              WHERE conversation_id = $1 AND user_id = $2",
         )
         .bind(id)

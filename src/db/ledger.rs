@@ -14,6 +14,11 @@ pub struct Entry {
     pub chat_id: Option<i64>,
     pub balance_after: i64,
     pub created_at: i64,
+    pub embedding_id: Option<i64>,
+    /// An embeddings call's model and the usage the model reported.
+    pub model: Option<String>,
+    pub prompt_tokens: Option<i64>,
+    pub total_tokens: Option<i64>,
 }
 
 /// The statement behind [`record`]. On SQLite it computes the balance after from its own
@@ -51,12 +56,15 @@ pub async fn record(
     db_run!(db, pool => record_move!(pool, user_id, amount, reason).await)
 }
 
-/// The user's rows below `page.before`, newest first, at most `page.limit`.
+/// The user's rows below `page.before`, newest first, at most `page.limit`; an embeddings
+/// call's with its model and usage.
 #[tracing::instrument(level = "debug", skip_all)]
 pub async fn page(db: &Db, user_id: i64, page: PageRequest) -> Result<Vec<Entry>, sqlx::Error> {
     db_page!(db, user_id, page =>
-        "SELECT id, amount, reason, chat_id, balance_after, created_at FROM ledger
-         WHERE user_id = $1 AND id < $2
-         ORDER BY id DESC LIMIT $3"
+        "SELECT l.id, l.amount, l.reason, l.chat_id, l.balance_after, l.created_at,
+                l.embedding_id, e.model, e.prompt_tokens, e.total_tokens
+         FROM ledger l LEFT JOIN embeddings e ON e.id = l.embedding_id
+         WHERE l.user_id = $1 AND l.id < $2
+         ORDER BY l.id DESC LIMIT $3"
     )
 }

@@ -6,6 +6,7 @@ pub mod audit;
 pub mod chats;
 mod columns;
 pub mod conversations;
+pub mod embeddings;
 pub mod idempotency;
 pub mod ledger;
 pub mod tokens;

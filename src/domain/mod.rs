@@ -344,6 +344,10 @@ pub enum LedgerReason {
     ChatReservation,
     /// A failed chat's price, given back.
     ChatRefund,
+    /// An embeddings call's price, taken when it is made.
+    Embedding,
+    /// A failed embeddings call's price, given back.
+    EmbeddingRefund,
 }
 
 /// Characters that show nothing: the default-ignorable ones below, and the blank Braille

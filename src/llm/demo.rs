@@ -5,29 +5,61 @@
 use std::time::Duration;
 
 use futures_util::{future::BoxFuture, FutureExt, StreamExt};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
 
 use super::{
-    AnswerStream, Ask, Backend, Completion, LlmError, ModelProbe, Piece, PromptMessage, Role,
+    AnswerStream, Ask, Backend, Chunk, Completion, Embedding, EmbeddingUsage, Forwarded, LlmError,
+    ModelProbe, PromptMessage, Rejection, Role,
 };
 
 /// How long the demo model takes per word, so that it streams as a model would.
 const DEMO_WORD_DELAY: Duration = Duration::from_millis(15);
+/// The most choices (`n`) it writes, as OpenAI's API allows.
+const MAX_CHOICES: u64 = 128;
+/// The size of its embeddings unless `dimensions` asks for another.
+const EMBEDDING_DIMENSIONS: u64 = 16;
+const MAX_EMBEDDING_DIMENSIONS: u64 = 4096;
 
 /// The demo model as a backend: answers at once, streams word by word, reaches nothing.
 pub(super) struct Demo;
 
 impl Backend for Demo {
-    fn complete<'a>(&'a self, ask: &'a Ask<'a>) -> BoxFuture<'a, Result<Completion, LlmError>> {
-        let completion = Completion {
-            content: answer(last_user_message(ask.messages)),
-            usage: None,
+    fn complete<'a>(&'a self, ask: Ask<'a>) -> BoxFuture<'a, Result<Completion, LlmError>> {
+        let completion = match ask {
+            Ask::Turns(turns) => Ok(Completion {
+                content: answer(last_user_message(turns)),
+                tool_calls: None,
+                usage: None,
+                body: None,
+            }),
+            Ask::Forwarded {
+                request,
+                last_user_text,
+            } => whole_answer(&request, last_user_text),
         };
-        futures_util::future::ready(Ok(completion)).boxed()
+        futures_util::future::ready(completion).boxed()
     }
 
-    fn stream<'a>(&'a self, ask: &'a Ask<'a>) -> BoxFuture<'a, Result<AnswerStream, LlmError>> {
-        let stream = demo_stream(answer(last_user_message(ask.messages)));
-        futures_util::future::ready(Ok(stream)).boxed()
+    fn stream<'a>(&'a self, ask: Ask<'a>) -> BoxFuture<'a, Result<AnswerStream, LlmError>> {
+        let stream = match ask {
+            Ask::Turns(turns) => {
+                let text = answer(last_user_message(turns));
+                Ok(demo_stream(text, None))
+            }
+            Ask::Forwarded {
+                request,
+                last_user_text,
+            } => {
+                Asked::read(&request).map(|asked| demo_stream(answer(last_user_text), Some(asked)))
+            }
+        };
+        futures_util::future::ready(stream).boxed()
+    }
+
+    fn embed(&self, request: Forwarded) -> BoxFuture<'_, Result<Embedding, LlmError>> {
+        futures_util::future::ready(embeddings(&request)).boxed()
     }
 
     fn probe(&self) -> BoxFuture<'_, ModelProbe> {
@@ -43,12 +75,176 @@ impl Backend for Demo {
     }
 }
 
-/// The demo model's answer, a word at a time.
-fn demo_stream(answer: String) -> AnswerStream {
+/// What the demo model honours of an OpenAI client's request: its model, `n`, and whether a
+/// stream ends with the usage chunk. What it cannot honour (structured output, log
+/// probabilities, audio) it refuses, as a model would, rather than answer something else;
+/// tools it answers with text, as a model may.
+struct Asked {
+    id: String,
+    model: String,
+    created: i64,
+    choices: u64,
+    include_usage: bool,
+}
+
+impl Asked {
+    fn read(request: &Forwarded) -> Result<Self, LlmError> {
+        let field = |name| -> Option<Value> {
+            request
+                .field(name)
+                .and_then(|raw| serde_json::from_slice(&raw).ok())
+                .filter(|value: &Value| !value.is_null())
+        };
+        if let Some(format) = field("response_format") {
+            if format["type"] != "text" {
+                return Err(refused(
+                    "response_format",
+                    "the built-in demo model writes only text: set LLM_BASE_URL to a model for structured output",
+                ));
+            }
+        }
+        if field("logprobs").is_some_and(|logprobs| logprobs != false) {
+            return Err(refused(
+                "logprobs",
+                "the built-in demo model has no log probabilities",
+            ));
+        }
+        let audio = field("modalities")
+            .and_then(|modalities| modalities.as_array().cloned())
+            .is_some_and(|modalities| modalities.iter().any(|modality| modality != "text"));
+        if audio || field("audio").is_some() {
+            return Err(refused(
+                "modalities",
+                "the built-in demo model writes only text",
+            ));
+        }
+        let choices = match field("n") {
+            None => 1,
+            Some(n) => n
+                .as_u64()
+                .filter(|n| (1..=MAX_CHOICES).contains(n))
+                .ok_or_else(|| refused("n", "n must be 1 to 128"))?,
+        };
+        let random: u64 = rand::Rng::gen(&mut rand::rngs::OsRng);
+        Ok(Self {
+            id: format!("chatcmpl-demo{random:016x}"),
+            model: request.model.clone(),
+            created: crate::clock::unix_now(),
+            choices,
+            include_usage: request.include_usage,
+        })
+    }
+
+    /// A `chat.completion.chunk` of these `choices`, or none and the usage.
+    fn chunk(&self, choices: Vec<Value>, usage: bool) -> String {
+        let mut chunk = json!({
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        });
+        if usage {
+            chunk["usage"] = zero_usage();
+        }
+        chunk.to_string()
+    }
+}
+
+fn refused(param: &str, message: &str) -> LlmError {
+    LlmError::Rejected(Rejection {
+        status: 400,
+        message: message.to_string(),
+        kind: Some("invalid_request_error".into()),
+        param: Some(param.to_string()),
+        code: Some("unsupported_parameter".into()),
+    })
+}
+
+/// The usage the demo model reports: it counts nothing.
+fn zero_usage() -> Value {
+    json!({ "prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0 })
+}
+
+/// The demo model's whole answer to an OpenAI client: `n` choices of the same text.
+fn whole_answer(request: &Forwarded, last_user_text: &str) -> Result<Completion, LlmError> {
+    let asked = Asked::read(request)?;
+    let content = answer(last_user_text);
+    let choices: Vec<Value> = (0..asked.choices)
+        .map(|index| {
+            json!({
+                "index": index,
+                "message": { "role": "assistant", "content": content, "refusal": null },
+                "logprobs": null,
+                "finish_reason": "stop",
+            })
+        })
+        .collect();
+    let body = json!({
+        "id": asked.id,
+        "object": "chat.completion",
+        "created": asked.created,
+        "model": asked.model,
+        "choices": choices,
+        "usage": zero_usage(),
+    });
+    Ok(Completion {
+        content,
+        tool_calls: None,
+        usage: None,
+        body: Some(body.to_string().into()),
+    })
+}
+
+/// The demo model's answer, a word at a time; to an OpenAI client, as OpenAI's chunks: the
+/// role, the words (of every choice), the finish and, when asked, the usage.
+fn demo_stream(answer: String, asked: Option<Asked>) -> AnswerStream {
     let words = pieces(&answer);
-    Box::pin(futures_util::stream::iter(words).then(|word| async move {
-        tokio::time::sleep(DEMO_WORD_DELAY).await;
-        Ok(Piece::Text(word))
+    let Some(asked) = asked else {
+        return Box::pin(futures_util::stream::iter(words).then(|word| async move {
+            tokio::time::sleep(DEMO_WORD_DELAY).await;
+            Ok(Chunk {
+                substantial: !word.trim().is_empty(),
+                text: word,
+                ..Chunk::default()
+            })
+        }));
+    };
+    let every = |delta: Value, finish: Option<&str>| -> Vec<Value> {
+        (0..asked.choices)
+            .map(|index| json!({ "index": index, "delta": delta, "logprobs": null, "finish_reason": finish }))
+            .collect()
+    };
+    let mut chunks = vec![Chunk {
+        data: asked.chunk(
+            every(json!({ "role": "assistant", "content": "" }), None),
+            false,
+        ),
+        ..Chunk::default()
+    }];
+    for word in words {
+        chunks.push(Chunk {
+            data: asked.chunk(every(json!({ "content": word }), None), false),
+            substantial: !word.trim().is_empty(),
+            text: word,
+            ..Chunk::default()
+        });
+    }
+    chunks.push(Chunk {
+        data: asked.chunk(every(json!({}), Some("stop")), false),
+        ..Chunk::default()
+    });
+    if asked.include_usage {
+        chunks.push(Chunk {
+            data: asked.chunk(Vec::new(), true),
+            ..Chunk::default()
+        });
+    }
+    Box::pin(futures_util::stream::iter(chunks).then(|chunk| async move {
+        if !chunk.text.is_empty() {
+            tokio::time::sleep(DEMO_WORD_DELAY).await;
+        }
+        Ok(chunk)
     }))
 }
 
@@ -58,6 +254,106 @@ fn last_user_message<'a>(turns: &[PromptMessage<'a>]) -> &'a str {
         .rev()
         .find(|turn| turn.role == Role::User)
         .map_or("", |turn| turn.content)
+}
+
+/// What the demo model reads of an embeddings request.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Input {
+    One(String),
+    Many(Vec<Value>),
+}
+
+/// The demo model's embeddings: for each input, a unit vector of word hashes, the same for
+/// the same words, so that texts sharing words are near each other. Floats, or base64 of
+/// little-endian 32-bit floats (`encoding_format`, which OpenAI's Python SDK asks for).
+fn embeddings(request: &Forwarded) -> Result<Embedding, LlmError> {
+    let field = |name| {
+        request
+            .field(name)
+            .map(|raw| serde_json::from_slice::<Value>(&raw))
+    };
+    let input = request.field("input");
+    let inputs = match input.as_deref().map(serde_json::from_slice::<Input>) {
+        Some(Ok(Input::One(text))) => vec![text],
+        Some(Ok(Input::Many(items))) if !items.is_empty() => items
+            .into_iter()
+            .map(|item| match item {
+                Value::String(text) => text,
+                other => other.to_string(),
+            })
+            .collect(),
+        _ => {
+            return Err(refused(
+                "input",
+                "input must be a string or a non-empty array",
+            ))
+        }
+    };
+    let dimensions = match field("dimensions") {
+        None | Some(Ok(Value::Null)) => EMBEDDING_DIMENSIONS,
+        Some(Ok(value)) => value
+            .as_u64()
+            .filter(|dimensions| (1..=MAX_EMBEDDING_DIMENSIONS).contains(dimensions))
+            .ok_or_else(|| refused("dimensions", "dimensions must be 1 to 4096"))?,
+        Some(Err(_)) => return Err(refused("dimensions", "dimensions must be 1 to 4096")),
+    };
+    let base64 = match field("encoding_format") {
+        None | Some(Ok(Value::Null)) => false,
+        Some(Ok(Value::String(format))) if format == "float" => false,
+        Some(Ok(Value::String(format))) if format == "base64" => true,
+        _ => {
+            return Err(refused(
+                "encoding_format",
+                "encoding_format must be float or base64",
+            ))
+        }
+    };
+    let mut words = 0;
+    let data: Vec<Value> = inputs
+        .iter()
+        .enumerate()
+        .map(|(index, text)| {
+            words += text.split_whitespace().count() as i64;
+            let vector = embed_words(text, dimensions as usize);
+            let embedding = if base64 {
+                let bytes: Vec<u8> = vector.iter().flat_map(|x| x.to_le_bytes()).collect();
+                Value::from(base64::Engine::encode(
+                    &base64::engine::general_purpose::STANDARD,
+                    bytes,
+                ))
+            } else {
+                json!(vector)
+            };
+            json!({ "object": "embedding", "index": index, "embedding": embedding })
+        })
+        .collect();
+    let usage = EmbeddingUsage {
+        prompt_tokens: words,
+        total_tokens: words,
+    };
+    let body = json!({ "object": "list", "data": data, "model": request.model, "usage": usage });
+    Ok(Embedding {
+        body: body.to_string().into(),
+        usage: Some(usage),
+    })
+}
+
+/// A unit vector of `dimensions`, each word of `text` (lower case) adding its hash's signs.
+fn embed_words(text: &str, dimensions: usize) -> Vec<f32> {
+    let mut vector = vec![0f32; dimensions];
+    for word in text.to_lowercase().split_whitespace() {
+        let hash = Sha256::digest(word.as_bytes());
+        for (i, value) in vector.iter_mut().enumerate() {
+            let bit = hash[(i / 8) % hash.len()] >> (i % 8) & 1;
+            *value += if bit == 1 { 1.0 } else { -1.0 };
+        }
+    }
+    let norm = vector.iter().map(|x| x * x).sum::<f32>().sqrt();
+    if norm > 0.0 {
+        vector.iter_mut().for_each(|x| *x /= norm);
+    }
+    vector
 }
 
 /// The name the demo model is served under.
@@ -103,16 +399,8 @@ pub fn answer(message: &str) -> String {
     PROGRAMS
         .iter()
         .find(|(language, _)| words.contains(language))
-        .map(|(language, program)| {
-            let shown = match *language {
-                "c++" => "C++",
-                "c" => "C",
-                "go" => "Go",
-                "java" => "Java",
-                _ => "Python",
-            };
-            format!("Code for 'Hello World' in {shown}:\n\n{program}")
-        })
+        // The language as the original wrote it: lower case (`../shared/spec/API.md`).
+        .map(|(language, program)| format!("Code for 'Hello World' in {language}:\n\n{program}"))
         .unwrap_or_else(|| format!("{SORRY} {ABOUT}"))
 }
 
@@ -144,13 +432,13 @@ mod tests {
         for (message, language, marker) in [
             (
                 "code hello world in python",
-                "Python",
+                "python",
                 "print(\"Hello, World!\")",
             ),
-            ("Hello world in C++ please", "C++", "std::cout"),
-            ("java", "Java", "System.out.println"),
-            ("write it in c", "C", "printf"),
-            ("code hello world in go", "Go", "fmt.Println"),
+            ("Hello world in C++ please", "c++", "std::cout"),
+            ("java", "java", "System.out.println"),
+            ("write it in c", "c", "printf"),
+            ("code hello world in go", "go", "fmt.Println"),
         ] {
             let answer = answer(message);
             assert!(
@@ -167,7 +455,7 @@ mod tests {
         assert!(answer("code hello world").starts_with(SORRY));
         assert!(answer("golang or cobol?").starts_with(SORRY));
         // Both named: python comes first in the original's table.
-        assert!(answer("go or python").contains("in Python:"));
+        assert!(answer("go or python").contains("in python:"));
     }
 
     #[test]

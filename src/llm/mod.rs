@@ -1,16 +1,26 @@
 //! The model clients: what the chat service asks a model, and the backends that answer
 //! behind one interface: an upstream speaking OpenAI's Chat Completions protocol
-//! ([`openai`]) or the built-in demo model ([`demo`]). Several upstreams serving one model
-//! will be one more backend behind the same interface.
+//! ([`openai`]) or the built-in demo model ([`demo`]). An OpenAI client's own request is
+//! passed through as it sent it ([`forward`]), and the answer back as the model gave it,
+//! read only for what a chat keeps ([`answer`]). Several upstreams serving one model will
+//! be one more backend behind the same interface.
 
+pub mod answer;
 pub mod demo;
+pub mod forward;
 mod openai;
+pub mod raw;
 
 use std::{pin::Pin, sync::Arc};
 
+use axum::body::Bytes;
 use futures_util::{future::BoxFuture, Stream};
 use serde::{Deserialize, Serialize};
 
+pub use self::{
+    answer::{Chunk, ToolCallDelta, ToolCalls},
+    forward::{BodyHold, Forwarded},
+};
 use crate::config::Config;
 
 /// Cheap to clone: every clone shares one backend (and so one connection pool).
@@ -28,12 +38,15 @@ pub struct LlmClient {
 /// hold any backend behind one pointer; one allocation per call to a model is nothing
 /// beside the call.
 trait Backend: Send + Sync {
-    /// A whole answer (`choices[0].message.content`).
-    fn complete<'a>(&'a self, ask: &'a Ask<'a>) -> BoxFuture<'a, Result<Completion, LlmError>>;
+    /// A whole answer.
+    fn complete<'a>(&'a self, ask: Ask<'a>) -> BoxFuture<'a, Result<Completion, LlmError>>;
 
     /// A streamed answer, once the model has begun (its response head arrived with a
     /// success status), so that a model failing before that fails here.
-    fn stream<'a>(&'a self, ask: &'a Ask<'a>) -> BoxFuture<'a, Result<AnswerStream, LlmError>>;
+    fn stream<'a>(&'a self, ask: Ask<'a>) -> BoxFuture<'a, Result<AnswerStream, LlmError>>;
+
+    /// Embeddings of an OpenAI client's `/v1/embeddings` request.
+    fn embed(&self, request: Forwarded) -> BoxFuture<'_, Result<Embedding, LlmError>>;
 
     /// Whether the model can be reached and serves its default model.
     fn probe(&self) -> BoxFuture<'_, ModelProbe>;
@@ -69,7 +82,7 @@ impl ModelProbe {
     }
 }
 
-/// Why the model gave no usable answer.
+/// Why the model gave no usable answer, sorted by whose fault it is.
 #[derive(Debug, thiserror::Error, strum::IntoStaticStr)]
 #[strum(serialize_all = "snake_case")]
 pub enum LlmError {
@@ -77,8 +90,21 @@ pub enum LlmError {
     Timeout,
     #[error("it could not be reached")]
     Unreachable,
+    /// An error status that is the model's own (a 5xx but 503, or one unforeseen).
     #[error("it answered with status {0}")]
     Status(u16),
+    /// The model refused the request as invalid (400, 404, 413, 422): the client's fault.
+    #[error("it rejected the request: {}", .0.message)]
+    Rejected(Rejection),
+    /// The model refused tokenchat's own credentials (401, 403): the operator's fault.
+    #[error(
+        "it refused this server's credentials (status {0}); the operator must check LLM_API_KEY"
+    )]
+    #[strum(serialize = "refused_credentials")]
+    RefusedCredentials(u16),
+    /// The model is rate-limited or overloaded (429, 503): try again after this long.
+    #[error("it is busy (status {status}); try again in {retry_after_secs} s")]
+    Busy { status: u16, retry_after_secs: u64 },
     #[error("its answer was unusable ({0})")]
     Unusable(&'static str),
     #[error("it broke off its answer")]
@@ -92,11 +118,28 @@ impl LlmError {
     }
 }
 
+/// A request the model refused as invalid: its status, and its error object's fields.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    pub status: u16,
+    pub message: String,
+    /// OpenAI's `type` (`invalid_request_error`, ...), `param` and `code`, when it sent them.
+    pub kind: Option<String>,
+    pub param: Option<String>,
+    pub code: Option<String>,
+}
+
 /// A whole answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Completion {
+    /// The first choice's text (empty when it holds only tool calls or a refusal).
     pub content: String,
+    /// The first choice's tool calls, the JSON array the model gave.
+    pub tool_calls: Option<String>,
     pub usage: Option<Usage>,
+    /// The answer as the model sent it, for a client of `/v1` to get as it is; `None` from
+    /// the demo model answering `/chat`.
+    pub body: Option<Bytes>,
 }
 
 /// What the model says the question and the answer cost it, when it says.
@@ -106,18 +149,23 @@ pub struct Usage {
     pub completion_tokens: i64,
 }
 
-/// One event of a streamed answer.
+/// The embeddings the model made, as it sent them, and what they cost it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Piece {
-    /// The next text of the answer.
-    Text(String),
-    /// What the answer cost the model (sent once, near the end, when asked for).
-    Usage(Usage),
+pub struct Embedding {
+    pub body: Bytes,
+    pub usage: Option<EmbeddingUsage>,
 }
 
-/// A streamed answer: pieces until the model finished (the stream ends) or failed (an
+/// `usage` of an embeddings answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+pub struct EmbeddingUsage {
+    pub prompt_tokens: i64,
+    pub total_tokens: i64,
+}
+
+/// A streamed answer: chunks until the model finished (the stream ends) or failed (an
 /// error, then nothing). Dropping it drops the upstream request, so the model stops.
-pub type AnswerStream = Pin<Box<dyn Stream<Item = Result<Piece, LlmError>> + Send>>;
+pub type AnswerStream = Pin<Box<dyn Stream<Item = Result<Chunk, LlmError>> + Send>>;
 
 /// One message of the conversation the model is asked to continue.
 #[derive(Debug, Clone, Copy, Serialize)]
@@ -126,8 +174,8 @@ pub struct PromptMessage<'a> {
     pub content: &'a str,
 }
 
-/// Who said a message, by OpenAI's names for the roles.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, strum::IntoStaticStr, strum::EnumString)]
+/// Who said a message in tokenchat's own conversations, by OpenAI's names for the roles.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, strum::IntoStaticStr)]
 #[strum(serialize_all = "lowercase")]
 pub enum Role {
     System,
@@ -140,10 +188,6 @@ impl Role {
     pub fn as_str(self) -> &'static str {
         self.into()
     }
-
-    pub fn parse(text: &str) -> Option<Self> {
-        text.parse().ok()
-    }
 }
 
 impl Serialize for Role {
@@ -152,15 +196,17 @@ impl Serialize for Role {
     }
 }
 
-/// One request to the model: the conversation to continue, and what a client of the
-/// OpenAI-compatible route chose beyond it.
-#[derive(Debug, Clone, Copy)]
-pub struct Ask<'a> {
-    pub messages: &'a [PromptMessage<'a>],
-    /// `None`: `LLM_MODEL`.
-    pub model: Option<&'a str>,
-    /// Sampling fields (`temperature`, `max_tokens`, ...) passed upstream as given.
-    pub extra: Option<&'a serde_json::Map<String, serde_json::Value>>,
+/// One request to the model.
+pub enum Ask<'a> {
+    /// tokenchat's own conversation (`/chat`): the system prompt, the earlier turns and the
+    /// new message.
+    Turns(&'a [PromptMessage<'a>]),
+    /// An OpenAI client's request, passed through as it sent it; `last_user_text` is its last
+    /// user message's text, which the demo model answers.
+    Forwarded {
+        request: Forwarded,
+        last_user_text: &'a str,
+    },
 }
 
 impl LlmClient {
@@ -243,26 +289,9 @@ impl LlmClient {
         prompt
     }
 
-    /// A client's own conversation, as it sent it: `LLM_SYSTEM_PROMPT` goes first only
-    /// when it holds no system message.
-    pub fn prompt_as_given<'a>(&'a self, messages: &'a [(Role, String)]) -> Vec<PromptMessage<'a>> {
-        let has_system = messages.iter().any(|(role, _)| *role == Role::System);
-        let system = (!has_system).then(|| PromptMessage {
-            role: Role::System,
-            content: &self.system_prompt,
-        });
-        system
-            .into_iter()
-            .chain(messages.iter().map(|(role, content)| PromptMessage {
-                role: *role,
-                content,
-            }))
-            .collect()
-    }
-
-    /// Asks for a whole answer (`choices[0].message.content`).
+    /// Asks for a whole answer.
     #[tracing::instrument(level = "debug", skip_all)]
-    pub async fn complete(&self, ask: &Ask<'_>) -> Result<Completion, LlmError> {
+    pub async fn complete(&self, ask: Ask<'_>) -> Result<Completion, LlmError> {
         self.backend.complete(ask).await
     }
 
@@ -271,7 +300,13 @@ impl LlmClient {
     /// `LLM_TIMEOUT_SECS` bounds the wait for it to begin; past `LLM_STREAM_IDLE_SECS` of
     /// silence, or `LLM_STREAM_MAX_SECS` in all, the stream ends with `Timeout`.
     #[tracing::instrument(level = "debug", skip_all)]
-    pub async fn stream(&self, ask: &Ask<'_>) -> Result<AnswerStream, LlmError> {
+    pub async fn stream(&self, ask: Ask<'_>) -> Result<AnswerStream, LlmError> {
         self.backend.stream(ask).await
+    }
+
+    /// Asks for the embeddings of an OpenAI client's request, within `LLM_TIMEOUT_SECS`.
+    #[tracing::instrument(level = "debug", skip_all)]
+    pub async fn embed(&self, request: Forwarded) -> Result<Embedding, LlmError> {
+        self.backend.embed(request).await
     }
 }

@@ -1,32 +1,45 @@
-//! An upstream speaking OpenAI's Chat Completions protocol over one shared connection pool:
-//! the wire types, the request, reading a streamed answer's server-sent events, and the
+//! An upstream speaking OpenAI's protocol over one shared connection pool: the request
+//! (tokenchat's own, or a client's passed through), reading a streamed answer's server-sent
+//! events, embeddings, each error status sorted by whose fault it is, and the
 //! `GET /models` probe.
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use eventsource_stream::Eventsource;
 use futures_util::{future::BoxFuture, FutureExt, StreamExt};
-use reqwest::Url;
+use reqwest::{header, Url};
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 use super::{
-    AnswerStream, Ask, Backend, Completion, LlmError, ModelProbe, Piece, PromptMessage, Usage,
+    answer::{read_chunk, read_completion},
+    AnswerStream, Ask, Backend, Completion, Embedding, EmbeddingUsage, LlmError, ModelProbe,
+    PromptMessage, Rejection,
 };
 use crate::config::{Config, UpstreamUrl};
 
 /// How long the start-up and readiness probes wait for `GET /models`.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+/// The most of an error answer read for its message.
+const MAX_ERROR_BODY_BYTES: usize = 64 * 1024;
+/// The most of the model's message a rejection passes on, in bytes.
+const MAX_ERROR_MESSAGE_BYTES: usize = 4096;
+/// `Retry-After` of a busy model that did not say, and the most it may say.
+const DEFAULT_RETRY_AFTER_SECS: u64 = 1;
+const MAX_RETRY_AFTER_SECS: u64 = 24 * 60 * 60;
 
 pub(super) struct Upstream {
     http: reqwest::Client,
     endpoint: Url,
+    embeddings_endpoint: Url,
     /// `{LLM_BASE_URL}/models`, asked at start-up and by `/ready`.
     models_endpoint: Url,
     /// `LLM_BASE_URL` as logs show it (see [`UpstreamUrl::redacted`]).
     shown_url: String,
     api_key: Option<SecretString>,
     model: String,
+    system_prompt: String,
     timeout: Duration,
     stream_idle: Duration,
     stream_max: Duration,
@@ -43,10 +56,9 @@ struct ListedModel {
     id: String,
 }
 
+/// tokenchat's own request (`/chat`).
 #[derive(Serialize)]
 struct CompletionRequest<'a> {
-    #[serde(flatten, skip_serializing_if = "Option::is_none")]
-    extra: Option<&'a serde_json::Map<String, serde_json::Value>>,
     model: &'a str,
     messages: &'a [PromptMessage<'a>],
     #[serde(skip_serializing_if = "std::ops::Not::not")]
@@ -60,40 +72,28 @@ struct StreamOptions {
     include_usage: bool,
 }
 
+/// What is read of an embeddings answer: that it holds embeddings, and its usage.
 #[derive(Deserialize)]
-struct CompletionResponse {
-    choices: Vec<Choice>,
-    usage: Option<Usage>,
-}
-
-#[derive(Deserialize)]
-struct Choice {
-    message: AnswerMessage,
-}
-
-#[derive(Deserialize)]
-struct AnswerMessage {
-    content: Option<String>,
-}
-
-/// A `chat.completion.chunk`, or the error object some servers send mid-stream.
-#[derive(Deserialize)]
-struct Chunk {
+struct EmbeddingsView {
+    // Never read, but required: an answer without it holds no embeddings.
+    #[allow(dead_code)]
+    data: Vec<serde::de::IgnoredAny>,
     #[serde(default)]
-    choices: Vec<ChunkChoice>,
-    usage: Option<Usage>,
-    error: Option<serde_json::Value>,
+    usage: Option<EmbeddingUsageView>,
 }
 
 #[derive(Deserialize)]
-struct ChunkChoice {
-    #[serde(default)]
-    delta: Delta,
+struct EmbeddingUsageView {
+    prompt_tokens: Option<i64>,
+    total_tokens: Option<i64>,
 }
 
-#[derive(Deserialize, Default)]
-struct Delta {
-    content: Option<String>,
+/// An OpenAI-style error answer: `{"error": {"message", "type", "param", "code"}}`, or the
+/// `{"error": "text"}` some servers send.
+#[derive(Deserialize)]
+struct ErrorAnswer {
+    error: Option<Value>,
+    message: Option<String>,
 }
 
 impl Upstream {
@@ -104,74 +104,90 @@ impl Upstream {
         Ok(Self {
             http,
             endpoint: base_url.join("chat/completions"),
+            embeddings_endpoint: base_url.join("embeddings"),
             models_endpoint: base_url.join("models"),
             shown_url: base_url.redacted(),
             api_key: config.llm_api_key.clone(),
             model: config.llm_model.clone(),
+            system_prompt: config.llm_system_prompt.clone(),
             timeout: config.llm_timeout,
             stream_idle: config.llm_stream_idle,
             stream_max: config.llm_stream_max,
         })
     }
 
-    async fn complete(&self, ask: &Ask<'_>) -> Result<Completion, LlmError> {
+    async fn complete(&self, ask: Ask<'_>) -> Result<Completion, LlmError> {
         let response = self.send(ask, false).await?;
-        let completion: CompletionResponse = response.json().await.map_err(classify)?;
-        let content = completion
-            .choices
-            .into_iter()
-            .next()
-            .ok_or(LlmError::Unusable("no choices"))?
-            .message
-            .content
-            .unwrap_or_default();
-        if content.trim().is_empty() {
-            return Err(LlmError::Unusable("empty answer"));
-        }
+        let body = response.bytes().await.map_err(classify)?;
+        let text = std::str::from_utf8(&body).map_err(|_| LlmError::Unusable("not UTF-8"))?;
+        let read = read_completion(text)?;
         Ok(Completion {
-            content,
-            usage: completion.usage,
+            content: read.text,
+            tool_calls: read.tool_calls,
+            usage: read.usage,
+            body: Some(body),
         })
     }
 
-    async fn stream(&self, ask: &Ask<'_>) -> Result<AnswerStream, LlmError> {
+    async fn stream(&self, ask: Ask<'_>) -> Result<AnswerStream, LlmError> {
         let response = self.send(ask, true).await?;
         let idle = self.stream_idle;
         let events = response.bytes_stream().eventsource();
-        let pieces = futures_util::stream::unfold(
+        let chunks = futures_util::stream::unfold(
             (Box::pin(events), false),
             move |(mut events, done)| async move {
                 if done {
                     return None;
                 }
-                loop {
-                    let event = match tokio::time::timeout(idle, events.next()).await {
-                        Err(_) => return Some((Err(LlmError::Timeout), (events, true))),
-                        // The body ended without `[DONE]`: the model was cut off.
-                        Ok(None) => return Some((Err(LlmError::BrokeOff), (events, true))),
-                        Ok(Some(Err(err))) => {
-                            let err = match err {
-                                eventsource_stream::EventStreamError::Transport(err) => {
-                                    classify(err)
-                                }
-                                _ => LlmError::Unusable("not server-sent events"),
-                            };
-                            return Some((Err(err), (events, true)));
-                        }
-                        Ok(Some(Ok(event))) => event,
-                    };
-                    if event.data.trim() == "[DONE]" {
-                        return None;
+                let event = match tokio::time::timeout(idle, events.next()).await {
+                    Err(_) => return Some((Err(LlmError::Timeout), (events, true))),
+                    // The body ended without `[DONE]`: the model was cut off.
+                    Ok(None) => return Some((Err(LlmError::BrokeOff), (events, true))),
+                    Ok(Some(Err(err))) => {
+                        let err = match err {
+                            eventsource_stream::EventStreamError::Transport(err) => classify(err),
+                            _ => LlmError::Unusable("not server-sent events"),
+                        };
+                        return Some((Err(err), (events, true)));
                     }
-                    match read_chunk(&event.data) {
-                        Ok(Some(piece)) => return Some((Ok(piece), (events, false))),
-                        Ok(None) => continue,
-                        Err(err) => return Some((Err(err), (events, true))),
-                    }
+                    Ok(Some(Ok(event))) => event,
+                };
+                if event.data.trim() == "[DONE]" {
+                    return None;
+                }
+                match read_chunk(event.data) {
+                    Ok(chunk) => Some((Ok(chunk), (events, false))),
+                    Err(err) => Some((Err(err), (events, true))),
                 }
             },
         );
-        Ok(Box::pin(pieces))
+        Ok(Box::pin(chunks))
+    }
+
+    async fn embed(&self, request: super::Forwarded) -> Result<Embedding, LlmError> {
+        let model = request.model.clone();
+        let body = request.into_body(&model, &self.system_prompt);
+        let length = body.len();
+        let request = self
+            .http
+            .post(self.embeddings_endpoint.clone())
+            .header(header::CONTENT_TYPE, "application/json")
+            .header(header::CONTENT_LENGTH, length)
+            .body(reqwest::Body::wrap(body));
+        let response = self.answer_head(request, self.timeout).await?;
+        let body = response.bytes().await.map_err(classify)?;
+        let view: EmbeddingsView = serde_json::from_slice(&body).map_err(|err| {
+            tracing::warn!(error = %err, "embeddings answer was not the expected JSON");
+            LlmError::Unusable("not the expected JSON")
+        })?;
+        let usage = view.usage.and_then(|usage| {
+            let prompt_tokens = usage.prompt_tokens?;
+            Some(EmbeddingUsage {
+                prompt_tokens,
+                total_tokens: usage.total_tokens.unwrap_or(prompt_tokens),
+            })
+        });
+        Ok(Embedding { body, usage })
     }
 
     async fn probe(&self) -> ModelProbe {
@@ -196,17 +212,8 @@ impl Upstream {
         }
     }
 
-    /// Posts the request; the response once its head says success.
-    async fn send(&self, ask: &Ask<'_>, stream: bool) -> Result<reqwest::Response, LlmError> {
-        let body = CompletionRequest {
-            extra: ask.extra,
-            model: ask.model.unwrap_or(&self.model),
-            messages: ask.messages,
-            stream,
-            stream_options: stream.then_some(StreamOptions {
-                include_usage: true,
-            }),
-        };
+    /// Posts a chat completion request; the response once its head says success.
+    async fn send(&self, ask: Ask<'_>, stream: bool) -> Result<reqwest::Response, LlmError> {
         // Bounds the whole answer, body included: `LLM_TIMEOUT_SECS`, or for a stream, which
         // may rightly write for minutes, `LLM_STREAM_MAX_SECS` (issue 21).
         let whole_answer = if stream {
@@ -214,38 +221,174 @@ impl Upstream {
         } else {
             self.timeout
         };
-        let mut request = self
-            .http
-            .post(self.endpoint.clone())
-            .timeout(whole_answer)
-            .json(&body);
+        let request = self.http.post(self.endpoint.clone());
+        let request = match ask {
+            Ask::Turns(messages) => request.json(&CompletionRequest {
+                model: &self.model,
+                messages,
+                stream,
+                stream_options: stream.then_some(StreamOptions {
+                    include_usage: true,
+                }),
+            }),
+            // Asked under the name the client used: each served name is the upstream's own.
+            Ask::Forwarded {
+                request: forwarded, ..
+            } => {
+                let model = forwarded.model.clone();
+                let body = forwarded.into_body(&model, &self.system_prompt);
+                request
+                    .header(header::CONTENT_TYPE, "application/json")
+                    .header(header::CONTENT_LENGTH, body.len())
+                    .body(reqwest::Body::wrap(body))
+            }
+        };
+        self.answer_head(request, whole_answer).await
+    }
+
+    /// Sends `request`, bounding the wait for the response head by `LLM_TIMEOUT_SECS` and
+    /// the whole answer by `whole_answer`; the response once its head says success, else
+    /// the error its status stands for.
+    async fn answer_head(
+        &self,
+        mut request: reqwest::RequestBuilder,
+        whole_answer: Duration,
+    ) -> Result<reqwest::Response, LlmError> {
+        request = request.timeout(whole_answer);
         if let Some(key) = &self.api_key {
             request = request.bearer_auth(key.expose_secret());
         }
-        // `LLM_TIMEOUT_SECS` bounds the wait for the response head either way.
         let response = tokio::time::timeout(self.timeout, request.send())
             .await
             .map_err(|_| LlmError::Timeout)?
             .map_err(classify)?;
-        let status = response.status();
-        if !status.is_success() {
-            tracing::warn!(
-                status = status.as_u16(),
-                "model answered with an error status"
-            );
-            return Err(LlmError::Status(status.as_u16()));
+        if response.status().is_success() {
+            return Ok(response);
         }
-        Ok(response)
+        Err(refusal(response).await)
     }
 }
 
+/// What an error status from the model stands for, by whose fault it is.
+async fn refusal(response: reqwest::Response) -> LlmError {
+    let status = response.status().as_u16();
+    match status {
+        400 | 404 | 413 | 422 => {
+            let rejection = rejection(status, response).await;
+            tracing::info!(
+                status,
+                code = rejection.code.as_deref().unwrap_or_default(),
+                "model rejected the request"
+            );
+            LlmError::Rejected(rejection)
+        }
+        401 | 403 => {
+            // Its body may repeat the key; it is neither read nor passed on.
+            tracing::error!(status, "model refused the credentials: check LLM_API_KEY");
+            LlmError::RefusedCredentials(status)
+        }
+        429 | 503 => {
+            let retry_after_secs = retry_after_secs(response.headers(), SystemTime::now());
+            tracing::warn!(status, retry_after_secs, "model is busy");
+            LlmError::Busy {
+                status,
+                retry_after_secs,
+            }
+        }
+        _ => {
+            tracing::warn!(status, "model answered with an error status");
+            LlmError::Status(status)
+        }
+    }
+}
+
+/// The model's error object for a request it rejected, read from at most
+/// [`MAX_ERROR_BODY_BYTES`] of its answer.
+async fn rejection(status: u16, mut response: reqwest::Response) -> Rejection {
+    let mut body = Vec::new();
+    while body.len() < MAX_ERROR_BODY_BYTES {
+        match response.chunk().await {
+            Ok(Some(chunk)) => body.extend_from_slice(&chunk),
+            Ok(None) | Err(_) => break,
+        }
+    }
+    let answer: Option<ErrorAnswer> = serde_json::from_slice(&body).ok();
+    let text = |value: Option<&Value>| match value {
+        Some(Value::String(text)) if !text.is_empty() => Some(text.clone()),
+        Some(Value::Number(number)) => Some(number.to_string()),
+        _ => None,
+    };
+    let (message, kind, param, code) = match answer {
+        Some(ErrorAnswer {
+            error: Some(error @ Value::Object(_)),
+            ..
+        }) => (
+            text(error.get("message")),
+            text(error.get("type")),
+            text(error.get("param")),
+            text(error.get("code")),
+        ),
+        Some(ErrorAnswer {
+            error: Some(Value::String(message)),
+            ..
+        })
+        | Some(ErrorAnswer {
+            message: Some(message),
+            ..
+        }) => (Some(message), None, None, None),
+        _ => (None, None, None, None),
+    };
+    let mut message =
+        message.unwrap_or_else(|| format!("the model rejected the request (status {status})"));
+    if message.len() > MAX_ERROR_MESSAGE_BYTES {
+        let mut end = MAX_ERROR_MESSAGE_BYTES;
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        message.truncate(end);
+    }
+    Rejection {
+        status,
+        message,
+        kind,
+        param,
+        code,
+    }
+}
+
+/// `Retry-After` in seconds, given as seconds or as an HTTP date; 1 when absent or
+/// unreadable, and within a day.
+fn retry_after_secs(headers: &header::HeaderMap, now: SystemTime) -> u64 {
+    let Some(value) = headers
+        .get(header::RETRY_AFTER)
+        .and_then(|value| value.to_str().ok())
+        .map(str::trim)
+    else {
+        return DEFAULT_RETRY_AFTER_SECS;
+    };
+    let secs = match value.parse::<u64>() {
+        Ok(secs) => secs,
+        Err(_) => match httpdate::parse_http_date(value) {
+            Ok(at) => at
+                .duration_since(now)
+                .map_or(0, |wait| wait.as_secs_f64().ceil() as u64),
+            Err(_) => return DEFAULT_RETRY_AFTER_SECS,
+        },
+    };
+    secs.clamp(DEFAULT_RETRY_AFTER_SECS, MAX_RETRY_AFTER_SECS)
+}
+
 impl Backend for Upstream {
-    fn complete<'a>(&'a self, ask: &'a Ask<'a>) -> BoxFuture<'a, Result<Completion, LlmError>> {
+    fn complete<'a>(&'a self, ask: Ask<'a>) -> BoxFuture<'a, Result<Completion, LlmError>> {
         Upstream::complete(self, ask).boxed()
     }
 
-    fn stream<'a>(&'a self, ask: &'a Ask<'a>) -> BoxFuture<'a, Result<AnswerStream, LlmError>> {
+    fn stream<'a>(&'a self, ask: Ask<'a>) -> BoxFuture<'a, Result<AnswerStream, LlmError>> {
         Upstream::stream(self, ask).boxed()
+    }
+
+    fn embed(&self, request: super::Forwarded) -> BoxFuture<'_, Result<Embedding, LlmError>> {
+        Upstream::embed(self, request).boxed()
     }
 
     fn probe(&self) -> BoxFuture<'_, ModelProbe> {
@@ -259,28 +402,6 @@ impl Backend for Upstream {
     fn shown_url(&self) -> Option<&str> {
         Some(&self.shown_url)
     }
-}
-
-/// The piece one streamed chunk carries: text, usage, or nothing (a role-only first delta,
-/// a last chunk with only `finish_reason`).
-fn read_chunk(data: &str) -> Result<Option<Piece>, LlmError> {
-    let chunk: Chunk = serde_json::from_str(data).map_err(|err| {
-        tracing::warn!(error = %err, "a streamed chunk was not the expected JSON");
-        LlmError::Unusable("a chunk was not the expected JSON")
-    })?;
-    if chunk.error.is_some() {
-        tracing::warn!("model sent an error in the middle of its answer");
-        return Err(LlmError::BrokeOff);
-    }
-    let text = chunk
-        .choices
-        .into_iter()
-        .filter_map(|choice| choice.delta.content)
-        .collect::<String>();
-    if !text.is_empty() {
-        return Ok(Some(Piece::Text(text)));
-    }
-    Ok(chunk.usage.map(Piece::Usage))
 }
 
 /// Sorts a transport error; its text goes to the log only, without the URL (which may
@@ -306,26 +427,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_chunk_yields_its_text_its_usage_or_nothing() {
-        let text = r#"{"choices":[{"index":0,"delta":{"content":"Hel"},"finish_reason":null}]}"#;
-        assert_eq!(read_chunk(text).unwrap(), Some(Piece::Text("Hel".into())));
-        let role = r#"{"choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}"#;
-        assert_eq!(read_chunk(role).unwrap(), None);
-        let finish = r#"{"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}"#;
-        assert_eq!(read_chunk(finish).unwrap(), None);
-        let usage =
-            r#"{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":5,"total_tokens":8}}"#;
-        assert_eq!(
-            read_chunk(usage).unwrap(),
-            Some(Piece::Usage(Usage {
-                prompt_tokens: 3,
-                completion_tokens: 5
-            }))
-        );
-        assert!(matches!(
-            read_chunk(r#"{"error":{"message":"overloaded"}}"#),
-            Err(LlmError::BrokeOff)
-        ));
-        assert!(read_chunk("not json").is_err());
+    fn retry_after_is_read_as_seconds_or_a_date_within_bounds() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let of = |value: Option<&str>| {
+            let mut headers = header::HeaderMap::new();
+            if let Some(value) = value {
+                headers.insert(header::RETRY_AFTER, value.parse().unwrap());
+            }
+            retry_after_secs(&headers, now)
+        };
+        assert_eq!(of(Some("7")), 7);
+        assert_eq!(of(Some(" 0 ")), 1);
+        assert_eq!(of(Some("999999999")), MAX_RETRY_AFTER_SECS);
+        assert_eq!(of(None), 1);
+        assert_eq!(of(Some("soon")), 1);
+        let later = httpdate::fmt_http_date(now + Duration::from_secs(30));
+        assert_eq!(of(Some(&later)), 30);
     }
 }

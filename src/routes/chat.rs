@@ -99,7 +99,7 @@ pub async fn chat(
         message,
         conversation_id: request.conversation_id,
         idempotency_key,
-        client_prompt: None,
+        forwarded: None,
     };
     if streamed {
         let started = chat::chat_streamed(&state.chats, user.id, question).await?;
@@ -158,7 +158,10 @@ fn event_stream(started: StreamedChat) -> Response {
     };
     let start = Event::default().event("start").data(event_data(&ids));
     let events = stream::once(async move { start })
-        .chain(chat.events.map(move |event| sse_event(ids, event)))
+        .chain(
+            chat.events
+                .filter_map(move |event| async move { sse_event(ids, event) }),
+        )
         .map(Ok::<_, Infallible>);
     let replayed = chat.replayed.then_some([(IDEMPOTENT_REPLAYED, "true")]);
     (replayed, Sse::new(events).keep_alive(keep_alive())).into_response()
@@ -203,9 +206,18 @@ struct Failed {
     tokens_charged: i64,
 }
 
-fn sse_event(ids: ChatIds, event: StreamEvent) -> Event {
+/// The event that tells the client of `event`; none for a chunk without text (the role, the
+/// end, the usage, which `done` reports).
+fn sse_event(ids: ChatIds, event: StreamEvent) -> Option<Event> {
     let (name, data) = match event {
-        StreamEvent::Text(content) => ("delta", event_data(&Delta { content: &content })),
+        StreamEvent::Chunk(chunk) if chunk.text.is_empty() => return None,
+        StreamEvent::Chunk(chunk) => (
+            "delta",
+            event_data(&Delta {
+                content: &chunk.text,
+            }),
+        ),
+        StreamEvent::Replayed { text, .. } => ("delta", event_data(&Delta { content: &text })),
         StreamEvent::Done {
             balance,
             charged,
@@ -228,7 +240,7 @@ fn sse_event(ids: ChatIds, event: StreamEvent) -> Event {
             ("error", event_data(&failed))
         }
     };
-    Event::default().event(name).data(data)
+    Some(Event::default().event(name).data(data))
 }
 
 /// An event's JSON data.

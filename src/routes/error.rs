@@ -82,6 +82,11 @@ pub enum ApiError {
     Upstream(String),
     #[error("the language model did not answer in time")]
     UpstreamTimeout,
+    /// The model refused the request as invalid; its own words.
+    #[error("the language model rejected the request: {0}")]
+    UpstreamRejected(String),
+    #[error("the language model is busy; try again in {retry_after_secs} s")]
+    UpstreamBusy { retry_after_secs: u64 },
     /// Logged whole, with its sources; shown without detail.
     #[error("internal error")]
     Internal(#[source] Box<dyn std::error::Error + Send + Sync>),
@@ -101,7 +106,9 @@ impl ApiError {
 
     pub fn status(&self) -> StatusCode {
         match self {
-            Self::InvalidJson(_) | Self::InvalidInput { .. } => StatusCode::BAD_REQUEST,
+            Self::InvalidJson(_) | Self::InvalidInput { .. } | Self::UpstreamRejected(_) => {
+                StatusCode::BAD_REQUEST
+            }
             Self::Unauthorized | Self::InvalidCredentials => StatusCode::UNAUTHORIZED,
             Self::OutOfTokens { .. } => StatusCode::PAYMENT_REQUIRED,
             Self::NotFound | Self::ModelNotFound(_) => StatusCode::NOT_FOUND,
@@ -115,9 +122,11 @@ impl ApiError {
                 StatusCode::FORBIDDEN
             }
             Self::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
-            Self::Busy { .. } | Self::ShuttingDown | Self::DatabaseUnavailable | Self::NotReady => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            Self::Busy { .. }
+            | Self::ShuttingDown
+            | Self::DatabaseUnavailable
+            | Self::NotReady
+            | Self::UpstreamBusy { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::Upstream(_) => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -185,6 +194,13 @@ impl From<ServiceError> for ApiError {
             ServiceError::ChatExpired | ServiceError::Model(LlmError::Timeout) => {
                 Self::UpstreamTimeout
             }
+            // The client's fault: its request, in the model's words.
+            ServiceError::Model(LlmError::Rejected(rejection)) => {
+                Self::UpstreamRejected(rejection.message)
+            }
+            ServiceError::Model(LlmError::Busy {
+                retry_after_secs, ..
+            }) => Self::UpstreamBusy { retry_after_secs },
             ServiceError::Model(err) => Self::Upstream(err.to_string()),
             ServiceError::DatabaseUnavailable(err) => {
                 tracing::warn!(error = %err, "database unavailable");
@@ -208,7 +224,8 @@ pub struct Envelope {
     /// Stable snake_case: invalid_json, invalid_input, unauthorized, invalid_credentials,
     /// out_of_tokens, not_found, method_not_allowed, username_taken, payload_too_large,
     /// unsupported_media_type, rate_limited, forbidden, account_disabled, internal,
-    /// upstream_error, database_unavailable, not_ready, upstream_timeout, ...
+    /// upstream_error, upstream_rejected, upstream_busy, database_unavailable, not_ready,
+    /// upstream_timeout, ...
     pub code: &'static str,
     /// A sentence for a person.
     pub error: String,
@@ -253,7 +270,9 @@ impl IntoResponse for ApiError {
         let mut response = (self.status(), Json(self.envelope())).into_response();
         let headers = response.headers_mut();
         match self {
-            Self::RateLimited { retry_after_secs } | Self::Busy { retry_after_secs } => {
+            Self::RateLimited { retry_after_secs }
+            | Self::Busy { retry_after_secs }
+            | Self::UpstreamBusy { retry_after_secs } => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
             }
             // RFC 9110: a 401 names the scheme that would be accepted.
@@ -357,6 +376,40 @@ mod tests {
             body["error"],
             "the language model could not answer: it answered with status 500"
         );
+    }
+
+    #[tokio::test]
+    async fn each_upstream_failure_is_answered_by_whose_fault_it_is() {
+        let rejection = crate::llm::Rejection {
+            status: 422,
+            message: "tools[0] is not a valid schema".into(),
+            kind: None,
+            param: None,
+            code: None,
+        };
+        let (status, body) = rendered(ServiceError::Model(LlmError::Rejected(rejection))).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(body["code"], "upstream_rejected");
+        assert!(body["error"]
+            .as_str()
+            .unwrap()
+            .ends_with("tools[0] is not a valid schema"));
+
+        let (status, body) = rendered(ServiceError::Model(LlmError::RefusedCredentials(401))).await;
+        assert_eq!(status, StatusCode::BAD_GATEWAY);
+        assert_eq!(body["code"], "upstream_error");
+        assert!(
+            body["error"].as_str().unwrap().contains("LLM_API_KEY"),
+            "{body}"
+        );
+
+        let busy = ApiError::from(ServiceError::Model(LlmError::Busy {
+            status: 429,
+            retry_after_secs: 7,
+        }))
+        .into_response();
+        assert_eq!(busy.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(busy.headers()[header::RETRY_AFTER], "7");
     }
 
     #[tokio::test]

@@ -5,6 +5,7 @@ use axum::{
     Json,
 };
 use serde::Serialize;
+use serde_json::value::RawValue;
 use utoipa::ToSchema;
 
 use super::{
@@ -30,6 +31,9 @@ pub struct ChatRecord {
     /// pending, answered, failed or abandoned
     status: &'static str,
     tokens_charged: i64,
+    /// The answer's tool calls, as the model gave them (a `/v1` chat), or null.
+    #[schema(value_type = Option<Vec<Object>>)]
+    tool_calls: Option<Box<RawValue>>,
     usage: Option<Usage>,
 }
 
@@ -44,6 +48,10 @@ impl From<history::ChatRecord> for ChatRecord {
             response: chat.response,
             status: chat.status.as_str(),
             tokens_charged: chat.tokens_charged,
+            // Stored as the JSON it was; a row that is not JSON shows none.
+            tool_calls: chat
+                .tool_calls
+                .and_then(|calls| RawValue::from_string(calls).ok()),
             usage: chat.usage.map(Usage::from),
         }
     }
@@ -79,20 +87,43 @@ pub struct LedgerEntry {
     balance_after: i64,
     chat_id: Option<i64>,
     created_at: String,
+    /// The embeddings call (`/v1/embeddings`) of an `embedding` or `embedding_refund` row.
+    embedding_id: Option<i64>,
     id: i64,
-    /// initial_grant, grant, chat_reservation or chat_refund
+    /// The model an embeddings call asked for.
+    model: Option<String>,
+    /// initial_grant, grant, chat_reservation, chat_refund, embedding or embedding_refund
     reason: &'static str,
+    /// An embeddings call's usage as the model reported it.
+    usage: Option<EmbeddingUsage>,
+}
+
+// `{"prompt_tokens", "total_tokens"}` of an embeddings call, as the model reported them.
+#[derive(Serialize, ToSchema)]
+pub struct EmbeddingUsage {
+    prompt_tokens: i64,
+    total_tokens: i64,
 }
 
 impl From<Entry> for LedgerEntry {
     fn from(entry: Entry) -> Self {
+        let usage = match (entry.prompt_tokens, entry.total_tokens) {
+            (Some(prompt_tokens), Some(total_tokens)) => Some(EmbeddingUsage {
+                prompt_tokens,
+                total_tokens,
+            }),
+            _ => None,
+        };
         Self {
             amount: entry.amount,
             balance_after: entry.balance_after,
             chat_id: entry.chat_id,
             created_at: rfc3339(entry.created_at),
+            embedding_id: entry.embedding_id,
             id: entry.id,
+            model: entry.model,
             reason: entry.reason.as_str(),
+            usage,
         }
     }
 }

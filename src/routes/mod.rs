@@ -24,6 +24,7 @@ mod page;
 use axum::{
     extract::DefaultBodyLimit,
     middleware::map_response,
+    response::Response,
     routing::{get, post, MethodRouter},
     Router,
 };
@@ -45,7 +46,7 @@ pub fn router(state: AppState) -> Router {
             with_body_limit(get(openapi::document), body_limit),
         );
     api.merge(page)
-        .fallback(|| async { ApiError::NotFound })
+        .fallback(unknown_route)
         // One layer, so that axum boxes it once per route: see `edge`.
         .layer(
             ServiceBuilder::new()
@@ -126,16 +127,19 @@ fn api_routes(state: &AppState) -> Vec<(&'static str, MethodRouter<AppState>)> {
         ),
     ]
     .map(|(path, handler)| (path, handler.authorised(state)));
-    // OpenAI's SDKs read OpenAI's error object, so these answer errors in it.
+    // OpenAI's SDKs read OpenAI's error object, so these answer errors in it. Their bodies
+    // carry images: `V1_MAX_BODY_BYTES`.
+    let v1_limit = state.config.v1_max_body_bytes;
     let openai = [
         (
             "/v1/chat/completions",
-            Layered::new(
-                post(openai::chat_completions),
-                state.config.completions_body_limit(),
-            ),
+            Layered::new(post(openai::chat_completions), v1_limit),
         ),
-        ("/v1/models", Layered::new(get(openai::models), body_limit)),
+        (
+            "/v1/embeddings",
+            Layered::new(post(openai::embeddings), v1_limit),
+        ),
+        ("/v1/models", Layered::new(get(openai::models), v1_limit)),
     ]
     .map(|(path, handler)| {
         let handler = handler
@@ -191,6 +195,17 @@ impl Layered {
                 }),
         )
     }
+}
+
+/// What a path no route serves answers: under `/v1`, OpenAI's error object, as the SDKs
+/// read it (`/v1/responses`, which the OpenAI Agents SDK asks by default, among them);
+/// elsewhere the contract's 404.
+async fn unknown_route(method: axum::http::Method, uri: axum::http::Uri) -> Response {
+    let path = uri.path();
+    if path == "/v1" || path.starts_with("/v1/") {
+        return openai::unknown_route(method, uri).await;
+    }
+    axum::response::IntoResponse::into_response(ApiError::NotFound)
 }
 
 /// Registers each route at its path and at its path with one trailing slash. Not

@@ -49,6 +49,7 @@ use super::{
         keys::list,
         keys::revoke,
         openai::chat_completions,
+        openai::embeddings,
         openai::models,
     ),
     // The error bodies, which the responses shared through `error_responses!` name
@@ -60,7 +61,7 @@ use super::{
         (name = "chat", description = "Chats, metered in tokens, and the balance"),
         (name = "history", description = "Chats, conversations and the ledger, a page at a time"),
         (name = "keys", description = "API keys for SDKs and tools"),
-        (name = "openai", description = "OpenAI's Chat Completions protocol"),
+        (name = "openai", description = "OpenAI's Chat Completions and Embeddings protocol, passed through"),
         (name = "operations", description = "Health, readiness and metrics"),
     )
 )]

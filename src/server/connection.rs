@@ -13,6 +13,7 @@ use tokio::{
 use tower::ServiceExt;
 
 use super::{
+    body_budget::HeldBody,
     io::{CountedBody, RequestInFlight, WatchedBody, WatchedStream},
     registry::{Activity, Registered},
     timers::{Expiry, Timers},
@@ -43,13 +44,15 @@ impl Server {
         let budget = self.budget.clone();
         let service = service_fn(move |request: Request<Incoming>| {
             let in_flight = RequestInFlight::begin(requests.clone());
+            let hold = HeldBody::new(budget.clone());
             let mut request = request.map(|body| WatchedBody {
                 body,
                 activity: requests.clone(),
-                budget: budget.clone(),
-                held: 0,
+                hold: hold.clone(),
             });
             request.extensions_mut().insert(ConnectInfo(peer));
+            // A handler that keeps the body's bytes keeps them counted (see `HeldBody`).
+            request.extensions_mut().insert(hold);
             let router = router.clone();
             async move {
                 let response = router.oneshot(request).await?;

@@ -17,7 +17,7 @@ use tokio::{
 };
 
 use super::{
-    body_budget::{BodyBudget, OverBudget},
+    body_budget::{HeldBody, OverBudget},
     registry::Activity,
 };
 
@@ -74,16 +74,16 @@ impl hyper::body::Body for CountedBody {
 
 /// A request's body, noting when the application waits for more of it (a client that
 /// promises a body and sends it slowly is waiting on itself, and may be evicted at the cap),
-/// and counting the bytes it delivers against the budget of bodies in flight until it is
-/// dropped.
+/// and counting the bytes it delivers against the budget of bodies in flight until it and
+/// the request's [`HeldBody`] are dropped.
 pub(super) struct WatchedBody {
     pub(super) body: Incoming,
     pub(super) activity: Arc<Activity>,
-    pub(super) budget: Arc<BodyBudget>,
-    /// Bytes of this body counted against `budget`: all it has delivered. The frames are
-    /// held by whoever reads the body until it is complete, and dropped with it or soon
-    /// after (the extractor copies them into one buffer and parses that).
-    pub(super) held: usize,
+    /// Every byte this body delivered, counted against the budget. The frames are held by
+    /// whoever reads the body until it is complete, and dropped with it or soon after (the
+    /// extractor copies them into one buffer); a handler that keeps that buffer keeps the
+    /// request's clone of this hold with it.
+    pub(super) hold: HeldBody,
 }
 
 impl hyper::body::Body for WatchedBody {
@@ -106,11 +106,10 @@ impl hyper::body::Body for WatchedBody {
         match polled {
             Poll::Ready(Some(Ok(frame))) => {
                 let bytes = frame.data_ref().map_or(0, Bytes::len);
-                if !this.budget.take(bytes) {
+                if !this.hold.take(bytes) {
                     // The frame is dropped here, and the rest with the body.
                     return Poll::Ready(Some(Err(Box::new(OverBudget))));
                 }
-                this.held += bytes;
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(err))) => Poll::Ready(Some(Err(err.into()))),
@@ -133,9 +132,6 @@ impl Drop for WatchedBody {
         // The application gave up on the body (too large, too slow) or has it all: it waits
         // no more, and the bytes it was counted for are its reader's to free.
         Activity::stop_clock(&self.activity.body_wait_since_micros);
-        if self.held > 0 {
-            self.budget.release(self.held);
-        }
     }
 }
 

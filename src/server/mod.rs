@@ -43,6 +43,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use crate::config::ConnectionLimits;
 
 use body_budget::BodyBudget;
+pub use body_budget::HeldBody;
 pub(crate) use body_budget::OverBudget;
 use registry::Registry;
 

@@ -1,5 +1,6 @@
 //! The ledger audit behind `tokenchat audit`: every balance is the sum of its ledger, every
-//! ledger row's running balance is right, and every chat's rows match its status.
+//! ledger row's running balance is right, and every chat's and embeddings call's rows
+//! match its status.
 
 use futures_util::TryStreamExt;
 
@@ -77,6 +78,14 @@ pub async fn run_reporting(db: &db::Db, mut found: impl FnMut(&str)) -> ServiceR
         ));
     }
     drop(chats);
+    let mut embeddings = db::audit::embedding_mismatches(db);
+    while let Some(call) = embeddings.try_next().await? {
+        offend(format!(
+            "embedding {} ({}, cost {}): {} reservation(s), {} refund(s), {} stray row(s)",
+            call.embedding_id, call.status, call.cost, call.reservations, call.refunds, call.strays
+        ));
+    }
+    drop(embeddings);
     let (users, chats, ledger_rows) = db::audit::totals(db).await?;
     Ok(AuditReport {
         users,

@@ -27,6 +27,8 @@ pub struct ChatRecord {
     /// What the model said the chat cost it, when it said.
     pub usage: Option<Usage>,
     pub conversation_id: Option<i64>,
+    /// The answer's tool calls, the JSON array the model gave.
+    pub tool_calls: Option<String>,
 }
 
 impl From<Chat> for ChatRecord {
@@ -43,6 +45,7 @@ impl From<Chat> for ChatRecord {
             tokens_charged: chat.status.tokens_charged(chat.cost, chat.refunded),
             usage,
             conversation_id: chat.conversation_id,
+            tool_calls: chat.tool_calls,
             message: chat.message,
             response: chat.response,
             status: chat.status,

@@ -1,5 +1,5 @@
-//! Crash recovery: refunds chats left pending by a process that died between reservation
-//! and settlement, at start-up and then periodically. Every step is a conditional update,
+//! Crash recovery: refunds chats and embeddings calls left pending by a process that died
+//! between reservation and settlement, at start-up and then periodically. Every step is a conditional update,
 //! so any number of processes may sweep one database at once.
 
 use std::{sync::Arc, time::Duration};
@@ -24,6 +24,9 @@ pub struct Sweep {
     pub refunded_chats: usize,
     /// Chats past their deadline whose refund failed this time (logged, each).
     pub unsettled_chats: usize,
+    /// Embeddings calls refunded, and those whose refund failed this time.
+    pub refunded_embeddings: usize,
+    pub unsettled_embeddings: usize,
     pub forgotten_keys: u64,
     pub expired_tokens: u64,
 }
@@ -92,6 +95,7 @@ impl Recovery {
                 _ => break,
             }
         }
+        self.refund_stale_embeddings(now, &mut report).await?;
         let expired_before = now - self.config.idempotency_key_lifetime.as_secs() as i64;
         report.forgotten_keys =
             db::idempotency::sweep(db, expired_before, abandoned_before).await?;
@@ -103,6 +107,34 @@ impl Recovery {
             }
         }
         Ok(report)
+    }
+
+    /// Refunds every embeddings call pending past its deadline, as chats are.
+    async fn refund_stale_embeddings(&self, now: i64, report: &mut Sweep) -> ServiceResult<()> {
+        let mut after = 0;
+        loop {
+            let stale = db::embeddings::stale_pending(&self.db, now, after, BATCH).await?;
+            for &embedding_id in &stale {
+                match db::embeddings::refund(&self.db, embedding_id).await {
+                    Ok(true) => {
+                        tracing::warn!(
+                            embedding_id,
+                            "refunded an embeddings call abandoned while pending"
+                        );
+                        report.refunded_embeddings += 1;
+                    }
+                    Ok(false) => {}
+                    Err(err) => {
+                        tracing::error!(embedding_id, error = %err, "could not refund an abandoned embeddings call; the next sweep tries again");
+                        report.unsettled_embeddings += 1;
+                    }
+                }
+            }
+            match stale.last() {
+                Some(&last) if (stale.len() as i64) == BATCH => after = last,
+                _ => return Ok(()),
+            }
+        }
     }
 
     /// Sweeps now, then every quarter of `abandoned_after` (at least each second), forever.

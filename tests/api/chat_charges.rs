@@ -30,10 +30,11 @@ async fn every_upstream_failure_charges_nothing() {
             StatusCode::BAD_GATEWAY,
             "upstream_error",
         ),
+        // Busy: the model's 429 is a 503 to come back later (issue 24).
         (
             Reply::Status(429),
-            StatusCode::BAD_GATEWAY,
-            "upstream_error",
+            StatusCode::SERVICE_UNAVAILABLE,
+            "upstream_busy",
         ),
         (
             Reply::Status(401),

@@ -1,6 +1,9 @@
 //! The server's memory under attack, measured on the built binary: bodies held one byte
 //! short of complete by many connections stay within `MAX_INFLIGHT_BODY_BYTES` (the rest are
-//! answered 503 `busy`), and the memory they held is given back once their connections close.
+//! answered 503 `busy`), and the memory they held is given back once their connections close;
+//! and a hundred `/v1` bodies of 20 MiB (images), sent at once or slowly, never take the
+//! server past that budget and a constant, the bodies that fit held until the model has
+//! taken them.
 
 use std::{
     net::{IpAddr, Ipv4Addr},
@@ -22,8 +25,8 @@ use crate::{
 
 /// The budget of body bytes in flight the server is given: small, so the test is quick.
 const BUDGET: usize = 4 * 1024 * 1024;
-/// Each attacker's body, as in the attack run: under `/v1/chat/completions`' limit of
-/// 449,536 bytes, so only the budget can stop it.
+/// Each attacker's body, as in the attack run: under `/v1`'s limit, which this test sets to
+/// a megabyte (`V1_MAX_BODY_BYTES`), so only the budget can stop it.
 const BODY_BYTES: usize = 440_000;
 /// Attacking connections: 200 bodies of 440 KB are 88 MB, twenty times the budget.
 const CONNECTIONS: usize = 200;
@@ -44,6 +47,7 @@ async fn bodies_held_one_byte_short_stay_within_the_budget_and_their_memory_is_g
     let vars = [
         ("LLM_BASE_URL", llm.base_url.as_str()),
         ("MAX_INFLIGHT_BODY_BYTES", budget.as_str()),
+        ("V1_MAX_BODY_BYTES", "1048576"),
         ("CHAT_RATE_PER_MINUTE", "0"),
     ];
     let server = Server::start(dir.path(), &vars);
@@ -204,4 +208,184 @@ fn rss_bytes(pid: u32) -> usize {
         .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or_else(|| panic!("no VmRSS in {status}"));
     kib * 1024
+}
+
+/// The `/v1` body limit (`V1_MAX_BODY_BYTES`'s default) and the budget (`MAX_INFLIGHT_BODY_BYTES`'s).
+const V1_BODY_BYTES: usize = 20 * 1024 * 1024;
+const DEFAULT_BUDGET: usize = 64 * 1024 * 1024;
+/// Concurrent big bodies, from five loopback addresses (20 each).
+const BIG_BODIES: usize = 100;
+/// What the server may hold beyond the budget: a hundred connections, each with hyper's
+/// read buffer (at most 64 KiB) and a frame in hand, and the allocator's own overhead.
+const SLACK_BEYOND_BUDGET: usize = 24 * 1024 * 1024;
+
+#[tokio::test]
+async fn a_hundred_bodies_of_20_mib_at_once_or_slowly_stay_within_the_budget_and_a_constant() {
+    let _ = rlimit::increase_nofile_limit(4096);
+    let llm = FakeLlm::start().await;
+    // A model slow to take a request: the bodies that fit are held, counted, meanwhile.
+    llm.set_read_delay(Duration::from_secs(2));
+    let dir = tempfile::tempdir().unwrap();
+    let vars = [
+        ("LLM_BASE_URL", llm.base_url.as_str()),
+        ("CHAT_RATE_PER_MINUTE", "0"),
+        ("LLM_TIMEOUT_SECS", "30"),
+    ];
+    let server = Server::start(dir.path(), &vars);
+    let base = server.base.clone();
+    let pid = server.child.id();
+    let http = reqwest::Client::new();
+    let token = register_and_login(&http, &base, "pass123").await;
+    let (status, created) = send(
+        http.post(format!("{base}/keys"))
+            .bearer_auth(&token)
+            .json(&json!({ "name": "images" })),
+    )
+    .await;
+    assert_eq!(status, 201, "{created}");
+    let key = created["key"].as_str().unwrap().to_string();
+    assert_small_chat_is_answered(&http, &base, &key).await;
+    let baseline = rss_bytes(pid);
+    let request = Arc::new(image_request(&base, &key));
+
+    for slowly in [false, true] {
+        let sampling = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let sampler = {
+            let sampling = sampling.clone();
+            tokio::spawn(async move {
+                let mut most = 0;
+                while sampling.load(std::sync::atomic::Ordering::SeqCst) {
+                    most = most.max(rss_bytes(pid));
+                    sleep(Duration::from_millis(20)).await;
+                }
+                most
+            })
+        };
+        let senders: Vec<_> = (0..BIG_BODIES)
+            .map(|index| {
+                let (base, request) = (base.clone(), request.clone());
+                let source = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2 + (index % ADDRESSES) as u8));
+                tokio::spawn(async move { send_body(&base, source, &request, slowly).await })
+            })
+            .collect();
+        let (mut answered, mut busy, mut cut) = (0, 0, 0);
+        for sender in senders {
+            match sender.await.unwrap() {
+                Some((200, _, body)) => {
+                    assert_eq!(body["choices"][0]["message"]["content"], "Echo: hi");
+                    answered += 1;
+                }
+                Some((status, head, body)) => {
+                    assert_eq!(status, 503, "{head}\n{body}");
+                    assert_eq!(body["error"]["code"], "busy", "{body}");
+                    busy += 1;
+                }
+                // Refused mid-body: the server answered and closed while this client was
+                // still writing, and the reset reached it before the answer.
+                None => cut += 1,
+            }
+        }
+        sampling.store(false, std::sync::atomic::Ordering::SeqCst);
+        let most = sampler.await.unwrap();
+        eprintln!(
+            "{} bodies of 20 MiB {}: {answered} answered, {busy} busy, {cut} cut; RSS {} MiB \
+             before, at most {} MiB",
+            BIG_BODIES,
+            if slowly { "slowly" } else { "at once" },
+            baseline >> 20,
+            most >> 20
+        );
+        assert!(answered >= 1, "not one body fitted");
+        assert_eq!(answered + busy + cut, BIG_BODIES);
+        assert!(
+            most < baseline + DEFAULT_BUDGET + SLACK_BEYOND_BUDGET,
+            "RSS {} MiB, from {} MiB",
+            most >> 20,
+            baseline >> 20
+        );
+        // Every body counted is given back: the next one fits.
+        assert_small_chat_is_answered(&http, &base, &key).await;
+    }
+    let received = llm.received();
+    assert!(received.len() > 2);
+    assert!(received
+        .iter()
+        .skip(1)
+        .any(
+            |request| request.body["messages"][1]["content"][1]["image_url"]["url"]
+                .as_str()
+                .is_some_and(|url| url.len() > V1_BODY_BYTES - 1024)
+        ));
+}
+
+/// A chat completion of an image as big as `/v1` admits, with the text `hi`.
+fn image_request(base: &str, key: &str) -> Vec<u8> {
+    let host = base.trim_start_matches("http://");
+    let frame = |image: &str| {
+        json!({ "model": "llama3.2", "messages": [{ "role": "user", "content": [
+            { "type": "text", "text": "hi" },
+            { "type": "image_url", "image_url": { "url": image } },
+        ] }] })
+        .to_string()
+    };
+    let prefix = "data:image/png;base64,";
+    let padding = V1_BODY_BYTES - frame(prefix).len();
+    let body = frame(&format!("{prefix}{}", "A".repeat(padding)));
+    assert_eq!(body.len(), V1_BODY_BYTES);
+    let mut request = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {key}\r\n\
+         Content-Type: application/json\r\nContent-Length: {V1_BODY_BYTES}\r\nConnection: close\r\n\r\n"
+    )
+    .into_bytes();
+    request.extend_from_slice(body.as_bytes());
+    request
+}
+
+/// Sends `request` from `source`, all at once or a quarter MiB every 20 ms, and reads the
+/// answer: status, head and body, or `None` when the connection was reset first.
+async fn send_body(
+    base: &str,
+    source: IpAddr,
+    request: &[u8],
+    slowly: bool,
+) -> Option<(u16, String, Value)> {
+    let mut connection = connect_from(base, source).await;
+    let (mut reader, mut writer) = connection.split();
+    let writing = async {
+        // Fails when the server answers without reading it all, and closes.
+        if slowly {
+            for piece in request.chunks(256 * 1024) {
+                if writer.write_all(piece).await.is_err() {
+                    break;
+                }
+                sleep(Duration::from_millis(20)).await;
+            }
+        } else {
+            let _ = writer.write_all(request).await;
+        }
+        std::future::pending::<()>().await;
+    };
+    let reading = async {
+        let mut received = Vec::new();
+        let mut chunk = [0u8; 16 * 1024];
+        loop {
+            match tokio::io::AsyncReadExt::read(&mut reader, &mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(read) => received.extend_from_slice(&chunk[..read]),
+            }
+        }
+        received
+    };
+    let received = tokio::select! {
+        () = writing => unreachable!(),
+        received = timeout(Duration::from_secs(60), reading) => received.expect("an answer within a minute"),
+    };
+    let text = String::from_utf8_lossy(&received);
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    let status = head.split_whitespace().nth(1)?.parse().ok()?;
+    Some((
+        status,
+        head.to_string(),
+        serde_json::from_str(body).unwrap_or(Value::Null),
+    ))
 }

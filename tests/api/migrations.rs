@@ -137,3 +137,98 @@ async fn the_streaming_migration_keeps_every_row_and_the_ledger_still_moves_bala
     assert_eq!(count(&db, "SELECT COUNT(*) FROM chats").await, 0);
     db.close().await;
 }
+
+#[tokio::test]
+async fn the_pass_through_migration_keeps_the_ledger_and_its_triggers_and_meters_embeddings() {
+    let database = TestDatabase::create().await;
+    let db = db::connect(database.url(), db::Open::CreateIfMissing)
+        .await
+        .unwrap();
+    let (before, _dir) = migrator_before("20261210000000").await;
+    db_run!(&db, pool => before.run(pool).await).unwrap();
+    execute(
+        &db,
+        "INSERT INTO users (username, username_key, password_hash, tokens, created_at)
+         VALUES ('alice', 'alice', 'x', 0, 1)",
+    )
+    .await;
+    execute(
+        &db,
+        "INSERT INTO ledger (user_id, amount, reason, balance_after, created_at)
+         VALUES (1, 1000, 'initial_grant', 1000, 1)",
+    )
+    .await;
+    for status in ["answered", "failed"] {
+        execute(
+            &db,
+            "INSERT INTO chats (user_id, message, status, cost, created_at, deadline_at)
+             VALUES (1, 'hi', 'pending', 100, 2, 999999999999)",
+        )
+        .await;
+        execute(
+            &db,
+            &format!(
+                "UPDATE chats SET status = '{status}', refunded = {}, response = 'x',
+                                  finished_at = 3
+                 WHERE id = (SELECT MAX(id) FROM chats)",
+                status == "failed"
+            ),
+        )
+        .await;
+    }
+    let rows = "SELECT id, amount, reason, chat_id, balance_after FROM ledger ORDER BY id";
+    type Row = (i64, i64, String, Option<i64>, i64);
+    let ledger = |db: &Db| {
+        let db = db.clone();
+        async move {
+            db_run!(&db, pool => sqlx::query_as::<_, Row>(rows).fetch_all(pool).await).unwrap()
+        }
+    };
+    let before = ledger(&db).await;
+    assert_eq!(before.len(), 4);
+    assert_eq!(count(&db, "SELECT tokens FROM users").await, 900);
+
+    db::migrate(&db).await.unwrap();
+
+    assert_eq!(ledger(&db).await, before);
+    assert_eq!(count(&db, "SELECT tokens FROM users").await, 900);
+    // The chats' triggers write to the new ledger: a reservation, then its refund.
+    execute(
+        &db,
+        "INSERT INTO chats (user_id, message, status, cost, created_at)
+         VALUES (1, 'again', 'pending', 100, 4)",
+    )
+    .await;
+    assert_eq!(count(&db, "SELECT tokens FROM users").await, 800);
+    execute(
+        &db,
+        "UPDATE chats SET status = 'failed', refunded = TRUE, finished_at = 5 WHERE id = 3",
+    )
+    .await;
+    assert_eq!(count(&db, "SELECT tokens FROM users").await, 900);
+    // And an embeddings call is reserved, then kept or refunded, in ledger rows naming it.
+    for (id, status) in [(1, "answered"), (2, "failed")] {
+        execute(
+            &db,
+            "INSERT INTO embeddings (user_id, model, status, cost, created_at, deadline_at)
+             VALUES (1, 'm', 'pending', 1, 6, 999999999999)",
+        )
+        .await;
+        execute(
+            &db,
+            &format!("UPDATE embeddings SET status = '{status}', finished_at = 7 WHERE id = {id}"),
+        )
+        .await;
+    }
+    assert_eq!(count(&db, "SELECT tokens FROM users").await, 899);
+    let kinds = "SELECT COUNT(*) FROM ledger WHERE embedding_id IS NOT NULL
+                 AND reason IN ('embedding', 'embedding_refund')";
+    assert_eq!(count(&db, kinds).await, 3);
+    assert_eq!(count(&db, "SELECT COUNT(*) FROM ledger").await, 9);
+    let report = tokenchat::services::audit::run(&db).await.unwrap();
+    assert!(report.passed(), "{:#?}", report.offences);
+    execute(&db, "DELETE FROM users").await;
+    assert_eq!(count(&db, "SELECT COUNT(*) FROM ledger").await, 0);
+    assert_eq!(count(&db, "SELECT COUNT(*) FROM embeddings").await, 0);
+    db.close().await;
+}

@@ -1,6 +1,7 @@
-//! The official OpenAI Python SDK as a real client (`tests/sdk/openai_client.py`), run
-//! with the Python of `TOKENCHAT_SDK_PYTHON` (a virtual environment with `openai`, which
-//! `.ci/run` makes); skipped, saying so, when that is not set.
+//! The official OpenAI Python SDK as a real client (`tests/sdk/openai_client.py`), and an
+//! agent framework built on it, pydantic-ai (`tests/sdk/agent.py`), run with the Python of
+//! `TOKENCHAT_SDK_PYTHON` (a virtual environment with both, which `.ci/run` makes); skipped,
+//! saying so, when that is not set.
 
 use serde_json::json;
 
@@ -42,6 +43,13 @@ async fn the_official_openai_sdk_lists_models_completes_streams_and_sees_our_err
     };
     let user = register_and_login(&http, &base, "pass123").await;
     let (_, key) = new_key(user.clone()).await;
+    // Eight answers (a tool call's round trip among them), an embeddings call, and room for
+    // the two requests that fail and are refunded.
+    let grant = tokenchat::domain::GrantAmount::parse(700).unwrap();
+    let name = tokenchat::domain::Username::parse("user").unwrap();
+    tokenchat::services::accounts::grant(&app.state.db, &name, grant)
+        .await
+        .unwrap();
     let (revoked_id, revoked) = new_key(user.clone()).await;
     let deleted = http
         .delete(format!("{base}/keys/{revoked_id}"))
@@ -80,10 +88,74 @@ async fn the_official_openai_sdk_lists_models_completes_streams_and_sees_our_err
         "the SDK script failed:\n{stdout}\n{stderr}"
     );
     assert!(stdout.contains("sdk: every check passed"), "{stdout}");
-    // Two answers and the failing chat (tried twice) reached the model; the chat refused
-    // for the empty balance never did, and nothing unanswered cost anything.
-    assert_eq!(app.llm.calls(), calls_before + 4);
-    assert_eq!(app.balance(&key).await, 100);
+    // Eight answers, the embeddings, the rejected request (once: the SDK does not retry a
+    // 400) and the failing chat (tried twice) reached the model; the chat refused for the
+    // empty balance never did, and nothing unanswered cost anything.
+    let received = app.llm.received();
+    let rejected = received
+        .iter()
+        .filter(|request| request.body.to_string().contains("[reject]"))
+        .count();
+    assert_eq!(rejected, 1);
+    assert_eq!(app.llm.calls(), calls_before + 12);
+    assert_eq!(app.balance(&key).await, 1000 - 8 * 100 - 1);
     assert_eq!(app.balance(&empty).await, 0);
+    app.assert_all_settled().await;
+}
+
+#[tokio::test]
+async fn a_pydantic_ai_agent_calls_its_tool_and_answers_through_tokenchat() {
+    let Ok(python) = std::env::var(PYTHON_VARIABLE) else {
+        println!("agent test skipped: set {PYTHON_VARIABLE} to a Python with `pydantic-ai`");
+        return;
+    };
+    let app = TestApp::new().await;
+    let base = serve_in_process(&app).await;
+    let http = reqwest::Client::new();
+    let user = register_and_login(&http, &base, "pass123").await;
+    let created: serde_json::Value = http
+        .post(format!("{base}/keys"))
+        .bearer_auth(user)
+        .json(&json!({ "name": "agent" }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let key = created["key"].as_str().unwrap().to_string();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sdk/agent.py");
+    let mut command = std::process::Command::new(&python);
+    command
+        .arg(script)
+        .env("BASE_URL", format!("{base}/v1"))
+        .env("API_KEY", &key);
+    let output = tokio::task::spawn_blocking(move || command.output())
+        .await
+        .unwrap()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "the agent failed:\n{stdout}\n{stderr}"
+    );
+    assert!(stdout.contains("agent: every check passed"), "{stdout}");
+    // Two calls: the model asked for the tool, then answered from what it said.
+    let received = app.llm.received();
+    assert_eq!(received.len(), 2);
+    assert_eq!(
+        received[0].body["tools"][0]["function"]["name"],
+        "get_weather"
+    );
+    let last = received[1].body["messages"]
+        .as_array()
+        .unwrap()
+        .last()
+        .unwrap()
+        .clone();
+    assert_eq!(last["role"], "tool");
+    assert_eq!(last["content"], "sunny in Paris");
+    assert_eq!(app.balance(&key).await, 3800);
     app.assert_all_settled().await;
 }

@@ -244,7 +244,7 @@ async fn with_no_upstream_configured_the_readme_walkthrough_answers_from_the_dem
     assert_eq!(status, 200, "{chat}");
     let answer = chat["response"].as_str().unwrap();
     assert!(
-        answer.starts_with("Code for 'Hello World' in Python:"),
+        answer.starts_with("Code for 'Hello World' in python:"),
         "{answer}"
     );
     assert_eq!(chat["tokens"], 3900);

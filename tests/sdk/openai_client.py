@@ -4,10 +4,12 @@ Run by tests/api/sdk.rs with BASE_URL, API_KEY, REVOKED_KEY and EMPTY_KEY set; e
 non-zero with the failed check's message on any difference.
 """
 
+import json
 import logging
 import os
 
 import openai
+import pydantic
 
 
 class Retries(logging.Handler):
@@ -63,6 +65,109 @@ for chunk in stream:
 assert text == "Echo: streamed please", text
 assert usage is not None and usage.completion_tokens == 3, usage
 assert len(ids) == 1, ids
+
+# A tool call round trip: the model asks, the client answers with a `tool` message, the
+# model answers.
+weather_tool = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}},
+            "required": ["city"],
+        },
+    },
+}
+messages = [{"role": "user", "content": "what is the weather in Paris?"}]
+asked = client.chat.completions.create(
+    model="llama3.2", messages=messages, tools=[weather_tool], tool_choice="auto"
+)
+assert asked.choices[0].finish_reason == "tool_calls", asked
+call = asked.choices[0].message.tool_calls[0]
+assert call.function.name == "get_weather", call
+assert json.loads(call.function.arguments) == {"city": "Paris"}, call
+messages.append(asked.choices[0].message.model_dump(exclude_none=True))
+messages.append({"role": "tool", "tool_call_id": call.id, "content": "sunny, 21 C"})
+answered = client.chat.completions.create(model="llama3.2", messages=messages, tools=[weather_tool])
+assert answered.choices[0].message.content == "Tool said: sunny, 21 C", answered
+assert answered.choices[0].finish_reason == "stop", answered
+
+# A streamed tool call, assembled from its deltas.
+name, arguments, finish, pieces = "", "", None, 0
+for chunk in client.chat.completions.create(
+    model="llama3.2",
+    messages=[{"role": "user", "content": "and in Rome?"}],
+    tools=[weather_tool],
+    stream=True,
+):
+    for choice in chunk.choices:
+        for delta in choice.delta.tool_calls or []:
+            name += delta.function.name or ""
+            arguments += delta.function.arguments or ""
+            pieces += 1
+        finish = choice.finish_reason or finish
+assert name == "get_weather", name
+assert json.loads(arguments) == {"city": "Paris"}, arguments
+assert pieces >= 3, pieces
+assert finish == "tool_calls", finish
+
+
+# Structured output: a JSON schema from a pydantic model, parsed by the SDK.
+class Weather(pydantic.BaseModel):
+    city: str
+    temperature: float
+
+
+parsed = client.chat.completions.parse(
+    model="llama3.2",
+    messages=[{"role": "user", "content": "the weather, as JSON"}],
+    response_format=Weather,
+)
+weather = parsed.choices[0].message.parsed
+assert weather == Weather(city="Paris", temperature=21.5), weather
+
+# An image part goes through as sent.
+seen = client.chat.completions.create(
+    model="llama3.2",
+    messages=[
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "describe this"},
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}},
+            ],
+        }
+    ],
+)
+assert seen.choices[0].message.content == "Echo: describe this", seen
+
+# Several choices.
+several = client.chat.completions.create(
+    model="llama3.2", messages=[{"role": "user", "content": "twice"}], n=2
+)
+assert [choice.index for choice in several.choices] == [0, 1], several
+assert several.choices[1].message.content == "Echo 1: twice", several
+
+# Embeddings: the SDK asks for base64 and decodes it.
+embedded = client.embeddings.create(model="llama3.2", input=["hello world", "bye"])
+assert [item.embedding for item in embedded.data] == [[2.0, 11.0, 0.5, -0.5], [1.0, 3.0, 0.5, -0.5]], embedded
+assert embedded.usage.prompt_tokens == 3, embedded.usage
+
+# A request the model rejects: BadRequestError, at once, never retried.
+retries.count = 0
+patient = openai.OpenAI(base_url=base_url, api_key=os.environ["API_KEY"], max_retries=3)
+try:
+    patient.chat.completions.create(
+        model="llama3.2", messages=[{"role": "user", "content": "[reject] this schema"}]
+    )
+    raise AssertionError("a rejected request was served")
+except openai.BadRequestError as error:
+    assert error.status_code == 400, error
+    assert "Invalid schema for function 'get_weather'" in error.message, error.message
+    assert error.code == "invalid_function_parameters", error.body
+assert retries.count == 0, f"the SDK retried a rejection {retries.count} times"
 
 revoked = openai.OpenAI(base_url=base_url, api_key=os.environ["REVOKED_KEY"])
 try:

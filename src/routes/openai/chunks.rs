@@ -1,4 +1,6 @@
-//! A streamed chat completion: `chat.completion.chunk` events as OpenAI sends them.
+//! A streamed chat completion: the model's `chat.completion.chunk` events relayed as it
+//! sent them, in order (see [`super::relay`]), then `[DONE]`; a replayed answer's chunks
+//! written as OpenAI writes them.
 
 use std::convert::Infallible;
 
@@ -8,10 +10,12 @@ use axum::response::{
 };
 use futures_util::{stream, StreamExt};
 use serde::Serialize;
+use serde_json::value::RawValue;
 
 use super::{
-    completion::{completion_id, CompletionUsage},
+    completion::{completion_id, finish_reason, stored_tool_calls, CompletionUsage},
     errors::openai_error,
+    relay::relay,
 };
 use crate::{
     clock::unix_now,
@@ -22,7 +26,7 @@ use crate::{
     services::chat::{StreamEvent, StreamedChat},
 };
 
-/// One `chat.completion.chunk`.
+/// One `chat.completion.chunk` of a replayed answer.
 #[derive(Serialize)]
 struct Chunk<'a> {
     /// One choice, or none in the usage chunk.
@@ -49,6 +53,16 @@ struct ChunkDelta<'a> {
     content: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     role: Option<&'static str>,
+    /// The whole calls at once, each with its `index`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool_calls: Option<Vec<IndexedCall<'a>>>,
+}
+
+#[derive(Serialize)]
+struct IndexedCall<'a> {
+    index: usize,
+    #[serde(flatten)]
+    call: &'a serde_json::Map<String, serde_json::Value>,
 }
 
 /// An optional item as a JSON array of none or one.
@@ -59,7 +73,7 @@ fn zero_or_one<S: serde::Serializer, T: Serialize>(
     serializer.collect_seq(item)
 }
 
-/// What every chunk of one stream shares.
+/// What every chunk of one replayed stream shares.
 struct ChunkHead {
     created: i64,
     id: String,
@@ -87,36 +101,71 @@ impl ChunkHead {
         };
         self.chunk(Some(choice), None)
     }
+
+    /// A stored answer as OpenAI streams one: the role, the text, the tool calls, the end.
+    fn replayed(&self, text: &str, tool_calls: Option<Box<RawValue>>) -> Vec<String> {
+        let role = ChunkDelta {
+            content: Some(""),
+            role: Some("assistant"),
+            ..ChunkDelta::default()
+        };
+        let mut chunks = vec![self.delta(role, None)];
+        if !text.is_empty() {
+            let content = ChunkDelta {
+                content: Some(text),
+                ..ChunkDelta::default()
+            };
+            chunks.push(self.delta(content, None));
+        }
+        let calls: Option<Vec<serde_json::Map<String, serde_json::Value>>> = tool_calls
+            .as_ref()
+            .and_then(|calls| serde_json::from_str(calls.get()).ok());
+        if let Some(calls) = &calls {
+            let delta = ChunkDelta {
+                tool_calls: Some(
+                    calls
+                        .iter()
+                        .enumerate()
+                        .map(|(index, call)| IndexedCall { index, call })
+                        .collect(),
+                ),
+                ..ChunkDelta::default()
+            };
+            chunks.push(self.delta(delta, None));
+        }
+        let end = finish_reason(calls.is_some());
+        chunks.push(self.delta(ChunkDelta::default(), Some(end)));
+        chunks
+    }
 }
 
-/// `chat.completion.chunk` events as OpenAI sends them: the role first, the content as it
-/// comes, a last chunk with `finish_reason`, the usage chunk when asked for, `[DONE]`; a
+/// `chat.completion.chunk` events: the model's, relayed as they come, with `model` the
+/// name the client asked for and the usage chunk only when it asked for it; `[DONE]` once
+/// the chat is settled. A replayed answer is written whole, as OpenAI would stream it. A
 /// failure after the start is an `{"error": ...}` event.
 pub(super) fn chunk_stream(started: StreamedChat, model: String, include_usage: bool) -> Response {
     let chat = started.into_events();
-    let replayed = chat.replayed.then_some([(IDEMPOTENT_REPLAYED, "true")]);
+    let replayed = chat.replayed;
+    let replayed_header = replayed.then_some([(IDEMPOTENT_REPLAYED, "true")]);
     let head = ChunkHead {
         created: unix_now(),
         id: completion_id(chat.chat_id),
         model,
     };
-    let role = ChunkDelta {
-        content: Some(""),
-        role: Some("assistant"),
-    };
-    let first = head.delta(role, None);
-    let events = stream::once(async move { vec![first] })
-        .chain(chat.events.map(move |event| match event {
-            StreamEvent::Text(content) => {
-                let delta = ChunkDelta {
-                    content: Some(&content),
-                    role: None,
-                };
-                vec![head.delta(delta, None)]
+    let events = chat
+        .events
+        .map(move |event| match event {
+            StreamEvent::Chunk(chunk) if chunk.data.is_empty() => Vec::new(),
+            StreamEvent::Chunk(chunk) => relay(chunk.data, &head.model, include_usage)
+                .into_iter()
+                .collect(),
+            StreamEvent::Replayed { text, tool_calls } => {
+                head.replayed(&text, stored_tool_calls(tool_calls))
             }
             StreamEvent::Done { usage, .. } => {
-                let mut last = vec![head.delta(ChunkDelta::default(), Some("stop"))];
-                if include_usage {
+                let mut last = Vec::new();
+                // A live stream relayed the model's own usage chunk.
+                if replayed && include_usage {
                     last.push(head.chunk(None, Some(usage.into())));
                 }
                 last.push("[DONE]".to_string());
@@ -127,8 +176,8 @@ pub(super) fn chunk_stream(started: StreamedChat, model: String, include_usage: 
                 let error = openai_error(&envelope.error, envelope.code, envelope.field, 500);
                 vec![event_data(&error)]
             }
-        }))
+        })
         .flat_map(stream::iter)
         .map(|data| Ok::<_, Infallible>(Event::default().data(data)));
-    (replayed, Sse::new(events).keep_alive(keep_alive())).into_response()
+    (replayed_header, Sse::new(events).keep_alive(keep_alive())).into_response()
 }

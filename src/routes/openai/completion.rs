@@ -1,12 +1,15 @@
-//! The answer of `POST /v1/chat/completions`, whole; its usage and id are the streamed
-//! chunks' too.
+//! The answer of `POST /v1/chat/completions` that tokenchat writes itself: a replayed
+//! answer (a repeated `Idempotency-Key`), whole, from what the chat stored; its usage and
+//! id are a replayed stream's chunks' too. A live answer is the model's own (see
+//! [`super::relay`]).
 
 use serde::Serialize;
+use serde_json::value::RawValue;
 use utoipa::ToSchema;
 
 use crate::{clock::unix_now, llm::Usage};
 
-/// OpenAI's chat completion (`object: chat.completion`).
+/// OpenAI's chat completion (`object: chat.completion`), as the model gave it but `model`.
 #[derive(Serialize, ToSchema)]
 pub struct Completion {
     #[schema(value_type = Vec<Object>)]
@@ -20,23 +23,38 @@ pub struct Completion {
 }
 
 impl Completion {
-    /// The answer of chat `chat_id` to a request for `model`.
-    pub(super) fn new(chat_id: i64, model: String, content: String, usage: Option<Usage>) -> Self {
+    /// The stored answer of chat `chat_id` to a request for `model`.
+    pub(super) fn replayed(
+        chat_id: i64,
+        model: String,
+        content: String,
+        tool_calls: Option<Box<RawValue>>,
+    ) -> Self {
         Self {
             choices: [Choice {
-                finish_reason: "stop",
+                finish_reason: finish_reason(tool_calls.is_some()),
                 index: 0,
                 message: AssistantMessage {
-                    content,
+                    content: (!content.is_empty() || tool_calls.is_none()).then_some(content),
                     role: "assistant",
+                    tool_calls,
                 },
             }],
             created: unix_now(),
             id: completion_id(chat_id),
             model,
             object: "chat.completion",
-            usage: usage.into(),
+            usage: None.into(),
         }
+    }
+}
+
+/// Why a replayed answer ended: its tool calls, or its end.
+pub(super) fn finish_reason(tool_calls: bool) -> &'static str {
+    if tool_calls {
+        "tool_calls"
+    } else {
+        "stop"
     }
 }
 
@@ -49,8 +67,10 @@ struct Choice {
 
 #[derive(Serialize)]
 struct AssistantMessage {
-    content: String,
+    content: Option<String>,
     role: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool_calls: Option<Box<RawValue>>,
 }
 
 /// OpenAI's usage object, zeros when the model reported none (the SDKs expect numbers).
@@ -77,4 +97,9 @@ impl From<Option<Usage>> for CompletionUsage {
 
 pub(super) fn completion_id(chat_id: i64) -> String {
     format!("chatcmpl-{chat_id}")
+}
+
+/// A stored chat's tool calls, as the JSON they were stored as.
+pub(super) fn stored_tool_calls(tool_calls: Option<String>) -> Option<Box<RawValue>> {
+    tool_calls.and_then(|calls| RawValue::from_string(calls).ok())
 }

@@ -1,15 +1,21 @@
-//! OpenAI's error object, which the `/v1` routes answer every error in, and the middleware
-//! that puts the contract's envelope into it.
+//! OpenAI's error object, which the `/v1` routes answer every error in: the middleware that
+//! puts the contract's envelope into it, a request the model rejected passed on in the
+//! model's own words, and an unknown `/v1` route.
 
 use axum::{
     body::{to_bytes, Body},
-    http::{header, HeaderValue},
+    http::{header, HeaderValue, Method, StatusCode, Uri},
     response::{IntoResponse, Response},
+    Json,
 };
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::routes::error::error_responses;
+use crate::{
+    llm::{LlmError, Rejection},
+    routes::error::{error_responses, ApiError},
+    services::ServiceError,
+};
 
 /// OpenAI's error object, which the `/v1` routes answer errors in.
 #[derive(Serialize, ToSchema)]
@@ -20,11 +26,11 @@ pub struct OpenAiError<'a> {
 
 #[derive(Serialize)]
 struct OpenAiErrorDetail<'a> {
-    code: &'a str,
+    code: Option<&'a str>,
     message: &'a str,
     param: Option<&'a str>,
     #[serde(rename = "type")]
-    kind: &'static str,
+    kind: &'a str,
 }
 
 error_responses! { OpenAiError =>
@@ -47,13 +53,23 @@ pub async fn openai_errors(response: Response) -> Response {
     let Ok(bytes) = to_bytes(body, 64 * 1024).await else {
         return (parts.status, parts.headers, Body::empty()).into_response();
     };
-    let envelope: Received = serde_json::from_slice(&bytes).unwrap_or_default();
-    let error = openai_error(
-        envelope.error.as_deref().unwrap_or("the request failed"),
-        envelope.code.as_deref().unwrap_or("internal"),
-        envelope.field.as_deref(),
-        status.as_u16(),
-    );
+    let json: Option<serde_json::Value> = serde_json::from_slice(&bytes).ok();
+    if json.as_ref().is_some_and(|json| json["error"].is_object()) {
+        // Already OpenAI's object (a rejection in the model's words): as it is.
+        return Response::from_parts(parts, Body::from(bytes));
+    }
+    let envelope: Received = json
+        .and_then(|json| serde_json::from_value(json).ok())
+        .unwrap_or_default();
+    let (message, code) = match (envelope.error, envelope.code) {
+        (Some(message), Some(code)) => (message, code),
+        // A bare status from a layer (axum's 405): the error that stands for it.
+        _ => {
+            let bare = ApiError::from_status(status).envelope();
+            (bare.error, bare.code.to_string())
+        }
+    };
+    let error = openai_error(&message, &code, envelope.field.as_deref(), status.as_u16());
     let body = serde_json::to_string(&error).expect("an error object serialises");
     parts.headers.remove(header::CONTENT_LENGTH);
     parts.headers.insert(
@@ -64,13 +80,50 @@ pub async fn openai_errors(response: Response) -> Response {
 }
 
 /// What [`openai_errors`] reads of an error answer: the contract's envelope, or nothing of
-/// it from a body that is not one.
+/// it from a body that is not one; not OpenAI's object, whose `error` is no string.
 #[derive(Default, Deserialize)]
 #[serde(default)]
 struct Received {
     code: Option<String>,
     error: Option<String>,
     field: Option<String>,
+}
+
+/// How a `/v1` route answers a failed chat or embeddings call: a request the model
+/// rejected as invalid, with the model's status and its error object's words (the
+/// client's fault, refunded); anything else as the contract's error, which
+/// [`openai_errors`] puts in OpenAI's object.
+pub(super) fn v1_error(err: ServiceError) -> Response {
+    match err {
+        ServiceError::Model(LlmError::Rejected(rejection)) => rejected(&rejection),
+        other => ApiError::from(other).into_response(),
+    }
+}
+
+/// The model's rejection, as the model put it.
+fn rejected(rejection: &Rejection) -> Response {
+    let status = StatusCode::from_u16(rejection.status).unwrap_or(StatusCode::BAD_REQUEST);
+    let error = OpenAiError {
+        error: OpenAiErrorDetail {
+            code: rejection.code.as_deref(),
+            message: &rejection.message,
+            param: rejection.param.as_deref(),
+            kind: rejection.kind.as_deref().unwrap_or("invalid_request_error"),
+        },
+    };
+    (status, Json(error)).into_response()
+}
+
+/// An unknown route under `/v1` (`/v1/responses`, say), as OpenAI answers one: a 404 in its
+/// error object, so an SDK shows why.
+pub async fn unknown_route(method: Method, uri: Uri) -> Response {
+    let message = format!(
+        "Invalid URL ({method} {}): this server serves /v1/chat/completions, \
+         /v1/embeddings and /v1/models",
+        uri.path()
+    );
+    let error = openai_error(&message, "not_found", None, 404);
+    (StatusCode::NOT_FOUND, Json(error)).into_response()
 }
 
 /// `{"error": {"message", "type", "param", "code"}}` for the contract's envelope, typed as
@@ -95,7 +148,7 @@ pub(super) fn openai_error<'a>(
     };
     OpenAiError {
         error: OpenAiErrorDetail {
-            code,
+            code: Some(code),
             message,
             param: field,
             kind,

@@ -1,33 +1,37 @@
-//! The OpenAI-compatible routes: `POST /v1/chat/completions` and `GET /v1/models`, metered
-//! exactly like `/chat`, and answering errors with OpenAI's error object.
+//! The OpenAI-compatible routes: `POST /v1/chat/completions`, `POST /v1/embeddings` and
+//! `GET /v1/models`, metered like `/chat`, passing each request to the model as the client
+//! sent it and the answer back as the model gave it, and answering errors with OpenAI's
+//! error object.
 
 mod chunks;
 mod completion;
 mod errors;
+mod relay;
 mod request;
 
 use axum::{
     extract::State,
+    http::{header, HeaderValue},
     response::{IntoResponse, Response},
     Extension, Json,
 };
 use serde::Serialize;
 use utoipa::ToSchema;
 
-pub use self::errors::{openai_errors, OpenAiError};
+pub use self::errors::{openai_errors, unknown_route, OpenAiError};
 use self::{
     chunks::chunk_stream,
-    completion::Completion,
-    errors::OpenAiUnauthorised,
-    request::{parse, CompletionRequest},
+    completion::{stored_tool_calls, Completion},
+    errors::{v1_error, OpenAiUnauthorised},
+    relay::relay,
+    request::{CompletionRequest, EmbeddingRequest},
 };
 use super::{
     chat::IDEMPOTENT_REPLAYED,
     error::ApiError,
-    extract::{AuthUser, IdempotencyKey, Payload, TokensRemaining},
+    extract::{AuthUser, IdempotencyKey, RawJson, TokensRemaining},
 };
 use crate::{
-    domain::Message,
     services::chat::{self, Question},
     state::AppState,
 };
@@ -87,15 +91,19 @@ pub async fn models(State(state): State<AppState>, _user: AuthUser) -> Json<Mode
     responses(
         (
             status = 200,
-            description = "A chat.completion (or, streamed, chat.completion.chunk events and [DONE])",
+            description = "The model's chat.completion (or, streamed, its chat.completion.chunk \
+                           events, then [DONE]) as it gave it, `model` the name asked for",
             body = Completion
         ),
-        (status = 400, description = "invalid_request_error", body = OpenAiError),
+        (status = 400, description = "invalid_request_error: ours, or the model's own", body = OpenAiError),
         OpenAiUnauthorised,
         (status = 402, description = "insufficient_quota", body = OpenAiError),
-        (status = 404, description = "model_not_found", body = OpenAiError),
+        (status = 404, description = "model_not_found (or the model's own 404)", body = OpenAiError),
+        (status = 413, description = "request_too_large (or the model's own 413)", body = OpenAiError),
+        (status = 422, description = "idempotency_key_reused (or the model's own 422)", body = OpenAiError),
         (status = 429, description = "rate_limit_exceeded", body = OpenAiError),
         (status = 502, description = "upstream_error", body = OpenAiError),
+        (status = 503, description = "upstream_busy, with Retry-After", body = OpenAiError),
         (status = 504, description = "upstream_timeout", body = OpenAiError),
     )
 )]
@@ -103,34 +111,103 @@ pub async fn chat_completions(
     State(state): State<AppState>,
     user: AuthUser,
     IdempotencyKey(idempotency_key): IdempotencyKey,
-    Payload(request): Payload<CompletionRequest>,
+    body: RawJson,
 ) -> Result<Response, ApiError> {
-    let request = parse(&state, request)?;
-    // The stored chat is the last user message and the answer, by the same rules as /chat.
-    let message = Message::parse(request.last_user_message, state.config.max_message_chars)
-        .map_err(|mut err| {
-            err.field = "messages";
-            err
-        })?;
-    let model = request.prompt.model.clone();
+    let request = request::completion(&state, body)?;
+    let (model, stream, include_usage) = (
+        request.forwarded.model.clone(),
+        request.forwarded.stream,
+        request.forwarded.include_usage,
+    );
     let question = Question {
-        message,
+        message: request.message,
         conversation_id: None,
         idempotency_key,
-        client_prompt: Some(request.prompt),
+        forwarded: Some(request.forwarded),
     };
-    if request.stream {
-        let started = chat::chat_streamed(&state.chats, user.id, question).await?;
-        return Ok(chunk_stream(started, model, request.include_usage));
+    if stream {
+        return match chat::chat_streamed(&state.chats, user.id, question).await {
+            Ok(started) => Ok(chunk_stream(started, model, include_usage)),
+            Err(err) => Ok(v1_error(err)),
+        };
     }
-    let answer = chat::chat(&state.chats, user.id, question).await?;
-    let body = Json(Completion::new(
-        answer.chat_id,
-        model,
-        answer.response,
-        answer.usage,
-    ));
+    let answer = match chat::chat(&state.chats, user.id, question).await {
+        Ok(answer) => answer,
+        Err(err) => return Ok(v1_error(err)),
+    };
+    let body = match answer.body {
+        // The model's own answer, `model` as asked.
+        Some(body) => json_answer(body, &model),
+        None => {
+            let tool_calls = stored_tool_calls(answer.tool_calls);
+            let replayed = Completion::replayed(answer.chat_id, model, answer.response, tool_calls);
+            Json(replayed).into_response()
+        }
+    };
     let fresh_balance = (!answer.replayed).then_some(TokensRemaining(answer.balance));
     let replayed = answer.replayed.then_some([(IDEMPOTENT_REPLAYED, "true")]);
     Ok((fresh_balance.map(Extension), replayed, body).into_response())
+}
+
+#[utoipa::path(
+    post,
+    path = "/v1/embeddings",
+    tag = "openai",
+    security(("bearer" = []), ("token" = [])),
+    request_body(content = EmbeddingRequest, content_type = "application/json"),
+    responses(
+        (
+            status = 200,
+            description = "The model's embeddings list as it gave it, `model` the name asked for; \
+                           EMBEDDING_COST tokens charged",
+            body = Object
+        ),
+        (status = 400, description = "invalid_request_error: ours, or the model's own", body = OpenAiError),
+        OpenAiUnauthorised,
+        (status = 402, description = "insufficient_quota", body = OpenAiError),
+        (status = 404, description = "model_not_found (or the model's own 404)", body = OpenAiError),
+        (status = 429, description = "rate_limit_exceeded", body = OpenAiError),
+        (status = 502, description = "upstream_error", body = OpenAiError),
+        (status = 503, description = "upstream_busy, with Retry-After", body = OpenAiError),
+        (status = 504, description = "upstream_timeout", body = OpenAiError),
+    )
+)]
+pub async fn embeddings(
+    State(state): State<AppState>,
+    user: AuthUser,
+    IdempotencyKey(idempotency_key): IdempotencyKey,
+    body: RawJson,
+) -> Result<Response, ApiError> {
+    // Refused rather than ignored: a retry would be charged again.
+    if idempotency_key.is_some() {
+        return Err(ApiError::invalid_input(
+            "Idempotency-Key",
+            "Idempotency-Key is not supported on /v1/embeddings",
+        ));
+    }
+    let request = request::embeddings(&state, body)?;
+    let model = request.model.clone();
+    let embedded = match chat::embed(&state.chats, user.id, request).await {
+        Ok(embedded) => embedded,
+        Err(err) => return Ok(v1_error(err)),
+    };
+    let body = json_answer(embedded.body, &model);
+    Ok((Extension(TokensRemaining(embedded.balance)), body).into_response())
+}
+
+/// The model's JSON answer, `model` set to the name the client asked for.
+fn json_answer(body: axum::body::Bytes, model: &str) -> Response {
+    let text = match String::from_utf8(body.to_vec()) {
+        Ok(text) => text,
+        Err(_) => return ApiError::Upstream("its answer was not UTF-8".into()).into_response(),
+    };
+    let body = relay(text, model, true).unwrap_or_default();
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        body,
+    )
+        .into_response()
 }

@@ -1,215 +1,289 @@
-//! What `POST /v1/chat/completions` reads: OpenAI's request, taken as any JSON object and
-//! checked field by field, so that each problem names its field.
+//! What the `/v1` routes read of OpenAI's requests: only the fields tokenchat owns or needs
+//! (`model`, `stream`, `stream_options`, the roles of `messages` and the last user message's
+//! text), each checked so that a problem names its field; every other field is passed on
+//! as the raw JSON the client sent (see [`Forwarded`]).
+
+use std::borrow::Cow;
 
 use serde::Deserialize;
-use serde_json::{Map, Value};
+use serde_json::value::RawValue;
 use utoipa::ToSchema;
 
-use crate::{llm::Role, routes::error::ApiError, services::chat::ClientPrompt, state::AppState};
+use crate::{
+    domain::Message,
+    llm::{
+        raw::{Element, Field, Fields, NotAnObject},
+        Forwarded,
+    },
+    routes::{error::ApiError, extract::RawJson},
+    state::AppState,
+};
 
-/// The sampling fields passed upstream as the client gave them.
-const PASSED_THROUGH: [&str; 9] = [
-    "temperature",
-    "top_p",
-    "max_tokens",
-    "max_completion_tokens",
-    "stop",
-    "seed",
-    "presence_penalty",
-    "frequency_penalty",
-    "user",
-];
-
-/// Fields of OpenAI's request this gateway does not serve: refused rather than ignored,
-/// since a client that sends them expects what they do.
-const REFUSED: [&str; 5] = [
-    "tools",
-    "tool_choice",
-    "functions",
-    "function_call",
-    "audio",
-];
-
-/// OpenAI's chat completion request; sampling fields (temperature, top_p, max_tokens,
-/// stop, seed, ...) pass through to the model.
-// Read as any JSON object, each field then checked by [`parse`], so that a field of the
-// wrong type is a 400 `invalid_input` naming it, not a bare `invalid_json`.
-#[derive(Deserialize, ToSchema)]
-#[serde(from = "Map<String, Value>")]
+/// OpenAI's chat completion request. Every field is passed to the model as sent (`tools`,
+/// `tool_choice`, `response_format`, `n`, `logprobs`, ...); tokenchat sets `model` to the
+/// upstream's name, always asks a stream for its usage, and puts `LLM_SYSTEM_PROMPT` first
+/// when `messages` holds no system or developer message.
+// Documents the request only: the route reads its body as raw JSON (see [`completion`]).
+#[derive(ToSchema)]
+#[allow(dead_code)]
 pub struct CompletionRequest {
     /// One of GET /v1/models.
-    #[schema(value_type = String)]
-    model: Option<Value>,
-    // `None` when absent or not an array.
-    #[schema(value_type = Vec<CompletionMessage>)]
-    messages: Option<Vec<CompletionMessage>>,
+    model: String,
+    /// Roles system, developer, user, assistant (with tool_calls), tool or function; content
+    /// a string or an array of parts (text, image_url, input_audio, file).
+    #[schema(value_type = Vec<Object>)]
+    messages: Vec<()>,
     /// true: chat.completion.chunk events, then `[DONE]`.
-    #[schema(value_type = Option<bool>)]
-    stream: Option<Value>,
+    stream: Option<bool>,
+    /// `include_usage`: the last chunk holds the usage.
     #[schema(value_type = Option<Object>)]
-    stream_options: Option<Value>,
-    // Every other field: refused, passed through or ignored.
-    #[schema(ignore)]
-    other: Map<String, Value>,
+    stream_options: Option<()>,
+    #[schema(value_type = Option<Vec<Object>>)]
+    tools: Option<()>,
+    #[schema(value_type = Option<Object>)]
+    response_format: Option<()>,
+    n: Option<u32>,
 }
 
-impl From<Map<String, Value>> for CompletionRequest {
-    fn from(mut body: Map<String, Value>) -> Self {
-        let messages = match body.remove("messages") {
-            Some(Value::Array(messages)) => {
-                Some(messages.into_iter().map(CompletionMessage::from).collect())
-            }
-            _ => None,
-        };
-        Self {
-            model: body.remove("model"),
-            messages,
-            stream: body.remove("stream"),
-            stream_options: body.remove("stream_options"),
-            other: body,
-        }
-    }
-}
-
-// One message of the conversation, read like the request: whatever its fields hold.
+/// OpenAI's embeddings request, passed to the model as sent but `model`.
 #[derive(ToSchema)]
-pub struct CompletionMessage {
-    /// system, user or assistant
-    #[schema(value_type = String)]
-    role: Value,
-    #[schema(value_type = String)]
-    content: Value,
+#[allow(dead_code)]
+pub struct EmbeddingRequest {
+    /// One of GET /v1/models.
+    model: String,
+    /// A string, or an array of strings or of token arrays.
+    #[schema(value_type = Object)]
+    input: (),
+    encoding_format: Option<String>,
+    dimensions: Option<u32>,
 }
 
-impl From<Value> for CompletionMessage {
-    fn from(mut message: Value) -> Self {
-        let mut take = |field| message.get_mut(field).map(Value::take).unwrap_or_default();
-        Self {
-            role: take("role"),
-            content: take("content"),
-        }
-    }
-}
-
-/// A chat completion request as checked, field by field so that each problem names its
-/// field.
+/// A chat completion request as checked: what goes upstream, and the last user message's
+/// text as the chat stores it.
 pub(super) struct Checked {
-    pub prompt: ClientPrompt,
-    pub last_user_message: String,
-    pub stream: bool,
-    pub include_usage: bool,
+    pub forwarded: Forwarded,
+    pub message: Message,
 }
+
+/// The roles OpenAI's protocol has; tokenchat needs to know them to find the user's
+/// message and whether the client sent its own system message.
+const ROLES: [&str; 6] = [
+    "system",
+    "developer",
+    "user",
+    "assistant",
+    "tool",
+    "function",
+];
 
 fn invalid(field: &'static str, message: impl Into<String>) -> ApiError {
     ApiError::invalid_input(field, message)
 }
 
-pub(super) fn parse(state: &AppState, request: CompletionRequest) -> Result<Checked, ApiError> {
-    let CompletionRequest {
-        model,
-        messages,
-        stream,
-        stream_options,
-        other,
-    } = request;
-    let model = match model {
-        Some(Value::String(model)) => model,
-        _ => {
-            return Err(invalid(
-                "model",
-                "model must be a string naming a served model",
-            ))
+/// A request body's top-level fields, `expanded` read as an array of objects in the same
+/// pass (one scan of the body, however big).
+fn fields<'a>(raw: &'a RawJson, expanded: Option<&str>) -> Result<Fields<'a>, ApiError> {
+    let text = std::str::from_utf8(&raw.body)
+        .map_err(|_| ApiError::InvalidJson("the request body is not UTF-8".into()))?;
+    Fields::parse_expanding(text, expanded).map_err(|err| match err {
+        NotAnObject::Json(err) => {
+            ApiError::InvalidJson(format!("the request body is not valid JSON: {err}"))
         }
-    };
-    if let Some(field) = REFUSED.iter().find(|field| other.contains_key(**field)) {
-        return Err(invalid(
-            field,
-            format!("{field} is not supported by this gateway"),
-        ));
-    }
-    match other.get("n") {
-        None | Some(Value::Null) => {}
-        Some(n) if n.as_u64() == Some(1) => {}
-        Some(_) => return Err(invalid("n", "only n = 1 is supported")),
-    }
-    let stream = match stream {
-        None | Some(Value::Null) => false,
-        Some(Value::Bool(stream)) => stream,
-        Some(_) => return Err(invalid("stream", "stream must be true or false")),
-    };
-    let include_usage = stream_options
-        .as_ref()
-        .and_then(|options| options.get("include_usage"))
-        .and_then(Value::as_bool)
-        .unwrap_or(false);
-    let Some(raw_messages) = messages else {
-        return Err(invalid("messages", "messages must be an array of messages"));
-    };
-    if raw_messages.is_empty() {
-        return Err(invalid("messages", "messages must not be empty"));
-    }
-    let mut messages = Vec::with_capacity(raw_messages.len());
-    let mut total_chars = 0;
-    for message in raw_messages {
-        let role =
-            message.role.as_str().and_then(Role::parse).ok_or_else(|| {
-                invalid("messages", "each role must be system, user or assistant")
-            })?;
-        let content = content_text(message.content)?;
-        total_chars += content.chars().count();
-        messages.push((role, content));
-    }
-    let Some((_, last_user_message)) = messages.iter().rev().find(|(role, _)| *role == Role::User)
-    else {
-        return Err(invalid("messages", "messages must hold a user message"));
-    };
-    // The whole conversation is bounded like one message and its context together.
-    let most = state.config.max_message_chars + state.config.context_max_chars;
-    if total_chars > most {
-        return Err(invalid(
-            "messages",
-            format!("messages must be at most {most} characters in all"),
-        ));
-    }
-    if !state.llm.serves(&model) {
-        return Err(ApiError::ModelNotFound(model));
-    }
-    let last_user_message = last_user_message.clone();
-    let extra: Map<String, Value> = other
-        .into_iter()
-        .filter(|(field, _)| PASSED_THROUGH.contains(&field.as_str()))
-        .collect();
-    Ok(Checked {
-        prompt: ClientPrompt {
-            messages,
-            model,
-            extra,
-        },
-        last_user_message,
-        stream,
-        include_usage,
+        duplicate @ NotAnObject::Duplicate(_) => ApiError::InvalidJson(duplicate.to_string()),
     })
 }
 
-/// A message's `content`: a string, or an array of text parts joined.
-fn content_text(content: Value) -> Result<String, ApiError> {
-    match content {
-        Value::String(text) => Ok(text),
-        Value::Array(parts) => parts
-            .iter()
-            .map(
-                |part| match (part["type"].as_str(), part["text"].as_str()) {
-                    (Some("text"), Some(text)) => Ok(text),
-                    _ => Err(invalid(
-                        "messages",
-                        "only text content parts are supported (no images or audio)",
-                    )),
-                },
-            )
-            .collect(),
-        _ => Err(invalid(
+/// The served model a request names.
+fn model(state: &AppState, fields: &Fields<'_>) -> Result<String, ApiError> {
+    let model = fields
+        .get("model")
+        .and_then(|raw| serde_json::from_str::<String>(raw.get()).ok())
+        .ok_or_else(|| invalid("model", "model must be a string naming a served model"))?;
+    if !state.llm.serves(&model) {
+        return Err(ApiError::ModelNotFound(model));
+    }
+    Ok(model)
+}
+
+/// `true`, `false`, `null` or absent.
+fn flag(fields: &Fields<'_>, name: &'static str) -> Result<bool, ApiError> {
+    match fields.get(name).map(RawValue::get) {
+        None | Some("null") => Ok(false),
+        Some(raw) => serde_json::from_str(raw)
+            .map_err(|_| invalid(name, format!("{name} must be true or false"))),
+    }
+}
+
+pub(super) fn completion(state: &AppState, raw: RawJson) -> Result<Checked, ApiError> {
+    let fields = fields(&raw, Some("messages"))?;
+    let model = model(state, &fields)?;
+    let stream = flag(&fields, "stream")?;
+    match fields.get("stream_options").map(RawValue::get) {
+        None | Some("null") => {}
+        Some(options) => {
+            // Read only to check the type of what tokenchat reads of it.
+            #[derive(Deserialize)]
+            #[allow(dead_code)]
+            struct StreamOptions {
+                include_usage: Option<bool>,
+            }
+            serde_json::from_str::<StreamOptions>(options).map_err(|_| {
+                invalid(
+                    "stream_options",
+                    "stream_options must be an object whose include_usage is true or false",
+                )
+            })?;
+        }
+    }
+    let Some(Field::Array(messages)) = fields.field("messages") else {
+        return Err(invalid("messages", "messages must be an array of messages"));
+    };
+    if messages.is_empty() {
+        return Err(invalid("messages", "messages must not be empty"));
+    }
+    let mut has_system = false;
+    let mut last_user = None;
+    for message in messages {
+        let Element::Object(message) = message else {
+            return Err(invalid(
+                "messages",
+                "each message must be an object with a role",
+            ));
+        };
+        let field = |name| {
+            message
+                .iter()
+                .find(|(field, _)| field == name)
+                .map(|(_, value)| *value)
+        };
+        let role: Cow<str> = field("role")
+            .and_then(|role| serde_json::from_str(role.get()).ok())
+            .ok_or_else(|| invalid("messages", "each message must be an object with a role"))?;
+        if !ROLES.contains(&role.as_ref()) {
+            return Err(invalid(
+                "messages",
+                "each role must be system, developer, user, assistant, tool or function",
+            ));
+        }
+        has_system |= matches!(role.as_ref(), "system" | "developer");
+        if role == "user" {
+            last_user = Some(field("content"));
+        }
+    }
+    let Some(content) = last_user else {
+        return Err(invalid("messages", "messages must hold a user message"));
+    };
+    let max_chars = state.config.max_message_chars;
+    let message =
+        Message::parse(stored_text(content, max_chars)?, max_chars).map_err(|mut err| {
+            err.field = "messages";
+            err
+        })?;
+    let hold = raw.hold.clone().map(|hold| Box::new(hold) as _);
+    let forwarded = Forwarded::from_fields(&raw.body, &fields, model, stream, !has_system, hold);
+    Ok(Checked { forwarded, message })
+}
+
+pub(super) fn embeddings(state: &AppState, raw: RawJson) -> Result<Forwarded, ApiError> {
+    let fields = fields(&raw, None)?;
+    let model = model(state, &fields)?;
+    if fields.get("input").is_none() {
+        return Err(invalid("input", "input is required"));
+    }
+    let hold = raw.hold.clone().map(|hold| Box::new(hold) as _);
+    Ok(Forwarded::from_fields(
+        &raw.body, &fields, model, false, false, hold,
+    ))
+}
+
+/// One content part, read for its kind and text.
+#[derive(Deserialize)]
+struct PartView {
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    text: Option<String>,
+}
+
+/// The text a chat stores of a user message's content: a string as it is; text parts
+/// joined as they are, each other part named (`[image]`, `[audio]`, `[file]`, or its type)
+/// apart from its neighbours by a space; at most `max_chars` characters.
+fn stored_text(content: Option<&RawValue>, max_chars: usize) -> Result<String, ApiError> {
+    let not_content = || {
+        invalid(
             "messages",
-            "content must be a string or an array of text parts",
-        )),
+            "content must be a string or an array of content parts",
+        )
+    };
+    // Told apart by their first byte rather than by serde's untagged enums, which would
+    // copy the whole content (a 20 MiB image) to try each.
+    let raw = content.map_or("null", RawValue::get);
+    let mut text = match raw.as_bytes().first() {
+        Some(b'n') if raw == "null" => String::new(),
+        Some(b'"') => serde_json::from_str(raw).map_err(|_| not_content())?,
+        Some(b'[') => {
+            let parts: Vec<PartView> = serde_json::from_str(raw).map_err(|_| not_content())?;
+            let mut text = String::new();
+            let mut after_name = false;
+            for part in parts {
+                let (piece, named) = match (part.kind.as_deref(), part.text) {
+                    (Some("text"), Some(piece)) => (piece, false),
+                    (Some("image_url" | "image"), _) => ("[image]".to_string(), true),
+                    (Some("input_audio" | "audio"), _) => ("[audio]".to_string(), true),
+                    (Some("file"), _) => ("[file]".to_string(), true),
+                    (Some(kind), _) => (format!("[{kind}]"), true),
+                    (None, _) => ("[part]".to_string(), true),
+                };
+                let spaced = |text: &str| text.ends_with(char::is_whitespace);
+                if (named || after_name)
+                    && !text.is_empty()
+                    && !spaced(&text)
+                    && !piece.starts_with(char::is_whitespace)
+                {
+                    text.push(' ');
+                }
+                text.push_str(&piece);
+                after_name = named;
+            }
+            text
+        }
+        _ => return Err(not_content()),
+    };
+    if let Some((cut, _)) = text.char_indices().nth(max_chars) {
+        text.truncate(cut);
+    }
+    Ok(text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stored(content: &str) -> String {
+        let raw: Box<RawValue> = serde_json::from_str(content).unwrap();
+        stored_text(Some(&raw), 40).unwrap()
+    }
+
+    #[test]
+    fn what_is_not_text_is_named_and_text_is_kept_as_sent() {
+        assert_eq!(stored(r#""plain""#), "plain");
+        assert_eq!(
+            stored(r#"[{"type":"text","text":"hello "},{"type":"text","text":"there"}]"#),
+            "hello there"
+        );
+        assert_eq!(
+            stored(
+                r#"[{"type":"text","text":"what is"},{"type":"image_url","image_url":{"url":"data:image/png;base64,AAAA"}},{"type":"input_audio"},{"type":"file"},{"type":"text","text":"?"}]"#
+            ),
+            "what is [image] [audio] [file] ?"
+        );
+        assert_eq!(stored(r#"[{"type":"video"}]"#), "[video]");
+        assert_eq!(stored("null"), "");
+        let long = r#""a text that is longer than forty characters, cut""#;
+        assert_eq!(stored(long), "a text that is longer than forty charact");
+        assert!(stored_text(
+            Some(&serde_json::from_str::<Box<RawValue>>("5").unwrap()),
+            40
+        )
+        .is_err());
     }
 }

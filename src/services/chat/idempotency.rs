@@ -14,19 +14,11 @@ impl ChatInFlight {
     pub(super) async fn claim(&self, key: &IdempotencyKey) -> ServiceResult<Option<ChatAnswer>> {
         let db = &self.chats.db;
         // The conversation is part of the request: the same key in another is a reuse.
-        let request_hash = match (&self.client_prompt, self.conversation_id) {
-            (Some(client), _) => {
-                let messages: Vec<(&str, &str)> = client
-                    .messages
-                    .iter()
-                    .map(|(role, content)| (role.as_str(), content.as_str()))
-                    .collect();
-                // Every field sent upstream is part of the request: the same key with
-                // another `max_tokens` is a reuse, not a replay (issue 21). How the answer
-                // is delivered (`stream`, `stream_options`) is not.
-                let request = serde_json::json!([client.model, messages, client.extra]);
-                sha256_hex(request.to_string().as_bytes())
-            }
+        let request_hash = match (&self.fingerprint, self.conversation_id) {
+            // Every field sent upstream is part of the request: the same key with another
+            // `max_tokens` is a reuse, not a replay (issue 21). How the answer is delivered
+            // (`stream`, `stream_options`) is not.
+            (Some(fingerprint), _) => fingerprint.clone(),
             (None, None) => sha256_hex(self.message.as_str().as_bytes()),
             (None, Some(id)) => sha256_hex(format!("{id}\0{}", self.message.as_str()).as_bytes()),
         };
@@ -66,6 +58,8 @@ impl ChatInFlight {
             replayed: true,
             usage: None,
             conversation_id: stored.conversation_id,
+            tool_calls: stored.tool_calls,
+            body: None,
         }))
     }
 

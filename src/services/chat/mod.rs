@@ -1,8 +1,10 @@
 //! A chat, reserve-then-settle: take the price first, ask the model with no transaction
 //! open, then keep the charge for a stored answer or refund it. Optional idempotency keys
 //! make a retried chat return the first answer instead of paying twice ([`idempotency`]).
-//! A streamed chat is settled by how its stream ended ([`stream`]).
+//! A streamed chat is settled by how its stream ended ([`stream`]); an embeddings call is
+//! metered the same way ([`embeddings`]).
 
+mod embeddings;
 mod idempotency;
 mod stream;
 
@@ -11,13 +13,18 @@ use std::{sync::Arc, time::Instant};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::Instrument;
 
+pub use embeddings::{embed, Embedded};
 pub use stream::{chat_streamed, ChatEvents, StreamEvent, StreamedChat};
 
 use crate::{
     config::Config,
-    db::{self, chats::Reservation, chats::TokenUsage, Db},
+    db::{
+        self,
+        chats::{Answer, Reservation, TokenUsage},
+        Db,
+    },
     domain::{IdempotencyKey, Message},
-    llm::{Ask, LlmClient, LlmError, PromptMessage, Role, Usage},
+    llm::{Ask, Forwarded, LlmClient, LlmError, PromptMessage, Usage},
     services::{
         conversations::{self, Turn},
         recovery,
@@ -40,6 +47,10 @@ pub struct ChatAnswer {
     pub usage: Option<Usage>,
     /// `None` only for a replayed chat whose conversation was deleted since.
     pub conversation_id: Option<i64>,
+    /// The first choice's tool calls, the JSON array the model gave.
+    pub tool_calls: Option<String>,
+    /// The answer as the model sent it, for a client of `/v1`; `None` when replayed.
+    pub body: Option<axum::body::Bytes>,
 }
 
 /// What a client asks: a message, in one of its conversations or a new one, with an
@@ -49,19 +60,9 @@ pub struct Question {
     /// `None`: a new conversation, titled with the message.
     pub conversation_id: Option<i64>,
     pub idempotency_key: Option<IdempotencyKey>,
-    /// The whole conversation as an OpenAI client sends it (`message` is its last user
-    /// message): sent upstream as given, instead of a stored conversation's turns.
-    pub client_prompt: Option<ClientPrompt>,
-}
-
-/// What a client of the OpenAI-compatible route asks the model, as it sent it.
-#[derive(Debug, Clone)]
-pub struct ClientPrompt {
-    pub messages: Vec<(Role, String)>,
-    /// One of the served models.
-    pub model: String,
-    /// Sampling fields, passed upstream as given.
-    pub extra: serde_json::Map<String, serde_json::Value>,
+    /// The request of an OpenAI client (`message` is its last user message's text): sent
+    /// upstream as given, instead of a stored conversation's turns.
+    pub forwarded: Option<Forwarded>,
 }
 
 /// Answers one chat for `user_id`, charging `CHAT_COST` only when the answer is stored.
@@ -129,7 +130,11 @@ struct ChatInFlight {
     message: Message,
     conversation_id: Option<i64>,
     idempotency_key: Option<IdempotencyKey>,
-    client_prompt: Option<ClientPrompt>,
+    /// An OpenAI client's request, until it is sent.
+    forwarded: Option<Forwarded>,
+    /// What makes the request the same for an idempotency key, when it is an OpenAI
+    /// client's (see [`Forwarded::fingerprint`]).
+    fingerprint: Option<String>,
     client_gone: CancellationToken,
     /// Answered as a stream, which may take `LLM_STREAM_MAX_SECS` rather than
     /// `LLM_TIMEOUT_SECS`.
@@ -163,39 +168,47 @@ impl ChatInFlight {
             user_id,
             message: question.message,
             conversation_id: question.conversation_id,
+            fingerprint: question
+                .forwarded
+                .as_ref()
+                .filter(|_| question.idempotency_key.is_some())
+                .map(Forwarded::fingerprint),
             idempotency_key: question.idempotency_key,
-            client_prompt: question.client_prompt,
+            forwarded: question.forwarded,
             client_gone: client_gone.clone(),
             streamed,
         };
         (request, client_gone)
     }
 
-    async fn run(self) -> ServiceResult<ChatAnswer> {
+    async fn run(mut self) -> ServiceResult<ChatAnswer> {
         let _in_flight = self.chats.metrics.chat_begun();
         match self.begin().await? {
-            Begun::Reserved(reserved) => self.answer_and_settle(reserved).await,
+            Begun::Reserved(reserved) => {
+                let forwarded = self.forwarded.take();
+                self.answer_and_settle(reserved, forwarded).await
+            }
             Begun::Replayed(earlier) => Ok(earlier),
         }
     }
 
-    /// What the model is sent: the client's own conversation, or the system prompt, the
-    /// stored conversation's earlier turns and the new message.
-    fn prompt<'a>(&'a self, earlier: &'a [Turn]) -> Vec<PromptMessage<'a>> {
-        match &self.client_prompt {
-            Some(client) => self.chats.llm.prompt_as_given(&client.messages),
-            None => self.chats.llm.prompt(earlier, self.message.as_str()),
+    /// The system prompt, the stored conversation's earlier turns and the new message; for
+    /// an OpenAI client's request, which is sent as it came, nothing.
+    fn prompt<'a>(&'a self, earlier: &'a [Turn], forwarded: bool) -> Vec<PromptMessage<'a>> {
+        if forwarded {
+            return Vec::new();
         }
+        self.chats.llm.prompt(earlier, self.message.as_str())
     }
 
-    fn ask<'a>(&'a self, prompt: &'a [PromptMessage<'a>]) -> Ask<'a> {
-        Ask {
-            messages: prompt,
-            model: self
-                .client_prompt
-                .as_ref()
-                .map(|client| client.model.as_str()),
-            extra: self.client_prompt.as_ref().map(|client| &client.extra),
+    /// What the model is asked: the OpenAI client's request as it sent it, or `prompt`.
+    fn ask<'a>(&'a self, prompt: &'a [PromptMessage<'a>], forwarded: Option<Forwarded>) -> Ask<'a> {
+        match forwarded {
+            Some(request) => Ask::Forwarded {
+                request,
+                last_user_text: self.message.as_str(),
+            },
+            None => Ask::Turns(prompt),
         }
     }
 
@@ -208,7 +221,7 @@ impl ChatInFlight {
         }
         let earlier = match self.conversation_id {
             // A client that sends its own conversation gets no stored turns.
-            _ if self.client_prompt.is_some() => Vec::new(),
+            _ if self.forwarded.is_some() => Vec::new(),
             None => Vec::new(),
             Some(id) => match conversations::context(
                 &self.chats.db,
@@ -276,11 +289,15 @@ impl ChatInFlight {
         }))
     }
 
-    async fn answer_and_settle(&self, reserved: Reserved) -> ServiceResult<ChatAnswer> {
+    async fn answer_and_settle(
+        &self,
+        reserved: Reserved,
+        forwarded: Option<Forwarded>,
+    ) -> ServiceResult<ChatAnswer> {
         let chats = &self.chats;
         let chat_id = reserved.chat_id;
-        let prompt = self.prompt(&reserved.earlier);
-        let ask = self.ask(&prompt);
+        let prompt = self.prompt(&reserved.earlier, forwarded.is_some());
+        let ask = self.ask(&prompt, forwarded);
         let asked = Instant::now();
         let answer = tokio::select! {
             biased;
@@ -291,7 +308,7 @@ impl ChatInFlight {
                 self.count_failed(&ServiceError::ShuttingDown);
                 return Err(ServiceError::ShuttingDown);
             }
-            answer = chats.llm.complete(&ask) => {
+            answer = chats.llm.complete(ask) => {
                 let failure = answer.as_ref().err().map(|err| err.kind());
                 chats.metrics.upstream(false, asked.elapsed(), failure);
                 Some(answer)
@@ -303,8 +320,12 @@ impl ChatInFlight {
                     prompt_tokens: completion.usage.map(|usage| usage.prompt_tokens),
                     completion_tokens: completion.usage.map(|usage| usage.completion_tokens),
                 };
-                let settled =
-                    db::chats::settle_answered(&chats.db, chat_id, &completion.content, usage);
+                let answer = Answer {
+                    text: &completion.content,
+                    tool_calls: completion.tool_calls.as_deref(),
+                    usage,
+                };
+                let settled = db::chats::settle_answered(&chats.db, chat_id, answer);
                 match settled.await {
                     Ok(Some(balance_after)) => {
                         self.count_answered();
@@ -316,6 +337,8 @@ impl ChatInFlight {
                             replayed: false,
                             usage: completion.usage,
                             conversation_id: Some(reserved.conversation_id),
+                            tool_calls: completion.tool_calls,
+                            body: completion.body,
                         });
                     }
                     // Recovery judged it abandoned and refunded it: not stored, not charged.

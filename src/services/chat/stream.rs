@@ -13,9 +13,9 @@ use crate::{
     config::AbandonedStreamCharge,
     db::{
         self,
-        chats::{TokenUsage, Unanswered},
+        chats::{Answer, TokenUsage, Unanswered},
     },
-    llm::{AnswerStream, LlmError, Piece, Usage},
+    llm::{AnswerStream, Chunk, LlmError, ToolCalls, Usage},
     services::{ServiceError, ServiceResult},
     telemetry::{ChatOutcome, TokenMove},
 };
@@ -64,7 +64,10 @@ impl StreamedChat {
                 conversation_id: answer.conversation_id,
                 replayed: true,
                 events: futures_util::stream::iter([
-                    StreamEvent::Text(answer.response),
+                    StreamEvent::Replayed {
+                        text: answer.response,
+                        tool_calls: answer.tool_calls,
+                    },
                     StreamEvent::Done {
                         balance: answer.balance,
                         charged: answer.charged,
@@ -80,8 +83,13 @@ impl StreamedChat {
 /// What a streamed chat tells its client, in order.
 #[derive(Debug)]
 pub enum StreamEvent {
-    /// More of the answer.
-    Text(String),
+    /// A replayed answer, whole: its text and its tool calls (the JSON array).
+    Replayed {
+        text: String,
+        tool_calls: Option<String>,
+    },
+    /// The next chunk of the answer, as the model sent it and as tokenchat read it.
+    Chunk(Chunk),
     /// The whole answer is stored and charged: the balance after the charge.
     Done {
         balance: i64,
@@ -136,7 +144,7 @@ enum Ending {
 }
 
 impl ChatInFlight {
-    async fn run_streamed(self, started: oneshot::Sender<ServiceResult<StreamedChat>>) {
+    async fn run_streamed(mut self, started: oneshot::Sender<ServiceResult<StreamedChat>>) {
         let _in_flight = self.chats.metrics.chat_begun();
         let reserved = match self.begin().await {
             Ok(Begun::Reserved(reserved)) => reserved,
@@ -149,16 +157,17 @@ impl ChatInFlight {
                 return;
             }
         };
+        let forwarded = self.forwarded.take();
         let chats = &self.chats;
         let chat_id = reserved.chat_id;
-        let prompt = self.prompt(&reserved.earlier);
-        let ask = self.ask(&prompt);
+        let prompt = self.prompt(&reserved.earlier, forwarded.is_some());
+        let ask = self.ask(&prompt, forwarded);
         let asked = Instant::now();
         let upstream = tokio::select! {
             biased;
             _ = self.client_gone.cancelled() => Err(ServiceError::ClientGone),
             _ = chats.cut_short.cancelled() => Err(ServiceError::ShuttingDown),
-            upstream = chats.llm.stream(&ask) => {
+            upstream = chats.llm.stream(ask) => {
                 let upstream = upstream.map_err(ServiceError::from);
                 // A stream that begins is counted once, when it ends (`pump_and_settle`).
                 if let Err(failure) = &upstream {
@@ -199,22 +208,33 @@ impl ChatInFlight {
     ) {
         let chats = &self.chats;
         let mut answer = String::new();
+        let mut tool_calls = ToolCalls::default();
         let mut usage = None;
+        // Any of the answer sent (text, even blank, or anything else): a client that leaves
+        // after it is charged by `ABANDONED_STREAM_CHARGE`.
         let mut delivered_any = false;
+        // Something more than blanks or a role sent: text, a refusal, a tool call. A model
+        // that fails after it is charged the same way; before it, refunded (issue 21).
+        let mut delivered_substance = false;
         let ending = loop {
             tokio::select! {
                 biased;
                 _ = events.closed() => break Ending::ClientGone,
                 _ = chats.cut_short.cancelled() => break Ending::ShuttingDown,
-                piece = upstream.next() => match piece {
+                chunk = upstream.next() => match chunk {
                     None => break Ending::Finished,
-                    Some(Ok(Piece::Usage(reported))) => usage = Some(reported),
-                    Some(Ok(Piece::Text(text))) => {
-                        answer.push_str(&text);
-                        if events.send(StreamEvent::Text(text)).await.is_err() {
+                    Some(Ok(chunk)) => {
+                        answer.push_str(&chunk.text);
+                        tool_calls.add(&chunk.tool_calls);
+                        if let Some(reported) = chunk.usage {
+                            usage = Some(reported);
+                        }
+                        let (text, substantial) = (!chunk.text.is_empty(), chunk.substantial);
+                        if events.send(StreamEvent::Chunk(chunk)).await.is_err() {
                             break Ending::ClientGone;
                         }
-                        delivered_any = true;
+                        delivered_any |= text || substantial;
+                        delivered_substance |= substantial;
                     }
                     Some(Err(err)) => break Ending::ModelFailed(err),
                 },
@@ -231,16 +251,21 @@ impl ChatInFlight {
             prompt_tokens: usage.map(|usage| usage.prompt_tokens),
             completion_tokens: usage.map(|usage| usage.completion_tokens),
         };
-        let partial = (!answer.is_empty()).then_some(answer.as_str());
+        let tool_calls = tool_calls.to_json();
+        let partial = Answer {
+            text: &answer,
+            tool_calls: tool_calls.as_deref(),
+            usage: stored_usage,
+        };
         let ending = match ending {
-            Ending::Finished if answer.trim().is_empty() => {
+            Ending::Finished if !delivered_substance => {
                 Ending::ModelFailed(LlmError::Unusable("empty answer"))
             }
             other => other,
         };
         let failure = match ending {
             Ending::Finished => {
-                match db::chats::settle_answered(&chats.db, chat_id, &answer, stored_usage).await {
+                match db::chats::settle_answered(&chats.db, chat_id, partial).await {
                     Ok(Some(balance)) => {
                         let done = StreamEvent::Done {
                             balance,
@@ -263,8 +288,7 @@ impl ChatInFlight {
                 let refund = !(delivered_any && self.charges_for_delivered_text());
                 tracing::info!(chat_id, refund, "client went away mid-stream");
                 let how = Unanswered::Abandoned { refund };
-                self.settle_unanswered(chat_id, how, partial, stored_usage)
-                    .await;
+                self.settle_unanswered(chat_id, how, partial).await;
                 let cost = chats.config.chat_cost;
                 let tokens = if refund {
                     TokenMove::Refunded(cost)
@@ -277,17 +301,14 @@ impl ChatInFlight {
             // Text the client already has is paid for as an abandoned stream's would be:
             // otherwise a long answer cut by the model, or by `LLM_STREAM_MAX_SECS`, would
             // be free however much of it arrived (issue 21).
-            // Only text: an answer of white space alone is unusable, and never charged.
+            // Only text or tool calls: an answer of white space alone is unusable, and never
+            // charged.
             Ending::ModelFailed(err)
-                if delivered_any
-                    && !answer.trim().is_empty()
-                    && self.charges_for_delivered_text() =>
+                if delivered_substance && self.charges_for_delivered_text() =>
             {
                 tracing::info!(chat_id, error = %err, "the model failed after text was delivered: charged");
                 let how = Unanswered::Abandoned { refund: false };
-                let settled = self
-                    .settle_unanswered(chat_id, how, partial, stored_usage)
-                    .await;
+                let settled = self.settle_unanswered(chat_id, how, partial).await;
                 let error = ServiceError::from(err);
                 let cost = chats.config.chat_cost;
                 // Not settled here: recovery refunds it (or already did), and counts it.
@@ -301,7 +322,7 @@ impl ChatInFlight {
                 return;
             }
             Ending::ModelFailed(err) => {
-                self.settle_unanswered(chat_id, Unanswered::Failed, partial, stored_usage)
+                self.settle_unanswered(chat_id, Unanswered::Failed, partial)
                     .await;
                 err.into()
             }
@@ -310,7 +331,7 @@ impl ChatInFlight {
                     chat_id,
                     "shutdown grace is over: refunding a stream in flight"
                 );
-                self.settle_unanswered(chat_id, Unanswered::Failed, partial, stored_usage)
+                self.settle_unanswered(chat_id, Unanswered::Failed, partial)
                     .await;
                 ServiceError::ShuttingDown
             }
@@ -331,16 +352,10 @@ impl ChatInFlight {
         }
     }
 
-    /// Settles a stream that got no whole answer; `false` when it was not (recovery had
-    /// refunded it, or the write failed and recovery will).
-    async fn settle_unanswered(
-        &self,
-        chat_id: i64,
-        how: Unanswered,
-        partial: Option<&str>,
-        usage: TokenUsage,
-    ) -> bool {
-        let settled = db::chats::settle_unanswered(&self.chats.db, chat_id, how, partial, usage);
+    /// Settles a stream that got no whole answer, keeping what it got; `false` when it was
+    /// not (recovery had refunded it, or the write failed and recovery will).
+    async fn settle_unanswered(&self, chat_id: i64, how: Unanswered, partial: Answer<'_>) -> bool {
+        let settled = db::chats::settle_unanswered(&self.chats.db, chat_id, how, partial);
         match settled.await {
             Ok(settled) => settled,
             Err(err) => {

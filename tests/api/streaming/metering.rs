@@ -83,7 +83,7 @@ async fn with_no_upstream_the_demo_model_answers_whole_and_streamed_and_is_meter
     assert_eq!(whole.status, StatusCode::OK, "{whole:?}");
     let answer = whole.json["response"].as_str().unwrap();
     assert!(
-        answer.starts_with("Code for 'Hello World' in Python:"),
+        answer.starts_with("Code for 'Hello World' in python:"),
         "{answer}"
     );
     assert!(answer.contains("print(\"Hello, World!\")"), "{answer}");

@@ -1,0 +1,120 @@
+//! Queries on `embeddings` and the balance moves that go with them, as for chats: each is
+//! reserved when created (the trigger `embedding_reserves_its_cost` writes its `embedding`
+//! ledger row), then answered, keeping the charge, or failed, refunded by the trigger
+//! `failed_embedding_is_refunded`; each move one conditional statement.
+
+use std::time::Duration;
+
+use super::{db_read, db_run, unix_now, users, Db};
+use crate::llm::EmbeddingUsage;
+
+/// The outcome of trying to reserve the price of an embeddings call.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Reservation {
+    Reserved {
+        embedding_id: i64,
+    },
+    /// The balance was below the price; nothing changed.
+    Insufficient {
+        balance: i64,
+    },
+}
+
+/// Records the call as pending for `model` if the user's balance covers `cost`, which takes
+/// the cost; otherwise changes nothing. `settle_within` is how long it may stay pending
+/// before recovery judges it abandoned.
+#[tracing::instrument(level = "debug", skip_all)]
+pub async fn reserve(
+    db: &Db,
+    user_id: i64,
+    model: &str,
+    cost: i64,
+    settle_within: Duration,
+) -> Result<Reservation, sqlx::Error> {
+    let now = unix_now();
+    let deadline_at = now.saturating_add_unsigned(settle_within.as_secs());
+    let id: Result<Option<i64>, _> = db_run!(db, pool => sqlx::query_scalar(
+        "INSERT INTO embeddings (user_id, model, status, cost, created_at, deadline_at)
+         SELECT id, $2, 'pending', $3, $4, $5 FROM users WHERE id = $1 AND tokens >= $3
+         RETURNING id",
+    )
+    .bind(user_id)
+    .bind(model)
+    .bind(cost)
+    .bind(now)
+    .bind(deadline_at)
+    .fetch_optional(pool)
+    .await);
+    let id = match id {
+        Ok(id) => id,
+        // PostgreSQL: a concurrent reservation took the balance first (see chats::reserve).
+        Err(sqlx::Error::Database(err)) if err.is_check_violation() => None,
+        Err(err) => return Err(err),
+    };
+    Ok(match id {
+        Some(embedding_id) => Reservation::Reserved { embedding_id },
+        None => Reservation::Insufficient {
+            balance: users::balance(db, user_id).await?,
+        },
+    })
+}
+
+/// Marks a pending call answered with the usage the model reported, keeping its
+/// reservation as the charge. Returns the balance its reservation left, or `None` if it was
+/// no longer pending (recovery refunded it first).
+#[tracing::instrument(level = "debug", skip_all)]
+pub async fn settle_answered(
+    db: &Db,
+    embedding_id: i64,
+    usage: Option<EmbeddingUsage>,
+) -> Result<Option<i64>, sqlx::Error> {
+    db_run!(db, pool => sqlx::query_scalar(
+        "UPDATE embeddings SET status = 'answered', finished_at = $2, prompt_tokens = $3,
+                               total_tokens = $4
+         WHERE id = $1 AND status = 'pending'
+         RETURNING (SELECT balance_after FROM ledger
+                    WHERE ledger.embedding_id = embeddings.id AND reason = 'embedding')",
+    )
+    .bind(embedding_id)
+    .bind(unix_now())
+    .bind(usage.map(|usage| usage.prompt_tokens))
+    .bind(usage.map(|usage| usage.total_tokens))
+    .fetch_optional(pool)
+    .await)
+}
+
+/// Marks a pending call failed, which refunds its reservation; `false`, changing nothing,
+/// when it was not pending.
+#[tracing::instrument(level = "debug", skip_all)]
+pub async fn refund(db: &Db, embedding_id: i64) -> Result<bool, sqlx::Error> {
+    let refunded = db_run!(db, pool => sqlx::query(
+        "UPDATE embeddings SET status = 'failed', finished_at = $2
+         WHERE id = $1 AND status = 'pending'",
+    )
+    .bind(embedding_id)
+    .bind(unix_now())
+    .execute(pool)
+    .await
+    .map(|done| done.rows_affected()))?;
+    Ok(refunded == 1)
+}
+
+/// Ids above `after` of calls still pending past their deadline at `now`, in order.
+#[tracing::instrument(level = "debug", skip_all)]
+pub async fn stale_pending(
+    db: &Db,
+    now: i64,
+    after: i64,
+    limit: i64,
+) -> Result<Vec<i64>, sqlx::Error> {
+    db_read!(db, pool => sqlx::query_scalar(
+        "SELECT id FROM embeddings
+         WHERE status = 'pending' AND id > $2 AND deadline_at < $1
+         ORDER BY id LIMIT $3",
+    )
+    .bind(now)
+    .bind(after)
+    .bind(limit)
+    .fetch_all(pool)
+    .await)
+}

@@ -1,0 +1,390 @@
+//! What tokenchat reads of a model's answers, whole or streamed: the first choice's text
+//! and tool calls (what a chat stores), the usage (what it records), and whether the answer
+//! holds anything at all. Everything else is passed on as the model sent it, unread.
+
+use std::borrow::Cow;
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use super::{LlmError, Usage};
+
+/// What is read of a whole `chat.completion`.
+#[derive(Deserialize)]
+struct CompletionView<'a> {
+    #[serde(default, borrow)]
+    choices: Vec<ChoiceView<'a>>,
+    #[serde(default)]
+    usage: Option<UsageView>,
+}
+
+#[derive(Deserialize)]
+struct ChoiceView<'a> {
+    #[serde(default)]
+    index: u64,
+    #[serde(default, borrow)]
+    message: Option<MessageView<'a>>,
+}
+
+#[derive(Deserialize)]
+struct MessageView<'a> {
+    #[serde(default, borrow)]
+    content: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    refusal: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    tool_calls: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    function_call: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    audio: Option<&'a RawValue>,
+}
+
+/// Usage as servers send it, some with nulls or without a field.
+#[derive(Deserialize)]
+struct UsageView {
+    prompt_tokens: Option<i64>,
+    completion_tokens: Option<i64>,
+}
+
+impl UsageView {
+    fn read(self) -> Option<Usage> {
+        Some(Usage {
+            prompt_tokens: self.prompt_tokens?,
+            completion_tokens: self.completion_tokens.unwrap_or(0),
+        })
+    }
+}
+
+/// What a chat keeps of a whole answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Read {
+    /// The first choice's text (empty when it has none).
+    pub text: String,
+    /// The first choice's tool calls, the JSON array as the model sent it.
+    pub tool_calls: Option<String>,
+    pub usage: Option<Usage>,
+}
+
+/// Reads a whole answer; an answer none of whose choices holds text, a refusal, a tool call
+/// or audio is unusable (and refunded), as an empty answer always was.
+pub fn read_completion(body: &str) -> Result<Read, LlmError> {
+    let completion: CompletionView = serde_json::from_str(body).map_err(|err| {
+        tracing::warn!(error = %err, "model answer was not the expected JSON");
+        LlmError::Unusable("not the expected JSON")
+    })?;
+    if completion.choices.is_empty() {
+        return Err(LlmError::Unusable("no choices"));
+    }
+    let holds_anything = completion.choices.iter().any(|choice| {
+        choice.message.as_ref().is_some_and(|message| {
+            let text = |text: &Option<Cow<'_, str>>| {
+                text.as_deref().is_some_and(|text| !text.trim().is_empty())
+            };
+            text(&message.content)
+                || text(&message.refusal)
+                || present(message.tool_calls)
+                || present(message.function_call)
+                || present(message.audio)
+        })
+    });
+    if !holds_anything {
+        return Err(LlmError::Unusable("empty answer"));
+    }
+    let first = completion
+        .choices
+        .iter()
+        .find(|choice| choice.index == 0)
+        .or(completion.choices.first())
+        .and_then(|choice| choice.message.as_ref());
+    Ok(Read {
+        text: first
+            .and_then(|message| message.content.as_deref())
+            .unwrap_or_default()
+            .to_string(),
+        tool_calls: first
+            .and_then(|message| message.tool_calls)
+            .filter(|calls| present(Some(calls)))
+            .map(|calls| calls.get().to_string()),
+        usage: completion.usage.and_then(UsageView::read),
+    })
+}
+
+/// A raw value that holds something: not `null`, `[]` or `{}`.
+fn present(value: Option<&RawValue>) -> bool {
+    value.is_some_and(|value| !matches!(value.get().trim(), "null" | "[]" | "{}"))
+}
+
+/// What is read of one `chat.completion.chunk`.
+#[derive(Deserialize)]
+struct ChunkView<'a> {
+    #[serde(default, borrow)]
+    choices: Vec<ChunkChoiceView<'a>>,
+    #[serde(default)]
+    usage: Option<UsageView>,
+    #[serde(default, borrow)]
+    error: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct ChunkChoiceView<'a> {
+    #[serde(default)]
+    index: u64,
+    #[serde(default, borrow)]
+    delta: Option<DeltaView<'a>>,
+}
+
+#[derive(Deserialize)]
+struct DeltaView<'a> {
+    #[serde(default, borrow)]
+    content: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    refusal: Option<Cow<'a, str>>,
+    #[serde(default)]
+    tool_calls: Option<Vec<ToolCallDelta>>,
+    #[serde(default, borrow)]
+    function_call: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    audio: Option<&'a RawValue>,
+}
+
+/// One piece of a streamed tool call: the first names it, the rest add to its arguments.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+pub struct ToolCallDelta {
+    #[serde(default)]
+    pub index: usize,
+    #[serde(default)]
+    pub id: Option<String>,
+    #[serde(default, rename = "type")]
+    pub kind: Option<String>,
+    #[serde(default)]
+    pub function: Option<FunctionDelta>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+pub struct FunctionDelta {
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub arguments: Option<String>,
+}
+
+/// One chunk of a streamed answer: as the model sent it, and what tokenchat reads of it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Chunk {
+    /// The chunk's JSON as the model sent it (empty from the demo model answering `/chat`).
+    pub data: String,
+    /// The text it adds to the first choice.
+    pub text: String,
+    /// The tool-call pieces it adds to the first choice.
+    pub tool_calls: Vec<ToolCallDelta>,
+    /// Whether it carries any of an answer, in any choice: text that is not only white
+    /// space, a refusal, a tool call or audio. (The rule of issue 21 for what a stream that
+    /// breaks off is charged for: something delivered, not a role or blanks.)
+    pub substantial: bool,
+    /// What the answer cost the model (the last chunk, when asked for).
+    pub usage: Option<Usage>,
+}
+
+/// Reads one streamed chunk; an error object in the stream is the model breaking off.
+pub fn read_chunk(data: String) -> Result<Chunk, LlmError> {
+    let view: ChunkView = serde_json::from_str(&data).map_err(|err| {
+        tracing::warn!(error = %err, "a streamed chunk was not the expected JSON");
+        LlmError::Unusable("a chunk was not the expected JSON")
+    })?;
+    if view.error.is_some() {
+        tracing::warn!("model sent an error in the middle of its answer");
+        return Err(LlmError::BrokeOff);
+    }
+    let mut chunk = Chunk {
+        usage: view.usage.and_then(UsageView::read),
+        ..Chunk::default()
+    };
+    for choice in view.choices {
+        let Some(delta) = choice.delta else {
+            continue;
+        };
+        let text = |text: &Option<Cow<'_, str>>| {
+            text.as_deref().is_some_and(|text| !text.trim().is_empty())
+        };
+        chunk.substantial |= text(&delta.content)
+            || text(&delta.refusal)
+            || delta
+                .tool_calls
+                .as_ref()
+                .is_some_and(|calls| !calls.is_empty())
+            || present(delta.function_call)
+            || present(delta.audio);
+        if choice.index == 0 {
+            if let Some(content) = delta.content {
+                chunk.text.push_str(&content);
+            }
+            chunk
+                .tool_calls
+                .extend(delta.tool_calls.unwrap_or_default());
+        }
+    }
+    chunk.data = data;
+    Ok(chunk)
+}
+
+/// The tool calls of a streamed answer, assembled from their pieces as OpenAI's SDKs
+/// assemble them: by index, the first piece's id, type and name, the arguments joined.
+#[derive(Debug, Default)]
+pub struct ToolCalls(Vec<(usize, ToolCall)>);
+
+#[derive(Debug, Serialize)]
+struct ToolCall {
+    id: String,
+    #[serde(rename = "type")]
+    kind: String,
+    function: Function,
+}
+
+#[derive(Debug, Serialize)]
+struct Function {
+    name: String,
+    arguments: String,
+}
+
+impl ToolCalls {
+    pub fn add(&mut self, pieces: &[ToolCallDelta]) {
+        for piece in pieces {
+            let slot = match self.0.iter().position(|(index, _)| *index == piece.index) {
+                Some(slot) => slot,
+                None => {
+                    let call = ToolCall {
+                        id: String::new(),
+                        kind: "function".into(),
+                        function: Function {
+                            name: String::new(),
+                            arguments: String::new(),
+                        },
+                    };
+                    self.0.push((piece.index, call));
+                    self.0.len() - 1
+                }
+            };
+            let call = &mut self.0[slot].1;
+            if let Some(id) = &piece.id {
+                call.id.clone_from(id);
+            }
+            if let Some(kind) = &piece.kind {
+                call.kind.clone_from(kind);
+            }
+            if let Some(function) = &piece.function {
+                if let Some(name) = &function.name {
+                    call.function.name.push_str(name);
+                }
+                if let Some(arguments) = &function.arguments {
+                    call.function.arguments.push_str(arguments);
+                }
+            }
+        }
+    }
+
+    /// The calls as the JSON array a whole answer would have held; `None` when there were
+    /// none.
+    pub fn to_json(&self) -> Option<String> {
+        let calls: Vec<&ToolCall> = self.0.iter().map(|(_, call)| call).collect();
+        (!calls.is_empty()).then(|| serde_json::to_string(&calls).unwrap_or_default())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_whole_answer_is_read_for_its_first_choice_and_usage() {
+        let body = r#"{"choices":[
+            {"index":1,"message":{"role":"assistant","content":"second"}},
+            {"index":0,"message":{"role":"assistant","content":null,"tool_calls":[{"id":"c","type":"function","function":{"name":"f","arguments":"{}"}}]},"finish_reason":"tool_calls"}],
+            "usage":{"prompt_tokens":3,"completion_tokens":5,"total_tokens":8,"prompt_tokens_details":{"cached_tokens":1}}}"#;
+        let read = read_completion(body).unwrap();
+        assert_eq!(read.text, "");
+        assert!(read.tool_calls.unwrap().starts_with(r#"[{"id":"c""#));
+        assert_eq!(
+            read.usage,
+            Some(Usage {
+                prompt_tokens: 3,
+                completion_tokens: 5
+            })
+        );
+    }
+
+    #[test]
+    fn an_answer_with_nothing_in_it_is_unusable() {
+        for body in [
+            r#"{"choices":[]}"#,
+            r#"{"choices":[{"message":{"content":" \n "}}]}"#,
+            r#"{"choices":[{"message":{"content":null,"tool_calls":[]}}]}"#,
+            "not json",
+        ] {
+            assert!(read_completion(body).is_err(), "{body}");
+        }
+        let refusal = r#"{"choices":[{"message":{"content":null,"refusal":"no"}}],"usage":null}"#;
+        assert_eq!(read_completion(refusal).unwrap().usage, None);
+    }
+
+    #[test]
+    fn a_chunk_yields_its_text_tool_calls_usage_and_whether_it_holds_anything() {
+        let read = |data: &str| read_chunk(data.to_string()).unwrap();
+        let text =
+            read(r#"{"choices":[{"index":0,"delta":{"content":"Hel"},"finish_reason":null}]}"#);
+        assert_eq!((text.text.as_str(), text.substantial), ("Hel", true));
+        let role = read(r#"{"choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}"#);
+        assert!(!role.substantial);
+        let blank = read(r#"{"choices":[{"index":0,"delta":{"content":"  "}}]}"#);
+        assert_eq!((blank.text.as_str(), blank.substantial), ("  ", false));
+        let other = read(r#"{"choices":[{"index":1,"delta":{"content":"x"}}]}"#);
+        assert_eq!((other.text.as_str(), other.substantial), ("", true));
+        let call = read(
+            r#"{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"{\"a"}}]}}]}"#,
+        );
+        assert!(call.substantial);
+        assert_eq!(
+            call.tool_calls[0]
+                .function
+                .as_ref()
+                .unwrap()
+                .arguments
+                .as_deref(),
+            Some("{\"a")
+        );
+        let usage = read(r#"{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":5}}"#);
+        assert_eq!(usage.usage.map(|usage| usage.completion_tokens), Some(5));
+        assert!(matches!(
+            read_chunk(r#"{"error":{"message":"overloaded"}}"#.into()),
+            Err(LlmError::BrokeOff)
+        ));
+        assert!(read_chunk("not json".into()).is_err());
+    }
+
+    #[test]
+    fn streamed_tool_calls_are_assembled_from_their_pieces() {
+        let piece = |index, id: Option<&str>, name: Option<&str>, arguments: &str| ToolCallDelta {
+            index,
+            id: id.map(str::to_string),
+            kind: id.map(|_| "function".to_string()),
+            function: Some(FunctionDelta {
+                name: name.map(str::to_string),
+                arguments: Some(arguments.to_string()),
+            }),
+        };
+        let mut calls = ToolCalls::default();
+        assert_eq!(calls.to_json(), None);
+        calls.add(&[piece(0, Some("a"), Some("weather"), "")]);
+        calls.add(&[piece(0, None, None, "{\"city\":")]);
+        calls.add(&[piece(1, Some("b"), Some("time"), "{}")]);
+        calls.add(&[piece(0, None, None, "\"Paris\"}")]);
+        let json: serde_json::Value = serde_json::from_str(&calls.to_json().unwrap()).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!([
+                {"id": "a", "type": "function", "function": {"name": "weather", "arguments": "{\"city\":\"Paris\"}"}},
+                {"id": "b", "type": "function", "function": {"name": "time", "arguments": "{}"}},
+            ])
+        );
+    }
+}

@@ -1,0 +1,381 @@
+//! JSON objects read at their top level only: each field's value kept as the raw text that
+//! was sent, so that a request or an answer passed through is rewritten field by field
+//! (tokenchat's own fields replaced, the rest copied as they came) and never re-serialised.
+
+use std::{borrow::Cow, fmt};
+
+use axum::body::Bytes;
+use serde::{
+    de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor},
+    Deserialize, Deserializer,
+};
+use serde_json::value::RawValue;
+
+/// The fields of one JSON object, in the order they were sent, each value as its raw text,
+/// but one field that may be read in the same pass as an array of objects of raw fields
+/// (see [`Fields::parse_expanding`]).
+pub struct Fields<'a> {
+    fields: Vec<(Cow<'a, str>, Field<'a>)>,
+}
+
+/// One field's value.
+pub enum Field<'a> {
+    Raw(&'a RawValue),
+    /// The field read as an array: each element an object's fields, or not an object.
+    Array(Vec<Element<'a>>),
+    /// The field to be read as an array was none; what it was is not kept.
+    NotAnArray,
+}
+
+/// One element of an expanded array.
+pub enum Element<'a> {
+    Object(Vec<(Cow<'a, str>, &'a RawValue)>),
+    NotAnObject,
+}
+
+/// Why a text is not a JSON object whose fields can be read one by one.
+#[derive(Debug, thiserror::Error)]
+pub enum NotAnObject {
+    #[error("{0}")]
+    Json(#[from] serde_json::Error),
+    /// Two fields of one name: which one a model would read is anyone's guess.
+    #[error("the field {0:?} is given twice")]
+    Duplicate(String),
+}
+
+impl<'a> Fields<'a> {
+    /// The top-level fields of `text`, which must be one JSON object, each name once.
+    pub fn parse(text: &'a str) -> Result<Self, NotAnObject> {
+        Self::parse_expanding(text, None)
+    }
+
+    /// The same, field `expanded` read in the same pass as an array whose elements are
+    /// objects of raw fields (a chat's `messages`): the text is scanned once, however big.
+    pub fn parse_expanding(text: &'a str, expanded: Option<&str>) -> Result<Self, NotAnObject> {
+        let mut deserializer = serde_json::Deserializer::from_str(text);
+        let fields = Object { expanded }.deserialize(&mut deserializer)?;
+        deserializer.end()?;
+        let mut names: Vec<&str> = fields.iter().map(|(name, _)| name.as_ref()).collect();
+        names.sort_unstable();
+        if let Some(pair) = names.windows(2).find(|pair| pair[0] == pair[1]) {
+            return Err(NotAnObject::Duplicate(pair[0].to_string()));
+        }
+        Ok(Self { fields })
+    }
+
+    /// The raw value of field `name`, if it was sent (and not expanded).
+    pub fn get(&self, name: &str) -> Option<&'a RawValue> {
+        self.fields.iter().find_map(|(field, value)| match value {
+            Field::Raw(raw) if field == name => Some(*raw),
+            _ => None,
+        })
+    }
+
+    /// Field `name` as read, if it was sent.
+    pub fn field(&self, name: &str) -> Option<&Field<'a>> {
+        self.fields
+            .iter()
+            .find(|(field, _)| field == name)
+            .map(|(_, value)| value)
+    }
+
+    /// Every field, in the order sent.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &Field<'a>)> + '_ {
+        self.fields
+            .iter()
+            .map(|(name, value)| (name.as_ref(), value))
+    }
+
+    /// Every field that is raw, in the order sent.
+    pub fn raw(&self) -> impl Iterator<Item = (&str, &'a RawValue)> + '_ {
+        self.fields.iter().filter_map(|(name, value)| match value {
+            Field::Raw(raw) => Some((name.as_ref(), *raw)),
+            _ => None,
+        })
+    }
+}
+
+/// Reads a JSON object's fields, one of them (`expanded`) as an array of objects.
+struct Object<'n> {
+    expanded: Option<&'n str>,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for Object<'_> {
+    type Value = Vec<(Cow<'de, str>, Field<'de>)>;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Object<'_> {
+    type Value = Vec<(Cow<'de, str>, Field<'de>)>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Self::Value, M::Error> {
+        let mut fields = Vec::new();
+        while let Some(Name(name)) = map.next_key()? {
+            let value = if Some(name.as_ref()) == self.expanded {
+                map.next_value::<Expanded>()?.0
+            } else {
+                Field::Raw(map.next_value()?)
+            };
+            fields.push((name, value));
+        }
+        Ok(fields)
+    }
+}
+
+/// A field read as an array of objects of raw fields, or found to be none.
+struct Expanded<'a>(Field<'a>);
+
+impl<'de> Deserialize<'de> for Expanded<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(ArrayOrNot).map(Expanded)
+    }
+}
+
+/// One element, an object's raw fields or not an object.
+struct AnElement<'a>(Element<'a>);
+
+impl<'de> Deserialize<'de> for AnElement<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Either;
+
+        impl<'de> Visitor<'de> for Either {
+            type Value = Element<'de>;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("any JSON value")
+            }
+
+            fn visit_map<M: MapAccess<'de>>(self, map: M) -> Result<Element<'de>, M::Error> {
+                let fields = Object { expanded: None }.visit_map(map)?;
+                let raw = fields
+                    .into_iter()
+                    .filter_map(|(name, value)| match value {
+                        Field::Raw(raw) => Some((name, raw)),
+                        _ => None,
+                    })
+                    .collect();
+                Ok(Element::Object(raw))
+            }
+
+            fn visit_seq<S: SeqAccess<'de>>(self, mut seq: S) -> Result<Element<'de>, S::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(Element::NotAnObject)
+            }
+
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Element<'de>, E> {
+                Ok(Element::NotAnObject)
+            }
+
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Element<'de>, E> {
+                Ok(Element::NotAnObject)
+            }
+
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Element<'de>, E> {
+                Ok(Element::NotAnObject)
+            }
+
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Element<'de>, E> {
+                Ok(Element::NotAnObject)
+            }
+
+            fn visit_str<E: de::Error>(self, _: &str) -> Result<Element<'de>, E> {
+                Ok(Element::NotAnObject)
+            }
+
+            fn visit_unit<E: de::Error>(self) -> Result<Element<'de>, E> {
+                Ok(Element::NotAnObject)
+            }
+        }
+
+        deserializer.deserialize_any(Either).map(AnElement)
+    }
+}
+
+/// Any JSON value: an array read element by element, anything else not an array.
+struct ArrayOrNot;
+
+impl<'de> Visitor<'de> for ArrayOrNot {
+    type Value = Field<'de>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_seq<S: SeqAccess<'de>>(self, mut seq: S) -> Result<Field<'de>, S::Error> {
+        let mut elements = Vec::new();
+        while let Some(AnElement(element)) = seq.next_element()? {
+            elements.push(element);
+        }
+        Ok(Field::Array(elements))
+    }
+
+    fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Field<'de>, M::Error> {
+        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+        Ok(Field::NotAnArray)
+    }
+
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Field<'de>, E> {
+        Ok(Field::NotAnArray)
+    }
+
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Field<'de>, E> {
+        Ok(Field::NotAnArray)
+    }
+
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Field<'de>, E> {
+        Ok(Field::NotAnArray)
+    }
+
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Field<'de>, E> {
+        Ok(Field::NotAnArray)
+    }
+
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<Field<'de>, E> {
+        Ok(Field::NotAnArray)
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<Field<'de>, E> {
+        Ok(Field::NotAnArray)
+    }
+}
+
+/// A field's name, borrowed from the text unless it holds escapes.
+struct Name<'a>(Cow<'a, str>);
+
+impl<'de> Deserialize<'de> for Name<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Text;
+
+        impl<'de> Visitor<'de> for Text {
+            type Value = Name<'de>;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a field name")
+            }
+
+            fn visit_borrowed_str<E: de::Error>(self, text: &'de str) -> Result<Name<'de>, E> {
+                Ok(Name(Cow::Borrowed(text)))
+            }
+
+            fn visit_str<E: de::Error>(self, text: &str) -> Result<Name<'de>, E> {
+                Ok(Name(Cow::Owned(text.to_string())))
+            }
+        }
+
+        deserializer.deserialize_str(Text)
+    }
+}
+
+/// Writes `{"name":value,...}` from fields whose values are raw JSON text.
+pub fn write_object<'a>(fields: impl IntoIterator<Item = (&'a str, &'a str)>) -> String {
+    let mut out = String::from("{");
+    for (name, value) in fields {
+        if out.len() > 1 {
+            out.push(',');
+        }
+        push_name(&mut out, name);
+        out.push_str(value);
+    }
+    out.push('}');
+    out
+}
+
+/// `"name":`, the name escaped as JSON requires.
+pub fn push_name(out: &mut String, name: &str) {
+    out.push_str(&json_string(name));
+    out.push(':');
+}
+
+/// `text` as a JSON string.
+pub fn json_string(text: &str) -> String {
+    serde_json::Value::from(text).to_string()
+}
+
+/// The part of `whole` that `part` (text borrowed from it) is, sharing its memory; a copy
+/// only if `part` were not borrowed from it, which the parser guarantees it is.
+pub fn slice_of(whole: &Bytes, part: &str) -> Bytes {
+    let start = (part.as_ptr() as usize).wrapping_sub(whole.as_ptr() as usize);
+    match start.checked_add(part.len()) {
+        Some(end) if end <= whole.len() => whole.slice(start..end),
+        _ => Bytes::copy_from_slice(part.as_bytes()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fields_keep_their_order_and_raw_text() {
+        let text = r#"{"b": [1, 2], "a\u0041": {"x" : null}, "c":"é"}"#;
+        let fields = Fields::parse(text).unwrap();
+        let read: Vec<(&str, &str)> = fields.raw().map(|(k, v)| (k, v.get())).collect();
+        assert_eq!(
+            read,
+            [("b", "[1, 2]"), ("aA", r#"{"x" : null}"#), ("c", r#""é""#)]
+        );
+        assert_eq!(
+            write_object(read.iter().copied()),
+            r#"{"b":[1, 2],"aA":{"x" : null},"c":"é"}"#
+        );
+    }
+
+    #[test]
+    fn one_field_is_read_in_the_same_pass_as_an_array_of_objects() {
+        let text = r#"{"m": [{"role": "user", "content": [1, {"x": 2}]}, 3, [4]], "n": 1}"#;
+        let fields = Fields::parse_expanding(text, Some("m")).unwrap();
+        let Some(Field::Array(elements)) = fields.field("m") else {
+            panic!("not expanded");
+        };
+        assert_eq!(elements.len(), 3);
+        let Element::Object(first) = &elements[0] else {
+            panic!("not an object");
+        };
+        let first: Vec<(&str, &str)> = first.iter().map(|(k, v)| (k.as_ref(), v.get())).collect();
+        assert_eq!(
+            first,
+            [("role", r#""user""#), ("content", r#"[1, {"x": 2}]"#)]
+        );
+        assert!(matches!(elements[1], Element::NotAnObject));
+        assert!(matches!(elements[2], Element::NotAnObject));
+        assert_eq!(fields.get("n").unwrap().get(), "1");
+        for other in [
+            r#"{"m": 5}"#,
+            r#"{"m": {"a": [1]}}"#,
+            r#"{"m": "x"}"#,
+            r#"{"m": null}"#,
+        ] {
+            let fields = Fields::parse_expanding(other, Some("m")).unwrap();
+            assert!(
+                matches!(fields.field("m"), Some(Field::NotAnArray)),
+                "{other}"
+            );
+        }
+        assert!(Fields::parse_expanding(r#"{"m": [1,}"#, Some("m")).is_err());
+    }
+
+    #[test]
+    fn anything_but_one_object_with_each_name_once_is_refused() {
+        for text in ["[1]", "1", "{", r#"{"a":1,"a":2}"#, "{} {}"] {
+            assert!(Fields::parse(text).is_err(), "{text}");
+        }
+    }
+
+    #[test]
+    fn a_slice_shares_the_memory_of_the_whole() {
+        let whole = Bytes::from_static(br#"{"a": [1, 2]}"#);
+        let text = std::str::from_utf8(&whole).unwrap();
+        let fields = Fields::parse(text).unwrap();
+        let value = slice_of(&whole, fields.get("a").unwrap().get());
+        assert_eq!(&value[..], b"[1, 2]");
+        assert_eq!(value.as_ptr(), whole[6..].as_ptr());
+        assert_eq!(&slice_of(&whole, "elsewhere")[..], b"elsewhere");
+    }
+}

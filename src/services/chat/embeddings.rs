@@ -1,0 +1,89 @@
+//! An embeddings call (`/v1/embeddings`), metered like a chat: its price (`EMBEDDING_COST`)
+//! reserved first, the model asked with no transaction open, then the charge kept for an
+//! answer or refunded when there is none (the model failed, the client went away, the
+//! shutdown's grace ran out), in a tracked task, so it settles whatever becomes of the
+//! request and shutdown waits for it.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use super::Chats;
+use crate::{
+    db::{self, embeddings::Reservation},
+    llm::{EmbeddingUsage, Forwarded},
+    services::{recovery, ServiceError, ServiceResult},
+};
+
+/// An answered, charged embeddings call.
+#[derive(Debug)]
+pub struct Embedded {
+    /// The answer as the model sent it.
+    pub body: Bytes,
+    /// The balance right after the charge.
+    pub balance: i64,
+    pub charged: i64,
+    pub usage: Option<EmbeddingUsage>,
+}
+
+/// Makes the embeddings of an OpenAI client's `request` for `user_id`, charging
+/// `EMBEDDING_COST` only when they are ready. Counts against the user's chat rate.
+#[tracing::instrument(level = "debug", skip_all)]
+pub async fn embed(
+    chats: &Arc<Chats>,
+    user_id: i64,
+    request: Forwarded,
+) -> ServiceResult<Embedded> {
+    chats.throttle.chat(user_id)?;
+    let client_gone = CancellationToken::new();
+    let _cancel_when_dropped = client_gone.clone().drop_guard();
+    let call = run(chats.clone(), user_id, request, client_gone);
+    chats.tasks.spawn(call.in_current_span()).await?
+}
+
+async fn run(
+    chats: Arc<Chats>,
+    user_id: i64,
+    request: Forwarded,
+    client_gone: CancellationToken,
+) -> ServiceResult<Embedded> {
+    let cost = chats.config.embedding_cost;
+    let settle_within = recovery::abandoned_after(&chats.config);
+    let reserved = db::embeddings::reserve(&chats.db, user_id, &request.model, cost, settle_within);
+    let embedding_id = match reserved.await? {
+        Reservation::Reserved { embedding_id } => embedding_id,
+        Reservation::Insufficient { balance } => return Err(ServiceError::OutOfTokens { balance }),
+    };
+    let answer = tokio::select! {
+        biased;
+        _ = client_gone.cancelled() => Err(ServiceError::ClientGone),
+        _ = chats.cut_short.cancelled() => Err(ServiceError::ShuttingDown),
+        answer = chats.llm.embed(request) => answer.map_err(ServiceError::from),
+    };
+    let failure = match answer {
+        Ok(embedding) if !client_gone.is_cancelled() => {
+            let settled = db::embeddings::settle_answered(&chats.db, embedding_id, embedding.usage);
+            match settled.await {
+                Ok(Some(balance)) => {
+                    return Ok(Embedded {
+                        body: embedding.body,
+                        balance,
+                        charged: cost,
+                        usage: embedding.usage,
+                    })
+                }
+                // Recovery judged it abandoned and refunded it: not charged, not answered.
+                Ok(None) => return Err(ServiceError::ChatExpired),
+                Err(err) => err.into(),
+            }
+        }
+        Ok(_) => ServiceError::ClientGone,
+        Err(err) => err,
+    };
+    if let Err(err) = db::embeddings::refund(&chats.db, embedding_id).await {
+        tracing::error!(embedding_id, error = %err, "refund failed; recovery will redo it");
+    }
+    Err(failure)
+}

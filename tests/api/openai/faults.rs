@@ -1,0 +1,227 @@
+//! Errors by whose fault they are: a request the model rejects is the client's (its status
+//! and words, refunded), a key it refuses is the operator's (502 naming the configuration,
+//! never the key), a busy model is a 503 with its `Retry-After`; every `/v1` answer is
+//! OpenAI's error object, an unknown route's included; `/chat` answers in its own envelope
+//! with the same statuses.
+
+use axum::http::{header, Method, StatusCode};
+use serde_json::{json, Value};
+
+use super::{assert_openai_error, completions, hello, key_of, stream_completion};
+use crate::common::{fake_llm::REJECTION, Reply, TestApp, TestResponse};
+
+fn streamed(body: &Value) -> Value {
+    let mut body = body.clone();
+    body["stream"] = json!(true);
+    body
+}
+
+/// Each failing answer, whole and streamed (which fails before its stream begins).
+async fn both_ways(app: &TestApp, key: &str) -> [TestResponse; 2] {
+    let whole = completions(app, key, hello("llama3.2")).await;
+    let streamed = completions(app, key, streamed(&hello("llama3.2"))).await;
+    [whole, streamed]
+}
+
+#[tokio::test]
+async fn a_request_the_model_rejects_is_the_clients_fault_with_the_models_status_and_words() {
+    let app = TestApp::new().await;
+    let key = key_of(&app, "user").await;
+    let token = app.user_with_token("chatter").await;
+    for status in [400, 404, 413, 422] {
+        app.llm.set_reply(Reply::Reject(status));
+        for answer in both_ways(&app, &key).await {
+            assert_eq!(answer.status.as_u16(), status, "{answer:?}");
+            // The model's own error object, as it gave it.
+            assert_eq!(
+                answer.json,
+                json!({ "error": {
+                    "message": REJECTION, "type": "invalid_request_error",
+                    "param": "tools[0].function.parameters", "code": "invalid_function_parameters",
+                } })
+            );
+        }
+        // `/chat`: 400 upstream_rejected, in the model's words.
+        let chat = app.chat(&token, "hello").await;
+        chat.assert_error(StatusCode::BAD_REQUEST, "upstream_rejected");
+        assert!(
+            chat.json["error"].as_str().unwrap().contains(REJECTION),
+            "{chat:?}"
+        );
+    }
+    // Refunded, every one.
+    assert_eq!(app.balance(&key).await, 4000);
+    assert_eq!(app.balance(&token).await, 4000);
+    assert_eq!(app.chat_counts().await, [("failed".to_string(), 12)]);
+    app.assert_all_settled().await;
+}
+
+#[tokio::test]
+async fn a_rejection_asked_for_by_the_message_reaches_the_model_once_and_costs_nothing() {
+    let app = TestApp::new().await;
+    let key = key_of(&app, "user").await;
+    let rejected = completions(
+        &app,
+        &key,
+        json!({ "model": "llama3.2",
+        "messages": [{ "role": "user", "content": "[reject] with a bad schema" }] }),
+    )
+    .await;
+    assert_eq!(rejected.status, StatusCode::BAD_REQUEST);
+    assert_eq!(rejected.json["error"]["message"], REJECTION);
+    assert_eq!(app.llm.calls(), 1);
+    assert_eq!(app.balance(&key).await, 4000);
+}
+
+#[tokio::test]
+async fn a_key_the_model_refuses_is_the_operators_fault_named_but_never_shown() {
+    let secret = "sk-tokenchat-test-secret-123";
+    let app = TestApp::with_env(&[("LLM_API_KEY", secret)]).await;
+    let key = key_of(&app, "user").await;
+    let token = app.user_with_token("chatter").await;
+    for status in [401, 403] {
+        app.llm.set_reply(Reply::Status(status));
+        let chat = app.chat(&token, "hello").await;
+        for answer in both_ways(&app, &key).await.iter().chain([&chat]) {
+            assert_eq!(answer.status, StatusCode::BAD_GATEWAY, "{answer:?}");
+            let text = answer.json.to_string();
+            assert!(text.contains("LLM_API_KEY"), "{text}");
+            assert!(!text.contains(secret), "{text}");
+        }
+        chat.assert_error(StatusCode::BAD_GATEWAY, "upstream_error");
+    }
+    // The fake's 401 body repeats the key it got, as OpenAI's does.
+    assert!(app
+        .llm
+        .received()
+        .iter()
+        .all(|received| received.authorization.as_deref() == Some(&format!("Bearer {secret}"))));
+    assert_eq!(app.balance(&key).await, 4000);
+    assert_eq!(app.balance(&token).await, 4000);
+    app.assert_all_settled().await;
+}
+
+#[tokio::test]
+async fn a_busy_model_is_a_503_with_its_retry_after_and_other_failures_stay_502_and_504() {
+    let app = TestApp::with_env(&[("LLM_TIMEOUT_SECS", "1")]).await;
+    let key = key_of(&app, "user").await;
+    let token = app.user_with_token("chatter").await;
+    for (status, given, expected) in [(429, Some("7"), "7"), (503, None, "1")] {
+        app.llm.set_reply(Reply::Busy {
+            status,
+            retry_after: given,
+        });
+        for answer in both_ways(&app, &key).await {
+            assert_openai_error(
+                &answer,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "api_error",
+                "upstream_busy",
+            );
+            assert_eq!(answer.headers[header::RETRY_AFTER], expected, "{answer:?}");
+        }
+        let chat = app.chat(&token, "hello").await;
+        chat.assert_error(StatusCode::SERVICE_UNAVAILABLE, "upstream_busy");
+        assert_eq!(chat.headers[header::RETRY_AFTER], expected);
+    }
+    for (reply, status, code) in [
+        (
+            Reply::Status(500),
+            StatusCode::BAD_GATEWAY,
+            "upstream_error",
+        ),
+        (
+            Reply::Status(502),
+            StatusCode::BAD_GATEWAY,
+            "upstream_error",
+        ),
+        (
+            Reply::Stall(std::time::Duration::from_secs(3)),
+            StatusCode::GATEWAY_TIMEOUT,
+            "upstream_timeout",
+        ),
+    ] {
+        app.llm.set_reply(reply);
+        for answer in both_ways(&app, &key).await {
+            assert_openai_error(&answer, status, "api_error", code);
+            assert!(!answer.headers.contains_key(header::RETRY_AFTER));
+        }
+    }
+    assert_eq!(app.balance(&key).await, 4000);
+    assert_eq!(app.balance(&token).await, 4000);
+    app.assert_all_settled().await;
+}
+
+#[tokio::test]
+async fn every_v1_answer_is_openais_error_object_an_unknown_routes_included() {
+    let app = TestApp::new().await;
+    let key = key_of(&app, "user").await;
+    let authorization = format!("Bearer {key}");
+    let headers = [
+        ("authorization", authorization.as_str()),
+        ("content-type", "application/json"),
+    ];
+    // What the OpenAI Agents SDK asks by default, and its kin.
+    for (method, path) in [
+        (Method::POST, "/v1/responses"),
+        (Method::GET, "/v1/responses/resp_1"),
+        (Method::POST, "/v1/completions"),
+        (Method::GET, "/v1"),
+        (Method::POST, "/v1/"),
+    ] {
+        let answer = app.request(method.clone(), path, &headers, "{}").await;
+        assert_openai_error(
+            &answer,
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            "not_found",
+        );
+        let message = answer.json["error"]["message"].as_str().unwrap();
+        assert!(message.contains(path), "{message}");
+    }
+    // Elsewhere, the contract's envelope as ever.
+    app.request(Method::POST, "/responses", &headers, "{}")
+        .await
+        .assert_error(StatusCode::NOT_FOUND, "not_found");
+
+    let wrong_method = app
+        .request(Method::DELETE, "/v1/models", &headers, "")
+        .await;
+    assert_openai_error(
+        &wrong_method,
+        StatusCode::METHOD_NOT_ALLOWED,
+        "invalid_request_error",
+        "method_not_allowed",
+    );
+    for path in ["/v1/chat/completions", "/v1/embeddings"] {
+        let not_json = app.request(Method::POST, path, &headers, "[1, 2]").await;
+        assert_openai_error(
+            &not_json,
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "invalid_json",
+        );
+        let twice = r#"{"model": "llama3.2", "model": "other", "input": "x", "messages": []}"#;
+        let duplicate = app.request(Method::POST, path, &headers, twice).await;
+        assert_openai_error(
+            &duplicate,
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "invalid_json",
+        );
+        assert!(duplicate.json["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("\"model\""));
+        let anonymous = app.request(Method::POST, path, &[], "{}").await;
+        assert_openai_error(
+            &anonymous,
+            StatusCode::UNAUTHORIZED,
+            "invalid_request_error",
+            "invalid_api_key",
+        );
+    }
+    let events = stream_completion(&app, &key, streamed(&hello("llama3.2"))).await;
+    assert_eq!(events.last().unwrap(), "[DONE]");
+    assert_eq!(app.llm.calls(), 1);
+}
