@@ -76,8 +76,8 @@ struct StreamOptions {
 #[derive(Deserialize)]
 struct EmbeddingsView {
     // Never read, but required: an answer without it holds no embeddings.
-    #[allow(dead_code)]
-    data: Vec<serde::de::IgnoredAny>,
+    #[serde(rename = "data")]
+    _data: Vec<serde::de::IgnoredAny>,
     #[serde(default)]
     usage: Option<EmbeddingUsageView>,
 }

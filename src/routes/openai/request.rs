@@ -23,39 +23,49 @@ use crate::{
 /// `tool_choice`, `response_format`, `n`, `logprobs`, ...); tokenchat sets `model` to the
 /// upstream's name, always asks a stream for its usage, and puts `LLM_SYSTEM_PROMPT` first
 /// when `messages` holds no system or developer message.
-// Documents the request only: the route reads its body as raw JSON (see [`completion`]).
+// Documents the request only: the route reads its body as raw JSON (see [`completion`]), so
+// nothing reads these fields (hence the `_`); `serde(rename)` gives the document their names.
 #[derive(ToSchema)]
-#[allow(dead_code)]
 pub struct CompletionRequest {
     /// One of GET /v1/models.
-    model: String,
+    #[serde(rename = "model")]
+    _model: String,
     /// Roles system, developer, user, assistant (with tool_calls), tool or function; content
     /// a string or an array of parts (text, image_url, input_audio, file).
     #[schema(value_type = Vec<Object>)]
-    messages: Vec<()>,
+    #[serde(rename = "messages")]
+    _messages: Vec<()>,
     /// true: chat.completion.chunk events, then `[DONE]`.
-    stream: Option<bool>,
+    #[serde(rename = "stream")]
+    _stream: Option<bool>,
     /// `include_usage`: the last chunk holds the usage.
     #[schema(value_type = Option<Object>)]
-    stream_options: Option<()>,
+    #[serde(rename = "stream_options")]
+    _stream_options: Option<()>,
     #[schema(value_type = Option<Vec<Object>>)]
-    tools: Option<()>,
+    #[serde(rename = "tools")]
+    _tools: Option<()>,
     #[schema(value_type = Option<Object>)]
-    response_format: Option<()>,
-    n: Option<u32>,
+    #[serde(rename = "response_format")]
+    _response_format: Option<()>,
+    #[serde(rename = "n")]
+    _n: Option<u32>,
 }
 
 /// OpenAI's embeddings request, passed to the model as sent but `model`.
 #[derive(ToSchema)]
-#[allow(dead_code)]
 pub struct EmbeddingRequest {
     /// One of GET /v1/models.
-    model: String,
+    #[serde(rename = "model")]
+    _model: String,
     /// A string, or an array of strings or of token arrays.
     #[schema(value_type = Object)]
-    input: (),
-    encoding_format: Option<String>,
-    dimensions: Option<u32>,
+    #[serde(rename = "input")]
+    _input: (),
+    #[serde(rename = "encoding_format")]
+    _encoding_format: Option<String>,
+    #[serde(rename = "dimensions")]
+    _dimensions: Option<u32>,
 }
 
 /// A chat completion request as checked: what goes upstream, and the last user message's
@@ -123,9 +133,9 @@ pub(super) fn completion(state: &AppState, raw: RawJson) -> Result<Checked, ApiE
         Some(options) => {
             // Read only to check the type of what tokenchat reads of it.
             #[derive(Deserialize)]
-            #[allow(dead_code)]
             struct StreamOptions {
-                include_usage: Option<bool>,
+                #[serde(rename = "include_usage")]
+                _include_usage: Option<bool>,
             }
             serde_json::from_str::<StreamOptions>(options).map_err(|_| {
                 invalid(
