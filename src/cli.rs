@@ -1,4 +1,4 @@
-//! The command line: `tokenchat serve` (the default), `migrate`, `audit`, and the `user`
+//! The command line: `tokenchat serve` (the default), `migrate`, `audit`, `models`, and the `user`
 //! commands an operator runs instead of a web admin. Each opens the database named by the
 //! configuration, does one thing, and says what it did in one line.
 
@@ -32,6 +32,9 @@ enum Command {
     Migrate,
     /// Check every balance and chat against the ledger; exit 1 on any offence.
     Audit,
+    /// List the price book (`CONFIG_FILE`): each priced model's prices, in the balance's
+    /// tokens, its longest answer and how its text is counted.
+    Models,
     /// Manage users: create, list, grant tokens, disable and enable.
     #[command(subcommand)]
     User(UserCommand),
@@ -84,6 +87,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Serve => serve(config).await,
         Command::Migrate => migrate(config).await,
         Command::Audit => audit(config).await,
+        Command::Models => list_models(&config),
         Command::User(UserCommand::Create { username }) | Command::CreateUser { username } => {
             create_user(config, &username).await
         }
@@ -273,6 +277,63 @@ async fn set_disabled(config: Config, username: &str, disabled: bool) -> anyhow:
 }
 
 /// Prints every user as a table, row by row as the database streams them.
+fn list_models(config: &Config) -> anyhow::Result<ExitCode> {
+    let mut out = std::io::stdout().lock();
+    let write_failed = |err: std::io::Error| anyhow!(err).context("cannot write the list");
+    let Some(file) = &config.config_file else {
+        writeln!(
+            out,
+            "no price book (CONFIG_FILE): every chat costs CHAT_COST = {}",
+            config.chat_cost
+        )
+        .map_err(write_failed)?;
+        return Ok(ExitCode::SUCCESS);
+    };
+    writeln!(
+        out,
+        "{}: prices per million tokens (prompt, cached prompt, completion), per request; \
+         unpriced models cost CHAT_COST = {}",
+        file.display(),
+        config.chat_cost
+    )
+    .map_err(write_failed)?;
+    let header = [
+        "model",
+        "prompt",
+        "cached",
+        "completion",
+        "request",
+        "max_output",
+        "tokenizer",
+    ];
+    let line = |out: &mut std::io::StdoutLock, cells: [&str; 7]| {
+        let [model, prompt, cached, completion, request, max_output, tokenizer] = cells;
+        writeln!(
+            out,
+            "{model:<32}  {prompt:>12}  {cached:>12}  {completion:>12}  {request:>10}  \
+             {max_output:>10}  {tokenizer}"
+        )
+    };
+    line(&mut out, header).map_err(write_failed)?;
+    for (name, model) in config.price_book.models() {
+        let prices = &model.prices;
+        line(
+            &mut out,
+            [
+                name,
+                &prices.prompt.to_string(),
+                &prices.cached_prompt.to_string(),
+                &prices.completion.to_string(),
+                &prices.request.to_string(),
+                &prices.max_output_tokens.to_string(),
+                model.tokenizer.as_str(),
+            ],
+        )
+        .map_err(write_failed)?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 async fn list_users(config: Config) -> anyhow::Result<ExitCode> {
     let database = open_database(&config, db::Open::ExistingOnly).await?;
     let mut out = std::io::stdout().lock();

@@ -12,6 +12,7 @@ pub mod config;
 pub mod db;
 pub mod domain;
 pub mod llm;
+pub mod pricing;
 mod routes;
 pub mod server;
 pub mod services;

@@ -43,6 +43,10 @@ pub struct Shared {
 impl AppState {
     pub fn new(config: Config, db: Db) -> Result<Self, reqwest::Error> {
         let config = Arc::new(config);
+        // The encodings' tables load once, now, rather than in the first priced chat.
+        for (_, model) in config.price_book.models() {
+            model.tokenizer.load();
+        }
         let llm = LlmClient::new(&config)?;
         let metrics = Metrics::new();
         let throttle = Arc::new(Throttle::new(&config.abuse));

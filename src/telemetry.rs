@@ -98,6 +98,8 @@ pub enum TokenMove {
     None,
     Charged(i64),
     Refunded(i64),
+    /// A priced chat settled below its reservation: `charged` kept, `returned` given back.
+    Settled { charged: i64, returned: i64 },
 }
 
 /// Keeps `tokenchat_chats_in_flight` one higher while it lives.
@@ -147,6 +149,10 @@ impl Metrics {
                 "tokenchat_tokens_refunded_total",
                 "Tokens reserved for chats and given back."
             );
+            metrics::describe_counter!(
+                "tokenchat_usage_overruns_total",
+                "Priced calls whose usage cost more than their reservation (charged the reservation)."
+            );
             metrics::describe_histogram!(
                 "tokenchat_upstream_duration_seconds",
                 metrics::Unit::Seconds,
@@ -171,6 +177,7 @@ impl Metrics {
             }
             metrics::counter!("tokenchat_tokens_charged_total").absolute(0);
             metrics::counter!("tokenchat_tokens_refunded_total").absolute(0);
+            metrics::counter!("tokenchat_usage_overruns_total").absolute(0);
             metrics::gauge!("tokenchat_chats_in_flight").set(0.0);
         });
         metrics
@@ -254,8 +261,20 @@ impl Metrics {
                     metrics::counter!("tokenchat_tokens_refunded_total")
                         .increment(amount.unsigned_abs());
                 }
+                TokenMove::Settled { charged, returned } => {
+                    metrics::counter!("tokenchat_tokens_charged_total")
+                        .increment(charged.unsigned_abs());
+                    metrics::counter!("tokenchat_tokens_refunded_total")
+                        .increment(returned.unsigned_abs());
+                }
             }
         });
+    }
+
+    /// A priced model used more than the cap it was sent (or reported a usage above the
+    /// reservation): it was charged the reservation.
+    pub fn usage_overrun(&self) {
+        self.record(|| metrics::counter!("tokenchat_usage_overruns_total").increment(1));
     }
 
     /// The model answered (or failed to) after `took`; `error` names the failure's kind.

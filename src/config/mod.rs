@@ -1,12 +1,21 @@
 //! Configuration: every environment variable of the contract, parsed and checked once at start
-//! ([`vars`] reads and checks each one; [`urls`] keeps the URLs that may hold secrets).
+//! ([`vars`] reads and checks each one; [`urls`] keeps the URLs that may hold secrets), and
+//! the optional configuration file with the price book ([`file`]).
 
+pub mod file;
 mod urls;
 mod vars;
 
-use std::{net::SocketAddr, time::Duration};
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    sync::Arc,
+    time::Duration,
+};
 
 use secrecy::SecretString;
+
+use crate::pricing::PriceBook;
 
 pub use urls::{redacted_url, DatabaseUrl, UpstreamUrl};
 use vars::Vars;
@@ -41,7 +50,14 @@ pub struct Config {
     pub llm_stream_max: Duration,
     /// How a streamed chat whose client went away before its end is settled.
     pub abandoned_stream_charge: AbandonedStreamCharge,
+    /// What an answered chat costs a model the price book does not price.
     pub chat_cost: i64,
+    /// `CONFIG_FILE`, when one was read.
+    pub config_file: Option<PathBuf>,
+    /// The prices per model and per token from `CONFIG_FILE`; empty: flat `CHAT_COST`.
+    pub price_book: Arc<PriceBook>,
+    /// `MIN_OUTPUT_TOKENS`: the shortest answer a low balance's cap is lowered to.
+    pub min_output_tokens: u64,
     /// `EMBEDDING_COST`: tokens per answered `/v1/embeddings` call.
     pub embedding_cost: i64,
     pub initial_tokens: i64,
@@ -205,6 +221,16 @@ impl Config {
             return Err(ConfigError::new("RUST_LOG", err.to_string()));
         }
         let token_ttl_secs: u64 = vars.between("TOKEN_TTL_SECS", "86400", 0, MAX_TOKEN_TTL_SECS)?;
+        let config_file = match lookup("CONFIG_FILE") {
+            None => Some(PathBuf::from(file::DEFAULT_CONFIG_FILE)).filter(|path| path.exists()),
+            Some(path) if path.trim().is_empty() => None,
+            Some(path) => Some(PathBuf::from(path)),
+        };
+        let price_book = match &config_file {
+            None => PriceBook::default(),
+            Some(path) => file::read(path)
+                .map_err(|err| ConfigError::new("CONFIG_FILE", err.to_string()))?,
+        };
         let config = Self {
             bind_addr: vars.parse("BIND_ADDR", "127.0.0.1:8000")?,
             database_url,
@@ -239,6 +265,9 @@ impl Config {
             llm_stream_max: vars.seconds("LLM_STREAM_MAX_SECS", "600", 1, DAY_SECS)?,
             abandoned_stream_charge: vars.parse("ABANDONED_STREAM_CHARGE", "delivered")?,
             chat_cost: vars.between("CHAT_COST", "100", 1, MAX_BALANCE)?,
+            config_file,
+            price_book: Arc::new(price_book),
+            min_output_tokens: vars.between("MIN_OUTPUT_TOKENS", "16", 1, 1_000_000)?,
             embedding_cost: vars.between("EMBEDDING_COST", "1", 1, MAX_BALANCE)?,
             initial_tokens: vars.between("INITIAL_TOKENS", "4000", 0, MAX_BALANCE)?,
             token_ttl: (token_ttl_secs > 0).then(|| Duration::from_secs(token_ttl_secs)),

@@ -29,15 +29,20 @@ pub struct RunningMismatch {
 pub struct ChatMoves {
     pub chat_id: i64,
     pub status: ChatStatus,
+    /// The charge (a charged chat's), or what was reserved.
     pub cost: i64,
+    /// What was reserved (the cost of a chat from before prices).
+    pub reserved: i64,
     pub refunded: bool,
     pub has_response: bool,
     /// Its conversation was deleted, and with it the message and the answer.
     pub erased: bool,
-    /// Reservation rows of exactly `-cost` for the chat's own user.
+    /// Reservation rows of exactly `-reserved` for the chat's own user.
     pub reservations: i64,
-    /// Refund rows of exactly `+cost` for the chat's own user.
+    /// Refund rows of exactly `+reserved` for the chat's own user.
     pub refunds: i64,
+    /// Settlement rows of exactly `reserved - cost` for the chat's own user.
+    pub settlements: i64,
     /// Rows of any other kind, amount or user that name the chat.
     pub strays: i64,
 }
@@ -67,35 +72,87 @@ pub fn running_mismatches(db: &Db) -> BoxStream<'_, Result<RunningMismatch, sqlx
 }
 
 /// Chats whose ledger rows do not match their status. The rule: every chat has exactly one
-/// reservation of `-cost`; a failed chat also exactly one refund of `+cost`, an abandoned
-/// one exactly one if it was refunded and none if not; an answered or pending chat none,
-/// and an answered chat has its response unless its conversation was deleted; no other
-/// row names a chat.
+/// reservation of `-reserved`; a failed chat also exactly one refund of `+reserved`, an
+/// abandoned one exactly one if it was refunded and none if not; an answered or pending
+/// chat none, and an answered chat has its response unless its conversation was deleted; a
+/// charged chat (answered, or abandoned and not refunded) charged below its reservation
+/// exactly one settlement of `reserved - cost`, any other chat none; no other row names a
+/// chat.
 pub fn chat_mismatches(db: &Db) -> BoxStream<'_, Result<ChatMoves, sqlx::Error>> {
     db_read!(db, pool => sqlx::query_as(
         "SELECT * FROM (
-             SELECT c.id AS chat_id, c.status, c.cost, c.refunded,
-                 c.response IS NOT NULL AS has_response, c.erased_at IS NOT NULL AS erased,
-                 COALESCE(SUM(CASE WHEN l.reason = 'chat_reservation' AND l.amount = -c.cost
+             SELECT c.id AS chat_id, c.status, c.cost, COALESCE(c.reserved, c.cost) AS reserved,
+                 c.refunded, c.response IS NOT NULL AS has_response,
+                 c.erased_at IS NOT NULL AS erased,
+                 COALESCE(SUM(CASE WHEN l.reason = 'chat_reservation'
+                                   AND l.amount = -COALESCE(c.reserved, c.cost)
                                    AND l.user_id = c.user_id THEN 1 ELSE 0 END), 0) AS reservations,
-                 COALESCE(SUM(CASE WHEN l.reason = 'chat_refund' AND l.amount = c.cost
+                 COALESCE(SUM(CASE WHEN l.reason = 'chat_refund'
+                                   AND l.amount = COALESCE(c.reserved, c.cost)
                                    AND l.user_id = c.user_id THEN 1 ELSE 0 END), 0) AS refunds,
+                 COALESCE(SUM(CASE WHEN l.reason = 'chat_settlement'
+                                   AND l.amount = COALESCE(c.reserved, c.cost) - c.cost
+                                   AND l.amount > 0
+                                   AND l.user_id = c.user_id THEN 1 ELSE 0 END), 0) AS settlements,
                  COALESCE(SUM(CASE WHEN l.id IS NOT NULL AND l.user_id = c.user_id
-                                   AND ((l.reason = 'chat_reservation' AND l.amount = -c.cost)
-                                        OR (l.reason = 'chat_refund' AND l.amount = c.cost))
+                                   AND ((l.reason = 'chat_reservation'
+                                         AND l.amount = -COALESCE(c.reserved, c.cost))
+                                        OR (l.reason = 'chat_refund'
+                                            AND l.amount = COALESCE(c.reserved, c.cost))
+                                        OR (l.reason = 'chat_settlement'
+                                            AND l.amount = COALESCE(c.reserved, c.cost) - c.cost
+                                            AND l.amount > 0))
                                    THEN 0 WHEN l.id IS NOT NULL THEN 1 ELSE 0 END), 0) AS strays
              FROM chats c LEFT JOIN ledger l ON l.chat_id = c.id
-             GROUP BY c.id, c.status, c.cost, c.refunded, c.response, c.erased_at
+             GROUP BY c.id, c.status, c.cost, c.reserved, c.refunded, c.response, c.erased_at
          ) AS moves
          WHERE NOT (
-             reservations = 1 AND strays = 0 AND (
+             reservations = 1 AND strays = 0 AND cost >= 0 AND cost <= reserved
+             AND settlements = CASE
+                 WHEN cost < reserved AND (status = 'answered'
+                                           OR (status = 'abandoned' AND NOT refunded))
+                 THEN 1 ELSE 0 END
+             AND (
                  (status = 'answered' AND refunds = 0 AND (has_response OR erased))
-                 OR (status = 'pending' AND refunds = 0)
-                 OR (status = 'failed' AND refunds = 1)
-                 OR (status = 'abandoned' AND refunds = CASE WHEN refunded THEN 1 ELSE 0 END)
+                 OR (status = 'pending' AND refunds = 0 AND cost = reserved)
+                 OR (status = 'failed' AND refunds = 1 AND cost = reserved)
+                 OR (status = 'abandoned' AND refunds = CASE WHEN refunded THEN 1 ELSE 0 END
+                     AND (cost = reserved OR NOT refunded))
              )
          )
          ORDER BY chat_id",
+    )
+    .fetch(pool))
+}
+
+/// A priced, charged chat: its usage and the prices recorded with it, which its charge
+/// must follow.
+#[derive(Debug, sqlx::FromRow)]
+pub struct PricedCharge {
+    pub chat_id: i64,
+    pub cost: i64,
+    pub reserved: i64,
+    pub prompt_tokens: Option<i64>,
+    pub cached_tokens: Option<i64>,
+    pub completion_tokens: Option<i64>,
+    pub price_prompt: i64,
+    pub price_cached_prompt: i64,
+    pub price_completion: i64,
+    pub price_request: i64,
+}
+
+/// Every priced chat that kept a charge (answered, or abandoned and not refunded).
+pub fn priced_charges(db: &Db) -> BoxStream<'_, Result<PricedCharge, sqlx::Error>> {
+    db_read!(db, pool => sqlx::query_as(
+        "SELECT id AS chat_id, cost, COALESCE(reserved, cost) AS reserved, prompt_tokens,
+                cached_tokens, completion_tokens, price_prompt,
+                COALESCE(price_cached_prompt, price_prompt) AS price_cached_prompt,
+                COALESCE(price_completion, 0) AS price_completion,
+                COALESCE(price_request, 0) AS price_request
+         FROM chats
+         WHERE price_prompt IS NOT NULL
+           AND (status = 'answered' OR (status = 'abandoned' AND NOT refunded))
+         ORDER BY id",
     )
     .fetch(pool))
 }
@@ -107,39 +164,82 @@ pub struct EmbeddingMoves {
     /// pending, answered or failed
     pub status: String,
     pub cost: i64,
-    /// `embedding` rows of exactly `-cost` for the call's own user.
+    pub reserved: i64,
+    /// `embedding` rows of exactly `-reserved` for the call's own user.
     pub reservations: i64,
-    /// `embedding_refund` rows of exactly `+cost` for the call's own user.
+    /// `embedding_refund` rows of exactly `+reserved` for the call's own user.
     pub refunds: i64,
+    /// `embedding_settlement` rows of exactly `reserved - cost` for the call's own user.
+    pub settlements: i64,
     /// Rows of any other kind, amount or user that name the call.
     pub strays: i64,
 }
 
 /// Embeddings calls whose ledger rows do not match their status, by the chats' rule:
-/// exactly one reservation of `-cost`; a failed call also exactly one refund of `+cost`, a
-/// pending or answered one none; no other row names a call.
+/// exactly one reservation of `-reserved`; a failed call also exactly one refund of
+/// `+reserved`, a pending or answered one none; an answered one charged below its
+/// reservation exactly one settlement of the rest; no other row names a call.
 pub fn embedding_mismatches(db: &Db) -> BoxStream<'_, Result<EmbeddingMoves, sqlx::Error>> {
     db_read!(db, pool => sqlx::query_as(
         "SELECT * FROM (
              SELECT e.id AS embedding_id, e.status, e.cost,
-                 COALESCE(SUM(CASE WHEN l.reason = 'embedding' AND l.amount = -e.cost
+                 COALESCE(e.reserved, e.cost) AS reserved,
+                 COALESCE(SUM(CASE WHEN l.reason = 'embedding'
+                                   AND l.amount = -COALESCE(e.reserved, e.cost)
                                    AND l.user_id = e.user_id THEN 1 ELSE 0 END), 0) AS reservations,
-                 COALESCE(SUM(CASE WHEN l.reason = 'embedding_refund' AND l.amount = e.cost
+                 COALESCE(SUM(CASE WHEN l.reason = 'embedding_refund'
+                                   AND l.amount = COALESCE(e.reserved, e.cost)
                                    AND l.user_id = e.user_id THEN 1 ELSE 0 END), 0) AS refunds,
+                 COALESCE(SUM(CASE WHEN l.reason = 'embedding_settlement'
+                                   AND l.amount = COALESCE(e.reserved, e.cost) - e.cost
+                                   AND l.amount > 0
+                                   AND l.user_id = e.user_id THEN 1 ELSE 0 END), 0) AS settlements,
                  COALESCE(SUM(CASE WHEN l.id IS NOT NULL AND l.user_id = e.user_id
-                                   AND ((l.reason = 'embedding' AND l.amount = -e.cost)
-                                        OR (l.reason = 'embedding_refund' AND l.amount = e.cost))
+                                   AND ((l.reason = 'embedding'
+                                         AND l.amount = -COALESCE(e.reserved, e.cost))
+                                        OR (l.reason = 'embedding_refund'
+                                            AND l.amount = COALESCE(e.reserved, e.cost))
+                                        OR (l.reason = 'embedding_settlement'
+                                            AND l.amount = COALESCE(e.reserved, e.cost) - e.cost
+                                            AND l.amount > 0))
                                    THEN 0 WHEN l.id IS NOT NULL THEN 1 ELSE 0 END), 0) AS strays
              FROM embeddings e LEFT JOIN ledger l ON l.embedding_id = e.id
-             GROUP BY e.id, e.status, e.cost
+             GROUP BY e.id, e.status, e.cost, e.reserved
          ) AS moves
          WHERE NOT (
-             reservations = 1 AND strays = 0 AND (
-                 (status IN ('pending', 'answered') AND refunds = 0)
-                 OR (status = 'failed' AND refunds = 1)
+             reservations = 1 AND strays = 0 AND cost >= 0 AND cost <= reserved
+             AND settlements = CASE WHEN status = 'answered' AND cost < reserved
+                                    THEN 1 ELSE 0 END
+             AND (
+                 (status = 'answered' AND refunds = 0)
+                 OR (status = 'pending' AND refunds = 0 AND cost = reserved)
+                 OR (status = 'failed' AND refunds = 1 AND cost = reserved)
              )
          )
          ORDER BY embedding_id",
+    )
+    .fetch(pool))
+}
+
+/// A priced, answered embeddings call, whose charge must follow its prompt tokens at the
+/// prices recorded with it.
+#[derive(Debug, sqlx::FromRow)]
+pub struct PricedEmbedding {
+    pub embedding_id: i64,
+    pub cost: i64,
+    pub reserved: i64,
+    pub prompt_tokens: Option<i64>,
+    pub price_prompt: i64,
+    pub price_request: i64,
+}
+
+pub fn priced_embeddings(db: &Db) -> BoxStream<'_, Result<PricedEmbedding, sqlx::Error>> {
+    db_read!(db, pool => sqlx::query_as(
+        "SELECT id AS embedding_id, cost, COALESCE(reserved, cost) AS reserved, prompt_tokens,
+                price_prompt, COALESCE(price_request, 0) AS price_request
+         FROM embeddings
+         WHERE price_prompt IS NOT NULL AND status = 'answered'
+         ORDER BY id",
     )
     .fetch(pool))
 }

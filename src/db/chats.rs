@@ -3,12 +3,16 @@
 //! Each move is one conditional statement, so it is atomic and safe to race across tasks
 //! and processes: the balance never goes below zero and a chat is settled or refunded at
 //! most once. The ledger rows (and so the balance) move with the chat, written by the
-//! triggers `chat_reserves_its_cost` and `failed_chat_is_refunded` in the same statement.
+//! triggers `chat_reserves_its_cost`, `failed_chat_is_refunded` and
+//! `settled_chat_returns_the_rest` in the same statement.
 
 use std::time::Duration;
 
 use super::{db_page, db_read, db_run, unix_now, users, Db};
-use crate::domain::{ChatStatus, PageRequest};
+use crate::{
+    domain::{ChatStatus, PageRequest},
+    pricing::Prices,
+};
 
 /// The outcome of trying to reserve the price of a chat.
 #[derive(Debug, PartialEq, Eq)]
@@ -36,31 +40,73 @@ pub struct Chat {
     pub conversation_id: Option<i64>,
     /// The answer's tool calls, the JSON array the model gave (or a stream's, assembled).
     pub tool_calls: Option<String>,
+    /// Of the prompt tokens, those the model read from its cache.
+    pub cached_tokens: Option<i64>,
 }
 
 /// The columns of [`Chat`], for `concat!` into its queries.
 macro_rules! chat_columns {
     () => {
         "id, message, response, status, cost, refunded, created_at, finished_at, \
-         prompt_tokens, completion_tokens, conversation_id, tool_calls"
+         prompt_tokens, completion_tokens, conversation_id, tool_calls, cached_tokens"
     };
 }
 
-/// What the model reported an answer cost it, as stored with the chat.
+/// The usage stored with a chat: as the model reported it, or as tokenchat counted it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct TokenUsage {
     pub prompt_tokens: Option<i64>,
     pub completion_tokens: Option<i64>,
+    /// Of the prompt tokens, those the model read from its cache.
+    pub cached_tokens: Option<i64>,
+    /// Where the usage came from; `None` for a flat chat's (kept as reported, if at all).
+    pub source: Option<UsageSource>,
+}
+
+/// Where a priced chat's usage came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, strum::IntoStaticStr)]
+#[strum(serialize_all = "snake_case")]
+pub enum UsageSource {
+    /// The model reported it.
+    Model,
+    /// The model reported none (or the chat ended before it could): tokenchat counted it.
+    Counted,
+}
+
+impl UsageSource {
+    pub fn as_str(self) -> &'static str {
+        self.into()
+    }
 }
 
 /// What a chat keeps of its answer, whole or as far as it got: the first choice's text, its
-/// tool calls, and the usage the model reported.
+/// tool calls, the usage, and what it is charged.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Answer<'a> {
     pub text: &'a str,
     /// The JSON array of the tool calls.
     pub tool_calls: Option<&'a str>,
     pub usage: TokenUsage,
+    /// What a priced chat is charged, never above its reservation (a higher figure keeps
+    /// the reservation); `None` keeps the reservation as the charge (a flat chat's).
+    pub charge: Option<i64>,
+}
+
+/// What a priced chat records when it is reserved: its model, the prices it will be
+/// charged at (a snapshot: a later price change rewrites no history) and the output cap
+/// sent upstream.
+#[derive(Debug, Clone, Copy)]
+pub struct PriceSnapshot<'a> {
+    pub model: &'a str,
+    pub prices: Prices,
+    pub output_cap: u64,
+}
+
+/// A settled answer: the balance its settlement left and what it was charged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Settled {
+    pub balance_after: i64,
+    pub charged: i64,
 }
 
 /// How a chat that got no whole answer is settled.
@@ -86,7 +132,8 @@ pub struct StoredAnswer {
 /// Records the chat as pending, in `conversation_id` (one of the user's, checked before) or
 /// a new conversation started by the database (the trigger `chat_starts_a_conversation`),
 /// if the user's balance covers `cost`, which takes the cost
-/// (a `chat_reservation` ledger row); otherwise changes nothing.
+/// (a `chat_reservation` ledger row); otherwise changes nothing. A priced chat records its
+/// prices (`priced`), and `cost` is the most it can cost.
 /// `settle_within` is how long the chat may stay pending before recovery (in any
 /// process) judges it abandoned.
 #[tracing::instrument(level = "debug", skip_all)]
@@ -96,14 +143,18 @@ pub async fn reserve(
     conversation_id: Option<i64>,
     message: &str,
     cost: i64,
+    priced: Option<PriceSnapshot<'_>>,
     settle_within: Duration,
 ) -> Result<Reservation, sqlx::Error> {
     let now = unix_now();
     let deadline_at = now.saturating_add_unsigned(settle_within.as_secs());
+    let price = |price: fn(&Prices) -> u64| priced.map(|priced| price(&priced.prices) as i64);
     let chat_id: Result<Option<i64>, _> = db_run!(db, pool => sqlx::query_scalar(
-        "INSERT INTO chats (user_id, message, status, cost, created_at, deadline_at,
-                            conversation_id)
-         SELECT id, $2, 'pending', $3, $4, $5, $6 FROM users WHERE id = $1 AND tokens >= $3
+        "INSERT INTO chats (user_id, message, status, cost, reserved, created_at, deadline_at,
+                            conversation_id, model, output_cap, price_prompt,
+                            price_cached_prompt, price_completion, price_request)
+         SELECT id, $2, 'pending', $3, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12
+         FROM users WHERE id = $1 AND tokens >= $3
          RETURNING id",
     )
     .bind(user_id)
@@ -112,6 +163,12 @@ pub async fn reserve(
     .bind(now)
     .bind(deadline_at)
     .bind(conversation_id)
+    .bind(priced.map(|priced| priced.model))
+    .bind(priced.map(|priced| priced.output_cap as i64))
+    .bind(price(|prices| prices.prompt))
+    .bind(price(|prices| prices.cached_prompt))
+    .bind(price(|prices| prices.completion))
+    .bind(price(|prices| prices.request))
     .fetch_optional(pool)
     .await);
     let chat_id = match chat_id {
@@ -134,20 +191,24 @@ pub async fn reserve(
     })
 }
 
-/// Stores the answer of a pending chat, keeping its reservation as the charge. Returns the
-/// balance its reservation left, or `None` if the chat was no longer pending (recovery
-/// refunded it first).
+/// Stores the answer of a pending chat, charging `answer.charge` (the rest of the
+/// reservation goes back, a `chat_settlement` row) or keeping the reservation. Returns the
+/// balance the settlement left and the charge, or `None` if the chat was no longer pending
+/// (recovery refunded it first).
 #[tracing::instrument(level = "debug", skip_all)]
 pub async fn settle_answered(
     db: &Db,
     chat_id: i64,
     answer: Answer<'_>,
-) -> Result<Option<i64>, sqlx::Error> {
-    db_run!(db, pool => sqlx::query_scalar(
+) -> Result<Option<Settled>, sqlx::Error> {
+    let settled: Option<(i64, i64, i64)> = db_run!(db, pool => sqlx::query_as(
         "UPDATE chats SET status = 'answered', response = $1, finished_at = $2,
-                          prompt_tokens = $4, completion_tokens = $5, tool_calls = $6
+                          prompt_tokens = $4, completion_tokens = $5, tool_calls = $6,
+                          cached_tokens = $7, usage_source = $8,
+                          cost = CASE WHEN $9 < cost THEN $9 ELSE cost END
          WHERE id = $3 AND status = 'pending'
-         RETURNING (SELECT balance_after FROM ledger
+         RETURNING cost, COALESCE(reserved, cost),
+                   (SELECT balance_after FROM ledger
                     WHERE ledger.chat_id = chats.id AND reason = 'chat_reservation')",
     )
     .bind(answer.text)
@@ -156,7 +217,33 @@ pub async fn settle_answered(
     .bind(answer.usage.prompt_tokens)
     .bind(answer.usage.completion_tokens)
     .bind(answer.tool_calls)
+    .bind(answer.usage.cached_tokens)
+    .bind(answer.usage.source.map(UsageSource::as_str))
+    .bind(answer.charge)
     .fetch_optional(pool)
+    .await)?;
+    let Some((charged, reserved, balance_after)) = settled else {
+        return Ok(None);
+    };
+    let balance_after = if charged < reserved {
+        settlement_balance(db, chat_id).await?
+    } else {
+        balance_after
+    };
+    Ok(Some(Settled {
+        balance_after,
+        charged,
+    }))
+}
+
+/// The balance a chat's `chat_settlement` row left: a statement's `RETURNING` cannot see
+/// the row its trigger wrote, so it is read after.
+async fn settlement_balance(db: &Db, chat_id: i64) -> Result<i64, sqlx::Error> {
+    db_run!(db, pool => sqlx::query_scalar(
+        "SELECT balance_after FROM ledger WHERE chat_id = $1 AND reason = 'chat_settlement'",
+    )
+    .bind(chat_id)
+    .fetch_one(pool)
     .await)
 }
 
@@ -183,9 +270,13 @@ pub async fn settle_unanswered(
         Unanswered::Abandoned { refund } => (ChatStatus::Abandoned, refund),
     };
     let text = (!partial.text.is_empty()).then_some(partial.text);
+    // Only a kept charge is settled below the reservation; a refund gives it all back.
+    let charge = partial.charge.filter(|_| !refunded);
     let settled = db_run!(db, pool => sqlx::query(
         "UPDATE chats SET status = $1, refunded = $2, response = $3, finished_at = $4,
-                          prompt_tokens = $6, completion_tokens = $7, tool_calls = $8
+                          prompt_tokens = $6, completion_tokens = $7, tool_calls = $8,
+                          cached_tokens = $9, usage_source = $10,
+                          cost = CASE WHEN $11 < cost THEN $11 ELSE cost END
          WHERE id = $5 AND status = 'pending'",
     )
     .bind(status)
@@ -196,6 +287,9 @@ pub async fn settle_unanswered(
     .bind(partial.usage.prompt_tokens)
     .bind(partial.usage.completion_tokens)
     .bind(partial.tool_calls)
+    .bind(partial.usage.cached_tokens)
+    .bind(partial.usage.source.map(UsageSource::as_str))
+    .bind(charge)
     .execute(pool)
     .await
     .map(|done| done.rows_affected()))?;
@@ -255,7 +349,10 @@ pub async fn page(db: &Db, user_id: i64, page: PageRequest) -> Result<Vec<Chat>,
 #[tracing::instrument(level = "debug", skip_all)]
 pub async fn stored_answer(db: &Db, chat_id: i64) -> Result<Option<StoredAnswer>, sqlx::Error> {
     db_read!(db, pool => sqlx::query_as(
-        "SELECT c.id AS chat_id, COALESCE(c.response, '') AS response, c.cost, l.balance_after,
+        "SELECT c.id AS chat_id, COALESCE(c.response, '') AS response, c.cost,
+                COALESCE((SELECT s.balance_after FROM ledger s
+                          WHERE s.chat_id = c.id AND s.reason = 'chat_settlement'),
+                         l.balance_after) AS balance_after,
                 c.conversation_id, c.tool_calls
          FROM chats c JOIN ledger l ON l.chat_id = c.id AND l.reason = 'chat_reservation'
          WHERE c.id = $1

@@ -85,7 +85,9 @@ mod tests {
                 "chat_reservation",
                 "chat_refund",
                 "embedding",
-                "embedding_refund"
+                "embedding_refund",
+                "chat_settlement",
+                "embedding_settlement"
             ]
         );
         assert!("Answered".parse::<ChatStatus>().is_err());

@@ -5,8 +5,8 @@
 
 use std::time::Duration;
 
-use super::{db_read, db_run, unix_now, users, Db};
-use crate::llm::EmbeddingUsage;
+use super::{chats::UsageSource, db_read, db_run, unix_now, users, Db};
+use crate::{llm::EmbeddingUsage, pricing::Prices};
 
 /// The outcome of trying to reserve the price of an embeddings call.
 #[derive(Debug, PartialEq, Eq)]
@@ -21,21 +21,25 @@ pub enum Reservation {
 }
 
 /// Records the call as pending for `model` if the user's balance covers `cost`, which takes
-/// the cost; otherwise changes nothing. `settle_within` is how long it may stay pending
-/// before recovery judges it abandoned.
+/// the cost; otherwise changes nothing. A priced call records its `prices` and `cost` is
+/// the most it can cost. `settle_within` is how long it may stay pending before recovery
+/// judges it abandoned.
 #[tracing::instrument(level = "debug", skip_all)]
 pub async fn reserve(
     db: &Db,
     user_id: i64,
     model: &str,
     cost: i64,
+    prices: Option<Prices>,
     settle_within: Duration,
 ) -> Result<Reservation, sqlx::Error> {
     let now = unix_now();
     let deadline_at = now.saturating_add_unsigned(settle_within.as_secs());
     let id: Result<Option<i64>, _> = db_run!(db, pool => sqlx::query_scalar(
-        "INSERT INTO embeddings (user_id, model, status, cost, created_at, deadline_at)
-         SELECT id, $2, 'pending', $3, $4, $5 FROM users WHERE id = $1 AND tokens >= $3
+        "INSERT INTO embeddings (user_id, model, status, cost, reserved, created_at, deadline_at,
+                                 price_prompt, price_request)
+         SELECT id, $2, 'pending', $3, $3, $4, $5, $6, $7
+         FROM users WHERE id = $1 AND tokens >= $3
          RETURNING id",
     )
     .bind(user_id)
@@ -43,6 +47,8 @@ pub async fn reserve(
     .bind(cost)
     .bind(now)
     .bind(deadline_at)
+    .bind(prices.map(|prices| prices.prompt as i64))
+    .bind(prices.map(|prices| prices.request as i64))
     .fetch_optional(pool)
     .await);
     let id = match id {
@@ -59,28 +65,50 @@ pub async fn reserve(
     })
 }
 
-/// Marks a pending call answered with the usage the model reported, keeping its
-/// reservation as the charge. Returns the balance its reservation left, or `None` if it was
+/// Marks a pending call answered with its usage, charging `charge` (the rest of the
+/// reservation goes back, an `embedding_settlement` row) or, when `None`, keeping the
+/// reservation. Returns the balance the settlement left and the charge, or `None` if it was
 /// no longer pending (recovery refunded it first).
 #[tracing::instrument(level = "debug", skip_all)]
 pub async fn settle_answered(
     db: &Db,
     embedding_id: i64,
     usage: Option<EmbeddingUsage>,
-) -> Result<Option<i64>, sqlx::Error> {
-    db_run!(db, pool => sqlx::query_scalar(
+    source: Option<UsageSource>,
+    charge: Option<i64>,
+) -> Result<Option<(i64, i64)>, sqlx::Error> {
+    let settled: Option<(i64, i64, i64)> = db_run!(db, pool => sqlx::query_as(
         "UPDATE embeddings SET status = 'answered', finished_at = $2, prompt_tokens = $3,
-                               total_tokens = $4
+                               total_tokens = $4, usage_source = $5,
+                               cost = CASE WHEN $6 < cost THEN $6 ELSE cost END
          WHERE id = $1 AND status = 'pending'
-         RETURNING (SELECT balance_after FROM ledger
+         RETURNING cost, COALESCE(reserved, cost),
+                   (SELECT balance_after FROM ledger
                     WHERE ledger.embedding_id = embeddings.id AND reason = 'embedding')",
     )
     .bind(embedding_id)
     .bind(unix_now())
     .bind(usage.map(|usage| usage.prompt_tokens))
     .bind(usage.map(|usage| usage.total_tokens))
+    .bind(source.map(UsageSource::as_str))
+    .bind(charge)
     .fetch_optional(pool)
-    .await)
+    .await)?;
+    let Some((charged, reserved, balance_after)) = settled else {
+        return Ok(None);
+    };
+    if charged == reserved {
+        return Ok(Some((balance_after, charged)));
+    }
+    // The settlement row its trigger wrote, which `RETURNING` cannot see.
+    let balance_after = db_run!(db, pool => sqlx::query_scalar(
+        "SELECT balance_after FROM ledger
+         WHERE embedding_id = $1 AND reason = 'embedding_settlement'",
+    )
+    .bind(embedding_id)
+    .fetch_one(pool)
+    .await)?;
+    Ok(Some((balance_after, charged)))
 }
 
 /// Marks a pending call failed, which refunds its reservation; `false`, changing nothing,

@@ -348,6 +348,10 @@ pub enum LedgerReason {
     Embedding,
     /// A failed embeddings call's price, given back.
     EmbeddingRefund,
+    /// What a priced chat reserved beyond its charge, given back when it settled.
+    ChatSettlement,
+    /// What a priced embeddings call reserved beyond its charge, given back.
+    EmbeddingSettlement,
 }
 
 /// Characters that show nothing: the default-ignorable ones below, and the blank Braille

@@ -40,18 +40,33 @@ struct MessageView<'a> {
     audio: Option<&'a RawValue>,
 }
 
-/// Usage as servers send it, some with nulls or without a field.
+/// Usage as servers send it, some with nulls or without a field. Reasoning tokens
+/// (`completion_tokens_details`) are among `completion_tokens` already, so they are not read:
+/// counting them again would charge them twice.
 #[derive(Deserialize)]
 struct UsageView {
     prompt_tokens: Option<i64>,
     completion_tokens: Option<i64>,
+    #[serde(default)]
+    prompt_tokens_details: Option<PromptTokensDetails>,
+}
+
+#[derive(Deserialize)]
+struct PromptTokensDetails {
+    #[serde(default)]
+    cached_tokens: Option<i64>,
 }
 
 impl UsageView {
     fn read(self) -> Option<Usage> {
+        let cached_tokens = self
+            .prompt_tokens_details
+            .and_then(|details| details.cached_tokens)
+            .unwrap_or(0);
         Some(Usage {
             prompt_tokens: self.prompt_tokens?,
             completion_tokens: self.completion_tokens.unwrap_or(0),
+            cached_tokens,
         })
     }
 }
@@ -308,7 +323,8 @@ mod tests {
             read.usage,
             Some(Usage {
                 prompt_tokens: 3,
-                completion_tokens: 5
+                completion_tokens: 5,
+                cached_tokens: 1
             })
         );
     }

@@ -28,7 +28,7 @@ pub(super) struct Demo;
 impl Backend for Demo {
     fn complete<'a>(&'a self, ask: Ask<'a>) -> BoxFuture<'a, Result<Completion, LlmError>> {
         let completion = match ask {
-            Ask::Turns(turns) => Ok(Completion {
+            Ask::Turns { prompt: turns, .. } => Ok(Completion {
                 content: answer(last_user_message(turns)),
                 tool_calls: None,
                 usage: None,
@@ -44,7 +44,7 @@ impl Backend for Demo {
 
     fn stream<'a>(&'a self, ask: Ask<'a>) -> BoxFuture<'a, Result<AnswerStream, LlmError>> {
         let stream = match ask {
-            Ask::Turns(turns) => {
+            Ask::Turns { prompt: turns, .. } => {
                 let text = answer(last_user_message(turns));
                 Ok(demo_stream(text, None))
             }

@@ -40,6 +40,19 @@ pub struct Forwarded {
     pub stream: bool,
     /// Whether it asked for the usage chunk of a stream (`stream_options.include_usage`).
     pub include_usage: bool,
+    /// The size of the client's body: with [`media_parts`](Self::media_parts), what bounds
+    /// the prompt of a priced model (a byte-level token is at least one byte).
+    pub body_bytes: u64,
+    /// Parts of its messages that are not text (images, audio, files): each reserved at
+    /// the model's `media_part_tokens`. Counted only for a priced model.
+    pub media_parts: u64,
+    /// The client's own output cap (`max_tokens` or `max_completion_tokens`, the smaller).
+    pub client_cap: Option<u64>,
+    /// Choices asked for (`n`), 1 when not said.
+    pub choices: u64,
+    /// The output cap tokenchat sends as `max_tokens` when the client set none: a priced
+    /// model's `max_output_tokens`, or what a low balance covers.
+    pub output_cap: Option<u64>,
     /// `messages` holds no system (or developer) message: `LLM_SYSTEM_PROMPT` goes first.
     pub wants_system_prompt: bool,
     /// Every field but `model`, and, when streamed, `stream` and `stream_options`, as sent,
@@ -54,6 +67,8 @@ pub struct Forwarded {
 
 /// The fields [`Forwarded::from_fields`] writes itself rather than copying.
 const WRITTEN: [&str; 3] = ["model", "stream", "stream_options"];
+/// The fields in which a client caps the answer's length.
+pub const CAPS: [&str; 2] = ["max_tokens", "max_completion_tokens"];
 
 impl Forwarded {
     /// A request whose top-level `fields` were read from `body`; the route has checked what
@@ -92,6 +107,11 @@ impl Forwarded {
             model,
             stream,
             include_usage,
+            body_bytes: body.len() as u64,
+            media_parts: 0,
+            client_cap: None,
+            choices: 1,
+            output_cap: None,
             wants_system_prompt,
             fields: copied,
             stream_options: stream.then(|| stream_options.unwrap_or_default()),
@@ -148,7 +168,17 @@ impl Forwarded {
             push_name(&mut head, "stream_options");
             head.push_str(&Value::Object(options).to_string());
         }
+        // Written only when the client set no cap, so its own fields are null if present.
+        let cap = self.output_cap.filter(|_| self.client_cap.is_none());
+        if let Some(cap) = cap {
+            head.push(',');
+            push_name(&mut head, "max_tokens");
+            head.push_str(&cap.to_string());
+        }
         for (name, value) in self.fields {
+            if cap.is_some() && CAPS.contains(&name.as_str()) {
+                continue;
+            }
             head.push(',');
             push_name(&mut head, &name);
             let mut value = value.into_iter();

@@ -147,6 +147,9 @@ pub struct Completion {
 pub struct Usage {
     pub prompt_tokens: i64,
     pub completion_tokens: i64,
+    /// Of `prompt_tokens`, those read from the model's cache (0 when it did not say).
+    #[serde(default)]
+    pub cached_tokens: i64,
 }
 
 /// The embeddings the model made, as it sent them, and what they cost it.
@@ -199,8 +202,11 @@ impl Serialize for Role {
 /// One request to the model.
 pub enum Ask<'a> {
     /// tokenchat's own conversation (`/chat`): the system prompt, the earlier turns and the
-    /// new message.
-    Turns(&'a [PromptMessage<'a>]),
+    /// new message, and the longest answer to ask for (a priced model's output cap).
+    Turns {
+        prompt: &'a [PromptMessage<'a>],
+        max_tokens: Option<u64>,
+    },
     /// An OpenAI client's request, passed through as it sent it; `last_user_text` is its last
     /// user message's text, which the demo model answers.
     Forwarded {
@@ -242,6 +248,11 @@ impl LlmClient {
     /// Whether `name` is one of the served models.
     pub fn serves(&self, name: &str) -> bool {
         self.served.iter().any(|served| served == name)
+    }
+
+    /// `LLM_SYSTEM_PROMPT`, which goes first in what the model is asked.
+    pub fn system_prompt(&self) -> &str {
+        &self.system_prompt
     }
 
     /// The model's name: the upstream's `LLM_MODEL`, or `demo`.

@@ -65,6 +65,9 @@ struct CompletionRequest<'a> {
     stream: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     stream_options: Option<StreamOptions>,
+    /// A priced model's output cap: the model cannot use more than was reserved.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_tokens: Option<u64>,
 }
 
 #[derive(Serialize)]
@@ -223,9 +226,13 @@ impl Upstream {
         };
         let request = self.http.post(self.endpoint.clone());
         let request = match ask {
-            Ask::Turns(messages) => request.json(&CompletionRequest {
+            Ask::Turns {
+                prompt: messages,
+                max_tokens,
+            } => request.json(&CompletionRequest {
                 model: &self.model,
                 messages,
+                max_tokens,
                 stream,
                 stream_options: stream.then_some(StreamOptions {
                     include_usage: true,

@@ -4,7 +4,7 @@ use std::{convert::Infallible, time::Duration};
 
 use axum::{
     extract::State,
-    http::{header, HeaderMap, HeaderName},
+    http::{header, HeaderMap, HeaderName, HeaderValue},
     response::{
         sse::{Event, KeepAlive, Sse},
         IntoResponse, Response,
@@ -27,6 +27,13 @@ use crate::{
 };
 
 pub(super) const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
+/// The output cap a low balance lowered a priced chat's answer to.
+const MAX_TOKENS_APPLIED: HeaderName = HeaderName::from_static("x-max-tokens-applied");
+
+/// The header that tells a client its answer's cap was lowered to `cap` tokens.
+pub(super) fn max_tokens_applied(cap: u64) -> [(HeaderName, HeaderValue); 1] {
+    [(MAX_TOKENS_APPLIED, HeaderValue::from(cap))]
+}
 
 /// How often a stream whose model is silent says it is still there.
 const KEEP_ALIVE_EVERY: Duration = Duration::from_secs(15);
@@ -116,7 +123,8 @@ pub async fn chat(
     // A replayed answer's balance is from the first time; the header shows today's.
     let fresh_balance = (!answer.replayed).then_some(TokensRemaining(answer.balance));
     let replayed = answer.replayed.then_some([(IDEMPOTENT_REPLAYED, "true")]);
-    Ok((fresh_balance.map(Extension), replayed, body).into_response())
+    let applied = answer.max_tokens_applied.map(max_tokens_applied);
+    Ok((fresh_balance.map(Extension), replayed, applied, body).into_response())
 }
 
 /// The balance read with the token in this very request: one query for the whole answer.
@@ -164,7 +172,8 @@ fn event_stream(started: StreamedChat) -> Response {
         )
         .map(Ok::<_, Infallible>);
     let replayed = chat.replayed.then_some([(IDEMPOTENT_REPLAYED, "true")]);
-    (replayed, Sse::new(events).keep_alive(keep_alive())).into_response()
+    let applied = chat.max_tokens_applied.map(max_tokens_applied);
+    (replayed, applied, Sse::new(events).keep_alive(keep_alive())).into_response()
 }
 
 /// A comment line every 15 seconds while the model is silent, so that proxies and clients

@@ -42,7 +42,7 @@ pub enum ApiError {
     #[error("invalid username or password")]
     InvalidCredentials,
     #[error("Out of Tokens")]
-    OutOfTokens { tokens: i64 },
+    OutOfTokens { tokens: i64, required: i64 },
     #[error("no such route")]
     NotFound,
     #[error("the model {0:?} is not served here; GET /v1/models lists those that are")]
@@ -177,7 +177,10 @@ impl From<ServiceError> for ApiError {
             ServiceError::WrongCredentials => Self::InvalidCredentials,
             ServiceError::UsernameTaken => Self::UsernameTaken,
             ServiceError::RegistrationClosed => Self::RegistrationClosed,
-            ServiceError::OutOfTokens { balance } => Self::OutOfTokens { tokens: balance },
+            ServiceError::OutOfTokens { balance, required } => Self::OutOfTokens {
+                tokens: balance,
+                required,
+            },
             ServiceError::NoSuchChat
             | ServiceError::NoSuchConversation
             | ServiceError::NoSuchKey => Self::NotFound,
@@ -240,20 +243,24 @@ pub struct Envelope {
     /// The balance (`out_of_tokens`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tokens: Option<i64>,
+    /// What the call needs reserved (`out_of_tokens`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub required: Option<i64>,
 }
 
 impl ApiError {
-    /// The contract's envelope: `{"error", "code"}`, and `"field"` or `"tokens"` where they
-    /// apply. Logs an internal error whole, since this is where it is answered.
+    /// The contract's envelope: `{"error", "code"}`, and `"field"`, or `"tokens"` and
+    /// `"required"`, where they apply. Logs an internal error whole, since this is where it
+    /// is answered.
     pub fn envelope(&self) -> Envelope {
         if let Self::Internal(err) = self {
             tracing::error!(error = %with_sources(err.as_ref()), "internal error");
         }
-        let (field, tokens) = match self {
-            Self::InvalidInput { field, .. } => (Some(*field), None),
-            Self::ModelNotFound(_) => (Some("model"), None),
-            Self::OutOfTokens { tokens } => (None, Some(*tokens)),
-            _ => (None, None),
+        let (field, tokens, required) = match self {
+            Self::InvalidInput { field, .. } => (Some(*field), None, None),
+            Self::ModelNotFound(_) => (Some("model"), None, None),
+            Self::OutOfTokens { tokens, required } => (None, Some(*tokens), Some(*required)),
+            _ => (None, None, None),
         };
         Envelope {
             code: self.code(),
@@ -261,6 +268,7 @@ impl ApiError {
             field,
             request_id: None,
             tokens,
+            required,
         }
     }
 }

@@ -87,12 +87,15 @@ pub struct LedgerEntry {
     balance_after: i64,
     chat_id: Option<i64>,
     created_at: String,
-    /// The embeddings call (`/v1/embeddings`) of an `embedding` or `embedding_refund` row.
+    /// The embeddings call (`/v1/embeddings`) of an `embedding`, `embedding_refund` or
+    /// `embedding_settlement` row.
     embedding_id: Option<i64>,
     id: i64,
     /// The model an embeddings call asked for.
     model: Option<String>,
-    /// initial_grant, grant, chat_reservation, chat_refund, embedding or embedding_refund
+    /// initial_grant, grant, chat_reservation, chat_refund, chat_settlement (a priced chat's
+    /// reservation beyond its charge, given back), embedding, embedding_refund or
+    /// embedding_settlement
     reason: &'static str,
     /// An embeddings call's usage as the model reported it.
     usage: Option<EmbeddingUsage>,

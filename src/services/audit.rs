@@ -1,10 +1,16 @@
 //! The ledger audit behind `tokenchat audit`: every balance is the sum of its ledger, every
-//! ledger row's running balance is right, and every chat's and embeddings call's rows
-//! match its status.
+//! ledger row's running balance is right, every chat's and embeddings call's rows match its
+//! status, and every priced charge is its usage at the prices recorded with it, capped at
+//! its reservation.
 
 use futures_util::TryStreamExt;
 
-use crate::{db, domain::ChatStatus, services::ServiceResult};
+use crate::{
+    db,
+    domain::ChatStatus,
+    pricing::{Prices, TokenCounts},
+    services::ServiceResult,
+};
 
 /// What the audit found; `offence_count` is zero when everything holds.
 #[derive(Debug)]
@@ -63,12 +69,15 @@ pub async fn run_reporting(db: &db::Db, mut found: impl FnMut(&str)) -> ServiceR
     let mut chats = db::audit::chat_mismatches(db);
     while let Some(chat) = chats.try_next().await? {
         offend(format!(
-            "chat {} ({}, cost {}): {} reservation(s), {} refund(s), {} stray row(s){}",
+            "chat {} ({}, cost {}, reserved {}): {} reservation(s), {} refund(s), {} \
+             settlement(s), {} stray row(s){}",
             chat.chat_id,
             chat.status,
             chat.cost,
+            chat.reserved,
             chat.reservations,
             chat.refunds,
+            chat.settlements,
             chat.strays,
             if chat.status == ChatStatus::Answered && !chat.has_response && !chat.erased {
                 ", no stored response"
@@ -78,14 +87,86 @@ pub async fn run_reporting(db: &db::Db, mut found: impl FnMut(&str)) -> ServiceR
         ));
     }
     drop(chats);
+    let mut priced = db::audit::priced_charges(db);
+    while let Some(chat) = priced.try_next().await? {
+        let prices = Prices {
+            prompt: chat.price_prompt as u64,
+            cached_prompt: chat.price_cached_prompt as u64,
+            completion: chat.price_completion as u64,
+            request: chat.price_request as u64,
+            max_output_tokens: 0,
+        };
+        let used = [chat.prompt_tokens, chat.cached_tokens, chat.completion_tokens]
+            .map(|tokens| tokens.and_then(|tokens| u64::try_from(tokens).ok()));
+        let owed = match used {
+            [Some(prompt), Some(cached), Some(completion)] => prices
+                .charge(TokenCounts {
+                    prompt,
+                    cached,
+                    completion,
+                })
+                .ok(),
+            _ => None,
+        };
+        match owed.map(|owed| owed.min(chat.reserved)) {
+            Some(owed) if owed == chat.cost => {}
+            Some(owed) => offend(format!(
+                "chat {}: charged {} but its usage at its prices costs {owed} (reserved {})",
+                chat.chat_id, chat.cost, chat.reserved
+            )),
+            None => offend(format!(
+                "chat {}: priced, but its usage cannot be priced (prompt {:?}, cached {:?}, \
+                 completion {:?})",
+                chat.chat_id, chat.prompt_tokens, chat.cached_tokens, chat.completion_tokens
+            )),
+        }
+    }
+    drop(priced);
     let mut embeddings = db::audit::embedding_mismatches(db);
     while let Some(call) = embeddings.try_next().await? {
         offend(format!(
-            "embedding {} ({}, cost {}): {} reservation(s), {} refund(s), {} stray row(s)",
-            call.embedding_id, call.status, call.cost, call.reservations, call.refunds, call.strays
+            "embedding {} ({}, cost {}, reserved {}): {} reservation(s), {} refund(s), {} \
+             settlement(s), {} stray row(s)",
+            call.embedding_id,
+            call.status,
+            call.cost,
+            call.reserved,
+            call.reservations,
+            call.refunds,
+            call.settlements,
+            call.strays
         ));
     }
     drop(embeddings);
+    let mut priced = db::audit::priced_embeddings(db);
+    while let Some(call) = priced.try_next().await? {
+        let prices = Prices {
+            prompt: call.price_prompt as u64,
+            cached_prompt: call.price_prompt as u64,
+            completion: 0,
+            request: call.price_request as u64,
+            max_output_tokens: 0,
+        };
+        let owed = call
+            .prompt_tokens
+            .and_then(|prompt| u64::try_from(prompt).ok())
+            .and_then(|prompt| {
+                let used = TokenCounts {
+                    prompt,
+                    ..TokenCounts::default()
+                };
+                prices.charge(used).ok()
+            })
+            .map(|owed| owed.min(call.reserved));
+        if owed != Some(call.cost) {
+            offend(format!(
+                "embedding {}: charged {} but its usage at its prices costs {owed:?} \
+                 (reserved {})",
+                call.embedding_id, call.cost, call.reserved
+            ));
+        }
+    }
+    drop(priced);
     let (users, chats, ledger_rows) = db::audit::totals(db).await?;
     Ok(AuditReport {
         users,

@@ -23,8 +23,10 @@ pub enum ServiceError {
     NoSuchUser(String),
     #[error("registration is closed; ask an operator for an account")]
     RegistrationClosed,
-    #[error("the balance of {balance} tokens does not cover the chat")]
-    OutOfTokens { balance: i64 },
+    /// `required`: what the call would reserve (its cost, or the most a priced call can
+    /// cost with the shortest answer it may be given).
+    #[error("the balance of {balance} tokens does not cover the {required} the call needs")]
+    OutOfTokens { balance: i64, required: i64 },
     #[error("no such chat")]
     NoSuchChat,
     #[error("no such conversation")]

@@ -37,6 +37,7 @@ impl From<Chat> for ChatRecord {
             (Some(prompt_tokens), Some(completion_tokens)) => Some(Usage {
                 prompt_tokens,
                 completion_tokens,
+                cached_tokens: chat.cached_tokens.unwrap_or(0),
             }),
             _ => None,
         };

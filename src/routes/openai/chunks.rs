@@ -20,7 +20,7 @@ use super::{
 use crate::{
     clock::unix_now,
     routes::{
-        chat::{event_data, keep_alive, IDEMPOTENT_REPLAYED},
+        chat::{event_data, keep_alive, max_tokens_applied, IDEMPOTENT_REPLAYED},
         error::ApiError,
     },
     services::chat::{StreamEvent, StreamedChat},
@@ -140,44 +140,64 @@ impl ChunkHead {
 }
 
 /// `chat.completion.chunk` events: the model's, relayed as they come, with `model` the
-/// name the client asked for and the usage chunk only when it asked for it; `[DONE]` once
-/// the chat is settled. A replayed answer is written whole, as OpenAI would stream it. A
-/// failure after the start is an `{"error": ...}` event.
+/// name the client asked for and the usage chunk only when it asked for it, held until the
+/// chat is settled so that its `usage.cost` is the charge (a usage chunk of tokenchat's own
+/// when the model sent none); `[DONE]` once the chat is settled. A replayed answer is
+/// written whole, as OpenAI would stream it. A failure after the start is an
+/// `{"error": ...}` event.
 pub(super) fn chunk_stream(started: StreamedChat, model: String, include_usage: bool) -> Response {
     let chat = started.into_events();
     let replayed = chat.replayed;
     let replayed_header = replayed.then_some([(IDEMPOTENT_REPLAYED, "true")]);
+    let applied = chat.max_tokens_applied.map(max_tokens_applied);
     let head = ChunkHead {
         created: unix_now(),
         id: completion_id(chat.chat_id),
         model,
     };
+    // The model's chunk that carries the usage, until the charge is known.
+    let mut usage_chunk: Option<String> = None;
     let events = chat
         .events
         .map(move |event| match event {
             StreamEvent::Chunk(chunk) if chunk.data.is_empty() => Vec::new(),
-            StreamEvent::Chunk(chunk) => relay(chunk.data, &head.model, include_usage)
+            StreamEvent::Chunk(chunk) if include_usage && chunk.usage.is_some() => {
+                usage_chunk = Some(chunk.data);
+                Vec::new()
+            }
+            StreamEvent::Chunk(chunk) => relay(chunk.data, &head.model, include_usage, None)
                 .into_iter()
                 .collect(),
             StreamEvent::Replayed { text, tool_calls } => {
                 head.replayed(&text, stored_tool_calls(tool_calls))
             }
-            StreamEvent::Done { usage, .. } => {
+            StreamEvent::Done { usage, charged, .. } => {
                 let mut last = Vec::new();
-                // A live stream relayed the model's own usage chunk.
-                if replayed && include_usage {
-                    last.push(head.chunk(None, Some(usage.into())));
+                if include_usage {
+                    match usage_chunk.take() {
+                        Some(chunk) => last.extend(relay(chunk, &head.model, true, Some(charged))),
+                        None => {
+                            let usage = CompletionUsage::charged(usage, charged);
+                            last.push(head.chunk(None, Some(usage)));
+                        }
+                    }
                 }
                 last.push("[DONE]".to_string());
                 last
             }
-            StreamEvent::Failed { error, .. } => {
+            StreamEvent::Failed { error, charged } => {
+                let mut last = Vec::new();
+                if let Some(chunk) = usage_chunk.take() {
+                    last.extend(relay(chunk, &head.model, true, Some(charged)));
+                }
                 let envelope = ApiError::from(error).envelope();
                 let error = openai_error(&envelope.error, envelope.code, envelope.field, 500);
-                vec![event_data(&error)]
+                last.push(event_data(&error));
+                last
             }
         })
         .flat_map(stream::iter)
         .map(|data| Ok::<_, Infallible>(Event::default().data(data)));
-    (replayed_header, Sse::new(events).keep_alive(keep_alive())).into_response()
+    let events = Sse::new(events).keep_alive(keep_alive());
+    (replayed_header, applied, events).into_response()
 }

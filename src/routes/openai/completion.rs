@@ -23,12 +23,14 @@ pub struct Completion {
 }
 
 impl Completion {
-    /// The stored answer of chat `chat_id` to a request for `model`.
+    /// The stored answer of chat `chat_id` to a request for `model`, which was charged
+    /// `cost`.
     pub(super) fn replayed(
         chat_id: i64,
         model: String,
         content: String,
         tool_calls: Option<Box<RawValue>>,
+        cost: i64,
     ) -> Self {
         Self {
             choices: [Choice {
@@ -44,7 +46,7 @@ impl Completion {
             id: completion_id(chat_id),
             model,
             object: "chat.completion",
-            usage: None.into(),
+            usage: CompletionUsage::charged(None, cost),
         }
     }
 }
@@ -73,12 +75,25 @@ struct AssistantMessage {
     tool_calls: Option<Box<RawValue>>,
 }
 
-/// OpenAI's usage object, zeros when the model reported none (the SDKs expect numbers).
+/// OpenAI's usage object, zeros when the model reported none (the SDKs expect numbers),
+/// with what the call was charged (`cost`).
 #[derive(Serialize)]
 pub(super) struct CompletionUsage {
     completion_tokens: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cost: Option<i64>,
     prompt_tokens: i64,
     total_tokens: i64,
+}
+
+impl CompletionUsage {
+    /// `usage`, and the charge.
+    pub(super) fn charged(usage: Option<Usage>, cost: i64) -> Self {
+        Self {
+            cost: Some(cost),
+            ..usage.into()
+        }
+    }
 }
 
 impl From<Option<Usage>> for CompletionUsage {
@@ -86,9 +101,11 @@ impl From<Option<Usage>> for CompletionUsage {
         let usage = usage.unwrap_or(Usage {
             prompt_tokens: 0,
             completion_tokens: 0,
+            cached_tokens: 0,
         });
         Self {
             completion_tokens: usage.completion_tokens,
+            cost: None,
             prompt_tokens: usage.prompt_tokens,
             total_tokens: usage.prompt_tokens + usage.completion_tokens,
         }

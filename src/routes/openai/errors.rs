@@ -31,6 +31,11 @@ struct OpenAiErrorDetail<'a> {
     param: Option<&'a str>,
     #[serde(rename = "type")]
     kind: &'a str,
+    /// The balance and what the call needs reserved, for `insufficient_quota`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tokens: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    required: Option<i64>,
 }
 
 error_responses! { OpenAiError =>
@@ -69,7 +74,9 @@ pub async fn openai_errors(response: Response) -> Response {
             (bare.error, bare.code.to_string())
         }
     };
-    let error = openai_error(&message, &code, envelope.field.as_deref(), status.as_u16());
+    let mut error = openai_error(&message, &code, envelope.field.as_deref(), status.as_u16());
+    error.error.tokens = envelope.tokens;
+    error.error.required = envelope.required;
     let body = serde_json::to_string(&error).expect("an error object serialises");
     parts.headers.remove(header::CONTENT_LENGTH);
     parts.headers.insert(
@@ -87,6 +94,8 @@ struct Received {
     code: Option<String>,
     error: Option<String>,
     field: Option<String>,
+    tokens: Option<i64>,
+    required: Option<i64>,
 }
 
 /// How a `/v1` route answers a failed chat or embeddings call: a request the model
@@ -109,6 +118,8 @@ fn rejected(rejection: &Rejection) -> Response {
             message: &rejection.message,
             param: rejection.param.as_deref(),
             kind: rejection.kind.as_deref().unwrap_or("invalid_request_error"),
+            tokens: None,
+            required: None,
         },
     };
     (status, Json(error)).into_response()
@@ -152,6 +163,8 @@ pub(super) fn openai_error<'a>(
             message,
             param: field,
             kind,
+            tokens: None,
+            required: None,
         },
     }
 }

@@ -27,11 +27,12 @@ use self::{
     request::{CompletionRequest, EmbeddingRequest},
 };
 use super::{
-    chat::IDEMPOTENT_REPLAYED,
+    chat::{max_tokens_applied, IDEMPOTENT_REPLAYED},
     error::ApiError,
     extract::{AuthUser, IdempotencyKey, RawJson, TokensRemaining},
 };
 use crate::{
+    pricing::Prices,
     services::chat::{self, Question},
     state::AppState,
 };
@@ -48,6 +49,10 @@ pub struct Model {
     id: String,
     object: &'static str,
     owned_by: &'static str,
+    /// A priced model's prices, in the balance's tokens: per million prompt, cached prompt
+    /// and completion tokens, per request, and its longest answer.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pricing: Option<Prices>,
 }
 
 #[utoipa::path(
@@ -69,6 +74,11 @@ pub async fn models(State(state): State<AppState>, _user: AuthUser) -> Json<Mode
             id: name.clone(),
             object: "model",
             owned_by: "tokenchat",
+            pricing: state
+                .config
+                .price_book
+                .model(name)
+                .map(|pricing| pricing.prices),
         })
         .collect();
     Json(ModelList {
@@ -136,17 +146,24 @@ pub async fn chat_completions(
         Err(err) => return Ok(v1_error(err)),
     };
     let body = match answer.body {
-        // The model's own answer, `model` as asked.
-        Some(body) => json_answer(body, &model),
+        // The model's own answer, `model` as asked, with the charge.
+        Some(body) => json_answer(body, &model, answer.charged),
         None => {
             let tool_calls = stored_tool_calls(answer.tool_calls);
-            let replayed = Completion::replayed(answer.chat_id, model, answer.response, tool_calls);
+            let replayed = Completion::replayed(
+                answer.chat_id,
+                model,
+                answer.response,
+                tool_calls,
+                answer.charged,
+            );
             Json(replayed).into_response()
         }
     };
     let fresh_balance = (!answer.replayed).then_some(TokensRemaining(answer.balance));
     let replayed = answer.replayed.then_some([(IDEMPOTENT_REPLAYED, "true")]);
-    Ok((fresh_balance.map(Extension), replayed, body).into_response())
+    let applied = answer.max_tokens_applied.map(max_tokens_applied);
+    Ok((fresh_balance.map(Extension), replayed, applied, body).into_response())
 }
 
 #[utoipa::path(
@@ -191,17 +208,18 @@ pub async fn embeddings(
         Ok(embedded) => embedded,
         Err(err) => return Ok(v1_error(err)),
     };
-    let body = json_answer(embedded.body, &model);
+    let body = json_answer(embedded.body, &model, embedded.charged);
     Ok((Extension(TokensRemaining(embedded.balance)), body).into_response())
 }
 
-/// The model's JSON answer, `model` set to the name the client asked for.
-fn json_answer(body: axum::body::Bytes, model: &str) -> Response {
+/// The model's JSON answer, `model` set to the name the client asked for, `usage.cost` the
+/// charge.
+fn json_answer(body: axum::body::Bytes, model: &str, cost: i64) -> Response {
     let text = match String::from_utf8(body.to_vec()) {
         Ok(text) => text,
         Err(_) => return ApiError::Upstream("its answer was not UTF-8".into()).into_response(),
     };
-    let body = relay(text, model, true).unwrap_or_default();
+    let body = relay(text, model, true, Some(cost)).unwrap_or_default();
     (
         [(
             header::CONTENT_TYPE,

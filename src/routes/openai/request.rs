@@ -12,6 +12,7 @@ use utoipa::ToSchema;
 use crate::{
     domain::Message,
     llm::{
+        forward::CAPS,
         raw::{Element, Field, Fields, NotAnObject},
         Forwarded,
     },
@@ -151,8 +152,10 @@ pub(super) fn completion(state: &AppState, raw: RawJson) -> Result<Checked, ApiE
     if messages.is_empty() {
         return Err(invalid("messages", "messages must not be empty"));
     }
+    let priced = state.config.price_book.model(&model).is_some();
     let mut has_system = false;
     let mut last_user = None;
+    let mut media_parts = 0;
     for message in messages {
         let Element::Object(message) = message else {
             return Err(invalid(
@@ -179,6 +182,9 @@ pub(super) fn completion(state: &AppState, raw: RawJson) -> Result<Checked, ApiE
         if role == "user" {
             last_user = Some(field("content"));
         }
+        if priced {
+            media_parts += media_parts_of(field("content"));
+        }
     }
     let Some(content) = last_user else {
         return Err(invalid("messages", "messages must hold a user message"));
@@ -189,9 +195,53 @@ pub(super) fn completion(state: &AppState, raw: RawJson) -> Result<Checked, ApiE
             err.field = "messages";
             err
         })?;
+    let mut client_cap: Option<u64> = None;
+    for name in CAPS {
+        if let Some(cap) = count(&fields, name)? {
+            client_cap = Some(client_cap.map_or(cap, |other| other.min(cap)));
+        }
+    }
+    let choices = count(&fields, "n")?.unwrap_or(1);
     let hold = raw.hold.clone().map(|hold| Box::new(hold) as _);
-    let forwarded = Forwarded::from_fields(&raw.body, &fields, model, stream, !has_system, hold);
+    let mut forwarded =
+        Forwarded::from_fields(&raw.body, &fields, model, stream, !has_system, hold);
+    forwarded.media_parts = media_parts;
+    forwarded.client_cap = client_cap;
+    forwarded.choices = choices;
     Ok(Checked { forwarded, message })
+}
+
+/// A count the client may send (`max_tokens`, `max_completion_tokens`, `n`): a whole number
+/// of at least 1, or null or absent (`None`).
+fn count(fields: &Fields<'_>, name: &'static str) -> Result<Option<u64>, ApiError> {
+    match fields.get(name).map(RawValue::get) {
+        None | Some("null") => Ok(None),
+        Some(raw) => match serde_json::from_str::<u64>(raw) {
+            Ok(count) if count >= 1 => Ok(Some(count)),
+            _ => Err(invalid(name, format!("{name} must be a whole number of at least 1"))),
+        },
+    }
+}
+
+/// How many parts of a message's content are not text (images, audio, files).
+fn media_parts_of(content: Option<&RawValue>) -> u64 {
+    /// A content part, read for its type alone.
+    #[derive(Deserialize)]
+    struct PartKind<'a> {
+        #[serde(rename = "type", borrow)]
+        kind: Option<Cow<'a, str>>,
+    }
+    let Some(raw) = content.map(RawValue::get).filter(|raw| raw.starts_with('[')) else {
+        return 0;
+    };
+    // A content that is not an array of parts is refused, or passed on, elsewhere; here it
+    // holds no media part.
+    serde_json::from_str::<Vec<PartKind>>(raw).map_or(0, |parts| {
+        parts
+            .iter()
+            .filter(|part| part.kind.as_deref() != Some("text"))
+            .count() as u64
+    })
 }
 
 pub(super) fn embeddings(state: &AppState, raw: RawJson) -> Result<Forwarded, ApiError> {

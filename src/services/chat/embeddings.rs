@@ -12,8 +12,9 @@ use tracing::Instrument;
 
 use super::Chats;
 use crate::{
-    db::{self, embeddings::Reservation},
+    db::{self, chats::UsageSource, embeddings::Reservation},
     llm::{EmbeddingUsage, Forwarded},
+    pricing::TokenCounts,
     services::{recovery, ServiceError, ServiceResult},
 };
 
@@ -49,12 +50,28 @@ async fn run(
     request: Forwarded,
     client_gone: CancellationToken,
 ) -> ServiceResult<Embedded> {
-    let cost = chats.config.embedding_cost;
+    // Priced by its prompt, bounded by the request's bytes (each token at least one byte).
+    let pricing = chats.config.price_book.model(&request.model).copied();
+    let prompt_bound = request.body_bytes;
+    let cost = match &pricing {
+        None => chats.config.embedding_cost,
+        Some(pricing) => pricing
+            .prices
+            .reservation(prompt_bound, 0)
+            .unwrap_or(i64::MAX),
+    };
     let settle_within = recovery::abandoned_after(&chats.config);
-    let reserved = db::embeddings::reserve(&chats.db, user_id, &request.model, cost, settle_within);
+    let prices = pricing.map(|pricing| pricing.prices);
+    let reserved =
+        db::embeddings::reserve(&chats.db, user_id, &request.model, cost, prices, settle_within);
     let embedding_id = match reserved.await? {
         Reservation::Reserved { embedding_id } => embedding_id,
-        Reservation::Insufficient { balance } => return Err(ServiceError::OutOfTokens { balance }),
+        Reservation::Insufficient { balance } => {
+            return Err(ServiceError::OutOfTokens {
+                balance,
+                required: cost,
+            })
+        }
     };
     let answer = tokio::select! {
         biased;
@@ -64,13 +81,42 @@ async fn run(
     };
     let failure = match answer {
         Ok(embedding) if !client_gone.is_cancelled() => {
-            let settled = db::embeddings::settle_answered(&chats.db, embedding_id, embedding.usage);
+            let mut usage = embedding.usage;
+            let (source, charge) = match prices {
+                None => (None, None),
+                Some(prices) => {
+                    let (source, prompt) = match embedding.usage {
+                        Some(usage) => (
+                            UsageSource::Model,
+                            u64::try_from(usage.prompt_tokens).unwrap_or(0),
+                        ),
+                        None => (UsageSource::Counted, prompt_bound),
+                    };
+                    // What it is charged for is what it keeps.
+                    usage = Some(EmbeddingUsage {
+                        prompt_tokens: prompt as i64,
+                        total_tokens: embedding.usage.map_or(prompt as i64, |usage| usage.total_tokens),
+                    });
+                    let used = TokenCounts {
+                        prompt,
+                        ..TokenCounts::default()
+                    };
+                    let charge = prices.charge(used).unwrap_or(i64::MAX);
+                    if charge > cost {
+                        tracing::warn!(embedding_id, prompt, "the model reported more than was reserved: charged the reservation");
+                        chats.metrics.usage_overrun();
+                    }
+                    (Some(source), Some(charge.min(cost)))
+                }
+            };
+            let settled =
+                db::embeddings::settle_answered(&chats.db, embedding_id, usage, source, charge);
             match settled.await {
-                Ok(Some(balance)) => {
+                Ok(Some((balance, charged))) => {
                     return Ok(Embedded {
                         body: embedding.body,
                         balance,
-                        charged: cost,
+                        charged,
                         usage: embedding.usage,
                     })
                 }

@@ -60,6 +60,7 @@ impl ChatInFlight {
             conversation_id: stored.conversation_id,
             tool_calls: stored.tool_calls,
             body: None,
+            max_tokens_applied: None,
         }))
     }
 

@@ -6,6 +6,7 @@
 
 mod embeddings;
 mod idempotency;
+mod metering;
 mod stream;
 
 use std::{sync::Arc, time::Instant};
@@ -14,13 +15,14 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::Instrument;
 
 pub use embeddings::{embed, Embedded};
+use metering::{Metering, Settlement};
 pub use stream::{chat_streamed, ChatEvents, StreamEvent, StreamedChat};
 
 use crate::{
     config::Config,
     db::{
         self,
-        chats::{Answer, Reservation, TokenUsage},
+        chats::{Answer, Reservation},
         Db,
     },
     domain::{IdempotencyKey, Message},
@@ -51,6 +53,8 @@ pub struct ChatAnswer {
     pub tool_calls: Option<String>,
     /// The answer as the model sent it, for a client of `/v1`; `None` when replayed.
     pub body: Option<axum::body::Bytes>,
+    /// The output cap a low balance lowered the answer to (`X-Max-Tokens-Applied`).
+    pub max_tokens_applied: Option<u64>,
 }
 
 /// What a client asks: a message, in one of its conversations or a new one, with an
@@ -152,6 +156,7 @@ struct Reserved {
     chat_id: i64,
     conversation_id: i64,
     earlier: Vec<Turn>,
+    metering: Metering,
 }
 
 impl ChatInFlight {
@@ -201,14 +206,51 @@ impl ChatInFlight {
         self.chats.llm.prompt(earlier, self.message.as_str())
     }
 
-    /// What the model is asked: the OpenAI client's request as it sent it, or `prompt`.
-    fn ask<'a>(&'a self, prompt: &'a [PromptMessage<'a>], forwarded: Option<Forwarded>) -> Ask<'a> {
+    /// What the model is asked: the OpenAI client's request as it sent it, or `prompt`; a
+    /// priced chat's output cap with it.
+    fn ask<'a>(
+        &'a self,
+        prompt: &'a [PromptMessage<'a>],
+        forwarded: Option<Forwarded>,
+        metering: &Metering,
+    ) -> Ask<'a> {
         match forwarded {
-            Some(request) => Ask::Forwarded {
-                request,
-                last_user_text: self.message.as_str(),
+            Some(mut request) => {
+                request.output_cap = metering.output_cap();
+                Ask::Forwarded {
+                    request,
+                    last_user_text: self.message.as_str(),
+                }
+            }
+            None => Ask::Turns {
+                prompt,
+                max_tokens: metering.output_cap(),
             },
-            None => Ask::Turns(prompt),
+        }
+    }
+
+    /// How this chat is charged: by the price book's entry for its model, or `CHAT_COST`.
+    fn metering(&self, earlier: &[Turn]) -> Metering {
+        let chats = &self.chats;
+        let book = &chats.config.price_book;
+        let flat = chats.config.chat_cost;
+        match &self.forwarded {
+            Some(request) => Metering::of_request(
+                book.model(&request.model),
+                request,
+                chats.llm.system_prompt(),
+                flat,
+            ),
+            None => {
+                let model = chats.llm.model_name();
+                match book.model(model) {
+                    None => Metering::Flat { cost: flat },
+                    Some(pricing) => {
+                        let prompt = chats.llm.prompt(earlier, self.message.as_str());
+                        Metering::of_turns(pricing, model, &prompt)
+                    }
+                }
+            }
         }
     }
 
@@ -238,35 +280,50 @@ impl ChatInFlight {
                 }
             },
         };
-        let cost = self.chats.config.chat_cost;
         let settle_within = if self.streamed {
             recovery::stream_abandoned_after(&self.chats.config)
         } else {
             recovery::abandoned_after(&self.chats.config)
         };
-        let reserved = db::chats::reserve(
-            &self.chats.db,
-            self.user_id,
-            self.conversation_id,
-            self.message.as_str(),
-            cost,
-            settle_within,
-        )
-        .await;
-        let (chat_id, conversation_id) = match reserved {
-            Ok(Reservation::Reserved {
-                chat_id,
-                conversation_id,
-            }) => (chat_id, conversation_id),
-            Ok(Reservation::Insufficient { balance }) => {
-                self.release_key().await;
-                let metrics = &self.chats.metrics;
-                metrics.chat_ended(ChatOutcome::OutOfTokens, TokenMove::None);
-                return Err(ServiceError::OutOfTokens { balance });
-            }
-            Err(err) => {
-                self.release_key().await;
-                return Err(err.into());
+        let mut metering = self.metering(&earlier);
+        let mut lowered_once = false;
+        let (chat_id, conversation_id) = loop {
+            let reserved = db::chats::reserve(
+                &self.chats.db,
+                self.user_id,
+                self.conversation_id,
+                self.message.as_str(),
+                metering.reserved(),
+                metering.snapshot(),
+                settle_within,
+            )
+            .await;
+            match reserved {
+                Ok(Reservation::Reserved {
+                    chat_id,
+                    conversation_id,
+                }) => break (chat_id, conversation_id),
+                Ok(Reservation::Insufficient { balance }) => {
+                    // A low balance gets a shorter answer, once: a balance that moved in
+                    // between is refused as any short balance is.
+                    let min_output = self.chats.config.min_output_tokens;
+                    if !lowered_once {
+                        if let Some(lowered) = metering.lowered_for(balance, min_output) {
+                            metering = lowered;
+                            lowered_once = true;
+                            continue;
+                        }
+                    }
+                    self.release_key().await;
+                    let metrics = &self.chats.metrics;
+                    metrics.chat_ended(ChatOutcome::OutOfTokens, TokenMove::None);
+                    let required = metering.required(min_output);
+                    return Err(ServiceError::OutOfTokens { balance, required });
+                }
+                Err(err) => {
+                    self.release_key().await;
+                    return Err(err.into());
+                }
             }
         };
         if let Some(key) = &self.idempotency_key {
@@ -278,7 +335,7 @@ impl ChatInFlight {
                 self.refund(chat_id).await;
                 self.release_key().await;
                 let err = ServiceError::from(err);
-                self.count_failed(&err);
+                self.count_failed(&err, &metering);
                 return Err(err);
             }
         }
@@ -286,6 +343,7 @@ impl ChatInFlight {
             chat_id,
             conversation_id,
             earlier,
+            metering,
         }))
     }
 
@@ -296,8 +354,9 @@ impl ChatInFlight {
     ) -> ServiceResult<ChatAnswer> {
         let chats = &self.chats;
         let chat_id = reserved.chat_id;
+        let metering = &reserved.metering;
         let prompt = self.prompt(&reserved.earlier, forwarded.is_some());
-        let ask = self.ask(&prompt, forwarded);
+        let ask = self.ask(&prompt, forwarded, metering);
         let asked = Instant::now();
         let answer = tokio::select! {
             biased;
@@ -305,7 +364,7 @@ impl ChatInFlight {
             _ = chats.cut_short.cancelled() => {
                 tracing::warn!(chat_id, "shutdown grace is over: refunding a chat in flight");
                 self.refund(chat_id).await;
-                self.count_failed(&ServiceError::ShuttingDown);
+                self.count_failed(&ServiceError::ShuttingDown, metering);
                 return Err(ServiceError::ShuttingDown);
             }
             answer = chats.llm.complete(ask) => {
@@ -316,29 +375,30 @@ impl ChatInFlight {
         };
         let failure = match answer {
             Some(Ok(completion)) if !self.client_gone.is_cancelled() => {
-                let usage = TokenUsage {
-                    prompt_tokens: completion.usage.map(|usage| usage.prompt_tokens),
-                    completion_tokens: completion.usage.map(|usage| usage.completion_tokens),
-                };
+                let tool_calls = completion.tool_calls.as_deref();
+                let settlement = metering.answered(completion.usage, &completion.content, tool_calls);
+                self.count_overrun(chat_id, &settlement);
                 let answer = Answer {
                     text: &completion.content,
-                    tool_calls: completion.tool_calls.as_deref(),
-                    usage,
+                    tool_calls,
+                    usage: settlement.usage,
+                    charge: settlement.charge,
                 };
                 let settled = db::chats::settle_answered(&chats.db, chat_id, answer);
                 match settled.await {
-                    Ok(Some(balance_after)) => {
-                        self.count_answered();
+                    Ok(Some(settled)) => {
+                        self.count_answered(settled.charged, metering);
                         return Ok(ChatAnswer {
                             chat_id,
                             response: completion.content,
-                            balance: balance_after,
-                            charged: chats.config.chat_cost,
+                            balance: settled.balance_after,
+                            charged: settled.charged,
                             replayed: false,
                             usage: completion.usage,
                             conversation_id: Some(reserved.conversation_id),
                             tool_calls: completion.tool_calls,
                             body: completion.body,
+                            max_tokens_applied: metering.lowered_cap(),
                         });
                     }
                     // Recovery judged it abandoned and refunded it: not stored, not charged.
@@ -353,27 +413,51 @@ impl ChatInFlight {
             }
         };
         self.refund(chat_id).await;
-        self.count_failed(&failure);
+        self.count_failed(&failure, metering);
         Err(failure)
     }
 
-    fn count_answered(&self) {
-        let cost = self.chats.config.chat_cost;
-        let metrics = &self.chats.metrics;
-        metrics.chat_ended(ChatOutcome::Answered, TokenMove::Charged(cost));
+    /// Counts a chat that ended as `outcome`, charged `charged` of what `metering` reserved.
+    fn count_charged(&self, outcome: ChatOutcome, charged: i64, metering: &Metering) {
+        let returned = metering.reserved() - charged;
+        let tokens = if returned > 0 {
+            TokenMove::Settled { charged, returned }
+        } else {
+            TokenMove::Charged(charged)
+        };
+        self.chats.metrics.chat_ended(outcome, tokens);
+    }
+
+    fn count_answered(&self, charged: i64, metering: &Metering) {
+        self.count_charged(ChatOutcome::Answered, charged, metering);
+    }
+
+    /// A priced model whose usage cost more than was reserved: charged the reservation,
+    /// and the overrun counted and logged.
+    fn count_overrun(&self, chat_id: i64, settlement: &Settlement) {
+        if settlement.overrun {
+            let usage = &settlement.usage;
+            tracing::warn!(
+                chat_id,
+                prompt_tokens = usage.prompt_tokens,
+                completion_tokens = usage.completion_tokens,
+                "the model used more than its cap allowed: charged the reservation"
+            );
+            self.chats.metrics.usage_overrun();
+        }
     }
 
     /// Counts a reserved chat that ended in `failure`, refunded.
-    fn count_failed(&self, failure: &ServiceError) {
+    fn count_failed(&self, failure: &ServiceError, metering: &Metering) {
         // Recovery refunded it first, and counted it then.
         if let ServiceError::ChatExpired = failure {
             return;
         }
         let outcome = failure_outcome(failure);
-        let cost = self.chats.config.chat_cost;
+        let reserved = metering.reserved();
         self.chats
             .metrics
-            .chat_ended(outcome, TokenMove::Refunded(cost));
+            .chat_ended(outcome, TokenMove::Refunded(reserved));
     }
 
     /// Counts one answer of the model asked at `asked`, or its failure.

@@ -8,12 +8,16 @@ use futures_util::StreamExt;
 use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument;
 
-use super::{failure_outcome, Begun, ChatAnswer, ChatInFlight, Chats, Question};
+use super::{
+    failure_outcome,
+    metering::{self, Metering},
+    Begun, ChatAnswer, ChatInFlight, Chats, Question,
+};
 use crate::{
     config::AbandonedStreamCharge,
     db::{
         self,
-        chats::{Answer, TokenUsage, Unanswered},
+        chats::{Answer, Unanswered},
     },
     llm::{AnswerStream, Chunk, LlmError, ToolCalls, Usage},
     services::{ServiceError, ServiceResult},
@@ -26,6 +30,8 @@ pub enum StreamedChat {
     Live {
         chat_id: i64,
         conversation_id: i64,
+        /// The output cap a low balance lowered the answer to (`X-Max-Tokens-Applied`).
+        max_tokens_applied: Option<u64>,
         events: mpsc::Receiver<StreamEvent>,
     },
     /// A repeated idempotency key: the first answer, whole.
@@ -38,6 +44,8 @@ pub struct ChatEvents {
     /// `None` only for a replayed chat whose conversation was deleted since.
     pub conversation_id: Option<i64>,
     pub replayed: bool,
+    /// The output cap a low balance lowered the answer to (`X-Max-Tokens-Applied`).
+    pub max_tokens_applied: Option<u64>,
     pub events: futures_util::stream::BoxStream<'static, StreamEvent>,
 }
 
@@ -49,11 +57,13 @@ impl StreamedChat {
             Self::Live {
                 chat_id,
                 conversation_id,
+                max_tokens_applied,
                 events,
             } => ChatEvents {
                 chat_id,
                 conversation_id: Some(conversation_id),
                 replayed: false,
+                max_tokens_applied,
                 events: futures_util::stream::unfold(events, |mut events| async move {
                     events.recv().await.map(|event| (event, events))
                 })
@@ -63,6 +73,7 @@ impl StreamedChat {
                 chat_id: answer.chat_id,
                 conversation_id: answer.conversation_id,
                 replayed: true,
+                max_tokens_applied: None,
                 events: futures_util::stream::iter([
                     StreamEvent::Replayed {
                         text: answer.response,
@@ -160,8 +171,9 @@ impl ChatInFlight {
         let forwarded = self.forwarded.take();
         let chats = &self.chats;
         let chat_id = reserved.chat_id;
+        let metering = &reserved.metering;
         let prompt = self.prompt(&reserved.earlier, forwarded.is_some());
-        let ask = self.ask(&prompt, forwarded);
+        let ask = self.ask(&prompt, forwarded, metering);
         let asked = Instant::now();
         let upstream = tokio::select! {
             biased;
@@ -180,7 +192,7 @@ impl ChatInFlight {
             Ok(upstream) => upstream,
             Err(err) => {
                 self.refund(chat_id).await;
-                self.count_failed(&err);
+                self.count_failed(&err, metering);
                 let _ = started.send(Err(err));
                 return;
             }
@@ -189,12 +201,14 @@ impl ChatInFlight {
         let live = StreamedChat::Live {
             chat_id,
             conversation_id: reserved.conversation_id,
+            max_tokens_applied: metering.lowered_cap(),
             events: receiver,
         };
         // A client gone before it got the start hears nothing more: the pump sees the
         // channel closed at once.
         let _ = started.send(Ok(live));
-        self.pump_and_settle(chat_id, upstream, events, asked).await;
+        self.pump_and_settle(chat_id, metering, upstream, events, asked)
+            .await;
     }
 
     /// Passes the model's pieces on to the client as they come, then settles the chat by
@@ -202,6 +216,7 @@ impl ChatInFlight {
     async fn pump_and_settle(
         &self,
         chat_id: i64,
+        metering: &Metering,
         mut upstream: AnswerStream,
         events: mpsc::Sender<StreamEvent>,
         asked: Instant,
@@ -247,15 +262,24 @@ impl ChatInFlight {
             _ => None,
         };
         chats.metrics.upstream(true, asked.elapsed(), model_error);
-        let stored_usage = TokenUsage {
-            prompt_tokens: usage.map(|usage| usage.prompt_tokens),
-            completion_tokens: usage.map(|usage| usage.completion_tokens),
-        };
         let tool_calls = tool_calls.to_json();
+        // Kept by a refunded chat: what it got, the usage as reported.
         let partial = Answer {
             text: &answer,
             tool_calls: tool_calls.as_deref(),
-            usage: stored_usage,
+            usage: metering::as_reported(usage),
+            charge: None,
+        };
+        // Kept by a chat charged for the text it delivered.
+        let delivered = || {
+            let settlement = metering.delivered(usage, &answer, tool_calls.as_deref());
+            let charged = settlement.charge.unwrap_or(metering.reserved());
+            let answer = Answer {
+                usage: settlement.usage,
+                charge: settlement.charge,
+                ..partial
+            };
+            (answer, charged)
         };
         let ending = match ending {
             Ending::Finished if !delivered_substance => {
@@ -265,16 +289,23 @@ impl ChatInFlight {
         };
         let failure = match ending {
             Ending::Finished => {
-                match db::chats::settle_answered(&chats.db, chat_id, partial).await {
-                    Ok(Some(balance)) => {
+                let settlement = metering.answered(usage, &answer, tool_calls.as_deref());
+                self.count_overrun(chat_id, &settlement);
+                let whole = Answer {
+                    usage: settlement.usage,
+                    charge: settlement.charge,
+                    ..partial
+                };
+                match db::chats::settle_answered(&chats.db, chat_id, whole).await {
+                    Ok(Some(settled)) => {
                         let done = StreamEvent::Done {
-                            balance,
-                            charged: chats.config.chat_cost,
+                            balance: settled.balance_after,
+                            charged: settled.charged,
                             usage,
                         };
                         // Charged whether or not the client is still there to read it.
                         let _ = events.send(done).await;
-                        self.count_answered();
+                        self.count_answered(settled.charged, metering);
                         return;
                     }
                     Ok(None) => ServiceError::ChatExpired,
@@ -288,14 +319,15 @@ impl ChatInFlight {
                 let refund = !(delivered_any && self.charges_for_delivered_text());
                 tracing::info!(chat_id, refund, "client went away mid-stream");
                 let how = Unanswered::Abandoned { refund };
-                self.settle_unanswered(chat_id, how, partial).await;
-                let cost = chats.config.chat_cost;
-                let tokens = if refund {
-                    TokenMove::Refunded(cost)
+                if refund {
+                    self.settle_unanswered(chat_id, how, partial).await;
+                    let tokens = TokenMove::Refunded(metering.reserved());
+                    chats.metrics.chat_ended(ChatOutcome::Abandoned, tokens);
                 } else {
-                    TokenMove::Charged(cost)
-                };
-                chats.metrics.chat_ended(ChatOutcome::Abandoned, tokens);
+                    let (kept, charged) = delivered();
+                    self.settle_unanswered(chat_id, how, kept).await;
+                    self.count_charged(ChatOutcome::Abandoned, charged, metering);
+                }
                 return;
             }
             // Text the client already has is paid for as an abandoned stream's would be:
@@ -308,14 +340,13 @@ impl ChatInFlight {
             {
                 tracing::info!(chat_id, error = %err, "the model failed after text was delivered: charged");
                 let how = Unanswered::Abandoned { refund: false };
-                let settled = self.settle_unanswered(chat_id, how, partial).await;
+                let (kept, charged) = delivered();
+                let settled = self.settle_unanswered(chat_id, how, kept).await;
                 let error = ServiceError::from(err);
-                let cost = chats.config.chat_cost;
                 // Not settled here: recovery refunds it (or already did), and counts it.
-                let charged = if settled { cost } else { 0 };
+                let charged = if settled { charged } else { 0 };
                 if settled {
-                    let outcome = failure_outcome(&error);
-                    chats.metrics.chat_ended(outcome, TokenMove::Charged(cost));
+                    self.count_charged(failure_outcome(&error), charged, metering);
                 }
                 let failed = StreamEvent::Failed { error, charged };
                 let _ = events.send(failed).await;
@@ -336,7 +367,7 @@ impl ChatInFlight {
                 ServiceError::ShuttingDown
             }
         };
-        self.count_failed(&failure);
+        self.count_failed(&failure, metering);
         let failed = StreamEvent::Failed {
             error: failure,
             charged: 0,
