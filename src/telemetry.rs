@@ -99,7 +99,10 @@ pub enum TokenMove {
     Charged(i64),
     Refunded(i64),
     /// A priced chat settled below its reservation: `charged` kept, `returned` given back.
-    Settled { charged: i64, returned: i64 },
+    Settled {
+        charged: i64,
+        returned: i64,
+    },
 }
 
 /// Keeps `tokenchat_chats_in_flight` one higher while it lives.

@@ -138,9 +138,14 @@ pub fn parse(file: &str, text: &str) -> Result<PriceBook, FileError> {
     for (name, entry) in parsed.models {
         let span = entry.span();
         let entry = entry.into_inner();
-        let priced = [entry.prompt, entry.cached_prompt, entry.completion, entry.request]
-            .iter()
-            .any(Option::is_some);
+        let priced = [
+            entry.prompt,
+            entry.cached_prompt,
+            entry.completion,
+            entry.request,
+        ]
+        .iter()
+        .any(Option::is_some);
         if !priced {
             return Err(FileError {
                 file: file.to_string(),
@@ -176,7 +181,11 @@ pub fn parse(file: &str, text: &str) -> Result<PriceBook, FileError> {
 /// The 1-based line of the byte `at` of `text`.
 fn line_of(text: &str, at: usize) -> usize {
     let at = at.min(text.len());
-    text.as_bytes()[..at].iter().filter(|&&b| b == b'\n').count() + 1
+    text.as_bytes()[..at]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
 }
 
 /// The field a serde message names in backticks (`missing field `completion``).

@@ -6,12 +6,7 @@ pub mod file;
 mod urls;
 mod vars;
 
-use std::{
-    net::SocketAddr,
-    path::PathBuf,
-    sync::Arc,
-    time::Duration,
-};
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use secrecy::SecretString;
 
@@ -228,8 +223,9 @@ impl Config {
         };
         let price_book = match &config_file {
             None => PriceBook::default(),
-            Some(path) => file::read(path)
-                .map_err(|err| ConfigError::new("CONFIG_FILE", err.to_string()))?,
+            Some(path) => {
+                file::read(path).map_err(|err| ConfigError::new("CONFIG_FILE", err.to_string()))?
+            }
         };
         let config = Self {
             bind_addr: vars.parse("BIND_ADDR", "127.0.0.1:8000")?,

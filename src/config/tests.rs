@@ -63,6 +63,9 @@ fn env_example_lists_every_variable_with_its_default() {
             "ABANDONED_STREAM_CHARGE",
             "CHAT_COST",
             "EMBEDDING_COST",
+            // CONFIG_FILE is there commented out: unset and empty differ (the default file
+            // if it exists, or none), and no value names the default's "if it exists".
+            "MIN_OUTPUT_TOKENS",
             "INITIAL_TOKENS",
             "TOKEN_TTL_SECS",
             "MAX_MESSAGE_CHARS",
@@ -98,6 +101,44 @@ fn env_example_lists_every_variable_with_its_default() {
     );
     let from_example = format!("{:?}", config(&example).unwrap());
     assert_eq!(from_example, format!("{:?}", config(&[]).unwrap()));
+}
+
+#[test]
+fn a_price_book_is_read_from_config_file_and_a_bad_one_stops_start_up() {
+    let dir = std::env::temp_dir().join(format!("tokenchat-config-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let good = dir.join("good.toml");
+    std::fs::write(&good, "[models.m]\nprompt = 2\ncompletion = 8\n").unwrap();
+    let path = good.to_str().unwrap();
+    let config = config(&[("CONFIG_FILE", path)]).unwrap();
+    assert_eq!(config.price_book.model("m").unwrap().prices.completion, 8);
+    assert_eq!(config.min_output_tokens, 16);
+    let none = super::Config::from_lookup(|name| (name == "CONFIG_FILE").then(String::new));
+    assert!(none.unwrap().price_book.is_empty(), "empty: no price book");
+
+    let bad = dir.join("bad.toml");
+    std::fs::write(&bad, "[models.m]\nprompt = 2\ncompletion = -8\n").unwrap();
+    let err = super::Config::from_lookup(|name| {
+        (name == "CONFIG_FILE").then(|| bad.to_str().unwrap().to_string())
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.starts_with(&format!(
+            "invalid CONFIG_FILE: {}, line 3, field completion: ",
+            bad.display()
+        )),
+        "{err}"
+    );
+    assert!(!err.contains('\n'), "one line: {err}");
+    let missing = dir.join("missing.toml");
+    let err = super::Config::from_lookup(|name| {
+        (name == "CONFIG_FILE").then(|| missing.to_str().unwrap().to_string())
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("missing.toml: cannot be read"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]

@@ -59,7 +59,9 @@ impl PriceBook {
 
     /// Every priced model, by name.
     pub fn models(&self) -> impl Iterator<Item = (&str, &ModelPricing)> {
-        self.models.iter().map(|(name, model)| (name.as_str(), model))
+        self.models
+            .iter()
+            .map(|(name, model)| (name.as_str(), model))
     }
 
     pub fn is_empty(&self) -> bool {
@@ -88,9 +90,11 @@ impl Prices {
     /// * K + completion * C) / 1_000_000)`, K at most P. One rounding, up, per call.
     pub fn charge(&self, used: TokenCounts) -> Result<i64, Overflow> {
         let cached = used.cached.min(used.prompt);
-        let per_token = u128::from(self.prompt) * u128::from(used.prompt - cached)
-            + u128::from(self.cached_prompt) * u128::from(cached)
-            + u128::from(self.completion) * u128::from(used.completion);
+        let per_token = sum_of_products([
+            (self.prompt, used.prompt - cached),
+            (self.cached_prompt, cached),
+            (self.completion, used.completion),
+        ])?;
         tokens(u128::from(self.request) + per_token.div_ceil(PER))
     }
 
@@ -100,8 +104,10 @@ impl Prices {
     /// within those bounds.
     pub fn reservation(&self, prompt_bound: u64, output_tokens: u64) -> Result<i64, Overflow> {
         let prompt_price = self.prompt.max(self.cached_prompt);
-        let per_token = u128::from(prompt_price) * u128::from(prompt_bound)
-            + u128::from(self.completion) * u128::from(output_tokens);
+        let per_token = sum_of_products([
+            (prompt_price, prompt_bound),
+            (self.completion, output_tokens),
+        ])?;
         tokens(u128::from(self.request) + per_token.div_ceil(PER))
     }
 
@@ -114,13 +120,22 @@ impl Prices {
         let prompt_price = self.prompt.max(self.cached_prompt);
         let left = left.checked_sub(u128::from(prompt_price) * u128::from(prompt_bound))?;
         let per_output_token = u128::from(self.completion) * u128::from(choices.max(1));
-        let most = if per_output_token == 0 {
-            u128::from(self.max_output_tokens)
-        } else {
-            left / per_output_token
-        };
+        // A free completion: as long as the model allows.
+        let most = left
+            .checked_div(per_output_token)
+            .unwrap_or(u128::from(self.max_output_tokens));
         Some(most.min(u128::from(self.max_output_tokens)) as u64)
     }
+}
+
+/// Σ price × tokens, exact; past `u128` (prices and counts near `u64::MAX`), an overflow.
+fn sum_of_products<const N: usize>(terms: [(u64, u64); N]) -> Result<u128, Overflow> {
+    terms.into_iter().try_fold(0u128, |sum, (price, tokens)| {
+        u128::from(price)
+            .checked_mul(u128::from(tokens))
+            .and_then(|product| sum.checked_add(product))
+            .ok_or(Overflow)
+    })
 }
 
 /// A whole number of tokens within the balance's range.

@@ -69,12 +69,12 @@ pub async fn run_reporting(db: &db::Db, mut found: impl FnMut(&str)) -> ServiceR
     let mut chats = db::audit::chat_mismatches(db);
     while let Some(chat) = chats.try_next().await? {
         offend(format!(
-            "chat {} ({}, cost {}, reserved {}): {} reservation(s), {} refund(s), {} \
-             settlement(s), {} stray row(s){}",
+            "chat {} ({}, cost {}{}): {} reservation(s), {} refund(s), {} settlement(s), {} \
+             stray row(s){}",
             chat.chat_id,
             chat.status,
             chat.cost,
-            chat.reserved,
+            reserved_beside(chat.cost, chat.reserved),
             chat.reservations,
             chat.refunds,
             chat.settlements,
@@ -96,8 +96,12 @@ pub async fn run_reporting(db: &db::Db, mut found: impl FnMut(&str)) -> ServiceR
             request: chat.price_request as u64,
             max_output_tokens: 0,
         };
-        let used = [chat.prompt_tokens, chat.cached_tokens, chat.completion_tokens]
-            .map(|tokens| tokens.and_then(|tokens| u64::try_from(tokens).ok()));
+        let used = [
+            chat.prompt_tokens,
+            chat.cached_tokens,
+            chat.completion_tokens,
+        ]
+        .map(|tokens| tokens.and_then(|tokens| u64::try_from(tokens).ok()));
         let owed = match used {
             [Some(prompt), Some(cached), Some(completion)] => prices
                 .charge(TokenCounts {
@@ -125,12 +129,12 @@ pub async fn run_reporting(db: &db::Db, mut found: impl FnMut(&str)) -> ServiceR
     let mut embeddings = db::audit::embedding_mismatches(db);
     while let Some(call) = embeddings.try_next().await? {
         offend(format!(
-            "embedding {} ({}, cost {}, reserved {}): {} reservation(s), {} refund(s), {} \
-             settlement(s), {} stray row(s)",
+            "embedding {} ({}, cost {}{}): {} reservation(s), {} refund(s), {} settlement(s), \
+             {} stray row(s)",
             call.embedding_id,
             call.status,
             call.cost,
-            call.reserved,
+            reserved_beside(call.cost, call.reserved),
             call.reservations,
             call.refunds,
             call.settlements,
@@ -175,4 +179,13 @@ pub async fn run_reporting(db: &db::Db, mut found: impl FnMut(&str)) -> ServiceR
         offence_count,
         offences,
     })
+}
+
+/// `, reserved N` when a call reserved more than its cost (a priced one), else nothing.
+fn reserved_beside(cost: i64, reserved: i64) -> String {
+    if reserved == cost {
+        String::new()
+    } else {
+        format!(", reserved {reserved}")
+    }
 }

@@ -16,6 +16,7 @@ mod openapi;
 mod operations;
 mod page;
 mod postgres;
+mod prices;
 mod properties;
 mod request_fuzzing;
 mod sdk;

@@ -529,3 +529,57 @@ async fn a_waiting_second_chat_of_one_user_never_shares_the_row_lock_of_the_firs
     .unwrap();
     assert_eq!((chats, tokens), (2, 800));
 }
+
+#[tokio::test]
+async fn two_processes_racing_with_priced_chats_never_overspend_and_settle_every_charge_exactly() {
+    let (_book_dir, book) = crate::prices::book_file(crate::prices::BOOK);
+    let Some(pair) =
+        TwoInstances::start(&[("INITIAL_TOKENS", "3000"), ("CONFIG_FILE", &book)]).await
+    else {
+        return;
+    };
+    pair.llm
+        .set_reply(Reply::EchoReporting(crate::prices::usage(20, 5, 10, 2)));
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(64)
+        .build()
+        .unwrap();
+    let token = pair.user(&http).await;
+    let chats: Vec<_> = (0..200)
+        .map(|n| {
+            let base = if n % 2 == 0 {
+                &pair.first.base
+            } else {
+                &pair.second.base
+            };
+            let (http, base, token) = (http.clone(), base.clone(), token.clone());
+            tokio::spawn(async move { chat(&http, &base, &token, None).await })
+        })
+        .collect();
+    let mut answered = 0;
+    for chat in chats {
+        match chat.await.unwrap() {
+            200 => answered += 1,
+            402 => {}
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    // 5 + ceil(15 + 2.5 + 20) = 43 a chat, whichever process answered it.
+    assert!(answered > 0);
+    assert_eq!(
+        pair.scalar("SELECT tokens FROM users").await,
+        3000 - 43 * answered
+    );
+    assert_eq!(
+        pair.scalar("SELECT COUNT(*) FROM chats WHERE cost > reserved OR status = 'pending'")
+            .await,
+        0
+    );
+    assert_eq!(
+        pair.scalar("SELECT COUNT(*) FROM ledger WHERE reason = 'chat_settlement'")
+            .await,
+        answered
+    );
+    let audit = pair.audit();
+    assert!(audit.status.success(), "{audit:?}");
+}

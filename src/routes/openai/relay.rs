@@ -102,12 +102,16 @@ mod tests {
             r#"{"model":"m","choices":[{"index":0}]}"#
         );
         let null_usage = r#"{"model":"m","choices":[{"index":0}],"usage":null}"#;
-        assert_eq!(relay(null_usage.into(), "m", false, None).unwrap(), null_usage);
+        assert_eq!(
+            relay(null_usage.into(), "m", false, None).unwrap(),
+            null_usage
+        );
     }
 
     #[test]
     fn the_charge_goes_into_the_usage_or_a_usage_of_its_own() {
-        let answer = r#"{"model":"m","choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2}}"#;
+        let answer =
+            r#"{"model":"m","choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2}}"#;
         assert_eq!(
             relay(answer.into(), "m", true, Some(7)).unwrap(),
             r#"{"model":"m","choices":[],"usage":{"cost":7,"prompt_tokens":1,"completion_tokens":2}}"#

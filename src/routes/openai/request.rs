@@ -195,13 +195,17 @@ pub(super) fn completion(state: &AppState, raw: RawJson) -> Result<Checked, ApiE
             err.field = "messages";
             err
         })?;
+    // Read for a priced model's reservation; an unpriced model's are passed on unread.
     let mut client_cap: Option<u64> = None;
-    for name in CAPS {
-        if let Some(cap) = count(&fields, name)? {
-            client_cap = Some(client_cap.map_or(cap, |other| other.min(cap)));
+    let mut choices = 1;
+    if priced {
+        for name in CAPS {
+            if let Some(cap) = count(&fields, name)? {
+                client_cap = Some(client_cap.map_or(cap, |other| other.min(cap)));
+            }
         }
+        choices = count(&fields, "n")?.unwrap_or(1);
     }
-    let choices = count(&fields, "n")?.unwrap_or(1);
     let hold = raw.hold.clone().map(|hold| Box::new(hold) as _);
     let mut forwarded =
         Forwarded::from_fields(&raw.body, &fields, model, stream, !has_system, hold);
@@ -218,7 +222,10 @@ fn count(fields: &Fields<'_>, name: &'static str) -> Result<Option<u64>, ApiErro
         None | Some("null") => Ok(None),
         Some(raw) => match serde_json::from_str::<u64>(raw) {
             Ok(count) if count >= 1 => Ok(Some(count)),
-            _ => Err(invalid(name, format!("{name} must be a whole number of at least 1"))),
+            _ => Err(invalid(
+                name,
+                format!("{name} must be a whole number of at least 1"),
+            )),
         },
     }
 }
@@ -231,7 +238,10 @@ fn media_parts_of(content: Option<&RawValue>) -> u64 {
         #[serde(rename = "type", borrow)]
         kind: Option<Cow<'a, str>>,
     }
-    let Some(raw) = content.map(RawValue::get).filter(|raw| raw.starts_with('[')) else {
+    let Some(raw) = content
+        .map(RawValue::get)
+        .filter(|raw| raw.starts_with('['))
+    else {
         return 0;
     };
     // A content that is not an array of parts is refused, or passed on, elsewhere; here it

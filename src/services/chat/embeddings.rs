@@ -62,8 +62,14 @@ async fn run(
     };
     let settle_within = recovery::abandoned_after(&chats.config);
     let prices = pricing.map(|pricing| pricing.prices);
-    let reserved =
-        db::embeddings::reserve(&chats.db, user_id, &request.model, cost, prices, settle_within);
+    let reserved = db::embeddings::reserve(
+        &chats.db,
+        user_id,
+        &request.model,
+        cost,
+        prices,
+        settle_within,
+    );
     let embedding_id = match reserved.await? {
         Reservation::Reserved { embedding_id } => embedding_id,
         Reservation::Insufficient { balance } => {
@@ -95,7 +101,9 @@ async fn run(
                     // What it is charged for is what it keeps.
                     usage = Some(EmbeddingUsage {
                         prompt_tokens: prompt as i64,
-                        total_tokens: embedding.usage.map_or(prompt as i64, |usage| usage.total_tokens),
+                        total_tokens: embedding
+                            .usage
+                            .map_or(prompt as i64, |usage| usage.total_tokens),
                     });
                     let used = TokenCounts {
                         prompt,
@@ -103,7 +111,11 @@ async fn run(
                     };
                     let charge = prices.charge(used).unwrap_or(i64::MAX);
                     if charge > cost {
-                        tracing::warn!(embedding_id, prompt, "the model reported more than was reserved: charged the reservation");
+                        tracing::warn!(
+                            embedding_id,
+                            prompt,
+                            "the model reported more than was reserved: charged the reservation"
+                        );
                         chats.metrics.usage_overrun();
                     }
                     (Some(source), Some(charge.min(cost)))

@@ -82,7 +82,11 @@ impl Metering {
         let bound = request
             .body_bytes
             .saturating_add(system)
-            .saturating_add(request.media_parts.saturating_mul(pricing.media_part_tokens))
+            .saturating_add(
+                request
+                    .media_parts
+                    .saturating_mul(pricing.media_part_tokens),
+            )
             .saturating_add(CALL_OVERHEAD_TOKENS);
         Self::Priced(Priced::new(
             &request.model,
@@ -124,7 +128,12 @@ impl Metering {
 
     /// How a chat whose model finished settles: by the `usage` it reported, or by `text` and
     /// `tool_calls` counted when it reported none.
-    pub fn answered(&self, usage: Option<Usage>, text: &str, tool_calls: Option<&str>) -> Settlement {
+    pub fn answered(
+        &self,
+        usage: Option<Usage>,
+        text: &str,
+        tool_calls: Option<&str>,
+    ) -> Settlement {
         match self {
             Self::Flat { .. } => flat(usage),
             Self::Priced(priced) => priced.settle(usage, text, tool_calls),
@@ -134,7 +143,12 @@ impl Metering {
     /// How a chat cut short after `text` and `tool_calls` were delivered settles when it is
     /// charged (`ABANDONED_STREAM_CHARGE=delivered`): a flat chat keeps its cost, a priced
     /// one pays for its prompt and what was delivered.
-    pub fn delivered(&self, usage: Option<Usage>, text: &str, tool_calls: Option<&str>) -> Settlement {
+    pub fn delivered(
+        &self,
+        usage: Option<Usage>,
+        text: &str,
+        tool_calls: Option<&str>,
+    ) -> Settlement {
         match self {
             Self::Flat { .. } => flat(usage),
             Self::Priced(priced) => priced.settle_delivered(usage, text, tool_calls),
@@ -173,9 +187,11 @@ impl Metering {
     pub fn required(&self, min_output_tokens: u64) -> i64 {
         match self {
             Self::Flat { cost } => *cost,
-            Self::Priced(priced) if priced.client_cap.is_none() => priced
-                .clone_with_cap(min_output_tokens.min(priced.output_cap))
-                .reserved,
+            Self::Priced(priced) if priced.client_cap.is_none() => {
+                priced
+                    .clone_with_cap(min_output_tokens.min(priced.output_cap))
+                    .reserved
+            }
             Self::Priced(priced) => priced.reserved,
         }
     }

@@ -376,7 +376,8 @@ impl ChatInFlight {
         let failure = match answer {
             Some(Ok(completion)) if !self.client_gone.is_cancelled() => {
                 let tool_calls = completion.tool_calls.as_deref();
-                let settlement = metering.answered(completion.usage, &completion.content, tool_calls);
+                let settlement =
+                    metering.answered(completion.usage, &completion.content, tool_calls);
                 self.count_overrun(chat_id, &settlement);
                 let answer = Answer {
                     text: &completion.content,

@@ -48,9 +48,17 @@ async fn a_process_with_a_shorter_time_out_never_refunds_anothers_live_chat() {
         .await)
         .unwrap();
     let settle_within = recovery::abandoned_after(&app.state.config);
-    tokenchat::db::chats::reserve(&app.state.db, user_id, None, "orphan", 100, settle_within)
-        .await
-        .unwrap();
+    tokenchat::db::chats::reserve(
+        &app.state.db,
+        user_id,
+        None,
+        "orphan",
+        100,
+        None,
+        settle_within,
+    )
+    .await
+    .unwrap();
     let now = tokenchat::db::unix_now();
     assert_eq!(
         impatient

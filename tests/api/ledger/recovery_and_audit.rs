@@ -23,6 +23,7 @@ async fn recovery_refunds_abandoned_chats_once_however_many_sweep() {
             None,
             "orphan",
             100,
+            None,
             Duration::from_secs(60),
         )
         .await
@@ -70,6 +71,7 @@ async fn orphaned_chat(app: &TestApp, user_id: i64) {
         None,
         "orphan",
         100,
+        None,
         Duration::from_secs(60),
     )
     .await

@@ -55,7 +55,7 @@ async fn embeddings_pass_through_metered_by_their_cost_and_recorded_with_model_a
     assert_eq!(data[0]["embedding"], json!([3.0, 14.0, 0.5, -0.5]));
     assert_eq!(
         answered.json["usage"],
-        json!({ "prompt_tokens": 5, "total_tokens": 5 })
+        json!({ "cost": 3, "prompt_tokens": 5, "total_tokens": 5 })
     );
     assert_eq!(answered.tokens_remaining(), 3997);
 
@@ -227,6 +227,7 @@ async fn an_embeddings_call_left_pending_by_a_dead_process_is_refunded_by_recove
         user_id,
         "llama3.2",
         1,
+        None,
         Duration::from_secs(60),
     )
     .await
@@ -281,7 +282,7 @@ async fn the_demo_model_makes_embeddings_as_floats_or_base64() {
     assert!((norm - 1.0).abs() < 1e-5, "{norm}");
     assert_eq!(
         floats.json["usage"],
-        json!({ "prompt_tokens": 3, "total_tokens": 3 })
+        json!({ "cost": 1, "prompt_tokens": 3, "total_tokens": 3 })
     );
 
     let encoded = embed(

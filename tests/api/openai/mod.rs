@@ -20,7 +20,7 @@ use tower::ServiceExt;
 
 use crate::common::{Reply, TestApp, TestResponse};
 
-pub(super) async fn key_of(app: &TestApp, username: &str) -> String {
+pub(crate) async fn key_of(app: &TestApp, username: &str) -> String {
     let token = app.user_with_token(username).await;
     let created = app
         .post_authorized("/keys", &token, json!({ "name": "sdk" }))
@@ -28,7 +28,7 @@ pub(super) async fn key_of(app: &TestApp, username: &str) -> String {
     created.json["key"].as_str().unwrap().to_string()
 }
 
-pub(super) async fn completions(app: &TestApp, key: &str, body: Value) -> TestResponse {
+pub(crate) async fn completions(app: &TestApp, key: &str, body: Value) -> TestResponse {
     let authorization = format!("Bearer {key}");
     app.request(
         Method::POST,
@@ -42,7 +42,7 @@ pub(super) async fn completions(app: &TestApp, key: &str, body: Value) -> TestRe
     .await
 }
 
-pub(super) fn completion_request(key: &str, body: &Value) -> Request<Body> {
+pub(crate) fn completion_request(key: &str, body: &Value) -> Request<Body> {
     Request::builder()
         .method(Method::POST)
         .uri("/v1/chat/completions")
@@ -53,7 +53,7 @@ pub(super) fn completion_request(key: &str, body: &Value) -> Request<Body> {
 }
 
 /// The `data:` payloads of a streamed completion, to its end.
-pub(super) async fn stream_completion(app: &TestApp, key: &str, body: Value) -> Vec<String> {
+pub(crate) async fn stream_completion(app: &TestApp, key: &str, body: Value) -> Vec<String> {
     let request = completion_request(key, &body);
     let response = app.router.clone().oneshot(request).await.unwrap();
     assert_eq!(response.status(), StatusCode::OK);
@@ -76,7 +76,7 @@ pub(super) async fn stream_completion(app: &TestApp, key: &str, body: Value) -> 
 
 /// Asserts OpenAI's error object: all four keys, and this status, type and code.
 #[track_caller]
-pub(super) fn assert_openai_error(
+pub(crate) fn assert_openai_error(
     response: &TestResponse,
     status: StatusCode,
     kind: &str,

@@ -47,6 +47,9 @@ pub enum Reply {
     /// Like `Echo`, but without `usage` (and, streamed, without a usage chunk even when asked),
     /// as some OpenAI-compatible servers answer.
     EchoWithoutUsage,
+    /// Like `Echo`, but reporting this usage whatever it answered: a model that says it used
+    /// more than its cap, or one whose cache served part of the prompt.
+    EchoReporting(answers::Usage),
     /// This status, with an OpenAI-style error body.
     Status(u16),
     /// A 200 whose body is not JSON.
@@ -329,7 +332,10 @@ async fn completions(
     if let Some(failed) = failure(&reply, &headers) {
         return failed;
     }
-    let answered = answer(&body);
+    let mut answered = answer(&body);
+    if let Reply::EchoReporting(usage) = reply {
+        answered.usage = usage;
+    }
     let usage = include_usage.then_some(answered.usage);
     match reply {
         Reply::NoChoices => {
