@@ -351,3 +351,126 @@ async fn a_model_the_book_does_not_price_keeps_the_flat_cost() {
     assert_eq!((row.cost, row.reserved, row.price_prompt), (100, 100, None));
     app.assert_all_settled().await;
 }
+
+/// The README's book ("Prices").
+const README_BOOK: &str = r#"
+[models."gpt-4o-mini"]
+prompt = 1500
+cached_prompt = 750
+completion = 6000
+request = 1
+max_output_tokens = 4096
+"#;
+
+#[tokio::test]
+async fn the_readmes_worked_example_holds_to_the_token() {
+    let (_dir, path) = book_file(README_BOOK);
+    let question = "What is the capital of France?";
+    let with_balance = |initial: &'static str| {
+        let path = path.clone();
+        async move {
+            let app = TestApp::with_env(&[
+                ("CONFIG_FILE", &path),
+                ("LLM_MODEL", "gpt-4o-mini"),
+                ("INITIAL_TOKENS", initial),
+            ])
+            .await;
+            let token = app.user_with_token("reader").await;
+            app.llm
+                .set_reply(Reply::EchoReporting(usage(34, 0, 120, 0)));
+            (app, token)
+        }
+    };
+    let (app, token) = with_balance("4000").await;
+    let answered = chat(&app, &token, question).await;
+    assert_eq!(
+        (&answered.json["tokens_charged"], &answered.json["tokens"]),
+        (&json!(2), &json!(3998)),
+        "{answered:?}"
+    );
+    assert_eq!(last_sent(&app)["max_tokens"], 4096);
+    let moves = app.get_authorized("/transactions", &token).await;
+    let rows: Vec<(&str, i64, i64)> = moves.json["transactions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|row| {
+            (
+                row["reason"].as_str().unwrap(),
+                row["amount"].as_i64().unwrap(),
+                row["balance_after"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            ("chat_settlement", 24, 3998),
+            ("chat_reservation", -26, 3974),
+            ("initial_grant", 4000, 4000),
+        ]
+    );
+
+    let (app, token) = with_balance("10").await;
+    let answered = chat(&app, &token, question).await;
+    assert_eq!(
+        answered.headers["x-max-tokens-applied"], "1487",
+        "{answered:?}"
+    );
+    assert_eq!(last_sent(&app)["max_tokens"], 1487);
+
+    let (app, token) = with_balance("1").await;
+    let refused = chat(&app, &token, question).await;
+    refused.assert_error(StatusCode::PAYMENT_REQUIRED, "out_of_tokens");
+    assert_eq!(
+        (&refused.json["tokens"], &refused.json["required"]),
+        (&json!(1), &json!(2))
+    );
+}
+
+#[test]
+fn tokenchat_models_lists_the_book_and_a_bad_book_stops_start_up_with_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("tokenchat.toml"), README_BOOK).unwrap();
+    let database = format!("sqlite://{}", dir.path().join("t.db").display());
+    let vars = [("DATABASE_URL", database.as_str())];
+    let listed = crate::server::Server::command(dir.path(), &vars)
+        .arg("models")
+        .output()
+        .unwrap();
+    assert!(listed.status.success(), "{listed:?}");
+    let listed = String::from_utf8_lossy(&listed.stdout);
+    let line = listed
+        .lines()
+        .find(|line| line.starts_with("gpt-4o-mini"))
+        .unwrap_or_else(|| panic!("{listed}"));
+    let cells: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(
+        cells,
+        [
+            "gpt-4o-mini",
+            "1500",
+            "750",
+            "6000",
+            "1",
+            "4096",
+            "o200k_base"
+        ]
+    );
+
+    std::fs::write(
+        dir.path().join("tokenchat.toml"),
+        "[models.\"gpt-4o-mini\"]\nprompt = 1500\ncompletion = \"lots\"\n",
+    )
+    .unwrap();
+    let refused = crate::server::Server::command(dir.path(), &vars)
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(said.trim().lines().count(), 1, "{said}");
+    assert!(
+        said.contains("invalid CONFIG_FILE: tokenchat.toml, line 3, field completion: "),
+        "{said}"
+    );
+}
