@@ -104,6 +104,31 @@ impl TwoInstances {
         login["token"].as_str().unwrap().to_string()
     }
 
+    /// `count` chats at once, every other one to each process; how many were answered (the
+    /// rest must be 402).
+    async fn race_chats(&self, http: &reqwest::Client, token: &str, count: usize) -> i64 {
+        let chats: Vec<_> = (0..count)
+            .map(|n| {
+                let base = if n % 2 == 0 {
+                    &self.first.base
+                } else {
+                    &self.second.base
+                };
+                let (http, base, token) = (http.clone(), base.clone(), token.to_string());
+                tokio::spawn(async move { chat(&http, &base, &token, None).await })
+            })
+            .collect();
+        let mut answered = 0;
+        for chat in chats {
+            match chat.await.unwrap() {
+                200 => answered += 1,
+                402 => {}
+                other => panic!("unexpected status {other}"),
+            }
+        }
+        answered
+    }
+
     fn audit(&self) -> std::process::Output {
         Server::command(self._dir.path(), &[("DATABASE_URL", self.database.url())])
             .arg("audit")
@@ -143,25 +168,7 @@ async fn two_processes_racing_for_the_last_tokens_answer_exactly_what_the_balanc
         .build()
         .unwrap();
     let token = pair.user(&http).await;
-    let chats: Vec<_> = (0..300)
-        .map(|n| {
-            let base = if n % 2 == 0 {
-                &pair.first.base
-            } else {
-                &pair.second.base
-            };
-            let (http, base, token) = (http.clone(), base.clone(), token.clone());
-            tokio::spawn(async move { chat(&http, &base, &token, None).await })
-        })
-        .collect();
-    let mut answered = 0;
-    for chat in chats {
-        match chat.await.unwrap() {
-            200 => answered += 1,
-            402 => {}
-            other => panic!("unexpected status {other}"),
-        }
-    }
+    let answered = pair.race_chats(&http, &token, 300).await;
     assert_eq!(answered, 50);
     assert_eq!(pair.llm.calls(), 50);
     assert_eq!(pair.scalar("SELECT tokens FROM users").await, 0);
@@ -545,25 +552,7 @@ async fn two_processes_racing_with_priced_chats_never_overspend_and_settle_every
         .build()
         .unwrap();
     let token = pair.user(&http).await;
-    let chats: Vec<_> = (0..200)
-        .map(|n| {
-            let base = if n % 2 == 0 {
-                &pair.first.base
-            } else {
-                &pair.second.base
-            };
-            let (http, base, token) = (http.clone(), base.clone(), token.clone());
-            tokio::spawn(async move { chat(&http, &base, &token, None).await })
-        })
-        .collect();
-    let mut answered = 0;
-    for chat in chats {
-        match chat.await.unwrap() {
-            200 => answered += 1,
-            402 => {}
-            other => panic!("unexpected status {other}"),
-        }
-    }
+    let answered = pair.race_chats(&http, &token, 200).await;
     // 5 + ceil(15 + 2.5 + 20) = 43 a chat, whichever process answered it.
     assert!(answered > 0);
     assert_eq!(

@@ -140,6 +140,22 @@ pub(crate) async fn chat_ledger(app: &TestApp, chat_id: i64) -> Vec<(String, i64
     .unwrap()
 }
 
+/// The ledger rows of a chat reserved `reserved` and charged `charged` below it.
+pub(crate) fn settled(reserved: i64, charged: i64) -> Vec<(String, i64)> {
+    vec![
+        ("chat_reservation".to_string(), -reserved),
+        ("chat_settlement".to_string(), reserved - charged),
+    ]
+}
+
+/// The ledger rows of a chat reserved `reserved` and refunded.
+pub(crate) fn refunded(reserved: i64) -> Vec<(String, i64)> {
+    vec![
+        ("chat_reservation".to_string(), -reserved),
+        ("chat_refund".to_string(), reserved),
+    ]
+}
+
 /// The body the fake model received last.
 pub(crate) fn last_sent(app: &TestApp) -> Value {
     app.llm
@@ -193,13 +209,7 @@ async fn an_answered_chat_is_charged_its_usage_and_the_rest_of_its_reservation_c
             price_request: Some(5),
         }
     );
-    assert_eq!(
-        chat_ledger(&app, chat_id).await,
-        [
-            ("chat_reservation".to_string(), -reserved),
-            ("chat_settlement".to_string(), reserved - charged),
-        ]
-    );
+    assert_eq!(chat_ledger(&app, chat_id).await, settled(reserved, charged));
     let history = app.get_authorized("/chats", &token).await;
     assert_eq!(
         history.json["chats"][0]["tokens_charged"], charged,
