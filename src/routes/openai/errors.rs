@@ -44,6 +44,16 @@ error_responses! { OpenAiError =>
         401: "invalid_api_key",
         403: "permission_error",
     }
+    /// What a `/v1` call to the model (a completion, embeddings) can fail with.
+    OpenAiCallErrors {
+        400: "invalid_request_error: ours, or the model's own",
+        402: "insufficient_quota",
+        404: "model_not_found (or the model's own 404)",
+        429: "rate_limit_exceeded",
+        502: "upstream_error",
+        503: "upstream_busy, with Retry-After",
+        504: "upstream_timeout",
+    }
 }
 
 /// Middleware of the `/v1` routes: every error answer, from a handler or a layer, in

@@ -22,7 +22,7 @@ pub use self::errors::{openai_errors, unknown_route, OpenAiError};
 use self::{
     chunks::chunk_stream,
     completion::{stored_tool_calls, Completion},
-    errors::{v1_error, OpenAiUnauthorised},
+    errors::{v1_error, OpenAiCallErrors, OpenAiUnauthorised},
     relay::relay,
     request::{CompletionRequest, EmbeddingRequest},
 };
@@ -105,16 +105,10 @@ pub async fn models(State(state): State<AppState>, _user: AuthUser) -> Json<Mode
                            events, then [DONE]) as it gave it, `model` the name asked for",
             body = Completion
         ),
-        (status = 400, description = "invalid_request_error: ours, or the model's own", body = OpenAiError),
         OpenAiUnauthorised,
-        (status = 402, description = "insufficient_quota", body = OpenAiError),
-        (status = 404, description = "model_not_found (or the model's own 404)", body = OpenAiError),
+        OpenAiCallErrors,
         (status = 413, description = "request_too_large (or the model's own 413)", body = OpenAiError),
         (status = 422, description = "idempotency_key_reused (or the model's own 422)", body = OpenAiError),
-        (status = 429, description = "rate_limit_exceeded", body = OpenAiError),
-        (status = 502, description = "upstream_error", body = OpenAiError),
-        (status = 503, description = "upstream_busy, with Retry-After", body = OpenAiError),
-        (status = 504, description = "upstream_timeout", body = OpenAiError),
     )
 )]
 pub async fn chat_completions(
@@ -179,14 +173,8 @@ pub async fn chat_completions(
                            EMBEDDING_COST tokens charged",
             body = Object
         ),
-        (status = 400, description = "invalid_request_error: ours, or the model's own", body = OpenAiError),
         OpenAiUnauthorised,
-        (status = 402, description = "insufficient_quota", body = OpenAiError),
-        (status = 404, description = "model_not_found (or the model's own 404)", body = OpenAiError),
-        (status = 429, description = "rate_limit_exceeded", body = OpenAiError),
-        (status = 502, description = "upstream_error", body = OpenAiError),
-        (status = 503, description = "upstream_busy, with Retry-After", body = OpenAiError),
-        (status = 504, description = "upstream_timeout", body = OpenAiError),
+        OpenAiCallErrors,
     )
 )]
 pub async fn embeddings(
