@@ -44,20 +44,27 @@ pub(super) struct Priced {
 }
 
 impl Metering {
-    /// How a `/chat` chat with `prompt` (the system prompt, earlier turns and the message)
-    /// to `model` is charged.
-    pub fn of_turns(pricing: &ModelPricing, model: &str, prompt: &[PromptMessage<'_>]) -> Self {
-        let counted: u64 = prompt
-            .iter()
-            .map(|message| pricing.tokenizer.count(message.content))
-            .sum();
-        let overhead = MESSAGE_OVERHEAD_TOKENS * prompt.len() as u64 + CALL_OVERHEAD_TOKENS;
+    /// How a `/chat` chat to `model` is charged whose prompt is a system prompt of
+    /// `system_prompt` tokens and `turns` (the earlier turns and the message).
+    pub fn of_turns(
+        pricing: &ModelPricing,
+        model: &str,
+        system_prompt: u64,
+        turns: &[PromptMessage<'_>],
+    ) -> Self {
+        let counted: u64 = system_prompt
+            + turns
+                .iter()
+                .map(|message| pricing.tokenizer.count(message.content))
+                .sum::<u64>();
+        let messages = 1 + turns.len() as u64;
+        let overhead = MESSAGE_OVERHEAD_TOKENS * messages + CALL_OVERHEAD_TOKENS;
         Self::Priced(Priced::new(
             model,
             *pricing,
             counted + overhead,
             // OpenAI's chat format: 3 tokens around each message and 3 to prime the reply.
-            counted + 3 * prompt.len() as u64 + 3,
+            counted + 3 * messages + 3,
             1,
             None,
         ))

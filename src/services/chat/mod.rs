@@ -100,9 +100,12 @@ pub struct Chats {
     /// Cancelled when shutdown's grace period is over: chats still waiting for the model
     /// give up and are refunded, so the process can exit with its accounts settled.
     cut_short: CancellationToken,
-    /// The cost rules (`CHAT_COST`, `ABANDONED_STREAM_CHARGE`), the time limits and the
-    /// context and idempotency settings.
+    /// The cost rules (`CHAT_COST`, `ABANDONED_STREAM_CHARGE`, the price book), the time
+    /// limits and the context and idempotency settings.
     config: Arc<Config>,
+    /// `LLM_SYSTEM_PROMPT` in tokens of `LLM_MODEL`'s tokenizer, when the book prices it:
+    /// counted once here rather than in every `/chat`.
+    system_prompt_tokens: Option<u64>,
 }
 
 impl Chats {
@@ -115,6 +118,10 @@ impl Chats {
         cut_short: CancellationToken,
         config: Arc<Config>,
     ) -> Self {
+        let system_prompt_tokens = config
+            .price_book
+            .model(llm.model_name())
+            .map(|pricing| pricing.tokenizer.count(llm.system_prompt()));
         Self {
             db,
             llm,
@@ -123,6 +130,7 @@ impl Chats {
             tasks,
             cut_short,
             config,
+            system_prompt_tokens,
         }
     }
 }
@@ -243,12 +251,14 @@ impl ChatInFlight {
             ),
             None => {
                 let model = chats.llm.model_name();
-                match book.model(model) {
-                    None => Metering::Flat { cost: flat },
-                    Some(pricing) => {
+                match (book.model(model), chats.system_prompt_tokens) {
+                    (Some(pricing), Some(system_prompt)) => {
                         let prompt = chats.llm.prompt(earlier, self.message.as_str());
-                        Metering::of_turns(pricing, model, &prompt)
+                        // The system prompt comes first, counted once at start.
+                        let turns = prompt.get(1..).unwrap_or_default();
+                        Metering::of_turns(pricing, model, system_prompt, turns)
                     }
+                    _ => Metering::Flat { cost: flat },
                 }
             }
         }
