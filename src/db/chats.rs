@@ -148,29 +148,46 @@ pub async fn reserve(
 ) -> Result<Reservation, sqlx::Error> {
     let now = unix_now();
     let deadline_at = now.saturating_add_unsigned(settle_within.as_secs());
-    let price = |price: fn(&Prices) -> u64| priced.map(|priced| price(&priced.prices) as i64);
-    let chat_id: Result<Option<i64>, _> = db_run!(db, pool => sqlx::query_scalar(
-        "INSERT INTO chats (user_id, message, status, cost, reserved, created_at, deadline_at,
-                            conversation_id, model, output_cap, price_prompt,
-                            price_cached_prompt, price_completion, price_request)
-         SELECT id, $2, 'pending', $3, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12
-         FROM users WHERE id = $1 AND tokens >= $3
-         RETURNING id",
-    )
-    .bind(user_id)
-    .bind(message)
-    .bind(cost)
-    .bind(now)
-    .bind(deadline_at)
-    .bind(conversation_id)
-    .bind(priced.map(|priced| priced.model))
-    .bind(priced.map(|priced| priced.output_cap as i64))
-    .bind(price(|prices| prices.prompt))
-    .bind(price(|prices| prices.cached_prompt))
-    .bind(price(|prices| prices.completion))
-    .bind(price(|prices| prices.request))
-    .fetch_optional(pool)
-    .await);
+    // A flat chat writes none of the price columns (`reserved` NULL means its cost): the
+    // statement of before prices, which costs the hot path nothing more (BENCHMARKS.md).
+    let chat_id: Result<Option<i64>, _> = match priced {
+        None => db_run!(db, pool => sqlx::query_scalar(
+            "INSERT INTO chats (user_id, message, status, cost, created_at, deadline_at,
+                                conversation_id)
+             SELECT id, $2, 'pending', $3, $4, $5, $6 FROM users WHERE id = $1 AND tokens >= $3
+             RETURNING id",
+        )
+        .bind(user_id)
+        .bind(message)
+        .bind(cost)
+        .bind(now)
+        .bind(deadline_at)
+        .bind(conversation_id)
+        .fetch_optional(pool)
+        .await),
+        Some(priced) => db_run!(db, pool => sqlx::query_scalar(
+            "INSERT INTO chats (user_id, message, status, cost, reserved, created_at, deadline_at,
+                                conversation_id, model, output_cap, price_prompt,
+                                price_cached_prompt, price_completion, price_request)
+             SELECT id, $2, 'pending', $3, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12
+             FROM users WHERE id = $1 AND tokens >= $3
+             RETURNING id",
+        )
+        .bind(user_id)
+        .bind(message)
+        .bind(cost)
+        .bind(now)
+        .bind(deadline_at)
+        .bind(conversation_id)
+        .bind(priced.model)
+        .bind(priced.output_cap as i64)
+        .bind(priced.prices.prompt as i64)
+        .bind(priced.prices.cached_prompt as i64)
+        .bind(priced.prices.completion as i64)
+        .bind(priced.prices.request as i64)
+        .fetch_optional(pool)
+        .await),
+    };
     let chat_id = match chat_id {
         Ok(chat_id) => chat_id,
         // PostgreSQL: the balance read by this statement covered the cost, but a concurrent
@@ -201,6 +218,9 @@ pub async fn settle_answered(
     chat_id: i64,
     answer: Answer<'_>,
 ) -> Result<Option<Settled>, sqlx::Error> {
+    if answer.charge.is_none() {
+        return settle_answered_flat(db, chat_id, answer).await;
+    }
     let settled: Option<(i64, i64, i64)> = db_run!(db, pool => sqlx::query_as(
         "UPDATE chats SET status = 'answered', response = $1, finished_at = $2,
                           prompt_tokens = $4, completion_tokens = $5, tool_calls = $6,
@@ -231,6 +251,34 @@ pub async fn settle_answered(
         balance_after
     };
     Ok(Some(Settled {
+        balance_after,
+        charged,
+    }))
+}
+
+/// [`settle_answered`] for a flat chat, which keeps its reservation: the statement of before
+/// prices, no price columns written (BENCHMARKS.md).
+async fn settle_answered_flat(
+    db: &Db,
+    chat_id: i64,
+    answer: Answer<'_>,
+) -> Result<Option<Settled>, sqlx::Error> {
+    let settled: Option<(i64, i64)> = db_run!(db, pool => sqlx::query_as(
+        "UPDATE chats SET status = 'answered', response = $1, finished_at = $2,
+                          prompt_tokens = $4, completion_tokens = $5, tool_calls = $6
+         WHERE id = $3 AND status = 'pending'
+         RETURNING cost, (SELECT balance_after FROM ledger
+                          WHERE ledger.chat_id = chats.id AND reason = 'chat_reservation')",
+    )
+    .bind(answer.text)
+    .bind(unix_now())
+    .bind(chat_id)
+    .bind(answer.usage.prompt_tokens)
+    .bind(answer.usage.completion_tokens)
+    .bind(answer.tool_calls)
+    .fetch_optional(pool)
+    .await)?;
+    Ok(settled.map(|(charged, balance_after)| Settled {
         balance_after,
         charged,
     }))

@@ -118,7 +118,8 @@ pub(crate) struct ChatRow {
 
 pub(crate) async fn chat_row(app: &TestApp, chat_id: i64) -> ChatRow {
     tokenchat::db_run!(&app.state.db, pool => sqlx::query_as(
-        "SELECT status, cost, reserved, usage_source, prompt_tokens, cached_tokens,
+        "SELECT status, cost, COALESCE(reserved, cost) AS reserved, usage_source,
+                prompt_tokens, cached_tokens,
                 completion_tokens, output_cap, model, price_prompt, price_cached_prompt,
                 price_completion, price_request
          FROM chats WHERE id = $1",
