@@ -48,13 +48,23 @@ fn streamed_answer(every: Option<Duration>) -> axum::body::Body {
 }
 
 pub async fn start_fake_model() -> SocketAddr {
-    let completion = json!({
+    start_fake_model_with(false).await
+}
+
+/// [`start_fake_model`], its whole answers reporting a `usage` (as its streams always do)
+/// when `usage`.
+pub async fn start_fake_model_with(usage: bool) -> SocketAddr {
+    let mut completion = json!({
         "id": "chatcmpl-bench",
         "object": "chat.completion",
         "model": "fake",
         "choices": [{ "index": 0, "message": { "role": "assistant", "content": ANSWER }, "finish_reason": "stop" }]
-    })
-    .to_string();
+    });
+    if usage {
+        completion["usage"] =
+            json!({ "prompt_tokens": 12, "completion_tokens": 30, "total_tokens": 42 });
+    }
+    let completion = completion.to_string();
     let app = Router::new().route(
         "/v1/chat/completions",
         post(move |body: Bytes| {

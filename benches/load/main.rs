@@ -14,7 +14,8 @@
 //! growth benchmark: the same routes on an empty database and on a big one (see `big_db`),
 //! and `tokenchat audit` on each, on SQLite and, with `BENCH_POSTGRES_URL`, on PostgreSQL.
 //! `BENCH_V1=1` runs instead what `/v1` adds to a 100 KB request with tools and to the first
-//! tool-call delta of a stream (see `v1`).
+//! tool-call delta of a stream (see `v1`). `BENCH_PRICED=1` runs instead `/chat` flat and
+//! priced by a price book, in turns (see `priced`).
 //!
 //! The default run is `scenarios`; the others are `backends` and `growth` (its database in
 //! `big_db`). `client` and `measure` drive the load, `fake_model` answers it, `server` and
@@ -30,6 +31,7 @@ mod cores;
 mod fake_model;
 mod growth;
 mod measure;
+mod priced;
 mod report;
 mod scenarios;
 mod server;
@@ -88,6 +90,9 @@ async fn run(pinned: bool) {
     let postgres = std::env::var("BENCH_POSTGRES_URL").ok();
     if std::env::var("BENCH_V1").is_ok_and(|v1| v1 == "1") {
         return v1::run(dir.path(), pinned, measured).await;
+    }
+    if std::env::var("BENCH_PRICED").is_ok_and(|priced| priced == "1") {
+        return priced::run(dir.path(), pinned, measured).await;
     }
     if std::env::var("BENCH_BIG").is_ok_and(|big| big == "1") {
         return growth(dir.path(), model, pinned, measured, postgres.as_deref()).await;

@@ -24,6 +24,17 @@ pub struct Server {
 
 impl Server {
     pub async fn start(dir: &Path, database_url: &str, model: SocketAddr, pinned: bool) -> Self {
+        Self::start_with(dir, database_url, model, pinned, &[]).await
+    }
+
+    /// [`Server::start`] with more variables in its environment (`CONFIG_FILE`, say).
+    pub async fn start_with(
+        dir: &Path,
+        database_url: &str,
+        model: SocketAddr,
+        pinned: bool,
+        env: &[(&str, &str)],
+    ) -> Self {
         let addr = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|listener| listener.local_addr())
             .expect("a free port");
@@ -43,6 +54,7 @@ impl Server {
             .env("LLM_BASE_URL", format!("http://{model}/v1"))
             .env("INITIAL_TOKENS", "1000000000000000")
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
@@ -71,6 +83,29 @@ impl Server {
 
     pub fn peak_rss(&self) -> Option<u64> {
         Some(self.peak.load(Ordering::Relaxed))
+    }
+
+    /// CPU time the server has used so far, all its threads, user and system.
+    pub fn cpu_time(&self) -> Duration {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()));
+        let ticks: u64 = stat
+            .ok()
+            .and_then(|stat| {
+                // After the command's name in parentheses: utime and stime are the 12th and
+                // 13th fields.
+                let fields: Vec<u64> = stat
+                    .rsplit_once(')')?
+                    .1
+                    .split_whitespace()
+                    .skip(11)
+                    .take(2)
+                    .filter_map(|field| field.parse().ok())
+                    .collect();
+                Some(fields.iter().sum())
+            })
+            .unwrap_or(0);
+        // In USER_HZ, which Linux fixes at 100 a second for what it reports to programs.
+        Duration::from_millis(ticks * 10)
     }
 
     pub fn high_water_mark(&self) -> u64 {
