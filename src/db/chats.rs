@@ -221,7 +221,7 @@ pub async fn settle_answered(
     if answer.charge.is_none() {
         return settle_answered_flat(db, chat_id, answer).await;
     }
-    let settled: Option<(i64, i64, i64)> = db_run!(db, pool => sqlx::query_as(
+    let settled: Option<(i64, i64, i64, i64)> = db_run!(db, pool => sqlx::query_as(
         "UPDATE chats SET status = 'answered', response = $1, finished_at = $2,
                           prompt_tokens = $4, completion_tokens = $5, tool_calls = $6,
                           cached_tokens = $7, usage_source = $8,
@@ -229,7 +229,8 @@ pub async fn settle_answered(
          WHERE id = $3 AND status = 'pending'
          RETURNING cost, COALESCE(reserved, cost),
                    (SELECT balance_after FROM ledger
-                    WHERE ledger.chat_id = chats.id AND reason = 'chat_reservation')",
+                    WHERE ledger.chat_id = chats.id AND reason = 'chat_reservation'),
+                   (SELECT tokens FROM users WHERE users.id = chats.user_id)",
     )
     .bind(answer.text)
     .bind(unix_now())
@@ -242,13 +243,19 @@ pub async fn settle_answered(
     .bind(answer.charge)
     .fetch_optional(pool)
     .await)?;
-    let Some((charged, reserved, balance_after)) = settled else {
+    let Some((charged, reserved, reservation_balance, tokens_before)) = settled else {
         return Ok(None);
     };
-    let balance_after = if charged < reserved {
-        settlement_balance(db, chat_id).await?
-    } else {
-        balance_after
+    let balance_after = match db {
+        _ if charged == reserved => reservation_balance,
+        // SQLite computes `RETURNING` before the statement's AFTER triggers (the settlement
+        // row among them) run, and its one writer lets nothing move the balance in between:
+        // the settlement row's balance is the balance before it plus what it gave back.
+        // (Checked by the tests, which compare it with the row's `balance_after`.)
+        Db::Sqlite(_) => tokens_before + (reserved - charged),
+        // PostgreSQL's `RETURNING` reads the statement's snapshot, which a concurrent
+        // commit may have moved past: the row itself is read.
+        Db::Postgres(_) => settlement_balance(db, chat_id).await?,
     };
     Ok(Some(Settled {
         balance_after,
@@ -285,7 +292,7 @@ async fn settle_answered_flat(
 }
 
 /// The balance a chat's `chat_settlement` row left: a statement's `RETURNING` cannot see
-/// the row its trigger wrote, so it is read after.
+/// the row its trigger wrote, so it is read after (on PostgreSQL).
 async fn settlement_balance(db: &Db, chat_id: i64) -> Result<i64, sqlx::Error> {
     db_run!(db, pool => sqlx::query_scalar(
         "SELECT balance_after FROM ledger WHERE chat_id = $1 AND reason = 'chat_settlement'",

@@ -22,9 +22,14 @@ async fn two_hundred_concurrent_priced_chats_never_overspend() {
     let chats =
         (0..200).map(|_| app.post_authorized("/chat", &token, json!({ "message": message })));
     let mut answered = 0;
+    let mut reported = Vec::new();
     for response in join_all(chats).await {
         match response.status {
-            StatusCode::OK => answered += 1,
+            StatusCode::OK => {
+                answered += 1;
+                let chat_id = response.json["chat_id"].as_i64().unwrap();
+                reported.push((chat_id, response.json["tokens"].as_i64().unwrap()));
+            }
             StatusCode::PAYMENT_REQUIRED => {}
             other => panic!("unexpected {other}: {response:?}"),
         }
@@ -46,6 +51,17 @@ async fn two_hundred_concurrent_priced_chats_never_overspend() {
     .unwrap();
     assert_eq!((over, total), (0, answered * charged));
     assert!(reserved > charged);
+    // Each answer's balance is its own settlement row's, however the settlements interleaved.
+    for (chat_id, tokens) in reported {
+        let settled: i64 = tokenchat::db_run!(&app.state.db, pool => sqlx::query_scalar(
+            "SELECT balance_after FROM ledger WHERE chat_id = $1 AND reason = 'chat_settlement'",
+        )
+        .bind(chat_id)
+        .fetch_one(pool)
+        .await)
+        .unwrap();
+        assert_eq!(tokens, settled, "chat {chat_id}");
+    }
     app.assert_all_settled().await;
 }
 
