@@ -9,7 +9,10 @@
 --
 -- The ledger's CHECK on `reason` grows two names, which SQLite cannot change in place: the
 -- ledger is rebuilt as the pass-through migration rebuilt it, and the triggers that write
--- to it created again.
+-- to it created again. Each now inserts its row with VALUES and reads the balance in a
+-- subquery: an INSERT ... SELECT into a table that has triggers (the ledger has two) makes
+-- SQLite gather the rows in a temporary table first, which opened and closed a B-tree on
+-- every reservation, refund and settlement (callgrind: about 20k instructions each).
 
 ALTER TABLE chats ADD COLUMN reserved BIGINT CHECK (reserved >= cost);
 ALTER TABLE chats ADD COLUMN model TEXT;
@@ -73,8 +76,8 @@ END;
 CREATE TRIGGER chat_reserves_its_cost AFTER INSERT ON chats
 BEGIN
     INSERT INTO ledger (user_id, amount, reason, chat_id, balance_after, created_at)
-    SELECT NEW.user_id, -NEW.cost, 'chat_reservation', NEW.id, tokens - NEW.cost, NEW.created_at
-    FROM users WHERE id = NEW.user_id;
+    VALUES (NEW.user_id, -NEW.cost, 'chat_reservation', NEW.id,
+            (SELECT tokens FROM users WHERE id = NEW.user_id) - NEW.cost, NEW.created_at);
 END;
 
 -- A refund gives back the whole reservation, whatever the row's cost says by then.
@@ -83,8 +86,8 @@ WHEN OLD.status = 'pending'
     AND (NEW.status = 'failed' OR (NEW.status = 'abandoned' AND NEW.refunded))
 BEGIN
     INSERT INTO ledger (user_id, amount, reason, chat_id, balance_after, created_at)
-    SELECT NEW.user_id, OLD.cost, 'chat_refund', NEW.id, tokens + OLD.cost, NEW.finished_at
-    FROM users WHERE id = NEW.user_id;
+    VALUES (NEW.user_id, OLD.cost, 'chat_refund', NEW.id,
+            (SELECT tokens FROM users WHERE id = NEW.user_id) + OLD.cost, NEW.finished_at);
     DELETE FROM idempotency_keys WHERE chat_id = NEW.id;
 END;
 
@@ -94,31 +97,31 @@ WHEN OLD.status = 'pending' AND NEW.cost < OLD.cost
     AND (NEW.status = 'answered' OR (NEW.status = 'abandoned' AND NOT NEW.refunded))
 BEGIN
     INSERT INTO ledger (user_id, amount, reason, chat_id, balance_after, created_at)
-    SELECT NEW.user_id, OLD.cost - NEW.cost, 'chat_settlement', NEW.id,
-           tokens + OLD.cost - NEW.cost, NEW.finished_at
-    FROM users WHERE id = NEW.user_id;
+    VALUES (NEW.user_id, OLD.cost - NEW.cost, 'chat_settlement', NEW.id,
+            (SELECT tokens FROM users WHERE id = NEW.user_id) + OLD.cost - NEW.cost,
+            NEW.finished_at);
 END;
 
 CREATE TRIGGER embedding_reserves_its_cost AFTER INSERT ON embeddings
 BEGIN
     INSERT INTO ledger (user_id, amount, reason, embedding_id, balance_after, created_at)
-    SELECT NEW.user_id, -NEW.cost, 'embedding', NEW.id, tokens - NEW.cost, NEW.created_at
-    FROM users WHERE id = NEW.user_id;
+    VALUES (NEW.user_id, -NEW.cost, 'embedding', NEW.id,
+            (SELECT tokens FROM users WHERE id = NEW.user_id) - NEW.cost, NEW.created_at);
 END;
 
 CREATE TRIGGER failed_embedding_is_refunded AFTER UPDATE OF status ON embeddings
 WHEN OLD.status = 'pending' AND NEW.status = 'failed'
 BEGIN
     INSERT INTO ledger (user_id, amount, reason, embedding_id, balance_after, created_at)
-    SELECT NEW.user_id, OLD.cost, 'embedding_refund', NEW.id, tokens + OLD.cost, NEW.finished_at
-    FROM users WHERE id = NEW.user_id;
+    VALUES (NEW.user_id, OLD.cost, 'embedding_refund', NEW.id,
+            (SELECT tokens FROM users WHERE id = NEW.user_id) + OLD.cost, NEW.finished_at);
 END;
 
 CREATE TRIGGER settled_embedding_returns_the_rest AFTER UPDATE OF status ON embeddings
 WHEN OLD.status = 'pending' AND NEW.status = 'answered' AND NEW.cost < OLD.cost
 BEGIN
     INSERT INTO ledger (user_id, amount, reason, embedding_id, balance_after, created_at)
-    SELECT NEW.user_id, OLD.cost - NEW.cost, 'embedding_settlement', NEW.id,
-           tokens + OLD.cost - NEW.cost, NEW.finished_at
-    FROM users WHERE id = NEW.user_id;
+    VALUES (NEW.user_id, OLD.cost - NEW.cost, 'embedding_settlement', NEW.id,
+            (SELECT tokens FROM users WHERE id = NEW.user_id) + OLD.cost - NEW.cost,
+            NEW.finished_at);
 END;
