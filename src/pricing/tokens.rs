@@ -3,7 +3,7 @@
 //! byte-level BPE (each token stands for at least one byte).
 //!
 //! The counting is `bpe-openai`'s (GitHub's linear-time BPE): the same counts as `tiktoken`,
-//! an 8,000-character message in about 0.14 ms where `tiktoken-rs` took 0.23, and a text
+//! an 8,000-character message in about 0.17 ms where `tiktoken-rs` took 0.23, and a text
 //! written to be slow (one letter repeated) in 0.08 ms where it took 1.2 (BENCHMARKS.md).
 //! `tiktoken-rs` still names the encoding of each OpenAI model.
 
