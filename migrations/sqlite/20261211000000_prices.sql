@@ -41,10 +41,13 @@ CREATE TABLE ledger (
     id            INTEGER PRIMARY KEY AUTOINCREMENT,
     user_id       INTEGER NOT NULL REFERENCES users (id) ON DELETE CASCADE,
     amount        BIGINT  NOT NULL,
+    -- Written as equalities, not `reason IN (...)`: SQLite checks an IN list of more than two
+    -- values by building a temporary B-tree of them for every statement that inserts a row.
     reason        TEXT    NOT NULL
-        CHECK (reason IN ('initial_grant', 'chat_reservation', 'chat_refund', 'grant',
-                          'embedding', 'embedding_refund', 'chat_settlement',
-                          'embedding_settlement')),
+        CHECK (reason = 'initial_grant' OR reason = 'chat_reservation'
+               OR reason = 'chat_refund' OR reason = 'grant' OR reason = 'embedding'
+               OR reason = 'embedding_refund' OR reason = 'chat_settlement'
+               OR reason = 'embedding_settlement'),
     chat_id       INTEGER REFERENCES chats (id) ON DELETE CASCADE,
     balance_after BIGINT  NOT NULL CHECK (balance_after >= 0),
     created_at    BIGINT  NOT NULL,
