@@ -185,3 +185,35 @@ async fn embeddings_are_priced_by_their_prompt_tokens() {
     );
     app.assert_all_settled().await;
 }
+
+#[tokio::test]
+async fn a_low_balance_lowers_a_completions_cap_whole_and_streamed() {
+    let body = json!({ "model": "llama3.2", "messages": [{ "role": "user", "content": "hi" }] });
+    // 20 completion tokens past the request and the prompt's bound.
+    let initial = REQUEST + request_bound(&body) + 2 * 20;
+    let app = priced_app(&[("INITIAL_TOKENS", &initial.to_string())]).await;
+    let key = key_of(&app, "short").await;
+    let answered = completions(&app, &key, body.clone()).await;
+    assert_eq!(answered.status, StatusCode::OK, "{answered:?}");
+    assert_eq!(answered.headers["x-max-tokens-applied"], "20");
+    assert_eq!(last_sent(&app)["max_tokens"], 20);
+    app.assert_all_settled().await;
+
+    // Streamed, the body is longer by its `"stream": true`, and so is its bound.
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    let initial = REQUEST + request_bound(&streamed) + 2 * 20;
+    let again = priced_app(&[("INITIAL_TOKENS", &initial.to_string())]).await;
+    let key = key_of(&again, "streamer").await;
+    let request = crate::openai::completion_request(&key, &streamed);
+    let response = tower::ServiceExt::oneshot(again.router.clone(), request)
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()["x-max-tokens-applied"], "20");
+    let _ = http_body_util::BodyExt::collect(response.into_body())
+        .await
+        .unwrap();
+    assert_eq!(last_sent(&again)["max_tokens"], 20);
+    again.assert_all_settled().await;
+}
