@@ -8,7 +8,11 @@
 
 use std::time::Duration;
 
-use super::{db_page, db_read, db_run, unix_now, users, Db};
+use super::{
+    db_page, db_read, db_run,
+    ledger::{self, Settling},
+    unix_now, users, Db,
+};
 use crate::{
     domain::{ChatStatus, PageRequest},
     pricing::Prices,
@@ -221,7 +225,7 @@ pub async fn settle_answered(
     if answer.charge.is_none() {
         return settle_answered_flat(db, chat_id, answer).await;
     }
-    let settled: Option<(i64, i64, i64, i64)> = db_run!(db, pool => sqlx::query_as(
+    let settled: Option<Settling> = db_run!(db, pool => sqlx::query_as(
         "UPDATE chats SET status = 'answered', response = $1, finished_at = $2,
                           prompt_tokens = $4, completion_tokens = $5, tool_calls = $6,
                           cached_tokens = $7, usage_source = $8,
@@ -243,23 +247,14 @@ pub async fn settle_answered(
     .bind(answer.charge)
     .fetch_optional(pool)
     .await)?;
-    let Some((charged, reserved, reservation_balance, tokens_before)) = settled else {
+    let Some(settling) = settled else {
         return Ok(None);
     };
-    let balance_after = match db {
-        _ if charged == reserved => reservation_balance,
-        // SQLite computes `RETURNING` before the statement's AFTER triggers (the settlement
-        // row among them) run, and its one writer lets nothing move the balance in between:
-        // the settlement row's balance is the balance before it plus what it gave back.
-        // (Checked by the tests, which compare it with the row's `balance_after`.)
-        Db::Sqlite(_) => tokens_before + (reserved - charged),
-        // PostgreSQL's `RETURNING` reads the statement's snapshot, which a concurrent
-        // commit may have moved past: the row itself is read.
-        Db::Postgres(_) => settlement_balance(db, chat_id).await?,
-    };
+    let balance_after =
+        ledger::balance_after_settling(db, settling, ledger::Settled::Chat(chat_id)).await?;
     Ok(Some(Settled {
         balance_after,
-        charged,
+        charged: settling.0,
     }))
 }
 
@@ -289,17 +284,6 @@ async fn settle_answered_flat(
         balance_after,
         charged,
     }))
-}
-
-/// The balance a chat's `chat_settlement` row left: a statement's `RETURNING` cannot see
-/// the row its trigger wrote, so it is read after (on PostgreSQL).
-async fn settlement_balance(db: &Db, chat_id: i64) -> Result<i64, sqlx::Error> {
-    db_run!(db, pool => sqlx::query_scalar(
-        "SELECT balance_after FROM ledger WHERE chat_id = $1 AND reason = 'chat_settlement'",
-    )
-    .bind(chat_id)
-    .fetch_one(pool)
-    .await)
 }
 
 /// Marks a pending chat failed, which refunds its reservation and releases its

@@ -5,7 +5,12 @@
 
 use std::time::Duration;
 
-use super::{chats::UsageSource, db_read, db_run, unix_now, users, Db};
+use super::{
+    chats::UsageSource,
+    db_read, db_run,
+    ledger::{self, Settling},
+    unix_now, users, Db,
+};
 use crate::{llm::EmbeddingUsage, pricing::Prices};
 
 /// The outcome of trying to reserve the price of an embeddings call.
@@ -77,14 +82,15 @@ pub async fn settle_answered(
     source: Option<UsageSource>,
     charge: Option<i64>,
 ) -> Result<Option<(i64, i64)>, sqlx::Error> {
-    let settled: Option<(i64, i64, i64)> = db_run!(db, pool => sqlx::query_as(
+    let settled: Option<Settling> = db_run!(db, pool => sqlx::query_as(
         "UPDATE embeddings SET status = 'answered', finished_at = $2, prompt_tokens = $3,
                                total_tokens = $4, usage_source = $5,
                                cost = CASE WHEN $6 < cost THEN $6 ELSE cost END
          WHERE id = $1 AND status = 'pending'
          RETURNING cost, COALESCE(reserved, cost),
                    (SELECT balance_after FROM ledger
-                    WHERE ledger.embedding_id = embeddings.id AND reason = 'embedding')",
+                    WHERE ledger.embedding_id = embeddings.id AND reason = 'embedding'),
+                   (SELECT tokens FROM users WHERE users.id = embeddings.user_id)",
     )
     .bind(embedding_id)
     .bind(unix_now())
@@ -94,21 +100,12 @@ pub async fn settle_answered(
     .bind(charge)
     .fetch_optional(pool)
     .await)?;
-    let Some((charged, reserved, balance_after)) = settled else {
+    let Some(settling) = settled else {
         return Ok(None);
     };
-    if charged == reserved {
-        return Ok(Some((balance_after, charged)));
-    }
-    // The settlement row its trigger wrote, which `RETURNING` cannot see.
-    let balance_after = db_run!(db, pool => sqlx::query_scalar(
-        "SELECT balance_after FROM ledger
-         WHERE embedding_id = $1 AND reason = 'embedding_settlement'",
-    )
-    .bind(embedding_id)
-    .fetch_one(pool)
-    .await)?;
-    Ok(Some((balance_after, charged)))
+    let settled = ledger::Settled::Embedding(embedding_id);
+    let balance_after = ledger::balance_after_settling(db, settling, settled).await?;
+    Ok(Some((balance_after, settling.0)))
 }
 
 /// Marks a pending call failed, which refunds its reservation; `false`, changing nothing,

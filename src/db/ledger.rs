@@ -68,3 +68,48 @@ pub async fn page(db: &Db, user_id: i64, page: PageRequest) -> Result<Vec<Entry>
          ORDER BY l.id DESC LIMIT $3"
     )
 }
+
+/// What a statement that settles a priced call below its reservation returns: its charge,
+/// its reservation, the balance its reservation left, and the user's balance before the
+/// statement's triggers (the settlement row among them) ran.
+pub(super) type Settling = (i64, i64, i64, i64);
+
+/// What a settlement names: a chat, or an embeddings call.
+pub(super) enum Settled {
+    Chat(i64),
+    Embedding(i64),
+}
+
+/// The balance right after a settlement: the reservation's when nothing came back, else
+/// the settlement row's.
+pub(super) async fn balance_after_settling(
+    db: &Db,
+    (charged, reserved, reservation_balance, tokens_before): Settling,
+    settled: Settled,
+) -> Result<i64, sqlx::Error> {
+    Ok(match db {
+        _ if charged == reserved => reservation_balance,
+        // SQLite computes `RETURNING` before the statement's AFTER triggers run, and its one
+        // writer lets nothing move the balance in between: the settlement row's balance is
+        // the balance before it plus what it gave back. (Checked by the tests, which compare
+        // it with the row's `balance_after`.)
+        Db::Sqlite(_) => tokens_before + (reserved - charged),
+        // PostgreSQL's `RETURNING` reads the statement's snapshot, which a concurrent commit
+        // may have moved past; nor can it see a row its trigger wrote: the row is read.
+        Db::Postgres(pool) => {
+            let (sql, id) = match settled {
+                Settled::Chat(id) => (
+                    "SELECT balance_after FROM ledger
+                     WHERE chat_id = $1 AND reason = 'chat_settlement'",
+                    id,
+                ),
+                Settled::Embedding(id) => (
+                    "SELECT balance_after FROM ledger
+                     WHERE embedding_id = $1 AND reason = 'embedding_settlement'",
+                    id,
+                ),
+            };
+            sqlx::query_scalar(sql).bind(id).fetch_one(pool).await?
+        }
+    })
+}

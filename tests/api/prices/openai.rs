@@ -169,6 +169,8 @@ async fn embeddings_are_priced_by_their_prompt_tokens() {
     // The fake counts 4 prompt tokens: 5 + 4.
     let charged = REQUEST + 4;
     assert_eq!(answered.json["usage"]["cost"], charged);
+    // The balance the settlement left.
+    assert_eq!(answered.tokens_remaining(), 4000 - charged);
     let reserved = REQUEST + body.to_string().len() as i64;
     let rows: Vec<(String, i64)> = tokenchat::db_run!(&app.state.db, pool => sqlx::query_as(
         "SELECT reason, amount FROM ledger WHERE embedding_id IS NOT NULL ORDER BY id",
