@@ -132,11 +132,11 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
     let address = listener
         .local_addr()
         .context("cannot read the bound address")?;
-    match &state.config.llm_base_url {
-        Some(url) => tracing::info!(
+    match &state.config.routing {
+        Some(routing) => tracing::info!(
             %address,
-            model = %state.config.llm_model,
-            llm = %url,
+            model = state.llm.model_name(),
+            upstreams = routing.upstreams.len(),
             "tokenchat listening"
         ),
         None => {

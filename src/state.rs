@@ -47,8 +47,8 @@ impl AppState {
         for (_, model) in config.price_book.models() {
             model.tokenizer.load();
         }
-        let llm = LlmClient::new(&config)?;
         let metrics = Metrics::new();
+        let llm = LlmClient::new(&config, metrics.clone())?;
         let throttle = Arc::new(Throttle::new(&config.abuse));
         let passwords = Arc::new(PasswordHasher::new(config.abuse.password_hash_queue));
         let tasks = TaskTracker::new();

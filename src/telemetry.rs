@@ -165,6 +165,19 @@ impl Metrics {
                 "tokenchat_upstream_errors_total",
                 "Model failures, by kind."
             );
+            metrics::describe_counter!(
+                "tokenchat_upstream_attempts_total",
+                "Calls to each upstream (one per target a chat tried), by outcome: answered, or the kind of failure."
+            );
+            metrics::describe_histogram!(
+                "tokenchat_upstream_attempt_seconds",
+                metrics::Unit::Seconds,
+                "Time each upstream took to begin its answer, or to fail."
+            );
+            metrics::describe_gauge!(
+                "tokenchat_upstream_breaker_state",
+                "Each target's circuit breaker: 0 closed, 1 open, 2 half open (its probe next), 3 cooling (Retry-After)."
+            );
             metrics::describe_gauge!(
                 "tokenchat_chats_in_flight",
                 "Chats being served: reserving, waiting for the model, settling."
@@ -289,6 +302,32 @@ impl Metrics {
             if let Some(kind) = error {
                 metrics::counter!("tokenchat_upstream_errors_total", "kind" => kind).increment(1);
             }
+        });
+    }
+
+    /// One call of `upstream` ended after `took` as `outcome` (`answered`, or the kind of
+    /// its failure).
+    pub fn upstream_attempt(&self, upstream: &str, outcome: &'static str, took: Duration) {
+        self.record(|| {
+            let upstream = upstream.to_string();
+            metrics::counter!(
+                "tokenchat_upstream_attempts_total",
+                "upstream" => upstream.clone(), "outcome" => outcome
+            )
+            .increment(1);
+            metrics::histogram!("tokenchat_upstream_attempt_seconds", "upstream" => upstream)
+                .record(took.as_secs_f64());
+        });
+    }
+
+    /// The breaker of `upstream`'s target for `model` is now in `state`.
+    pub fn breaker(&self, upstream: &str, model: &str, state: crate::llm::BreakerState) {
+        self.record(|| {
+            metrics::gauge!(
+                "tokenchat_upstream_breaker_state",
+                "upstream" => upstream.to_string(), "model" => model.to_string()
+            )
+            .set(state.gauge());
         });
     }
 

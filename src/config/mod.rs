@@ -3,6 +3,7 @@
 //! the optional configuration file with the price book ([`file`]).
 
 pub mod file;
+pub mod routing;
 mod urls;
 mod vars;
 
@@ -12,6 +13,7 @@ use secrecy::SecretString;
 
 use crate::pricing::PriceBook;
 
+pub use routing::{RetryPolicy, Routing};
 pub use urls::{redacted_url, DatabaseUrl, UpstreamUrl};
 use vars::Vars;
 
@@ -51,6 +53,11 @@ pub struct Config {
     pub config_file: Option<PathBuf>,
     /// The prices per model and per token from `CONFIG_FILE`; empty: flat `CHAT_COST`.
     pub price_book: Arc<PriceBook>,
+    /// Which upstreams serve which models (the configuration file's upstreams and targets,
+    /// and the `LLM_BASE_URL` shorthand); `None`: the built-in demo model.
+    pub routing: Option<Routing>,
+    /// How a call moves on from a failing target (`UPSTREAM_*`).
+    pub retry: RetryPolicy,
     /// `MIN_OUTPUT_TOKENS`: the shortest answer a low balance's cap is lowered to.
     pub min_output_tokens: u64,
     /// `EMBEDDING_COST`: tokens per answered `/v1/embeddings` call.
@@ -221,11 +228,45 @@ impl Config {
             Some(path) if path.trim().is_empty() => None,
             Some(path) => Some(PathBuf::from(path)),
         };
-        let price_book = match &config_file {
-            None => PriceBook::default(),
+        let llm_api_key = lookup("LLM_API_KEY")
+            .filter(|key| !key.is_empty())
+            .map(SecretString::from);
+        let llm_model = vars.string("LLM_MODEL", "llama3.2");
+        let llm_models: Vec<String> = vars
+            .string("LLM_MODELS", "")
+            .split(',')
+            .map(str::trim)
+            .filter(|name| !name.is_empty())
+            .map(str::to_string)
+            .collect();
+        let mut config_file_read = match &config_file {
+            None => file::ConfigFile::default(),
             Some(path) => {
-                file::read(path).map_err(|err| ConfigError::new("CONFIG_FILE", err.to_string()))?
+                let context = file::Context {
+                    lookup: &lookup,
+                    shorthand_upstream: llm_base_url.is_some(),
+                };
+                file::read(path, &context)
+                    .map_err(|err| ConfigError::new("CONFIG_FILE", err.to_string()))?
             }
+        };
+        let routing = routing::resolve(
+            routing::Shorthand {
+                base_url: llm_base_url.clone(),
+                api_key: llm_api_key.clone(),
+                model: llm_model.clone(),
+                models: llm_models.clone(),
+            },
+            &mut config_file_read,
+        )?;
+        let cooldown = vars.seconds("UPSTREAM_COOLDOWN_SECS", "5", 1, HOUR_SECS)?;
+        let retry = RetryPolicy {
+            max_attempts: vars.between("UPSTREAM_MAX_ATTEMPTS", "3", 1, 100)?,
+            failures_to_open: vars.between("UPSTREAM_FAILURES_TO_OPEN", "5", 1, 1_000_000)?,
+            cooldown,
+            cooldown_max: vars
+                .seconds("UPSTREAM_COOLDOWN_MAX_SECS", "300", 1, DAY_SECS)?
+                .max(cooldown),
         };
         let config = Self {
             bind_addr: vars.parse("BIND_ADDR", "127.0.0.1:8000")?,
@@ -244,17 +285,9 @@ impl Config {
                 )?)),
             },
             llm_base_url,
-            llm_api_key: lookup("LLM_API_KEY")
-                .filter(|key| !key.is_empty())
-                .map(SecretString::from),
-            llm_model: vars.string("LLM_MODEL", "llama3.2"),
-            llm_models: vars
-                .string("LLM_MODELS", "")
-                .split(',')
-                .map(str::trim)
-                .filter(|name| !name.is_empty())
-                .map(str::to_string)
-                .collect(),
+            llm_api_key,
+            llm_model,
+            llm_models,
             llm_system_prompt: vars.string("LLM_SYSTEM_PROMPT", DEFAULT_SYSTEM_PROMPT),
             llm_timeout: vars.seconds("LLM_TIMEOUT_SECS", "60", 1, HOUR_SECS)?,
             llm_stream_idle: vars.seconds("LLM_STREAM_IDLE_SECS", "30", 1, HOUR_SECS)?,
@@ -262,7 +295,9 @@ impl Config {
             abandoned_stream_charge: vars.parse("ABANDONED_STREAM_CHARGE", "delivered")?,
             chat_cost: vars.between("CHAT_COST", "100", 1, MAX_BALANCE)?,
             config_file,
-            price_book: Arc::new(price_book),
+            price_book: Arc::new(std::mem::take(&mut config_file_read.price_book)),
+            routing,
+            retry,
             min_output_tokens: vars.between("MIN_OUTPUT_TOKENS", "16", 1, 1_000_000)?,
             embedding_cost: vars.between("EMBEDDING_COST", "1", 1, MAX_BALANCE)?,
             initial_tokens: vars.between("INITIAL_TOKENS", "4000", 0, MAX_BALANCE)?,

@@ -46,13 +46,18 @@ pub struct Chat {
     pub tool_calls: Option<String>,
     /// Of the prompt tokens, those the model read from its cache.
     pub cached_tokens: Option<i64>,
+    /// The upstream that answered (its name in the configuration).
+    pub upstream: Option<String>,
+    /// How many targets the call tried to get its answer.
+    pub attempts: Option<i64>,
 }
 
 /// The columns of [`Chat`], for `concat!` into its queries.
 macro_rules! chat_columns {
     () => {
         "id, message, response, status, cost, refunded, created_at, finished_at, \
-         prompt_tokens, completion_tokens, conversation_id, tool_calls, cached_tokens"
+         prompt_tokens, completion_tokens, conversation_id, tool_calls, cached_tokens, \
+         upstream, attempts"
     };
 }
 
@@ -94,6 +99,9 @@ pub struct Answer<'a> {
     /// What a priced chat is charged, never above its reservation (a higher figure keeps
     /// the reservation); `None` keeps the reservation as the charge (a flat chat's).
     pub charge: Option<i64>,
+    /// The upstream that answered, and how many targets the call tried.
+    pub upstream: Option<&'a str>,
+    pub attempts: Option<i64>,
 }
 
 /// What a priced chat records when it is reserved: its model, the prices it will be
@@ -229,7 +237,8 @@ pub async fn settle_answered(
         "UPDATE chats SET status = 'answered', response = $1, finished_at = $2,
                           prompt_tokens = $4, completion_tokens = $5, tool_calls = $6,
                           cached_tokens = $7, usage_source = $8,
-                          cost = CASE WHEN $9 < cost THEN $9 ELSE cost END
+                          cost = CASE WHEN $9 < cost THEN $9 ELSE cost END,
+                          upstream = $10, attempts = $11
          WHERE id = $3 AND status = 'pending'
          RETURNING cost, COALESCE(reserved, cost),
                    (SELECT balance_after FROM ledger
@@ -245,6 +254,8 @@ pub async fn settle_answered(
     .bind(answer.usage.cached_tokens)
     .bind(answer.usage.source.map(UsageSource::as_str))
     .bind(answer.charge)
+    .bind(answer.upstream)
+    .bind(answer.attempts)
     .fetch_optional(pool)
     .await)?;
     let Some(settling) = settled else {
@@ -267,7 +278,8 @@ async fn settle_answered_flat(
 ) -> Result<Option<Settled>, sqlx::Error> {
     let settled: Option<(i64, i64)> = db_run!(db, pool => sqlx::query_as(
         "UPDATE chats SET status = 'answered', response = $1, finished_at = $2,
-                          prompt_tokens = $4, completion_tokens = $5, tool_calls = $6
+                          prompt_tokens = $4, completion_tokens = $5, tool_calls = $6,
+                          upstream = $7, attempts = $8
          WHERE id = $3 AND status = 'pending'
          RETURNING cost, (SELECT balance_after FROM ledger
                           WHERE ledger.chat_id = chats.id AND reason = 'chat_reservation')",
@@ -278,6 +290,8 @@ async fn settle_answered_flat(
     .bind(answer.usage.prompt_tokens)
     .bind(answer.usage.completion_tokens)
     .bind(answer.tool_calls)
+    .bind(answer.upstream)
+    .bind(answer.attempts)
     .fetch_optional(pool)
     .await)?;
     Ok(settled.map(|(charged, balance_after)| Settled {
@@ -315,7 +329,8 @@ pub async fn settle_unanswered(
         "UPDATE chats SET status = $1, refunded = $2, response = $3, finished_at = $4,
                           prompt_tokens = $6, completion_tokens = $7, tool_calls = $8,
                           cached_tokens = $9, usage_source = $10,
-                          cost = CASE WHEN $11 < cost THEN $11 ELSE cost END
+                          cost = CASE WHEN $11 < cost THEN $11 ELSE cost END,
+                          upstream = $12, attempts = $13
          WHERE id = $5 AND status = 'pending'",
     )
     .bind(status)
@@ -329,6 +344,8 @@ pub async fn settle_unanswered(
     .bind(partial.usage.cached_tokens)
     .bind(partial.usage.source.map(UsageSource::as_str))
     .bind(charge)
+    .bind(partial.upstream)
+    .bind(partial.attempts)
     .execute(pool)
     .await
     .map(|done| done.rows_affected()))?;

@@ -11,7 +11,7 @@ use sha2::{Digest, Sha256};
 
 use super::{
     AnswerStream, Ask, Backend, Chunk, Completion, Embedding, EmbeddingUsage, Forwarded, LlmError,
-    ModelProbe, PromptMessage, Rejection, Role,
+    ModelProbe, PromptMessage, Rejection, Role, Streamed, TargetReport, UpstreamProbe,
 };
 
 /// How long the demo model takes per word, so that it streams as a model would.
@@ -33,6 +33,7 @@ impl Backend for Demo {
                 tool_calls: None,
                 usage: None,
                 body: None,
+                served_by: None,
             }),
             Ask::Forwarded {
                 request,
@@ -42,7 +43,7 @@ impl Backend for Demo {
         futures_util::future::ready(completion).boxed()
     }
 
-    fn stream<'a>(&'a self, ask: Ask<'a>) -> BoxFuture<'a, Result<AnswerStream, LlmError>> {
+    fn stream<'a>(&'a self, ask: Ask<'a>) -> BoxFuture<'a, Result<Streamed, LlmError>> {
         let stream = match ask {
             Ask::Turns { prompt: turns, .. } => {
                 let text = answer(last_user_message(turns));
@@ -55,23 +56,23 @@ impl Backend for Demo {
                 Asked::read(&request).map(|asked| demo_stream(answer(last_user_text), Some(asked)))
             }
         };
-        futures_util::future::ready(stream).boxed()
+        let streamed = stream.map(|chunks| Streamed {
+            chunks,
+            served_by: None,
+        });
+        futures_util::future::ready(streamed).boxed()
     }
 
     fn embed(&self, request: Forwarded) -> BoxFuture<'_, Result<Embedding, LlmError>> {
         futures_util::future::ready(embeddings(&request)).boxed()
     }
 
-    fn probe(&self) -> BoxFuture<'_, ModelProbe> {
-        futures_util::future::ready(ModelProbe::BuiltIn).boxed()
+    fn probe(&self) -> BoxFuture<'_, (ModelProbe, Vec<UpstreamProbe>)> {
+        futures_util::future::ready((ModelProbe::BuiltIn, Vec::new())).boxed()
     }
 
-    fn default_model(&self) -> &str {
-        MODEL_NAME
-    }
-
-    fn shown_url(&self) -> Option<&str> {
-        None
+    fn targets(&self) -> Vec<TargetReport> {
+        Vec::new()
     }
 }
 
@@ -193,6 +194,7 @@ fn whole_answer(request: &Forwarded, last_user_text: &str) -> Result<Completion,
         tool_calls: None,
         usage: None,
         body: Some(body.to_string().into()),
+        served_by: None,
     })
 }
 

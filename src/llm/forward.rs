@@ -29,7 +29,9 @@ const SLICED_FROM_BYTES: usize = 16 * 1024;
 const COPIED_PIECE_BYTES: usize = 64 * 1024;
 
 /// Whatever keeps a client's body counted against the budget of bodies in memory
-/// (`MAX_INFLIGHT_BODY_BYTES`) while tokenchat holds it: dropped once the body is sent.
+/// (`MAX_INFLIGHT_BODY_BYTES`) while tokenchat holds it: dropped with the request, once
+/// an upstream has begun to answer it (a call that moves on to another target sends it
+/// again).
 pub type BodyHold = Box<dyn Any + Send + Sync>;
 
 /// A request of an OpenAI client (`/v1/chat/completions`, `/v1/embeddings`), as it sent it.
@@ -61,8 +63,8 @@ pub struct Forwarded {
     fields: Vec<(String, Vec<Bytes>)>,
     /// `stream_options` as sent, when streamed: sent with `include_usage` set to true.
     stream_options: Option<Map<String, Value>>,
-    /// Released once the body has been sent (or given up on).
-    hold: Option<BodyHold>,
+    /// Released with the request, once it is answered (or given up on).
+    _hold: Option<BodyHold>,
 }
 
 /// The fields [`Forwarded::from_fields`] writes itself rather than copying.
@@ -115,7 +117,7 @@ impl Forwarded {
             wants_system_prompt,
             fields: copied,
             stream_options: stream.then(|| stream_options.unwrap_or_default()),
-            hold,
+            _hold: hold,
         }
     }
 
@@ -154,13 +156,13 @@ impl Forwarded {
 
     /// The body to send upstream, asking for `upstream_model`, with `system_prompt` first
     /// in `messages` when the client sent no system message of its own.
-    pub(super) fn into_body(self, upstream_model: &str, system_prompt: &str) -> Pieces {
+    pub(super) fn body(&self, upstream_model: &str, system_prompt: &str) -> Pieces {
         let mut pieces = VecDeque::with_capacity(2 * self.fields.len() + 4);
         let mut head = String::from("{");
         push_name(&mut head, "model");
         head.push_str(&json_string(upstream_model));
-        if let Some(options) = self.stream_options {
-            let mut options = options;
+        if let Some(options) = &self.stream_options {
+            let mut options = options.clone();
             options.insert("include_usage".into(), Value::Bool(true));
             head.push(',');
             push_name(&mut head, "stream");
@@ -175,13 +177,13 @@ impl Forwarded {
             push_name(&mut head, "max_tokens");
             head.push_str(&cap.to_string());
         }
-        for (name, value) in self.fields {
+        for (name, value) in &self.fields {
             if cap.is_some() && CAPS.contains(&name.as_str()) {
                 continue;
             }
             head.push(',');
-            push_name(&mut head, &name);
-            let mut value = value.into_iter();
+            push_name(&mut head, name);
+            let mut value = value.iter().cloned();
             let first = value.next().unwrap_or_default();
             if name == "messages" && self.wants_system_prompt && first.first() == Some(&b'[') {
                 // `[`, the system message, and the client's messages after its `[`.
@@ -208,11 +210,7 @@ impl Forwarded {
         head.push('}');
         pieces.push_back(Bytes::from(head));
         let remaining = pieces.iter().map(|piece| piece.len() as u64).sum();
-        Pieces {
-            pieces,
-            remaining,
-            _hold: self.hold,
-        }
+        Pieces { pieces, remaining }
     }
 }
 
@@ -305,11 +303,10 @@ fn system_message(prompt: &str) -> String {
 }
 
 /// A request body sent as the pieces it was assembled from, its length known up front (so
-/// it goes with `Content-Length`), holding the client's body counted until it is all sent.
+/// it goes with `Content-Length`).
 pub(super) struct Pieces {
     pieces: VecDeque<Bytes>,
     remaining: u64,
-    _hold: Option<BodyHold>,
 }
 
 /// Writes a field's value in pieces: text of its own and small raw values copied together,
@@ -358,10 +355,6 @@ impl http_body::Body for Pieces {
         match this.pieces.pop_front() {
             Some(piece) => {
                 this.remaining -= piece.len() as u64;
-                if this.pieces.is_empty() {
-                    // Sent: the client's body is not needed any more.
-                    this._hold = None;
-                }
                 Poll::Ready(Some(Ok(Frame::data(piece))))
             }
             None => Poll::Ready(None),
@@ -389,7 +382,7 @@ mod tests {
     }
 
     fn sent(forwarded: Forwarded) -> Value {
-        let body = forwarded.into_body("upstream", "be kind");
+        let body = forwarded.body("upstream", "be kind");
         let bytes = body.concat();
         assert_eq!(bytes.len() as u64, body.len());
         serde_json::from_slice(&bytes).unwrap()
@@ -442,7 +435,7 @@ mod tests {
         assert_eq!(messages.len(), 3, "copied, the image's content, copied");
         assert!(body_range.contains(&(messages[1].as_ptr() as usize)));
         assert!(messages[1].len() > SLICED_FROM_BYTES);
-        let sent: Value = serde_json::from_slice(&forwarded.into_body("m", "").concat()).unwrap();
+        let sent: Value = serde_json::from_slice(&forwarded.body("m", "").concat()).unwrap();
         assert_eq!(sent["messages"][0]["content"][0]["image_url"]["url"], image);
     }
 

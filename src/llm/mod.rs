@@ -1,15 +1,16 @@
 //! The model clients: what the chat service asks a model, and the backends that answer
-//! behind one interface: an upstream speaking OpenAI's Chat Completions protocol
-//! ([`openai`]) or the built-in demo model ([`demo`]). An OpenAI client's own request is
-//! passed through as it sent it ([`forward`]), and the answer back as the model gave it,
-//! read only for what a chat keeps ([`answer`]). Several upstreams serving one model will
-//! be one more backend behind the same interface.
+//! behind one interface: the upstreams speaking OpenAI's Chat Completions protocol
+//! ([`openai`]), each served model routed among its targets with fallback and circuit
+//! breaking ([`routing`]), or the built-in demo model ([`demo`]). An OpenAI client's own
+//! request is passed through as it sent it ([`forward`]), and the answer back as the model
+//! gave it, read only for what a chat keeps ([`answer`]).
 
 pub mod answer;
 pub mod demo;
 pub mod forward;
 mod openai;
 pub mod raw;
+pub mod routing;
 
 use std::{pin::Pin, sync::Arc};
 
@@ -20,18 +21,22 @@ use serde::{Deserialize, Serialize};
 pub use self::{
     answer::{Chunk, ToolCallDelta, ToolCalls},
     forward::{BodyHold, Forwarded},
+    routing::{health::BreakerState, TargetReport, UpstreamProbe},
 };
-use crate::config::Config;
+use crate::{config::Config, telemetry::Metrics};
 
 /// Cheap to clone: every clone shares one backend (and so one connection pool).
 #[derive(Clone)]
 pub struct LlmClient {
     backend: Arc<dyn Backend>,
     system_prompt: Arc<str>,
-    /// Every model name clients may ask for: `LLM_MODEL` and `LLM_MODELS`, or `demo`.
+    /// Every model name clients may ask for, the default (`LLM_MODEL`, or `demo`) first:
+    /// `LLM_MODELS` and the configuration file's routed models.
     served: Arc<[String]>,
     /// When this client was made (Unix seconds): the `created` of the models it serves.
     since: i64,
+    /// Each upstream's base URL as logs show it, by name.
+    upstream_urls: Arc<[(String, String)]>,
 }
 
 /// What answers: one implementation per protocol. Its futures are boxed so the client can
@@ -43,19 +48,17 @@ trait Backend: Send + Sync {
 
     /// A streamed answer, once the model has begun (its response head arrived with a
     /// success status), so that a model failing before that fails here.
-    fn stream<'a>(&'a self, ask: Ask<'a>) -> BoxFuture<'a, Result<AnswerStream, LlmError>>;
+    fn stream<'a>(&'a self, ask: Ask<'a>) -> BoxFuture<'a, Result<Streamed, LlmError>>;
 
     /// Embeddings of an OpenAI client's `/v1/embeddings` request.
     fn embed(&self, request: Forwarded) -> BoxFuture<'_, Result<Embedding, LlmError>>;
 
-    /// Whether the model can be reached and serves its default model.
-    fn probe(&self) -> BoxFuture<'_, ModelProbe>;
+    /// Whether the default model can be reached and is served, and what each upstream's
+    /// `GET /models` said.
+    fn probe(&self) -> BoxFuture<'_, (ModelProbe, Vec<UpstreamProbe>)>;
 
-    /// The model asked when a client names none: `LLM_MODEL`, or `demo`.
-    fn default_model(&self) -> &str;
-
-    /// Where it is, for logs (never a key, user info or query); `None` for the demo model.
-    fn shown_url(&self) -> Option<&str>;
+    /// Every target of every served model, with its breaker's state now.
+    fn targets(&self) -> Vec<TargetReport>;
 }
 
 /// What asking the model's `GET /models` found; `as_str` is the stable word `/ready`
@@ -140,6 +143,21 @@ pub struct Completion {
     /// The answer as the model sent it, for a client of `/v1` to get as it is; `None` from
     /// the demo model answering `/chat`.
     pub body: Option<Bytes>,
+    /// Which upstream answered; `None` for the demo model.
+    pub served_by: Option<ServedBy>,
+}
+
+/// The upstream that answered a call, and how many targets the call tried to get there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServedBy {
+    pub upstream: Arc<str>,
+    pub attempts: u32,
+}
+
+/// A streamed answer that has begun, and which upstream is giving it.
+pub struct Streamed {
+    pub chunks: AnswerStream,
+    pub served_by: Option<ServedBy>,
 }
 
 /// What the model says the question and the answer cost it, when it says.
@@ -216,27 +234,30 @@ pub enum Ask<'a> {
 }
 
 impl LlmClient {
-    pub fn new(config: &Config) -> Result<Self, reqwest::Error> {
-        let (backend, served): (Arc<dyn Backend>, Vec<String>) = match &config.llm_base_url {
-            None => (Arc::new(demo::Demo), vec![demo::MODEL_NAME.to_string()]),
-            Some(base_url) => {
-                let served = std::iter::once(&config.llm_model)
-                    .chain(&config.llm_models)
-                    .fold(Vec::new(), |mut names, name| {
-                        if !names.contains(name) {
-                            names.push(name.clone());
-                        }
-                        names
-                    });
-                let upstream = openai::Upstream::new(base_url, config)?;
-                (Arc::new(upstream), served)
-            }
-        };
+    pub fn new(config: &Config, metrics: Metrics) -> Result<Self, reqwest::Error> {
+        let (backend, served, urls): (Arc<dyn Backend>, Vec<String>, Vec<(String, String)>) =
+            match &config.routing {
+                None => (
+                    Arc::new(demo::Demo),
+                    vec![demo::MODEL_NAME.to_string()],
+                    Vec::new(),
+                ),
+                Some(routing) => {
+                    let served = routing.models.iter().map(|model| model.name.clone());
+                    let urls = routing
+                        .upstreams
+                        .iter()
+                        .map(|upstream| (upstream.name.clone(), upstream.base_url.redacted()));
+                    let router = routing::Router::new(routing, config, metrics)?;
+                    (Arc::new(router), served.collect(), urls.collect())
+                }
+            };
         Ok(Self {
             backend,
             system_prompt: config.llm_system_prompt.as_str().into(),
             served: served.into(),
             since: crate::clock::unix_now(),
+            upstream_urls: urls.into(),
         })
     }
 
@@ -255,20 +276,26 @@ impl LlmClient {
         &self.system_prompt
     }
 
-    /// The model's name: the upstream's `LLM_MODEL`, or `demo`.
+    /// The default model's name: `LLM_MODEL`, or `demo`.
     pub fn model_name(&self) -> &str {
-        self.backend.default_model()
+        &self.served[0]
     }
 
-    /// Asks the model's `GET /models` whether it is reachable and serves `LLM_MODEL`.
+    /// Asks each upstream's `GET /models` whether it is reachable and serves its targets'
+    /// models; the first answer is the default model's.
     #[tracing::instrument(level = "debug", skip_all)]
-    pub async fn probe(&self) -> ModelProbe {
+    pub async fn probe(&self) -> (ModelProbe, Vec<UpstreamProbe>) {
         self.backend.probe().await
     }
 
-    /// The upstream's base URL for logs: never its key, user info or query.
-    pub fn base_url(&self) -> Option<&str> {
-        self.backend.shown_url()
+    /// Every target of every served model, with its breaker's state now.
+    pub fn targets(&self) -> Vec<TargetReport> {
+        self.backend.targets()
+    }
+
+    /// Each upstream's name and base URL for logs: never its key, user info or query.
+    pub fn upstreams(&self) -> &[(String, String)] {
+        &self.upstream_urls
     }
 
     /// What the model is asked: the system prompt, then the earlier turns (each the user's
@@ -311,7 +338,7 @@ impl LlmClient {
     /// `LLM_TIMEOUT_SECS` bounds the wait for it to begin; past `LLM_STREAM_IDLE_SECS` of
     /// silence, or `LLM_STREAM_MAX_SECS` in all, the stream ends with `Timeout`.
     #[tracing::instrument(level = "debug", skip_all)]
-    pub async fn stream(&self, ask: Ask<'_>) -> Result<AnswerStream, LlmError> {
+    pub async fn stream(&self, ask: Ask<'_>) -> Result<Streamed, LlmError> {
         self.backend.stream(ask).await
     }
 

@@ -6,7 +6,7 @@
 use std::time::{Duration, SystemTime};
 
 use eventsource_stream::Eventsource;
-use futures_util::{future::BoxFuture, FutureExt, StreamExt};
+use futures_util::StreamExt;
 use reqwest::{header, Url};
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
@@ -14,10 +14,9 @@ use serde_json::Value;
 
 use super::{
     answer::{read_chunk, read_completion},
-    AnswerStream, Ask, Backend, Completion, Embedding, EmbeddingUsage, LlmError, ModelProbe,
-    PromptMessage, Rejection,
+    AnswerStream, Ask, Completion, Embedding, EmbeddingUsage, LlmError, PromptMessage, Rejection,
 };
-use crate::config::{Config, UpstreamUrl};
+use crate::config::{routing::UpstreamConfig, Config};
 
 /// How long the start-up and readiness probes wait for `GET /models`.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -29,20 +28,24 @@ const MAX_ERROR_MESSAGE_BYTES: usize = 4096;
 const DEFAULT_RETRY_AFTER_SECS: u64 = 1;
 const MAX_RETRY_AFTER_SECS: u64 = 24 * 60 * 60;
 
+/// One upstream: where it is, its key, its limits; the connection pool is the process's.
 pub(super) struct Upstream {
+    /// Its name in the configuration file (`default` for `LLM_BASE_URL`'s).
+    name: std::sync::Arc<str>,
     http: reqwest::Client,
     endpoint: Url,
     embeddings_endpoint: Url,
-    /// `{LLM_BASE_URL}/models`, asked at start-up and by `/ready`.
+    /// `{base_url}/models`, asked at start-up and by `/ready`.
     models_endpoint: Url,
-    /// `LLM_BASE_URL` as logs show it (see [`UpstreamUrl::redacted`]).
+    /// Its base URL as logs show it (see [`crate::config::UpstreamUrl::redacted`]).
     shown_url: String,
     api_key: Option<SecretString>,
-    model: String,
-    system_prompt: String,
+    headers: header::HeaderMap,
+    system_prompt: std::sync::Arc<str>,
     timeout: Duration,
-    stream_idle: Duration,
     stream_max: Duration,
+    /// Requests in flight to it at most (`max_concurrent`), when limited.
+    slots: Option<std::sync::Arc<tokio::sync::Semaphore>>,
 }
 
 /// `GET /models`: `{"data": [{"id": ...}, ...]}`.
@@ -99,77 +102,62 @@ struct ErrorAnswer {
     message: Option<String>,
 }
 
+/// The process's one HTTP client (connection pool), shared by every upstream.
+pub(super) fn http_client(config: &Config) -> Result<reqwest::Client, reqwest::Error> {
+    reqwest::Client::builder()
+        .connect_timeout(config.llm_timeout)
+        .build()
+}
+
+/// A slot of an upstream with `max_concurrent`, held while a call to it is in flight.
+pub(super) type Slot = Option<tokio::sync::OwnedSemaphorePermit>;
+
 impl Upstream {
-    pub(super) fn new(base_url: &UpstreamUrl, config: &Config) -> Result<Self, reqwest::Error> {
-        let http = reqwest::Client::builder()
-            .connect_timeout(config.llm_timeout)
-            .build()?;
-        Ok(Self {
+    pub(super) fn new(upstream: &UpstreamConfig, http: reqwest::Client, config: &Config) -> Self {
+        let base_url = &upstream.base_url;
+        Self {
+            name: upstream.name.as_str().into(),
             http,
             endpoint: base_url.join("chat/completions"),
             embeddings_endpoint: base_url.join("embeddings"),
             models_endpoint: base_url.join("models"),
             shown_url: base_url.redacted(),
-            api_key: config.llm_api_key.clone(),
-            model: config.llm_model.clone(),
-            system_prompt: config.llm_system_prompt.clone(),
-            timeout: config.llm_timeout,
-            stream_idle: config.llm_stream_idle,
+            api_key: upstream.api_key.clone(),
+            headers: upstream.headers.iter().cloned().collect(),
+            system_prompt: config.llm_system_prompt.as_str().into(),
+            timeout: upstream.timeout.unwrap_or(config.llm_timeout),
             stream_max: config.llm_stream_max,
-        })
+            slots: upstream
+                .max_concurrent
+                .map(|most| std::sync::Arc::new(tokio::sync::Semaphore::new(most))),
+        }
     }
 
-    async fn complete(&self, ask: Ask<'_>) -> Result<Completion, LlmError> {
-        let response = self.send(ask, false).await?;
-        let body = response.bytes().await.map_err(classify)?;
-        let text = std::str::from_utf8(&body).map_err(|_| LlmError::Unusable("not UTF-8"))?;
-        let read = read_completion(text)?;
-        Ok(Completion {
-            content: read.text,
-            tool_calls: read.tool_calls,
-            usage: read.usage,
-            body: Some(body),
-        })
+    pub(super) fn name(&self) -> &std::sync::Arc<str> {
+        &self.name
     }
 
-    async fn stream(&self, ask: Ask<'_>) -> Result<AnswerStream, LlmError> {
-        let response = self.send(ask, true).await?;
-        let idle = self.stream_idle;
-        let events = response.bytes_stream().eventsource();
-        let chunks = futures_util::stream::unfold(
-            (Box::pin(events), false),
-            move |(mut events, done)| async move {
-                if done {
-                    return None;
-                }
-                let event = match tokio::time::timeout(idle, events.next()).await {
-                    Err(_) => return Some((Err(LlmError::Timeout), (events, true))),
-                    // The body ended without `[DONE]`: the model was cut off.
-                    Ok(None) => return Some((Err(LlmError::BrokeOff), (events, true))),
-                    Ok(Some(Err(err))) => {
-                        let err = match err {
-                            eventsource_stream::EventStreamError::Transport(err) => classify(err),
-                            _ => LlmError::Unusable("not server-sent events"),
-                        };
-                        return Some((Err(err), (events, true)));
-                    }
-                    Ok(Some(Ok(event))) => event,
-                };
-                if event.data.trim() == "[DONE]" {
-                    return None;
-                }
-                match read_chunk(event.data) {
-                    Ok(chunk) => Some((Ok(chunk), (events, false))),
-                    Err(err) => Some((Err(err), (events, true))),
-                }
-            },
-        );
-        Ok(Box::pin(chunks))
+    pub(super) fn shown_url(&self) -> &str {
+        &self.shown_url
     }
 
-    async fn embed(&self, request: super::Forwarded) -> Result<Embedding, LlmError> {
-        let model = request.model.clone();
-        let body = request.into_body(&model, &self.system_prompt);
+    /// A slot for one more call, if it has `max_concurrent` and one is free; `None` when
+    /// all are taken.
+    pub(super) fn slot(&self) -> Option<Slot> {
+        match &self.slots {
+            None => Some(None),
+            Some(slots) => slots.clone().try_acquire_owned().ok().map(Some),
+        }
+    }
+
+    /// Asks for the embeddings of `request` from `model`; the response once its head says
+    /// success.
+    pub(super) async fn ask_embeddings(
+        &self,
+        model: &str,
+        request: &super::Forwarded,
+    ) -> Result<reqwest::Response, LlmError> {
+        let body = request.body(model, &self.system_prompt);
         let length = body.len();
         let request = self
             .http
@@ -177,48 +165,37 @@ impl Upstream {
             .header(header::CONTENT_TYPE, "application/json")
             .header(header::CONTENT_LENGTH, length)
             .body(reqwest::Body::wrap(body));
-        let response = self.answer_head(request, self.timeout).await?;
-        let body = response.bytes().await.map_err(classify)?;
-        let view: EmbeddingsView = serde_json::from_slice(&body).map_err(|err| {
-            tracing::warn!(error = %err, "embeddings answer was not the expected JSON");
-            LlmError::Unusable("not the expected JSON")
-        })?;
-        let usage = view.usage.and_then(|usage| {
-            let prompt_tokens = usage.prompt_tokens?;
-            Some(EmbeddingUsage {
-                prompt_tokens,
-                total_tokens: usage.total_tokens.unwrap_or(prompt_tokens),
-            })
-        });
-        Ok(Embedding { body, usage })
+        self.answer_head(request, self.timeout).await
     }
 
-    async fn probe(&self) -> ModelProbe {
+    /// The models its `GET /models` lists, or why it could not be asked.
+    pub(super) async fn listed_models(&self) -> Result<Vec<String>, LlmError> {
         let mut request = self
             .http
             .get(self.models_endpoint.clone())
+            .headers(self.headers.clone())
             .timeout(PROBE_TIMEOUT);
         if let Some(key) = &self.api_key {
             request = request.bearer_auth(key.expose_secret());
         }
-        let listed = async {
-            let response = request.send().await.map_err(classify)?;
-            if !response.status().is_success() {
-                return Err(LlmError::Status(response.status().as_u16()));
-            }
-            response.json::<ModelList>().await.map_err(classify)
-        };
-        match listed.await {
-            Ok(list) if list.data.iter().any(|model| model.id == self.model) => ModelProbe::Serving,
-            Ok(_) => ModelProbe::ReachableWithoutModel,
-            Err(err) => ModelProbe::Unreachable(err.to_string()),
+        let response = request.send().await.map_err(classify)?;
+        if !response.status().is_success() {
+            return Err(LlmError::Status(response.status().as_u16()));
         }
+        let list = response.json::<ModelList>().await.map_err(classify)?;
+        Ok(list.data.into_iter().map(|model| model.id).collect())
     }
 
-    /// Posts a chat completion request; the response once its head says success.
-    async fn send(&self, ask: Ask<'_>, stream: bool) -> Result<reqwest::Response, LlmError> {
-        // Bounds the whole answer, body included: `LLM_TIMEOUT_SECS`, or for a stream, which
-        // may rightly write for minutes, `LLM_STREAM_MAX_SECS` (issue 21).
+    /// Posts a chat completion request for `model`; the response once its head says
+    /// success.
+    pub(super) async fn ask(
+        &self,
+        model: &str,
+        ask: &Ask<'_>,
+        stream: bool,
+    ) -> Result<reqwest::Response, LlmError> {
+        // Bounds the whole answer, body included: the upstream's time-out, or for a stream,
+        // which may rightly write for minutes, `LLM_STREAM_MAX_SECS` (issue 21).
         let whole_answer = if stream {
             self.stream_max
         } else {
@@ -230,20 +207,18 @@ impl Upstream {
                 prompt: messages,
                 max_tokens,
             } => request.json(&CompletionRequest {
-                model: &self.model,
+                model,
                 messages,
-                max_tokens,
+                max_tokens: *max_tokens,
                 stream,
                 stream_options: stream.then_some(StreamOptions {
                     include_usage: true,
                 }),
             }),
-            // Asked under the name the client used: each served name is the upstream's own.
             Ask::Forwarded {
                 request: forwarded, ..
             } => {
-                let model = forwarded.model.clone();
-                let body = forwarded.into_body(&model, &self.system_prompt);
+                let body = forwarded.body(model, &self.system_prompt);
                 request
                     .header(header::CONTENT_TYPE, "application/json")
                     .header(header::CONTENT_LENGTH, body.len())
@@ -253,15 +228,18 @@ impl Upstream {
         self.answer_head(request, whole_answer).await
     }
 
-    /// Sends `request`, bounding the wait for the response head by `LLM_TIMEOUT_SECS` and
-    /// the whole answer by `whole_answer`; the response once its head says success, else
-    /// the error its status stands for.
+    /// Sends `request`, bounding the wait for the response head by the upstream's
+    /// time-out and the whole answer by `whole_answer`; the response once its head says
+    /// success, else the error its status stands for.
     async fn answer_head(
         &self,
         mut request: reqwest::RequestBuilder,
         whole_answer: Duration,
     ) -> Result<reqwest::Response, LlmError> {
         request = request.timeout(whole_answer);
+        if !self.headers.is_empty() {
+            request = request.headers(self.headers.clone());
+        }
         if let Some(key) = &self.api_key {
             request = request.bearer_auth(key.expose_secret());
         }
@@ -274,6 +252,72 @@ impl Upstream {
         }
         Err(refusal(response).await)
     }
+}
+
+/// A whole answer, read from a response whose head said success.
+pub(super) async fn read_answer(response: reqwest::Response) -> Result<Completion, LlmError> {
+    let body = response.bytes().await.map_err(classify)?;
+    let text = std::str::from_utf8(&body).map_err(|_| LlmError::Unusable("not UTF-8"))?;
+    let read = read_completion(text)?;
+    Ok(Completion {
+        content: read.text,
+        tool_calls: read.tool_calls,
+        usage: read.usage,
+        body: Some(body),
+        served_by: None,
+    })
+}
+
+/// A streamed answer's chunks, read from a response whose head said success; past `idle`
+/// of silence the stream ends with `Timeout`.
+pub(super) fn read_stream(response: reqwest::Response, idle: Duration) -> AnswerStream {
+    let events = response.bytes_stream().eventsource();
+    let chunks = futures_util::stream::unfold(
+        (Box::pin(events), false),
+        move |(mut events, done)| async move {
+            if done {
+                return None;
+            }
+            let event = match tokio::time::timeout(idle, events.next()).await {
+                Err(_) => return Some((Err(LlmError::Timeout), (events, true))),
+                // The body ended without `[DONE]`: the model was cut off.
+                Ok(None) => return Some((Err(LlmError::BrokeOff), (events, true))),
+                Ok(Some(Err(err))) => {
+                    let err = match err {
+                        eventsource_stream::EventStreamError::Transport(err) => classify(err),
+                        _ => LlmError::Unusable("not server-sent events"),
+                    };
+                    return Some((Err(err), (events, true)));
+                }
+                Ok(Some(Ok(event))) => event,
+            };
+            if event.data.trim() == "[DONE]" {
+                return None;
+            }
+            match read_chunk(event.data) {
+                Ok(chunk) => Some((Ok(chunk), (events, false))),
+                Err(err) => Some((Err(err), (events, true))),
+            }
+        },
+    );
+    Box::pin(chunks)
+}
+
+/// Embeddings, read from a response whose head said success.
+pub(super) async fn read_embeddings(response: reqwest::Response) -> Result<Embedding, LlmError> {
+    let body = response.bytes().await.map_err(classify)?;
+    let view: EmbeddingsView = serde_json::from_slice(&body).map_err(|err| {
+        tracing::warn!(error = %err, "embeddings answer was not the expected JSON");
+        LlmError::Unusable("not the expected JSON")
+    })?;
+    let usage = view.usage.and_then(|usage| {
+        let prompt_tokens = usage.prompt_tokens?;
+        Some(EmbeddingUsage {
+            prompt_tokens,
+            total_tokens: usage.total_tokens.unwrap_or(prompt_tokens),
+        })
+    });
+    Ok(Embedding { body, usage })
 }
 
 /// What an error status from the model stands for, by whose fault it is.
@@ -383,32 +427,6 @@ fn retry_after_secs(headers: &header::HeaderMap, now: SystemTime) -> u64 {
         },
     };
     secs.clamp(DEFAULT_RETRY_AFTER_SECS, MAX_RETRY_AFTER_SECS)
-}
-
-impl Backend for Upstream {
-    fn complete<'a>(&'a self, ask: Ask<'a>) -> BoxFuture<'a, Result<Completion, LlmError>> {
-        Upstream::complete(self, ask).boxed()
-    }
-
-    fn stream<'a>(&'a self, ask: Ask<'a>) -> BoxFuture<'a, Result<AnswerStream, LlmError>> {
-        Upstream::stream(self, ask).boxed()
-    }
-
-    fn embed(&self, request: super::Forwarded) -> BoxFuture<'_, Result<Embedding, LlmError>> {
-        Upstream::embed(self, request).boxed()
-    }
-
-    fn probe(&self) -> BoxFuture<'_, ModelProbe> {
-        Upstream::probe(self).boxed()
-    }
-
-    fn default_model(&self) -> &str {
-        &self.model
-    }
-
-    fn shown_url(&self) -> Option<&str> {
-        Some(&self.shown_url)
-    }
 }
 
 /// Sorts a transport error; its text goes to the log only, without the URL (which may

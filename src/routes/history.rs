@@ -34,6 +34,9 @@ pub struct ChatRecord {
     /// The answer's tool calls, as the model gave them (a `/v1` chat), or null.
     #[schema(value_type = Option<Vec<Object>>)]
     tool_calls: Option<Box<RawValue>>,
+    /// The upstream that answered (its name in the configuration file, `default` for
+    /// `LLM_BASE_URL`'s), or null (the demo model, or no answer).
+    upstream: Option<String>,
     usage: Option<Usage>,
 }
 
@@ -52,6 +55,7 @@ impl From<history::ChatRecord> for ChatRecord {
             tool_calls: chat
                 .tool_calls
                 .and_then(|calls| RawValue::from_string(calls).ok()),
+            upstream: chat.upstream,
             usage: chat.usage.map(Usage::from),
         }
     }

@@ -41,17 +41,45 @@ pub struct Readiness<'a> {
     /// status (reachable, model_missing, unreachable, built_in), name, detail
     #[schema(value_type = Object)]
     model: ModelState<'a>,
-    /// "ready"; a 503 is the error envelope with `not_ready` and the same two fields.
+    /// Each upstream: name, url, status (reachable, unreachable), detail, and its targets,
+    /// each with model (the served name), upstream_model, listed (whether the upstream's
+    /// model list has it), state (closed, open, half_open, cooling) and retry_in_secs.
+    /// Empty for the built-in demo model.
+    #[schema(value_type = Vec<Object>)]
+    upstreams: Vec<UpstreamState<'a>>,
+    /// "ready"; a 503 is the error envelope with `not_ready` and the same fields.
     status: &'static str,
 }
 
-/// The 503 of `/ready`: the envelope and the same two fields as [`Readiness`].
+/// The 503 of `/ready`: the envelope and the same fields as [`Readiness`].
 #[derive(Serialize)]
 struct NotReady<'a> {
     #[serde(flatten)]
     envelope: Envelope,
     database: DatabaseState,
     model: ModelState<'a>,
+    upstreams: Vec<UpstreamState<'a>>,
+}
+
+#[derive(Serialize)]
+struct UpstreamState<'a> {
+    name: &'a str,
+    url: &'a str,
+    status: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    detail: Option<&'a str>,
+    targets: Vec<TargetState<'a>>,
+}
+
+#[derive(Serialize)]
+struct TargetState<'a> {
+    model: &'a str,
+    upstream_model: &'a str,
+    /// `None` when the upstream could not be asked.
+    listed: Option<bool>,
+    state: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    retry_in_secs: Option<u64>,
 }
 
 #[derive(Serialize)]
@@ -106,10 +134,40 @@ pub async fn ready(State(state): State<AppState>) -> Response {
         name: state.llm.model_name(),
         status: readiness.model.as_str(),
     };
+    let targets = state.llm.targets();
+    let upstreams = readiness
+        .upstreams
+        .iter()
+        .map(|upstream| UpstreamState {
+            name: &upstream.name,
+            url: &upstream.url,
+            status: match upstream.listed {
+                Ok(_) => "reachable",
+                Err(_) => "unreachable",
+            },
+            detail: upstream.listed.as_ref().err().map(String::as_str),
+            targets: targets
+                .iter()
+                .filter(|target| target.upstream == upstream.name)
+                .map(|target| TargetState {
+                    model: &target.served,
+                    upstream_model: &target.model,
+                    listed: upstream
+                        .listed
+                        .as_ref()
+                        .ok()
+                        .map(|listed| listed.contains(&target.model)),
+                    state: target.state.as_str(),
+                    retry_in_secs: target.retry_in.map(|wait| wait.as_secs_f64().ceil() as u64),
+                })
+                .collect(),
+        })
+        .collect();
     if readiness.is_ready() {
         let body = Readiness {
             database,
             model,
+            upstreams,
             status: "ready",
         };
         return Json(body).into_response();
@@ -119,6 +177,7 @@ pub async fn ready(State(state): State<AppState>) -> Response {
         envelope: not_ready.envelope(),
         database,
         model,
+        upstreams,
     };
     (not_ready.status(), Json(body)).into_response()
 }

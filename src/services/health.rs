@@ -1,6 +1,6 @@
 //! Readiness for a load balancer: whether the database answers with every migration of
 //! this build applied, and, reported beside it but not required, whether the model is
-//! reachable and serves `LLM_MODEL`.
+//! reachable and serves `LLM_MODEL`, and what each upstream's probe found.
 
 use std::{
     sync::Arc,
@@ -11,7 +11,7 @@ use tokio::sync::Mutex;
 
 use crate::{
     db::{self, Db, MigrationState},
-    llm::{LlmClient, ModelProbe},
+    llm::{LlmClient, ModelProbe, UpstreamProbe},
 };
 
 /// How long the database may take to answer a readiness check before it counts as down.
@@ -27,14 +27,22 @@ const PROBE_FRESH_FOR: Duration = Duration::from_secs(15);
 pub struct Health {
     db: Db,
     llm: LlmClient,
-    last_probe: Mutex<Option<(Instant, ModelProbe)>>,
+    last_probe: Mutex<Option<(Instant, Probed)>>,
+}
+
+/// What probing the model found: the default model's reachability, and each upstream's.
+#[derive(Debug, Clone)]
+pub struct Probed {
+    pub model: ModelProbe,
+    pub upstreams: Vec<UpstreamProbe>,
 }
 
 /// What `/ready` found.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Readiness {
     pub database: DatabaseReadiness,
     pub model: ModelProbe,
+    pub upstreams: Vec<UpstreamProbe>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -79,32 +87,72 @@ impl Health {
                     DatabaseReadiness::Unreachable
                 }
             };
+        let probed = self.model_status().await;
         Readiness {
             database,
-            model: self.model_status().await,
+            model: probed.model,
+            upstreams: probed.upstreams,
         }
     }
 
     /// The model's reachability, probed at most once per [`PROBE_FRESH_FOR`].
-    async fn model_status(&self) -> ModelProbe {
+    async fn model_status(&self) -> Probed {
         let mut last = self.last_probe.lock().await;
-        if let Some((when, probe)) = &*last {
+        if let Some((when, probed)) = &*last {
             if when.elapsed() < PROBE_FRESH_FOR {
-                return probe.clone();
+                return probed.clone();
             }
         }
-        let probe = self.llm.probe().await;
-        *last = Some((Instant::now(), probe.clone()));
-        probe
+        let (model, upstreams) = self.llm.probe().await;
+        let probed = Probed { model, upstreams };
+        *last = Some((Instant::now(), probed.clone()));
+        probed
     }
 
-    /// Asks the model once and logs one line of what it found: reachable and serving
-    /// `LLM_MODEL`, reachable without it, or unreachable (with the URL, never the key).
+    /// Asks every upstream once and logs one line for each (its name and URL, never its
+    /// key), then one of what it found for `LLM_MODEL`: reachable and served, reachable
+    /// without it, or unreachable.
     pub async fn probe_model_and_log(self: Arc<Self>) {
-        let probe = self.model_status().await;
+        let probed = self.model_status().await;
+        let targets = self.llm.targets();
+        for upstream in &probed.upstreams {
+            let models: Vec<&str> = targets
+                .iter()
+                .filter(|target| target.upstream == upstream.name)
+                .map(|target| target.model.as_str())
+                .collect();
+            match &upstream.listed {
+                Ok(listed) => {
+                    let missing: Vec<&str> = models
+                        .iter()
+                        .copied()
+                        .filter(|model| !listed.iter().any(|listed| listed == model))
+                        .collect();
+                    tracing::info!(
+                        upstream = &*upstream.name,
+                        url = upstream.url,
+                        ?missing,
+                        "upstream is reachable"
+                    );
+                }
+                Err(why) => tracing::warn!(
+                    upstream = &*upstream.name,
+                    url = upstream.url,
+                    reason = %why,
+                    "upstream is unreachable"
+                ),
+            }
+        }
         let model = self.llm.model_name();
-        let url = self.llm.base_url().unwrap_or_default();
-        match probe {
+        let url = self
+            .llm
+            .upstreams()
+            .iter()
+            .map(|(_, url)| url.as_str())
+            .collect::<Vec<_>>()
+            .join(", ");
+        let url = url.as_str();
+        match probed.model {
             ModelProbe::BuiltIn => {}
             ModelProbe::Serving => {
                 tracing::info!(

@@ -29,6 +29,9 @@ pub struct ChatRecord {
     pub conversation_id: Option<i64>,
     /// The answer's tool calls, the JSON array the model gave.
     pub tool_calls: Option<String>,
+    /// The upstream that answered (its name in the configuration); `None` for the demo
+    /// model.
+    pub upstream: Option<String>,
 }
 
 impl From<Chat> for ChatRecord {
@@ -47,6 +50,7 @@ impl From<Chat> for ChatRecord {
             usage,
             conversation_id: chat.conversation_id,
             tool_calls: chat.tool_calls,
+            upstream: chat.upstream,
             message: chat.message,
             response: chat.response,
             status: chat.status,

@@ -389,11 +389,14 @@ impl ChatInFlight {
                 let settlement =
                     metering.answered(completion.usage, &completion.content, tool_calls);
                 self.count_overrun(chat_id, &settlement);
+                let served_by = completion.served_by.as_ref();
                 let answer = Answer {
                     text: &completion.content,
                     tool_calls,
                     usage: settlement.usage,
                     charge: settlement.charge,
+                    upstream: served_by.map(|served| &*served.upstream),
+                    attempts: served_by.map(|served| i64::from(served.attempts)),
                 };
                 let settled = db::chats::settle_answered(&chats.db, chat_id, answer);
                 match settled.await {

@@ -19,7 +19,7 @@ use crate::{
         self,
         chats::{Answer, Unanswered},
     },
-    llm::{AnswerStream, Chunk, LlmError, ToolCalls, Usage},
+    llm::{AnswerStream, Chunk, LlmError, ServedBy, ToolCalls, Usage},
     services::{ServiceError, ServiceResult},
     telemetry::{ChatOutcome, TokenMove},
 };
@@ -207,7 +207,9 @@ impl ChatInFlight {
         // A client gone before it got the start hears nothing more: the pump sees the
         // channel closed at once.
         let _ = started.send(Ok(live));
-        self.pump_and_settle(chat_id, metering, upstream, events, asked)
+        let served_by = upstream.served_by;
+        let upstream = upstream.chunks;
+        self.pump_and_settle(chat_id, metering, upstream, served_by, events, asked)
             .await;
     }
 
@@ -218,6 +220,7 @@ impl ChatInFlight {
         chat_id: i64,
         metering: &Metering,
         mut upstream: AnswerStream,
+        served_by: Option<ServedBy>,
         events: mpsc::Sender<StreamEvent>,
         asked: Instant,
     ) {
@@ -269,6 +272,8 @@ impl ChatInFlight {
             tool_calls: tool_calls.as_deref(),
             usage: metering::as_reported(usage),
             charge: None,
+            upstream: served_by.as_ref().map(|served| &*served.upstream),
+            attempts: served_by.as_ref().map(|served| i64::from(served.attempts)),
         };
         // Kept by a chat charged for the text it delivered.
         let delivered = || {

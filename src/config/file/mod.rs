@@ -1,11 +1,17 @@
-//! The configuration file (`CONFIG_FILE`, TOML): the price book, one `[models."<name>"]`
-//! section per priced model. Every value is checked as it is read, so a bad file stops
-//! start-up with one line naming the file, the line and the field.
+//! The configuration file (`CONFIG_FILE`, TOML): one `[models."<name>"]` section per
+//! priced or routed model (the price book, and the targets that serve it), and the
+//! upstreams those targets name ([`upstreams`]). Every value is checked as it is read, so a
+//! bad file stops start-up with one line naming the file, the line and the field.
+
+mod upstreams;
 
 use std::{collections::BTreeMap, fmt, path::Path};
 
 use serde::{Deserialize, Deserializer};
 
+pub use self::upstreams::{Context, SHORTHAND_UPSTREAM};
+use self::upstreams::{Place, TargetEntry, UpstreamEntry};
+use super::routing::{TargetConfig, UpstreamConfig, MAX_TARGETS};
 use crate::{
     domain::MAX_BALANCE,
     pricing::{ModelPricing, PriceBook, Prices, Tokenizer},
@@ -27,6 +33,18 @@ const DEFAULT_MEDIA_PART_TOKENS: u64 = 2048;
 struct File {
     #[serde(default)]
     models: BTreeMap<String, toml::Spanned<ModelEntry>>,
+    #[serde(default)]
+    upstreams: BTreeMap<String, toml::Spanned<UpstreamEntry>>,
+}
+
+/// What a configuration file says: the price book, the upstreams it names, and the
+/// targets of each model it routes.
+#[derive(Default)]
+pub struct ConfigFile {
+    pub price_book: PriceBook,
+    pub upstreams: Vec<UpstreamConfig>,
+    /// Each routed model's targets, by served name.
+    pub targets: BTreeMap<String, Vec<TargetConfig>>,
 }
 
 /// One `[models."<name>"]` section as written.
@@ -42,6 +60,8 @@ struct ModelEntry {
     /// knows by name, else `bytes`.
     tokenizer: Option<TokenizerName>,
     media_part_tokens: Option<Amount>,
+    /// The upstreams that serve it (the several-upstreams configuration).
+    targets: Option<Vec<toml::Spanned<TargetEntry>>>,
 }
 
 /// A whole number from 0 to the largest balance.
@@ -111,8 +131,8 @@ impl fmt::Display for FileError {
     }
 }
 
-/// Reads the price book from `path`.
-pub fn read(path: &Path) -> Result<PriceBook, FileError> {
+/// Reads the configuration file at `path`.
+pub fn read(path: &Path, context: &Context<'_>) -> Result<ConfigFile, FileError> {
     let shown = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|err| FileError {
         file: shown.clone(),
@@ -120,11 +140,11 @@ pub fn read(path: &Path) -> Result<PriceBook, FileError> {
         field: None,
         message: format!("cannot be read ({err})"),
     })?;
-    parse(&shown, &text)
+    parse(&shown, &text, context)
 }
 
 /// Parses the text of a configuration file named `file`.
-pub fn parse(file: &str, text: &str) -> Result<PriceBook, FileError> {
+pub fn parse(file: &str, text: &str, context: &Context<'_>) -> Result<ConfigFile, FileError> {
     let parsed: File = toml::from_str(text).map_err(|err| {
         let start = err.span().map(|span| span.start);
         FileError {
@@ -134,10 +154,61 @@ pub fn parse(file: &str, text: &str) -> Result<PriceBook, FileError> {
             message: first_line(err.message()),
         }
     })?;
+    let mut upstreams = Vec::with_capacity(parsed.upstreams.len());
+    for (name, entry) in parsed.upstreams {
+        let at = Place {
+            file,
+            line: line_of(text, entry.span().start),
+        };
+        upstreams.push(entry.into_inner().check(&name, &at, context)?);
+    }
+    let known = |name: &str| {
+        (name == SHORTHAND_UPSTREAM && context.shorthand_upstream)
+            || upstreams.iter().any(|upstream| upstream.name == name)
+    };
+    let routed = parsed
+        .models
+        .values()
+        .any(|entry| entry.get_ref().targets.is_some());
     let mut models = BTreeMap::new();
+    let mut targets = BTreeMap::new();
     for (name, entry) in parsed.models {
         let span = entry.span();
-        let entry = entry.into_inner();
+        let mut entry = entry.into_inner();
+        let at = Place {
+            file,
+            line: line_of(text, span.start),
+        };
+        match entry.targets.take() {
+            Some(written) if written.is_empty() => {
+                return Err(at.error(format!("models.{name:?}.targets"), "lists no target"))
+            }
+            Some(written) if written.len() > MAX_TARGETS => {
+                return Err(at.error(
+                    format!("models.{name:?}.targets"),
+                    format!("lists more than {MAX_TARGETS} targets"),
+                ))
+            }
+            Some(written) => {
+                let mut checked = Vec::with_capacity(written.len());
+                for (index, target) in written.into_iter().enumerate() {
+                    let at = Place {
+                        file,
+                        line: line_of(text, target.span().start),
+                    };
+                    checked.push(target.into_inner().check(&name, index, &at, &known)?);
+                }
+                targets.insert(name.clone(), checked);
+            }
+            // With no `LLM_BASE_URL`, a routed file's models are served only by targets.
+            None if routed && !context.shorthand_upstream => {
+                return Err(at.error(
+                    format!("models.{name:?}"),
+                    "has no targets, and no LLM_BASE_URL serves it",
+                ))
+            }
+            None => {}
+        }
         let priced = [
             entry.prompt,
             entry.cached_prompt,
@@ -146,13 +217,15 @@ pub fn parse(file: &str, text: &str) -> Result<PriceBook, FileError> {
         ]
         .iter()
         .any(Option::is_some);
+        if !priced && !targets.contains_key(&name) {
+            return Err(at.error(
+                format!("models.{name:?}"),
+                "a model entry needs prompt, completion or request, or targets",
+            ));
+        }
         if !priced {
-            return Err(FileError {
-                file: file.to_string(),
-                line: Some(line_of(text, span.start)),
-                field: Some(format!("models.{name:?}")),
-                message: "a priced model needs prompt, completion or request".into(),
-            });
+            // Routed, not priced: its chats cost `CHAT_COST`.
+            continue;
         }
         let prompt = entry.prompt.map_or(0, |amount| amount.0);
         let prices = Prices {
@@ -175,7 +248,11 @@ pub fn parse(file: &str, text: &str) -> Result<PriceBook, FileError> {
         };
         models.insert(name, pricing);
     }
-    Ok(PriceBook::new(models))
+    Ok(ConfigFile {
+        price_book: PriceBook::new(models),
+        upstreams,
+        targets,
+    })
 }
 
 /// The 1-based line of the byte `at` of `text`.
@@ -199,6 +276,15 @@ fn field_named(message: &str) -> Option<String> {
 fn key_at(text: &str, at: usize) -> Option<String> {
     let at = at.min(text.len());
     let start = text[..at].rfind('\n').map_or(0, |newline| newline + 1);
+    // A value within an inline table (`targets = [{ weight = 0 }]`): the key right before it.
+    if let Some((before, _)) = text.get(start..at).and_then(|prefix| prefix.rsplit_once('=')) {
+        let key = before
+            .rsplit(|c: char| c.is_whitespace() || matches!(c, '{' | ',' | '['))
+            .find(|part| !part.is_empty());
+        if let Some(key) = key {
+            return Some(key.to_string());
+        }
+    }
     let line = text[start..].lines().next().unwrap_or("").trim();
     let key = match line.split_once('=') {
         Some((key, _)) => key.trim(),
@@ -216,17 +302,33 @@ fn first_line(message: &str) -> String {
 mod tests {
     use super::*;
 
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    const ALONE: Context<'static> = Context {
+        lookup: &no_env,
+        shorthand_upstream: false,
+    };
+
+    fn book_of(text: &str) -> PriceBook {
+        parse("t.toml", text, &ALONE)
+            .map(|file| file.price_book)
+            .unwrap()
+    }
+
     fn error(text: &str) -> String {
-        parse("tokenchat.toml", text).unwrap_err().to_string()
+        parse("tokenchat.toml", text, &ALONE)
+            .err()
+            .unwrap()
+            .to_string()
     }
 
     #[test]
     fn a_book_is_read_with_its_defaults() {
-        let book = parse(
-            "t.toml",
+        let book = book_of(
             "[models.\"gpt-4o-mini\"]\nprompt = 150\ncompletion = 600\nrequest = 1\nmax_output_tokens = 4096\n\n[models.local]\ncompletion = 400\n",
-        )
-        .unwrap();
+        );
         let mini = book.model("gpt-4o-mini").unwrap();
         assert_eq!(
             mini.prices,
@@ -244,7 +346,7 @@ mod tests {
         assert_eq!(local.prices.max_output_tokens, DEFAULT_MAX_OUTPUT_TOKENS);
         assert_eq!(local.tokenizer, Tokenizer::Bytes);
         assert!(book.model("other").is_none());
-        assert!(parse("t.toml", "").unwrap().is_empty());
+        assert!(book_of("").is_empty());
     }
 
     #[test]
@@ -283,5 +385,117 @@ mod tests {
         assert!(syntax.starts_with("tokenchat.toml, line 2"), "{syntax}");
         let top = error("[prices]\nx = 1\n");
         assert!(top.contains("field prices"), "{top}");
+    }
+
+    const ROUTED: &str = r#"
+[upstreams.primary]
+base_url = "https://api.example.com/v1"
+api_key_env = "PRIMARY_KEY"
+timeout_secs = 20
+headers = { "X-Title" = "tokenchat" }
+max_concurrent = 8
+
+[upstreams.local]
+base_url = "http://127.0.0.1:11434/v1"
+
+[models."llama3.2"]
+completion = 400
+targets = [
+  { upstream = "primary", model = "meta-llama/llama-3.2-3b", weight = 3, priority = 0 },
+  { upstream = "local", weight = 1, priority = 1 },
+]
+"#;
+
+    #[test]
+    fn upstreams_and_targets_are_read_with_the_key_from_its_variable() {
+        let lookup = |name: &str| (name == "PRIMARY_KEY").then(|| "sk-primary".to_string());
+        let context = Context {
+            lookup: &lookup,
+            shorthand_upstream: false,
+        };
+        let file = parse("t.toml", ROUTED, &context)
+            .map_err(|err| err.to_string())
+            .unwrap();
+        assert_eq!(file.upstreams.len(), 2);
+        let local = &file.upstreams[0];
+        assert_eq!(
+            (local.name.as_str(), local.api_key.is_none()),
+            ("local", true)
+        );
+        let primary = &file.upstreams[1];
+        assert_eq!(primary.name, "primary");
+        assert_eq!(primary.timeout, Some(std::time::Duration::from_secs(20)));
+        assert_eq!(primary.max_concurrent, Some(8));
+        assert_eq!(primary.headers[0].0.as_str(), "x-title");
+        use secrecy::ExposeSecret;
+        assert_eq!(
+            primary.api_key.as_ref().unwrap().expose_secret(),
+            "sk-primary"
+        );
+        let targets = &file.targets["llama3.2"];
+        assert_eq!(
+            targets
+                .iter()
+                .map(|target| (
+                    target.upstream.as_str(),
+                    target.model.as_str(),
+                    target.weight,
+                    target.priority
+                ))
+                .collect::<Vec<_>>(),
+            [
+                ("primary", "meta-llama/llama-3.2-3b", 3, 0),
+                ("local", "llama3.2", 1, 1)
+            ]
+        );
+        assert_eq!(
+            file.price_book.model("llama3.2").unwrap().prices.completion,
+            400
+        );
+    }
+
+    #[test]
+    fn a_bad_upstream_or_target_is_refused_naming_it() {
+        let missing_key = error(ROUTED);
+        assert!(
+            missing_key.starts_with("tokenchat.toml, line 2, field upstreams.primary.api_key_env: the environment variable PRIMARY_KEY is not set"),
+            "{missing_key}"
+        );
+        let unknown = error("[models.a]\ntargets = [{ upstream = \"nowhere\" }]\n");
+        assert!(
+            unknown.starts_with("tokenchat.toml, line 2, field models.\"a\".targets[0].upstream: no upstream is named \"nowhere\""),
+            "{unknown}"
+        );
+        let untargeted = error("[upstreams.u]\nbase_url = \"http://127.0.0.1:1/v1\"\n[models.a]\ntargets = [{ upstream = \"u\" }]\n[models.b]\nprompt = 1\n");
+        assert!(
+            untargeted.starts_with("tokenchat.toml, line 5, field models.\"b\": has no targets"),
+            "{untargeted}"
+        );
+        let credentials = error("[upstreams.u]\nbase_url = \"http://127.0.0.1:1/v1\"\nheaders = { Authorization = \"Bearer sk\" }\n");
+        assert!(
+            credentials
+                .contains("field upstreams.u.headers: authorization is not set from the file")
+                || credentials
+                    .contains("field upstreams.u.headers: Authorization is not set from the file"),
+            "{credentials}"
+        );
+        assert!(!credentials.contains("Bearer sk"), "{credentials}");
+        let url = error("[upstreams.u]\nbase_url = \"ftp://x\"\n");
+        assert!(
+            url.starts_with(
+                "tokenchat.toml, line 1, field upstreams.u.base_url: unsupported scheme"
+            ),
+            "{url}"
+        );
+        let weight = error("[upstreams.u]\nbase_url = \"http://x/v1\"\n[models.a]\ntargets = [{ upstream = \"u\", weight = 0 }]\n");
+        assert!(
+            weight.contains("line 4") && weight.contains("weight"),
+            "{weight}"
+        );
+        let empty = error("[models.a]\ntargets = []\n");
+        assert!(
+            empty.contains("field models.\"a\".targets: lists no target"),
+            "{empty}"
+        );
     }
 }

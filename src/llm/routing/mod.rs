@@ -1,0 +1,523 @@
+//! Several upstreams behind one model: each served model has targets (an upstream, the
+//! model's name there, a weight, a priority). A call goes to the highest priority that has
+//! a target available, among those by weight, and moves on to another target when the one
+//! it tried could not be reached, timed out before answering, failed with a 5xx or said it
+//! is busy: at most `UPSTREAM_MAX_ATTEMPTS` targets, never once an answer has begun.
+//! Each target has a circuit breaker ([`health`]), so a dead one costs nothing.
+
+pub mod health;
+#[cfg(test)]
+mod tests;
+
+use std::{
+    collections::HashMap,
+    future::Future,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use futures_util::{future::BoxFuture, FutureExt, StreamExt};
+use rand::Rng;
+
+use self::health::{Admission, BreakerState, Health};
+use super::{
+    openai::{self, Slot, Upstream},
+    Ask, Backend, Completion, Embedding, Forwarded, LlmError, ModelProbe, ServedBy, Streamed,
+};
+use crate::{
+    config::{Config, RetryPolicy, Routing},
+    telemetry::Metrics,
+};
+
+/// The longest pause before trying the next target (the first is shorter, see
+/// [`back_off`]): long enough to spread a burst of retries, short beside a model's answer.
+const BACK_OFF_CEILING: Duration = Duration::from_millis(200);
+
+/// The models and the upstreams that serve them.
+pub(super) struct Router {
+    models: HashMap<String, Route>,
+    upstreams: Vec<Arc<Upstream>>,
+    default_model: String,
+    policy: RetryPolicy,
+    /// `LLM_STREAM_IDLE_SECS`: how long a streamed answer may go silent.
+    stream_idle: Duration,
+    metrics: Metrics,
+}
+
+/// One served model's targets, the highest priority (the lowest number) first.
+struct Route {
+    targets: Vec<Target>,
+    /// Where each priority's targets begin in `targets`, and end.
+    tiers: Vec<(usize, usize)>,
+    /// Counts calls, to share them among a tier's targets by weight.
+    turn: AtomicUsize,
+}
+
+struct Target {
+    upstream: Arc<Upstream>,
+    /// The model's name at the upstream.
+    model: String,
+    weight: usize,
+    health: Health,
+}
+
+/// What one target is, for `/ready`.
+#[derive(Debug, Clone)]
+pub struct TargetReport {
+    /// The served model it serves.
+    pub served: String,
+    pub upstream: Arc<str>,
+    /// The model's name at the upstream.
+    pub model: String,
+    pub state: BreakerState,
+    /// How long until its state may change by itself (an open breaker's rest).
+    pub retry_in: Option<Duration>,
+}
+
+/// What asking one upstream's `GET /models` found.
+#[derive(Debug, Clone)]
+pub struct UpstreamProbe {
+    pub name: Arc<str>,
+    pub url: String,
+    /// The models it lists, or why it could not be asked.
+    pub listed: Result<Vec<String>, String>,
+}
+
+/// Which target a call goes to, or that none is available and the soonest one may be.
+enum Choice {
+    Target {
+        index: usize,
+        slot: Slot,
+        probe: bool,
+    },
+    Out {
+        soonest: Option<Instant>,
+    },
+}
+
+/// Whether a call moves on after a target's failure, and what the target is told.
+enum Verdict {
+    /// The answer is the client's (a request the model rejected as invalid): given back,
+    /// the target healthy.
+    Final,
+    /// The target failed (unreachable, timed out, an error status): the next is tried.
+    Failed,
+    /// The target is busy for this long: the next is tried.
+    Busy(Duration),
+}
+
+impl Router {
+    pub(super) fn new(
+        routing: &Routing,
+        config: &Config,
+        metrics: Metrics,
+    ) -> Result<Self, reqwest::Error> {
+        let http = openai::http_client(config)?;
+        let upstreams: Vec<Arc<Upstream>> = routing
+            .upstreams
+            .iter()
+            .map(|upstream| Arc::new(Upstream::new(upstream, http.clone(), config)))
+            .collect();
+        let by_name = |name: &str| {
+            upstreams
+                .iter()
+                .find(|upstream| &**upstream.name() == name)
+                .cloned()
+        };
+        let mut models = HashMap::new();
+        for served in &routing.models {
+            let mut targets: Vec<_> = served.targets.iter().collect();
+            // Stable: targets of one priority keep the file's order.
+            targets.sort_by_key(|target| target.priority);
+            let mut tiers: Vec<(usize, usize)> = Vec::new();
+            for (index, target) in targets.iter().enumerate() {
+                match tiers.last_mut() {
+                    Some((start, end)) if targets[*start].priority == target.priority => {
+                        *end = index + 1
+                    }
+                    _ => tiers.push((index, index + 1)),
+                }
+            }
+            let targets = targets
+                .into_iter()
+                .filter_map(|target| {
+                    let upstream = by_name(&target.upstream)?;
+                    metrics.breaker(upstream.name(), &served.name, BreakerState::Closed);
+                    Some(Target {
+                        upstream,
+                        model: target.model.clone(),
+                        weight: target.weight as usize,
+                        health: Health::new(config.retry),
+                    })
+                })
+                .collect();
+            let route = Route {
+                targets,
+                tiers,
+                turn: AtomicUsize::new(0),
+            };
+            models.insert(served.name.clone(), route);
+        }
+        Ok(Self {
+            models,
+            upstreams,
+            default_model: routing.models[0].name.clone(),
+            policy: config.retry,
+            stream_idle: config.llm_stream_idle,
+            metrics,
+        })
+    }
+
+    /// The served model `ask` is for.
+    fn model_of<'a>(&'a self, ask: &'a Ask<'_>) -> &'a str {
+        match ask {
+            Ask::Turns { .. } => &self.default_model,
+            Ask::Forwarded { request, .. } => &request.model,
+        }
+    }
+
+    /// Calls `model`'s targets with `send` until one begins to answer: its response, the
+    /// slot it holds at its upstream, and who answered after how many attempts.
+    async fn call<F, Fut>(
+        &self,
+        model: &str,
+        mut send: F,
+    ) -> Result<(reqwest::Response, Slot, ServedBy), LlmError>
+    where
+        F: FnMut(Arc<Upstream>, &str) -> Fut,
+        Fut: Future<Output = Result<reqwest::Response, LlmError>>,
+    {
+        let route = self
+            .models
+            .get(model)
+            .ok_or(LlmError::Unusable("no target serves this model"))?;
+        let mut tried = 0u64;
+        let mut attempts = 0u32;
+        let mut last_failure = None;
+        while attempts < self.policy.max_attempts {
+            let (index, slot, probe) = match route.choose(tried, Instant::now()) {
+                Choice::Target { index, slot, probe } => (index, slot, probe),
+                Choice::Out { .. } => break,
+            };
+            tried |= 1 << index;
+            if attempts > 0 {
+                tokio::time::sleep(back_off(attempts)).await;
+            }
+            attempts += 1;
+            let target = &route.targets[index];
+            let upstream = target.upstream.clone();
+            let mut probing = ProbeGuard(probe.then_some(&target.health));
+            let began = Instant::now();
+            let answered = send(upstream.clone(), &target.model).await;
+            let took = began.elapsed();
+            let failure = match answered {
+                Ok(response) => {
+                    probing.settled();
+                    target.health.succeeded();
+                    self.count(target, model, "answered", took);
+                    let served_by = ServedBy {
+                        upstream: upstream.name().clone(),
+                        attempts,
+                    };
+                    return Ok((response, slot, served_by));
+                }
+                Err(failure) => failure,
+            };
+            probing.settled();
+            self.count(target, model, failure.kind(), took);
+            match verdict(&failure) {
+                Verdict::Final => {
+                    target.health.succeeded();
+                    return Err(failure);
+                }
+                Verdict::Busy(rest) => target.health.busy(Instant::now(), rest),
+                Verdict::Failed => {
+                    if target.health.failed(Instant::now()) {
+                        tracing::warn!(
+                            upstream = &**upstream.name(),
+                            model,
+                            "upstream target failed repeatedly: skipped while it cools down"
+                        );
+                    }
+                }
+            }
+            tracing::info!(
+                upstream = &**upstream.name(),
+                model,
+                attempt = attempts,
+                error = %failure,
+                "upstream target failed"
+            );
+            last_failure = Some(failure);
+        }
+        // Every target rests (cooling, rate-limited, full): the client may come back when
+        // the first of them does.
+        if let Choice::Out { soonest } = route.choose(0, Instant::now()) {
+            let wait = soonest.map_or(Duration::from_secs(1), |at| {
+                at.saturating_duration_since(Instant::now())
+            });
+            return Err(LlmError::Busy {
+                status: 503,
+                retry_after_secs: wait.as_secs_f64().ceil().max(1.0) as u64,
+            });
+        }
+        Err(last_failure.unwrap_or(LlmError::Unreachable))
+    }
+
+    /// Counts one attempt at `target` and its outcome, and the target's breaker state.
+    fn count(&self, target: &Target, model: &str, outcome: &'static str, took: Duration) {
+        let name = target.upstream.name();
+        self.metrics.upstream_attempt(name, outcome, took);
+        let (state, _) = target.health.state_at(Instant::now());
+        self.metrics.breaker(name, model, state);
+    }
+
+    async fn complete(&self, ask: Ask<'_>) -> Result<Completion, LlmError> {
+        let model = self.model_of(&ask).to_string();
+        let asked = &ask;
+        let (response, slot, served_by) = self
+            .call(&model, move |upstream, name| {
+                let name = name.to_string();
+                async move { upstream.ask(&name, asked, false).await }
+            })
+            .await?;
+        // The client's body is let go once an upstream began to answer it.
+        drop(ask);
+        let mut completion = openai::read_answer(response).await?;
+        drop(slot);
+        completion.served_by = Some(served_by);
+        Ok(completion)
+    }
+
+    async fn stream(&self, ask: Ask<'_>) -> Result<Streamed, LlmError> {
+        let model = self.model_of(&ask).to_string();
+        let asked = &ask;
+        let (response, slot, served_by) = self
+            .call(&model, move |upstream, name| {
+                let name = name.to_string();
+                async move { upstream.ask(&name, asked, true).await }
+            })
+            .await?;
+        drop(ask);
+        // The slot at the upstream is held until the stream is dropped.
+        let chunks = openai::read_stream(response, self.stream_idle).map(move |chunk| {
+            let _held = &slot;
+            chunk
+        });
+        Ok(Streamed {
+            chunks: Box::pin(chunks),
+            served_by: Some(served_by),
+        })
+    }
+
+    async fn embed(&self, request: Forwarded) -> Result<Embedding, LlmError> {
+        let model = request.model.clone();
+        let asked = &request;
+        let (response, slot, _) = self
+            .call(&model, move |upstream, name| {
+                let name = name.to_string();
+                async move { upstream.ask_embeddings(&name, asked).await }
+            })
+            .await?;
+        drop(request);
+        let embedding = openai::read_embeddings(response).await;
+        drop(slot);
+        embedding
+    }
+
+    /// Asks every upstream's `GET /models`, all at once.
+    async fn probe_upstreams(&self) -> Vec<UpstreamProbe> {
+        let probes = self.upstreams.iter().map(|upstream| async move {
+            UpstreamProbe {
+                name: upstream.name().clone(),
+                url: upstream.shown_url().to_string(),
+                listed: upstream
+                    .listed_models()
+                    .await
+                    .map_err(|err| err.to_string()),
+            }
+        });
+        futures_util::future::join_all(probes).await
+    }
+
+    /// The default model's reachability: served by a target whose upstream lists it,
+    /// else reachable without it, else unreachable (with the first reason).
+    fn default_probe(&self, probes: &[UpstreamProbe]) -> ModelProbe {
+        let Some(route) = self.models.get(&self.default_model) else {
+            return ModelProbe::Unreachable("no target".into());
+        };
+        let mut reachable = false;
+        let mut reason = None;
+        for target in &route.targets {
+            let Some(probe) = probes
+                .iter()
+                .find(|probe| probe.name == *target.upstream.name())
+            else {
+                continue;
+            };
+            match &probe.listed {
+                Ok(listed) if listed.contains(&target.model) => return ModelProbe::Serving,
+                Ok(_) => reachable = true,
+                Err(why) => {
+                    reason.get_or_insert_with(|| format!("{}: {why}", probe.name));
+                }
+            }
+        }
+        if reachable {
+            ModelProbe::ReachableWithoutModel
+        } else {
+            ModelProbe::Unreachable(reason.unwrap_or_default())
+        }
+    }
+
+    fn targets(&self) -> Vec<TargetReport> {
+        let now = Instant::now();
+        let mut reports: Vec<TargetReport> = self
+            .models
+            .iter()
+            .flat_map(|(served, route)| {
+                route.targets.iter().map(move |target| {
+                    let (state, retry_in) = target.health.state_at(now);
+                    TargetReport {
+                        served: served.clone(),
+                        upstream: target.upstream.name().clone(),
+                        model: target.model.clone(),
+                        state,
+                        retry_in,
+                    }
+                })
+            })
+            .collect();
+        reports.sort_by(|a, b| (&a.upstream, &a.served).cmp(&(&b.upstream, &b.served)));
+        reports
+    }
+}
+
+impl Route {
+    /// A target not in `skipped` (a bit per target: at most `MAX_TARGETS` of them) that
+    /// may take a call at `now`: of the highest priority that has one, by weight; taken
+    /// (its upstream's slot, its probe) before it is given.
+    fn choose(&self, mut skipped: u64, now: Instant) -> Choice {
+        let mut soonest: Option<Instant> = None;
+        let mut rest_until = |until: Instant| {
+            soonest = Some(soonest.map_or(until, |soonest| soonest.min(until)));
+        };
+        for &(start, end) in &self.tiers {
+            loop {
+                let mut total = 0;
+                for index in start..end {
+                    if skipped & (1 << index) != 0 {
+                        continue;
+                    }
+                    match self.targets[index].health.available(now) {
+                        Admission::Admitted { .. } => total += self.targets[index].weight,
+                        Admission::Resting { until } => {
+                            rest_until(until);
+                            skipped |= 1 << index;
+                        }
+                    }
+                }
+                if total == 0 {
+                    break;
+                }
+                // Weighted round robin: each turn lands on one point of the tier's weights.
+                let mut point = self.turn.fetch_add(1, Ordering::Relaxed) % total;
+                let index = (start..end)
+                    .filter(|index| skipped & (1 << index) == 0)
+                    .find(|&index| {
+                        let weight = self.targets[index].weight;
+                        if point < weight {
+                            return true;
+                        }
+                        point -= weight;
+                        false
+                    })
+                    .unwrap_or(start);
+                let target = &self.targets[index];
+                skipped |= 1 << index;
+                let Some(slot) = target.upstream.slot() else {
+                    // Its upstream has `max_concurrent` calls in flight.
+                    rest_until(now + Duration::from_secs(1));
+                    continue;
+                };
+                match target.health.admit(now) {
+                    Admission::Admitted { probe } => return Choice::Target { index, slot, probe },
+                    Admission::Resting { until } => rest_until(until),
+                }
+            }
+        }
+        Choice::Out { soonest }
+    }
+}
+
+/// Frees a half-open target's probe if the call is dropped before its verdict.
+struct ProbeGuard<'a>(Option<&'a Health>);
+
+impl ProbeGuard<'_> {
+    fn settled(&mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for ProbeGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(health) = self.0 {
+            health.probe_abandoned();
+        }
+    }
+}
+
+/// What a failure means for the call and the target.
+fn verdict(failure: &LlmError) -> Verdict {
+    match failure {
+        LlmError::Rejected(_) => Verdict::Final,
+        LlmError::Busy {
+            retry_after_secs, ..
+        } => Verdict::Busy(Duration::from_secs(*retry_after_secs)),
+        // Failures before an answer began: the target's (or its key's) fault.
+        LlmError::Timeout
+        | LlmError::Unreachable
+        | LlmError::Status(_)
+        | LlmError::RefusedCredentials(_)
+        | LlmError::Unusable(_)
+        | LlmError::BrokeOff => Verdict::Failed,
+    }
+}
+
+/// The pause before the `attempt`+1-th target: full jitter up to 25 ms, doubling with
+/// each attempt, to [`BACK_OFF_CEILING`].
+fn back_off(attempt: u32) -> Duration {
+    let ceiling = Duration::from_millis(25)
+        .saturating_mul(1 << attempt.saturating_sub(1).min(8))
+        .min(BACK_OFF_CEILING);
+    ceiling.mul_f64(rand::thread_rng().gen::<f64>())
+}
+
+impl Backend for Router {
+    fn complete<'a>(&'a self, ask: Ask<'a>) -> BoxFuture<'a, Result<Completion, LlmError>> {
+        Router::complete(self, ask).boxed()
+    }
+
+    fn stream<'a>(&'a self, ask: Ask<'a>) -> BoxFuture<'a, Result<Streamed, LlmError>> {
+        Router::stream(self, ask).boxed()
+    }
+
+    fn embed(&self, request: Forwarded) -> BoxFuture<'_, Result<Embedding, LlmError>> {
+        Router::embed(self, request).boxed()
+    }
+
+    fn probe(&self) -> BoxFuture<'_, (ModelProbe, Vec<UpstreamProbe>)> {
+        async move {
+            let probes = self.probe_upstreams().await;
+            (self.default_probe(&probes), probes)
+        }
+        .boxed()
+    }
+
+    fn targets(&self) -> Vec<TargetReport> {
+        Router::targets(self)
+    }
+}
