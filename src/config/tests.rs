@@ -267,3 +267,62 @@ fn an_upstream_url_is_shown_without_its_user_info_or_query() {
     let err = UpstreamUrl::parse("http//user:secret@host").unwrap_err();
     assert!(!err.to_string().contains("secret"), "{err}");
 }
+
+/// `text` as a configuration file, and the configuration of `pairs` reading it.
+fn with_file(text: &str, pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tokenchat.toml");
+    std::fs::write(&path, text).unwrap();
+    let path = path.to_str().unwrap().to_string();
+    let mut all = vec![("CONFIG_FILE", path.as_str())];
+    all.extend_from_slice(pairs);
+    config(&all)
+}
+
+#[test]
+fn the_shorthand_upstream_is_named_default_and_the_file_may_add_fallbacks_to_it() {
+    let file = "[upstreams.backup]\nbase_url = \"http://127.0.0.1:9/v1\"\n\n\
+                [models.\"llama3.2\"]\ntargets = [{ upstream = \"default\" }, \
+                { upstream = \"backup\", priority = 1 }]\n";
+    let routed = with_file(
+        file,
+        &[
+            ("LLM_BASE_URL", "http://127.0.0.1:8/v1"),
+            ("LLM_MODELS", "other"),
+        ],
+    )
+    .unwrap();
+    let routing = routed.routing.unwrap();
+    let names: Vec<&str> = routing.upstreams.iter().map(|u| u.name.as_str()).collect();
+    assert_eq!(names, ["backup", "default"]);
+    let served: Vec<(&str, usize)> = routing
+        .models
+        .iter()
+        .map(|model| (model.name.as_str(), model.targets.len()))
+        .collect();
+    assert_eq!(served, [("llama3.2", 2), ("other", 1)]);
+    assert_eq!(routing.models[1].targets[0].upstream, "default");
+    assert!(config(&[]).unwrap().routing.is_none(), "nothing set: the demo");
+}
+
+#[test]
+fn a_default_model_no_target_serves_stops_start_up_naming_it() {
+    let file = "[upstreams.u]\nbase_url = \"http://127.0.0.1:9/v1\"\n\n\
+                [models.gpt]\ntargets = [{ upstream = \"u\" }]\n";
+    let err = with_file(file, &[]).unwrap_err();
+    assert_eq!(err.variable, "LLM_MODEL");
+    assert!(err.reason.contains("\"llama3.2\" has no targets"), "{err}");
+    let served = with_file(file, &[("LLM_MODEL", "gpt")]).unwrap();
+    assert_eq!(served.routing.unwrap().models[0].name, "gpt");
+    let default_taken = with_file(
+        "[upstreams.default]\nbase_url = \"http://127.0.0.1:9/v1\"\n",
+        &[("LLM_BASE_URL", "http://127.0.0.1:8/v1")],
+    )
+    .unwrap_err();
+    assert!(
+        default_taken.reason.contains("upstreams.default"),
+        "{default_taken}"
+    );
+    let policy = config(&[("UPSTREAM_MAX_ATTEMPTS", "0")]).unwrap_err();
+    assert_eq!(policy.variable, "UPSTREAM_MAX_ATTEMPTS");
+}

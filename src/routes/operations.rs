@@ -219,6 +219,12 @@ pub async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Respo
             return ApiError::Unauthorized.into_response();
         }
     }
+    // Each breaker as it is now: an open one turns half open by the clock alone.
+    for target in state.llm.targets() {
+        state
+            .metrics
+            .breaker(&target.upstream, &target.served, target.state);
+    }
     let body = state.metrics.render(&state.db.pool_use());
     (
         StatusCode::OK,

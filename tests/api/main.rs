@@ -23,3 +23,4 @@ mod sdk;
 mod server;
 mod stream_limits;
 mod streaming;
+mod upstreams;

@@ -277,7 +277,10 @@ fn key_at(text: &str, at: usize) -> Option<String> {
     let at = at.min(text.len());
     let start = text[..at].rfind('\n').map_or(0, |newline| newline + 1);
     // A value within an inline table (`targets = [{ weight = 0 }]`): the key right before it.
-    if let Some((before, _)) = text.get(start..at).and_then(|prefix| prefix.rsplit_once('=')) {
+    if let Some((before, _)) = text
+        .get(start..at)
+        .and_then(|prefix| prefix.rsplit_once('='))
+    {
         let key = before
             .rsplit(|c: char| c.is_whitespace() || matches!(c, '{' | ',' | '['))
             .find(|part| !part.is_empty());

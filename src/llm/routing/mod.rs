@@ -217,7 +217,7 @@ impl Router {
                 Ok(response) => {
                     probing.settled();
                     target.health.succeeded();
-                    self.count(target, model, "answered", took);
+                    self.count(target, "answered", took);
                     let served_by = ServedBy {
                         upstream: upstream.name().clone(),
                         attempts,
@@ -227,7 +227,7 @@ impl Router {
                 Err(failure) => failure,
             };
             probing.settled();
-            self.count(target, model, failure.kind(), took);
+            self.count(target, failure.kind(), took);
             match verdict(&failure) {
                 Verdict::Final => {
                     target.health.succeeded();
@@ -267,12 +267,10 @@ impl Router {
         Err(last_failure.unwrap_or(LlmError::Unreachable))
     }
 
-    /// Counts one attempt at `target` and its outcome, and the target's breaker state.
-    fn count(&self, target: &Target, model: &str, outcome: &'static str, took: Duration) {
-        let name = target.upstream.name();
-        self.metrics.upstream_attempt(name, outcome, took);
-        let (state, _) = target.health.state_at(Instant::now());
-        self.metrics.breaker(name, model, state);
+    /// Counts one attempt at `target` and its outcome.
+    fn count(&self, target: &Target, outcome: &'static str, took: Duration) {
+        self.metrics
+            .upstream_attempt(target.upstream.name(), outcome, took);
     }
 
     async fn complete(&self, ask: Ask<'_>) -> Result<Completion, LlmError> {

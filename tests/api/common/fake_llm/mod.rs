@@ -99,6 +99,8 @@ pub struct Received {
     pub content_length: Option<usize>,
     /// The query string of the request's URL, if it had one.
     pub query: Option<String>,
+    /// Every header it came with.
+    pub headers: HeaderMap,
     pub body: Value,
 }
 
@@ -232,6 +234,7 @@ fn receive(
             .get(header::CONTENT_LENGTH)
             .and_then(|value| value.to_str().ok()?.parse().ok()),
         query,
+        headers: headers.clone(),
         body: body.clone(),
     });
     let user = user_message(body);

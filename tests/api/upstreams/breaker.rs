@@ -1,0 +1,141 @@
+//! The circuit breaker: a target that keeps failing is skipped without a connection until
+//! its cooling time is over, then gets one probe call; a failed probe doubles the cooling,
+//! a good one closes it. `/ready` and `/metrics` show it.
+
+use std::time::Duration;
+
+use axum::http::{Method, StatusCode};
+
+use super::{routed_app, served_by, DeadUpstream};
+use crate::common::{FakeLlm, Reply};
+
+#[tokio::test]
+async fn an_opened_breaker_keeps_every_connection_from_a_dead_target_until_its_probe() {
+    let dead = DeadUpstream::start().await;
+    let good = FakeLlm::start().await;
+    let app = routed_app(
+        &[
+            ("dead", &dead.base_url, 1, 0),
+            ("good", &good.base_url, 1, 1),
+        ],
+        &[
+            ("UPSTREAM_FAILURES_TO_OPEN", "3"),
+            ("UPSTREAM_COOLDOWN_SECS", "1"),
+        ],
+    )
+    .await;
+    let token = app.user_with_token("user").await;
+    for n in 0..3 {
+        let chat = app.chat(&token, &format!("n{n}")).await;
+        let id = chat.json["chat_id"].as_i64().unwrap();
+        assert_eq!(served_by(&app, id).await, (Some("good".into()), Some(2)));
+    }
+    assert_eq!(dead.connections(), 3);
+    // Open: no connection, no added attempt.
+    for n in 0..5 {
+        let chat = app.chat(&token, &format!("open {n}")).await;
+        let id = chat.json["chat_id"].as_i64().unwrap();
+        assert_eq!(served_by(&app, id).await, (Some("good".into()), Some(1)));
+    }
+    assert_eq!(dead.connections(), 3, "no connection while open");
+    let ready = app.request(Method::GET, "/ready", &[], "").await;
+    let targets = &ready.json["upstreams"];
+    let dead_state = targets
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|upstream| upstream["name"] == "dead")
+        .unwrap();
+    assert_eq!(dead_state["targets"][0]["state"], "open", "{ready:?}");
+    assert_eq!(dead_state["status"], "unreachable", "{ready:?}");
+    assert_eq!(dead.connections(), 4, "readiness asked its GET /models");
+    // Cooled: one probe, which fails and opens it for twice as long.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    app.chat(&token, "probe").await;
+    assert_eq!(dead.connections(), 5, "one probe");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    app.chat(&token, "still open").await;
+    assert_eq!(
+        dead.connections(),
+        5,
+        "open for two seconds after a failed probe"
+    );
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    app.chat(&token, "second probe").await;
+    assert_eq!(dead.connections(), 6);
+    assert_eq!(app.balance(&token).await, 4000 - 11 * 100);
+    let metrics = app.request_raw(Method::GET, "/metrics", &[], "").await.2;
+    for series in [
+        r#"tokenchat_upstream_attempts_total{upstream="dead",outcome="unreachable"} 5"#,
+        r#"tokenchat_upstream_attempts_total{upstream="good",outcome="answered"} 11"#,
+        r#"tokenchat_upstream_breaker_state{upstream="dead",model="llama3.2"} 1"#,
+    ] {
+        assert!(metrics.contains(series), "{series} in {metrics}");
+    }
+    assert!(metrics.contains("tokenchat_upstream_attempt_seconds_count{upstream=\"good\"} 11"));
+    app.assert_audit_passes().await;
+}
+
+#[tokio::test]
+async fn a_good_probe_closes_the_breaker_and_the_target_serves_again() {
+    let flaky = FakeLlm::start().await;
+    flaky.set_reply(Reply::Status(500));
+    let spare = FakeLlm::start().await;
+    let app = routed_app(
+        &[
+            ("flaky", &flaky.base_url, 1, 0),
+            ("spare", &spare.base_url, 1, 1),
+        ],
+        &[
+            ("UPSTREAM_FAILURES_TO_OPEN", "2"),
+            ("UPSTREAM_COOLDOWN_SECS", "1"),
+        ],
+    )
+    .await;
+    let token = app.user_with_token("user").await;
+    for n in 0..4 {
+        app.chat(&token, &format!("n{n}")).await;
+    }
+    assert_eq!(flaky.calls(), 2, "opened after two failures");
+    flaky.set_reply(Reply::Echo);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    for n in 0..3 {
+        let chat = app.chat(&token, &format!("back {n}")).await;
+        assert_eq!(chat.status, StatusCode::OK);
+        let id = chat.json["chat_id"].as_i64().unwrap();
+        assert_eq!(served_by(&app, id).await, (Some("flaky".into()), Some(1)));
+    }
+    let metrics = app.request_raw(Method::GET, "/metrics", &[], "").await.2;
+    let closed = r#"tokenchat_upstream_breaker_state{upstream="flaky",model="llama3.2"} 0"#;
+    assert!(metrics.contains(closed), "{metrics}");
+}
+
+#[tokio::test]
+async fn every_breaker_open_is_503_upstream_busy_until_the_first_cools() {
+    let dead = DeadUpstream::start().await;
+    let app = routed_app(
+        &[("dead", &dead.base_url, 1, 0)],
+        &[
+            ("UPSTREAM_FAILURES_TO_OPEN", "2"),
+            ("UPSTREAM_COOLDOWN_SECS", "4"),
+        ],
+    )
+    .await;
+    let token = app.user_with_token("user").await;
+    let failed = app.chat(&token, "hello").await;
+    failed.assert_error(StatusCode::BAD_GATEWAY, "upstream_error");
+    // The second failure opens the last breaker: the client learns when to come back.
+    for _ in 0..3 {
+        let chat = app.chat(&token, "hello").await;
+        chat.assert_error(StatusCode::SERVICE_UNAVAILABLE, "upstream_busy");
+        let retry_after: u64 = chat.headers["retry-after"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!((3..=4).contains(&retry_after), "{retry_after}");
+    }
+    assert_eq!(dead.connections(), 2);
+    assert_eq!(app.balance(&token).await, 4000);
+    app.assert_all_settled().await;
+}
