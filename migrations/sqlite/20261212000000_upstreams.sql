@@ -3,4 +3,4 @@
 -- call tried to get that answer. Null for the demo model's chats and those from before.
 
 ALTER TABLE chats ADD COLUMN upstream TEXT;
-ALTER TABLE chats ADD COLUMN attempts INTEGER;
+ALTER TABLE chats ADD COLUMN attempts BIGINT;

@@ -302,7 +302,10 @@ fn the_shorthand_upstream_is_named_default_and_the_file_may_add_fallbacks_to_it(
         .collect();
     assert_eq!(served, [("llama3.2", 2), ("other", 1)]);
     assert_eq!(routing.models[1].targets[0].upstream, "default");
-    assert!(config(&[]).unwrap().routing.is_none(), "nothing set: the demo");
+    assert!(
+        config(&[]).unwrap().routing.is_none(),
+        "nothing set: the demo"
+    );
 }
 
 #[test]

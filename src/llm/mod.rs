@@ -106,8 +106,14 @@ pub enum LlmError {
     #[strum(serialize = "refused_credentials")]
     RefusedCredentials(u16),
     /// The model is rate-limited or overloaded (429, 503): try again after this long.
+    /// `said`: the model gave that time in `Retry-After` (only then is the target left
+    /// alone for it, rather than tried again by the next call).
     #[error("it is busy (status {status}); try again in {retry_after_secs} s")]
-    Busy { status: u16, retry_after_secs: u64 },
+    Busy {
+        status: u16,
+        retry_after_secs: u64,
+        said: bool,
+    },
     #[error("its answer was unusable ({0})")]
     Unusable(&'static str),
     #[error("it broke off its answer")]

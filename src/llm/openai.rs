@@ -344,6 +344,7 @@ async fn refusal(response: reqwest::Response) -> LlmError {
             LlmError::Busy {
                 status,
                 retry_after_secs,
+                said: response.headers().contains_key(header::RETRY_AFTER),
             }
         }
         _ => {

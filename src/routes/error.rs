@@ -414,6 +414,7 @@ mod tests {
         let busy = ApiError::from(ServiceError::Model(LlmError::Busy {
             status: 429,
             retry_after_secs: 7,
+            said: true,
         }))
         .into_response();
         assert_eq!(busy.status(), StatusCode::SERVICE_UNAVAILABLE);

@@ -107,6 +107,8 @@ enum Verdict {
     Failed,
     /// The target is busy for this long: the next is tried.
     Busy(Duration),
+    /// The target is busy for a moment: the next is tried, nothing held against it.
+    Moved,
 }
 
 impl Router {
@@ -226,7 +228,7 @@ impl Router {
                 }
                 Err(failure) => failure,
             };
-            probing.settled();
+            // Whatever the verdict, this probe is over when the guard drops below.
             self.count(target, failure.kind(), took);
             match verdict(&failure) {
                 Verdict::Final => {
@@ -234,6 +236,7 @@ impl Router {
                     return Err(failure);
                 }
                 Verdict::Busy(rest) => target.health.busy(Instant::now(), rest),
+                Verdict::Moved => {}
                 Verdict::Failed => {
                     if target.health.failed(Instant::now()) {
                         tracing::warn!(
@@ -262,6 +265,7 @@ impl Router {
             return Err(LlmError::Busy {
                 status: 503,
                 retry_after_secs: wait.as_secs_f64().ceil().max(1.0) as u64,
+                said: true,
             });
         }
         Err(last_failure.unwrap_or(LlmError::Unreachable))
@@ -473,8 +477,12 @@ fn verdict(failure: &LlmError) -> Verdict {
     match failure {
         LlmError::Rejected(_) => Verdict::Final,
         LlmError::Busy {
-            retry_after_secs, ..
+            retry_after_secs,
+            said: true,
+            ..
         } => Verdict::Busy(Duration::from_secs(*retry_after_secs)),
+        // Busy without saying for how long: the next target, and this one again next time.
+        LlmError::Busy { said: false, .. } => Verdict::Moved,
         // Failures before an answer began: the target's (or its key's) fault.
         LlmError::Timeout
         | LlmError::Unreachable

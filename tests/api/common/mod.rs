@@ -280,8 +280,9 @@ async fn build(
     llm_url: &str,
     overrides: &[(&str, &str)],
 ) -> (AppState, Router) {
-    // Tests register many users and chat fast from one address: the rate limits are off
-    // unless a test turns one on. The lock-outs after failed logins keep their defaults.
+    // Tests register many users and chat fast from one address: the rate limits (and the
+    // upstream's breaker) are off unless a test turns one on. The lock-outs after failed
+    // logins keep their defaults.
     let base = [
         ("DATABASE_URL", database_url),
         ("LLM_BASE_URL", llm_url),
@@ -289,6 +290,8 @@ async fn build(
         ("LOGIN_ATTEMPTS_PER_MINUTE", "0"),
         ("REGISTRATIONS_PER_HOUR", "0"),
         ("CHAT_RATE_PER_MINUTE", "0"),
+        // Tests that make the model fail many times in a row expect it asked each time.
+        ("UPSTREAM_FAILURES_TO_OPEN", "1000000"),
     ];
     let config = Config::from_lookup(|name| {
         overrides

@@ -79,7 +79,7 @@ async fn embeddings_pass_through_metered_by_their_cost_and_recorded_with_model_a
 
 #[tokio::test]
 async fn a_failed_embeddings_call_is_refunded_and_answered_as_openai_does() {
-    let app = TestApp::with_env(&[("LLM_TIMEOUT_SECS", "1")]).await;
+    let mut app = TestApp::with_env(&[("LLM_TIMEOUT_SECS", "1")]).await;
     let key = key_of(&app, "user").await;
     let body = json!({ "model": "llama3.2", "input": "hello" });
     app.llm.set_reply(Reply::Reject(400));
@@ -98,6 +98,9 @@ async fn a_failed_embeddings_call_is_refunded_and_answered_as_openai_does() {
         "upstream_busy",
     );
     assert_eq!(busy.headers[header::RETRY_AFTER], "9");
+    // Left alone for the nine seconds it asked (issue 26): a fresh process, with no memory
+    // of it, for the failures below.
+    app.restart(&[("LLM_TIMEOUT_SECS", "1")]).await;
     app.llm.set_reply(Reply::Status(500));
     let failed = embed(&app, &key, &body).await;
     assert_openai_error(

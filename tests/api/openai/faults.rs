@@ -103,7 +103,7 @@ async fn a_key_the_model_refuses_is_the_operators_fault_named_but_never_shown() 
 
 #[tokio::test]
 async fn a_busy_model_is_a_503_with_its_retry_after_and_other_failures_stay_502_and_504() {
-    let app = TestApp::with_env(&[("LLM_TIMEOUT_SECS", "1")]).await;
+    let mut app = TestApp::with_env(&[("LLM_TIMEOUT_SECS", "1")]).await;
     let key = key_of(&app, "user").await;
     let token = app.user_with_token("chatter").await;
     for (status, given, expected) in [(429, Some("7"), "7"), (503, None, "1")] {
@@ -123,6 +123,9 @@ async fn a_busy_model_is_a_503_with_its_retry_after_and_other_failures_stay_502_
         let chat = app.chat(&token, "hello").await;
         chat.assert_error(StatusCode::SERVICE_UNAVAILABLE, "upstream_busy");
         assert_eq!(chat.headers[header::RETRY_AFTER], expected);
+        // A model that said when to come back is left alone until then (issue 26): a
+        // fresh process, with no memory of it, for the cases below.
+        app.restart(&[("LLM_TIMEOUT_SECS", "1")]).await;
     }
     for (reply, status, code) in [
         (
