@@ -15,7 +15,9 @@
 //! and `tokenchat audit` on each, on SQLite and, with `BENCH_POSTGRES_URL`, on PostgreSQL.
 //! `BENCH_V1=1` runs instead what `/v1` adds to a 100 KB request with tools and to the first
 //! tool-call delta of a stream (see `v1`). `BENCH_PRICED=1` runs instead `/chat` flat and
-//! priced by a price book, in turns (see `priced`).
+//! priced by a price book, in turns (see `priced`). `BENCH_UPSTREAMS=1` runs instead `/chat`
+//! served by three upstreams all healthy and with one of them dead, its breaker open, in
+//! turns (see `upstreams`).
 //!
 //! The default run is `scenarios`; the others are `backends` and `growth` (its database in
 //! `big_db`). `client` and `measure` drive the load, `fake_model` answers it, `server` and
@@ -35,6 +37,7 @@ mod priced;
 mod report;
 mod scenarios;
 mod server;
+mod upstreams;
 mod v1;
 
 use backends::compare_backends;
@@ -93,6 +96,9 @@ async fn run(pinned: bool) {
     }
     if std::env::var("BENCH_PRICED").is_ok_and(|priced| priced == "1") {
         return priced::run(dir.path(), pinned, measured).await;
+    }
+    if std::env::var("BENCH_UPSTREAMS").is_ok_and(|upstreams| upstreams == "1") {
+        return upstreams::run(dir.path(), pinned, measured).await;
     }
     if std::env::var("BENCH_BIG").is_ok_and(|big| big == "1") {
         return growth(dir.path(), model, pinned, measured, postgres.as_deref()).await;

@@ -30,10 +30,10 @@ fn price_book(tokenizer: &str) -> String {
 }
 
 /// One server under test.
-struct Variant {
-    name: &'static str,
-    server: Server,
-    target: Arc<Target>,
+pub(crate) struct Variant {
+    pub(crate) name: &'static str,
+    pub(crate) server: Server,
+    pub(crate) target: Arc<Target>,
 }
 
 pub async fn run(dir: &Path, pinned: bool, measured: Duration) {
@@ -207,12 +207,12 @@ pub async fn run(dir: &Path, pinned: bool, measured: Duration) {
     }
 }
 
-fn chat_body() -> String {
+pub(crate) fn chat_body() -> String {
     json!({ "message": "code hello world in python" }).to_string()
 }
 
 /// The order of the `count` scenarios in `turn`: forward, then backward.
-fn in_turn(turn: usize, count: usize) -> Vec<usize> {
+pub(crate) fn in_turn(turn: usize, count: usize) -> Vec<usize> {
     let mut order: Vec<usize> = (0..count).collect();
     if turn % 2 == 1 {
         order.reverse();
@@ -222,7 +222,7 @@ fn in_turn(turn: usize, count: usize) -> Vec<usize> {
 
 /// A warm-up, then `connections` closed loops on `variant` for `measured`; with the CPU time
 /// the server used meanwhile.
-async fn measure(
+pub(crate) async fn measure(
     variant: &Variant,
     connections: usize,
     measured: Duration,
@@ -236,7 +236,7 @@ async fn measure(
     (outcome, variant.server.cpu_time().saturating_sub(before))
 }
 
-fn median(values: &[f64]) -> f64 {
+pub(crate) fn median(values: &[f64]) -> f64 {
     let mut sorted = values.to_vec();
     sorted.sort_by(f64::total_cmp);
     match sorted.len() {
@@ -246,7 +246,7 @@ fn median(values: &[f64]) -> f64 {
     }
 }
 
-fn list(values: &[f64], decimals: usize) -> String {
+pub(crate) fn list(values: &[f64], decimals: usize) -> String {
     values
         .iter()
         .map(|value| format!("{value:.decimals$}"))

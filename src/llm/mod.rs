@@ -59,6 +59,12 @@ trait Backend: Send + Sync {
 
     /// Every target of every served model, with its breaker's state now.
     fn targets(&self) -> Vec<TargetReport>;
+
+    /// Routes one call of `model` without making it (see
+    /// [`LlmClient::route_without_calling`]); `None` without routing.
+    fn route_without_calling(&self, _model: &str) -> Option<Arc<str>> {
+        None
+    }
 }
 
 /// What asking the model's `GET /models` found; `as_str` is the stable word `/ready`
@@ -297,6 +303,15 @@ impl LlmClient {
     /// Every target of every served model, with its breaker's state now.
     pub fn targets(&self) -> Vec<TargetReport> {
         self.backend.targets()
+    }
+
+    /// Routes one call of `model` as a call that succeeds at once would be routed, without
+    /// making it: chooses a target, books its success and counts it. What routing costs
+    /// each call, for the routing benchmark (`benches/routing.rs`); the upstream chosen, or
+    /// `None` when none is available (or the demo model answers).
+    #[doc(hidden)]
+    pub fn route_without_calling(&self, model: &str) -> Option<Arc<str>> {
+        self.backend.route_without_calling(model)
     }
 
     /// Each upstream's name and base URL for logs: never its key, user info or query.

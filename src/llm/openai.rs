@@ -141,6 +141,13 @@ impl Upstream {
         &self.shown_url
     }
 
+    /// Whether a call could take a slot now (always, without `max_concurrent`).
+    pub(super) fn has_free_slot(&self) -> bool {
+        self.slots
+            .as_ref()
+            .is_none_or(|slots| slots.available_permits() > 0)
+    }
+
     /// A slot for one more call, if it has `max_concurrent` and one is free; `None` when
     /// all are taken.
     pub(super) fn slot(&self) -> Option<Slot> {

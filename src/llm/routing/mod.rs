@@ -6,6 +6,7 @@
 //! Each target has a circuit breaker ([`health`]), so a dead one costs nothing.
 
 pub mod health;
+mod reports;
 #[cfg(test)]
 mod tests;
 
@@ -23,6 +24,7 @@ use futures_util::{future::BoxFuture, FutureExt, StreamExt};
 use rand::Rng;
 
 use self::health::{Admission, BreakerState, Health};
+pub use self::reports::{TargetReport, UpstreamProbe};
 use super::{
     openai::{self, Slot, Upstream},
     Ask, Backend, Completion, Embedding, Forwarded, LlmError, ModelProbe, ServedBy, Streamed,
@@ -64,38 +66,14 @@ struct Target {
     health: Health,
 }
 
-/// What one target is, for `/ready`.
-#[derive(Debug, Clone)]
-pub struct TargetReport {
-    /// The served model it serves.
-    pub served: String,
-    pub upstream: Arc<str>,
-    /// The model's name at the upstream.
-    pub model: String,
-    pub state: BreakerState,
-    /// How long until its state may change by itself (an open breaker's rest).
-    pub retry_in: Option<Duration>,
-}
-
-/// What asking one upstream's `GET /models` found.
-#[derive(Debug, Clone)]
-pub struct UpstreamProbe {
-    pub name: Arc<str>,
-    pub url: String,
-    /// The models it lists, or why it could not be asked.
-    pub listed: Result<Vec<String>, String>,
-}
-
-/// Which target a call goes to, or that none is available and the soonest one may be.
+/// Which target a call goes to, or that none is available.
 enum Choice {
     Target {
         index: usize,
         slot: Slot,
         probe: bool,
     },
-    Out {
-        soonest: Option<Instant>,
-    },
+    Out,
 }
 
 /// Whether a call moves on after a target's failure, and what the target is told.
@@ -202,7 +180,7 @@ impl Router {
         while attempts < self.policy.max_attempts {
             let (index, slot, probe) = match route.choose(tried, Instant::now()) {
                 Choice::Target { index, slot, probe } => (index, slot, probe),
-                Choice::Out { .. } => break,
+                Choice::Out => break,
             };
             tried |= 1 << index;
             if attempts > 0 {
@@ -258,10 +236,8 @@ impl Router {
         }
         // Every target rests (cooling, rate-limited, full): the client may come back when
         // the first of them does.
-        if let Choice::Out { soonest } = route.choose(0, Instant::now()) {
-            let wait = soonest.map_or(Duration::from_secs(1), |at| {
-                at.saturating_duration_since(Instant::now())
-            });
+        if let Some(soonest) = route.resting_until(Instant::now()) {
+            let wait = soonest.saturating_duration_since(Instant::now());
             return Err(LlmError::Busy {
                 status: 503,
                 retry_after_secs: wait.as_secs_f64().ceil().max(1.0) as u64,
@@ -329,84 +305,29 @@ impl Router {
         drop(slot);
         embedding
     }
-
-    /// Asks every upstream's `GET /models`, all at once.
-    async fn probe_upstreams(&self) -> Vec<UpstreamProbe> {
-        let probes = self.upstreams.iter().map(|upstream| async move {
-            UpstreamProbe {
-                name: upstream.name().clone(),
-                url: upstream.shown_url().to_string(),
-                listed: upstream
-                    .listed_models()
-                    .await
-                    .map_err(|err| err.to_string()),
-            }
-        });
-        futures_util::future::join_all(probes).await
-    }
-
-    /// The default model's reachability: served by a target whose upstream lists it,
-    /// else reachable without it, else unreachable (with the first reason).
-    fn default_probe(&self, probes: &[UpstreamProbe]) -> ModelProbe {
-        let Some(route) = self.models.get(&self.default_model) else {
-            return ModelProbe::Unreachable("no target".into());
-        };
-        let mut reachable = false;
-        let mut reason = None;
-        for target in &route.targets {
-            let Some(probe) = probes
-                .iter()
-                .find(|probe| probe.name == *target.upstream.name())
-            else {
-                continue;
-            };
-            match &probe.listed {
-                Ok(listed) if listed.contains(&target.model) => return ModelProbe::Serving,
-                Ok(_) => reachable = true,
-                Err(why) => {
-                    reason.get_or_insert_with(|| format!("{}: {why}", probe.name));
-                }
-            }
-        }
-        if reachable {
-            ModelProbe::ReachableWithoutModel
-        } else {
-            ModelProbe::Unreachable(reason.unwrap_or_default())
-        }
-    }
-
-    fn targets(&self) -> Vec<TargetReport> {
-        let now = Instant::now();
-        let mut reports: Vec<TargetReport> = self
-            .models
-            .iter()
-            .flat_map(|(served, route)| {
-                route.targets.iter().map(move |target| {
-                    let (state, retry_in) = target.health.state_at(now);
-                    TargetReport {
-                        served: served.clone(),
-                        upstream: target.upstream.name().clone(),
-                        model: target.model.clone(),
-                        state,
-                        retry_in,
-                    }
-                })
-            })
-            .collect();
-        reports.sort_by(|a, b| (&a.upstream, &a.served).cmp(&(&b.upstream, &b.served)));
-        reports
-    }
 }
 
 impl Route {
+    /// When every target rests at `now` (its breaker open or probing, its `Retry-After`, its
+    /// upstream full), the soonest one may take a call again; `None` when one may now.
+    /// Takes nothing, unlike [`Route::choose`].
+    fn resting_until(&self, now: Instant) -> Option<Instant> {
+        let mut soonest: Option<Instant> = None;
+        for target in &self.targets {
+            let until = match target.health.available(now) {
+                Admission::Resting { until } => until,
+                Admission::Admitted { .. } if target.upstream.has_free_slot() => return None,
+                Admission::Admitted { .. } => now + Duration::from_secs(1),
+            };
+            soonest = Some(soonest.map_or(until, |soonest| soonest.min(until)));
+        }
+        soonest
+    }
+
     /// A target not in `skipped` (a bit per target: at most `MAX_TARGETS` of them) that
     /// may take a call at `now`: of the highest priority that has one, by weight; taken
     /// (its upstream's slot, its probe) before it is given.
     fn choose(&self, mut skipped: u64, now: Instant) -> Choice {
-        let mut soonest: Option<Instant> = None;
-        let mut rest_until = |until: Instant| {
-            soonest = Some(soonest.map_or(until, |soonest| soonest.min(until)));
-        };
         for &(start, end) in &self.tiers {
             loop {
                 let mut total = 0;
@@ -416,10 +337,7 @@ impl Route {
                     }
                     match self.targets[index].health.available(now) {
                         Admission::Admitted { .. } => total += self.targets[index].weight,
-                        Admission::Resting { until } => {
-                            rest_until(until);
-                            skipped |= 1 << index;
-                        }
+                        Admission::Resting { .. } => skipped |= 1 << index,
                     }
                 }
                 if total == 0 {
@@ -440,18 +358,17 @@ impl Route {
                     .unwrap_or(start);
                 let target = &self.targets[index];
                 skipped |= 1 << index;
+                // Its upstream may have `max_concurrent` calls in flight, or its state may
+                // have changed since it was counted: then the next one.
                 let Some(slot) = target.upstream.slot() else {
-                    // Its upstream has `max_concurrent` calls in flight.
-                    rest_until(now + Duration::from_secs(1));
                     continue;
                 };
-                match target.health.admit(now) {
-                    Admission::Admitted { probe } => return Choice::Target { index, slot, probe },
-                    Admission::Resting { until } => rest_until(until),
+                if let Admission::Admitted { probe } = target.health.admit(now) {
+                    return Choice::Target { index, slot, probe };
                 }
             }
         }
-        Choice::Out { soonest }
+        Choice::Out
     }
 }
 
@@ -525,5 +442,19 @@ impl Backend for Router {
 
     fn targets(&self) -> Vec<TargetReport> {
         Router::targets(self)
+    }
+
+    fn route_without_calling(&self, model: &str) -> Option<Arc<str>> {
+        let route = self.models.get(model)?;
+        let began = Instant::now();
+        let Choice::Target { index, slot, probe } = route.choose(0, began) else {
+            return None;
+        };
+        let target = &route.targets[index];
+        let _probing = ProbeGuard(probe.then_some(&target.health));
+        target.health.succeeded();
+        self.count(target, "answered", began.elapsed());
+        drop(slot);
+        Some(target.upstream.name().clone())
     }
 }

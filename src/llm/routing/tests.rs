@@ -53,7 +53,7 @@ fn next(router: &Router) -> Option<String> {
             let target = &router.models["m"].targets[index];
             Some(target.upstream.name().to_string())
         }
-        Choice::Out { .. } => None,
+        Choice::Out => None,
     }
 }
 
@@ -84,13 +84,9 @@ fn a_lower_priority_serves_only_while_every_higher_target_rests() {
     route.targets[1]
         .health
         .busy(Instant::now(), Duration::from_secs(5));
-    match route.choose(0, Instant::now()) {
-        Choice::Out { soonest } => {
-            let wait = soonest.unwrap() - Instant::now();
-            assert!(wait <= Duration::from_secs(5) && wait > Duration::from_secs(4));
-        }
-        Choice::Target { .. } => panic!("every target rests"),
-    }
+    assert!(matches!(route.choose(0, Instant::now()), Choice::Out));
+    let wait = route.resting_until(Instant::now()).unwrap() - Instant::now();
+    assert!(wait <= Duration::from_secs(5) && wait > Duration::from_secs(4));
     route.targets[0].health.succeeded();
     assert_eq!(next(&router).as_deref(), Some("a"));
 }
@@ -102,11 +98,29 @@ fn targets_already_tried_are_not_chosen_again() {
     for _ in 0..10 {
         match route.choose(0b01, Instant::now()) {
             Choice::Target { index, .. } => assert_eq!(index, 1),
-            Choice::Out { .. } => panic!("b is free"),
+            Choice::Out => panic!("b is free"),
         }
     }
-    assert!(matches!(
-        route.choose(0b11, Instant::now()),
-        Choice::Out { soonest: None }
-    ));
+    assert!(matches!(route.choose(0b11, Instant::now()), Choice::Out));
+    assert_eq!(
+        route.resting_until(Instant::now()),
+        None,
+        "tried is not resting"
+    );
+}
+
+#[test]
+fn asking_whether_every_target_rests_takes_no_probe() {
+    let router = router(&[("a", 1, 0)]);
+    let route = &router.models["m"];
+    let opened = Instant::now() - Duration::from_secs(31);
+    assert!(route.targets[0].health.failed(opened));
+    // Half open: the question leaves the probe to the next call.
+    assert_eq!(route.resting_until(Instant::now()), None);
+    assert_eq!(route.resting_until(Instant::now()), None);
+    match route.choose(0, Instant::now()) {
+        Choice::Target { probe, .. } => assert!(probe),
+        Choice::Out => panic!("the probe is free"),
+    }
+    assert!(route.resting_until(Instant::now()).is_some(), "probing");
 }
