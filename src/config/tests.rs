@@ -65,6 +65,10 @@ fn env_example_lists_every_variable_with_its_default() {
             "EMBEDDING_COST",
             // CONFIG_FILE is there commented out: unset and empty differ (the default file
             // if it exists, or none), and no value names the default's "if it exists".
+            "UPSTREAM_MAX_ATTEMPTS",
+            "UPSTREAM_FAILURES_TO_OPEN",
+            "UPSTREAM_COOLDOWN_SECS",
+            "UPSTREAM_COOLDOWN_MAX_SECS",
             "MIN_OUTPUT_TOKENS",
             "INITIAL_TOKENS",
             "TOKEN_TTL_SECS",
