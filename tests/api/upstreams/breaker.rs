@@ -1,6 +1,6 @@
 //! The circuit breaker: a target that keeps failing is skipped without a connection until
 //! its cooling time is over, then gets one probe call; a failed probe doubles the cooling,
-//! a good one closes it. `/ready` and `/metrics` show it.
+//! a good one closes it. `/ready`, `/metrics` and the start-up log show it.
 
 use std::time::Duration;
 
@@ -138,4 +138,73 @@ async fn every_breaker_open_is_503_upstream_busy_until_the_first_cools() {
     assert_eq!(dead.connections(), 2);
     assert_eq!(app.balance(&token).await, 4000);
     app.assert_all_settled().await;
+}
+
+#[tokio::test]
+async fn start_up_logs_one_line_for_each_upstream_with_its_url_and_never_its_key() {
+    let good = FakeLlm::start().await;
+    let refusing = super::refusing_url().await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("tokenchat.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[upstreams.good]\nbase_url = \"{}\"\napi_key_env = \"GOOD_KEY\"\n\n\
+             [upstreams.gone]\nbase_url = \"{refusing}\"\n\n\
+             [models.\"llama3.2\"]\ntargets = [{{ upstream = \"good\" }}, \
+             {{ upstream = \"gone\", model = \"elsewhere\" }}]\n",
+            good.base_url
+        ),
+    )
+    .unwrap();
+    let server = crate::server::Server::start(
+        dir.path(),
+        &[
+            ("CONFIG_FILE", file.to_str().unwrap()),
+            ("GOOD_KEY", "sk-good-never-logged"),
+        ],
+    );
+    crate::server::wait_until(|| async {
+        let log = server.log.lock().unwrap();
+        log.contains("upstream is unreachable") && log.contains("the model is reachable")
+    })
+    .await;
+    let log = server.log.lock().unwrap().clone();
+    let line = |text: &str| {
+        let found: Vec<&str> = log.lines().filter(|line| line.contains(text)).collect();
+        assert_eq!(found.len(), 1, "one line for {text}: {log}");
+        found[0].to_string()
+    };
+    let reachable = line("upstream is reachable");
+    assert!(
+        reachable.contains("good") && reachable.contains(&good.base_url),
+        "{reachable}"
+    );
+    let unreachable = line("upstream is unreachable");
+    assert!(
+        unreachable.contains("gone") && unreachable.contains(&refusing),
+        "{unreachable}"
+    );
+    assert!(!log.contains("sk-good-never-logged"), "{log}");
+    let ready: serde_json::Value = reqwest::get(format!("{}/ready", server.base))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    // In the order of their names.
+    let (gone, good) = (&ready["upstreams"][0], &ready["upstreams"][1]);
+    assert_eq!(
+        (&gone["name"], &gone["status"]),
+        (&"gone".into(), &"unreachable".into())
+    );
+    assert_eq!(gone["targets"][0]["upstream_model"], "elsewhere");
+    assert_eq!(gone["targets"][0]["listed"], serde_json::Value::Null);
+    assert_eq!(
+        (&good["name"], &good["status"]),
+        (&"good".into(), &"reachable".into())
+    );
+    assert_eq!(good["targets"][0]["listed"], true, "{ready}");
+    assert_eq!(good["targets"][0]["state"], "closed");
+    assert_eq!(ready["model"]["status"], "reachable", "{ready}");
 }
