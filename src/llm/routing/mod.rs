@@ -161,13 +161,13 @@ impl Router {
 
     /// Calls `model`'s targets with `send` until one begins to answer: its response, the
     /// slot it holds at its upstream, and who answered after how many attempts.
-    async fn call<F, Fut>(
-        &self,
+    async fn call<'s, F, Fut>(
+        &'s self,
         model: &str,
         mut send: F,
     ) -> Result<(reqwest::Response, Slot, ServedBy), LlmError>
     where
-        F: FnMut(Arc<Upstream>, &str) -> Fut,
+        F: FnMut(Arc<Upstream>, &'s str) -> Fut,
         Fut: Future<Output = Result<reqwest::Response, LlmError>>,
     {
         let route = self
@@ -254,12 +254,11 @@ impl Router {
     }
 
     async fn complete(&self, ask: Ask<'_>) -> Result<Completion, LlmError> {
-        let model = self.model_of(&ask).to_string();
+        let model = self.model_of(&ask);
         let asked = &ask;
         let (response, slot, served_by) = self
-            .call(&model, move |upstream, name| {
-                let name = name.to_string();
-                async move { upstream.ask(&name, asked, false).await }
+            .call(model, move |upstream, name| async move {
+                upstream.ask(name, asked, false).await
             })
             .await?;
         // The client's body is let go once an upstream began to answer it.
@@ -271,12 +270,11 @@ impl Router {
     }
 
     async fn stream(&self, ask: Ask<'_>) -> Result<Streamed, LlmError> {
-        let model = self.model_of(&ask).to_string();
+        let model = self.model_of(&ask);
         let asked = &ask;
         let (response, slot, served_by) = self
-            .call(&model, move |upstream, name| {
-                let name = name.to_string();
-                async move { upstream.ask(&name, asked, true).await }
+            .call(model, move |upstream, name| async move {
+                upstream.ask(name, asked, true).await
             })
             .await?;
         drop(ask);
@@ -292,12 +290,10 @@ impl Router {
     }
 
     async fn embed(&self, request: Forwarded) -> Result<Embedding, LlmError> {
-        let model = request.model.clone();
         let asked = &request;
         let (response, slot, _) = self
-            .call(&model, move |upstream, name| {
-                let name = name.to_string();
-                async move { upstream.ask_embeddings(&name, asked).await }
+            .call(&request.model, move |upstream, name| async move {
+                upstream.ask_embeddings(name, asked).await
             })
             .await?;
         drop(request);
