@@ -2,6 +2,8 @@
 //! after a rejection, an answer begun, or an idempotent answer; weights; keys and headers
 //! per upstream.
 
+use std::time::Duration;
+
 use axum::http::StatusCode;
 use futures_util::StreamExt;
 use serde_json::json;
@@ -314,4 +316,82 @@ targets = [
     assert!(!ready.contains("sk-primary-secret"), "{ready}");
     let models = app.get_authorized("/v1/models", &token).await;
     assert_eq!(models.json["data"][0]["id"], "llama3.2", "{models:?}");
+}
+
+#[tokio::test]
+async fn a_target_slow_to_begin_its_answer_is_passed_after_its_time_out() {
+    let slow = FakeLlm::start().await;
+    slow.set_reply(Reply::Stall(Duration::from_secs(5)));
+    let good = FakeLlm::start().await;
+    let app = routed_app(
+        &[
+            ("slow", &slow.base_url, 1, 0),
+            ("good", &good.base_url, 1, 1),
+        ],
+        &[("LLM_TIMEOUT_SECS", "1")],
+    )
+    .await;
+    let token = app.user_with_token("user").await;
+    let started = std::time::Instant::now();
+    let chat = app.chat(&token, "hello").await;
+    assert_eq!(chat.status, StatusCode::OK, "{chat:?}");
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_secs(1) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+    let id = chat.json["chat_id"].as_i64().unwrap();
+    assert_eq!(served_by(&app, id).await, (Some("good".into()), Some(2)));
+    assert_eq!(app.balance(&token).await, 3900);
+}
+
+#[tokio::test]
+async fn an_upstream_at_its_most_concurrent_calls_is_passed_and_alone_it_is_busy() {
+    let narrow = FakeLlm::start().await;
+    narrow.set_reply(Reply::Stall(Duration::from_millis(800)));
+    let wide = FakeLlm::start().await;
+    let file = |with_wide: bool| {
+        let mut file = format!(
+            "[upstreams.narrow]\nbase_url = \"{}\"\nmax_concurrent = 1\n\n",
+            narrow.base_url
+        );
+        if with_wide {
+            file.push_str(&format!(
+                "[upstreams.wide]\nbase_url = \"{}\"\n\n",
+                wide.base_url
+            ));
+        }
+        file.push_str("[models.\"llama3.2\"]\ntargets = [{ upstream = \"narrow\" }");
+        if with_wide {
+            file.push_str(", { upstream = \"wide\", priority = 1 }");
+        }
+        file.push_str("]\n");
+        file
+    };
+    for with_wide in [true, false] {
+        let (_dir, path) = book_file(&file(with_wide));
+        let app = TestApp::with_env(&[("CONFIG_FILE", path.as_str()), ("LLM_BASE_URL", "")]).await;
+        let token = app.user_with_token("user").await;
+        let (first, second) = tokio::join!(app.chat(&token, "one"), async {
+            // The first is in flight at the narrow upstream by then.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            app.chat(&token, "two").await
+        });
+        assert_eq!(first.status, StatusCode::OK, "{first:?}");
+        if with_wide {
+            assert_eq!(second.status, StatusCode::OK, "{second:?}");
+            let id = second.json["chat_id"].as_i64().unwrap();
+            assert_eq!(served_by(&app, id).await, (Some("wide".into()), Some(1)));
+        } else {
+            second.assert_error(StatusCode::SERVICE_UNAVAILABLE, "upstream_busy");
+            assert_eq!(second.headers["retry-after"], "1");
+            assert_eq!(
+                app.balance(&token).await,
+                3900,
+                "the busy one costs nothing"
+            );
+        }
+    }
+    assert_eq!(narrow.calls(), 2, "never two at once");
+    assert_eq!(wide.calls(), 1);
 }
