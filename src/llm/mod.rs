@@ -247,25 +247,27 @@ pub enum Ask<'a> {
 
 impl LlmClient {
     pub fn new(config: &Config, metrics: Metrics) -> Result<Self, reqwest::Error> {
-        let (backend, served, urls): (Arc<dyn Backend>, Vec<String>, Vec<(String, String)>) =
-            match &config.routing {
-                None => (
-                    Arc::new(demo::Demo),
-                    vec![demo::MODEL_NAME.to_string()],
-                    Vec::new(),
-                ),
-                Some(routing) => {
-                    let served = routing.models.iter().map(|model| model.name.clone());
-                    let urls = routing
-                        .upstreams
-                        .iter()
-                        .map(|upstream| (upstream.name.clone(), upstream.base_url.redacted()));
-                    let router = routing::Router::new(routing, config, metrics)?;
-                    (Arc::new(router), served.collect(), urls.collect())
-                }
-            };
+        let Some(routing) = &config.routing else {
+            return Ok(Self {
+                backend: Arc::new(demo::Demo),
+                system_prompt: config.llm_system_prompt.as_str().into(),
+                served: vec![demo::MODEL_NAME.to_string()].into(),
+                since: crate::clock::unix_now(),
+                upstream_urls: Arc::new([]),
+            });
+        };
+        let served: Vec<String> = routing
+            .models
+            .iter()
+            .map(|model| model.name.clone())
+            .collect();
+        let urls: Vec<(String, String)> = routing
+            .upstreams
+            .iter()
+            .map(|upstream| (upstream.name.clone(), upstream.base_url.redacted()))
+            .collect();
         Ok(Self {
-            backend,
+            backend: Arc::new(routing::Router::new(routing, config, metrics)?),
             system_prompt: config.llm_system_prompt.as_str().into(),
             served: served.into(),
             since: crate::clock::unix_now(),
