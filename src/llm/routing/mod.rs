@@ -178,14 +178,15 @@ impl Router {
         let mut attempts = 0u32;
         let mut last_failure = None;
         while attempts < self.policy.max_attempts {
+            if attempts > 0 {
+                // Before choosing, so that no slot or probe is held while waiting.
+                tokio::time::sleep(back_off(attempts)).await;
+            }
             let (index, slot, probe) = match route.choose(tried, Instant::now()) {
                 Choice::Target { index, slot, probe } => (index, slot, probe),
                 Choice::Out => break,
             };
             tried |= 1 << index;
-            if attempts > 0 {
-                tokio::time::sleep(back_off(attempts)).await;
-            }
             attempts += 1;
             let target = &route.targets[index];
             let upstream = target.upstream.clone();
