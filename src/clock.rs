@@ -10,6 +10,13 @@ pub fn unix_now() -> i64 {
         .map_or(0, |elapsed| elapsed.as_secs() as i64)
 }
 
+/// An RFC 3339 time (any offset) as Unix seconds; `None` when it is not one.
+pub fn parse_rfc3339(text: &str) -> Option<i64> {
+    OffsetDateTime::parse(text, &Rfc3339)
+        .ok()
+        .map(OffsetDateTime::unix_timestamp)
+}
+
 /// A Unix time as RFC 3339 UTC, the form of every time in a response.
 pub fn rfc3339(unix_secs: i64) -> String {
     OffsetDateTime::from_unix_timestamp(unix_secs)

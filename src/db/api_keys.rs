@@ -10,6 +10,25 @@ pub struct ApiKey {
     pub prefix: String,
     pub created_at: i64,
     pub last_used_at: Option<i64>,
+    /// The served models it may ask for, a JSON array; `None`: every one.
+    pub models: Option<String>,
+    /// When it stops working (Unix seconds); `None`: never, until revoked.
+    pub expires_at: Option<i64>,
+}
+
+/// A key's limits as stored: the models it may ask for (a JSON array) and its expiry.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StoredLimits {
+    pub models: Option<String>,
+    pub expires_at: Option<i64>,
+}
+
+/// A change of a key's limits: each field kept (`None`), or set to the value given (which
+/// may be `None`: the limit removed).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LimitsChange {
+    pub models: Option<Option<String>>,
+    pub expires_at: Option<Option<i64>>,
 }
 
 /// The owner of a live key, with their balance as this read found it, and the key's id
@@ -22,6 +41,8 @@ pub struct KeyOwner {
     pub last_used_at: Option<i64>,
     /// The owner's account was disabled by an operator.
     pub disabled: bool,
+    /// The served models the key may ask for, a JSON array; `None`: every one.
+    pub models: Option<String>,
 }
 
 /// Stores a new key of the user unless they already hold `max_live` live ones; its id, or
@@ -39,6 +60,7 @@ pub async fn insert(
     name: &str,
     key_hash: &str,
     prefix: &str,
+    limits: &StoredLimits,
     max_live: i64,
 ) -> Result<Option<(i64, i64)>, sqlx::Error> {
     let now = unix_now();
@@ -52,8 +74,8 @@ pub async fn insert(
                 .await?;
         }
         let inserted = sqlx::query_as(
-            "INSERT INTO api_keys (user_id, name, key_hash, prefix, created_at)
-             SELECT $1, $2, $3, $4, $5
+            "INSERT INTO api_keys (user_id, name, key_hash, prefix, created_at, models, expires_at)
+             SELECT $1, $2, $3, $4, $5, $7, $8
              WHERE (SELECT COUNT(*) FROM api_keys WHERE user_id = $1 AND revoked_at IS NULL) < $6
              RETURNING id, created_at",
         )
@@ -63,6 +85,8 @@ pub async fn insert(
         .bind(prefix)
         .bind(now)
         .bind(max_live)
+        .bind(limits.models.as_deref())
+        .bind(limits.expires_at)
         .fetch_optional(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -74,7 +98,7 @@ pub async fn insert(
 #[tracing::instrument(level = "debug", skip_all)]
 pub async fn live(db: &Db, user_id: i64) -> Result<Vec<ApiKey>, sqlx::Error> {
     db_read!(db, pool => sqlx::query_as(
-        "SELECT id, name, prefix, created_at, last_used_at FROM api_keys
+        "SELECT id, name, prefix, created_at, last_used_at, models, expires_at FROM api_keys
          WHERE user_id = $1 AND revoked_at IS NULL ORDER BY id",
     )
     .bind(user_id)
@@ -98,16 +122,47 @@ pub async fn revoke(db: &Db, user_id: i64, id: i64) -> Result<bool, sqlx::Error>
     Ok(revoked == 1)
 }
 
-/// The owner of a live key hash, read with their balance in one query.
+/// Changes the limits of one of the user's live keys; the key as it is now, or `None`
+/// when they have no such live key.
 #[tracing::instrument(level = "debug", skip_all)]
-pub async fn find_owner(db: &Db, key_hash: &str) -> Result<Option<KeyOwner>, sqlx::Error> {
+pub async fn change_limits(
+    db: &Db,
+    user_id: i64,
+    id: i64,
+    change: &LimitsChange,
+) -> Result<Option<ApiKey>, sqlx::Error> {
+    db_run!(db, pool => sqlx::query_as(
+        "UPDATE api_keys SET models = CASE WHEN $3 THEN $4 ELSE models END,
+                             expires_at = CASE WHEN $5 THEN $6 ELSE expires_at END
+         WHERE id = $1 AND user_id = $2 AND revoked_at IS NULL
+         RETURNING id, name, prefix, created_at, last_used_at, models, expires_at",
+    )
+    .bind(id)
+    .bind(user_id)
+    .bind(change.models.is_some())
+    .bind(change.models.clone().flatten())
+    .bind(change.expires_at.is_some())
+    .bind(change.expires_at.flatten())
+    .fetch_optional(pool)
+    .await)
+}
+
+/// The owner of a live, unexpired key hash at `now`, read with their balance in one query.
+#[tracing::instrument(level = "debug", skip_all)]
+pub async fn find_owner(
+    db: &Db,
+    key_hash: &str,
+    now: i64,
+) -> Result<Option<KeyOwner>, sqlx::Error> {
     db_read!(db, pool => sqlx::query_as(
         "SELECT k.id AS key_id, k.user_id, u.tokens, k.last_used_at,
-                u.disabled_at IS NOT NULL AS disabled
+                u.disabled_at IS NOT NULL AS disabled, k.models
          FROM api_keys k JOIN users u ON u.id = k.user_id
-         WHERE k.key_hash = $1 AND k.revoked_at IS NULL",
+         WHERE k.key_hash = $1 AND k.revoked_at IS NULL
+           AND (k.expires_at IS NULL OR k.expires_at > $2)",
     )
     .bind(key_hash)
+    .bind(now)
     .fetch_optional(pool)
     .await)
 }

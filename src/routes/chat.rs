@@ -82,7 +82,13 @@ pub struct Balance {
             body = ChatAnswer
         ),
         InvalidBody,
-        Unauthorised,
+        (status = 401, description = "unauthorized", body = Envelope),
+        (
+            status = 403,
+            description = "account_disabled, or model_not_allowed: an API key limited to \
+                           models other than LLM_MODEL",
+            body = Envelope
+        ),
         (status = 402, description = "out_of_tokens, with the balance", body = Envelope),
         (status = 409, description = "request_in_progress", body = Envelope),
         (status = 422, description = "idempotency_key_reused", body = Envelope),
@@ -99,6 +105,10 @@ pub async fn chat(
     Payload(request): Payload<ChatRequest>,
 ) -> Result<Response, ApiError> {
     let message = Message::parse(request.message, state.config.max_message_chars)?;
+    let model = state.llm.model_name();
+    if !user.credential.allows_model(model) {
+        return Err(ApiError::ModelNotAllowed(model.to_string()));
+    }
     let streamed = request
         .stream
         .unwrap_or_else(|| accepts_event_stream(&headers));

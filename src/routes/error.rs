@@ -47,6 +47,8 @@ pub enum ApiError {
     NotFound,
     #[error("the model {0:?} is not served here; GET /v1/models lists those that are")]
     ModelNotFound(String),
+    #[error("this API key may not ask for the model {0:?}; its owner chose the models it may use")]
+    ModelNotAllowed(String),
     #[error("method not allowed on this route")]
     MethodNotAllowed,
     #[error("this username is already taken")]
@@ -118,9 +120,10 @@ impl ApiError {
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
-            Self::RegistrationClosed | Self::Forbidden(_) | Self::AccountDisabled => {
-                StatusCode::FORBIDDEN
-            }
+            Self::RegistrationClosed
+            | Self::Forbidden(_)
+            | Self::AccountDisabled
+            | Self::ModelNotAllowed(_) => StatusCode::FORBIDDEN,
             Self::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             Self::Busy { .. }
             | Self::ShuttingDown
@@ -258,7 +261,7 @@ impl ApiError {
         }
         let (field, tokens, required) = match self {
             Self::InvalidInput { field, .. } => (Some(*field), None, None),
-            Self::ModelNotFound(_) => (Some("model"), None, None),
+            Self::ModelNotFound(_) | Self::ModelNotAllowed(_) => (Some("model"), None, None),
             Self::OutOfTokens { tokens, required } => (None, Some(*tokens), Some(*required)),
             _ => (None, None, None),
         };

@@ -110,7 +110,10 @@ fn api_routes(state: &AppState) -> Vec<(&'static str, MethodRouter<AppState>)> {
         ),
         (
             "/keys/{id}",
-            Layered::new(axum::routing::delete(keys::revoke), body_limit),
+            Layered::new(
+                axum::routing::delete(keys::revoke).patch(keys::change),
+                body_limit,
+            ),
         ),
         (
             "/transactions",

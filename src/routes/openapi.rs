@@ -48,6 +48,7 @@ use super::{
         keys::create,
         keys::list,
         keys::revoke,
+        keys::change,
         openai::chat_completions,
         openai::embeddings,
         openai::models,

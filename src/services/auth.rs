@@ -2,6 +2,8 @@
 //! stored only as SHA-256 hashes, and checked when a client presents one (the routes take
 //! it from `Authorization`).
 
+use std::sync::Arc;
+
 use rand::{
     distributions::{Alphanumeric, DistString},
     rngs::OsRng,
@@ -47,8 +49,25 @@ pub struct Authenticated {
 pub enum Credential {
     /// A login token, by its hash, so that logout can revoke exactly it.
     LoginToken { token_hash: String },
-    /// An API key, by its id.
-    ApiKey { key_id: i64 },
+    /// An API key, by its id, with the served models it may ask for (`None`: every one).
+    ApiKey {
+        key_id: i64,
+        models: Option<Arc<[String]>>,
+    },
+}
+
+impl Credential {
+    /// Whether the request may ask for the served model `model`: a login token may ask for
+    /// any, an API key for those its owner allowed it.
+    pub fn allows_model(&self, model: &str) -> bool {
+        match self {
+            Self::ApiKey {
+                models: Some(allowed),
+                ..
+            } => allowed.iter().any(|allowed| allowed == model),
+            _ => true,
+        }
+    }
 }
 
 /// How stale a key's `last_used_at` may get before a use refreshes it: one write a minute
@@ -61,13 +80,13 @@ const LAST_USED_GRANULARITY_SECS: i64 = 60;
 #[tracing::instrument(level = "debug", skip_all)]
 pub async fn authenticate(db: &Db, presented: &str) -> ServiceResult<Authenticated> {
     if is_api_key_shaped(presented) {
-        let owner = db::api_keys::find_owner(db, &token_hash(presented))
+        let now = db::unix_now();
+        let owner = db::api_keys::find_owner(db, &token_hash(presented), now)
             .await?
             .ok_or(ServiceError::NotAuthenticated)?;
         if owner.disabled {
             return Err(ServiceError::AccountDisabled);
         }
-        let now = db::unix_now();
         if owner
             .last_used_at
             .is_none_or(|used| now - used >= LAST_USED_GRANULARITY_SECS)
@@ -79,6 +98,12 @@ pub async fn authenticate(db: &Db, presented: &str) -> ServiceResult<Authenticat
             tokens: owner.tokens,
             credential: Credential::ApiKey {
                 key_id: owner.key_id,
+                // Written by tokenchat as a JSON array of names; anything else allows none.
+                models: owner.models.map(|models| {
+                    serde_json::from_str::<Vec<String>>(&models)
+                        .unwrap_or_default()
+                        .into()
+                }),
             },
         });
     }

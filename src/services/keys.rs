@@ -1,5 +1,6 @@
-//! API keys: created, listed and revoked by their owner with a login token (a key cannot
-//! manage keys); accepted wherever a login token is, and never expiring until revoked.
+//! API keys: created, listed, limited and revoked by their owner with a login token (a key
+//! cannot manage keys); accepted wherever a login token is, until revoked or past the expiry
+//! its owner gave it, for the models its owner allowed it.
 
 use crate::{
     db::{self, Db},
@@ -31,6 +32,54 @@ pub struct KeyRecord {
     pub prefix: String,
     pub created_at: i64,
     pub last_used_at: Option<i64>,
+    pub limits: KeyLimits,
+}
+
+/// What a key may do: the served models it may ask for (`None`: every one) and when it
+/// stops working (Unix seconds; `None`: never, until revoked).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KeyLimits {
+    pub models: Option<Vec<String>>,
+    pub expires_at: Option<i64>,
+}
+
+/// A change of a key's limits: each kept (`None`) or set to what is given (`Some(None)`
+/// removes it).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LimitsChange {
+    pub models: Option<Option<Vec<String>>>,
+    pub expires_at: Option<Option<i64>>,
+}
+
+impl KeyLimits {
+    fn stored(&self) -> db::api_keys::StoredLimits {
+        db::api_keys::StoredLimits {
+            models: self.models.as_ref().map(|models| models_json(models)),
+            expires_at: self.expires_at,
+        }
+    }
+}
+
+fn models_json(models: &[String]) -> String {
+    serde_json::Value::from(models).to_string()
+}
+
+impl From<db::api_keys::ApiKey> for KeyRecord {
+    fn from(key: db::api_keys::ApiKey) -> Self {
+        Self {
+            id: key.id,
+            name: key.name,
+            prefix: key.prefix,
+            created_at: key.created_at,
+            last_used_at: key.last_used_at,
+            limits: KeyLimits {
+                models: key
+                    .models
+                    .map(|models| serde_json::from_str(&models).unwrap_or_default()),
+                expires_at: key.expires_at,
+            },
+        }
+    }
 }
 
 #[tracing::instrument(level = "debug", skip_all)]
@@ -39,6 +88,7 @@ pub async fn create(
     user_id: i64,
     credential: &Credential,
     name: &KeyName,
+    limits: &KeyLimits,
 ) -> ServiceResult<IssuedKey> {
     auth::login_token_hash(credential)?;
     let key = auth::generate_api_key();
@@ -50,6 +100,7 @@ pub async fn create(
         name.as_str(),
         &key_hash,
         &prefix,
+        &limits.stored(),
         MAX_LIVE_KEYS,
     )
     .await?;
@@ -72,16 +123,30 @@ pub async fn create(
 pub async fn list(db: &Db, user_id: i64, credential: &Credential) -> ServiceResult<Vec<KeyRecord>> {
     auth::login_token_hash(credential)?;
     let keys = db::api_keys::live(db, user_id).await?;
-    Ok(keys
-        .into_iter()
-        .map(|key| KeyRecord {
-            id: key.id,
-            name: key.name,
-            prefix: key.prefix,
-            created_at: key.created_at,
-            last_used_at: key.last_used_at,
-        })
-        .collect())
+    Ok(keys.into_iter().map(KeyRecord::from).collect())
+}
+
+/// Changes the limits of one of the user's live keys; the key as it is now.
+#[tracing::instrument(level = "debug", skip_all)]
+pub async fn change_limits(
+    db: &Db,
+    user_id: i64,
+    credential: &Credential,
+    key_id: i64,
+    change: &LimitsChange,
+) -> ServiceResult<KeyRecord> {
+    auth::login_token_hash(credential)?;
+    let stored = db::api_keys::LimitsChange {
+        models: change
+            .models
+            .as_ref()
+            .map(|models| models.as_deref().map(models_json)),
+        expires_at: change.expires_at,
+    };
+    match db::api_keys::change_limits(db, user_id, key_id, &stored).await? {
+        Some(key) => Ok(KeyRecord::from(key)),
+        None => Err(ServiceError::NoSuchKey),
+    }
 }
 
 /// Revokes one of the user's live keys: refused from then on.

@@ -7,6 +7,7 @@ mod connections;
 mod contract;
 mod conversations;
 mod fixed_weaknesses;
+mod key_limits;
 mod keys;
 mod ledger;
 mod memory;

@@ -48,6 +48,7 @@ error_responses! { OpenAiError =>
     OpenAiCallErrors {
         400: "invalid_request_error: ours, or the model's own",
         402: "insufficient_quota",
+        403: "permission_error: model_not_allowed (an API key limited to other models)",
         404: "model_not_found (or the model's own 404)",
         429: "rate_limit_exceeded",
         502: "upstream_error",

@@ -65,10 +65,12 @@ pub struct Model {
         OpenAiUnauthorised,
     )
 )]
-pub async fn models(State(state): State<AppState>, _user: AuthUser) -> Json<ModelList> {
+pub async fn models(State(state): State<AppState>, user: AuthUser) -> Json<ModelList> {
     let (names, since) = state.llm.served_models();
+    // An API key sees the models it may ask for.
     let data = names
         .iter()
+        .filter(|name| user.credential.allows_model(name))
         .map(|name| Model {
             created: since,
             id: name.clone(),
@@ -118,6 +120,9 @@ pub async fn chat_completions(
     body: RawJson,
 ) -> Result<Response, ApiError> {
     let request = request::completion(&state, body)?;
+    if !user.credential.allows_model(&request.forwarded.model) {
+        return Err(ApiError::ModelNotAllowed(request.forwarded.model.clone()));
+    }
     let (model, stream, include_usage) = (
         request.forwarded.model.clone(),
         request.forwarded.stream,
@@ -191,6 +196,9 @@ pub async fn embeddings(
         ));
     }
     let request = request::embeddings(&state, body)?;
+    if !user.credential.allows_model(&request.model) {
+        return Err(ApiError::ModelNotAllowed(request.model.clone()));
+    }
     let model = request.model.clone();
     let embedded = match chat::embed(&state.chats, user.id, request).await {
         Ok(embedded) => embedded,

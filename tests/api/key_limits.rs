@@ -1,0 +1,176 @@
+//! Limits per API key, the first of them (issue 27): the models a key may ask for, refused
+//! with 403 `model_not_allowed` before the model is called and before anything is
+//! reserved, and an expiry past which the key is refused like a revoked one; both set at
+//! creation, changed with `PATCH /keys/{id}` (`null` removes one) and shown by `GET /keys`.
+//! The limits this build does not enforce yet (`budget`, `rpm`, `tpm`) are refused naming
+//! the field, never accepted and ignored.
+
+use axum::http::{Method, StatusCode};
+use serde_json::{json, Value};
+
+use crate::{
+    common::{TestApp, TestResponse},
+    openai::completions,
+};
+
+async fn patch_key(app: &TestApp, token: &str, id: i64, body: Value) -> TestResponse {
+    let authorization = format!("Bearer {token}");
+    app.request(
+        Method::PATCH,
+        &format!("/keys/{id}"),
+        &[
+            ("authorization", authorization.as_str()),
+            ("content-type", "application/json"),
+        ],
+        body.to_string(),
+    )
+    .await
+}
+
+async fn embed(app: &TestApp, key: &str, model: &str) -> TestResponse {
+    app.post_authorized(
+        "/v1/embeddings",
+        key,
+        json!({ "model": model, "input": "hello" }),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn a_key_limited_to_some_models_is_refused_the_others_before_the_model_is_called() {
+    let app = TestApp::with_env(&[("LLM_MODELS", "other,third")]).await;
+    let token = app.user_with_token("user").await;
+    let created = app
+        .post_authorized(
+            "/keys",
+            &token,
+            json!({ "name": "agent", "models": ["other", "other"] }),
+        )
+        .await;
+    assert_eq!(created.status, StatusCode::CREATED, "{created:?}");
+    let key = created.json["key"].as_str().unwrap().to_string();
+    let ask = |model: &'static str| {
+        completions(
+            &app,
+            &key,
+            json!({ "model": model, "messages": [{ "role": "user", "content": "hi" }] }),
+        )
+    };
+    let refused = ask("llama3.2").await;
+    assert_eq!(refused.status, StatusCode::FORBIDDEN, "{refused:?}");
+    assert_eq!(refused.json["error"]["code"], "model_not_allowed");
+    assert_eq!(refused.json["error"]["type"], "permission_error");
+    assert_eq!(refused.json["error"]["param"], "model");
+    let refused_embedding = embed(&app, &key, "third").await;
+    assert_eq!(refused_embedding.status, StatusCode::FORBIDDEN);
+    // /chat asks for LLM_MODEL, which this key may not use.
+    let chat = app.chat(&key, "hello").await;
+    chat.assert_error(StatusCode::FORBIDDEN, "model_not_allowed");
+    assert_eq!(app.llm.calls(), 0, "refused before the model is called");
+    assert_eq!(app.balance(&token).await, 4000);
+    let chats = app.get_authorized("/chats", &token).await;
+    assert_eq!(chats.json["chats"], json!([]), "nothing reserved");
+    let allowed = ask("other").await;
+    assert_eq!(allowed.status, StatusCode::OK, "{allowed:?}");
+    let listed = app.get_authorized("/v1/models", &key).await;
+    let ids: Vec<&str> = listed.json["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|model| model["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["other"], "a key sees the models it may use");
+    // A login token is limited by nothing.
+    assert_eq!(app.chat(&token, "hello").await.status, StatusCode::OK);
+    let keys = app.get_authorized("/keys", &token).await;
+    assert_eq!(keys.json["keys"][0]["models"], json!(["other"]), "{keys:?}");
+    assert_eq!(keys.json["keys"][0]["expires_at"], Value::Null);
+}
+
+#[tokio::test]
+async fn patch_changes_removes_and_keeps_limits_and_an_expired_key_is_refused() {
+    let app = TestApp::new().await;
+    let token = app.user_with_token("user").await;
+    let created = app
+        .post_authorized(
+            "/keys",
+            &token,
+            json!({ "name": "ci", "expires_at": "2999-01-01T00:00:00+02:00" }),
+        )
+        .await;
+    assert_eq!(created.status, StatusCode::CREATED, "{created:?}");
+    let id = created.json["id"].as_i64().unwrap();
+    let key = created.json["key"].as_str().unwrap().to_string();
+    let listed = app.get_authorized("/keys", &token).await;
+    assert_eq!(listed.json["keys"][0]["expires_at"], "2998-12-31T22:00:00Z");
+    assert_eq!(app.chat(&key, "hello").await.status, StatusCode::OK);
+
+    let limited = patch_key(&app, &token, id, json!({ "models": ["llama3.2"] })).await;
+    assert_eq!(limited.status, StatusCode::OK, "{limited:?}");
+    assert_eq!(limited.json["models"], json!(["llama3.2"]));
+    assert_eq!(limited.json["expires_at"], "2998-12-31T22:00:00Z", "kept");
+    let expired = patch_key(
+        &app,
+        &token,
+        id,
+        json!({ "expires_at": "2020-01-01T00:00:00Z" }),
+    )
+    .await;
+    assert_eq!(expired.json["models"], json!(["llama3.2"]), "kept");
+    let refused = app.chat(&key, "hello").await;
+    refused.assert_error(StatusCode::UNAUTHORIZED, "unauthorized");
+    let removed = patch_key(
+        &app,
+        &token,
+        id,
+        json!({ "expires_at": null, "models": null }),
+    )
+    .await;
+    assert_eq!(removed.status, StatusCode::OK);
+    assert_eq!(
+        (&removed.json["expires_at"], &removed.json["models"]),
+        (&Value::Null, &Value::Null)
+    );
+    assert_eq!(app.chat(&key, "hello again").await.status, StatusCode::OK);
+    assert_eq!(app.balance(&token).await, 3800);
+
+    // A key cannot change keys, and nobody changes someone else's.
+    let by_key = patch_key(&app, &key, id, json!({ "models": null })).await;
+    by_key.assert_error(StatusCode::FORBIDDEN, "forbidden");
+    let other = app.user_with_token("other").await;
+    let theirs = patch_key(&app, &other, id, json!({ "models": null })).await;
+    theirs.assert_error(StatusCode::NOT_FOUND, "not_found");
+}
+
+#[tokio::test]
+async fn a_bad_limit_or_one_not_enforced_yet_is_refused_naming_its_field() {
+    let app = TestApp::new().await;
+    let token = app.user_with_token("user").await;
+    for (body, field) in [
+        (json!({ "name": "k", "models": ["gpt-9"] }), "models"),
+        (json!({ "name": "k", "models": [] }), "models"),
+        (
+            json!({ "name": "k", "expires_at": "tomorrow" }),
+            "expires_at",
+        ),
+        (
+            json!({ "name": "k", "budget": { "tokens": 100, "period": "day" } }),
+            "budget",
+        ),
+        (json!({ "name": "k", "rpm": 10 }), "rpm"),
+        (json!({ "name": "k", "tpm": 1000 }), "tpm"),
+    ] {
+        let refused = app.post_authorized("/keys", &token, body.clone()).await;
+        refused.assert_error(StatusCode::BAD_REQUEST, "invalid_input");
+        assert_eq!(refused.json["field"], field, "{body}: {refused:?}");
+    }
+    let none = app.get_authorized("/keys", &token).await;
+    assert_eq!(none.json["keys"], json!([]), "nothing created");
+    let created = app
+        .post_authorized("/keys", &token, json!({ "name": "k", "rpm": null }))
+        .await;
+    assert_eq!(created.status, StatusCode::CREATED, "null is no limit");
+    let id = created.json["id"].as_i64().unwrap();
+    let refused = patch_key(&app, &token, id, json!({ "budget": { "tokens": 5 } })).await;
+    assert_eq!(refused.json["field"], "budget", "{refused:?}");
+}
