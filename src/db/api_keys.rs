@@ -14,6 +14,12 @@ pub struct ApiKey {
     pub models: Option<String>,
     /// When it stops working (Unix seconds); `None`: never, until revoked.
     pub expires_at: Option<i64>,
+    /// Its budget: tokens a period (`budget_period`: day, week, month or total).
+    pub budget_tokens: Option<i64>,
+    pub budget_period: Option<String>,
+    /// What the period that began at `budget_period_start` spent, reservations included.
+    pub budget_spent: i64,
+    pub budget_period_start: Option<i64>,
 }
 
 /// A key's limits as stored: the models it may ask for (a JSON array) and its expiry.
@@ -21,6 +27,8 @@ pub struct ApiKey {
 pub struct StoredLimits {
     pub models: Option<String>,
     pub expires_at: Option<i64>,
+    /// Tokens a period, and the period's name.
+    pub budget: Option<(i64, &'static str)>,
 }
 
 /// A change of a key's limits: each field kept (`None`), or set to the value given (which
@@ -29,6 +37,7 @@ pub struct StoredLimits {
 pub struct LimitsChange {
     pub models: Option<Option<String>>,
     pub expires_at: Option<Option<i64>>,
+    pub budget: Option<Option<(i64, &'static str)>>,
 }
 
 /// The owner of a live key, with their balance as this read found it, and the key's id
@@ -43,6 +52,9 @@ pub struct KeyOwner {
     pub disabled: bool,
     /// The served models the key may ask for, a JSON array; `None`: every one.
     pub models: Option<String>,
+    /// Its budget: tokens a period, and the period's name.
+    pub budget_tokens: Option<i64>,
+    pub budget_period: Option<String>,
 }
 
 /// Stores a new key of the user unless they already hold `max_live` live ones; its id, or
@@ -74,8 +86,9 @@ pub async fn insert(
                 .await?;
         }
         let inserted = sqlx::query_as(
-            "INSERT INTO api_keys (user_id, name, key_hash, prefix, created_at, models, expires_at)
-             SELECT $1, $2, $3, $4, $5, $7, $8
+            "INSERT INTO api_keys (user_id, name, key_hash, prefix, created_at, models, expires_at,
+                                   budget_tokens, budget_period)
+             SELECT $1, $2, $3, $4, $5, $7, $8, $9, $10
              WHERE (SELECT COUNT(*) FROM api_keys WHERE user_id = $1 AND revoked_at IS NULL) < $6
              RETURNING id, created_at",
         )
@@ -87,6 +100,8 @@ pub async fn insert(
         .bind(max_live)
         .bind(limits.models.as_deref())
         .bind(limits.expires_at)
+        .bind(limits.budget.map(|(tokens, _)| tokens))
+        .bind(limits.budget.map(|(_, period)| period))
         .fetch_optional(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -98,8 +113,9 @@ pub async fn insert(
 #[tracing::instrument(level = "debug", skip_all)]
 pub async fn live(db: &Db, user_id: i64) -> Result<Vec<ApiKey>, sqlx::Error> {
     db_read!(db, pool => sqlx::query_as(
-        "SELECT id, name, prefix, created_at, last_used_at, models, expires_at FROM api_keys
-         WHERE user_id = $1 AND revoked_at IS NULL ORDER BY id",
+        "SELECT id, name, prefix, created_at, last_used_at, models, expires_at, budget_tokens,
+                budget_period, budget_spent, budget_period_start
+         FROM api_keys WHERE user_id = $1 AND revoked_at IS NULL ORDER BY id",
     )
     .bind(user_id)
     .fetch_all(pool)
@@ -133,9 +149,12 @@ pub async fn change_limits(
 ) -> Result<Option<ApiKey>, sqlx::Error> {
     db_run!(db, pool => sqlx::query_as(
         "UPDATE api_keys SET models = CASE WHEN $3 THEN $4 ELSE models END,
-                             expires_at = CASE WHEN $5 THEN $6 ELSE expires_at END
+                             expires_at = CASE WHEN $5 THEN $6 ELSE expires_at END,
+                             budget_tokens = CASE WHEN $7 THEN $8 ELSE budget_tokens END,
+                             budget_period = CASE WHEN $7 THEN $9 ELSE budget_period END
          WHERE id = $1 AND user_id = $2 AND revoked_at IS NULL
-         RETURNING id, name, prefix, created_at, last_used_at, models, expires_at",
+         RETURNING id, name, prefix, created_at, last_used_at, models, expires_at,
+                   budget_tokens, budget_period, budget_spent, budget_period_start",
     )
     .bind(id)
     .bind(user_id)
@@ -143,6 +162,9 @@ pub async fn change_limits(
     .bind(change.models.clone().flatten())
     .bind(change.expires_at.is_some())
     .bind(change.expires_at.flatten())
+    .bind(change.budget.is_some())
+    .bind(change.budget.flatten().map(|(tokens, _)| tokens))
+    .bind(change.budget.flatten().map(|(_, period)| period))
     .fetch_optional(pool)
     .await)
 }
@@ -156,7 +178,8 @@ pub async fn find_owner(
 ) -> Result<Option<KeyOwner>, sqlx::Error> {
     db_read!(db, pool => sqlx::query_as(
         "SELECT k.id AS key_id, k.user_id, u.tokens, k.last_used_at,
-                u.disabled_at IS NOT NULL AS disabled, k.models
+                u.disabled_at IS NOT NULL AS disabled, k.models, k.budget_tokens,
+                k.budget_period
          FROM api_keys k JOIN users u ON u.id = k.user_id
          WHERE k.key_hash = $1 AND k.revoked_at IS NULL
            AND (k.expires_at IS NULL OR k.expires_at > $2)",

@@ -14,7 +14,7 @@ use super::{
     unix_now, users, Db,
 };
 use crate::{
-    domain::{ChatStatus, PageRequest},
+    domain::{BudgetUse, ChatStatus, PageRequest},
     pricing::Prices,
 };
 
@@ -25,6 +25,8 @@ pub enum Reservation {
     Reserved { chat_id: i64, conversation_id: i64 },
     /// The balance was below the price; nothing changed.
     Insufficient { balance: i64 },
+    /// The price would pass the budget of the key it is charged to; nothing changed.
+    BudgetExceeded,
 }
 
 /// A stored chat.
@@ -141,6 +143,20 @@ pub struct StoredAnswer {
     pub tool_calls: Option<String>,
 }
 
+/// A chat to reserve: whose, in which conversation, its message, what it reserves (a priced
+/// chat's prices with it), the key budget it counts against, and how long it may stay
+/// pending before recovery (in any process) judges it abandoned.
+#[derive(Debug, Clone, Copy)]
+pub struct NewChat<'a> {
+    pub user_id: i64,
+    pub conversation_id: Option<i64>,
+    pub message: &'a str,
+    pub cost: i64,
+    pub priced: Option<PriceSnapshot<'a>>,
+    pub budget: Option<BudgetUse>,
+    pub settle_within: Duration,
+}
+
 /// Records the chat as pending, in `conversation_id` (one of the user's, checked before) or
 /// a new conversation started by the database (the trigger `chat_starts_a_conversation`),
 /// if the user's balance covers `cost`, which takes the cost
@@ -149,20 +165,44 @@ pub struct StoredAnswer {
 /// `settle_within` is how long the chat may stay pending before recovery (in any
 /// process) judges it abandoned.
 #[tracing::instrument(level = "debug", skip_all)]
-pub async fn reserve(
-    db: &Db,
-    user_id: i64,
-    conversation_id: Option<i64>,
-    message: &str,
-    cost: i64,
-    priced: Option<PriceSnapshot<'_>>,
-    settle_within: Duration,
-) -> Result<Reservation, sqlx::Error> {
+pub async fn reserve(db: &Db, chat: NewChat<'_>) -> Result<Reservation, sqlx::Error> {
+    let NewChat {
+        user_id,
+        conversation_id,
+        message,
+        cost,
+        priced,
+        budget,
+        settle_within,
+    } = chat;
     let now = unix_now();
+    let (key, period) = (
+        budget.map(|budget| budget.key_id),
+        budget.map(|budget| budget.period_start),
+    );
     let deadline_at = now.saturating_add_unsigned(settle_within.as_secs());
     // A flat chat writes none of the price columns (`reserved` NULL means its cost): the
     // statement of before prices, which costs the hot path nothing more (BENCHMARKS.md).
     let chat_id: Result<Option<i64>, _> = match priced {
+        // A key's budget: the key and the period recorded, which the trigger
+        // `chat_counts_against_its_key_budget` counts, refusing the insert past the budget.
+        None if budget.is_some() => db_run!(db, pool => sqlx::query_scalar(
+            "INSERT INTO chats (user_id, message, status, cost, created_at, deadline_at,
+                                conversation_id, api_key_id, budget_period_start)
+             SELECT id, $2, 'pending', $3, $4, $5, $6, $7, $8 FROM users
+             WHERE id = $1 AND tokens >= $3
+             RETURNING id",
+        )
+        .bind(user_id)
+        .bind(message)
+        .bind(cost)
+        .bind(now)
+        .bind(deadline_at)
+        .bind(conversation_id)
+        .bind(key)
+        .bind(period)
+        .fetch_optional(pool)
+        .await),
         None => db_run!(db, pool => sqlx::query_scalar(
             "INSERT INTO chats (user_id, message, status, cost, created_at, deadline_at,
                                 conversation_id)
@@ -180,8 +220,9 @@ pub async fn reserve(
         Some(priced) => db_run!(db, pool => sqlx::query_scalar(
             "INSERT INTO chats (user_id, message, status, cost, reserved, created_at, deadline_at,
                                 conversation_id, model, output_cap, price_prompt,
-                                price_cached_prompt, price_completion, price_request)
-             SELECT id, $2, 'pending', $3, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12
+                                price_cached_prompt, price_completion, price_request,
+                                api_key_id, budget_period_start)
+             SELECT id, $2, 'pending', $3, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14
              FROM users WHERE id = $1 AND tokens >= $3
              RETURNING id",
         )
@@ -197,6 +238,8 @@ pub async fn reserve(
         .bind(priced.prices.cached_prompt as i64)
         .bind(priced.prices.completion as i64)
         .bind(priced.prices.request as i64)
+        .bind(key)
+        .bind(period)
         .fetch_optional(pool)
         .await),
     };
@@ -206,6 +249,9 @@ pub async fn reserve(
         // reservation took it first; the ledger trigger, under the row lock, found the
         // balance would go below zero. The same answer as a short balance.
         Err(sqlx::Error::Database(err)) if err.is_check_violation() => None,
+        Err(sqlx::Error::Database(err)) if is_budget_exceeded(err.as_ref()) => {
+            return Ok(Reservation::BudgetExceeded)
+        }
         Err(err) => return Err(err),
     };
     Ok(match chat_id {
@@ -218,6 +264,12 @@ pub async fn reserve(
             balance: users::balance(db, user_id).await?,
         },
     })
+}
+
+/// Whether the database refused a reservation for the budget of its key (the triggers
+/// `*_counts_against_its_key_budget` raise `budget_exceeded`).
+pub(super) fn is_budget_exceeded(err: &dyn sqlx::error::DatabaseError) -> bool {
+    err.message().contains("budget_exceeded")
 }
 
 /// Stores the answer of a pending chat, charging `answer.charge` (the rest of the

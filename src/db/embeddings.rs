@@ -6,12 +6,12 @@
 use std::time::Duration;
 
 use super::{
-    chats::UsageSource,
+    chats::{self, UsageSource},
     db_read, db_run,
     ledger::{self, Settling},
     unix_now, users, Db,
 };
-use crate::{llm::EmbeddingUsage, pricing::Prices};
+use crate::{domain::BudgetUse, llm::EmbeddingUsage, pricing::Prices};
 
 /// The outcome of trying to reserve the price of an embeddings call.
 #[derive(Debug, PartialEq, Eq)]
@@ -23,6 +23,8 @@ pub enum Reservation {
     Insufficient {
         balance: i64,
     },
+    /// The price would pass the budget of the key it is charged to; nothing changed.
+    BudgetExceeded,
 }
 
 /// Records the call as pending for `model` if the user's balance covers `cost`, which takes
@@ -36,14 +38,16 @@ pub async fn reserve(
     model: &str,
     cost: i64,
     prices: Option<Prices>,
+    budget: Option<BudgetUse>,
     settle_within: Duration,
 ) -> Result<Reservation, sqlx::Error> {
     let now = unix_now();
     let deadline_at = now.saturating_add_unsigned(settle_within.as_secs());
+    // With a key's budget, the trigger `embedding_counts_against_its_key_budget` counts it.
     let id: Result<Option<i64>, _> = db_run!(db, pool => sqlx::query_scalar(
         "INSERT INTO embeddings (user_id, model, status, cost, reserved, created_at, deadline_at,
-                                 price_prompt, price_request)
-         SELECT id, $2, 'pending', $3, $3, $4, $5, $6, $7
+                                 price_prompt, price_request, api_key_id, budget_period_start)
+         SELECT id, $2, 'pending', $3, $3, $4, $5, $6, $7, $8, $9
          FROM users WHERE id = $1 AND tokens >= $3
          RETURNING id",
     )
@@ -54,12 +58,17 @@ pub async fn reserve(
     .bind(deadline_at)
     .bind(prices.map(|prices| prices.prompt as i64))
     .bind(prices.map(|prices| prices.request as i64))
+    .bind(budget.map(|budget| budget.key_id))
+    .bind(budget.map(|budget| budget.period_start))
     .fetch_optional(pool)
     .await);
     let id = match id {
         Ok(id) => id,
         // PostgreSQL: a concurrent reservation took the balance first (see chats::reserve).
         Err(sqlx::Error::Database(err)) if err.is_check_violation() => None,
+        Err(sqlx::Error::Database(err)) if chats::is_budget_exceeded(err.as_ref()) => {
+            return Ok(Reservation::BudgetExceeded)
+        }
         Err(err) => return Err(err),
     };
     Ok(match id {

@@ -1,6 +1,9 @@
 //! The product's values, parsed once at the edge: a value of these types obeys its rules,
 //! so nothing past the routes checks them again.
 
+mod budget;
+
+pub use budget::{BudgetPeriod, BudgetUse, KeyBudget};
 use caseless::Caseless;
 use strum::{Display, EnumIter, EnumString, IntoStaticStr};
 use unicode_normalization::UnicodeNormalization;

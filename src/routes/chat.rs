@@ -117,6 +117,7 @@ pub async fn chat(
         conversation_id: request.conversation_id,
         idempotency_key,
         forwarded: None,
+        budget: user.credential.budget_use(crate::clock::unix_now()),
     };
     if streamed {
         let started = chat::chat_streamed(&state.chats, user.id, question).await?;

@@ -43,6 +43,10 @@ pub enum ApiError {
     InvalidCredentials,
     #[error("Out of Tokens")]
     OutOfTokens { tokens: i64, required: i64 },
+    /// `resets_at`: when the key's next period begins (Unix seconds), `None` for a total
+    /// budget.
+    #[error("this API key's budget for its period is spent")]
+    BudgetExceeded { resets_at: Option<i64> },
     #[error("no such route")]
     NotFound,
     #[error("the model {0:?} is not served here; GET /v1/models lists those that are")]
@@ -112,7 +116,7 @@ impl ApiError {
                 StatusCode::BAD_REQUEST
             }
             Self::Unauthorized | Self::InvalidCredentials => StatusCode::UNAUTHORIZED,
-            Self::OutOfTokens { .. } => StatusCode::PAYMENT_REQUIRED,
+            Self::OutOfTokens { .. } | Self::BudgetExceeded { .. } => StatusCode::PAYMENT_REQUIRED,
             Self::NotFound | Self::ModelNotFound(_) => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::UsernameTaken | Self::RequestInProgress => StatusCode::CONFLICT,
@@ -180,6 +184,7 @@ impl From<ServiceError> for ApiError {
             ServiceError::WrongCredentials => Self::InvalidCredentials,
             ServiceError::UsernameTaken => Self::UsernameTaken,
             ServiceError::RegistrationClosed => Self::RegistrationClosed,
+            ServiceError::BudgetExceeded { resets_at } => Self::BudgetExceeded { resets_at },
             ServiceError::OutOfTokens { balance, required } => Self::OutOfTokens {
                 tokens: balance,
                 required,
@@ -249,6 +254,10 @@ pub struct Envelope {
     /// What the call needs reserved (`out_of_tokens`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub required: Option<i64>,
+    /// When the key's budget starts again (`budget_exceeded`): RFC 3339, or null for a
+    /// total budget.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resets_at: Option<Option<String>>,
 }
 
 impl ApiError {
@@ -265,6 +274,10 @@ impl ApiError {
             Self::OutOfTokens { tokens, required } => (None, Some(*tokens), Some(*required)),
             _ => (None, None, None),
         };
+        let resets_at = match self {
+            Self::BudgetExceeded { resets_at } => Some(resets_at.map(crate::clock::rfc3339)),
+            _ => None,
+        };
         Envelope {
             code: self.code(),
             error: self.public_message(),
@@ -272,6 +285,7 @@ impl ApiError {
             request_id: None,
             tokens,
             required,
+            resets_at,
         }
     }
 }

@@ -16,7 +16,7 @@ use super::{
 };
 use crate::{
     clock::parse_rfc3339,
-    domain::KeyName,
+    domain::{KeyBudget, KeyName, MAX_BALANCE},
     services::keys::{self, KeyLimits, KeyRecord, LimitsChange},
     state::AppState,
 };
@@ -34,9 +34,20 @@ pub struct NewKey {
     /// When the key stops working (RFC 3339); absent or null: never, until revoked.
     #[serde(default)]
     expires_at: Option<String>,
+    /// Tokens the key may spend in each period; absent or null: only the balance limits it.
+    #[serde(default)]
+    budget: Option<Budget>,
     #[serde(flatten)]
     #[schema(ignore)]
     not_yet: NotYet,
+}
+
+/// A key's budget: at most `tokens` charged in each `period` (day, week or month in UTC,
+/// or total), reservations in flight included.
+#[derive(Deserialize, Serialize, ToSchema, Clone)]
+pub struct Budget {
+    period: String,
+    tokens: i64,
 }
 
 /// `PATCH /keys/{id}`: each field given is set (`null` removes the limit), each absent kept.
@@ -48,6 +59,9 @@ pub struct KeyChange {
     #[serde(default, deserialize_with = "present")]
     #[schema(value_type = Option<String>)]
     expires_at: Option<Option<String>>,
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<Budget>)]
+    budget: Option<Option<Budget>>,
     #[serde(flatten)]
     #[schema(ignore)]
     not_yet: NotYet,
@@ -57,8 +71,6 @@ pub struct KeyChange {
 /// never accepted and ignored.
 #[derive(Deserialize, Default)]
 struct NotYet {
-    #[serde(default)]
-    budget: Option<serde_json::Value>,
     #[serde(default)]
     rpm: Option<serde_json::Value>,
     #[serde(default)]
@@ -92,6 +104,15 @@ pub struct ListedKey {
     last_used_at: Option<String>,
     /// The served models the key may ask for, or null: every one.
     models: Option<Vec<String>>,
+    /// Its budget, or null.
+    budget: Option<Budget>,
+    /// With a budget: tokens charged in the current period, reservations in flight included.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    spent: Option<i64>,
+    /// With a budget: when the next period begins (null for a total budget).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    resets_at: Option<Option<String>>,
     name: String,
     /// The key's first characters.
     prefix: String,
@@ -105,24 +126,46 @@ impl From<KeyRecord> for ListedKey {
             id: key.id,
             last_used_at: key.last_used_at.map(rfc3339),
             models: key.limits.models,
+            budget: key.limits.budget.map(|budget| Budget {
+                period: budget.period.as_str().to_string(),
+                tokens: budget.tokens,
+            }),
+            resets_at: key.spent.map(|_| key.resets_at.map(rfc3339)),
+            spent: key.spent,
             name: key.name,
             prefix: key.prefix,
         }
     }
 }
 
+impl Budget {
+    /// The budget as the product's type: tokens from 1 to the largest balance, a known
+    /// period.
+    fn parse(&self) -> Result<KeyBudget, ApiError> {
+        let period = self.period.parse().map_err(|_| {
+            ApiError::invalid_input("budget", "budget.period must be day, week, month or total")
+        })?;
+        if !(1..=MAX_BALANCE).contains(&self.tokens) {
+            return Err(ApiError::invalid_input(
+                "budget",
+                format!("budget.tokens must be a whole number from 1 to {MAX_BALANCE}"),
+            ));
+        }
+        Ok(KeyBudget {
+            tokens: self.tokens,
+            period,
+        })
+    }
+}
+
 impl NotYet {
     fn refuse(&self) -> Result<(), ApiError> {
-        let given = [
-            ("budget", &self.budget),
-            ("rpm", &self.rpm),
-            ("tpm", &self.tpm),
-        ];
+        let given = [("rpm", &self.rpm), ("tpm", &self.tpm)];
         for (field, value) in given {
             if value.as_ref().is_some_and(|value| !value.is_null()) {
                 return Err(ApiError::invalid_input(
                     field,
-                    format!("{field} is not supported yet: this build limits a key by models and expires_at only"),
+                    format!("{field} is not supported yet: this build limits a key by models, expires_at and budget only"),
                 ));
             }
         }
@@ -211,6 +254,7 @@ pub async fn create(
             .map(|models| allowed_models(&state, models))
             .transpose()?,
         expires_at: new.expires_at.as_deref().map(expiry).transpose()?,
+        budget: new.budget.as_ref().map(Budget::parse).transpose()?,
     };
     let issued = keys::create(&state.db, user.id, &user.credential, &name, &limits).await?;
     Ok((
@@ -308,7 +352,16 @@ pub async fn change(
         Some(None) => Some(None),
         Some(Some(text)) => Some(Some(expiry(&text)?)),
     };
-    let change = LimitsChange { models, expires_at };
+    let budget = match change.budget {
+        None => None,
+        Some(None) => Some(None),
+        Some(Some(budget)) => Some(Some(budget.parse()?)),
+    };
+    let change = LimitsChange {
+        models,
+        expires_at,
+        budget,
+    };
     let key = keys::change_limits(&state.db, user.id, &user.credential, id, &change).await?;
     Ok(Json(ListedKey::from(key)))
 }

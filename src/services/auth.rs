@@ -11,6 +11,7 @@ use rand::{
 
 use crate::{
     db::{self, tokens::TokenOwner, Db},
+    domain::{BudgetUse, KeyBudget},
     services::{sha256_hex, ServiceError, ServiceResult},
 };
 
@@ -53,6 +54,7 @@ pub enum Credential {
     ApiKey {
         key_id: i64,
         models: Option<Arc<[String]>>,
+        budget: Option<KeyBudget>,
     },
 }
 
@@ -66,6 +68,18 @@ impl Credential {
                 ..
             } => allowed.iter().any(|allowed| allowed == model),
             _ => true,
+        }
+    }
+
+    /// The budget a call at `now` counts against: its key's, if it has one.
+    pub fn budget_use(&self, now: i64) -> Option<BudgetUse> {
+        match self {
+            Self::ApiKey {
+                key_id,
+                budget: Some(budget),
+                ..
+            } => Some(budget.use_at(*key_id, now)),
+            _ => None,
         }
     }
 }
@@ -104,6 +118,14 @@ pub async fn authenticate(db: &Db, presented: &str) -> ServiceResult<Authenticat
                         .unwrap_or_default()
                         .into()
                 }),
+                budget: owner.budget_tokens.zip(owner.budget_period).and_then(
+                    |(tokens, period)| {
+                        Some(KeyBudget {
+                            tokens,
+                            period: period.parse().ok()?,
+                        })
+                    },
+                ),
             },
         });
     }

@@ -27,6 +27,10 @@ pub enum ServiceError {
     /// cost with the shortest answer it may be given).
     #[error("the balance of {balance} tokens does not cover the {required} the call needs")]
     OutOfTokens { balance: i64, required: i64 },
+    /// The API key's budget for its period would be passed; `resets_at`: when the next
+    /// period begins (Unix seconds), `None` for a total budget.
+    #[error("this API key's budget for its period is spent")]
+    BudgetExceeded { resets_at: Option<i64> },
     #[error("no such chat")]
     NoSuchChat,
     #[error("no such conversation")]

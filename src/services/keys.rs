@@ -4,7 +4,7 @@
 
 use crate::{
     db::{self, Db},
-    domain::{Invalid, KeyName},
+    domain::{Invalid, KeyBudget, KeyName},
     services::{
         auth::{self, Credential},
         sha256_hex, ServiceError, ServiceResult,
@@ -33,6 +33,10 @@ pub struct KeyRecord {
     pub created_at: i64,
     pub last_used_at: Option<i64>,
     pub limits: KeyLimits,
+    /// With a budget: what the current period has spent (reservations in flight included)
+    /// and when the next begins (`None` for a total budget).
+    pub spent: Option<i64>,
+    pub resets_at: Option<i64>,
 }
 
 /// What a key may do: the served models it may ask for (`None`: every one) and when it
@@ -41,6 +45,7 @@ pub struct KeyRecord {
 pub struct KeyLimits {
     pub models: Option<Vec<String>>,
     pub expires_at: Option<i64>,
+    pub budget: Option<KeyBudget>,
 }
 
 /// A change of a key's limits: each kept (`None`) or set to what is given (`Some(None)`
@@ -49,6 +54,7 @@ pub struct KeyLimits {
 pub struct LimitsChange {
     pub models: Option<Option<Vec<String>>>,
     pub expires_at: Option<Option<i64>>,
+    pub budget: Option<Option<KeyBudget>>,
 }
 
 impl KeyLimits {
@@ -56,8 +62,21 @@ impl KeyLimits {
         db::api_keys::StoredLimits {
             models: self.models.as_ref().map(|models| models_json(models)),
             expires_at: self.expires_at,
+            budget: self.budget.map(stored_budget),
         }
     }
+}
+
+fn stored_budget(budget: KeyBudget) -> (i64, &'static str) {
+    (budget.tokens, budget.period.as_str())
+}
+
+/// A key's budget as stored; `None` without one (or with a period this build does not know).
+fn budget_of(tokens: Option<i64>, period: Option<&str>) -> Option<KeyBudget> {
+    Some(KeyBudget {
+        tokens: tokens?,
+        period: period?.parse().ok()?,
+    })
 }
 
 fn models_json(models: &[String]) -> String {
@@ -66,6 +85,19 @@ fn models_json(models: &[String]) -> String {
 
 impl From<db::api_keys::ApiKey> for KeyRecord {
     fn from(key: db::api_keys::ApiKey) -> Self {
+        let budget = budget_of(key.budget_tokens, key.budget_period.as_deref());
+        let now = db::unix_now();
+        let current = budget.map(|budget| budget.period.start_of(now));
+        let spent = current.map(|start| {
+            if key.budget_period_start == Some(start) {
+                key.budget_spent
+            } else {
+                0
+            }
+        });
+        let resets_at = budget
+            .zip(current)
+            .and_then(|(budget, start)| budget.period.next_start(start));
         Self {
             id: key.id,
             name: key.name,
@@ -77,7 +109,10 @@ impl From<db::api_keys::ApiKey> for KeyRecord {
                     .models
                     .map(|models| serde_json::from_str(&models).unwrap_or_default()),
                 expires_at: key.expires_at,
+                budget,
             },
+            spent,
+            resets_at,
         }
     }
 }
@@ -142,6 +177,7 @@ pub async fn change_limits(
             .as_ref()
             .map(|models| models.as_deref().map(models_json)),
         expires_at: change.expires_at,
+        budget: change.budget.map(|budget| budget.map(stored_budget)),
     };
     match db::api_keys::change_limits(db, user_id, key_id, &stored).await? {
         Some(key) => Ok(KeyRecord::from(key)),

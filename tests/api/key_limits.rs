@@ -1,9 +1,10 @@
-//! Limits per API key, the first of them (issue 27): the models a key may ask for, refused
-//! with 403 `model_not_allowed` before the model is called and before anything is
-//! reserved, and an expiry past which the key is refused like a revoked one; both set at
-//! creation, changed with `PATCH /keys/{id}` (`null` removes one) and shown by `GET /keys`.
-//! The limits this build does not enforce yet (`budget`, `rpm`, `tpm`) are refused naming
-//! the field, never accepted and ignored.
+//! Limits per API key (issue 27): the models a key may ask for, refused with 403
+//! `model_not_allowed` before the model is called and before anything is reserved; an
+//! expiry past which the key is refused like a revoked one; a budget a period, never
+//! passed whatever the concurrency, with 402 `budget_exceeded` beyond it. Set at creation,
+//! changed with `PATCH /keys/{id}` (`null` removes one) and shown by `GET /keys`. The limits
+//! this build does not enforce yet (`rpm`, `tpm`) are refused naming the field, never
+//! accepted and ignored.
 
 use axum::http::{Method, StatusCode};
 use serde_json::{json, Value};
@@ -154,13 +155,22 @@ async fn a_bad_limit_or_one_not_enforced_yet_is_refused_naming_its_field() {
             "expires_at",
         ),
         (
-            json!({ "name": "k", "budget": { "tokens": 100, "period": "day" } }),
+            json!({ "name": "k", "budget": { "tokens": 100, "period": "fortnight" } }),
+            "budget",
+        ),
+        (
+            json!({ "name": "k", "budget": { "tokens": 0, "period": "day" } }),
             "budget",
         ),
         (json!({ "name": "k", "rpm": 10 }), "rpm"),
         (json!({ "name": "k", "tpm": 1000 }), "tpm"),
     ] {
         let refused = app.post_authorized("/keys", &token, body.clone()).await;
+        assert_eq!(
+            refused.status,
+            StatusCode::BAD_REQUEST,
+            "{body}: {refused:?}"
+        );
         refused.assert_error(StatusCode::BAD_REQUEST, "invalid_input");
         assert_eq!(refused.json["field"], field, "{body}: {refused:?}");
     }
@@ -171,6 +181,133 @@ async fn a_bad_limit_or_one_not_enforced_yet_is_refused_naming_its_field() {
         .await;
     assert_eq!(created.status, StatusCode::CREATED, "null is no limit");
     let id = created.json["id"].as_i64().unwrap();
-    let refused = patch_key(&app, &token, id, json!({ "budget": { "tokens": 5 } })).await;
-    assert_eq!(refused.json["field"], "budget", "{refused:?}");
+    let refused = patch_key(&app, &token, id, json!({ "tpm": 5 })).await;
+    assert_eq!(refused.json["field"], "tpm", "{refused:?}");
+}
+
+/// A user with a balance for 1,000 chats and a key whose budget of `tokens` a `period` is
+/// `CHAT_COST` (100) times what it buys.
+async fn budgeted_key(app: &TestApp, tokens: i64, period: &str) -> (String, i64, String) {
+    let token = app.user_with_token("user").await;
+    let grant = tokenchat::domain::GrantAmount::parse(96_000).unwrap();
+    let name = tokenchat::domain::Username::parse("user").unwrap();
+    tokenchat::services::accounts::grant(&app.state.db, &name, grant)
+        .await
+        .unwrap();
+    let created = app
+        .post_authorized(
+            "/keys",
+            &token,
+            json!({ "name": "agent", "budget": { "tokens": tokens, "period": period } }),
+        )
+        .await;
+    assert_eq!(created.status, StatusCode::CREATED, "{created:?}");
+    let key = created.json["key"].as_str().unwrap().to_string();
+    (token, created.json["id"].as_i64().unwrap(), key)
+}
+
+#[tokio::test]
+async fn two_hundred_concurrent_chats_on_a_key_whose_budget_covers_thirty_answer_thirty() {
+    let app = TestApp::new().await;
+    let (token, _, key) = budgeted_key(&app, 3_000, "total").await;
+    let chats = futures_util::future::join_all((0..200).map(|n| {
+        let (app, key) = (&app, &key);
+        async move { app.chat(key, &format!("n{n}")).await }
+    }))
+    .await;
+    let answered = chats
+        .iter()
+        .filter(|chat| chat.status == StatusCode::OK)
+        .count();
+    assert_eq!(answered, 30);
+    for refused in chats.iter().filter(|chat| chat.status != StatusCode::OK) {
+        refused.assert_error(StatusCode::PAYMENT_REQUIRED, "budget_exceeded");
+        assert_eq!(
+            refused.json["resets_at"],
+            Value::Null,
+            "a total budget never resets"
+        );
+    }
+    assert_eq!(app.llm.calls(), 30, "the refused never reached the model");
+    assert_eq!(app.balance(&token).await, 100_000 - 3_000);
+    let keys = app.get_authorized("/keys", &token).await;
+    let listed = &keys.json["keys"][0];
+    assert_eq!(
+        listed["budget"],
+        json!({ "tokens": 3000, "period": "total" })
+    );
+    assert_eq!(
+        (&listed["spent"], &listed["resets_at"]),
+        (&json!(3000), &Value::Null)
+    );
+    // A login token is not held by the key's budget.
+    assert_eq!(app.chat(&token, "mine").await.status, StatusCode::OK);
+    app.assert_audit_passes().await;
+}
+
+#[tokio::test]
+async fn a_refunded_call_gives_its_budget_back_and_embeddings_count_against_it() {
+    let app = TestApp::new().await;
+    let (token, id, key) = budgeted_key(&app, 201, "day").await;
+    app.llm.set_reply(crate::common::Reply::Status(500));
+    let failed = app.chat(&key, "fails").await;
+    failed.assert_error(StatusCode::BAD_GATEWAY, "upstream_error");
+    app.llm.set_reply(crate::common::Reply::Echo);
+    for n in 0..2 {
+        assert_eq!(
+            app.chat(&key, &format!("n{n}")).await.status,
+            StatusCode::OK
+        );
+    }
+    let spent = |keys: &TestResponse| keys.json["keys"][0]["spent"].clone();
+    assert_eq!(spent(&app.get_authorized("/keys", &token).await), 200);
+    // One token left: an embeddings call (EMBEDDING_COST 1) fits, the next does not.
+    assert_eq!(embed(&app, &key, "llama3.2").await.status, StatusCode::OK);
+    let over = embed(&app, &key, "llama3.2").await;
+    assert_eq!(over.status, StatusCode::PAYMENT_REQUIRED, "{over:?}");
+    assert_eq!(over.json["error"]["code"], "budget_exceeded");
+    let day = 24 * 60 * 60;
+    let tomorrow = (tokenchat::rfc3339((tokenchat::db::unix_now() / day + 1) * day)).to_string();
+    assert_eq!(over.json["error"]["resets_at"], tomorrow.as_str());
+    let refused = app.chat(&key, "over").await;
+    refused.assert_error(StatusCode::PAYMENT_REQUIRED, "budget_exceeded");
+    assert_eq!(refused.json["resets_at"], tomorrow.as_str());
+    let keys = app.get_authorized("/keys", &token).await;
+    assert_eq!(
+        (spent(&keys), &keys.json["keys"][0]["resets_at"]),
+        (json!(201), &json!(tomorrow))
+    );
+
+    // The period rolls over: as if the spending above was yesterday's.
+    tokenchat::db_run!(&app.state.db, pool => sqlx::query(
+        "UPDATE api_keys SET budget_period_start = budget_period_start - 86400 WHERE id = $1",
+    )
+    .bind(id)
+    .execute(pool)
+    .await
+    .map(|_| ()))
+    .unwrap();
+    assert_eq!(
+        spent(&app.get_authorized("/keys", &token).await),
+        0,
+        "a new day"
+    );
+    assert_eq!(app.chat(&key, "today").await.status, StatusCode::OK);
+    assert_eq!(spent(&app.get_authorized("/keys", &token).await), 100);
+    // A bigger budget from now on: the day's spending is kept.
+    let raised = patch_key(
+        &app,
+        &token,
+        id,
+        json!({ "budget": { "tokens": 1000, "period": "day" } }),
+    )
+    .await;
+    assert_eq!(
+        (&raised.json["spent"], &raised.json["budget"]["tokens"]),
+        (&json!(100), &json!(1000))
+    );
+    let lifted = patch_key(&app, &token, id, json!({ "budget": null })).await;
+    assert_eq!(lifted.json["budget"], Value::Null);
+    assert!(lifted.json.get("spent").is_none(), "{lifted:?}");
+    app.assert_audit_passes().await;
 }

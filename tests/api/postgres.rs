@@ -572,3 +572,36 @@ async fn two_processes_racing_with_priced_chats_never_overspend_and_settle_every
     let audit = pair.audit();
     assert!(audit.status.success(), "{audit:?}");
 }
+
+#[tokio::test]
+async fn two_processes_racing_on_a_key_whose_budget_covers_thirty_answer_thirty() {
+    let Some(pair) = TwoInstances::start(&[("INITIAL_TOKENS", "100000")]).await else {
+        return;
+    };
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(64)
+        .build()
+        .unwrap();
+    let token = pair.user(&http).await;
+    let created: serde_json::Value = http
+        .post(format!("{}/keys", pair.first.base))
+        .bearer_auth(&token)
+        .json(&json!({ "name": "agent", "budget": { "tokens": 3000, "period": "month" } }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let key = created["key"].as_str().unwrap().to_string();
+    let answered = pair.race_chats(&http, &key, 200).await;
+    assert_eq!(answered, 30, "the budget buys thirty chats at 100");
+    assert_eq!(pair.llm.calls(), 30);
+    assert_eq!(pair.scalar("SELECT budget_spent FROM api_keys").await, 3000);
+    assert_eq!(
+        pair.scalar("SELECT tokens FROM users").await,
+        100_000 - 3000
+    );
+    let audit = pair.audit();
+    assert!(audit.status.success(), "{audit:?}");
+}

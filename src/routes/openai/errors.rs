@@ -36,6 +36,9 @@ struct OpenAiErrorDetail<'a> {
     tokens: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     required: Option<i64>,
+    /// When a key's budget starts again, for `budget_exceeded` (null: a total budget).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    resets_at: Option<Option<String>>,
 }
 
 error_responses! { OpenAiError =>
@@ -88,6 +91,7 @@ pub async fn openai_errors(response: Response) -> Response {
     let mut error = openai_error(&message, &code, envelope.field.as_deref(), status.as_u16());
     error.error.tokens = envelope.tokens;
     error.error.required = envelope.required;
+    error.error.resets_at = envelope.resets_at;
     let body = serde_json::to_string(&error).expect("an error object serialises");
     parts.headers.remove(header::CONTENT_LENGTH);
     parts.headers.insert(
@@ -107,6 +111,15 @@ struct Received {
     field: Option<String>,
     tokens: Option<i64>,
     required: Option<i64>,
+    #[serde(deserialize_with = "present")]
+    resets_at: Option<Option<String>>,
+}
+
+/// A field that is present, as `Some` of its value (which may be null).
+fn present<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<Option<String>>, D::Error> {
+    Option::<String>::deserialize(deserializer).map(Some)
 }
 
 /// How a `/v1` route answers a failed chat or embeddings call: a request the model
@@ -131,6 +144,7 @@ fn rejected(rejection: &Rejection) -> Response {
             kind: rejection.kind.as_deref().unwrap_or("invalid_request_error"),
             tokens: None,
             required: None,
+            resets_at: None,
         },
     };
     (status, Json(error)).into_response()
@@ -158,6 +172,7 @@ pub(super) fn openai_error<'a>(
 ) -> OpenAiError<'a> {
     let (kind, code) = match (status, our_code) {
         (401, _) => ("invalid_request_error", "invalid_api_key"),
+        (402, "budget_exceeded") => ("insufficient_quota", "budget_exceeded"),
         (402, _) => ("insufficient_quota", "insufficient_quota"),
         (403, _) => ("permission_error", our_code),
         (429, _) => ("requests", "rate_limit_exceeded"),
@@ -176,6 +191,7 @@ pub(super) fn openai_error<'a>(
             kind,
             tokens: None,
             required: None,
+            resets_at: None,
         },
     }
 }

@@ -133,6 +133,7 @@ pub async fn chat_completions(
         conversation_id: None,
         idempotency_key,
         forwarded: Some(request.forwarded),
+        budget: user.credential.budget_use(crate::clock::unix_now()),
     };
     if stream {
         return match chat::chat_streamed(&state.chats, user.id, question).await {
@@ -200,7 +201,8 @@ pub async fn embeddings(
         return Err(ApiError::ModelNotAllowed(request.model.clone()));
     }
     let model = request.model.clone();
-    let embedded = match chat::embed(&state.chats, user.id, request).await {
+    let budget = user.credential.budget_use(crate::clock::unix_now());
+    let embedded = match chat::embed(&state.chats, user.id, request, budget).await {
         Ok(embedded) => embedded,
         Err(err) => return Ok(v1_error(err)),
     };

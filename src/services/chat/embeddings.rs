@@ -13,6 +13,7 @@ use tracing::Instrument;
 use super::Chats;
 use crate::{
     db::{self, chats::UsageSource, embeddings::Reservation},
+    domain::BudgetUse,
     llm::{EmbeddingUsage, Forwarded},
     pricing::TokenCounts,
     services::{recovery, ServiceError, ServiceResult},
@@ -36,11 +37,12 @@ pub async fn embed(
     chats: &Arc<Chats>,
     user_id: i64,
     request: Forwarded,
+    budget: Option<BudgetUse>,
 ) -> ServiceResult<Embedded> {
     chats.throttle.chat(user_id)?;
     let client_gone = CancellationToken::new();
     let _cancel_when_dropped = client_gone.clone().drop_guard();
-    let call = run(chats.clone(), user_id, request, client_gone);
+    let call = run(chats.clone(), user_id, request, budget, client_gone);
     chats.tasks.spawn(call.in_current_span()).await?
 }
 
@@ -48,6 +50,7 @@ async fn run(
     chats: Arc<Chats>,
     user_id: i64,
     request: Forwarded,
+    budget: Option<BudgetUse>,
     client_gone: CancellationToken,
 ) -> ServiceResult<Embedded> {
     // Priced by its prompt, bounded by the request's bytes (each token at least one byte).
@@ -68,6 +71,7 @@ async fn run(
         &request.model,
         cost,
         prices,
+        budget,
         settle_within,
     );
     let embedding_id = match reserved.await? {
@@ -76,6 +80,11 @@ async fn run(
             return Err(ServiceError::OutOfTokens {
                 balance,
                 required: cost,
+            })
+        }
+        Reservation::BudgetExceeded => {
+            return Err(ServiceError::BudgetExceeded {
+                resets_at: budget.and_then(|budget| budget.resets_at),
             })
         }
     };

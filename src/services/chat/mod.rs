@@ -22,10 +22,10 @@ use crate::{
     config::Config,
     db::{
         self,
-        chats::{Answer, Reservation},
+        chats::{Answer, NewChat, Reservation},
         Db,
     },
-    domain::{IdempotencyKey, Message},
+    domain::{BudgetUse, IdempotencyKey, Message},
     llm::{Ask, Forwarded, LlmClient, LlmError, PromptMessage, Usage},
     services::{
         conversations::{self, Turn},
@@ -67,6 +67,8 @@ pub struct Question {
     /// The request of an OpenAI client (`message` is its last user message's text): sent
     /// upstream as given, instead of a stored conversation's turns.
     pub forwarded: Option<Forwarded>,
+    /// The budget of the API key it came with, if that key has one.
+    pub budget: Option<BudgetUse>,
 }
 
 /// Answers one chat for `user_id`, charging `CHAT_COST` only when the answer is stored.
@@ -151,6 +153,7 @@ struct ChatInFlight {
     /// Answered as a stream, which may take `LLM_STREAM_MAX_SECS` rather than
     /// `LLM_TIMEOUT_SECS`.
     streamed: bool,
+    budget: Option<BudgetUse>,
 }
 
 /// How a chat began: with its reservation, or with the answer a repeated key bought.
@@ -190,6 +193,7 @@ impl ChatInFlight {
             forwarded: question.forwarded,
             client_gone: client_gone.clone(),
             streamed,
+            budget: question.budget,
         };
         (request, client_gone)
     }
@@ -298,16 +302,16 @@ impl ChatInFlight {
         let mut metering = self.metering(&earlier);
         let mut lowered_once = false;
         let (chat_id, conversation_id) = loop {
-            let reserved = db::chats::reserve(
-                &self.chats.db,
-                self.user_id,
-                self.conversation_id,
-                self.message.as_str(),
-                metering.reserved(),
-                metering.snapshot(),
+            let new_chat = NewChat {
+                user_id: self.user_id,
+                conversation_id: self.conversation_id,
+                message: self.message.as_str(),
+                cost: metering.reserved(),
+                priced: metering.snapshot(),
+                budget: self.budget,
                 settle_within,
-            )
-            .await;
+            };
+            let reserved = db::chats::reserve(&self.chats.db, new_chat).await;
             match reserved {
                 Ok(Reservation::Reserved {
                     chat_id,
@@ -329,6 +333,13 @@ impl ChatInFlight {
                     metrics.chat_ended(ChatOutcome::OutOfTokens, TokenMove::None);
                     let required = metering.required(min_output);
                     return Err(ServiceError::OutOfTokens { balance, required });
+                }
+                Ok(Reservation::BudgetExceeded) => {
+                    self.release_key().await;
+                    let metrics = &self.chats.metrics;
+                    metrics.chat_ended(ChatOutcome::OutOfTokens, TokenMove::None);
+                    let resets_at = self.budget.and_then(|budget| budget.resets_at);
+                    return Err(ServiceError::BudgetExceeded { resets_at });
                 }
                 Err(err) => {
                     self.release_key().await;

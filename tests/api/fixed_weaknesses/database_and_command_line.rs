@@ -50,12 +50,15 @@ async fn a_process_with_a_shorter_time_out_never_refunds_anothers_live_chat() {
     let settle_within = recovery::abandoned_after(&app.state.config);
     tokenchat::db::chats::reserve(
         &app.state.db,
-        user_id,
-        None,
-        "orphan",
-        100,
-        None,
-        settle_within,
+        tokenchat::db::chats::NewChat {
+            user_id,
+            conversation_id: None,
+            message: "orphan",
+            cost: 100,
+            priced: None,
+            budget: None,
+            settle_within,
+        },
     )
     .await
     .unwrap();

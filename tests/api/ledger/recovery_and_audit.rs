@@ -19,12 +19,15 @@ async fn recovery_refunds_abandoned_chats_once_however_many_sweep() {
     for _ in 0..3 {
         tokenchat::db::chats::reserve(
             &app.state.db,
-            user_id,
-            None,
-            "orphan",
-            100,
-            None,
-            Duration::from_secs(60),
+            tokenchat::db::chats::NewChat {
+                user_id,
+                conversation_id: None,
+                message: "orphan",
+                cost: 100,
+                priced: None,
+                budget: None,
+                settle_within: Duration::from_secs(60),
+            },
         )
         .await
         .unwrap();
@@ -67,12 +70,15 @@ async fn user_id(app: &TestApp, username: &str) -> i64 {
 async fn orphaned_chat(app: &TestApp, user_id: i64) {
     tokenchat::db::chats::reserve(
         &app.state.db,
-        user_id,
-        None,
-        "orphan",
-        100,
-        None,
-        Duration::from_secs(60),
+        tokenchat::db::chats::NewChat {
+            user_id,
+            conversation_id: None,
+            message: "orphan",
+            cost: 100,
+            priced: None,
+            budget: None,
+            settle_within: Duration::from_secs(60),
+        },
     )
     .await
     .unwrap();
