@@ -244,6 +244,36 @@ pub fn priced_embeddings(db: &Db) -> BoxStream<'_, Result<PricedEmbedding, sqlx:
     .fetch(pool))
 }
 
+/// A key whose recorded spending in its current period is not what its calls of that
+/// period hold: reserved while pending, charged once settled, nothing once refunded.
+#[derive(Debug, sqlx::FromRow)]
+pub struct BudgetMismatch {
+    pub key_id: i64,
+    pub budget_spent: i64,
+    pub calls_hold: i64,
+}
+
+pub fn budget_mismatches(db: &Db) -> BoxStream<'_, Result<BudgetMismatch, sqlx::Error>> {
+    db_read!(db, pool => sqlx::query_as(
+        "SELECT * FROM (
+             SELECT k.id AS key_id, k.budget_spent,
+                    CAST(COALESCE((SELECT SUM(CASE WHEN c.status = 'failed' OR c.refunded
+                                                   THEN 0 ELSE c.cost END)
+                                   FROM chats c WHERE c.api_key_id = k.id
+                                     AND c.budget_period_start = k.budget_period_start), 0)
+                         + COALESCE((SELECT SUM(CASE WHEN e.status = 'failed'
+                                                     THEN 0 ELSE e.cost END)
+                                     FROM embeddings e WHERE e.api_key_id = k.id
+                                       AND e.budget_period_start = k.budget_period_start), 0)
+                         AS BIGINT) AS calls_hold
+             FROM api_keys k WHERE k.budget_period_start IS NOT NULL
+         ) AS spending
+         WHERE budget_spent <> calls_hold
+         ORDER BY key_id",
+    )
+    .fetch(pool))
+}
+
 /// How many users, chats and ledger rows the audit looked at.
 #[tracing::instrument(level = "debug", skip_all)]
 pub async fn totals(db: &Db) -> Result<(i64, i64, i64), sqlx::Error> {

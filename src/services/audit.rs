@@ -1,7 +1,7 @@
 //! The ledger audit behind `tokenchat audit`: every balance is the sum of its ledger, every
 //! ledger row's running balance is right, every chat's and embeddings call's rows match its
-//! status, and every priced charge is its usage at the prices recorded with it, capped at
-//! its reservation.
+//! status, every priced charge is its usage at the prices recorded with it, capped at its
+//! reservation, and every key's budget spending is what its calls of the period hold.
 
 use futures_util::TryStreamExt;
 
@@ -171,6 +171,14 @@ pub async fn run_reporting(db: &db::Db, mut found: impl FnMut(&str)) -> ServiceR
         }
     }
     drop(priced);
+    let mut budgets = db::audit::budget_mismatches(db);
+    while let Some(key) = budgets.try_next().await? {
+        offend(format!(
+            "API key {}: its budget has {} spent this period but its calls hold {}",
+            key.key_id, key.budget_spent, key.calls_hold
+        ));
+    }
+    drop(budgets);
     let (users, chats, ledger_rows) = db::audit::totals(db).await?;
     Ok(AuditReport {
         users,

@@ -243,6 +243,23 @@ async fn two_hundred_concurrent_chats_on_a_key_whose_budget_covers_thirty_answer
     // A login token is not held by the key's budget.
     assert_eq!(app.chat(&token, "mine").await.status, StatusCode::OK);
     app.assert_audit_passes().await;
+    // The audit checks the key's spending against its calls.
+    tokenchat::db_run!(&app.state.db, pool => sqlx::query(
+        "UPDATE api_keys SET budget_spent = budget_spent - 100",
+    )
+    .execute(pool)
+    .await
+    .map(|_| ()))
+    .unwrap();
+    let report = tokenchat::services::audit::run(&app.state.db)
+        .await
+        .unwrap();
+    assert_eq!(report.offences.len(), 1, "{:?}", report.offences);
+    assert!(
+        report.offences[0].contains("has 2900 spent this period but its calls hold 3000"),
+        "{:?}",
+        report.offences
+    );
 }
 
 #[tokio::test]
@@ -278,15 +295,24 @@ async fn a_refunded_call_gives_its_budget_back_and_embeddings_count_against_it()
         (json!(201), &json!(tomorrow))
     );
 
-    // The period rolls over: as if the spending above was yesterday's.
-    tokenchat::db_run!(&app.state.db, pool => sqlx::query(
-        "UPDATE api_keys SET budget_period_start = budget_period_start - 86400 WHERE id = $1",
-    )
-    .bind(id)
-    .execute(pool)
-    .await
-    .map(|_| ()))
-    .unwrap();
+    // The period rolls over: as if the key and its calls above were yesterday's.
+    for table in ["api_keys", "chats", "embeddings"] {
+        let column = if table == "api_keys" {
+            "id"
+        } else {
+            "api_key_id"
+        };
+        let yesterday = format!(
+            "UPDATE {table} SET budget_period_start = budget_period_start - 86400
+             WHERE {column} = $1"
+        );
+        tokenchat::db_run!(&app.state.db, pool => sqlx::query(&yesterday)
+            .bind(id)
+            .execute(pool)
+            .await
+            .map(|_| ()))
+        .unwrap();
+    }
     assert_eq!(
         spent(&app.get_authorized("/keys", &token).await),
         0,
