@@ -5,31 +5,14 @@ non-zero with the failed check's message on any difference.
 """
 
 import json
-import logging
 import os
 
 import openai
 import pydantic
 
+from sdk_retries import watch_retries
 
-class Retries(logging.Handler):
-    """Counts the retries the SDK makes, from its own log."""
-
-    def __init__(self):
-        super().__init__(logging.DEBUG)
-        self.count = 0
-
-    def emit(self, record):
-        # The SDK logs "Retrying request to ..." before each retry (and "Not retrying"
-        # when it decides against one).
-        if record.getMessage().startswith("Retrying"):
-            self.count += 1
-
-
-retries = Retries()
-sdk_log = logging.getLogger("openai")
-sdk_log.setLevel(logging.DEBUG)
-sdk_log.addHandler(retries)
+retries = watch_retries()
 
 base_url = os.environ["BASE_URL"]
 

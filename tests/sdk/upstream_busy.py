@@ -1,34 +1,19 @@
 """The official OpenAI Python SDK meeting tokenchat's 503 `upstream_busy`: every upstream of
 the model is rate-limited, so the SDK must wait the `Retry-After` it was given and try again.
 
-Run by tests/api/upstreams/mod.rs with BASE_URL and API_KEY set; prints one JSON line of
+Run by tests/api/upstreams/busy.rs with BASE_URL and API_KEY set; prints one JSON line of
 what it saw, and exits non-zero on any difference.
 """
 
 import json
-import logging
 import os
 import time
 
 import openai
 
+from sdk_retries import watch_retries
 
-class Retries(logging.Handler):
-    """Counts the retries the SDK makes, from its own log."""
-
-    def __init__(self):
-        super().__init__(logging.DEBUG)
-        self.count = 0
-
-    def emit(self, record):
-        if record.getMessage().startswith("Retrying"):
-            self.count += 1
-
-
-retries = Retries()
-sdk_log = logging.getLogger("openai")
-sdk_log.setLevel(logging.DEBUG)
-sdk_log.addHandler(retries)
+retries = watch_retries()
 
 client = openai.OpenAI(base_url=os.environ["BASE_URL"], api_key=os.environ["API_KEY"], max_retries=2)
 started = time.monotonic()

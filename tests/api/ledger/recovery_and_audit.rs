@@ -17,20 +17,7 @@ async fn recovery_refunds_abandoned_chats_once_however_many_sweep() {
     // What a process that died mid-chat leaves behind: a reservation and a pending chat,
     // due to settle within a minute.
     for _ in 0..3 {
-        tokenchat::db::chats::reserve(
-            &app.state.db,
-            tokenchat::db::chats::NewChat {
-                user_id,
-                conversation_id: None,
-                message: "orphan",
-                cost: 100,
-                priced: None,
-                budget: None,
-                settle_within: Duration::from_secs(60),
-            },
-        )
-        .await
-        .unwrap();
+        orphaned_chat(&app, user_id).await;
     }
     assert_eq!(app.balance(&token).await, 3700);
     app.assert_audit_passes().await;

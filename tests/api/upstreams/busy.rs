@@ -6,22 +6,20 @@ use std::time::Duration;
 use axum::http::StatusCode;
 use serde_json::{json, Value};
 
-use super::{routed_app, served_by};
+use super::{first_and_fallback, retry_after, routed_app, served_by};
 use crate::common::{FakeLlm, Reply};
 
 #[tokio::test]
 async fn a_busy_targets_retry_after_is_honoured_before_it_is_asked_again() {
-    let busy = FakeLlm::start().await;
-    busy.set_reply(Reply::Busy {
-        status: 429,
-        retry_after: Some("2"),
-    });
-    let spare = FakeLlm::start().await;
-    let app = routed_app(
-        &[
-            ("busy", &busy.base_url, 1, 0),
-            ("spare", &spare.base_url, 1, 1),
-        ],
+    let (app, busy, spare) = first_and_fallback(
+        (
+            "busy",
+            Reply::Busy {
+                status: 429,
+                retry_after: Some("2"),
+            },
+        ),
+        "spare",
         &[],
     )
     .await;
@@ -34,6 +32,7 @@ async fn a_busy_targets_retry_after_is_honoured_before_it_is_asked_again() {
     let id = second.json["chat_id"].as_i64().unwrap();
     assert_eq!(served_by(&app, id).await, (Some("spare".into()), Some(1)));
     assert_eq!(busy.calls(), 1, "left alone while it asked to be");
+    assert_eq!(spare.calls(), 2);
     busy.set_reply(Reply::Echo);
     tokio::time::sleep(Duration::from_millis(2100)).await;
     let third = app.chat(&token, "three").await;
@@ -65,11 +64,7 @@ async fn every_target_busy_is_503_upstream_busy_with_the_soonest_retry_after_and
     let token = app.user_with_token("user").await;
     let chat = app.chat(&token, "hello").await;
     chat.assert_error(StatusCode::SERVICE_UNAVAILABLE, "upstream_busy");
-    let retry_after: u64 = chat.headers["retry-after"]
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let retry_after = retry_after(&chat);
     assert!((2..=3).contains(&retry_after), "{retry_after}");
     // Asked again at once: nothing is tried, the answer the same.
     let again = app.chat(&token, "hello").await;

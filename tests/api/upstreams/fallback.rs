@@ -8,7 +8,7 @@ use axum::http::StatusCode;
 use futures_util::StreamExt;
 use serde_json::json;
 
-use super::{refusing_url, routed_app, served_by, DeadUpstream};
+use super::{first_and_fallback, refusing_url, routed_app, served_by, DeadUpstream};
 use crate::{
     common::{FakeLlm, Reply, TestApp},
     prices::book_file,
@@ -74,17 +74,8 @@ async fn a_call_gives_up_after_the_most_attempts_refunded() {
 
 #[tokio::test]
 async fn a_request_the_model_rejects_is_not_retried_anywhere() {
-    let rejecting = FakeLlm::start().await;
-    rejecting.set_reply(Reply::Reject(400));
-    let other = FakeLlm::start().await;
-    let app = routed_app(
-        &[
-            ("rejecting", &rejecting.base_url, 1, 0),
-            ("other", &other.base_url, 1, 1),
-        ],
-        &[],
-    )
-    .await;
+    let (app, rejecting, other) =
+        first_and_fallback(("rejecting", Reply::Reject(400)), "other", &[]).await;
     let token = app.user_with_token("user").await;
     let chat = app.chat(&token, "hello").await;
     chat.assert_error(StatusCode::BAD_REQUEST, "upstream_rejected");
@@ -121,14 +112,9 @@ async fn calls_are_shared_by_weight_within_a_few_percent_over_a_thousand() {
 
 #[tokio::test]
 async fn a_stream_that_dies_midway_is_not_retried_and_is_refunded() {
-    let dying = FakeLlm::start().await;
-    dying.set_reply(Reply::DieMidStream { after_words: 0 });
-    let spare = FakeLlm::start().await;
-    let app = routed_app(
-        &[
-            ("dying", &dying.base_url, 1, 0),
-            ("spare", &spare.base_url, 1, 1),
-        ],
+    let (app, dying, spare) = first_and_fallback(
+        ("dying", Reply::DieMidStream { after_words: 0 }),
+        "spare",
         &[],
     )
     .await;
@@ -154,17 +140,8 @@ async fn a_stream_that_dies_midway_is_not_retried_and_is_refunded() {
 
 #[tokio::test]
 async fn a_streamed_chat_falls_back_before_its_first_byte() {
-    let failing = FakeLlm::start().await;
-    failing.set_reply(Reply::Status(502));
-    let good = FakeLlm::start().await;
-    let app = routed_app(
-        &[
-            ("failing", &failing.base_url, 1, 0),
-            ("good", &good.base_url, 1, 1),
-        ],
-        &[],
-    )
-    .await;
+    let (app, failing, good) =
+        first_and_fallback(("failing", Reply::Status(502)), "good", &[]).await;
     let token = app.user_with_token("user").await;
     let events = stream_message(&app, &token, "hello there")
         .await
@@ -177,6 +154,7 @@ async fn a_streamed_chat_falls_back_before_its_first_byte() {
         (chat["status"].as_str(), chat["upstream"].as_str()),
         (Some("answered"), Some("good"))
     );
+    assert_eq!((failing.calls(), good.calls()), (1, 1));
     assert_eq!(app.balance(&token).await, 3900);
 }
 
@@ -218,17 +196,8 @@ async fn an_idempotent_retry_never_reaches_a_second_upstream_after_the_first_ans
 
 #[tokio::test]
 async fn v1_falls_back_the_same_way_and_its_errors_are_openai_objects() {
-    let failing = FakeLlm::start().await;
-    failing.set_reply(Reply::Status(500));
-    let good = FakeLlm::start().await;
-    let app = routed_app(
-        &[
-            ("failing", &failing.base_url, 1, 0),
-            ("good", &good.base_url, 1, 1),
-        ],
-        &[],
-    )
-    .await;
+    let (app, failing, good) =
+        first_and_fallback(("failing", Reply::Status(500)), "good", &[]).await;
     let token = app.user_with_token("user").await;
     let key = app
         .post_authorized("/keys", &token, json!({ "name": "sdk" }))
@@ -320,14 +289,9 @@ targets = [
 
 #[tokio::test]
 async fn a_target_slow_to_begin_its_answer_is_passed_after_its_time_out() {
-    let slow = FakeLlm::start().await;
-    slow.set_reply(Reply::Stall(Duration::from_secs(5)));
-    let good = FakeLlm::start().await;
-    let app = routed_app(
-        &[
-            ("slow", &slow.base_url, 1, 0),
-            ("good", &good.base_url, 1, 1),
-        ],
+    let (app, slow, good) = first_and_fallback(
+        ("slow", Reply::Stall(Duration::from_secs(5))),
+        "good",
         &[("LLM_TIMEOUT_SECS", "1")],
     )
     .await;
@@ -342,6 +306,7 @@ async fn a_target_slow_to_begin_its_answer_is_passed_after_its_time_out() {
     );
     let id = chat.json["chat_id"].as_i64().unwrap();
     assert_eq!(served_by(&app, id).await, (Some("good".into()), Some(2)));
+    assert_eq!((slow.calls(), good.calls()), (1, 1));
     assert_eq!(app.balance(&token).await, 3900);
 }
 

@@ -14,7 +14,10 @@ use std::sync::{
     Arc,
 };
 
-use crate::{common::TestApp, prices::book_file};
+use crate::{
+    common::{FakeLlm, Reply, TestApp, TestResponse},
+    prices::book_file,
+};
 
 /// An app whose `llama3.2` is served only by `targets` (upstream name, base URL, weight,
 /// priority), each upstream named in the configuration file, with `overrides`.
@@ -109,4 +112,30 @@ pub(crate) async fn served_by(app: &TestApp, id: i64) -> (Option<String>, Option
     .fetch_one(pool)
     .await)
     .unwrap()
+}
+
+/// Two fake upstreams, `first` (answering `reply`) and `fallback` (echoing) at the next
+/// priority, and an app serving `llama3.2` from them with `overrides`.
+pub(crate) async fn first_and_fallback(
+    (first, reply): (&str, Reply),
+    fallback: &str,
+    overrides: &[(&str, &str)],
+) -> (RoutedApp, FakeLlm, FakeLlm) {
+    let (primary, spare) = (FakeLlm::start().await, FakeLlm::start().await);
+    primary.set_reply(reply);
+    let targets = [
+        (first, primary.base_url.as_str(), 1, 0),
+        (fallback, spare.base_url.as_str(), 1, 1),
+    ];
+    (routed_app(&targets, overrides).await, primary, spare)
+}
+
+/// An answer's `Retry-After`, in seconds.
+#[track_caller]
+pub(crate) fn retry_after(answer: &TestResponse) -> u64 {
+    answer.headers["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap()
 }
