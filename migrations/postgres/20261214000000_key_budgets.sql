@@ -46,11 +46,20 @@ CREATE TRIGGER embedding_counts_against_its_key_budget AFTER INSERT ON embedding
 FOR EACH ROW WHEN (NEW.budget_period_start IS NOT NULL)
 EXECUTE FUNCTION call_counts_against_its_key_budget();
 
-CREATE FUNCTION settled_chat_then_frees_its_key_budget() RETURNS trigger LANGUAGE plpgsql AS $$
+-- What a settled call keeps of its reservation: nothing once failed (or, a chat, refunded),
+-- else its cost; the rest goes back to its key's budget.
+CREATE FUNCTION settled_call_frees_its_key_budget() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    kept BIGINT := NEW.cost;
 BEGIN
-    UPDATE api_keys
-    SET budget_spent = budget_spent - (OLD.cost - CASE WHEN NEW.status = 'failed' OR NEW.refunded
-                                                      THEN 0 ELSE NEW.cost END)
+    IF NEW.status = 'failed' THEN
+        kept := 0;
+    ELSIF TG_TABLE_NAME = 'chats' THEN
+        IF NEW.refunded THEN
+            kept := 0;
+        END IF;
+    END IF;
+    UPDATE api_keys SET budget_spent = budget_spent - (OLD.cost - kept)
     WHERE id = NEW.api_key_id AND budget_period_start = NEW.budget_period_start;
     RETURN NULL;
 END
@@ -60,21 +69,10 @@ CREATE TRIGGER settled_chat_then_frees_its_key_budget AFTER UPDATE OF status ON 
 FOR EACH ROW WHEN (OLD.status = 'pending' AND NEW.status <> 'pending'
     AND NEW.budget_period_start IS NOT NULL
     AND (NEW.status = 'failed' OR NEW.refunded OR NEW.cost < OLD.cost))
-EXECUTE FUNCTION settled_chat_then_frees_its_key_budget();
-
-CREATE FUNCTION settled_embedding_then_frees_its_key_budget() RETURNS trigger
-LANGUAGE plpgsql AS $$
-BEGIN
-    UPDATE api_keys
-    SET budget_spent = budget_spent - (OLD.cost - CASE WHEN NEW.status = 'failed'
-                                                      THEN 0 ELSE NEW.cost END)
-    WHERE id = NEW.api_key_id AND budget_period_start = NEW.budget_period_start;
-    RETURN NULL;
-END
-$$;
+EXECUTE FUNCTION settled_call_frees_its_key_budget();
 
 CREATE TRIGGER settled_embedding_then_frees_its_key_budget AFTER UPDATE OF status ON embeddings
 FOR EACH ROW WHEN (OLD.status = 'pending' AND NEW.status <> 'pending'
     AND NEW.budget_period_start IS NOT NULL
     AND (NEW.status = 'failed' OR NEW.cost < OLD.cost))
-EXECUTE FUNCTION settled_embedding_then_frees_its_key_budget();
+EXECUTE FUNCTION settled_call_frees_its_key_budget();
