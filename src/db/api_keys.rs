@@ -20,6 +20,8 @@ pub struct ApiKey {
     /// What the period that began at `budget_period_start` spent, reservations included.
     pub budget_spent: i64,
     pub budget_period_start: Option<i64>,
+    /// Requests a minute at most.
+    pub rpm: Option<i64>,
 }
 
 /// A key's limits as stored: the models it may ask for (a JSON array) and its expiry.
@@ -29,6 +31,7 @@ pub struct StoredLimits {
     pub expires_at: Option<i64>,
     /// Tokens a period, and the period's name.
     pub budget: Option<(i64, &'static str)>,
+    pub rpm: Option<i64>,
 }
 
 /// A change of a key's limits: each field kept (`None`), or set to the value given (which
@@ -38,6 +41,7 @@ pub struct LimitsChange {
     pub models: Option<Option<String>>,
     pub expires_at: Option<Option<i64>>,
     pub budget: Option<Option<(i64, &'static str)>>,
+    pub rpm: Option<Option<i64>>,
 }
 
 /// The owner of a live key, with their balance as this read found it, and the key's id
@@ -55,6 +59,7 @@ pub struct KeyOwner {
     /// Its budget: tokens a period, and the period's name.
     pub budget_tokens: Option<i64>,
     pub budget_period: Option<String>,
+    pub rpm: Option<i64>,
 }
 
 /// Stores a new key of the user unless they already hold `max_live` live ones; its id, or
@@ -87,8 +92,8 @@ pub async fn insert(
         }
         let inserted = sqlx::query_as(
             "INSERT INTO api_keys (user_id, name, key_hash, prefix, created_at, models, expires_at,
-                                   budget_tokens, budget_period)
-             SELECT $1, $2, $3, $4, $5, $7, $8, $9, $10
+                                   budget_tokens, budget_period, rpm)
+             SELECT $1, $2, $3, $4, $5, $7, $8, $9, $10, $11
              WHERE (SELECT COUNT(*) FROM api_keys WHERE user_id = $1 AND revoked_at IS NULL) < $6
              RETURNING id, created_at",
         )
@@ -102,6 +107,7 @@ pub async fn insert(
         .bind(limits.expires_at)
         .bind(limits.budget.map(|(tokens, _)| tokens))
         .bind(limits.budget.map(|(_, period)| period))
+        .bind(limits.rpm)
         .fetch_optional(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -114,7 +120,7 @@ pub async fn insert(
 pub async fn live(db: &Db, user_id: i64) -> Result<Vec<ApiKey>, sqlx::Error> {
     db_read!(db, pool => sqlx::query_as(
         "SELECT id, name, prefix, created_at, last_used_at, models, expires_at, budget_tokens,
-                budget_period, budget_spent, budget_period_start
+                budget_period, budget_spent, budget_period_start, rpm
          FROM api_keys WHERE user_id = $1 AND revoked_at IS NULL ORDER BY id",
     )
     .bind(user_id)
@@ -151,10 +157,11 @@ pub async fn change_limits(
         "UPDATE api_keys SET models = CASE WHEN $3 THEN $4 ELSE models END,
                              expires_at = CASE WHEN $5 THEN $6 ELSE expires_at END,
                              budget_tokens = CASE WHEN $7 THEN $8 ELSE budget_tokens END,
-                             budget_period = CASE WHEN $7 THEN $9 ELSE budget_period END
+                             budget_period = CASE WHEN $7 THEN $9 ELSE budget_period END,
+                             rpm = CASE WHEN $10 THEN $11 ELSE rpm END
          WHERE id = $1 AND user_id = $2 AND revoked_at IS NULL
          RETURNING id, name, prefix, created_at, last_used_at, models, expires_at,
-                   budget_tokens, budget_period, budget_spent, budget_period_start",
+                   budget_tokens, budget_period, budget_spent, budget_period_start, rpm",
     )
     .bind(id)
     .bind(user_id)
@@ -165,6 +172,8 @@ pub async fn change_limits(
     .bind(change.budget.is_some())
     .bind(change.budget.flatten().map(|(tokens, _)| tokens))
     .bind(change.budget.flatten().map(|(_, period)| period))
+    .bind(change.rpm.is_some())
+    .bind(change.rpm.flatten())
     .fetch_optional(pool)
     .await)
 }
@@ -179,7 +188,7 @@ pub async fn find_owner(
     db_read!(db, pool => sqlx::query_as(
         "SELECT k.id AS key_id, k.user_id, u.tokens, k.last_used_at,
                 u.disabled_at IS NOT NULL AS disabled, k.models, k.budget_tokens,
-                k.budget_period
+                k.budget_period, k.rpm
          FROM api_keys k JOIN users u ON u.id = k.user_id
          WHERE k.key_hash = $1 AND k.revoked_at IS NULL
            AND (k.expires_at IS NULL OR k.expires_at > $2)",

@@ -9,6 +9,7 @@ pub mod conversations;
 pub mod embeddings;
 pub mod idempotency;
 pub mod ledger;
+pub mod rates;
 pub mod tokens;
 pub mod users;
 

@@ -109,6 +109,11 @@ pub async fn chat(
     if !user.credential.allows_model(model) {
         return Err(ApiError::ModelNotAllowed(model.to_string()));
     }
+    // A key's requests a minute, counted in the database every instance shares.
+    if let Some((key_id, rpm)) = user.credential.rate() {
+        let now_ms = crate::services::rates::now_ms();
+        crate::services::rates::key_request(&state.db, key_id, rpm, now_ms).await?;
+    }
     let streamed = request
         .stream
         .unwrap_or_else(|| accepts_event_stream(&headers));

@@ -23,6 +23,8 @@ use crate::{
 
 /// Served models one key may name at most.
 const MAX_KEY_MODELS: usize = 64;
+/// The largest `rpm`: a thousand requests a second.
+const MAX_RPM: i64 = 60_000;
 
 #[derive(Deserialize, ToSchema)]
 pub struct NewKey {
@@ -37,6 +39,9 @@ pub struct NewKey {
     /// Tokens the key may spend in each period; absent or null: only the balance limits it.
     #[serde(default)]
     budget: Option<Budget>,
+    /// Requests a minute at most, counted across every instance; absent or null: no limit.
+    #[serde(default)]
+    rpm: Option<i64>,
     #[serde(flatten)]
     #[schema(ignore)]
     not_yet: NotYet,
@@ -62,6 +67,9 @@ pub struct KeyChange {
     #[serde(default, deserialize_with = "present")]
     #[schema(value_type = Option<Budget>)]
     budget: Option<Option<Budget>>,
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<i64>)]
+    rpm: Option<Option<i64>>,
     #[serde(flatten)]
     #[schema(ignore)]
     not_yet: NotYet,
@@ -71,8 +79,6 @@ pub struct KeyChange {
 /// never accepted and ignored.
 #[derive(Deserialize, Default)]
 struct NotYet {
-    #[serde(default)]
-    rpm: Option<serde_json::Value>,
     #[serde(default)]
     tpm: Option<serde_json::Value>,
 }
@@ -109,6 +115,8 @@ pub struct ListedKey {
     /// With a budget: tokens charged in the current period, reservations in flight included.
     #[serde(skip_serializing_if = "Option::is_none")]
     spent: Option<i64>,
+    /// Requests a minute at most, or null.
+    rpm: Option<i64>,
     /// With a budget: when the next period begins (null for a total budget).
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<String>)]
@@ -132,6 +140,7 @@ impl From<KeyRecord> for ListedKey {
             }),
             resets_at: key.spent.map(|_| key.resets_at.map(rfc3339)),
             spent: key.spent,
+            rpm: key.limits.rpm,
             name: key.name,
             prefix: key.prefix,
         }
@@ -160,12 +169,12 @@ impl Budget {
 
 impl NotYet {
     fn refuse(&self) -> Result<(), ApiError> {
-        let given = [("rpm", &self.rpm), ("tpm", &self.tpm)];
+        let given = [("tpm", &self.tpm)];
         for (field, value) in given {
             if value.as_ref().is_some_and(|value| !value.is_null()) {
                 return Err(ApiError::invalid_input(
                     field,
-                    format!("{field} is not supported yet: this build limits a key by models, expires_at and budget only"),
+                    format!("{field} is not supported yet: this build limits a key by models, expires_at, budget and rpm only"),
                 ));
             }
         }
@@ -197,6 +206,17 @@ fn allowed_models(state: &AppState, models: Vec<String>) -> Result<Vec<String>, 
         }
     }
     Ok(allowed)
+}
+
+/// The most requests a minute a key may make at most: from 1 to [`MAX_RPM`].
+fn requests_a_minute(rpm: i64) -> Result<i64, ApiError> {
+    if (1..=MAX_RPM).contains(&rpm) {
+        return Ok(rpm);
+    }
+    Err(ApiError::invalid_input(
+        "rpm",
+        format!("rpm must be a whole number from 1 to {MAX_RPM}"),
+    ))
 }
 
 /// An expiry given as RFC 3339, in Unix seconds.
@@ -255,6 +275,7 @@ pub async fn create(
             .transpose()?,
         expires_at: new.expires_at.as_deref().map(expiry).transpose()?,
         budget: new.budget.as_ref().map(Budget::parse).transpose()?,
+        rpm: new.rpm.map(requests_a_minute).transpose()?,
     };
     let issued = keys::create(&state.db, user.id, &user.credential, &name, &limits).await?;
     Ok((
@@ -357,10 +378,16 @@ pub async fn change(
         Some(None) => Some(None),
         Some(Some(budget)) => Some(Some(budget.parse()?)),
     };
+    let rpm = match change.rpm {
+        None => None,
+        Some(None) => Some(None),
+        Some(Some(rpm)) => Some(Some(requests_a_minute(rpm)?)),
+    };
     let change = LimitsChange {
         models,
         expires_at,
         budget,
+        rpm,
     };
     let key = keys::change_limits(&state.db, user.id, &user.credential, id, &change).await?;
     Ok(Json(ListedKey::from(key)))

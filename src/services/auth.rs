@@ -55,6 +55,8 @@ pub enum Credential {
         key_id: i64,
         models: Option<Arc<[String]>>,
         budget: Option<KeyBudget>,
+        /// Requests a minute at most.
+        rpm: Option<i64>,
     },
 }
 
@@ -68,6 +70,18 @@ impl Credential {
                 ..
             } => allowed.iter().any(|allowed| allowed == model),
             _ => true,
+        }
+    }
+
+    /// The key and its requests a minute, when the credential is a key with that limit.
+    pub fn rate(&self) -> Option<(i64, i64)> {
+        match self {
+            Self::ApiKey {
+                key_id,
+                rpm: Some(rpm),
+                ..
+            } => Some((*key_id, *rpm)),
+            _ => None,
         }
     }
 
@@ -126,6 +140,7 @@ pub async fn authenticate(db: &Db, presented: &str) -> ServiceResult<Authenticat
                         })
                     },
                 ),
+                rpm: owner.rpm,
             },
         });
     }

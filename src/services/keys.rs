@@ -46,6 +46,8 @@ pub struct KeyLimits {
     pub models: Option<Vec<String>>,
     pub expires_at: Option<i64>,
     pub budget: Option<KeyBudget>,
+    /// Requests a minute at most.
+    pub rpm: Option<i64>,
 }
 
 /// A change of a key's limits: each kept (`None`) or set to what is given (`Some(None)`
@@ -55,6 +57,7 @@ pub struct LimitsChange {
     pub models: Option<Option<Vec<String>>>,
     pub expires_at: Option<Option<i64>>,
     pub budget: Option<Option<KeyBudget>>,
+    pub rpm: Option<Option<i64>>,
 }
 
 impl KeyLimits {
@@ -63,6 +66,7 @@ impl KeyLimits {
             models: self.models.as_ref().map(|models| models_json(models)),
             expires_at: self.expires_at,
             budget: self.budget.map(stored_budget),
+            rpm: self.rpm,
         }
     }
 }
@@ -110,6 +114,7 @@ impl From<db::api_keys::ApiKey> for KeyRecord {
                     .map(|models| serde_json::from_str(&models).unwrap_or_default()),
                 expires_at: key.expires_at,
                 budget,
+                rpm: key.rpm,
             },
             spent,
             resets_at,
@@ -178,6 +183,7 @@ pub async fn change_limits(
             .map(|models| models.as_deref().map(models_json)),
         expires_at: change.expires_at,
         budget: change.budget.map(|budget| budget.map(stored_budget)),
+        rpm: change.rpm,
     };
     match db::api_keys::change_limits(db, user_id, key_id, &stored).await? {
         Some(key) => Ok(KeyRecord::from(key)),

@@ -2,8 +2,9 @@
 //! `model_not_allowed` before the model is called and before anything is reserved; an
 //! expiry past which the key is refused like a revoked one; a budget a period, never
 //! passed whatever the concurrency, with 402 `budget_exceeded` beyond it. Set at creation,
-//! changed with `PATCH /keys/{id}` (`null` removes one) and shown by `GET /keys`. The limits
-//! this build does not enforce yet (`rpm`, `tpm`) are refused naming the field, never
+//! changed with `PATCH /keys/{id}` (`null` removes one) and shown by `GET /keys`; requests a
+//! minute, counted in the database, with OpenAI's `x-ratelimit-*` headers under `/v1`. The
+//! limit this build does not enforce yet (`tpm`) is refused naming the field, never
 //! accepted and ignored.
 
 use axum::http::{Method, StatusCode};
@@ -162,7 +163,7 @@ async fn a_bad_limit_or_one_not_enforced_yet_is_refused_naming_its_field() {
             json!({ "name": "k", "budget": { "tokens": 0, "period": "day" } }),
             "budget",
         ),
-        (json!({ "name": "k", "rpm": 10 }), "rpm"),
+        (json!({ "name": "k", "rpm": 0 }), "rpm"),
         (json!({ "name": "k", "tpm": 1000 }), "tpm"),
     ] {
         let refused = app.post_authorized("/keys", &token, body.clone()).await;
@@ -336,4 +337,59 @@ async fn a_refunded_call_gives_its_budget_back_and_embeddings_count_against_it()
     assert_eq!(lifted.json["budget"], Value::Null);
     assert!(lifted.json.get("spent").is_none(), "{lifted:?}");
     app.assert_audit_passes().await;
+}
+
+#[tokio::test]
+async fn a_keys_requests_a_minute_are_counted_across_its_routes_with_openais_headers() {
+    let app = TestApp::new().await;
+    let token = app.user_with_token("user").await;
+    let created = app
+        .post_authorized("/keys", &token, json!({ "name": "agent", "rpm": 3 }))
+        .await;
+    let (id, key) = (
+        created.json["id"].as_i64().unwrap(),
+        created.json["key"].as_str().unwrap().to_string(),
+    );
+    let ask = || {
+        completions(
+            &app,
+            &key,
+            json!({ "model": "llama3.2", "messages": [{ "role": "user", "content": "hi" }] }),
+        )
+    };
+    for remaining in ["2", "1"] {
+        let answered = ask().await;
+        assert_eq!(answered.status, StatusCode::OK, "{answered:?}");
+        assert_eq!(answered.headers["x-ratelimit-limit-requests"], "3");
+        assert_eq!(
+            answered.headers["x-ratelimit-remaining-requests"],
+            remaining
+        );
+        let reset = answered.headers["x-ratelimit-reset-requests"]
+            .to_str()
+            .unwrap();
+        assert!(reset.ends_with('s'), "{reset}");
+    }
+    // The third of the minute on /chat: the key's minute is one, whatever the route.
+    assert_eq!(app.chat(&key, "third").await.status, StatusCode::OK);
+    let refused = ask().await;
+    assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS, "{refused:?}");
+    assert_eq!(refused.json["error"]["code"], "rate_limit_exceeded");
+    let wait: u64 = refused.headers["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=20).contains(&wait), "{wait}");
+    let chat = app.chat(&key, "fourth").await;
+    chat.assert_error(StatusCode::TOO_MANY_REQUESTS, "rate_limited");
+    assert_eq!(app.llm.calls(), 3, "the refused never reached the model");
+    assert_eq!(app.balance(&token).await, 4000 - 300);
+    let keys = app.get_authorized("/keys", &token).await;
+    assert_eq!(keys.json["keys"][0]["rpm"], 3);
+    let lifted = patch_key(&app, &token, id, json!({ "rpm": null })).await;
+    assert_eq!(lifted.json["rpm"], Value::Null);
+    let free = ask().await;
+    assert_eq!(free.status, StatusCode::OK);
+    assert!(!free.headers.contains_key("x-ratelimit-limit-requests"));
 }

@@ -605,3 +605,45 @@ async fn two_processes_racing_on_a_key_whose_budget_covers_thirty_answer_thirty(
     let audit = pair.audit();
     assert!(audit.status.success(), "{audit:?}");
 }
+
+#[tokio::test]
+async fn two_processes_share_one_keys_requests_a_minute() {
+    let Some(pair) = TwoInstances::start(&[("INITIAL_TOKENS", "100000")]).await else {
+        return;
+    };
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(64)
+        .build()
+        .unwrap();
+    let token = pair.user(&http).await;
+    let created: serde_json::Value = http
+        .post(format!("{}/keys", pair.first.base))
+        .bearer_auth(&token)
+        .json(&json!({ "name": "agent", "rpm": 30 }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let key = created["key"].as_str().unwrap().to_string();
+    let chats: Vec<_> = (0..100)
+        .map(|n| {
+            let base = [&pair.first.base, &pair.second.base][n % 2].clone();
+            let (http, key) = (http.clone(), key.clone());
+            tokio::spawn(async move { chat(&http, &base, &key, None).await })
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for chat in chats {
+        statuses.push(chat.await.unwrap());
+    }
+    let admitted = statuses.iter().filter(|status| **status == 200).count();
+    let limited = statuses.iter().filter(|status| **status == 429).count();
+    assert_eq!(
+        (admitted, limited),
+        (30, 70),
+        "one minute of thirty, shared"
+    );
+    assert_eq!(pair.llm.calls(), 30);
+}

@@ -33,7 +33,10 @@ use super::{
 };
 use crate::{
     pricing::Prices,
-    services::chat::{self, Question},
+    services::{
+        chat::{self, Question},
+        rates::{self, RateState},
+    },
     state::AppState,
 };
 
@@ -123,6 +126,18 @@ pub async fn chat_completions(
     if !user.credential.allows_model(&request.forwarded.model) {
         return Err(ApiError::ModelNotAllowed(request.forwarded.model.clone()));
     }
+    let rate = key_rate(&state, &user).await?;
+    let answered = complete(&state, &user, idempotency_key, request).await?;
+    Ok(with_rate(answered, rate))
+}
+
+/// A completion for `user`, whole or streamed, metered like a chat.
+async fn complete(
+    state: &AppState,
+    user: &AuthUser,
+    idempotency_key: Option<crate::domain::IdempotencyKey>,
+    request: request::Checked,
+) -> Result<Response, ApiError> {
     let (model, stream, include_usage) = (
         request.forwarded.model.clone(),
         request.forwarded.stream,
@@ -200,14 +215,16 @@ pub async fn embeddings(
     if !user.credential.allows_model(&request.model) {
         return Err(ApiError::ModelNotAllowed(request.model.clone()));
     }
+    let rate = key_rate(&state, &user).await?;
     let model = request.model.clone();
     let budget = user.credential.budget_use(crate::clock::unix_now());
     let embedded = match chat::embed(&state.chats, user.id, request, budget).await {
         Ok(embedded) => embedded,
-        Err(err) => return Ok(v1_error(err)),
+        Err(err) => return Ok(with_rate(v1_error(err), rate)),
     };
     let body = json_answer(embedded.body, &model, embedded.charged);
-    Ok((Extension(TokensRemaining(embedded.balance)), body).into_response())
+    let answered = (Extension(TokensRemaining(embedded.balance)), body).into_response();
+    Ok(with_rate(answered, rate))
 }
 
 /// The model's JSON answer, `model` set to the name the client asked for, `usage.cost` the
@@ -226,4 +243,33 @@ fn json_answer(body: axum::body::Bytes, model: &str, cost: i64) -> Response {
         body,
     )
         .into_response()
+}
+
+/// Counts the request against its key's requests a minute, when the key has that limit:
+/// where the rate stands, or 429 `rate_limited` with `Retry-After`.
+async fn key_rate(state: &AppState, user: &AuthUser) -> Result<Option<RateState>, ApiError> {
+    let Some((key_id, rpm)) = user.credential.rate() else {
+        return Ok(None);
+    };
+    Ok(Some(
+        rates::key_request(&state.db, key_id, rpm, rates::now_ms()).await?,
+    ))
+}
+
+/// `answer` with OpenAI's `x-ratelimit-*-requests` headers, when a key's rate applies.
+fn with_rate(mut answer: Response, rate: Option<RateState>) -> Response {
+    if let Some(rate) = rate {
+        let headers = answer.headers_mut();
+        let reset = format!("{}s", rate.reset_ms as f64 / 1000.0);
+        for (name, value) in [
+            ("x-ratelimit-limit-requests", rate.limit.to_string()),
+            ("x-ratelimit-remaining-requests", rate.remaining.to_string()),
+            ("x-ratelimit-reset-requests", reset),
+        ] {
+            if let Ok(value) = HeaderValue::from_str(&value) {
+                headers.insert(name, value);
+            }
+        }
+    }
+    answer
 }

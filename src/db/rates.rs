@@ -1,0 +1,63 @@
+//! Rates shared by every instance: one upsert a request on `rate_limits`, by GCRA (the
+//! generic cell rate algorithm): each admitted request moves the name's theoretical arrival
+//! time on by one interval, and a request is admitted while that time stays within the
+//! window ahead of now.
+
+use super::{db_read, db_run, Db};
+
+/// What checking one request against a rate found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rate {
+    /// Admitted and counted; the theoretical arrival time it left (milliseconds).
+    Admitted { tat_ms: i64 },
+    /// Refused, nothing counted; the theoretical arrival time as it stands.
+    Refused { tat_ms: i64 },
+}
+
+/// Checks and counts one request of `name` at `now_ms`, each request taking `interval_ms`
+/// of a `window_ms` that may be filled ahead of now.
+#[tracing::instrument(level = "debug", skip_all)]
+pub async fn admit(
+    db: &Db,
+    name: &str,
+    now_ms: i64,
+    interval_ms: i64,
+    window_ms: i64,
+) -> Result<Rate, sqlx::Error> {
+    let admitted: Option<i64> = match db {
+        Db::Sqlite(_) => db_run!(db, pool => sqlx::query_scalar(
+            "INSERT INTO rate_limits (name, tat_ms) VALUES ($1, $2 + $3)
+             ON CONFLICT (name) DO UPDATE SET tat_ms = MAX(rate_limits.tat_ms, $2) + $3
+             WHERE MAX(rate_limits.tat_ms, $2) + $3 - $2 <= $4
+             RETURNING tat_ms",
+        )
+        .bind(name)
+        .bind(now_ms)
+        .bind(interval_ms)
+        .bind(window_ms)
+        .fetch_optional(pool)
+        .await)?,
+        Db::Postgres(_) => db_run!(db, pool => sqlx::query_scalar(
+            "INSERT INTO rate_limits (name, tat_ms) VALUES ($1, $2 + $3)
+             ON CONFLICT (name) DO UPDATE SET tat_ms = GREATEST(rate_limits.tat_ms, $2) + $3
+             WHERE GREATEST(rate_limits.tat_ms, $2) + $3 - $2 <= $4
+             RETURNING tat_ms",
+        )
+        .bind(name)
+        .bind(now_ms)
+        .bind(interval_ms)
+        .bind(window_ms)
+        .fetch_optional(pool)
+        .await)?,
+    };
+    if let Some(tat_ms) = admitted {
+        return Ok(Rate::Admitted { tat_ms });
+    }
+    let tat_ms: i64 = db_read!(db, pool => sqlx::query_scalar(
+        "SELECT tat_ms FROM rate_limits WHERE name = $1",
+    )
+    .bind(name)
+    .fetch_one(pool)
+    .await)?;
+    Ok(Rate::Refused { tat_ms })
+}
