@@ -22,8 +22,6 @@ pub async fn compare_backends(
     measured: Duration,
     postgres_server: &str,
 ) {
-    use sqlx::{Connection, PgConnection};
-
     println!(
         "tokenchat backend comparison: {} s per scenario, {CONNECTIONS} connections",
         measured.as_secs()
@@ -47,20 +45,7 @@ pub async fn compare_backends(
         let addrs: Vec<SocketAddr> = servers.iter().map(|server| server.addr).collect();
         // One user per connection, as real traffic comes from many users: the chats of one
         // user queue on that user's balance (its row lock, on PostgreSQL) by design.
-        let mut tokens = Vec::new();
-        for n in 0..CONNECTIONS {
-            let registrar = Target {
-                addr: addrs[n % addrs.len()],
-                token: String::new(),
-            };
-            let username = format!("bench{n}");
-            tokens.push(
-                registrar
-                    .register_and_login(&username, "bench-password")
-                    .await,
-            );
-        }
-        let tokens = Arc::new(tokens);
+        let tokens = Arc::new(register_users(&addrs, CONNECTIONS).await);
         let per_user = |method: Method, path: &'static str, body: String| -> Arc<MakeRequest> {
             let tokens = tokens.clone();
             Arc::new(move |conn, _| {
@@ -99,13 +84,7 @@ pub async fn compare_backends(
         }
         drop(servers);
         if backend != "SQLite" {
-            let mut admin = PgConnection::connect(postgres_server)
-                .await
-                .expect("PostgreSQL");
-            sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                .execute(&mut admin)
-                .await
-                .expect("drop");
+            drop_database(postgres_server, &name).await;
         }
     }
     print_table(&rows);
@@ -127,6 +106,36 @@ pub async fn compare_backends(
             "{label}: {statements:.2} statements committed per chat (pg_stat_database.xact_commit)"
         );
     }
+}
+
+/// Users `bench0` to `bench{count - 1}`, registered and logged in round the servers at
+/// `addrs` in turn; their login tokens.
+pub(crate) async fn register_users(addrs: &[SocketAddr], count: usize) -> Vec<String> {
+    let mut tokens = Vec::new();
+    for n in 0..count {
+        let registrar = Target {
+            addr: addrs[n % addrs.len()],
+            token: String::new(),
+        };
+        let username = format!("bench{n}");
+        tokens.push(
+            registrar
+                .register_and_login(&username, "bench-password")
+                .await,
+        );
+    }
+    tokens
+}
+
+/// Drops database `name` from the server, closing its connections.
+pub(crate) async fn drop_database(server: &str, name: &str) {
+    use sqlx::{Connection, PgConnection};
+
+    let mut admin = PgConnection::connect(server).await.expect("PostgreSQL");
+    sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        .execute(&mut admin)
+        .await
+        .expect("drop");
 }
 
 /// Whether [`postgres_database`] empties a database that exists.
@@ -166,7 +175,7 @@ pub async fn postgres_database(server: &str, name: &str, fresh: Fresh) -> String
 
 /// Transactions committed in database `name` so far (0 for SQLite). Statistics reach
 /// `pg_stat_database` with a delay, so this first waits for them to settle.
-async fn transactions_committed(server: &str, name: &str, backend: &str) -> u64 {
+pub(crate) async fn transactions_committed(server: &str, name: &str, backend: &str) -> u64 {
     use sqlx::{Connection, PgConnection};
 
     if backend == "SQLite" {

@@ -17,7 +17,9 @@
 //! tool-call delta of a stream (see `v1`). `BENCH_PRICED=1` runs instead `/chat` flat and
 //! priced by a price book, in turns (see `priced`). `BENCH_UPSTREAMS=1` runs instead `/chat`
 //! served by three upstreams all healthy and with one of them dead, its breaker open, in
-//! turns (see `upstreams`).
+//! turns (see `upstreams`). `BENCH_KEY_LIMITS=1`, with `BENCH_POSTGRES_URL`, runs instead
+//! `/chat` on PostgreSQL with two instances by API keys without limits and with a budget and
+//! a requests-a-minute limit, in turns (see `key_limits`).
 //!
 //! The default run is `scenarios`; the others are `backends` and `growth` (its database in
 //! `big_db`). `client` and `measure` drive the load, `fake_model` answers it, `server` and
@@ -32,6 +34,7 @@ mod client;
 mod cores;
 mod fake_model;
 mod growth;
+mod key_limits;
 mod measure;
 mod priced;
 mod report;
@@ -99,6 +102,9 @@ async fn run(pinned: bool) {
     }
     if std::env::var("BENCH_UPSTREAMS").is_ok_and(|upstreams| upstreams == "1") {
         return upstreams::run(dir.path(), pinned, measured).await;
+    }
+    if std::env::var("BENCH_KEY_LIMITS").is_ok_and(|limits| limits == "1") {
+        return key_limits::run(dir.path(), pinned, measured, postgres.as_deref()).await;
     }
     if std::env::var("BENCH_BIG").is_ok_and(|big| big == "1") {
         return growth(dir.path(), model, pinned, measured, postgres.as_deref()).await;

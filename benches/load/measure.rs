@@ -3,6 +3,7 @@
 //! the CPU time they cost.
 
 use std::{
+    collections::BTreeMap,
     net::SocketAddr,
     sync::Arc,
     time::{Duration, Instant},
@@ -24,6 +25,9 @@ pub struct Outcome {
     pub histogram: Histogram<u64>,
     /// The share of the machine's CPU time the hypervisor took (steal) while it ran.
     pub stolen: f64,
+    /// The answers of another status than the one expected, by status (closed loops only;
+    /// requests that got no answer count in `errors` alone).
+    pub statuses: BTreeMap<u16, u64>,
 }
 
 impl Outcome {
@@ -34,6 +38,7 @@ impl Outcome {
             elapsed: Duration::ZERO,
             histogram: histogram(),
             stolen: 0.0,
+            statuses: BTreeMap::new(),
         }
     }
 }
@@ -77,6 +82,9 @@ impl Outcome {
         self.stolen = (self.stolen * mine + other.stolen * theirs) / (mine + theirs).max(1e-9);
         self.requests += other.requests;
         self.errors += other.errors;
+        for (status, count) in other.statuses {
+            *self.statuses.entry(status).or_default() += count;
+        }
         self.elapsed += other.elapsed;
         self.histogram.add(other.histogram).expect("same bounds");
     }
@@ -117,12 +125,16 @@ pub async fn closed_loop_across(
                 let mut sender = connect(addr).await;
                 let mut histogram = histogram();
                 let (mut requests, mut errors) = (0u64, 0u64);
+                let mut statuses = BTreeMap::<u16, u64>::new();
                 while Instant::now() < deadline {
                     let request = make(conn, requests);
                     let sent = Instant::now();
                     let ok = match sender.send_request(request).await {
                         Ok(response) => {
                             let status = response.status();
+                            if status != expected {
+                                *statuses.entry(status.as_u16()).or_default() += 1;
+                            }
                             response.into_body().collect().await.is_ok() && status == expected
                         }
                         Err(_) => false,
@@ -136,15 +148,18 @@ pub async fn closed_loop_across(
                         }
                     }
                 }
-                (requests, errors, histogram)
+                (requests, errors, histogram, statuses)
             })
         })
         .collect();
     let mut outcome = Outcome::new();
     for client in clients {
-        let (requests, errors, histogram) = client.await.expect("client task");
+        let (requests, errors, histogram, statuses) = client.await.expect("client task");
         outcome.requests += requests;
         outcome.errors += errors;
+        for (status, count) in statuses {
+            *outcome.statuses.entry(status).or_default() += count;
+        }
         outcome.histogram.add(histogram).expect("same bounds");
     }
     outcome.elapsed = start.elapsed();
