@@ -24,32 +24,21 @@ pub async fn admit(
     interval_ms: i64,
     window_ms: i64,
 ) -> Result<Rate, sqlx::Error> {
-    let admitted: Option<i64> = match db {
-        Db::Sqlite(_) => db_run!(db, pool => sqlx::query_scalar(
-            "INSERT INTO rate_limits (name, tat_ms) VALUES ($1, $2 + $3)
-             ON CONFLICT (name) DO UPDATE SET tat_ms = MAX(rate_limits.tat_ms, $2) + $3
-             WHERE MAX(rate_limits.tat_ms, $2) + $3 - $2 <= $4
-             RETURNING tat_ms",
-        )
-        .bind(name)
-        .bind(now_ms)
-        .bind(interval_ms)
-        .bind(window_ms)
-        .fetch_optional(pool)
-        .await)?,
-        Db::Postgres(_) => db_run!(db, pool => sqlx::query_scalar(
-            "INSERT INTO rate_limits (name, tat_ms) VALUES ($1, $2 + $3)
-             ON CONFLICT (name) DO UPDATE SET tat_ms = GREATEST(rate_limits.tat_ms, $2) + $3
-             WHERE GREATEST(rate_limits.tat_ms, $2) + $3 - $2 <= $4
-             RETURNING tat_ms",
-        )
-        .bind(name)
-        .bind(now_ms)
-        .bind(interval_ms)
-        .bind(window_ms)
-        .fetch_optional(pool)
-        .await)?,
-    };
+    // `CASE` rather than SQLite's `MAX` or PostgreSQL's `GREATEST`: one statement for both.
+    let admitted: Option<i64> = db_run!(db, pool => sqlx::query_scalar(
+        "INSERT INTO rate_limits (name, tat_ms) VALUES ($1, $2 + $3)
+         ON CONFLICT (name) DO UPDATE
+         SET tat_ms = CASE WHEN rate_limits.tat_ms > $2 THEN rate_limits.tat_ms ELSE $2 END + $3
+         WHERE CASE WHEN rate_limits.tat_ms > $2 THEN rate_limits.tat_ms ELSE $2 END + $3 - $2
+               <= $4
+         RETURNING tat_ms",
+    )
+    .bind(name)
+    .bind(now_ms)
+    .bind(interval_ms)
+    .bind(window_ms)
+    .fetch_optional(pool)
+    .await)?;
     if let Some(tat_ms) = admitted {
         return Ok(Rate::Admitted { tat_ms });
     }

@@ -104,6 +104,21 @@ impl TwoInstances {
         login["token"].as_str().unwrap().to_string()
     }
 
+    /// A new API key of the user of `token`, made on the first process as `body` asks.
+    async fn key(&self, http: &reqwest::Client, token: &str, body: serde_json::Value) -> String {
+        let created: serde_json::Value = http
+            .post(format!("{}/keys", self.first.base))
+            .bearer_auth(token)
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        created["key"].as_str().unwrap().to_string()
+    }
+
     /// `count` chats at once, every other one to each process; how many were answered (the
     /// rest must be 402).
     async fn race_chats(&self, http: &reqwest::Client, token: &str, count: usize) -> i64 {
@@ -583,17 +598,13 @@ async fn two_processes_racing_on_a_key_whose_budget_covers_thirty_answer_thirty(
         .build()
         .unwrap();
     let token = pair.user(&http).await;
-    let created: serde_json::Value = http
-        .post(format!("{}/keys", pair.first.base))
-        .bearer_auth(&token)
-        .json(&json!({ "name": "agent", "budget": { "tokens": 3000, "period": "month" } }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let key = created["key"].as_str().unwrap().to_string();
+    let key = pair
+        .key(
+            &http,
+            &token,
+            json!({ "name": "agent", "budget": { "tokens": 3000, "period": "month" } }),
+        )
+        .await;
     let answered = pair.race_chats(&http, &key, 200).await;
     assert_eq!(answered, 30, "the budget buys thirty chats at 100");
     assert_eq!(pair.llm.calls(), 30);
@@ -616,17 +627,9 @@ async fn two_processes_share_one_keys_requests_a_minute() {
         .build()
         .unwrap();
     let token = pair.user(&http).await;
-    let created: serde_json::Value = http
-        .post(format!("{}/keys", pair.first.base))
-        .bearer_auth(&token)
-        .json(&json!({ "name": "agent", "rpm": 30 }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let key = created["key"].as_str().unwrap().to_string();
+    let key = pair
+        .key(&http, &token, json!({ "name": "agent", "rpm": 30 }))
+        .await;
     let chats: Vec<_> = (0..100)
         .map(|n| {
             let base = [&pair.first.base, &pair.second.base][n % 2].clone();
