@@ -103,6 +103,8 @@ pub struct CreatedKey {
 
 #[derive(Serialize, ToSchema)]
 pub struct ListedKey {
+    /// Its budget, or null.
+    budget: Option<Budget>,
     created_at: String,
     /// When the key stops working, or null: never, until revoked.
     expires_at: Option<String>,
@@ -110,20 +112,18 @@ pub struct ListedKey {
     last_used_at: Option<String>,
     /// The served models the key may ask for, or null: every one.
     models: Option<Vec<String>>,
-    /// Its budget, or null.
-    budget: Option<Budget>,
-    /// With a budget: tokens charged in the current period, reservations in flight included.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    spent: Option<i64>,
-    /// Requests a minute at most, or null.
-    rpm: Option<i64>,
+    name: String,
+    /// The key's first characters.
+    prefix: String,
     /// With a budget: when the next period begins (null for a total budget).
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<String>)]
     resets_at: Option<Option<String>>,
-    name: String,
-    /// The key's first characters.
-    prefix: String,
+    /// Requests a minute at most, or null.
+    rpm: Option<i64>,
+    /// With a budget: tokens charged in the current period, reservations in flight included.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    spent: Option<i64>,
 }
 
 impl From<KeyRecord> for ListedKey {
