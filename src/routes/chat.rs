@@ -112,7 +112,9 @@ pub async fn chat(
     // A key's requests a minute, counted in the database every instance shares.
     if let Some((key_id, rpm)) = user.credential.rate() {
         let now_ms = crate::services::rates::now_ms();
-        crate::services::rates::key_request(&state.db, key_id, rpm, now_ms).await?;
+        crate::services::rates::key_request(&state.db, key_id, rpm, now_ms)
+            .await?
+            .admitted()?;
     }
     let streamed = request
         .stream

@@ -20,28 +20,55 @@ pub struct RateState {
     pub reset_ms: i64,
 }
 
-/// Checks and counts one request of the key `key_id`, allowed `rpm` requests a minute, at
-/// `now_ms`; `TooManyAttempts` with how long to wait when the minute is full.
-#[tracing::instrument(level = "debug", skip_all)]
-pub async fn key_request(db: &Db, key_id: i64, rpm: i64, now_ms: i64) -> ServiceResult<RateState> {
-    let interval_ms = MINUTE_MS / rpm.max(1);
-    let name = format!("key:{key_id}");
-    match db::rates::admit(db, &name, now_ms, interval_ms, MINUTE_MS).await? {
-        Rate::Admitted { tat_ms } => {
-            let ahead = (tat_ms - now_ms).max(0);
-            Ok(RateState {
-                limit: rpm,
-                remaining: ((MINUTE_MS - ahead) / interval_ms).clamp(0, rpm),
-                reset_ms: ahead,
-            })
-        }
-        Rate::Refused { tat_ms } => {
-            let wait_ms = (tat_ms + interval_ms - MINUTE_MS - now_ms).max(1);
-            Err(ServiceError::TooManyAttempts {
-                retry_after_secs: (wait_ms as u64).div_ceil(1000),
-            })
+/// What checking a key's request found: admitted and counted, or refused with how long to
+/// wait; where the rate stands either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyRate {
+    Admitted(RateState),
+    Refused {
+        retry_after_secs: u64,
+        state: RateState,
+    },
+}
+
+impl KeyRate {
+    /// Where the rate stands, or `TooManyAttempts` with how long to wait.
+    pub fn admitted(self) -> ServiceResult<RateState> {
+        match self {
+            Self::Admitted(state) => Ok(state),
+            Self::Refused {
+                retry_after_secs, ..
+            } => Err(ServiceError::TooManyAttempts { retry_after_secs }),
         }
     }
+}
+
+/// Checks and counts one request of the key `key_id`, allowed `rpm` requests a minute, at
+/// `now_ms`.
+#[tracing::instrument(level = "debug", skip_all)]
+pub async fn key_request(db: &Db, key_id: i64, rpm: i64, now_ms: i64) -> ServiceResult<KeyRate> {
+    let interval_ms = MINUTE_MS / rpm.max(1);
+    let name = format!("key:{key_id}");
+    let state = |tat_ms: i64| {
+        let ahead = (tat_ms - now_ms).max(0);
+        RateState {
+            limit: rpm,
+            remaining: ((MINUTE_MS - ahead) / interval_ms).clamp(0, rpm),
+            reset_ms: ahead,
+        }
+    };
+    Ok(
+        match db::rates::admit(db, &name, now_ms, interval_ms, MINUTE_MS).await? {
+            Rate::Admitted { tat_ms } => KeyRate::Admitted(state(tat_ms)),
+            Rate::Refused { tat_ms } => {
+                let wait_ms = (tat_ms + interval_ms - MINUTE_MS - now_ms).max(1);
+                KeyRate::Refused {
+                    retry_after_secs: (wait_ms as u64).div_ceil(1000),
+                    state: state(tat_ms),
+                }
+            }
+        },
+    )
 }
 
 /// The time in milliseconds since the Unix epoch.

@@ -375,6 +375,8 @@ async fn a_keys_requests_a_minute_are_counted_across_its_routes_with_openais_hea
     let refused = ask().await;
     assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS, "{refused:?}");
     assert_eq!(refused.json["error"]["code"], "rate_limit_exceeded");
+    assert_eq!(refused.headers["x-ratelimit-remaining-requests"], "0");
+    assert_eq!(refused.headers["x-ratelimit-limit-requests"], "3");
     let wait: u64 = refused.headers["retry-after"]
         .to_str()
         .unwrap()

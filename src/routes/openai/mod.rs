@@ -35,7 +35,7 @@ use crate::{
     pricing::Prices,
     services::{
         chat::{self, Question},
-        rates::{self, RateState},
+        rates::{self, KeyRate, RateState},
     },
     state::AppState,
 };
@@ -126,7 +126,10 @@ pub async fn chat_completions(
     if !user.credential.allows_model(&request.forwarded.model) {
         return Err(ApiError::ModelNotAllowed(request.forwarded.model.clone()));
     }
-    let rate = key_rate(&state, &user).await?;
+    let rate = match key_rate(&state, &user).await? {
+        Ok(rate) => rate,
+        Err(refused) => return Ok(refused),
+    };
     let answered = complete(&state, &user, idempotency_key, request).await?;
     Ok(with_rate(answered, rate))
 }
@@ -215,7 +218,10 @@ pub async fn embeddings(
     if !user.credential.allows_model(&request.model) {
         return Err(ApiError::ModelNotAllowed(request.model.clone()));
     }
-    let rate = key_rate(&state, &user).await?;
+    let rate = match key_rate(&state, &user).await? {
+        Ok(rate) => rate,
+        Err(refused) => return Ok(refused),
+    };
     let model = request.model.clone();
     let budget = user.credential.budget_use(crate::clock::unix_now());
     let embedded = match chat::embed(&state.chats, user.id, request, budget).await {
@@ -246,14 +252,27 @@ fn json_answer(body: axum::body::Bytes, model: &str, cost: i64) -> Response {
 }
 
 /// Counts the request against its key's requests a minute, when the key has that limit:
-/// where the rate stands, or 429 `rate_limited` with `Retry-After`.
-async fn key_rate(state: &AppState, user: &AuthUser) -> Result<Option<RateState>, ApiError> {
+/// where the rate stands, or the answer refusing it (429 `rate_limited` with `Retry-After`
+/// and OpenAI's headers saying none is left).
+async fn key_rate(
+    state: &AppState,
+    user: &AuthUser,
+) -> Result<Result<Option<RateState>, Response>, ApiError> {
     let Some((key_id, rpm)) = user.credential.rate() else {
-        return Ok(None);
+        return Ok(Ok(None));
     };
-    Ok(Some(
-        rates::key_request(&state.db, key_id, rpm, rates::now_ms()).await?,
-    ))
+    Ok(
+        match rates::key_request(&state.db, key_id, rpm, rates::now_ms()).await? {
+            KeyRate::Admitted(rate) => Ok(Some(rate)),
+            KeyRate::Refused {
+                retry_after_secs,
+                state: rate,
+            } => {
+                let refused = ApiError::RateLimited { retry_after_secs }.into_response();
+                Err(with_rate(refused, Some(rate)))
+            }
+        },
+    )
 }
 
 /// `answer` with OpenAI's `x-ratelimit-*-requests` headers, when a key's rate applies.
