@@ -224,7 +224,19 @@ pub fn parse(file: &str, text: &str, context: &Context<'_>) -> Result<ConfigFile
             ));
         }
         if !priced {
-            // Routed, not priced: its chats cost `CHAT_COST`.
+            // Routed, not priced: its chats cost `CHAT_COST`, so what only prices use would
+            // be read and ignored; refused instead.
+            let unused = [
+                ("max_output_tokens", entry.max_output_tokens.is_some()),
+                ("tokenizer", entry.tokenizer.is_some()),
+                ("media_part_tokens", entry.media_part_tokens.is_some()),
+            ];
+            if let Some((field, _)) = unused.iter().find(|(_, given)| *given) {
+                return Err(at.error(
+                    format!("models.{name:?}.{field}"),
+                    "is used only with prices: give prompt, completion or request too",
+                ));
+            }
             continue;
         }
         let prompt = entry.prompt.map_or(0, |amount| amount.0);

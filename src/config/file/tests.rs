@@ -190,6 +190,13 @@ fn a_bad_upstream_or_target_is_refused_naming_it() {
         weight.contains("line 4") && weight.contains("weight"),
         "{weight}"
     );
+    let unpriced_cap = error(
+        "[upstreams.u]\nbase_url = \"http://x/v1\"\n[models.a]\ntargets = [{ upstream = \"u\" }]\nmax_output_tokens = 10\n",
+    );
+    assert!(
+        unpriced_cap.contains("field models.\"a\".max_output_tokens: is used only with prices"),
+        "{unpriced_cap}"
+    );
     let empty = error("[models.a]\ntargets = []\n");
     assert!(
         empty.contains("field models.\"a\".targets: lists no target"),
