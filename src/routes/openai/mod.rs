@@ -126,7 +126,7 @@ pub async fn chat_completions(
     if !user.credential.allows_model(&request.forwarded.model) {
         return Err(ApiError::ModelNotAllowed(request.forwarded.model.clone()));
     }
-    let rate = match key_rate(&state, &user).await? {
+    let rate = match key_rate(&state, &user).await {
         Ok(rate) => rate,
         Err(refused) => return Ok(refused),
     };
@@ -218,7 +218,7 @@ pub async fn embeddings(
     if !user.credential.allows_model(&request.model) {
         return Err(ApiError::ModelNotAllowed(request.model.clone()));
     }
-    let rate = match key_rate(&state, &user).await? {
+    let rate = match key_rate(&state, &user).await {
         Ok(rate) => rate,
         Err(refused) => return Ok(refused),
     };
@@ -254,25 +254,21 @@ fn json_answer(body: axum::body::Bytes, model: &str, cost: i64) -> Response {
 /// Counts the request against its key's requests a minute, when the key has that limit:
 /// where the rate stands, or the answer refusing it (429 `rate_limited` with `Retry-After`
 /// and OpenAI's headers saying none is left).
-async fn key_rate(
-    state: &AppState,
-    user: &AuthUser,
-) -> Result<Result<Option<RateState>, Response>, ApiError> {
+async fn key_rate(state: &AppState, user: &AuthUser) -> Result<Option<RateState>, Response> {
     let Some((key_id, rpm)) = user.credential.rate() else {
-        return Ok(Ok(None));
+        return Ok(None);
     };
-    Ok(
-        match rates::key_request(&state.db, key_id, rpm, rates::now_ms()).await? {
-            KeyRate::Admitted(rate) => Ok(Some(rate)),
-            KeyRate::Refused {
-                retry_after_secs,
-                state: rate,
-            } => {
-                let refused = ApiError::RateLimited { retry_after_secs }.into_response();
-                Err(with_rate(refused, Some(rate)))
-            }
-        },
-    )
+    match rates::key_request(&state.db, key_id, rpm, rates::now_ms()).await {
+        Ok(KeyRate::Admitted(rate)) => Ok(Some(rate)),
+        Ok(KeyRate::Refused {
+            retry_after_secs,
+            state: rate,
+        }) => {
+            let refused = ApiError::RateLimited { retry_after_secs }.into_response();
+            Err(with_rate(refused, Some(rate)))
+        }
+        Err(err) => Err(ApiError::from(err).into_response()),
+    }
 }
 
 /// `answer` with OpenAI's `x-ratelimit-*-requests` headers, when a key's rate applies.
