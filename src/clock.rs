@@ -1,7 +1,50 @@
 //! Time as the service keeps it: whole seconds since the Unix epoch in the database, RFC 3339
 //! in UTC in every answer.
 
+use std::{
+    sync::{
+        atomic::{AtomicI64, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
 use time::{format_description::well_known::Rfc3339, OffsetDateTime};
+
+/// The clock the limits read (budget periods, per-minute rates, key expiry): the system's,
+/// moved on by an offset that is zero unless a test moves it, so that a budget period can
+/// roll over in a test without waiting a day. Cheap to clone; clones share the offset.
+#[derive(Debug, Clone, Default)]
+pub struct Clock {
+    offset_ms: Arc<AtomicI64>,
+}
+
+impl Clock {
+    /// Milliseconds since the Unix epoch.
+    pub fn now_ms(&self) -> i64 {
+        unix_now_ms() + self.offset_ms.load(Ordering::Relaxed)
+    }
+
+    /// Seconds since the Unix epoch.
+    pub fn now(&self) -> i64 {
+        self.now_ms().div_euclid(1000)
+    }
+
+    /// Moves this clock and its clones on by `by`. Tests only: nothing in the service
+    /// calls it.
+    #[doc(hidden)]
+    pub fn advance(&self, by: Duration) {
+        let by_ms = i64::try_from(by.as_millis()).unwrap_or(i64::MAX);
+        self.offset_ms.fetch_add(by_ms, Ordering::Relaxed);
+    }
+}
+
+/// Milliseconds since the Unix epoch, by the system clock.
+pub fn unix_now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_millis() as i64)
+}
 
 /// Seconds since the Unix epoch: the unit of every time column.
 pub fn unix_now() -> i64 {

@@ -5,13 +5,14 @@
 pub mod file;
 pub mod routing;
 mod urls;
+pub mod user_limits;
 mod vars;
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use secrecy::SecretString;
 
-use crate::pricing::PriceBook;
+use crate::{clock::Clock, domain::Limits, pricing::PriceBook};
 
 pub use routing::{RetryPolicy, Routing};
 pub use urls::{redacted_url, DatabaseUrl, UpstreamUrl};
@@ -21,6 +22,9 @@ pub const DEFAULT_SYSTEM_PROMPT: &str =
     "You are a helpful assistant. Answer clearly and concisely.";
 
 pub use crate::domain::MAX_BALANCE;
+
+/// The name the built-in demo model is served under, when no upstream is configured.
+pub const DEMO_MODEL_NAME: &str = "demo";
 
 /// Everything the server reads from its environment.
 #[derive(Clone, Debug)]
@@ -85,6 +89,10 @@ pub struct Config {
     pub metrics_token: Option<SecretString>,
     pub connections: ConnectionLimits,
     pub abuse: AbuseLimits,
+    /// The limits of a user who has none of their own (`USER_*`).
+    pub user_limits: Limits,
+    /// The clock budgets, rates and key expiry read: the system's (tests move it on).
+    pub clock: Clock,
 }
 
 /// How long a connection may take over each part of a request, and how many may be open.
@@ -268,7 +276,7 @@ impl Config {
                 .seconds("UPSTREAM_COOLDOWN_MAX_SECS", "300", 1, DAY_SECS)?
                 .max(cooldown),
         };
-        let config = Self {
+        let mut config = Self {
             bind_addr: vars.parse("BIND_ADDR", "127.0.0.1:8000")?,
             database_url,
             database_max_connections: match vars.optional("DATABASE_MAX_CONNECTIONS") {
@@ -379,7 +387,10 @@ impl Config {
                 trust_proxy_headers: vars.parse("TRUST_PROXY_HEADERS", "false")?,
                 password_hash_queue: vars.between("PASSWORD_HASH_QUEUE", "64", 0, 1_000_000)?,
             },
+            user_limits: Limits::default(),
+            clock: Clock::default(),
         };
+        config.user_limits = user_limits::default_user_limits(&vars, &config.served_models())?;
         // A budget smaller than one body of the largest kind would refuse every such request.
         let largest_body = config.v1_max_body_bytes.max(config.chat_body_limit());
         if config.connections.max_inflight_body_bytes < largest_body {
@@ -404,6 +415,14 @@ const MAX_ENCODED_BYTES_PER_CHAR: usize = 12;
 const CHAT_BODY_OVERHEAD_BYTES: usize = 4096;
 
 impl Config {
+    /// The names of the models served: every routed model's, or the demo model's.
+    pub fn served_models(&self) -> Vec<String> {
+        match &self.routing {
+            Some(routing) => routing.models.iter().map(|model| model.name.clone()).collect(),
+            None => vec![DEMO_MODEL_NAME.to_string()],
+        }
+    }
+
     /// The body limit of `/chat`: `MAX_BODY_BYTES`, raised where needed so that every
     /// message of up to `MAX_MESSAGE_CHARS` fits in any valid encoding.
     pub fn chat_body_limit(&self) -> usize {

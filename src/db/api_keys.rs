@@ -22,6 +22,8 @@ pub struct ApiKey {
     pub budget_period_start: Option<i64>,
     /// Requests a minute at most.
     pub rpm: Option<i64>,
+    /// Model tokens a minute at most.
+    pub tpm: Option<i64>,
 }
 
 /// A key's limits as stored: the models it may ask for (a JSON array) and its expiry.
@@ -32,6 +34,7 @@ pub struct StoredLimits {
     /// Tokens a period, and the period's name.
     pub budget: Option<(i64, &'static str)>,
     pub rpm: Option<i64>,
+    pub tpm: Option<i64>,
 }
 
 /// A change of a key's limits: each field kept (`None`), or set to the value given (which
@@ -42,6 +45,7 @@ pub struct LimitsChange {
     pub expires_at: Option<Option<i64>>,
     pub budget: Option<Option<(i64, &'static str)>>,
     pub rpm: Option<Option<i64>>,
+    pub tpm: Option<Option<i64>>,
 }
 
 /// The owner of a live key, with their balance as this read found it, and the key's id
@@ -60,6 +64,10 @@ pub struct KeyOwner {
     pub budget_tokens: Option<i64>,
     pub budget_period: Option<String>,
     pub rpm: Option<i64>,
+    pub tpm: Option<i64>,
+    /// The owner's own limits.
+    #[sqlx(flatten)]
+    pub user_limits: super::user_limits::StoredUserLimits,
 }
 
 /// Stores a new key of the user unless they already hold `max_live` live ones; its id, or
@@ -92,8 +100,8 @@ pub async fn insert(
         }
         let inserted = sqlx::query_as(
             "INSERT INTO api_keys (user_id, name, key_hash, prefix, created_at, models, expires_at,
-                                   budget_tokens, budget_period, rpm)
-             SELECT $1, $2, $3, $4, $5, $7, $8, $9, $10, $11
+                                   budget_tokens, budget_period, rpm, tpm)
+             SELECT $1, $2, $3, $4, $5, $7, $8, $9, $10, $11, $12
              WHERE (SELECT COUNT(*) FROM api_keys WHERE user_id = $1 AND revoked_at IS NULL) < $6
              RETURNING id, created_at",
         )
@@ -108,6 +116,7 @@ pub async fn insert(
         .bind(limits.budget.map(|(tokens, _)| tokens))
         .bind(limits.budget.map(|(_, period)| period))
         .bind(limits.rpm)
+        .bind(limits.tpm)
         .fetch_optional(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -120,7 +129,7 @@ pub async fn insert(
 pub async fn live(db: &Db, user_id: i64) -> Result<Vec<ApiKey>, sqlx::Error> {
     db_read!(db, pool => sqlx::query_as(
         "SELECT id, name, prefix, created_at, last_used_at, models, expires_at, budget_tokens,
-                budget_period, budget_spent, budget_period_start, rpm
+                budget_period, budget_spent, budget_period_start, rpm, tpm
          FROM api_keys WHERE user_id = $1 AND revoked_at IS NULL ORDER BY id",
     )
     .bind(user_id)
@@ -158,10 +167,11 @@ pub async fn change_limits(
                              expires_at = CASE WHEN $5 THEN $6 ELSE expires_at END,
                              budget_tokens = CASE WHEN $7 THEN $8 ELSE budget_tokens END,
                              budget_period = CASE WHEN $7 THEN $9 ELSE budget_period END,
-                             rpm = CASE WHEN $10 THEN $11 ELSE rpm END
+                             rpm = CASE WHEN $10 THEN $11 ELSE rpm END,
+                             tpm = CASE WHEN $12 THEN $13 ELSE tpm END
          WHERE id = $1 AND user_id = $2 AND revoked_at IS NULL
          RETURNING id, name, prefix, created_at, last_used_at, models, expires_at,
-                   budget_tokens, budget_period, budget_spent, budget_period_start, rpm",
+                   budget_tokens, budget_period, budget_spent, budget_period_start, rpm, tpm",
     )
     .bind(id)
     .bind(user_id)
@@ -174,6 +184,8 @@ pub async fn change_limits(
     .bind(change.budget.flatten().map(|(_, period)| period))
     .bind(change.rpm.is_some())
     .bind(change.rpm.flatten())
+    .bind(change.tpm.is_some())
+    .bind(change.tpm.flatten())
     .fetch_optional(pool)
     .await)
 }
@@ -185,14 +197,19 @@ pub async fn find_owner(
     key_hash: &str,
     now: i64,
 ) -> Result<Option<KeyOwner>, sqlx::Error> {
-    db_read!(db, pool => sqlx::query_as(
-        "SELECT k.id AS key_id, k.user_id, u.tokens, k.last_used_at,
-                u.disabled_at IS NOT NULL AS disabled, k.models, k.budget_tokens,
-                k.budget_period, k.rpm
-         FROM api_keys k JOIN users u ON u.id = k.user_id
-         WHERE k.key_hash = $1 AND k.revoked_at IS NULL
-           AND (k.expires_at IS NULL OR k.expires_at > $2)",
-    )
+    // Built once: the user's limit columns are named in one place (`user_limits`).
+    static QUERY: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        format!(
+            "SELECT k.id AS key_id, k.user_id, u.tokens, k.last_used_at,
+                    u.disabled_at IS NOT NULL AS disabled, k.models, k.budget_tokens,
+                    k.budget_period, k.rpm, k.tpm, {}
+             FROM api_keys k JOIN users u ON u.id = k.user_id
+             WHERE k.key_hash = $1 AND k.revoked_at IS NULL
+               AND (k.expires_at IS NULL OR k.expires_at > $2)",
+            super::user_limits::SELECTED
+        )
+    });
+    db_read!(db, pool => sqlx::query_as(QUERY.as_str())
     .bind(key_hash)
     .bind(now)
     .fetch_optional(pool)

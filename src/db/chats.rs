@@ -14,7 +14,7 @@ use super::{
     unix_now, users, Db,
 };
 use crate::{
-    domain::{BudgetUse, ChatStatus, PageRequest},
+    domain::{BudgetOwner, Budgets, ChatStatus, PageRequest},
     pricing::Prices,
 };
 
@@ -25,8 +25,8 @@ pub enum Reservation {
     Reserved { chat_id: i64, conversation_id: i64 },
     /// The balance was below the price; nothing changed.
     Insufficient { balance: i64 },
-    /// The price would pass the budget of the key it is charged to; nothing changed.
-    BudgetExceeded,
+    /// The price would pass the budget of its key or its user; nothing changed.
+    BudgetExceeded(BudgetOwner),
 }
 
 /// A stored chat.
@@ -144,8 +144,8 @@ pub struct StoredAnswer {
 }
 
 /// A chat to reserve: whose, in which conversation, its message, what it reserves (a priced
-/// chat's prices with it), the key budget it counts against, and how long it may stay
-/// pending before recovery (in any process) judges it abandoned.
+/// chat's prices with it), the key's and the user's budgets it counts against, and how long
+/// it may stay pending before recovery (in any process) judges it abandoned.
 #[derive(Debug, Clone, Copy)]
 pub struct NewChat<'a> {
     pub user_id: i64,
@@ -153,7 +153,7 @@ pub struct NewChat<'a> {
     pub message: &'a str,
     pub cost: i64,
     pub priced: Option<PriceSnapshot<'a>>,
-    pub budget: Option<BudgetUse>,
+    pub budgets: Budgets,
     pub settle_within: Duration,
 }
 
@@ -172,24 +172,22 @@ pub async fn reserve(db: &Db, chat: NewChat<'_>) -> Result<Reservation, sqlx::Er
         message,
         cost,
         priced,
-        budget,
+        budgets,
         settle_within,
     } = chat;
     let now = unix_now();
-    let (key, period) = (
-        budget.map(|budget| budget.key_id),
-        budget.map(|budget| budget.period_start),
-    );
+    let budget = BudgetColumns::of(budgets);
     let deadline_at = now.saturating_add_unsigned(settle_within.as_secs());
     // A flat chat writes none of the price columns (`reserved` NULL means its cost): the
     // statement of before prices, which costs the hot path nothing more (BENCHMARKS.md).
     let chat_id: Result<Option<i64>, _> = match priced {
-        // A key's budget: the key and the period recorded, which the trigger
-        // `chat_counts_against_its_key_budget` counts, refusing the insert past the budget.
-        None if budget.is_some() => db_run!(db, pool => sqlx::query_scalar(
+        // A budget: the key and the periods recorded, which the triggers
+        // `chat_counts_against_its_{key,user}_budget` count, refusing the insert past one.
+        None if budgets != Budgets::default() => db_run!(db, pool => sqlx::query_scalar(
             "INSERT INTO chats (user_id, message, status, cost, created_at, deadline_at,
-                                conversation_id, api_key_id, budget_period_start)
-             SELECT id, $2, 'pending', $3, $4, $5, $6, $7, $8 FROM users
+                                conversation_id, api_key_id, budget_period_start,
+                                user_budget_tokens, user_budget_period_start)
+             SELECT id, $2, 'pending', $3, $4, $5, $6, $7, $8, $9, $10 FROM users
              WHERE id = $1 AND tokens >= $3
              RETURNING id",
         )
@@ -199,8 +197,10 @@ pub async fn reserve(db: &Db, chat: NewChat<'_>) -> Result<Reservation, sqlx::Er
         .bind(now)
         .bind(deadline_at)
         .bind(conversation_id)
-        .bind(key)
-        .bind(period)
+        .bind(budget.key)
+        .bind(budget.key_period)
+        .bind(budget.user_tokens)
+        .bind(budget.user_period)
         .fetch_optional(pool)
         .await),
         None => db_run!(db, pool => sqlx::query_scalar(
@@ -221,8 +221,10 @@ pub async fn reserve(db: &Db, chat: NewChat<'_>) -> Result<Reservation, sqlx::Er
             "INSERT INTO chats (user_id, message, status, cost, reserved, created_at, deadline_at,
                                 conversation_id, model, output_cap, price_prompt,
                                 price_cached_prompt, price_completion, price_request,
-                                api_key_id, budget_period_start)
-             SELECT id, $2, 'pending', $3, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14
+                                api_key_id, budget_period_start, user_budget_tokens,
+                                user_budget_period_start)
+             SELECT id, $2, 'pending', $3, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14,
+                    $15, $16
              FROM users WHERE id = $1 AND tokens >= $3
              RETURNING id",
         )
@@ -238,8 +240,10 @@ pub async fn reserve(db: &Db, chat: NewChat<'_>) -> Result<Reservation, sqlx::Er
         .bind(priced.prices.cached_prompt as i64)
         .bind(priced.prices.completion as i64)
         .bind(priced.prices.request as i64)
-        .bind(key)
-        .bind(period)
+        .bind(budget.key)
+        .bind(budget.key_period)
+        .bind(budget.user_tokens)
+        .bind(budget.user_period)
         .fetch_optional(pool)
         .await),
     };
@@ -249,9 +253,10 @@ pub async fn reserve(db: &Db, chat: NewChat<'_>) -> Result<Reservation, sqlx::Er
         // reservation took it first; the ledger trigger, under the row lock, found the
         // balance would go below zero. The same answer as a short balance.
         Err(sqlx::Error::Database(err)) if err.is_check_violation() => None,
-        Err(sqlx::Error::Database(err)) if is_budget_exceeded(err.as_ref()) => {
-            return Ok(Reservation::BudgetExceeded)
-        }
+        Err(sqlx::Error::Database(err)) => match budget_exceeded(err.as_ref()) {
+            Some(owner) => return Ok(Reservation::BudgetExceeded(owner)),
+            None => return Err(sqlx::Error::Database(err)),
+        },
         Err(err) => return Err(err),
     };
     Ok(match chat_id {
@@ -266,10 +271,38 @@ pub async fn reserve(db: &Db, chat: NewChat<'_>) -> Result<Reservation, sqlx::Er
     })
 }
 
-/// Whether the database refused a reservation for the budget of its key (the triggers
-/// `*_counts_against_its_key_budget` raise `budget_exceeded`).
-pub(super) fn is_budget_exceeded(err: &dyn sqlx::error::DatabaseError) -> bool {
-    err.message().contains("budget_exceeded")
+/// Whose budget, if any, the database refused a reservation for (the triggers
+/// `*_counts_against_its_key_budget` raise `budget_exceeded`, the user's
+/// `user_budget_exceeded`).
+pub(super) fn budget_exceeded(err: &dyn sqlx::error::DatabaseError) -> Option<BudgetOwner> {
+    let message = err.message();
+    if message.contains("user_budget_exceeded") {
+        Some(BudgetOwner::User)
+    } else if message.contains("budget_exceeded") {
+        Some(BudgetOwner::Key)
+    } else {
+        None
+    }
+}
+
+/// The budget columns of a call's row: the key and its period, the user's budget in force
+/// and its period.
+pub(super) struct BudgetColumns {
+    pub key: Option<i64>,
+    pub key_period: Option<i64>,
+    pub user_tokens: Option<i64>,
+    pub user_period: Option<i64>,
+}
+
+impl BudgetColumns {
+    pub(super) fn of(budgets: Budgets) -> Self {
+        Self {
+            key: budgets.key.map(|(key_id, _)| key_id),
+            key_period: budgets.key.map(|(_, key)| key.period_start),
+            user_tokens: budgets.user.map(|user| user.tokens),
+            user_period: budgets.user.map(|user| user.period_start),
+        }
+    }
 }
 
 /// Stores the answer of a pending chat, charging `answer.charge` (the rest of the

@@ -11,7 +11,11 @@ use super::{
     ledger::{self, Settling},
     unix_now, users, Db,
 };
-use crate::{domain::BudgetUse, llm::EmbeddingUsage, pricing::Prices};
+use crate::{
+    domain::{BudgetOwner, Budgets},
+    llm::EmbeddingUsage,
+    pricing::Prices,
+};
 
 /// The outcome of trying to reserve the price of an embeddings call.
 #[derive(Debug, PartialEq, Eq)]
@@ -23,8 +27,8 @@ pub enum Reservation {
     Insufficient {
         balance: i64,
     },
-    /// The price would pass the budget of the key it is charged to; nothing changed.
-    BudgetExceeded,
+    /// The price would pass the budget of its key or its user; nothing changed.
+    BudgetExceeded(BudgetOwner),
 }
 
 /// Records the call as pending for `model` if the user's balance covers `cost`, which takes
@@ -38,16 +42,18 @@ pub async fn reserve(
     model: &str,
     cost: i64,
     prices: Option<Prices>,
-    budget: Option<BudgetUse>,
+    budgets: Budgets,
     settle_within: Duration,
 ) -> Result<Reservation, sqlx::Error> {
+    let budget = chats::BudgetColumns::of(budgets);
     let now = unix_now();
     let deadline_at = now.saturating_add_unsigned(settle_within.as_secs());
-    // With a key's budget, the trigger `embedding_counts_against_its_key_budget` counts it.
+    // With a budget, the triggers `embedding_counts_against_its_{key,user}_budget` count it.
     let id: Result<Option<i64>, _> = db_run!(db, pool => sqlx::query_scalar(
         "INSERT INTO embeddings (user_id, model, status, cost, reserved, created_at, deadline_at,
-                                 price_prompt, price_request, api_key_id, budget_period_start)
-         SELECT id, $2, 'pending', $3, $3, $4, $5, $6, $7, $8, $9
+                                 price_prompt, price_request, api_key_id, budget_period_start,
+                                 user_budget_tokens, user_budget_period_start)
+         SELECT id, $2, 'pending', $3, $3, $4, $5, $6, $7, $8, $9, $10, $11
          FROM users WHERE id = $1 AND tokens >= $3
          RETURNING id",
     )
@@ -58,17 +64,20 @@ pub async fn reserve(
     .bind(deadline_at)
     .bind(prices.map(|prices| prices.prompt as i64))
     .bind(prices.map(|prices| prices.request as i64))
-    .bind(budget.map(|budget| budget.key_id))
-    .bind(budget.map(|budget| budget.period_start))
+    .bind(budget.key)
+    .bind(budget.key_period)
+    .bind(budget.user_tokens)
+    .bind(budget.user_period)
     .fetch_optional(pool)
     .await);
     let id = match id {
         Ok(id) => id,
         // PostgreSQL: a concurrent reservation took the balance first (see chats::reserve).
         Err(sqlx::Error::Database(err)) if err.is_check_violation() => None,
-        Err(sqlx::Error::Database(err)) if chats::is_budget_exceeded(err.as_ref()) => {
-            return Ok(Reservation::BudgetExceeded)
-        }
+        Err(sqlx::Error::Database(err)) => match chats::budget_exceeded(err.as_ref()) {
+            Some(owner) => return Ok(Reservation::BudgetExceeded(owner)),
+            None => return Err(sqlx::Error::Database(err)),
+        },
         Err(err) => return Err(err),
     };
     Ok(match id {

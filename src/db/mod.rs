@@ -11,6 +11,7 @@ pub mod idempotency;
 pub mod ledger;
 pub mod rates;
 pub mod tokens;
+pub mod user_limits;
 pub mod users;
 
 use std::{str::FromStr, time::Duration};

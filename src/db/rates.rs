@@ -50,3 +50,29 @@ pub async fn admit(
     .await)?;
     Ok(Rate::Refused { tat_ms })
 }
+
+/// The theoretical arrival time of `name` (milliseconds), if anything was counted for it.
+#[tracing::instrument(level = "debug", skip_all)]
+pub async fn tat(db: &Db, name: &str) -> Result<Option<i64>, sqlx::Error> {
+    db_read!(db, pool => sqlx::query_scalar("SELECT tat_ms FROM rate_limits WHERE name = $1")
+        .bind(name)
+        .fetch_optional(pool)
+        .await)
+}
+
+/// Counts `cost_ms` of `name` at `now_ms`, whatever the window: for an amount known only
+/// once a call is over (its model tokens), checked before the next call by [`tat`].
+#[tracing::instrument(level = "debug", skip_all)]
+pub async fn add(db: &Db, name: &str, now_ms: i64, cost_ms: i64) -> Result<(), sqlx::Error> {
+    db_run!(db, pool => sqlx::query(
+        "INSERT INTO rate_limits (name, tat_ms) VALUES ($1, $2 + $3)
+         ON CONFLICT (name) DO UPDATE
+         SET tat_ms = CASE WHEN rate_limits.tat_ms > $2 THEN rate_limits.tat_ms ELSE $2 END + $3",
+    )
+    .bind(name)
+    .bind(now_ms)
+    .bind(cost_ms)
+    .execute(pool)
+    .await
+    .map(|_| ()))
+}

@@ -30,16 +30,24 @@ pub struct TokenOwner {
     pub tokens: i64,
     /// The owner's account was disabled by an operator.
     pub disabled: bool,
+    #[sqlx(flatten)]
+    pub user_limits: super::user_limits::StoredUserLimits,
 }
 
 /// The user a live (unexpired) token hash belongs to, read with their balance in one query.
 #[tracing::instrument(level = "debug", skip_all)]
 pub async fn find_owner(db: &Db, token_hash: &str) -> Result<Option<TokenOwner>, sqlx::Error> {
-    db_read!(db, pool => {
-        sqlx::query_as(
-            "SELECT t.user_id, u.tokens, u.disabled_at IS NOT NULL AS disabled FROM login_tokens t JOIN users u ON u.id = t.user_id
+    // Built once: the user's limit columns are named in one place (`user_limits`).
+    static QUERY: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        format!(
+            "SELECT t.user_id, u.tokens, u.disabled_at IS NOT NULL AS disabled, {}
+             FROM login_tokens t JOIN users u ON u.id = t.user_id
              WHERE t.token_hash = $1 AND (t.expires_at IS NULL OR t.expires_at > $2)",
+            super::user_limits::SELECTED
         )
+    });
+    db_read!(db, pool => {
+        sqlx::query_as(QUERY.as_str())
         .bind(token_hash)
         .bind(unix_now())
         .fetch_optional(pool)

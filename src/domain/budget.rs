@@ -1,5 +1,5 @@
-//! A budget per API key: at most so many tokens charged in each period (a day, a week or a
-//! month in UTC, or in total), and which period a moment falls in.
+//! A budget of an API key or of a user: at most so many tokens charged in each period (a
+//! day, a week or a month in UTC, or in total), and which period a moment falls in.
 
 use time::{Date, Month, OffsetDateTime, Time};
 
@@ -16,28 +16,52 @@ pub enum BudgetPeriod {
     Total,
 }
 
-/// A key's budget: `tokens` at most in each `period`.
+/// A key's or a user's budget: `tokens` at most in each `period`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct KeyBudget {
+pub struct TokenBudget {
     pub tokens: i64,
     pub period: BudgetPeriod,
 }
 
-/// What a call of a key with a budget counts against: the key, the period it falls in (its
-/// start, Unix seconds) and when the next begins.
+/// What a call counts against under one budget: the budget's tokens, the period the call
+/// falls in (its start, Unix seconds) and when the next begins.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BudgetUse {
-    pub key_id: i64,
+    pub tokens: i64,
     pub period_start: i64,
     pub resets_at: Option<i64>,
 }
 
-impl KeyBudget {
-    /// What a call of the key `key_id` at `now` counts against.
-    pub fn use_at(self, key_id: i64, now: i64) -> BudgetUse {
+/// The budgets one call counts against: its API key's (with the key's id) and its user's.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Budgets {
+    pub key: Option<(i64, BudgetUse)>,
+    pub user: Option<BudgetUse>,
+}
+
+/// Whose budget refused a call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BudgetOwner {
+    Key,
+    User,
+}
+
+impl Budgets {
+    /// When the budget `owner` refused with begins again (`None`: a total budget).
+    pub fn resets_at(&self, owner: BudgetOwner) -> Option<i64> {
+        match owner {
+            BudgetOwner::Key => self.key.and_then(|(_, key)| key.resets_at),
+            BudgetOwner::User => self.user.and_then(|user| user.resets_at),
+        }
+    }
+}
+
+impl TokenBudget {
+    /// What a call at `now` counts against.
+    pub fn use_at(self, now: i64) -> BudgetUse {
         let period_start = self.period.start_of(now);
         BudgetUse {
-            key_id,
+            tokens: self.tokens,
             period_start,
             resets_at: self.period.next_start(period_start),
         }

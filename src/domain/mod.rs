@@ -2,8 +2,10 @@
 //! so nothing past the routes checks them again.
 
 mod budget;
+mod limits;
 
-pub use budget::{BudgetPeriod, BudgetUse, KeyBudget};
+pub use budget::{BudgetOwner, BudgetPeriod, BudgetUse, Budgets, TokenBudget};
+pub use limits::Limits;
 use caseless::Caseless;
 use strum::{Display, EnumIter, EnumString, IntoStaticStr};
 use unicode_normalization::UnicodeNormalization;

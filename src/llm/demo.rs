@@ -359,7 +359,7 @@ fn embed_words(text: &str, dimensions: usize) -> Vec<f32> {
 }
 
 /// The name the demo model is served under.
-pub const MODEL_NAME: &str = "demo";
+pub const MODEL_NAME: &str = crate::config::DEMO_MODEL_NAME;
 
 /// The languages the original knew, in the order it checked them.
 const PROGRAMS: [(&str, &str); 5] = [

@@ -105,17 +105,8 @@ pub async fn chat(
     Payload(request): Payload<ChatRequest>,
 ) -> Result<Response, ApiError> {
     let message = Message::parse(request.message, state.config.max_message_chars)?;
-    let model = state.llm.model_name();
-    if !user.credential.allows_model(model) {
-        return Err(ApiError::ModelNotAllowed(model.to_string()));
-    }
-    // A key's requests a minute, counted in the database every instance shares.
-    if let Some((key_id, rpm)) = user.credential.rate() {
-        let now_ms = crate::services::rates::now_ms();
-        crate::services::rates::key_request(&state.db, key_id, rpm, now_ms)
-            .await?
-            .admitted()?;
-    }
+    // The key's and the user's limits, counted in the database every instance shares.
+    let admitted = super::limits::admit(&state, &user, state.llm.model_name()).await?;
     let streamed = request
         .stream
         .unwrap_or_else(|| accepts_event_stream(&headers));
@@ -124,7 +115,8 @@ pub async fn chat(
         conversation_id: request.conversation_id,
         idempotency_key,
         forwarded: None,
-        budget: user.credential.budget_use(crate::clock::unix_now()),
+        budgets: admitted.budgets,
+        token_meters: admitted.token_meters,
     };
     if streamed {
         let started = chat::chat_streamed(&state.chats, user.id, question).await?;

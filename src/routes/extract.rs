@@ -260,6 +260,8 @@ pub struct AuthUser {
     pub tokens: i64,
     /// What the request came with: a login token (by its hash) or an API key.
     pub credential: Credential,
+    /// The user's limits (their own, or the configuration's defaults).
+    pub limits: crate::domain::Limits,
 }
 
 impl<S: Send + Sync> FromRequestParts<S> for AuthUser {

@@ -16,15 +16,14 @@ use super::{
 };
 use crate::{
     clock::parse_rfc3339,
-    domain::{KeyBudget, KeyName, MAX_BALANCE},
+    domain::{TokenBudget, KeyName, MAX_BALANCE},
+    config::user_limits::{MAX_RPM, MAX_TPM},
     services::keys::{self, KeyLimits, KeyRecord, LimitsChange},
     state::AppState,
 };
 
 /// Served models one key may name at most.
 const MAX_KEY_MODELS: usize = 64;
-/// The largest `rpm`: a thousand requests a second.
-const MAX_RPM: i64 = 60_000;
 
 #[derive(Deserialize, ToSchema)]
 pub struct NewKey {
@@ -42,9 +41,10 @@ pub struct NewKey {
     /// Requests a minute at most, counted across every instance; absent or null: no limit.
     #[serde(default)]
     rpm: Option<i64>,
-    #[serde(flatten)]
-    #[schema(ignore)]
-    not_yet: NotYet,
+    /// Model tokens (prompt and completion, as the model counts them) a minute at most,
+    /// counted across every instance; absent or null: no limit.
+    #[serde(default)]
+    tpm: Option<i64>,
 }
 
 /// A key's budget: at most `tokens` charged in each `period` (day, week or month in UTC,
@@ -70,17 +70,9 @@ pub struct KeyChange {
     #[serde(default, deserialize_with = "present")]
     #[schema(value_type = Option<i64>)]
     rpm: Option<Option<i64>>,
-    #[serde(flatten)]
-    #[schema(ignore)]
-    not_yet: NotYet,
-}
-
-/// The limits of the contract this build does not enforce yet: refused naming the field,
-/// never accepted and ignored.
-#[derive(Deserialize, Default)]
-struct NotYet {
-    #[serde(default)]
-    tpm: Option<serde_json::Value>,
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<i64>)]
+    tpm: Option<Option<i64>>,
 }
 
 /// A field that is present, as `Some` of its value (which may be null).
@@ -124,6 +116,8 @@ pub struct ListedKey {
     /// With a budget: tokens charged in the current period, reservations in flight included.
     #[serde(skip_serializing_if = "Option::is_none")]
     spent: Option<i64>,
+    /// Model tokens a minute at most, or null.
+    tpm: Option<i64>,
 }
 
 impl From<KeyRecord> for ListedKey {
@@ -141,6 +135,7 @@ impl From<KeyRecord> for ListedKey {
             resets_at: key.spent.map(|_| key.resets_at.map(rfc3339)),
             spent: key.spent,
             rpm: key.limits.rpm,
+            tpm: key.limits.tpm,
             name: key.name,
             prefix: key.prefix,
         }
@@ -150,7 +145,7 @@ impl From<KeyRecord> for ListedKey {
 impl Budget {
     /// The budget as the product's type: tokens from 1 to the largest balance, a known
     /// period.
-    fn parse(&self) -> Result<KeyBudget, ApiError> {
+    fn parse(&self) -> Result<TokenBudget, ApiError> {
         let period = self.period.parse().map_err(|_| {
             ApiError::invalid_input("budget", "budget.period must be day, week, month or total")
         })?;
@@ -160,25 +155,10 @@ impl Budget {
                 format!("budget.tokens must be a whole number from 1 to {MAX_BALANCE}"),
             ));
         }
-        Ok(KeyBudget {
+        Ok(TokenBudget {
             tokens: self.tokens,
             period,
         })
-    }
-}
-
-impl NotYet {
-    fn refuse(&self) -> Result<(), ApiError> {
-        let given = [("tpm", &self.tpm)];
-        for (field, value) in given {
-            if value.as_ref().is_some_and(|value| !value.is_null()) {
-                return Err(ApiError::invalid_input(
-                    field,
-                    format!("{field} is not supported yet: this build limits a key by models, expires_at, budget and rpm only"),
-                ));
-            }
-        }
-        Ok(())
     }
 }
 
@@ -267,7 +247,6 @@ pub async fn create(
     Payload(new): Payload<NewKey>,
 ) -> Result<(StatusCode, Json<CreatedKey>), ApiError> {
     let name = KeyName::parse(&new.name)?;
-    new.not_yet.refuse()?;
     let limits = KeyLimits {
         models: new
             .models
@@ -276,6 +255,7 @@ pub async fn create(
         expires_at: new.expires_at.as_deref().map(expiry).transpose()?,
         budget: new.budget.as_ref().map(Budget::parse).transpose()?,
         rpm: new.rpm.map(requests_a_minute).transpose()?,
+        tpm: new.tpm.map(tokens_a_minute).transpose()?,
     };
     let issued = keys::create(&state.db, user.id, &user.credential, &name, &limits).await?;
     Ok((
@@ -305,7 +285,8 @@ pub async fn list(
     State(state): State<AppState>,
     user: AuthUser,
 ) -> Result<Json<KeyList>, ApiError> {
-    let keys = keys::list(&state.db, user.id, &user.credential)
+    let now = state.config.clock.now();
+    let keys = keys::list(&state.db, user.id, &user.credential, now)
         .await?
         .into_iter()
         .map(ListedKey::from)
@@ -362,7 +343,6 @@ pub async fn change(
     Payload(change): Payload<KeyChange>,
 ) -> Result<Json<ListedKey>, ApiError> {
     let id: i64 = id.parse().map_err(|_| ApiError::NotFound)?;
-    change.not_yet.refuse()?;
     let models = match change.models {
         None => None,
         Some(None) => Some(None),
@@ -383,12 +363,30 @@ pub async fn change(
         Some(None) => Some(None),
         Some(Some(rpm)) => Some(Some(requests_a_minute(rpm)?)),
     };
+    let tpm = match change.tpm {
+        None => None,
+        Some(None) => Some(None),
+        Some(Some(tpm)) => Some(Some(tokens_a_minute(tpm)?)),
+    };
     let change = LimitsChange {
         models,
         expires_at,
         budget,
         rpm,
+        tpm,
     };
-    let key = keys::change_limits(&state.db, user.id, &user.credential, id, &change).await?;
+    let now = state.config.clock.now();
+    let key = keys::change_limits(&state.db, user.id, &user.credential, id, &change, now).await?;
     Ok(Json(ListedKey::from(key)))
+}
+
+/// The most model tokens a minute a key may use: from 1 to [`MAX_TPM`].
+fn tokens_a_minute(tpm: i64) -> Result<i64, ApiError> {
+    if (1..=MAX_TPM).contains(&tpm) {
+        return Ok(tpm);
+    }
+    Err(ApiError::invalid_input(
+        "tpm",
+        format!("tpm must be a whole number from 1 to {MAX_TPM}"),
+    ))
 }

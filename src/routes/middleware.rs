@@ -145,12 +145,14 @@ where
         .ok()
         .and_then(credential_from_header)
         .ok_or(Error::Unauthorized)?;
-    let owner = auth::authenticate(&state.db, credential).await?;
+    let (defaults, now) = (&state.config.user_limits, state.config.clock.now());
+    let owner = auth::authenticate(&state.db, credential, defaults, now).await?;
     let balance = owner.tokens;
     request.extensions_mut().insert(AuthUser {
         id: owner.user_id,
         tokens: owner.tokens,
         credential: owner.credential,
+        limits: owner.user_limits,
     });
     let Ok(mut response) = next.call(request).await;
     // A handler that moved the balance says what it left; any other answer leaves the

@@ -15,6 +15,7 @@ mod error;
 mod extract;
 mod history;
 mod keys;
+mod limits;
 mod middleware;
 mod openai;
 mod openapi;

@@ -2,7 +2,6 @@
 //! stored only as SHA-256 hashes, and checked when a client presents one (the routes take
 //! it from `Authorization`).
 
-use std::sync::Arc;
 
 use rand::{
     distributions::{Alphanumeric, DistString},
@@ -11,7 +10,7 @@ use rand::{
 
 use crate::{
     db::{self, tokens::TokenOwner, Db},
-    domain::{BudgetUse, KeyBudget},
+    domain::{BudgetUse, Limits, TokenBudget},
     services::{sha256_hex, ServiceError, ServiceResult},
 };
 
@@ -43,6 +42,8 @@ pub struct Authenticated {
     pub user_id: i64,
     pub tokens: i64,
     pub credential: Credential,
+    /// The user's limits: their own, each one not set taken from the configuration's.
+    pub user_limits: Limits,
 }
 
 /// The credential a request came with.
@@ -50,51 +51,23 @@ pub struct Authenticated {
 pub enum Credential {
     /// A login token, by its hash, so that logout can revoke exactly it.
     LoginToken { token_hash: String },
-    /// An API key, by its id, with the served models it may ask for (`None`: every one).
-    ApiKey {
-        key_id: i64,
-        models: Option<Arc<[String]>>,
-        budget: Option<KeyBudget>,
-        /// Requests a minute at most.
-        rpm: Option<i64>,
-    },
+    /// An API key, by its id, with its limits.
+    ApiKey { key_id: i64, limits: Limits },
 }
 
 impl Credential {
-    /// Whether the request may ask for the served model `model`: a login token may ask for
-    /// any, an API key for those its owner allowed it.
-    pub fn allows_model(&self, model: &str) -> bool {
+    /// The key and its limits, when the credential is an API key.
+    pub fn key_limits(&self) -> Option<(i64, &Limits)> {
         match self {
-            Self::ApiKey {
-                models: Some(allowed),
-                ..
-            } => allowed.iter().any(|allowed| allowed == model),
-            _ => true,
+            Self::ApiKey { key_id, limits } => Some((*key_id, limits)),
+            Self::LoginToken { .. } => None,
         }
     }
 
-    /// The key and its requests a minute, when the credential is a key with that limit.
-    pub fn rate(&self) -> Option<(i64, i64)> {
-        match self {
-            Self::ApiKey {
-                key_id,
-                rpm: Some(rpm),
-                ..
-            } => Some((*key_id, *rpm)),
-            _ => None,
-        }
-    }
-
-    /// The budget a call at `now` counts against: its key's, if it has one.
-    pub fn budget_use(&self, now: i64) -> Option<BudgetUse> {
-        match self {
-            Self::ApiKey {
-                key_id,
-                budget: Some(budget),
-                ..
-            } => Some(budget.use_at(*key_id, now)),
-            _ => None,
-        }
+    /// The budget of the key, if it has one, that a call at `now` counts against.
+    pub fn budget_use(&self, now: i64) -> Option<(i64, BudgetUse)> {
+        let (key_id, limits) = self.key_limits()?;
+        Some((key_id, limits.budget?.use_at(now)))
     }
 }
 
@@ -102,13 +75,18 @@ impl Credential {
 /// per busy key rather than one per request.
 const LAST_USED_GRANULARITY_SECS: i64 = 60;
 
-/// The user behind a presented login token or API key, with their balance;
-/// `NotAuthenticated` for one that is malformed, unknown, expired or revoked, and
-/// `AccountDisabled` for a live one of a disabled account.
+/// The user behind a presented login token or API key at `now`, with their balance and
+/// limits (their own, else `default_limits`'); `NotAuthenticated` for one that is
+/// malformed, unknown, expired or revoked, and `AccountDisabled` for a live one of a
+/// disabled account.
 #[tracing::instrument(level = "debug", skip_all)]
-pub async fn authenticate(db: &Db, presented: &str) -> ServiceResult<Authenticated> {
+pub async fn authenticate(
+    db: &Db,
+    presented: &str,
+    default_limits: &Limits,
+    now: i64,
+) -> ServiceResult<Authenticated> {
     if is_api_key_shaped(presented) {
-        let now = db::unix_now();
         let owner = db::api_keys::find_owner(db, &token_hash(presented), now)
             .await?
             .ok_or(ServiceError::NotAuthenticated)?;
@@ -126,22 +104,14 @@ pub async fn authenticate(db: &Db, presented: &str) -> ServiceResult<Authenticat
             tokens: owner.tokens,
             credential: Credential::ApiKey {
                 key_id: owner.key_id,
-                // Written by tokenchat as a JSON array of names; anything else allows none.
-                models: owner.models.map(|models| {
-                    serde_json::from_str::<Vec<String>>(&models)
-                        .unwrap_or_default()
-                        .into()
-                }),
-                budget: owner.budget_tokens.zip(owner.budget_period).and_then(
-                    |(tokens, period)| {
-                        Some(KeyBudget {
-                            tokens,
-                            period: period.parse().ok()?,
-                        })
-                    },
-                ),
-                rpm: owner.rpm,
+                limits: Limits {
+                    budget: budget_of(owner.budget_tokens, owner.budget_period.as_deref()),
+                    models: Limits::models_from_json(owner.models.as_deref()),
+                    rpm: owner.rpm,
+                    tpm: owner.tpm,
+                },
             },
+            user_limits: user_limits(&owner.user_limits).or(default_limits),
         });
     }
     if !is_well_formed(presented) {
@@ -152,6 +122,7 @@ pub async fn authenticate(db: &Db, presented: &str) -> ServiceResult<Authenticat
         user_id,
         tokens,
         disabled,
+        user_limits: stored,
     } = db::tokens::find_owner(db, &token_hash)
         .await?
         .ok_or(ServiceError::NotAuthenticated)?;
@@ -162,7 +133,29 @@ pub async fn authenticate(db: &Db, presented: &str) -> ServiceResult<Authenticat
         user_id,
         tokens,
         credential: Credential::LoginToken { token_hash },
+        user_limits: user_limits(&stored).or(default_limits),
     })
+}
+
+/// A budget as stored; `None` without one (or with a period this build does not know).
+pub fn budget_of(tokens: Option<i64>, period: Option<&str>) -> Option<TokenBudget> {
+    Some(TokenBudget {
+        tokens: tokens?,
+        period: period?.parse().ok()?,
+    })
+}
+
+/// A user's own limits as stored.
+pub fn user_limits(stored: &db::user_limits::StoredUserLimits) -> Limits {
+    Limits {
+        budget: budget_of(
+            stored.user_budget_tokens,
+            stored.user_budget_period.as_deref(),
+        ),
+        models: Limits::models_from_json(stored.user_models.as_deref()),
+        rpm: stored.user_rpm,
+        tpm: stored.user_tpm,
+    }
 }
 
 /// A new API key: `tc_` and 40 letters and digits.

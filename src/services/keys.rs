@@ -4,7 +4,7 @@
 
 use crate::{
     db::{self, Db},
-    domain::{Invalid, KeyBudget, KeyName},
+    domain::{Invalid, TokenBudget, KeyName},
     services::{
         auth::{self, Credential},
         sha256_hex, ServiceError, ServiceResult,
@@ -45,9 +45,11 @@ pub struct KeyRecord {
 pub struct KeyLimits {
     pub models: Option<Vec<String>>,
     pub expires_at: Option<i64>,
-    pub budget: Option<KeyBudget>,
+    pub budget: Option<TokenBudget>,
     /// Requests a minute at most.
     pub rpm: Option<i64>,
+    /// Model tokens a minute at most.
+    pub tpm: Option<i64>,
 }
 
 /// A change of a key's limits: each kept (`None`) or set to what is given (`Some(None)`
@@ -56,8 +58,9 @@ pub struct KeyLimits {
 pub struct LimitsChange {
     pub models: Option<Option<Vec<String>>>,
     pub expires_at: Option<Option<i64>>,
-    pub budget: Option<Option<KeyBudget>>,
+    pub budget: Option<Option<TokenBudget>>,
     pub rpm: Option<Option<i64>>,
+    pub tpm: Option<Option<i64>>,
 }
 
 impl KeyLimits {
@@ -67,30 +70,23 @@ impl KeyLimits {
             expires_at: self.expires_at,
             budget: self.budget.map(stored_budget),
             rpm: self.rpm,
+            tpm: self.tpm,
         }
     }
 }
 
-fn stored_budget(budget: KeyBudget) -> (i64, &'static str) {
+fn stored_budget(budget: TokenBudget) -> (i64, &'static str) {
     (budget.tokens, budget.period.as_str())
-}
-
-/// A key's budget as stored; `None` without one (or with a period this build does not know).
-fn budget_of(tokens: Option<i64>, period: Option<&str>) -> Option<KeyBudget> {
-    Some(KeyBudget {
-        tokens: tokens?,
-        period: period?.parse().ok()?,
-    })
 }
 
 fn models_json(models: &[String]) -> String {
     serde_json::Value::from(models).to_string()
 }
 
-impl From<db::api_keys::ApiKey> for KeyRecord {
-    fn from(key: db::api_keys::ApiKey) -> Self {
-        let budget = budget_of(key.budget_tokens, key.budget_period.as_deref());
-        let now = db::unix_now();
+impl KeyRecord {
+    /// The key as stored, its budget's spending as it stands at `now`.
+    fn at(key: db::api_keys::ApiKey, now: i64) -> Self {
+        let budget = auth::budget_of(key.budget_tokens, key.budget_period.as_deref());
         let current = budget.map(|budget| budget.period.start_of(now));
         let spent = current.map(|start| {
             if key.budget_period_start == Some(start) {
@@ -115,6 +111,7 @@ impl From<db::api_keys::ApiKey> for KeyRecord {
                 expires_at: key.expires_at,
                 budget,
                 rpm: key.rpm,
+                tpm: key.tpm,
             },
             spent,
             resets_at,
@@ -160,10 +157,15 @@ pub async fn create(
 }
 
 #[tracing::instrument(level = "debug", skip_all)]
-pub async fn list(db: &Db, user_id: i64, credential: &Credential) -> ServiceResult<Vec<KeyRecord>> {
+pub async fn list(
+    db: &Db,
+    user_id: i64,
+    credential: &Credential,
+    now: i64,
+) -> ServiceResult<Vec<KeyRecord>> {
     auth::login_token_hash(credential)?;
     let keys = db::api_keys::live(db, user_id).await?;
-    Ok(keys.into_iter().map(KeyRecord::from).collect())
+    Ok(keys.into_iter().map(|key| KeyRecord::at(key, now)).collect())
 }
 
 /// Changes the limits of one of the user's live keys; the key as it is now.
@@ -174,6 +176,7 @@ pub async fn change_limits(
     credential: &Credential,
     key_id: i64,
     change: &LimitsChange,
+    now: i64,
 ) -> ServiceResult<KeyRecord> {
     auth::login_token_hash(credential)?;
     let stored = db::api_keys::LimitsChange {
@@ -184,9 +187,10 @@ pub async fn change_limits(
         expires_at: change.expires_at,
         budget: change.budget.map(|budget| budget.map(stored_budget)),
         rpm: change.rpm,
+        tpm: change.tpm,
     };
     match db::api_keys::change_limits(db, user_id, key_id, &stored).await? {
-        Some(key) => Ok(KeyRecord::from(key)),
+        Some(key) => Ok(KeyRecord::at(key, now)),
         None => Err(ServiceError::NoSuchKey),
     }
 }

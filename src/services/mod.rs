@@ -10,6 +10,7 @@ pub mod health;
 pub mod history;
 pub mod keys;
 pub mod passwords;
+pub mod limits;
 pub mod rates;
 pub mod recovery;
 pub mod throttle;

@@ -1,6 +1,8 @@
-//! Requests a minute per API key, shared by every instance: each request is checked and
-//! counted in the database in one statement ([`db::rates`]), so two instances admit what one
-//! would. What is left of the minute is given back for OpenAI's `x-ratelimit-*` headers.
+//! Requests and model tokens a minute per API key and per user, shared by every instance:
+//! each request is checked and counted in the database in one statement ([`db::rates`]), so
+//! two instances admit what one would; a call's model tokens, known only once it is over,
+//! are counted then and checked before the next call. What is left of the minute is given
+//! back for OpenAI's `x-ratelimit-*` headers.
 
 use crate::{
     db::{self, rates::Rate, Db},
@@ -43,12 +45,11 @@ impl KeyRate {
     }
 }
 
-/// Checks and counts one request of the key `key_id`, allowed `rpm` requests a minute, at
-/// `now_ms`.
+/// Checks and counts one request of `name` (`key:<id>` or `user:<id>`), allowed `rpm`
+/// requests a minute, at `now_ms`.
 #[tracing::instrument(level = "debug", skip_all)]
-pub async fn key_request(db: &Db, key_id: i64, rpm: i64, now_ms: i64) -> ServiceResult<KeyRate> {
+pub async fn request(db: &Db, name: &str, rpm: i64, now_ms: i64) -> ServiceResult<KeyRate> {
     let interval_ms = MINUTE_MS / rpm.max(1);
-    let name = format!("key:{key_id}");
     let state = |tat_ms: i64| {
         let ahead = (tat_ms - now_ms).max(0);
         RateState {
@@ -58,7 +59,7 @@ pub async fn key_request(db: &Db, key_id: i64, rpm: i64, now_ms: i64) -> Service
         }
     };
     Ok(
-        match db::rates::admit(db, &name, now_ms, interval_ms, MINUTE_MS).await? {
+        match db::rates::admit(db, name, now_ms, interval_ms, MINUTE_MS).await? {
             Rate::Admitted { tat_ms } => KeyRate::Admitted(state(tat_ms)),
             Rate::Refused { tat_ms } => {
                 let wait_ms = (tat_ms + interval_ms - MINUTE_MS - now_ms).max(1);
@@ -71,11 +72,44 @@ pub async fn key_request(db: &Db, key_id: i64, rpm: i64, now_ms: i64) -> Service
     )
 }
 
-/// The time in milliseconds since the Unix epoch.
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |elapsed| elapsed.as_millis() as i64)
+/// Checks, counting nothing, whether `name` (`key-tokens:<id>` or `user-tokens:<id>`),
+/// allowed `tpm` model tokens a minute, has any of its minute left at `now_ms`: a call is
+/// admitted while the tokens counted stay within the minute ahead of now, whatever it will
+/// use (which no one knows before the model answers).
+#[tracing::instrument(level = "debug", skip_all)]
+pub async fn tokens_left(db: &Db, name: &str, tpm: i64, now_ms: i64) -> ServiceResult<KeyRate> {
+    let tat_ms = db::rates::tat(db, name).await?.unwrap_or(now_ms);
+    let ahead = (tat_ms - now_ms).max(0);
+    let state = RateState {
+        limit: tpm,
+        remaining: ((MINUTE_MS - ahead).max(0) as i128 * tpm as i128 / MINUTE_MS as i128) as i64,
+        reset_ms: ahead,
+    };
+    if ahead < MINUTE_MS {
+        return Ok(KeyRate::Admitted(state));
+    }
+    let wait_ms = (ahead - MINUTE_MS).max(1);
+    Ok(KeyRate::Refused {
+        retry_after_secs: (wait_ms as u64).div_ceil(1000),
+        state,
+    })
+}
+
+/// Counts `tokens` model tokens of `name`, allowed `tpm` a minute, at `now_ms`.
+#[tracing::instrument(level = "debug", skip_all)]
+pub async fn count_tokens(
+    db: &Db,
+    name: &str,
+    tpm: i64,
+    tokens: i64,
+    now_ms: i64,
+) -> ServiceResult<()> {
+    // Each token takes a minute's share; rounded up, so a limit is never passed by rounding.
+    let (share, tpm) = (tokens.max(0) as i128 * MINUTE_MS as i128, tpm.max(1) as i128);
+    let cost_ms = (share + tpm - 1) / tpm;
+    let cost_ms = i64::try_from(cost_ms).unwrap_or(i64::MAX / 4);
+    db::rates::add(db, name, now_ms, cost_ms).await?;
+    Ok(())
 }
 
 #[cfg(test)]

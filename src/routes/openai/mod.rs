@@ -28,6 +28,7 @@ use self::{
 };
 use super::{
     chat::{max_tokens_applied, IDEMPOTENT_REPLAYED},
+    limits,
     error::ApiError,
     extract::{AuthUser, IdempotencyKey, RawJson, TokensRemaining},
 };
@@ -35,7 +36,7 @@ use crate::{
     pricing::Prices,
     services::{
         chat::{self, Question},
-        rates::{self, KeyRate, RateState},
+        limits::Admitted,
     },
     state::AppState,
 };
@@ -73,7 +74,10 @@ pub async fn models(State(state): State<AppState>, user: AuthUser) -> Json<Model
     // An API key sees the models it may ask for.
     let data = names
         .iter()
-        .filter(|name| user.credential.allows_model(name))
+        .filter(|name| {
+            let key = user.credential.key_limits();
+            user.limits.allows_model(name) && key.is_none_or(|(_, key)| key.allows_model(name))
+        })
         .map(|name| Model {
             created: since,
             id: name.clone(),
@@ -123,15 +127,13 @@ pub async fn chat_completions(
     body: RawJson,
 ) -> Result<Response, ApiError> {
     let request = request::completion(&state, body)?;
-    if !user.credential.allows_model(&request.forwarded.model) {
-        return Err(ApiError::ModelNotAllowed(request.forwarded.model.clone()));
-    }
-    let rate = match key_rate(&state, &user).await {
-        Ok(rate) => rate,
+    let admitted = match limits::admit_v1(&state, &user, &request.forwarded.model).await {
+        Ok(admitted) => admitted,
         Err(refused) => return Ok(refused),
     };
-    let answered = complete(&state, &user, idempotency_key, request).await?;
-    Ok(with_rate(answered, rate))
+    let headers = (admitted.requests, admitted.tokens);
+    let answered = complete(&state, &user, idempotency_key, request, admitted).await?;
+    Ok(limits::with_rate_headers(answered, headers.0, headers.1))
 }
 
 /// A completion for `user`, whole or streamed, metered like a chat.
@@ -140,6 +142,7 @@ async fn complete(
     user: &AuthUser,
     idempotency_key: Option<crate::domain::IdempotencyKey>,
     request: request::Checked,
+    admitted: Admitted,
 ) -> Result<Response, ApiError> {
     let (model, stream, include_usage) = (
         request.forwarded.model.clone(),
@@ -151,7 +154,8 @@ async fn complete(
         conversation_id: None,
         idempotency_key,
         forwarded: Some(request.forwarded),
-        budget: user.credential.budget_use(crate::clock::unix_now()),
+        budgets: admitted.budgets,
+        token_meters: admitted.token_meters,
     };
     if stream {
         return match chat::chat_streamed(&state.chats, user.id, question).await {
@@ -215,22 +219,20 @@ pub async fn embeddings(
         ));
     }
     let request = request::embeddings(&state, body)?;
-    if !user.credential.allows_model(&request.model) {
-        return Err(ApiError::ModelNotAllowed(request.model.clone()));
-    }
-    let rate = match key_rate(&state, &user).await {
-        Ok(rate) => rate,
+    let admitted = match limits::admit_v1(&state, &user, &request.model).await {
+        Ok(admitted) => admitted,
         Err(refused) => return Ok(refused),
     };
     let model = request.model.clone();
-    let budget = user.credential.budget_use(crate::clock::unix_now());
-    let embedded = match chat::embed(&state.chats, user.id, request, budget).await {
-        Ok(embedded) => embedded,
-        Err(err) => return Ok(with_rate(v1_error(err), rate)),
+    let embedded = chat::embed(&state.chats, user.id, request, admitted.budgets).await;
+    let answered = match embedded {
+        Ok(embedded) => {
+            let body = json_answer(embedded.body, &model, embedded.charged);
+            (Extension(TokensRemaining(embedded.balance)), body).into_response()
+        }
+        Err(err) => v1_error(err),
     };
-    let body = json_answer(embedded.body, &model, embedded.charged);
-    let answered = (Extension(TokensRemaining(embedded.balance)), body).into_response();
-    Ok(with_rate(answered, rate))
+    Ok(limits::with_rates(answered, &admitted))
 }
 
 /// The model's JSON answer, `model` set to the name the client asked for, `usage.cost` the
@@ -251,40 +253,3 @@ fn json_answer(body: axum::body::Bytes, model: &str, cost: i64) -> Response {
         .into_response()
 }
 
-/// Counts the request against its key's requests a minute, when the key has that limit:
-/// where the rate stands, or the answer refusing it (429 `rate_limited` with `Retry-After`
-/// and OpenAI's headers saying none is left).
-async fn key_rate(state: &AppState, user: &AuthUser) -> Result<Option<RateState>, Response> {
-    let Some((key_id, rpm)) = user.credential.rate() else {
-        return Ok(None);
-    };
-    match rates::key_request(&state.db, key_id, rpm, rates::now_ms()).await {
-        Ok(KeyRate::Admitted(rate)) => Ok(Some(rate)),
-        Ok(KeyRate::Refused {
-            retry_after_secs,
-            state: rate,
-        }) => {
-            let refused = ApiError::RateLimited { retry_after_secs }.into_response();
-            Err(with_rate(refused, Some(rate)))
-        }
-        Err(err) => Err(ApiError::from(err).into_response()),
-    }
-}
-
-/// `answer` with OpenAI's `x-ratelimit-*-requests` headers, when a key's rate applies.
-fn with_rate(mut answer: Response, rate: Option<RateState>) -> Response {
-    if let Some(rate) = rate {
-        let headers = answer.headers_mut();
-        let reset = format!("{}s", rate.reset_ms as f64 / 1000.0);
-        for (name, value) in [
-            ("x-ratelimit-limit-requests", rate.limit.to_string()),
-            ("x-ratelimit-remaining-requests", rate.remaining.to_string()),
-            ("x-ratelimit-reset-requests", reset),
-        ] {
-            if let Ok(value) = HeaderValue::from_str(&value) {
-                headers.insert(name, value);
-            }
-        }
-    }
-    answer
-}

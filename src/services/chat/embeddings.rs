@@ -13,7 +13,7 @@ use tracing::Instrument;
 use super::Chats;
 use crate::{
     db::{self, chats::UsageSource, embeddings::Reservation},
-    domain::BudgetUse,
+    domain::Budgets,
     llm::{EmbeddingUsage, Forwarded},
     pricing::TokenCounts,
     services::{recovery, ServiceError, ServiceResult},
@@ -37,12 +37,12 @@ pub async fn embed(
     chats: &Arc<Chats>,
     user_id: i64,
     request: Forwarded,
-    budget: Option<BudgetUse>,
+    budgets: Budgets,
 ) -> ServiceResult<Embedded> {
     chats.throttle.chat(user_id)?;
     let client_gone = CancellationToken::new();
     let _cancel_when_dropped = client_gone.clone().drop_guard();
-    let call = run(chats.clone(), user_id, request, budget, client_gone);
+    let call = run(chats.clone(), user_id, request, budgets, client_gone);
     chats.tasks.spawn(call.in_current_span()).await?
 }
 
@@ -50,7 +50,7 @@ async fn run(
     chats: Arc<Chats>,
     user_id: i64,
     request: Forwarded,
-    budget: Option<BudgetUse>,
+    budgets: Budgets,
     client_gone: CancellationToken,
 ) -> ServiceResult<Embedded> {
     // Priced by its prompt, bounded by the request's bytes (each token at least one byte).
@@ -71,7 +71,7 @@ async fn run(
         &request.model,
         cost,
         prices,
-        budget,
+        budgets,
         settle_within,
     );
     let embedding_id = match reserved.await? {
@@ -82,9 +82,9 @@ async fn run(
                 required: cost,
             })
         }
-        Reservation::BudgetExceeded => {
+        Reservation::BudgetExceeded(owner) => {
             return Err(ServiceError::BudgetExceeded {
-                resets_at: budget.and_then(|budget| budget.resets_at),
+                resets_at: budgets.resets_at(owner),
             })
         }
     };

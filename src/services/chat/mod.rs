@@ -25,10 +25,11 @@ use crate::{
         chats::{Answer, NewChat, Reservation},
         Db,
     },
-    domain::{BudgetUse, IdempotencyKey, Message},
+    domain::{Budgets, IdempotencyKey, Message},
     llm::{Ask, Forwarded, LlmClient, LlmError, PromptMessage, Usage},
     services::{
         conversations::{self, Turn},
+        limits::TokenMeters,
         recovery,
         throttle::Throttle,
         ServiceError, ServiceResult,
@@ -67,8 +68,10 @@ pub struct Question {
     /// The request of an OpenAI client (`message` is its last user message's text): sent
     /// upstream as given, instead of a stored conversation's turns.
     pub forwarded: Option<Forwarded>,
-    /// The budget of the API key it came with, if that key has one.
-    pub budget: Option<BudgetUse>,
+    /// The budgets of its API key and its user it counts against, and the token rates its
+    /// model tokens are counted in ([`crate::services::limits::admit`]).
+    pub budgets: Budgets,
+    pub token_meters: TokenMeters,
 }
 
 /// Answers one chat for `user_id`, charging `CHAT_COST` only when the answer is stored.
@@ -153,7 +156,8 @@ struct ChatInFlight {
     /// Answered as a stream, which may take `LLM_STREAM_MAX_SECS` rather than
     /// `LLM_TIMEOUT_SECS`.
     streamed: bool,
-    budget: Option<BudgetUse>,
+    budgets: Budgets,
+    token_meters: TokenMeters,
 }
 
 /// How a chat began: with its reservation, or with the answer a repeated key bought.
@@ -193,7 +197,8 @@ impl ChatInFlight {
             forwarded: question.forwarded,
             client_gone: client_gone.clone(),
             streamed,
-            budget: question.budget,
+            budgets: question.budgets,
+            token_meters: question.token_meters,
         };
         (request, client_gone)
     }
@@ -308,7 +313,7 @@ impl ChatInFlight {
                 message: self.message.as_str(),
                 cost: metering.reserved(),
                 priced: metering.snapshot(),
-                budget: self.budget,
+                budgets: self.budgets,
                 settle_within,
             };
             let reserved = db::chats::reserve(&self.chats.db, new_chat).await;
@@ -334,11 +339,11 @@ impl ChatInFlight {
                     let required = metering.required(min_output);
                     return Err(ServiceError::OutOfTokens { balance, required });
                 }
-                Ok(Reservation::BudgetExceeded) => {
+                Ok(Reservation::BudgetExceeded(owner)) => {
                     self.release_key().await;
                     let metrics = &self.chats.metrics;
                     metrics.chat_ended(ChatOutcome::OutOfTokens, TokenMove::None);
-                    let resets_at = self.budget.and_then(|budget| budget.resets_at);
+                    let resets_at = self.budgets.resets_at(owner);
                     return Err(ServiceError::BudgetExceeded { resets_at });
                 }
                 Err(err) => {
@@ -413,6 +418,7 @@ impl ChatInFlight {
                 match settled.await {
                     Ok(Some(settled)) => {
                         self.count_answered(settled.charged, metering);
+                        self.count_model_tokens(&settlement.usage);
                         return Ok(ChatAnswer {
                             chat_id,
                             response: completion.content,
@@ -455,6 +461,20 @@ impl ChatInFlight {
 
     fn count_answered(&self, charged: i64, metering: &Metering) {
         self.count_charged(ChatOutcome::Answered, charged, metering);
+    }
+
+    /// Counts the model tokens of a settled answer in its key's and user's tokens a minute,
+    /// in a tracked task of its own: the answer does not wait for it.
+    fn count_model_tokens(&self, usage: &db::chats::TokenUsage) {
+        if self.token_meters.is_empty() {
+            return;
+        }
+        let tokens = usage.prompt_tokens.unwrap_or(0) + usage.completion_tokens.unwrap_or(0);
+        let (db, meters) = (self.chats.db.clone(), self.token_meters.clone());
+        let now_ms = self.chats.config.clock.now_ms();
+        self.chats
+            .tasks
+            .spawn(async move { meters.count(&db, tokens, now_ms).await });
     }
 
     /// A priced model whose usage cost more than was reserved: charged the reservation,

@@ -303,6 +303,7 @@ impl ChatInFlight {
                 };
                 match db::chats::settle_answered(&chats.db, chat_id, whole).await {
                     Ok(Some(settled)) => {
+                        self.count_model_tokens(&settlement.usage);
                         let done = StreamEvent::Done {
                             balance: settled.balance_after,
                             charged: settled.charged,

@@ -56,7 +56,7 @@ async fn a_process_with_a_shorter_time_out_never_refunds_anothers_live_chat() {
             message: "orphan",
             cost: 100,
             priced: None,
-            budget: None,
+            budgets: Default::default(),
             settle_within,
         },
     )

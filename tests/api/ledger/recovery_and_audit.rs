@@ -63,7 +63,7 @@ async fn orphaned_chat(app: &TestApp, user_id: i64) {
             message: "orphan",
             cost: 100,
             priced: None,
-            budget: None,
+            budgets: Default::default(),
             settle_within: Duration::from_secs(60),
         },
     )

@@ -231,7 +231,7 @@ async fn an_embeddings_call_left_pending_by_a_dead_process_is_refunded_by_recove
         "llama3.2",
         1,
         None,
-        None,
+        Default::default(),
         Duration::from_secs(60),
     )
     .await

@@ -1,0 +1,71 @@
+-- Limits per user (issue 27), set by the operator (`tokenchat user limits`), with defaults in
+-- the configuration: a budget of tokens a period, the served models, requests and model
+-- tokens a minute. And tokens a minute per API key (`api_keys.tpm`), counted in
+-- `rate_limits` as requests a minute are.
+--
+-- A user's budget is counted as a key's is: a chat or embeddings call under a user budget
+-- records the period it counted in (`user_budget_period_start`) and the budget in force
+-- (`user_budget_tokens`: the user's own or the configuration's default, which the trigger
+-- cannot read), and the trigger refuses the statement past it. Settling gives back what was
+-- not charged, in that period only.
+
+ALTER TABLE api_keys ADD COLUMN tpm BIGINT;
+
+ALTER TABLE users ADD COLUMN budget_tokens BIGINT;
+ALTER TABLE users ADD COLUMN budget_period TEXT;
+ALTER TABLE users ADD COLUMN budget_spent BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE users ADD COLUMN budget_period_start BIGINT;
+ALTER TABLE users ADD COLUMN models TEXT;
+ALTER TABLE users ADD COLUMN rpm BIGINT;
+ALTER TABLE users ADD COLUMN tpm BIGINT;
+
+ALTER TABLE chats ADD COLUMN user_budget_tokens BIGINT;
+ALTER TABLE chats ADD COLUMN user_budget_period_start BIGINT;
+ALTER TABLE embeddings ADD COLUMN user_budget_tokens BIGINT;
+ALTER TABLE embeddings ADD COLUMN user_budget_period_start BIGINT;
+
+CREATE TRIGGER chat_counts_against_its_user_budget AFTER INSERT ON chats
+WHEN NEW.user_budget_period_start IS NOT NULL
+BEGIN
+    UPDATE users
+    SET budget_spent = CASE WHEN budget_period_start = NEW.user_budget_period_start
+                            THEN budget_spent ELSE 0 END + NEW.cost,
+        budget_period_start = NEW.user_budget_period_start
+    WHERE id = NEW.user_id;
+    SELECT RAISE(ABORT, 'user_budget_exceeded') FROM users
+    WHERE id = NEW.user_id AND budget_spent > NEW.user_budget_tokens;
+END;
+
+CREATE TRIGGER settled_chat_then_frees_its_user_budget AFTER UPDATE OF status ON chats
+WHEN OLD.status = 'pending' AND NEW.status <> 'pending'
+    AND NEW.user_budget_period_start IS NOT NULL
+    AND (NEW.status = 'failed' OR NEW.refunded OR NEW.cost < OLD.cost)
+BEGIN
+    UPDATE users
+    SET budget_spent = budget_spent - (OLD.cost - CASE WHEN NEW.status = 'failed' OR NEW.refunded
+                                                      THEN 0 ELSE NEW.cost END)
+    WHERE id = NEW.user_id AND budget_period_start = NEW.user_budget_period_start;
+END;
+
+CREATE TRIGGER embedding_counts_against_its_user_budget AFTER INSERT ON embeddings
+WHEN NEW.user_budget_period_start IS NOT NULL
+BEGIN
+    UPDATE users
+    SET budget_spent = CASE WHEN budget_period_start = NEW.user_budget_period_start
+                            THEN budget_spent ELSE 0 END + NEW.cost,
+        budget_period_start = NEW.user_budget_period_start
+    WHERE id = NEW.user_id;
+    SELECT RAISE(ABORT, 'user_budget_exceeded') FROM users
+    WHERE id = NEW.user_id AND budget_spent > NEW.user_budget_tokens;
+END;
+
+CREATE TRIGGER settled_embedding_then_frees_its_user_budget AFTER UPDATE OF status ON embeddings
+WHEN OLD.status = 'pending' AND NEW.status <> 'pending'
+    AND NEW.user_budget_period_start IS NOT NULL
+    AND (NEW.status = 'failed' OR NEW.cost < OLD.cost)
+BEGIN
+    UPDATE users
+    SET budget_spent = budget_spent - (OLD.cost - CASE WHEN NEW.status = 'failed'
+                                                      THEN 0 ELSE NEW.cost END)
+    WHERE id = NEW.user_id AND budget_period_start = NEW.user_budget_period_start;
+END;

@@ -1,0 +1,138 @@
+//! The limits a call passes before anything is reserved: its API key's and its user's
+//! allowed models, model tokens a minute and requests a minute, in that order (a call
+//! refused for tokens uses none of its requests). What it passes with: where the rates
+//! stand for OpenAI's headers, the budgets its reservation counts against, and the token
+//! rates its model tokens are counted in once it is over.
+
+use crate::{
+    db::Db,
+    domain::{Budgets, Limits},
+    services::{
+        rates::{self, KeyRate, RateState},
+        ServiceResult,
+    },
+};
+
+/// A call that passed its limits.
+#[derive(Debug, Clone, Default)]
+pub struct Admitted {
+    /// The requests a minute closest to its end (the key's or the user's), if one applies.
+    pub requests: Option<RateState>,
+    /// The model tokens a minute closest to its end, if one applies.
+    pub tokens: Option<RateState>,
+    pub budgets: Budgets,
+    pub token_meters: TokenMeters,
+}
+
+/// Why a call was refused before anything was reserved.
+#[derive(Debug, Clone)]
+pub enum Refused {
+    /// The key or the user may not ask for this model.
+    ModelNotAllowed,
+    /// A rate is spent; where the rates stand for the headers.
+    Rate {
+        retry_after_secs: u64,
+        requests: Option<RateState>,
+        tokens: Option<RateState>,
+    },
+}
+
+/// The token rates (`key-tokens:<id>`, `user-tokens:<id>`, with their tokens a minute) a
+/// call's model tokens are counted in once it is over.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TokenMeters(Vec<(String, i64)>);
+
+impl TokenMeters {
+    /// Counts a call's `tokens` in each rate, at `now_ms`; a failure is logged, since the
+    /// call it counts is over and settled.
+    pub async fn count(&self, db: &Db, tokens: i64, now_ms: i64) {
+        for (name, tpm) in &self.0 {
+            if let Err(err) = rates::count_tokens(db, name, *tpm, tokens, now_ms).await {
+                tracing::warn!(error = %err, "a call's model tokens were not counted in its rate");
+            }
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// Checks a call to `model` at `now_ms` of the user `user_id` (limited by `user`), made with
+/// the API key `key` if any, and counts its requests.
+#[tracing::instrument(level = "debug", skip_all)]
+pub async fn admit(
+    db: &Db,
+    user_id: i64,
+    user: &Limits,
+    key: Option<(i64, &Limits)>,
+    model: &str,
+    now_ms: i64,
+) -> ServiceResult<Result<Admitted, Refused>> {
+    // The common case, a user and a key with no limits, costs nothing more.
+    if user.is_none() && key.is_none_or(|(_, limits)| limits.is_none()) {
+        return Ok(Ok(Admitted::default()));
+    }
+    let subjects: Vec<(String, &Limits)> = key
+        .map(|(key_id, limits)| (format!("key:{key_id}"), limits))
+        .into_iter()
+        .chain([(format!("user:{user_id}"), user)])
+        .collect();
+    if subjects
+        .iter()
+        .any(|(_, limits)| !limits.allows_model(model))
+    {
+        return Ok(Err(Refused::ModelNotAllowed));
+    }
+    let mut admitted = Admitted::default();
+    for (subject, limits) in &subjects {
+        let Some(tpm) = limits.tpm else { continue };
+        let name = subject.replacen(':', "-tokens:", 1);
+        match rates::tokens_left(db, &name, tpm, now_ms).await? {
+            KeyRate::Admitted(state) => {
+                admitted.tokens = tighter(admitted.tokens, state);
+                admitted.token_meters.0.push((name, tpm));
+            }
+            KeyRate::Refused {
+                retry_after_secs,
+                state,
+            } => {
+                return Ok(Err(Refused::Rate {
+                    retry_after_secs,
+                    requests: None,
+                    tokens: Some(state),
+                }))
+            }
+        }
+    }
+    for (subject, limits) in &subjects {
+        let Some(rpm) = limits.rpm else { continue };
+        match rates::request(db, subject, rpm, now_ms).await? {
+            KeyRate::Admitted(state) => admitted.requests = tighter(admitted.requests, state),
+            KeyRate::Refused {
+                retry_after_secs,
+                state,
+            } => {
+                return Ok(Err(Refused::Rate {
+                    retry_after_secs,
+                    requests: Some(state),
+                    tokens: admitted.tokens,
+                }))
+            }
+        }
+    }
+    let now = now_ms.div_euclid(1000);
+    admitted.budgets = Budgets {
+        key: key.and_then(|(key_id, limits)| Some((key_id, limits.budget?.use_at(now)))),
+        user: user.budget.map(|budget| budget.use_at(now)),
+    };
+    Ok(Ok(admitted))
+}
+
+/// Of two rates, the one with less left.
+fn tighter(known: Option<RateState>, other: RateState) -> Option<RateState> {
+    Some(match known {
+        Some(known) if known.remaining <= other.remaining => known,
+        _ => other,
+    })
+}
