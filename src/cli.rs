@@ -15,6 +15,8 @@ use tokio::net::{TcpListener, TcpSocket};
 
 use crate::{config::Config, db, domain, server, services, state::AppState, telemetry};
 
+mod user_limits;
+
 /// A metered, OpenAI-compatible LLM chat API. Configuration comes from the environment and
 /// a `.env` file in the working directory (see `.env.example`).
 #[derive(Debug, Parser)]
@@ -69,6 +71,24 @@ enum UserCommand {
     Disable { username: String },
     /// Enable a disabled user again.
     Enable { username: String },
+    /// Show a user's limits, or change those given: each replaces theirs, `none` gives
+    /// them the configuration's default (`USER_*`) again.
+    Limits {
+        username: String,
+        /// Tokens charged a period at most: `TOKENS/PERIOD` (day, week, month in UTC, or
+        /// total), e.g. `50000/day`.
+        #[arg(long, value_name = "TOKENS/PERIOD|none")]
+        budget: Option<String>,
+        /// The served models they may ask for, comma-separated.
+        #[arg(long, value_name = "MODEL,...|none")]
+        models: Option<String>,
+        /// Requests a minute at most.
+        #[arg(long, value_name = "N|none")]
+        rpm: Option<String>,
+        /// Model tokens (prompt and completion) a minute at most.
+        #[arg(long, value_name = "N|none")]
+        tpm: Option<String>,
+    },
 }
 
 /// Runs the command: loads the configuration (after `.env`), sets up logging and does it.
@@ -100,6 +120,21 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::User(UserCommand::Enable { username }) => {
             set_disabled(config, &username, false).await
         }
+        Command::User(UserCommand::Limits {
+            username,
+            budget,
+            models,
+            rpm,
+            tpm,
+        }) => {
+            let change = user_limits::LimitsArgs {
+                budget,
+                models,
+                rpm,
+                tpm,
+            };
+            user_limits::run(config, &username, change).await
+        }
     };
     outcome.unwrap_or_else(|err| {
         // The context and every cause beneath it, on one line.
@@ -108,7 +143,7 @@ pub async fn run(cli: Cli) -> ExitCode {
     })
 }
 
-async fn open_database(config: &Config, open: db::Open) -> anyhow::Result<db::Db> {
+pub(crate) async fn open_database(config: &Config, open: db::Open) -> anyhow::Result<db::Db> {
     let settings = db::PoolSettings {
         max_connections: config.database_max_connections,
         statement_timeout: config.database_statement_timeout,
@@ -238,7 +273,7 @@ async fn audit(config: Config) -> anyhow::Result<ExitCode> {
 
 /// A username given on the command line; one that breaks the rules cannot have been
 /// registered, so it names nobody.
-fn existing_username(username: &str) -> anyhow::Result<domain::Username> {
+pub(crate) fn existing_username(username: &str) -> anyhow::Result<domain::Username> {
     domain::Username::parse(username).map_err(|_| anyhow!("no user named {username}"))
 }
 

@@ -418,7 +418,11 @@ impl Config {
     /// The names of the models served: every routed model's, or the demo model's.
     pub fn served_models(&self) -> Vec<String> {
         match &self.routing {
-            Some(routing) => routing.models.iter().map(|model| model.name.clone()).collect(),
+            Some(routing) => routing
+                .models
+                .iter()
+                .map(|model| model.name.clone())
+                .collect(),
             None => vec![DEMO_MODEL_NAME.to_string()],
         }
     }

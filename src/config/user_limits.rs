@@ -29,9 +29,10 @@ pub(super) fn default_user_limits(vars: &Vars, served: &[String]) -> Result<Limi
     };
     let models = match vars.optional("USER_MODELS") {
         None => None,
-        Some(list) => Some(served_models(&list, served).map_err(|reason| {
-            ConfigError::new("USER_MODELS", reason)
-        })?),
+        Some(list) => Some(
+            served_models(&list, served)
+                .map_err(|reason| ConfigError::new("USER_MODELS", reason))?,
+        ),
     };
     let per_minute = |name: &'static str, maximum: i64| match vars.optional(name) {
         None => Ok(None),
@@ -59,7 +60,11 @@ fn budget_period(vars: &Vars) -> Result<BudgetPeriod, ConfigError> {
 /// A comma-separated list of served models, each checked: at least one, each served.
 pub fn served_models(list: &str, served: &[String]) -> Result<std::sync::Arc<[String]>, String> {
     let mut names: Vec<String> = Vec::new();
-    for name in list.split(',').map(str::trim).filter(|name| !name.is_empty()) {
+    for name in list
+        .split(',')
+        .map(str::trim)
+        .filter(|name| !name.is_empty())
+    {
         if !served.iter().any(|served| served == name) {
             return Err(format!(
                 "{name:?} is not a served model (served: {})",

@@ -244,11 +244,13 @@ pub fn priced_embeddings(db: &Db) -> BoxStream<'_, Result<PricedEmbedding, sqlx:
     .fetch(pool))
 }
 
-/// A key whose recorded spending in its current period is not what its calls of that
-/// period hold: reserved while pending, charged once settled, nothing once refunded.
+/// A key or a user whose recorded spending in its budget's current period is not what its
+/// calls of that period hold: reserved while pending, charged once settled, nothing once
+/// refunded.
 #[derive(Debug, sqlx::FromRow)]
 pub struct BudgetMismatch {
-    pub key_id: i64,
+    /// The key's or the user's id.
+    pub id: i64,
     pub budget_spent: i64,
     pub calls_hold: i64,
 }
@@ -256,7 +258,7 @@ pub struct BudgetMismatch {
 pub fn budget_mismatches(db: &Db) -> BoxStream<'_, Result<BudgetMismatch, sqlx::Error>> {
     db_read!(db, pool => sqlx::query_as(
         "SELECT * FROM (
-             SELECT k.id AS key_id, k.budget_spent,
+             SELECT k.id, k.budget_spent,
                     CAST(COALESCE((SELECT SUM(CASE WHEN c.status = 'failed' OR c.refunded
                                                    THEN 0 ELSE c.cost END)
                                    FROM chats c WHERE c.api_key_id = k.id
@@ -269,7 +271,30 @@ pub fn budget_mismatches(db: &Db) -> BoxStream<'_, Result<BudgetMismatch, sqlx::
              FROM api_keys k WHERE k.budget_period_start IS NOT NULL
          ) AS spending
          WHERE budget_spent <> calls_hold
-         ORDER BY key_id",
+         ORDER BY id",
+    )
+    .fetch(pool))
+}
+
+/// As [`budget_mismatches`], of the users' budgets.
+pub fn user_budget_mismatches(db: &Db) -> BoxStream<'_, Result<BudgetMismatch, sqlx::Error>> {
+    db_read!(db, pool => sqlx::query_as(
+        "SELECT * FROM (
+             SELECT u.id, u.budget_spent,
+                    CAST(COALESCE((SELECT SUM(CASE WHEN c.status = 'failed' OR c.refunded
+                                                   THEN 0 ELSE c.cost END)
+                                   FROM chats c WHERE c.user_id = u.id
+                                     AND c.user_budget_period_start = u.budget_period_start), 0)
+                         + COALESCE((SELECT SUM(CASE WHEN e.status = 'failed'
+                                                     THEN 0 ELSE e.cost END)
+                                     FROM embeddings e WHERE e.user_id = u.id
+                                       AND e.user_budget_period_start = u.budget_period_start),
+                                    0)
+                         AS BIGINT) AS calls_hold
+             FROM users u WHERE u.budget_period_start IS NOT NULL
+         ) AS spending
+         WHERE budget_spent <> calls_hold
+         ORDER BY id",
     )
     .fetch(pool))
 }

@@ -5,8 +5,8 @@ mod budget;
 mod limits;
 
 pub use budget::{BudgetOwner, BudgetPeriod, BudgetUse, Budgets, TokenBudget};
-pub use limits::Limits;
 use caseless::Caseless;
+pub use limits::Limits;
 use strum::{Display, EnumIter, EnumString, IntoStaticStr};
 use unicode_normalization::UnicodeNormalization;
 use unicode_security::MixedScript;

@@ -16,8 +16,8 @@ use super::{
 };
 use crate::{
     clock::parse_rfc3339,
-    domain::{TokenBudget, KeyName, MAX_BALANCE},
     config::user_limits::{MAX_RPM, MAX_TPM},
+    domain::{KeyName, TokenBudget, MAX_BALANCE},
     services::keys::{self, KeyLimits, KeyRecord, LimitsChange},
     state::AppState,
 };

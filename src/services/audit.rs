@@ -171,14 +171,17 @@ pub async fn run_reporting(db: &db::Db, mut found: impl FnMut(&str)) -> ServiceR
         }
     }
     drop(priced);
-    let mut budgets = db::audit::budget_mismatches(db);
-    while let Some(key) = budgets.try_next().await? {
-        offend(format!(
-            "API key {}: its budget has {} spent this period but its calls hold {}",
-            key.key_id, key.budget_spent, key.calls_hold
-        ));
+    for (owner, mut budgets) in [
+        ("API key", db::audit::budget_mismatches(db)),
+        ("user", db::audit::user_budget_mismatches(db)),
+    ] {
+        while let Some(found) = budgets.try_next().await? {
+            offend(format!(
+                "{owner} {}: its budget has {} spent this period but its calls hold {}",
+                found.id, found.budget_spent, found.calls_hold
+            ));
+        }
     }
-    drop(budgets);
     let (users, chats, ledger_rows) = db::audit::totals(db).await?;
     Ok(AuditReport {
         users,

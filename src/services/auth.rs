@@ -2,7 +2,6 @@
 //! stored only as SHA-256 hashes, and checked when a client presents one (the routes take
 //! it from `Authorization`).
 
-
 use rand::{
     distributions::{Alphanumeric, DistString},
     rngs::OsRng,

@@ -4,7 +4,7 @@
 
 use crate::{
     db::{self, Db},
-    domain::{Invalid, TokenBudget, KeyName},
+    domain::{Invalid, KeyName, TokenBudget},
     services::{
         auth::{self, Credential},
         sha256_hex, ServiceError, ServiceResult,
@@ -165,7 +165,10 @@ pub async fn list(
 ) -> ServiceResult<Vec<KeyRecord>> {
     auth::login_token_hash(credential)?;
     let keys = db::api_keys::live(db, user_id).await?;
-    Ok(keys.into_iter().map(|key| KeyRecord::at(key, now)).collect())
+    Ok(keys
+        .into_iter()
+        .map(|key| KeyRecord::at(key, now))
+        .collect())
 }
 
 /// Changes the limits of one of the user's live keys; the key as it is now.

@@ -9,11 +9,12 @@ pub mod error;
 pub mod health;
 pub mod history;
 pub mod keys;
-pub mod passwords;
 pub mod limits;
+pub mod passwords;
 pub mod rates;
 pub mod recovery;
 pub mod throttle;
+pub mod user_limits;
 
 use sha2::{Digest, Sha256};
 

@@ -105,7 +105,10 @@ pub async fn count_tokens(
     now_ms: i64,
 ) -> ServiceResult<()> {
     // Each token takes a minute's share; rounded up, so a limit is never passed by rounding.
-    let (share, tpm) = (tokens.max(0) as i128 * MINUTE_MS as i128, tpm.max(1) as i128);
+    let (share, tpm) = (
+        tokens.max(0) as i128 * MINUTE_MS as i128,
+        tpm.max(1) as i128,
+    );
     let cost_ms = (share + tpm - 1) / tpm;
     let cost_ms = i64::try_from(cost_ms).unwrap_or(i64::MAX / 4);
     db::rates::add(db, name, now_ms, cost_ms).await?;

@@ -28,9 +28,9 @@ use self::{
 };
 use super::{
     chat::{max_tokens_applied, IDEMPOTENT_REPLAYED},
-    limits,
     error::ApiError,
     extract::{AuthUser, IdempotencyKey, RawJson, TokensRemaining},
+    limits,
 };
 use crate::{
     pricing::Prices,
@@ -252,4 +252,3 @@ fn json_answer(body: axum::body::Bytes, model: &str, cost: i64) -> Response {
     )
         .into_response()
 }
-

@@ -10,13 +10,18 @@ mod logs;
 mod readiness_and_metrics;
 
 fn run(dir: &std::path::Path, args: &[&str]) -> Output {
-    Server::command(dir, &[]).args(args).output().unwrap()
+    run_with(dir, &[], args)
 }
 
-fn stdout(output: &Output) -> String {
+/// `tokenchat ARGS` in `dir` with the variables `vars`.
+pub(crate) fn run_with(dir: &std::path::Path, vars: &[(&str, &str)], args: &[&str]) -> Output {
+    Server::command(dir, vars).args(args).output().unwrap()
+}
+
+pub(crate) fn stdout(output: &Output) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
-fn stderr(output: &Output) -> String {
+pub(crate) fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }

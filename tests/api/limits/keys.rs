@@ -6,27 +6,14 @@
 //! minute, counted in the database, with OpenAI's `x-ratelimit-*` headers under `/v1`.
 //! Model tokens a minute are in `token_rates.rs`, a user's limits in `user_limits.rs`.
 
-use axum::http::{Method, StatusCode};
+use axum::http::StatusCode;
 use serde_json::{json, Value};
 
+use super::patch_key;
 use crate::{
     common::{TestApp, TestResponse},
     openai::completions,
 };
-
-async fn patch_key(app: &TestApp, token: &str, id: i64, body: Value) -> TestResponse {
-    let authorization = format!("Bearer {token}");
-    app.request(
-        Method::PATCH,
-        &format!("/keys/{id}"),
-        &[
-            ("authorization", authorization.as_str()),
-            ("content-type", "application/json"),
-        ],
-        body.to_string(),
-    )
-    .await
-}
 
 async fn embed(app: &TestApp, key: &str, model: &str) -> TestResponse {
     app.post_authorized(

@@ -1,0 +1,92 @@
+//! Budget periods roll over on the service's clock, which the tests move on instead of
+//! waiting a day or a month: a spent budget is refused with when it resets, and serves
+//! again from then.
+
+use std::time::Duration;
+
+use axum::http::StatusCode;
+use serde_json::json;
+use tokenchat::clock::parse_rfc3339;
+
+use super::{grant, key_with};
+use crate::common::TestApp;
+
+const DAY_SECS: i64 = 24 * 60 * 60;
+
+/// Chats with `credential` until one is refused for a budget; that refusal's `resets_at`.
+async fn spend_until_refused(app: &TestApp, credential: &str, answered: usize) -> i64 {
+    for n in 0..answered {
+        let chat = app.chat(credential, &format!("n{n}")).await;
+        assert_eq!(chat.status, StatusCode::OK, "{chat:?}");
+    }
+    let refused = app.chat(credential, "one more").await;
+    refused.assert_error(StatusCode::PAYMENT_REQUIRED, "budget_exceeded");
+    parse_rfc3339(refused.json["resets_at"].as_str().unwrap()).unwrap()
+}
+
+/// Moves the app's clock on to `at` (Unix seconds) and one second past it.
+fn move_clock_to(app: &TestApp, at: i64) {
+    let now = app.state.config.clock.now();
+    assert!(at > now, "{at} is not ahead of {now}");
+    app.state
+        .config
+        .clock
+        .advance(Duration::from_secs((at - now + 1) as u64));
+}
+
+#[tokio::test]
+async fn a_keys_daily_budget_serves_again_from_midnight_utc() {
+    let app = TestApp::new().await;
+    let token = app.user_with_token("user").await;
+    grant(&app, "user", 96_000).await;
+    let (key, _) = key_with(
+        &app,
+        &token,
+        json!({ "budget": { "tokens": 200, "period": "day" } }),
+    )
+    .await;
+    let resets_at = spend_until_refused(&app, &key, 2).await;
+    let now = app.state.config.clock.now();
+    assert_eq!(
+        resets_at,
+        (now / DAY_SECS + 1) * DAY_SECS,
+        "the next midnight"
+    );
+    move_clock_to(&app, resets_at);
+    assert_eq!(app.chat(&key, "a new day").await.status, StatusCode::OK);
+    let keys = app.get_authorized("/keys", &token).await;
+    let listed = &keys.json["keys"][0];
+    assert_eq!(listed["spent"], 100, "{listed}");
+    assert_eq!(
+        parse_rfc3339(listed["resets_at"].as_str().unwrap()),
+        Some(resets_at + DAY_SECS)
+    );
+    // Two days' worth charged in all; the audit proves the key's spending from its calls.
+    assert_eq!(app.balance(&token).await, 100_000 - 300);
+    app.assert_audit_passes().await;
+}
+
+#[tokio::test]
+async fn a_users_monthly_budget_from_the_configuration_serves_again_on_the_first() {
+    let app = TestApp::with_env(&[
+        ("USER_BUDGET_TOKENS", "200"),
+        ("USER_BUDGET_PERIOD", "month"),
+    ])
+    .await;
+    let token = app.user_with_token("user").await;
+    let resets_at = spend_until_refused(&app, &token, 2).await;
+    let first_of_next_month = time::OffsetDateTime::from_unix_timestamp(resets_at).unwrap();
+    assert_eq!(
+        (
+            first_of_next_month.day(),
+            first_of_next_month.time(),
+            first_of_next_month.offset()
+        ),
+        (1, time::Time::MIDNIGHT, time::UtcOffset::UTC)
+    );
+    assert!(resets_at - app.state.config.clock.now() <= 31 * DAY_SECS);
+    move_clock_to(&app, resets_at);
+    assert_eq!(app.chat(&token, "a new month").await.status, StatusCode::OK);
+    assert_eq!(app.balance(&token).await, 4000 - 300);
+    app.assert_audit_passes().await;
+}

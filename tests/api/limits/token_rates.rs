@@ -1,0 +1,130 @@
+//! Model tokens a minute (`tpm`) of a key and of a user: a call is admitted while the
+//! tokens its earlier calls used stay within the minute, its own counted once it is over,
+//! with OpenAI's `x-ratelimit-*-tokens` headers; 429 `rate_limited` past it.
+
+use std::time::Duration;
+
+use axum::http::StatusCode;
+use serde_json::json;
+
+use super::{grant, key_with, patch_key};
+use crate::{
+    common::{Reply, TestApp, TestResponse},
+    openai::completions,
+    prices::usage,
+};
+
+/// Waits until the rate `name` has counted something past `after` (its calls' tokens are
+/// counted once each is over, beside its answer).
+async fn counted(app: &TestApp, name: &str, after: i64) -> i64 {
+    for _ in 0..200 {
+        let tat: Option<i64> = tokenchat::db_run!(&app.state.db, pool => sqlx::query_scalar(
+            "SELECT tat_ms FROM rate_limits WHERE name = $1",
+        )
+        .bind(name)
+        .fetch_optional(pool)
+        .await)
+        .unwrap();
+        if let Some(tat) = tat.filter(|tat| *tat > after) {
+            return tat;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("{name} counted nothing past {after}");
+}
+
+async fn ask(app: &TestApp, key: &str) -> TestResponse {
+    completions(
+        app,
+        key,
+        json!({ "model": "llama3.2", "messages": [{ "role": "user", "content": "hi" }] }),
+    )
+    .await
+}
+
+fn header(response: &TestResponse, name: &str) -> String {
+    response.headers[name].to_str().unwrap().to_string()
+}
+
+#[tokio::test]
+async fn a_keys_tokens_a_minute_admit_calls_until_the_minute_is_used_then_refuse_until_it_frees() {
+    let app = TestApp::new().await;
+    // 40 model tokens a call (30 prompt, 10 completion), whatever is asked.
+    app.llm.set_reply(Reply::EchoReporting(usage(30, 0, 10, 0)));
+    let token = app.user_with_token("user").await;
+    let (key, id) = key_with(&app, &token, json!({ "tpm": 50 })).await;
+    let first = ask(&app, &key).await;
+    assert_eq!(first.status, StatusCode::OK, "{first:?}");
+    assert_eq!(header(&first, "x-ratelimit-limit-tokens"), "50");
+    assert_eq!(header(&first, "x-ratelimit-remaining-tokens"), "50");
+    assert!(!first.headers.contains_key("x-ratelimit-limit-requests"));
+    let name = format!("key-tokens:{id}");
+    let after_first = counted(&app, &name, 0).await;
+    // The second finds 40 of the minute's 50 used: admitted, with 10 left.
+    let second = ask(&app, &key).await;
+    assert_eq!(second.status, StatusCode::OK, "{second:?}");
+    assert_eq!(header(&second, "x-ratelimit-remaining-tokens"), "10");
+    counted(&app, &name, after_first).await;
+    // 80 used: refused, before the model is called, on /chat as on /v1.
+    let refused = ask(&app, &key).await;
+    assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS, "{refused:?}");
+    assert_eq!(refused.json["error"]["code"], "rate_limit_exceeded");
+    assert_eq!(header(&refused, "x-ratelimit-remaining-tokens"), "0");
+    let wait: u64 = header(&refused, "retry-after").parse().unwrap();
+    // 80 tokens of a 50-a-minute rate: 96 s ahead, a minute of which may be ahead.
+    assert!((30..=37).contains(&wait), "{wait}");
+    app.chat(&key, "and here")
+        .await
+        .assert_error(StatusCode::TOO_MANY_REQUESTS, "rate_limited");
+    assert_eq!(app.llm.calls(), 2);
+    // A minute on, the window has room again.
+    app.state.config.clock.advance(Duration::from_secs(60));
+    let again = ask(&app, &key).await;
+    assert_eq!(again.status, StatusCode::OK, "{again:?}");
+    // Shown and removed like the other limits.
+    let keys = app.get_authorized("/keys", &token).await;
+    assert_eq!(keys.json["keys"][0]["tpm"], 50);
+    let lifted = patch_key(&app, &token, id, json!({ "tpm": null })).await;
+    assert_eq!(lifted.json["tpm"], serde_json::Value::Null);
+    let free = ask(&app, &key).await;
+    assert!(!free.headers.contains_key("x-ratelimit-limit-tokens"));
+    app.assert_audit_passes().await;
+}
+
+#[tokio::test]
+async fn a_users_tokens_a_minute_from_the_configuration_hold_for_every_credential_of_theirs() {
+    let app = TestApp::with_env(&[("USER_TPM", "100"), ("USER_RPM", "10")]).await;
+    // 150 model tokens a call: one call is half a minute past the rate.
+    app.llm
+        .set_reply(Reply::EchoReporting(usage(100, 0, 50, 0)));
+    let token = app.user_with_token("user").await;
+    grant(&app, "user", 1000).await;
+    let (key, _) = key_with(&app, &token, json!({})).await;
+    let user_id: i64 = tokenchat::db_run!(&app.state.db, pool => sqlx::query_scalar(
+        "SELECT id FROM users WHERE username = 'user'",
+    )
+    .fetch_one(pool)
+    .await)
+    .unwrap();
+    let first = ask(&app, &key).await;
+    assert_eq!(first.status, StatusCode::OK, "{first:?}");
+    assert_eq!(header(&first, "x-ratelimit-limit-tokens"), "100");
+    assert_eq!(header(&first, "x-ratelimit-limit-requests"), "10");
+    assert_eq!(header(&first, "x-ratelimit-remaining-requests"), "9");
+    counted(&app, &format!("user-tokens:{user_id}"), 0).await;
+    let requests = format!("user:{user_id}");
+    let requests_before = counted(&app, &requests, 0).await;
+    // The minute's 100 are used, and more; the login token is the same user.
+    app.chat(&token, "mine")
+        .await
+        .assert_error(StatusCode::TOO_MANY_REQUESTS, "rate_limited");
+    let refused = ask(&app, &key).await;
+    assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(header(&refused, "x-ratelimit-remaining-tokens"), "0");
+    assert_eq!(app.llm.calls(), 1);
+    assert_eq!(
+        counted(&app, &requests, 0).await,
+        requests_before,
+        "a call refused for tokens uses none of the minute's requests"
+    );
+}
