@@ -2,6 +2,7 @@
 //! ([`vars`] reads and checks each one; [`urls`] keeps the URLs that may hold secrets), and
 //! the optional configuration file with the price book ([`file`]).
 
+pub mod alerts;
 pub mod file;
 pub mod routing;
 mod urls;
@@ -13,6 +14,7 @@ use secrecy::SecretString;
 
 use crate::pricing::PriceBook;
 
+pub use alerts::{AlertsConfig, Threshold};
 pub use routing::{RetryPolicy, Routing};
 pub use urls::{redacted_url, DatabaseUrl, UpstreamUrl};
 use vars::Vars;
@@ -85,6 +87,8 @@ pub struct Config {
     pub metrics_token: Option<SecretString>,
     pub connections: ConnectionLimits,
     pub abuse: AbuseLimits,
+    /// The alert webhook (`ALERT_WEBHOOK_*`, `ALERT_THRESHOLDS`); `None`: alerts are off.
+    pub alerts: Option<AlertsConfig>,
 }
 
 /// How long a connection may take over each part of a request, and how many may be open.
@@ -379,6 +383,7 @@ impl Config {
                 trust_proxy_headers: vars.parse("TRUST_PROXY_HEADERS", "false")?,
                 password_hash_queue: vars.between("PASSWORD_HASH_QUEUE", "64", 0, 1_000_000)?,
             },
+            alerts: alerts::read(&vars)?,
         };
         // A budget smaller than one body of the largest kind would refuse every such request.
         let largest_body = config.v1_max_body_bytes.max(config.chat_body_limit());

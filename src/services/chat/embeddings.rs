@@ -134,6 +134,7 @@ async fn run(
                 db::embeddings::settle_answered(&chats.db, embedding_id, usage, source, charge);
             match settled.await {
                 Ok(Some((balance, charged))) => {
+                    chats.alerts.charged(user_id, budget);
                     return Ok(Embedded {
                         body: embedding.body,
                         balance,

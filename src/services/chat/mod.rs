@@ -28,6 +28,7 @@ use crate::{
     domain::{BudgetUse, IdempotencyKey, Message},
     llm::{Ask, Forwarded, LlmClient, LlmError, PromptMessage, Usage},
     services::{
+        alerts::Alerts,
         conversations::{self, Turn},
         recovery,
         throttle::Throttle,
@@ -108,6 +109,8 @@ pub struct Chats {
     /// `LLM_SYSTEM_PROMPT` in tokens of `LLM_MODEL`'s tokenizer, when the book prices it:
     /// counted once here rather than in every `/chat`.
     system_prompt_tokens: Option<u64>,
+    /// Told of every charge made final, to check it against the alert thresholds.
+    alerts: Alerts,
 }
 
 impl Chats {
@@ -119,6 +122,7 @@ impl Chats {
         tasks: TaskTracker,
         cut_short: CancellationToken,
         config: Arc<Config>,
+        alerts: Alerts,
     ) -> Self {
         let system_prompt_tokens = config
             .price_book
@@ -133,6 +137,7 @@ impl Chats {
             cut_short,
             config,
             system_prompt_tokens,
+            alerts,
         }
     }
 }
@@ -413,6 +418,7 @@ impl ChatInFlight {
                 match settled.await {
                     Ok(Some(settled)) => {
                         self.count_answered(settled.charged, metering);
+                        chats.alerts.charged(self.user_id, self.budget);
                         return Ok(ChatAnswer {
                             chat_id,
                             response: completion.content,

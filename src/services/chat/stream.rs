@@ -311,6 +311,7 @@ impl ChatInFlight {
                         // Charged whether or not the client is still there to read it.
                         let _ = events.send(done).await;
                         self.count_answered(settled.charged, metering);
+                        chats.alerts.charged(self.user_id, self.budget);
                         return;
                     }
                     Ok(None) => ServiceError::ChatExpired,
@@ -330,7 +331,9 @@ impl ChatInFlight {
                     chats.metrics.chat_ended(ChatOutcome::Abandoned, tokens);
                 } else {
                     let (kept, charged) = delivered();
-                    self.settle_unanswered(chat_id, how, kept).await;
+                    if self.settle_unanswered(chat_id, how, kept).await {
+                        chats.alerts.charged(self.user_id, self.budget);
+                    }
                     self.count_charged(ChatOutcome::Abandoned, charged, metering);
                 }
                 return;
@@ -352,6 +355,7 @@ impl ChatInFlight {
                 let charged = if settled { charged } else { 0 };
                 if settled {
                     self.count_charged(failure_outcome(&error), charged, metering);
+                    chats.alerts.charged(self.user_id, self.budget);
                 }
                 let failed = StreamEvent::Failed { error, charged };
                 let _ = events.send(failed).await;
