@@ -306,7 +306,9 @@ impl Metrics {
 
     /// An alert event `outcome`: one of [`ALERT_OUTCOMES`].
     pub fn alert(&self, outcome: &'static str) {
-        self.record(|| metrics::counter!("tokenchat_alerts_total", "outcome" => outcome).increment(1));
+        self.record(|| {
+            metrics::counter!("tokenchat_alerts_total", "outcome" => outcome).increment(1)
+        });
     }
 
     /// The model answered (or failed to) after `took`; `error` names the failure's kind.

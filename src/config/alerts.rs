@@ -97,9 +97,8 @@ pub(super) fn read(vars: &Vars<'_>) -> Result<Option<AlertsConfig>, ConfigError>
         return Ok(None);
     };
     // Never the value in the message: its path or query may be the receiver's secret.
-    let url = Url::parse(raw.trim()).map_err(|err| {
-        ConfigError::new("ALERT_WEBHOOK_URL", format!("not a URL ({err})"))
-    })?;
+    let url = Url::parse(raw.trim())
+        .map_err(|err| ConfigError::new("ALERT_WEBHOOK_URL", format!("not a URL ({err})")))?;
     if !matches!(url.scheme(), "http" | "https") {
         return Err(ConfigError::new(
             "ALERT_WEBHOOK_URL",
@@ -144,7 +143,18 @@ mod tests {
         assert_eq!(ppm("1"), Ok(1_000_000));
         assert_eq!(ppm("1.0"), Ok(1_000_000));
         assert_eq!(ppm("0.000001"), Ok(1));
-        for bad in ["0", "0.0", "1.01", "2", "-0.5", "", ".", "0.8x", "80%", "0.0000001"] {
+        for bad in [
+            "0",
+            "0.0",
+            "1.01",
+            "2",
+            "-0.5",
+            "",
+            ".",
+            "0.8x",
+            "80%",
+            "0.0000001",
+        ] {
             assert!(ppm(bad).is_err(), "{bad:?} accepted");
         }
     }

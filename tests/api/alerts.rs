@@ -199,7 +199,10 @@ async fn a_key_budget_crossing_is_posted_once_signed_and_later_chats_past_it_pos
     let second = receiver.next().await;
     assert_eq!(second.json()["key_id"], marker_id, "{:?}", second.json());
     assert!(second.signed_with(SECRET));
-    assert!(receiver.already_received().is_empty(), "one event a crossing");
+    assert!(
+        receiver.already_received().is_empty(),
+        "one event a crossing"
+    );
     assert_eq!(alert_rows(&app).await, 2);
     // The balance, 1100 of 4000 spent, crossed nothing.
     assert_eq!(app.balance(&token).await, 2900);
@@ -317,7 +320,10 @@ fn a_webhook_url_without_a_secret_stops_start_up_naming_the_secret_and_never_sho
     let dir = tempfile::tempdir().unwrap();
     let output = Server::command(
         dir.path(),
-        &[("ALERT_WEBHOOK_URL", "https://hooks.example.com/T000/secret-path")],
+        &[(
+            "ALERT_WEBHOOK_URL",
+            "https://hooks.example.com/T000/secret-path",
+        )],
     )
     .output()
     .unwrap();
@@ -327,7 +333,9 @@ fn a_webhook_url_without_a_secret_stops_start_up_naming_the_secret_and_never_sho
     assert!(stderr.contains("ALERT_WEBHOOK_SECRET"), "{stderr}");
     assert!(!stderr.contains("secret-path"), "{stderr}");
     for (name, value) in [("ALERT_THRESHOLDS", "0.8,1.5"), ("ALERT_THRESHOLDS", "80%")] {
-        let output = Server::command(dir.path(), &[(name, value)]).output().unwrap();
+        let output = Server::command(dir.path(), &[(name, value)])
+            .output()
+            .unwrap();
         assert!(!output.status.success(), "{name}={value} started");
         assert!(String::from_utf8_lossy(&output.stderr).contains(name));
     }

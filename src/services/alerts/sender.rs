@@ -117,8 +117,7 @@ impl Webhook {
 
 /// `sha256=` and the lowercase hex HMAC-SHA256 of `body` under `secret`: the header's value.
 pub fn sign(secret: &[u8], body: &[u8]) -> String {
-    let mut mac =
-        Hmac::<Sha256>::new_from_slice(secret).expect("HMAC takes a key of any length");
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("HMAC takes a key of any length");
     mac.update(body);
     format!("sha256={:x}", mac.finalize().into_bytes())
 }

@@ -140,7 +140,7 @@ async fn run(
                         balance,
                         charged,
                         usage: embedding.usage,
-                    })
+                    });
                 }
                 // Recovery judged it abandoned and refunded it: not charged, not answered.
                 Ok(None) => return Err(ServiceError::ChatExpired),
