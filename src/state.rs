@@ -56,16 +56,18 @@ impl AppState {
         let tasks = TaskTracker::new();
         let cancel_chats = CancellationToken::new();
         let alerts = Alerts::new(config.alerts.as_ref(), db.clone(), metrics.clone())?;
-        let chats = Arc::new(Chats::new(
-            db.clone(),
-            llm.clone(),
-            metrics.clone(),
-            throttle.clone(),
-            tasks.clone(),
-            cancel_chats.clone(),
-            config.clone(),
-            alerts.clone(),
-        ));
+        let chats = Arc::new(
+            Chats::new(
+                db.clone(),
+                llm.clone(),
+                metrics.clone(),
+                throttle.clone(),
+                tasks.clone(),
+                cancel_chats.clone(),
+                config.clone(),
+            )
+            .with_alerts(alerts.clone()),
+        );
         Ok(Self(Arc::new(Shared {
             accounts: Accounts::new(
                 db.clone(),

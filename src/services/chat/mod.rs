@@ -122,7 +122,6 @@ impl Chats {
         tasks: TaskTracker,
         cut_short: CancellationToken,
         config: Arc<Config>,
-        alerts: Alerts,
     ) -> Self {
         let system_prompt_tokens = config
             .price_book
@@ -137,8 +136,14 @@ impl Chats {
             cut_short,
             config,
             system_prompt_tokens,
-            alerts,
+            alerts: Alerts::default(),
         }
+    }
+
+    /// The same, telling `alerts` of every charge made final (off by default).
+    pub fn with_alerts(mut self, alerts: Alerts) -> Self {
+        self.alerts = alerts;
+        self
     }
 }
 
