@@ -55,6 +55,9 @@ pub async fn serve(
     // In the background: a model that does not answer must not hold up serving.
     background.spawn(state.health.clone().probe_model_and_log());
     background.spawn(telemetry::upkeep_periodically(state.metrics.clone()));
+    if let Some(alerts) = state.alerts.worker() {
+        background.spawn(alerts);
+    }
     let chats = server::ChatsToSettle {
         tasks: state.tasks.clone(),
         cut_short: state.cancel_chats.clone(),

@@ -10,7 +10,7 @@ use crate::{
     db::Db,
     llm::LlmClient,
     services::{
-        accounts::Accounts, chat::Chats, health::Health, passwords::PasswordHasher,
+        accounts::Accounts, alerts::Alerts, chat::Chats, health::Health, passwords::PasswordHasher,
         recovery::Recovery, throttle::Throttle,
     },
     telemetry::Metrics,
@@ -33,6 +33,8 @@ pub struct Shared {
     pub chats: Arc<Chats>,
     pub health: Arc<Health>,
     pub recovery: Recovery,
+    /// Alert events; its worker runs beside serving.
+    pub alerts: Alerts,
     /// Chats in progress; shutdown waits for them to settle.
     pub tasks: TaskTracker,
     /// Cancelled when shutdown's grace period is over: chats still waiting for the model
@@ -53,15 +55,19 @@ impl AppState {
         let passwords = Arc::new(PasswordHasher::new(config.abuse.password_hash_queue));
         let tasks = TaskTracker::new();
         let cancel_chats = CancellationToken::new();
-        let chats = Arc::new(Chats::new(
-            db.clone(),
-            llm.clone(),
-            metrics.clone(),
-            throttle.clone(),
-            tasks.clone(),
-            cancel_chats.clone(),
-            config.clone(),
-        ));
+        let alerts = Alerts::new(config.alerts.as_ref(), db.clone(), metrics.clone())?;
+        let chats = Arc::new(
+            Chats::new(
+                db.clone(),
+                llm.clone(),
+                metrics.clone(),
+                throttle.clone(),
+                tasks.clone(),
+                cancel_chats.clone(),
+                config.clone(),
+            )
+            .with_alerts(alerts.clone()),
+        );
         Ok(Self(Arc::new(Shared {
             accounts: Accounts::new(
                 db.clone(),
@@ -73,6 +79,7 @@ impl AppState {
             health: Arc::new(Health::new(db.clone(), llm.clone())),
             recovery: Recovery::new(db.clone(), config.clone(), metrics.clone()),
             chats,
+            alerts,
             config,
             db,
             llm,

@@ -121,6 +121,10 @@ impl Default for Metrics {
     }
 }
 
+/// What became of an alert: `sent` (the receiver took it), `failed` (every attempt failed),
+/// `dropped` (the queue was full and a settled charge went unchecked).
+pub const ALERT_OUTCOMES: [&str; 3] = ["sent", "failed", "dropped"];
+
 impl Metrics {
     pub fn new() -> Self {
         let recorder = PrometheusBuilder::new()
@@ -178,6 +182,10 @@ impl Metrics {
                 "tokenchat_upstream_breaker_state",
                 "Each target's circuit breaker: 0 closed, 1 open, 2 half open (its probe next), 3 cooling (Retry-After)."
             );
+            metrics::describe_counter!(
+                "tokenchat_alerts_total",
+                "Alert events, by outcome: sent, failed (every attempt failed), dropped (a full queue skipped a check)."
+            );
             metrics::describe_gauge!(
                 "tokenchat_chats_in_flight",
                 "Chats being served: reserving, waiting for the model, settling."
@@ -194,6 +202,9 @@ impl Metrics {
             metrics::counter!("tokenchat_tokens_charged_total").absolute(0);
             metrics::counter!("tokenchat_tokens_refunded_total").absolute(0);
             metrics::counter!("tokenchat_usage_overruns_total").absolute(0);
+            for outcome in ALERT_OUTCOMES {
+                metrics::counter!("tokenchat_alerts_total", "outcome" => outcome).absolute(0);
+            }
             metrics::gauge!("tokenchat_chats_in_flight").set(0.0);
         });
         metrics
@@ -291,6 +302,13 @@ impl Metrics {
     /// reservation): it was charged the reservation.
     pub fn usage_overrun(&self) {
         self.record(|| metrics::counter!("tokenchat_usage_overruns_total").increment(1));
+    }
+
+    /// An alert event `outcome`: one of [`ALERT_OUTCOMES`].
+    pub fn alert(&self, outcome: &'static str) {
+        self.record(|| {
+            metrics::counter!("tokenchat_alerts_total", "outcome" => outcome).increment(1)
+        });
     }
 
     /// The model answered (or failed to) after `took`; `error` names the failure's kind.

@@ -2,6 +2,7 @@
 //! ([`vars`] reads and checks each one; [`urls`] keeps the URLs that may hold secrets), and
 //! the optional configuration file with the price book ([`file`]).
 
+pub mod alerts;
 pub mod file;
 pub mod routing;
 mod urls;
@@ -14,6 +15,7 @@ use secrecy::SecretString;
 
 use crate::{clock::Clock, domain::Limits, pricing::PriceBook};
 
+pub use alerts::{AlertsConfig, Threshold};
 pub use routing::{RetryPolicy, Routing};
 pub use urls::{redacted_url, DatabaseUrl, UpstreamUrl};
 use vars::Vars;
@@ -93,6 +95,8 @@ pub struct Config {
     pub user_limits: Limits,
     /// The clock budgets, rates and key expiry read: the system's (tests move it on).
     pub clock: Clock,
+    /// The alert webhook (`ALERT_WEBHOOK_*`, `ALERT_THRESHOLDS`); `None`: alerts are off.
+    pub alerts: Option<AlertsConfig>,
 }
 
 /// How long a connection may take over each part of a request, and how many may be open.
@@ -389,6 +393,7 @@ impl Config {
             },
             user_limits: Limits::default(),
             clock: Clock::default(),
+            alerts: alerts::read(&vars)?,
         };
         config.user_limits = user_limits::default_user_limits(&vars, &config.served_models())?;
         // A budget smaller than one body of the largest kind would refuse every such request.

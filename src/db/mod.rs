@@ -1,5 +1,6 @@
 //! The database layer: connecting, migrating, and every query the service runs.
 
+pub mod alerts;
 pub mod api_keys;
 pub mod audit;
 #[macro_use]

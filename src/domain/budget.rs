@@ -47,6 +47,11 @@ pub enum BudgetOwner {
 }
 
 impl Budgets {
+    /// The key whose budget the call counts against, if any.
+    pub fn key_id(&self) -> Option<i64> {
+        self.key.map(|(key_id, _)| key_id)
+    }
+
     /// When the budget `owner` refused with begins again (`None`: a total budget).
     pub fn resets_at(&self, owner: BudgetOwner) -> Option<i64> {
         match owner {

@@ -1,6 +1,7 @@
 //! The service layer: the rules of the product, between the routes and the database.
 
 pub mod accounts;
+pub mod alerts;
 pub mod audit;
 pub mod auth;
 pub mod chat;

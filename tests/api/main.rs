@@ -1,6 +1,7 @@
 //! The integration suite, one binary: the contract, the accounting, the real server and
 //! binary, and attacks on both. `TEST_LOG=1 cargo test` shows the server's logs.
 
+mod alerts;
 mod chat_charges;
 mod common;
 mod connections;

@@ -134,12 +134,13 @@ async fn run(
                 db::embeddings::settle_answered(&chats.db, embedding_id, usage, source, charge);
             match settled.await {
                 Ok(Some((balance, charged))) => {
+                    chats.alerts.charged(user_id, budgets.key_id());
                     return Ok(Embedded {
                         body: embedding.body,
                         balance,
                         charged,
                         usage: embedding.usage,
-                    })
+                    });
                 }
                 // Recovery judged it abandoned and refunded it: not charged, not answered.
                 Ok(None) => return Err(ServiceError::ChatExpired),

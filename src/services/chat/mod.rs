@@ -28,6 +28,7 @@ use crate::{
     domain::{Budgets, IdempotencyKey, Message},
     llm::{Ask, Forwarded, LlmClient, LlmError, PromptMessage, Usage},
     services::{
+        alerts::Alerts,
         conversations::{self, Turn},
         limits::TokenMeters,
         recovery,
@@ -111,6 +112,8 @@ pub struct Chats {
     /// `LLM_SYSTEM_PROMPT` in tokens of `LLM_MODEL`'s tokenizer, when the book prices it:
     /// counted once here rather than in every `/chat`.
     system_prompt_tokens: Option<u64>,
+    /// Told of every charge made final, to check it against the alert thresholds.
+    alerts: Alerts,
 }
 
 impl Chats {
@@ -136,7 +139,14 @@ impl Chats {
             cut_short,
             config,
             system_prompt_tokens,
+            alerts: Alerts::default(),
         }
+    }
+
+    /// The same, telling `alerts` of every charge made final (off by default).
+    pub fn with_alerts(mut self, alerts: Alerts) -> Self {
+        self.alerts = alerts;
+        self
     }
 }
 
@@ -419,6 +429,7 @@ impl ChatInFlight {
                     Ok(Some(settled)) => {
                         self.count_answered(settled.charged, metering);
                         self.count_model_tokens(&settlement.usage);
+                        chats.alerts.charged(self.user_id, self.budgets.key_id());
                         return Ok(ChatAnswer {
                             chat_id,
                             response: completion.content,

@@ -312,6 +312,7 @@ impl ChatInFlight {
                         // Charged whether or not the client is still there to read it.
                         let _ = events.send(done).await;
                         self.count_answered(settled.charged, metering);
+                        chats.alerts.charged(self.user_id, self.budgets.key_id());
                         return;
                     }
                     Ok(None) => ServiceError::ChatExpired,
@@ -331,7 +332,9 @@ impl ChatInFlight {
                     chats.metrics.chat_ended(ChatOutcome::Abandoned, tokens);
                 } else {
                     let (kept, charged) = delivered();
-                    self.settle_unanswered(chat_id, how, kept).await;
+                    if self.settle_unanswered(chat_id, how, kept).await {
+                        chats.alerts.charged(self.user_id, self.budgets.key_id());
+                    }
                     self.count_charged(ChatOutcome::Abandoned, charged, metering);
                 }
                 return;
@@ -353,6 +356,7 @@ impl ChatInFlight {
                 let charged = if settled { charged } else { 0 };
                 if settled {
                     self.count_charged(failure_outcome(&error), charged, metering);
+                    chats.alerts.charged(self.user_id, self.budgets.key_id());
                 }
                 let failed = StreamEvent::Failed { error, charged };
                 let _ = events.send(failed).await;
