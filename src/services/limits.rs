@@ -4,6 +4,8 @@
 //! stand for OpenAI's headers, the budgets its reservation counts against, and the token
 //! rates its model tokens are counted in once it is over.
 
+use tokio_util::task::TaskTracker;
+
 use crate::{
     db::Db,
     domain::{Budgets, Limits},
@@ -53,8 +55,14 @@ impl TokenMeters {
         }
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+    /// Counts `tokens` as [`Self::count`] does, in a tracked task of its own, so that the
+    /// answer does not wait for it.
+    pub fn count_in_background(&self, tasks: &TaskTracker, db: &Db, tokens: i64, now_ms: i64) {
+        if self.0.is_empty() {
+            return;
+        }
+        let (db, meters) = (db.clone(), self.clone());
+        tasks.spawn(async move { meters.count(&db, tokens, now_ms).await });
     }
 }
 

@@ -224,7 +224,8 @@ pub async fn embeddings(
         Err(refused) => return Ok(refused),
     };
     let model = request.model.clone();
-    let embedded = chat::embed(&state.chats, user.id, request, admitted.budgets).await;
+    let meters = admitted.token_meters.clone();
+    let embedded = chat::embed(&state.chats, user.id, request, admitted.budgets, meters).await;
     let answered = match embedded {
         Ok(embedded) => {
             let body = json_answer(embedded.body, &model, embedded.charged);

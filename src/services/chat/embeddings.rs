@@ -16,7 +16,7 @@ use crate::{
     domain::Budgets,
     llm::{EmbeddingUsage, Forwarded},
     pricing::TokenCounts,
-    services::{recovery, ServiceError, ServiceResult},
+    services::{limits::TokenMeters, recovery, ServiceError, ServiceResult},
 };
 
 /// An answered, charged embeddings call.
@@ -38,11 +38,13 @@ pub async fn embed(
     user_id: i64,
     request: Forwarded,
     budgets: Budgets,
+    token_meters: TokenMeters,
 ) -> ServiceResult<Embedded> {
     chats.throttle.chat(user_id)?;
     let client_gone = CancellationToken::new();
     let _cancel_when_dropped = client_gone.clone().drop_guard();
-    let call = run(chats.clone(), user_id, request, budgets, client_gone);
+    let limits = (budgets, token_meters);
+    let call = run(chats.clone(), user_id, request, limits, client_gone);
     chats.tasks.spawn(call.in_current_span()).await?
 }
 
@@ -50,7 +52,8 @@ async fn run(
     chats: Arc<Chats>,
     user_id: i64,
     request: Forwarded,
-    budgets: Budgets,
+    // The budgets it counts against and the rates its model tokens are counted in.
+    (budgets, token_meters): (Budgets, TokenMeters),
     client_gone: CancellationToken,
 ) -> ServiceResult<Embedded> {
     // Priced by its prompt, bounded by the request's bytes (each token at least one byte).
@@ -135,6 +138,9 @@ async fn run(
             match settled.await {
                 Ok(Some((balance, charged))) => {
                     chats.alerts.charged(user_id, budgets.key_id());
+                    let tokens = usage.map_or(0, |usage| usage.total_tokens);
+                    let now_ms = chats.config.clock.now_ms();
+                    token_meters.count_in_background(&chats.tasks, &chats.db, tokens, now_ms);
                     return Ok(Embedded {
                         body: embedding.body,
                         balance,

@@ -477,15 +477,10 @@ impl ChatInFlight {
     /// Counts the model tokens of a settled answer in its key's and user's tokens a minute,
     /// in a tracked task of its own: the answer does not wait for it.
     fn count_model_tokens(&self, usage: &db::chats::TokenUsage) {
-        if self.token_meters.is_empty() {
-            return;
-        }
         let tokens = usage.prompt_tokens.unwrap_or(0) + usage.completion_tokens.unwrap_or(0);
-        let (db, meters) = (self.chats.db.clone(), self.token_meters.clone());
-        let now_ms = self.chats.config.clock.now_ms();
-        self.chats
-            .tasks
-            .spawn(async move { meters.count(&db, tokens, now_ms).await });
+        let chats = &self.chats;
+        let now_ms = chats.config.clock.now_ms();
+        (self.token_meters).count_in_background(&chats.tasks, &chats.db, tokens, now_ms);
     }
 
     /// A priced model whose usage cost more than was reserved: charged the reservation,

@@ -128,3 +128,35 @@ async fn a_users_tokens_a_minute_from_the_configuration_hold_for_every_credentia
         "a call refused for tokens uses none of the minute's requests"
     );
 }
+
+#[tokio::test]
+async fn an_embeddings_calls_tokens_count_in_its_keys_minute_too() {
+    let app = TestApp::new().await;
+    let token = app.user_with_token("user").await;
+    let (key, id) = key_with(&app, &token, json!({ "tpm": 12 })).await;
+    // Eleven words: eleven of the minute's twelve tokens in one call.
+    let words = "one two three four five six seven eight nine ten eleven";
+    let embed = || {
+        app.post_authorized(
+            "/v1/embeddings",
+            &key,
+            json!({ "model": "llama3.2", "input": words }),
+        )
+    };
+    let first = embed().await;
+    assert_eq!(first.status, StatusCode::OK, "{first:?}");
+    assert_eq!(header(&first, "x-ratelimit-limit-tokens"), "12");
+    let name = format!("key-tokens:{id}");
+    let after_embedding = counted(&app, &name, 0).await;
+    // The minute is not used up: a chat is admitted, and its 24 pass it.
+    app.llm.set_reply(Reply::EchoReporting(usage(12, 0, 12, 0)));
+    let chat = ask(&app, &key).await;
+    assert_eq!(
+        chat.status,
+        StatusCode::OK,
+        "the minute is not over yet: {chat:?}"
+    );
+    counted(&app, &name, after_embedding).await;
+    let refused = embed().await;
+    assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS, "{refused:?}");
+}

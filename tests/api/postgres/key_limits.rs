@@ -1,5 +1,6 @@
-//! Limits per API key across two processes on one PostgreSQL database: a key's budget and
-//! its requests a minute hold for both together, as for one.
+//! Limits per API key and per user across two processes on one PostgreSQL database: a
+//! key's budget, its requests a minute and a user's budget hold for both together, as for
+//! one.
 
 use serde_json::json;
 
@@ -66,4 +67,32 @@ async fn two_processes_share_one_keys_requests_a_minute() {
         "one minute of thirty, shared"
     );
     assert_eq!(pair.llm.calls(), 30);
+}
+
+#[tokio::test]
+async fn two_processes_racing_on_a_users_budget_from_the_configuration_answer_thirty() {
+    let Some(pair) = TwoInstances::start(&[
+        ("INITIAL_TOKENS", "100000"),
+        ("USER_BUDGET_TOKENS", "3000"),
+        ("USER_BUDGET_PERIOD", "week"),
+    ])
+    .await
+    else {
+        return;
+    };
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(64)
+        .build()
+        .unwrap();
+    let token = pair.user(&http).await;
+    let answered = pair.race_chats(&http, &token, 200).await;
+    assert_eq!(answered, 30, "the user's budget buys thirty chats at 100");
+    assert_eq!(pair.llm.calls(), 30);
+    assert_eq!(pair.scalar("SELECT budget_spent FROM users").await, 3000);
+    assert_eq!(
+        pair.scalar("SELECT tokens FROM users").await,
+        100_000 - 3000
+    );
+    let audit = pair.audit();
+    assert!(audit.status.success(), "{audit:?}");
 }
