@@ -74,6 +74,7 @@ fn usage_errors_exit_with_status_2_and_every_command_has_help_and_a_version() {
         &["user", "grant", "--help"],
         &["user", "disable", "--help"],
         &["user", "enable", "--help"],
+        &["user", "limits", "--help"],
     ] {
         let help = run(dir.path(), command);
         assert!(help.status.success(), "{command:?}: {help:?}");
