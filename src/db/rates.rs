@@ -14,6 +14,19 @@ pub enum Rate {
     Refused { tat_ms: i64 },
 }
 
+/// The conflict clause of [`admit`]'s upsert, the same on both backends: `CASE` rather than
+/// SQLite's `MAX` or PostgreSQL's `GREATEST`. Admitted while the theoretical arrival time it
+/// leaves stays within the window ahead of now.
+macro_rules! admitted_on_conflict {
+    () => {
+        "ON CONFLICT (name) DO UPDATE
+         SET tat_ms = CASE WHEN rate_limits.tat_ms > $2 THEN rate_limits.tat_ms ELSE $2 END + $3
+         WHERE CASE WHEN rate_limits.tat_ms > $2 THEN rate_limits.tat_ms ELSE $2 END + $3 - $2
+               <= $4
+         RETURNING tat_ms"
+    };
+}
+
 /// Checks and counts one request of `name` at `now_ms`, each request taking `interval_ms`
 /// of a `window_ms` that may be filled ahead of now.
 #[tracing::instrument(level = "debug", skip_all)]
@@ -24,21 +37,34 @@ pub async fn admit(
     interval_ms: i64,
     window_ms: i64,
 ) -> Result<Rate, sqlx::Error> {
-    // `CASE` rather than SQLite's `MAX` or PostgreSQL's `GREATEST`: one statement for both.
-    let admitted: Option<i64> = db_run!(db, pool => sqlx::query_scalar(
-        "INSERT INTO rate_limits (name, tat_ms) VALUES ($1, $2 + $3)
-         ON CONFLICT (name) DO UPDATE
-         SET tat_ms = CASE WHEN rate_limits.tat_ms > $2 THEN rate_limits.tat_ms ELSE $2 END + $3
-         WHERE CASE WHEN rate_limits.tat_ms > $2 THEN rate_limits.tat_ms ELSE $2 END + $3 - $2
-               <= $4
-         RETURNING tat_ms",
-    )
-    .bind(name)
-    .bind(now_ms)
-    .bind(interval_ms)
-    .bind(window_ms)
-    .fetch_optional(pool)
-    .await)?;
+    let admitted: Option<i64> = match db {
+        Db::Sqlite(_) => db_run!(db, pool => sqlx::query_scalar(concat!(
+            "INSERT INTO rate_limits (name, tat_ms) VALUES ($1, $2 + $3) ",
+            admitted_on_conflict!()
+        ))
+        .bind(name)
+        .bind(now_ms)
+        .bind(interval_ms)
+        .bind(window_ms)
+        .fetch_optional(pool)
+        .await)?,
+        // A count is not money: its commit need not wait for the WAL to reach the disk (a
+        // crash forgets at most the last fraction of a second of counts), which on a busy
+        // database is most of what a statement of its own costs (BENCHMARKS.md, issue 27).
+        // `set_config(.., true)` holds for this statement's own transaction only.
+        Db::Postgres(pool) => sqlx::query_scalar(concat!(
+            "INSERT INTO rate_limits (name, tat_ms)
+             SELECT $1, $2 + $3 FROM (SELECT set_config('synchronous_commit', 'off', true))
+                 AS without_waiting_for_the_disk ",
+            admitted_on_conflict!()
+        ))
+        .bind(name)
+        .bind(now_ms)
+        .bind(interval_ms)
+        .bind(window_ms)
+        .fetch_optional(pool)
+        .await?,
+    };
     if let Some(tat_ms) = admitted {
         return Ok(Rate::Admitted { tat_ms });
     }
