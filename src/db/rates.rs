@@ -3,7 +3,7 @@
 //! time on by one interval, and a request is admitted while that time stays within the
 //! window ahead of now.
 
-use super::{db_read, db_run, Db};
+use super::{db_execute, db_read, db_run, Db};
 
 /// What checking one request against a rate found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,11 +42,47 @@ pub async fn admit(
     if let Some(tat_ms) = admitted {
         return Ok(Rate::Admitted { tat_ms });
     }
-    let tat_ms: i64 = db_read!(db, pool => sqlx::query_scalar(
+    let tat_ms: Option<i64> = db_read!(db, pool => sqlx::query_scalar(
         "SELECT tat_ms FROM rate_limits WHERE name = $1",
     )
     .bind(name)
-    .fetch_one(pool)
+    .fetch_optional(pool)
     .await)?;
+    // Gone since the upsert (cleared, or swept by an instance whose clock runs ahead): as
+    // full as it was refused at, freeing up within the interval.
+    let tat_ms = tat_ms.unwrap_or(now_ms + window_ms - interval_ms);
     Ok(Rate::Refused { tat_ms })
+}
+
+/// Takes back one request of `name` counted by [`admit`]: its time moves back by
+/// `interval_ms`.
+#[tracing::instrument(level = "debug", skip_all)]
+pub async fn take_back(db: &Db, name: &str, interval_ms: i64) -> Result<(), sqlx::Error> {
+    db_execute!(
+        db,
+        sqlx::query("UPDATE rate_limits SET tat_ms = tat_ms - $2 WHERE name = $1")
+            .bind(name)
+            .bind(interval_ms)
+    )?;
+    Ok(())
+}
+
+/// Forgets every request counted for `name`.
+#[tracing::instrument(level = "debug", skip_all)]
+pub async fn clear(db: &Db, name: &str) -> Result<(), sqlx::Error> {
+    db_execute!(
+        db,
+        sqlx::query("DELETE FROM rate_limits WHERE name = $1").bind(name)
+    )?;
+    Ok(())
+}
+
+/// Deletes the rows whose time is before `before_ms`: [`admit`] treats a time in the past
+/// as now, so a missing row counts the same. How many went.
+#[tracing::instrument(level = "debug", skip_all)]
+pub async fn forget_before(db: &Db, before_ms: i64) -> Result<u64, sqlx::Error> {
+    db_execute!(
+        db,
+        sqlx::query("DELETE FROM rate_limits WHERE tat_ms < $1").bind(before_ms)
+    )
 }

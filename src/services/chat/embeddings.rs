@@ -39,7 +39,7 @@ pub async fn embed(
     request: Forwarded,
     budget: Option<BudgetUse>,
 ) -> ServiceResult<Embedded> {
-    chats.throttle.chat(user_id)?;
+    chats.throttle.chat(user_id).await?;
     let client_gone = CancellationToken::new();
     let _cancel_when_dropped = client_gone.clone().drop_guard();
     let call = run(chats.clone(), user_id, request, budget, client_gone);
