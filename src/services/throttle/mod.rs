@@ -48,14 +48,14 @@ pub struct Throttle {
 /// Where the limits are counted: in this process, with SQLite (whose file one process
 /// serves), or on PostgreSQL, where several instances share the database and so the counts.
 enum Store {
-    InProcess(InProcess),
+    InProcess(Box<InProcess>),
     Shared(Shared),
 }
 
 impl Throttle {
     pub fn new(limits: &AbuseLimits, db: &Db) -> Self {
         let store = match db {
-            Db::Sqlite(_) => Store::InProcess(InProcess::new(limits)),
+            Db::Sqlite(_) => Store::InProcess(Box::new(InProcess::new(limits))),
             Db::Postgres(_) => Store::Shared(Shared::new(limits, db.clone())),
         };
         Self { store }
