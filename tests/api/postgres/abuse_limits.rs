@@ -1,6 +1,7 @@
 //! The abuse limits across two instances on one PostgreSQL database: login attempts,
-//! registrations, the per-user chat rate and failed-login lock-outs, counted once for both,
-//! as one instance would count them; and the sweep of counts that limit no one any more.
+//! registrations, a user's chat rate and password changes, and failed-login lock-outs,
+//! counted once for both as one instance would count them; and the sweep of counts that
+//! limit no one any more.
 
 use std::time::{Duration, Instant};
 
@@ -141,6 +142,46 @@ async fn two_instances_share_one_users_chat_rate() {
     // Another user has a rate of their own.
     let other = app.user_with_token("bob").await;
     assert_eq!(second.chat(&other).await.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn two_instances_share_one_users_password_changes_an_hour() {
+    let Some((app, [first, second])) = two_instances(&[("PASSWORD_CHANGES_PER_HOUR", "2")]).await
+    else {
+        return;
+    };
+    let token = app.user_with_token("alice").await;
+    let change = |old: &str, new: &str| json!({ "old_password": old, "new_password": new });
+    let changed = first
+        .post(
+            "192.0.2.1",
+            "/password",
+            Some(&token),
+            change("pass123", "second1"),
+        )
+        .await;
+    assert_eq!(changed.status, StatusCode::NO_CONTENT, "{changed:?}");
+    let changed = second
+        .post(
+            "192.0.2.1",
+            "/password",
+            Some(&token),
+            change("second1", "third11"),
+        )
+        .await;
+    assert_eq!(changed.status, StatusCode::NO_CONTENT, "{changed:?}");
+    for instance in [&first, &second] {
+        let refused = instance
+            .post(
+                "192.0.2.1",
+                "/password",
+                Some(&token),
+                change("third11", "fourth1"),
+            )
+            .await;
+        // One more every half hour.
+        assert!((1..=1800).contains(&refused_for(&refused)), "{refused:?}");
+    }
 }
 
 #[tokio::test]
