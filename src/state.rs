@@ -51,7 +51,7 @@ impl AppState {
         }
         let metrics = Metrics::new();
         let llm = LlmClient::new(&config, metrics.clone())?;
-        let throttle = Arc::new(Throttle::new(&config.abuse));
+        let throttle = Arc::new(Throttle::new(&config.abuse, &db));
         let passwords = Arc::new(PasswordHasher::new(config.abuse.password_hash_queue));
         let tasks = TaskTracker::new();
         let cancel_chats = CancellationToken::new();

@@ -3,7 +3,7 @@
 //! time on by one interval, and a request is admitted while that time stays within the
 //! window ahead of now.
 
-use super::{db_read, db_run, Db};
+use super::{db_execute, db_read, db_run, Db};
 
 /// What checking one request against a rate found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,28 +52,33 @@ pub async fn admit(
         // crash forgets at most the last fraction of a second of counts), which on a busy
         // database is most of what a statement of its own costs (BENCHMARKS.md, issue 27).
         // `set_config(.., true)` holds for this statement's own transaction only.
-        Db::Postgres(pool) => sqlx::query_scalar(concat!(
-            "INSERT INTO rate_limits (name, tat_ms)
+        Db::Postgres(pool) => {
+            sqlx::query_scalar(concat!(
+                "INSERT INTO rate_limits (name, tat_ms)
              SELECT $1, $2 + $3 FROM (SELECT set_config('synchronous_commit', 'off', true))
                  AS without_waiting_for_the_disk ",
-            admitted_on_conflict!()
-        ))
-        .bind(name)
-        .bind(now_ms)
-        .bind(interval_ms)
-        .bind(window_ms)
-        .fetch_optional(pool)
-        .await?,
+                admitted_on_conflict!()
+            ))
+            .bind(name)
+            .bind(now_ms)
+            .bind(interval_ms)
+            .bind(window_ms)
+            .fetch_optional(pool)
+            .await?
+        }
     };
     if let Some(tat_ms) = admitted {
         return Ok(Rate::Admitted { tat_ms });
     }
-    let tat_ms: i64 = db_read!(db, pool => sqlx::query_scalar(
+    let tat_ms: Option<i64> = db_read!(db, pool => sqlx::query_scalar(
         "SELECT tat_ms FROM rate_limits WHERE name = $1",
     )
     .bind(name)
-    .fetch_one(pool)
+    .fetch_optional(pool)
     .await)?;
+    // Gone since the upsert (cleared, or swept by an instance whose clock runs ahead): as
+    // full as it was refused at, freeing up within the interval.
+    let tat_ms = tat_ms.unwrap_or(now_ms + window_ms - interval_ms);
     Ok(Rate::Refused { tat_ms })
 }
 
@@ -101,4 +106,37 @@ pub async fn add(db: &Db, name: &str, now_ms: i64, cost_ms: i64) -> Result<(), s
     .execute(pool)
     .await
     .map(|_| ()))
+}
+
+/// Takes back one request of `name` counted by [`admit`]: its time moves back by
+/// `interval_ms`.
+#[tracing::instrument(level = "debug", skip_all)]
+pub async fn take_back(db: &Db, name: &str, interval_ms: i64) -> Result<(), sqlx::Error> {
+    db_execute!(
+        db,
+        sqlx::query("UPDATE rate_limits SET tat_ms = tat_ms - $2 WHERE name = $1")
+            .bind(name)
+            .bind(interval_ms)
+    )?;
+    Ok(())
+}
+
+/// Forgets every request counted for `name`.
+#[tracing::instrument(level = "debug", skip_all)]
+pub async fn clear(db: &Db, name: &str) -> Result<(), sqlx::Error> {
+    db_execute!(
+        db,
+        sqlx::query("DELETE FROM rate_limits WHERE name = $1").bind(name)
+    )?;
+    Ok(())
+}
+
+/// Deletes the rows whose time is before `before_ms`: [`admit`] treats a time in the past
+/// as now, so a missing row counts the same. How many went.
+#[tracing::instrument(level = "debug", skip_all)]
+pub async fn forget_before(db: &Db, before_ms: i64) -> Result<u64, sqlx::Error> {
+    db_execute!(
+        db,
+        sqlx::query("DELETE FROM rate_limits WHERE tat_ms < $1").bind(before_ms)
+    )
 }

@@ -50,7 +50,7 @@ impl Accounts {
         if !self.config.abuse.registration_open {
             return Err(ServiceError::RegistrationClosed);
         }
-        self.throttle.registration(address)?;
+        self.throttle.registration(address).await?;
         self.create(username, password).await
     }
 
@@ -82,13 +82,13 @@ impl Accounts {
         password: Password,
         address: ClientAddress,
     ) -> ServiceResult<IssuedToken> {
-        self.throttle.login_attempt(address)?;
+        self.throttle.login_attempt(address).await?;
         let Some(username) = username else {
             self.passwords.verify(password.into_inner(), None).await?;
             return Err(ServiceError::WrongCredentials);
         };
         let key = username.key();
-        self.throttle.begin_password_check(&key, address)?;
+        self.throttle.begin_password_check(&key, address).await?;
         let credentials = db::users::find_credentials(&self.db, &key).await?;
         let disabled = credentials.as_ref().is_some_and(|found| found.disabled);
         let (user_id, stored_hash) = credentials
@@ -102,7 +102,7 @@ impl Accounts {
         let Some(user_id) = user_id.filter(|_| verified) else {
             return Err(ServiceError::WrongCredentials);
         };
-        self.throttle.password_matched(&key, address);
+        self.throttle.password_matched(&key, address).await;
         // Said only to whoever knows the password: to anyone else a disabled account is
         // indistinguishable from any other.
         if disabled {
@@ -125,13 +125,13 @@ impl Accounts {
         address: ClientAddress,
     ) -> ServiceResult<()> {
         let keep_token_hash = auth::login_token_hash(credential)?;
-        self.throttle.login_attempt(address)?;
-        self.throttle.password_change(user_id)?;
+        self.throttle.login_attempt(address).await?;
+        self.throttle.password_change(user_id).await?;
         let credentials = db::users::credentials_by_id(&self.db, user_id)
             .await?
             .ok_or(ServiceError::NotAuthenticated)?;
         let key = credentials.username_key;
-        self.throttle.begin_password_check(&key, address)?;
+        self.throttle.begin_password_check(&key, address).await?;
         let verified = self
             .passwords
             .verify(old.into_inner(), Some(credentials.password_hash))
@@ -141,7 +141,7 @@ impl Accounts {
                 Invalid::new("old_password", "old_password is not the current password").into(),
             );
         }
-        self.throttle.password_matched(&key, address);
+        self.throttle.password_matched(&key, address).await;
         let new_hash = self.passwords.hash(new.into_inner()).await?;
         db::users::set_password(&self.db, user_id, &new_hash, keep_token_hash).await?;
         Ok(())

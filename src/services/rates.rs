@@ -2,7 +2,8 @@
 //! each request is checked and counted in the database in one statement ([`db::rates`]), so
 //! two instances admit what one would; a call's model tokens, known only once it is over,
 //! are counted then and checked before the next call. What is left of the minute is given
-//! back for OpenAI's `x-ratelimit-*` headers.
+//! back for OpenAI's `x-ratelimit-*` headers. The same GCRA ([`check`], [`take_back`],
+//! [`clear`]) counts the abuse limits on PostgreSQL (`services::throttle`).
 
 use crate::{
     db::{self, rates::Rate, Db},
@@ -49,7 +50,11 @@ impl KeyRate {
 /// requests a minute, at `now_ms`.
 #[tracing::instrument(level = "debug", skip_all)]
 pub async fn request(db: &Db, name: &str, rpm: i64, now_ms: i64) -> ServiceResult<KeyRate> {
-    let interval_ms = MINUTE_MS / rpm.max(1);
+    let rate = Gcra {
+        limit: rpm,
+        period_ms: MINUTE_MS,
+    };
+    let interval_ms = rate.interval_ms();
     let state = |tat_ms: i64| {
         let ahead = (tat_ms - now_ms).max(0);
         RateState {
@@ -58,14 +63,54 @@ pub async fn request(db: &Db, name: &str, rpm: i64, now_ms: i64) -> ServiceResul
             reset_ms: ahead,
         }
     };
+    Ok(match check(db, name, rate, now_ms).await? {
+        Checked::Admitted { tat_ms } => KeyRate::Admitted(state(tat_ms)),
+        Checked::Refused {
+            tat_ms,
+            retry_after_secs,
+        } => KeyRate::Refused {
+            retry_after_secs,
+            state: state(tat_ms),
+        },
+    })
+}
+
+/// A rate of `limit` requests a `period_ms`, by GCRA: `limit` at once, then one every
+/// `period_ms / limit`, as governor's quotas count in-process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Gcra {
+    pub limit: i64,
+    pub period_ms: i64,
+}
+
+impl Gcra {
+    /// What one request takes of the period; never zero, or nothing would be counted.
+    pub fn interval_ms(self) -> i64 {
+        (self.period_ms / self.limit.max(1)).max(1)
+    }
+}
+
+/// What checking one request of a shared rate found; the theoretical arrival time either
+/// way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Checked {
+    Admitted { tat_ms: i64 },
+    Refused { tat_ms: i64, retry_after_secs: u64 },
+}
+
+/// Checks and counts one request of `name` against `rate` at `now_ms`, in one statement on
+/// the database every instance shares (two when refused: the second reads how long to wait).
+pub async fn check(db: &Db, name: &str, rate: Gcra, now_ms: i64) -> ServiceResult<Checked> {
+    let interval_ms = rate.interval_ms();
     Ok(
-        match db::rates::admit(db, name, now_ms, interval_ms, MINUTE_MS).await? {
-            Rate::Admitted { tat_ms } => KeyRate::Admitted(state(tat_ms)),
+        match db::rates::admit(db, name, now_ms, interval_ms, rate.period_ms).await? {
+            Rate::Admitted { tat_ms } => Checked::Admitted { tat_ms },
             Rate::Refused { tat_ms } => {
-                let wait_ms = (tat_ms + interval_ms - MINUTE_MS - now_ms).max(1);
-                KeyRate::Refused {
+                // Admitted again once the time, one interval on, is back within the period.
+                let wait_ms = (tat_ms + interval_ms - rate.period_ms - now_ms).max(1);
+                Checked::Refused {
+                    tat_ms,
                     retry_after_secs: (wait_ms as u64).div_ceil(1000),
-                    state: state(tat_ms),
                 }
             }
         },
@@ -113,6 +158,25 @@ pub async fn count_tokens(
     let cost_ms = i64::try_from(cost_ms).unwrap_or(i64::MAX / 4);
     db::rates::add(db, name, now_ms, cost_ms).await?;
     Ok(())
+}
+
+/// Takes back one request of `name` that [`check`] admitted against `rate`.
+pub async fn take_back(db: &Db, name: &str, rate: Gcra) -> ServiceResult<()> {
+    Ok(db::rates::take_back(db, name, rate.interval_ms()).await?)
+}
+
+/// Forgets every request counted for `name`.
+pub async fn clear(db: &Db, name: &str) -> ServiceResult<()> {
+    Ok(db::rates::clear(db, name).await?)
+}
+
+/// Rows whose time was past this long ago are swept: the margin keeps an instance whose
+/// clock runs ahead from deleting a row another still counts on.
+const SWEEP_MARGIN_MS: i64 = MINUTE_MS;
+
+/// Deletes the rates that no longer limit anyone (their time is past); how many went.
+pub async fn forget_past(db: &Db, now_ms: i64) -> ServiceResult<u64> {
+    Ok(db::rates::forget_before(db, now_ms - SWEEP_MARGIN_MS).await?)
 }
 
 #[cfg(test)]

@@ -40,7 +40,7 @@ pub async fn embed(
     budgets: Budgets,
     token_meters: TokenMeters,
 ) -> ServiceResult<Embedded> {
-    chats.throttle.chat(user_id)?;
+    chats.throttle.chat(user_id).await?;
     let client_gone = CancellationToken::new();
     let _cancel_when_dropped = client_gone.clone().drop_guard();
     let limits = (budgets, token_meters);

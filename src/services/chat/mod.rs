@@ -87,7 +87,7 @@ pub async fn chat(
     user_id: i64,
     question: Question,
 ) -> ServiceResult<ChatAnswer> {
-    chats.throttle.chat(user_id)?;
+    chats.throttle.chat(user_id).await?;
     let (request, client_gone) = ChatInFlight::new(chats, user_id, question, false);
     let _cancel_when_dropped = client_gone.drop_guard();
     // The span goes along, so the chat's work shows in the request's trace.

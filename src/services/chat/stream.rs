@@ -131,7 +131,7 @@ pub async fn chat_streamed(
     user_id: i64,
     question: Question,
 ) -> ServiceResult<StreamedChat> {
-    chats.throttle.chat(user_id)?;
+    chats.throttle.chat(user_id).await?;
     let (request, client_gone) = ChatInFlight::new(chats, user_id, question, true);
     let cancel_when_dropped = client_gone.drop_guard();
     let (started, start) = oneshot::channel();

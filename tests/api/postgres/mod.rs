@@ -2,6 +2,7 @@
 //! database can show: races for the last tokens and for one idempotency key, and one
 //! process's orphans refunded by another.
 
+mod abuse_limits;
 mod alerts;
 mod key_limits;
 

@@ -1,10 +1,9 @@
-//! Abuse limits: login attempts and registrations per client address, chats per user
-//! (rates, with governor), and failed-login lock-outs per (username, address) and per
-//! username across addresses (counters of our own, below). Every store is bounded.
+//! The abuse limits counted in this process (with SQLite, whose file one process serves):
+//! rates with governor, and failed-login lock-outs with counters of our own, below. Every
+//! store is bounded.
 
 use std::{
     collections::HashMap,
-    net::IpAddr,
     num::NonZeroU32,
     sync::Mutex,
     time::{Duration, Instant},
@@ -14,48 +13,22 @@ use governor::{
     clock::{Clock, DefaultClock},
     DefaultKeyedRateLimiter, Quota, RateLimiter,
 };
-use sha2::{Digest, Sha256};
 
+use super::{pair_key, retry_after_secs, user_key, ClientAddress, Key};
 use crate::{config::AbuseLimits, services::ServiceError};
 
-/// The address a rate is counted for. IPv6 clients are counted by their /64, since one
-/// subscriber commonly holds a whole /64 and could otherwise rotate through it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct ClientAddress(IpAddr);
-
-impl ClientAddress {
-    pub fn new(ip: IpAddr) -> Self {
-        match ip {
-            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-                Some(v4) => Self(IpAddr::V4(v4)),
-                None => {
-                    let prefix = u128::from(v6) & !((1u128 << 64) - 1);
-                    Self(IpAddr::V6(prefix.into()))
-                }
-            },
-            v4 => Self(v4),
-        }
-    }
-
-    /// The address of a request that came with none (in-process calls).
-    pub fn unknown() -> Self {
-        Self(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED))
-    }
-}
-
-/// Every limit of [`AbuseLimits`], shared by all requests of the process.
-pub struct Throttle {
+/// Every limit of [`AbuseLimits`], kept in memory.
+pub(super) struct InProcess {
     login_attempts: Option<DefaultKeyedRateLimiter<ClientAddress>>,
     registrations: Option<DefaultKeyedRateLimiter<ClientAddress>>,
     chats: Option<DefaultKeyedRateLimiter<i64>>,
-    /// Few enough that a stolen token cannot keep the hashing cores busy for everyone.
     password_changes: Option<DefaultKeyedRateLimiter<i64>>,
     failures_by_user_and_address: Option<FailureCounter>,
     failures_by_user: Option<FailureCounter>,
 }
 
-impl Throttle {
-    pub fn new(limits: &AbuseLimits) -> Self {
+impl InProcess {
+    pub(super) fn new(limits: &AbuseLimits) -> Self {
         Self {
             login_attempts: keyed(limits.login_attempts_per_minute, Quota::per_minute),
             registrations: keyed(limits.registrations_per_hour, Quota::per_hour),
@@ -70,26 +43,23 @@ impl Throttle {
         }
     }
 
-    /// Counts a login attempt from `address`; `RateLimited` past the per-address rate.
-    pub fn login_attempt(&self, address: ClientAddress) -> Result<(), ServiceError> {
+    pub(super) fn login_attempt(&self, address: ClientAddress) -> Result<(), ServiceError> {
         check_rate(self.login_attempts.as_ref(), &address)
     }
 
-    /// Counts a registration from `address`; `RateLimited` past the per-address rate.
-    pub fn registration(&self, address: ClientAddress) -> Result<(), ServiceError> {
+    pub(super) fn registration(&self, address: ClientAddress) -> Result<(), ServiceError> {
         check_rate(self.registrations.as_ref(), &address)
     }
 
-    /// Counts a chat of `user_id`; `RateLimited` past the per-user rate.
-    pub fn chat(&self, user_id: i64) -> Result<(), ServiceError> {
+    pub(super) fn chat(&self, user_id: i64) -> Result<(), ServiceError> {
         check_rate(self.chats.as_ref(), &user_id)
     }
 
-    /// Counts a password check of `username_key` from `address` as a failure before it
-    /// runs, so that concurrent guesses cannot all pass the check while none has failed
-    /// yet; `RateLimited`, counting nothing, while the name is locked from `address` or
-    /// from everywhere. A check that succeeds is taken back by [`Self::password_matched`].
-    pub fn begin_password_check(
+    pub(super) fn password_change(&self, user_id: i64) -> Result<(), ServiceError> {
+        check_rate(self.password_changes.as_ref(), &user_id)
+    }
+
+    pub(super) fn begin_password_check(
         &self,
         username_key: &str,
         address: ClientAddress,
@@ -113,10 +83,7 @@ impl Throttle {
         Ok(())
     }
 
-    /// The password was right: the check counted by [`Self::begin_password_check`] is taken
-    /// back, and the owner's own address starts afresh. The earlier failures from other
-    /// addresses stay counted, or an attacker could reset them by watching the owner log in.
-    pub fn password_matched(&self, username_key: &str, address: ClientAddress) {
+    pub(super) fn password_matched(&self, username_key: &str, address: ClientAddress) {
         if let Some(counter) = &self.failures_by_user_and_address {
             counter.clear(&pair_key(username_key, address));
         }
@@ -125,13 +92,7 @@ impl Throttle {
         }
     }
 
-    /// Counts a password change of `user_id`, successful or not: each costs two hashes.
-    pub fn password_change(&self, user_id: i64) -> Result<(), ServiceError> {
-        check_rate(self.password_changes.as_ref(), &user_id)
-    }
-
-    /// Forgets what no longer limits anyone, so the stores shrink after a burst.
-    pub fn forget_stale(&self) {
+    pub(super) fn forget_stale(&self) {
         for limiter in [&self.login_attempts, &self.registrations]
             .into_iter()
             .flatten()
@@ -162,19 +123,6 @@ where
         .map(|count| RateLimiter::keyed(per(count)))
 }
 
-/// How often the stores drop what has expired.
-const FORGET_PERIOD: Duration = Duration::from_secs(60);
-
-/// Calls [`Throttle::forget_stale`] every minute, forever.
-pub async fn forget_stale_periodically(throttle: std::sync::Arc<Throttle>) {
-    let mut ticks = tokio::time::interval(FORGET_PERIOD);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        ticks.tick().await;
-        throttle.forget_stale();
-    }
-}
-
 fn check_rate<K>(limiter: Option<&DefaultKeyedRateLimiter<K>>, key: &K) -> Result<(), ServiceError>
 where
     K: Clone + Eq + std::hash::Hash,
@@ -189,38 +137,6 @@ where
                 not_until.wait_time_from(DefaultClock::default().now()),
             ),
         })
-}
-
-/// Whole seconds, rounded up, and at least one: `Retry-After: 0` invites a hot loop.
-fn retry_after_secs(wait: Duration) -> u64 {
-    let rounded_up = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-    rounded_up.max(1)
-}
-
-/// A fixed-size key: however long the username, an entry costs the same.
-type Key = [u8; 16];
-
-fn user_key(username_key: &str) -> Key {
-    digest(&[b"user", username_key.as_bytes()])
-}
-
-fn pair_key(username_key: &str, address: ClientAddress) -> Key {
-    digest(&[
-        b"pair",
-        username_key.as_bytes(),
-        address.0.to_string().as_bytes(),
-    ])
-}
-
-fn digest(parts: &[&[u8]]) -> Key {
-    let mut hasher = Sha256::new();
-    for part in parts {
-        hasher.update((part.len() as u64).to_le_bytes());
-        hasher.update(part);
-    }
-    let mut key = [0; 16];
-    key.copy_from_slice(&hasher.finalize()[..16]);
-    key
 }
 
 /// Most keys a counter remembers: at 16 bytes a key, a few megabytes at the most.
@@ -315,10 +231,6 @@ impl FailureCounter {
 mod tests {
     use super::*;
 
-    fn address(text: &str) -> ClientAddress {
-        ClientAddress::new(text.parse().unwrap())
-    }
-
     #[test]
     fn a_counter_locks_after_the_last_allowed_failure_and_names_a_wait() {
         let counter = FailureCounter::new(3, Duration::from_secs(60));
@@ -348,8 +260,8 @@ mod tests {
     #[test]
     fn concurrent_checks_never_pass_more_than_the_limit() {
         let limits = crate::config::Config::from_lookup(|_| None).unwrap().abuse;
-        let throttle = std::sync::Arc::new(Throttle::new(&limits));
-        let address = address("203.0.113.9");
+        let throttle = std::sync::Arc::new(InProcess::new(&limits));
+        let address = ClientAddress::new("203.0.113.9".parse().unwrap());
         let passed: usize = (0..8)
             .map(|_| {
                 let throttle = throttle.clone();
@@ -371,20 +283,5 @@ mod tests {
             let _ = counter.try_count(user_key(&n.to_string()));
         }
         assert_eq!(counter.tracked(), MAX_TRACKED);
-    }
-
-    #[test]
-    fn ipv6_clients_are_counted_by_their_slash_64() {
-        assert_eq!(address("2001:db8::1"), address("2001:db8::ffff:1"));
-        assert_ne!(address("2001:db8::1"), address("2001:db8:0:1::1"));
-        assert_eq!(address("::ffff:10.0.0.1"), address("10.0.0.1"));
-    }
-
-    #[test]
-    fn retry_after_is_whole_seconds_rounded_up_and_never_zero() {
-        assert_eq!(retry_after_secs(Duration::ZERO), 1);
-        assert_eq!(retry_after_secs(Duration::from_millis(1)), 1);
-        assert_eq!(retry_after_secs(Duration::from_secs(2)), 2);
-        assert_eq!(retry_after_secs(Duration::from_millis(2001)), 3);
     }
 }
