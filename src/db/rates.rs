@@ -67,15 +67,22 @@ pub async fn admit(
             .await?
         }
     };
-    if let Some(tat_ms) = admitted {
-        return Ok(Rate::Admitted { tat_ms });
+    match admitted {
+        Some(tat_ms) => Ok(Rate::Admitted { tat_ms }),
+        None => refused(db, name, now_ms, interval_ms, window_ms).await,
     }
-    let tat_ms: Option<i64> = db_read!(db, pool => sqlx::query_scalar(
-        "SELECT tat_ms FROM rate_limits WHERE name = $1",
-    )
-    .bind(name)
-    .fetch_optional(pool)
-    .await)?;
+}
+
+/// A request of `name` the upsert refused at `now_ms`, with the time as it stands, read
+/// for how long to wait.
+pub async fn refused(
+    db: &Db,
+    name: &str,
+    now_ms: i64,
+    interval_ms: i64,
+    window_ms: i64,
+) -> Result<Rate, sqlx::Error> {
+    let tat_ms = tat(db, name).await?;
     // Gone since the upsert (cleared, or swept by an instance whose clock runs ahead): as
     // full as it was refused at, freeing up within the interval.
     let tat_ms = tat_ms.unwrap_or(now_ms + window_ms - interval_ms);

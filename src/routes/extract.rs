@@ -262,6 +262,8 @@ pub struct AuthUser {
     pub credential: Credential,
     /// The user's limits (their own, or the configuration's defaults).
     pub limits: crate::domain::Limits,
+    /// An API key with `rpm`: where its requests a minute stand after this one.
+    pub key_requests: Option<crate::services::rates::RateState>,
 }
 
 impl<S: Send + Sync> FromRequestParts<S> for AuthUser {

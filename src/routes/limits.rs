@@ -7,7 +7,7 @@ use axum::{http::HeaderValue, response::IntoResponse, response::Response};
 use super::{error::ApiError, extract::AuthUser};
 use crate::{
     services::{
-        limits::{self, Admitted, Refused},
+        limits::{self, Admitted, Caller, Refused},
         rates::RateState,
     },
     state::AppState,
@@ -50,8 +50,13 @@ async fn checked(
     model: &str,
 ) -> Result<Result<Admitted, Refused>, ApiError> {
     let now_ms = state.config.clock.now_ms();
-    let key = user.credential.key_limits();
-    Ok(limits::admit(&state.db, user.id, &user.limits, key, model, now_ms).await?)
+    let caller = Caller {
+        user_id: user.id,
+        user: &user.limits,
+        key: user.credential.key_limits(),
+        key_requests: user.key_requests,
+    };
+    Ok(limits::admit(&state.db, caller, model, now_ms).await?)
 }
 
 fn refusal(refused: Refused, model: &str) -> ApiError {

@@ -21,7 +21,10 @@ use super::{
     error::ApiError as Error,
     extract::{body_format, AuthUser, TokensRemaining, X_TOKENS_REMAINING},
 };
-use crate::{services::auth, state::AppState};
+use crate::{
+    services::{auth, rates::KeyRate},
+    state::AppState,
+};
 
 /// Layer of every route: a body in a format we do not read is 415, and one declared longer
 /// than the route's limit is 413, even on a route that reads no body (`POST /balance`), as
@@ -145,14 +148,27 @@ where
         .ok()
         .and_then(credential_from_header)
         .ok_or(Error::Unauthorized)?;
-    let (defaults, now) = (&state.config.user_limits, state.config.clock.now());
-    let owner = auth::authenticate(&state.db, credential, defaults, now).await?;
+    let (defaults, now_ms) = (&state.config.user_limits, state.config.clock.now_ms());
+    let owner = auth::authenticate(&state.db, credential, defaults, now_ms).await?;
+    // A key past its requests a minute, whatever it asked for.
+    let key_requests = match owner.key_rate {
+        None => None,
+        Some(KeyRate::Admitted(rate)) => Some(rate),
+        Some(KeyRate::Refused {
+            retry_after_secs,
+            state: rate,
+        }) => {
+            let refused = Error::RateLimited { retry_after_secs }.into_response();
+            return Ok(super::limits::with_rate_headers(refused, Some(rate), None));
+        }
+    };
     let balance = owner.tokens;
     request.extensions_mut().insert(AuthUser {
         id: owner.user_id,
         tokens: owner.tokens,
         credential: owner.credential,
         limits: owner.user_limits,
+        key_requests,
     });
     let Ok(mut response) = next.call(request).await;
     // A handler that moved the balance says what it left; any other answer leaves the

@@ -8,9 +8,12 @@ use rand::{
 };
 
 use crate::{
-    db::{self, tokens::TokenOwner, Db},
+    db::{self, api_keys::Counted, tokens::TokenOwner, Db},
     domain::{BudgetUse, Limits, TokenBudget},
-    services::{sha256_hex, ServiceError, ServiceResult},
+    services::{
+        rates::{self, Checked, KeyRate},
+        sha256_hex, ServiceError, ServiceResult,
+    },
 };
 
 pub const TOKEN_LENGTH: usize = 32;
@@ -43,6 +46,8 @@ pub struct Authenticated {
     pub credential: Credential,
     /// The user's limits: their own, each one not set taken from the configuration's.
     pub user_limits: Limits,
+    /// An API key with `rpm`: this request counted in its requests a minute, or refused.
+    pub key_rate: Option<KeyRate>,
 }
 
 /// The credential a request came with.
@@ -74,24 +79,31 @@ impl Credential {
 /// per busy key rather than one per request.
 const LAST_USED_GRANULARITY_SECS: i64 = 60;
 
-/// The user behind a presented login token or API key at `now`, with their balance and
+/// The user behind a presented login token or API key at `now_ms`, with their balance and
 /// limits (their own, else `default_limits`'); `NotAuthenticated` for one that is
 /// malformed, unknown, expired or revoked, and `AccountDisabled` for a live one of a
-/// disabled account.
+/// disabled account. A key with `rpm` has the request counted in its requests a minute:
+/// every request it makes, whatever the route or the answer.
 #[tracing::instrument(level = "debug", skip_all)]
 pub async fn authenticate(
     db: &Db,
     presented: &str,
     default_limits: &Limits,
-    now: i64,
+    now_ms: i64,
 ) -> ServiceResult<Authenticated> {
+    let now = now_ms.div_euclid(1000);
     if is_api_key_shaped(presented) {
-        let owner = db::api_keys::find_owner(db, &token_hash(presented), now)
-            .await?
-            .ok_or(ServiceError::NotAuthenticated)?;
+        let (owner, counted) =
+            db::api_keys::find_owner_counting(db, &token_hash(presented), now, now_ms)
+                .await?
+                .ok_or(ServiceError::NotAuthenticated)?;
         if owner.disabled {
             return Err(ServiceError::AccountDisabled);
         }
+        let key_rate = match owner.rpm {
+            None => None,
+            Some(rpm) => Some(count_key_request(db, owner.key_id, rpm, counted, now_ms).await?),
+        };
         if owner
             .last_used_at
             .is_none_or(|used| now - used >= LAST_USED_GRANULARITY_SECS)
@@ -111,6 +123,7 @@ pub async fn authenticate(
                 },
             },
             user_limits: user_limits(&owner.user_limits).or(default_limits),
+            key_rate,
         });
     }
     if !is_well_formed(presented) {
@@ -133,7 +146,30 @@ pub async fn authenticate(
         tokens,
         credential: Credential::LoginToken { token_hash },
         user_limits: user_limits(&stored).or(default_limits),
+        key_rate: None,
     })
+}
+
+/// The request of the key `key_id`, allowed `rpm` a minute, as the look-up `counted` it, or
+/// counted now where it could not.
+async fn count_key_request(
+    db: &Db,
+    key_id: i64,
+    rpm: i64,
+    counted: Counted,
+    now_ms: i64,
+) -> ServiceResult<KeyRate> {
+    let name = format!("key:{key_id}");
+    let rate = rates::per_minute(rpm);
+    let found = match counted {
+        Counted::NotHere => return rates::request(db, &name, rpm, now_ms).await,
+        Counted::Admitted { tat_ms } => db::rates::Rate::Admitted { tat_ms },
+        Counted::Refused => {
+            let interval_ms = rate.interval_ms();
+            db::rates::refused(db, &name, now_ms, interval_ms, rate.period_ms).await?
+        }
+    };
+    Ok(rates::judged(rpm, now_ms, Checked::of(found, rate, now_ms)))
 }
 
 /// A budget as stored; `None` without one (or with a period this build does not know).

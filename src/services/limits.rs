@@ -1,8 +1,9 @@
 //! The limits a call passes before anything is reserved: its API key's and its user's
-//! allowed models, model tokens a minute and requests a minute, in that order (a call
-//! refused for tokens uses none of its requests). What it passes with: where the rates
-//! stand for OpenAI's headers, the budgets its reservation counts against, and the token
-//! rates its model tokens are counted in once it is over.
+//! allowed models, model tokens a minute and the user's requests a minute, in that order
+//! (a call refused for tokens uses none of the user's requests; a key's requests are
+//! counted earlier, with the key's look-up, for every request it makes). What it passes
+//! with: where the rates stand for OpenAI's headers, the budgets its reservation counts
+//! against, and the token rates its model tokens are counted in once it is over.
 
 use tokio_util::task::TaskTracker;
 
@@ -66,17 +67,30 @@ impl TokenMeters {
     }
 }
 
-/// Checks a call to `model` at `now_ms` of the user `user_id` (limited by `user`), made with
-/// the API key `key` if any, and counts its requests.
+/// Who makes a call, and what limits them: the user (`user_id`, limited by `user`) and the
+/// API key it came with, if any, with where the key's requests a minute stood once its
+/// request was counted (at authentication).
+pub struct Caller<'a> {
+    pub user_id: i64,
+    pub user: &'a Limits,
+    pub key: Option<(i64, &'a Limits)>,
+    pub key_requests: Option<RateState>,
+}
+
+/// Checks a call of `caller` to `model` at `now_ms`, and counts it in the user's requests.
 #[tracing::instrument(level = "debug", skip_all)]
 pub async fn admit(
     db: &Db,
-    user_id: i64,
-    user: &Limits,
-    key: Option<(i64, &Limits)>,
+    caller: Caller<'_>,
     model: &str,
     now_ms: i64,
 ) -> ServiceResult<Result<Admitted, Refused>> {
+    let Caller {
+        user_id,
+        user,
+        key,
+        key_requests,
+    } = caller;
     // The common case, a user and a key with no limits, costs nothing more.
     if user.is_none() && key.is_none_or(|(_, limits)| limits.is_none()) {
         return Ok(Ok(Admitted::default()));
@@ -92,7 +106,10 @@ pub async fn admit(
     {
         return Ok(Err(Refused::ModelNotAllowed));
     }
-    let mut admitted = Admitted::default();
+    let mut admitted = Admitted {
+        requests: key_requests,
+        ..Admitted::default()
+    };
     for (subject, limits) in &subjects {
         let Some(tpm) = limits.tpm else { continue };
         let name = subject.replacen(':', "-tokens:", 1);
@@ -107,15 +124,16 @@ pub async fn admit(
             } => {
                 return Ok(Err(Refused::Rate {
                     retry_after_secs,
-                    requests: None,
+                    requests: key_requests,
                     tokens: Some(state),
                 }))
             }
         }
     }
-    for (subject, limits) in &subjects {
-        let Some(rpm) = limits.rpm else { continue };
-        match rates::request(db, subject, rpm, now_ms).await? {
+    // The user's own: the key's were counted with its look-up.
+    if let Some(rpm) = user.rpm {
+        let subject = format!("user:{user_id}");
+        match rates::request(db, &subject, rpm, now_ms).await? {
             KeyRate::Admitted(state) => admitted.requests = tighter(admitted.requests, state),
             KeyRate::Refused {
                 retry_after_secs,

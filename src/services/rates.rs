@@ -50,11 +50,22 @@ impl KeyRate {
 /// requests a minute, at `now_ms`.
 #[tracing::instrument(level = "debug", skip_all)]
 pub async fn request(db: &Db, name: &str, rpm: i64, now_ms: i64) -> ServiceResult<KeyRate> {
-    let rate = Gcra {
+    let checked = check(db, name, per_minute(rpm), now_ms).await?;
+    Ok(judged(rpm, now_ms, checked))
+}
+
+/// Requests a minute as a [`Gcra`].
+pub fn per_minute(rpm: i64) -> Gcra {
+    Gcra {
         limit: rpm,
         period_ms: MINUTE_MS,
-    };
-    let interval_ms = rate.interval_ms();
+    }
+}
+
+/// What a check of one request, allowed `rpm` a minute, at `now_ms` found, with where the
+/// minute stands for OpenAI's headers.
+pub fn judged(rpm: i64, now_ms: i64, checked: Checked) -> KeyRate {
+    let interval_ms = per_minute(rpm).interval_ms();
     let state = |tat_ms: i64| {
         let ahead = (tat_ms - now_ms).max(0);
         RateState {
@@ -63,7 +74,7 @@ pub async fn request(db: &Db, name: &str, rpm: i64, now_ms: i64) -> ServiceResul
             reset_ms: ahead,
         }
     };
-    Ok(match check(db, name, rate, now_ms).await? {
+    match checked {
         Checked::Admitted { tat_ms } => KeyRate::Admitted(state(tat_ms)),
         Checked::Refused {
             tat_ms,
@@ -72,7 +83,7 @@ pub async fn request(db: &Db, name: &str, rpm: i64, now_ms: i64) -> ServiceResul
             retry_after_secs,
             state: state(tat_ms),
         },
-    })
+    }
 }
 
 /// A rate of `limit` requests a `period_ms`, by GCRA: `limit` at once, then one every
@@ -102,19 +113,25 @@ pub enum Checked {
 /// the database every instance shares (two when refused: the second reads how long to wait).
 pub async fn check(db: &Db, name: &str, rate: Gcra, now_ms: i64) -> ServiceResult<Checked> {
     let interval_ms = rate.interval_ms();
-    Ok(
-        match db::rates::admit(db, name, now_ms, interval_ms, rate.period_ms).await? {
-            Rate::Admitted { tat_ms } => Checked::Admitted { tat_ms },
+    let found = db::rates::admit(db, name, now_ms, interval_ms, rate.period_ms).await?;
+    Ok(Checked::of(found, rate, now_ms))
+}
+
+impl Checked {
+    /// What the database's `found` means for a request at `now_ms` against `rate`.
+    pub fn of(found: Rate, rate: Gcra, now_ms: i64) -> Self {
+        match found {
+            Rate::Admitted { tat_ms } => Self::Admitted { tat_ms },
             Rate::Refused { tat_ms } => {
                 // Admitted again once the time, one interval on, is back within the period.
-                let wait_ms = (tat_ms + interval_ms - rate.period_ms - now_ms).max(1);
-                Checked::Refused {
+                let wait_ms = (tat_ms + rate.interval_ms() - rate.period_ms - now_ms).max(1);
+                Self::Refused {
                     tat_ms,
                     retry_after_secs: (wait_ms as u64).div_ceil(1000),
                 }
             }
-        },
-    )
+        }
+    }
 }
 
 /// Checks, counting nothing, whether `name` (`key-tokens:<id>` or `user-tokens:<id>`),

@@ -382,3 +382,29 @@ async fn a_keys_requests_a_minute_are_counted_across_its_routes_with_openais_hea
     assert_eq!(free.status, StatusCode::OK);
     assert!(!free.headers.contains_key("x-ratelimit-limit-requests"));
 }
+
+#[tokio::test]
+async fn a_keys_requests_a_minute_count_every_request_it_makes_whatever_the_route() {
+    let app = TestApp::new().await;
+    let token = app.user_with_token("user").await;
+    let created = app
+        .post_authorized("/keys", &token, json!({ "name": "agent", "rpm": 2 }))
+        .await;
+    let key = created.json["key"].as_str().unwrap().to_string();
+    assert_eq!(
+        app.get_authorized("/balance", &key).await.status,
+        StatusCode::OK
+    );
+    let models = app.get_authorized("/v1/models", &key).await;
+    assert_eq!(models.status, StatusCode::OK);
+    let refused = app.get_authorized("/balance", &key).await;
+    refused.assert_error(StatusCode::TOO_MANY_REQUESTS, "rate_limited");
+    assert!(refused.headers.contains_key("retry-after"));
+    assert_eq!(refused.headers["x-ratelimit-remaining-requests"], "0");
+    app.chat(&key, "hi")
+        .await
+        .assert_error(StatusCode::TOO_MANY_REQUESTS, "rate_limited");
+    assert_eq!(app.llm.calls(), 0);
+    // The owner's login token is not the key.
+    assert_eq!(app.chat(&token, "hi").await.status, StatusCode::OK);
+}
