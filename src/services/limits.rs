@@ -95,24 +95,19 @@ pub async fn admit(
     if user.is_none() && key.is_none_or(|(_, limits)| limits.is_none()) {
         return Ok(Ok(Admitted::default()));
     }
-    let subjects: Vec<(String, &Limits)> = key
-        .map(|(key_id, limits)| (format!("key:{key_id}"), limits))
-        .into_iter()
-        .chain([(format!("user:{user_id}"), user)])
-        .collect();
-    if subjects
-        .iter()
-        .any(|(_, limits)| !limits.allows_model(model))
-    {
+    let key_limits = key.map(|(_, limits)| limits);
+    if !user.allows_model(model) || key_limits.is_some_and(|key| !key.allows_model(model)) {
         return Ok(Err(Refused::ModelNotAllowed));
     }
     let mut admitted = Admitted {
         requests: key_requests,
         ..Admitted::default()
     };
-    for (subject, limits) in &subjects {
-        let Some(tpm) = limits.tpm else { continue };
-        let name = subject.replacen(':', "-tokens:", 1);
+    let token_rates = [
+        key.and_then(|(key_id, limits)| Some((format!("key-tokens:{key_id}"), limits.tpm?))),
+        user.tpm.map(|tpm| (format!("user-tokens:{user_id}"), tpm)),
+    ];
+    for (name, tpm) in token_rates.into_iter().flatten() {
         match rates::tokens_left(db, &name, tpm, now_ms).await? {
             KeyRate::Admitted(state) => {
                 admitted.tokens = tighter(admitted.tokens, state);
