@@ -11,13 +11,12 @@
 
 ALTER TABLE api_keys ADD COLUMN tpm BIGINT;
 
-ALTER TABLE users ADD COLUMN budget_tokens BIGINT;
-ALTER TABLE users ADD COLUMN budget_period TEXT;
+-- A user's own limits are one JSON object (`limits`; null: none of their own), read with
+-- every credential: one column costs a look-up a fifth of what five did (BENCHMARKS.md).
+-- Only what the triggers keep has columns of its own.
+ALTER TABLE users ADD COLUMN limits TEXT;
 ALTER TABLE users ADD COLUMN budget_spent BIGINT NOT NULL DEFAULT 0;
 ALTER TABLE users ADD COLUMN budget_period_start BIGINT;
-ALTER TABLE users ADD COLUMN models TEXT;
-ALTER TABLE users ADD COLUMN rpm BIGINT;
-ALTER TABLE users ADD COLUMN tpm BIGINT;
 
 ALTER TABLE chats ADD COLUMN user_budget_tokens BIGINT;
 ALTER TABLE chats ADD COLUMN user_budget_period_start BIGINT;

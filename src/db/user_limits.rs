@@ -3,23 +3,15 @@
 
 use super::{db_execute, db_read, Db};
 
-/// A user's own limits as stored, named as the credential look-ups select them (`user_`
-/// before each column) so they sit beside a key's in one row.
+/// A user's own limits as stored: one JSON object (`None`: none of their own), named as the
+/// credential look-ups select it (`user_limits`) so it sits beside a key's in one row.
 #[derive(Debug, Clone, Default, PartialEq, Eq, sqlx::FromRow)]
 pub struct StoredUserLimits {
-    /// Tokens a period, and the period's name.
-    pub user_budget_tokens: Option<i64>,
-    pub user_budget_period: Option<String>,
-    /// The served models, a JSON array; `None`: the configuration's default.
-    pub user_models: Option<String>,
-    pub user_rpm: Option<i64>,
-    pub user_tpm: Option<i64>,
+    pub user_limits: Option<String>,
 }
 
-/// The columns of [`StoredUserLimits`] from `users u`, for a credential look-up.
-pub const SELECTED: &str = "u.budget_tokens AS user_budget_tokens, \
-     u.budget_period AS user_budget_period, u.models AS user_models, u.rpm AS user_rpm, \
-     u.tpm AS user_tpm";
+/// The column of [`StoredUserLimits`] from `users u`, for a credential look-up.
+pub const SELECTED: &str = "u.limits AS user_limits";
 
 /// A user's limits and what the period that began at `budget_period_start` spent.
 #[derive(Debug, Clone, Default, PartialEq, Eq, sqlx::FromRow)]
@@ -39,17 +31,9 @@ pub async fn set(
 ) -> Result<bool, sqlx::Error> {
     let changed = db_execute!(
         db,
-        sqlx::query(
-            "UPDATE users SET budget_tokens = $2, budget_period = $3, models = $4, rpm = $5,
-                              tpm = $6
-             WHERE username_key = $1",
-        )
-        .bind(username_key)
-        .bind(limits.user_budget_tokens)
-        .bind(&limits.user_budget_period)
-        .bind(&limits.user_models)
-        .bind(limits.user_rpm)
-        .bind(limits.user_tpm)
+        sqlx::query("UPDATE users SET limits = $2 WHERE username_key = $1")
+            .bind(username_key)
+            .bind(&limits.user_limits)
     )?;
     Ok(changed == 1)
 }
@@ -58,9 +42,7 @@ pub async fn set(
 #[tracing::instrument(level = "debug", skip_all)]
 pub async fn get(db: &Db, username_key: &str) -> Result<Option<UserLimitsRecord>, sqlx::Error> {
     db_read!(db, pool => sqlx::query_as(
-        "SELECT budget_tokens AS user_budget_tokens, budget_period AS user_budget_period,
-                models AS user_models, rpm AS user_rpm, tpm AS user_tpm,
-                budget_spent, budget_period_start
+        "SELECT limits AS user_limits, budget_spent, budget_period_start
          FROM users WHERE username_key = $1",
     )
     .bind(username_key)

@@ -41,11 +41,43 @@ impl Limits {
         }
     }
 
-    /// The served models as stored: a JSON array of names.
-    pub fn models_json(&self) -> Option<String> {
-        self.models
-            .as_ref()
-            .map(|models| serde_json::Value::from(models.to_vec()).to_string())
+    /// These limits as stored for a user: a JSON object of those set; `None` when none is.
+    pub fn to_json(&self) -> Option<String> {
+        if self.is_none() {
+            return None;
+        }
+        let stored = StoredLimits {
+            budget: self.budget.map(|budget| StoredBudget {
+                tokens: budget.tokens,
+                period: budget.period.as_str().to_string(),
+            }),
+            models: self.models.as_deref().map(<[String]>::to_vec),
+            rpm: self.rpm,
+            tpm: self.tpm,
+        };
+        serde_json::to_string(&stored).ok()
+    }
+
+    /// Limits as [`Self::to_json`] stored them; what does not read back limits nothing, but
+    /// an unreadable list of models allows none.
+    pub fn from_json(stored: &str) -> Limits {
+        let Ok(stored) = serde_json::from_str::<StoredLimits>(stored) else {
+            return Limits {
+                models: Some(Vec::new().into()),
+                ..Limits::default()
+            };
+        };
+        Limits {
+            budget: stored.budget.and_then(|budget| {
+                Some(TokenBudget {
+                    tokens: budget.tokens,
+                    period: budget.period.parse().ok()?,
+                })
+            }),
+            models: stored.models.map(Into::into),
+            rpm: stored.rpm,
+            tpm: stored.tpm,
+        }
     }
 
     /// Served models as stored back; anything but a JSON array of names allows none.
@@ -56,6 +88,25 @@ impl Limits {
                 .into()
         })
     }
+}
+
+/// [`Limits`] as a user's row keeps them.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct StoredLimits {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    budget: Option<StoredBudget>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    models: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    rpm: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    tpm: Option<i64>,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct StoredBudget {
+    tokens: i64,
+    period: String,
 }
 
 #[cfg(test)]
@@ -84,5 +135,22 @@ mod tests {
         assert!(merged.allows_model("a") && !merged.allows_model("b"));
         assert_eq!(merged.tpm, None);
         assert!(Limits::default().allows_model("anything"));
+    }
+
+    #[test]
+    fn limits_read_back_as_they_were_stored_and_none_store_nothing() {
+        let limits = Limits {
+            budget: Some(TokenBudget {
+                tokens: 5000,
+                period: BudgetPeriod::Week,
+            }),
+            models: Some(vec!["a".to_string(), "b".to_string()].into()),
+            rpm: None,
+            tpm: Some(900),
+        };
+        let stored = limits.to_json().unwrap();
+        assert_eq!(Limits::from_json(&stored), limits);
+        assert_eq!(Limits::default().to_json(), None);
+        assert!(!Limits::from_json("not json").allows_model("a"));
     }
 }

@@ -182,15 +182,11 @@ pub fn budget_of(tokens: Option<i64>, period: Option<&str>) -> Option<TokenBudge
 
 /// A user's own limits as stored.
 pub fn user_limits(stored: &db::user_limits::StoredUserLimits) -> Limits {
-    Limits {
-        budget: budget_of(
-            stored.user_budget_tokens,
-            stored.user_budget_period.as_deref(),
-        ),
-        models: Limits::models_from_json(stored.user_models.as_deref()),
-        rpm: stored.user_rpm,
-        tpm: stored.user_tpm,
-    }
+    stored
+        .user_limits
+        .as_deref()
+        .map(Limits::from_json)
+        .unwrap_or_default()
 }
 
 /// A new API key: `tc_` and 40 letters and digits.

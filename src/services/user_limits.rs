@@ -58,11 +58,7 @@ pub async fn change(
         own.tpm = tpm;
     }
     let stored = StoredUserLimits {
-        user_budget_tokens: own.budget.map(|budget| budget.tokens),
-        user_budget_period: own.budget.map(|budget| budget.period.as_str().to_string()),
-        user_models: own.models_json(),
-        user_rpm: own.rpm,
-        user_tpm: own.tpm,
+        user_limits: own.to_json(),
     };
     // An operator's command, one at a time: the read and the write need no lock.
     if !db::user_limits::set(db, &key, &stored).await? {
