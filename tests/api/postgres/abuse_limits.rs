@@ -307,17 +307,18 @@ async fn the_sweep_deletes_the_counts_whose_time_is_past_and_keeps_the_rest() {
 
 #[tokio::test]
 async fn two_instances_under_load_admit_what_one_per_minute_rate_allows_within_five_percent() {
-    // 600 a minute: 600 at once, then one every 100 ms.
-    const PER_MINUTE: u64 = 600;
+    // 300 a minute: 300 at once, then one every 200 ms, over a whole minute of load (the
+    // issue's test), gentle enough to run beside the rest of the suite.
+    const PER_MINUTE: u64 = 300;
     const INTERVAL_MS: u64 = 60_000 / PER_MINUTE;
-    let Some((app, instances)) = two_instances(&[("CHAT_RATE_PER_MINUTE", "600")]).await else {
+    let Some((app, instances)) = two_instances(&[("CHAT_RATE_PER_MINUTE", "300")]).await else {
         return;
     };
     let token = app.user_with_token("alice").await;
-    let load_for = Duration::from_secs(12);
+    let load_for = Duration::from_secs(60);
     let started = Instant::now();
     // Four clients on each instance, each sending its next chat as soon as the last is
-    // answered (or 10 ms after a refusal, to spare the machine), until the time is up; each
+    // answered (or 50 ms after a refusal, to spare the machine), until the time is up; each
     // notes when it sent every chat that was admitted, and when it was first refused.
     let clients: Vec<_> = (0..8)
         .map(|n| {
@@ -333,7 +334,7 @@ async fn two_instances_under_load_admit_what_one_per_minute_rate_allows_within_f
                             refused_for(&answer);
                             refused += 1;
                             first_refused.get_or_insert_with(Instant::now);
-                            tokio::time::sleep(Duration::from_millis(10)).await;
+                            tokio::time::sleep(Duration::from_millis(50)).await;
                         }
                     }
                 }
