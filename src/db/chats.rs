@@ -271,9 +271,8 @@ pub async fn reserve(db: &Db, chat: NewChat<'_>) -> Result<Reservation, sqlx::Er
     })
 }
 
-/// Whose budget, if any, the database refused a reservation for (the triggers
-/// `*_counts_against_its_key_budget` raise `budget_exceeded`, the user's
-/// `user_budget_exceeded`).
+/// Whose budget, if any, the database refused a reservation for (the budget triggers raise
+/// `budget_exceeded` for a key's, `user_budget_exceeded` for a user's).
 pub(super) fn budget_exceeded(err: &dyn sqlx::error::DatabaseError) -> Option<BudgetOwner> {
     let message = err.message();
     if message.contains("user_budget_exceeded") {
