@@ -37,36 +37,28 @@ pub async fn admit(
     interval_ms: i64,
     window_ms: i64,
 ) -> Result<Rate, sqlx::Error> {
-    let admitted: Option<i64> = match db {
-        Db::Sqlite(_) => db_run!(db, pool => sqlx::query_scalar(concat!(
+    // A count is not money: on PostgreSQL its commit does not wait for the WAL to reach
+    // the disk (a crash of the database forgets at most the last fraction of a second of
+    // counts). `set_config(.., true)` holds for this statement's own transaction only.
+    let sql = match db {
+        Db::Sqlite(_) => concat!(
             "INSERT INTO rate_limits (name, tat_ms) VALUES ($1, $2 + $3) ",
             admitted_on_conflict!()
-        ))
+        ),
+        Db::Postgres(_) => concat!(
+            "INSERT INTO rate_limits (name, tat_ms)
+             SELECT $1, $2 + $3 FROM (SELECT set_config('synchronous_commit', 'off', true))
+                 AS without_waiting_for_the_disk ",
+            admitted_on_conflict!()
+        ),
+    };
+    let admitted: Option<i64> = db_run!(db, pool => sqlx::query_scalar(sql)
         .bind(name)
         .bind(now_ms)
         .bind(interval_ms)
         .bind(window_ms)
         .fetch_optional(pool)
-        .await)?,
-        // A count is not money: its commit need not wait for the WAL to reach the disk (a
-        // crash forgets at most the last fraction of a second of counts), which on a busy
-        // database is most of what a statement of its own costs (BENCHMARKS.md, issue 27).
-        // `set_config(.., true)` holds for this statement's own transaction only.
-        Db::Postgres(pool) => {
-            sqlx::query_scalar(concat!(
-                "INSERT INTO rate_limits (name, tat_ms)
-             SELECT $1, $2 + $3 FROM (SELECT set_config('synchronous_commit', 'off', true))
-                 AS without_waiting_for_the_disk ",
-                admitted_on_conflict!()
-            ))
-            .bind(name)
-            .bind(now_ms)
-            .bind(interval_ms)
-            .bind(window_ms)
-            .fetch_optional(pool)
-            .await?
-        }
-    };
+        .await)?;
     match admitted {
         Some(tat_ms) => Ok(Rate::Admitted { tat_ms }),
         None => refused(db, name, now_ms, interval_ms, window_ms).await,

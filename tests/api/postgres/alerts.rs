@@ -3,7 +3,7 @@
 
 use serde_json::json;
 
-use super::{chat, TwoInstances};
+use super::{chat, http_client, TwoInstances};
 use crate::alerts::Receiver;
 
 #[tokio::test]
@@ -19,10 +19,7 @@ async fn two_processes_pushing_one_key_across_its_threshold_at_once_send_one_eve
     else {
         return;
     };
-    let http = reqwest::Client::builder()
-        .pool_max_idle_per_host(64)
-        .build()
-        .unwrap();
+    let http = http_client();
     let token = pair.user(&http).await;
     let key = pair
         .key(

@@ -4,17 +4,14 @@
 
 use serde_json::json;
 
-use super::{chat, TwoInstances};
+use super::{chat, http_client, TwoInstances};
 
 #[tokio::test]
 async fn two_processes_racing_on_a_key_whose_budget_covers_thirty_answer_thirty() {
     let Some(pair) = TwoInstances::start(&[("INITIAL_TOKENS", "100000")]).await else {
         return;
     };
-    let http = reqwest::Client::builder()
-        .pool_max_idle_per_host(64)
-        .build()
-        .unwrap();
+    let http = http_client();
     let token = pair.user(&http).await;
     let key = pair
         .key(
@@ -40,10 +37,7 @@ async fn two_processes_share_one_keys_requests_a_minute() {
     let Some(pair) = TwoInstances::start(&[("INITIAL_TOKENS", "100000")]).await else {
         return;
     };
-    let http = reqwest::Client::builder()
-        .pool_max_idle_per_host(64)
-        .build()
-        .unwrap();
+    let http = http_client();
     let token = pair.user(&http).await;
     let key = pair
         .key(&http, &token, json!({ "name": "agent", "rpm": 30 }))
@@ -80,10 +74,7 @@ async fn two_processes_racing_on_a_users_budget_from_the_configuration_answer_th
     else {
         return;
     };
-    let http = reqwest::Client::builder()
-        .pool_max_idle_per_host(64)
-        .build()
-        .unwrap();
+    let http = http_client();
     let token = pair.user(&http).await;
     let answered = pair.race_chats(&http, &token, 200).await;
     assert_eq!(answered, 30, "the user's budget buys thirty chats at 100");

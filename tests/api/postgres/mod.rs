@@ -182,10 +182,7 @@ async fn two_processes_racing_for_the_last_tokens_answer_exactly_what_the_balanc
     let Some(pair) = TwoInstances::start(&[("INITIAL_TOKENS", "5000")]).await else {
         return;
     };
-    let http = reqwest::Client::builder()
-        .pool_max_idle_per_host(64)
-        .build()
-        .unwrap();
+    let http = http_client();
     let token = pair.user(&http).await;
     let answered = pair.race_chats(&http, &token, 300).await;
     assert_eq!(answered, 50);
@@ -200,10 +197,7 @@ async fn two_processes_creating_keys_at_once_never_pass_the_cap_of_live_keys() {
     let Some(pair) = TwoInstances::start(&[]).await else {
         return;
     };
-    let http = reqwest::Client::builder()
-        .pool_max_idle_per_host(64)
-        .build()
-        .unwrap();
+    let http = http_client();
     let token = pair.user(&http).await;
     // Several rounds, as the race showed in about half of them.
     for round in 0..4 {
@@ -566,10 +560,7 @@ async fn two_processes_racing_with_priced_chats_never_overspend_and_settle_every
     };
     pair.llm
         .set_reply(Reply::EchoReporting(crate::prices::usage(20, 5, 10, 2)));
-    let http = reqwest::Client::builder()
-        .pool_max_idle_per_host(64)
-        .build()
-        .unwrap();
+    let http = http_client();
     let token = pair.user(&http).await;
     let answered = pair.race_chats(&http, &token, 200).await;
     // 5 + ceil(15 + 2.5 + 20) = 43 a chat, whichever process answered it.
@@ -590,4 +581,12 @@ async fn two_processes_racing_with_priced_chats_never_overspend_and_settle_every
     );
     let audit = pair.audit();
     assert!(audit.status.success(), "{audit:?}");
+}
+
+/// A client that keeps enough connections open for a race of many requests.
+fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .pool_max_idle_per_host(64)
+        .build()
+        .unwrap()
 }
