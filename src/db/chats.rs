@@ -183,14 +183,17 @@ pub async fn reserve(db: &Db, chat: NewChat<'_>) -> Result<Reservation, sqlx::Er
     let chat_id: Result<Option<i64>, _> = match priced {
         // A budget: the key and the periods recorded, which the triggers
         // `chat_counts_against_its_{key,user}_budget` count, refusing the insert past one.
-        None if budgets != Budgets::default() => db_run!(db, pool => sqlx::query_scalar(
+        None if budgets != Budgets::default() => db_run!(db, pool => sqlx::query_scalar(concat!(
             "INSERT INTO chats (user_id, message, status, cost, created_at, deadline_at,
                                 conversation_id, api_key_id, budget_period_start,
                                 user_budget_tokens, user_budget_period_start)
-             SELECT id, $2, 'pending', $3, $4, $5, $6, $7, $8, $9, $10 FROM users
-             WHERE id = $1 AND tokens >= $3
+             SELECT id, $2, 'pending', $3, $4, $5, $6, $7, ",
+            later_key_period!("$7", "$8"),
+            ", $9, ",
+            later_user_period!("$10"),
+            " FROM users WHERE id = $1 AND tokens >= $3
              RETURNING id",
-        )
+        ))
         .bind(user_id)
         .bind(message)
         .bind(cost)
@@ -217,17 +220,19 @@ pub async fn reserve(db: &Db, chat: NewChat<'_>) -> Result<Reservation, sqlx::Er
         .bind(conversation_id)
         .fetch_optional(pool)
         .await),
-        Some(priced) => db_run!(db, pool => sqlx::query_scalar(
+        Some(priced) => db_run!(db, pool => sqlx::query_scalar(concat!(
             "INSERT INTO chats (user_id, message, status, cost, reserved, created_at, deadline_at,
                                 conversation_id, model, output_cap, price_prompt,
                                 price_cached_prompt, price_completion, price_request,
                                 api_key_id, budget_period_start, user_budget_tokens,
                                 user_budget_period_start)
-             SELECT id, $2, 'pending', $3, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14,
-                    $15, $16
-             FROM users WHERE id = $1 AND tokens >= $3
+             SELECT id, $2, 'pending', $3, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, ",
+            later_key_period!("$13", "$14"),
+            ", $15, ",
+            later_user_period!("$16"),
+            " FROM users WHERE id = $1 AND tokens >= $3
              RETURNING id",
-        )
+        ))
         .bind(user_id)
         .bind(message)
         .bind(cost)
@@ -270,6 +275,39 @@ pub async fn reserve(db: &Db, chat: NewChat<'_>) -> Result<Reservation, sqlx::Er
         },
     })
 }
+
+/// The period a call of the key `$key` counts in: the later of `$period` (its instance's
+/// clock's) and the key budget's own, so that a call chosen just before a period ended never
+/// takes the budget back to it (PostgreSQL's trigger also settles this under the key's lock;
+/// SQLite's one writer makes this read exact).
+macro_rules! later_key_period {
+    ($key:literal, $period:literal) => {
+        concat!(
+            "(SELECT CASE WHEN k.budget_period_start > ",
+            $period,
+            " THEN k.budget_period_start ELSE ",
+            $period,
+            " END FROM api_keys k WHERE k.id = ",
+            $key,
+            ")"
+        )
+    };
+}
+pub(super) use later_key_period;
+
+/// As [`later_key_period!`], of the user budget (the statement reads from `users`).
+macro_rules! later_user_period {
+    ($period:literal) => {
+        concat!(
+            "CASE WHEN users.budget_period_start > ",
+            $period,
+            " THEN users.budget_period_start ELSE ",
+            $period,
+            " END"
+        )
+    };
+}
+pub(super) use later_user_period;
 
 /// Whose budget, if any, the database refused a reservation for (the budget triggers raise
 /// `budget_exceeded` for a key's, `user_budget_exceeded` for a user's).

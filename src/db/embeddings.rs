@@ -49,14 +49,17 @@ pub async fn reserve(
     let now = unix_now();
     let deadline_at = now.saturating_add_unsigned(settle_within.as_secs());
     // With a budget, the triggers `embedding_counts_against_its_{key,user}_budget` count it.
-    let id: Result<Option<i64>, _> = db_run!(db, pool => sqlx::query_scalar(
+    let id: Result<Option<i64>, _> = db_run!(db, pool => sqlx::query_scalar(concat!(
         "INSERT INTO embeddings (user_id, model, status, cost, reserved, created_at, deadline_at,
                                  price_prompt, price_request, api_key_id, budget_period_start,
                                  user_budget_tokens, user_budget_period_start)
-         SELECT id, $2, 'pending', $3, $3, $4, $5, $6, $7, $8, $9, $10, $11
-         FROM users WHERE id = $1 AND tokens >= $3
+         SELECT id, $2, 'pending', $3, $3, $4, $5, $6, $7, $8, ",
+        chats::later_key_period!("$8", "$9"),
+        ", $10, ",
+        chats::later_user_period!("$11"),
+        " FROM users WHERE id = $1 AND tokens >= $3
          RETURNING id",
-    )
+    ))
     .bind(user_id)
     .bind(model)
     .bind(cost)

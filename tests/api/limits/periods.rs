@@ -90,3 +90,83 @@ async fn a_users_monthly_budget_from_the_configuration_serves_again_on_the_first
     assert_eq!(app.balance(&token).await, 4000 - 300);
     app.assert_audit_passes().await;
 }
+
+/// A key's and a user's budget as they stand: what was spent, and in which period.
+async fn spending(app: &TestApp, table: &str, id: i64) -> (i64, i64) {
+    let sql = format!("SELECT budget_spent, budget_period_start FROM {table} WHERE id = $1");
+    tokenchat::db_run!(&app.state.db, pool => sqlx::query_as(&sql)
+        .bind(id)
+        .fetch_one(pool)
+        .await)
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_call_whose_period_was_chosen_before_midnight_counts_in_the_new_day_and_takes_nothing_back(
+) {
+    // Two budgets of a day: the key's and the user's (from the configuration).
+    let app = TestApp::with_env(&[
+        ("USER_BUDGET_TOKENS", "1000"),
+        ("USER_BUDGET_PERIOD", "day"),
+    ])
+    .await;
+    let token = app.user_with_token("user").await;
+    let (key, key_id) = key_with(
+        &app,
+        &token,
+        json!({ "budget": { "tokens": 300, "period": "day" } }),
+    )
+    .await;
+    let user_id: i64 = tokenchat::db_run!(&app.state.db, pool => sqlx::query_scalar(
+        "SELECT id FROM users WHERE username = 'user'",
+    )
+    .fetch_one(pool)
+    .await)
+    .unwrap();
+    let today = app.state.config.clock.now() / DAY_SECS * DAY_SECS;
+    // A new day's chat comes first (the clock is a day on)...
+    app.state
+        .config
+        .clock
+        .advance(Duration::from_secs(DAY_SECS as u64));
+    assert_eq!(app.chat(&key, "tomorrow").await.status, StatusCode::OK);
+    let tomorrow = today + DAY_SECS;
+    assert_eq!(spending(&app, "api_keys", key_id).await, (100, tomorrow));
+    assert_eq!(spending(&app, "users", user_id).await, (100, tomorrow));
+    // ...then one whose period an instance chose just before midnight lands.
+    let yesterdays = |tokens| tokenchat::domain::BudgetUse {
+        tokens,
+        period_start: today,
+        resets_at: Some(tomorrow),
+    };
+    let reserved = tokenchat::db::chats::reserve(
+        &app.state.db,
+        tokenchat::db::chats::NewChat {
+            user_id,
+            conversation_id: None,
+            message: "late",
+            cost: 100,
+            priced: None,
+            budgets: tokenchat::domain::Budgets {
+                key: Some((key_id, yesterdays(300))),
+                user: Some(yesterdays(1000)),
+            },
+            settle_within: Duration::from_secs(60),
+        },
+    )
+    .await
+    .unwrap();
+    let tokenchat::db::chats::Reservation::Reserved { chat_id, .. } = reserved else {
+        panic!("{reserved:?}");
+    };
+    // Counted in the new day, which keeps what it had spent.
+    assert_eq!(spending(&app, "api_keys", key_id).await, (200, tomorrow));
+    assert_eq!(spending(&app, "users", user_id).await, (200, tomorrow));
+    // Refunded, it gives back to the day it was counted in.
+    assert!(tokenchat::db::chats::refund(&app.state.db, chat_id)
+        .await
+        .unwrap());
+    assert_eq!(spending(&app, "api_keys", key_id).await, (100, tomorrow));
+    assert_eq!(spending(&app, "users", user_id).await, (100, tomorrow));
+    app.assert_audit_passes().await;
+}
