@@ -90,18 +90,27 @@ pub async fn tat(db: &Db, name: &str) -> Result<Option<i64>, sqlx::Error> {
         .await)
 }
 
-/// Counts `cost_ms` of `name` at `now_ms`, whatever the window: for an amount known only
-/// once a call is over (its model tokens), checked before the next call by [`tat`].
+/// How far ahead of now [`add`] moves a time at most: a week. A huge count (a model that
+/// reports absurd usage) holds its rate shut for that long, and the time never overflows.
+pub const ADD_HORIZON_MS: i64 = 7 * 24 * 60 * 60 * 1000;
+
+/// Counts `cost_ms` of `name` at `now_ms`, whatever the window, never past
+/// [`ADD_HORIZON_MS`] ahead of now: for an amount known only once a call is over (its model
+/// tokens), checked before the next call by [`tat`].
 #[tracing::instrument(level = "debug", skip_all)]
 pub async fn add(db: &Db, name: &str, now_ms: i64, cost_ms: i64) -> Result<(), sqlx::Error> {
+    let cost_ms = cost_ms.clamp(0, ADD_HORIZON_MS);
     db_run!(db, pool => sqlx::query(
         "INSERT INTO rate_limits (name, tat_ms) VALUES ($1, $2 + $3)
          ON CONFLICT (name) DO UPDATE
-         SET tat_ms = CASE WHEN rate_limits.tat_ms > $2 THEN rate_limits.tat_ms ELSE $2 END + $3",
+         SET tat_ms = CASE WHEN rate_limits.tat_ms - $2 > $4 - $3 THEN $2 + $4
+                           WHEN rate_limits.tat_ms > $2 THEN rate_limits.tat_ms + $3
+                           ELSE $2 + $3 END",
     )
     .bind(name)
     .bind(now_ms)
     .bind(cost_ms)
+    .bind(ADD_HORIZON_MS)
     .execute(pool)
     .await
     .map(|_| ()))

@@ -150,7 +150,8 @@ pub async fn tokens_left(db: &Db, name: &str, tpm: i64, now_ms: i64) -> ServiceR
     if ahead < MINUTE_MS {
         return Ok(KeyRate::Admitted(state));
     }
-    let wait_ms = (ahead - MINUTE_MS).max(1);
+    // Admitted again once less than a minute is ahead: one millisecond past the boundary.
+    let wait_ms = ahead - MINUTE_MS + 1;
     Ok(KeyRate::Refused {
         retry_after_secs: (wait_ms as u64).div_ceil(1000),
         state,
@@ -172,7 +173,7 @@ pub async fn count_tokens(
         tpm.max(1) as i128,
     );
     let cost_ms = (share + tpm - 1) / tpm;
-    let cost_ms = i64::try_from(cost_ms).unwrap_or(i64::MAX / 4);
+    let cost_ms = i64::try_from(cost_ms).unwrap_or(db::rates::ADD_HORIZON_MS);
     db::rates::add(db, name, now_ms, cost_ms).await?;
     Ok(())
 }

@@ -332,8 +332,10 @@ impl ChatInFlight {
                     chats.metrics.chat_ended(ChatOutcome::Abandoned, tokens);
                 } else {
                     let (kept, charged) = delivered();
+                    let usage = kept.usage;
                     if self.settle_unanswered(chat_id, how, kept).await {
                         chats.alerts.charged(self.user_id, self.budgets.key_id());
+                        self.count_model_tokens(&usage);
                     }
                     self.count_charged(ChatOutcome::Abandoned, charged, metering);
                 }
@@ -350,6 +352,7 @@ impl ChatInFlight {
                 tracing::info!(chat_id, error = %err, "the model failed after text was delivered: charged");
                 let how = Unanswered::Abandoned { refund: false };
                 let (kept, charged) = delivered();
+                let usage = kept.usage;
                 let settled = self.settle_unanswered(chat_id, how, kept).await;
                 let error = ServiceError::from(err);
                 // Not settled here: recovery refunds it (or already did), and counts it.
@@ -357,6 +360,7 @@ impl ChatInFlight {
                 if settled {
                     self.count_charged(failure_outcome(&error), charged, metering);
                     chats.alerts.charged(self.user_id, self.budgets.key_id());
+                    self.count_model_tokens(&usage);
                 }
                 let failed = StreamEvent::Failed { error, charged };
                 let _ = events.send(failed).await;

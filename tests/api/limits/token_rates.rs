@@ -160,3 +160,38 @@ async fn an_embeddings_calls_tokens_count_in_its_keys_minute_too() {
     let refused = embed().await;
     assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS, "{refused:?}");
 }
+
+#[tokio::test]
+async fn an_absurd_usage_holds_the_rate_shut_for_a_week_at_most_and_never_breaks_it() {
+    let app = TestApp::new().await;
+    let token = app.user_with_token("user").await;
+    let (key, id) = key_with(&app, &token, json!({ "tpm": 1 })).await;
+    // A model that says it used a quadrillion tokens, three times over.
+    app.llm
+        .set_reply(Reply::EchoReporting(usage(1_000_000_000_000_000, 0, 1, 0)));
+    let name = format!("key-tokens:{id}");
+    let mut last = 0;
+    for n in 0..3 {
+        if n > 0 {
+            // Each time the minute frees (a week on), one more call.
+            app.state
+                .config
+                .clock
+                .advance(Duration::from_secs(7 * 24 * 60 * 60));
+        }
+        assert_eq!(ask(&app, &key).await.status, StatusCode::OK);
+        last = counted(&app, &name, last).await;
+    }
+    let now_ms = app.state.config.clock.now_ms();
+    assert!(
+        last - now_ms <= 7 * 24 * 60 * 60 * 1000,
+        "{last} - {now_ms}"
+    );
+    let refused = ask(&app, &key).await;
+    assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS, "{refused:?}");
+    let wait: u64 = header(&refused, "retry-after").parse().unwrap();
+    assert!(
+        (6 * 24 * 60 * 60..=7 * 24 * 60 * 60).contains(&wait),
+        "{wait}"
+    );
+}
