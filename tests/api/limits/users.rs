@@ -199,3 +199,28 @@ async fn an_operator_sets_shows_and_resets_a_users_limits_from_the_command_line(
     drop(server);
     assert!(run_with(dir.path(), &[], &["audit"]).status.success());
 }
+
+#[tokio::test]
+async fn a_call_over_both_its_keys_and_its_users_budget_is_refused_for_its_keys_on_both_backends() {
+    let app =
+        TestApp::with_env(&[("USER_BUDGET_TOKENS", "100"), ("USER_BUDGET_PERIOD", "day")]).await;
+    let token = app.user_with_token("user").await;
+    let (key, _) = key_with(
+        &app,
+        &token,
+        json!({ "budget": { "tokens": 100, "period": "total" } }),
+    )
+    .await;
+    assert_eq!(app.chat(&key, "first").await.status, StatusCode::OK);
+    let refused = app.chat(&key, "second").await;
+    refused.assert_error(StatusCode::PAYMENT_REQUIRED, "budget_exceeded");
+    assert_eq!(
+        refused.json["resets_at"],
+        Value::Null,
+        "the key's total budget"
+    );
+    // The login token is held by the user's daily budget alone.
+    let mine = app.chat(&token, "mine").await;
+    mine.assert_error(StatusCode::PAYMENT_REQUIRED, "budget_exceeded");
+    assert!(mine.json["resets_at"].is_string(), "{mine:?}");
+}
