@@ -183,17 +183,9 @@ pub async fn reserve(db: &Db, chat: NewChat<'_>) -> Result<Reservation, sqlx::Er
     let chat_id: Result<Option<i64>, _> = match priced {
         // A budget: the key and the periods recorded, which the triggers
         // `chat_counts_against_its_{key,user}_budget` count, refusing the insert past one.
-        None if budgets != Budgets::default() => db_run!(db, pool => sqlx::query_scalar(concat!(
-            "INSERT INTO chats (user_id, message, status, cost, created_at, deadline_at,
-                                conversation_id, api_key_id, budget_period_start,
-                                user_budget_tokens, user_budget_period_start)
-             SELECT id, $2, 'pending', $3, $4, $5, $6, $7, ",
-            later_key_period!("$7", "$8"),
-            ", $9, ",
-            later_user_period!("$10"),
-            " FROM users WHERE id = $1 AND tokens >= $3
-             RETURNING id",
-        ))
+        None if budgets != Budgets::default() => db_run!(db, pool => sqlx::query_scalar(
+            by_backend!(db, budgeted_chat!("$7", "$8", "$10"))
+        )
         .bind(user_id)
         .bind(message)
         .bind(cost)
@@ -220,19 +212,9 @@ pub async fn reserve(db: &Db, chat: NewChat<'_>) -> Result<Reservation, sqlx::Er
         .bind(conversation_id)
         .fetch_optional(pool)
         .await),
-        Some(priced) => db_run!(db, pool => sqlx::query_scalar(concat!(
-            "INSERT INTO chats (user_id, message, status, cost, reserved, created_at, deadline_at,
-                                conversation_id, model, output_cap, price_prompt,
-                                price_cached_prompt, price_completion, price_request,
-                                api_key_id, budget_period_start, user_budget_tokens,
-                                user_budget_period_start)
-             SELECT id, $2, 'pending', $3, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, ",
-            later_key_period!("$13", "$14"),
-            ", $15, ",
-            later_user_period!("$16"),
-            " FROM users WHERE id = $1 AND tokens >= $3
-             RETURNING id",
-        ))
+        Some(priced) => db_run!(db, pool => sqlx::query_scalar(
+            by_backend!(db, priced_chat!("$13", "$14", "$16"))
+        )
         .bind(user_id)
         .bind(message)
         .bind(cost)
@@ -276,10 +258,27 @@ pub async fn reserve(db: &Db, chat: NewChat<'_>) -> Result<Reservation, sqlx::Er
     })
 }
 
-/// The period a call of the key `$key` counts in: the later of `$period` (its instance's
-/// clock's) and the key budget's own, so that a call chosen just before a period ended never
-/// takes the budget back to it (PostgreSQL's trigger also settles this under the key's lock;
-/// SQLite's one writer makes this read exact).
+/// A reservation's statement text for the backend of `$db`, from `$template` (a macro
+/// taking the key-period and user-period expressions): a budget's period never goes back.
+/// On SQLite, whose one writer makes the read exact, the statement records the later of the
+/// call's period and the budget's ([`later_key_period!`], [`later_user_period!`]); on
+/// PostgreSQL the counting triggers do it under the row lock, so the statement passes the
+/// call's own and saves a look-up of the key.
+macro_rules! by_backend {
+    ($db:expr, $template:ident!($key:literal, $key_period:literal, $user_period:literal)) => {
+        match $db {
+            $crate::db::Db::Sqlite(_) => $template!(
+                later_key_period!($key, $key_period),
+                later_user_period!($user_period)
+            ),
+            $crate::db::Db::Postgres(_) => $template!($key_period, $user_period),
+        }
+    };
+}
+pub(super) use by_backend;
+
+/// The period a call of the key `$key` counts in on SQLite: the later of `$period` (its
+/// instance's clock's) and the key budget's own.
 macro_rules! later_key_period {
     ($key:literal, $period:literal) => {
         concat!(
@@ -308,6 +307,44 @@ macro_rules! later_user_period {
     };
 }
 pub(super) use later_user_period;
+
+/// A flat chat's reservation with a budget: the key's period and the user's as given.
+macro_rules! budgeted_chat {
+    ($key_period:expr, $user_period:expr) => {
+        concat!(
+            "INSERT INTO chats (user_id, message, status, cost, created_at, deadline_at,
+                                conversation_id, api_key_id, budget_period_start,
+                                user_budget_tokens, user_budget_period_start)
+             SELECT id, $2, 'pending', $3, $4, $5, $6, $7, ",
+            $key_period,
+            ", $9, ",
+            $user_period,
+            " FROM users WHERE id = $1 AND tokens >= $3
+             RETURNING id"
+        )
+    };
+}
+use budgeted_chat;
+
+/// A priced chat's reservation: the key's period and the user's as given.
+macro_rules! priced_chat {
+    ($key_period:expr, $user_period:expr) => {
+        concat!(
+            "INSERT INTO chats (user_id, message, status, cost, reserved, created_at, deadline_at,
+                                conversation_id, model, output_cap, price_prompt,
+                                price_cached_prompt, price_completion, price_request,
+                                api_key_id, budget_period_start, user_budget_tokens,
+                                user_budget_period_start)
+             SELECT id, $2, 'pending', $3, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, ",
+            $key_period,
+            ", $15, ",
+            $user_period,
+            " FROM users WHERE id = $1 AND tokens >= $3
+             RETURNING id"
+        )
+    };
+}
+use priced_chat;
 
 /// Whose budget, if any, the database refused a reservation for (the budget triggers raise
 /// `budget_exceeded` for a key's, `user_budget_exceeded` for a user's).

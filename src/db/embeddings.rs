@@ -17,6 +17,25 @@ use crate::{
     pricing::Prices,
 };
 
+/// An embeddings call's reservation: the key's period and the user's as given
+/// (`chats::by_backend!`).
+macro_rules! embedding {
+    ($key_period:expr, $user_period:expr) => {
+        concat!(
+            "INSERT INTO embeddings (user_id, model, status, cost, reserved, created_at,
+                                     deadline_at, price_prompt, price_request, api_key_id,
+                                     budget_period_start, user_budget_tokens,
+                                     user_budget_period_start)
+             SELECT id, $2, 'pending', $3, $3, $4, $5, $6, $7, $8, ",
+            $key_period,
+            ", $10, ",
+            $user_period,
+            " FROM users WHERE id = $1 AND tokens >= $3
+             RETURNING id"
+        )
+    };
+}
+
 /// The outcome of trying to reserve the price of an embeddings call.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Reservation {
@@ -49,17 +68,9 @@ pub async fn reserve(
     let now = unix_now();
     let deadline_at = now.saturating_add_unsigned(settle_within.as_secs());
     // With a budget, the triggers `embedding_counts_against_its_{key,user}_budget` count it.
-    let id: Result<Option<i64>, _> = db_run!(db, pool => sqlx::query_scalar(concat!(
-        "INSERT INTO embeddings (user_id, model, status, cost, reserved, created_at, deadline_at,
-                                 price_prompt, price_request, api_key_id, budget_period_start,
-                                 user_budget_tokens, user_budget_period_start)
-         SELECT id, $2, 'pending', $3, $3, $4, $5, $6, $7, $8, ",
-        chats::later_key_period!("$8", "$9"),
-        ", $10, ",
-        chats::later_user_period!("$11"),
-        " FROM users WHERE id = $1 AND tokens >= $3
-         RETURNING id",
-    ))
+    let id: Result<Option<i64>, _> = db_run!(db, pool => sqlx::query_scalar(
+        by_backend!(db, embedding!("$8", "$9", "$11"))
+    )
     .bind(user_id)
     .bind(model)
     .bind(cost)
