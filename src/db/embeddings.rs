@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use super::{
-    chats::{self, UsageSource},
+    chats::UsageSource,
     db_read, db_run,
     ledger::{self, Settling},
     unix_now, users, Db,
@@ -18,7 +18,7 @@ use crate::{
 };
 
 /// An embeddings call's reservation: the key's period and the user's as given
-/// (`chats::by_backend!`).
+/// (`budgets::by_backend!`).
 macro_rules! embedding {
     ($key_period:expr, $user_period:expr) => {
         concat!(
@@ -64,7 +64,7 @@ pub async fn reserve(
     budgets: Budgets,
     settle_within: Duration,
 ) -> Result<Reservation, sqlx::Error> {
-    let budget = chats::BudgetColumns::of(budgets);
+    let budget = super::budgets::BudgetColumns::of(budgets);
     let now = unix_now();
     let deadline_at = now.saturating_add_unsigned(settle_within.as_secs());
     // With a budget, the triggers `embedding_counts_against_its_{key,user}_budget` count it.
@@ -88,7 +88,7 @@ pub async fn reserve(
         Ok(id) => id,
         // PostgreSQL: a concurrent reservation took the balance first (see chats::reserve).
         Err(sqlx::Error::Database(err)) if err.is_check_violation() => None,
-        Err(sqlx::Error::Database(err)) => match chats::budget_exceeded(err.as_ref()) {
+        Err(sqlx::Error::Database(err)) => match super::budgets::budget_exceeded(err.as_ref()) {
             Some(owner) => return Ok(Reservation::BudgetExceeded(owner)),
             None => return Err(sqlx::Error::Database(err)),
         },

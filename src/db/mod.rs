@@ -4,6 +4,8 @@ pub mod alerts;
 pub mod api_keys;
 pub mod audit;
 #[macro_use]
+mod budgets;
+#[macro_use]
 pub mod chats;
 mod columns;
 pub mod conversations;

@@ -4,6 +4,7 @@
 //! A streamed chat is settled by how its stream ended ([`stream`]); an embeddings call is
 //! metered the same way ([`embeddings`]).
 
+mod counting;
 mod embeddings;
 mod idempotency;
 mod metering;
@@ -15,7 +16,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::Instrument;
 
 pub use embeddings::{embed, Embedded};
-use metering::{Metering, Settlement};
+use metering::Metering;
 pub use stream::{chat_streamed, ChatEvents, StreamEvent, StreamedChat};
 
 use crate::{
@@ -26,7 +27,7 @@ use crate::{
         Db,
     },
     domain::{Budgets, IdempotencyKey, Message},
-    llm::{Ask, Forwarded, LlmClient, LlmError, PromptMessage, Usage},
+    llm::{Ask, Forwarded, LlmClient, PromptMessage, Usage},
     services::{
         alerts::Alerts,
         conversations::{self, Turn},
@@ -459,80 +460,9 @@ impl ChatInFlight {
         Err(failure)
     }
 
-    /// Counts a chat that ended as `outcome`, charged `charged` of what `metering` reserved.
-    fn count_charged(&self, outcome: ChatOutcome, charged: i64, metering: &Metering) {
-        let returned = metering.reserved() - charged;
-        let tokens = if returned > 0 {
-            TokenMove::Settled { charged, returned }
-        } else {
-            TokenMove::Charged(charged)
-        };
-        self.chats.metrics.chat_ended(outcome, tokens);
-    }
-
-    fn count_answered(&self, charged: i64, metering: &Metering) {
-        self.count_charged(ChatOutcome::Answered, charged, metering);
-    }
-
-    /// Counts the model tokens of a settled answer in its key's and user's tokens a minute,
-    /// in a tracked task of its own: the answer does not wait for it.
-    fn count_model_tokens(&self, usage: &db::chats::TokenUsage) {
-        let tokens = usage.prompt_tokens.unwrap_or(0) + usage.completion_tokens.unwrap_or(0);
-        let chats = &self.chats;
-        let now_ms = chats.config.clock.now_ms();
-        (self.token_meters).count_in_background(&chats.tasks, &chats.db, tokens, now_ms);
-    }
-
-    /// A priced model whose usage cost more than was reserved: charged the reservation,
-    /// and the overrun counted and logged.
-    fn count_overrun(&self, chat_id: i64, settlement: &Settlement) {
-        if settlement.overrun {
-            let usage = &settlement.usage;
-            tracing::warn!(
-                chat_id,
-                prompt_tokens = usage.prompt_tokens,
-                completion_tokens = usage.completion_tokens,
-                "the model used more than its cap allowed: charged the reservation"
-            );
-            self.chats.metrics.usage_overrun();
-        }
-    }
-
-    /// Counts a reserved chat that ended in `failure`, refunded.
-    fn count_failed(&self, failure: &ServiceError, metering: &Metering) {
-        // Recovery refunded it first, and counted it then.
-        if let ServiceError::ChatExpired = failure {
-            return;
-        }
-        let outcome = failure_outcome(failure);
-        let reserved = metering.reserved();
-        self.chats
-            .metrics
-            .chat_ended(outcome, TokenMove::Refunded(reserved));
-    }
-
-    /// Counts one answer of the model asked at `asked`, or its failure.
-    fn count_upstream(&self, streamed: bool, asked: Instant, failure: Option<&ServiceError>) {
-        let kind = match failure {
-            Some(ServiceError::Model(err)) => Some(err.kind()),
-            _ => None,
-        };
-        self.chats.metrics.upstream(streamed, asked.elapsed(), kind);
-    }
-
     async fn refund(&self, chat_id: i64) {
         if let Err(err) = db::chats::refund(&self.chats.db, chat_id).await {
             tracing::error!(chat_id, error = %err, "refund failed; recovery will redo it");
         }
-    }
-}
-
-/// How a chat that ended in `failure` is counted.
-fn failure_outcome(failure: &ServiceError) -> ChatOutcome {
-    match failure {
-        ServiceError::Model(LlmError::Timeout) => ChatOutcome::UpstreamTimeout,
-        ServiceError::Model(_) => ChatOutcome::UpstreamError,
-        ServiceError::ClientGone => ChatOutcome::Abandoned,
-        _ => ChatOutcome::Refunded,
     }
 }

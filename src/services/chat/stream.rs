@@ -9,7 +9,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument;
 
 use super::{
-    failure_outcome,
+    counting::failure_outcome,
     metering::{self, Metering},
     Begun, ChatAnswer, ChatInFlight, Chats, Question,
 };

@@ -1,0 +1,85 @@
+//! What a call's reservation writes and reads of its budgets, shared by chats and
+//! embeddings: the budget columns of its row, the period expressions of its statement (a
+//! budget's period never goes back), and whose budget the database refused it for.
+
+use crate::domain::{BudgetOwner, Budgets};
+
+/// A reservation's statement text for the backend of `$db`, from `$template` (a macro
+/// taking the key-period and user-period expressions): a budget's period never goes back.
+/// On SQLite, whose one writer makes the read exact, the statement records the later of the
+/// call's period and the budget's ([`later_key_period!`], [`later_user_period!`]); on
+/// PostgreSQL the counting triggers do it under the row lock, so the statement passes the
+/// call's own and saves a look-up of the key.
+macro_rules! by_backend {
+    ($db:expr, $template:ident!($key:literal, $key_period:literal, $user_period:literal)) => {
+        match $db {
+            $crate::db::Db::Sqlite(_) => $template!(
+                later_key_period!($key, $key_period),
+                later_user_period!($user_period)
+            ),
+            $crate::db::Db::Postgres(_) => $template!($key_period, $user_period),
+        }
+    };
+}
+
+/// The period a call of the key `$key` counts in on SQLite: the later of `$period` (its
+/// instance's clock's) and the key budget's own.
+macro_rules! later_key_period {
+    ($key:literal, $period:literal) => {
+        concat!(
+            "(SELECT CASE WHEN k.budget_period_start > ",
+            $period,
+            " THEN k.budget_period_start ELSE ",
+            $period,
+            " END FROM api_keys k WHERE k.id = ",
+            $key,
+            ")"
+        )
+    };
+}
+
+/// As [`later_key_period!`], of the user budget (the statement reads from `users`).
+macro_rules! later_user_period {
+    ($period:literal) => {
+        concat!(
+            "CASE WHEN users.budget_period_start > ",
+            $period,
+            " THEN users.budget_period_start ELSE ",
+            $period,
+            " END"
+        )
+    };
+}
+
+/// Whose budget, if any, the database refused a reservation for (the budget triggers raise
+/// `budget_exceeded` for a key's, `user_budget_exceeded` for a user's).
+pub(super) fn budget_exceeded(err: &dyn sqlx::error::DatabaseError) -> Option<BudgetOwner> {
+    let message = err.message();
+    if message.contains("user_budget_exceeded") {
+        Some(BudgetOwner::User)
+    } else if message.contains("budget_exceeded") {
+        Some(BudgetOwner::Key)
+    } else {
+        None
+    }
+}
+
+/// The budget columns of a call's row: the key and its period, the user's budget in force
+/// and its period.
+pub(super) struct BudgetColumns {
+    pub key: Option<i64>,
+    pub key_period: Option<i64>,
+    pub user_tokens: Option<i64>,
+    pub user_period: Option<i64>,
+}
+
+impl BudgetColumns {
+    pub(super) fn of(budgets: Budgets) -> Self {
+        Self {
+            key: budgets.key.map(|(key_id, _)| key_id),
+            key_period: budgets.key.map(|(_, key)| key.period_start),
+            user_tokens: budgets.user.map(|user| user.tokens),
+            user_period: budgets.user.map(|user| user.period_start),
+        }
+    }
+}
