@@ -25,7 +25,10 @@ use crate::{
 /// Served models one key may name at most.
 const MAX_KEY_MODELS: usize = 64;
 
+/// A field this build does not know is refused naming it (400 `invalid_json`): a mistyped
+/// limit (`"budgets"`) would otherwise make a key without the limit its owner meant.
 #[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct NewKey {
     /// A name to tell the key apart by.
     name: String,
@@ -50,13 +53,16 @@ pub struct NewKey {
 /// A key's budget: at most `tokens` charged in each `period` (day, week or month in UTC,
 /// or total), reservations in flight included.
 #[derive(Deserialize, Serialize, ToSchema, Clone)]
+#[serde(deny_unknown_fields)]
 pub struct Budget {
     period: String,
     tokens: i64,
 }
 
-/// `PATCH /keys/{id}`: each field given is set (`null` removes the limit), each absent kept.
+/// `PATCH /keys/{id}`: each field given is set (`null` removes the limit), each absent kept;
+/// an unknown one is refused naming it, as for [`NewKey`].
 #[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct KeyChange {
     #[serde(default, deserialize_with = "present")]
     #[schema(value_type = Option<Vec<String>>)]

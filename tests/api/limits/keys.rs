@@ -398,3 +398,34 @@ async fn a_keys_requests_a_minute_count_every_request_it_makes_whatever_the_rout
     // The owner's login token is not the key.
     assert_eq!(app.chat(&token, "hi").await.status, StatusCode::OK);
 }
+
+#[tokio::test]
+async fn a_mistyped_limit_is_refused_naming_it_rather_than_making_a_key_without_it() {
+    let app = TestApp::new().await;
+    let token = app.user_with_token("user").await;
+    for (body, named) in [
+        (
+            json!({ "name": "k", "budgets": { "tokens": 100, "period": "day" } }),
+            "budgets",
+        ),
+        (json!({ "name": "k", "rmp": 5 }), "rmp"),
+        (
+            json!({ "name": "k", "budget": { "tokens": 100, "period": "day", "hard": true } }),
+            "hard",
+        ),
+    ] {
+        let refused = app.post_authorized("/keys", &token, body.clone()).await;
+        refused.assert_error(StatusCode::BAD_REQUEST, "invalid_json");
+        let said = refused.json["error"].as_str().unwrap();
+        assert!(said.contains(named), "{body}: {said}");
+    }
+    let none = app.get_authorized("/keys", &token).await;
+    assert_eq!(none.json["keys"], json!([]), "nothing created");
+    let created = app
+        .post_authorized("/keys", &token, json!({ "name": "k" }))
+        .await;
+    let id = created.json["id"].as_i64().unwrap();
+    let refused = patch_key(&app, &token, id, json!({ "tmp": 5 })).await;
+    refused.assert_error(StatusCode::BAD_REQUEST, "invalid_json");
+    assert!(refused.json["error"].as_str().unwrap().contains("tmp"));
+}
