@@ -190,6 +190,20 @@ pub async fn change_limits(
     .await)
 }
 
+/// The look-up of a live key's owner ([`KeyOwner`]) by `$1` (the key's hash) at `$2` (now),
+/// built once: the user's limit columns are named in one place (`user_limits`).
+static OWNER: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "SELECT k.id AS key_id, k.user_id, u.tokens, k.last_used_at,
+                u.disabled_at IS NOT NULL AS disabled, k.models, k.budget_tokens,
+                k.budget_period, k.rpm, k.tpm, {}
+         FROM api_keys k JOIN users u ON u.id = k.user_id
+         WHERE k.key_hash = $1 AND k.revoked_at IS NULL
+           AND (k.expires_at IS NULL OR k.expires_at > $2)",
+        super::user_limits::SELECTED
+    )
+});
+
 /// The owner of a live, unexpired key hash at `now`, read with their balance in one query.
 #[tracing::instrument(level = "debug", skip_all)]
 pub async fn find_owner(
@@ -197,19 +211,7 @@ pub async fn find_owner(
     key_hash: &str,
     now: i64,
 ) -> Result<Option<KeyOwner>, sqlx::Error> {
-    // Built once: the user's limit columns are named in one place (`user_limits`).
-    static QUERY: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-        format!(
-            "SELECT k.id AS key_id, k.user_id, u.tokens, k.last_used_at,
-                    u.disabled_at IS NOT NULL AS disabled, k.models, k.budget_tokens,
-                    k.budget_period, k.rpm, k.tpm, {}
-             FROM api_keys k JOIN users u ON u.id = k.user_id
-             WHERE k.key_hash = $1 AND k.revoked_at IS NULL
-               AND (k.expires_at IS NULL OR k.expires_at > $2)",
-            super::user_limits::SELECTED
-        )
-    });
-    db_read!(db, pool => sqlx::query_as(QUERY.as_str())
+    db_read!(db, pool => sqlx::query_as(OWNER.as_str())
     .bind(key_hash)
     .bind(now)
     .fetch_optional(pool)
@@ -254,19 +256,11 @@ pub async fn find_owner_counting(
         }
         Db::Postgres(pool) => pool,
     };
-    // Built once: the user's limit columns are named in one place (`user_limits`). The rate's
-    // conflict clause is the same as `rates::admit`'s, its interval 60,000 / rpm; like that
+    // [`OWNER`] with the count beside it, built once. The rate's conflict clause is the same as `rates::admit`'s, its interval 60,000 / rpm; like that
     // upsert, it commits without waiting for the WAL flush (a count is not money).
     static QUERY: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
         format!(
-            "WITH owner AS (
-                 SELECT k.id AS key_id, k.user_id, u.tokens, k.last_used_at,
-                        u.disabled_at IS NOT NULL AS disabled, k.models, k.budget_tokens,
-                        k.budget_period, k.rpm, k.tpm, {}
-                 FROM api_keys k JOIN users u ON u.id = k.user_id
-                 WHERE k.key_hash = $1 AND k.revoked_at IS NULL
-                   AND (k.expires_at IS NULL OR k.expires_at > $2)
-             ), counted AS (
+            "WITH owner AS ({}), counted AS (
                  INSERT INTO rate_limits (name, tat_ms)
                  SELECT 'key:' || key_id, $3 + 60000 / rpm
                  FROM owner, (SELECT set_config('synchronous_commit', 'off', true))
@@ -280,7 +274,7 @@ pub async fn find_owner_counting(
                  RETURNING tat_ms
              )
              SELECT owner.*, (SELECT tat_ms FROM counted) AS rate_tat_ms FROM owner",
-            super::user_limits::SELECTED
+            OWNER.as_str()
         )
     });
     let found: Option<CountedOwner> = sqlx::query_as(QUERY.as_str())
