@@ -6,6 +6,37 @@ use futures_util::stream::BoxStream;
 use super::{db_read, Db};
 use crate::domain::ChatStatus;
 
+/// The four counts of a call's ledger rows that the audit compares with its status, for
+/// the calls' table as `c` joined to `ledger l`, whose rows carry the three reasons given:
+/// `reservations` of exactly `-reserved`, `refunds` of exactly `+reserved`, `settlements` of
+/// exactly `reserved - cost` (above zero), each for the call's own user, and `strays`,
+/// every other row that names the call. A call from before prices has no `reserved`: its
+/// cost was its reservation.
+#[rustfmt::skip]
+macro_rules! ledger_row_counts {
+    ($reservation:literal, $refund:literal, $settlement:literal) => { concat!(
+        "COALESCE(SUM(CASE WHEN l.reason = '", $reservation, "'
+                           AND l.amount = -COALESCE(c.reserved, c.cost)
+                           AND l.user_id = c.user_id THEN 1 ELSE 0 END), 0) AS reservations,
+         COALESCE(SUM(CASE WHEN l.reason = '", $refund, "'
+                           AND l.amount = COALESCE(c.reserved, c.cost)
+                           AND l.user_id = c.user_id THEN 1 ELSE 0 END), 0) AS refunds,
+         COALESCE(SUM(CASE WHEN l.reason = '", $settlement, "'
+                           AND l.amount = COALESCE(c.reserved, c.cost) - c.cost
+                           AND l.amount > 0
+                           AND l.user_id = c.user_id THEN 1 ELSE 0 END), 0) AS settlements,
+         COALESCE(SUM(CASE WHEN l.id IS NOT NULL AND l.user_id = c.user_id
+                           AND ((l.reason = '", $reservation, "'
+                                 AND l.amount = -COALESCE(c.reserved, c.cost))
+                                OR (l.reason = '", $refund, "'
+                                    AND l.amount = COALESCE(c.reserved, c.cost))
+                                OR (l.reason = '", $settlement, "'
+                                    AND l.amount = COALESCE(c.reserved, c.cost) - c.cost
+                                    AND l.amount > 0))
+                           THEN 0 WHEN l.id IS NOT NULL THEN 1 ELSE 0 END), 0) AS strays"
+    ) };
+}
+
 /// A user whose balance is not the sum of their ledger rows.
 #[derive(Debug, sqlx::FromRow)]
 pub struct BalanceMismatch {
@@ -79,30 +110,14 @@ pub fn running_mismatches(db: &Db) -> BoxStream<'_, Result<RunningMismatch, sqlx
 /// exactly one settlement of `reserved - cost`, any other chat none; no other row names a
 /// chat.
 pub fn chat_mismatches(db: &Db) -> BoxStream<'_, Result<ChatMoves, sqlx::Error>> {
-    db_read!(db, pool => sqlx::query_as(
+    db_read!(db, pool => sqlx::query_as(concat!(
         "SELECT * FROM (
              SELECT c.id AS chat_id, c.status, c.cost, COALESCE(c.reserved, c.cost) AS reserved,
                  c.refunded, c.response IS NOT NULL AS has_response,
                  c.erased_at IS NOT NULL AS erased,
-                 COALESCE(SUM(CASE WHEN l.reason = 'chat_reservation'
-                                   AND l.amount = -COALESCE(c.reserved, c.cost)
-                                   AND l.user_id = c.user_id THEN 1 ELSE 0 END), 0) AS reservations,
-                 COALESCE(SUM(CASE WHEN l.reason = 'chat_refund'
-                                   AND l.amount = COALESCE(c.reserved, c.cost)
-                                   AND l.user_id = c.user_id THEN 1 ELSE 0 END), 0) AS refunds,
-                 COALESCE(SUM(CASE WHEN l.reason = 'chat_settlement'
-                                   AND l.amount = COALESCE(c.reserved, c.cost) - c.cost
-                                   AND l.amount > 0
-                                   AND l.user_id = c.user_id THEN 1 ELSE 0 END), 0) AS settlements,
-                 COALESCE(SUM(CASE WHEN l.id IS NOT NULL AND l.user_id = c.user_id
-                                   AND ((l.reason = 'chat_reservation'
-                                         AND l.amount = -COALESCE(c.reserved, c.cost))
-                                        OR (l.reason = 'chat_refund'
-                                            AND l.amount = COALESCE(c.reserved, c.cost))
-                                        OR (l.reason = 'chat_settlement'
-                                            AND l.amount = COALESCE(c.reserved, c.cost) - c.cost
-                                            AND l.amount > 0))
-                                   THEN 0 WHEN l.id IS NOT NULL THEN 1 ELSE 0 END), 0) AS strays
+                 ",
+            ledger_row_counts!("chat_reservation", "chat_refund", "chat_settlement"),
+            "
              FROM chats c LEFT JOIN ledger l ON l.chat_id = c.id
              GROUP BY c.id, c.status, c.cost, c.reserved, c.refunded, c.response, c.erased_at
          ) AS moves
@@ -121,7 +136,7 @@ pub fn chat_mismatches(db: &Db) -> BoxStream<'_, Result<ChatMoves, sqlx::Error>>
              )
          )
          ORDER BY chat_id",
-    )
+    ))
     .fetch(pool))
 }
 
@@ -180,31 +195,15 @@ pub struct EmbeddingMoves {
 /// `+reserved`, a pending or answered one none; an answered one charged below its
 /// reservation exactly one settlement of the rest; no other row names a call.
 pub fn embedding_mismatches(db: &Db) -> BoxStream<'_, Result<EmbeddingMoves, sqlx::Error>> {
-    db_read!(db, pool => sqlx::query_as(
+    db_read!(db, pool => sqlx::query_as(concat!(
         "SELECT * FROM (
-             SELECT e.id AS embedding_id, e.status, e.cost,
-                 COALESCE(e.reserved, e.cost) AS reserved,
-                 COALESCE(SUM(CASE WHEN l.reason = 'embedding'
-                                   AND l.amount = -COALESCE(e.reserved, e.cost)
-                                   AND l.user_id = e.user_id THEN 1 ELSE 0 END), 0) AS reservations,
-                 COALESCE(SUM(CASE WHEN l.reason = 'embedding_refund'
-                                   AND l.amount = COALESCE(e.reserved, e.cost)
-                                   AND l.user_id = e.user_id THEN 1 ELSE 0 END), 0) AS refunds,
-                 COALESCE(SUM(CASE WHEN l.reason = 'embedding_settlement'
-                                   AND l.amount = COALESCE(e.reserved, e.cost) - e.cost
-                                   AND l.amount > 0
-                                   AND l.user_id = e.user_id THEN 1 ELSE 0 END), 0) AS settlements,
-                 COALESCE(SUM(CASE WHEN l.id IS NOT NULL AND l.user_id = e.user_id
-                                   AND ((l.reason = 'embedding'
-                                         AND l.amount = -COALESCE(e.reserved, e.cost))
-                                        OR (l.reason = 'embedding_refund'
-                                            AND l.amount = COALESCE(e.reserved, e.cost))
-                                        OR (l.reason = 'embedding_settlement'
-                                            AND l.amount = COALESCE(e.reserved, e.cost) - e.cost
-                                            AND l.amount > 0))
-                                   THEN 0 WHEN l.id IS NOT NULL THEN 1 ELSE 0 END), 0) AS strays
-             FROM embeddings e LEFT JOIN ledger l ON l.embedding_id = e.id
-             GROUP BY e.id, e.status, e.cost, e.reserved
+             SELECT c.id AS embedding_id, c.status, c.cost,
+                 COALESCE(c.reserved, c.cost) AS reserved,
+                 ",
+            ledger_row_counts!("embedding", "embedding_refund", "embedding_settlement"),
+            "
+             FROM embeddings c LEFT JOIN ledger l ON l.embedding_id = c.id
+             GROUP BY c.id, c.status, c.cost, c.reserved
          ) AS moves
          WHERE NOT (
              reservations = 1 AND strays = 0 AND cost >= 0 AND cost <= reserved
@@ -217,7 +216,7 @@ pub fn embedding_mismatches(db: &Db) -> BoxStream<'_, Result<EmbeddingMoves, sql
              )
          )
          ORDER BY embedding_id",
-    )
+    ))
     .fetch(pool))
 }
 
@@ -255,48 +254,40 @@ pub struct BudgetMismatch {
     pub calls_hold: i64,
 }
 
-pub fn budget_mismatches(db: &Db) -> BoxStream<'_, Result<BudgetMismatch, sqlx::Error>> {
-    db_read!(db, pool => sqlx::query_as(
+/// The owners (`api_keys` or `users`, as `o`) with a budget whose `budget_spent` is not
+/// what their calls of the current period hold; a call names its owner in `$owner` and its
+/// period in `$period`.
+#[rustfmt::skip]
+macro_rules! budget_mismatches_of {
+    ($owners:literal, $owner:literal, $period:literal) => { concat!(
         "SELECT * FROM (
-             SELECT k.id, k.budget_spent,
+             SELECT o.id, o.budget_spent,
                     CAST(COALESCE((SELECT SUM(CASE WHEN c.status = 'failed' OR c.refunded
                                                    THEN 0 ELSE c.cost END)
-                                   FROM chats c WHERE c.api_key_id = k.id
-                                     AND c.budget_period_start = k.budget_period_start), 0)
+                                   FROM chats c WHERE c.", $owner, " = o.id
+                                     AND c.", $period, " = o.budget_period_start), 0)
                          + COALESCE((SELECT SUM(CASE WHEN e.status = 'failed'
                                                      THEN 0 ELSE e.cost END)
-                                     FROM embeddings e WHERE e.api_key_id = k.id
-                                       AND e.budget_period_start = k.budget_period_start), 0)
+                                     FROM embeddings e WHERE e.", $owner, " = o.id
+                                       AND e.", $period, " = o.budget_period_start), 0)
                          AS BIGINT) AS calls_hold
-             FROM api_keys k WHERE k.budget_period_start IS NOT NULL
+             FROM ", $owners, " o WHERE o.budget_period_start IS NOT NULL
          ) AS spending
          WHERE budget_spent <> calls_hold
-         ORDER BY id",
-    )
-    .fetch(pool))
+         ORDER BY id"
+    ) };
+}
+
+/// The keys' budgets: see [`BudgetMismatch`].
+pub fn budget_mismatches(db: &Db) -> BoxStream<'_, Result<BudgetMismatch, sqlx::Error>> {
+    let sql = budget_mismatches_of!("api_keys", "api_key_id", "budget_period_start");
+    db_read!(db, pool => sqlx::query_as(sql).fetch(pool))
 }
 
 /// As [`budget_mismatches`], of the users' budgets.
 pub fn user_budget_mismatches(db: &Db) -> BoxStream<'_, Result<BudgetMismatch, sqlx::Error>> {
-    db_read!(db, pool => sqlx::query_as(
-        "SELECT * FROM (
-             SELECT u.id, u.budget_spent,
-                    CAST(COALESCE((SELECT SUM(CASE WHEN c.status = 'failed' OR c.refunded
-                                                   THEN 0 ELSE c.cost END)
-                                   FROM chats c WHERE c.user_id = u.id
-                                     AND c.user_budget_period_start = u.budget_period_start), 0)
-                         + COALESCE((SELECT SUM(CASE WHEN e.status = 'failed'
-                                                     THEN 0 ELSE e.cost END)
-                                     FROM embeddings e WHERE e.user_id = u.id
-                                       AND e.user_budget_period_start = u.budget_period_start),
-                                    0)
-                         AS BIGINT) AS calls_hold
-             FROM users u WHERE u.budget_period_start IS NOT NULL
-         ) AS spending
-         WHERE budget_spent <> calls_hold
-         ORDER BY id",
-    )
-    .fetch(pool))
+    let sql = budget_mismatches_of!("users", "user_id", "user_budget_period_start");
+    db_read!(db, pool => sqlx::query_as(sql).fetch(pool))
 }
 
 /// How many users, chats and ledger rows the audit looked at.
