@@ -296,6 +296,22 @@ macro_rules! priced_chat {
 }
 use priced_chat;
 
+/// Binds what both settling statements number last, in their order: the usage, the tool
+/// calls, the charge (`$charge`) and the upstream that answered, from the [`Answer`].
+macro_rules! bind_outcome {
+    ($query:expr, $answer:expr, $charge:expr) => {
+        $query
+            .bind($answer.usage.prompt_tokens)
+            .bind($answer.usage.completion_tokens)
+            .bind($answer.tool_calls)
+            .bind($answer.usage.cached_tokens)
+            .bind($answer.usage.source.map(UsageSource::as_str))
+            .bind($charge)
+            .bind($answer.upstream)
+            .bind($answer.attempts)
+    };
+}
+
 /// Stores the answer of a pending chat, charging `answer.charge` (the rest of the
 /// reservation goes back, a `chat_settlement` row) or keeping the reservation. Returns the
 /// balance the settlement left and the charge, or `None` if the chat was no longer pending
@@ -309,7 +325,7 @@ pub async fn settle_answered(
     if answer.charge.is_none() {
         return settle_answered_flat(db, chat_id, answer).await;
     }
-    let settled: Option<Settling> = db_run!(db, pool => sqlx::query_as(
+    let settled: Option<Settling> = db_run!(db, pool => bind_outcome!(sqlx::query_as(
         "UPDATE chats SET status = 'answered', response = $1, finished_at = $2,
                           prompt_tokens = $4, completion_tokens = $5, tool_calls = $6,
                           cached_tokens = $7, usage_source = $8,
@@ -323,15 +339,7 @@ pub async fn settle_answered(
     )
     .bind(answer.text)
     .bind(unix_now())
-    .bind(chat_id)
-    .bind(answer.usage.prompt_tokens)
-    .bind(answer.usage.completion_tokens)
-    .bind(answer.tool_calls)
-    .bind(answer.usage.cached_tokens)
-    .bind(answer.usage.source.map(UsageSource::as_str))
-    .bind(answer.charge)
-    .bind(answer.upstream)
-    .bind(answer.attempts)
+    .bind(chat_id), answer, answer.charge)
     .fetch_optional(pool)
     .await)?;
     let Some(settling) = settled else {
@@ -401,7 +409,7 @@ pub async fn settle_unanswered(
     let text = (!partial.text.is_empty()).then_some(partial.text);
     // Only a kept charge is settled below the reservation; a refund gives it all back.
     let charge = partial.charge.filter(|_| !refunded);
-    let settled = db_run!(db, pool => sqlx::query(
+    let settled = db_run!(db, pool => bind_outcome!(sqlx::query(
         "UPDATE chats SET status = $1, refunded = $2, response = $3, finished_at = $4,
                           prompt_tokens = $6, completion_tokens = $7, tool_calls = $8,
                           cached_tokens = $9, usage_source = $10,
@@ -413,15 +421,7 @@ pub async fn settle_unanswered(
     .bind(refunded)
     .bind(text)
     .bind(unix_now())
-    .bind(chat_id)
-    .bind(partial.usage.prompt_tokens)
-    .bind(partial.usage.completion_tokens)
-    .bind(partial.tool_calls)
-    .bind(partial.usage.cached_tokens)
-    .bind(partial.usage.source.map(UsageSource::as_str))
-    .bind(charge)
-    .bind(partial.upstream)
-    .bind(partial.attempts)
+    .bind(chat_id), partial, charge)
     .execute(pool)
     .await
     .map(|done| done.rows_affected()))?;
