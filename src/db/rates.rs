@@ -14,6 +14,14 @@ pub enum Rate {
     Refused { tat_ms: i64 },
 }
 
+/// How a rate counts: each request takes `interval_ms` of a `window_ms` that may be filled
+/// ahead of now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Step {
+    pub interval_ms: i64,
+    pub window_ms: i64,
+}
+
 /// The conflict clause of [`admit`]'s upsert, the same on both backends: `CASE` rather than
 /// SQLite's `MAX` or PostgreSQL's `GREATEST`. Admitted while the theoretical arrival time it
 /// leaves stays within the window ahead of now.
@@ -27,16 +35,9 @@ macro_rules! admitted_on_conflict {
     };
 }
 
-/// Checks and counts one request of `name` at `now_ms`, each request taking `interval_ms`
-/// of a `window_ms` that may be filled ahead of now.
+/// Checks and counts one request of `name` at `now_ms`, by its rate's `step`.
 #[tracing::instrument(level = "debug", skip_all)]
-pub async fn admit(
-    db: &Db,
-    name: &str,
-    now_ms: i64,
-    interval_ms: i64,
-    window_ms: i64,
-) -> Result<Rate, sqlx::Error> {
+pub async fn admit(db: &Db, name: &str, now_ms: i64, step: Step) -> Result<Rate, sqlx::Error> {
     // A count is not money: on PostgreSQL its commit does not wait for the WAL to reach
     // the disk (a crash of the database forgets at most the last fraction of a second of
     // counts). `set_config(.., true)` holds for this statement's own transaction only.
@@ -55,29 +56,23 @@ pub async fn admit(
     let admitted: Option<i64> = db_run!(db, pool => sqlx::query_scalar(sql)
         .bind(name)
         .bind(now_ms)
-        .bind(interval_ms)
-        .bind(window_ms)
+        .bind(step.interval_ms)
+        .bind(step.window_ms)
         .fetch_optional(pool)
         .await)?;
     match admitted {
         Some(tat_ms) => Ok(Rate::Admitted { tat_ms }),
-        None => refused(db, name, now_ms, interval_ms, window_ms).await,
+        None => refused(db, name, now_ms, step).await,
     }
 }
 
 /// A request of `name` the upsert refused at `now_ms`, with the time as it stands, read
 /// for how long to wait.
-pub async fn refused(
-    db: &Db,
-    name: &str,
-    now_ms: i64,
-    interval_ms: i64,
-    window_ms: i64,
-) -> Result<Rate, sqlx::Error> {
+pub async fn refused(db: &Db, name: &str, now_ms: i64, step: Step) -> Result<Rate, sqlx::Error> {
     let tat_ms = tat(db, name).await?;
     // Gone since the upsert (cleared, or swept by an instance whose clock runs ahead): as
     // full as it was refused at, freeing up within the interval.
-    let tat_ms = tat_ms.unwrap_or(now_ms + window_ms - interval_ms);
+    let tat_ms = tat_ms.unwrap_or(now_ms + step.window_ms - step.interval_ms);
     Ok(Rate::Refused { tat_ms })
 }
 

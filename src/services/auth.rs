@@ -164,10 +164,7 @@ async fn count_key_request(
     let found = match counted {
         Counted::NotHere => return rates::request(db, &name, rpm, now_ms).await,
         Counted::Admitted { tat_ms } => db::rates::Rate::Admitted { tat_ms },
-        Counted::Refused => {
-            let interval_ms = rate.interval_ms();
-            db::rates::refused(db, &name, now_ms, interval_ms, rate.period_ms).await?
-        }
+        Counted::Refused => db::rates::refused(db, &name, now_ms, rate.step()).await?,
     };
     Ok(rates::judged(rpm, now_ms, Checked::of(found, rate, now_ms)))
 }

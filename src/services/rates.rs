@@ -99,6 +99,14 @@ impl Gcra {
     pub fn interval_ms(self) -> i64 {
         (self.period_ms / self.limit.max(1)).max(1)
     }
+
+    /// How the database counts it.
+    pub fn step(self) -> db::rates::Step {
+        db::rates::Step {
+            interval_ms: self.interval_ms(),
+            window_ms: self.period_ms,
+        }
+    }
 }
 
 /// What checking one request of a shared rate found; the theoretical arrival time either
@@ -112,8 +120,7 @@ pub enum Checked {
 /// Checks and counts one request of `name` against `rate` at `now_ms`, in one statement on
 /// the database every instance shares (two when refused: the second reads how long to wait).
 pub async fn check(db: &Db, name: &str, rate: Gcra, now_ms: i64) -> ServiceResult<Checked> {
-    let interval_ms = rate.interval_ms();
-    let found = db::rates::admit(db, name, now_ms, interval_ms, rate.period_ms).await?;
+    let found = db::rates::admit(db, name, now_ms, rate.step()).await?;
     Ok(Checked::of(found, rate, now_ms))
 }
 
