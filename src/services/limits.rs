@@ -108,38 +108,17 @@ pub async fn admit(
         user.tpm.map(|tpm| (format!("user-tokens:{user_id}"), tpm)),
     ];
     for (name, tpm) in token_rates.into_iter().flatten() {
-        match rates::tokens_left(db, &name, tpm, now_ms).await? {
-            KeyRate::Admitted(state) => {
-                admitted.tokens = tighter(admitted.tokens, state);
-                admitted.token_meters.0.push((name, tpm));
-            }
-            KeyRate::Refused {
-                retry_after_secs,
-                state,
-            } => {
-                return Ok(Err(Refused::Rate {
-                    retry_after_secs,
-                    requests: key_requests,
-                    tokens: Some(state),
-                }))
-            }
+        let found = rates::tokens_left(db, &name, tpm, now_ms).await?;
+        if let Err(refused) = admitted.stand(Per::Tokens, found) {
+            return Ok(Err(refused));
         }
+        admitted.token_meters.0.push((name, tpm));
     }
     // The user's own: the key's were counted with its look-up.
     if let Some(rpm) = user.rpm {
-        let subject = format!("user:{user_id}");
-        match rates::request(db, &subject, rpm, now_ms).await? {
-            KeyRate::Admitted(state) => admitted.requests = tighter(admitted.requests, state),
-            KeyRate::Refused {
-                retry_after_secs,
-                state,
-            } => {
-                return Ok(Err(Refused::Rate {
-                    retry_after_secs,
-                    requests: Some(state),
-                    tokens: admitted.tokens,
-                }))
-            }
+        let found = rates::request(db, &format!("user:{user_id}"), rpm, now_ms).await?;
+        if let Err(refused) = admitted.stand(Per::Requests, found) {
+            return Ok(Err(refused));
         }
     }
     let now = now_ms.div_euclid(1000);
@@ -148,6 +127,41 @@ pub async fn admit(
         user: user.budget.map(|budget| budget.use_at(now)),
     };
     Ok(Ok(admitted))
+}
+
+/// What a rate counts: requests or model tokens (a minute).
+#[derive(Debug, Clone, Copy)]
+enum Per {
+    Requests,
+    Tokens,
+}
+
+impl Admitted {
+    /// Takes in where one of the call's rates of `per` stands: kept when it leaves less
+    /// than the rate already shown, or, when the rate is spent, the refusal with it shown.
+    fn stand(&mut self, per: Per, found: KeyRate) -> Result<(), Refused> {
+        let shown = match per {
+            Per::Requests => &mut self.requests,
+            Per::Tokens => &mut self.tokens,
+        };
+        match found {
+            KeyRate::Admitted(state) => {
+                *shown = tighter(*shown, state);
+                Ok(())
+            }
+            KeyRate::Refused {
+                retry_after_secs,
+                state,
+            } => {
+                *shown = Some(state);
+                Err(Refused::Rate {
+                    retry_after_secs,
+                    requests: self.requests,
+                    tokens: self.tokens,
+                })
+            }
+        }
+    }
 }
 
 /// Of two rates, the one with less left.
