@@ -39,29 +39,6 @@ use crate::state::AppState;
 /// in `routes` made them, so that log filters written for it still work.
 const LOG_TARGET: &str = "tokenchat::routes";
 
-/// The outer layer: see [`Edge`].
-#[derive(Clone)]
-pub struct EdgeLayer {
-    state: AppState,
-}
-
-impl EdgeLayer {
-    pub fn new(state: AppState) -> Self {
-        Self { state }
-    }
-}
-
-impl<S> Layer<S> for EdgeLayer {
-    type Service = Edge<S>;
-
-    fn layer(&self, inner: S) -> Edge<S> {
-        Edge {
-            inner,
-            state: self.state.clone(),
-        }
-    }
-}
-
 /// Gives every request an id (the client's `X-Request-Id` when it is 1 to 128 of
 /// `[A-Za-z0-9._-]`, since anything else could forge or flood log lines; otherwise 16
 /// random hex digits), runs it in a span named by that id, its method and its matched route
@@ -75,6 +52,13 @@ impl<S> Layer<S> for EdgeLayer {
 pub struct Edge<S> {
     inner: S,
     state: AppState,
+}
+
+impl<S> Edge<S> {
+    /// The layer around `inner` (built with `tower::layer::layer_fn`).
+    pub fn new(inner: S, state: AppState) -> Self {
+        Self { inner, state }
+    }
 }
 
 impl<S> Service<Request> for Edge<S>

@@ -83,27 +83,18 @@ fn check_body(request: &Request, max_body_bytes: usize) -> Result<(), Error> {
     Ok(())
 }
 
-/// Layer of the authorised routes: see [`authorize`].
-#[derive(Clone)]
-pub struct AuthorizeLayer {
-    pub state: AppState,
-}
-
-impl<S> Layer<S> for AuthorizeLayer {
-    type Service = Authorize<S>;
-
-    fn layer(&self, inner: S) -> Authorize<S> {
-        Authorize {
-            inner,
-            state: self.state.clone(),
-        }
-    }
-}
-
+/// Authorises the request before `inner` runs: see [`authorize`].
 #[derive(Clone)]
 pub struct Authorize<S> {
     inner: S,
     state: AppState,
+}
+
+impl<S> Authorize<S> {
+    /// The layer around `inner` (built with `tower::layer::layer_fn`).
+    pub fn new(inner: S, state: AppState) -> Self {
+        Self { inner, state }
+    }
 }
 
 impl<S> Service<Request> for Authorize<S>

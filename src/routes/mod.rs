@@ -29,11 +29,11 @@ use axum::{
     routing::{get, post, MethodRouter},
     Router,
 };
-use tower::ServiceBuilder;
+use tower::{layer::layer_fn, ServiceBuilder};
 
-use self::edge::{EdgeLayer, GuardLayer};
+use self::edge::{Edge, GuardLayer};
 pub use self::error::ApiError;
-use self::middleware::{AuthorizeLayer, CheckBodyLayer};
+use self::middleware::{Authorize, CheckBodyLayer};
 use crate::{clock::rfc3339, state::AppState};
 
 /// The whole application: every route, with and without its trailing slash.
@@ -46,12 +46,13 @@ pub fn router(state: AppState) -> Router {
             "/openapi.json",
             with_body_limit(get(openapi::document), body_limit),
         );
+    let edge_state = state.clone();
     api.merge(page)
         .fallback(unknown_route)
         // One layer, so that axum boxes it once per route: see `edge`.
         .layer(
             ServiceBuilder::new()
-                .layer(EdgeLayer::new(state.clone()))
+                .layer(layer_fn(move |inner| Edge::new(inner, edge_state.clone())))
                 .layer(GuardLayer),
         )
         .with_state(state)
@@ -188,11 +189,10 @@ impl Layered {
     /// check. Layered per method router, so a wrong method is a 405 before any token is
     /// asked for.
     fn authorised(self, state: &AppState) -> MethodRouter<AppState> {
+        let state = state.clone();
         self.handler.route_layer(
             ServiceBuilder::new()
-                .layer(AuthorizeLayer {
-                    state: state.clone(),
-                })
+                .layer(layer_fn(move |inner| Authorize::new(inner, state.clone())))
                 .layer(DefaultBodyLimit::max(self.limit))
                 .layer(CheckBodyLayer {
                     max_body_bytes: self.limit,
