@@ -29,7 +29,7 @@ impl Backend for Demo {
     fn complete<'a>(&'a self, ask: Ask<'a>) -> BoxFuture<'a, Result<Completion, LlmError>> {
         let completion = match ask {
             Ask::Turns { prompt: turns, .. } => Ok(Completion {
-                content: answer(last_user_message(turns)),
+                content: answer(last_user_message(&turns)),
                 tool_calls: None,
                 usage: None,
                 body: None,
@@ -46,7 +46,7 @@ impl Backend for Demo {
     fn stream<'a>(&'a self, ask: Ask<'a>) -> BoxFuture<'a, Result<Streamed, LlmError>> {
         let stream = match ask {
             Ask::Turns { prompt: turns, .. } => {
-                let text = answer(last_user_message(turns));
+                let text = answer(last_user_message(&turns));
                 Ok(demo_stream(text, None))
             }
             Ask::Forwarded {

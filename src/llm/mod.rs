@@ -234,7 +234,7 @@ pub enum Ask<'a> {
     /// tokenchat's own conversation (`/chat`): the system prompt, the earlier turns and the
     /// new message, and the longest answer to ask for (a priced model's output cap).
     Turns {
-        prompt: &'a [PromptMessage<'a>],
+        prompt: Vec<PromptMessage<'a>>,
         max_tokens: Option<u64>,
     },
     /// An OpenAI client's request, passed through as it sent it; `last_user_text` is its last

@@ -111,6 +111,7 @@ pub async fn chat(
         .stream
         .unwrap_or_else(|| accepts_event_stream(&headers));
     let question = Question {
+        user_id: user.id,
         message,
         conversation_id: request.conversation_id,
         idempotency_key,
@@ -119,10 +120,10 @@ pub async fn chat(
         token_meters: admitted.token_meters,
     };
     if streamed {
-        let started = chat::chat_streamed(&state.chats, user.id, question).await?;
+        let started = chat::chat_streamed(&state.chats, question).await?;
         return Ok(event_stream(started));
     }
-    let answer = chat::chat(&state.chats, user.id, question).await?;
+    let answer = chat::chat(&state.chats, question).await?;
     let body = Json(ChatAnswer {
         chat_id: answer.chat_id,
         conversation_id: answer.conversation_id,

@@ -150,6 +150,7 @@ async fn complete(
         request.forwarded.include_usage,
     );
     let question = Question {
+        user_id: user.id,
         message: request.message,
         conversation_id: None,
         idempotency_key,
@@ -158,12 +159,12 @@ async fn complete(
         token_meters: admitted.token_meters,
     };
     if stream {
-        return match chat::chat_streamed(&state.chats, user.id, question).await {
+        return match chat::chat_streamed(&state.chats, question).await {
             Ok(started) => Ok(chunk_stream(started, model, include_usage)),
             Err(err) => Ok(v1_error(err)),
         };
     }
-    let answer = match chat::chat(&state.chats, user.id, question).await {
+    let answer = match chat::chat(&state.chats, question).await {
         Ok(answer) => answer,
         Err(err) => return Ok(v1_error(err)),
     };

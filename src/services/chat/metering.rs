@@ -133,32 +133,23 @@ impl Metering {
         }
     }
 
-    /// How a chat whose model finished settles: by the `usage` it reported, or by `text` and
-    /// `tool_calls` counted when it reported none.
-    pub fn answered(
+    /// How a chat settles once its model gave `text` and `tool_calls`: whole, by the
+    /// `usage` it reported or, when it reported none, by what it gave counted; cut short
+    /// after that much was delivered and charged (`ABANDONED_STREAM_CHARGE=delivered`), a
+    /// flat chat keeps its cost and a priced one pays for its prompt and what was delivered.
+    pub fn settlement(
         &self,
+        delivery: Delivery,
         usage: Option<Usage>,
         text: &str,
         tool_calls: Option<&str>,
     ) -> Settlement {
-        match self {
-            Self::Flat { .. } => flat(usage),
-            Self::Priced(priced) => priced.settle(usage, text, tool_calls),
-        }
-    }
-
-    /// How a chat cut short after `text` and `tool_calls` were delivered settles when it is
-    /// charged (`ABANDONED_STREAM_CHARGE=delivered`): a flat chat keeps its cost, a priced
-    /// one pays for its prompt and what was delivered.
-    pub fn delivered(
-        &self,
-        usage: Option<Usage>,
-        text: &str,
-        tool_calls: Option<&str>,
-    ) -> Settlement {
-        match self {
-            Self::Flat { .. } => flat(usage),
-            Self::Priced(priced) => priced.settle_delivered(usage, text, tool_calls),
+        match (self, delivery) {
+            (Self::Flat { .. }, _) => flat(usage),
+            (Self::Priced(priced), Delivery::Whole) => priced.settle(usage, text, tool_calls),
+            (Self::Priced(priced), Delivery::CutShort) => {
+                priced.settle_delivered(usage, text, tool_calls)
+            }
         }
     }
 
@@ -310,6 +301,15 @@ fn reported(usage: Usage) -> TokenCounts {
         cached: count(usage.cached_tokens),
         completion: count(usage.completion_tokens),
     }
+}
+
+/// How much of its answer a chat delivered.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Delivery {
+    /// All of it: the model finished.
+    Whole,
+    /// Some, before the chat was cut short.
+    CutShort,
 }
 
 /// How a chat settles: the usage it records, and its charge (`None`: the reservation, a flat

@@ -12,11 +12,14 @@ mod stream;
 
 use std::{sync::Arc, time::Instant};
 
-use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tokio_util::{
+    sync::{CancellationToken, DropGuard},
+    task::TaskTracker,
+};
 use tracing::Instrument;
 
 pub use embeddings::{embed, Embedded};
-use metering::Metering;
+use metering::{Delivery, Metering};
 pub use stream::{chat_streamed, ChatEvents, StreamEvent, StreamedChat};
 
 use crate::{
@@ -27,7 +30,7 @@ use crate::{
         Db,
     },
     domain::{Budgets, IdempotencyKey, Message},
-    llm::{Ask, Forwarded, LlmClient, PromptMessage, Usage},
+    llm::{Ask, Forwarded, LlmClient, Usage},
     services::{
         alerts::Alerts,
         conversations::{self, Turn},
@@ -63,6 +66,8 @@ pub struct ChatAnswer {
 /// What a client asks: a message, in one of its conversations or a new one, with an
 /// optional idempotency key.
 pub struct Question {
+    /// Who asks, and pays.
+    pub user_id: i64,
     pub message: Message,
     /// `None`: a new conversation, titled with the message.
     pub conversation_id: Option<i64>,
@@ -76,21 +81,15 @@ pub struct Question {
     pub token_meters: TokenMeters,
 }
 
-/// Answers one chat for `user_id`, charging `CHAT_COST` only when the answer is stored.
+/// Answers one chat for its user, charging `CHAT_COST` only when the answer is stored.
 ///
 /// The work runs in a tracked task, so it settles even when the caller's future is
 /// dropped (the client went away) and graceful shutdown waits for it. A client that
 /// goes away before the answer is stored is not charged: the upstream call is abandoned
 /// and the reservation refunded. Past the user's chat rate nothing is tried.
 #[tracing::instrument(level = "debug", skip_all)]
-pub async fn chat(
-    chats: &Arc<Chats>,
-    user_id: i64,
-    question: Question,
-) -> ServiceResult<ChatAnswer> {
-    chats.throttle.chat(user_id).await?;
-    let (request, client_gone) = ChatInFlight::new(chats, user_id, question, false);
-    let _cancel_when_dropped = client_gone.drop_guard();
+pub async fn chat(chats: &Arc<Chats>, question: Question) -> ServiceResult<ChatAnswer> {
+    let (request, _cancel_when_dropped) = ChatInFlight::admit(chats, question, false).await?;
     // The span goes along, so the chat's work shows in the request's trace.
     chats.tasks.spawn(request.run().in_current_span()).await?
 }
@@ -186,17 +185,18 @@ struct Reserved {
 }
 
 impl ChatInFlight {
-    /// The request, and the token that tells it its client went away (cancel it then).
-    fn new(
+    /// The request, once the user's chat rate lets it in, and the guard that tells it
+    /// its client went away when dropped (disarmed, the request goes on alone).
+    async fn admit(
         chats: &Arc<Chats>,
-        user_id: i64,
         question: Question,
         streamed: bool,
-    ) -> (Self, CancellationToken) {
+    ) -> ServiceResult<(Self, DropGuard)> {
+        chats.throttle.chat(question.user_id).await?;
         let client_gone = CancellationToken::new();
         let request = Self {
             chats: chats.clone(),
-            user_id,
+            user_id: question.user_id,
             message: question.message,
             conversation_id: question.conversation_id,
             fingerprint: question
@@ -211,7 +211,7 @@ impl ChatInFlight {
             budgets: question.budgets,
             token_meters: question.token_meters,
         };
-        (request, client_gone)
+        Ok((request, client_gone.drop_guard()))
     }
 
     async fn run(mut self) -> ServiceResult<ChatAnswer> {
@@ -225,20 +225,11 @@ impl ChatInFlight {
         }
     }
 
-    /// The system prompt, the stored conversation's earlier turns and the new message; for
-    /// an OpenAI client's request, which is sent as it came, nothing.
-    fn prompt<'a>(&'a self, earlier: &'a [Turn], forwarded: bool) -> Vec<PromptMessage<'a>> {
-        if forwarded {
-            return Vec::new();
-        }
-        self.chats.llm.prompt(earlier, self.message.as_str())
-    }
-
-    /// What the model is asked: the OpenAI client's request as it sent it, or `prompt`; a
-    /// priced chat's output cap with it.
+    /// What the model is asked: the OpenAI client's request as it sent it, or the system
+    /// prompt, the `earlier` turns and the message; a priced chat's output cap with it.
     fn ask<'a>(
         &'a self,
-        prompt: &'a [PromptMessage<'a>],
+        earlier: &'a [Turn],
         forwarded: Option<Forwarded>,
         metering: &Metering,
     ) -> Ask<'a> {
@@ -251,7 +242,7 @@ impl ChatInFlight {
                 }
             }
             None => Ask::Turns {
-                prompt,
+                prompt: self.chats.llm.prompt(earlier, self.message.as_str()),
                 max_tokens: metering.output_cap(),
             },
         }
@@ -392,8 +383,7 @@ impl ChatInFlight {
         let chats = &self.chats;
         let chat_id = reserved.chat_id;
         let metering = &reserved.metering;
-        let prompt = self.prompt(&reserved.earlier, forwarded.is_some());
-        let ask = self.ask(&prompt, forwarded, metering);
+        let ask = self.ask(&reserved.earlier, forwarded, metering);
         let asked = Instant::now();
         let answer = tokio::select! {
             biased;
@@ -413,8 +403,12 @@ impl ChatInFlight {
         let failure = match answer {
             Some(Ok(completion)) if !self.client_gone.is_cancelled() => {
                 let tool_calls = completion.tool_calls.as_deref();
-                let settlement =
-                    metering.answered(completion.usage, &completion.content, tool_calls);
+                let settlement = metering.settlement(
+                    Delivery::Whole,
+                    completion.usage,
+                    &completion.content,
+                    tool_calls,
+                );
                 self.count_overrun(chat_id, &settlement);
                 let served_by = completion.served_by.as_ref();
                 let answer = Answer {

@@ -10,7 +10,7 @@ use tracing::Instrument;
 
 use super::{
     counting::failure_outcome,
-    metering::{self, Metering},
+    metering::{self, Delivery, Metering},
     Begun, ChatAnswer, ChatInFlight, Chats, Question,
 };
 use crate::{
@@ -126,14 +126,8 @@ const STREAM_BUFFER: usize = 16;
 /// upstream request is dropped at once and the chat `abandoned`, charged or refunded by
 /// `ABANDONED_STREAM_CHARGE`. The partial text is kept in every case.
 #[tracing::instrument(level = "debug", skip_all)]
-pub async fn chat_streamed(
-    chats: &Arc<Chats>,
-    user_id: i64,
-    question: Question,
-) -> ServiceResult<StreamedChat> {
-    chats.throttle.chat(user_id).await?;
-    let (request, client_gone) = ChatInFlight::new(chats, user_id, question, true);
-    let cancel_when_dropped = client_gone.drop_guard();
+pub async fn chat_streamed(chats: &Arc<Chats>, question: Question) -> ServiceResult<StreamedChat> {
+    let (request, cancel_when_dropped) = ChatInFlight::admit(chats, question, true).await?;
     let (started, start) = oneshot::channel();
     chats
         .tasks
@@ -172,8 +166,7 @@ impl ChatInFlight {
         let chats = &self.chats;
         let chat_id = reserved.chat_id;
         let metering = &reserved.metering;
-        let prompt = self.prompt(&reserved.earlier, forwarded.is_some());
-        let ask = self.ask(&prompt, forwarded, metering);
+        let ask = self.ask(&reserved.earlier, forwarded, metering);
         let asked = Instant::now();
         let upstream = tokio::select! {
             biased;
@@ -277,7 +270,8 @@ impl ChatInFlight {
         };
         // Kept by a chat charged for the text it delivered.
         let delivered = || {
-            let settlement = metering.delivered(usage, &answer, tool_calls.as_deref());
+            let settlement =
+                metering.settlement(Delivery::CutShort, usage, &answer, tool_calls.as_deref());
             let charged = settlement.charge.unwrap_or(metering.reserved());
             let answer = Answer {
                 usage: settlement.usage,
@@ -294,7 +288,8 @@ impl ChatInFlight {
         };
         let failure = match ending {
             Ending::Finished => {
-                let settlement = metering.answered(usage, &answer, tool_calls.as_deref());
+                let settlement =
+                    metering.settlement(Delivery::Whole, usage, &answer, tool_calls.as_deref());
                 self.count_overrun(chat_id, &settlement);
                 let whole = Answer {
                     usage: settlement.usage,
