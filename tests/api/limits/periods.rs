@@ -6,7 +6,11 @@ use std::time::Duration;
 
 use axum::http::StatusCode;
 use serde_json::json;
-use tokenchat::clock::parse_rfc3339;
+use tokenchat::{
+    clock::parse_rfc3339,
+    domain::{BudgetPeriod, TokenBudget, Username},
+    services::user_limits::{self, UserLimitsChange},
+};
 
 use super::{grant, key_with};
 use crate::common::TestApp;
@@ -168,5 +172,51 @@ async fn a_call_whose_period_was_chosen_before_midnight_counts_in_the_new_day_an
         .unwrap());
     assert_eq!(spending(&app, "api_keys", key_id).await, (100, tomorrow));
     assert_eq!(spending(&app, "users", user_id).await, (100, tomorrow));
+    app.assert_audit_passes().await;
+}
+
+/// Sets `user`'s own budget as the operator's command does.
+async fn set_user_budget(app: &TestApp, budget: Option<TokenBudget>) {
+    let change = UserLimitsChange {
+        budget: Some(budget),
+        ..UserLimitsChange::default()
+    };
+    let username = Username::parse("user").unwrap();
+    let config = &app.state.config;
+    user_limits::change(
+        &app.state.db,
+        &username,
+        &change,
+        &config.user_limits,
+        config.clock.now(),
+    )
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn a_users_budget_changed_from_total_to_monthly_and_back_keeps_the_audit_clean() {
+    let app = TestApp::new().await;
+    let token = app.user_with_token("user").await;
+    let budget = |period| TokenBudget {
+        tokens: 1_000,
+        period,
+    };
+    for (period, chats) in [
+        (BudgetPeriod::Total, 2),
+        (BudgetPeriod::Month, 1),
+        (BudgetPeriod::Total, 2),
+    ] {
+        set_user_budget(&app, Some(budget(period))).await;
+        for n in 0..chats {
+            let chat = app.chat(&token, &format!("{period:?} {n}")).await;
+            assert_eq!(chat.status, StatusCode::OK, "{chat:?}");
+        }
+        app.assert_audit_passes().await;
+    }
+    // Into the next month, still on the total budget.
+    let now = app.state.config.clock.now();
+    move_clock_to(&app, now + 32 * DAY_SECS);
+    assert_eq!(app.chat(&token, "later").await.status, StatusCode::OK);
     app.assert_audit_passes().await;
 }
