@@ -5,19 +5,51 @@
 use crate::domain::{BudgetOwner, Budgets};
 
 /// A reservation's statement text for the backend of `$db`, from `$template` (a macro
-/// taking the key-period and user-period expressions): a budget's period never goes back.
-/// On SQLite, whose one writer makes the read exact, the statement records the later of the
-/// call's period and the budget's ([`later_key_period!`], [`later_user_period!`]); on
-/// PostgreSQL the counting triggers do it under the row lock, so the statement passes the
-/// call's own and saves a look-up of the key.
+/// taking the key-period and user-period expressions and the statement's ending, for
+/// [`reserved_id!`]): a budget's period never goes back. On SQLite, whose one writer makes
+/// the read exact, the statement records the later of the call's period and the budget's
+/// ([`later_key_period!`], [`later_user_period!`]); on PostgreSQL the counting triggers do
+/// it under the row lock, so the statement passes the call's own and saves a look-up of the
+/// key.
 macro_rules! by_backend {
     ($db:expr, $template:ident!($key:literal, $key_period:literal, $user_period:literal)) => {
         match $db {
             $crate::db::Db::Sqlite(_) => $template!(
                 later_key_period!($key, $key_period),
-                later_user_period!($user_period)
+                later_user_period!($user_period),
+                ""
             ),
-            $crate::db::Db::Postgres(_) => $template!($key_period, $user_period),
+            $crate::db::Db::Postgres(_) => $template!($key_period, $user_period, "RETURNING id"),
+        }
+    };
+    // A reservation without budgets.
+    ($db:expr, $template:ident!()) => {
+        match $db {
+            $crate::db::Db::Sqlite(_) => $template!(""),
+            $crate::db::Db::Postgres(_) => $template!("RETURNING id"),
+        }
+    };
+}
+
+/// Runs a reservation's `INSERT` (`$sql`, ending as [`by_backend!`] ends it, bound by
+/// `$binds` on `$query`): the new row's id, or `None` when the balance did not cover it
+/// (no row). SQLite reads the id from the connection rather than by `RETURNING`, which
+/// it would gather in a temporary B-tree for every statement (BENCHMARKS.md, issue 23);
+/// the triggers' own inserts do not change it once they are over.
+macro_rules! reserved_id {
+    ($db:expr, $sql:expr, |$query:ident| $binds:expr) => {
+        match $db {
+            $crate::db::Db::Sqlite(sqlite) => {
+                let $query = sqlx::query($sql);
+                $binds
+                    .execute(&sqlite.writer)
+                    .await
+                    .map(|done| (done.rows_affected() == 1).then(|| done.last_insert_rowid()))
+            }
+            $crate::db::Db::Postgres(pool) => {
+                let $query = sqlx::query_scalar($sql);
+                $binds.fetch_optional(pool).await
+            }
         }
     };
 }

@@ -183,56 +183,49 @@ pub async fn reserve(db: &Db, chat: NewChat<'_>) -> Result<Reservation, sqlx::Er
     let chat_id: Result<Option<i64>, _> = match priced {
         // A budget: the key and the periods recorded, which the triggers
         // `chat_counts_against_its_{key,user}_budget` count, refusing the insert past one.
-        None if budgets != Budgets::default() => db_run!(db, pool => sqlx::query_scalar(
-            by_backend!(db, budgeted_chat!("$7", "$8", "$10"))
-        )
-        .bind(user_id)
-        .bind(message)
-        .bind(cost)
-        .bind(now)
-        .bind(deadline_at)
-        .bind(conversation_id)
-        .bind(budget.key)
-        .bind(budget.key_period)
-        .bind(budget.user_tokens)
-        .bind(budget.user_period)
-        .fetch_optional(pool)
-        .await),
-        None => db_run!(db, pool => sqlx::query_scalar(
-            "INSERT INTO chats (user_id, message, status, cost, created_at, deadline_at,
-                                conversation_id)
-             SELECT id, $2, 'pending', $3, $4, $5, $6 FROM users WHERE id = $1 AND tokens >= $3
-             RETURNING id",
-        )
-        .bind(user_id)
-        .bind(message)
-        .bind(cost)
-        .bind(now)
-        .bind(deadline_at)
-        .bind(conversation_id)
-        .fetch_optional(pool)
-        .await),
-        Some(priced) => db_run!(db, pool => sqlx::query_scalar(
-            by_backend!(db, priced_chat!("$13", "$14", "$16"))
-        )
-        .bind(user_id)
-        .bind(message)
-        .bind(cost)
-        .bind(now)
-        .bind(deadline_at)
-        .bind(conversation_id)
-        .bind(priced.model)
-        .bind(priced.output_cap as i64)
-        .bind(priced.prices.prompt as i64)
-        .bind(priced.prices.cached_prompt as i64)
-        .bind(priced.prices.completion as i64)
-        .bind(priced.prices.request as i64)
-        .bind(budget.key)
-        .bind(budget.key_period)
-        .bind(budget.user_tokens)
-        .bind(budget.user_period)
-        .fetch_optional(pool)
-        .await),
+        None if budgets != Budgets::default() => reserved_id!(
+            db,
+            by_backend!(db, budgeted_chat!("$7", "$8", "$10")),
+            |query| query
+                .bind(user_id)
+                .bind(message)
+                .bind(cost)
+                .bind(now)
+                .bind(deadline_at)
+                .bind(conversation_id)
+                .bind(budget.key)
+                .bind(budget.key_period)
+                .bind(budget.user_tokens)
+                .bind(budget.user_period)
+        ),
+        None => reserved_id!(db, by_backend!(db, flat_chat!()), |query| query
+            .bind(user_id)
+            .bind(message)
+            .bind(cost)
+            .bind(now)
+            .bind(deadline_at)
+            .bind(conversation_id)),
+        Some(priced) => reserved_id!(
+            db,
+            by_backend!(db, priced_chat!("$13", "$14", "$16")),
+            |query| query
+                .bind(user_id)
+                .bind(message)
+                .bind(cost)
+                .bind(now)
+                .bind(deadline_at)
+                .bind(conversation_id)
+                .bind(priced.model)
+                .bind(priced.output_cap as i64)
+                .bind(priced.prices.prompt as i64)
+                .bind(priced.prices.cached_prompt as i64)
+                .bind(priced.prices.completion as i64)
+                .bind(priced.prices.request as i64)
+                .bind(budget.key)
+                .bind(budget.key_period)
+                .bind(budget.user_tokens)
+                .bind(budget.user_period)
+        ),
     };
     let chat_id = match chat_id {
         Ok(chat_id) => chat_id,
@@ -258,9 +251,22 @@ pub async fn reserve(db: &Db, chat: NewChat<'_>) -> Result<Reservation, sqlx::Er
     })
 }
 
+/// A flat chat's reservation without budgets: the statement of before prices.
+macro_rules! flat_chat {
+    ($returning:literal) => {
+        concat!(
+            "INSERT INTO chats (user_id, message, status, cost, created_at, deadline_at,
+                                conversation_id)
+             SELECT id, $2, 'pending', $3, $4, $5, $6 FROM users WHERE id = $1 AND tokens >= $3 ",
+            $returning
+        )
+    };
+}
+use flat_chat;
+
 /// A flat chat's reservation with a budget: the key's period and the user's as given.
 macro_rules! budgeted_chat {
-    ($key_period:expr, $user_period:expr) => {
+    ($key_period:expr, $user_period:expr, $returning:literal) => {
         concat!(
             "INSERT INTO chats (user_id, message, status, cost, created_at, deadline_at,
                                 conversation_id, api_key_id, budget_period_start,
@@ -269,8 +275,8 @@ macro_rules! budgeted_chat {
             $key_period,
             ", $9, ",
             $user_period,
-            " FROM users WHERE id = $1 AND tokens >= $3
-             RETURNING id"
+            " FROM users WHERE id = $1 AND tokens >= $3 ",
+            $returning
         )
     };
 }
@@ -278,7 +284,7 @@ use budgeted_chat;
 
 /// A priced chat's reservation: the key's period and the user's as given.
 macro_rules! priced_chat {
-    ($key_period:expr, $user_period:expr) => {
+    ($key_period:expr, $user_period:expr, $returning:literal) => {
         concat!(
             "INSERT INTO chats (user_id, message, status, cost, reserved, created_at, deadline_at,
                                 conversation_id, model, output_cap, price_prompt,
@@ -289,8 +295,8 @@ macro_rules! priced_chat {
             $key_period,
             ", $15, ",
             $user_period,
-            " FROM users WHERE id = $1 AND tokens >= $3
-             RETURNING id"
+            " FROM users WHERE id = $1 AND tokens >= $3 ",
+            $returning
         )
     };
 }

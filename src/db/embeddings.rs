@@ -20,7 +20,7 @@ use crate::{
 /// An embeddings call's reservation: the key's period and the user's as given
 /// (`budgets::by_backend!`).
 macro_rules! embedding {
-    ($key_period:expr, $user_period:expr) => {
+    ($key_period:expr, $user_period:expr, $returning:literal) => {
         concat!(
             "INSERT INTO embeddings (user_id, model, status, cost, reserved, created_at,
                                      deadline_at, price_prompt, price_request, api_key_id,
@@ -30,8 +30,8 @@ macro_rules! embedding {
             $key_period,
             ", $10, ",
             $user_period,
-            " FROM users WHERE id = $1 AND tokens >= $3
-             RETURNING id"
+            " FROM users WHERE id = $1 AND tokens >= $3 ",
+            $returning
         )
     };
 }
@@ -68,22 +68,22 @@ pub async fn reserve(
     let now = unix_now();
     let deadline_at = now.saturating_add_unsigned(settle_within.as_secs());
     // With a budget, the triggers `embedding_counts_against_its_{key,user}_budget` count it.
-    let id: Result<Option<i64>, _> = db_run!(db, pool => sqlx::query_scalar(
-        by_backend!(db, embedding!("$8", "$9", "$11"))
-    )
-    .bind(user_id)
-    .bind(model)
-    .bind(cost)
-    .bind(now)
-    .bind(deadline_at)
-    .bind(prices.map(|prices| prices.prompt as i64))
-    .bind(prices.map(|prices| prices.request as i64))
-    .bind(budget.key)
-    .bind(budget.key_period)
-    .bind(budget.user_tokens)
-    .bind(budget.user_period)
-    .fetch_optional(pool)
-    .await);
+    let id: Result<Option<i64>, _> = reserved_id!(
+        db,
+        by_backend!(db, embedding!("$8", "$9", "$11")),
+        |query| query
+            .bind(user_id)
+            .bind(model)
+            .bind(cost)
+            .bind(now)
+            .bind(deadline_at)
+            .bind(prices.map(|prices| prices.prompt as i64))
+            .bind(prices.map(|prices| prices.request as i64))
+            .bind(budget.key)
+            .bind(budget.key_period)
+            .bind(budget.user_tokens)
+            .bind(budget.user_period)
+    );
     let id = match id {
         Ok(id) => id,
         // PostgreSQL: a concurrent reservation took the balance first (see chats::reserve).
