@@ -19,6 +19,8 @@ use crate::{
     db::PoolUse,
 };
 
+mod text_log;
+
 /// Installs the process's logger; call once, before anything logs.
 pub fn init_logging(config: &Config) {
     let span_events = if config.log_span_timings {
@@ -30,7 +32,12 @@ pub fn init_logging(config: &Config) {
         .with_env_filter(EnvFilter::new(&config.log_filter))
         .with_span_events(span_events);
     match config.log_format {
-        LogFormat::Text => builder.with_ansi(std::io::stdout().is_terminal()).init(),
+        // The crate's default line, written for less (see `text_log`).
+        LogFormat::Text => builder
+            .with_ansi(std::io::stdout().is_terminal())
+            .fmt_fields(text_log::TextFields)
+            .event_format(text_log::TextLine::default())
+            .init(),
         // The current span's fields and the list of spans around it are on every object,
         // so a collector can select all of one request's lines by its id.
         LogFormat::Json => builder

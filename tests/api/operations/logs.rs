@@ -1,5 +1,6 @@
-//! Logs and request ids: a 500 names its request id, JSON logs are one object a line, and
-//! the model's URL is logged at start-up without its key or credentials.
+//! Logs and request ids: a 500 names its request id, the text line holds the request's id,
+//! method, route and status, JSON logs are one object a line, and the model's URL is logged at
+//! start-up without its key or credentials.
 
 use std::io::{BufRead, BufReader};
 
@@ -71,19 +72,21 @@ async fn json_logs_are_one_object_a_line_with_the_request_id_and_the_model_probe
     );
     let mut child = command.spawn().unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let mut next_object = || -> Value {
-        let line = lines.next().expect("the server ended").unwrap();
+    let mut last_line = String::new();
+    let mut next_object = |last_line: &mut String| -> Value {
+        *last_line = lines.next().expect("the server ended").unwrap();
+        let line = &*last_line;
         assert!(!line.contains("sk-never-logged"), "{line}");
-        serde_json::from_str(&line).unwrap_or_else(|err| panic!("{err}: {line}"))
+        serde_json::from_str(line).unwrap_or_else(|err| panic!("{err}: {line}"))
     };
     let address = loop {
-        let object = next_object();
+        let object = next_object(&mut last_line);
         if let Some(address) = object["fields"]["address"].as_str() {
             break address.to_string();
         }
     };
     let probe = loop {
-        let object = next_object();
+        let object = next_object(&mut last_line);
         if object["fields"]["message"]
             .as_str()
             .is_some_and(|message| message.starts_with("the model is"))
@@ -104,15 +107,57 @@ async fn json_logs_are_one_object_a_line_with_the_request_id_and_the_model_probe
         .unwrap();
     assert_eq!(response.status(), 401);
     let answered = loop {
-        let object = next_object();
+        let object = next_object(&mut last_line);
         if object["fields"]["message"] == "answered" {
             break object;
         }
     };
     assert_eq!(answered["span"]["request_id"], "follow-me-7", "{answered}");
     assert_eq!(answered["fields"]["status"], 401);
+    // The whole line but its time and latency, keys in their order: collectors parse it.
+    let latency = answered["fields"]["latency_us"].as_u64().unwrap();
+    let timestamp = answered["timestamp"].as_str().unwrap();
+    let span = r#"{"method":"GET","request_id":"follow-me-7","route":"/balance","name":"request"}"#;
+    assert_eq!(
+        last_line,
+        format!(
+            r#"{{"timestamp":"{timestamp}","level":"INFO","fields":{{"message":"answered","status":401,"latency_us":{latency}}},"target":"tokenchat::routes","span":{span},"spans":[{span}]}}"#
+        )
+    );
     let _ = child.kill();
     let _ = child.wait();
+}
+
+/// The text line an operator reads (`LOG_FORMAT` unset): one per request, with the span's
+/// request id, method and route, then the status and latency.
+#[tokio::test]
+async fn text_logs_a_line_a_request_with_its_id_method_route_and_status() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[("LLM_BASE_URL", "http://127.0.0.1:9/v1")]);
+    let response = reqwest::Client::new()
+        .get(format!("{}/health", server.base))
+        .header("x-request-id", "pin-me-3")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let marker = "request_id=\"pin-me-3\"";
+    crate::server::wait_until(|| async { server.log.lock().unwrap().contains(marker) }).await;
+    let log = server.log.lock().unwrap().clone();
+    let line = log.lines().find(|line| line.contains(marker)).unwrap();
+    // `2026-12-07T00:02:01.123456Z  INFO request{...}: ...`: RFC 3339 in UTC, microseconds.
+    let (time, rest) = line.split_at(27);
+    assert!(time.ends_with('Z') && time.as_bytes()[10] == b'T', "{line}");
+    let latency = rest
+        .strip_prefix(
+            "  INFO request{request_id=\"pin-me-3\" method=GET route=\"/health\"}: \
+             tokenchat::routes: answered status=200 latency_us=",
+        )
+        .unwrap_or_else(|| panic!("{line}"));
+    assert!(
+        !latency.is_empty() && latency.bytes().all(|byte| byte.is_ascii_digit()),
+        "{line}"
+    );
 }
 
 #[tokio::test]
