@@ -276,8 +276,11 @@ async fn connect_sqlite(
         // Deleted and overwritten content is zeroed in the file, so an erased conversation's
         // text does not linger in free pages until a VACUUM (issue 21).
         .pragma("secure_delete", "ON")
-        // Checkpoints (which fsync) normally run in `checkpoint_periodically`; this only
-        // bounds the log if that falls behind.
+        // `checkpoint_periodically` copies the log into the file in the background, but under
+        // continuous writes it cannot start the log over (the writer does that only when it
+        // begins a write with everything copied). This one, run by the writer after the
+        // commit that reaches it, is what bounds the log under load; the requests queued on
+        // the writer wait for what is left to copy and its fsyncs (BENCHMARKS.md, issue 23).
         .pragma("wal_autocheckpoint", WAL_AUTOCHECKPOINT_PAGES.to_string())
         // After a burst, the log file is cut back to this size once it is checkpointed.
         .pragma("journal_size_limit", WAL_SIZE_LIMIT_BYTES.to_string());
@@ -344,9 +347,9 @@ pub const CHECKPOINT_PERIOD: Duration = Duration::from_millis(200);
 
 /// Copies the write-ahead log into the database file (PASSIVE: it never waits for a reader
 /// or the writer) every [`CHECKPOINT_PERIOD`], on a connection of its own. Frequent
-/// checkpoints are short, none runs inside a request's commit (where SQLite's automatic one
-/// would), and none holds the writer's connection: with the checkpoint queued on it, every
-/// request waited out its fsyncs, five times a second (BENCHMARKS.md, issue 13).
+/// checkpoints are short and none holds the writer's connection: with the checkpoint queued
+/// on it, every request waited out its fsyncs, five times a second (BENCHMARKS.md, issue
+/// 13). What it copies, the writer's own checkpoint at `wal_autocheckpoint` need not.
 pub async fn checkpoint_periodically(db: Db) {
     // PostgreSQL checkpoints by itself.
     let Db::Sqlite(db) = db else {
