@@ -334,15 +334,21 @@ fn create_private_file(path: &std::path::Path) -> Result<(), sqlx::Error> {
     }
 }
 
-/// Pages of write-ahead log at which a committing request runs a checkpoint itself.
-const WAL_AUTOCHECKPOINT_PAGES: u32 = 10_000;
+/// Pages of write-ahead log (about 165 MB) at which a committing request runs a checkpoint
+/// itself and the log starts over: the log's bound under load. Each time, the requests
+/// queued on the writer wait, so the bound sets how often: at 10,000 pages, several times a
+/// second at full load, `/chat`'s p99 at 32 connections was 30 ms against 16 to 20 ms at
+/// 40,000 (BENCHMARKS.md, issue 23).
+const WAL_AUTOCHECKPOINT_PAGES: u32 = 40_000;
 
-/// Bytes of write-ahead log file kept after a checkpoint (64 MiB).
-const WAL_SIZE_LIMIT_BYTES: u64 = 64 * 1024 * 1024;
+/// Bytes of write-ahead log file kept after a checkpoint (192 MiB): above the bound, so that
+/// a log starting over is not cut back and grown again every time (which, measured at a
+/// 64 MiB limit, cost more than the checkpoint); a log grown past it is cut back to it.
+const WAL_SIZE_LIMIT_BYTES: u64 = 192 * 1024 * 1024;
 
-/// How often the background checkpoint runs. Each chat writes about ten 4 KiB pages to the
-/// log, so at full load this keeps it near 40 MB; rarer checkpoints let it grow past
-/// 250 MB for no gain in throughput.
+/// How often the background checkpoint runs: it copies the log as it grows, so that the
+/// writer's own checkpoint finds little left to copy (one a second left it more, and cost
+/// throughput and tail: BENCHMARKS.md, issue 23).
 pub const CHECKPOINT_PERIOD: Duration = Duration::from_millis(200);
 
 /// Copies the write-ahead log into the database file (PASSIVE: it never waits for a reader
