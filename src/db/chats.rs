@@ -180,53 +180,43 @@ pub async fn reserve(db: &Db, chat: NewChat<'_>) -> Result<Reservation, sqlx::Er
     let deadline_at = now.saturating_add_unsigned(settle_within.as_secs());
     // A flat chat writes none of the price columns (`reserved` NULL means its cost): the
     // statement of before prices, which costs the hot path nothing more (BENCHMARKS.md).
-    let chat_id: Result<Option<i64>, _> = match priced {
+    let budgeted = budgets != Budgets::default();
+    let sql = match priced {
+        Some(_) => by_backend!(db, priced_chat!("$13", "$14", "$16")),
         // A budget: the key and the periods recorded, which the triggers
         // `chat_counts_against_its_{key,user}_budget` count, refusing the insert past one.
-        None if budgets != Budgets::default() => reserved_id!(
-            db,
-            by_backend!(db, budgeted_chat!("$7", "$8", "$10")),
-            |query| query
-                .bind(user_id)
-                .bind(message)
-                .bind(cost)
-                .bind(now)
-                .bind(deadline_at)
-                .bind(conversation_id)
-                .bind(budget.key)
-                .bind(budget.key_period)
-                .bind(budget.user_tokens)
-                .bind(budget.user_period)
-        ),
-        None => reserved_id!(db, by_backend!(db, flat_chat!()), |query| query
+        None if budgeted => by_backend!(db, budgeted_chat!("$7", "$8", "$10")),
+        None => by_backend!(db, flat_chat!()),
+    };
+    let chat_id: Result<Option<i64>, _> = reserved_id!(db, sql, |query| {
+        let query = query
             .bind(user_id)
             .bind(message)
             .bind(cost)
             .bind(now)
             .bind(deadline_at)
-            .bind(conversation_id)),
-        Some(priced) => reserved_id!(
-            db,
-            by_backend!(db, priced_chat!("$13", "$14", "$16")),
-            |query| query
-                .bind(user_id)
-                .bind(message)
-                .bind(cost)
-                .bind(now)
-                .bind(deadline_at)
-                .bind(conversation_id)
+            .bind(conversation_id);
+        let query = match priced {
+            Some(priced) => query
                 .bind(priced.model)
                 .bind(priced.output_cap as i64)
                 .bind(priced.prices.prompt as i64)
                 .bind(priced.prices.cached_prompt as i64)
                 .bind(priced.prices.completion as i64)
-                .bind(priced.prices.request as i64)
+                .bind(priced.prices.request as i64),
+            None => query,
+        };
+        // Priced or budgeted: the budget columns (the priced statement writes them always).
+        if priced.is_some() || budgeted {
+            query
                 .bind(budget.key)
                 .bind(budget.key_period)
                 .bind(budget.user_tokens)
                 .bind(budget.user_period)
-        ),
-    };
+        } else {
+            query
+        }
+    });
     let chat_id = match chat_id {
         Ok(chat_id) => chat_id,
         // PostgreSQL: the balance read by this statement covered the cost, but a concurrent
