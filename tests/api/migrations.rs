@@ -232,3 +232,104 @@ async fn the_pass_through_migration_keeps_the_ledger_and_its_triggers_and_meters
     assert_eq!(count(&db, "SELECT COUNT(*) FROM embeddings").await, 0);
     db.close().await;
 }
+
+/// The opcodes SQLite would run for `statement`, one per step of its program.
+async fn sqlite_program(pool: &sqlx::SqlitePool, statement: &str) -> Vec<String> {
+    use sqlx::Row;
+    sqlx::query(&format!("EXPLAIN {statement}"))
+        .fetch_all(pool)
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get::<String, _>("opcode"))
+        .collect()
+}
+
+#[tokio::test]
+async fn the_status_checks_migration_keeps_every_row_and_still_refuses_an_unknown_status() {
+    let database = TestDatabase::create().await;
+    let db = db::connect(database.url(), db::Open::CreateIfMissing)
+        .await
+        .unwrap();
+    let (before, _dir) = migrator_before("20261218000000").await;
+    db_run!(&db, pool => before.run(pool).await).unwrap();
+    execute(
+        &db,
+        "INSERT INTO users (username, username_key, password_hash, tokens, created_at)
+         VALUES ('alice', 'alice', 'x', 1000, 1)",
+    )
+    .await;
+    for (table, status, columns) in [
+        ("chats", "answered", "message, status, cost, created_at"),
+        ("chats", "abandoned", "message, status, cost, created_at"),
+        ("embeddings", "failed", "model, status, cost, created_at"),
+    ] {
+        execute(
+            &db,
+            &format!(
+                "INSERT INTO {table} (user_id, deadline_at, {columns})
+                 VALUES (1, 999999999999, 'm', 'pending', 10, 2)"
+            ),
+        )
+        .await;
+        execute(
+            &db,
+            &format!(
+                "UPDATE {table} SET status = '{status}', finished_at = 3
+                 WHERE id = (SELECT MAX(id) FROM {table})"
+            ),
+        )
+        .await;
+    }
+    type Rows = Vec<(i64, String, i64)>;
+    let rows = |db: &Db, table: &'static str| {
+        let db = db.clone();
+        async move {
+            let query = format!("SELECT id, status, cost FROM {table} ORDER BY id");
+            db_run!(&db, pool => sqlx::query_as::<_, (i64, String, i64)>(&query)
+                .fetch_all(pool)
+                .await)
+            .unwrap()
+        }
+    };
+    let (chats, embeddings): (Rows, Rows) =
+        (rows(&db, "chats").await, rows(&db, "embeddings").await);
+    assert_eq!(chats.len(), 2);
+    assert_eq!(embeddings.len(), 1);
+
+    db::migrate(&db).await.unwrap();
+
+    assert_eq!(rows(&db, "chats").await, chats);
+    assert_eq!(rows(&db, "embeddings").await, embeddings);
+    assert_eq!(count(&db, "SELECT tokens FROM users").await, 980);
+    // Every status the tables know still goes in; one they do not is refused.
+    for (table, status) in [("chats", "failed"), ("embeddings", "answered")] {
+        let update = format!("UPDATE {table} SET status = '{status}' WHERE id = 1");
+        execute(&db, &update).await;
+        let unknown = format!("UPDATE {table} SET status = 'lost' WHERE id = 1");
+        let refused = db_run!(&db, pool => sqlx::query(&unknown).execute(pool).await.map(|_| ()));
+        match refused {
+            Err(sqlx::Error::Database(err)) => assert!(err.is_check_violation(), "{err}"),
+            other => panic!("{table}: status 'lost' was not refused: {other:?}"),
+        }
+    }
+    if let db::Db::Sqlite(sqlite) = &db {
+        let integrity: String = sqlx::query_scalar("PRAGMA integrity_check")
+            .fetch_one(&sqlite.writer)
+            .await
+            .unwrap();
+        assert_eq!(integrity, "ok");
+        // No temporary B-tree for the CHECK any more on the connection that writes (the
+        // one that migrated, which read its schema again).
+        for table in ["chats", "embeddings"] {
+            let update = format!("UPDATE {table} SET status = 'answered' WHERE id = 1");
+            let program = sqlite_program(&sqlite.writer, &update).await;
+            assert!(program.iter().any(|opcode| opcode == "Halt"), "{program:?}");
+            assert!(
+                !program.iter().any(|opcode| opcode == "OpenEphemeral"),
+                "{table}: {program:?}"
+            );
+        }
+    }
+    db.close().await;
+}
