@@ -5,40 +5,71 @@
 use crate::domain::{BudgetOwner, Budgets};
 
 /// A reservation's statement text for the backend of `$db`, from `$template` (a macro
-/// taking the key-period and user-period expressions and the statement's ending, for
-/// [`reserved_id!`]): a budget's period never goes back. On SQLite, whose one writer makes
-/// the read exact, the statement records the later of the call's period and the budget's
-/// ([`later_key_period!`], [`later_user_period!`]); on PostgreSQL the counting triggers do
-/// it under the row lock, so the statement passes the call's own and saves a look-up of the
-/// key.
+/// taking the row macro of the backend, [`sqlite_row!`] or [`postgres_row!`], and with
+/// budgets the key-period and user-period expressions): a budget's period never goes back.
+/// On SQLite, whose one writer makes the read exact, the statement records the later of the
+/// call's period and the budget's ([`later_key_period!`], [`later_user_period!`]); on
+/// PostgreSQL the counting triggers do it under the row lock, so the statement passes the
+/// call's own and saves a look-up of the key.
 macro_rules! by_backend {
     ($db:expr, $template:ident!($key:literal, $key_period:literal, $user_period:literal)) => {
         match $db {
             $crate::db::Db::Sqlite(_) => $template!(
+                sqlite_row,
                 later_key_period!($key, $key_period),
-                later_user_period!($user_period),
-                ""
+                later_user_period!($user_period)
             ),
-            $crate::db::Db::Postgres(_) => $template!($key_period, $user_period, "RETURNING id"),
+            $crate::db::Db::Postgres(_) => $template!(postgres_row, $key_period, $user_period),
         }
     };
     // A reservation without budgets.
     ($db:expr, $template:ident!()) => {
         match $db {
-            $crate::db::Db::Sqlite(_) => $template!(""),
-            $crate::db::Db::Postgres(_) => $template!("RETURNING id"),
+            $crate::db::Db::Sqlite(_) => $template!(sqlite_row),
+            $crate::db::Db::Postgres(_) => $template!(postgres_row),
         }
     };
 }
 
-/// Runs a reservation's `INSERT` (`$sql`, ending as [`by_backend!`] ends it, bound by
-/// `$binds` on `$query`): the new row's id, or `None` when the balance did not cover it
-/// (no row). SQLite reads the id from the connection rather than by `RETURNING`, which
-/// it would gather in a temporary B-tree for every statement (BENCHMARKS.md, issue 23);
-/// the triggers' own inserts do not change it once they are over.
+/// A reservation's row on SQLite, whose first column is `cost` (`$3`, the user `$1`), then
+/// `$values`: one row of `VALUES`, with a cost the balance does not cover written as -1,
+/// which the table's `CHECK (cost >= 0)` refuses before any trigger runs ([`reserved_id!`]
+/// reads that refusal as a short balance, as on PostgreSQL). Not `INSERT ... SELECT ...
+/// WHERE tokens >= $3`: SQLite gathers the rows of that form in a temporary B-tree first
+/// when the table has triggers, about 18k instructions a call (BENCHMARKS.md, issue 23).
+macro_rules! sqlite_row {
+    ($values:expr) => {
+        concat!(
+            "VALUES (CASE WHEN (SELECT tokens FROM users WHERE id = $1) >= $3 THEN $3 ELSE -1 END, ",
+            $values,
+            ")"
+        )
+    };
+}
+
+/// A reservation's row on PostgreSQL (as [`sqlite_row!`]): selected only when the balance
+/// covers the cost, and its id returned.
+macro_rules! postgres_row {
+    ($values:expr) => {
+        concat!(
+            "SELECT $3, ",
+            $values,
+            " FROM users WHERE id = $1 AND tokens >= $3 RETURNING id"
+        )
+    };
+}
+
+/// Runs a reservation's `INSERT` (`$sql`, from [`by_backend!`], bound by `$binds` on
+/// `$query`): the new row's id, or `None` when the balance did not cover it (no row, or
+/// the cost refused by `CHECK`: on SQLite as [`sqlite_row!`] writes it, on PostgreSQL when
+/// a concurrent reservation took the balance first and the ledger's `CHECK` refused it
+/// under the row lock); a budget's refusal is an error the caller reads with
+/// [`budget_exceeded`]. SQLite reads the id from the connection rather than by
+/// `RETURNING`, which it would gather in a temporary B-tree for every statement
+/// (BENCHMARKS.md, issue 23); the triggers' own inserts do not change it once they are over.
 macro_rules! reserved_id {
     ($db:expr, $sql:expr, |$query:ident| $binds:expr) => {
-        match $db {
+        match match $db {
             $crate::db::Db::Sqlite(sqlite) => {
                 let $query = sqlx::query($sql);
                 $binds
@@ -50,6 +81,9 @@ macro_rules! reserved_id {
                 let $query = sqlx::query_scalar($sql);
                 $binds.fetch_optional(pool).await
             }
+        } {
+            Err(sqlx::Error::Database(err)) if err.is_check_violation() => Ok(None),
+            reserved => reserved,
         }
     };
 }
@@ -70,15 +104,15 @@ macro_rules! later_key_period {
     };
 }
 
-/// As [`later_key_period!`], of the user budget (the statement reads from `users`).
+/// As [`later_key_period!`], of the user budget (the user `$1`).
 macro_rules! later_user_period {
     ($period:literal) => {
         concat!(
-            "CASE WHEN users.budget_period_start > ",
+            "(SELECT CASE WHEN u.budget_period_start > ",
             $period,
-            " THEN users.budget_period_start ELSE ",
+            " THEN u.budget_period_start ELSE ",
             $period,
-            " END"
+            " END FROM users u WHERE u.id = $1)"
         )
     };
 }

@@ -219,10 +219,6 @@ pub async fn reserve(db: &Db, chat: NewChat<'_>) -> Result<Reservation, sqlx::Er
     });
     let chat_id = match chat_id {
         Ok(chat_id) => chat_id,
-        // PostgreSQL: the balance read by this statement covered the cost, but a concurrent
-        // reservation took it first; the ledger trigger, under the row lock, found the
-        // balance would go below zero. The same answer as a short balance.
-        Err(sqlx::Error::Database(err)) if err.is_check_violation() => None,
         Err(sqlx::Error::Database(err)) => match super::budgets::budget_exceeded(err.as_ref()) {
             Some(owner) => return Ok(Reservation::BudgetExceeded(owner)),
             None => return Err(sqlx::Error::Database(err)),
@@ -241,14 +237,14 @@ pub async fn reserve(db: &Db, chat: NewChat<'_>) -> Result<Reservation, sqlx::Er
     })
 }
 
-/// A flat chat's reservation without budgets: the statement of before prices.
+/// A flat chat's reservation without budgets: the statement of before prices, its row as
+/// `$row` (`budgets::sqlite_row!` or `postgres_row!`) writes it, `cost` first.
 macro_rules! flat_chat {
-    ($returning:literal) => {
+    ($row:ident) => {
         concat!(
-            "INSERT INTO chats (user_id, message, status, cost, created_at, deadline_at,
-                                conversation_id)
-             SELECT id, $2, 'pending', $3, $4, $5, $6 FROM users WHERE id = $1 AND tokens >= $3 ",
-            $returning
+            "INSERT INTO chats (cost, user_id, message, status, created_at, deadline_at,
+                                conversation_id) ",
+            $row!("$1, $2, 'pending', $4, $5, $6")
         )
     };
 }
@@ -256,17 +252,17 @@ use flat_chat;
 
 /// A flat chat's reservation with a budget: the key's period and the user's as given.
 macro_rules! budgeted_chat {
-    ($key_period:expr, $user_period:expr, $returning:literal) => {
+    ($row:ident, $key_period:expr, $user_period:expr) => {
         concat!(
-            "INSERT INTO chats (user_id, message, status, cost, created_at, deadline_at,
+            "INSERT INTO chats (cost, user_id, message, status, created_at, deadline_at,
                                 conversation_id, api_key_id, budget_period_start,
-                                user_budget_tokens, user_budget_period_start)
-             SELECT id, $2, 'pending', $3, $4, $5, $6, $7, ",
-            $key_period,
-            ", $9, ",
-            $user_period,
-            " FROM users WHERE id = $1 AND tokens >= $3 ",
-            $returning
+                                user_budget_tokens, user_budget_period_start) ",
+            $row!(concat!(
+                "$1, $2, 'pending', $4, $5, $6, $7, ",
+                $key_period,
+                ", $9, ",
+                $user_period
+            ))
         )
     };
 }
@@ -274,19 +270,19 @@ use budgeted_chat;
 
 /// A priced chat's reservation: the key's period and the user's as given.
 macro_rules! priced_chat {
-    ($key_period:expr, $user_period:expr, $returning:literal) => {
+    ($row:ident, $key_period:expr, $user_period:expr) => {
         concat!(
-            "INSERT INTO chats (user_id, message, status, cost, reserved, created_at, deadline_at,
-                                conversation_id, model, output_cap, price_prompt,
+            "INSERT INTO chats (cost, reserved, user_id, message, status, created_at,
+                                deadline_at, conversation_id, model, output_cap, price_prompt,
                                 price_cached_prompt, price_completion, price_request,
                                 api_key_id, budget_period_start, user_budget_tokens,
-                                user_budget_period_start)
-             SELECT id, $2, 'pending', $3, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, ",
-            $key_period,
-            ", $15, ",
-            $user_period,
-            " FROM users WHERE id = $1 AND tokens >= $3 ",
-            $returning
+                                user_budget_period_start) ",
+            $row!(concat!(
+                "$3, $1, $2, 'pending', $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, ",
+                $key_period,
+                ", $15, ",
+                $user_period
+            ))
         )
     };
 }

@@ -20,18 +20,18 @@ use crate::{
 /// An embeddings call's reservation: the key's period and the user's as given
 /// (`budgets::by_backend!`).
 macro_rules! embedding {
-    ($key_period:expr, $user_period:expr, $returning:literal) => {
+    ($row:ident, $key_period:expr, $user_period:expr) => {
         concat!(
-            "INSERT INTO embeddings (user_id, model, status, cost, reserved, created_at,
+            "INSERT INTO embeddings (cost, reserved, user_id, model, status, created_at,
                                      deadline_at, price_prompt, price_request, api_key_id,
                                      budget_period_start, user_budget_tokens,
-                                     user_budget_period_start)
-             SELECT id, $2, 'pending', $3, $3, $4, $5, $6, $7, $8, ",
-            $key_period,
-            ", $10, ",
-            $user_period,
-            " FROM users WHERE id = $1 AND tokens >= $3 ",
-            $returning
+                                     user_budget_period_start) ",
+            $row!(concat!(
+                "$3, $1, $2, 'pending', $4, $5, $6, $7, $8, ",
+                $key_period,
+                ", $10, ",
+                $user_period
+            ))
         )
     };
 }
@@ -86,8 +86,6 @@ pub async fn reserve(
     );
     let id = match id {
         Ok(id) => id,
-        // PostgreSQL: a concurrent reservation took the balance first (see chats::reserve).
-        Err(sqlx::Error::Database(err)) if err.is_check_violation() => None,
         Err(sqlx::Error::Database(err)) => match super::budgets::budget_exceeded(err.as_ref()) {
             Some(owner) => return Ok(Reservation::BudgetExceeded(owner)),
             None => return Err(sqlx::Error::Database(err)),

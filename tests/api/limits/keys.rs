@@ -429,3 +429,38 @@ async fn a_mistyped_limit_is_refused_naming_it_rather_than_making_a_key_without_
     refused.assert_error(StatusCode::BAD_REQUEST, "invalid_json");
     assert!(refused.json["error"].as_str().unwrap().contains("tmp"));
 }
+
+#[tokio::test]
+async fn a_call_short_of_both_its_balance_and_its_keys_budget_is_refused_for_its_balance() {
+    let app = TestApp::with_env(&[("INITIAL_TOKENS", "60")]).await;
+    let token = app.user_with_token("user").await;
+    let created = app
+        .post_authorized(
+            "/keys",
+            &token,
+            json!({ "name": "agent", "budget": { "tokens": 50, "period": "total" } }),
+        )
+        .await;
+    assert_eq!(created.status, StatusCode::CREATED, "{created:?}");
+    let key = created.json["key"].as_str().unwrap();
+    // A chat costs 100: over the key's budget of 50 and the balance of 60 alike. The balance
+    // is what the payer can do something about, so it is what the answer names, on both
+    // backends.
+    let short = app.chat(key, "hello").await;
+    short.assert_error(StatusCode::PAYMENT_REQUIRED, "out_of_tokens");
+    assert_eq!(short.json["tokens"], 60, "{short:?}");
+    let v1 = completions(
+        &app,
+        key,
+        json!({ "model": "llama3.2", "messages": [{ "role": "user", "content": "hi" }] }),
+    )
+    .await;
+    assert_eq!(v1.status, StatusCode::PAYMENT_REQUIRED, "{v1:?}");
+    assert_eq!(v1.json["error"]["code"], "insufficient_quota", "{v1:?}");
+    assert_eq!(v1.json["error"]["tokens"], 60, "{v1:?}");
+    assert_eq!(app.llm.calls(), 0);
+    assert_eq!(app.balance(&token).await, 60);
+    let keys = app.get_authorized("/keys", &token).await;
+    assert_eq!(keys.json["keys"][0]["spent"], 0, "{keys:?}");
+    app.assert_audit_passes().await;
+}
