@@ -36,7 +36,7 @@ macro_rules! by_backend {
 /// which the table's `CHECK (cost >= 0)` refuses before any trigger runs ([`reserved_id!`]
 /// reads that refusal as a short balance, as on PostgreSQL). Not `INSERT ... SELECT ...
 /// WHERE tokens >= $3`: SQLite gathers the rows of that form in a temporary B-tree first
-/// when the table has triggers, about 18k instructions a call (BENCHMARKS.md, issue 23).
+/// when the table has triggers, about 20k instructions a call (BENCHMARKS.md, issue 23).
 macro_rules! sqlite_row {
     ($values:expr) => {
         concat!(
