@@ -303,9 +303,14 @@ async fn the_status_checks_migration_keeps_every_row_and_still_refuses_an_unknow
     assert_eq!(rows(&db, "embeddings").await, embeddings);
     assert_eq!(count(&db, "SELECT tokens FROM users").await, 980);
     // Every status the tables know still goes in; one they do not is refused.
-    for (table, status) in [("chats", "failed"), ("embeddings", "answered")] {
-        let update = format!("UPDATE {table} SET status = '{status}' WHERE id = 1");
-        execute(&db, &update).await;
+    for (table, statuses) in [
+        ("chats", &["pending", "abandoned", "failed", "answered"][..]),
+        ("embeddings", &["pending", "answered", "failed"][..]),
+    ] {
+        for status in statuses {
+            let update = format!("UPDATE {table} SET status = '{status}' WHERE id = 1");
+            execute(&db, &update).await;
+        }
         let unknown = format!("UPDATE {table} SET status = 'lost' WHERE id = 1");
         let refused = db_run!(&db, pool => sqlx::query(&unknown).execute(pool).await.map(|_| ()));
         match refused {
