@@ -291,7 +291,9 @@ async fn connect_sqlite(
     let writer = SqlitePoolOptions::new()
         .max_connections(settings.max_connections.unwrap_or(1))
         // sqlx would otherwise ping the connection's thread before every query: a second
-        // round trip each time, for a file that cannot hang up.
+        // round trip each time, for a file that cannot hang up. (It still pings each
+        // connection as it goes back to the pool, whatever the options: measured in
+        // BENCHMARKS.md, issue 23, session 35.)
         .test_before_acquire(false)
         .acquire_timeout(ACQUIRE_TIMEOUT)
         .connect_with(options.clone())
