@@ -3,12 +3,11 @@
 
 use std::time::{Duration, Instant};
 
-use serde_json::json;
 use tokio::{io::AsyncWriteExt, time::sleep};
 
 use crate::{
     common::{FakeLlm, Reply},
-    server::{register_and_login, wait_until, Server},
+    server::{register_and_login, send_a_stalled_chat, wait_until, Server},
 };
 
 use super::{chat, connect, read_response, server_closes_within};
@@ -27,13 +26,7 @@ async fn sigterm_ends_a_half_sent_request_and_refunds_a_stalled_chat_within_the_
     let base = server.base.clone();
     let token = register_and_login(&http, &base, "pass123").await;
 
-    llm.set_reply(Reply::Stall(Duration::from_secs(30)));
-    let stalled = http
-        .post(format!("{base}/chat"))
-        .bearer_auth(&token)
-        .json(&json!({ "message": "never answered" }));
-    let stalled = tokio::spawn(stalled.send());
-    wait_until(|| async { llm.calls() == 1 }).await;
+    let stalled = send_a_stalled_chat(&llm, &http, &base, &token).await;
     // Headers complete, a body of 1000 bytes promised and 10 sent.
     let mut half_sent = connect(&base).await;
     let headers = format!(

@@ -10,7 +10,7 @@ use std::{
 
 use serde_json::json;
 
-use super::{only_chat_and_its_balance, register_and_login, send, wait_until};
+use super::{only_chat_and_its_balance, register_and_login, send, send_a_stalled_chat, wait_until};
 use crate::common::{FakeLlm, Reply};
 
 /// The built binary, run in a directory with only the variables given.
@@ -253,15 +253,7 @@ async fn a_chat_cut_off_by_sigkill_is_refunded_by_the_next_process() {
 
     let server = Server::start(dir.path(), &vars);
     let token = register_and_login(&http, &server.base, "pass123").await;
-    llm.set_reply(Reply::Stall(Duration::from_secs(30)));
-    let cut_off = tokio::spawn({
-        let request = http
-            .post(format!("{}/chat", server.base))
-            .bearer_auth(&token)
-            .json(&json!({ "message": "never answered" }));
-        async move { request.send().await }
-    });
-    wait_until(|| async { llm.calls() == 1 }).await;
+    let cut_off = send_a_stalled_chat(&llm, &http, &server.base, &token).await;
     server.signal("-KILL");
     assert!(
         cut_off.await.unwrap().is_err(),

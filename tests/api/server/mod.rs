@@ -191,3 +191,21 @@ where
     }
     panic!("condition not met within twenty seconds");
 }
+
+/// Sends `user`'s chat to a running server whose model `llm` is set to stall for thirty
+/// seconds, and returns once the model has it: the chat is reserved and waiting.
+pub(crate) async fn send_a_stalled_chat(
+    llm: &crate::common::FakeLlm,
+    http: &reqwest::Client,
+    base: &str,
+    token: &str,
+) -> tokio::task::JoinHandle<reqwest::Result<reqwest::Response>> {
+    llm.set_reply(Reply::Stall(Duration::from_secs(30)));
+    let request = http
+        .post(format!("{base}/chat"))
+        .bearer_auth(token)
+        .json(&json!({ "message": "never answered" }));
+    let stalled = tokio::spawn(request.send());
+    wait_until(|| async { llm.calls() == 1 }).await;
+    stalled
+}
