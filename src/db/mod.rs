@@ -13,6 +13,7 @@ pub mod embeddings;
 pub mod idempotency;
 pub mod ledger;
 pub mod rates;
+mod sqlite_pool;
 pub mod tokens;
 pub mod user_limits;
 pub mod users;
@@ -24,9 +25,11 @@ pub use crate::clock::unix_now;
 
 use sqlx::{
     postgres::{PgConnectOptions, PgPoolOptions},
-    sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous},
-    ConnectOptions, PgPool, SqlitePool,
+    sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous},
+    ConnectOptions, PgPool,
 };
+
+pub use sqlite_pool::{SqliteConnections, SqliteTransaction};
 
 /// The connection pool every layer above passes around: SQLite or PostgreSQL, chosen at run
 /// time by the scheme of `DATABASE_URL`.
@@ -48,14 +51,14 @@ pub enum Db {
 /// other requests' writes on the writer's connection (BENCHMARKS.md, issue 13).
 #[derive(Clone, Debug)]
 pub struct SqliteDb {
-    pub writer: SqlitePool,
+    pub writer: SqliteConnections,
     /// For an in-memory database (each connection would be a database of its own), the
     /// writer's pool again.
-    pub readers: SqlitePool,
+    pub readers: SqliteConnections,
 }
 
-/// Runs `$body` with `$pool` bound to the backend's pool for writing (`&SqlitePool` or
-/// `&PgPool`): the same code, compiled once for each backend, so sqlx checks the types for
+/// Runs `$body` with `$pool` bound to the backend's pool for writing (`&SqliteConnections`
+/// or `&PgPool`): the same code, compiled once for each backend, so sqlx checks the types for
 /// both. Statements that write, and reads that must see the writer's own transaction, use
 /// this one.
 #[macro_export]
@@ -132,21 +135,30 @@ impl Db {
 
     /// How many connections each pool holds, busy and idle, and may hold.
     pub fn pool_use(&self) -> Vec<PoolUse> {
-        fn of<DB: sqlx::Database>(name: &'static str, pool: &sqlx::Pool<DB>) -> PoolUse {
-            let idle = u32::try_from(pool.num_idle()).unwrap_or(u32::MAX);
+        fn of_sqlite(name: &'static str, pool: &SqliteConnections) -> PoolUse {
+            let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+            let (open, idle, max) = pool.usage();
             PoolUse {
                 name,
-                in_use: pool.size().saturating_sub(idle),
-                idle,
-                max: pool.options().get_max_connections(),
+                in_use: count(open.saturating_sub(idle)),
+                idle: count(idle),
+                max: count(max),
             }
         }
         match self {
             Self::Sqlite(sqlite) => vec![
-                of("sqlite_writer", &sqlite.writer),
-                of("sqlite_readers", &sqlite.readers),
+                of_sqlite("sqlite_writer", &sqlite.writer),
+                of_sqlite("sqlite_readers", &sqlite.readers),
             ],
-            Self::Postgres(pool) => vec![of("postgres", pool)],
+            Self::Postgres(pool) => {
+                let idle = u32::try_from(pool.num_idle()).unwrap_or(u32::MAX);
+                vec![PoolUse {
+                    name: "postgres",
+                    in_use: pool.size().saturating_sub(idle),
+                    idle,
+                    max: pool.options().get_max_connections(),
+                }]
+            }
         }
     }
 
@@ -287,32 +299,21 @@ async fn connect_sqlite(
     // One connection: SQLite takes one writer at a time anyway, and a lone connection keeps
     // its page cache (which any other connection's write would invalidate) and never waits
     // on SQLite's file locks (BENCHMARKS.md: chat throughput ~4,400/s with 8, ~5,200/s with 1).
-    // Nothing may use the pool while holding a transaction from it.
-    let writer = SqlitePoolOptions::new()
-        .max_connections(settings.max_connections.unwrap_or(1))
-        // sqlx would otherwise ping the connection's thread before every query: a second
-        // round trip each time, for a file that cannot hang up. (It still pings each
-        // connection as it goes back to the pool, whatever the options: measured in
-        // BENCHMARKS.md, issue 23, session 35.)
-        .test_before_acquire(false)
-        .acquire_timeout(ACQUIRE_TIMEOUT)
-        .connect_with(options.clone())
-        .await?;
+    // Nothing may use the pool while holding a transaction from it. (Not sqlx's pool, which
+    // pings each connection it is given back: see `sqlite_pool`.)
+    let writer = SqliteConnections::new(options.clone(), settings.max_connections.unwrap_or(1));
+    // Opened now, so that a database that cannot be opened stops start-up.
+    drop(writer.acquire().await?);
     if in_memory {
         return Ok(SqliteDb {
             readers: writer.clone(),
             writer,
         });
     }
-    let readers = SqlitePoolOptions::new()
-        .max_connections(SQLITE_READERS)
-        .test_before_acquire(false)
-        .acquire_timeout(ACQUIRE_TIMEOUT)
-        // Opened when first needed: a command that only writes never opens one.
-        .min_connections(0)
-        // No memory map (`mmap_size`): measured, it made a big audit query 15 times
-        // slower on this kind of machine (BENCHMARKS.md, issue 13).
-        .connect_lazy_with(options.pragma("query_only", "ON"));
+    // Opened when first needed: a command that only writes never opens one. No memory map
+    // (`mmap_size`): measured, it made a big audit query 15 times slower on this kind of
+    // machine (BENCHMARKS.md, issue 13).
+    let readers = SqliteConnections::new(options.pragma("query_only", "ON"), SQLITE_READERS);
     Ok(SqliteDb { writer, readers })
 }
 
@@ -394,9 +395,24 @@ static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("migrations
 /// Applies the migrations embedded from `migrations/sqlite` or `migrations/postgres`.
 #[tracing::instrument(level = "debug", skip_all)]
 pub async fn migrate(db: &Db) -> Result<(), sqlx::migrate::MigrateError> {
+    let migrator = match db {
+        Db::Sqlite(_) => &SQLITE_MIGRATIONS,
+        Db::Postgres(_) => &POSTGRES_MIGRATIONS,
+    };
+    run_migrator(db, migrator).await
+}
+
+/// Applies `migrator`'s migrations, on the writer's connection.
+pub async fn run_migrator(
+    db: &Db,
+    migrator: &sqlx::migrate::Migrator,
+) -> Result<(), sqlx::migrate::MigrateError> {
     match db {
-        Db::Sqlite(sqlite) => SQLITE_MIGRATIONS.run(&sqlite.writer).await,
-        Db::Postgres(pool) => POSTGRES_MIGRATIONS.run(pool).await,
+        Db::Sqlite(sqlite) => {
+            let mut connection = sqlite.writer.acquire().await?;
+            migrator.run(&mut **connection).await
+        }
+        Db::Postgres(pool) => migrator.run(pool).await,
     }
 }
 

@@ -41,7 +41,7 @@ async fn the_streaming_migration_keeps_every_row_and_the_ledger_still_moves_bala
         .await
         .unwrap();
     let (before, _dir) = migrator_before("20261201000000").await;
-    db_run!(&db, pool => before.run(pool).await).unwrap();
+    db::run_migrator(&db, &before).await.unwrap();
 
     // A year of history in miniature, written as the earlier schema's triggers write it.
     execute(
@@ -145,7 +145,7 @@ async fn the_pass_through_migration_keeps_the_ledger_and_its_triggers_and_meters
         .await
         .unwrap();
     let (before, _dir) = migrator_before("20261210000000").await;
-    db_run!(&db, pool => before.run(pool).await).unwrap();
+    db::run_migrator(&db, &before).await.unwrap();
     execute(
         &db,
         "INSERT INTO users (username, username_key, password_hash, tokens, created_at)
@@ -234,7 +234,7 @@ async fn the_pass_through_migration_keeps_the_ledger_and_its_triggers_and_meters
 }
 
 /// The opcodes SQLite would run for `statement`, one per step of its program.
-async fn sqlite_program(pool: &sqlx::SqlitePool, statement: &str) -> Vec<String> {
+async fn sqlite_program(pool: &tokenchat::db::SqliteConnections, statement: &str) -> Vec<String> {
     use sqlx::Row;
     sqlx::query(&format!("EXPLAIN {statement}"))
         .fetch_all(pool)
@@ -252,7 +252,7 @@ async fn the_status_checks_migration_keeps_every_row_and_still_refuses_an_unknow
         .await
         .unwrap();
     let (before, _dir) = migrator_before("20261218000000").await;
-    db_run!(&db, pool => before.run(pool).await).unwrap();
+    db::run_migrator(&db, &before).await.unwrap();
     execute(
         &db,
         "INSERT INTO users (username, username_key, password_hash, tokens, created_at)

@@ -2,6 +2,7 @@
 //! token farming, questionable input, ambiguous credentials, corrupting grants, and
 //! chats refunded by a process with another time-out.
 
+mod abandoned_statements;
 mod database_and_command_line;
 mod login_throttling;
 mod questionable_input;
