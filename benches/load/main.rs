@@ -15,7 +15,8 @@
 //! and `tokenchat audit` on each, on SQLite and, with `BENCH_POSTGRES_URL`, on PostgreSQL.
 //! `BENCH_V1=1` runs instead what `/v1` adds to a 100 KB request with tools and to the first
 //! tool-call delta of a stream (see `v1`). `BENCH_PRICED=1` runs instead `/chat` flat and
-//! priced by a price book, in turns (see `priced`). `BENCH_UPSTREAMS=1` runs instead `/chat`
+//! priced by a price book, in turns (see `priced`); `BENCH_BUILDS=<binary>,<binary>` the same
+//! turns on flat servers of several builds. `BENCH_UPSTREAMS=1` runs instead `/chat`
 //! served by three upstreams all healthy and with one of them dead, its breaker open, in
 //! turns (see `upstreams`). `BENCH_KEY_LIMITS=1`, with `BENCH_POSTGRES_URL`, runs instead
 //! `/chat` on PostgreSQL with two instances by API keys without limits and with a budget and
@@ -99,6 +100,10 @@ async fn run(pinned: bool) {
     }
     if std::env::var("BENCH_PRICED").is_ok_and(|priced| priced == "1") {
         return priced::run(dir.path(), pinned, measured).await;
+    }
+    if let Ok(builds) = std::env::var("BENCH_BUILDS") {
+        let binaries: Vec<String> = builds.split(',').map(str::to_string).collect();
+        return priced::compare_builds(dir.path(), pinned, measured, &binaries).await;
     }
     if std::env::var("BENCH_UPSTREAMS").is_ok_and(|upstreams| upstreams == "1") {
         return upstreams::run(dir.path(), pinned, measured).await;

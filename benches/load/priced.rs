@@ -6,6 +6,10 @@
 //! `BENCH_TURNS` turns (default 5) of `/chat` at `CONNECTIONS` connections, the servers in
 //! turn (forward, then backward the next turn, so a drift favours none), then as many turns
 //! at one connection beside the direct model call.
+//!
+//! `BENCH_BUILDS=<binary>,<binary>,...` runs the same turns on flat servers of several builds
+//! instead (the first is the base the others are compared with): two builds measured in one
+//! run, each on a database of its own, neither disturbed by the other's earlier scenarios.
 
 use std::{net::SocketAddr, path::Path, sync::Arc, time::Duration};
 
@@ -31,16 +35,12 @@ fn price_book(tokenizer: &str) -> String {
 
 /// One server under test.
 pub(crate) struct Variant {
-    pub(crate) name: &'static str,
+    pub(crate) name: String,
     pub(crate) server: Server,
     pub(crate) target: Arc<Target>,
 }
 
 pub async fn run(dir: &Path, pinned: bool, measured: Duration) {
-    let turns = std::env::var("BENCH_TURNS")
-        .ok()
-        .and_then(|turns| turns.parse().ok())
-        .unwrap_or(5usize);
     let model = start_fake_model_with(true).await;
     let mut variants = Vec::new();
     for (name, tokenizer) in [
@@ -63,31 +63,69 @@ pub async fn run(dir: &Path, pinned: bool, measured: Duration) {
         );
         let env = [("CONFIG_FILE", config_file.as_str()), ("LLM_MODEL", MODEL)];
         let server = Server::start_with(dir, &sqlite, model, pinned, &env).await;
+        let variant = Variant::ready(name.to_string(), server).await;
+        println!("(CONFIG_FILE={config_file:?})");
+        variants.push(variant);
+    }
+    in_turns(&variants, model, pinned, measured, "priced /chat").await;
+}
+
+/// `BENCH_BUILDS`: flat `/chat` of each build in `binaries`, in turns.
+pub async fn compare_builds(dir: &Path, pinned: bool, measured: Duration, binaries: &[String]) {
+    let model = start_fake_model_with(true).await;
+    let mut variants = Vec::new();
+    for (index, binary) in binaries.iter().enumerate() {
+        let sqlite = format!(
+            "sqlite://{}",
+            dir.join(format!("build-{index}.db")).display()
+        );
+        let env = [("CONFIG_FILE", ""), ("LLM_MODEL", MODEL)];
+        let server = Server::start_binary(binary, dir, &sqlite, model, pinned, &env).await;
+        variants.push(Variant::ready(binary.clone(), server).await);
+    }
+    in_turns(&variants, model, pinned, measured, "builds' /chat").await;
+}
+
+impl Variant {
+    /// `server` with a user logged in, after one chat that shows how it is charged.
+    async fn ready(name: String, server: Server) -> Self {
         let target = Target {
             addr: server.addr,
             token: String::new(),
         };
         let token = target.register_and_login("bench", "bench-password").await;
         let target = Arc::new(Target { token, ..target });
-        // One chat first, to show which way it is charged.
         let (status, answer) = send_once(
             target.addr,
             request(Method::POST, "/chat", Some(&target.token), chat_body()),
         )
         .await;
         assert_eq!(status, StatusCode::OK, "{name}: {answer}");
-        println!(
-            "{name}: one chat charged {} (CONFIG_FILE={config_file:?})",
-            answer["tokens_charged"]
-        );
-        variants.push(Variant {
+        println!("{name}: one chat charged {}", answer["tokens_charged"]);
+        Self {
             name,
             server,
             target,
-        });
+        }
     }
+}
+
+/// `BENCH_TURNS` turns (default 5) of `/chat` at [`CONNECTIONS`] connections, the variants in
+/// turn, then as many at one connection beside the direct model call; each figure also as a
+/// share of the first variant's.
+async fn in_turns(
+    variants: &[Variant],
+    model: SocketAddr,
+    pinned: bool,
+    measured: Duration,
+    what: &str,
+) {
+    let turns = std::env::var("BENCH_TURNS")
+        .ok()
+        .and_then(|turns| turns.parse().ok())
+        .unwrap_or(5usize);
     println!(
-        "tokenchat priced /chat benchmark: {turns} turns, {} s per scenario",
+        "tokenchat {what} benchmark: {turns} turns, {} s per scenario",
         measured.as_secs()
     );
     println!("{}", describe_machine(pinned));
@@ -161,7 +199,7 @@ pub async fn run(dir: &Path, pinned: bool, measured: Duration) {
 
     print_table(&rows);
     println!();
-    let flat = median(&rates[0]);
+    let first = median(&rates[0]);
     for (index, variant) in variants.iter().enumerate() {
         let per_turn: Vec<f64> = rates[index]
             .iter()
@@ -169,22 +207,24 @@ pub async fn run(dir: &Path, pinned: bool, measured: Duration) {
             .map(|(rate, flat)| rate / flat)
             .collect();
         println!(
-            "{}: /chat at {CONNECTIONS} connections, median {:.0} requests/s ({}); of flat: {:.1}% (medians), per turn {}",
+            "{}: /chat at {CONNECTIONS} connections, median {:.0} requests/s ({}); of {}: {:.1}% (medians), per turn {}",
             variant.name,
             median(&rates[index]),
             list(&rates[index], 0),
-            100.0 * median(&rates[index]) / flat,
+            variants[0].name,
+            100.0 * median(&rates[index]) / first,
             list(&per_turn.iter().map(|ratio| 100.0 * ratio).collect::<Vec<_>>(), 1),
         );
     }
-    let flat_cpu = median(&cpu_per_chat[0]);
+    let first_cpu = median(&cpu_per_chat[0]);
     for (index, variant) in variants.iter().enumerate() {
         println!(
-            "{}: server CPU per chat at {CONNECTIONS} connections, median {:.0} µs ({}); flat's as % of it: {:.1}%",
+            "{}: server CPU per chat at {CONNECTIONS} connections, median {:.0} µs ({}); {}'s as % of it: {:.1}%",
             variant.name,
             median(&cpu_per_chat[index]),
             list(&cpu_per_chat[index], 0),
-            100.0 * flat_cpu / median(&cpu_per_chat[index]),
+            variants[0].name,
+            100.0 * first_cpu / median(&cpu_per_chat[index]),
         );
     }
     let direct_p50 = median(&p50s[variants.len()]);

@@ -35,10 +35,22 @@ impl Server {
         pinned: bool,
         env: &[(&str, &str)],
     ) -> Self {
+        Self::start_binary(&server_binary(), dir, database_url, model, pinned, env).await
+    }
+
+    /// [`Server::start_with`] of the tokenchat binary at `binary`.
+    pub async fn start_binary(
+        binary: &str,
+        dir: &Path,
+        database_url: &str,
+        model: SocketAddr,
+        pinned: bool,
+        env: &[(&str, &str)],
+    ) -> Self {
         let addr = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|listener| listener.local_addr())
             .expect("a free port");
-        let child = on_server_core(server_binary(), pinned)
+        let child = on_server_core(binary, pinned)
             .current_dir(dir)
             .env("BIND_ADDR", addr.to_string())
             .env("DATABASE_URL", database_url)

@@ -96,7 +96,7 @@ pub async fn run(dir: &Path, pinned: bool, measured: Duration) {
             describe(&breakers(&target).await)
         );
         variants.push(Variant {
-            name,
+            name: name.to_string(),
             server,
             target,
         });

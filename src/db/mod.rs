@@ -12,8 +12,8 @@ pub mod conversations;
 pub mod embeddings;
 pub mod idempotency;
 pub mod ledger;
+mod pool;
 pub mod rates;
-mod sqlite_pool;
 pub mod tokens;
 pub mod user_limits;
 pub mod users;
@@ -24,12 +24,12 @@ use std::{str::FromStr, time::Duration};
 pub use crate::clock::unix_now;
 
 use sqlx::{
-    postgres::{PgConnectOptions, PgPoolOptions},
+    postgres::PgConnectOptions,
     sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous},
-    ConnectOptions, PgPool,
+    ConnectOptions, Postgres, Sqlite,
 };
 
-pub use sqlite_pool::{SqliteConnections, SqliteTransaction};
+pub use pool::{Connections, PooledTransaction};
 
 /// The connection pool every layer above passes around: SQLite or PostgreSQL, chosen at run
 /// time by the scheme of `DATABASE_URL`.
@@ -41,7 +41,7 @@ pub use sqlite_pool::{SqliteConnections, SqliteTransaction};
 #[derive(Clone, Debug)]
 pub enum Db {
     Sqlite(SqliteDb),
-    Postgres(PgPool),
+    Postgres(Connections<Postgres>),
 }
 
 /// SQLite's two pools: the one connection that writes, and the connections that only read.
@@ -51,14 +51,14 @@ pub enum Db {
 /// other requests' writes on the writer's connection (BENCHMARKS.md, issue 13).
 #[derive(Clone, Debug)]
 pub struct SqliteDb {
-    pub writer: SqliteConnections,
+    pub writer: Connections<Sqlite>,
     /// For an in-memory database (each connection would be a database of its own), the
     /// writer's pool again.
-    pub readers: SqliteConnections,
+    pub readers: Connections<Sqlite>,
 }
 
-/// Runs `$body` with `$pool` bound to the backend's pool for writing (`&SqliteConnections`
-/// or `&PgPool`): the same code, compiled once for each backend, so sqlx checks the types for
+/// Runs `$body` with `$pool` bound to the backend's pool for writing (`&Connections<Sqlite>`
+/// or `&Connections<Postgres>`): the same code, compiled once for each backend, so sqlx checks the types for
 /// both. Statements that write, and reads that must see the writer's own transaction, use
 /// this one.
 #[macro_export]
@@ -135,7 +135,7 @@ impl Db {
 
     /// How many connections each pool holds, busy and idle, and may hold.
     pub fn pool_use(&self) -> Vec<PoolUse> {
-        fn of_sqlite(name: &'static str, pool: &SqliteConnections) -> PoolUse {
+        fn of<DB: sqlx::Database>(name: &'static str, pool: &Connections<DB>) -> PoolUse {
             let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
             let (open, idle, max) = pool.usage();
             PoolUse {
@@ -147,18 +147,10 @@ impl Db {
         }
         match self {
             Self::Sqlite(sqlite) => vec![
-                of_sqlite("sqlite_writer", &sqlite.writer),
-                of_sqlite("sqlite_readers", &sqlite.readers),
+                of("sqlite_writer", &sqlite.writer),
+                of("sqlite_readers", &sqlite.readers),
             ],
-            Self::Postgres(pool) => {
-                let idle = u32::try_from(pool.num_idle()).unwrap_or(u32::MAX);
-                vec![PoolUse {
-                    name: "postgres",
-                    in_use: pool.size().saturating_sub(idle),
-                    idle,
-                    max: pool.options().get_max_connections(),
-                }]
-            }
+            Self::Postgres(pool) => vec![of("postgres", pool)],
         }
     }
 
@@ -243,20 +235,21 @@ pub async fn connect_with(
     }
 }
 
-async fn connect_postgres(url: &str, settings: &PoolSettings) -> Result<PgPool, sqlx::Error> {
+async fn connect_postgres(
+    url: &str,
+    settings: &PoolSettings,
+) -> Result<Connections<Postgres>, sqlx::Error> {
     let mut options = PgConnectOptions::from_str(url)?;
     if let Some(timeout) = settings.statement_timeout {
         options = options.options([("statement_timeout", timeout.as_millis().to_string())]);
     }
-    PgPoolOptions::new()
-        .max_connections(settings.max_connections.unwrap_or(10))
-        .acquire_timeout(ACQUIRE_TIMEOUT)
-        // No ping before each statement: that would double a chat's round trips. A
-        // connection that broke fails its next statement (503 for that request) and is
-        // then replaced, so the pool heals once the database is back.
-        .test_before_acquire(false)
-        .connect_with(options)
-        .await
+    // No ping before each statement nor after it (see `pool`): a connection that broke fails
+    // its next statement (503 for that request) and is then replaced, so the pool heals once
+    // the database is back.
+    let pool = Connections::new(options, settings.max_connections.unwrap_or(10));
+    // Opened now, so that a database that cannot be reached stops start-up.
+    drop(pool.acquire().await?);
+    Ok(pool)
 }
 
 async fn connect_sqlite(
@@ -299,9 +292,8 @@ async fn connect_sqlite(
     // One connection: SQLite takes one writer at a time anyway, and a lone connection keeps
     // its page cache (which any other connection's write would invalidate) and never waits
     // on SQLite's file locks (BENCHMARKS.md: chat throughput ~4,400/s with 8, ~5,200/s with 1).
-    // Nothing may use the pool while holding a transaction from it. (Not sqlx's pool, which
-    // pings each connection it is given back: see `sqlite_pool`.)
-    let writer = SqliteConnections::new(options.clone(), settings.max_connections.unwrap_or(1));
+    // Nothing may use the pool while holding a transaction from it.
+    let writer = Connections::new(options.clone(), settings.max_connections.unwrap_or(1));
     // Opened now, so that a database that cannot be opened stops start-up.
     drop(writer.acquire().await?);
     if in_memory {
@@ -313,7 +305,7 @@ async fn connect_sqlite(
     // Opened when first needed: a command that only writes never opens one. No memory map
     // (`mmap_size`): measured, it made a big audit query 15 times slower on this kind of
     // machine (BENCHMARKS.md, issue 13).
-    let readers = SqliteConnections::new(options.pragma("query_only", "ON"), SQLITE_READERS);
+    let readers = Connections::new(options.pragma("query_only", "ON"), SQLITE_READERS);
     Ok(SqliteDb { writer, readers })
 }
 
@@ -412,7 +404,10 @@ pub async fn run_migrator(
             let mut connection = sqlite.writer.acquire().await?;
             migrator.run(&mut **connection).await
         }
-        Db::Postgres(pool) => migrator.run(pool).await,
+        Db::Postgres(pool) => {
+            let mut connection = pool.acquire().await?;
+            migrator.run(&mut **connection).await
+        }
     }
 }
 

@@ -234,7 +234,10 @@ async fn the_pass_through_migration_keeps_the_ledger_and_its_triggers_and_meters
 }
 
 /// The opcodes SQLite would run for `statement`, one per step of its program.
-async fn sqlite_program(pool: &tokenchat::db::SqliteConnections, statement: &str) -> Vec<String> {
+async fn sqlite_program(
+    pool: &tokenchat::db::Connections<sqlx::Sqlite>,
+    statement: &str,
+) -> Vec<String> {
     use sqlx::Row;
     sqlx::query(&format!("EXPLAIN {statement}"))
         .fetch_all(pool)

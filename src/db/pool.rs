@@ -1,73 +1,102 @@
-//! SQLite's connection pools, without the round trip sqlx's own pool makes on every release.
+//! The connection pools, without the round trip sqlx's own pool makes on every release.
 //!
 //! sqlx 0.8's `Pool` pings each connection as it goes back to the pool, whatever its
 //! options (`PoolConnection::return_to_pool`; sqlx issue #1025): on SQLite a second
-//! hand-off to the connection's thread for every statement, and a task spawned for it.
-//! Measured without it, `/balance` served a third more requests a second and `/chat` at 32
-//! connections 11 to 22% more (BENCHMARKS.md, issue 23, sessions 35 and 36). The ping is
-//! there for one case: a statement or transaction abandoned half-way (its future dropped),
-//! whose rollback must run before the next user's statements. deadpool, which keeps the
-//! connections here, runs [`Opener::recycle`] as it hands a connection out, and that pings
-//! exactly the connections that were not left settled: those whose last statement did not
-//! finish, failed other than by the database refusing it, or left a transaction open.
+//! hand-off to the connection's thread for every statement, on PostgreSQL a second round
+//! trip to the server, and a task spawned for each. Measured without it, SQLite's `/balance`
+//! served about a third more requests a second and `/chat` at 32 connections 14% more
+//! (BENCHMARKS.md, issue 23, sessions 35 and 36). The ping is there for one case: a
+//! statement or transaction abandoned half-way (its future dropped), whose rollback must
+//! run, and a connection that broke, which must not serve the next request. deadpool, which
+//! keeps the connections here, runs [`Opener::recycle`] as it hands a connection out, and
+//! that pings exactly the connections that were not left settled: those whose last
+//! statement did not finish, failed other than by the database refusing it, or left a
+//! transaction open.
 //!
-//! [`SqliteConnections`] is an [`Executor`] like `&SqlitePool` (each statement takes a
-//! connection and gives it back) and has a [`begin`](SqliteConnections::begin) like the
-//! pool's, so the queries of this crate read the same on both backends.
+//! [`Connections`] is an [`Executor`] like `&Pool` (each statement takes a connection and
+//! gives it back) and has a [`begin`](Connections::begin) like the pool's, so the queries of
+//! this crate read as they did with sqlx's pool.
 
-use std::ops::{Deref, DerefMut};
+use std::{
+    fmt,
+    ops::{Deref, DerefMut},
+    time::Duration,
+};
 
 use deadpool::managed::{self, Metrics, Object, PoolError, RecycleError, RecycleResult};
 use futures_util::{future::BoxFuture, stream::BoxStream, TryStreamExt};
 use sqlx::{
-    sqlite::{
-        Sqlite, SqliteConnectOptions, SqliteConnection, SqliteQueryResult, SqliteRow,
-        SqliteStatement, SqliteTypeInfo,
-    },
     ConnectOptions, Connection, Database, Describe, Either, Execute, Executor, TransactionManager,
 };
 
 use super::ACQUIRE_TIMEOUT;
 
-/// A pool of SQLite connections to one database, opened when first needed. Cloning it is
-/// one reference count.
-#[derive(Clone, Debug)]
-pub struct SqliteConnections {
-    pool: managed::Pool<Opener>,
+/// How long a connection serves before it is closed and another opened in its place when
+/// next needed (sqlx's pool's default): a server-side session's memory does not grow for
+/// ever, and a PostgreSQL fail-over is followed.
+const MAX_LIFETIME: Duration = Duration::from_secs(30 * 60);
+
+/// The connection type of `DB`'s connect options.
+type Options<DB> = <<DB as Database>::Connection as Connection>::Options;
+
+/// A pool of connections to one database, opened when first needed. Cloning it is one
+/// reference count.
+pub struct Connections<DB: Database> {
+    pool: managed::Pool<Opener<DB>>,
+}
+
+impl<DB: Database> Clone for Connections<DB> {
+    fn clone(&self) -> Self {
+        Self {
+            pool: self.pool.clone(),
+        }
+    }
+}
+
+impl<DB: Database> fmt::Debug for Connections<DB> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Connections")
+            .field("status", &self.pool.status())
+            .finish_non_exhaustive()
+    }
 }
 
 /// Opens the pool's connections and checks each one it hands out again.
-#[derive(Debug)]
-pub struct Opener {
-    options: SqliteConnectOptions,
+pub struct Opener<DB: Database> {
+    options: Options<DB>,
 }
 
 /// One connection of the pool, and whether it was left ready for the next statement.
-#[derive(Debug)]
-pub struct Pooled {
-    connection: SqliteConnection,
+pub struct Pooled<DB: Database> {
+    connection: DB::Connection,
     /// False from the moment the connection is handed out until what it was taken for has
     /// finished; a connection given back unsettled is pinged before its next use.
     settled: bool,
 }
 
 /// A connection taken from the pool, given back when dropped.
-pub type PooledConnection = Object<Opener>;
+pub type PooledConnection<DB> = Object<Opener<DB>>;
 
-impl managed::Manager for Opener {
-    type Type = Pooled;
+impl<DB: Database> managed::Manager for Opener<DB> {
+    type Type = Pooled<DB>;
     type Error = sqlx::Error;
 
-    async fn create(&self) -> Result<Pooled, sqlx::Error> {
+    async fn create(&self) -> Result<Pooled<DB>, sqlx::Error> {
         Ok(Pooled {
             connection: self.options.connect().await?,
             settled: true,
         })
     }
 
-    async fn recycle(&self, pooled: &mut Pooled, _: &Metrics) -> RecycleResult<sqlx::Error> {
-        let depth =
-            <Sqlite as Database>::TransactionManager::get_transaction_depth(&pooled.connection);
+    async fn recycle(
+        &self,
+        pooled: &mut Pooled<DB>,
+        metrics: &Metrics,
+    ) -> RecycleResult<sqlx::Error> {
+        if metrics.age() > MAX_LIFETIME {
+            return Err(RecycleError::message("served its time"));
+        }
+        let depth = DB::TransactionManager::get_transaction_depth(&pooled.connection);
         if pooled.settled && depth == 0 {
             return Ok(());
         }
@@ -78,9 +107,7 @@ impl managed::Manager for Opener {
             .ping()
             .await
             .map_err(RecycleError::Backend)?;
-        let depth =
-            <Sqlite as Database>::TransactionManager::get_transaction_depth(&pooled.connection);
-        if depth != 0 {
+        if DB::TransactionManager::get_transaction_depth(&pooled.connection) != 0 {
             return Err(RecycleError::message("a transaction was left open"));
         }
         pooled.settled = true;
@@ -88,21 +115,21 @@ impl managed::Manager for Opener {
     }
 }
 
-impl Deref for Pooled {
-    type Target = SqliteConnection;
+impl<DB: Database> Deref for Pooled<DB> {
+    type Target = DB::Connection;
 
-    fn deref(&self) -> &SqliteConnection {
+    fn deref(&self) -> &DB::Connection {
         &self.connection
     }
 }
 
-impl DerefMut for Pooled {
-    fn deref_mut(&mut self) -> &mut SqliteConnection {
+impl<DB: Database> DerefMut for Pooled<DB> {
+    fn deref_mut(&mut self) -> &mut DB::Connection {
         &mut self.connection
     }
 }
 
-impl Pooled {
+impl<DB: Database> Pooled<DB> {
     /// Marks the connection ready for the next user if what it ran finished: succeeded, or
     /// was refused by the database itself (a constraint, a syntax error), which leaves the
     /// connection as it was.
@@ -111,9 +138,9 @@ impl Pooled {
     }
 }
 
-impl SqliteConnections {
+impl<DB: Database> Connections<DB> {
     /// A pool of at most `max` connections opened with `options`. Nothing is opened yet.
-    pub fn new(options: SqliteConnectOptions, max: u32) -> Self {
+    pub fn new(options: Options<DB>, max: u32) -> Self {
         let pool = managed::Pool::builder(Opener { options })
             .max_size(usize::try_from(max).unwrap_or(usize::MAX))
             .wait_timeout(Some(ACQUIRE_TIMEOUT))
@@ -130,7 +157,7 @@ impl SqliteConnections {
 
     /// Takes a connection, waiting at most [`ACQUIRE_TIMEOUT`] for one to be free or
     /// opened (then [`sqlx::Error::PoolTimedOut`], as sqlx's pool answers).
-    pub async fn acquire(&self) -> Result<PooledConnection, sqlx::Error> {
+    pub async fn acquire(&self) -> Result<PooledConnection<DB>, sqlx::Error> {
         let mut connection = self.pool.get().await.map_err(|err| match err {
             PoolError::Backend(err) => err,
             PoolError::Timeout(_) => sqlx::Error::PoolTimedOut,
@@ -144,17 +171,17 @@ impl SqliteConnections {
 
     /// Begins a transaction on a connection of its own, which goes back to the pool when
     /// the transaction is committed or dropped (rolled back).
-    pub async fn begin(&self) -> Result<SqliteTransaction, sqlx::Error> {
+    pub async fn begin(&self) -> Result<PooledTransaction<DB>, sqlx::Error> {
         let mut connection = self.acquire().await?;
-        <Sqlite as Database>::TransactionManager::begin(&mut connection, None).await?;
-        Ok(SqliteTransaction {
+        DB::TransactionManager::begin(&mut connection, None).await?;
+        Ok(PooledTransaction {
             connection,
             open: true,
         })
     }
 
     /// How the connections open.
-    pub fn connect_options(&self) -> &SqliteConnectOptions {
+    pub fn connect_options(&self) -> &Options<DB> {
         &self.pool.manager().options
     }
 
@@ -178,11 +205,10 @@ impl SqliteConnections {
     }
 }
 
-/// A transaction from [`SqliteConnections::begin`]: rolled back unless
+/// A transaction from [`Connections::begin`]: rolled back unless
 /// [`commit`](Self::commit)ted. Its statements run on `&mut *transaction`.
-#[derive(Debug)]
-pub struct SqliteTransaction {
-    connection: PooledConnection,
+pub struct PooledTransaction<DB: Database> {
+    connection: PooledConnection<DB>,
     /// Until the commit is acknowledged. As in sqlx's own `Transaction`, a transaction
     /// still open when dropped sends a rollback, even if its commit may have run: the
     /// connection's thread ignores the rollback that follows a commit it ran but could not
@@ -190,79 +216,76 @@ pub struct SqliteTransaction {
     open: bool,
 }
 
-impl SqliteTransaction {
+impl<DB: Database> PooledTransaction<DB> {
     pub async fn commit(mut self) -> Result<(), sqlx::Error> {
-        <Sqlite as Database>::TransactionManager::commit(&mut self.connection).await?;
+        DB::TransactionManager::commit(&mut self.connection).await?;
         self.open = false;
         self.connection.settled = true;
         Ok(())
     }
 
     pub async fn rollback(mut self) -> Result<(), sqlx::Error> {
-        <Sqlite as Database>::TransactionManager::rollback(&mut self.connection).await?;
+        DB::TransactionManager::rollback(&mut self.connection).await?;
         self.open = false;
         self.connection.settled = true;
         Ok(())
     }
 }
 
-impl Drop for SqliteTransaction {
+impl<DB: Database> Drop for PooledTransaction<DB> {
     fn drop(&mut self) {
         if self.open {
             // Queued on the connection's thread; the next user's recycle waits for it.
-            <Sqlite as Database>::TransactionManager::start_rollback(&mut self.connection);
+            DB::TransactionManager::start_rollback(&mut self.connection);
             self.connection.settled = false;
         }
     }
 }
 
-impl Deref for SqliteTransaction {
-    type Target = SqliteConnection;
+impl<DB: Database> Deref for PooledTransaction<DB> {
+    type Target = DB::Connection;
 
-    fn deref(&self) -> &SqliteConnection {
+    fn deref(&self) -> &DB::Connection {
         &self.connection
     }
 }
 
-impl DerefMut for SqliteTransaction {
-    fn deref_mut(&mut self) -> &mut SqliteConnection {
+impl<DB: Database> DerefMut for PooledTransaction<DB> {
+    fn deref_mut(&mut self) -> &mut DB::Connection {
         &mut self.connection
     }
 }
 
-/// Each statement takes a connection and gives it back, as on `&SqlitePool`. `execute`,
+/// Each statement takes a connection and gives it back, as on `&Pool`. `execute`,
 /// `fetch_all` and `fetch_optional` are futures of their own rather than the trait's
 /// defaults over a stream.
-impl<'c> Executor<'c> for &'c SqliteConnections {
-    type Database = Sqlite;
+impl<'c, DB: Database> Executor<'c> for &'c Connections<DB>
+where
+    for<'x> &'x mut DB::Connection: Executor<'x, Database = DB>,
+{
+    type Database = DB;
 
-    fn execute<'e, 'q: 'e, E>(
-        self,
-        query: E,
-    ) -> BoxFuture<'e, Result<SqliteQueryResult, sqlx::Error>>
+    fn execute<'e, 'q: 'e, E>(self, query: E) -> BoxFuture<'e, Result<DB::QueryResult, sqlx::Error>>
     where
         'c: 'e,
-        E: 'q + Execute<'q, Sqlite>,
+        E: 'q + Execute<'q, DB>,
     {
         Box::pin(async move {
             let mut connection = self.acquire().await?;
-            let outcome = connection.execute(query).await;
+            let outcome = (&mut connection.connection).execute(query).await;
             connection.settle(&outcome);
             outcome
         })
     }
 
-    fn fetch_all<'e, 'q: 'e, E>(
-        self,
-        query: E,
-    ) -> BoxFuture<'e, Result<Vec<SqliteRow>, sqlx::Error>>
+    fn fetch_all<'e, 'q: 'e, E>(self, query: E) -> BoxFuture<'e, Result<Vec<DB::Row>, sqlx::Error>>
     where
         'c: 'e,
-        E: 'q + Execute<'q, Sqlite>,
+        E: 'q + Execute<'q, DB>,
     {
         Box::pin(async move {
             let mut connection = self.acquire().await?;
-            let outcome = connection.fetch_all(query).await;
+            let outcome = (&mut connection.connection).fetch_all(query).await;
             connection.settle(&outcome);
             outcome
         })
@@ -271,14 +294,14 @@ impl<'c> Executor<'c> for &'c SqliteConnections {
     fn fetch_optional<'e, 'q: 'e, E>(
         self,
         query: E,
-    ) -> BoxFuture<'e, Result<Option<SqliteRow>, sqlx::Error>>
+    ) -> BoxFuture<'e, Result<Option<DB::Row>, sqlx::Error>>
     where
         'c: 'e,
-        E: 'q + Execute<'q, Sqlite>,
+        E: 'q + Execute<'q, DB>,
     {
         Box::pin(async move {
             let mut connection = self.acquire().await?;
-            let outcome = connection.fetch_optional(query).await;
+            let outcome = (&mut connection.connection).fetch_optional(query).await;
             connection.settle(&outcome);
             outcome
         })
@@ -287,10 +310,10 @@ impl<'c> Executor<'c> for &'c SqliteConnections {
     fn fetch_many<'e, 'q: 'e, E>(
         self,
         query: E,
-    ) -> BoxStream<'e, Result<Either<SqliteQueryResult, SqliteRow>, sqlx::Error>>
+    ) -> BoxStream<'e, Result<Either<DB::QueryResult, DB::Row>, sqlx::Error>>
     where
         'c: 'e,
-        E: 'q + Execute<'q, Sqlite>,
+        E: 'q + Execute<'q, DB>,
     {
         // A stream that owns the connection it reads from: written as a generator, since
         // the rows borrow the connection (what sqlx's own pool does with its internal
@@ -298,7 +321,7 @@ impl<'c> Executor<'c> for &'c SqliteConnections {
         Box::pin(async_stream::try_stream! {
             let mut connection = self.acquire().await?;
             {
-                let mut rows = connection.fetch_many(query);
+                let mut rows = (&mut connection.connection).fetch_many(query);
                 while let Some(row) = rows.try_next().await? {
                     yield row;
                 }
@@ -311,29 +334,28 @@ impl<'c> Executor<'c> for &'c SqliteConnections {
     fn prepare_with<'e, 'q: 'e>(
         self,
         sql: &'q str,
-        parameters: &'e [SqliteTypeInfo],
-    ) -> BoxFuture<'e, Result<SqliteStatement<'q>, sqlx::Error>>
+        parameters: &'e [DB::TypeInfo],
+    ) -> BoxFuture<'e, Result<DB::Statement<'q>, sqlx::Error>>
     where
         'c: 'e,
     {
         Box::pin(async move {
             let mut connection = self.acquire().await?;
-            let outcome = connection.prepare_with(sql, parameters).await;
+            let outcome = (&mut connection.connection)
+                .prepare_with(sql, parameters)
+                .await;
             connection.settle(&outcome);
             outcome
         })
     }
 
-    fn describe<'e, 'q: 'e>(
-        self,
-        sql: &'q str,
-    ) -> BoxFuture<'e, Result<Describe<Sqlite>, sqlx::Error>>
+    fn describe<'e, 'q: 'e>(self, sql: &'q str) -> BoxFuture<'e, Result<Describe<DB>, sqlx::Error>>
     where
         'c: 'e,
     {
         Box::pin(async move {
             let mut connection = self.acquire().await?;
-            let outcome = connection.describe(sql).await;
+            let outcome = (&mut connection.connection).describe(sql).await;
             connection.settle(&outcome);
             outcome
         })
