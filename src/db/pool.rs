@@ -100,8 +100,9 @@ impl<DB: Database> managed::Manager for Opener<DB> {
         if pooled.settled && depth == 0 {
             return Ok(());
         }
-        // Waits until the connection's thread has run everything queued on it, a dropped
-        // transaction's rollback included; a connection that cannot answer is replaced.
+        // Waits until everything queued on the connection has run (on SQLite's thread, or
+        // sent from PostgreSQL's write buffer and answered), a dropped transaction's
+        // rollback included; a connection that cannot answer is replaced.
         pooled
             .connection
             .ping()
@@ -235,7 +236,8 @@ impl<DB: Database> PooledTransaction<DB> {
 impl<DB: Database> Drop for PooledTransaction<DB> {
     fn drop(&mut self) {
         if self.open {
-            // Queued on the connection's thread; the next user's recycle waits for it.
+            // Queued on the connection, not awaited (a drop cannot wait); the next user's
+            // recycle waits for it.
             DB::TransactionManager::start_rollback(&mut self.connection);
             self.connection.settled = false;
         }

@@ -1,6 +1,7 @@
 //! Attacks and operator mistakes that once worked, each tried again: lock-outs, spraying,
-//! token farming, questionable input, ambiguous credentials, corrupting grants, and
-//! chats refunded by a process with another time-out.
+//! token farming, questionable input, ambiguous credentials, corrupting grants, chats
+//! refunded by a process with another time-out, and database work a request abandons
+//! half-way.
 
 mod abandoned_statements;
 mod database_and_command_line;
