@@ -5,13 +5,12 @@
 //! hand-off to the connection's thread for every statement, on PostgreSQL a second round
 //! trip to the server, and a task spawned for each. Measured without it, SQLite's `/balance`
 //! served about a third more requests a second and `/chat` at 32 connections 14% more
-//! (BENCHMARKS.md, issue 23, sessions 35 and 36). The ping is there for one case: a
-//! statement or transaction abandoned half-way (its future dropped), whose rollback must
-//! run, and a connection that broke, which must not serve the next request. deadpool, which
-//! keeps the connections here, runs [`Opener::recycle`] as it hands a connection out, and
-//! that pings exactly the connections that were not left settled: those whose last
-//! statement did not finish, failed other than by the database refusing it, or left a
-//! transaction open.
+//! (BENCHMARKS.md, issue 23, sessions 35 and 36). The ping is there for the connections
+//! given back unsettled: a statement or transaction abandoned half-way (its future
+//! dropped), whose rollback must run before anyone else uses the connection, or a
+//! connection that broke. Here only those are pinged, as sqlx does, in a task of their own
+//! before they go back (see [`PooledConnection`]); a connection left settled goes back at
+//! once. deadpool keeps the connections.
 //!
 //! [`Connections`] is an [`Executor`] like `&Pool` (each statement takes a connection and
 //! gives it back) and has a [`begin`](Connections::begin) like the pool's, so the queries of
@@ -35,6 +34,11 @@ use super::ACQUIRE_TIMEOUT;
 /// next needed (sqlx's pool's default): a server-side session's memory does not grow for
 /// ever, and a PostgreSQL fail-over is followed.
 const MAX_LIFETIME: Duration = Duration::from_secs(30 * 60);
+
+/// How long a connection given back unsettled may take to answer its ping: an abandoned
+/// statement still runs to its end on the database, and its connection is not counted free
+/// until then. One that takes longer is closed, and another opened when needed.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The connection type of `DB`'s connect options.
 type Options<DB> = <<DB as Database>::Connection as Connection>::Options;
@@ -70,12 +74,13 @@ pub struct Opener<DB: Database> {
 pub struct Pooled<DB: Database> {
     connection: DB::Connection,
     /// False from the moment the connection is handed out until what it was taken for has
-    /// finished; a connection given back unsettled is pinged before its next use.
+    /// finished; a connection given back unsettled is pinged before it goes back.
     settled: bool,
+    /// True while a `BEGIN` is on its way: abandoned then, the connection may be in a
+    /// transaction that sqlx does not know of (PostgreSQL counts it only once answered), so
+    /// it is closed rather than given back.
+    in_doubt: bool,
 }
-
-/// A connection taken from the pool, given back when dropped.
-pub type PooledConnection<DB> = Object<Opener<DB>>;
 
 impl<DB: Database> managed::Manager for Opener<DB> {
     type Type = Pooled<DB>;
@@ -85,6 +90,7 @@ impl<DB: Database> managed::Manager for Opener<DB> {
         Ok(Pooled {
             connection: self.options.connect().await?,
             settled: true,
+            in_doubt: false,
         })
     }
 
@@ -96,22 +102,12 @@ impl<DB: Database> managed::Manager for Opener<DB> {
         if metrics.age() > MAX_LIFETIME {
             return Err(RecycleError::message("served its time"));
         }
+        // Only a settled connection goes back (see `PooledConnection`'s drop); this is a
+        // last check that costs nothing.
         let depth = DB::TransactionManager::get_transaction_depth(&pooled.connection);
-        if pooled.settled && depth == 0 {
-            return Ok(());
+        if !pooled.settled || pooled.in_doubt || depth != 0 {
+            return Err(RecycleError::message("given back unsettled"));
         }
-        // Waits until everything queued on the connection has run (on SQLite's thread, or
-        // sent from PostgreSQL's write buffer and answered), a dropped transaction's
-        // rollback included; a connection that cannot answer is replaced.
-        pooled
-            .connection
-            .ping()
-            .await
-            .map_err(RecycleError::Backend)?;
-        if DB::TransactionManager::get_transaction_depth(&pooled.connection) != 0 {
-            return Err(RecycleError::message("a transaction was left open"));
-        }
-        pooled.settled = true;
         Ok(())
     }
 }
@@ -135,7 +131,72 @@ impl<DB: Database> Pooled<DB> {
     /// was refused by the database itself (a constraint, a syntax error), which leaves the
     /// connection as it was.
     fn settle<T>(&mut self, outcome: &Result<T, sqlx::Error>) {
-        self.settled = matches!(outcome, Ok(_) | Err(sqlx::Error::Database(_)));
+        self.settled = match outcome {
+            Ok(_) => true,
+            // Not PostgreSQL's "terminating connection" and the like, which are errors of
+            // the database too.
+            Err(err @ sqlx::Error::Database(_)) => !super::is_unreachable(err),
+            Err(_) => false,
+        };
+    }
+}
+
+/// A connection taken from the pool. Dropped, it goes back at once if it was left settled;
+/// otherwise a task of its own pings it first (which waits for an abandoned statement to
+/// end and a dropped transaction's rollback to run), and it goes back if it answers and is
+/// in no transaction, or is closed. A connection whose `BEGIN` was abandoned is closed.
+pub struct PooledConnection<DB: Database> {
+    lent: Option<Object<Opener<DB>>>,
+}
+
+impl<DB: Database> Drop for PooledConnection<DB> {
+    fn drop(&mut self) {
+        let Some(object) = self.lent.take() else {
+            return;
+        };
+        if object.settled {
+            return;
+        }
+        if object.in_doubt {
+            drop(Object::take(object));
+            return;
+        }
+        // As sqlx's pool does with every connection: the task is short (bounded by
+        // SETTLE_TIMEOUT), and holds nothing but the connection. With no runtime left (the
+        // process is ending), the connection is closed.
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn(settle_then_give_back(object))),
+            Err(_) => drop(Object::take(object)),
+        }
+    }
+}
+
+async fn settle_then_give_back<DB: Database>(mut object: Object<Opener<DB>>) {
+    let answered = tokio::time::timeout(SETTLE_TIMEOUT, object.connection.ping()).await;
+    if matches!(answered, Ok(Ok(())))
+        && DB::TransactionManager::get_transaction_depth(&object.connection) == 0
+    {
+        object.settled = true;
+    } else {
+        drop(Object::take(object));
+    }
+}
+
+impl<DB: Database> Deref for PooledConnection<DB> {
+    type Target = Pooled<DB>;
+
+    fn deref(&self) -> &Pooled<DB> {
+        self.lent
+            .as_ref()
+            .unwrap_or_else(|| unreachable!("taken only by drop"))
+    }
+}
+
+impl<DB: Database> DerefMut for PooledConnection<DB> {
+    fn deref_mut(&mut self) -> &mut Pooled<DB> {
+        self.lent
+            .as_mut()
+            .unwrap_or_else(|| unreachable!("taken only by drop"))
     }
 }
 
@@ -144,37 +205,40 @@ impl<DB: Database> Connections<DB> {
     pub fn new(options: Options<DB>, max: u32) -> Self {
         let pool = managed::Pool::builder(Opener { options })
             .max_size(usize::try_from(max).unwrap_or(usize::MAX))
-            .wait_timeout(Some(ACQUIRE_TIMEOUT))
-            .create_timeout(Some(ACQUIRE_TIMEOUT))
-            .recycle_timeout(Some(ACQUIRE_TIMEOUT))
             // The connection used last, whose pages are most likely still in its cache.
             .queue_mode(managed::QueueMode::Lifo)
-            .runtime(deadpool::Runtime::Tokio1)
             .build()
-            // Only a missing runtime fails the build, and one is named above.
+            // Only timeouts without a runtime fail the build, and none are set: `acquire`
+            // bounds the whole wait itself.
             .unwrap_or_else(|err| unreachable!("the pool's settings are fixed: {err}"));
         Self { pool }
     }
 
-    /// Takes a connection, waiting at most [`ACQUIRE_TIMEOUT`] for one to be free or
+    /// Takes a connection, waiting at most [`ACQUIRE_TIMEOUT`] in all for one to be free or
     /// opened (then [`sqlx::Error::PoolTimedOut`], as sqlx's pool answers).
     pub async fn acquire(&self) -> Result<PooledConnection<DB>, sqlx::Error> {
-        let mut connection = self.pool.get().await.map_err(|err| match err {
-            PoolError::Backend(err) => err,
-            PoolError::Timeout(_) => sqlx::Error::PoolTimedOut,
-            PoolError::Closed | PoolError::NoRuntimeSpecified | PoolError::PostCreateHook(_) => {
-                sqlx::Error::PoolClosed
-            }
-        })?;
-        connection.settled = false;
-        Ok(connection)
+        let mut object = match tokio::time::timeout(ACQUIRE_TIMEOUT, self.pool.get()).await {
+            Ok(Ok(object)) => object,
+            Ok(Err(PoolError::Backend(err))) => return Err(err),
+            Ok(Err(PoolError::Closed)) => return Err(sqlx::Error::PoolClosed),
+            Ok(Err(
+                PoolError::Timeout(_)
+                | PoolError::NoRuntimeSpecified
+                | PoolError::PostCreateHook(_),
+            ))
+            | Err(_) => return Err(sqlx::Error::PoolTimedOut),
+        };
+        object.settled = false;
+        Ok(PooledConnection { lent: Some(object) })
     }
 
     /// Begins a transaction on a connection of its own, which goes back to the pool when
     /// the transaction is committed or dropped (rolled back).
     pub async fn begin(&self) -> Result<PooledTransaction<DB>, sqlx::Error> {
         let mut connection = self.acquire().await?;
+        connection.in_doubt = true;
         DB::TransactionManager::begin(&mut connection, None).await?;
+        connection.in_doubt = false;
         Ok(PooledTransaction {
             connection,
             open: true,

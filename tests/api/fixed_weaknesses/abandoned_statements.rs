@@ -5,6 +5,8 @@
 
 use std::time::Duration;
 
+use futures_util::FutureExt;
+
 use tokenchat::db::{self, db_read, db_run, Db};
 
 use crate::common::TestDatabase;
@@ -134,4 +136,86 @@ async fn commit_password_hash(db: &Db, user: i64, hash: &str) -> Result<(), sqlx
             .await?;
         transaction.commit().await
     })
+}
+
+#[tokio::test]
+async fn a_begin_abandoned_before_its_answer_leaves_no_transaction_to_the_next_user() {
+    let (database, db) = migrated().await;
+    let user = db::users::insert(&db, "alice", "alice", "before", 4000)
+        .await
+        .unwrap()
+        .unwrap();
+    let other = db::connect(database.url(), db::Open::ExistingOnly)
+        .await
+        .unwrap();
+    for attempt in 0..5 {
+        // Polled once: the connection is taken and `BEGIN` sent, then the wait for its
+        // answer is abandoned. PostgreSQL's sqlx counts the transaction only once answered,
+        // so it would not roll it back: the connection must not serve anyone after this.
+        let abandoned = begin_and_drop(&db).now_or_never();
+        // (SQLite's connection thread may answer within that one poll; when it does not,
+        // sqlx's own acknowledgement rolls the transaction back.)
+        if crate::common::database::on_postgres() {
+            assert!(
+                abandoned.is_none(),
+                "attempt {attempt}: BEGIN answered at once"
+            );
+        }
+        // Outside any transaction: committed as it returns, so another process sees it.
+        let hash = format!("attempt {attempt}");
+        let changed = db_run!(&db, pool => sqlx::query(
+            "UPDATE users SET password_hash = $2 WHERE id = $1",
+        )
+        .bind(user)
+        .bind(&hash)
+        .execute(pool)
+        .await
+        .map(|done| done.rows_affected()))
+        .unwrap();
+        assert_eq!(changed, 1);
+        assert_eq!(password_hash(&other, user).await, hash);
+    }
+}
+
+#[tokio::test]
+async fn a_statement_abandoned_on_postgresql_does_not_hold_up_the_next_one() {
+    if !crate::common::database::on_postgres() {
+        println!("skipped: SQLite's readers cannot be made to wait without burning a core");
+        return;
+    }
+    let (_database, db) = migrated().await;
+    // One connection open and idle, the one the next statement would be given.
+    let _: i64 = db_read!(&db, pool => sqlx::query_scalar("SELECT CAST(1 AS BIGINT)")
+        .fetch_one(pool)
+        .await)
+    .unwrap();
+    let abandoned =
+        tokio::time::timeout(Duration::from_millis(50), sleep_on_the_server(&db, 5)).await;
+    assert!(abandoned.is_err(), "the sleep ended early");
+    // The abandoned connection is still busy for five seconds; the next statement is not
+    // made to wait for it (it gets another).
+    let started = std::time::Instant::now();
+    let answer: i64 = db_read!(&db, pool => sqlx::query_scalar("SELECT CAST(7 AS BIGINT)")
+        .fetch_one(pool)
+        .await)
+    .unwrap();
+    assert_eq!(answer, 7);
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "waited {:?}",
+        started.elapsed()
+    );
+}
+
+/// Begins a transaction and drops it.
+async fn begin_and_drop(db: &Db) -> Result<(), sqlx::Error> {
+    db_run!(db, pool => pool.begin().await.map(drop))
+}
+
+async fn sleep_on_the_server(db: &Db, seconds: i64) -> Result<(), sqlx::Error> {
+    db_read!(db, pool => sqlx::query("SELECT pg_sleep($1)")
+        .bind(seconds as f64)
+        .execute(pool)
+        .await
+        .map(drop))
 }
