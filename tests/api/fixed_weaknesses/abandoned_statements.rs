@@ -152,14 +152,13 @@ async fn a_begin_abandoned_before_its_answer_leaves_no_transaction_to_the_next_u
         // Polled once: the connection is taken and `BEGIN` sent, then the wait for its
         // answer is abandoned. PostgreSQL's sqlx counts the transaction only once answered,
         // so it would not roll it back: the connection must not serve anyone after this.
-        let abandoned = begin_and_drop(&db).now_or_never();
-        // (SQLite's connection thread may answer within that one poll; when it does not,
-        // sqlx's own acknowledgement rolls the transaction back.)
+        // (The answer may come within that one poll on a busy machine: then the
+        // transaction is simply dropped, and the next try abandons one.)
+        let abandoned = (0..100).any(|_| begin_and_drop(&db).now_or_never().is_none());
+        // SQLite's connection thread may answer within the poll every time; and when it
+        // does not, sqlx's own acknowledgement rolls the transaction back.
         if crate::common::database::on_postgres() {
-            assert!(
-                abandoned.is_none(),
-                "attempt {attempt}: BEGIN answered at once"
-            );
+            assert!(abandoned, "attempt {attempt}: every BEGIN answered at once");
         }
         // Outside any transaction: committed as it returns, so another process sees it.
         let hash = format!("attempt {attempt}");
