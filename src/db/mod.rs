@@ -58,9 +58,9 @@ pub struct SqliteDb {
 }
 
 /// Runs `$body` with `$pool` bound to the backend's pool for writing (`&Connections<Sqlite>`
-/// or `&Connections<Postgres>`): the same code, compiled once for each backend, so sqlx checks the types for
-/// both. Statements that write, and reads that must see the writer's own transaction, use
-/// this one.
+/// or `&Connections<Postgres>`): the same code, compiled once for each backend, so sqlx
+/// checks the types for both. Statements that write, and reads that must see the writer's
+/// own transaction, use this one.
 #[macro_export]
 macro_rules! db_run {
     ($db:expr, $pool:ident => $body:expr) => {
@@ -248,7 +248,7 @@ async fn connect_postgres(
     // the database is back.
     let pool = Connections::new(options, settings.max_connections.unwrap_or(10));
     // Opened now, so that a database that cannot be reached stops start-up.
-    drop(pool.acquire().await?);
+    pool.open_one().await?;
     Ok(pool)
 }
 
@@ -295,7 +295,7 @@ async fn connect_sqlite(
     // Nothing may use the pool while holding a transaction from it.
     let writer = Connections::new(options.clone(), settings.max_connections.unwrap_or(1));
     // Opened now, so that a database that cannot be opened stops start-up.
-    drop(writer.acquire().await?);
+    writer.open_one().await?;
     if in_memory {
         return Ok(SqliteDb {
             readers: writer.clone(),

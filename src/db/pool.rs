@@ -232,6 +232,13 @@ impl<DB: Database> Connections<DB> {
         Ok(PooledConnection { lent: Some(object) })
     }
 
+    /// Opens a connection now (if none is open), and leaves it in the pool.
+    pub async fn open_one(&self) -> Result<(), sqlx::Error> {
+        let mut connection = self.acquire().await?;
+        connection.settled = true;
+        Ok(())
+    }
+
     /// Begins a transaction on a connection of its own, which goes back to the pool when
     /// the transaction is committed or dropped (rolled back).
     pub async fn begin(&self) -> Result<PooledTransaction<DB>, sqlx::Error> {
