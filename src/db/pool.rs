@@ -307,8 +307,8 @@ impl<DB: Database> PooledTransaction<DB> {
 impl<DB: Database> Drop for PooledTransaction<DB> {
     fn drop(&mut self) {
         if self.open {
-            // Queued on the connection, not awaited (a drop cannot wait); the next user's
-            // recycle waits for it.
+            // Queued on the connection, not awaited (a drop cannot wait); the connection's
+            // ping, in the task its drop starts, waits for it before it goes back.
             DB::TransactionManager::start_rollback(&mut self.connection);
             self.connection.settled = false;
         }

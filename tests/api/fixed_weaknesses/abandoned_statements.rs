@@ -1,7 +1,8 @@
 //! Work a request abandons half-way (its future dropped when the client hangs up or a
 //! time-out fires) is undone before its database connection serves anyone else: an open
 //! transaction is rolled back, an unfinished statement runs out, and the next statement on
-//! that connection sees only committed data and gets its own answer.
+//! that connection sees only committed data and gets its own answer; the next request is
+//! not made to wait for the abandoned work.
 
 use std::time::Duration;
 
