@@ -194,7 +194,7 @@ pub async fn change_limits(
 /// built once: the user's limit columns are named in one place (`user_limits`).
 static OWNER: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!(
-        "SELECT k.id AS key_id, k.user_id, u.tokens, k.last_used_at,
+        "SELECT k.id AS key_id, k.user_id, u.tokens - u.held AS tokens, k.last_used_at,
                 u.disabled_at IS NOT NULL AS disabled, k.models, k.budget_tokens,
                 k.budget_period, k.rpm, k.tpm, {}
          FROM api_keys k JOIN users u ON u.id = k.user_id

@@ -6,15 +6,15 @@ use futures_util::stream::BoxStream;
 use super::{db_read, Db};
 use crate::domain::ChatStatus;
 
-/// The four counts of a call's ledger rows that the audit compares with its status, for
-/// the calls' table as `c` joined to `ledger l`, whose rows carry the three reasons given:
+/// The five counts of a call's ledger rows that the audit compares with its status, for
+/// the calls' table as `c` joined to `ledger l`, whose rows carry the four reasons given:
 /// `reservations` of exactly `-reserved`, `refunds` of exactly `+reserved`, `settlements` of
-/// exactly `reserved - cost` (above zero), each for the call's own user, and `strays`,
-/// every other row that names the call. A call from before prices has no `reserved`: its
-/// cost was its reservation.
+/// exactly `reserved - cost` (above zero), `charges` of exactly `-cost` (a held call's one
+/// row), each for the call's own user, and `strays`, every other row that names the call.
+/// A call from before prices has no `reserved`: its cost was its reservation.
 #[rustfmt::skip]
 macro_rules! ledger_row_counts {
-    ($reservation:literal, $refund:literal, $settlement:literal) => { concat!(
+    ($reservation:literal, $refund:literal, $settlement:literal, $charge:literal) => { concat!(
         "COALESCE(SUM(CASE WHEN l.reason = '", $reservation, "'
                            AND l.amount = -COALESCE(c.reserved, c.cost)
                            AND l.user_id = c.user_id THEN 1 ELSE 0 END), 0) AS reservations,
@@ -25,6 +25,9 @@ macro_rules! ledger_row_counts {
                            AND l.amount = COALESCE(c.reserved, c.cost) - c.cost
                            AND l.amount > 0
                            AND l.user_id = c.user_id THEN 1 ELSE 0 END), 0) AS settlements,
+         COALESCE(SUM(CASE WHEN l.reason = '", $charge, "'
+                           AND l.amount = -c.cost
+                           AND l.user_id = c.user_id THEN 1 ELSE 0 END), 0) AS charges,
          COALESCE(SUM(CASE WHEN l.id IS NOT NULL AND l.user_id = c.user_id
                            AND ((l.reason = '", $reservation, "'
                                  AND l.amount = -COALESCE(c.reserved, c.cost))
@@ -32,7 +35,8 @@ macro_rules! ledger_row_counts {
                                     AND l.amount = COALESCE(c.reserved, c.cost))
                                 OR (l.reason = '", $settlement, "'
                                     AND l.amount = COALESCE(c.reserved, c.cost) - c.cost
-                                    AND l.amount > 0))
+                                    AND l.amount > 0)
+                                OR (l.reason = '", $charge, "' AND l.amount = -c.cost))
                            THEN 0 WHEN l.id IS NOT NULL THEN 1 ELSE 0 END), 0) AS strays"
     ) };
 }
@@ -74,8 +78,12 @@ pub struct ChatMoves {
     pub refunds: i64,
     /// Settlement rows of exactly `reserved - cost` for the chat's own user.
     pub settlements: i64,
+    /// Charge rows of exactly `-cost` for the chat's own user.
+    pub charges: i64,
     /// Rows of any other kind, amount or user that name the chat.
     pub strays: i64,
+    /// Its reservation was held (a priced chat), not a ledger row.
+    pub held: bool,
 }
 
 pub fn balance_mismatches(db: &Db) -> BoxStream<'_, Result<BalanceMismatch, sqlx::Error>> {
@@ -102,37 +110,50 @@ pub fn running_mismatches(db: &Db) -> BoxStream<'_, Result<RunningMismatch, sqlx
     .fetch(pool))
 }
 
-/// Chats whose ledger rows do not match their status. The rule: every chat has exactly one
-/// reservation of `-reserved`; a failed chat also exactly one refund of `+reserved`, an
-/// abandoned one exactly one if it was refunded and none if not; an answered or pending
-/// chat none, and an answered chat has its response unless its conversation was deleted; a
-/// charged chat (answered, or abandoned and not refunded) charged below its reservation
-/// exactly one settlement of `reserved - cost`, any other chat none; no other row names a
-/// chat.
+/// Chats whose ledger rows do not match their status. The rule for a chat reserved in the
+/// ledger: exactly one reservation of `-reserved`; a failed chat also exactly one refund of
+/// `+reserved`, an abandoned one exactly one if it was refunded and none if not; an answered
+/// or pending chat none; a charged chat (answered, or abandoned and not refunded) charged
+/// below its reservation exactly one settlement of `reserved - cost`, any other chat none.
+/// For a held chat (a priced one): no reservation, refund or settlement, and exactly one
+/// charge of `-cost` when it is charged, none otherwise. For both: an answered chat has its
+/// response unless its conversation was deleted, and no other row names a chat.
 pub fn chat_mismatches(db: &Db) -> BoxStream<'_, Result<ChatMoves, sqlx::Error>> {
     db_read!(db, pool => sqlx::query_as(concat!(
         "SELECT * FROM (
              SELECT c.id AS chat_id, c.status, c.cost, COALESCE(c.reserved, c.cost) AS reserved,
                  c.refunded, c.response IS NOT NULL AS has_response,
-                 c.erased_at IS NOT NULL AS erased,
+                 c.erased_at IS NOT NULL AS erased, c.held,
                  ",
-            ledger_row_counts!("chat_reservation", "chat_refund", "chat_settlement"),
+            ledger_row_counts!("chat_reservation", "chat_refund", "chat_settlement", "chat_charge"),
             "
              FROM chats c LEFT JOIN ledger l ON l.chat_id = c.id
-             GROUP BY c.id, c.status, c.cost, c.reserved, c.refunded, c.response, c.erased_at
+             GROUP BY c.id, c.status, c.cost, c.reserved, c.refunded, c.response, c.erased_at,
+                      c.held
          ) AS moves
          WHERE NOT (
-             reservations = 1 AND strays = 0 AND cost >= 0 AND cost <= reserved
-             AND settlements = CASE
-                 WHEN cost < reserved AND (status = 'answered'
-                                           OR (status = 'abandoned' AND NOT refunded))
-                 THEN 1 ELSE 0 END
+             strays = 0 AND cost >= 0 AND cost <= reserved
+             AND (status <> 'answered' OR has_response OR erased)
              AND (
-                 (status = 'answered' AND refunds = 0 AND (has_response OR erased))
-                 OR (status = 'pending' AND refunds = 0 AND cost = reserved)
-                 OR (status = 'failed' AND refunds = 1 AND cost = reserved)
-                 OR (status = 'abandoned' AND refunds = CASE WHEN refunded THEN 1 ELSE 0 END
-                     AND (cost = reserved OR NOT refunded))
+                 (held AND reservations = 0 AND refunds = 0 AND settlements = 0
+                  AND charges = CASE WHEN status = 'answered'
+                                          OR (status = 'abandoned' AND NOT refunded)
+                                     THEN 1 ELSE 0 END
+                  AND (status = 'answered' OR cost = reserved
+                       OR (status = 'abandoned' AND NOT refunded)))
+                 OR (NOT held AND reservations = 1 AND charges = 0
+                     AND settlements = CASE
+                         WHEN cost < reserved AND (status = 'answered'
+                                                   OR (status = 'abandoned' AND NOT refunded))
+                         THEN 1 ELSE 0 END
+                     AND (
+                         (status = 'answered' AND refunds = 0)
+                         OR (status = 'pending' AND refunds = 0 AND cost = reserved)
+                         OR (status = 'failed' AND refunds = 1 AND cost = reserved)
+                         OR (status = 'abandoned'
+                             AND refunds = CASE WHEN refunded THEN 1 ELSE 0 END
+                             AND (cost = reserved OR NOT refunded))
+                     ))
              )
          )
          ORDER BY chat_id",
@@ -186,37 +207,79 @@ pub struct EmbeddingMoves {
     pub refunds: i64,
     /// `embedding_settlement` rows of exactly `reserved - cost` for the call's own user.
     pub settlements: i64,
+    /// `embedding_charge` rows of exactly `-cost` for the call's own user.
+    pub charges: i64,
     /// Rows of any other kind, amount or user that name the call.
     pub strays: i64,
+    /// Its reservation was held (a priced call), not a ledger row.
+    pub held: bool,
 }
 
-/// Embeddings calls whose ledger rows do not match their status, by the chats' rule:
-/// exactly one reservation of `-reserved`; a failed call also exactly one refund of
-/// `+reserved`, a pending or answered one none; an answered one charged below its
-/// reservation exactly one settlement of the rest; no other row names a call.
+/// Embeddings calls whose ledger rows do not match their status, by the chats' rules: for
+/// a call reserved in the ledger, exactly one reservation of `-reserved`; a failed call also
+/// exactly one refund of `+reserved`, a pending or answered one none; an answered one
+/// charged below its reservation exactly one settlement of the rest. For a held call, only
+/// exactly one charge of `-cost` once answered. No other row names a call.
 pub fn embedding_mismatches(db: &Db) -> BoxStream<'_, Result<EmbeddingMoves, sqlx::Error>> {
     db_read!(db, pool => sqlx::query_as(concat!(
         "SELECT * FROM (
              SELECT c.id AS embedding_id, c.status, c.cost,
-                 COALESCE(c.reserved, c.cost) AS reserved,
+                 COALESCE(c.reserved, c.cost) AS reserved, c.held,
                  ",
-            ledger_row_counts!("embedding", "embedding_refund", "embedding_settlement"),
+            ledger_row_counts!("embedding", "embedding_refund", "embedding_settlement",
+                               "embedding_charge"),
             "
              FROM embeddings c LEFT JOIN ledger l ON l.embedding_id = c.id
-             GROUP BY c.id, c.status, c.cost, c.reserved
+             GROUP BY c.id, c.status, c.cost, c.reserved, c.held
          ) AS moves
          WHERE NOT (
-             reservations = 1 AND strays = 0 AND cost >= 0 AND cost <= reserved
-             AND settlements = CASE WHEN status = 'answered' AND cost < reserved
-                                    THEN 1 ELSE 0 END
+             strays = 0 AND cost >= 0 AND cost <= reserved
              AND (
-                 (status = 'answered' AND refunds = 0)
-                 OR (status = 'pending' AND refunds = 0 AND cost = reserved)
-                 OR (status = 'failed' AND refunds = 1 AND cost = reserved)
+                 (held AND reservations = 0 AND refunds = 0 AND settlements = 0
+                  AND charges = CASE WHEN status = 'answered' THEN 1 ELSE 0 END
+                  AND (status = 'answered' OR cost = reserved))
+                 OR (NOT held AND reservations = 1 AND charges = 0
+                     AND settlements = CASE WHEN status = 'answered' AND cost < reserved
+                                            THEN 1 ELSE 0 END
+                     AND (
+                         (status = 'answered' AND refunds = 0)
+                         OR (status = 'pending' AND refunds = 0 AND cost = reserved)
+                         OR (status = 'failed' AND refunds = 1 AND cost = reserved)
+                     ))
              )
          )
          ORDER BY embedding_id",
     ))
+    .fetch(pool))
+}
+
+/// A user whose `held` is not what their held calls still pending reserved.
+#[derive(Debug, sqlx::FromRow)]
+pub struct HeldMismatch {
+    pub user_id: i64,
+    pub username: String,
+    pub held: i64,
+    pub pending_held: i64,
+}
+
+/// Users whose `held` is not the sum of the reservations of their held chats and
+/// embeddings calls still pending.
+pub fn held_mismatches(db: &Db) -> BoxStream<'_, Result<HeldMismatch, sqlx::Error>> {
+    db_read!(db, pool => sqlx::query_as(
+        "SELECT * FROM (
+             SELECT u.id AS user_id, u.username, u.held,
+                    CAST(COALESCE((SELECT SUM(c.cost) FROM chats c
+                                   WHERE c.user_id = u.id AND c.held
+                                     AND c.status = 'pending'), 0)
+                         + COALESCE((SELECT SUM(e.cost) FROM embeddings e
+                                     WHERE e.user_id = u.id AND e.held
+                                       AND e.status = 'pending'), 0)
+                         AS BIGINT) AS pending_held
+             FROM users u
+         ) AS holds
+         WHERE held <> pending_held
+         ORDER BY user_id",
+    )
     .fetch(pool))
 }
 

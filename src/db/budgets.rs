@@ -32,7 +32,8 @@ macro_rules! by_backend {
 }
 
 /// A reservation's row on SQLite, whose first column is `cost` (`$3`, the user `$1`), then
-/// `$values`: one row of `VALUES`, with a cost the balance does not cover written as -1,
+/// `$values`: one row of `VALUES`, with a cost the balance does not cover (what the user's
+/// priced calls in flight hold is not theirs to spend: `tokens - held`) written as -1,
 /// which the table's `CHECK (cost >= 0)` refuses before any trigger runs ([`reserved_id!`]
 /// reads that refusal as a short balance, as on PostgreSQL). Not `INSERT ... SELECT ...
 /// WHERE tokens >= $3`: SQLite gathers the rows of that form in a temporary B-tree first
@@ -40,7 +41,7 @@ macro_rules! by_backend {
 macro_rules! sqlite_row {
     ($values:expr) => {
         concat!(
-            "VALUES (CASE WHEN (SELECT tokens FROM users WHERE id = $1) >= $3 THEN $3 ELSE -1 END, ",
+            "VALUES (CASE WHEN (SELECT tokens - held FROM users WHERE id = $1) >= $3 THEN $3 ELSE -1 END, ",
             $values,
             ")"
         )
@@ -54,7 +55,7 @@ macro_rules! postgres_row {
         concat!(
             "SELECT $3, ",
             $values,
-            " FROM users WHERE id = $1 AND tokens >= $3 RETURNING id"
+            " FROM users WHERE id = $1 AND tokens - held >= $3 RETURNING id"
         )
     };
 }
@@ -62,8 +63,8 @@ macro_rules! postgres_row {
 /// Runs a reservation's `INSERT` (`$sql`, from [`by_backend!`], bound by `$binds` on
 /// `$query`): the new row's id, or `None` when the balance did not cover it (no row, or
 /// the cost refused by `CHECK`: on SQLite as [`sqlite_row!`] writes it, on PostgreSQL when
-/// a concurrent reservation took the balance first and the ledger's `CHECK` refused it
-/// under the row lock); a budget's refusal is an error the caller reads with
+/// a concurrent reservation took the balance first and the ledger's or the held tokens'
+/// `CHECK` refused it under the row lock); a budget's refusal is an error the caller reads with
 /// [`budget_exceeded`]. SQLite reads the id from the connection rather than by
 /// `RETURNING`, which it would gather in a temporary B-tree for every statement
 /// (BENCHMARKS.md, issue 23); the triggers' own inserts do not change it once they are over.

@@ -159,9 +159,10 @@ pub struct NewChat<'a> {
 
 /// Records the chat as pending, in `conversation_id` (one of the user's, checked before) or
 /// a new conversation started by the database (the trigger `chat_starts_a_conversation`),
-/// if the user's balance covers `cost`, which takes the cost
-/// (a `chat_reservation` ledger row); otherwise changes nothing. A priced chat records its
-/// prices (`priced`), and `cost` is the most it can cost.
+/// if the user's balance (less what their priced calls in flight hold) covers `cost`, which
+/// takes the cost (a `chat_reservation` ledger row); otherwise changes nothing. A priced
+/// chat records its prices (`priced`), `cost` is the most it can cost, and it holds it
+/// (`users.held`) instead of writing a ledger row.
 /// `settle_within` is how long the chat may stay pending before recovery (in any
 /// process) judges it abandoned.
 #[tracing::instrument(level = "debug", skip_all)]
@@ -268,7 +269,9 @@ macro_rules! budgeted_chat {
 }
 use budgeted_chat;
 
-/// A priced chat's reservation: the key's period and the user's as given.
+/// A priced chat's reservation: the key's period and the user's as given. Its reservation
+/// is held (`held`: the trigger `chat_holds_its_reservation` adds it to `users.held`), and
+/// settling it writes its one ledger row, the charge.
 macro_rules! priced_chat {
     ($row:ident, $key_period:expr, $user_period:expr) => {
         concat!(
@@ -276,12 +279,13 @@ macro_rules! priced_chat {
                                 deadline_at, conversation_id, model, output_cap, price_prompt,
                                 price_cached_prompt, price_completion, price_request,
                                 api_key_id, budget_period_start, user_budget_tokens,
-                                user_budget_period_start) ",
+                                user_budget_period_start, held) ",
             $row!(concat!(
                 "$3, $1, $2, 'pending', $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, ",
                 $key_period,
                 ", $15, ",
-                $user_period
+                $user_period,
+                ", TRUE"
             ))
         )
     };
@@ -304,8 +308,9 @@ macro_rules! bind_outcome {
     };
 }
 
-/// Stores the answer of a pending chat, charging `answer.charge` (the rest of the
-/// reservation goes back, a `chat_settlement` row) or keeping the reservation. Returns the
+/// Stores the answer of a pending chat, charging `answer.charge` (a held reservation: a
+/// `chat_charge` row; one from before holds: the rest goes back, a `chat_settlement` row) or
+/// keeping the reservation. Returns the
 /// balance the settlement left and the charge, or `None` if the chat was no longer pending
 /// (recovery refunded it first).
 #[tracing::instrument(level = "debug", skip_all)]
@@ -324,7 +329,7 @@ pub async fn settle_answered(
                           cost = CASE WHEN $9 < cost THEN $9 ELSE cost END,
                           upstream = $10, attempts = $11
          WHERE id = $3 AND status = 'pending'
-         RETURNING cost, COALESCE(reserved, cost),
+         RETURNING cost, COALESCE(reserved, cost), held,
                    (SELECT balance_after FROM ledger
                     WHERE ledger.chat_id = chats.id AND reason = 'chat_reservation'),
                    (SELECT tokens FROM users WHERE users.id = chats.user_id)",
@@ -469,16 +474,16 @@ pub async fn page(db: &Db, user_id: i64, page: PageRequest) -> Result<Vec<Chat>,
 }
 
 /// A charged chat (answered, or an abandoned stream that kept its charge, with the text it
-/// got) with the balance its charge left, as its first response reported.
+/// got) with the balance its charge left, as its first response reported: its last ledger
+/// row's (the reservation a flat chat keeps, a held chat's charge, or the settlement of a
+/// chat reserved in the ledger).
 #[tracing::instrument(level = "debug", skip_all)]
 pub async fn stored_answer(db: &Db, chat_id: i64) -> Result<Option<StoredAnswer>, sqlx::Error> {
     db_read!(db, pool => sqlx::query_as(
         "SELECT c.id AS chat_id, COALESCE(c.response, '') AS response, c.cost,
-                COALESCE((SELECT s.balance_after FROM ledger s
-                          WHERE s.chat_id = c.id AND s.reason = 'chat_settlement'),
-                         l.balance_after) AS balance_after,
-                c.conversation_id, c.tool_calls
-         FROM chats c JOIN ledger l ON l.chat_id = c.id AND l.reason = 'chat_reservation'
+                l.balance_after, c.conversation_id, c.tool_calls
+         FROM chats c JOIN ledger l ON l.id = (SELECT MAX(m.id) FROM ledger m
+                                               WHERE m.chat_id = c.id)
          WHERE c.id = $1
            AND (c.status = 'answered' OR (c.status = 'abandoned' AND NOT c.refunded))",
     )

@@ -87,7 +87,9 @@ mod tests {
                 "embedding",
                 "embedding_refund",
                 "chat_settlement",
-                "embedding_settlement"
+                "embedding_settlement",
+                "chat_charge",
+                "embedding_charge"
             ]
         );
         assert!("Answered".parse::<ChatStatus>().is_err());

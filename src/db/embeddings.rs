@@ -1,7 +1,8 @@
 //! Queries on `embeddings` and the balance moves that go with them, as for chats: each is
 //! reserved when created (the trigger `embedding_reserves_its_cost` writes its `embedding`
-//! ledger row), then answered, keeping the charge, or failed, refunded by the trigger
-//! `failed_embedding_is_refunded`; each move one conditional statement.
+//! ledger row; a priced call's is held instead), then answered, keeping the charge, or
+//! failed, refunded by the trigger `failed_embedding_is_refunded` (a held call's hold let
+//! go of); each move one conditional statement.
 
 use std::time::Duration;
 
@@ -25,12 +26,13 @@ macro_rules! embedding {
             "INSERT INTO embeddings (cost, reserved, user_id, model, status, created_at,
                                      deadline_at, price_prompt, price_request, api_key_id,
                                      budget_period_start, user_budget_tokens,
-                                     user_budget_period_start) ",
+                                     user_budget_period_start, held) ",
             $row!(concat!(
                 "$3, $1, $2, 'pending', $4, $5, $6, $7, $8, ",
                 $key_period,
                 ", $10, ",
-                $user_period
+                $user_period,
+                ", $12"
             ))
         )
     };
@@ -51,8 +53,8 @@ pub enum Reservation {
 }
 
 /// Records the call as pending for `model` if the user's balance covers `cost`, which takes
-/// the cost; otherwise changes nothing. A priced call records its `prices` and `cost` is
-/// the most it can cost. `settle_within` is how long it may stay pending before recovery
+/// the cost; otherwise changes nothing. A priced call records its `prices`, `cost` is the
+/// most it can cost, and it holds it (`users.held`) instead of writing a ledger row. `settle_within` is how long it may stay pending before recovery
 /// judges it abandoned.
 #[tracing::instrument(level = "debug", skip_all)]
 pub async fn reserve(
@@ -83,6 +85,7 @@ pub async fn reserve(
             .bind(budget.key_period)
             .bind(budget.user_tokens)
             .bind(budget.user_period)
+            .bind(prices.is_some())
     );
     let id = match id {
         Ok(id) => id,
@@ -100,9 +103,9 @@ pub async fn reserve(
     })
 }
 
-/// Marks a pending call answered with its usage, charging `charge` (the rest of the
-/// reservation goes back, an `embedding_settlement` row) or, when `None`, keeping the
-/// reservation. Returns the balance the settlement left and the charge, or `None` if it was
+/// Marks a pending call answered with its usage, charging `charge` (an `embedding_charge`
+/// row; for a call reserved in the ledger before holds, the rest goes back, an
+/// `embedding_settlement` row) or, when `None`, keeping the reservation. Returns the balance the settlement left and the charge, or `None` if it was
 /// no longer pending (recovery refunded it first).
 #[tracing::instrument(level = "debug", skip_all)]
 pub async fn settle_answered(
@@ -117,7 +120,7 @@ pub async fn settle_answered(
                                total_tokens = $4, usage_source = $5,
                                cost = CASE WHEN $6 < cost THEN $6 ELSE cost END
          WHERE id = $1 AND status = 'pending'
-         RETURNING cost, COALESCE(reserved, cost),
+         RETURNING cost, COALESCE(reserved, cost), held,
                    (SELECT balance_after FROM ledger
                     WHERE ledger.embedding_id = embeddings.id AND reason = 'embedding'),
                    (SELECT tokens FROM users WHERE users.id = embeddings.user_id)",

@@ -1,6 +1,8 @@
 //! The ledger: every balance move is a row here, and inserting the row is what moves the
 //! balance (the `ledger_moves_balance` trigger), so the two can never disagree. Chat
-//! reservations and refunds are written by triggers on `chats` (see `chats.rs`).
+//! reservations, refunds and charges are written by triggers on `chats` (see `chats.rs`). A
+//! priced call's reservation is no row but a hold, `users.held`, which the balance a call
+//! may spend leaves out.
 
 use super::{db_page, db_run, Db};
 use crate::domain::{LedgerReason, PageRequest};
@@ -23,10 +25,11 @@ pub struct Entry {
 
 /// The statement behind [`record`]. On SQLite it computes the balance after from its own
 /// read, which the single writer makes exact; on PostgreSQL the `ledger_moves_balance`
-/// trigger overwrites it with the balance it leaves under the row lock.
+/// trigger overwrites it with the balance it leaves under the row lock. A move may not
+/// take what the user's priced calls in flight hold.
 pub(super) const RECORD: &str =
     "INSERT INTO ledger (user_id, amount, reason, balance_after, created_at)
-     SELECT id, $2, $3, tokens + $2, $4 FROM users WHERE id = $1 AND tokens + $2 >= 0
+     SELECT id, $2, $3, tokens + $2, $4 FROM users WHERE id = $1 AND tokens + $2 >= held
      RETURNING balance_after";
 
 /// [`RECORD`] on any executor of either backend (a pool or a transaction): a future of the
@@ -69,10 +72,11 @@ pub async fn page(db: &Db, user_id: i64, page: PageRequest) -> Result<Vec<Entry>
     )
 }
 
-/// What a statement that settles a priced call below its reservation returns: its charge,
-/// its reservation, the balance its reservation left, and the user's balance before the
-/// statement's triggers (the settlement row among them) ran.
-pub(super) type Settling = (i64, i64, i64, i64);
+/// What a statement that settles a priced call returns: its charge, its reservation,
+/// whether that was held, the balance its reservation left (a reservation in the ledger's),
+/// and the user's balance before the statement's triggers (the charge or the settlement row
+/// among them) ran.
+pub(super) type Settling = (i64, i64, bool, Option<i64>, i64);
 
 /// What a settlement names: a chat, or an embeddings call.
 pub(super) enum Settled {
@@ -80,35 +84,43 @@ pub(super) enum Settled {
     Embedding(i64),
 }
 
-/// The balance right after a settlement: the reservation's when nothing came back, else
-/// the settlement row's.
+/// The balance right after a settlement: the row it wrote's (a held call's charge, or the
+/// rest given back of one reserved in the ledger), or the reservation's when nothing came
+/// back.
 pub(super) async fn balance_after_settling(
     db: &Db,
-    (charged, reserved, reservation_balance, tokens_before): Settling,
+    (charged, reserved, held, reservation_balance, tokens_before): Settling,
     settled: Settled,
 ) -> Result<i64, sqlx::Error> {
     Ok(match db {
-        _ if charged == reserved => reservation_balance,
+        _ if !held && charged == reserved => reservation_balance.unwrap_or(tokens_before),
         // SQLite computes `RETURNING` before the statement's AFTER triggers run, and its one
-        // writer lets nothing move the balance in between: the settlement row's balance is
-        // the balance before it plus what it gave back. (Checked by the tests, which compare
-        // it with the row's `balance_after`.)
+        // writer lets nothing move the balance in between: the row's balance is the balance
+        // before it less the charge, or plus what it gave back. (Checked by the tests, which
+        // compare it with the row's `balance_after`.)
+        Db::Sqlite(_) if held => tokens_before - charged,
         Db::Sqlite(_) => tokens_before + (reserved - charged),
         // PostgreSQL's `RETURNING` reads the statement's snapshot, which a concurrent commit
         // may have moved past; nor can it see a row its trigger wrote: the row is read.
         Db::Postgres(pool) => {
-            let (sql, id) = match settled {
-                Settled::Chat(id) => (
+            let sql = match (&settled, held) {
+                (Settled::Chat(_), true) => {
+                    "SELECT balance_after FROM ledger WHERE chat_id = $1 AND reason = 'chat_charge'"
+                }
+                (Settled::Chat(_), false) => {
                     "SELECT balance_after FROM ledger
-                     WHERE chat_id = $1 AND reason = 'chat_settlement'",
-                    id,
-                ),
-                Settled::Embedding(id) => (
+                     WHERE chat_id = $1 AND reason = 'chat_settlement'"
+                }
+                (Settled::Embedding(_), true) => {
                     "SELECT balance_after FROM ledger
-                     WHERE embedding_id = $1 AND reason = 'embedding_settlement'",
-                    id,
-                ),
+                     WHERE embedding_id = $1 AND reason = 'embedding_charge'"
+                }
+                (Settled::Embedding(_), false) => {
+                    "SELECT balance_after FROM ledger
+                     WHERE embedding_id = $1 AND reason = 'embedding_settlement'"
+                }
             };
+            let (Settled::Chat(id) | Settled::Embedding(id)) = settled;
             sqlx::query_scalar(sql).bind(id).fetch_one(pool).await?
         }
     })

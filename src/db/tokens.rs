@@ -40,7 +40,7 @@ pub async fn find_owner(db: &Db, token_hash: &str) -> Result<Option<TokenOwner>,
     // Built once: the user's limit columns are named in one place (`user_limits`).
     static QUERY: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
         format!(
-            "SELECT t.user_id, u.tokens, u.disabled_at IS NOT NULL AS disabled, {}
+            "SELECT t.user_id, u.tokens - u.held AS tokens, u.disabled_at IS NOT NULL AS disabled, {}
              FROM login_tokens t JOIN users u ON u.id = t.user_id
              WHERE t.token_hash = $1 AND (t.expires_at IS NULL OR t.expires_at > $2)",
             super::user_limits::SELECTED

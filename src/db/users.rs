@@ -80,26 +80,32 @@ pub async fn grant(
         // The tokens reserved by pending chats count as the user's here: each one's refund
         // must fit under the ceiling whatever is granted meanwhile, so a grant leaves room
         // for them (issue 21). Reserving and refunding keep balance + reserved the same;
-        // only grants raise it.
-        let user: Option<(i64, i64, i64)> = sqlx::query_as(
+        // only grants raise it. A held reservation never left `tokens`: `held` is what
+        // priced calls in flight hold of it, and is not the user's to spend.
+        let user: Option<(i64, i64, i64, i64)> = sqlx::query_as(
             "SELECT id, tokens, CAST(COALESCE((SELECT SUM(cost) FROM chats
                                               WHERE chats.user_id = users.id
-                                                AND status = 'pending'), 0) AS BIGINT)
+                                                AND status = 'pending' AND NOT held), 0)
+                                     AS BIGINT),
+                    held
              FROM users WHERE username_key = $1",
         )
         .bind(username_key)
         .fetch_optional(&mut *tx)
         .await?;
-        let Some((user_id, balance, reserved)) = user else {
+        let Some((user_id, tokens, reserved, held)) = user else {
             return Ok(Grant::NoSuchUser);
         };
-        let held = balance.saturating_add(reserved);
-        if held.checked_add(amount).is_none_or(|after| after > ceiling) {
+        let balance = tokens - held;
+        let owned = tokens.saturating_add(reserved);
+        if owned.checked_add(amount).is_none_or(|after| after > ceiling) {
             return Ok(Grant::OverCeiling { balance });
         }
         // The user exists and the ceiling holds: no row means the balance would go below zero.
         let outcome = match record_move!(&mut *tx, user_id, amount, LedgerReason::Grant).await? {
-            Some(balance) => Grant::Granted { balance },
+            Some(after) => Grant::Granted {
+                balance: after - held,
+            },
             None => Grant::BelowZero { balance },
         };
         tx.commit().await?;
@@ -166,10 +172,12 @@ pub async fn find_credentials(
     })
 }
 
+/// The tokens the user may spend: the ledger's balance less what their priced calls in
+/// flight hold.
 #[tracing::instrument(level = "debug", skip_all)]
 pub async fn balance(db: &Db, user_id: i64) -> Result<i64, sqlx::Error> {
     db_read!(db, pool => {
-        sqlx::query_scalar("SELECT tokens FROM users WHERE id = $1")
+        sqlx::query_scalar("SELECT tokens - held FROM users WHERE id = $1")
             .bind(user_id)
             .fetch_one(pool)
             .await
@@ -205,7 +213,8 @@ pub struct Listed {
 /// Every user, oldest first, streamed: a million users are never in memory at once.
 pub fn all(db: &Db) -> BoxStream<'_, Result<Listed, sqlx::Error>> {
     db_read!(db, pool => sqlx::query_as(
-        "SELECT id, username, tokens, created_at, disabled_at FROM users ORDER BY id",
+        "SELECT id, username, tokens - held AS tokens, created_at, disabled_at
+         FROM users ORDER BY id",
     )
     .fetch(pool))
 }

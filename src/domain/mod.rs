@@ -353,10 +353,16 @@ pub enum LedgerReason {
     Embedding,
     /// A failed embeddings call's price, given back.
     EmbeddingRefund,
-    /// What a priced chat reserved beyond its charge, given back when it settled.
+    /// What a priced chat reserved beyond its charge, given back when it settled (a chat
+    /// reserved in the ledger, before reservations of priced calls were held).
     ChatSettlement,
-    /// What a priced embeddings call reserved beyond its charge, given back.
+    /// What a priced embeddings call reserved beyond its charge, given back (as
+    /// `ChatSettlement`).
     EmbeddingSettlement,
+    /// A priced chat's charge, taken when it settles; its reservation was a hold.
+    ChatCharge,
+    /// A priced embeddings call's charge, taken when it settles.
+    EmbeddingCharge,
 }
 
 /// Characters that show nothing: the default-ignorable ones below, and the blank Braille

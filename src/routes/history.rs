@@ -91,15 +91,16 @@ pub struct LedgerEntry {
     balance_after: i64,
     chat_id: Option<i64>,
     created_at: String,
-    /// The embeddings call (`/v1/embeddings`) of an `embedding`, `embedding_refund` or
-    /// `embedding_settlement` row.
+    /// The embeddings call (`/v1/embeddings`) of an `embedding`, `embedding_refund`,
+    /// `embedding_settlement` or `embedding_charge` row.
     embedding_id: Option<i64>,
     id: i64,
     /// The model an embeddings call asked for.
     model: Option<String>,
-    /// initial_grant, grant, chat_reservation, chat_refund, chat_settlement (a priced chat's
-    /// reservation beyond its charge, given back), embedding, embedding_refund or
-    /// embedding_settlement
+    /// initial_grant, grant, chat_reservation, chat_refund, chat_charge (a priced chat's
+    /// charge: its reservation was held, not a row), embedding, embedding_refund,
+    /// embedding_charge, or (a priced call reserved before holds) chat_settlement or
+    /// embedding_settlement, its reservation beyond its charge given back
     reason: &'static str,
     /// An embeddings call's usage as the model reported it.
     usage: Option<EmbeddingUsage>,

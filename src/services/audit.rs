@@ -1,5 +1,6 @@
 //! The ledger audit behind `tokenchat audit`: every balance is the sum of its ledger, every
-//! ledger row's running balance is right, every chat's and embeddings call's rows match its
+//! ledger row's running balance is right, every user's held tokens are what their held calls
+//! in flight reserved, every chat's and embeddings call's rows match its
 //! status, every priced charge is its usage at the prices recorded with it, capped at its
 //! reservation, and every key's budget spending is what its calls of the period hold.
 
@@ -66,18 +67,28 @@ pub async fn run_reporting(db: &db::Db, mut found: impl FnMut(&str)) -> ServiceR
         ));
     }
     drop(rows);
+    let mut holds = db::audit::held_mismatches(db);
+    while let Some(user) = holds.try_next().await? {
+        offend(format!(
+            "user {} ({}): {} tokens held but their held calls in flight reserved {}",
+            user.user_id, user.username, user.held, user.pending_held
+        ));
+    }
+    drop(holds);
     let mut chats = db::audit::chat_mismatches(db);
     while let Some(chat) = chats.try_next().await? {
         offend(format!(
-            "chat {} ({}, cost {}{}): {} reservation(s), {} refund(s), {} settlement(s), {} \
-             stray row(s){}",
+            "chat {} ({}, cost {}{}{}): {} reservation(s), {} refund(s), {} settlement(s), {} \
+             charge(s), {} stray row(s){}",
             chat.chat_id,
             chat.status,
             chat.cost,
             reserved_beside(chat.cost, chat.reserved),
+            if chat.held { ", held" } else { "" },
             chat.reservations,
             chat.refunds,
             chat.settlements,
+            chat.charges,
             chat.strays,
             if chat.status == ChatStatus::Answered && !chat.has_response && !chat.erased {
                 ", no stored response"
@@ -129,15 +140,17 @@ pub async fn run_reporting(db: &db::Db, mut found: impl FnMut(&str)) -> ServiceR
     let mut embeddings = db::audit::embedding_mismatches(db);
     while let Some(call) = embeddings.try_next().await? {
         offend(format!(
-            "embedding {} ({}, cost {}{}): {} reservation(s), {} refund(s), {} settlement(s), \
-             {} stray row(s)",
+            "embedding {} ({}, cost {}{}{}): {} reservation(s), {} refund(s), {} \
+             settlement(s), {} charge(s), {} stray row(s)",
             call.embedding_id,
             call.status,
             call.cost,
             reserved_beside(call.cost, call.reserved),
+            if call.held { ", held" } else { "" },
             call.reservations,
             call.refunds,
             call.settlements,
+            call.charges,
             call.strays
         ));
     }

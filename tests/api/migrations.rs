@@ -341,3 +341,112 @@ async fn the_status_checks_migration_keeps_every_row_and_still_refuses_an_unknow
     }
     db.close().await;
 }
+
+#[tokio::test]
+async fn the_holds_migration_settles_calls_reserved_before_it_as_they_were_and_holds_the_next() {
+    let database = TestDatabase::create().await;
+    let db = db::connect(database.url(), db::Open::CreateIfMissing)
+        .await
+        .unwrap();
+    let (before, _dir) = migrator_before("20261219000000").await;
+    db::run_migrator(&db, &before).await.unwrap();
+    for statement in [
+        "INSERT INTO users (username, username_key, password_hash, tokens, created_at)
+         VALUES ('alice', 'alice', 'x', 0, 1)",
+        "INSERT INTO ledger (user_id, amount, reason, balance_after, created_at)
+         VALUES (1, 1000, 'initial_grant', 1000, 1)",
+        // A priced chat and a priced embeddings call in flight across the upgrade, each
+        // reserved in the ledger as before.
+        "INSERT INTO chats (user_id, message, status, cost, reserved, created_at, deadline_at)
+         VALUES (1, 'm', 'pending', 50, 50, 2, 999999999999)",
+        "INSERT INTO embeddings (user_id, model, status, cost, reserved, created_at, deadline_at)
+         VALUES (1, 'm', 'pending', 30, 30, 2, 999999999999)",
+    ] {
+        execute(&db, statement).await;
+    }
+    let balance = "SELECT tokens FROM users";
+    assert_eq!(count(&db, balance).await, 920);
+
+    db::migrate(&db).await.unwrap();
+
+    assert_eq!(count(&db, balance).await, 920);
+    assert_eq!(count(&db, "SELECT held FROM users").await, 0);
+    // They settle as they were reserved: the rest, and the whole reservation, given back.
+    execute(
+        &db,
+        "UPDATE chats SET status = 'answered', response = 'r', cost = 20, finished_at = 3
+         WHERE id = 1",
+    )
+    .await;
+    execute(
+        &db,
+        "UPDATE embeddings SET status = 'failed', finished_at = 3 WHERE id = 1",
+    )
+    .await;
+    assert_eq!(count(&db, balance).await, 980);
+    // A call reserved now holds: no ledger row until it is charged, then one.
+    execute(
+        &db,
+        "INSERT INTO chats (user_id, message, status, cost, reserved, created_at, deadline_at,
+                            held)
+         VALUES (1, 'm', 'pending', 100, 100, 4, 999999999999, TRUE)",
+    )
+    .await;
+    assert_eq!(count(&db, "SELECT held FROM users").await, 100);
+    assert_eq!(
+        count(&db, "SELECT COUNT(*) FROM ledger WHERE chat_id = 2").await,
+        0
+    );
+    // What is held is not the user's to spend: a hold past the rest is refused.
+    let past = "INSERT INTO chats (user_id, message, status, cost, reserved, created_at,
+                                   deadline_at, held)
+                VALUES (1, 'm', 'pending', 881, 881, 4, 999999999999, TRUE)";
+    match db_run!(&db, pool => sqlx::query(past).execute(pool).await.map(|_| ())) {
+        Err(sqlx::Error::Database(err)) => assert!(err.is_check_violation(), "{err}"),
+        other => panic!("a hold past the balance was not refused: {other:?}"),
+    }
+    execute(
+        &db,
+        "UPDATE chats SET status = 'answered', response = 'r', cost = 40, finished_at = 5
+         WHERE id = 2",
+    )
+    .await;
+    let rows: Vec<(String, i64, i64)> = db_run!(&db, pool => sqlx::query_as(
+        "SELECT reason, amount, balance_after FROM ledger ORDER BY id",
+    )
+    .fetch_all(pool)
+    .await)
+    .unwrap();
+    let rows: Vec<(&str, i64, i64)> = rows
+        .iter()
+        .map(|(reason, amount, after)| (reason.as_str(), *amount, *after))
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            ("initial_grant", 1000, 1000),
+            ("chat_reservation", -50, 950),
+            ("embedding", -30, 920),
+            ("chat_settlement", 30, 950),
+            ("embedding_refund", 30, 980),
+            ("chat_charge", -40, 940),
+        ]
+    );
+    assert_eq!(count(&db, "SELECT held FROM users").await, 0);
+    let unknown = "INSERT INTO ledger (user_id, amount, reason, balance_after, created_at)
+                   VALUES (1, 1, 'lost', 941, 6)";
+    match db_run!(&db, pool => sqlx::query(unknown).execute(pool).await.map(|_| ())) {
+        Err(sqlx::Error::Database(err)) => assert!(err.is_check_violation(), "{err}"),
+        other => panic!("an unknown reason was not refused: {other:?}"),
+    }
+    let audit = tokenchat::services::audit::run(&db).await.unwrap();
+    assert!(audit.passed(), "{:?}", audit.offences);
+    if let db::Db::Sqlite(sqlite) = &db {
+        let integrity: String = sqlx::query_scalar("PRAGMA integrity_check")
+            .fetch_one(&sqlite.writer)
+            .await
+            .unwrap();
+        assert_eq!(integrity, "ok");
+    }
+    db.close().await;
+}

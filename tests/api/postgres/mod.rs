@@ -447,11 +447,18 @@ async fn two_processes_racing_with_priced_chats_never_overspend_and_settle_every
             .await,
         0
     );
+    // One row a charged chat, its charge: the reservations were holds, all let go of.
     assert_eq!(
-        pair.scalar("SELECT COUNT(*) FROM ledger WHERE reason = 'chat_settlement'")
+        pair.scalar("SELECT COUNT(*) FROM ledger WHERE reason = 'chat_charge' AND amount = -43")
             .await,
         answered
     );
+    assert_eq!(
+        pair.scalar("SELECT COUNT(*) FROM ledger WHERE chat_id IS NOT NULL")
+            .await,
+        answered
+    );
+    assert_eq!(pair.scalar("SELECT held FROM users").await, 0);
     let audit = pair.audit();
     assert!(audit.status.success(), "{audit:?}");
 }

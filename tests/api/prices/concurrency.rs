@@ -51,10 +51,10 @@ async fn two_hundred_concurrent_priced_chats_never_overspend() {
     .unwrap();
     assert_eq!((over, total), (0, answered * charged));
     assert!(reserved > charged);
-    // Each answer's balance is its own settlement row's, however the settlements interleaved.
+    // Each answer's balance is its own charge row's, however the settlements interleaved.
     for (chat_id, tokens) in reported {
         let settled: i64 = tokenchat::db_run!(&app.state.db, pool => sqlx::query_scalar(
-            "SELECT balance_after FROM ledger WHERE chat_id = $1 AND reason = 'chat_settlement'",
+            "SELECT balance_after FROM ledger WHERE chat_id = $1 AND reason = 'chat_charge'",
         )
         .bind(chat_id)
         .fetch_one(pool)

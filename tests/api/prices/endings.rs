@@ -9,8 +9,7 @@ use axum::http::StatusCode;
 use tokenchat::config::DEFAULT_SYSTEM_PROMPT;
 
 use super::{
-    chat_ledger, chat_reservation, chat_row, priced_app, refunded, settled, usage, MAX_OUTPUT,
-    REQUEST,
+    assert_reserved_then, chat_reservation, chat_row, priced_app, usage, MAX_OUTPUT, REQUEST,
 };
 use crate::{
     common::Reply,
@@ -42,7 +41,7 @@ async fn a_streamed_answer_is_settled_to_its_usage_and_done_says_the_charge() {
     assert_eq!(done["tokens"], 4000 - charged);
     let chat_id = done["chat_id"].as_i64().unwrap();
     let reserved = chat_reservation(message, MAX_OUTPUT);
-    assert_eq!(chat_ledger(&app, chat_id).await, settled(reserved, charged));
+    assert_reserved_then(&app, chat_id, reserved, &[("chat_charge", -charged)]).await;
     app.assert_all_settled().await;
 }
 
@@ -71,12 +70,13 @@ async fn a_model_that_fails_after_text_charges_the_prompt_and_the_text_delivered
             assert_eq!((row.status.as_str(), row.cost), ("abandoned", charged));
             assert_eq!(row.usage_source.as_deref(), Some("counted"));
             assert_eq!(row.completion_tokens, Some(delivered.len() as i64));
-            assert_eq!(chat_ledger(&app, chat_id).await, settled(reserved, charged));
+            assert_reserved_then(&app, chat_id, reserved, &[("chat_charge", -charged)]).await;
             assert_eq!(app.balance(&token).await, 4000 - charged);
         } else {
             assert_eq!(error["tokens_charged"], 0, "{rule}");
             assert_eq!((row.status.as_str(), row.cost), ("failed", reserved));
-            assert_eq!(chat_ledger(&app, chat_id).await, refunded(reserved));
+            // Refunded: the hold let go of, and no row, as nothing of the balance moved.
+            assert_reserved_then(&app, chat_id, reserved, &[]).await;
             assert_eq!(app.balance(&token).await, 4000);
         }
         app.assert_all_settled().await;
@@ -103,7 +103,7 @@ async fn a_model_that_fails_before_any_text_is_refunded_its_whole_reservation() 
     refused.assert_error(StatusCode::BAD_GATEWAY, "upstream_error");
     for chat_id in [1, 2] {
         let reserved = chat_reservation("hello", MAX_OUTPUT);
-        assert_eq!(chat_ledger(&app, chat_id).await, refunded(reserved));
+        assert_reserved_then(&app, chat_id, reserved, &[]).await;
     }
     assert_eq!(app.balance(&token).await, 4000);
     app.assert_all_settled().await;

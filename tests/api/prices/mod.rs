@@ -5,6 +5,7 @@
 
 mod concurrency;
 mod endings;
+mod holds;
 mod openai;
 
 use axum::http::StatusCode;
@@ -141,20 +142,24 @@ pub(crate) async fn chat_ledger(app: &TestApp, chat_id: i64) -> Vec<(String, i64
     .unwrap()
 }
 
-/// The ledger rows of a chat reserved `reserved` and charged `charged` below it.
-pub(crate) fn settled(reserved: i64, charged: i64) -> Vec<(String, i64)> {
-    vec![
-        ("chat_reservation".to_string(), -reserved),
-        ("chat_settlement".to_string(), reserved - charged),
-    ]
-}
-
-/// The ledger rows of a chat reserved `reserved` and refunded.
-pub(crate) fn refunded(reserved: i64) -> Vec<(String, i64)> {
-    vec![
-        ("chat_reservation".to_string(), -reserved),
-        ("chat_refund".to_string(), reserved),
-    ]
+/// Checks that a priced chat reserved `reserved` (a hold: its row records it, the ledger does
+/// not) and that its ledger rows are `rows`, in order: reason and amount.
+pub(crate) async fn assert_reserved_then(
+    app: &TestApp,
+    chat_id: i64,
+    reserved: i64,
+    rows: &[(&str, i64)],
+) {
+    assert_eq!(
+        chat_row(app, chat_id).await.reserved,
+        reserved,
+        "chat {chat_id}"
+    );
+    let rows: Vec<(String, i64)> = rows
+        .iter()
+        .map(|(reason, amount)| (reason.to_string(), *amount))
+        .collect();
+    assert_eq!(chat_ledger(app, chat_id).await, rows, "chat {chat_id}");
 }
 
 /// The body the fake model received last.
@@ -210,18 +215,19 @@ async fn an_answered_chat_is_charged_its_usage_and_the_rest_of_its_reservation_c
             price_request: Some(5),
         }
     );
-    assert_eq!(chat_ledger(&app, chat_id).await, settled(reserved, charged));
+    assert_reserved_then(&app, chat_id, reserved, &[("chat_charge", -charged)]).await;
     let history = app.get_authorized("/chats", &token).await;
     assert_eq!(
         history.json["chats"][0]["tokens_charged"], charged,
         "{history:?}"
     );
     let moves = app.get_authorized("/transactions", &token).await;
-    let settlement = &moves.json["transactions"][0];
-    assert_eq!(settlement["reason"], "chat_settlement", "{moves:?}");
-    assert_eq!(settlement["amount"], reserved - charged);
-    assert_eq!(settlement["balance_after"], 4000 - charged);
-    assert_eq!(settlement["chat_id"], chat_id);
+    let charge = &moves.json["transactions"][0];
+    assert_eq!(charge["reason"], "chat_charge", "{moves:?}");
+    assert_eq!(charge["amount"], -charged);
+    assert_eq!(charge["balance_after"], 4000 - charged);
+    assert_eq!(charge["chat_id"], chat_id);
+    assert_eq!(moves.json["transactions"].as_array().unwrap().len(), 2);
     assert_eq!(app.balance(&token).await, 4000 - charged);
     app.assert_all_settled().await;
 }
@@ -314,10 +320,7 @@ async fn a_model_that_overruns_its_cap_is_charged_the_reservation_and_the_overru
     let reserved = chat_reservation(message, MAX_OUTPUT);
     assert_eq!(answered.json["tokens_charged"], reserved, "{answered:?}");
     let chat_id = answered.json["chat_id"].as_i64().unwrap();
-    assert_eq!(
-        chat_ledger(&app, chat_id).await,
-        [("chat_reservation".to_string(), -reserved)]
-    );
+    assert_reserved_then(&app, chat_id, reserved, &[("chat_charge", -reserved)]).await;
     let (_, _, metrics) = app
         .request_raw(axum::http::Method::GET, "/metrics", &[], "")
         .await;
@@ -415,12 +418,10 @@ async fn the_readmes_worked_example_holds_to_the_token() {
         .collect();
     assert_eq!(
         rows,
-        [
-            ("chat_settlement", 24, 3998),
-            ("chat_reservation", -26, 3974),
-            ("initial_grant", 4000, 4000),
-        ]
+        [("chat_charge", -2, 3998), ("initial_grant", 4000, 4000)]
     );
+    let chat_id = answered.json["chat_id"].as_i64().unwrap();
+    assert_eq!(chat_row(&app, chat_id).await.reserved, 26);
 
     let (app, token) = with_balance("10").await;
     let answered = chat(&app, &token, question).await;

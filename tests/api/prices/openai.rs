@@ -172,19 +172,21 @@ async fn embeddings_are_priced_by_their_prompt_tokens() {
     // The balance the settlement left.
     assert_eq!(answered.tokens_remaining(), 4000 - charged);
     let reserved = REQUEST + body.to_string().len() as i64;
+    // The reservation was a hold: the call records it, and the ledger only the charge.
     let rows: Vec<(String, i64)> = tokenchat::db_run!(&app.state.db, pool => sqlx::query_as(
         "SELECT reason, amount FROM ledger WHERE embedding_id IS NOT NULL ORDER BY id",
     )
     .fetch_all(pool)
     .await)
     .unwrap();
-    assert_eq!(
-        rows,
-        [
-            ("embedding".to_string(), -reserved),
-            ("embedding_settlement".to_string(), reserved - charged),
-        ]
-    );
+    assert_eq!(rows, [("embedding_charge".to_string(), -charged)]);
+    let recorded: (i64, bool) = tokenchat::db_run!(&app.state.db, pool => sqlx::query_as(
+        "SELECT reserved, held FROM embeddings",
+    )
+    .fetch_one(pool)
+    .await)
+    .unwrap();
+    assert_eq!(recorded, (reserved, true));
     app.assert_all_settled().await;
 }
 
