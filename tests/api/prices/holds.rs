@@ -91,3 +91,28 @@ async fn the_audit_finds_held_tokens_that_no_call_in_flight_reserved() {
         ["user 1 (holder): 7 tokens held but their held calls in flight reserved 0"]
     );
 }
+
+#[tokio::test]
+async fn a_priced_chat_replayed_by_its_key_answers_its_charge_and_balance_again_and_charges_nothing_more(
+) {
+    let app = priced_app(&[]).await;
+    let token = app.user_with_token("holder").await;
+    let first = app.chat_with_key(&token, "k1", "hello").await;
+    assert_eq!(first.status, StatusCode::OK, "{first:?}");
+    let charged = first.json["tokens_charged"].as_i64().unwrap();
+    assert_eq!(first.json["tokens"], 4000 - charged);
+    // Another chat in between moves the balance; the replay still says what the first said.
+    let other = app
+        .post_authorized("/chat", &token, json!({ "message": "another" }))
+        .await;
+    let other_charged = other.json["tokens_charged"].as_i64().unwrap();
+    let replayed = app.chat_with_key(&token, "k1", "hello").await;
+    assert_eq!(replayed.status, StatusCode::OK, "{replayed:?}");
+    assert_eq!(
+        (&replayed.json["tokens_charged"], &replayed.json["tokens"]),
+        (&first.json["tokens_charged"], &first.json["tokens"])
+    );
+    assert_eq!(app.balance(&token).await, 4000 - charged - other_charged);
+    assert_eq!(held(&app).await, 0);
+    app.assert_all_settled().await;
+}
