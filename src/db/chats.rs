@@ -183,7 +183,8 @@ pub async fn reserve(db: &Db, chat: NewChat<'_>) -> Result<Reservation, sqlx::Er
     // statement of before prices, which costs the hot path nothing more (BENCHMARKS.md).
     let budgeted = budgets != Budgets::default();
     let sql = match priced {
-        Some(_) => by_backend!(db, priced_chat!("$13", "$14", "$16")),
+        Some(_) if budgeted => by_backend!(db, priced_chat!("$13", "$14", "$16")),
+        Some(_) => by_backend!(db, priced_chat!()),
         // A budget: the key and the periods recorded, which the triggers
         // `chat_counts_against_its_{key,user}_budget` count, refusing the insert past one.
         None if budgeted => by_backend!(db, budgeted_chat!("$7", "$8", "$10")),
@@ -207,8 +208,8 @@ pub async fn reserve(db: &Db, chat: NewChat<'_>) -> Result<Reservation, sqlx::Er
                 .bind(priced.prices.request as i64),
             None => query,
         };
-        // Priced or budgeted: the budget columns (the priced statement writes them always).
-        if priced.is_some() || budgeted {
+        // With a budget, the budget columns.
+        if budgeted {
             query
                 .bind(budget.key)
                 .bind(budget.key_period)
@@ -269,10 +270,19 @@ macro_rules! budgeted_chat {
 }
 use budgeted_chat;
 
-/// A priced chat's reservation: the key's period and the user's as given. Its reservation
-/// is held (`held`: the trigger `chat_holds_its_reservation` adds it to `users.held`), and
-/// settling it writes its one ledger row, the charge.
+/// A priced chat's reservation, with a budget: the key's period and the user's as given
+/// (without one, none of the budget columns: the period look-ups cost every chat a seek).
+/// Its reservation is held (`held`: the trigger `chat_holds_its_reservation` adds it to
+/// `users.held`), and settling it writes its one ledger row, the charge.
 macro_rules! priced_chat {
+    ($row:ident) => {
+        concat!(
+            "INSERT INTO chats (cost, reserved, user_id, message, status, created_at,
+                                deadline_at, conversation_id, model, output_cap, price_prompt,
+                                price_cached_prompt, price_completion, price_request, held) ",
+            $row!("$3, $1, $2, 'pending', $4, $5, $6, $7, $8, $9, $10, $11, $12, TRUE")
+        )
+    };
     ($row:ident, $key_period:expr, $user_period:expr) => {
         concat!(
             "INSERT INTO chats (cost, reserved, user_id, message, status, created_at,
@@ -330,8 +340,10 @@ pub async fn settle_answered(
                           upstream = $10, attempts = $11
          WHERE id = $3 AND status = 'pending'
          RETURNING cost, COALESCE(reserved, cost), held,
-                   (SELECT balance_after FROM ledger
-                    WHERE ledger.chat_id = chats.id AND reason = 'chat_reservation'),
+                   CASE WHEN held THEN NULL
+                        ELSE (SELECT balance_after FROM ledger
+                              WHERE ledger.chat_id = chats.id
+                                AND reason = 'chat_reservation') END,
                    (SELECT tokens FROM users WHERE users.id = chats.user_id)",
     )
     .bind(answer.text)
