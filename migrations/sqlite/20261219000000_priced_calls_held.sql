@@ -21,23 +21,37 @@
 -- The ledger's CHECK on `reason` gains the two names by SQLite's documented procedure for
 -- changing a CHECK (see 20261218000000_status_checks_as_equalities): `charges_allowed`
 -- makes the migration fail unless the definition changed.
+--
+-- The same edit drops the ledger's AUTOINCREMENT. A held call's charge row is written in
+-- the statement that settles it, the call's second commit, and with AUTOINCREMENT every
+-- ledger row also rewrote `sqlite_sequence`'s page: one more page to the log in every
+-- priced settlement, 3 to 4 points of priced `/chat` throughput (BENCHMARKS.md).
+-- AUTOINCREMENT only keeps the ids of deleted rows from being given again, and no ledger
+-- row is ever deleted (nor the users and chats they cascade from: a deleted conversation's
+-- chats are erased, not deleted), so a new row's id, the largest plus one, is what it was.
+-- The table's pages are the same either way; only the rule for the next id changes, and
+-- the ledger's row in `sqlite_sequence` goes.
 
 PRAGMA writable_schema = ON;
 
 UPDATE sqlite_schema
-   SET sql = replace(sql,
+   SET sql = replace(replace(sql,
        'OR reason = ''embedding_settlement''),',
        'OR reason = ''embedding_settlement''
-               OR reason = ''chat_charge'' OR reason = ''embedding_charge''),')
+               OR reason = ''chat_charge'' OR reason = ''embedding_charge''),'),
+       'INTEGER PRIMARY KEY AUTOINCREMENT', 'INTEGER PRIMARY KEY')
  WHERE type = 'table' AND name = 'ledger';
 
 CREATE TABLE charges_allowed (tables INTEGER NOT NULL CHECK (tables = 1));
 INSERT INTO charges_allowed
 SELECT count(*) FROM sqlite_schema
- WHERE type = 'table' AND name = 'ledger' AND sql LIKE '%reason = ''embedding_charge''%';
+ WHERE type = 'table' AND name = 'ledger' AND sql LIKE '%reason = ''embedding_charge''%'
+   AND sql NOT LIKE '%AUTOINCREMENT%';
 DROP TABLE charges_allowed;
 
 PRAGMA writable_schema = RESET;
+
+DELETE FROM sqlite_sequence WHERE name = 'ledger';
 
 ALTER TABLE users ADD COLUMN held BIGINT NOT NULL DEFAULT 0 CHECK (held >= 0 AND held <= tokens);
 ALTER TABLE chats ADD COLUMN held BOOLEAN NOT NULL DEFAULT FALSE;
