@@ -242,6 +242,21 @@ impl TestApp {
         assert!(report.passed(), "audit offences: {:#?}", report.offences);
     }
 
+    /// Runs `tampering` (SQL) on the app's database and asserts that the audit then finds
+    /// one offence, which says `found`.
+    pub async fn assert_audit_finds_after(&self, tampering: &str, found: &str) {
+        tokenchat::db_run!(&self.state.db, pool => sqlx::query(tampering)
+            .execute(pool)
+            .await
+            .map(|_| ()))
+        .unwrap();
+        let report = tokenchat::services::audit::run(&self.state.db)
+            .await
+            .unwrap();
+        assert_eq!(report.offences.len(), 1, "{:?}", report.offences);
+        assert!(report.offences[0].contains(found), "{:?}", report.offences);
+    }
+
     /// Asserts that no chat is left pending and that the ledger audit passes.
     pub async fn assert_all_settled(&self) {
         let pending: i64 =

@@ -9,7 +9,7 @@
 use axum::http::StatusCode;
 use serde_json::{json, Value};
 
-use super::{assert_audit_finds_after, patch_key};
+use super::patch_key;
 use crate::{
     common::{TestApp, TestResponse},
     openai::completions,
@@ -232,8 +232,7 @@ async fn two_hundred_concurrent_chats_on_a_key_whose_budget_covers_thirty_answer
     assert_eq!(app.chat(&token, "mine").await.status, StatusCode::OK);
     app.assert_audit_passes().await;
     // The audit checks the key's spending against its calls.
-    assert_audit_finds_after(
-        &app,
+    app.assert_audit_finds_after(
         "UPDATE api_keys SET budget_spent = budget_spent - 100",
         "has 2900 spent this period but its calls hold 3000",
     )

@@ -53,18 +53,3 @@ pub(crate) async fn grant(app: &TestApp, username: &str, tokens: i64) {
         .await
         .unwrap();
 }
-
-/// Runs `tampering` (SQL) on the app's database and asserts that the audit then finds one
-/// offence, which says `found`: the audit proves a budget's spending from its calls.
-pub(crate) async fn assert_audit_finds_after(app: &TestApp, tampering: &str, found: &str) {
-    tokenchat::db_run!(&app.state.db, pool => sqlx::query(tampering)
-        .execute(pool)
-        .await
-        .map(|_| ()))
-    .unwrap();
-    let report = tokenchat::services::audit::run(&app.state.db)
-        .await
-        .unwrap();
-    assert_eq!(report.offences.len(), 1, "{:?}", report.offences);
-    assert!(report.offences[0].contains(found), "{:?}", report.offences);
-}

@@ -5,7 +5,7 @@
 use axum::http::StatusCode;
 use serde_json::{json, Value};
 
-use super::{assert_audit_finds_after, grant, key_with};
+use super::{grant, key_with};
 use crate::{
     common::TestApp,
     openai::completions,
@@ -40,8 +40,7 @@ async fn two_hundred_concurrent_chats_of_a_user_whose_budget_covers_thirty_answe
     assert_eq!(app.balance(&token).await, 100_000 - 3_000);
     app.assert_audit_passes().await;
     // The audit checks the user's spending against their calls.
-    assert_audit_finds_after(
-        &app,
+    app.assert_audit_finds_after(
         "UPDATE users SET budget_spent = budget_spent + 7",
         "has 3007 spent this period but its calls hold 3000",
     )

@@ -76,20 +76,11 @@ async fn the_audit_finds_held_tokens_that_no_call_in_flight_reserved() {
         .await;
     assert_eq!(answered.status, StatusCode::OK, "{answered:?}");
     app.assert_audit_passes().await;
-    tokenchat::db_run!(&app.state.db, pool => sqlx::query(
+    app.assert_audit_finds_after(
         "UPDATE users SET held = 7 WHERE username = 'holder'",
+        "user 1 (holder): 7 tokens held but their held calls in flight reserved 0",
     )
-    .execute(pool)
-    .await
-    .map(|_| ()))
-    .unwrap();
-    let report = tokenchat::services::audit::run(&app.state.db)
-        .await
-        .unwrap();
-    assert_eq!(
-        report.offences,
-        ["user 1 (holder): 7 tokens held but their held calls in flight reserved 0"]
-    );
+    .await;
 }
 
 #[tokio::test]
