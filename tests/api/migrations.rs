@@ -26,6 +26,17 @@ async fn migrator_before(
     (migrator, dir)
 }
 
+/// A new database with the migrations before `first_version_left_out` run on it.
+async fn database_before(first_version_left_out: &str) -> (TestDatabase, Db) {
+    let database = TestDatabase::create().await;
+    let db = db::connect(database.url(), db::Open::CreateIfMissing)
+        .await
+        .unwrap();
+    let (before, _dir) = migrator_before(first_version_left_out).await;
+    db::run_migrator(&db, &before).await.unwrap();
+    (database, db)
+}
+
 async fn execute(db: &Db, statement: &str) {
     db_run!(db, pool => sqlx::query(statement).execute(pool).await.map(|_| ())).unwrap();
 }
@@ -36,12 +47,7 @@ async fn count(db: &Db, query: &str) -> i64 {
 
 #[tokio::test]
 async fn the_streaming_migration_keeps_every_row_and_the_ledger_still_moves_balances() {
-    let database = TestDatabase::create().await;
-    let db = db::connect(database.url(), db::Open::CreateIfMissing)
-        .await
-        .unwrap();
-    let (before, _dir) = migrator_before("20261201000000").await;
-    db::run_migrator(&db, &before).await.unwrap();
+    let (_database, db) = database_before("20261201000000").await;
 
     // A year of history in miniature, written as the earlier schema's triggers write it.
     execute(
@@ -140,12 +146,7 @@ async fn the_streaming_migration_keeps_every_row_and_the_ledger_still_moves_bala
 
 #[tokio::test]
 async fn the_pass_through_migration_keeps_the_ledger_and_its_triggers_and_meters_embeddings() {
-    let database = TestDatabase::create().await;
-    let db = db::connect(database.url(), db::Open::CreateIfMissing)
-        .await
-        .unwrap();
-    let (before, _dir) = migrator_before("20261210000000").await;
-    db::run_migrator(&db, &before).await.unwrap();
+    let (_database, db) = database_before("20261210000000").await;
     execute(
         &db,
         "INSERT INTO users (username, username_key, password_hash, tokens, created_at)
@@ -250,12 +251,7 @@ async fn sqlite_program(
 
 #[tokio::test]
 async fn the_status_checks_migration_keeps_every_row_and_still_refuses_an_unknown_status() {
-    let database = TestDatabase::create().await;
-    let db = db::connect(database.url(), db::Open::CreateIfMissing)
-        .await
-        .unwrap();
-    let (before, _dir) = migrator_before("20261218000000").await;
-    db::run_migrator(&db, &before).await.unwrap();
+    let (_database, db) = database_before("20261218000000").await;
     execute(
         &db,
         "INSERT INTO users (username, username_key, password_hash, tokens, created_at)
@@ -344,12 +340,7 @@ async fn the_status_checks_migration_keeps_every_row_and_still_refuses_an_unknow
 
 #[tokio::test]
 async fn the_holds_migration_settles_calls_reserved_before_it_as_they_were_and_holds_the_next() {
-    let database = TestDatabase::create().await;
-    let db = db::connect(database.url(), db::Open::CreateIfMissing)
-        .await
-        .unwrap();
-    let (before, _dir) = migrator_before("20261219000000").await;
-    db::run_migrator(&db, &before).await.unwrap();
+    let (_database, db) = database_before("20261219000000").await;
     for statement in [
         "INSERT INTO users (username, username_key, password_hash, tokens, created_at)
          VALUES ('alice', 'alice', 'x', 0, 1)",
