@@ -61,13 +61,14 @@ macro_rules! postgres_row {
 }
 
 /// Runs a reservation's `INSERT` (`$sql`, from [`by_backend!`], bound by `$binds` on
-/// `$query`): the new row's id, or `None` when the balance did not cover it (no row, or
-/// the cost refused by `CHECK`: on SQLite as [`sqlite_row!`] writes it, on PostgreSQL when
-/// a concurrent reservation took the balance first and the ledger's or the held tokens'
-/// `CHECK` refused it under the row lock); a budget's refusal is an error the caller reads with
-/// [`budget_exceeded`]. SQLite reads the id from the connection rather than by
+/// `$query`): the new row's id, or `None` when the balance did not cover it (no row, or the
+/// cost refused by `CHECK`: on SQLite as [`sqlite_row!`] writes it, on PostgreSQL when a
+/// concurrent reservation took the balance first and the ledger's or the held tokens'
+/// `CHECK` refused it under the row lock); a budget's refusal is an error the caller reads
+/// with [`budget_exceeded`]. SQLite reads the id from the connection rather than by
 /// `RETURNING`, which it would gather in a temporary B-tree for every statement
-/// (BENCHMARKS.md, issue 23); the triggers' own inserts do not change it once they are over.
+/// (BENCHMARKS.md, issue 23); the triggers' own inserts do not change it once they are
+/// over.
 macro_rules! reserved_id {
     ($db:expr, $sql:expr, |$query:ident| $binds:expr) => {
         match match $db {

@@ -54,8 +54,8 @@ pub enum Reservation {
 
 /// Records the call as pending for `model` if the user's balance covers `cost`, which takes
 /// the cost; otherwise changes nothing. A priced call records its `prices`, `cost` is the
-/// most it can cost, and it holds it (`users.held`) instead of writing a ledger row. `settle_within` is how long it may stay pending before recovery
-/// judges it abandoned.
+/// most it can cost, and it holds it (`users.held`) instead of writing a ledger row.
+/// `settle_within` is how long it may stay pending before recovery judges it abandoned.
 #[tracing::instrument(level = "debug", skip_all)]
 pub async fn reserve(
     db: &Db,
@@ -105,8 +105,9 @@ pub async fn reserve(
 
 /// Marks a pending call answered with its usage, charging `charge` (an `embedding_charge`
 /// row; for a call reserved in the ledger before holds, the rest goes back, an
-/// `embedding_settlement` row) or, when `None`, keeping the reservation. Returns the balance the settlement left and the charge, or `None` if it was
-/// no longer pending (recovery refunded it first).
+/// `embedding_settlement` row) or, when `None`, keeping the reservation. Returns the
+/// balance the settlement left and the charge, or `None` if it was no longer pending
+/// (recovery refunded it first).
 #[tracing::instrument(level = "debug", skip_all)]
 pub async fn settle_answered(
     db: &Db,
