@@ -107,3 +107,34 @@ async fn a_priced_chat_replayed_by_its_key_answers_its_charge_and_balance_again_
     assert_eq!(held(&app).await, 0);
     app.assert_all_settled().await;
 }
+
+#[tokio::test]
+async fn a_priced_chat_by_a_key_with_a_budget_is_held_and_its_budget_counts_the_charge() {
+    let app = priced_app(&[]).await;
+    let token = app.user_with_token("holder").await;
+    let reserved = chat_reservation("hi", MAX_OUTPUT);
+    let (key, key_id) = crate::limits::key_with(
+        &app,
+        &token,
+        json!({ "budget": { "tokens": reserved, "period": "day" } }),
+    )
+    .await;
+    let answered = app.chat(&key, "hi").await;
+    assert_eq!(answered.status, StatusCode::OK, "{answered:?}");
+    let charged = answered.json["tokens_charged"].as_i64().unwrap();
+    assert!(0 < charged && charged < reserved, "{answered:?}");
+    let spent: i64 = tokenchat::db_run!(&app.state.db, pool => sqlx::query_scalar(
+        "SELECT budget_spent FROM api_keys WHERE id = $1",
+    )
+    .bind(key_id)
+    .fetch_one(pool)
+    .await)
+    .unwrap();
+    assert_eq!(spent, charged);
+    assert_eq!(held(&app).await, 0);
+    assert_eq!(
+        chat_ledger(&app, 1).await,
+        [("chat_charge".to_string(), -charged)]
+    );
+    app.assert_audit_passes().await;
+}
