@@ -41,6 +41,32 @@ macro_rules! ledger_row_counts {
     ) };
 }
 
+/// A call's ledger rows as [`ledger_row_counts!`] counts them, for the call's own user:
+/// what the audit compares with the call's status.
+#[derive(Debug, sqlx::FromRow)]
+pub struct LedgerRowCounts {
+    /// Reservation rows of exactly `-reserved`.
+    pub reservations: i64,
+    /// Refund rows of exactly `+reserved`.
+    pub refunds: i64,
+    /// Settlement rows of exactly `reserved - cost`.
+    pub settlements: i64,
+    /// Charge rows of exactly `-cost`.
+    pub charges: i64,
+    /// Rows of any other kind, amount or user that name the call.
+    pub strays: i64,
+}
+
+impl std::fmt::Display for LedgerRowCounts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} reservation(s), {} refund(s), {} settlement(s), {} charge(s), {} stray row(s)",
+            self.reservations, self.refunds, self.settlements, self.charges, self.strays
+        )
+    }
+}
+
 /// A user whose balance is not the sum of their ledger rows.
 #[derive(Debug, sqlx::FromRow)]
 pub struct BalanceMismatch {
@@ -72,16 +98,8 @@ pub struct ChatMoves {
     pub has_response: bool,
     /// Its conversation was deleted, and with it the message and the answer.
     pub erased: bool,
-    /// Reservation rows of exactly `-reserved` for the chat's own user.
-    pub reservations: i64,
-    /// Refund rows of exactly `+reserved` for the chat's own user.
-    pub refunds: i64,
-    /// Settlement rows of exactly `reserved - cost` for the chat's own user.
-    pub settlements: i64,
-    /// Charge rows of exactly `-cost` for the chat's own user.
-    pub charges: i64,
-    /// Rows of any other kind, amount or user that name the chat.
-    pub strays: i64,
+    #[sqlx(flatten)]
+    pub rows: LedgerRowCounts,
     /// Its reservation was held (a priced chat), not a ledger row.
     pub held: bool,
 }
@@ -201,16 +219,8 @@ pub struct EmbeddingMoves {
     pub status: String,
     pub cost: i64,
     pub reserved: i64,
-    /// `embedding` rows of exactly `-reserved` for the call's own user.
-    pub reservations: i64,
-    /// `embedding_refund` rows of exactly `+reserved` for the call's own user.
-    pub refunds: i64,
-    /// `embedding_settlement` rows of exactly `reserved - cost` for the call's own user.
-    pub settlements: i64,
-    /// `embedding_charge` rows of exactly `-cost` for the call's own user.
-    pub charges: i64,
-    /// Rows of any other kind, amount or user that name the call.
-    pub strays: i64,
+    #[sqlx(flatten)]
+    pub rows: LedgerRowCounts,
     /// Its reservation was held (a priced call), not a ledger row.
     pub held: bool,
 }

@@ -78,18 +78,13 @@ pub async fn run_reporting(db: &db::Db, mut found: impl FnMut(&str)) -> ServiceR
     let mut chats = db::audit::chat_mismatches(db);
     while let Some(chat) = chats.try_next().await? {
         offend(format!(
-            "chat {} ({}, cost {}{}{}): {} reservation(s), {} refund(s), {} settlement(s), {} \
-             charge(s), {} stray row(s){}",
+            "chat {} ({}, cost {}{}{}): {}{}",
             chat.chat_id,
             chat.status,
             chat.cost,
             reserved_beside(chat.cost, chat.reserved),
             if chat.held { ", held" } else { "" },
-            chat.reservations,
-            chat.refunds,
-            chat.settlements,
-            chat.charges,
-            chat.strays,
+            chat.rows,
             if chat.status == ChatStatus::Answered && !chat.has_response && !chat.erased {
                 ", no stored response"
             } else {
@@ -140,18 +135,13 @@ pub async fn run_reporting(db: &db::Db, mut found: impl FnMut(&str)) -> ServiceR
     let mut embeddings = db::audit::embedding_mismatches(db);
     while let Some(call) = embeddings.try_next().await? {
         offend(format!(
-            "embedding {} ({}, cost {}{}{}): {} reservation(s), {} refund(s), {} \
-             settlement(s), {} charge(s), {} stray row(s)",
+            "embedding {} ({}, cost {}{}{}): {}",
             call.embedding_id,
             call.status,
             call.cost,
             reserved_beside(call.cost, call.reserved),
             if call.held { ", held" } else { "" },
-            call.reservations,
-            call.refunds,
-            call.settlements,
-            call.charges,
-            call.strays
+            call.rows
         ));
     }
     drop(embeddings);
