@@ -1,7 +1,7 @@
 //! What every request passes through on its way to a handler and back: its id, its span and
 //! log line, its metrics, the OPTIONS rule, panics caught and bare errors enveloped.
 //!
-//! Written as two tower services with concrete futures rather than `axum::middleware::from_fn`
+//! Written as two [`Middleware`]s with concrete futures rather than `axum::middleware::from_fn`
 //! layers and tower-http's `TraceLayer` and `CatchPanicLayer`: each `from_fn` boxes the next
 //! service and its future on every call, axum boxes every layer a router gets once more, and
 //! `CatchPanicLayer` boxes every response body. Together they were about 100 of the 150
@@ -28,10 +28,11 @@ use futures_util::{
     FutureExt,
 };
 use pin_project_lite::pin_project;
-use tower::{Layer, Service};
 use tracing::Span;
 
-use super::middleware::{envelope_bare_errors, panic_response, with_request_id_in_body};
+use super::middleware::{
+    envelope_bare_errors, panic_response, with_request_id_in_body, Inner, Middleware,
+};
 use super::{cors, error::ApiError, middleware::X_REQUEST_ID};
 use crate::state::AppState;
 
@@ -49,31 +50,14 @@ const LOG_TARGET: &str = "tokenchat::routes";
 /// that let any origin read them. An OPTIONS request that is not a preflight is answered
 /// like any method without a handler: 405 on a route, 404 elsewhere.
 #[derive(Clone)]
-pub struct Edge<S> {
-    inner: S,
-    state: AppState,
+pub struct Edge {
+    pub state: AppState,
 }
 
-impl<S> Edge<S> {
-    /// The layer around `inner` (built with `tower::layer::layer_fn`).
-    pub fn new(inner: S, state: AppState) -> Self {
-        Self { inner, state }
-    }
-}
-
-impl<S> Service<Request> for Edge<S>
-where
-    S: Service<Request, Response = Response, Error = Infallible>,
-{
-    type Response = Response;
-    type Error = Infallible;
+impl<S: Inner> Middleware<S> for Edge {
     type Future = EdgeFuture<S::Future>;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: Request) -> Self::Future {
+    fn call(&mut self, inner: &mut S, request: Request) -> Self::Future {
         let started = Instant::now();
         let route = request.extensions().get::<MatchedPath>().cloned();
         let method = request.method().clone();
@@ -98,7 +82,7 @@ where
             }
         } else {
             Stage::Inner {
-                future: span.in_scope(|| self.inner.call(request)),
+                future: span.in_scope(|| inner.call(request)),
             }
         };
         EdgeFuture {
@@ -228,40 +212,17 @@ impl RequestId {
     }
 }
 
-/// The inner layer: see [`Guard`].
-#[derive(Clone, Copy)]
-pub struct GuardLayer;
-
-impl<S> Layer<S> for GuardLayer {
-    type Service = Guard<S>;
-
-    fn layer(&self, inner: S) -> Guard<S> {
-        Guard { inner }
-    }
-}
-
 /// Turns a handler's panic into a 500 envelope (the panic's text only in the log), and
 /// gives the envelope to error answers made outside our handlers (axum's 405, a body limit
 /// hit inside a layer).
-#[derive(Clone)]
-pub struct Guard<S> {
-    inner: S,
-}
+#[derive(Clone, Copy)]
+pub struct Guard;
 
-impl<S> Service<Request> for Guard<S>
-where
-    S: Service<Request, Response = Response, Error = Infallible>,
-{
-    type Response = Response;
-    type Error = Infallible;
+impl<S: Inner> Middleware<S> for Guard {
     type Future = GuardFuture<S::Future>;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: Request) -> Self::Future {
-        match std::panic::catch_unwind(AssertUnwindSafe(|| self.inner.call(request))) {
+    fn call(&mut self, inner: &mut S, request: Request) -> Self::Future {
+        match std::panic::catch_unwind(AssertUnwindSafe(|| inner.call(request))) {
             Ok(future) => GuardFuture::Running {
                 future: AssertUnwindSafe(future).catch_unwind(),
             },

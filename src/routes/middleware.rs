@@ -4,7 +4,7 @@
 use std::{
     any::Any,
     convert::Infallible,
-    future::{ready, Ready},
+    future::{ready, Future, Ready},
     task::{Context, Poll},
 };
 
@@ -26,47 +26,77 @@ use crate::{
     state::AppState,
 };
 
-/// Layer of every route: a body in a format we do not read is 415, and one declared longer
-/// than the route's limit is 413, even on a route that reads no body (`POST /balance`), as
-/// the contract says of any body. (A body that only turns out too long as it is read is
-/// caught where it is read.) A concrete service, not `from_fn`: see `edge`.
-#[derive(Clone, Copy)]
-pub struct CheckBodyLayer {
-    pub max_body_bytes: usize,
+/// A service the middlewares wrap: a router's, which answers every request.
+pub trait Inner: Service<Request, Response = Response, Error = Infallible> {}
+
+impl<S: Service<Request, Response = Response, Error = Infallible>> Inner for S {}
+
+/// What one middleware does to a request on its way to the service it wraps (`inner`) and
+/// to the answer on its way back. The tower plumbing every middleware shares (readiness is
+/// the inner service's, nothing fails) is [`Around`]'s. Concrete futures, not
+/// `axum::middleware::from_fn`: see `edge`.
+pub trait Middleware<S: Inner> {
+    type Future: Future<Output = Result<Response, Infallible>>;
+
+    fn call(&mut self, inner: &mut S, request: Request) -> Self::Future;
 }
 
-impl<S> Layer<S> for CheckBodyLayer {
-    type Service = CheckBody<S>;
+/// The layer that puts `middleware` around a service.
+pub fn around<M: Clone>(middleware: M) -> AroundLayer<M> {
+    AroundLayer(middleware)
+}
 
-    fn layer(&self, inner: S) -> CheckBody<S> {
-        CheckBody {
+/// See [`around`].
+#[derive(Clone, Copy)]
+pub struct AroundLayer<M>(M);
+
+impl<M: Clone, S> Layer<S> for AroundLayer<M> {
+    type Service = Around<M, S>;
+
+    fn layer(&self, inner: S) -> Around<M, S> {
+        Around {
+            middleware: self.0.clone(),
             inner,
-            max_body_bytes: self.max_body_bytes,
         }
     }
 }
 
+/// `inner` with the middleware `M` around it: a tower service.
 #[derive(Clone)]
-pub struct CheckBody<S> {
+pub struct Around<M, S> {
+    middleware: M,
     inner: S,
-    max_body_bytes: usize,
 }
 
-impl<S> Service<Request> for CheckBody<S>
-where
-    S: Service<Request, Response = Response, Error = Infallible>,
-{
+impl<M: Middleware<S>, S: Inner> Service<Request> for Around<M, S> {
     type Response = Response;
     type Error = Infallible;
-    type Future = Either<Ready<Result<Response, Infallible>>, S::Future>;
+    type Future = M::Future;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: Request) -> Self::Future {
+    fn call(&mut self, request: Request) -> M::Future {
+        self.middleware.call(&mut self.inner, request)
+    }
+}
+
+/// Layer of every route: a body in a format we do not read is 415, and one declared longer
+/// than the route's limit is 413, even on a route that reads no body (`POST /balance`), as
+/// the contract says of any body. (A body that only turns out too long as it is read is
+/// caught where it is read.) A [`Middleware`], not `from_fn`: see `edge`.
+#[derive(Clone, Copy)]
+pub struct CheckBody {
+    pub max_body_bytes: usize,
+}
+
+impl<S: Inner> Middleware<S> for CheckBody {
+    type Future = Either<Ready<Result<Response, Infallible>>, S::Future>;
+
+    fn call(&mut self, inner: &mut S, request: Request) -> Self::Future {
         match check_body(&request, self.max_body_bytes) {
-            Ok(()) => Either::Right(self.inner.call(request)),
+            Ok(()) => Either::Right(inner.call(request)),
             Err(error) => Either::Left(ready(Ok(error.into_response()))),
         }
     }
@@ -85,35 +115,21 @@ fn check_body(request: &Request, max_body_bytes: usize) -> Result<(), Error> {
 
 /// Authorises the request before `inner` runs: see [`authorize`].
 #[derive(Clone)]
-pub struct Authorize<S> {
-    inner: S,
-    state: AppState,
+pub struct Authorize {
+    pub state: AppState,
 }
 
-impl<S> Authorize<S> {
-    /// The layer around `inner` (built with `tower::layer::layer_fn`).
-    pub fn new(inner: S, state: AppState) -> Self {
-        Self { inner, state }
-    }
-}
-
-impl<S> Service<Request> for Authorize<S>
+impl<S> Middleware<S> for Authorize
 where
-    S: Service<Request, Response = Response, Error = Infallible> + Clone + Send + 'static,
+    S: Inner + Clone + Send + 'static,
     S::Future: Send,
 {
-    type Response = Response;
-    type Error = Infallible;
     type Future = BoxFuture<'static, Result<Response, Infallible>>;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: Request) -> Self::Future {
+    fn call(&mut self, inner: &mut S, request: Request) -> Self::Future {
         // The service that was made ready goes into the future; its clone stays for the next.
-        let ready = self.inner.clone();
-        let inner = std::mem::replace(&mut self.inner, ready);
+        let ready = inner.clone();
+        let inner = std::mem::replace(inner, ready);
         let state = self.state.clone();
         Box::pin(async move {
             Ok(authorize(state, request, inner)

@@ -29,11 +29,11 @@ use axum::{
     routing::{get, post, MethodRouter},
     Router,
 };
-use tower::{layer::layer_fn, ServiceBuilder};
+use tower::ServiceBuilder;
 
-use self::edge::{Edge, GuardLayer};
+use self::edge::{Edge, Guard};
 pub use self::error::ApiError;
-use self::middleware::{Authorize, CheckBodyLayer};
+use self::middleware::{around, Authorize, CheckBody};
 use crate::{clock::rfc3339, state::AppState};
 
 /// The whole application: every route, with and without its trailing slash.
@@ -52,8 +52,8 @@ pub fn router(state: AppState) -> Router {
         // One layer, so that axum boxes it once per route: see `edge`.
         .layer(
             ServiceBuilder::new()
-                .layer(layer_fn(move |inner| Edge::new(inner, edge_state.clone())))
-                .layer(GuardLayer),
+                .layer(around(Edge { state: edge_state }))
+                .layer(around(Guard)),
         )
         .with_state(state)
 }
@@ -156,7 +156,7 @@ fn api_routes(state: &AppState) -> Vec<(&'static str, MethodRouter<AppState>)> {
 }
 
 /// `handler` reading bodies of at most `limit` bytes, and answering 415 or 413 to a body
-/// it could not read (see [`CheckBodyLayer`]).
+/// it could not read (see [`CheckBody`]).
 fn with_body_limit(handler: MethodRouter<AppState>, limit: usize) -> MethodRouter<AppState> {
     Layered::new(handler, limit).public()
 }
@@ -179,9 +179,9 @@ impl Layered {
         self.handler.route_layer(
             ServiceBuilder::new()
                 .layer(DefaultBodyLimit::max(self.limit))
-                .layer(CheckBodyLayer {
+                .layer(around(CheckBody {
                     max_body_bytes: self.limit,
-                }),
+                })),
         )
     }
 
@@ -192,11 +192,11 @@ impl Layered {
         let state = state.clone();
         self.handler.route_layer(
             ServiceBuilder::new()
-                .layer(layer_fn(move |inner| Authorize::new(inner, state.clone())))
+                .layer(around(Authorize { state }))
                 .layer(DefaultBodyLimit::max(self.limit))
-                .layer(CheckBodyLayer {
+                .layer(around(CheckBody {
                     max_body_bytes: self.limit,
-                }),
+                })),
         )
     }
 }
