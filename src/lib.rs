@@ -11,6 +11,7 @@ pub mod clock;
 pub mod config;
 pub mod db;
 pub mod domain;
+pub mod in_flight;
 pub mod llm;
 pub mod pricing;
 mod routes;
@@ -58,10 +59,7 @@ pub async fn serve(
     if let Some(alerts) = state.alerts.worker() {
         background.spawn(alerts);
     }
-    let chats = server::ChatsToSettle {
-        tasks: state.tasks.clone(),
-        cut_short: state.cancel_chats.clone(),
-    };
+    let chats = state.chats.in_flight().clone();
     let limits = state.config.connections.clone();
     let served = server::run(listener, router(state), limits, chats, shutdown).await;
     background.stop().await;

@@ -3,8 +3,6 @@
 
 use std::{ops::Deref, sync::Arc};
 
-use tokio_util::{sync::CancellationToken, task::TaskTracker};
-
 use crate::{
     config::Config,
     db::Db,
@@ -35,11 +33,6 @@ pub struct Shared {
     pub recovery: Recovery,
     /// Alert events; its worker runs beside serving.
     pub alerts: Alerts,
-    /// Chats in progress; shutdown waits for them to settle.
-    pub tasks: TaskTracker,
-    /// Cancelled when shutdown's grace period is over: chats still waiting for the model
-    /// give up and are refunded, so the process can exit with its accounts settled.
-    pub cancel_chats: CancellationToken,
 }
 
 impl AppState {
@@ -53,8 +46,6 @@ impl AppState {
         let llm = LlmClient::new(&config, metrics.clone())?;
         let throttle = Arc::new(Throttle::new(&config.abuse, &db));
         let passwords = Arc::new(PasswordHasher::new(config.abuse.password_hash_queue));
-        let tasks = TaskTracker::new();
-        let cancel_chats = CancellationToken::new();
         let alerts = Alerts::new(config.alerts.as_ref(), db.clone(), metrics.clone())?;
         let chats = Arc::new(
             Chats::new(
@@ -62,8 +53,6 @@ impl AppState {
                 llm.clone(),
                 metrics.clone(),
                 throttle.clone(),
-                tasks.clone(),
-                cancel_chats.clone(),
                 config.clone(),
             )
             .with_alerts(alerts.clone()),
@@ -85,8 +74,6 @@ impl AppState {
             llm,
             metrics,
             throttle,
-            tasks,
-            cancel_chats,
         })))
     }
 }

@@ -40,7 +40,7 @@ use tokio::{
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use crate::config::ConnectionLimits;
+use crate::{config::ConnectionLimits, in_flight::InFlight};
 
 use body_budget::BodyBudget;
 pub use body_budget::HeldBody;
@@ -109,21 +109,13 @@ fn descriptor_limit() -> u64 {
     u64::MAX
 }
 
-/// What shutdown waits for beside the connections: the application's chats in progress,
-/// and the token that cuts them short (they refund themselves) when the grace is over.
-#[derive(Clone)]
-pub struct ChatsToSettle {
-    pub tasks: TaskTracker,
-    pub cut_short: CancellationToken,
-}
-
 /// Serves `router` on `listener` within `limits` until `shutdown` resolves, then shuts down
 /// within `SHUTDOWN_GRACE_SECS`, waiting for `chats` too (see [`Server::shut_down`]).
 pub(crate) async fn run(
     listener: TcpListener,
     router: Router,
     limits: ConnectionLimits,
-    chats: ChatsToSettle,
+    chats: InFlight,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> stdio::Result<()> {
     let budget = Arc::new(BodyBudget::new(limits.max_inflight_body_bytes));
@@ -256,7 +248,7 @@ impl Server {
     /// themselves and answer 503, which their connections get a moment to write. Then every
     /// connection still open is dropped, including clients holding a half-sent request:
     /// shutdown always ends.
-    async fn shut_down(&self, chats: &ChatsToSettle) {
+    async fn shut_down(&self, chats: &InFlight) {
         self.stop.cancel();
         self.connections.close();
         chats.tasks.close();
@@ -351,10 +343,7 @@ mod tests {
         };
 
         let config = crate::Config::from_lookup(|_| None).unwrap();
-        let chats = ChatsToSettle {
-            tasks: TaskTracker::new(),
-            cut_short: CancellationToken::new(),
-        };
+        let chats = InFlight::default();
         let peer_echo = Router::new().route(
             "/peer",
             get(|ConnectInfo(peer): ConnectInfo<SocketAddr>| async move { peer.to_string() }),

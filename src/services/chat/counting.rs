@@ -33,7 +33,7 @@ impl ChatInFlight {
         let tokens = usage.prompt_tokens.unwrap_or(0) + usage.completion_tokens.unwrap_or(0);
         let chats = &self.chats;
         let now_ms = chats.config.clock.now_ms();
-        (self.token_meters).count_in_background(&chats.tasks, &chats.db, tokens, now_ms);
+        (self.token_meters).count_in_background(&chats.in_flight.tasks, &chats.db, tokens, now_ms);
     }
 
     /// A priced model whose usage cost more than was reserved: charged the reservation,

@@ -45,7 +45,7 @@ pub async fn embed(
     let _cancel_when_dropped = client_gone.clone().drop_guard();
     let limits = (budgets, token_meters);
     let call = run(chats.clone(), user_id, request, limits, client_gone);
-    chats.tasks.spawn(call.in_current_span()).await?
+    chats.in_flight.tasks.spawn(call.in_current_span()).await?
 }
 
 async fn run(
@@ -94,7 +94,7 @@ async fn run(
     let answer = tokio::select! {
         biased;
         _ = client_gone.cancelled() => Err(ServiceError::ClientGone),
-        _ = chats.cut_short.cancelled() => Err(ServiceError::ShuttingDown),
+        _ = chats.in_flight.cut_short.cancelled() => Err(ServiceError::ShuttingDown),
         answer = chats.llm.embed(request) => answer.map_err(ServiceError::from),
     };
     let failure = match answer {
@@ -140,7 +140,12 @@ async fn run(
                     chats.alerts.charged(user_id, budgets.key_id());
                     let tokens = usage.map_or(0, |usage| usage.total_tokens);
                     let now_ms = chats.config.clock.now_ms();
-                    token_meters.count_in_background(&chats.tasks, &chats.db, tokens, now_ms);
+                    token_meters.count_in_background(
+                        &chats.in_flight.tasks,
+                        &chats.db,
+                        tokens,
+                        now_ms,
+                    );
                     return Ok(Embedded {
                         body: embedding.body,
                         balance,

@@ -12,10 +12,7 @@ mod stream;
 
 use std::{sync::Arc, time::Instant};
 
-use tokio_util::{
-    sync::{CancellationToken, DropGuard},
-    task::TaskTracker,
-};
+use tokio_util::sync::{CancellationToken, DropGuard};
 use tracing::Instrument;
 
 pub use embeddings::{embed, Embedded};
@@ -30,6 +27,7 @@ use crate::{
         Db,
     },
     domain::{Budgets, IdempotencyKey, Message},
+    in_flight::InFlight,
     llm::{Ask, Forwarded, LlmClient, Usage},
     services::{
         alerts::Alerts,
@@ -91,7 +89,11 @@ pub struct Question {
 pub async fn chat(chats: &Arc<Chats>, question: Question) -> ServiceResult<ChatAnswer> {
     let (request, _cancel_when_dropped) = ChatInFlight::admit(chats, question, false).await?;
     // The span goes along, so the chat's work shows in the request's trace.
-    chats.tasks.spawn(request.run().in_current_span()).await?
+    chats
+        .in_flight
+        .tasks
+        .spawn(request.run().in_current_span())
+        .await?
 }
 
 /// What answering and settling chats needs, built once at start: the database, the model
@@ -101,11 +103,8 @@ pub struct Chats {
     llm: LlmClient,
     metrics: Metrics,
     throttle: Arc<Throttle>,
-    /// Chats in progress; shutdown waits for them to settle.
-    tasks: TaskTracker,
-    /// Cancelled when shutdown's grace period is over: chats still waiting for the model
-    /// give up and are refunded, so the process can exit with its accounts settled.
-    cut_short: CancellationToken,
+    /// The chats and embeddings calls in progress, each in a task of its own.
+    in_flight: InFlight,
     /// The cost rules (`CHAT_COST`, `ABANDONED_STREAM_CHARGE`, the price book), the time
     /// limits and the context and idempotency settings.
     config: Arc<Config>,
@@ -122,8 +121,6 @@ impl Chats {
         llm: LlmClient,
         metrics: Metrics,
         throttle: Arc<Throttle>,
-        tasks: TaskTracker,
-        cut_short: CancellationToken,
         config: Arc<Config>,
     ) -> Self {
         let system_prompt_tokens = config
@@ -135,12 +132,16 @@ impl Chats {
             llm,
             metrics,
             throttle,
-            tasks,
-            cut_short,
+            in_flight: InFlight::default(),
             config,
             system_prompt_tokens,
             alerts: Alerts::default(),
         }
+    }
+
+    /// The calls in progress: what shutdown waits for, and cuts short after its grace.
+    pub fn in_flight(&self) -> &InFlight {
+        &self.in_flight
     }
 
     /// The same, telling `alerts` of every charge made final (off by default).
@@ -388,7 +389,7 @@ impl ChatInFlight {
         let answer = tokio::select! {
             biased;
             _ = self.client_gone.cancelled() => None,
-            _ = chats.cut_short.cancelled() => {
+            _ = chats.in_flight.cut_short.cancelled() => {
                 tracing::warn!(chat_id, "shutdown grace is over: refunding a chat in flight");
                 self.refund(chat_id).await;
                 self.count_failed(&ServiceError::ShuttingDown, metering);

@@ -130,6 +130,7 @@ pub async fn chat_streamed(chats: &Arc<Chats>, question: Question) -> ServiceRes
     let (request, cancel_when_dropped) = ChatInFlight::admit(chats, question, true).await?;
     let (started, start) = oneshot::channel();
     chats
+        .in_flight
         .tasks
         .spawn(request.run_streamed(started).in_current_span());
     let started = start
@@ -171,7 +172,7 @@ impl ChatInFlight {
         let upstream = tokio::select! {
             biased;
             _ = self.client_gone.cancelled() => Err(ServiceError::ClientGone),
-            _ = chats.cut_short.cancelled() => Err(ServiceError::ShuttingDown),
+            _ = chats.in_flight.cut_short.cancelled() => Err(ServiceError::ShuttingDown),
             upstream = chats.llm.stream(ask) => {
                 let upstream = upstream.map_err(ServiceError::from);
                 // A stream that begins is counted once, when it ends (`pump_and_settle`).
@@ -231,7 +232,7 @@ impl ChatInFlight {
             tokio::select! {
                 biased;
                 _ = events.closed() => break Ending::ClientGone,
-                _ = chats.cut_short.cancelled() => break Ending::ShuttingDown,
+                _ = chats.in_flight.cut_short.cancelled() => break Ending::ShuttingDown,
                 chunk = upstream.next() => match chunk {
                     None => break Ending::Finished,
                     Some(Ok(chunk)) => {

@@ -199,7 +199,7 @@ async fn a_stream_cut_by_the_end_of_shutdown_grace_ends_with_an_error_and_is_ref
         .events();
     assert_eq!(events.next().await.unwrap().0, "start");
     assert_eq!(events.next().await.unwrap().0, "delta");
-    app.state.cancel_chats.cancel();
+    app.state.chats.in_flight().cut_short.cancel();
     let rest = events.rest().await;
     let (name, error) = rest.last().unwrap();
     assert_eq!(name, "error");
