@@ -345,14 +345,15 @@ impl Metrics {
         });
     }
 
-    /// The breaker of `upstream`'s target for `model` is now in `state`.
-    pub fn breaker(&self, upstream: &str, model: &str, state: crate::llm::BreakerState) {
+    /// The breaker of `upstream`'s target for `model` is now in the state whose gauge value
+    /// (`BreakerState::gauge`) is `state`.
+    pub fn breaker(&self, upstream: &str, model: &str, state: f64) {
         self.record(|| {
             metrics::gauge!(
                 "tokenchat_upstream_breaker_state",
                 "upstream" => upstream.to_string(), "model" => model.to_string()
             )
-            .set(state.gauge());
+            .set(state);
         });
     }
 

@@ -269,7 +269,8 @@ impl Config {
                 model: llm_model.clone(),
                 models: llm_models.clone(),
             },
-            &mut config_file_read,
+            std::mem::take(&mut config_file_read.upstreams),
+            std::mem::take(&mut config_file_read.targets),
         )?;
         let cooldown = vars.seconds("UPSTREAM_COOLDOWN_SECS", "5", 1, HOUR_SECS)?;
         let retry = RetryPolicy {

@@ -2,15 +2,15 @@
 //! merged with the one-upstream shorthand (`LLM_BASE_URL`, `LLM_MODEL`, `LLM_MODELS`),
 //! and how a call moves between targets (`UPSTREAM_*`).
 
-use std::time::Duration;
+use std::{collections::BTreeMap, time::Duration};
 
 use http::{HeaderName, HeaderValue};
 use secrecy::SecretString;
 
-use super::{
-    file::{ConfigFile, SHORTHAND_UPSTREAM},
-    ConfigError, UpstreamUrl,
-};
+use super::{ConfigError, UpstreamUrl};
+
+/// The name `LLM_BASE_URL`'s upstream goes by, for targets that mean it.
+pub const SHORTHAND_UPSTREAM: &str = "default";
 
 /// The most targets a model may have: which of them a call tried is kept in one `u64`.
 pub const MAX_TARGETS: usize = 64;
@@ -74,13 +74,13 @@ pub(super) struct Shorthand {
     pub models: Vec<String>,
 }
 
-/// Who serves what: `None` when nothing is configured (the built-in demo model).
+/// Who serves what, from the shorthand and the configuration file's `upstreams` and
+/// `targets`: `None` when nothing is configured (the built-in demo model).
 pub(super) fn resolve(
     shorthand: Shorthand,
-    file: &mut ConfigFile,
+    mut upstreams: Vec<UpstreamConfig>,
+    mut targets: BTreeMap<String, Vec<TargetConfig>>,
 ) -> Result<Option<Routing>, ConfigError> {
-    let mut upstreams = std::mem::take(&mut file.upstreams);
-    let mut targets = std::mem::take(&mut file.targets);
     let Shorthand {
         base_url,
         api_key,

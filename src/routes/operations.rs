@@ -223,7 +223,7 @@ pub async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Respo
     for target in state.llm.targets() {
         state
             .metrics
-            .breaker(&target.upstream, &target.served, target.state);
+            .breaker(&target.upstream, &target.served, target.state.gauge());
     }
     let body = state.metrics.render(&state.db.pool_use());
     (

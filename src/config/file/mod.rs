@@ -9,9 +9,9 @@ use std::{collections::BTreeMap, fmt, path::Path};
 
 use serde::{Deserialize, Deserializer};
 
-pub use self::upstreams::{Context, SHORTHAND_UPSTREAM};
+pub use self::upstreams::Context;
 use self::upstreams::{Place, TargetEntry, UpstreamEntry};
-use super::routing::{TargetConfig, UpstreamConfig, MAX_TARGETS};
+use super::routing::{TargetConfig, UpstreamConfig, MAX_TARGETS, SHORTHAND_UPSTREAM};
 use crate::{
     domain::MAX_BALANCE,
     pricing::{ModelPricing, PriceBook, Prices, Tokenizer},

@@ -10,12 +10,9 @@ use serde::{Deserialize, Deserializer};
 
 use super::FileError;
 use crate::config::{
-    routing::{TargetConfig, UpstreamConfig},
+    routing::{TargetConfig, UpstreamConfig, SHORTHAND_UPSTREAM},
     UpstreamUrl,
 };
-
-/// The name `LLM_BASE_URL`'s upstream goes by, for targets that mean it.
-pub const SHORTHAND_UPSTREAM: &str = "default";
 
 /// One `[upstreams.<name>]` section as written.
 #[derive(Deserialize)]

@@ -125,7 +125,7 @@ impl Router {
                 .into_iter()
                 .filter_map(|target| {
                     let upstream = by_name(&target.upstream)?;
-                    metrics.breaker(upstream.name(), &served.name, BreakerState::Closed);
+                    metrics.breaker(upstream.name(), &served.name, BreakerState::Closed.gauge());
                     Some(Target {
                         upstream,
                         model: target.model.clone(),
