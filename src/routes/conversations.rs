@@ -1,16 +1,12 @@
 //! `/conversations` and `/conversations/{id}`: a user's own threads of chats.
 
-use axum::{
-    extract::{Path, State},
-    http::StatusCode,
-    Json,
-};
+use axum::{extract::State, http::StatusCode, Json};
 use serde::Serialize;
 use utoipa::ToSchema;
 
 use super::{
     error::{ApiError, InvalidPage, NotFound, Unauthorised},
-    extract::{AuthUser, PageParams, PageQuery},
+    extract::{AuthUser, PageParams, PageQuery, PathId},
     history::ChatRecord,
     rfc3339,
 };
@@ -99,10 +95,10 @@ pub async fn list(
 pub async fn show(
     State(state): State<AppState>,
     user: AuthUser,
-    Path(id): Path<String>,
+    // After the page, so that a bad page is a 400 even in a conversation that is not there.
     PageQuery(page): PageQuery,
+    PathId(id): PathId,
 ) -> Result<Json<ConversationWithChats>, ApiError> {
-    let id = conversation_id(&id)?;
     let (conversation, chats) = conversations::show(&state.db, user.id, id, page).await?;
     let Conversation {
         created_at,
@@ -138,13 +134,8 @@ pub async fn show(
 pub async fn delete(
     State(state): State<AppState>,
     user: AuthUser,
-    Path(id): Path<String>,
+    PathId(id): PathId,
 ) -> Result<StatusCode, ApiError> {
-    conversations::delete(&state.db, user.id, conversation_id(&id)?).await?;
+    conversations::delete(&state.db, user.id, id).await?;
     Ok(StatusCode::NO_CONTENT)
-}
-
-/// Not a number, or someone else's: either way there is no such conversation for this user.
-fn conversation_id(text: &str) -> Result<i64, ApiError> {
-    text.parse().map_err(|_| ApiError::NotFound)
 }

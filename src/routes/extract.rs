@@ -1,12 +1,13 @@
 //! Extractors: request bodies (JSON, form data, or no Content-Type), the client's address,
-//! the authorised user, page parameters and idempotency keys.
+//! the authorised user, page parameters, a row's id in the path and idempotency keys.
 
 use std::net::{IpAddr, SocketAddr};
 
 use axum::{
     body::{Bytes, HttpBody},
-    extract::{ConnectInfo, FromRequest, FromRequestParts, Request},
+    extract::{ConnectInfo, FromRequest, FromRequestParts, Path, Request},
     http::{header, request::Parts, HeaderMap, HeaderName},
+    response::{IntoResponse, Response},
     RequestExt,
 };
 use http_body_util::{BodyExt, LengthLimitError};
@@ -308,6 +309,28 @@ impl<S: Send + Sync> FromRequestParts<S> for PageQuery {
             .map_err(|err| Error::InvalidJson(format!("invalid query string: {err}")))?;
         let page = PageRequest::parse(raw.limit.as_deref(), raw.cursor.as_deref())?;
         Ok(Self(page))
+    }
+}
+
+/// The `{id}` of a route to one of the user's own rows: a chat, a conversation, a key. Not
+/// a number is answered like someone else's row, 404: there is no such thing for this user.
+pub struct PathId(pub i64);
+
+impl<S: Send + Sync> FromRequestParts<S> for PathId {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Response> {
+        let Path(text) = Path::<String>::from_request_parts(parts, state)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        Self::parse(&text).map_err(IntoResponse::into_response)
+    }
+}
+
+impl PathId {
+    /// The id in `text`, for a handler that reads it after its body (see `keys::change`).
+    pub fn parse(text: &str) -> Result<Self, Error> {
+        text.parse().map(Self).map_err(|_| Error::NotFound)
     }
 }
 

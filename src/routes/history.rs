@@ -1,16 +1,13 @@
 //! `/chats`, `/chats/{id}` and `/transactions`: a user's own history, newest first.
 
-use axum::{
-    extract::{Path, State},
-    Json,
-};
+use axum::{extract::State, Json};
 use serde::Serialize;
 use serde_json::value::RawValue;
 use utoipa::ToSchema;
 
 use super::{
     error::{ApiError, InvalidPage, NotFound, Unauthorised},
-    extract::{AuthUser, PageParams, PageQuery},
+    extract::{AuthUser, PageParams, PageQuery, PathId},
     rfc3339,
 };
 use crate::{
@@ -183,10 +180,8 @@ pub async fn chats(
 pub async fn chat(
     State(state): State<AppState>,
     user: AuthUser,
-    Path(id): Path<String>,
+    PathId(chat_id): PathId,
 ) -> Result<Json<ChatRecord>, ApiError> {
-    // Not a number, or someone else's: either way there is no such chat for this user.
-    let chat_id: i64 = id.parse().map_err(|_| ApiError::NotFound)?;
     let chat = history::chat(&state.db, user.id, chat_id).await?;
     Ok(Json(chat.into()))
 }

@@ -11,7 +11,7 @@ use utoipa::ToSchema;
 
 use super::{
     error::{error_responses, ApiError, Envelope, InvalidBody, NotFound},
-    extract::{AuthUser, Payload},
+    extract::{AuthUser, PathId, Payload},
     rfc3339,
 };
 use crate::{
@@ -317,10 +317,8 @@ pub async fn list(
 pub async fn revoke(
     State(state): State<AppState>,
     user: AuthUser,
-    Path(id): Path<String>,
+    PathId(id): PathId,
 ) -> Result<StatusCode, ApiError> {
-    // Not a number, or someone else's: either way there is no such key for this user.
-    let id: i64 = id.parse().map_err(|_| ApiError::NotFound)?;
     keys::revoke(&state.db, user.id, &user.credential, id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -348,7 +346,9 @@ pub async fn change(
     Path(id): Path<String>,
     Payload(change): Payload<KeyChange>,
 ) -> Result<Json<ListedKey>, ApiError> {
-    let id: i64 = id.parse().map_err(|_| ApiError::NotFound)?;
+    // Read after the body, so that a body it cannot read is a 400 even on a key that is
+    // not there, as it always was.
+    let PathId(id) = PathId::parse(&id)?;
     let models = match change.models {
         None => None,
         Some(None) => Some(None),

@@ -121,6 +121,28 @@ async fn earlier_turns_are_kept_newest_first_and_whole_within_the_budget() {
 }
 
 #[tokio::test]
+async fn a_bad_page_is_400_before_the_conversation_id_is_looked_at() {
+    let app = TestApp::new().await;
+    let alice = app.user_with_token("alice").await;
+    let on_the_list = app.get_authorized("/conversations?limit=0", &alice).await;
+    assert_eq!(
+        on_the_list.status,
+        StatusCode::BAD_REQUEST,
+        "{on_the_list:?}"
+    );
+    for missing in ["abc", "999999"] {
+        let refused = app
+            .get_authorized(&format!("/conversations/{missing}?limit=0"), &alice)
+            .await;
+        assert_eq!(refused.status, on_the_list.status, "{missing}: {refused:?}");
+        assert_eq!(refused.json, on_the_list.json, "{missing}");
+        app.get_authorized(&format!("/conversations/{missing}?limit=1"), &alice)
+            .await
+            .assert_error(StatusCode::NOT_FOUND, "not_found");
+    }
+}
+
+#[tokio::test]
 async fn someone_elses_or_an_unknown_conversation_is_404_and_charges_nothing() {
     let app = TestApp::new().await;
     let alice = app.user_with_token("alice").await;

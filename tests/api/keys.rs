@@ -149,6 +149,36 @@ async fn a_revoked_key_is_refused_and_no_longer_listed() {
 }
 
 #[tokio::test]
+async fn a_key_change_it_cannot_read_is_400_before_its_key_id_is_looked_at() {
+    let app = TestApp::new().await;
+    let token = app.user_with_token("user").await;
+    let (id, _) = new_key(&app, &token, "laptop").await;
+    let patch = |id: String, body: &'static str| {
+        let authorization = format!("Bearer {token}");
+        let app = &app;
+        async move {
+            let headers = [
+                ("authorization", authorization.as_str()),
+                ("content-type", "application/json"),
+            ];
+            app.request(Method::PATCH, &format!("/keys/{id}"), &headers, body)
+                .await
+        }
+    };
+    let on_a_key = patch(id.to_string(), "{not json").await;
+    assert_eq!(on_a_key.status, StatusCode::BAD_REQUEST, "{on_a_key:?}");
+    for missing in ["abc", "999999"] {
+        let refused = patch(missing.to_string(), "{not json").await;
+        assert_eq!(refused.status, on_a_key.status, "{missing}: {refused:?}");
+        assert_eq!(refused.json, on_a_key.json, "{missing}");
+        // A body it reads, on a key that is not there: 404.
+        patch(missing.to_string(), "{}")
+            .await
+            .assert_error(StatusCode::NOT_FOUND, "not_found");
+    }
+}
+
+#[tokio::test]
 async fn a_key_belongs_to_its_user_only() {
     let app = TestApp::new().await;
     let alice = app.user_with_token("alice").await;
