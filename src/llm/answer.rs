@@ -7,7 +7,7 @@ use std::borrow::Cow;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use super::{LlmError, Usage};
+use super::error::LlmError;
 
 /// What is read of a whole `chat.completion`.
 #[derive(Deserialize)]
@@ -38,6 +38,16 @@ struct MessageView<'a> {
     function_call: Option<&'a RawValue>,
     #[serde(default, borrow)]
     audio: Option<&'a RawValue>,
+}
+
+/// What the model says the question and the answer cost it, when it says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub struct Usage {
+    pub prompt_tokens: i64,
+    pub completion_tokens: i64,
+    /// Of `prompt_tokens`, those read from the model's cache (0 when it did not say).
+    #[serde(default)]
+    pub cached_tokens: i64,
 }
 
 /// Usage as servers send it, some with nulls or without a field. Reasoning tokens

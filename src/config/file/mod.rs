@@ -3,14 +3,17 @@
 //! upstreams those targets name ([`upstreams`]). Every value is checked as it is read, so a
 //! bad file stops start-up with one line naming the file, the line and the field.
 
+mod error;
 mod upstreams;
 
-use std::{collections::BTreeMap, fmt, path::Path};
+use std::{collections::BTreeMap, path::Path};
 
 use serde::{Deserialize, Deserializer};
 
+pub use self::error::FileError;
+use self::error::Place;
 pub use self::upstreams::Context;
-use self::upstreams::{Place, TargetEntry, UpstreamEntry};
+use self::upstreams::{TargetEntry, UpstreamEntry};
 use super::routing::{TargetConfig, UpstreamConfig, MAX_TARGETS, SHORTHAND_UPSTREAM};
 use crate::{
     domain::MAX_BALANCE,
@@ -106,28 +109,6 @@ impl<'de> Deserialize<'de> for TokenizerName {
                 "{name:?} is not a tokenizer; use o200k_base, cl100k_base or bytes"
             ))
         })
-    }
-}
-
-/// Why a configuration file cannot be used, in one line: the file, the line and the field.
-#[derive(Debug, PartialEq, Eq)]
-pub struct FileError {
-    pub file: String,
-    pub line: Option<usize>,
-    pub field: Option<String>,
-    pub message: String,
-}
-
-impl fmt::Display for FileError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.file)?;
-        if let Some(line) = self.line {
-            write!(f, ", line {line}")?;
-        }
-        if let Some(field) = &self.field {
-            write!(f, ", field {field}")?;
-        }
-        write!(f, ": {}", self.message)
     }
 }
 

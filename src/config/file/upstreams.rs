@@ -8,7 +8,7 @@ use http::{HeaderName, HeaderValue};
 use secrecy::SecretString;
 use serde::{Deserialize, Deserializer};
 
-use super::FileError;
+use super::error::{FileError, Place};
 use crate::config::{
     routing::{TargetConfig, UpstreamConfig, SHORTHAND_UPSTREAM},
     UpstreamUrl,
@@ -69,23 +69,6 @@ const OWNED_HEADERS: [&str; 5] = [
 pub struct Context<'a> {
     pub lookup: &'a dyn Fn(&str) -> Option<String>,
     pub shorthand_upstream: bool,
-}
-
-/// Where in the file something was written, to name it in an error.
-pub(super) struct Place<'a> {
-    pub file: &'a str,
-    pub line: usize,
-}
-
-impl Place<'_> {
-    pub(super) fn error(&self, field: String, message: impl Into<String>) -> FileError {
-        FileError {
-            file: self.file.to_string(),
-            line: Some(self.line),
-            field: Some(field),
-            message: message.into(),
-        }
-    }
 }
 
 impl UpstreamEntry {

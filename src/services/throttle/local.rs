@@ -14,7 +14,7 @@ use governor::{
     DefaultKeyedRateLimiter, Quota, RateLimiter,
 };
 
-use super::{pair_key, retry_after_secs, user_key, ClientAddress, Key};
+use super::keys::{pair_key, user_key, ClientAddress, Key};
 use crate::{config::AbuseLimits, services::ServiceError};
 
 /// Every limit of [`AbuseLimits`], kept in memory.
@@ -227,9 +227,23 @@ impl FailureCounter {
     }
 }
 
+/// Whole seconds, rounded up, and at least one: `Retry-After: 0` invites a hot loop.
+fn retry_after_secs(wait: Duration) -> u64 {
+    let rounded_up = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    rounded_up.max(1)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retry_after_is_whole_seconds_rounded_up_and_never_zero() {
+        assert_eq!(retry_after_secs(Duration::ZERO), 1);
+        assert_eq!(retry_after_secs(Duration::from_millis(1)), 1);
+        assert_eq!(retry_after_secs(Duration::from_secs(2)), 2);
+        assert_eq!(retry_after_secs(Duration::from_millis(2001)), 3);
+    }
 
     #[test]
     fn a_counter_locks_after_the_last_allowed_failure_and_names_a_wait() {

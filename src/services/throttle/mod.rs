@@ -4,40 +4,15 @@
 //! PostgreSQL in the database every instance shares ([`shared`]), so that two instances
 //! admit what one would.
 
+mod keys;
 mod local;
 mod shared;
 
-use std::{net::IpAddr, time::Duration};
+use std::time::Duration;
 
-use sha2::{Digest, Sha256};
-
+pub use self::keys::ClientAddress;
 use self::{local::InProcess, shared::Shared};
 use crate::{config::AbuseLimits, db::Db, services::ServiceResult};
-
-/// The address a rate is counted for. IPv6 clients are counted by their /64, since one
-/// subscriber commonly holds a whole /64 and could otherwise rotate through it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct ClientAddress(IpAddr);
-
-impl ClientAddress {
-    pub fn new(ip: IpAddr) -> Self {
-        match ip {
-            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-                Some(v4) => Self(IpAddr::V4(v4)),
-                None => {
-                    let prefix = u128::from(v6) & !((1u128 << 64) - 1);
-                    Self(IpAddr::V6(prefix.into()))
-                }
-            },
-            v4 => Self(v4),
-        }
-    }
-
-    /// The address of a request that came with none (in-process calls).
-    pub fn unknown() -> Self {
-        Self(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED))
-    }
-}
 
 /// Every limit of [`AbuseLimits`], shared by all requests of the process and, on
 /// PostgreSQL, by every instance.
@@ -142,61 +117,5 @@ pub async fn forget_stale_periodically(throttle: std::sync::Arc<Throttle>) {
     loop {
         ticks.tick().await;
         throttle.forget_stale().await;
-    }
-}
-
-/// Whole seconds, rounded up, and at least one: `Retry-After: 0` invites a hot loop.
-fn retry_after_secs(wait: Duration) -> u64 {
-    let rounded_up = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-    rounded_up.max(1)
-}
-
-/// A fixed-size key: however long the username, an entry costs the same.
-type Key = [u8; 16];
-
-fn user_key(username_key: &str) -> Key {
-    digest(&[b"user", username_key.as_bytes()])
-}
-
-fn pair_key(username_key: &str, address: ClientAddress) -> Key {
-    digest(&[
-        b"pair",
-        username_key.as_bytes(),
-        address.0.to_string().as_bytes(),
-    ])
-}
-
-fn digest(parts: &[&[u8]]) -> Key {
-    let mut hasher = Sha256::new();
-    for part in parts {
-        hasher.update((part.len() as u64).to_le_bytes());
-        hasher.update(part);
-    }
-    let mut key = [0; 16];
-    key.copy_from_slice(&hasher.finalize()[..16]);
-    key
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn address(text: &str) -> ClientAddress {
-        ClientAddress::new(text.parse().unwrap())
-    }
-
-    #[test]
-    fn ipv6_clients_are_counted_by_their_slash_64() {
-        assert_eq!(address("2001:db8::1"), address("2001:db8::ffff:1"));
-        assert_ne!(address("2001:db8::1"), address("2001:db8:0:1::1"));
-        assert_eq!(address("::ffff:10.0.0.1"), address("10.0.0.1"));
-    }
-
-    #[test]
-    fn retry_after_is_whole_seconds_rounded_up_and_never_zero() {
-        assert_eq!(retry_after_secs(Duration::ZERO), 1);
-        assert_eq!(retry_after_secs(Duration::from_millis(1)), 1);
-        assert_eq!(retry_after_secs(Duration::from_secs(2)), 2);
-        assert_eq!(retry_after_secs(Duration::from_millis(2001)), 3);
     }
 }

@@ -13,7 +13,7 @@
 
 use std::time::Duration;
 
-use super::{pair_key, user_key, ClientAddress, Key};
+use super::keys::{pair_key, user_key, ClientAddress, Key};
 use crate::{
     config::AbuseLimits,
     db::Db,
@@ -63,12 +63,12 @@ impl Shared {
     }
 
     pub(super) async fn login_attempt(&self, address: ClientAddress) -> ServiceResult<()> {
-        self.count(self.login_attempts, &format!("login:{}", address.0))
+        self.count(self.login_attempts, &format!("login:{address}"))
             .await
     }
 
     pub(super) async fn registration(&self, address: ClientAddress) -> ServiceResult<()> {
-        self.count(self.registrations, &format!("register:{}", address.0))
+        self.count(self.registrations, &format!("register:{address}"))
             .await
     }
 
