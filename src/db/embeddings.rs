@@ -122,8 +122,10 @@ pub async fn settle_answered(
                                cost = CASE WHEN $6 < cost THEN $6 ELSE cost END
          WHERE id = $1 AND status = 'pending'
          RETURNING cost, COALESCE(reserved, cost), held,
-                   (SELECT balance_after FROM ledger
-                    WHERE ledger.embedding_id = embeddings.id AND reason = 'embedding'),
+                   CASE WHEN held THEN NULL
+                        ELSE (SELECT balance_after FROM ledger
+                              WHERE ledger.embedding_id = embeddings.id
+                                AND reason = 'embedding') END,
                    (SELECT tokens FROM users WHERE users.id = embeddings.user_id)",
     )
     .bind(embedding_id)
