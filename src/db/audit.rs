@@ -85,7 +85,8 @@ pub struct RunningMismatch {
     pub running_sum: i64,
 }
 
-/// A chat's ledger rows, counted: what the audit compares with its status.
+/// A chat's ledger rows, counted (`chat_reservation`, `chat_refund`, `chat_settlement` and
+/// `chat_charge`): what the audit compares with its status.
 #[derive(Debug, sqlx::FromRow)]
 pub struct ChatMoves {
     pub chat_id: i64,
@@ -211,7 +212,8 @@ pub fn priced_charges(db: &Db) -> BoxStream<'_, Result<PricedCharge, sqlx::Error
     .fetch(pool))
 }
 
-/// An embeddings call's ledger rows, counted: what the audit compares with its status.
+/// An embeddings call's ledger rows, counted (`embedding`, `embedding_refund`,
+/// `embedding_settlement` and `embedding_charge`): what the audit compares with its status.
 #[derive(Debug, sqlx::FromRow)]
 pub struct EmbeddingMoves {
     pub embedding_id: i64,

@@ -1,6 +1,10 @@
 //! `/conversations` and `/conversations/{id}`: a user's own threads of chats.
 
-use axum::{extract::State, http::StatusCode, Json};
+use axum::{
+    extract::{Path, State},
+    http::StatusCode,
+    Json,
+};
 use serde::Serialize;
 use utoipa::ToSchema;
 
@@ -95,10 +99,12 @@ pub async fn list(
 pub async fn show(
     State(state): State<AppState>,
     user: AuthUser,
-    // After the page, so that a bad page is a 400 even in a conversation that is not there.
+    Path(id): Path<String>,
     PageQuery(page): PageQuery,
-    PathId(id): PathId,
 ) -> Result<Json<ConversationWithChats>, ApiError> {
+    // Parsed after the page, so that a bad page is a 400 even in a conversation that is
+    // not there, as it always was.
+    let PathId(id) = PathId::parse(&id)?;
     let (conversation, chats) = conversations::show(&state.db, user.id, id, page).await?;
     let Conversation {
         created_at,

@@ -328,7 +328,8 @@ impl<S: Send + Sync> FromRequestParts<S> for PathId {
 }
 
 impl PathId {
-    /// The id in `text`, for a handler that reads it after its body (see `keys::change`).
+    /// The id in `text`, for a handler that reads it after its body or its page (see
+    /// `keys::change`, `conversations::show`).
     pub fn parse(text: &str) -> Result<Self, Error> {
         text.parse().map(Self).map_err(|_| Error::NotFound)
     }

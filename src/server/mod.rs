@@ -40,7 +40,7 @@ use tokio::{
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use crate::{config::ConnectionLimits, in_flight::InFlight};
+use crate::{config::ConnectionLimits, in_flight::WorkInFlight};
 
 use body_budget::BodyBudget;
 pub use body_budget::HeldBody;
@@ -115,7 +115,7 @@ pub(crate) async fn run(
     listener: TcpListener,
     router: Router,
     limits: ConnectionLimits,
-    chats: InFlight,
+    chats: WorkInFlight,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> stdio::Result<()> {
     let budget = Arc::new(BodyBudget::new(limits.max_inflight_body_bytes));
@@ -248,7 +248,7 @@ impl Server {
     /// themselves and answer 503, which their connections get a moment to write. Then every
     /// connection still open is dropped, including clients holding a half-sent request:
     /// shutdown always ends.
-    async fn shut_down(&self, chats: &InFlight) {
+    async fn shut_down(&self, chats: &WorkInFlight) {
         self.stop.cancel();
         self.connections.close();
         chats.tasks.close();
@@ -343,7 +343,7 @@ mod tests {
         };
 
         let config = crate::Config::from_lookup(|_| None).unwrap();
-        let chats = InFlight::default();
+        let chats = WorkInFlight::default();
         let peer_echo = Router::new().route(
             "/peer",
             get(|ConnectInfo(peer): ConnectInfo<SocketAddr>| async move { peer.to_string() }),

@@ -27,7 +27,7 @@ use crate::{
         Db,
     },
     domain::{Budgets, IdempotencyKey, Message},
-    in_flight::InFlight,
+    in_flight::WorkInFlight,
     llm::{Ask, Forwarded, LlmClient, Usage},
     services::{
         alerts::Alerts,
@@ -104,7 +104,7 @@ pub struct Chats {
     metrics: Metrics,
     throttle: Arc<Throttle>,
     /// The chats and embeddings calls in progress, each in a task of its own.
-    in_flight: InFlight,
+    in_flight: WorkInFlight,
     /// The cost rules (`CHAT_COST`, `ABANDONED_STREAM_CHARGE`, the price book), the time
     /// limits and the context and idempotency settings.
     config: Arc<Config>,
@@ -132,7 +132,7 @@ impl Chats {
             llm,
             metrics,
             throttle,
-            in_flight: InFlight::default(),
+            in_flight: WorkInFlight::default(),
             config,
             system_prompt_tokens,
             alerts: Alerts::default(),
@@ -140,11 +140,11 @@ impl Chats {
     }
 
     /// The calls in progress: what shutdown waits for, and cuts short after its grace.
-    pub fn in_flight(&self) -> &InFlight {
+    pub fn in_flight(&self) -> &WorkInFlight {
         &self.in_flight
     }
 
-    /// The same, telling `alerts` of every charge made final (off by default).
+    /// `Chats` telling `alerts` of every charge made final (off by default).
     pub fn with_alerts(mut self, alerts: Alerts) -> Self {
         self.alerts = alerts;
         self
