@@ -1,6 +1,6 @@
 //! Configuration: every environment variable of the contract, parsed and checked once at start
 //! ([`vars`] reads and checks each one; [`urls`] keeps the URLs that may hold secrets), and
-//! the optional configuration file with the price book ([`file`]).
+//! the optional configuration file with the price book ([`file`](mod@file)).
 
 pub mod alerts;
 pub mod file;
