@@ -1,10 +1,6 @@
 //! `/conversations` and `/conversations/{id}`: a user's own threads of chats.
 
-use axum::{
-    extract::{Path, State},
-    http::StatusCode,
-    Json,
-};
+use axum::{extract::State, http::StatusCode, Json};
 use serde::Serialize;
 use utoipa::ToSchema;
 
@@ -99,12 +95,10 @@ pub async fn list(
 pub async fn show(
     State(state): State<AppState>,
     user: AuthUser,
-    Path(id): Path<String>,
+    id: PathId,
     PageQuery(page): PageQuery,
 ) -> Result<Json<ConversationWithChats>, ApiError> {
-    // Parsed after the page, so that a bad page is a 400 even in a conversation that is
-    // not there, as it always was.
-    let PathId(id) = PathId::parse(&id)?;
+    let id = id.get()?;
     let (conversation, chats) = conversations::show(&state.db, user.id, id, page).await?;
     let Conversation {
         created_at,
@@ -140,8 +134,8 @@ pub async fn show(
 pub async fn delete(
     State(state): State<AppState>,
     user: AuthUser,
-    PathId(id): PathId,
+    id: PathId,
 ) -> Result<StatusCode, ApiError> {
-    conversations::delete(&state.db, user.id, id).await?;
+    conversations::delete(&state.db, user.id, id.get()?).await?;
     Ok(StatusCode::NO_CONTENT)
 }

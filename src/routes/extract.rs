@@ -7,7 +7,6 @@ use axum::{
     body::{Bytes, HttpBody},
     extract::{ConnectInfo, FromRequest, FromRequestParts, Path, Request},
     http::{header, request::Parts, HeaderMap, HeaderName},
-    response::{IntoResponse, Response},
     RequestExt,
 };
 use http_body_util::{BodyExt, LengthLimitError};
@@ -312,26 +311,26 @@ impl<S: Send + Sync> FromRequestParts<S> for PageQuery {
     }
 }
 
-/// The `{id}` of a route to one of the user's own rows: a chat, a conversation, a key. Not
-/// a number is answered like someone else's row, 404: there is no such thing for this user.
-pub struct PathId(pub i64);
+/// The `{id}` of a route to one of the user's own rows: a chat, a conversation, a key. Read
+/// without refusing: the handler takes the id with [`PathId::get`] once its other
+/// extractors (a page, a body) have had their say, so their 400s come first. Not a number,
+/// or not even text once percent-decoded, is answered like someone else's row: 404, there is
+/// no such thing for this user.
+pub struct PathId(Option<i64>);
 
 impl<S: Send + Sync> FromRequestParts<S> for PathId {
-    type Rejection = Response;
+    type Rejection = std::convert::Infallible;
 
-    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Response> {
-        let Path(text) = Path::<String>::from_request_parts(parts, state)
-            .await
-            .map_err(IntoResponse::into_response)?;
-        Self::parse(&text).map_err(IntoResponse::into_response)
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let text = Path::<String>::from_request_parts(parts, state).await;
+        Ok(Self(text.ok().and_then(|Path(text)| text.parse().ok())))
     }
 }
 
 impl PathId {
-    /// The id in `text`, for a handler that reads it after its body or its page (see
-    /// `keys::change`, `conversations::show`).
-    pub fn parse(text: &str) -> Result<Self, Error> {
-        text.parse().map(Self).map_err(|_| Error::NotFound)
+    /// The id, or 404.
+    pub fn get(self) -> Result<i64, Error> {
+        self.0.ok_or(Error::NotFound)
     }
 }
 

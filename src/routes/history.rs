@@ -180,9 +180,9 @@ pub async fn chats(
 pub async fn chat(
     State(state): State<AppState>,
     user: AuthUser,
-    PathId(chat_id): PathId,
+    id: PathId,
 ) -> Result<Json<ChatRecord>, ApiError> {
-    let chat = history::chat(&state.db, user.id, chat_id).await?;
+    let chat = history::chat(&state.db, user.id, id.get()?).await?;
     Ok(Json(chat.into()))
 }
 

@@ -1,11 +1,7 @@
 //! `/keys` and `/keys/{id}`: a user's API keys, managed with a login token, with their
 //! limits: the models each may ask for and when it expires.
 
-use axum::{
-    extract::{Path, State},
-    http::StatusCode,
-    Json,
-};
+use axum::{extract::State, http::StatusCode, Json};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -317,8 +313,9 @@ pub async fn list(
 pub async fn revoke(
     State(state): State<AppState>,
     user: AuthUser,
-    PathId(id): PathId,
+    id: PathId,
 ) -> Result<StatusCode, ApiError> {
+    let id = id.get()?;
     keys::revoke(&state.db, user.id, &user.credential, id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -343,12 +340,10 @@ pub async fn revoke(
 pub async fn change(
     State(state): State<AppState>,
     user: AuthUser,
-    Path(id): Path<String>,
+    id: PathId,
     Payload(change): Payload<KeyChange>,
 ) -> Result<Json<ListedKey>, ApiError> {
-    // Read after the body, so that a body it cannot read is a 400 even on a key that is
-    // not there, as it always was.
-    let PathId(id) = PathId::parse(&id)?;
+    let id = id.get()?;
     let models = match change.models {
         None => None,
         Some(None) => Some(None),

@@ -2,10 +2,12 @@
 //! within the budget, they are private to their owner, and deleting one erases its text
 //! but never the money history.
 
+use std::time::Duration;
+
 use axum::http::{Method, StatusCode};
 use serde_json::{json, Value};
 
-use crate::common::{TestApp, TestResponse};
+use crate::common::{Reply, TestApp, TestResponse};
 
 async fn chat_in(app: &TestApp, token: &str, conversation: &Value, message: &str) -> TestResponse {
     app.post_authorized(
@@ -130,7 +132,7 @@ async fn a_bad_page_is_400_before_the_conversation_id_is_looked_at() {
         StatusCode::BAD_REQUEST,
         "{on_the_list:?}"
     );
-    for missing in ["abc", "999999"] {
+    for missing in ["abc", "%FF", "999999"] {
         let refused = app
             .get_authorized(&format!("/conversations/{missing}?limit=0"), &alice)
             .await;
@@ -156,6 +158,9 @@ async fn someone_elses_or_an_unknown_conversation_is_404_and_charges_nothing() {
         delete(&app, &bob, &path).await,
         app.get_authorized("/conversations/999999", &alice).await,
         app.get_authorized("/conversations/abc", &alice).await,
+        // Not even text once percent-decoded: as much not a conversation as "abc".
+        app.get_authorized("/conversations/%FF", &alice).await,
+        delete(&app, &alice, "/conversations/%FF").await,
     ] {
         refused.assert_error(StatusCode::NOT_FOUND, "not_found");
     }
@@ -197,6 +202,44 @@ async fn a_conversation_shows_its_chats_oldest_first_a_page_at_a_time() {
     assert_eq!(rest.json["chats"][0]["message"], "three");
     assert_eq!(rest.json["chats"][0]["response"], "Echo: three");
     assert_eq!(rest.json["next"], Value::Null);
+}
+
+/// The chats of the database that still hold any text of a message or an answer.
+async fn chats_with_text(app: &TestApp) -> i64 {
+    tokenchat::db_run!(&app.state.db, pool => sqlx::query_scalar(
+        "SELECT COUNT(*) FROM chats WHERE message <> '' OR response IS NOT NULL
+                                          OR tool_calls IS NOT NULL")
+        .fetch_one(pool)
+        .await)
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_conversation_deleted_while_its_chat_is_answered_keeps_none_of_that_chats_text() {
+    let app = TestApp::new().await;
+    let token = app.user_with_token("user").await;
+    let first = app.chat(&token, "a first secret").await;
+    let conversation = first.json["conversation_id"].clone();
+    let path = format!("/conversations/{conversation}");
+    app.llm.set_reply(Reply::Stall(Duration::from_millis(500)));
+    let (answered, deleted) = tokio::join!(
+        chat_in(&app, &token, &conversation, "a second secret"),
+        async {
+            // Deleted once the second chat is reserved and waiting for the model.
+            while app.llm.calls() < 2 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            delete(&app, &token, &path).await
+        }
+    );
+    assert_eq!(deleted.status, StatusCode::NO_CONTENT);
+    // Its client is answered and charged, as any chat in flight is.
+    assert_eq!(answered.status, StatusCode::OK, "{answered:?}");
+    assert_eq!(answered.json["response"], "Echo: a second secret");
+    assert_eq!(app.balance(&token).await, 3800);
+    // The answer that came after the deletion is not stored: the erasure holds.
+    assert_eq!(chats_with_text(&app).await, 0);
+    app.assert_all_settled().await;
 }
 
 #[tokio::test]

@@ -167,14 +167,23 @@ async fn a_key_change_it_cannot_read_is_400_before_its_key_id_is_looked_at() {
     };
     let on_a_key = patch(id.to_string(), "{not json").await;
     assert_eq!(on_a_key.status, StatusCode::BAD_REQUEST, "{on_a_key:?}");
-    for missing in ["abc", "999999"] {
+    for missing in ["abc", "%FF", "999999"] {
         let refused = patch(missing.to_string(), "{not json").await;
         assert_eq!(refused.status, on_a_key.status, "{missing}: {refused:?}");
         assert_eq!(refused.json, on_a_key.json, "{missing}");
-        // A body it reads, on a key that is not there: 404.
+        // A body it reads, on a key that is not there: 404; and so is revoking it.
         patch(missing.to_string(), "{}")
             .await
             .assert_error(StatusCode::NOT_FOUND, "not_found");
+        let authorization = format!("Bearer {token}");
+        app.request(
+            Method::DELETE,
+            &format!("/keys/{missing}"),
+            &[("authorization", authorization.as_str())],
+            "",
+        )
+        .await
+        .assert_error(StatusCode::NOT_FOUND, "not_found");
     }
 }
 

@@ -5,6 +5,9 @@
 //! most once. The ledger rows (and so the balance) move with the chat, written by the
 //! triggers `chat_reserves_its_cost`, `failed_chat_is_refunded` and
 //! `settled_chat_returns_the_rest` in the same statement.
+//!
+//! A settlement stores the answer only in a chat whose conversation was not deleted while
+//! it was being answered (`erased_at`): what a deletion erased stays erased.
 
 mod reserve;
 
@@ -152,8 +155,9 @@ pub async fn settle_answered(
         return settle_answered_flat(db, chat_id, answer).await;
     }
     let settled: Option<Settling> = db_run!(db, pool => bind_outcome!(sqlx::query_as(
-        "UPDATE chats SET status = 'answered', response = $1, finished_at = $2,
-                          prompt_tokens = $4, completion_tokens = $5, tool_calls = $6,
+        "UPDATE chats SET status = 'answered', response = CASE WHEN erased_at IS NULL THEN $1 END,
+                          finished_at = $2, prompt_tokens = $4, completion_tokens = $5,
+                          tool_calls = CASE WHEN erased_at IS NULL THEN $6 END,
                           cached_tokens = $7, usage_source = $8,
                           cost = CASE WHEN $9 < cost THEN $9 ELSE cost END,
                           upstream = $10, attempts = $11
@@ -189,8 +193,9 @@ async fn settle_answered_flat(
     answer: Answer<'_>,
 ) -> Result<Option<Settled>, sqlx::Error> {
     let settled: Option<(i64, i64)> = db_run!(db, pool => sqlx::query_as(
-        "UPDATE chats SET status = 'answered', response = $1, finished_at = $2,
-                          prompt_tokens = $4, completion_tokens = $5, tool_calls = $6,
+        "UPDATE chats SET status = 'answered', response = CASE WHEN erased_at IS NULL THEN $1 END,
+                          finished_at = $2, prompt_tokens = $4, completion_tokens = $5,
+                          tool_calls = CASE WHEN erased_at IS NULL THEN $6 END,
                           upstream = $7, attempts = $8
          WHERE id = $3 AND status = 'pending'
          RETURNING cost, (SELECT balance_after FROM ledger
@@ -238,8 +243,10 @@ pub async fn settle_unanswered(
     // Only a kept charge is settled below the reservation; a refund gives it all back.
     let charge = partial.charge.filter(|_| !refunded);
     let settled = db_run!(db, pool => bind_outcome!(sqlx::query(
-        "UPDATE chats SET status = $1, refunded = $2, response = $3, finished_at = $4,
-                          prompt_tokens = $6, completion_tokens = $7, tool_calls = $8,
+        "UPDATE chats SET status = $1, refunded = $2,
+                          response = CASE WHEN erased_at IS NULL THEN $3 END, finished_at = $4,
+                          prompt_tokens = $6, completion_tokens = $7,
+                          tool_calls = CASE WHEN erased_at IS NULL THEN $8 END,
                           cached_tokens = $9, usage_source = $10,
                           cost = CASE WHEN $11 < cost THEN $11 ELSE cost END,
                           upstream = $12, attempts = $13

@@ -96,6 +96,7 @@ async fn no_user_can_see_another_users_chats_or_transactions() {
         format!("/chats/{alices_chat}"),
         "/chats/0".into(),
         "/chats/abc".into(),
+        "/chats/%FF".into(),
     ] {
         app.get_authorized(&path, &bob)
             .await

@@ -4,9 +4,12 @@
 
 use std::time::Duration;
 
+use axum::http::{Method, StatusCode};
+use serde_json::json;
+
 use crate::common::{Reply, TestApp};
 
-use super::{deltas, only_chat, settled_chat, stream_message, wait_until};
+use super::{deltas, only_chat, settled_chat, stream_chat, stream_message, wait_until};
 
 #[tokio::test]
 async fn a_model_that_dies_after_text_was_delivered_ends_the_stream_with_an_error_and_charges_by_the_abandoned_rule(
@@ -229,5 +232,53 @@ async fn a_stream_of_white_space_alone_is_unusable_and_refunded_though_it_was_de
     let chat = only_chat(&app, &token).await;
     assert_eq!(chat["status"], "failed");
     assert_eq!(app.balance(&token).await, 4000);
+    app.assert_all_settled().await;
+}
+
+#[tokio::test]
+async fn a_stream_left_by_its_client_after_its_conversation_was_deleted_keeps_none_of_its_text() {
+    let app = TestApp::new().await;
+    let token = app.user_with_token("user").await;
+    let first = app.chat(&token, "a first secret").await;
+    let conversation = first.json["conversation_id"].clone();
+    app.llm.set_reply(Reply::StallMidStream {
+        after_words: 2,
+        stall: Duration::from_secs(60),
+    });
+    let body =
+        json!({ "message": "a second secret", "stream": true, "conversation_id": conversation });
+    let mut events = stream_chat(&app, &token, body, None).await.events();
+    assert_eq!(events.next().await.unwrap().0, "start");
+    assert_eq!(events.next().await.unwrap().0, "delta");
+    let authorization = format!("Bearer {token}");
+    let deleted = app
+        .request(
+            Method::DELETE,
+            &format!("/conversations/{conversation}"),
+            &[("authorization", &authorization)],
+            "",
+        )
+        .await;
+    assert_eq!(deleted.status, StatusCode::NO_CONTENT);
+    // The client leaves with a delta delivered: abandoned, its partial answer kept as the
+    // charge rule says, but not its text.
+    drop(events);
+    let statuses = || async {
+        tokenchat::db_run!(&app.state.db, pool => sqlx::query_as::<_, (String, Option<String>, String)>(
+            "SELECT status, response, message FROM chats ORDER BY id")
+            .fetch_all(pool)
+            .await)
+        .unwrap()
+    };
+    let mut chats = statuses().await;
+    for _ in 0..300 {
+        if chats[1].0 != "pending" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        chats = statuses().await;
+    }
+    assert_eq!(chats.len(), 2, "{chats:?}");
+    assert_eq!(chats[1], ("abandoned".to_string(), None, String::new()));
     app.assert_all_settled().await;
 }
