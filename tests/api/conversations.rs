@@ -216,30 +216,44 @@ async fn chats_with_text(app: &TestApp) -> i64 {
 
 #[tokio::test]
 async fn a_conversation_deleted_while_its_chat_is_answered_keeps_none_of_that_chats_text() {
-    let app = TestApp::new().await;
+    let flat = TestApp::new().await;
+    let charged = delete_while_answering(&flat).await;
+    assert_eq!(charged, 100);
+    // Priced, the settlement that charges the usage is another statement.
+    let priced = crate::prices::priced_app(&[]).await;
+    let charged = delete_while_answering(&priced).await;
+    assert!(charged > 0);
+}
+
+/// Deletes a conversation while its second chat waits for the model; checks that the chat
+/// is answered and charged but none of its text stored, and returns its charge.
+async fn delete_while_answering(app: &TestApp) -> i64 {
     let token = app.user_with_token("user").await;
     let first = app.chat(&token, "a first secret").await;
     let conversation = first.json["conversation_id"].clone();
     let path = format!("/conversations/{conversation}");
     app.llm.set_reply(Reply::Stall(Duration::from_millis(500)));
     let (answered, deleted) = tokio::join!(
-        chat_in(&app, &token, &conversation, "a second secret"),
+        chat_in(app, &token, &conversation, "a second secret"),
         async {
             // Deleted once the second chat is reserved and waiting for the model.
             while app.llm.calls() < 2 {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
-            delete(&app, &token, &path).await
+            delete(app, &token, &path).await
         }
     );
     assert_eq!(deleted.status, StatusCode::NO_CONTENT);
     // Its client is answered and charged, as any chat in flight is.
     assert_eq!(answered.status, StatusCode::OK, "{answered:?}");
     assert_eq!(answered.json["response"], "Echo: a second secret");
-    assert_eq!(app.balance(&token).await, 3800);
+    let charged = answered.json["tokens_charged"].as_i64().unwrap();
+    let first_charged = first.json["tokens_charged"].as_i64().unwrap();
+    assert_eq!(app.balance(&token).await, 4000 - first_charged - charged);
     // The answer that came after the deletion is not stored: the erasure holds.
-    assert_eq!(chats_with_text(&app).await, 0);
+    assert_eq!(chats_with_text(app).await, 0);
     app.assert_all_settled().await;
+    charged
 }
 
 #[tokio::test]
