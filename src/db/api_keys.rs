@@ -1,6 +1,6 @@
 //! Queries on `api_keys`, which hold only SHA-256 hashes of the keys handed out.
 
-use super::{db_read, db_run, unix_now, Db};
+use super::{db_execute, db_read, db_run, unix_now, Db};
 
 /// A live key as its owner sees it in a list.
 #[derive(Debug, sqlx::FromRow)]
@@ -140,16 +140,16 @@ pub async fn live(db: &Db, user_id: i64) -> Result<Vec<ApiKey>, sqlx::Error> {
 /// Revokes one of the user's live keys; `false` when they have no such live key.
 #[tracing::instrument(level = "debug", skip_all)]
 pub async fn revoke(db: &Db, user_id: i64, id: i64) -> Result<bool, sqlx::Error> {
-    let revoked = db_run!(db, pool => sqlx::query(
-        "UPDATE api_keys SET revoked_at = $3
-         WHERE id = $1 AND user_id = $2 AND revoked_at IS NULL",
-    )
-    .bind(id)
-    .bind(user_id)
-    .bind(unix_now())
-    .execute(pool)
-    .await
-    .map(|done| done.rows_affected()))?;
+    let revoked = db_execute!(
+        db,
+        sqlx::query(
+            "UPDATE api_keys SET revoked_at = $3
+             WHERE id = $1 AND user_id = $2 AND revoked_at IS NULL",
+        )
+        .bind(id)
+        .bind(user_id)
+        .bind(unix_now())
+    )?;
     Ok(revoked == 1)
 }
 

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use super::{
     chats::UsageSource,
-    db_read, db_run,
-    ledger::{self, Settling},
+    db_execute, db_read, db_run,
+    ledger::{self, returning_settling, Settling},
     unix_now, users, Db,
 };
 use crate::{
@@ -116,18 +116,13 @@ pub async fn settle_answered(
     source: Option<UsageSource>,
     charge: Option<i64>,
 ) -> Result<Option<(i64, i64)>, sqlx::Error> {
-    let settled: Option<Settling> = db_run!(db, pool => sqlx::query_as(
+    let settled: Option<Settling> = db_run!(db, pool => sqlx::query_as(concat!(
         "UPDATE embeddings SET status = 'answered', finished_at = $2, prompt_tokens = $3,
                                total_tokens = $4, usage_source = $5,
                                cost = CASE WHEN $6 < cost THEN $6 ELSE cost END
-         WHERE id = $1 AND status = 'pending'
-         RETURNING cost, COALESCE(reserved, cost), held,
-                   CASE WHEN held THEN NULL
-                        ELSE (SELECT balance_after FROM ledger
-                              WHERE ledger.embedding_id = embeddings.id
-                                AND reason = 'embedding') END,
-                   (SELECT tokens FROM users WHERE users.id = embeddings.user_id)",
-    )
+         WHERE id = $1 AND status = 'pending'",
+        returning_settling!("embeddings", "embedding_id", "embedding"),
+    ))
     .bind(embedding_id)
     .bind(unix_now())
     .bind(usage.map(|usage| usage.prompt_tokens))
@@ -148,15 +143,15 @@ pub async fn settle_answered(
 /// when it was not pending.
 #[tracing::instrument(level = "debug", skip_all)]
 pub async fn refund(db: &Db, embedding_id: i64) -> Result<bool, sqlx::Error> {
-    let refunded = db_run!(db, pool => sqlx::query(
-        "UPDATE embeddings SET status = 'failed', finished_at = $2
-         WHERE id = $1 AND status = 'pending'",
-    )
-    .bind(embedding_id)
-    .bind(unix_now())
-    .execute(pool)
-    .await
-    .map(|done| done.rows_affected()))?;
+    let refunded = db_execute!(
+        db,
+        sqlx::query(
+            "UPDATE embeddings SET status = 'failed', finished_at = $2
+             WHERE id = $1 AND status = 'pending'",
+        )
+        .bind(embedding_id)
+        .bind(unix_now())
+    )?;
     Ok(refunded == 1)
 }
 

@@ -78,6 +78,31 @@ pub async fn page(db: &Db, user_id: i64, page: PageRequest) -> Result<Vec<Entry>
 /// among them) ran.
 pub(super) type Settling = (i64, i64, bool, Option<i64>, i64);
 
+/// The `RETURNING` clause that reads a [`Settling`] from the settled row of `$table`,
+/// whose reservation row names it in `ledger.$column` with reason `$reservation`. A held
+/// call has no such row, and is not looked for.
+macro_rules! returning_settling {
+    ($table:literal, $column:literal, $reservation:literal) => {
+        concat!(
+            " RETURNING cost, COALESCE(reserved, cost), held,
+                        CASE WHEN held THEN NULL
+                             ELSE (SELECT balance_after FROM ledger
+                                   WHERE ledger.",
+            $column,
+            " = ",
+            $table,
+            ".id
+                                     AND reason = '",
+            $reservation,
+            "') END,
+                        (SELECT tokens FROM users WHERE users.id = ",
+            $table,
+            ".user_id)"
+        )
+    };
+}
+pub(super) use returning_settling;
+
 /// What a settlement names: a chat, or an embeddings call.
 pub(super) enum Settled {
     Chat(i64),

@@ -12,8 +12,8 @@
 mod reserve;
 
 use super::{
-    db_page, db_read, db_run,
-    ledger::{self, Settling},
+    db_execute, db_page, db_read, db_run,
+    ledger::{self, returning_settling, Settling},
     unix_now, Db,
 };
 use crate::domain::{ChatStatus, PageRequest};
@@ -154,21 +154,16 @@ pub async fn settle_answered(
     if answer.charge.is_none() {
         return settle_answered_flat(db, chat_id, answer).await;
     }
-    let settled: Option<Settling> = db_run!(db, pool => bind_outcome!(sqlx::query_as(
+    let settled: Option<Settling> = db_run!(db, pool => bind_outcome!(sqlx::query_as(concat!(
         "UPDATE chats SET status = 'answered', response = CASE WHEN erased_at IS NULL THEN $1 END,
                           finished_at = $2, prompt_tokens = $4, completion_tokens = $5,
                           tool_calls = CASE WHEN erased_at IS NULL THEN $6 END,
                           cached_tokens = $7, usage_source = $8,
                           cost = CASE WHEN $9 < cost THEN $9 ELSE cost END,
                           upstream = $10, attempts = $11
-         WHERE id = $3 AND status = 'pending'
-         RETURNING cost, COALESCE(reserved, cost), held,
-                   CASE WHEN held THEN NULL
-                        ELSE (SELECT balance_after FROM ledger
-                              WHERE ledger.chat_id = chats.id
-                                AND reason = 'chat_reservation') END,
-                   (SELECT tokens FROM users WHERE users.id = chats.user_id)",
-    )
+         WHERE id = $3 AND status = 'pending'",
+        returning_settling!("chats", "chat_id", "chat_reservation"),
+    ))
     .bind(answer.text)
     .bind(unix_now())
     .bind(chat_id), answer, answer.charge)
@@ -242,8 +237,11 @@ pub async fn settle_unanswered(
     let text = (!partial.text.is_empty()).then_some(partial.text);
     // Only a kept charge is settled below the reservation; a refund gives it all back.
     let charge = partial.charge.filter(|_| !refunded);
-    let settled = db_run!(db, pool => bind_outcome!(sqlx::query(
-        "UPDATE chats SET status = $1, refunded = $2,
+    let settled = db_execute!(
+        db,
+        bind_outcome!(
+            sqlx::query(
+                "UPDATE chats SET status = $1, refunded = $2,
                           response = CASE WHEN erased_at IS NULL THEN $3 END, finished_at = $4,
                           prompt_tokens = $6, completion_tokens = $7,
                           tool_calls = CASE WHEN erased_at IS NULL THEN $8 END,
@@ -251,15 +249,16 @@ pub async fn settle_unanswered(
                           cost = CASE WHEN $11 < cost THEN $11 ELSE cost END,
                           upstream = $12, attempts = $13
          WHERE id = $5 AND status = 'pending'",
-    )
-    .bind(status)
-    .bind(refunded)
-    .bind(text)
-    .bind(unix_now())
-    .bind(chat_id), partial, charge)
-    .execute(pool)
-    .await
-    .map(|done| done.rows_affected()))?;
+            )
+            .bind(status)
+            .bind(refunded)
+            .bind(text)
+            .bind(unix_now())
+            .bind(chat_id),
+            partial,
+            charge
+        )
+    )?;
     Ok(settled == 1)
 }
 
