@@ -237,9 +237,17 @@ async fn delete_while_answering(app: &TestApp) -> i64 {
         chat_in(app, &token, &conversation, "a second secret"),
         async {
             // Deleted once the second chat is reserved and waiting for the model.
-            while app.llm.calls() < 2 {
+            for _ in 0..1000 {
+                if app.llm.calls() >= 2 {
+                    break;
+                }
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
+            assert_eq!(
+                app.llm.calls(),
+                2,
+                "the second chat never reached the model"
+            );
             delete(app, &token, &path).await
         }
     );
