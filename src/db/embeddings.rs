@@ -13,7 +13,7 @@ use super::{
     unix_now, users, Db,
 };
 use crate::{
-    domain::{BudgetOwner, Budgets},
+    domain::{BudgetOwner, Budgets, IdBatch},
     llm::EmbeddingUsage,
     pricing::Prices,
 };
@@ -155,22 +155,17 @@ pub async fn refund(db: &Db, embedding_id: i64) -> Result<bool, sqlx::Error> {
     Ok(refunded == 1)
 }
 
-/// Ids above `after` of calls still pending past their deadline at `now`, in order.
+/// The `batch` of ids of calls still pending past their deadline at `now`.
 #[tracing::instrument(level = "debug", skip_all)]
-pub async fn stale_pending(
-    db: &Db,
-    now: i64,
-    after: i64,
-    limit: i64,
-) -> Result<Vec<i64>, sqlx::Error> {
+pub async fn stale_pending(db: &Db, now: i64, batch: IdBatch) -> Result<Vec<i64>, sqlx::Error> {
     db_read!(db, pool => sqlx::query_scalar(
         "SELECT id FROM embeddings
          WHERE status = 'pending' AND id > $2 AND deadline_at < $1
          ORDER BY id LIMIT $3",
     )
     .bind(now)
-    .bind(after)
-    .bind(limit)
+    .bind(batch.after)
+    .bind(batch.limit)
     .fetch_all(pool)
     .await)
 }

@@ -307,6 +307,34 @@ impl PageRequest {
     }
 }
 
+/// One batch of a sweep over rows by id: at most `limit` ids above `after`, in order. The
+/// next batch starts after the last id this one found, so rows a sweep leaves behind (a
+/// refund that failed) hold back none after them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IdBatch {
+    pub after: i64,
+    pub limit: i64,
+}
+
+impl IdBatch {
+    /// The first batch: the lowest `limit` ids.
+    pub fn first(limit: i64) -> Self {
+        Self { after: 0, limit }
+    }
+
+    /// The batch after this one, which found `ids`; `None` when this one was the last (it
+    /// found fewer than it could).
+    pub fn next(self, ids: &[i64]) -> Option<Self> {
+        match ids.last() {
+            Some(&last) if ids.len() as i64 == self.limit => Some(Self {
+                after: last,
+                ..self
+            }),
+            _ => None,
+        }
+    }
+}
+
 /// Where a chat is in its life. Its tokens are reserved when it is created, `Pending`;
 /// an `Answered` chat keeps them as its charge, a `Failed` one was refunded, and an
 /// `Abandoned` one (a stream whose client went away before the end) was either, as

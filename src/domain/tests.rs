@@ -175,3 +175,18 @@ fn only_a_refunded_chat_costs_nothing() {
     assert_eq!(ChatStatus::Abandoned.tokens_charged(100, false), 100);
     assert_eq!(ChatStatus::Abandoned.tokens_charged(100, true), 0);
 }
+
+#[test]
+fn a_full_batch_is_followed_by_one_after_its_last_id_and_a_short_one_by_none() {
+    let first = IdBatch::first(3);
+    assert_eq!(first, IdBatch { after: 0, limit: 3 });
+    assert_eq!(
+        first.next(&[4, 9, 12]),
+        Some(IdBatch {
+            after: 12,
+            limit: 3
+        })
+    );
+    assert_eq!(first.next(&[4, 9]), None);
+    assert_eq!(first.next(&[]), None);
+}

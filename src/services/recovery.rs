@@ -7,6 +7,7 @@ use std::{sync::Arc, time::Duration};
 use crate::{
     config::Config,
     db::{self, Db},
+    domain::IdBatch,
     services::ServiceResult,
     telemetry::{ChatOutcome, Metrics, TokenMove},
 };
@@ -15,7 +16,7 @@ use crate::{
 /// pending one is judged abandoned.
 pub const SETTLE_MARGIN: Duration = Duration::from_secs(5);
 
-/// Chats refunded per query, so one sweep never holds a long transaction.
+/// Chats or embeddings calls refunded per query, so one sweep never holds a long transaction.
 const BATCH: i64 = 100;
 
 /// What one sweep did.
@@ -71,9 +72,9 @@ impl Recovery {
         // Chats whose refund failed stay pending and would be found again: the next batch
         // starts after the last chat this sweep looked at, so one chat that cannot be settled
         // holds back no other (issue 21).
-        let mut after = 0;
-        loop {
-            let stale = db::chats::stale_pending(db, now, abandoned_before, after, BATCH).await?;
+        let mut batch = Some(IdBatch::first(BATCH));
+        while let Some(this) = batch {
+            let stale = db::chats::stale_pending(db, now, abandoned_before, this).await?;
             for &chat_id in &stale {
                 // Another process may win the race for a chat; then this refund is a no-op.
                 match db::chats::refund(db, chat_id).await {
@@ -90,10 +91,7 @@ impl Recovery {
                     }
                 }
             }
-            match stale.last() {
-                Some(&last) if (stale.len() as i64) == BATCH => after = last,
-                _ => break,
-            }
+            batch = this.next(&stale);
         }
         self.refund_stale_embeddings(now, &mut report).await?;
         let expired_before = now - self.config.idempotency_key_lifetime.as_secs() as i64;
@@ -111,9 +109,9 @@ impl Recovery {
 
     /// Refunds every embeddings call pending past its deadline, as chats are.
     async fn refund_stale_embeddings(&self, now: i64, report: &mut Sweep) -> ServiceResult<()> {
-        let mut after = 0;
-        loop {
-            let stale = db::embeddings::stale_pending(&self.db, now, after, BATCH).await?;
+        let mut batch = Some(IdBatch::first(BATCH));
+        while let Some(this) = batch {
+            let stale = db::embeddings::stale_pending(&self.db, now, this).await?;
             for &embedding_id in &stale {
                 match db::embeddings::refund(&self.db, embedding_id).await {
                     Ok(true) => {
@@ -130,11 +128,9 @@ impl Recovery {
                     }
                 }
             }
-            match stale.last() {
-                Some(&last) if (stale.len() as i64) == BATCH => after = last,
-                _ => return Ok(()),
-            }
+            batch = this.next(&stale);
         }
+        Ok(())
     }
 
     /// Sweeps now, then every quarter of `abandoned_after` (at least each second), forever.

@@ -16,7 +16,7 @@ use super::{
     ledger::{self, returning_settling, Settling},
     unix_now, Db,
 };
-use crate::domain::{ChatStatus, PageRequest};
+use crate::domain::{ChatStatus, IdBatch, PageRequest};
 
 pub use reserve::{reserve, NewChat, PriceSnapshot, Reservation};
 
@@ -262,16 +262,14 @@ pub async fn settle_unanswered(
     Ok(settled == 1)
 }
 
-/// Ids above `after` of chats still pending past their deadline at `now`, in order. A chat
-/// from before deadlines were recorded is past it once created before
-/// `legacy_created_before`.
+/// The `batch` of ids of chats still pending past their deadline at `now`. A chat from
+/// before deadlines were recorded is past it once created before `legacy_created_before`.
 #[tracing::instrument(level = "debug", skip_all)]
 pub async fn stale_pending(
     db: &Db,
     now: i64,
     legacy_created_before: i64,
-    after: i64,
-    limit: i64,
+    batch: IdBatch,
 ) -> Result<Vec<i64>, sqlx::Error> {
     db_read!(db, pool => sqlx::query_scalar(
         "SELECT id FROM chats
@@ -281,8 +279,8 @@ pub async fn stale_pending(
     )
     .bind(now)
     .bind(legacy_created_before)
-    .bind(after)
-    .bind(limit)
+    .bind(batch.after)
+    .bind(batch.limit)
     .fetch_all(pool)
     .await)
 }

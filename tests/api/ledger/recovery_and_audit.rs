@@ -1,5 +1,6 @@
-//! Recovery refunds abandoned chats once, one that cannot be refunded holds back no other,
-//! grants leave room for pending refunds, and the audit finds what disagrees with the ledger.
+//! Recovery refunds abandoned chats once and however many there are, one that cannot be
+//! refunded holds back no other, grants leave room for pending refunds, and the audit finds
+//! what disagrees with the ledger.
 
 use std::time::Duration;
 
@@ -40,6 +41,33 @@ async fn recovery_refunds_abandoned_chats_once_however_many_sweep() {
     assert_eq!(refunded, 3);
     assert_eq!(app.balance(&token).await, 4000);
     assert_eq!(app.chat_counts().await, [("failed".to_string(), 3)]);
+    app.assert_audit_passes().await;
+}
+
+#[tokio::test]
+async fn a_sweep_refunds_every_abandoned_chat_however_many_batches_they_fill() {
+    let app = TestApp::new().await;
+    // Exactly two batches of 100: the sweep must read a third, empty one to know it is done.
+    let mut tokens = Vec::new();
+    for n in 0..5 {
+        let username = format!("user{n}");
+        tokens.push(app.user_with_token(&username).await);
+        let id = user_id(&app, &username).await;
+        for _ in 0..40 {
+            orphaned_chat(&app, id).await;
+        }
+    }
+    let swept = app
+        .state
+        .recovery
+        .sweep(tokenchat::db::unix_now() + 61)
+        .await
+        .unwrap();
+    assert_eq!((swept.refunded_chats, swept.unsettled_chats), (200, 0));
+    for token in &tokens {
+        assert_eq!(app.balance(token).await, 4000);
+    }
+    assert_eq!(app.chat_counts().await, [("failed".to_string(), 200)]);
     app.assert_audit_passes().await;
 }
 
