@@ -350,6 +350,25 @@ impl<S: Send + Sync> FromRequestParts<S> for IdempotencyKey {
     }
 }
 
+/// For the one route that keeps no answer to replay, `/v1/embeddings`: a request with an
+/// `Idempotency-Key` is refused rather than its key ignored, since a retry would be charged
+/// again. A malformed key is refused for its form first, as on every route.
+pub struct NoIdempotencyKey;
+
+impl<S: Send + Sync> FromRequestParts<S> for NoIdempotencyKey {
+    type Rejection = Error;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Error> {
+        match IdempotencyKey::from_request_parts(parts, state).await? {
+            IdempotencyKey(None) => Ok(Self),
+            IdempotencyKey(Some(_)) => Err(Error::invalid_input(
+                "Idempotency-Key",
+                "Idempotency-Key is not supported on /v1/embeddings",
+            )),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

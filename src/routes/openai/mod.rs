@@ -29,7 +29,7 @@ use self::{
 use super::{
     chat::{max_tokens_applied, IDEMPOTENT_REPLAYED},
     error::ApiError,
-    extract::{AuthUser, IdempotencyKey, RawJson, TokensRemaining},
+    extract::{AuthUser, IdempotencyKey, NoIdempotencyKey, RawJson, TokensRemaining},
     limits,
 };
 use crate::{
@@ -209,16 +209,9 @@ async fn complete(
 pub async fn embeddings(
     State(state): State<AppState>,
     user: AuthUser,
-    IdempotencyKey(idempotency_key): IdempotencyKey,
+    _: NoIdempotencyKey,
     body: RawJson,
 ) -> Result<Response, ApiError> {
-    // Refused rather than ignored: a retry would be charged again.
-    if idempotency_key.is_some() {
-        return Err(ApiError::invalid_input(
-            "Idempotency-Key",
-            "Idempotency-Key is not supported on /v1/embeddings",
-        ));
-    }
     let request = request::embeddings(&state, body)?;
     let admitted = match limits::admit_v1(&state, &user, &request.model).await {
         Ok(admitted) => admitted,

@@ -194,6 +194,22 @@ async fn a_failed_embeddings_call_is_refunded_and_answered_as_openai_does() {
         "invalid_input",
     );
     assert_eq!(keyed.json["error"]["param"], "Idempotency-Key");
+    // Refused before its body is read: a key on a form body is refused for the key, not for
+    // the form.
+    let keyed_and_unreadable = app
+        .request(
+            Method::POST,
+            "/v1/embeddings",
+            &[
+                ("authorization", authorization.as_str()),
+                ("idempotency-key", "once"),
+                ("content-type", "application/x-www-form-urlencoded"),
+            ],
+            "model=llama3.2&input=hello".to_string(),
+        )
+        .await;
+    assert_eq!(keyed_and_unreadable.status, StatusCode::BAD_REQUEST);
+    assert_eq!(keyed_and_unreadable.json["error"]["param"], "Idempotency-Key");
     assert_eq!(app.llm.calls(), 5);
     app.assert_all_settled().await;
 }
