@@ -209,7 +209,10 @@ async fn a_failed_embeddings_call_is_refunded_and_answered_as_openai_does() {
         )
         .await;
     assert_eq!(keyed_and_unreadable.status, StatusCode::BAD_REQUEST);
-    assert_eq!(keyed_and_unreadable.json["error"]["param"], "Idempotency-Key");
+    assert_eq!(
+        keyed_and_unreadable.json["error"]["param"],
+        "Idempotency-Key"
+    );
     assert_eq!(app.llm.calls(), 5);
     app.assert_all_settled().await;
 }
