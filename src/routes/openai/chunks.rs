@@ -15,7 +15,7 @@ use serde_json::value::RawValue;
 use super::{
     completion::{completion_id, finish_reason, stored_tool_calls, CompletionUsage},
     errors::openai_error,
-    relay::relay,
+    relay::{is_usage_chunk, relay},
 };
 use crate::{
     clock::unix_now,
@@ -155,13 +155,16 @@ pub(super) fn chunk_stream(started: StreamedChat, model: String, include_usage: 
         id: completion_id(chat.chat_id),
         model,
     };
-    // The model's chunk that carries the usage, until the charge is known.
+    // The model's usage chunk (the one without choices), until the charge is known. A chunk
+    // that carries the usage so far beside its choices goes on at once, as it came.
     let mut usage_chunk: Option<String> = None;
     let events = chat
         .events
         .map(move |event| match event {
             StreamEvent::Chunk(chunk) if chunk.data.is_empty() => Vec::new(),
-            StreamEvent::Chunk(chunk) if include_usage && chunk.usage.is_some() => {
+            StreamEvent::Chunk(chunk)
+                if include_usage && chunk.usage.is_some() && is_usage_chunk(&chunk.data) =>
+            {
                 usage_chunk = Some(chunk.data);
                 Vec::new()
             }

@@ -22,13 +22,8 @@ pub(super) fn relay(
     let has_usage = fields
         .get("usage")
         .is_some_and(|usage| usage.get() != "null");
-    if !keep_usage && has_usage {
-        let holds_choices = fields
-            .get("choices")
-            .is_some_and(|choices| !matches!(choices.get().trim(), "[]" | "null"));
-        if !holds_choices {
-            return None;
-        }
+    if !keep_usage && has_usage && !holds_choices(&fields) {
+        return None;
     }
     let named = json_string(model);
     let model_unchanged = fields.get("model").is_some_and(|sent| sent.get() == named);
@@ -57,6 +52,18 @@ pub(super) fn relay(
         rewritten.push('}');
     }
     Some(rewritten)
+}
+
+/// Whether a chunk of a stream holds any choice: a usage chunk has none. (Some servers put
+/// the usage so far in every chunk, vLLM's `continuous_usage_stats`: those hold choices.)
+pub(super) fn is_usage_chunk(chunk: &str) -> bool {
+    Fields::parse(chunk).is_ok_and(|fields| !holds_choices(&fields))
+}
+
+fn holds_choices(fields: &Fields<'_>) -> bool {
+    fields
+        .get("choices")
+        .is_some_and(|choices| !matches!(choices.get().trim(), "[]" | "null"))
 }
 
 /// A usage object (its raw JSON; `null` or anything but an object counts as none) with

@@ -242,6 +242,51 @@ async fn a_streamed_completion_sends_chunks_exactly_as_openai_does() {
 }
 
 #[tokio::test]
+async fn a_model_that_puts_the_usage_in_every_chunk_still_streams_its_whole_answer() {
+    let app = TestApp::new().await;
+    let key = key_of(&app, "user").await;
+    app.llm.set_reply(Reply::UsageInEveryChunk);
+    for include_usage in [true, false] {
+        let mut body = hello("llama3.2");
+        body["stream"] = json!(true);
+        body["stream_options"] = json!({ "include_usage": include_usage });
+        let events = stream_completion(&app, &key, body).await;
+        assert_eq!(events.last().unwrap(), "[DONE]");
+        let chunks: Vec<Value> = events[..events.len() - 1]
+            .iter()
+            .map(|data| serde_json::from_str(data).unwrap())
+            .collect();
+        let text: String = chunks
+            .iter()
+            .filter_map(|chunk| chunk["choices"][0]["delta"]["content"].as_str())
+            .collect();
+        assert_eq!(text, "Echo: hello there", "{events:?}");
+        let finished = chunks
+            .iter()
+            .filter(|chunk| chunk["choices"][0]["finish_reason"] == "stop")
+            .count();
+        assert_eq!(finished, 1, "{events:?}");
+        // The usage a client asked for ends the stream, with the charge; one that did not
+        // ask sees none.
+        let costs: Vec<&Value> = chunks
+            .iter()
+            .filter_map(|chunk| chunk["usage"].get("cost"))
+            .collect();
+        if include_usage {
+            assert_eq!(costs, [&json!(100)], "{events:?}");
+            assert_eq!(chunks.last().unwrap()["choices"], json!([]));
+        } else {
+            assert!(
+                chunks.iter().all(|chunk| chunk.get("usage").is_none()),
+                "{events:?}"
+            );
+        }
+    }
+    assert_eq!(app.balance(&key).await, 3800);
+    app.assert_all_settled().await;
+}
+
+#[tokio::test]
 async fn a_stream_that_fails_after_it_began_ends_with_an_error_event_charged_only_for_delivered_text(
 ) {
     // Cut after the role chunk: nothing delivered, nothing charged. Cut after a word of

@@ -76,6 +76,9 @@ pub enum Reply {
     StallMidStream { after_words: usize, stall: Duration },
     /// Streamed: one word every `every`. Not streamed: like `Echo`.
     SlowStream { every: Duration },
+    /// Streamed, when the usage is asked for: the usage in every chunk too, as vLLM sends
+    /// it with `continuous_usage_stats`. Otherwise like `Echo`.
+    UsageInEveryChunk,
     /// Rejects the request as invalid with this status (400, 404, 413, 422) and OpenAI's
     /// error object: a bad tool schema.
     Reject(u16),
@@ -375,6 +378,11 @@ async fn completions(
         Reply::SlowStream { every } => {
             let mut plan = StreamPlan::of(&answered, usage);
             plan.every = Some(every);
+            sse(&shared, &model, plan)
+        }
+        Reply::UsageInEveryChunk => {
+            let mut plan = StreamPlan::of(&answered, usage);
+            plan.usage_in_every_chunk = true;
             sse(&shared, &model, plan)
         }
         _ => sse(&shared, &model, StreamPlan::of(&answered, usage)),

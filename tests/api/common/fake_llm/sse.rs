@@ -43,6 +43,9 @@ pub struct StreamPlan {
     pub pause_after: Option<(usize, Duration)>,
     /// Silence before each delta.
     pub every: Option<Duration>,
+    /// The usage in every chunk as well as in its own at the end (vLLM's
+    /// `continuous_usage_stats`).
+    pub usage_in_every_chunk: bool,
 }
 
 #[derive(Clone, Copy)]
@@ -99,6 +102,7 @@ impl StreamPlan {
             broken: None,
             pause_after: None,
             every: None,
+            usage_in_every_chunk: false,
         }
     }
 
@@ -191,8 +195,9 @@ pub fn sse(shared: &Arc<Shared>, model: &str, plan: StreamPlan) -> Response {
         };
         event(&serde_json::to_string(&chunk).unwrap())
     };
+    let running = plan.usage.filter(|_| plan.usage_in_every_chunk);
     let mut steps = VecDeque::new();
-    steps.push_back(Step::Send(chunk(plan.roles, None)));
+    steps.push_back(Step::Send(chunk(plan.roles, running)));
     let count = plan.deltas.len();
     for (sent, delta) in plan.deltas.into_iter().enumerate() {
         if let Some(every) = plan.every {
@@ -203,7 +208,7 @@ pub fn sse(shared: &Arc<Shared>, model: &str, plan: StreamPlan) -> Response {
                 steps.push_back(Step::Pause(stall));
             }
         }
-        steps.push_back(Step::Send(chunk(vec![delta], None)));
+        steps.push_back(Step::Send(chunk(vec![delta], running)));
     }
     if let Some((after, stall)) = plan.pause_after {
         // An answer shorter than `after` still stalls, before its finish chunk.
@@ -226,7 +231,7 @@ pub fn sse(shared: &Arc<Shared>, model: &str, plan: StreamPlan) -> Response {
             End::ByTheFake
         }
         None => {
-            steps.push_back(Step::Send(chunk(plan.finishes, None)));
+            steps.push_back(Step::Send(chunk(plan.finishes, running)));
             if let Some(usage) = plan.usage {
                 steps.push_back(Step::Send(chunk(Vec::new(), Some(usage))));
             }
