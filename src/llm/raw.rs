@@ -55,10 +55,8 @@ impl<'a> Fields<'a> {
         let mut deserializer = serde_json::Deserializer::from_str(text);
         let fields = Object { expanded }.deserialize(&mut deserializer)?;
         deserializer.end()?;
-        let mut names: Vec<&str> = fields.iter().map(|(name, _)| name.as_ref()).collect();
-        names.sort_unstable();
-        if let Some(pair) = names.windows(2).find(|pair| pair[0] == pair[1]) {
-            return Err(NotAnObject::Duplicate(pair[0].to_string()));
+        if let Some(name) = given_twice(fields.iter().map(|(name, _)| name.as_ref())) {
+            return Err(NotAnObject::Duplicate(name.to_string()));
         }
         Ok(Self { fields })
     }
@@ -93,6 +91,16 @@ impl<'a> Fields<'a> {
             _ => None,
         })
     }
+}
+
+/// A name that `names` (an object's field names) holds twice, if any.
+pub fn given_twice<'n>(names: impl Iterator<Item = &'n str>) -> Option<&'n str> {
+    let mut names: Vec<&str> = names.collect();
+    names.sort_unstable();
+    names
+        .windows(2)
+        .find(|pair| pair[0] == pair[1])
+        .map(|pair| pair[0])
 }
 
 /// Reads a JSON object's fields, one of them (`expanded`) as an array of objects.

@@ -13,7 +13,7 @@ use crate::{
     domain::Message,
     llm::{
         forward::CAPS,
-        raw::{Element, Field, Fields, NotAnObject},
+        raw::{given_twice, Element, Field, Fields, NotAnObject},
         Forwarded,
     },
     routes::{error::ApiError, extract::RawJson},
@@ -163,6 +163,14 @@ pub(super) fn completion(state: &AppState, raw: RawJson) -> Result<Checked, ApiE
                 "each message must be an object with a role",
             ));
         };
+        // tokenchat would read one and the model perhaps the other: its role, the text
+        // stored, the parts reserved for could all differ from what the model is sent.
+        if let Some(name) = given_twice(message.iter().map(|(name, _)| name.as_ref())) {
+            return Err(invalid(
+                "messages",
+                format!("a message gives the field {name:?} twice"),
+            ));
+        }
         let field = |name| {
             message
                 .iter()
@@ -183,7 +191,7 @@ pub(super) fn completion(state: &AppState, raw: RawJson) -> Result<Checked, ApiE
             last_user = Some(field("content"));
         }
         if priced {
-            media_parts += media_parts_of(field("content"));
+            media_parts += media_parts_of(field("content"))?;
         }
     }
     let Some(content) = last_user else {
@@ -230,28 +238,38 @@ fn count(fields: &Fields<'_>, name: &'static str) -> Result<Option<u64>, ApiErro
     }
 }
 
-/// How many parts of a message's content are not text (images, audio, files).
-fn media_parts_of(content: Option<&RawValue>) -> u64 {
-    /// A content part, read for its type alone.
-    #[derive(Deserialize)]
-    struct PartKind<'a> {
-        #[serde(rename = "type", borrow)]
-        kind: Option<Cow<'a, str>>,
-    }
+/// How many parts of a message's content are not text (images, audio, files). A part that
+/// is not an object counts as one, as the model may yet read it as one; a part that gives a
+/// field twice is refused, as its `type` could be read either way.
+fn media_parts_of(content: Option<&RawValue>) -> Result<u64, ApiError> {
     let Some(raw) = content
         .map(RawValue::get)
         .filter(|raw| raw.starts_with('['))
     else {
-        return 0;
+        return Ok(0);
     };
-    // A content that is not an array of parts is refused, or passed on, elsewhere; here it
-    // holds no media part.
-    serde_json::from_str::<Vec<PartKind>>(raw).map_or(0, |parts| {
-        parts
-            .iter()
-            .filter(|part| part.kind.as_deref() != Some("text"))
-            .count() as u64
-    })
+    // A content that is not an array is refused, or passed on, elsewhere; here it holds no
+    // media part.
+    let Ok(parts) = serde_json::from_str::<Vec<&RawValue>>(raw) else {
+        return Ok(0);
+    };
+    let mut media = 0;
+    for part in parts {
+        let is_text = match Fields::parse(part.get()) {
+            Ok(fields) => fields
+                .get("type")
+                .is_some_and(|kind| kind.get() == r#""text""#),
+            Err(NotAnObject::Duplicate(name)) => {
+                return Err(invalid(
+                    "messages",
+                    format!("a content part gives the field {name:?} twice"),
+                ))
+            }
+            Err(NotAnObject::Json(_)) => false,
+        };
+        media += u64::from(!is_text);
+    }
+    Ok(media)
 }
 
 pub(super) fn embeddings(state: &AppState, raw: RawJson) -> Result<Forwarded, ApiError> {

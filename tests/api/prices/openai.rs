@@ -119,6 +119,67 @@ async fn each_image_is_reserved_at_its_allowance() {
 }
 
 #[tokio::test]
+async fn a_field_given_twice_in_a_message_or_a_content_part_is_refused_before_any_reservation() {
+    let app = priced_app(&[("INITIAL_TOKENS", "100000")]).await;
+    let key = key_of(&app, "twice").await;
+    let images = r#"[{"type":"image_url","image_url":{"url":"https://example.com/a.png"}}]"#;
+    // tokenchat would read the first and the model the last: a short text reserved for,
+    // the images answered (and the text stored) something else.
+    for (body, field) in [
+        (
+            format!(r#"{{"model":"llama3.2","messages":[{{"role":"user","content":"hi","content":{images}}}]}}"#),
+            "content",
+        ),
+        (
+            format!(r#"{{"model":"llama3.2","messages":[{{"role":"user","role":"system","content":"hi"}},{{"role":"user","content":{images}}}]}}"#),
+            "role",
+        ),
+        (
+            r#"{"model":"llama3.2","messages":[{"role":"user","content":[{"type":"text","type":"image_url","image_url":{"url":"x"},"text":"hi"}]}]}"#.to_string(),
+            "type",
+        ),
+    ] {
+        let authorization = format!("Bearer {key}");
+        let refused = app
+            .request(
+                axum::http::Method::POST,
+                "/v1/chat/completions",
+                &[("authorization", authorization.as_str())],
+                body,
+            )
+            .await;
+        assert_openai_error(
+            &refused,
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "invalid_input",
+        );
+        assert_eq!(refused.json["error"]["param"], "messages");
+        let message = refused.json["error"]["message"].as_str().unwrap();
+        assert!(message.contains(&format!("{field:?} twice")), "{message}");
+    }
+    assert_eq!(app.llm.calls(), 0);
+    assert_eq!(app.balance(&key).await, 100000);
+
+    // A part that is not an object is reserved for as media: the model may read it as one.
+    let stray = json!({
+        "model": "llama3.2",
+        "messages": [
+            { "role": "user", "content": [{ "type": "text", "text": "hi" }, "stray"] },
+            { "role": "user", "content": "and this?" },
+        ],
+    });
+    let answered = completions(&app, &key, stray.clone()).await;
+    assert_eq!(answered.status, StatusCode::OK, "{answered:?}");
+    let row = super::chat_row(&app, 1).await;
+    assert_eq!(
+        row.reserved,
+        REQUEST + request_bound(&stray) + 2048 + 2 * MAX_OUTPUT
+    );
+    app.assert_all_settled().await;
+}
+
+#[tokio::test]
 async fn the_models_list_gives_each_priced_model_its_prices() {
     let app = priced_app(&[("LLM_MODELS", "unpriced")]).await;
     let key = key_of(&app, "lister").await;
