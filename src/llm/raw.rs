@@ -41,7 +41,19 @@ pub enum NotAnObject {
     /// Two fields of one name: which one a model would read is anyone's guess.
     #[error("the field {0:?} is given twice")]
     Duplicate(String),
+    /// More fields in one object, or elements in the expanded array, than anyone sends
+    /// (`MAX_FIELDS`, `MAX_ELEMENTS`): refused as soon as they are counted, so a body of
+    /// tiny fields cannot make its reading take many times its size in memory.
+    #[error("{0}")]
+    TooMany(String),
 }
+
+/// The most fields read in one object (OpenAI's requests and messages have a few dozen).
+pub const MAX_FIELDS: usize = 256;
+/// The most elements read of the expanded array (a chat's messages).
+pub const MAX_ELEMENTS: usize = 100_000;
+/// How the two limits' errors begin, to tell them from serde_json's own.
+const TOO_MANY: &str = "more than ";
 
 impl<'a> Fields<'a> {
     /// The top-level fields of `text`, which must be one JSON object, each name once.
@@ -53,7 +65,15 @@ impl<'a> Fields<'a> {
     /// objects of raw fields (a chat's `messages`): the text is scanned once, however big.
     pub fn parse_expanding(text: &'a str, expanded: Option<&str>) -> Result<Self, NotAnObject> {
         let mut deserializer = serde_json::Deserializer::from_str(text);
-        let fields = Object { expanded }.deserialize(&mut deserializer)?;
+        let fields = Object { expanded }
+            .deserialize(&mut deserializer)
+            .map_err(|err| match err.to_string() {
+                // A visitor's own error (`custom`), which serde_json reports as data.
+                message if err.is_data() && message.starts_with(TOO_MANY) => {
+                    NotAnObject::TooMany(message)
+                }
+                _ => NotAnObject::Json(err),
+            })?;
         deserializer.end()?;
         if let Some(name) = given_twice(fields.iter().map(|(name, _)| name.as_ref())) {
             return Err(NotAnObject::Duplicate(name.to_string()));
@@ -126,6 +146,11 @@ impl<'de> Visitor<'de> for Object<'_> {
     fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Self::Value, M::Error> {
         let mut fields = Vec::new();
         while let Some(Name(name)) = map.next_key()? {
+            if fields.len() == MAX_FIELDS {
+                return Err(de::Error::custom(format_args!(
+                    "{TOO_MANY}{MAX_FIELDS} fields in one object"
+                )));
+            }
             let value = if Some(name.as_ref()) == self.expanded {
                 map.next_value::<Expanded>()?.0
             } else {
@@ -219,6 +244,11 @@ impl<'de> Visitor<'de> for ArrayOrNot {
     fn visit_seq<S: SeqAccess<'de>>(self, mut seq: S) -> Result<Field<'de>, S::Error> {
         let mut elements = Vec::new();
         while let Some(AnElement(element)) = seq.next_element()? {
+            if elements.len() == MAX_ELEMENTS {
+                return Err(de::Error::custom(format_args!(
+                    "{TOO_MANY}{MAX_ELEMENTS} elements in one array"
+                )));
+            }
             elements.push(element);
         }
         Ok(Field::Array(elements))
@@ -319,6 +349,36 @@ pub fn slice_of(whole: &Bytes, part: &str) -> Bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_object_of_more_fields_or_an_array_of_more_elements_than_the_limits_is_refused() {
+        let object = |count: usize| {
+            let fields: Vec<String> = (0..count).map(|n| format!(r#""f{n}":0"#)).collect();
+            format!("{{{}}}", fields.join(","))
+        };
+        assert_eq!(
+            Fields::parse(&object(MAX_FIELDS)).unwrap().raw().count(),
+            MAX_FIELDS
+        );
+        let refused = Fields::parse(&object(MAX_FIELDS + 1)).err().unwrap();
+        assert!(matches!(refused, NotAnObject::TooMany(_)), "{refused:?}");
+        let in_a_message = format!(r#"{{"messages":[{}]}}"#, object(MAX_FIELDS + 1));
+        let refused = Fields::parse_expanding(&in_a_message, Some("messages")).err();
+        assert!(
+            matches!(refused, Some(NotAnObject::TooMany(_))),
+            "{refused:?}"
+        );
+        let messages =
+            |count: usize| format!(r#"{{"messages":[{}]}}"#, vec!["{}"; count].join(","));
+        assert!(Fields::parse_expanding(&messages(MAX_ELEMENTS), Some("messages")).is_ok());
+        let refused = Fields::parse_expanding(&messages(MAX_ELEMENTS + 1), Some("messages")).err();
+        assert!(
+            matches!(refused, Some(NotAnObject::TooMany(_))),
+            "{refused:?}"
+        );
+        // Bad JSON is still bad JSON.
+        assert!(matches!(Fields::parse("{"), Err(NotAnObject::Json(_))));
+    }
 
     #[test]
     fn fields_keep_their_order_and_raw_text() {

@@ -3,7 +3,7 @@
 //! answered 503 `busy`), and the memory they held is given back once their connections close;
 //! and a hundred `/v1` bodies of 20 MiB (images), sent at once or slowly, never take the
 //! server past that budget and a constant, the bodies that fit held until the model has
-//! taken them.
+//! taken them; nor do bodies of millions of tiny fields or messages, refused as they are read.
 
 use std::{
     net::{IpAddr, Ipv4Addr},
@@ -316,6 +316,112 @@ async fn a_hundred_bodies_of_20_mib_at_once_or_slowly_stay_within_the_budget_and
                 .as_str()
                 .is_some_and(|url| url.len() > V1_BODY_BYTES - 1024)
         ));
+}
+
+#[tokio::test]
+async fn bodies_of_millions_of_tiny_fields_or_messages_are_refused_within_the_budget() {
+    let llm = FakeLlm::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let vars = [
+        ("LLM_BASE_URL", llm.base_url.as_str()),
+        ("CHAT_RATE_PER_MINUTE", "0"),
+    ];
+    let server = Server::start(dir.path(), &vars);
+    let (base, pid) = (server.base.clone(), server.child.id());
+    let http = reqwest::Client::new();
+    let token = register_and_login(&http, &base, "pass123").await;
+    let (status, created) = send(
+        http.post(format!("{base}/keys"))
+            .bearer_auth(&token)
+            .json(&json!({ "name": "fields" })),
+    )
+    .await;
+    assert_eq!(status, 201, "{created}");
+    let key = created["key"].as_str().unwrap().to_string();
+    assert_small_chat_is_answered(&http, &base, &key).await;
+    let baseline = rss_bytes(pid);
+    let user = r#"{"role":"user","content":"hi"}"#;
+    // Each read whole took 10 to 33 times its size before the limits (an attack run: one of
+    // these, 19 MiB, took the server from 35 MB to 849 MB).
+    let fields = |from: &str, to: &str| {
+        let mut body = from.to_string();
+        for n in 0.. {
+            if body.len() > V1_BODY_BYTES - 64 {
+                break;
+            }
+            body.push_str(&format!(r#""{n:x}":0,"#));
+        }
+        body + to
+    };
+    let top_level = fields(
+        &format!(r#"{{"model":"llama3.2","messages":[{user}],"#),
+        r#""end":0}"#,
+    );
+    let in_a_message = fields(
+        r#"{"model":"llama3.2","messages":[{"role":"user","content":"hi","#,
+        r#""end":0}]}"#,
+    );
+    let empty_messages = format!(
+        r#"{{"model":"llama3.2","messages":[{}{user}]}}"#,
+        "{},".repeat((V1_BODY_BYTES - 100) / 3)
+    );
+    for (kind, body) in [
+        ("fields", top_level),
+        ("fields in a message", in_a_message),
+        ("messages", empty_messages),
+    ] {
+        assert!(body.len() <= V1_BODY_BYTES, "{kind}: {}", body.len());
+        let request = Arc::new(raw_request(&base, &key, &body));
+        // Three at once: as many as the default budget holds.
+        let senders: Vec<_> = (0..3)
+            .map(|_| {
+                let (base, request) = (base.clone(), request.clone());
+                let source = IpAddr::V4(Ipv4Addr::LOCALHOST);
+                tokio::spawn(async move { send_body(&base, source, &request, false).await })
+            })
+            .collect();
+        let mut most = 0;
+        let mut answers = Vec::new();
+        for sender in senders {
+            while !sender.is_finished() {
+                most = most.max(rss_bytes(pid));
+                sleep(Duration::from_millis(10)).await;
+            }
+            answers.push(sender.await.unwrap());
+        }
+        for answer in answers {
+            let (status, head, body) = answer.expect("an answer");
+            assert_eq!(status, 400, "{kind}: {head}\n{body}");
+            assert_eq!(body["error"]["code"], "invalid_json", "{kind}: {body}");
+            let message = body["error"]["message"].as_str().unwrap();
+            assert!(message.contains("more than"), "{kind}: {message}");
+        }
+        eprintln!(
+            "three bodies of {kind}: RSS {} MiB before, at most {} MiB",
+            baseline >> 20,
+            most >> 20
+        );
+        assert!(
+            most < baseline + DEFAULT_BUDGET + SLACK_BEYOND_BUDGET,
+            "{kind}: RSS {} MiB, from {} MiB",
+            most >> 20,
+            baseline >> 20
+        );
+    }
+    assert_eq!(llm.calls(), 1);
+}
+
+/// A `/v1/chat/completions` request of `body`, its connection closed after the answer.
+fn raw_request(base: &str, key: &str, body: &str) -> Vec<u8> {
+    let host = base.trim_start_matches("http://");
+    let length = body.len();
+    let mut request = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {key}\r\n\
+         Content-Type: application/json\r\nContent-Length: {length}\r\nConnection: close\r\n\r\n"
+    )
+    .into_bytes();
+    request.extend_from_slice(body.as_bytes());
+    request
 }
 
 /// A chat completion of an image as big as `/v1` admits, with the text `hi`.

@@ -101,6 +101,9 @@ fn fields<'a>(raw: &'a RawJson, expanded: Option<&str>) -> Result<Fields<'a>, Ap
             ApiError::InvalidJson(format!("the request body is not valid JSON: {err}"))
         }
         duplicate @ NotAnObject::Duplicate(_) => ApiError::InvalidJson(duplicate.to_string()),
+        NotAnObject::TooMany(message) => {
+            ApiError::InvalidJson(format!("the request body holds {message}"))
+        }
     })
 }
 
@@ -265,7 +268,7 @@ fn media_parts_of(content: Option<&RawValue>) -> Result<u64, ApiError> {
                     format!("a content part gives the field {name:?} twice"),
                 ))
             }
-            Err(NotAnObject::Json(_)) => false,
+            Err(NotAnObject::Json(_) | NotAnObject::TooMany(_)) => false,
         };
         media += u64::from(!is_text);
     }
