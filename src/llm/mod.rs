@@ -23,7 +23,7 @@ pub use self::{
     answer::{Chunk, ToolCallDelta, ToolCalls, Usage},
     error::{LlmError, Rejection},
     forward::{BodyHold, Forwarded},
-    routing::{health::BreakerState, TargetReport, UpstreamProbe},
+    routing::{health::BreakerState, longest_call, TargetReport, UpstreamProbe},
 };
 use crate::{config::Config, telemetry::Metrics};
 

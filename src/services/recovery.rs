@@ -8,6 +8,7 @@ use crate::{
     config::Config,
     db::{self, Db},
     domain::IdBatch,
+    llm,
     services::ServiceResult,
     telemetry::{ChatOutcome, Metrics, TokenMove},
 };
@@ -33,14 +34,16 @@ pub struct Sweep {
 }
 
 /// How long this process's chats may stay pending before they count as abandoned: the
-/// deadline each records in its row, so every process judges a chat by its own limit.
+/// longest its call to the model may take, every target it may fall back to included, and
+/// a margin. It is the deadline each records in its row, so every process judges a chat by
+/// the limits of the one that reserved it.
 pub fn abandoned_after(config: &Config) -> Duration {
-    config.llm_timeout + SETTLE_MARGIN
+    llm::longest_call(config, false) + SETTLE_MARGIN
 }
 
 /// The same for a streamed chat, which may take `LLM_STREAM_MAX_SECS` once it began.
 pub fn stream_abandoned_after(config: &Config) -> Duration {
-    config.llm_timeout.max(config.llm_stream_max) + SETTLE_MARGIN
+    llm::longest_call(config, true) + SETTLE_MARGIN
 }
 
 /// What a sweep needs, built once at start: the database, the time limits and the

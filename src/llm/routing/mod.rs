@@ -407,6 +407,33 @@ fn verdict(failure: &LlmError) -> Verdict {
     }
 }
 
+/// The longest a call to a model may take however its targets fail, given `config`: one
+/// attempt at each target it may try (at most `UPSTREAM_MAX_ATTEMPTS`, and the most targets
+/// any model has), each its upstream's whole time-out, with the pauses between; a stream's
+/// last attempt, once begun, up to `LLM_STREAM_MAX_SECS`. A chat's deadline is this and a
+/// margin: recovery must never refund a call still under way.
+pub fn longest_call(config: &Config, streamed: bool) -> Duration {
+    let (longest_timeout, most_targets) =
+        config
+            .routing
+            .as_ref()
+            .map_or((config.llm_timeout, 1), |routing| {
+                let timeouts = routing.upstreams.iter().map(|upstream| upstream.timeout);
+                let longest = timeouts.fold(config.llm_timeout, |longest, timeout| {
+                    longest.max(timeout.unwrap_or(config.llm_timeout))
+                });
+                let targets = routing.models.iter().map(|model| model.targets.len());
+                (longest, targets.max().unwrap_or(1))
+            });
+    let attempts = config.retry.max_attempts.min(most_targets as u32).max(1);
+    let last = if streamed {
+        longest_timeout.max(config.llm_stream_max)
+    } else {
+        longest_timeout
+    };
+    (longest_timeout + BACK_OFF_CEILING) * (attempts - 1) + last
+}
+
 /// The pause before the `attempt`+1-th target: full jitter up to 25 ms, doubling with
 /// each attempt, to [`BACK_OFF_CEILING`].
 fn back_off(attempt: u32) -> Duration {

@@ -360,3 +360,59 @@ async fn an_upstream_at_its_most_concurrent_calls_is_passed_and_alone_it_is_busy
     assert_eq!(narrow.calls(), 2, "never two at once");
     assert_eq!(wide.calls(), 1);
 }
+
+#[tokio::test]
+async fn a_chat_still_falling_back_is_not_refunded_before_its_last_target_could_answer() {
+    // The first target hangs past its time-out (LLM_TIMEOUT_SECS, 1 s); the second may take
+    // 30 s. A chat's deadline must cover both, not LLM_TIMEOUT_SECS alone: a sweep 10 s on
+    // (of any instance) must leave it pending, or the answer that comes is thrown away.
+    let hanging = FakeLlm::start().await;
+    hanging.set_reply(Reply::Stall(Duration::from_secs(5)));
+    let patient = FakeLlm::start().await;
+    let file = format!(
+        "[upstreams.hanging]\nbase_url = \"{}\"\n\n\
+         [upstreams.patient]\nbase_url = \"{}\"\ntimeout_secs = 30\n\n\
+         [models.\"llama3.2\"]\ntargets = [\n\
+         {{ upstream = \"hanging\", priority = 0 }},\n\
+         {{ upstream = \"patient\", priority = 1 }},\n]\n",
+        hanging.base_url, patient.base_url
+    );
+    let (_dir, path) = book_file(&file);
+    let app = TestApp::with_env(&[
+        ("CONFIG_FILE", path.as_str()),
+        ("LLM_BASE_URL", ""),
+        ("LLM_TIMEOUT_SECS", "1"),
+        ("LLM_STREAM_MAX_SECS", "40"),
+    ])
+    .await;
+    let token = app.user_with_token("user").await;
+    let now = tokenchat::db::unix_now();
+    let sweep_meanwhile = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        app.state.recovery.sweep(now + 10).await.unwrap()
+    };
+    let (chat, swept) = tokio::join!(app.chat(&token, "hello"), sweep_meanwhile);
+    assert_eq!(swept.refunded_chats, 0, "{swept:?}");
+    assert_eq!(chat.status, StatusCode::OK, "{chat:?}");
+    assert_eq!(chat.json["tokens"], 3900);
+    let id = chat.json["chat_id"].as_i64().unwrap();
+    assert_eq!(served_by(&app, id).await, (Some("patient".into()), Some(2)));
+
+    // The deadlines recorded: both targets' whole time-outs, the pause between (at most
+    // 0.2 s) and 5 s to settle; for a stream, its last attempt up to LLM_STREAM_MAX_SECS.
+    hanging.set_reply(Reply::Status(500));
+    let streamed = stream_message(&app, &token, "again")
+        .await
+        .events()
+        .rest()
+        .await;
+    assert_eq!(deltas(&streamed).concat(), "Echo: again", "{streamed:?}");
+    let deadlines: Vec<i64> = tokenchat::db_run!(&app.state.db, pool => sqlx::query_scalar(
+        "SELECT deadline_at - created_at FROM chats ORDER BY id",
+    )
+    .fetch_all(pool)
+    .await)
+    .unwrap();
+    assert_eq!(deadlines, [30 + 30 + 5, 30 + 40 + 5]);
+    app.assert_audit_passes().await;
+}
