@@ -67,17 +67,18 @@ fn holds_choices(fields: &Fields<'_>) -> bool {
 }
 
 /// A usage object (its raw JSON; `null` or anything but an object counts as none) with
-/// `"cost"` first.
+/// `"cost"` first, the charge: a `cost` of the upstream's own (OpenRouter's, in dollars)
+/// gives way to it rather than stand twice in one object.
 fn with_cost(usage: &str, cost: i64) -> String {
-    let usage = usage.trim();
-    let rest = usage
-        .strip_prefix('{')
-        .map(str::trim_start)
-        .filter(|_| usage.ends_with('}'));
-    match rest {
-        Some("}") | None => format!(r#"{{"cost":{cost}}}"#),
-        Some(rest) => format!(r#"{{"cost":{cost},{rest}"#),
-    }
+    let cost = cost.to_string();
+    let Ok(fields) = Fields::parse(usage) else {
+        return format!(r#"{{"cost":{cost}}}"#);
+    };
+    let rest = fields
+        .raw()
+        .filter(|(name, _)| *name != "cost")
+        .map(|(name, value)| (name, value.get()));
+    write_object(std::iter::once(("cost", cost.as_str())).chain(rest))
 }
 
 #[cfg(test)]
@@ -137,6 +138,12 @@ mod tests {
         assert_eq!(
             relay(empty.into(), "m", true, Some(3)).unwrap(),
             r#"{"usage":{"cost":3}}"#
+        );
+        // The upstream's own cost gives way to the charge: one `cost`, tokenchat's.
+        let priced_upstream = r#"{"usage":{"prompt_tokens":1,"cost":0.00123}}"#;
+        assert_eq!(
+            relay(priced_upstream.into(), "m", true, Some(5)).unwrap(),
+            r#"{"usage":{"cost":5,"prompt_tokens":1}}"#
         );
     }
 }
