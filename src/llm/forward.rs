@@ -13,10 +13,10 @@ use std::{
 
 use axum::body::Bytes;
 use http_body::{Frame, SizeHint};
-use serde_json::{Map, Value};
+use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
 
-use super::raw::{json_string, push_name, slice_of, Element, Field, Fields};
+use super::raw::{json_string, push_name, slice_of, write_object, Element, Field, Fields};
 
 /// From this size a raw value goes upstream as a slice of the client's body (an image);
 /// smaller ones are copied together, so the body is a few pieces, not two per field.
@@ -61,10 +61,23 @@ pub struct Forwarded {
     /// each in pieces: an expanded array (`messages`) written anew from its objects' raw
     /// fields, every value as sent.
     fields: Vec<(String, Vec<Bytes>)>,
-    /// `stream_options` as sent, when streamed: sent with `include_usage` set to true.
-    stream_options: Option<Map<String, Value>>,
+    /// `stream_options` to send, when streamed: the client's with `include_usage` true.
+    stream_options: Option<String>,
     /// Released with the request, once it is answered (or given up on).
     _hold: Option<BodyHold>,
+}
+
+/// A stream's `stream_options`: the client's (`options`, read by the route) with
+/// `include_usage` true, every other option as the client wrote it (vLLM's
+/// `continuous_usage_stats`, OpenAI's `include_obfuscation`, ...).
+fn asking_for_usage(options: Option<&Fields<'_>>) -> String {
+    let others = options.into_iter().flat_map(|options| {
+        options
+            .raw()
+            .filter(|(name, _)| *name != "include_usage")
+            .map(|(name, value)| (name, value.get()))
+    });
+    write_object(others.chain([("include_usage", "true")]))
 }
 
 /// The fields [`Forwarded::from_fields`] writes itself rather than copying.
@@ -83,14 +96,15 @@ impl Forwarded {
         wants_system_prompt: bool,
         hold: Option<BodyHold>,
     ) -> Self {
-        let stream_options: Option<Map<String, Value>> = fields
+        let stream_options = fields
             .get("stream_options")
-            .and_then(|raw| serde_json::from_str(raw.get()).ok());
+            .map(RawValue::get)
+            .filter(|raw| *raw != "null")
+            .and_then(|raw| Fields::parse(raw).ok());
         let include_usage = stream_options
             .as_ref()
             .and_then(|options| options.get("include_usage"))
-            .and_then(Value::as_bool)
-            .unwrap_or(false);
+            .is_some_and(|raw| raw.get() == "true");
         let copied = fields
             .iter()
             .filter(|(name, _)| *name != "model" && (!stream || !WRITTEN.contains(name)))
@@ -116,7 +130,7 @@ impl Forwarded {
             output_cap: None,
             wants_system_prompt,
             fields: copied,
-            stream_options: stream.then(|| stream_options.unwrap_or_default()),
+            stream_options: stream.then(|| asking_for_usage(stream_options.as_ref())),
             _hold: hold,
         }
     }
@@ -162,13 +176,11 @@ impl Forwarded {
         push_name(&mut head, "model");
         head.push_str(&json_string(upstream_model));
         if let Some(options) = &self.stream_options {
-            let mut options = options.clone();
-            options.insert("include_usage".into(), Value::Bool(true));
             head.push(',');
             push_name(&mut head, "stream");
             head.push_str("true,");
             push_name(&mut head, "stream_options");
-            head.push_str(&Value::Object(options).to_string());
+            head.push_str(options);
         }
         // Written only when the client set no cap, so its own fields are null if present.
         let cap = self.output_cap.filter(|_| self.client_cap.is_none());
@@ -373,6 +385,7 @@ impl http_body::Body for Pieces {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::Value;
 
     fn forwarded(body: &'static str, stream: bool, system: bool) -> Forwarded {
         let body = Bytes::from_static(body.as_bytes());
@@ -399,6 +412,20 @@ mod tests {
         assert_eq!(sent["messages"][0]["role"], "system");
         assert_eq!(sent["messages"][0]["content"], "be kind");
         assert_eq!(sent["messages"][1]["content"][0]["type"], "image_url");
+    }
+
+    #[test]
+    fn a_streams_options_go_on_as_the_client_wrote_them_but_include_usage() {
+        let options = r#"{"continuous_usage_stats":true,"big":123456789012345678901234567890,"far":1e309,"odd":"\ud800","z":-0,"a":[1]}"#;
+        let body =
+            format!(r#"{{"model":"m","messages":[],"stream":true,"stream_options":{options}}}"#);
+        let body = Bytes::from(body);
+        let text = std::str::from_utf8(&body).unwrap();
+        let fields = Fields::parse_expanding(text, Some("messages")).unwrap();
+        let forwarded = Forwarded::from_fields(&body, &fields, "m".into(), true, false, None);
+        let sent = String::from_utf8(forwarded.body("m", "").concat()).unwrap();
+        let expected = r#""stream_options":{"continuous_usage_stats":true,"big":123456789012345678901234567890,"far":1e309,"odd":"\ud800","z":-0,"a":[1],"include_usage":true}"#;
+        assert!(sent.contains(expected), "{sent}");
     }
 
     #[test]

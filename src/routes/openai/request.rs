@@ -134,19 +134,21 @@ pub(super) fn completion(state: &AppState, raw: RawJson) -> Result<Checked, ApiE
     let stream = flag(&fields, "stream")?;
     match fields.get("stream_options").map(RawValue::get) {
         None | Some("null") => {}
+        // Read as raw fields, as the body is: a stream's options are sent on as written,
+        // `include_usage` set (see `Forwarded`).
         Some(options) => {
-            // Read only to check the type of what tokenchat reads of it.
-            #[derive(Deserialize)]
-            struct StreamOptions {
-                #[serde(rename = "include_usage")]
-                _include_usage: Option<bool>,
-            }
-            serde_json::from_str::<StreamOptions>(options).map_err(|_| {
+            let bad = || {
                 invalid(
                     "stream_options",
-                    "stream_options must be an object whose include_usage is true or false",
+                    "stream_options must be an object whose include_usage is true or false, \
+                     each option given once",
                 )
-            })?;
+            };
+            let options = Fields::parse(options).map_err(|_| bad())?;
+            let include_usage = options.get("include_usage").map(RawValue::get);
+            if !matches!(include_usage, None | Some("true" | "false" | "null")) {
+                return Err(bad());
+            }
         }
     }
     let Some(Field::Array(messages)) = fields.field("messages") else {
