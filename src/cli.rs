@@ -59,8 +59,8 @@ enum UserCommand {
     Create { username: String },
     /// List every user: id, username, balance, created, disabled.
     List,
-    /// Add N tokens to a user's balance (take them, when N is negative, down to zero),
-    /// recorded in the ledger.
+    /// Add N tokens to a user's balance (take them, when N is negative; more than the
+    /// balance is refused), recorded in the ledger.
     Grant {
         username: String,
         #[arg(allow_negative_numbers = true)]
