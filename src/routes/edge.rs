@@ -33,7 +33,7 @@ use tracing::Span;
 use super::middleware::{
     envelope_bare_errors, panic_response, with_request_id_in_body, Inner, Middleware,
 };
-use super::{cors, error::ApiError, middleware::X_REQUEST_ID};
+use super::{cors, error::ApiError, middleware::X_REQUEST_ID, openai};
 use crate::state::AppState;
 
 /// Where the request lines log from: the target they had when tower-http's `TraceLayer`
@@ -48,7 +48,8 @@ const LOG_TARGET: &str = "tokenchat::routes";
 ///
 /// It also answers CORS (see `cors`): a preflight here, other answers with the headers
 /// that let any origin read them. An OPTIONS request that is not a preflight is answered
-/// like any method without a handler: 405 on a route, 404 elsewhere.
+/// like any method without a handler: 405 on a route, 404 elsewhere (under `/v1`, in
+/// OpenAI's error object).
 #[derive(Clone)]
 pub struct Edge {
     pub state: AppState,
@@ -70,8 +71,11 @@ impl<S: Inner> Middleware<S> for Edge {
             route = route.as_ref().map_or("<unmatched>", MatchedPath::as_str),
         );
         let stage = if request.method() == Method::OPTIONS {
+            let path = request.uri().path();
             let answer = if cors::is_preflight(&request) {
                 cors::preflight_answer()
+            } else if path == "/v1" || path.starts_with("/v1/") {
+                openai::options_answer(route.is_some(), request.uri())
             } else if route.is_some() {
                 ApiError::MethodNotAllowed.into_response()
             } else {

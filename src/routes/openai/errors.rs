@@ -153,6 +153,10 @@ fn rejected(rejection: &Rejection) -> Response {
 /// An unknown route under `/v1` (`/v1/responses`, say), as OpenAI answers one: a 404 in its
 /// error object, so an SDK shows why.
 pub async fn unknown_route(method: Method, uri: Uri) -> Response {
+    not_served(&method, &uri)
+}
+
+fn not_served(method: &Method, uri: &Uri) -> Response {
     let message = format!(
         "Invalid URL ({method} {}): this server serves /v1/chat/completions, \
          /v1/embeddings and /v1/models",
@@ -160,6 +164,19 @@ pub async fn unknown_route(method: Method, uri: Uri) -> Response {
     );
     let error = openai_error(&message, "not_found", None, 404);
     (StatusCode::NOT_FOUND, Json(error)).into_response()
+}
+
+/// An OPTIONS request under `/v1` that is not a CORS preflight, which the edge answers
+/// before the `/v1` routes' middleware could: as any method without a handler is answered
+/// there, 405 on a route (`routed`), else 404, in OpenAI's object.
+pub fn options_answer(routed: bool, uri: &Uri) -> Response {
+    if !routed {
+        return not_served(&Method::OPTIONS, uri);
+    }
+    let refused = ApiError::MethodNotAllowed;
+    let envelope = refused.envelope();
+    let error = openai_error(&envelope.error, envelope.code, envelope.field, 405);
+    (refused.status(), Json(error)).into_response()
 }
 
 /// `{"error": {"message", "type", "param", "code"}}` for the contract's envelope, typed as

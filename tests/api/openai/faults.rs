@@ -196,6 +196,33 @@ async fn every_v1_answer_is_openais_error_object_an_unknown_routes_included() {
         "invalid_request_error",
         "method_not_allowed",
     );
+    // An OPTIONS that is no CORS preflight, answered at the edge, the same way.
+    let options = app
+        .request(Method::OPTIONS, "/v1/chat/completions", &headers, "")
+        .await;
+    assert_openai_error(
+        &options,
+        StatusCode::METHOD_NOT_ALLOWED,
+        "invalid_request_error",
+        "method_not_allowed",
+    );
+    assert_eq!(options.headers[axum::http::header::ALLOW], "POST");
+    let options = app
+        .request(Method::OPTIONS, "/v1/responses", &headers, "")
+        .await;
+    assert_openai_error(
+        &options,
+        StatusCode::NOT_FOUND,
+        "invalid_request_error",
+        "not_found",
+    );
+    assert!(options.json["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("OPTIONS /v1/responses"));
+    app.request(Method::OPTIONS, "/balance", &headers, "")
+        .await
+        .assert_error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed");
     for path in ["/v1/chat/completions", "/v1/embeddings"] {
         let not_json = app.request(Method::POST, path, &headers, "[1, 2]").await;
         assert_openai_error(
