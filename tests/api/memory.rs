@@ -54,17 +54,7 @@ async fn bodies_held_one_byte_short_stay_within_the_budget_and_their_memory_is_g
     let base = server.base.clone();
     let pid = server.child.id();
     let http = reqwest::Client::new();
-    let token = register_and_login(&http, &base, "pass123").await;
-    let (status, created) = send(
-        http.post(format!("{base}/keys"))
-            .bearer_auth(&token)
-            .json(&json!({ "name": "attacker" })),
-    )
-    .await;
-    assert_eq!(status, 201, "{created}");
-    let key = created["key"].as_str().unwrap().to_string();
-    // Served once, so what the server sets up on its first chat is in the baseline.
-    assert_small_chat_is_answered(&http, &base, &key).await;
+    let key = a_key_that_has_chatted(&http, &base).await;
     let baseline = rss_bytes(pid);
 
     let request = Arc::new(held_request(&base, &key));
@@ -187,6 +177,22 @@ fn held_request(base: &str, key: &str) -> Vec<u8> {
     request
 }
 
+/// A new user's API key, used for one small chat so that what the server sets up on its
+/// first chat is in the baseline a test measures from.
+async fn a_key_that_has_chatted(http: &reqwest::Client, base: &str) -> String {
+    let token = register_and_login(http, base, "pass123").await;
+    let (status, created) = send(
+        http.post(format!("{base}/keys"))
+            .bearer_auth(&token)
+            .json(&json!({ "name": "memory" })),
+    )
+    .await;
+    assert_eq!(status, 201, "{created}");
+    let key = created["key"].as_str().unwrap().to_string();
+    assert_small_chat_is_answered(http, base, &key).await;
+    key
+}
+
 async fn assert_small_chat_is_answered(http: &reqwest::Client, base: &str, key: &str) {
     let chat = json!({ "model": "llama3.2", "messages": [{ "role": "user", "content": "hi" }] });
     let (status, answer) = send(
@@ -235,16 +241,7 @@ async fn a_hundred_bodies_of_20_mib_at_once_or_slowly_stay_within_the_budget_and
     let base = server.base.clone();
     let pid = server.child.id();
     let http = reqwest::Client::new();
-    let token = register_and_login(&http, &base, "pass123").await;
-    let (status, created) = send(
-        http.post(format!("{base}/keys"))
-            .bearer_auth(&token)
-            .json(&json!({ "name": "images" })),
-    )
-    .await;
-    assert_eq!(status, 201, "{created}");
-    let key = created["key"].as_str().unwrap().to_string();
-    assert_small_chat_is_answered(&http, &base, &key).await;
+    let key = a_key_that_has_chatted(&http, &base).await;
     let baseline = rss_bytes(pid);
     let request = Arc::new(image_request(&base, &key));
 
@@ -329,16 +326,7 @@ async fn bodies_of_millions_of_tiny_fields_or_messages_are_refused_within_the_bu
     let server = Server::start(dir.path(), &vars);
     let (base, pid) = (server.base.clone(), server.child.id());
     let http = reqwest::Client::new();
-    let token = register_and_login(&http, &base, "pass123").await;
-    let (status, created) = send(
-        http.post(format!("{base}/keys"))
-            .bearer_auth(&token)
-            .json(&json!({ "name": "fields" })),
-    )
-    .await;
-    assert_eq!(status, 201, "{created}");
-    let key = created["key"].as_str().unwrap().to_string();
-    assert_small_chat_is_answered(&http, &base, &key).await;
+    let key = a_key_that_has_chatted(&http, &base).await;
     let baseline = rss_bytes(pid);
     let user = r#"{"role":"user","content":"hi"}"#;
     // Each read whole took 10 to 33 times its size before the limits (an attack run: one of
