@@ -27,15 +27,22 @@ pub(super) fn relay(
     }
     let named = json_string(model);
     let model_unchanged = fields.get("model").is_some_and(|sent| sent.get() == named);
-    let cost = cost.filter(|_| keep_usage);
-    if model_unchanged && (keep_usage || !has_usage) && cost.is_none() {
+    // The usage to send, when it is not the model's as it came: with the charge as its
+    // `cost`, or without a `cost` of the upstream's own (`usage.cost` is tokenchat's word).
+    let usage = match (keep_usage, cost) {
+        (false, _) => None,
+        (true, Some(cost)) => {
+            let usage = fields.get("usage").map_or("null", |usage| usage.get());
+            Some(with_cost(usage, cost))
+        }
+        (true, None) => fields
+            .get("usage")
+            .and_then(|usage| without_cost(usage.get())),
+    };
+    if model_unchanged && (keep_usage || !has_usage) && usage.is_none() {
         drop(fields);
         return Some(answer);
     }
-    let usage = cost.map(|cost| {
-        let usage = fields.get("usage").map_or("null", |usage| usage.get());
-        with_cost(usage, cost)
-    });
     let mut rewritten = write_object(fields.raw().filter_map(|(name, value)| match name {
         "model" => Some((name, named.as_str())),
         "usage" if !keep_usage => None,
@@ -61,9 +68,14 @@ pub(super) fn is_usage_chunk(chunk: &str) -> bool {
 }
 
 fn holds_choices(fields: &Fields<'_>) -> bool {
-    fields
-        .get("choices")
-        .is_some_and(|choices| !matches!(choices.get().trim(), "[]" | "null"))
+    fields.get("choices").is_some_and(|choices| {
+        let choices = choices.get().trim();
+        let empty = choices
+            .strip_prefix('[')
+            .and_then(|inside| inside.strip_suffix(']'))
+            .is_some_and(|inside| inside.trim().is_empty());
+        !(empty || choices == "null")
+    })
 }
 
 /// A usage object (its raw JSON; `null` or anything but an object counts as none) with
@@ -71,14 +83,43 @@ fn holds_choices(fields: &Fields<'_>) -> bool {
 /// gives way to it rather than stand twice in one object.
 fn with_cost(usage: &str, cost: i64) -> String {
     let cost = cost.to_string();
-    let Ok(fields) = Fields::parse(usage) else {
-        return format!(r#"{{"cost":{cost}}}"#);
-    };
+    match Fields::parse(usage) {
+        Ok(fields) => {
+            let rest = fields
+                .raw()
+                .filter(|(name, _)| *name != "cost")
+                .map(|(name, value)| (name, value.get()));
+            write_object(std::iter::once(("cost", cost.as_str())).chain(rest))
+        }
+        // An object it cannot read field by field (a field twice, too many): the charge
+        // put first, the rest kept as it came.
+        Err(_) => {
+            let usage = usage.trim();
+            let rest = usage
+                .strip_prefix('{')
+                .map(str::trim_start)
+                .filter(|_| usage.ends_with('}'));
+            match rest {
+                Some("}") | None => format!(r#"{{"cost":{cost}}}"#),
+                Some(rest) => format!(r#"{{"cost":{cost},{rest}"#),
+            }
+        }
+    }
+}
+
+/// A usage object without a `cost` of the upstream's own, when it has one (`None`: as it
+/// came). Cheap for the usual usage, which never names one.
+fn without_cost(usage: &str) -> Option<String> {
+    if !usage.contains("cost") {
+        return None;
+    }
+    let fields = Fields::parse(usage).ok()?;
+    fields.get("cost")?;
     let rest = fields
         .raw()
         .filter(|(name, _)| *name != "cost")
         .map(|(name, value)| (name, value.get()));
-    write_object(std::iter::once(("cost", cost.as_str())).chain(rest))
+    Some(write_object(rest))
 }
 
 #[cfg(test)]
@@ -139,11 +180,36 @@ mod tests {
             relay(empty.into(), "m", true, Some(3)).unwrap(),
             r#"{"usage":{"cost":3}}"#
         );
-        // The upstream's own cost gives way to the charge: one `cost`, tokenchat's.
+        // The upstream's own cost gives way to the charge: one `cost`, tokenchat's; and
+        // where the charge is not known yet (a chunk mid-stream), none.
         let priced_upstream = r#"{"usage":{"prompt_tokens":1,"cost":0.00123}}"#;
         assert_eq!(
             relay(priced_upstream.into(), "m", true, Some(5)).unwrap(),
             r#"{"usage":{"cost":5,"prompt_tokens":1}}"#
         );
+        assert_eq!(
+            relay(priced_upstream.into(), "m", true, None).unwrap(),
+            r#"{"usage":{"prompt_tokens":1}}"#
+        );
+        // A usage that cannot be read field by field keeps its fields, the charge first.
+        let twice = r#"{"usage":{"prompt_tokens":1,"prompt_tokens":1}}"#;
+        assert_eq!(
+            relay(twice.into(), "m", true, Some(5)).unwrap(),
+            r#"{"usage":{"cost":5,"prompt_tokens":1,"prompt_tokens":1}}"#
+        );
+    }
+
+    #[test]
+    fn a_usage_chunk_is_one_without_choices_however_its_empty_list_is_written() {
+        for chunk in [
+            r#"{"choices":[],"usage":{}}"#,
+            r#"{"choices":[ ],"usage":{}}"#,
+            "{\"choices\":[\n  ],\"usage\":{}}",
+            r#"{"choices":null,"usage":{}}"#,
+            r#"{"usage":{}}"#,
+        ] {
+            assert!(is_usage_chunk(chunk), "{chunk}");
+        }
+        assert!(!is_usage_chunk(r#"{"choices":[{"index":0}],"usage":{}}"#));
     }
 }
