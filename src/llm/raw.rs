@@ -2,7 +2,7 @@
 //! was sent, so that a request or an answer passed through is rewritten field by field
 //! (tokenchat's own fields replaced, the rest copied as they came) and never re-serialised.
 
-use std::{borrow::Cow, fmt};
+use std::{borrow::Cow, cell::Cell, fmt};
 
 use axum::body::Bytes;
 use serde::{
@@ -52,8 +52,50 @@ pub enum NotAnObject {
 pub const MAX_FIELDS: usize = 256;
 /// The most elements read of the expanded array (a chat's messages).
 pub const MAX_ELEMENTS: usize = 100_000;
-/// How the two limits' errors begin, to tell them from serde_json's own.
+/// The most fields and elements read in one text, all objects together: what bounds the
+/// memory of its reading (some 50 bytes each) to about 15 MB, however it is shaped.
+pub const MAX_VALUES: usize = 300_000;
+/// How the limits' errors begin, to tell them from serde_json's own.
 const TOO_MANY: &str = "more than ";
+
+/// Whether `err` is one of these limits' errors (a visitor's own, which serde_json reports
+/// as data), not a fault of the JSON.
+pub fn is_too_many(err: &serde_json::Error) -> bool {
+    err.is_data() && err.to_string().starts_with(TOO_MANY)
+}
+
+/// A JSON array of at most `N` elements, read one by one and refused at the next, before
+/// it is kept: an array a client may make as long as its body allows.
+pub struct AtMost<T, const N: usize>(pub Vec<T>);
+
+impl<'de, T: Deserialize<'de>, const N: usize> Deserialize<'de> for AtMost<T, N> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Elements<T, const N: usize>(std::marker::PhantomData<T>);
+
+        impl<'de, T: Deserialize<'de>, const N: usize> Visitor<'de> for Elements<T, N> {
+            type Value = AtMost<T, N>;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "an array of at most {N} elements")
+            }
+
+            fn visit_seq<S: SeqAccess<'de>>(self, mut seq: S) -> Result<Self::Value, S::Error> {
+                let mut elements = Vec::new();
+                while let Some(element) = seq.next_element()? {
+                    if elements.len() == N {
+                        return Err(de::Error::custom(format_args!(
+                            "{TOO_MANY}{N} elements in one array"
+                        )));
+                    }
+                    elements.push(element);
+                }
+                Ok(AtMost(elements))
+            }
+        }
+
+        deserializer.deserialize_seq(Elements(std::marker::PhantomData))
+    }
+}
 
 impl<'a> Fields<'a> {
     /// The top-level fields of `text`, which must be one JSON object, each name once.
@@ -65,15 +107,16 @@ impl<'a> Fields<'a> {
     /// objects of raw fields (a chat's `messages`): the text is scanned once, however big.
     pub fn parse_expanding(text: &'a str, expanded: Option<&str>) -> Result<Self, NotAnObject> {
         let mut deserializer = serde_json::Deserializer::from_str(text);
-        let fields = Object { expanded }
-            .deserialize(&mut deserializer)
-            .map_err(|err| match err.to_string() {
-                // A visitor's own error (`custom`), which serde_json reports as data.
-                message if err.is_data() && message.starts_with(TOO_MANY) => {
-                    NotAnObject::TooMany(message)
-                }
-                _ => NotAnObject::Json(err),
-            })?;
+        let read = Cell::new(0);
+        let fields = Object {
+            expanded,
+            read: &read,
+        }
+        .deserialize(&mut deserializer)
+        .map_err(|err| match is_too_many(&err) {
+            true => NotAnObject::TooMany(err.to_string()),
+            false => NotAnObject::Json(err),
+        })?;
         deserializer.end()?;
         if let Some(name) = given_twice(fields.iter().map(|(name, _)| name.as_ref())) {
             return Err(NotAnObject::Duplicate(name.to_string()));
@@ -123,12 +166,26 @@ pub fn given_twice<'n>(names: impl Iterator<Item = &'n str>) -> Option<&'n str> 
         .map(|pair| pair[0])
 }
 
-/// Reads a JSON object's fields, one of them (`expanded`) as an array of objects.
+/// Reads a JSON object's fields, one of them (`expanded`) as an array of objects; `read`
+/// counts the fields and elements read in the whole text so far.
 struct Object<'n> {
     expanded: Option<&'n str>,
+    read: &'n Cell<usize>,
 }
 
-impl<'de> serde::de::DeserializeSeed<'de> for Object<'_> {
+/// Counts one more field or element of the text; past `MAX_VALUES`, the error that stops
+/// the reading.
+fn count<E: de::Error>(read: &Cell<usize>) -> Result<(), E> {
+    read.set(read.get() + 1);
+    if read.get() > MAX_VALUES {
+        return Err(E::custom(format_args!(
+            "{TOO_MANY}{MAX_VALUES} fields and messages"
+        )));
+    }
+    Ok(())
+}
+
+impl<'de> DeserializeSeed<'de> for Object<'_> {
     type Value = Vec<(Cow<'de, str>, Field<'de>)>;
 
     fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
@@ -151,8 +208,9 @@ impl<'de> Visitor<'de> for Object<'_> {
                     "{TOO_MANY}{MAX_FIELDS} fields in one object"
                 )));
             }
+            count(self.read)?;
             let value = if Some(name.as_ref()) == self.expanded {
-                map.next_value::<Expanded>()?.0
+                map.next_value_seed(ArrayOrNot { read: self.read })?
             } else {
                 Field::Raw(map.next_value()?)
             };
@@ -162,79 +220,86 @@ impl<'de> Visitor<'de> for Object<'_> {
     }
 }
 
-/// A field read as an array of objects of raw fields, or found to be none.
-struct Expanded<'a>(Field<'a>);
+/// One element, an object's raw fields or not an object.
+struct AnElement<'n> {
+    read: &'n Cell<usize>,
+}
 
-impl<'de> Deserialize<'de> for Expanded<'de> {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        deserializer.deserialize_any(ArrayOrNot).map(Expanded)
+impl<'de> DeserializeSeed<'de> for AnElement<'_> {
+    type Value = Element<'de>;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_any(self)
     }
 }
 
-/// One element, an object's raw fields or not an object.
-struct AnElement<'a>(Element<'a>);
+impl<'de> Visitor<'de> for AnElement<'_> {
+    type Value = Element<'de>;
 
-impl<'de> Deserialize<'de> for AnElement<'de> {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct Either;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
 
-        impl<'de> Visitor<'de> for Either {
-            type Value = Element<'de>;
-
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("any JSON value")
-            }
-
-            fn visit_map<M: MapAccess<'de>>(self, map: M) -> Result<Element<'de>, M::Error> {
-                let fields = Object { expanded: None }.visit_map(map)?;
-                let raw = fields
-                    .into_iter()
-                    .filter_map(|(name, value)| match value {
-                        Field::Raw(raw) => Some((name, raw)),
-                        _ => None,
-                    })
-                    .collect();
-                Ok(Element::Object(raw))
-            }
-
-            fn visit_seq<S: SeqAccess<'de>>(self, mut seq: S) -> Result<Element<'de>, S::Error> {
-                while seq.next_element::<IgnoredAny>()?.is_some() {}
-                Ok(Element::NotAnObject)
-            }
-
-            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Element<'de>, E> {
-                Ok(Element::NotAnObject)
-            }
-
-            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Element<'de>, E> {
-                Ok(Element::NotAnObject)
-            }
-
-            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Element<'de>, E> {
-                Ok(Element::NotAnObject)
-            }
-
-            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Element<'de>, E> {
-                Ok(Element::NotAnObject)
-            }
-
-            fn visit_str<E: de::Error>(self, _: &str) -> Result<Element<'de>, E> {
-                Ok(Element::NotAnObject)
-            }
-
-            fn visit_unit<E: de::Error>(self) -> Result<Element<'de>, E> {
-                Ok(Element::NotAnObject)
-            }
+    fn visit_map<M: MapAccess<'de>>(self, map: M) -> Result<Element<'de>, M::Error> {
+        let fields = Object {
+            expanded: None,
+            read: self.read,
         }
+        .visit_map(map)?;
+        let raw = fields
+            .into_iter()
+            .filter_map(|(name, value)| match value {
+                Field::Raw(raw) => Some((name, raw)),
+                _ => None,
+            })
+            .collect();
+        Ok(Element::Object(raw))
+    }
 
-        deserializer.deserialize_any(Either).map(AnElement)
+    fn visit_seq<S: SeqAccess<'de>>(self, mut seq: S) -> Result<Element<'de>, S::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(Element::NotAnObject)
+    }
+
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Element<'de>, E> {
+        Ok(Element::NotAnObject)
+    }
+
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Element<'de>, E> {
+        Ok(Element::NotAnObject)
+    }
+
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Element<'de>, E> {
+        Ok(Element::NotAnObject)
+    }
+
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Element<'de>, E> {
+        Ok(Element::NotAnObject)
+    }
+
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<Element<'de>, E> {
+        Ok(Element::NotAnObject)
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<Element<'de>, E> {
+        Ok(Element::NotAnObject)
     }
 }
 
 /// Any JSON value: an array read element by element, anything else not an array.
-struct ArrayOrNot;
+struct ArrayOrNot<'n> {
+    read: &'n Cell<usize>,
+}
 
-impl<'de> Visitor<'de> for ArrayOrNot {
+impl<'de> DeserializeSeed<'de> for ArrayOrNot<'_> {
+    type Value = Field<'de>;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for ArrayOrNot<'_> {
     type Value = Field<'de>;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -243,12 +308,13 @@ impl<'de> Visitor<'de> for ArrayOrNot {
 
     fn visit_seq<S: SeqAccess<'de>>(self, mut seq: S) -> Result<Field<'de>, S::Error> {
         let mut elements = Vec::new();
-        while let Some(AnElement(element)) = seq.next_element()? {
+        while let Some(element) = seq.next_element_seed(AnElement { read: self.read })? {
             if elements.len() == MAX_ELEMENTS {
                 return Err(de::Error::custom(format_args!(
                     "{TOO_MANY}{MAX_ELEMENTS} elements in one array"
                 )));
             }
+            count(self.read)?;
             elements.push(element);
         }
         Ok(Field::Array(elements))
@@ -351,6 +417,20 @@ mod tests {
     use super::*;
 
     #[test]
+    fn an_array_of_at_most_n_is_refused_at_its_next_element() {
+        let AtMost(three) = serde_json::from_str::<AtMost<u8, 3>>("[1, 2, 3]").unwrap();
+        assert_eq!(three, [1, 2, 3]);
+        let err = serde_json::from_str::<AtMost<u8, 3>>("[1, 2, 3, 4]")
+            .err()
+            .unwrap();
+        assert!(is_too_many(&err), "{err}");
+        let err = serde_json::from_str::<AtMost<u8, 3>>("[1, 2")
+            .err()
+            .unwrap();
+        assert!(!is_too_many(&err), "{err}");
+    }
+
+    #[test]
     fn an_object_of_more_fields_or_an_array_of_more_elements_than_the_limits_is_refused() {
         let object = |count: usize| {
             let fields: Vec<String> = (0..count).map(|n| format!(r#""f{n}":0"#)).collect();
@@ -372,6 +452,16 @@ mod tests {
             |count: usize| format!(r#"{{"messages":[{}]}}"#, vec!["{}"; count].join(","));
         assert!(Fields::parse_expanding(&messages(MAX_ELEMENTS), Some("messages")).is_ok());
         let refused = Fields::parse_expanding(&messages(MAX_ELEMENTS + 1), Some("messages")).err();
+        assert!(
+            matches!(refused, Some(NotAnObject::TooMany(_))),
+            "{refused:?}"
+        );
+        // However they are spread: 1,200 messages of 256 fields are past the total.
+        let wide = format!(
+            r#"{{"messages":[{}]}}"#,
+            vec![object(MAX_FIELDS); 1200].join(",")
+        );
+        let refused = Fields::parse_expanding(&wide, Some("messages")).err();
         assert!(
             matches!(refused, Some(NotAnObject::TooMany(_))),
             "{refused:?}"

@@ -353,10 +353,27 @@ async fn bodies_of_millions_of_tiny_fields_or_messages_are_refused_within_the_bu
         r#"{{"model":"llama3.2","messages":[{}{user}]}}"#,
         "{},".repeat((V1_BODY_BYTES - 100) / 3)
     );
+    // Within each limit but the body's: messages of as many fields as one may hold.
+    let wide_message = format!(
+        r#"{{{}"role":"user"}}"#,
+        (0..255)
+            .map(|n| format!(r#""{n:x}":0,"#))
+            .collect::<String>()
+    );
+    let wide_messages = format!(
+        r#"{{"model":"llama3.2","messages":[{}{user}]}}"#,
+        format!("{wide_message},").repeat((V1_BODY_BYTES - 100) / (wide_message.len() + 1))
+    );
+    let parts = format!(
+        r#"{{"model":"llama3.2","messages":[{{"role":"user","content":[{}{{"type":"text","text":"hi"}}]}}]}}"#,
+        "{},".repeat((V1_BODY_BYTES - 200) / 3)
+    );
     for (kind, body) in [
         ("fields", top_level),
         ("fields in a message", in_a_message),
         ("messages", empty_messages),
+        ("messages of many fields", wide_messages),
+        ("content parts", parts),
     ] {
         assert!(body.len() <= V1_BODY_BYTES, "{kind}: {}", body.len());
         let request = Arc::new(raw_request(&base, &key, &body));
@@ -380,7 +397,6 @@ async fn bodies_of_millions_of_tiny_fields_or_messages_are_refused_within_the_bu
         for answer in answers {
             let (status, head, body) = answer.expect("an answer");
             assert_eq!(status, 400, "{kind}: {head}\n{body}");
-            assert_eq!(body["error"]["code"], "invalid_json", "{kind}: {body}");
             let message = body["error"]["message"].as_str().unwrap();
             assert!(message.contains("more than"), "{kind}: {message}");
         }

@@ -13,7 +13,7 @@ use crate::{
     domain::Message,
     llm::{
         forward::CAPS,
-        raw::{given_twice, Element, Field, Fields, NotAnObject},
+        raw::{given_twice, is_too_many, AtMost, Element, Field, Fields, NotAnObject},
         Forwarded,
     },
     routes::{error::ApiError, extract::RawJson},
@@ -243,6 +243,17 @@ fn count(fields: &Fields<'_>, name: &'static str) -> Result<Option<u64>, ApiErro
     }
 }
 
+/// The most content parts read of one message: images, text pieces, files (each part
+/// costs its reading some 50 bytes, however small it is written).
+const MAX_PARTS: usize = 10_000;
+
+fn too_many_parts() -> ApiError {
+    invalid(
+        "messages",
+        format!("a message holds more than {MAX_PARTS} content parts"),
+    )
+}
+
 /// How many parts of a message's content are not text (images, audio, files). A part that
 /// is not an object counts as one, as the model may yet read it as one; a part that gives a
 /// field twice is refused, as its `type` could be read either way.
@@ -255,8 +266,10 @@ fn media_parts_of(content: Option<&RawValue>) -> Result<u64, ApiError> {
     };
     // A content that is not an array is refused, or passed on, elsewhere; here it holds no
     // media part.
-    let Ok(parts) = serde_json::from_str::<Vec<&RawValue>>(raw) else {
-        return Ok(0);
+    let parts = match serde_json::from_str::<AtMost<&RawValue, MAX_PARTS>>(raw) {
+        Ok(AtMost(parts)) => parts,
+        Err(err) if is_too_many(&err) => return Err(too_many_parts()),
+        Err(_) => return Ok(0),
     };
     let mut media = 0;
     for part in parts {
@@ -310,37 +323,42 @@ fn stored_text(content: Option<&RawValue>, max_chars: usize) -> Result<String, A
     // Told apart by their first byte rather than by serde's untagged enums, which would
     // copy the whole content (a 20 MiB image) to try each.
     let raw = content.map_or("null", RawValue::get);
-    let mut text = match raw.as_bytes().first() {
-        Some(b'n') if raw == "null" => String::new(),
-        Some(b'"') => serde_json::from_str(raw).map_err(|_| not_content())?,
-        Some(b'[') => {
-            let parts: Vec<PartView> = serde_json::from_str(raw).map_err(|_| not_content())?;
-            let mut text = String::new();
-            let mut after_name = false;
-            for part in parts {
-                let (piece, named) = match (part.kind.as_deref(), part.text) {
-                    (Some("text"), Some(piece)) => (piece, false),
-                    (Some("image_url" | "image"), _) => ("[image]".to_string(), true),
-                    (Some("input_audio" | "audio"), _) => ("[audio]".to_string(), true),
-                    (Some("file"), _) => ("[file]".to_string(), true),
-                    (Some(kind), _) => (format!("[{kind}]"), true),
-                    (None, _) => ("[part]".to_string(), true),
-                };
-                let spaced = |text: &str| text.ends_with(char::is_whitespace);
-                if (named || after_name)
-                    && !text.is_empty()
-                    && !spaced(&text)
-                    && !piece.starts_with(char::is_whitespace)
-                {
-                    text.push(' ');
+    let mut text =
+        match raw.as_bytes().first() {
+            Some(b'n') if raw == "null" => String::new(),
+            Some(b'"') => serde_json::from_str(raw).map_err(|_| not_content())?,
+            Some(b'[') => {
+                let AtMost(parts) = serde_json::from_str::<AtMost<PartView, MAX_PARTS>>(raw)
+                    .map_err(|err| match is_too_many(&err) {
+                        true => too_many_parts(),
+                        false => not_content(),
+                    })?;
+                let mut text = String::new();
+                let mut after_name = false;
+                for part in parts {
+                    let (piece, named) = match (part.kind.as_deref(), part.text) {
+                        (Some("text"), Some(piece)) => (piece, false),
+                        (Some("image_url" | "image"), _) => ("[image]".to_string(), true),
+                        (Some("input_audio" | "audio"), _) => ("[audio]".to_string(), true),
+                        (Some("file"), _) => ("[file]".to_string(), true),
+                        (Some(kind), _) => (format!("[{kind}]"), true),
+                        (None, _) => ("[part]".to_string(), true),
+                    };
+                    let spaced = |text: &str| text.ends_with(char::is_whitespace);
+                    if (named || after_name)
+                        && !text.is_empty()
+                        && !spaced(&text)
+                        && !piece.starts_with(char::is_whitespace)
+                    {
+                        text.push(' ');
+                    }
+                    text.push_str(&piece);
+                    after_name = named;
                 }
-                text.push_str(&piece);
-                after_name = named;
+                text
             }
-            text
-        }
-        _ => return Err(not_content()),
-    };
+            _ => return Err(not_content()),
+        };
     if let Some((cut, _)) = text.char_indices().nth(max_chars) {
         text.truncate(cut);
     }
