@@ -16,7 +16,7 @@ use crate::{
     domain::Budgets,
     llm::{EmbeddingUsage, Forwarded},
     pricing::TokenCounts,
-    services::{limits::TokenMeters, recovery, ServiceError, ServiceResult},
+    services::{limits::TokenMeters, ServiceError, ServiceResult},
 };
 
 /// An answered, charged embeddings call.
@@ -66,7 +66,7 @@ async fn run(
             .reservation(prompt_bound, 0)
             .unwrap_or(i64::MAX),
     };
-    let settle_within = recovery::abandoned_after(&chats.config);
+    let (settle_within, _) = chats.settle_within;
     let prices = pricing.map(|pricing| pricing.prices);
     let reserved = db::embeddings::reserve(
         &chats.db,

@@ -10,7 +10,10 @@ mod idempotency;
 mod metering;
 mod stream;
 
-use std::{sync::Arc, time::Instant};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tracing::Instrument;
@@ -111,6 +114,9 @@ pub struct Chats {
     /// `LLM_SYSTEM_PROMPT` in tokens of `LLM_MODEL`'s tokenizer, when the book prices it:
     /// counted once here rather than in every `/chat`.
     system_prompt_tokens: Option<u64>,
+    /// How long a call's reservation may stay pending, whole and streamed (see
+    /// `recovery::abandoned_after`): worked out once from the upstreams, not per chat.
+    settle_within: (Duration, Duration),
     /// Told of every charge made final, to check it against the alert thresholds.
     alerts: Alerts,
 }
@@ -127,6 +133,10 @@ impl Chats {
             .price_book
             .model(llm.model_name())
             .map(|pricing| pricing.tokenizer.count(llm.system_prompt()));
+        let settle_within = (
+            recovery::abandoned_after(&config),
+            recovery::stream_abandoned_after(&config),
+        );
         Self {
             db,
             llm,
@@ -135,6 +145,7 @@ impl Chats {
             in_flight: WorkInFlight::default(),
             config,
             system_prompt_tokens,
+            settle_within,
             alerts: Alerts::default(),
         }
     }
@@ -302,11 +313,8 @@ impl ChatInFlight {
                 }
             },
         };
-        let settle_within = if self.streamed {
-            recovery::stream_abandoned_after(&self.chats.config)
-        } else {
-            recovery::abandoned_after(&self.chats.config)
-        };
+        let (whole, streamed) = self.chats.settle_within;
+        let settle_within = if self.streamed { streamed } else { whole };
         let mut metering = self.metering(&earlier);
         let mut lowered_once = false;
         let (chat_id, conversation_id) = loop {
