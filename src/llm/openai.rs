@@ -3,30 +3,25 @@
 //! events, embeddings, each error status sorted by whose fault it is, and the
 //! `GET /models` probe.
 
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use eventsource_stream::Eventsource;
 use futures_util::StreamExt;
 use reqwest::{header, Url};
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
+mod refusal;
+
+use self::refusal::{refusal, Credentials};
 use super::{
     answer::{read_chunk, read_completion},
-    AnswerStream, Ask, Completion, Embedding, EmbeddingUsage, LlmError, PromptMessage, Rejection,
+    AnswerStream, Ask, Completion, Embedding, EmbeddingUsage, LlmError, PromptMessage,
 };
 use crate::config::{routing::UpstreamConfig, Config};
 
 /// How long the start-up and readiness probes wait for `GET /models`.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
-/// The most of an error answer read for its message.
-const MAX_ERROR_BODY_BYTES: usize = 64 * 1024;
-/// The most of the model's message a rejection passes on, in bytes.
-const MAX_ERROR_MESSAGE_BYTES: usize = 4096;
-/// `Retry-After` of a busy model that did not say, and the most it may say.
-const DEFAULT_RETRY_AFTER_SECS: u64 = 1;
-const MAX_RETRY_AFTER_SECS: u64 = 24 * 60 * 60;
 
 /// One upstream: where it is, its key, its limits; the connection pool is the process's.
 pub(super) struct Upstream {
@@ -40,6 +35,8 @@ pub(super) struct Upstream {
     /// Its base URL as logs show it (see [`crate::config::UpstreamUrl::redacted`]).
     shown_url: String,
     api_key: Option<SecretString>,
+    /// What of the above it may repeat in a rejection's message, to be taken out.
+    credentials: Credentials,
     headers: header::HeaderMap,
     system_prompt: std::sync::Arc<str>,
     timeout: Duration,
@@ -94,18 +91,13 @@ struct EmbeddingUsageView {
     total_tokens: Option<i64>,
 }
 
-/// An OpenAI-style error answer: `{"error": {"message", "type", "param", "code"}}`, or the
-/// `{"error": "text"}` some servers send.
-#[derive(Deserialize)]
-struct ErrorAnswer {
-    error: Option<Value>,
-    message: Option<String>,
-}
-
 /// The process's one HTTP client (connection pool), shared by every upstream.
 pub(super) fn http_client(config: &Config) -> Result<reqwest::Client, reqwest::Error> {
     reqwest::Client::builder()
         .connect_timeout(config.llm_timeout)
+        // A redirect would take the prompt, the URL's query and the upstream's headers to a
+        // host the operator did not name: answered as the error status it is.
+        .redirect(reqwest::redirect::Policy::none())
         .build()
 }
 
@@ -115,10 +107,12 @@ pub(super) type Slot = Option<tokio::sync::OwnedSemaphorePermit>;
 impl Upstream {
     pub(super) fn new(upstream: &UpstreamConfig, http: reqwest::Client, config: &Config) -> Self {
         let base_url = &upstream.base_url;
+        let endpoint = base_url.join("chat/completions");
         Self {
             name: upstream.name.as_str().into(),
             http,
-            endpoint: base_url.join("chat/completions"),
+            credentials: Credentials::of(upstream.api_key.as_ref(), &endpoint),
+            endpoint,
             embeddings_endpoint: base_url.join("embeddings"),
             models_endpoint: base_url.join("models"),
             shown_url: base_url.redacted(),
@@ -257,7 +251,7 @@ impl Upstream {
         if response.status().is_success() {
             return Ok(response);
         }
-        Err(refusal(response).await)
+        Err(refusal(response, &self.credentials).await)
     }
 }
 
@@ -327,116 +321,6 @@ pub(super) async fn read_embeddings(response: reqwest::Response) -> Result<Embed
     Ok(Embedding { body, usage })
 }
 
-/// What an error status from the model stands for, by whose fault it is.
-async fn refusal(response: reqwest::Response) -> LlmError {
-    let status = response.status().as_u16();
-    match status {
-        400 | 404 | 413 | 422 => {
-            let rejection = rejection(status, response).await;
-            tracing::info!(
-                status,
-                code = rejection.code.as_deref().unwrap_or_default(),
-                "model rejected the request"
-            );
-            LlmError::Rejected(rejection)
-        }
-        401 | 403 => {
-            // Its body may repeat the key; it is neither read nor passed on.
-            tracing::error!(status, "model refused the credentials: check LLM_API_KEY");
-            LlmError::RefusedCredentials(status)
-        }
-        429 | 503 => {
-            let retry_after_secs = retry_after_secs(response.headers(), SystemTime::now());
-            tracing::warn!(status, retry_after_secs, "model is busy");
-            LlmError::Busy {
-                status,
-                retry_after_secs,
-                said: response.headers().contains_key(header::RETRY_AFTER),
-            }
-        }
-        _ => {
-            tracing::warn!(status, "model answered with an error status");
-            LlmError::Status(status)
-        }
-    }
-}
-
-/// The model's error object for a request it rejected, read from at most
-/// [`MAX_ERROR_BODY_BYTES`] of its answer.
-async fn rejection(status: u16, mut response: reqwest::Response) -> Rejection {
-    let mut body = Vec::new();
-    while body.len() < MAX_ERROR_BODY_BYTES {
-        match response.chunk().await {
-            Ok(Some(chunk)) => body.extend_from_slice(&chunk),
-            Ok(None) | Err(_) => break,
-        }
-    }
-    let answer: Option<ErrorAnswer> = serde_json::from_slice(&body).ok();
-    let text = |value: Option<&Value>| match value {
-        Some(Value::String(text)) if !text.is_empty() => Some(text.clone()),
-        Some(Value::Number(number)) => Some(number.to_string()),
-        _ => None,
-    };
-    let (message, kind, param, code) = match answer {
-        Some(ErrorAnswer {
-            error: Some(error @ Value::Object(_)),
-            ..
-        }) => (
-            text(error.get("message")),
-            text(error.get("type")),
-            text(error.get("param")),
-            text(error.get("code")),
-        ),
-        Some(ErrorAnswer {
-            error: Some(Value::String(message)),
-            ..
-        })
-        | Some(ErrorAnswer {
-            message: Some(message),
-            ..
-        }) => (Some(message), None, None, None),
-        _ => (None, None, None, None),
-    };
-    let mut message =
-        message.unwrap_or_else(|| format!("the model rejected the request (status {status})"));
-    if message.len() > MAX_ERROR_MESSAGE_BYTES {
-        let mut end = MAX_ERROR_MESSAGE_BYTES;
-        while !message.is_char_boundary(end) {
-            end -= 1;
-        }
-        message.truncate(end);
-    }
-    Rejection {
-        status,
-        message,
-        kind,
-        param,
-        code,
-    }
-}
-
-/// `Retry-After` in seconds, given as seconds or as an HTTP date; 1 when absent or
-/// unreadable, and within a day.
-fn retry_after_secs(headers: &header::HeaderMap, now: SystemTime) -> u64 {
-    let Some(value) = headers
-        .get(header::RETRY_AFTER)
-        .and_then(|value| value.to_str().ok())
-        .map(str::trim)
-    else {
-        return DEFAULT_RETRY_AFTER_SECS;
-    };
-    let secs = match value.parse::<u64>() {
-        Ok(secs) => secs,
-        Err(_) => match httpdate::parse_http_date(value) {
-            Ok(at) => at
-                .duration_since(now)
-                .map_or(0, |wait| wait.as_secs_f64().ceil() as u64),
-            Err(_) => return DEFAULT_RETRY_AFTER_SECS,
-        },
-    };
-    secs.clamp(DEFAULT_RETRY_AFTER_SECS, MAX_RETRY_AFTER_SECS)
-}
-
 /// Sorts a transport error; its text goes to the log only, without the URL (which may
 /// carry credentials in its user info or query).
 fn classify(err: reqwest::Error) -> LlmError {
@@ -452,29 +336,5 @@ fn classify(err: reqwest::Error) -> LlmError {
     } else {
         tracing::warn!(error = %err, "model could not be reached");
         LlmError::Unreachable
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn retry_after_is_read_as_seconds_or_a_date_within_bounds() {
-        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
-        let of = |value: Option<&str>| {
-            let mut headers = header::HeaderMap::new();
-            if let Some(value) = value {
-                headers.insert(header::RETRY_AFTER, value.parse().unwrap());
-            }
-            retry_after_secs(&headers, now)
-        };
-        assert_eq!(of(Some("7")), 7);
-        assert_eq!(of(Some(" 0 ")), 1);
-        assert_eq!(of(Some("999999999")), MAX_RETRY_AFTER_SECS);
-        assert_eq!(of(None), 1);
-        assert_eq!(of(Some("soon")), 1);
-        let later = httpdate::fmt_http_date(now + Duration::from_secs(30));
-        assert_eq!(of(Some(&later)), 30);
     }
 }

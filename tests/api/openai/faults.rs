@@ -102,6 +102,62 @@ async fn a_key_the_model_refuses_is_the_operators_fault_named_but_never_shown() 
 }
 
 #[tokio::test]
+async fn a_rejection_that_repeats_the_servers_key_reaches_the_client_without_it() {
+    let secret = "sk-tokenchat-test-secret-456";
+    let app = TestApp::with_env(&[("LLM_API_KEY", secret)]).await;
+    let key = key_of(&app, "user").await;
+    let token = app.user_with_token("chatter").await;
+    app.llm.set_reply(Reply::RejectRepeatingTheKey);
+    let chat = app.chat(&token, "hello").await;
+    chat.assert_error(StatusCode::BAD_REQUEST, "upstream_rejected");
+    let embeddings = app
+        .request(
+            Method::POST,
+            "/v1/embeddings",
+            &[("authorization", &format!("Bearer {key}"))],
+            json!({ "model": "llama3.2", "input": "hello" }).to_string(),
+        )
+        .await;
+    for answer in both_ways(&app, &key).await.iter().chain([&chat, &embeddings]) {
+        assert_eq!(answer.status, StatusCode::BAD_REQUEST, "{answer:?}");
+        let text = answer.json.to_string();
+        assert!(!text.contains(secret), "{text}");
+        // The rest of the model's words are passed on.
+        assert!(
+            text.contains("Unrecognized request argument; you sent Bearer <redacted>"),
+            "{text}"
+        );
+    }
+    assert_eq!(app.llm.calls(), 4);
+    assert_eq!(app.balance(&key).await, 4000);
+    assert_eq!(app.balance(&token).await, 4000);
+    app.assert_all_settled().await;
+}
+
+#[tokio::test]
+async fn a_model_that_redirects_is_an_upstream_error_and_its_redirect_is_not_followed() {
+    let app = TestApp::new().await;
+    let elsewhere = crate::common::FakeLlm::start().await;
+    let key = key_of(&app, "user").await;
+    let token = app.user_with_token("chatter").await;
+    app.llm.set_reply(Reply::RedirectTo(format!(
+        "{}/chat/completions",
+        elsewhere.base_url
+    )));
+    let chat = app.chat(&token, "hello").await;
+    chat.assert_error(StatusCode::BAD_GATEWAY, "upstream_error");
+    for answer in both_ways(&app, &key).await {
+        assert_openai_error(&answer, StatusCode::BAD_GATEWAY, "api_error", "upstream_error");
+    }
+    // The prompt went to the host the operator named and nowhere else.
+    assert_eq!(app.llm.calls(), 3);
+    assert_eq!(elsewhere.calls(), 0);
+    assert_eq!(app.balance(&key).await, 4000);
+    assert_eq!(app.balance(&token).await, 4000);
+    app.assert_all_settled().await;
+}
+
+#[tokio::test]
 async fn a_busy_model_is_a_503_with_its_retry_after_and_other_failures_stay_502_and_504() {
     let mut app = TestApp::with_env(&[("LLM_TIMEOUT_SECS", "1")]).await;
     let key = key_of(&app, "user").await;

@@ -82,6 +82,11 @@ pub enum Reply {
     /// Rejects the request as invalid with this status (400, 404, 413, 422) and OpenAI's
     /// error object: a bad tool schema.
     Reject(u16),
+    /// Rejects the request as invalid (400), its message repeating the `Authorization` it
+    /// was sent, as a careless upstream does.
+    RejectRepeatingTheKey,
+    /// Answers `307 Temporary Redirect` to this URL.
+    RedirectTo(String),
     /// Busy with this status (429, 503) and, when given, this `Retry-After`.
     Busy {
         status: u16,
@@ -291,6 +296,22 @@ fn failure(reply: &Reply, headers: &HeaderMap) -> Option<Response> {
                 "message": REJECTION, "type": "invalid_request_error",
                 "param": "tools[0].function.parameters", "code": "invalid_function_parameters",
             } })),
+        )
+            .into_response(),
+        Reply::RejectRepeatingTheKey => (
+            StatusCode::BAD_REQUEST,
+            Json(json!({ "error": {
+                "message": format!(
+                    "Unrecognized request argument; you sent {}",
+                    headers.get("authorization").map_or("no key", |key| key.to_str().unwrap())
+                ),
+                "type": "invalid_request_error", "param": null, "code": null,
+            } })),
+        )
+            .into_response(),
+        Reply::RedirectTo(location) => (
+            StatusCode::TEMPORARY_REDIRECT,
+            [(header::LOCATION, location.clone())],
         )
             .into_response(),
         Reply::Busy {

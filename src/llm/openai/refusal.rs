@@ -1,0 +1,251 @@
+//! What an upstream's error status stands for, by whose fault it is, and the error object
+//! of a request it rejected as it is passed on to the client: with the upstream's own
+//! credentials taken out, since an upstream may repeat what it was sent in its message.
+
+use std::time::SystemTime;
+
+use reqwest::{header, Url};
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::llm::{LlmError, Rejection};
+
+/// The most of an error answer read for its message.
+const MAX_ERROR_BODY_BYTES: usize = 64 * 1024;
+/// The most of the model's message a rejection passes on, in bytes.
+const MAX_ERROR_MESSAGE_BYTES: usize = 4096;
+/// `Retry-After` of a busy model that did not say, and the most it may say.
+const DEFAULT_RETRY_AFTER_SECS: u64 = 1;
+const MAX_RETRY_AFTER_SECS: u64 = 24 * 60 * 60;
+/// Credentials shorter than this are not looked for: none is a secret anyone could keep,
+/// and taking out every `1` of a message (from a base URL's `?v=1`) would garble it.
+const SHORTEST_CREDENTIAL: usize = 4;
+
+/// What tokenchat sends an upstream that may be a credential, as the upstream may repeat it:
+/// its key, and its base URL's user name, password and query values (as written and
+/// percent-decoded), longest first so that one holding another is taken out whole.
+pub(super) struct Credentials(Vec<SecretString>);
+
+impl Credentials {
+    pub(super) fn of(api_key: Option<&SecretString>, base_url: &Url) -> Self {
+        let mut found: Vec<String> = api_key
+            .map(|key| key.expose_secret().to_owned())
+            .into_iter()
+            .collect();
+        found.push(base_url.username().to_owned());
+        found.extend(base_url.password().map(str::to_owned));
+        found.extend(
+            percent_encoding::percent_decode_str(base_url.username())
+                .decode_utf8()
+                .ok()
+                .map(|name| name.into_owned()),
+        );
+        found.extend(
+            base_url
+                .password()
+                .and_then(|password| {
+                    percent_encoding::percent_decode_str(password)
+                        .decode_utf8()
+                        .ok()
+                })
+                .map(|password| password.into_owned()),
+        );
+        for (_, value) in base_url.query_pairs() {
+            found.push(value.into_owned());
+        }
+        if let Some(query) = base_url.query() {
+            found.extend(
+                query
+                    .split('&')
+                    .filter_map(|pair| pair.split_once('='))
+                    .map(|(_, value)| value.to_owned()),
+            );
+        }
+        found.retain(|credential| credential.chars().count() >= SHORTEST_CREDENTIAL);
+        found.sort_by_key(|credential| std::cmp::Reverse(credential.len()));
+        found.dedup();
+        Self(found.into_iter().map(SecretString::from).collect())
+    }
+
+    /// `text` with every credential in it replaced by `<redacted>`.
+    pub(super) fn redact(&self, mut text: String) -> String {
+        for credential in &self.0 {
+            let credential = credential.expose_secret();
+            if text.contains(credential) {
+                text = text.replace(credential, "<redacted>");
+            }
+        }
+        text
+    }
+}
+
+/// An OpenAI-style error answer: `{"error": {"message", "type", "param", "code"}}`, or the
+/// `{"error": "text"}` some servers send.
+#[derive(Deserialize)]
+struct ErrorAnswer {
+    error: Option<Value>,
+    message: Option<String>,
+}
+
+/// What an error status from the model stands for, by whose fault it is.
+pub(super) async fn refusal(response: reqwest::Response, credentials: &Credentials) -> LlmError {
+    let status = response.status().as_u16();
+    match status {
+        400 | 404 | 413 | 422 => {
+            let rejection = rejection(status, response, credentials).await;
+            tracing::info!(
+                status,
+                code = rejection.code.as_deref().unwrap_or_default(),
+                "model rejected the request"
+            );
+            LlmError::Rejected(rejection)
+        }
+        401 | 403 => {
+            // Its body may repeat the key; it is neither read nor passed on.
+            tracing::error!(status, "model refused the credentials: check LLM_API_KEY");
+            LlmError::RefusedCredentials(status)
+        }
+        429 | 503 => {
+            let retry_after_secs = retry_after_secs(response.headers(), SystemTime::now());
+            tracing::warn!(status, retry_after_secs, "model is busy");
+            LlmError::Busy {
+                status,
+                retry_after_secs,
+                said: response.headers().contains_key(header::RETRY_AFTER),
+            }
+        }
+        _ => {
+            tracing::warn!(status, "model answered with an error status");
+            LlmError::Status(status)
+        }
+    }
+}
+
+/// The model's error object for a request it rejected, read from at most
+/// [`MAX_ERROR_BODY_BYTES`] of its answer.
+async fn rejection(
+    status: u16,
+    mut response: reqwest::Response,
+    credentials: &Credentials,
+) -> Rejection {
+    let mut body = Vec::new();
+    while body.len() < MAX_ERROR_BODY_BYTES {
+        match response.chunk().await {
+            Ok(Some(chunk)) => body.extend_from_slice(&chunk),
+            Ok(None) | Err(_) => break,
+        }
+    }
+    let answer: Option<ErrorAnswer> = serde_json::from_slice(&body).ok();
+    let text = |value: Option<&Value>| match value {
+        Some(Value::String(text)) if !text.is_empty() => Some(text.clone()),
+        Some(Value::Number(number)) => Some(number.to_string()),
+        _ => None,
+    };
+    let (message, kind, param, code) = match answer {
+        Some(ErrorAnswer {
+            error: Some(error @ Value::Object(_)),
+            ..
+        }) => (
+            text(error.get("message")),
+            text(error.get("type")),
+            text(error.get("param")),
+            text(error.get("code")),
+        ),
+        Some(ErrorAnswer {
+            error: Some(Value::String(message)),
+            ..
+        })
+        | Some(ErrorAnswer {
+            message: Some(message),
+            ..
+        }) => (Some(message), None, None, None),
+        _ => (None, None, None, None),
+    };
+    let mut message = credentials.redact(
+        message.unwrap_or_else(|| format!("the model rejected the request (status {status})")),
+    );
+    if message.len() > MAX_ERROR_MESSAGE_BYTES {
+        let mut end = MAX_ERROR_MESSAGE_BYTES;
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        message.truncate(end);
+    }
+    let redact = |field: Option<String>| field.map(|text| credentials.redact(text));
+    Rejection {
+        status,
+        message,
+        kind: redact(kind),
+        param: redact(param),
+        code: redact(code),
+    }
+}
+
+/// `Retry-After` in seconds, given as seconds or as an HTTP date; 1 when absent or
+/// unreadable, and within a day.
+fn retry_after_secs(headers: &header::HeaderMap, now: SystemTime) -> u64 {
+    let Some(value) = headers
+        .get(header::RETRY_AFTER)
+        .and_then(|value| value.to_str().ok())
+        .map(str::trim)
+    else {
+        return DEFAULT_RETRY_AFTER_SECS;
+    };
+    let secs = match value.parse::<u64>() {
+        Ok(secs) => secs,
+        Err(_) => match httpdate::parse_http_date(value) {
+            Ok(at) => at
+                .duration_since(now)
+                .map_or(0, |wait| wait.as_secs_f64().ceil() as u64),
+            Err(_) => return DEFAULT_RETRY_AFTER_SECS,
+        },
+    };
+    secs.clamp(DEFAULT_RETRY_AFTER_SECS, MAX_RETRY_AFTER_SECS)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn retry_after_is_read_as_seconds_or_a_date_within_bounds() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let of = |value: Option<&str>| {
+            let mut headers = header::HeaderMap::new();
+            if let Some(value) = value {
+                headers.insert(header::RETRY_AFTER, value.parse().unwrap());
+            }
+            retry_after_secs(&headers, now)
+        };
+        assert_eq!(of(Some("7")), 7);
+        assert_eq!(of(Some(" 0 ")), 1);
+        assert_eq!(of(Some("999999999")), MAX_RETRY_AFTER_SECS);
+        assert_eq!(of(None), 1);
+        assert_eq!(of(Some("soon")), 1);
+        let later = httpdate::fmt_http_date(now + Duration::from_secs(30));
+        assert_eq!(of(Some(&later)), 30);
+    }
+
+    #[test]
+    fn an_upstreams_key_and_url_credentials_are_taken_out_of_its_words() {
+        let key = SecretString::from("sk-live-0123456789");
+        let url =
+            Url::parse("https://bob:pa%24%24word@llm.example/v1?key=query-secret&v=1").unwrap();
+        let credentials = Credentials::of(Some(&key), &url);
+        let said = "bad request; you sent Bearer sk-live-0123456789 as bob with pa$$word \
+                    (pa%24%24word) to /v1?key=query-secret&v=1";
+        assert_eq!(
+            credentials.redact(said.to_owned()),
+            "bad request; you sent Bearer <redacted> as bob with <redacted> \
+             (<redacted>) to /v1?key=<redacted>&v=1"
+        );
+        let none = Credentials::of(None, &Url::parse("http://127.0.0.1:11434/v1").unwrap());
+        assert_eq!(
+            none.redact("model llama3.2 not found".into()),
+            "model llama3.2 not found"
+        );
+    }
+}
