@@ -109,13 +109,14 @@ pub async fn run_reporting(db: &db::Db, mut found: impl FnMut(&str)) -> ServiceR
         ]
         .map(|tokens| tokens.and_then(|tokens| u64::try_from(tokens).ok()));
         let owed = match used {
-            [Some(prompt), Some(cached), Some(completion)] => prices
-                .charge(TokenCounts {
+            [Some(prompt), Some(cached), Some(completion)] => Some(charged_for(
+                &prices,
+                TokenCounts {
                     prompt,
                     cached,
                     completion,
-                })
-                .ok(),
+                },
+            )),
             _ => None,
         };
         match owed.map(|owed| owed.min(chat.reserved)) {
@@ -162,7 +163,7 @@ pub async fn run_reporting(db: &db::Db, mut found: impl FnMut(&str)) -> ServiceR
                     prompt,
                     ..TokenCounts::default()
                 };
-                prices.charge(used).ok()
+                Some(charged_for(&prices, used))
             })
             .map(|owed| owed.min(call.reserved));
         if owed != Some(call.cost) {
@@ -193,6 +194,13 @@ pub async fn run_reporting(db: &db::Db, mut found: impl FnMut(&str)) -> ServiceR
         offence_count,
         offences,
     })
+}
+
+/// What `used` costs at `prices` before the reservation caps it. A usage too large to
+/// count (a broken upstream's 10^18 tokens) costs more than any reservation, as the server
+/// charged it: the reservation.
+fn charged_for(prices: &Prices, used: TokenCounts) -> i64 {
+    prices.charge(used).unwrap_or(i64::MAX)
 }
 
 /// `, reserved N` when a call reserved more than its cost (a priced one), else nothing.

@@ -328,6 +328,14 @@ async fn a_model_that_overruns_its_cap_is_charged_the_reservation_and_the_overru
         metrics.contains("tokenchat_usage_overruns_total 1"),
         "{metrics}"
     );
+    // A usage too large to price at all (a broken upstream's 10^18 prompt tokens) is an
+    // overrun like any other, and the audit agrees that the reservation was its charge.
+    app.llm
+        .set_reply(Reply::EchoReporting(usage(1_000_000_000_000_000_000, 0, 1, 0)));
+    let absurd = chat(&app, &token, message).await;
+    assert_eq!(absurd.json["tokens_charged"], reserved, "{absurd:?}");
+    let chat_id = absurd.json["chat_id"].as_i64().unwrap();
+    assert_reserved_then(&app, chat_id, reserved, &[("chat_charge", -reserved)]).await;
     app.assert_all_settled().await;
 }
 
