@@ -41,21 +41,24 @@ struct MessageView<'a> {
 }
 
 /// What the model says the question and the answer cost it, when it says.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Usage {
     pub prompt_tokens: i64,
-    pub completion_tokens: i64,
+    /// `None` when the model gave the prompt's count but not the answer's: that is counted.
+    pub completion_tokens: Option<i64>,
     /// Of `prompt_tokens`, those read from the model's cache (0 when it did not say).
-    #[serde(default)]
     pub cached_tokens: i64,
 }
 
-/// Usage as servers send it, some with nulls or without a field. Reasoning tokens
-/// (`completion_tokens_details`) are among `completion_tokens` already, so they are not read:
-/// counting them again would charge them twice.
+/// Usage as servers send it, some with nulls or without a field, or with counts that are
+/// not whole numbers (see [`token_count`]). Reasoning tokens (`completion_tokens_details`)
+/// are among `completion_tokens` already, so they are not read: counting them again would
+/// charge them twice.
 #[derive(Deserialize)]
 struct UsageView {
+    #[serde(default, deserialize_with = "token_count")]
     prompt_tokens: Option<i64>,
+    #[serde(default, deserialize_with = "token_count")]
     completion_tokens: Option<i64>,
     #[serde(default)]
     prompt_tokens_details: Option<PromptTokensDetails>,
@@ -63,7 +66,7 @@ struct UsageView {
 
 #[derive(Deserialize)]
 struct PromptTokensDetails {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "token_count")]
     cached_tokens: Option<i64>,
 }
 
@@ -75,10 +78,39 @@ impl UsageView {
             .unwrap_or(0);
         Some(Usage {
             prompt_tokens: self.prompt_tokens?,
-            completion_tokens: self.completion_tokens.unwrap_or(0),
+            completion_tokens: self.completion_tokens,
             cached_tokens,
         })
     }
+}
+
+/// A count of tokens as a model reported it: a whole number (one beyond `i64` as
+/// `i64::MAX`), or a number with a fraction, rounded up (`30.0`, `12.5`, `1e18`); anything
+/// else (a string, `null`, an object) is no count, as if the field were absent. How a model
+/// writes its usage never costs the client the answer it was sent.
+pub(super) fn token_count<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<i64>, D::Error> {
+    // Read as written: a `Value` would refuse `1e309` and lose the whole answer with it.
+    let raw = Box::<RawValue>::deserialize(deserializer)?;
+    let text = raw.get().trim();
+    if !text.starts_with(|first: char| first == '-' || first.is_ascii_digit()) {
+        return Ok(None);
+    }
+    if let Ok(whole) = text.parse::<i64>() {
+        return Ok(Some(whole));
+    }
+    let digits = text.trim_start_matches('-');
+    if digits.bytes().all(|byte| byte.is_ascii_digit()) {
+        // A whole number beyond i64: as far as it goes, its sign kept.
+        return Ok(Some(if text.starts_with('-') {
+            i64::MIN
+        } else {
+            i64::MAX
+        }));
+    }
+    // A float; `as` saturates, so 1e309 (infinite) is i64::MAX.
+    Ok(text.parse::<f64>().ok().map(|float| float.ceil() as i64))
 }
 
 /// What a chat keeps of a whole answer.
@@ -88,6 +120,9 @@ pub struct Read {
     pub text: String,
     /// The first choice's tool calls, the JSON array as the model sent it.
     pub tool_calls: Option<String>,
+    /// What the other choices (`n` above 1) hold, their text, refusals and tool calls run
+    /// together: sent to the client, never stored, counted when the model reports no usage.
+    pub other_choices: String,
     pub usage: Option<Usage>,
 }
 
@@ -116,13 +151,30 @@ pub fn read_completion(body: &str) -> Result<Read, LlmError> {
     if !holds_anything {
         return Err(LlmError::Unusable("empty answer"));
     }
-    let first = completion
+    let first_choice = completion
         .choices
         .iter()
-        .find(|choice| choice.index == 0)
-        .or(completion.choices.first())
+        .position(|choice| choice.index == 0)
+        .unwrap_or(0);
+    let first = completion
+        .choices
+        .get(first_choice)
         .and_then(|choice| choice.message.as_ref());
+    let mut other_choices = String::new();
+    let others = completion.choices.iter().enumerate();
+    for (_, choice) in others.filter(|(at, _)| *at != first_choice) {
+        let Some(message) = &choice.message else {
+            continue;
+        };
+        for text in [&message.content, &message.refusal].into_iter().flatten() {
+            other_choices.push_str(text);
+        }
+        if let Some(calls) = message.tool_calls.filter(|calls| present(Some(calls))) {
+            other_choices.push_str(calls.get());
+        }
+    }
     Ok(Read {
+        other_choices,
         text: first
             .and_then(|message| message.content.as_deref())
             .unwrap_or_default()
@@ -203,6 +255,9 @@ pub struct Chunk {
     pub text: String,
     /// The tool-call pieces it adds to the first choice.
     pub tool_calls: Vec<ToolCallDelta>,
+    /// What it adds to the other choices (`n` above 1): their text, refusals and tool-call
+    /// names and arguments, run together (see [`Read::other_choices`]).
+    pub other_choices: String,
     /// Whether it carries any of an answer, in any choice: text that is not only white
     /// space, a refusal, a tool call or audio. (The rule of issue 21 for what a stream that
     /// breaks off is charged for: something delivered, not a role or blanks.)
@@ -247,6 +302,15 @@ pub fn read_chunk(data: String) -> Result<Chunk, LlmError> {
             chunk
                 .tool_calls
                 .extend(delta.tool_calls.unwrap_or_default());
+        } else {
+            let others = &mut chunk.other_choices;
+            for text in [delta.content, delta.refusal].into_iter().flatten() {
+                others.push_str(&text);
+            }
+            for call in delta.tool_calls.unwrap_or_default() {
+                let function = call.function.unwrap_or_default();
+                others.extend(function.name.into_iter().chain(function.arguments));
+            }
         }
     }
     chunk.data = data;
@@ -317,100 +381,4 @@ impl ToolCalls {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_whole_answer_is_read_for_its_first_choice_and_usage() {
-        let body = r#"{"choices":[
-            {"index":1,"message":{"role":"assistant","content":"second"}},
-            {"index":0,"message":{"role":"assistant","content":null,"tool_calls":[{"id":"c","type":"function","function":{"name":"f","arguments":"{}"}}]},"finish_reason":"tool_calls"}],
-            "usage":{"prompt_tokens":3,"completion_tokens":5,"total_tokens":8,"prompt_tokens_details":{"cached_tokens":1}}}"#;
-        let read = read_completion(body).unwrap();
-        assert_eq!(read.text, "");
-        assert!(read.tool_calls.unwrap().starts_with(r#"[{"id":"c""#));
-        assert_eq!(
-            read.usage,
-            Some(Usage {
-                prompt_tokens: 3,
-                completion_tokens: 5,
-                cached_tokens: 1
-            })
-        );
-    }
-
-    #[test]
-    fn an_answer_with_nothing_in_it_is_unusable() {
-        for body in [
-            r#"{"choices":[]}"#,
-            r#"{"choices":[{"message":{"content":" \n "}}]}"#,
-            r#"{"choices":[{"message":{"content":null,"tool_calls":[]}}]}"#,
-            "not json",
-        ] {
-            assert!(read_completion(body).is_err(), "{body}");
-        }
-        let refusal = r#"{"choices":[{"message":{"content":null,"refusal":"no"}}],"usage":null}"#;
-        assert_eq!(read_completion(refusal).unwrap().usage, None);
-    }
-
-    #[test]
-    fn a_chunk_yields_its_text_tool_calls_usage_and_whether_it_holds_anything() {
-        let read = |data: &str| read_chunk(data.to_string()).unwrap();
-        let text =
-            read(r#"{"choices":[{"index":0,"delta":{"content":"Hel"},"finish_reason":null}]}"#);
-        assert_eq!((text.text.as_str(), text.substantial), ("Hel", true));
-        let role = read(r#"{"choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}"#);
-        assert!(!role.substantial);
-        let blank = read(r#"{"choices":[{"index":0,"delta":{"content":"  "}}]}"#);
-        assert_eq!((blank.text.as_str(), blank.substantial), ("  ", false));
-        let other = read(r#"{"choices":[{"index":1,"delta":{"content":"x"}}]}"#);
-        assert_eq!((other.text.as_str(), other.substantial), ("", true));
-        let call = read(
-            r#"{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"{\"a"}}]}}]}"#,
-        );
-        assert!(call.substantial);
-        assert_eq!(
-            call.tool_calls[0]
-                .function
-                .as_ref()
-                .unwrap()
-                .arguments
-                .as_deref(),
-            Some("{\"a")
-        );
-        let usage = read(r#"{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":5}}"#);
-        assert_eq!(usage.usage.map(|usage| usage.completion_tokens), Some(5));
-        assert!(matches!(
-            read_chunk(r#"{"error":{"message":"overloaded"}}"#.into()),
-            Err(LlmError::BrokeOff)
-        ));
-        assert!(read_chunk("not json".into()).is_err());
-    }
-
-    #[test]
-    fn streamed_tool_calls_are_assembled_from_their_pieces() {
-        let piece = |index, id: Option<&str>, name: Option<&str>, arguments: &str| ToolCallDelta {
-            index,
-            id: id.map(str::to_string),
-            kind: id.map(|_| "function".to_string()),
-            function: Some(FunctionDelta {
-                name: name.map(str::to_string),
-                arguments: Some(arguments.to_string()),
-            }),
-        };
-        let mut calls = ToolCalls::default();
-        assert_eq!(calls.to_json(), None);
-        calls.add(&[piece(0, Some("a"), Some("weather"), "")]);
-        calls.add(&[piece(0, None, None, "{\"city\":")]);
-        calls.add(&[piece(1, Some("b"), Some("time"), "{}")]);
-        calls.add(&[piece(0, None, None, "\"Paris\"}")]);
-        let json: serde_json::Value = serde_json::from_str(&calls.to_json().unwrap()).unwrap();
-        assert_eq!(
-            json,
-            serde_json::json!([
-                {"id": "a", "type": "function", "function": {"name": "weather", "arguments": "{\"city\":\"Paris\"}"}},
-                {"id": "b", "type": "function", "function": {"name": "time", "arguments": "{}"}},
-            ])
-        );
-    }
-}
+mod tests;

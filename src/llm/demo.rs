@@ -11,7 +11,7 @@ use sha2::{Digest, Sha256};
 
 use super::{
     AnswerStream, Ask, Backend, Chunk, Completion, Embedding, EmbeddingUsage, Forwarded, LlmError,
-    ModelProbe, PromptMessage, Rejection, Role, Streamed, TargetReport, UpstreamProbe,
+    ModelProbe, PromptMessage, Rejection, Role, Streamed, TargetReport, UpstreamProbe, Usage,
 };
 
 /// How long the demo model takes per word, so that it streams as a model would.
@@ -31,6 +31,7 @@ impl Backend for Demo {
             Ask::Turns { prompt: turns, .. } => Ok(Completion {
                 content: answer(last_user_message(&turns)),
                 tool_calls: None,
+                other_choices: String::new(),
                 usage: None,
                 body: None,
                 served_by: None,
@@ -162,9 +163,22 @@ fn refused(param: &str, message: &str) -> LlmError {
     })
 }
 
-/// The usage the demo model reports: it counts nothing.
+/// The usage the demo model reports to an OpenAI client, which a priced `demo` is charged
+/// by (its request price): it counts nothing.
+const ZERO_USAGE: Usage = Usage {
+    prompt_tokens: 0,
+    completion_tokens: Some(0),
+    cached_tokens: 0,
+};
+
+/// [`ZERO_USAGE`] as OpenAI writes it.
 fn zero_usage() -> Value {
     json!({ "prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0 })
+}
+
+/// How many choices it writes beside the first.
+fn others(asked: &Asked) -> usize {
+    usize::try_from(asked.choices.saturating_sub(1)).unwrap_or(0)
 }
 
 /// The demo model's whole answer to an OpenAI client: `n` choices of the same text.
@@ -190,9 +204,10 @@ fn whole_answer(request: &Forwarded, last_user_text: &str) -> Result<Completion,
         "usage": zero_usage(),
     });
     Ok(Completion {
+        other_choices: content.repeat(others(&asked)),
         content,
         tool_calls: None,
-        usage: None,
+        usage: Some(ZERO_USAGE),
         body: Some(body.to_string().into()),
         served_by: None,
     })
@@ -228,6 +243,7 @@ fn demo_stream(answer: String, asked: Option<Asked>) -> AnswerStream {
         chunks.push(Chunk {
             data: asked.chunk(every(json!({ "content": word }), None), false),
             substantial: !word.trim().is_empty(),
+            other_choices: word.repeat(others(&asked)),
             text: word,
             ..Chunk::default()
         });
@@ -239,6 +255,7 @@ fn demo_stream(answer: String, asked: Option<Asked>) -> AnswerStream {
     if asked.include_usage {
         chunks.push(Chunk {
             data: asked.chunk(Vec::new(), true),
+            usage: Some(ZERO_USAGE),
             ..Chunk::default()
         });
     }
@@ -426,59 +443,4 @@ pub fn pieces(text: &str) -> Vec<String> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn each_language_of_the_original_gets_its_program() {
-        for (message, language, marker) in [
-            (
-                "code hello world in python",
-                "python",
-                "print(\"Hello, World!\")",
-            ),
-            ("Hello world in C++ please", "c++", "std::cout"),
-            ("java", "java", "System.out.println"),
-            ("write it in c", "c", "printf"),
-            ("code hello world in go", "go", "fmt.Println"),
-        ] {
-            let answer = answer(message);
-            assert!(
-                answer.starts_with(&format!("Code for 'Hello World' in {language}:")),
-                "{message}: {answer}"
-            );
-            assert!(answer.contains(marker), "{message}: {answer}");
-        }
-    }
-
-    #[test]
-    fn languages_are_whole_words_checked_in_the_original_order() {
-        // "code" holds "c" and "go" holds nothing else: whole words only.
-        assert!(answer("code hello world").starts_with(SORRY));
-        assert!(answer("golang or cobol?").starts_with(SORRY));
-        // Both named: python comes first in the original's table.
-        assert!(answer("go or python").contains("in python:"));
-    }
-
-    #[test]
-    fn anything_else_gets_the_apology_and_how_to_use_a_real_model() {
-        let answer = answer("What is the capital of France?");
-        assert!(answer.starts_with(SORRY));
-        assert!(answer.contains("built-in demo model"));
-        assert!(answer.contains("LLM_BASE_URL"));
-    }
-
-    #[test]
-    fn the_pieces_of_an_answer_join_to_the_answer() {
-        for text in [
-            "",
-            "one",
-            "two words",
-            "  lead\n\nand trail  ",
-            &answer("python"),
-        ] {
-            assert_eq!(pieces(text).concat(), text);
-        }
-        assert_eq!(pieces("a b  c"), ["a ", "b  ", "c"]);
-    }
-}
+mod tests;

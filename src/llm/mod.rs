@@ -100,6 +100,8 @@ pub struct Completion {
     pub content: String,
     /// The first choice's tool calls, the JSON array the model gave.
     pub tool_calls: Option<String>,
+    /// What the other choices hold (see [`answer::Read::other_choices`]).
+    pub other_choices: String,
     pub usage: Option<Usage>,
     /// The answer as the model sent it, for a client of `/v1` to get as it is; `None` from
     /// the demo model answering `/chat`.
@@ -182,6 +184,14 @@ pub enum Ask<'a> {
         request: Forwarded,
         last_user_text: &'a str,
     },
+}
+
+impl Ask<'_> {
+    /// Whether only the answer's text reaches the client (`/chat`, which shows no tool calls
+    /// or refusals): an answer without text is then no answer, never charged.
+    fn wants_text_only(&self) -> bool {
+        matches!(self, Ask::Turns { .. })
+    }
 }
 
 impl LlmClient {

@@ -15,7 +15,7 @@ mod refusal;
 
 use self::refusal::{refusal, Credentials};
 use super::{
-    answer::{read_chunk, read_completion},
+    answer::{read_chunk, read_completion, token_count},
     AnswerStream, Ask, Completion, Embedding, EmbeddingUsage, LlmError, PromptMessage,
 };
 use crate::config::{routing::UpstreamConfig, Config};
@@ -78,16 +78,17 @@ struct StreamOptions {
 /// What is read of an embeddings answer: that it holds embeddings, and its usage.
 #[derive(Deserialize)]
 struct EmbeddingsView {
-    // Never read, but required: an answer without it holds no embeddings.
-    #[serde(rename = "data")]
-    _data: Vec<serde::de::IgnoredAny>,
+    /// Only counted: an answer without any holds no embeddings.
+    data: Vec<serde::de::IgnoredAny>,
     #[serde(default)]
     usage: Option<EmbeddingUsageView>,
 }
 
 #[derive(Deserialize)]
 struct EmbeddingUsageView {
+    #[serde(default, deserialize_with = "token_count")]
     prompt_tokens: Option<i64>,
+    #[serde(default, deserialize_with = "token_count")]
     total_tokens: Option<i64>,
 }
 
@@ -263,6 +264,7 @@ pub(super) async fn read_answer(response: reqwest::Response) -> Result<Completio
     Ok(Completion {
         content: read.text,
         tool_calls: read.tool_calls,
+        other_choices: read.other_choices,
         usage: read.usage,
         body: Some(body),
         served_by: None,
@@ -311,6 +313,9 @@ pub(super) async fn read_embeddings(response: reqwest::Response) -> Result<Embed
         tracing::warn!(error = %err, "embeddings answer was not the expected JSON");
         LlmError::Unusable("not the expected JSON")
     })?;
+    if view.data.is_empty() {
+        return Err(LlmError::Unusable("no embeddings"));
+    }
     let usage = view.usage.and_then(|usage| {
         let prompt_tokens = usage.prompt_tokens?;
         Some(EmbeddingUsage {

@@ -68,7 +68,7 @@ pub struct Usage {
 impl From<llm::Usage> for Usage {
     fn from(usage: llm::Usage) -> Self {
         Self {
-            completion_tokens: usage.completion_tokens,
+            completion_tokens: usage.completion_tokens.unwrap_or(0),
             prompt_tokens: usage.prompt_tokens,
         }
     }

@@ -158,12 +158,12 @@ pub async fn run_reporting(db: &db::Db, mut found: impl FnMut(&str)) -> ServiceR
         let owed = call
             .prompt_tokens
             .and_then(|prompt| u64::try_from(prompt).ok())
-            .and_then(|prompt| {
+            .map(|prompt| {
                 let used = TokenCounts {
                     prompt,
                     ..TokenCounts::default()
                 };
-                Some(charged_for(&prices, used))
+                charged_for(&prices, used)
             })
             .map(|owed| owed.min(call.reserved));
         if owed != Some(call.cost) {

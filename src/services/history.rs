@@ -39,7 +39,7 @@ impl From<Chat> for ChatRecord {
         let usage = match (chat.prompt_tokens, chat.completion_tokens) {
             (Some(prompt_tokens), Some(completion_tokens)) => Some(Usage {
                 prompt_tokens,
-                completion_tokens,
+                completion_tokens: Some(completion_tokens),
                 cached_tokens: chat.cached_tokens.unwrap_or(0),
             }),
             _ => None,

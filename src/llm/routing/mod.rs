@@ -256,6 +256,7 @@ impl Router {
 
     async fn complete(&self, ask: Ask<'_>) -> Result<Completion, LlmError> {
         let model = self.model_of(&ask);
+        let text_only = ask.wants_text_only();
         let asked = &ask;
         let (response, slot, served_by) = self
             .call(model, move |upstream, name| async move {
@@ -266,12 +267,16 @@ impl Router {
         drop(ask);
         let mut completion = openai::read_answer(response).await?;
         drop(slot);
+        if text_only && completion.content.trim().is_empty() {
+            return Err(LlmError::Unusable("no text"));
+        }
         completion.served_by = Some(served_by);
         Ok(completion)
     }
 
     async fn stream(&self, ask: Ask<'_>) -> Result<Streamed, LlmError> {
         let model = self.model_of(&ask);
+        let text_only = ask.wants_text_only();
         let asked = &ask;
         let (response, slot, served_by) = self
             .call(model, move |upstream, name| async move {
@@ -282,7 +287,12 @@ impl Router {
         // The slot at the upstream is held until the stream is dropped.
         let chunks = openai::read_stream(response, self.stream_idle).map(move |chunk| {
             let _held = &slot;
-            chunk
+            chunk.map(|mut chunk| {
+                if text_only {
+                    chunk.substantial = !chunk.text.trim().is_empty();
+                }
+                chunk
+            })
         });
         Ok(Streamed {
             chunks: Box::pin(chunks),

@@ -98,16 +98,14 @@ impl CompletionUsage {
 
 impl From<Option<Usage>> for CompletionUsage {
     fn from(usage: Option<Usage>) -> Self {
-        let usage = usage.unwrap_or(Usage {
-            prompt_tokens: 0,
-            completion_tokens: 0,
-            cached_tokens: 0,
+        let (prompt_tokens, completion_tokens) = usage.map_or((0, 0), |usage| {
+            (usage.prompt_tokens, usage.completion_tokens.unwrap_or(0))
         });
         Self {
-            completion_tokens: usage.completion_tokens,
+            completion_tokens,
             cost: None,
-            prompt_tokens: usage.prompt_tokens,
-            total_tokens: usage.prompt_tokens + usage.completion_tokens,
+            prompt_tokens,
+            total_tokens: prompt_tokens.saturating_add(completion_tokens),
         }
     }
 }

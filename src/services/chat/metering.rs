@@ -133,23 +133,20 @@ impl Metering {
         }
     }
 
-    /// How a chat settles once its model gave `text` and `tool_calls`: whole, by the
-    /// `usage` it reported or, when it reported none, by what it gave counted; cut short
-    /// after that much was delivered and charged (`ABANDONED_STREAM_CHARGE=delivered`), a
-    /// flat chat keeps its cost and a priced one pays for its prompt and what was delivered.
+    /// How a chat settles once its model gave `given`: whole, by the `usage` it reported
+    /// or, when it reported none, by what it gave counted; cut short after that much was
+    /// delivered and charged (`ABANDONED_STREAM_CHARGE=delivered`), a flat chat keeps its
+    /// cost and a priced one pays for its prompt and what was delivered.
     pub fn settlement(
         &self,
         delivery: Delivery,
         usage: Option<Usage>,
-        text: &str,
-        tool_calls: Option<&str>,
+        given: Given<'_>,
     ) -> Settlement {
         match (self, delivery) {
             (Self::Flat { .. }, _) => flat(usage),
-            (Self::Priced(priced), Delivery::Whole) => priced.settle(usage, text, tool_calls),
-            (Self::Priced(priced), Delivery::CutShort) => {
-                priced.settle_delivered(usage, text, tool_calls)
-            }
+            (Self::Priced(priced), Delivery::Whole) => priced.settle(usage, given),
+            (Self::Priced(priced), Delivery::CutShort) => priced.settle_delivered(usage, given),
         }
     }
 
@@ -233,33 +230,21 @@ impl Priced {
         }
     }
 
-    /// The charge of an answer whose model reported `usage`, or, when it reported none, of
-    /// the prompt and the answer (`text` and `tool_calls`) as counted; and whether the usage
-    /// cost more than the reservation (an overrun, charged the reservation).
-    pub fn settle(&self, usage: Option<Usage>, text: &str, tool_calls: Option<&str>) -> Settlement {
-        let (counts, source) = match usage {
-            Some(usage) => (reported(usage), UsageSource::Model),
-            None => (
-                TokenCounts {
-                    prompt: self.prompt_counted,
-                    cached: 0,
-                    completion: self.completion_counted(text, tool_calls),
-                },
-                UsageSource::Counted,
-            ),
-        };
-        self.charge(counts, source)
+    /// The charge of an answer whose model reported `usage`; of what it did not report (the
+    /// answer's count, or all of it) as counted: the prompt and what it gave; and whether
+    /// the usage cost more than the reservation (an overrun, charged the reservation).
+    pub fn settle(&self, usage: Option<Usage>, given: Given<'_>) -> Settlement {
+        match usage {
+            Some(usage) if usage.completion_tokens.is_some() => {
+                self.charge(reported(usage), UsageSource::Model)
+            }
+            _ => self.settle_delivered(usage, given),
+        }
     }
 
-    /// The charge of an answer cut short after `text` (and `tool_calls`) reached the client:
-    /// the prompt (as reported, when the model got to say) and the completion delivered,
-    /// counted.
-    pub fn settle_delivered(
-        &self,
-        usage: Option<Usage>,
-        text: &str,
-        tool_calls: Option<&str>,
-    ) -> Settlement {
+    /// The charge of an answer cut short after `given` reached the client: the prompt (as
+    /// reported, when the model got to say) and the completion delivered, counted.
+    pub fn settle_delivered(&self, usage: Option<Usage>, given: Given<'_>) -> Settlement {
         let (prompt, cached) = match usage.map(reported) {
             Some(counts) => (counts.prompt, counts.cached),
             None => (self.prompt_counted, 0),
@@ -267,14 +252,15 @@ impl Priced {
         let counts = TokenCounts {
             prompt,
             cached,
-            completion: self.completion_counted(text, tool_calls),
+            completion: self.completion_counted(given),
         };
         self.charge(counts, UsageSource::Counted)
     }
 
-    fn completion_counted(&self, text: &str, tool_calls: Option<&str>) -> u64 {
+    fn completion_counted(&self, given: Given<'_>) -> u64 {
         let tokenizer = self.pricing.tokenizer;
-        tokenizer.count(text) + tool_calls.map_or(0, |calls| tokenizer.count(calls))
+        let tool_calls = given.tool_calls.map_or(0, |calls| tokenizer.count(calls));
+        tokenizer.count(given.text) + tool_calls + tokenizer.count(given.other_choices)
     }
 
     fn charge(&self, counts: TokenCounts, source: UsageSource) -> Settlement {
@@ -299,8 +285,17 @@ fn reported(usage: Usage) -> TokenCounts {
     TokenCounts {
         prompt: count(usage.prompt_tokens),
         cached: count(usage.cached_tokens),
-        completion: count(usage.completion_tokens),
+        completion: usage.completion_tokens.map_or(0, count),
     }
+}
+
+/// What a model gave: the first choice's text and tool calls (what a chat stores), and
+/// what its other choices hold (sent to the client, never stored).
+#[derive(Debug, Clone, Copy)]
+pub struct Given<'a> {
+    pub text: &'a str,
+    pub tool_calls: Option<&'a str>,
+    pub other_choices: &'a str,
 }
 
 /// How much of its answer a chat delivered.
@@ -333,7 +328,7 @@ fn flat(usage: Option<Usage>) -> Settlement {
 pub(super) fn as_reported(usage: Option<Usage>) -> TokenUsage {
     TokenUsage {
         prompt_tokens: usage.map(|usage| usage.prompt_tokens),
-        completion_tokens: usage.map(|usage| usage.completion_tokens),
+        completion_tokens: usage.and_then(|usage| usage.completion_tokens),
         cached_tokens: usage.map(|usage| usage.cached_tokens),
         source: None,
     }

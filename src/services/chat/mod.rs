@@ -19,7 +19,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use tracing::Instrument;
 
 pub use embeddings::{embed, Embedded};
-use metering::{Delivery, Metering};
+use metering::{Delivery, Given, Metering};
 pub use stream::{chat_streamed, ChatEvents, StreamEvent, StreamedChat};
 
 use crate::{
@@ -412,12 +412,12 @@ impl ChatInFlight {
         let failure = match answer {
             Some(Ok(completion)) if !self.client_gone.is_cancelled() => {
                 let tool_calls = completion.tool_calls.as_deref();
-                let settlement = metering.settlement(
-                    Delivery::Whole,
-                    completion.usage,
-                    &completion.content,
+                let given = Given {
+                    text: &completion.content,
                     tool_calls,
-                );
+                    other_choices: &completion.other_choices,
+                };
+                let settlement = metering.settlement(Delivery::Whole, completion.usage, given);
                 self.count_overrun(chat_id, &settlement);
                 let served_by = completion.served_by.as_ref();
                 let answer = Answer {

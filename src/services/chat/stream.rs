@@ -10,7 +10,7 @@ use tracing::Instrument;
 
 use super::{
     counting::failure_outcome,
-    metering::{self, Delivery, Metering},
+    metering::{self, Delivery, Given, Metering},
     Begun, ChatAnswer, ChatInFlight, Chats, Question,
 };
 use crate::{
@@ -221,6 +221,7 @@ impl ChatInFlight {
         let chats = &self.chats;
         let mut answer = String::new();
         let mut tool_calls = ToolCalls::default();
+        let mut other_choices = String::new();
         let mut usage = None;
         // Any of the answer sent (text, even blank, or anything else): a client that leaves
         // after it is charged by `ABANDONED_STREAM_CHARGE`.
@@ -238,6 +239,7 @@ impl ChatInFlight {
                     Some(Ok(chunk)) => {
                         answer.push_str(&chunk.text);
                         tool_calls.add(&chunk.tool_calls);
+                        other_choices.push_str(&chunk.other_choices);
                         if let Some(reported) = chunk.usage {
                             usage = Some(reported);
                         }
@@ -260,6 +262,11 @@ impl ChatInFlight {
         };
         chats.metrics.upstream(true, asked.elapsed(), model_error);
         let tool_calls = tool_calls.to_json();
+        let given = Given {
+            text: &answer,
+            tool_calls: tool_calls.as_deref(),
+            other_choices: &other_choices,
+        };
         // Kept by a refunded chat: what it got, the usage as reported.
         let partial = Answer {
             text: &answer,
@@ -271,8 +278,7 @@ impl ChatInFlight {
         };
         // Kept by a chat charged for the text it delivered.
         let delivered = || {
-            let settlement =
-                metering.settlement(Delivery::CutShort, usage, &answer, tool_calls.as_deref());
+            let settlement = metering.settlement(Delivery::CutShort, usage, given);
             let charged = settlement.charge.unwrap_or(metering.reserved());
             let answer = Answer {
                 usage: settlement.usage,
@@ -289,8 +295,7 @@ impl ChatInFlight {
         };
         let failure = match ending {
             Ending::Finished => {
-                let settlement =
-                    metering.settlement(Delivery::Whole, usage, &answer, tool_calls.as_deref());
+                let settlement = metering.settlement(Delivery::Whole, usage, given);
                 self.count_overrun(chat_id, &settlement);
                 let whole = Answer {
                     usage: settlement.usage,

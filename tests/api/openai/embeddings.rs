@@ -117,6 +117,15 @@ async fn a_failed_embeddings_call_is_refunded_and_answered_as_openai_does() {
         "api_error",
         "upstream_error",
     );
+    // A list of no embeddings is no answer either.
+    app.llm.set_reply(Reply::NoChoices);
+    let empty = embed(&app, &key, &body).await;
+    assert_openai_error(
+        &empty,
+        StatusCode::BAD_GATEWAY,
+        "api_error",
+        "upstream_error",
+    );
     app.llm.set_reply(Reply::Stall(Duration::from_secs(3)));
     let slow = embed(&app, &key, &body).await;
     assert_openai_error(
@@ -125,7 +134,7 @@ async fn a_failed_embeddings_call_is_refunded_and_answered_as_openai_does() {
         "api_error",
         "upstream_timeout",
     );
-    assert_eq!(app.llm.calls(), 5);
+    assert_eq!(app.llm.calls(), 6);
     // Each reserved, then given back.
     let rows = ledger(&app, &key).await;
     let reasons: Vec<&str> = rows
@@ -135,6 +144,8 @@ async fn a_failed_embeddings_call_is_refunded_and_answered_as_openai_does() {
     assert_eq!(
         reasons,
         [
+            "embedding_refund",
+            "embedding",
             "embedding_refund",
             "embedding",
             "embedding_refund",
@@ -213,7 +224,7 @@ async fn a_failed_embeddings_call_is_refunded_and_answered_as_openai_does() {
         keyed_and_unreadable.json["error"]["param"],
         "Idempotency-Key"
     );
-    assert_eq!(app.llm.calls(), 5);
+    assert_eq!(app.llm.calls(), 6);
     app.assert_all_settled().await;
 }
 

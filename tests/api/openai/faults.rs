@@ -118,7 +118,11 @@ async fn a_rejection_that_repeats_the_servers_key_reaches_the_client_without_it(
             json!({ "model": "llama3.2", "input": "hello" }).to_string(),
         )
         .await;
-    for answer in both_ways(&app, &key).await.iter().chain([&chat, &embeddings]) {
+    for answer in both_ways(&app, &key)
+        .await
+        .iter()
+        .chain([&chat, &embeddings])
+    {
         assert_eq!(answer.status, StatusCode::BAD_REQUEST, "{answer:?}");
         let text = answer.json.to_string();
         assert!(!text.contains(secret), "{text}");
@@ -147,7 +151,12 @@ async fn a_model_that_redirects_is_an_upstream_error_and_its_redirect_is_not_fol
     let chat = app.chat(&token, "hello").await;
     chat.assert_error(StatusCode::BAD_GATEWAY, "upstream_error");
     for answer in both_ways(&app, &key).await {
-        assert_openai_error(&answer, StatusCode::BAD_GATEWAY, "api_error", "upstream_error");
+        assert_openai_error(
+            &answer,
+            StatusCode::BAD_GATEWAY,
+            "api_error",
+            "upstream_error",
+        );
     }
     // The prompt went to the host the operator named and nowhere else.
     assert_eq!(app.llm.calls(), 3);

@@ -7,6 +7,7 @@ mod concurrency;
 mod endings;
 mod holds;
 mod openai;
+mod usage_reports;
 
 use axum::http::StatusCode;
 use serde_json::{json, Value};
@@ -172,7 +173,7 @@ pub(crate) fn last_sent(app: &TestApp) -> Value {
         .clone()
 }
 
-async fn chat(app: &TestApp, token: &str, message: &str) -> TestResponse {
+pub(crate) async fn chat(app: &TestApp, token: &str, message: &str) -> TestResponse {
     app.post_authorized("/chat", token, json!({ "message": message }))
         .await
 }
@@ -330,8 +331,12 @@ async fn a_model_that_overruns_its_cap_is_charged_the_reservation_and_the_overru
     );
     // A usage too large to price at all (a broken upstream's 10^18 prompt tokens) is an
     // overrun like any other, and the audit agrees that the reservation was its charge.
-    app.llm
-        .set_reply(Reply::EchoReporting(usage(1_000_000_000_000_000_000, 0, 1, 0)));
+    app.llm.set_reply(Reply::EchoReporting(usage(
+        1_000_000_000_000_000_000,
+        0,
+        1,
+        0,
+    )));
     let absurd = chat(&app, &token, message).await;
     assert_eq!(absurd.json["tokens_charged"], reserved, "{absurd:?}");
     let chat_id = absurd.json["chat_id"].as_i64().unwrap();

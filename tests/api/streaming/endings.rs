@@ -236,6 +236,30 @@ async fn a_stream_of_white_space_alone_is_unusable_and_refunded_though_it_was_de
 }
 
 #[tokio::test]
+async fn a_chat_answered_without_text_shows_nothing_and_is_refunded_whole_or_streamed() {
+    let app = TestApp::new().await;
+    let token = app.user_with_token("user").await;
+    // The model refuses in OpenAI's `refusal` field: `/chat` shows only text, so its client
+    // would be sent nothing and charged for it.
+    let whole = app.chat(&token, "[refuse] hello").await;
+    whole.assert_error(StatusCode::BAD_GATEWAY, "upstream_error");
+    let events = stream_message(&app, &token, "[refuse] hello")
+        .await
+        .events()
+        .rest()
+        .await;
+    assert!(deltas(&events).concat().is_empty(), "{events:?}");
+    let (name, error) = events.last().unwrap();
+    assert_eq!(name, "error", "{events:?}");
+    assert_eq!(error["code"], "upstream_error");
+    assert_eq!(error["tokens_charged"], 0);
+    assert_eq!(app.llm.calls(), 2);
+    assert_eq!(app.balance(&token).await, 4000);
+    assert_eq!(app.chat_counts().await, [("failed".to_string(), 2)]);
+    app.assert_all_settled().await;
+}
+
+#[tokio::test]
 async fn a_stream_left_by_its_client_after_its_conversation_was_deleted_keeps_none_of_its_text() {
     let app = TestApp::new().await;
     let token = app.user_with_token("user").await;

@@ -50,11 +50,14 @@ pub enum Reply {
     /// Like `Echo`, but reporting this usage whatever it answered: a model that says it used
     /// more than its cap, or one whose cache served part of the prompt.
     EchoReporting(answers::Usage),
+    /// Not streamed: like `Echo`, with this `usage` object as written (odd numbers, nulls).
+    /// Streamed: like `Echo`.
+    EchoWithUsageAs(Value),
     /// This status, with an OpenAI-style error body.
     Status(u16),
     /// A 200 whose body is not JSON.
     Garbage,
-    /// A 200 with `"choices": []`.
+    /// A 200 with `"choices": []` (embeddings: `"data": []`).
     NoChoices,
     /// A 200 whose answer is an empty string.
     EmptyContent,
@@ -377,6 +380,11 @@ async fn completions(
         Reply::EchoWithoutUsage if !stream => {
             Json(answered.completion(&model, false)).into_response()
         }
+        Reply::EchoWithUsageAs(usage) if !stream => {
+            let mut completion = answered.completion(&model, false);
+            completion["usage"] = usage;
+            Json(completion).into_response()
+        }
         _ if !stream => Json(answered.completion(&model, true)).into_response(),
         Reply::EmptyContent => sse(&shared, &model, StreamPlan::whole("", usage)),
         Reply::EchoWithoutUsage => sse(&shared, &model, StreamPlan::of(&answered, None)),
@@ -425,6 +433,10 @@ async fn embeddings(
     }
     if let Some(failed) = failure(&reply, &headers) {
         return failed;
+    }
+    if let Reply::NoChoices = reply {
+        let usage = json!({ "prompt_tokens": 1, "total_tokens": 1 });
+        return Json(json!({ "object": "list", "data": [], "usage": usage })).into_response();
     }
     let inputs: Vec<String> = match &body["input"] {
         Value::String(text) => vec![text.clone()],

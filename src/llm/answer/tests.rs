@@ -1,0 +1,169 @@
+//! Reading answers: the first choice's text and tool calls, the usage however it is
+//! written, and what the other choices hold.
+
+use super::*;
+
+#[test]
+fn a_whole_answer_is_read_for_its_first_choice_and_usage() {
+    let body = r#"{"choices":[
+        {"index":1,"message":{"role":"assistant","content":"second"}},
+        {"index":0,"message":{"role":"assistant","content":null,"tool_calls":[{"id":"c","type":"function","function":{"name":"f","arguments":"{}"}}]},"finish_reason":"tool_calls"}],
+        "usage":{"prompt_tokens":3,"completion_tokens":5,"total_tokens":8,"prompt_tokens_details":{"cached_tokens":1}}}"#;
+    let read = read_completion(body).unwrap();
+    assert_eq!(read.text, "");
+    assert!(read.tool_calls.unwrap().starts_with(r#"[{"id":"c""#));
+    assert_eq!(
+        read.usage,
+        Some(Usage {
+            prompt_tokens: 3,
+            completion_tokens: Some(5),
+            cached_tokens: 1
+        })
+    );
+}
+
+#[test]
+fn an_answer_with_nothing_in_it_is_unusable() {
+    for body in [
+        r#"{"choices":[]}"#,
+        r#"{"choices":[{"message":{"content":" \n "}}]}"#,
+        r#"{"choices":[{"message":{"content":null,"tool_calls":[]}}]}"#,
+        "not json",
+    ] {
+        assert!(read_completion(body).is_err(), "{body}");
+    }
+    let refusal = r#"{"choices":[{"message":{"content":null,"refusal":"no"}}],"usage":null}"#;
+    assert_eq!(read_completion(refusal).unwrap().usage, None);
+}
+
+#[test]
+fn a_chunk_yields_its_text_tool_calls_usage_and_whether_it_holds_anything() {
+    let read = |data: &str| read_chunk(data.to_string()).unwrap();
+    let text = read(r#"{"choices":[{"index":0,"delta":{"content":"Hel"},"finish_reason":null}]}"#);
+    assert_eq!((text.text.as_str(), text.substantial), ("Hel", true));
+    let role = read(r#"{"choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}"#);
+    assert!(!role.substantial);
+    let blank = read(r#"{"choices":[{"index":0,"delta":{"content":"  "}}]}"#);
+    assert_eq!((blank.text.as_str(), blank.substantial), ("  ", false));
+    let other = read(r#"{"choices":[{"index":1,"delta":{"content":"x"}}]}"#);
+    assert_eq!((other.text.as_str(), other.substantial), ("", true));
+    let call = read(
+        r#"{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"{\"a"}}]}}]}"#,
+    );
+    assert!(call.substantial);
+    assert_eq!(
+        call.tool_calls[0]
+            .function
+            .as_ref()
+            .unwrap()
+            .arguments
+            .as_deref(),
+        Some("{\"a")
+    );
+    let usage = read(r#"{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":5}}"#);
+    assert_eq!(
+        usage.usage.map(|usage| usage.completion_tokens),
+        Some(Some(5))
+    );
+    assert!(matches!(
+        read_chunk(r#"{"error":{"message":"overloaded"}}"#.into()),
+        Err(LlmError::BrokeOff)
+    ));
+    assert!(read_chunk("not json".into()).is_err());
+}
+
+#[test]
+fn streamed_tool_calls_are_assembled_from_their_pieces() {
+    let piece = |index, id: Option<&str>, name: Option<&str>, arguments: &str| ToolCallDelta {
+        index,
+        id: id.map(str::to_string),
+        kind: id.map(|_| "function".to_string()),
+        function: Some(FunctionDelta {
+            name: name.map(str::to_string),
+            arguments: Some(arguments.to_string()),
+        }),
+    };
+    let mut calls = ToolCalls::default();
+    assert_eq!(calls.to_json(), None);
+    calls.add(&[piece(0, Some("a"), Some("weather"), "")]);
+    calls.add(&[piece(0, None, None, "{\"city\":")]);
+    calls.add(&[piece(1, Some("b"), Some("time"), "{}")]);
+    calls.add(&[piece(0, None, None, "\"Paris\"}")]);
+    let json: serde_json::Value = serde_json::from_str(&calls.to_json().unwrap()).unwrap();
+    assert_eq!(
+        json,
+        serde_json::json!([
+            {"id": "a", "type": "function", "function": {"name": "weather", "arguments": "{\"city\":\"Paris\"}"}},
+            {"id": "b", "type": "function", "function": {"name": "time", "arguments": "{}"}},
+        ])
+    );
+}
+
+#[test]
+fn a_usage_is_read_however_its_numbers_are_written_and_never_costs_the_answer() {
+    let usage_of = |usage: &str| {
+        let body = format!(r#"{{"choices":[{{"message":{{"content":"hi"}}}}],"usage":{usage}}}"#);
+        read_completion(&body).expect(usage).usage
+    };
+    let reported = |prompt, completion, cached| {
+        Some(Usage {
+            prompt_tokens: prompt,
+            completion_tokens: completion,
+            cached_tokens: cached,
+        })
+    };
+    assert_eq!(
+        usage_of(r#"{"prompt_tokens":30.0,"completion_tokens":12.5}"#),
+        reported(30, Some(13), 0)
+    );
+    assert_eq!(
+        usage_of(r#"{"prompt_tokens":1e18,"completion_tokens":18446744073709551616}"#),
+        reported(1_000_000_000_000_000_000, Some(i64::MAX), 0)
+    );
+    assert_eq!(
+        usage_of(r#"{"prompt_tokens":1e309,"completion_tokens":-4}"#),
+        reported(i64::MAX, Some(-4), 0)
+    );
+    // Not numbers: as if absent. No prompt count is no usage; no answer count, counted.
+    assert_eq!(
+        usage_of(r#"{"prompt_tokens":"30","completion_tokens":7}"#),
+        None
+    );
+    assert_eq!(
+        usage_of(r#"{"prompt_tokens":30,"completion_tokens":null}"#),
+        reported(30, None, 0)
+    );
+    assert_eq!(
+        usage_of(
+            r#"{"prompt_tokens":30,"completion_tokens":7,"prompt_tokens_details":{"cached_tokens":"0"}}"#
+        ),
+        reported(30, Some(7), 0)
+    );
+    let chunk =
+        read_chunk(r#"{"choices":[],"usage":{"prompt_tokens":3.5,"completion_tokens":{}}}"#.into());
+    assert_eq!(chunk.unwrap().usage, reported(4, None, 0));
+}
+
+#[test]
+fn what_the_other_choices_hold_is_read_for_counting_whole_and_streamed() {
+    let body = r#"{"choices":[
+        {"index":1,"message":{"content":"second","tool_calls":[{"id":"c","function":{"name":"f","arguments":"{}"}}]}},
+        {"index":0,"message":{"content":"first"}},
+        {"index":2,"message":{"content":null,"refusal":"no"}}]}"#;
+    let read = read_completion(body).unwrap();
+    assert_eq!(read.text, "first");
+    assert_eq!(
+        read.other_choices,
+        r#"second[{"id":"c","function":{"name":"f","arguments":"{}"}}]no"#
+    );
+    let chunk = read_chunk(
+        r#"{"choices":[{"index":0,"delta":{"content":"a"}},{"index":1,"delta":{"content":"b",
+            "tool_calls":[{"index":0,"function":{"name":"g","arguments":"{\"x\""}}]}}]}"#
+            .into(),
+    )
+    .unwrap();
+    assert_eq!(
+        (chunk.text.as_str(), chunk.other_choices.as_str()),
+        ("a", r#"bg{"x""#)
+    );
+}

@@ -1,0 +1,142 @@
+//! How a model writes its usage, and what is charged for it: counts written as floats kept
+//! and rounded up, counts that are not numbers taken as absent, an answer's count left out
+//! counted beside the reported prompt, and the text of every choice counted, not only the
+//! first's, whole and cut short.
+
+use axum::http::StatusCode;
+use serde_json::{json, Value};
+
+use super::{chat, chat_row, priced_app, REQUEST};
+use crate::{
+    common::Reply,
+    openai::{completions, key_of, stream_completion},
+};
+
+#[tokio::test]
+async fn counts_written_as_floats_or_strings_keep_the_answer_and_are_charged_as_read() {
+    let app = priced_app(&[]).await;
+    let token = app.user_with_token("odd").await;
+    let key = key_of(&app, "sdk").await;
+    // 30 prompt tokens and 6.5 completion tokens, rounded up to 7: 5 + 30 + 2 x 7.
+    app.llm.set_reply(Reply::EchoWithUsageAs(
+        json!({ "prompt_tokens": 30.0, "completion_tokens": 6.5 }),
+    ));
+    let answered = chat(&app, &token, "odd numbers").await;
+    assert_eq!(answered.status, StatusCode::OK, "{answered:?}");
+    assert_eq!(answered.json["tokens_charged"], REQUEST + 30 + 2 * 7);
+    let row = chat_row(&app, answered.json["chat_id"].as_i64().unwrap()).await;
+    assert_eq!(row.usage_source.as_deref(), Some("model"));
+    assert_eq!(
+        (row.prompt_tokens, row.completion_tokens),
+        (Some(30), Some(7))
+    );
+    // A count as a string is no count: the answer is kept, and counted.
+    app.llm.set_reply(Reply::EchoWithUsageAs(
+        json!({ "prompt_tokens": "30", "completion_tokens": "7" }),
+    ));
+    let body = json!({ "model": "llama3.2", "messages": [{ "role": "user", "content": "hi" }] });
+    let answered = completions(&app, &key, body).await;
+    assert_eq!(answered.status, StatusCode::OK, "{answered:?}");
+    let row = chat_row(&app, 2).await;
+    assert_eq!(row.status, "answered");
+    assert_eq!(row.usage_source.as_deref(), Some("counted"));
+    assert_eq!(answered.json["usage"]["cost"], row.cost);
+    app.assert_all_settled().await;
+}
+
+#[tokio::test]
+async fn an_answer_whose_count_the_model_left_out_is_counted_beside_the_reported_prompt() {
+    let app = priced_app(&[]).await;
+    let token = app.user_with_token("uncounted").await;
+    for usage in [
+        json!({ "prompt_tokens": 30, "completion_tokens": null }),
+        json!({ "prompt_tokens": 30 }),
+    ] {
+        app.llm.set_reply(Reply::EchoWithUsageAs(usage));
+        let answered = chat(&app, &token, "count my answer").await;
+        // The prompt as reported; the answer, "Echo: count my answer", by its bytes.
+        let completion = "Echo: count my answer".len() as i64;
+        assert_eq!(
+            answered.json["tokens_charged"],
+            REQUEST + 30 + 2 * completion,
+            "{answered:?}"
+        );
+        let row = chat_row(&app, answered.json["chat_id"].as_i64().unwrap()).await;
+        assert_eq!(row.usage_source.as_deref(), Some("counted"));
+        assert_eq!(
+            (row.prompt_tokens, row.completion_tokens),
+            (Some(30), Some(completion))
+        );
+    }
+    app.assert_all_settled().await;
+}
+
+/// The text each choice of a stream's `data` lines got, by choice.
+fn texts_by_choice(data: &[String]) -> [String; 2] {
+    let mut texts = [String::new(), String::new()];
+    for line in data.iter().filter(|line| line.starts_with('{')) {
+        let chunk: Value = serde_json::from_str(line).unwrap();
+        for choice in chunk["choices"].as_array().into_iter().flatten() {
+            let index = choice["index"].as_u64().unwrap() as usize;
+            texts[index].push_str(choice["delta"]["content"].as_str().unwrap_or_default());
+        }
+    }
+    texts
+}
+
+#[tokio::test]
+async fn every_choice_a_stream_delivered_is_counted_whole_or_cut_short() {
+    let app = priced_app(&[]).await;
+    let key = key_of(&app, "choices").await;
+    let body = json!({
+        "model": "llama3.2", "stream": true, "n": 2,
+        "messages": [{ "role": "user", "content": "say it twice in many words" }],
+    });
+    // No usage, and a stream cut after two words of each choice.
+    for (chat_id, reply) in [
+        (1, Reply::EchoWithoutUsage),
+        (2, Reply::DieMidStream { after_words: 2 }),
+    ] {
+        app.llm.set_reply(reply);
+        let data = stream_completion(&app, &key, body.clone()).await;
+        let [first, second] = texts_by_choice(&data);
+        assert!(!second.is_empty(), "{data:?}");
+        let row = chat_row(&app, chat_id).await;
+        assert_eq!(row.usage_source.as_deref(), Some("counted"));
+        // Both choices' text, by its bytes, though only the first is stored.
+        let completion = (first.len() + second.len()) as i64;
+        assert_eq!(row.completion_tokens, Some(completion), "{data:?}");
+        let prompt = row.prompt_tokens.unwrap();
+        assert_eq!(row.cost, REQUEST + prompt + 2 * completion, "{row:?}");
+    }
+    app.assert_all_settled().await;
+}
+
+#[tokio::test]
+async fn a_priced_demo_model_reports_zero_usage_on_v1_and_is_charged_its_request_price() {
+    let (_dir, path) = super::book_file(
+        "[models.\"demo\"]\nprompt = 1000000\ncompletion = 2000000\nrequest = 5\n\
+         max_output_tokens = 500\n",
+    );
+    let app =
+        crate::common::TestApp::with_env(&[("CONFIG_FILE", path.as_str()), ("LLM_BASE_URL", "")])
+            .await;
+    let key = key_of(&app, "demo").await;
+    let body = json!({ "model": "demo", "messages": [{ "role": "user", "content": "hi" }] });
+    let answered = completions(&app, &key, body).await;
+    assert_eq!(answered.status, StatusCode::OK, "{answered:?}");
+    // What the answer says it used is what it is charged for.
+    assert_eq!(answered.json["usage"]["prompt_tokens"], 0, "{answered:?}");
+    assert_eq!(answered.json["usage"]["completion_tokens"], 0);
+    assert_eq!(answered.json["usage"]["cost"], REQUEST);
+    let streamed = json!({
+        "model": "demo", "stream": true, "stream_options": { "include_usage": true },
+        "messages": [{ "role": "user", "content": "hi" }],
+    });
+    let data = stream_completion(&app, &key, streamed).await;
+    let usage: Value = serde_json::from_str(&data[data.len() - 2]).unwrap();
+    assert_eq!(usage["usage"]["cost"], REQUEST, "{data:?}");
+    assert_eq!(usage["usage"]["completion_tokens"], 0);
+    assert_eq!(app.balance(&key).await, 4000 - 2 * REQUEST);
+    app.assert_all_settled().await;
+}
