@@ -13,7 +13,12 @@ use clap::{Parser, Subcommand};
 use futures_util::TryStreamExt;
 use tokio::net::{TcpListener, TcpSocket};
 
-use crate::{config::Config, db, domain, server, services, state::AppState, telemetry};
+use crate::{
+    config::{dotenv, Config},
+    db, domain, server, services,
+    state::AppState,
+    telemetry,
+};
 
 mod user_limits;
 
@@ -93,8 +98,10 @@ enum UserCommand {
 
 /// Runs the command: loads the configuration (after `.env`), sets up logging and does it.
 pub async fn run(cli: Cli) -> ExitCode {
-    // A missing .env is normal; a broken one is reported by the variable it fails to set.
-    let _ = dotenvy::dotenv();
+    if let Err(err) = dotenv::load() {
+        eprintln!("tokenchat: {err}");
+        return ExitCode::FAILURE;
+    }
     let config = match Config::from_env() {
         Ok(config) => config,
         Err(err) => {

@@ -108,7 +108,7 @@ pub(super) fn read(vars: &Vars<'_>) -> Result<Option<AlertsConfig>, ConfigError>
     let Some(secret) = vars.optional("ALERT_WEBHOOK_SECRET") else {
         return Err(ConfigError::new(
             "ALERT_WEBHOOK_SECRET",
-            "required when ALERT_WEBHOOK_URL is set: every event is signed with it".into(),
+            "required when ALERT_WEBHOOK_URL is set: every event is signed with it",
         ));
     };
     Ok(Some(AlertsConfig {

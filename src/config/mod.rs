@@ -3,6 +3,7 @@
 //! the optional configuration file with the price book ([`file`](mod@file)).
 
 pub mod alerts;
+pub mod dotenv;
 pub mod file;
 pub mod routing;
 mod urls;
@@ -230,6 +231,16 @@ impl Config {
                 ),
             ));
         }
+        if database_url.is_sqlite_in_memory() {
+            return Err(ConfigError::new(
+                "DATABASE_URL",
+                format!(
+                    "{:?} names no file, so every account would be lost at exit; name one, \
+                     e.g. sqlite://tokenchat.db",
+                    database_url.redacted()
+                ),
+            ));
+        }
         let log_filter = vars.string("RUST_LOG", "info");
         if let Err(err) = tracing_subscriber::EnvFilter::try_new(&log_filter) {
             return Err(ConfigError::new("RUST_LOG", err.to_string()));
@@ -240,9 +251,23 @@ impl Config {
             Some(path) if path.trim().is_empty() => None,
             Some(path) => Some(PathBuf::from(path)),
         };
-        let llm_api_key = lookup("LLM_API_KEY")
-            .filter(|key| !key.is_empty())
-            .map(SecretString::from);
+        let llm_api_key = match lookup("LLM_API_KEY").filter(|key| !key.is_empty()) {
+            None => None,
+            Some(key) => {
+                Some(vars::secret(key).map_err(|reason| ConfigError::new("LLM_API_KEY", reason))?)
+            }
+        };
+        if llm_api_key.is_some()
+            && llm_base_url
+                .as_ref()
+                .is_some_and(UpstreamUrl::has_user_info)
+        {
+            return Err(ConfigError::new(
+                "LLM_API_KEY",
+                "LLM_BASE_URL carries a user name too, and both would be sent as Authorization; \
+                 keep one",
+            ));
+        }
         let llm_model = vars.string("LLM_MODEL", "llama3.2");
         let llm_models: Vec<String> = vars
             .string("LLM_MODELS", "")
@@ -329,9 +354,13 @@ impl Config {
             log_filter,
             log_span_timings: vars.parse("LOG_SPAN_TIMINGS", "false")?,
             log_format: vars.parse("LOG_FORMAT", "text")?,
-            metrics_token: lookup("METRICS_TOKEN")
-                .filter(|token| !token.is_empty())
-                .map(SecretString::from),
+            metrics_token: match lookup("METRICS_TOKEN").filter(|token| !token.is_empty()) {
+                None => None,
+                Some(token) => Some(
+                    vars::secret(token)
+                        .map_err(|reason| ConfigError::new("METRICS_TOKEN", reason))?,
+                ),
+            },
             connections: ConnectionLimits {
                 header_read_timeout: vars.seconds(
                     "HEADER_READ_TIMEOUT_SECS",
@@ -443,8 +472,11 @@ impl Config {
 }
 
 impl ConfigError {
-    fn new(variable: &'static str, reason: String) -> Self {
-        Self { variable, reason }
+    fn new(variable: &'static str, reason: impl Into<String>) -> Self {
+        Self {
+            variable,
+            reason: reason.into(),
+        }
     }
 }
 

@@ -230,6 +230,52 @@ fn postgres_urls_are_accepted_and_their_password_never_shows() {
     let err =
         config(&[("DATABASE_URL", "mysql://root:hunter2-secret@localhost/db")]).expect_err("mysql");
     assert!(!err.to_string().contains("hunter2-secret"), "{err}");
+    // A password in the query, as PostgreSQL also takes it.
+    let in_query =
+        "postgres://tokenchat@db.internal/tokenchat?password=hunter2-secret&sslmode=disable";
+    let shown = config(&[("DATABASE_URL", in_query)])
+        .unwrap()
+        .database_url
+        .redacted();
+    assert_eq!(
+        shown,
+        "postgres://tokenchat@db.internal/tokenchat?password=<redacted>&sslmode=disable"
+    );
+}
+
+#[test]
+fn an_sqlite_database_that_names_no_file_is_refused() {
+    for url in [
+        "sqlite://",
+        "sqlite:",
+        "sqlite::memory:",
+        "sqlite://x.db?mode=memory",
+    ] {
+        let err = config(&[("DATABASE_URL", url)]).expect_err(url);
+        assert_eq!(err.variable, "DATABASE_URL");
+        assert!(err.reason.contains("names no file"), "{err}");
+    }
+    assert!(config(&[("DATABASE_URL", "sqlite://data/tokenchat.db")]).is_ok());
+}
+
+#[test]
+fn a_key_or_token_that_no_header_could_carry_stops_start_up_without_repeating_it() {
+    for (variable, value) in [
+        ("LLM_API_KEY", "sk-very-secret\n"),
+        ("LLM_API_KEY", " sk-very-secret"),
+        ("METRICS_TOKEN", "metrics-secret "),
+        ("METRICS_TOKEN", " "),
+    ] {
+        let err = config(&[(variable, value)]).expect_err(value);
+        assert_eq!(err.variable, variable);
+        assert!(!err.to_string().contains("secret"), "{err}");
+    }
+    // A key and a URL's user info would both be sent as `Authorization`.
+    let both = config(&[
+        ("LLM_BASE_URL", "http://user:pw@127.0.0.1:11434/v1"),
+        ("LLM_API_KEY", "sk-very-secret"),
+    ]);
+    assert_eq!(both.expect_err("both").variable, "LLM_API_KEY");
 }
 
 #[test]

@@ -1,9 +1,10 @@
 //! The URLs of the configuration that may hold secrets (`DATABASE_URL`'s password,
 //! `LLM_BASE_URL`'s user info and query), shown redacted everywhere but where they are used.
 
-use std::fmt;
+use std::{fmt, str::FromStr};
 
 use reqwest::Url;
+use sqlx::sqlite::SqliteConnectOptions;
 
 use super::ConfigError;
 
@@ -17,21 +18,55 @@ impl DatabaseUrl {
         &self.0
     }
 
-    /// The URL with any password replaced by `<redacted>`, for logs and messages.
+    /// The URL with any password (its user info's, or a `password` or `sslpassword` in its
+    /// query, as PostgreSQL takes them) replaced by `<redacted>`, for logs and messages.
     pub fn redacted(&self) -> String {
-        match Url::parse(&self.0) {
-            Ok(mut url) if url.password().is_some() => {
-                // The URL type would percent-encode `<redacted>`; mark it plainly and swap.
-                let _ = url.set_password(Some("REDACTED"));
-                url.to_string().replacen(":REDACTED@", ":<redacted>@", 1)
-            }
-            Ok(_) => self.0.clone(),
+        let Ok(mut url) = Url::parse(&self.0) else {
             // Unparsable: it may still hold a secret somewhere, so show only its scheme.
-            Err(_) => format!(
+            return format!(
                 "{}:<redacted>",
                 self.0.split(':').next().unwrap_or_default()
-            ),
+            );
+        };
+        let is_password = |name: &str| name.to_ascii_lowercase().ends_with("password");
+        let in_query = url.query_pairs().any(|(name, _)| is_password(&name));
+        if url.password().is_none() && !in_query {
+            return self.0.clone();
         }
+        // The URL type would percent-encode `<redacted>`; mark it plainly and swap.
+        if url.password().is_some() {
+            let _ = url.set_password(Some("REDACTED"));
+        }
+        if in_query {
+            let pairs: Vec<(String, String)> = url
+                .query_pairs()
+                .map(|(name, value)| {
+                    let value = if is_password(&name) {
+                        "REDACTED".into()
+                    } else {
+                        value
+                    };
+                    (name.into_owned(), value.into_owned())
+                })
+                .collect();
+            url.query_pairs_mut().clear().extend_pairs(pairs);
+        }
+        url.to_string()
+            .replacen(":REDACTED@", ":<redacted>@", 1)
+            .replace("password=REDACTED", "password=<redacted>")
+    }
+
+    /// Whether it is an SQLite database that lives only as long as a connection
+    /// (`sqlite::memory:`, `sqlite://` with no file, `mode=memory`): each connection of the
+    /// pool would have its own, and every balance would be gone at exit.
+    pub fn is_sqlite_in_memory(&self) -> bool {
+        let Ok(options) = SqliteConnectOptions::from_str(&self.0) else {
+            return false;
+        };
+        let url = self.0.to_ascii_lowercase();
+        options.get_filename().as_os_str().is_empty()
+            || url.contains(":memory:")
+            || url.contains("mode=memory")
     }
 }
 
@@ -72,6 +107,11 @@ impl UpstreamUrl {
         );
         url.set_path(&joined);
         url
+    }
+
+    /// Whether it carries a user name or password, which are sent as basic authentication.
+    pub fn has_user_info(&self) -> bool {
+        !self.0.username().is_empty() || self.0.password().is_some()
     }
 
     /// The URL for logs and messages: user info and query replaced by `<redacted>`.

@@ -3,6 +3,8 @@
 
 use std::{fmt, time::Duration};
 
+use secrecy::SecretString;
+
 use super::ConfigError;
 
 pub(super) struct Vars<'a>(pub(super) &'a dyn Fn(&str) -> Option<String>);
@@ -73,5 +75,29 @@ impl Vars<'_> {
     ) -> Result<Option<u32>, ConfigError> {
         let value: u32 = self.parse(name, default)?;
         Ok((value > 0).then_some(value))
+    }
+}
+
+/// A key or token as a header will carry it, or why it cannot be one; the reason never
+/// repeats it. White space at either end (which HTTP strips, so it could never match) and
+/// control characters (the line break `echo` leaves) are refused rather than sent.
+pub(super) fn secret(value: String) -> Result<SecretString, &'static str> {
+    if value.trim() != value {
+        return Err("has white space at its start or end; remove it");
+    }
+    if value.chars().any(char::is_control) {
+        return Err("holds a control character (a line break?); remove it");
+    }
+    Ok(SecretString::from(value))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_secret_with_white_space_around_it_or_a_line_break_in_it_is_refused() {
+        assert!(super::secret("sk-live-123".into()).is_ok());
+        for bad in ["sk-live-123\n", " sk-live-123", "sk-live-123 ", "sk-\tlive"] {
+            assert!(super::secret(bad.into()).is_err(), "{bad:?}");
+        }
     }
 }

@@ -203,3 +203,33 @@ fn a_bad_upstream_or_target_is_refused_naming_it() {
         "{empty}"
     );
 }
+
+#[test]
+fn a_key_written_where_its_variables_name_goes_or_in_a_header_is_refused_and_never_repeated() {
+    let pasted = error(
+        "[upstreams.u]\nbase_url = \"http://127.0.0.1:1/v1\"\napi_key_env = \"sk-pasted-secret\"\n",
+    );
+    assert!(
+        pasted
+            .contains("field upstreams.u.api_key_env: is not the name of an environment variable"),
+        "{pasted}"
+    );
+    // A name that is no conventional one (a key of letters, digits and `_`) is not repeated.
+    let keylike = error(
+        "[upstreams.u]\nbase_url = \"http://127.0.0.1:1/v1\"\napi_key_env = \"gsk_pastedSecret9\"\n",
+    );
+    assert!(
+        keylike.contains("the environment variable it names is not set"),
+        "{keylike}"
+    );
+    for header in ["x-api-key", "api-key", "Cookie"] {
+        let said = error(&format!(
+            "[upstreams.u]\nbase_url = \"http://127.0.0.1:1/v1\"\nheaders = {{ {header} = \"pasted-secret\" }}\n"
+        ));
+        assert!(said.contains("is not set from the file"), "{said}");
+        assert!(!said.contains("pasted-secret"), "{said}");
+    }
+    for said in [pasted, keylike] {
+        assert!(!said.contains("pasted"), "{said}");
+    }
+}

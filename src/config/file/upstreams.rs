@@ -54,11 +54,42 @@ impl<'de, const MIN: u64, const MAX: u64> Deserialize<'de> for Bounded<MIN, MAX>
     }
 }
 
-/// Headers an upstream entry may not set: tokenchat's own, and credentials, which belong
-/// in the variable `api_key_env` names rather than in the file.
-const OWNED_HEADERS: [&str; 5] = [
+/// The key in the environment variable `variable` names, or why there is none. The name is
+/// repeated only when it looks like one (capitals, digits and `_`): a key written here by
+/// mistake must not reach the log of a failed start.
+fn read_key(variable: &str, context: &Context<'_>) -> Result<SecretString, String> {
+    let conventional = !variable.is_empty()
+        && variable
+            .bytes()
+            .all(|byte| byte.is_ascii_uppercase() || byte.is_ascii_digit() || byte == b'_');
+    let is_name = !variable.is_empty()
+        && !variable.starts_with(|first: char| first.is_ascii_digit())
+        && variable
+            .bytes()
+            .all(|byte| byte.is_ascii_alphanumeric() || byte == b'_');
+    if !is_name {
+        return Err(
+            "is not the name of an environment variable (the file names the variable \
+                    that holds the key, never the key)"
+                .into(),
+        );
+    }
+    let shown = if conventional { variable } else { "it names" };
+    let key = (context.lookup)(variable).filter(|key| !key.is_empty());
+    let key = key.ok_or_else(|| format!("the environment variable {shown} is not set"))?;
+    crate::config::vars::secret(key)
+        .map_err(|reason| format!("the environment variable {shown} {reason}"))
+}
+
+/// Headers an upstream entry may not set: tokenchat's own, and credentials (`x-api-key`
+/// and `api-key` are how some providers take a key), which belong in the variable
+/// `api_key_env` names rather than in the file.
+const OWNED_HEADERS: [&str; 8] = [
     "authorization",
     "proxy-authorization",
+    "x-api-key",
+    "api-key",
+    "cookie",
     "content-type",
     "content-length",
     "host",
@@ -90,16 +121,18 @@ impl UpstreamEntry {
             .map_err(|err| at.error(field("base_url"), err.reason))?;
         let api_key = match self.api_key_env {
             None => None,
-            Some(variable) => match (context.lookup)(&variable).filter(|key| !key.is_empty()) {
-                Some(key) => Some(SecretString::from(key)),
-                None => {
-                    return Err(at.error(
-                        field("api_key_env"),
-                        format!("the environment variable {variable} is not set"),
-                    ))
-                }
-            },
+            Some(variable) => Some(
+                read_key(&variable, context)
+                    .map_err(|reason| at.error(field("api_key_env"), reason))?,
+            ),
         };
+        if api_key.is_some() && base_url.has_user_info() {
+            return Err(at.error(
+                field("api_key_env"),
+                "base_url carries a user name too, and both would be sent as Authorization; \
+                 keep one",
+            ));
+        }
         let mut headers = Vec::with_capacity(self.headers.len());
         for (header, value) in self.headers {
             let header_name = HeaderName::from_bytes(header.as_bytes())

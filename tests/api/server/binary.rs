@@ -233,12 +233,27 @@ fn a_bad_configuration_value_stops_start_up_naming_the_variable() {
 }
 
 #[test]
-fn a_dot_env_file_in_the_working_directory_is_read() {
+fn a_dot_env_file_in_the_working_directory_is_read_whole_or_stops_start_up_at_its_bad_line() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join(".env"), "INITIAL_TOKENS=plenty\n").unwrap();
     let output = Server::command(dir.path(), &[]).output().unwrap();
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("INITIAL_TOKENS"));
+    // A line that is no variable stops start-up naming it, rather than leaving every
+    // variable after it at its default: here the database, for a new empty one.
+    std::fs::write(
+        dir.path().join(".env"),
+        "CHAT_COST=7\nLLM_SYSTEM_PROMPT=You are a \"bot\nDATABASE_URL=sqlite://kept.db\n",
+    )
+    .unwrap();
+    let output = Server::command(dir.path(), &[]).output().unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(
+        stderr.trim(),
+        "tokenchat: .env, line 2: not a NAME=value line (the lines after it are not read)"
+    );
+    assert!(!dir.path().join("tokenchat.db").exists());
 }
 
 #[tokio::test]
