@@ -49,6 +49,11 @@ pub enum ApiError {
     BudgetExceeded { resets_at: Option<i64> },
     #[error("no such route")]
     NotFound,
+    /// A chat, conversation or key that does not exist or is someone else's: the same
+    /// answer for both, so ids cannot be probed.
+    #[error("nothing of yours has this id")]
+    #[strum(serialize = "not_found")]
+    NoSuchItem,
     #[error("the model {0:?} is not served here; GET /v1/models lists those that are")]
     ModelNotFound(String),
     #[error("this API key may not ask for the model {0:?}; its owner chose the models it may use")]
@@ -117,7 +122,7 @@ impl ApiError {
             }
             Self::Unauthorized | Self::InvalidCredentials => StatusCode::UNAUTHORIZED,
             Self::OutOfTokens { .. } | Self::BudgetExceeded { .. } => StatusCode::PAYMENT_REQUIRED,
-            Self::NotFound | Self::ModelNotFound(_) => StatusCode::NOT_FOUND,
+            Self::NotFound | Self::NoSuchItem | Self::ModelNotFound(_) => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::UsernameTaken | Self::RequestInProgress => StatusCode::CONFLICT,
             Self::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
@@ -191,7 +196,7 @@ impl From<ServiceError> for ApiError {
             },
             ServiceError::NoSuchChat
             | ServiceError::NoSuchConversation
-            | ServiceError::NoSuchKey => Self::NotFound,
+            | ServiceError::NoSuchKey => Self::NoSuchItem,
             ServiceError::Forbidden(why) => Self::Forbidden(why),
             ServiceError::AccountDisabled => Self::AccountDisabled,
             ServiceError::IdempotencyKeyReused => Self::IdempotencyKeyReused,

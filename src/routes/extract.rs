@@ -190,9 +190,6 @@ pub(super) fn body_format(headers: &HeaderMap) -> Result<BodyFormat, Error> {
     match media_type.as_str() {
         "application/json" => Ok(BodyFormat::Json),
         "application/x-www-form-urlencoded" => Ok(BodyFormat::Form),
-        other if other.starts_with("application/") && other.ends_with("+json") => {
-            Ok(BodyFormat::Json)
-        }
         _ => Err(Error::UnsupportedMediaType),
     }
 }
@@ -330,7 +327,7 @@ impl<S: Send + Sync> FromRequestParts<S> for PathId {
 impl PathId {
     /// The id, or 404.
     pub fn get(self) -> Result<i64, Error> {
-        self.0.ok_or(Error::NotFound)
+        self.0.ok_or(Error::NoSuchItem)
     }
 }
 

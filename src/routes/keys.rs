@@ -238,7 +238,7 @@ error_responses! { Envelope =>
         (status = 401, description = "unauthorized", body = Envelope),
         (
             status = 403,
-            description = "forbidden (an API key managing keys, or 25 live keys) or account_disabled",
+            description = "forbidden (an API key managing keys) or account_disabled",
             body = Envelope
         ),
     )

@@ -45,6 +45,10 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/openapi.json",
             with_body_limit(get(openapi::document), body_limit),
+        )
+        .route(
+            "/openapi.json/",
+            with_body_limit(get(openapi::document), body_limit),
         );
     let edge_state = state.clone();
     api.merge(page)

@@ -163,6 +163,8 @@ async fn someone_elses_or_an_unknown_conversation_is_404_and_charges_nothing() {
         delete(&app, &alice, "/conversations/%FF").await,
     ] {
         refused.assert_error(StatusCode::NOT_FOUND, "not_found");
+        // The route is there: what is missing is the conversation.
+        assert_eq!(refused.json["error"], "nothing of yours has this id");
     }
     assert_eq!(app.balance(&bob).await, 4000);
     assert_eq!(app.llm.calls(), 1);

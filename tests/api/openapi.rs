@@ -26,6 +26,9 @@ async fn every_route_and_method_the_router_serves_is_in_the_openapi_document_and
         document,
         serde_json::to_value(tokenchat::openapi_document()).unwrap()
     );
+    // With its trailing slash too, as every route.
+    let slashed = app.request(Method::GET, "/openapi.json/", &[], "").await;
+    assert_eq!(slashed.json, document);
     let documented = document["paths"].as_object().unwrap();
     let paths = tokenchat::api_paths(&app.state);
     assert!(paths.len() >= 19, "{paths:?}");

@@ -116,7 +116,7 @@ pub async fn models(State(state): State<AppState>, user: AuthUser) -> Json<Model
         ),
         OpenAiUnauthorised,
         OpenAiCallErrors,
-        (status = 413, description = "request_too_large (or the model's own 413)", body = OpenAiError),
+        (status = 413, description = "payload_too_large (or the model's own 413)", body = OpenAiError),
         (status = 422, description = "idempotency_key_reused (or the model's own 422)", body = OpenAiError),
     )
 )]
