@@ -79,7 +79,7 @@ pub struct Balance {
             status = 200,
             description = "Answered and charged \
                            (or, streamed, text/event-stream: start, delta, done or error events)",
-            body = ChatAnswer
+            content((ChatAnswer = "application/json"), (String = "text/event-stream"))
         ),
         InvalidBody,
         (status = 401, description = "unauthorized", body = Envelope),
@@ -90,10 +90,16 @@ pub struct Balance {
             body = Envelope
         ),
         (status = 402, description = "out_of_tokens, with the balance", body = Envelope),
+        (status = 404, description = "not_found: a conversation_id not the user's", body = Envelope),
         (status = 409, description = "request_in_progress", body = Envelope),
         (status = 422, description = "idempotency_key_reused", body = Envelope),
         RateLimited,
         (status = 502, description = "upstream_error: nothing charged", body = Envelope),
+        (
+            status = 503,
+            description = "upstream_busy, with Retry-After: nothing charged",
+            body = Envelope
+        ),
         (status = 504, description = "upstream_timeout: nothing charged", body = Envelope),
     )
 )]

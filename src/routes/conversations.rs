@@ -88,6 +88,7 @@ pub async fn list(
             body = ConversationWithChats,
             description = "The conversation and its chats, oldest first"
         ),
+        InvalidPage,
         Unauthorised,
         NotFound,
     )

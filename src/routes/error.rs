@@ -359,7 +359,11 @@ error_responses! { Envelope =>
     /// A `?limit=` or `?cursor=` that fails validation.
     InvalidPage { 400: "invalid_input" }
     /// What an authorised route answers before its handler runs.
-    Unauthorised { 401: "unauthorized", 403: "account_disabled" }
+    Unauthorised {
+        401: "unauthorized",
+        403: "account_disabled",
+        429: "rate_limited: the key's or the user's requests a minute (rpm), with Retry-After",
+    }
     /// An id that is not the user's.
     NotFound { 404: "not_found" }
     RateLimited { 429: "rate_limited" }

@@ -291,7 +291,7 @@ pub struct PageQuery(pub PageRequest);
 #[into_params(parameter_in = Query)]
 pub struct PageParams {
     /// 1 to 100
-    #[param(value_type = Option<u32>)]
+    #[param(value_type = Option<u32>, minimum = 1, maximum = 100)]
     limit: Option<String>,
     /// `next` of the page before
     cursor: Option<String>,

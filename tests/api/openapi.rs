@@ -179,3 +179,108 @@ async fn a_real_openapi_validator_accepts_the_document() {
         "valid 3.1.0"
     );
 }
+
+/// Whether the document lists `status` among the answers of `method` on `path`.
+fn lists(document: &Value, path: &str, method: &str, status: u16) -> bool {
+    document["paths"][path][method]["responses"]
+        .get(status.to_string())
+        .is_some()
+}
+
+#[tokio::test]
+async fn each_status_a_route_really_answers_is_one_the_document_lists_for_it() {
+    let app = TestApp::new().await;
+    let document = app
+        .request(Method::GET, "/openapi.json", &[], "")
+        .await
+        .json;
+    let token = app.user_with_token("user").await;
+    let key = app
+        .post_authorized("/keys", &token, json!({ "name": "agent", "rpm": 1 }))
+        .await
+        .json["key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let chat = |body: Value| app.post_authorized("/chat", &token, body);
+    let mut seen = vec![
+        (
+            "/chat",
+            "post",
+            chat(json!({ "message": "hi", "conversation_id": 999_999 })).await,
+        ),
+        (
+            "/conversations/{id}",
+            "get",
+            app.get_authorized("/conversations/1?limit=0", &token).await,
+        ),
+    ];
+    app.llm.set_reply(crate::common::Reply::Reject(422));
+    let embeddings = app
+        .request(
+            Method::POST,
+            "/v1/embeddings",
+            &[("authorization", &format!("Bearer {key}"))],
+            json!({ "model": "llama3.2", "input": "hi" }).to_string(),
+        )
+        .await;
+    seen.push(("/v1/embeddings", "post", embeddings));
+    app.llm.set_reply(crate::common::Reply::Busy {
+        status: 429,
+        retry_after: Some("1"),
+    });
+    seen.push(("/chat", "post", chat(json!({ "message": "hi" })).await));
+    // The key's one request a minute is spent: every route it calls is 429.
+    seen.push((
+        "/balance",
+        "get",
+        app.get_authorized("/balance", &key).await,
+    ));
+    seen.push((
+        "/v1/models",
+        "get",
+        app.get_authorized("/v1/models", &key).await,
+    ));
+    let statuses: Vec<u16> = seen
+        .iter()
+        .map(|(_, _, answer)| answer.status.as_u16())
+        .collect();
+    assert_eq!(statuses, [404, 400, 422, 503, 429, 429]);
+    for (path, method, answer) in &seen {
+        assert!(
+            lists(&document, path, method, answer.status.as_u16()),
+            "{method} {path} answered {} undocumented: {answer:?}",
+            answer.status
+        );
+    }
+    // A stream is a 200 of its own media type.
+    for (path, schema) in [
+        ("/chat", "ChatAnswer"),
+        ("/v1/chat/completions", "Completion"),
+    ] {
+        let content = &document["paths"][path]["post"]["responses"]["200"]["content"];
+        assert_eq!(
+            content["application/json"]["schema"]["$ref"],
+            format!("#/components/schemas/{schema}")
+        );
+        assert!(
+            content.get("text/event-stream").is_some(),
+            "{path}: {content}"
+        );
+    }
+    // The embeddings input is a string or arrays, not an object; a page 1 to 100.
+    let input = &document["components"]["schemas"]["EmbeddingRequest"]["properties"]["input"];
+    assert_eq!(input["oneOf"][0]["type"], "string", "{input}");
+    let limit = document["paths"]["/chats"]["get"]["parameters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|parameter| parameter["name"] == "limit")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        (&limit["schema"]["minimum"], &limit["schema"]["maximum"]),
+        (&json!(1), &json!(100)),
+        "{limit}"
+    );
+}

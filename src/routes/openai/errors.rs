@@ -46,6 +46,7 @@ error_responses! { OpenAiError =>
     OpenAiUnauthorised {
         401: "invalid_api_key",
         403: "permission_error",
+        429: "rate_limit_exceeded: the key's or the user's requests a minute (rpm)",
     }
     /// What a `/v1` call to the model (a completion, embeddings) can fail with.
     OpenAiCallErrors {

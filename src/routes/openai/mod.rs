@@ -112,10 +112,11 @@ pub async fn models(State(state): State<AppState>, user: AuthUser) -> Json<Model
             status = 200,
             description = "The model's chat.completion (or, streamed, its chat.completion.chunk \
                            events, then [DONE]) as it gave it, `model` the name asked for",
-            body = Completion
+            content((Completion = "application/json"), (String = "text/event-stream"))
         ),
         OpenAiUnauthorised,
         OpenAiCallErrors,
+        (status = 409, description = "request_in_progress", body = OpenAiError),
         (status = 413, description = "payload_too_large (or the model's own 413)", body = OpenAiError),
         (status = 422, description = "idempotency_key_reused (or the model's own 422)", body = OpenAiError),
     )
@@ -204,6 +205,8 @@ async fn complete(
         ),
         OpenAiUnauthorised,
         OpenAiCallErrors,
+        (status = 413, description = "payload_too_large (or the model's own 413)", body = OpenAiError),
+        (status = 422, description = "the model's own 422", body = OpenAiError),
     )
 )]
 pub async fn embeddings(

@@ -50,6 +50,7 @@ pub struct CompletionRequest {
     #[serde(rename = "response_format")]
     _response_format: Option<()>,
     #[serde(rename = "n")]
+    #[schema(minimum = 1)]
     _n: Option<u32>,
 }
 
@@ -59,14 +60,31 @@ pub struct EmbeddingRequest {
     /// One of GET /v1/models.
     #[serde(rename = "model")]
     _model: String,
-    /// A string, or an array of strings or of token arrays.
-    #[schema(value_type = Object)]
+    /// A string, or an array of strings, of tokens, or of token arrays.
+    #[schema(schema_with = embedding_input)]
     #[serde(rename = "input")]
     _input: (),
     #[serde(rename = "encoding_format")]
     _encoding_format: Option<String>,
     #[serde(rename = "dimensions")]
     _dimensions: Option<u32>,
+}
+
+/// The shapes of an embeddings request's `input`, as OpenAI takes them.
+fn embedding_input() -> utoipa::openapi::schema::Schema {
+    use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, OneOfBuilder, Type};
+    let text = || ObjectBuilder::new().schema_type(Type::String);
+    let token = || ObjectBuilder::new().schema_type(Type::Integer);
+    OneOfBuilder::new()
+        .item(text())
+        .item(ArrayBuilder::new().items(text()))
+        .item(ArrayBuilder::new().items(token()))
+        .item(ArrayBuilder::new().items(ArrayBuilder::new().items(token())))
+        .description(Some(
+            "A string, or an array of strings, of tokens, or of token arrays.",
+        ))
+        .build()
+        .into()
 }
 
 /// A chat completion request as checked: what goes upstream, and the last user message's
