@@ -149,6 +149,10 @@ fn api_routes(state: &AppState) -> Vec<(&'static str, MethodRouter<AppState>)> {
             Layered::new(post(openai::embeddings), v1_limit),
         ),
         ("/v1/models", Layered::new(get(openai::models), v1_limit)),
+        (
+            "/v1/models/{model}",
+            Layered::new(get(openai::model), v1_limit),
+        ),
     ]
     .map(|(path, handler)| {
         let handler = handler

@@ -52,6 +52,7 @@ use super::{
         openai::chat_completions,
         openai::embeddings,
         openai::models,
+        openai::model,
     ),
     // The error bodies, which the responses shared through `error_responses!` name
     // without listing them.

@@ -20,6 +20,13 @@ client = openai.OpenAI(base_url=base_url, api_key=os.environ["API_KEY"])
 
 models = [model.id for model in client.models.list()]
 assert "llama3.2" in models, models
+retrieved = client.models.retrieve("llama3.2")
+assert (retrieved.id, retrieved.object, retrieved.owned_by) == ("llama3.2", "model", "tokenchat"), retrieved
+try:
+    client.models.retrieve("no-such-model")
+    raise AssertionError("an unknown model was retrieved")
+except openai.NotFoundError as err:
+    assert err.code == "model_not_found", err
 
 answer = client.chat.completions.create(
     model="llama3.2",

@@ -10,7 +10,7 @@ mod relay;
 mod request;
 
 use axum::{
-    extract::State,
+    extract::{rejection::PathRejection, Path, State},
     http::{header, HeaderValue},
     response::{IntoResponse, Response},
     Extension, Json,
@@ -70,15 +70,46 @@ pub struct Model {
     )
 )]
 pub async fn models(State(state): State<AppState>, user: AuthUser) -> Json<ModelList> {
+    Json(ModelList {
+        data: visible_models(&state, &user).collect(),
+        object: "list",
+    })
+}
+
+/// OpenAI's "retrieve model": one of the models `GET /v1/models` lists.
+#[utoipa::path(
+    get,
+    path = "/v1/models/{model}",
+    tag = "openai",
+    security(("bearer" = []), ("token" = [])),
+    params(("model" = String, Path, description = "A served model's name")),
+    responses(
+        (status = 200, body = Model, description = "The model, as the list gives it"),
+        OpenAiUnauthorised,
+        (status = 404, description = "model_not_found", body = OpenAiError),
+    )
+)]
+pub async fn model(
+    State(state): State<AppState>,
+    user: AuthUser,
+    name: Result<Path<String>, PathRejection>,
+) -> Result<Json<Model>, ApiError> {
+    // A name that is not text once percent-decoded names no model either.
+    let name = name.map(|Path(name)| name).unwrap_or_default();
+    let found = visible_models(&state, &user).find(|model| model.id == name);
+    found.map(Json).ok_or(ApiError::ModelNotFound(name))
+}
+
+/// The models served that `user` may ask for: an API key sees only those it may.
+fn visible_models<'a>(state: &'a AppState, user: &'a AuthUser) -> impl Iterator<Item = Model> + 'a {
     let (names, since) = state.llm.served_models();
-    // An API key sees the models it may ask for.
-    let data = names
+    let key = user.credential.key_limits();
+    names
         .iter()
-        .filter(|name| {
-            let key = user.credential.key_limits();
+        .filter(move |name| {
             user.limits.allows_model(name) && key.is_none_or(|(_, key)| key.allows_model(name))
         })
-        .map(|name| Model {
+        .map(move |name| Model {
             created: since,
             id: name.clone(),
             object: "model",
@@ -89,11 +120,6 @@ pub async fn models(State(state): State<AppState>, user: AuthUser) -> Json<Model
                 .model(name)
                 .map(|pricing| pricing.prices),
         })
-        .collect();
-    Json(ModelList {
-        data,
-        object: "list",
-    })
 }
 
 #[utoipa::path(
