@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::{
-    error::{ApiError, Envelope, InvalidBody, RateLimited, Unauthorised},
+    error::{ApiError, Envelope, Hashing, InvalidBody, Unauthorised},
     extract::{AuthUser, Client, Payload},
     rfc3339,
 };
@@ -41,7 +41,7 @@ pub struct Registered {
         InvalidBody,
         (status = 403, description = "registration_closed", body = Envelope),
         (status = 409, description = "username_taken", body = Envelope),
-        RateLimited,
+        Hashing,
     )
 )]
 pub async fn register(
@@ -87,7 +87,7 @@ pub struct LoginToken {
         InvalidBody,
         (status = 401, description = "invalid_credentials", body = Envelope),
         (status = 403, description = "account_disabled", body = Envelope),
-        RateLimited,
+        Hashing,
     )
 )]
 pub async fn login(
@@ -160,7 +160,7 @@ pub struct PasswordChange {
         (status = 204, description = "Changed; every other login token is revoked"),
         InvalidBody,
         Unauthorised,
-        RateLimited,
+        Hashing,
     )
 )]
 pub async fn change_password(

@@ -367,6 +367,12 @@ error_responses! { Envelope =>
     /// An id that is not the user's.
     NotFound { 404: "not_found" }
     RateLimited { 429: "rate_limited" }
+    /// What a route that hashes a password answers when there are too many attempts, or
+    /// too many hashes waiting for a core.
+    Hashing {
+        429: "rate_limited, with Retry-After",
+        503: "busy: the password hashing queue is full, with Retry-After",
+    }
 }
 
 #[cfg(test)]

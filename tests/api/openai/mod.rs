@@ -135,7 +135,11 @@ async fn the_models_served_are_listed_as_openai_lists_them() {
     // A key limited to some models sees only those, listed or retrieved.
     let token = app.user_with_token("owner").await;
     let limited = app
-        .post_authorized("/keys", &token, json!({ "name": "k", "models": ["big-model"] }))
+        .post_authorized(
+            "/keys",
+            &token,
+            json!({ "name": "k", "models": ["big-model"] }),
+        )
         .await
         .json["key"]
         .as_str()
