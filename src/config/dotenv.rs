@@ -39,7 +39,12 @@ fn read(text: &[u8]) -> Result<Vec<(String, String)>, String> {
         .collect::<Result<Vec<_>, _>>()
         .map_err(|err| match err {
             dotenvy::Error::LineParse(line, _) => {
-                let at = whole.find(line.as_str()).unwrap_or(0);
+                // Where a line begins with it (a comment may hold the same text).
+                let at = whole
+                    .match_indices(line.as_str())
+                    .map(|(at, _)| at)
+                    .find(|&at| at == 0 || whole.as_bytes()[at - 1] == b'\n')
+                    .unwrap_or(0);
                 let number = whole[..at].matches('\n').count() + 1;
                 format!("line {number}: not a NAME=value line (the lines after it are not read)")
             }
@@ -67,6 +72,8 @@ mod tests {
         assert!(!said.contains("secret"), "{said}");
         let spaced = read(b"CHAT_COST=7\nFOO BAR=1\nCHAT_COST=9\n").unwrap_err();
         assert!(spaced.starts_with("line 2:"), "{spaced}");
+        let commented = read(b"#FOO BAR=1\nCHAT_COST=7\nFOO BAR=1\n").unwrap_err();
+        assert!(commented.starts_with("line 3:"), "{commented}");
         assert!(read(b"CHAT_COST=\xff\n").unwrap_err().contains("not UTF-8"));
     }
 }

@@ -241,6 +241,16 @@ fn postgres_urls_are_accepted_and_their_password_never_shows() {
         shown,
         "postgres://tokenchat@db.internal/tokenchat?password=<redacted>&sslmode=disable"
     );
+    // Read as no user info (one slash), or not a URL at all: only a scheme is shown.
+    for (url, expected) in [
+        (
+            "postgres:/tokenchat:hunter2-secret@db/tokenchat",
+            "postgres:<redacted>",
+        ),
+        ("host=db password=hunter2-secret", "<redacted>"),
+    ] {
+        assert_eq!(DatabaseUrl(url.into()).redacted(), expected);
+    }
 }
 
 #[test]
@@ -249,13 +259,21 @@ fn an_sqlite_database_that_names_no_file_is_refused() {
         "sqlite://",
         "sqlite:",
         "sqlite::memory:",
+        "sqlite://:memory:",
         "sqlite://x.db?mode=memory",
+        "sqlite://x.db?mode=%6Demory",
     ] {
         let err = config(&[("DATABASE_URL", url)]).expect_err(url);
         assert_eq!(err.variable, "DATABASE_URL");
         assert!(err.reason.contains("names no file"), "{err}");
     }
-    assert!(config(&[("DATABASE_URL", "sqlite://data/tokenchat.db")]).is_ok());
+    for url in [
+        "sqlite://data/tokenchat.db",
+        "sqlite:///data/:memory:",
+        "postgres://db.internal/mode=memory",
+    ] {
+        assert!(config(&[("DATABASE_URL", url)]).is_ok(), "{url}");
+    }
 }
 
 #[test]

@@ -1,10 +1,9 @@
 //! The URLs of the configuration that may hold secrets (`DATABASE_URL`'s password,
 //! `LLM_BASE_URL`'s user info and query), shown redacted everywhere but where they are used.
 
-use std::{fmt, str::FromStr};
+use std::fmt;
 
 use reqwest::Url;
-use sqlx::sqlite::SqliteConnectOptions;
 
 use super::ConfigError;
 
@@ -21,15 +20,21 @@ impl DatabaseUrl {
     /// The URL with any password (its user info's, or a `password` or `sslpassword` in its
     /// query, as PostgreSQL takes them) replaced by `<redacted>`, for logs and messages.
     pub fn redacted(&self) -> String {
+        let scheme = self.0.split(':').next().unwrap_or_default();
+        // Unreadable, or read as a URL with no user info though it holds an `@`
+        // (`postgres:/user:pw@host`): it may still hold a secret, so only a scheme is shown.
+        let hidden = || match scheme.bytes().all(|byte| byte.is_ascii_alphabetic()) {
+            true if !scheme.is_empty() => format!("{scheme}:<redacted>"),
+            _ => "<redacted>".to_string(),
+        };
         let Ok(mut url) = Url::parse(&self.0) else {
-            // Unparsable: it may still hold a secret somewhere, so show only its scheme.
-            return format!(
-                "{}:<redacted>",
-                self.0.split(':').next().unwrap_or_default()
-            );
+            return hidden();
         };
         let is_password = |name: &str| name.to_ascii_lowercase().ends_with("password");
         let in_query = url.query_pairs().any(|(name, _)| is_password(&name));
+        if url.password().is_none() && url.username().is_empty() && self.0.contains('@') {
+            return hidden();
+        }
         if url.password().is_none() && !in_query {
             return self.0.clone();
         }
@@ -53,20 +58,28 @@ impl DatabaseUrl {
         }
         url.to_string()
             .replacen(":REDACTED@", ":<redacted>@", 1)
-            .replace("password=REDACTED", "password=<redacted>")
+            .replace("=REDACTED", "=<redacted>")
     }
 
     /// Whether it is an SQLite database that lives only as long as a connection
     /// (`sqlite::memory:`, `sqlite://` with no file, `mode=memory`): each connection of the
     /// pool would have its own, and every balance would be gone at exit.
     pub fn is_sqlite_in_memory(&self) -> bool {
-        let Ok(options) = SqliteConnectOptions::from_str(&self.0) else {
+        if crate::db::Backend::of_url(&self.0) != Some(crate::db::Backend::Sqlite) {
             return false;
-        };
-        let url = self.0.to_ascii_lowercase();
-        options.get_filename().as_os_str().is_empty()
-            || url.contains(":memory:")
-            || url.contains("mode=memory")
+        }
+        // Read as sqlx reads it (`SqliteConnectOptions::from_str`), which says no more.
+        let rest = self
+            .0
+            .trim_start_matches("sqlite://")
+            .trim_start_matches("sqlite:");
+        let (database, params) = rest.split_once('?').unwrap_or((rest, ""));
+        let params: Vec<(String, String)> = serde_urlencoded::from_str(params).unwrap_or_default();
+        database.is_empty()
+            || database == ":memory:"
+            || params
+                .iter()
+                .any(|(name, value)| name == "mode" && value == "memory")
     }
 }
 

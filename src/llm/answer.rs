@@ -120,9 +120,10 @@ pub struct Read {
     pub text: String,
     /// The first choice's tool calls, the JSON array as the model sent it.
     pub tool_calls: Option<String>,
-    /// What the other choices (`n` above 1) hold, their text, refusals and tool calls run
-    /// together: sent to the client, never stored, counted when the model reports no usage.
-    pub other_choices: String,
+    /// What the answer holds that a chat does not store, run together: the first choice's
+    /// refusal, and the other choices' (`n` above 1) text, refusals and tool calls' names
+    /// and arguments. Sent to the client; counted when the model reports no usage.
+    pub unstored: String,
     pub usage: Option<Usage>,
 }
 
@@ -160,21 +161,29 @@ pub fn read_completion(body: &str) -> Result<Read, LlmError> {
         .choices
         .get(first_choice)
         .and_then(|choice| choice.message.as_ref());
-    let mut other_choices = String::new();
-    let others = completion.choices.iter().enumerate();
-    for (_, choice) in others.filter(|(at, _)| *at != first_choice) {
+    let mut unstored = String::new();
+    for (at, choice) in completion.choices.iter().enumerate() {
         let Some(message) = &choice.message else {
             continue;
         };
-        for text in [&message.content, &message.refusal].into_iter().flatten() {
-            other_choices.push_str(text);
+        if let Some(refusal) = &message.refusal {
+            unstored.push_str(refusal);
         }
-        if let Some(calls) = message.tool_calls.filter(|calls| present(Some(calls))) {
-            other_choices.push_str(calls.get());
+        if at == first_choice {
+            continue;
+        }
+        if let Some(content) = &message.content {
+            unstored.push_str(content);
+        }
+        // Their names and arguments, as a stream's pieces of them are counted.
+        let calls = message.tool_calls.map(RawValue::get).unwrap_or("null");
+        let calls: Vec<ToolCallDelta> = serde_json::from_str(calls).unwrap_or_default();
+        for function in calls.into_iter().filter_map(|call| call.function) {
+            unstored.extend(function.name.into_iter().chain(function.arguments));
         }
     }
     Ok(Read {
-        other_choices,
+        unstored,
         text: first
             .and_then(|message| message.content.as_deref())
             .unwrap_or_default()
@@ -255,9 +264,8 @@ pub struct Chunk {
     pub text: String,
     /// The tool-call pieces it adds to the first choice.
     pub tool_calls: Vec<ToolCallDelta>,
-    /// What it adds to the other choices (`n` above 1): their text, refusals and tool-call
-    /// names and arguments, run together (see [`Read::other_choices`]).
-    pub other_choices: String,
+    /// What it adds that a chat does not store (see [`Read::unstored`]).
+    pub unstored: String,
     /// Whether it carries any of an answer, in any choice: text that is not only white
     /// space, a refusal, a tool call or audio. (The rule of issue 21 for what a stream that
     /// breaks off is charged for: something delivered, not a role or blanks.)
@@ -299,11 +307,14 @@ pub fn read_chunk(data: String) -> Result<Chunk, LlmError> {
             if let Some(content) = delta.content {
                 chunk.text.push_str(&content);
             }
+            if let Some(refusal) = delta.refusal {
+                chunk.unstored.push_str(&refusal);
+            }
             chunk
                 .tool_calls
                 .extend(delta.tool_calls.unwrap_or_default());
         } else {
-            let others = &mut chunk.other_choices;
+            let others = &mut chunk.unstored;
             for text in [delta.content, delta.refusal].into_iter().flatten() {
                 others.push_str(&text);
             }

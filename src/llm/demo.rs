@@ -31,7 +31,7 @@ impl Backend for Demo {
             Ask::Turns { prompt: turns, .. } => Ok(Completion {
                 content: answer(last_user_message(&turns)),
                 tool_calls: None,
-                other_choices: String::new(),
+                unstored: String::new(),
                 usage: None,
                 body: None,
                 served_by: None,
@@ -86,7 +86,6 @@ struct Asked {
     model: String,
     created: i64,
     choices: u64,
-    include_usage: bool,
 }
 
 impl Asked {
@@ -133,7 +132,6 @@ impl Asked {
             model: request.model.clone(),
             created: crate::clock::unix_now(),
             choices,
-            include_usage: request.include_usage,
         })
     }
 
@@ -204,7 +202,7 @@ fn whole_answer(request: &Forwarded, last_user_text: &str) -> Result<Completion,
         "usage": zero_usage(),
     });
     Ok(Completion {
-        other_choices: content.repeat(others(&asked)),
+        unstored: content.repeat(others(&asked)),
         content,
         tool_calls: None,
         usage: Some(ZERO_USAGE),
@@ -243,7 +241,7 @@ fn demo_stream(answer: String, asked: Option<Asked>) -> AnswerStream {
         chunks.push(Chunk {
             data: asked.chunk(every(json!({ "content": word }), None), false),
             substantial: !word.trim().is_empty(),
-            other_choices: word.repeat(others(&asked)),
+            unstored: word.repeat(others(&asked)),
             text: word,
             ..Chunk::default()
         });
@@ -252,13 +250,13 @@ fn demo_stream(answer: String, asked: Option<Asked>) -> AnswerStream {
         data: asked.chunk(every(json!({}), Some("stop")), false),
         ..Chunk::default()
     });
-    if asked.include_usage {
-        chunks.push(Chunk {
-            data: asked.chunk(Vec::new(), true),
-            usage: Some(ZERO_USAGE),
-            ..Chunk::default()
-        });
-    }
+    // Always, as tokenchat asks every upstream: it is what the call is charged by, and the
+    // relay drops it for a client that did not ask for it.
+    chunks.push(Chunk {
+        data: asked.chunk(Vec::new(), true),
+        usage: Some(ZERO_USAGE),
+        ..Chunk::default()
+    });
     Box::pin(futures_util::stream::iter(chunks).then(|chunk| async move {
         if !chunk.text.is_empty() {
             tokio::time::sleep(DEMO_WORD_DELAY).await;

@@ -100,8 +100,8 @@ pub struct Completion {
     pub content: String,
     /// The first choice's tool calls, the JSON array the model gave.
     pub tool_calls: Option<String>,
-    /// What the other choices hold (see [`answer::Read::other_choices`]).
-    pub other_choices: String,
+    /// What the answer holds that a chat does not store (see [`answer::Read::unstored`]).
+    pub unstored: String,
     pub usage: Option<Usage>,
     /// The answer as the model sent it, for a client of `/v1` to get as it is; `None` from
     /// the demo model answering `/chat`.

@@ -264,7 +264,7 @@ pub(super) async fn read_answer(response: reqwest::Response) -> Result<Completio
     Ok(Completion {
         content: read.text,
         tool_calls: read.tool_calls,
-        other_choices: read.other_choices,
+        unstored: read.unstored,
         usage: read.usage,
         body: Some(body),
         served_by: None,

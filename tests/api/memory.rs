@@ -1,9 +1,8 @@
-//! The server's memory under attack, measured on the built binary: bodies held one byte
-//! short of complete by many connections stay within `MAX_INFLIGHT_BODY_BYTES` (the rest are
-//! answered 503 `busy`), and the memory they held is given back once their connections close;
-//! and a hundred `/v1` bodies of 20 MiB (images), sent at once or slowly, never take the
-//! server past that budget and a constant, the bodies that fit held until the model has
-//! taken them; nor do bodies of millions of tiny fields or messages, refused as they are read.
+//! The server's memory under attack, on the built binary: bodies held one byte short of
+//! complete by many connections stay within `MAX_INFLIGHT_BODY_BYTES` (the rest: 503 `busy`)
+//! and are given back once their connections close; a hundred `/v1` bodies of 20 MiB, sent
+//! at once or slowly, never take it past that budget and a constant, those that fit held
+//! until the model took them; nor do millions of tiny fields or messages, refused as read.
 
 use std::{
     net::{IpAddr, Ipv4Addr},

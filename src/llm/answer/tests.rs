@@ -145,25 +145,24 @@ fn a_usage_is_read_however_its_numbers_are_written_and_never_costs_the_answer() 
 }
 
 #[test]
-fn what_the_other_choices_hold_is_read_for_counting_whole_and_streamed() {
+fn what_a_chat_does_not_store_is_read_for_counting_whole_and_streamed() {
     let body = r#"{"choices":[
         {"index":1,"message":{"content":"second","tool_calls":[{"id":"c","function":{"name":"f","arguments":"{}"}}]}},
-        {"index":0,"message":{"content":"first"}},
+        {"index":0,"message":{"content":"first","refusal":"but"}},
         {"index":2,"message":{"content":null,"refusal":"no"}}]}"#;
     let read = read_completion(body).unwrap();
     assert_eq!(read.text, "first");
-    assert_eq!(
-        read.other_choices,
-        r#"second[{"id":"c","function":{"name":"f","arguments":"{}"}}]no"#
-    );
+    // The first choice's refusal; the others' text, refusals and tool calls' names and
+    // arguments (not their ids), as a stream's pieces are counted.
+    assert_eq!(read.unstored, "secondf{}butno");
     let chunk = read_chunk(
-        r#"{"choices":[{"index":0,"delta":{"content":"a"}},{"index":1,"delta":{"content":"b",
-            "tool_calls":[{"index":0,"function":{"name":"g","arguments":"{\"x\""}}]}}]}"#
+        r#"{"choices":[{"index":0,"delta":{"content":"a","refusal":"r"}},{"index":1,"delta":{"content":"b",
+            "tool_calls":[{"index":0,"id":"c","function":{"name":"g","arguments":"{\"x\""}}]}}]}"#
             .into(),
     )
     .unwrap();
     assert_eq!(
-        (chunk.text.as_str(), chunk.other_choices.as_str()),
-        ("a", r#"bg{"x""#)
+        (chunk.text.as_str(), chunk.unstored.as_str()),
+        ("a", r#"rbg{"x""#)
     );
 }

@@ -18,9 +18,12 @@ const MAX_ERROR_MESSAGE_BYTES: usize = 4096;
 /// `Retry-After` of a busy model that did not say, and the most it may say.
 const DEFAULT_RETRY_AFTER_SECS: u64 = 1;
 const MAX_RETRY_AFTER_SECS: u64 = 24 * 60 * 60;
-/// Credentials shorter than this are not looked for: none is a secret anyone could keep,
-/// and taking out every `1` of a message (from a base URL's `?v=1`) would garble it.
-const SHORTEST_CREDENTIAL: usize = 4;
+/// Keys shorter than this are not looked for: none is a secret anyone could keep.
+const SHORTEST_KEY: usize = 4;
+/// A base URL's parts shorter than this are not looked for: they are as likely a user name
+/// like `user` or an `api-version=2024-10-21` as a secret, and taking them out of every
+/// message would garble it.
+const SHORTEST_URL_PART: usize = 12;
 
 /// What tokenchat sends an upstream that may be a credential, as the upstream may repeat it:
 /// its key, and its base URL's user name, password and query values (as written and
@@ -29,40 +32,30 @@ pub(super) struct Credentials(Vec<SecretString>);
 
 impl Credentials {
     pub(super) fn of(api_key: Option<&SecretString>, base_url: &Url) -> Self {
-        let mut found: Vec<String> = api_key
-            .map(|key| key.expose_secret().to_owned())
-            .into_iter()
-            .collect();
-        found.push(base_url.username().to_owned());
-        found.extend(base_url.password().map(str::to_owned));
-        found.extend(
-            percent_encoding::percent_decode_str(base_url.username())
+        let decoded = |part: &str| {
+            percent_encoding::percent_decode_str(part)
                 .decode_utf8()
                 .ok()
-                .map(|name| name.into_owned()),
-        );
-        found.extend(
-            base_url
-                .password()
-                .and_then(|password| {
-                    percent_encoding::percent_decode_str(password)
-                        .decode_utf8()
-                        .ok()
-                })
-                .map(|password| password.into_owned()),
-        );
-        for (_, value) in base_url.query_pairs() {
-            found.push(value.into_owned());
+                .map(|part| part.into_owned())
+        };
+        let mut url_parts = vec![base_url.username().to_owned()];
+        url_parts.extend(decoded(base_url.username()));
+        if let Some(password) = base_url.password() {
+            url_parts.push(password.to_owned());
+            url_parts.extend(decoded(password));
         }
-        if let Some(query) = base_url.query() {
-            found.extend(
-                query
-                    .split('&')
-                    .filter_map(|pair| pair.split_once('='))
-                    .map(|(_, value)| value.to_owned()),
-            );
+        let query = base_url.query().unwrap_or_default();
+        for (_, value) in query.split('&').filter_map(|pair| pair.split_once('=')) {
+            url_parts.push(value.to_owned());
         }
-        found.retain(|credential| credential.chars().count() >= SHORTEST_CREDENTIAL);
+        url_parts.extend(base_url.query_pairs().map(|(_, value)| value.into_owned()));
+        url_parts.retain(|part| part.chars().count() >= SHORTEST_URL_PART);
+        let key = api_key.map(|key| key.expose_secret().to_owned());
+        let mut found: Vec<String> = key
+            .filter(|key| key.chars().count() >= SHORTEST_KEY)
+            .into_iter()
+            .chain(url_parts)
+            .collect();
         found.sort_by_key(|credential| std::cmp::Reverse(credential.len()));
         found.dedup();
         Self(found.into_iter().map(SecretString::from).collect())
@@ -232,15 +225,18 @@ mod tests {
     #[test]
     fn an_upstreams_key_and_url_credentials_are_taken_out_of_its_words() {
         let key = SecretString::from("sk-live-0123456789");
-        let url =
-            Url::parse("https://bob:pa%24%24word@llm.example/v1?key=query-secret&v=1").unwrap();
+        let url = Url::parse(
+            "https://bob:pa%24%24word-long@llm.example/v1?key=query-secret-0123&api-version=2024-10-21",
+        )
+        .unwrap();
         let credentials = Credentials::of(Some(&key), &url);
-        let said = "bad request; you sent Bearer sk-live-0123456789 as bob with pa$$word \
-                    (pa%24%24word) to /v1?key=query-secret&v=1";
+        let said = "bad request; you sent Bearer sk-live-0123456789 as bob with pa$$word-long \
+                    (pa%24%24word-long) to ?key=query-secret-0123 in version 2024-10-21";
+        // Short parts (a user name, an API version) could as well be any word: left.
         assert_eq!(
             credentials.redact(said.to_owned()),
             "bad request; you sent Bearer <redacted> as bob with <redacted> \
-             (<redacted>) to /v1?key=<redacted>&v=1"
+             (<redacted>) to ?key=<redacted> in version 2024-10-21"
         );
         let none = Credentials::of(None, &Url::parse("http://127.0.0.1:11434/v1").unwrap());
         assert_eq!(

@@ -30,7 +30,9 @@ impl ChatInFlight {
     /// Counts the model tokens of a settled answer in its key's and user's tokens a minute,
     /// in a tracked task of its own: the answer does not wait for it.
     pub(super) fn count_model_tokens(&self, usage: &db::chats::TokenUsage) {
-        let tokens = usage.prompt_tokens.unwrap_or(0) + usage.completion_tokens.unwrap_or(0);
+        // A broken upstream's counts may be negative or near i64::MAX.
+        let count = |tokens: Option<i64>| tokens.unwrap_or(0).max(0);
+        let tokens = count(usage.prompt_tokens).saturating_add(count(usage.completion_tokens));
         let chats = &self.chats;
         let now_ms = chats.config.clock.now_ms();
         (self.token_meters).count_in_background(&chats.in_flight.tasks, &chats.db, tokens, now_ms);

@@ -260,7 +260,7 @@ impl Priced {
     fn completion_counted(&self, given: Given<'_>) -> u64 {
         let tokenizer = self.pricing.tokenizer;
         let tool_calls = given.tool_calls.map_or(0, |calls| tokenizer.count(calls));
-        tokenizer.count(given.text) + tool_calls + tokenizer.count(given.other_choices)
+        tokenizer.count(given.text) + tool_calls + tokenizer.count(given.unstored)
     }
 
     fn charge(&self, counts: TokenCounts, source: UsageSource) -> Settlement {
@@ -289,13 +289,13 @@ fn reported(usage: Usage) -> TokenCounts {
     }
 }
 
-/// What a model gave: the first choice's text and tool calls (what a chat stores), and
-/// what its other choices hold (sent to the client, never stored).
+/// What a model gave: the first choice's text and tool calls (what a chat stores), and the
+/// rest of what the client was sent (see [`crate::llm::answer::Read::unstored`]).
 #[derive(Debug, Clone, Copy)]
 pub struct Given<'a> {
     pub text: &'a str,
     pub tool_calls: Option<&'a str>,
-    pub other_choices: &'a str,
+    pub unstored: &'a str,
 }
 
 /// How much of its answer a chat delivered.
@@ -324,6 +324,15 @@ fn flat(usage: Option<Usage>) -> Settlement {
     }
 }
 
+/// The usage a client is shown: the model's, its answer's count filled in from the
+/// settlement when the model left it out (as the chat records it).
+pub(super) fn shown(usage: Option<Usage>, settled: &TokenUsage) -> Option<Usage> {
+    usage.map(|usage| Usage {
+        completion_tokens: usage.completion_tokens.or(settled.completion_tokens),
+        ..usage
+    })
+}
+
 /// A usage as the model reported it, if it did.
 pub(super) fn as_reported(usage: Option<Usage>) -> TokenUsage {
     TokenUsage {
@@ -331,5 +340,33 @@ pub(super) fn as_reported(usage: Option<Usage>) -> TokenUsage {
         completion_tokens: usage.and_then(|usage| usage.completion_tokens),
         cached_tokens: usage.map(|usage| usage.cached_tokens),
         source: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_client_is_shown_the_answers_count_the_chat_was_charged_for_when_the_model_left_it_out() {
+        let settled = TokenUsage {
+            prompt_tokens: Some(30),
+            completion_tokens: Some(12),
+            cached_tokens: Some(0),
+            source: Some(UsageSource::Counted),
+        };
+        let left_out = Usage {
+            prompt_tokens: 30,
+            completion_tokens: None,
+            cached_tokens: 0,
+        };
+        let shown_usage = shown(Some(left_out), &settled).unwrap();
+        assert_eq!(shown_usage.completion_tokens, Some(12));
+        let reported = Usage {
+            completion_tokens: Some(7),
+            ..left_out
+        };
+        assert_eq!(shown(Some(reported), &settled), Some(reported));
+        assert_eq!(shown(None, &settled), None);
     }
 }

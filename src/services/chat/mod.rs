@@ -415,7 +415,7 @@ impl ChatInFlight {
                 let given = Given {
                     text: &completion.content,
                     tool_calls,
-                    other_choices: &completion.other_choices,
+                    unstored: &completion.unstored,
                 };
                 let settlement = metering.settlement(Delivery::Whole, completion.usage, given);
                 self.count_overrun(chat_id, &settlement);
@@ -440,7 +440,7 @@ impl ChatInFlight {
                             balance: settled.balance_after,
                             charged: settled.charged,
                             replayed: false,
-                            usage: completion.usage,
+                            usage: metering::shown(completion.usage, &settlement.usage),
                             conversation_id: Some(reserved.conversation_id),
                             tool_calls: completion.tool_calls,
                             body: completion.body,

@@ -221,7 +221,7 @@ impl ChatInFlight {
         let chats = &self.chats;
         let mut answer = String::new();
         let mut tool_calls = ToolCalls::default();
-        let mut other_choices = String::new();
+        let mut unstored = String::new();
         let mut usage = None;
         // Any of the answer sent (text, even blank, or anything else): a client that leaves
         // after it is charged by `ABANDONED_STREAM_CHARGE`.
@@ -239,7 +239,7 @@ impl ChatInFlight {
                     Some(Ok(chunk)) => {
                         answer.push_str(&chunk.text);
                         tool_calls.add(&chunk.tool_calls);
-                        other_choices.push_str(&chunk.other_choices);
+                        unstored.push_str(&chunk.unstored);
                         if let Some(reported) = chunk.usage {
                             usage = Some(reported);
                         }
@@ -265,7 +265,7 @@ impl ChatInFlight {
         let given = Given {
             text: &answer,
             tool_calls: tool_calls.as_deref(),
-            other_choices: &other_choices,
+            unstored: &unstored,
         };
         // Kept by a refunded chat: what it got, the usage as reported.
         let partial = Answer {
@@ -308,7 +308,7 @@ impl ChatInFlight {
                         let done = StreamEvent::Done {
                             balance: settled.balance_after,
                             charged: settled.charged,
-                            usage,
+                            usage: metering::shown(usage, &settlement.usage),
                         };
                         // Charged whether or not the client is still there to read it.
                         let _ = events.send(done).await;

@@ -1,12 +1,15 @@
-//! How a model writes its usage, and what is charged for it: counts written as floats kept
-//! and rounded up, counts that are not numbers taken as absent, an answer's count left out
-//! counted beside the reported prompt, and the text of every choice counted, not only the
-//! first's, whole and cut short.
+//! How a model writes its usage, and what is charged for it: more than its cap, or more
+//! than can be priced, charged the reservation; counts written as floats kept and rounded
+//! up, counts that are not numbers taken as absent, an answer's count left out counted
+//! beside the reported prompt, and the text of every choice counted, not only the first's,
+//! whole and cut short.
 
 use axum::http::StatusCode;
 use serde_json::{json, Value};
 
-use super::{chat, chat_row, priced_app, REQUEST};
+use super::{
+    assert_reserved_then, chat, chat_reservation, chat_row, priced_app, usage, MAX_OUTPUT, REQUEST,
+};
 use crate::{
     common::Reply,
     openai::{completions, key_of, stream_completion},
@@ -138,5 +141,40 @@ async fn a_priced_demo_model_reports_zero_usage_on_v1_and_is_charged_its_request
     assert_eq!(usage["usage"]["cost"], REQUEST, "{data:?}");
     assert_eq!(usage["usage"]["completion_tokens"], 0);
     assert_eq!(app.balance(&key).await, 4000 - 2 * REQUEST);
+    app.assert_all_settled().await;
+}
+
+#[tokio::test]
+async fn a_model_that_overruns_its_cap_is_charged_the_reservation_and_the_overrun_counted() {
+    let app = priced_app(&[]).await;
+    let token = app.user_with_token("overrun").await;
+    // 1,000 completion tokens against a cap of 50.
+    app.llm
+        .set_reply(Reply::EchoReporting(usage(10, 0, 1000, 0)));
+    let message = "go on and on";
+    let answered = chat(&app, &token, message).await;
+    let reserved = chat_reservation(message, MAX_OUTPUT);
+    assert_eq!(answered.json["tokens_charged"], reserved, "{answered:?}");
+    let chat_id = answered.json["chat_id"].as_i64().unwrap();
+    assert_reserved_then(&app, chat_id, reserved, &[("chat_charge", -reserved)]).await;
+    let (_, _, metrics) = app
+        .request_raw(axum::http::Method::GET, "/metrics", &[], "")
+        .await;
+    assert!(
+        metrics.contains("tokenchat_usage_overruns_total 1"),
+        "{metrics}"
+    );
+    // A usage too large to price at all (a broken upstream's 10^18 prompt tokens) is an
+    // overrun like any other, and the audit agrees that the reservation was its charge.
+    app.llm.set_reply(Reply::EchoReporting(usage(
+        1_000_000_000_000_000_000,
+        0,
+        1,
+        0,
+    )));
+    let absurd = chat(&app, &token, message).await;
+    assert_eq!(absurd.json["tokens_charged"], reserved, "{absurd:?}");
+    let chat_id = absurd.json["chat_id"].as_i64().unwrap();
+    assert_reserved_then(&app, chat_id, reserved, &[("chat_charge", -reserved)]).await;
     app.assert_all_settled().await;
 }
