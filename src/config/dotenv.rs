@@ -17,7 +17,13 @@ pub fn load() -> Result<(), String> {
 fn load_from(path: &Path) -> Result<(), String> {
     let bytes = match std::fs::read(path) {
         Ok(bytes) => bytes,
-        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(()),
+        // Absent, but not a link to nothing: that is a mistake to name.
+        Err(err)
+            if err.kind() == io::ErrorKind::NotFound
+                && std::fs::symlink_metadata(path).is_err() =>
+        {
+            return Ok(())
+        }
         Err(err) => return Err(format!("{DOTENV}: cannot be read ({err})")),
     };
     let text = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&bytes);
@@ -54,7 +60,18 @@ fn read(text: &[u8]) -> Result<Vec<(String, String)>, String> {
 
 #[cfg(test)]
 mod tests {
-    use super::read;
+    use super::{load_from, read};
+
+    #[test]
+    fn no_file_is_nothing_to_read_but_a_link_to_nothing_stops_start_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(".env");
+        assert_eq!(load_from(&path), Ok(()));
+        std::os::unix::fs::symlink(dir.path().join("gone"), &path).unwrap();
+        assert!(load_from(&path)
+            .unwrap_err()
+            .starts_with(".env: cannot be read"));
+    }
 
     #[test]
     fn a_line_that_is_no_variable_is_named_by_its_number_and_never_shown() {

@@ -262,6 +262,7 @@ fn an_sqlite_database_that_names_no_file_is_refused() {
         "sqlite://:memory:",
         "sqlite://x.db?mode=memory",
         "sqlite://x.db?mode=%6Demory",
+        "sqlite://x.db?vfs=memdb",
     ] {
         let err = config(&[("DATABASE_URL", url)]).expect_err(url);
         assert_eq!(err.variable, "DATABASE_URL");

@@ -62,7 +62,8 @@ impl DatabaseUrl {
     }
 
     /// Whether it is an SQLite database that lives only as long as a connection
-    /// (`sqlite::memory:`, `sqlite://` with no file, `mode=memory`): each connection of the
+    /// (`sqlite::memory:`, `sqlite://` with no file, `mode=memory`, `vfs=memdb`): each
+    /// connection of the
     /// pool would have its own, and every balance would be gone at exit.
     pub fn is_sqlite_in_memory(&self) -> bool {
         if crate::db::Backend::of_url(&self.0) != Some(crate::db::Backend::Sqlite) {
@@ -77,9 +78,9 @@ impl DatabaseUrl {
         let params: Vec<(String, String)> = serde_urlencoded::from_str(params).unwrap_or_default();
         database.is_empty()
             || database == ":memory:"
-            || params
-                .iter()
-                .any(|(name, value)| name == "mode" && value == "memory")
+            || params.iter().any(|(name, value)| {
+                (name == "mode" && value == "memory") || (name == "vfs" && value == "memdb")
+            })
     }
 }
 

@@ -14,7 +14,7 @@ use super::error::LlmError;
 struct CompletionView<'a> {
     #[serde(default, borrow)]
     choices: Vec<ChoiceView<'a>>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "readable")]
     usage: Option<UsageView>,
 }
 
@@ -82,6 +82,21 @@ impl UsageView {
             cached_tokens,
         })
     }
+}
+
+/// A usage object as a model wrote it, or none when it is not one that can be read (a
+/// string, an array, a field of another shape or given twice): read apart from the answer,
+/// so that how a model writes its usage never costs the client the answer it was sent.
+pub(super) fn readable<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::de::DeserializeOwned,
+{
+    let raw = Box::<RawValue>::deserialize(deserializer)?;
+    if !raw.get().starts_with('{') {
+        return Ok(None);
+    }
+    Ok(serde_json::from_str(raw.get()).ok())
 }
 
 /// A count of tokens as a model reported it: a whole number (one beyond `i64` as
@@ -206,7 +221,7 @@ fn present(value: Option<&RawValue>) -> bool {
 struct ChunkView<'a> {
     #[serde(default, borrow)]
     choices: Vec<ChunkChoiceView<'a>>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "readable")]
     usage: Option<UsageView>,
     #[serde(default, borrow)]
     error: Option<&'a RawValue>,

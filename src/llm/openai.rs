@@ -15,7 +15,7 @@ mod refusal;
 
 use self::refusal::{refusal, Credentials};
 use super::{
-    answer::{read_chunk, read_completion, token_count},
+    answer::{read_chunk, read_completion, readable, token_count},
     AnswerStream, Ask, Completion, Embedding, EmbeddingUsage, LlmError, PromptMessage,
 };
 use crate::config::{routing::UpstreamConfig, Config};
@@ -80,7 +80,7 @@ struct StreamOptions {
 struct EmbeddingsView {
     /// Only counted: an answer without any holds no embeddings.
     data: Vec<serde::de::IgnoredAny>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "readable")]
     usage: Option<EmbeddingUsageView>,
 }
 
@@ -336,10 +336,18 @@ fn classify(err: reqwest::Error) -> LlmError {
         tracing::warn!(error = %err, "model answer was not the expected JSON");
         LlmError::Unusable("not the expected JSON")
     } else if err.is_body() {
-        tracing::warn!(error = %err, "model broke off its answer");
+        tracing::warn!(
+            error = &err as &dyn std::error::Error,
+            "model broke off its answer"
+        );
         LlmError::BrokeOff
     } else {
-        tracing::warn!(error = %err, "model could not be reached");
+        // As an error, so the log line has its causes too (`error.sources`): a refused
+        // connection and a failed TLS handshake read alike at the top.
+        tracing::warn!(
+            error = &err as &dyn std::error::Error,
+            "model could not be reached"
+        );
         LlmError::Unreachable
     }
 }

@@ -222,7 +222,14 @@ fn a_key_written_where_its_variables_name_goes_or_in_a_header_is_refused_and_nev
         keylike.contains("the environment variable it names is not set"),
         "{keylike}"
     );
-    for header in ["x-api-key", "api-key", "Cookie"] {
+    for header in [
+        "x-api-key",
+        "api-key",
+        "Cookie",
+        "x-goog-api-key",
+        "Ocp-Apim-Subscription-Key",
+        "X-Auth-Token",
+    ] {
         let said = error(&format!(
             "[upstreams.u]\nbase_url = \"http://127.0.0.1:1/v1\"\nheaders = {{ {header} = \"pasted-secret\" }}\n"
         ));

@@ -81,19 +81,32 @@ fn read_key(variable: &str, context: &Context<'_>) -> Result<SecretString, Strin
         .map_err(|reason| format!("the environment variable {shown} {reason}"))
 }
 
-/// Headers an upstream entry may not set: tokenchat's own, and credentials (`x-api-key`
-/// and `api-key` are how some providers take a key), which belong in the variable
-/// `api_key_env` names rather than in the file.
-const OWNED_HEADERS: [&str; 8] = [
+/// Headers an upstream entry may not set: tokenchat's own, and credentials, which belong
+/// in the variable `api_key_env` names rather than in the file.
+const OWNED_HEADERS: [&str; 5] = [
     "authorization",
     "proxy-authorization",
-    "x-api-key",
-    "api-key",
-    "cookie",
     "content-type",
     "content-length",
     "host",
 ];
+
+/// What a header's name holds when its value is a credential: `X-Api-Key`, `Api-Key`,
+/// `X-Goog-Api-Key`, `Ocp-Apim-Subscription-Key`, `X-Auth-Token`, `Cookie`...
+const CREDENTIAL_NAMES: [&str; 7] = [
+    "auth",
+    "key",
+    "token",
+    "secret",
+    "password",
+    "signature",
+    "cookie",
+];
+
+/// Whether the file may not set the header `name` (lower case, as `HeaderName` keeps it).
+fn is_owned_or_a_credential(name: &str) -> bool {
+    OWNED_HEADERS.contains(&name) || CREDENTIAL_NAMES.iter().any(|part| name.contains(part))
+}
 
 /// What reading the file needs from outside it: the environment (for key variables) and
 /// whether `LLM_BASE_URL` makes an upstream named [`SHORTHAND_UPSTREAM`].
@@ -137,7 +150,7 @@ impl UpstreamEntry {
         for (header, value) in self.headers {
             let header_name = HeaderName::from_bytes(header.as_bytes())
                 .map_err(|_| at.error(field("headers"), format!("{header:?} is not a header")))?;
-            if OWNED_HEADERS.contains(&header_name.as_str()) {
+            if is_owned_or_a_credential(header_name.as_str()) {
                 return Err(at.error(
                     field("headers"),
                     format!(

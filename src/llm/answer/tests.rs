@@ -129,6 +129,16 @@ fn a_usage_is_read_however_its_numbers_are_written_and_never_costs_the_answer() 
         usage_of(r#"{"prompt_tokens":"30","completion_tokens":7}"#),
         None
     );
+    // Not an object, or one that cannot be read: no usage, and the answer kept.
+    for usage in [
+        r#""lots""#,
+        "5",
+        "[1,2]",
+        r#"{"prompt_tokens":3,"prompt_tokens":4,"completion_tokens":1}"#,
+        r#"{"prompt_tokens":3,"completion_tokens":1,"prompt_tokens_details":"x"}"#,
+    ] {
+        assert_eq!(usage_of(usage), None, "{usage}");
+    }
     assert_eq!(
         usage_of(r#"{"prompt_tokens":30,"completion_tokens":null}"#),
         reported(30, None, 0)

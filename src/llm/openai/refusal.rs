@@ -4,6 +4,7 @@
 
 use std::time::SystemTime;
 
+use base64::Engine;
 use reqwest::{header, Url};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
@@ -18,16 +19,20 @@ const MAX_ERROR_MESSAGE_BYTES: usize = 4096;
 /// `Retry-After` of a busy model that did not say, and the most it may say.
 const DEFAULT_RETRY_AFTER_SECS: u64 = 1;
 const MAX_RETRY_AFTER_SECS: u64 = 24 * 60 * 60;
-/// Keys shorter than this are not looked for: none is a secret anyone could keep.
-const SHORTEST_KEY: usize = 4;
-/// A base URL's parts shorter than this are not looked for: they are as likely a user name
-/// like `user` or an `api-version=2024-10-21` as a secret, and taking them out of every
-/// message would garble it.
-const SHORTEST_URL_PART: usize = 12;
+/// Credentials shorter than this are not looked for: none is a secret anyone could keep.
+const SHORTEST_CREDENTIAL: usize = 4;
+/// A user name or query value that need not be a credential is looked for only from this
+/// long: as likely a `user` or an `api-version=2024-10-21` as a secret, and taking it out
+/// of every message would garble it.
+const SHORTEST_OTHER_PART: usize = 12;
+/// What a query parameter's name holds when its value is a credential (`key`, `api_key`,
+/// `token`, `sig`, `client_secret`, `auth`, `password`, ...).
+const CREDENTIAL_NAMES: [&str; 6] = ["key", "token", "sig", "secret", "auth", "pass"];
 
 /// What tokenchat sends an upstream that may be a credential, as the upstream may repeat it:
-/// its key, and its base URL's user name, password and query values (as written and
-/// percent-decoded), longest first so that one holding another is taken out whole.
+/// its key, its base URL's password and user info (also in base64, as basic authentication
+/// sends them) and its query's values (as written and percent-decoded); longest first, so
+/// that one holding another is taken out whole.
 pub(super) struct Credentials(Vec<SecretString>);
 
 impl Credentials {
@@ -35,26 +40,46 @@ impl Credentials {
         let decoded = |part: &str| {
             percent_encoding::percent_decode_str(part)
                 .decode_utf8()
-                .ok()
-                .map(|part| part.into_owned())
+                .map_or_else(|_| part.to_owned(), |part| part.into_owned())
         };
-        let mut url_parts = vec![base_url.username().to_owned()];
-        url_parts.extend(decoded(base_url.username()));
+        // (what may be repeated, whether it is surely a credential)
+        let mut parts: Vec<(String, bool)> = Vec::new();
+        if let Some(key) = api_key {
+            parts.push((key.expose_secret().to_owned(), true));
+        }
+        let user = base_url.username();
+        parts.push((user.to_owned(), false));
+        parts.push((decoded(user), false));
         if let Some(password) = base_url.password() {
-            url_parts.push(password.to_owned());
-            url_parts.extend(decoded(password));
+            parts.push((password.to_owned(), true));
+            parts.push((decoded(password), true));
+        }
+        if !user.is_empty() || base_url.password().is_some() {
+            let pair = format!(
+                "{}:{}",
+                decoded(user),
+                decoded(base_url.password().unwrap_or(""))
+            );
+            parts.push((base64::engine::general_purpose::STANDARD.encode(pair), true));
         }
         let query = base_url.query().unwrap_or_default();
-        for (_, value) in query.split('&').filter_map(|pair| pair.split_once('=')) {
-            url_parts.push(value.to_owned());
+        for (name, value) in query.split('&').filter_map(|pair| pair.split_once('=')) {
+            let name = decoded(name).to_ascii_lowercase();
+            let credential = CREDENTIAL_NAMES.iter().any(|part| name.contains(part));
+            parts.push((value.to_owned(), credential));
+            parts.push((decoded(&value.replace('+', " ")), credential));
         }
-        url_parts.extend(base_url.query_pairs().map(|(_, value)| value.into_owned()));
-        url_parts.retain(|part| part.chars().count() >= SHORTEST_URL_PART);
-        let key = api_key.map(|key| key.expose_secret().to_owned());
-        let mut found: Vec<String> = key
-            .filter(|key| key.chars().count() >= SHORTEST_KEY)
+        let mut found: Vec<String> = parts
             .into_iter()
-            .chain(url_parts)
+            .filter(|(part, credential)| {
+                let shortest = if *credential {
+                    SHORTEST_CREDENTIAL
+                } else {
+                    SHORTEST_OTHER_PART
+                };
+                part.chars().count() >= shortest
+            })
+            .map(|(part, _)| part)
             .collect();
         found.sort_by_key(|credential| std::cmp::Reverse(credential.len()));
         found.dedup();
@@ -226,17 +251,21 @@ mod tests {
     fn an_upstreams_key_and_url_credentials_are_taken_out_of_its_words() {
         let key = SecretString::from("sk-live-0123456789");
         let url = Url::parse(
-            "https://bob:pa%24%24word-long@llm.example/v1?key=query-secret-0123&api-version=2024-10-21",
+            "https://bob:pa%24%24word@llm.example/v1?sig=Short99&api-version=2024-10-21&x=a-long-query-value",
         )
         .unwrap();
         let credentials = Credentials::of(Some(&key), &url);
-        let said = "bad request; you sent Bearer sk-live-0123456789 as bob with pa$$word-long \
-                    (pa%24%24word-long) to ?key=query-secret-0123 in version 2024-10-21";
-        // Short parts (a user name, an API version) could as well be any word: left.
+        let basic = base64::engine::general_purpose::STANDARD.encode("bob:pa$$word");
+        let said = format!(
+            "bad request; you sent Bearer sk-live-0123456789 (Basic {basic}) as bob with \
+             pa$$word (pa%24%24word) to ?sig=Short99&x=a-long-query-value in version 2024-10-21"
+        );
+        // Short parts that need not be credentials (a user name, an API version) could as
+        // well be any word: left.
         assert_eq!(
-            credentials.redact(said.to_owned()),
-            "bad request; you sent Bearer <redacted> as bob with <redacted> \
-             (<redacted>) to ?key=<redacted> in version 2024-10-21"
+            credentials.redact(said),
+            "bad request; you sent Bearer <redacted> (Basic <redacted>) as bob with \
+             <redacted> (<redacted>) to ?sig=<redacted>&x=<redacted> in version 2024-10-21"
         );
         let none = Credentials::of(None, &Url::parse("http://127.0.0.1:11434/v1").unwrap());
         assert_eq!(

@@ -185,6 +185,13 @@ async fn start_up_logs_an_unreachable_model_with_its_url_and_never_its_key() {
         .unwrap();
     assert!(line.contains(&url), "{line}");
     assert!(!log.contains("sk-never-logged"), "{log}");
+    // The transport error is logged with its causes: why it could not be reached.
+    let cause = log
+        .lines()
+        .find(|line| line.contains("model could not be reached"))
+        .unwrap_or_else(|| panic!("{log}"));
+    assert!(cause.contains("error.sources=["), "{cause}");
+    assert!(cause.contains("Connection refused"), "{cause}");
 }
 
 #[tokio::test]
