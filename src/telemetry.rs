@@ -28,14 +28,8 @@ pub fn init_logging(config: &Config) {
     } else {
         FmtSpan::NONE
     };
-    let mut filter = EnvFilter::new(&config.log_filter);
-    // sqlx warns of a `DATABASE_URL` parameter it does not know with its value, which may be
-    // a password (`PASSWORD=`, `sslpassword=`, or the rest of one holding an `&`).
-    if let Ok(quiet) = "sqlx_postgres::options::parse=error".parse() {
-        filter = filter.add_directive(quiet);
-    }
     let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+        .with_env_filter(EnvFilter::new(&config.log_filter))
         .with_span_events(span_events);
     match config.log_format {
         // The crate's default line, written for less (see `text_log`).

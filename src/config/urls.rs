@@ -63,8 +63,7 @@ impl DatabaseUrl {
 
     /// Whether it is an SQLite database that lives only as long as a connection
     /// (`sqlite::memory:`, `sqlite://` with no file, `mode=memory`, `vfs=memdb`): each
-    /// connection of the
-    /// pool would have its own, and every balance would be gone at exit.
+    /// connection of the pool would have its own, and every balance would be gone at exit.
     pub fn is_sqlite_in_memory(&self) -> bool {
         if crate::db::Backend::of_url(&self.0) != Some(crate::db::Backend::Sqlite) {
             return false;

@@ -239,7 +239,11 @@ async fn connect_postgres(
     url: &str,
     settings: &PoolSettings,
 ) -> Result<Connections<Postgres>, sqlx::Error> {
-    let mut options = PgConnectOptions::from_str(url)?;
+    // sqlx warns of a parameter it does not know with its value, which may be a password
+    // (`PASSWORD=`, the rest of one holding `&`): read with no subscriber, so unlogged. (A
+    // filter directive would cost every request's events a look at their target.)
+    let quiet = tracing::subscriber::NoSubscriber::default();
+    let mut options = tracing::subscriber::with_default(quiet, || PgConnectOptions::from_str(url))?;
     if let Some(timeout) = settings.statement_timeout {
         options = options.options([("statement_timeout", timeout.as_millis().to_string())]);
     }
