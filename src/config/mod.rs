@@ -18,7 +18,7 @@ use crate::{clock::Clock, domain::Limits, pricing::PriceBook};
 
 pub use alerts::{AlertsConfig, Threshold};
 pub use routing::{RetryPolicy, Routing};
-pub use urls::{redacted_url, DatabaseUrl, UpstreamUrl};
+pub use urls::{names_a_credential, redacted_url, DatabaseUrl, UpstreamUrl};
 use vars::Vars;
 
 pub const DEFAULT_SYSTEM_PROMPT: &str =

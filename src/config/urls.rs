@@ -133,6 +133,17 @@ impl UpstreamUrl {
     }
 }
 
+/// What a header's or query parameter's name holds when its value is a credential:
+/// `X-Api-Key`, `Api-Key`, `X-Goog-Api-Key`, `Ocp-Apim-Subscription-Key`, `X-Auth-Token`,
+/// `Cookie`; `?key=`, `?api_key=`, `?sig=`, `?client_secret=`, `?password=`.
+const CREDENTIAL_NAMES: [&str; 7] = ["auth", "key", "token", "secret", "pass", "sig", "cookie"];
+
+/// Whether a header or query parameter of this name (any case) carries a credential.
+pub fn names_a_credential(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    CREDENTIAL_NAMES.iter().any(|part| name.contains(part))
+}
+
 /// `url` with its user info and query replaced by `<redacted>`, for logs and messages.
 pub fn redacted_url(url: &Url) -> String {
     let mut shown = format!("{}://", url.scheme());

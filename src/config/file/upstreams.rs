@@ -10,6 +10,7 @@ use serde::{Deserialize, Deserializer};
 
 use super::error::{FileError, Place};
 use crate::config::{
+    names_a_credential,
     routing::{TargetConfig, UpstreamConfig, SHORTHAND_UPSTREAM},
     UpstreamUrl,
 };
@@ -91,21 +92,9 @@ const OWNED_HEADERS: [&str; 5] = [
     "host",
 ];
 
-/// What a header's name holds when its value is a credential: `X-Api-Key`, `Api-Key`,
-/// `X-Goog-Api-Key`, `Ocp-Apim-Subscription-Key`, `X-Auth-Token`, `Cookie`...
-const CREDENTIAL_NAMES: [&str; 7] = [
-    "auth",
-    "key",
-    "token",
-    "secret",
-    "password",
-    "signature",
-    "cookie",
-];
-
 /// Whether the file may not set the header `name` (lower case, as `HeaderName` keeps it).
 fn is_owned_or_a_credential(name: &str) -> bool {
-    OWNED_HEADERS.contains(&name) || CREDENTIAL_NAMES.iter().any(|part| name.contains(part))
+    OWNED_HEADERS.contains(&name) || names_a_credential(name)
 }
 
 /// What reading the file needs from outside it: the environment (for key variables) and

@@ -10,7 +10,10 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::llm::{LlmError, Rejection};
+use crate::{
+    config::names_a_credential,
+    llm::{LlmError, Rejection},
+};
 
 /// The most of an error answer read for its message.
 const MAX_ERROR_BODY_BYTES: usize = 64 * 1024;
@@ -25,9 +28,6 @@ const SHORTEST_CREDENTIAL: usize = 4;
 /// long: as likely a `user` or an `api-version=2024-10-21` as a secret, and taking it out
 /// of every message would garble it.
 const SHORTEST_OTHER_PART: usize = 12;
-/// What a query parameter's name holds when its value is a credential (`key`, `api_key`,
-/// `token`, `sig`, `client_secret`, `auth`, `password`, ...).
-const CREDENTIAL_NAMES: [&str; 6] = ["key", "token", "sig", "secret", "auth", "pass"];
 
 /// What tokenchat sends an upstream that may be a credential, as the upstream may repeat it:
 /// its key, its base URL's password and user info (also in base64, as basic authentication
@@ -64,8 +64,7 @@ impl Credentials {
         }
         let query = base_url.query().unwrap_or_default();
         for (name, value) in query.split('&').filter_map(|pair| pair.split_once('=')) {
-            let name = decoded(name).to_ascii_lowercase();
-            let credential = CREDENTIAL_NAMES.iter().any(|part| name.contains(part));
+            let credential = names_a_credential(&decoded(name));
             parts.push((value.to_owned(), credential));
             parts.push((decoded(&value.replace('+', " ")), credential));
         }
@@ -81,7 +80,8 @@ impl Credentials {
             })
             .map(|(part, _)| part)
             .collect();
-        found.sort_by_key(|credential| std::cmp::Reverse(credential.len()));
+        // Longest first; equal ones side by side, for `dedup`.
+        found.sort_by(|a, b| b.len().cmp(&a.len()).then_with(|| a.cmp(b)));
         found.dedup();
         Self(found.into_iter().map(SecretString::from).collect())
     }
