@@ -63,7 +63,8 @@ pub fn router(state: AppState) -> Router {
 }
 
 /// The path of every API route the router serves (each also with a trailing slash): all
-/// but the page at `/` and `/openapi.json`, which the OpenAPI document need not list.
+/// but the page at `/` and `/openapi.json`, which the OpenAPI document need not list. A
+/// wildcard (`{*model}`) is as the router writes it; the document writes `{model}`.
 pub fn api_paths(state: &AppState) -> Vec<&'static str> {
     api_routes(state)
         .into_iter()
@@ -149,8 +150,10 @@ fn api_routes(state: &AppState) -> Vec<(&'static str, MethodRouter<AppState>)> {
             Layered::new(post(openai::embeddings), v1_limit),
         ),
         ("/v1/models", Layered::new(get(openai::models), v1_limit)),
+        // The rest of the path: a served name may hold `/` (`meta-llama/Llama-3.1-8B`),
+        // and the SDKs put it in the path as it is.
         (
-            "/v1/models/{model}",
+            "/v1/models/{*model}",
             Layered::new(get(openai::model), v1_limit),
         ),
     ]
@@ -222,11 +225,15 @@ async fn unknown_route(method: axum::http::Method, uri: axum::http::Uri) -> Resp
 
 /// Registers each route at its path and at its path with one trailing slash. Not
 /// tower-http's `NormalizePathLayer`: it trims every trailing slash, so `/chats//` would be
-/// `/chats` instead of a 404, which the hostile-request property test caught.
+/// `/chats` instead of a 404, which the hostile-request property test caught. A path ending
+/// in a wildcard (`{*name}`) takes the slash into the wildcard; its handler trims it.
 fn with_and_without_slash(routes: Vec<(&str, MethodRouter<AppState>)>) -> Router<AppState> {
     routes
         .into_iter()
         .fold(Router::new(), |router, (path, handler)| {
+            if path.contains("{*") {
+                return router.route(path, handler);
+            }
             router
                 .route(path, handler.clone())
                 .route(&format!("{path}/"), handler)

@@ -32,6 +32,8 @@ async fn every_route_and_method_the_router_serves_is_in_the_openapi_document_and
     let documented = document["paths"].as_object().unwrap();
     let paths = tokenchat::api_paths(&app.state);
     assert!(paths.len() >= 19, "{paths:?}");
+    // OpenAPI has no wildcard: the router's `{*model}` (the rest of the path) is `{model}`.
+    let paths: Vec<String> = paths.iter().map(|path| path.replace("{*", "{")).collect();
     for path in &paths {
         let concrete = path.replace("{id}", "1");
         for method in METHODS {
@@ -47,7 +49,7 @@ async fn every_route_and_method_the_router_serves_is_in_the_openapi_document_and
             assert_ne!(status, StatusCode::NOT_FOUND, "{method} {concrete}");
             let routed = status != StatusCode::METHOD_NOT_ALLOWED;
             let operation = &documented
-                .get(*path)
+                .get(path)
                 .unwrap_or_else(|| panic!("{path} is not in the document"))
                 [method.as_str().to_ascii_lowercase()];
             assert_eq!(
@@ -63,7 +65,7 @@ async fn every_route_and_method_the_router_serves_is_in_the_openapi_document_and
     }
     for documented_path in documented.keys() {
         assert!(
-            paths.contains(&documented_path.as_str()),
+            paths.contains(documented_path),
             "{documented_path} is documented but not routed"
         );
     }

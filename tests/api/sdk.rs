@@ -19,7 +19,11 @@ async fn the_official_openai_sdk_lists_models_completes_streams_and_sees_our_err
         return;
     };
     // Three chats' worth: the SDK spends two; the empty user spends all of theirs first.
-    let app = TestApp::with_env(&[("INITIAL_TOKENS", "300")]).await;
+    let app = TestApp::with_env(&[
+        ("INITIAL_TOKENS", "300"),
+        ("LLM_MODELS", "meta-llama/Llama-3.1-8B"),
+    ])
+    .await;
     let base = serve_in_process(&app).await;
     let http = reqwest::Client::new();
     let new_key = |token: String| {

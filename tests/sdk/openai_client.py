@@ -22,6 +22,9 @@ models = [model.id for model in client.models.list()]
 assert "llama3.2" in models, models
 retrieved = client.models.retrieve("llama3.2")
 assert (retrieved.id, retrieved.object, retrieved.owned_by) == ("llama3.2", "model", "tokenchat"), retrieved
+# A served name holding "/", which this SDK sends as %2F.
+retrieved = client.models.retrieve("meta-llama/Llama-3.1-8B")
+assert retrieved.id == "meta-llama/Llama-3.1-8B", retrieved
 try:
     client.models.retrieve("no-such-model")
     raise AssertionError("an unknown model was retrieved")

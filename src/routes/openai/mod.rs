@@ -94,8 +94,12 @@ pub async fn model(
     user: AuthUser,
     name: Result<Path<String>, PathRejection>,
 ) -> Result<Json<Model>, ApiError> {
-    // A name that is not text once percent-decoded names no model either.
-    let name = name.map(|Path(name)| name).unwrap_or_default();
+    // A name that is not text once percent-decoded names no model either. The route's
+    // wildcard holds the one trailing slash every route may end with.
+    let mut name = name.map(|Path(name)| name).unwrap_or_default();
+    if name.ends_with('/') {
+        name.pop();
+    }
     let found = visible_models(&state, &user).find(|model| model.id == name);
     found.map(Json).ok_or(ApiError::ModelNotFound(name))
 }

@@ -9,7 +9,11 @@ use crate::common::TestApp;
 
 #[tokio::test]
 async fn the_models_served_are_listed_as_openai_lists_them() {
-    let app = TestApp::with_env(&[("LLM_MODELS", "big-model, small-model,big-model")]).await;
+    let app = TestApp::with_env(&[(
+        "LLM_MODELS",
+        "big-model, small-model,big-model,meta-llama/Llama-3.1-8B",
+    )])
+    .await;
     let key = key_of(&app, "user").await;
     let listed = app.get_authorized("/v1/models", &key).await;
     assert_eq!(listed.status, StatusCode::OK);
@@ -25,14 +29,41 @@ async fn the_models_served_are_listed_as_openai_lists_them() {
             model["id"].as_str().unwrap()
         })
         .collect();
-    assert_eq!(ids, ["llama3.2", "big-model", "small-model"]);
+    assert_eq!(
+        ids,
+        [
+            "llama3.2",
+            "big-model",
+            "small-model",
+            "meta-llama/Llama-3.1-8B"
+        ]
+    );
     // One of them, as OpenAI's "retrieve model" gives it: the list's own item.
     for path in ["/v1/models/small-model", "/v1/models/small-model/"] {
         let one = app.get_authorized(path, &key).await;
         assert_eq!(one.status, StatusCode::OK, "{one:?}");
         assert_eq!(one.json, listed.json["data"][2]);
     }
-    for unknown in ["/v1/models/no-such-model", "/v1/models/%FF"] {
+    // A name holding `/`, written as the SDKs send it or escaped.
+    for path in [
+        "/v1/models/meta-llama/Llama-3.1-8B",
+        "/v1/models/meta-llama/Llama-3.1-8B/",
+        "/v1/models/meta-llama%2FLlama-3.1-8B",
+    ] {
+        let one = app.get_authorized(path, &key).await;
+        assert_eq!(one.status, StatusCode::OK, "{path}: {one:?}");
+        assert_eq!(one.json, listed.json["data"][3]);
+    }
+    // The list keeps its one trailing slash; a part of a name is no model.
+    let slashed = app.get_authorized("/v1/models/", &key).await;
+    assert_eq!(slashed.json, listed.json, "{slashed:?}");
+    for unknown in [
+        "/v1/models/no-such-model",
+        "/v1/models/%FF",
+        "/v1/models/meta-llama",
+        "/v1/models/meta-llama/",
+        "/v1/models/small-model//",
+    ] {
         let missing = app.get_authorized(unknown, &key).await;
         assert_openai_error(
             &missing,
