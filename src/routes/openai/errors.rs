@@ -81,7 +81,7 @@ pub async fn openai_errors(response: Response) -> Response {
     let envelope: Received = json
         .and_then(|json| serde_json::from_value(json).ok())
         .unwrap_or_default();
-    let (message, code) = match (envelope.error, envelope.code) {
+    let (mut message, code) = match (envelope.error, envelope.code) {
         (Some(message), Some(code)) => (message, code),
         // A bare status from a layer (axum's 405): the error that stands for it.
         _ => {
@@ -89,6 +89,10 @@ pub async fn openai_errors(response: Response) -> Response {
             (bare.error, bare.code.to_string())
         }
     };
+    if status == StatusCode::UNSUPPORTED_MEDIA_TYPE {
+        // The contract's words name form data too, which `/v1` does not read.
+        message = "request body must be JSON (Content-Type: application/json)".to_string();
+    }
     let mut error = openai_error(&message, &code, envelope.field.as_deref(), status.as_u16());
     error.error.tokens = envelope.tokens;
     error.error.required = envelope.required;

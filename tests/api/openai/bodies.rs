@@ -58,3 +58,47 @@ async fn v1_admits_bodies_up_to_its_own_limit_and_passes_them_on_whole() {
     assert_eq!(app.balance(&key).await, 3900);
     assert_eq!(app.llm.calls(), 1);
 }
+
+#[tokio::test]
+async fn v1_refuses_a_body_that_is_not_json_saying_it_reads_json_only() {
+    let app = TestApp::new().await;
+    let key = key_of(&app, "user").await;
+    let authorization = format!("Bearer {key}");
+    for (content_type, body, status, code) in [
+        (
+            "text/plain",
+            "hello",
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+        ),
+        (
+            "application/x-www-form-urlencoded",
+            "model=llama3.2",
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+        ),
+    ] {
+        for path in ["/v1/chat/completions", "/v1/embeddings"] {
+            let refused = app
+                .request(
+                    Method::POST,
+                    path,
+                    &[
+                        ("authorization", authorization.as_str()),
+                        ("content-type", content_type),
+                    ],
+                    body.to_string(),
+                )
+                .await;
+            assert_openai_error(&refused, status, "invalid_request_error", code);
+            let message = refused.json["error"]["message"].as_str().unwrap();
+            assert!(message.contains("JSON"), "{message}");
+            assert!(
+                !message.contains("form"),
+                "{content_type} {path}: {message}"
+            );
+        }
+    }
+    assert_eq!(app.llm.calls(), 0);
+    assert_eq!(app.balance(&key).await, 4000);
+}
