@@ -135,9 +135,10 @@ pub struct Read {
     pub text: String,
     /// The first choice's tool calls, the JSON array as the model sent it.
     pub tool_calls: Option<String>,
-    /// What the answer holds that a chat does not store, run together: the first choice's
-    /// refusal, and the other choices' (`n` above 1) text, refusals and tool calls' names
-    /// and arguments. Sent to the client; counted when the model reports no usage.
+    /// What the answer holds that a chat does not store, run together: every choice's
+    /// refusal, legacy `function_call` and audio transcript, and the other choices' (`n`
+    /// above 1) text and tool calls' names and arguments. Sent to the client; counted when
+    /// the model reports no usage.
     pub unstored: String,
     pub usage: Option<Usage>,
 }
@@ -184,6 +185,7 @@ pub fn read_completion(body: &str) -> Result<Read, LlmError> {
         if let Some(refusal) = &message.refusal {
             unstored.push_str(refusal);
         }
+        read_unstored_parts(message.function_call, message.audio, &mut unstored);
         if at == first_choice {
             continue;
         }
@@ -209,6 +211,31 @@ pub fn read_completion(body: &str) -> Result<Read, LlmError> {
             .map(|calls| calls.get().to_string()),
         usage: completion.usage.and_then(UsageView::read),
     })
+}
+
+/// The parts of a message or a delta that no chat stores, read for counting: a legacy
+/// `function_call`'s name and arguments, as a tool call's are, and an `audio` part's
+/// transcript (its sound is no text to count; a model that answers audio reports usage).
+fn read_unstored_parts(
+    function_call: Option<&RawValue>,
+    audio: Option<&RawValue>,
+    unstored: &mut String,
+) {
+    let function: FunctionDelta = function_call
+        .and_then(|raw| serde_json::from_str(raw.get()).ok())
+        .unwrap_or_default();
+    unstored.extend(function.name.into_iter().chain(function.arguments));
+    let audio: AudioView = audio
+        .and_then(|raw| serde_json::from_str(raw.get()).ok())
+        .unwrap_or_default();
+    unstored.extend(audio.transcript);
+}
+
+/// What is counted of an `audio` part, whole or a streamed piece of one.
+#[derive(Default, Deserialize)]
+struct AudioView {
+    #[serde(default)]
+    transcript: Option<String>,
 }
 
 /// A raw value that holds something: not `null`, `[]` or `{}`.
@@ -318,6 +345,7 @@ pub fn read_chunk(data: String) -> Result<Chunk, LlmError> {
                 .is_some_and(|calls| !calls.is_empty())
             || present(delta.function_call)
             || present(delta.audio);
+        read_unstored_parts(delta.function_call, delta.audio, &mut chunk.unstored);
         if choice.index == 0 {
             if let Some(content) = delta.content {
                 chunk.text.push_str(&content);

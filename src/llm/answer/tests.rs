@@ -176,3 +176,24 @@ fn what_a_chat_does_not_store_is_read_for_counting_whole_and_streamed() {
         ("a", r#"rbg{"x""#)
     );
 }
+
+#[test]
+fn a_legacy_function_call_and_an_audio_transcript_are_read_for_counting_whole_and_streamed() {
+    let body = r#"{"choices":[
+        {"index":0,"message":{"content":null,"function_call":{"name":"lookup","arguments":"{\"q\":1}"}}},
+        {"index":1,"message":{"content":null,"audio":{"id":"a","data":"UklGRg==","transcript":"hello there"}}}]}"#;
+    let read = read_completion(body).unwrap();
+    assert_eq!(read.text, "");
+    assert_eq!(read.unstored, r#"lookup{"q":1}hello there"#);
+    let chunk = read_chunk(
+        r#"{"choices":[{"index":0,"delta":{"function_call":{"arguments":"{\"q\""}}},
+            {"index":1,"delta":{"audio":{"data":"AAAA","transcript":" there"}}}]}"#
+            .into(),
+    )
+    .unwrap();
+    assert!(chunk.substantial);
+    assert_eq!(
+        (chunk.text.as_str(), chunk.unstored.as_str()),
+        ("", r#"{"q" there"#)
+    );
+}

@@ -2,7 +2,7 @@
 //! than can be priced, charged the reservation; counts written as floats kept and rounded
 //! up, counts that are not numbers taken as absent, an answer's count left out counted
 //! beside the reported prompt, and the text of every choice counted, not only the first's,
-//! whole and cut short.
+//! whole and cut short, a legacy function call and an audio transcript among it.
 
 use axum::http::StatusCode;
 use serde_json::{json, Value};
@@ -176,5 +176,62 @@ async fn a_model_that_overruns_its_cap_is_charged_the_reservation_and_the_overru
     assert_eq!(absurd.json["tokens_charged"], reserved, "{absurd:?}");
     let chat_id = absurd.json["chat_id"].as_i64().unwrap();
     assert_reserved_then(&app, chat_id, reserved, &[("chat_charge", -reserved)]).await;
+    app.assert_all_settled().await;
+}
+
+#[tokio::test]
+async fn a_legacy_function_call_and_an_audio_transcript_are_counted_when_no_usage_is_reported() {
+    let app = priced_app(&[]).await;
+    let key = key_of(&app, "legacy").await;
+    let (name, arguments, transcript) = ("lookup", r#"{"city":"Paris"}"#, "It is sunny in Paris");
+    let message = json!({
+        "role": "assistant", "content": null,
+        "function_call": { "name": name, "arguments": arguments },
+    });
+    let spoken = json!({
+        "role": "assistant", "content": null,
+        "audio": { "id": "audio_1", "data": "UklGRiQAAABXQVZF", "expires_at": 1, "transcript": transcript },
+    });
+    let whole = json!({ "id": "x", "object": "chat.completion", "model": "llama3.2", "choices": [
+        { "index": 0, "message": message, "finish_reason": "function_call" },
+        { "index": 1, "message": spoken, "finish_reason": "stop" },
+    ] });
+    let piece = |index: u64, delta: Value| {
+        json!({ "id": "x", "object": "chat.completion.chunk", "model": "llama3.2",
+                "choices": [{ "index": index, "delta": delta, "finish_reason": null }] })
+    };
+    let chunks = vec![
+        piece(
+            0,
+            json!({ "role": "assistant", "function_call": { "name": name, "arguments": "" } }),
+        ),
+        piece(0, json!({ "function_call": { "arguments": arguments } })),
+        piece(
+            1,
+            json!({ "audio": { "id": "audio_1", "data": "UklGRiQA", "transcript": transcript } }),
+        ),
+    ];
+    app.llm.set_reply(Reply::Verbatim { whole, chunks });
+    let ask = json!({ "model": "llama3.2", "n": 2,
+                      "messages": [{ "role": "user", "content": "weather?" }] });
+    let answered = completions(&app, &key, ask.clone()).await;
+    assert_eq!(answered.status, StatusCode::OK, "{answered:?}");
+    let mut streamed = ask;
+    streamed["stream"] = json!(true);
+    let data = stream_completion(&app, &key, streamed).await;
+    assert!(
+        data.iter().any(|event| event.contains(transcript)),
+        "{data:?}"
+    );
+    // The function's name and arguments and the transcript, by their bytes, whole or
+    // streamed: what the client was given.
+    let completion = (name.len() + arguments.len() + transcript.len()) as i64;
+    for chat_id in [1, 2] {
+        let row = chat_row(&app, chat_id).await;
+        assert_eq!(row.usage_source.as_deref(), Some("counted"), "{row:?}");
+        assert_eq!(row.completion_tokens, Some(completion), "{row:?}");
+        let prompt = row.prompt_tokens.unwrap();
+        assert_eq!(row.cost, REQUEST + prompt + 2 * completion, "{row:?}");
+    }
     app.assert_all_settled().await;
 }

@@ -90,6 +90,9 @@ pub enum Reply {
     RejectRepeatingTheKey,
     /// Answers `307 Temporary Redirect` to this URL.
     RedirectTo(String),
+    /// Not streamed: this body as it is. Streamed: these chunks, each an event, then
+    /// `[DONE]`. A model's answer written out whole (a legacy `function_call`, audio).
+    Verbatim { whole: Value, chunks: Vec<Value> },
     /// Busy with this status (429, 503) and, when given, this `Retry-After`.
     Busy {
         status: u16,
@@ -385,7 +388,16 @@ async fn completions(
             completion["usage"] = usage;
             Json(completion).into_response()
         }
+        Reply::Verbatim { whole, .. } if !stream => Json(whole).into_response(),
         _ if !stream => Json(answered.completion(&model, true)).into_response(),
+        Reply::Verbatim { chunks, .. } => {
+            let events: String = chunks
+                .iter()
+                .map(|chunk| format!("data: {chunk}\n\n"))
+                .chain(["data: [DONE]\n\n".to_string()])
+                .collect();
+            ([(header::CONTENT_TYPE, "text/event-stream")], events).into_response()
+        }
         Reply::EmptyContent => sse(&shared, &model, StreamPlan::whole("", usage)),
         Reply::EchoWithoutUsage => sse(&shared, &model, StreamPlan::of(&answered, None)),
         Reply::BlankContent => sse(&shared, &model, StreamPlan::whole(" \n ", None)),
