@@ -248,6 +248,7 @@ fn sse_event(ids: ChatIds, event: StreamEvent) -> Option<Event> {
             balance,
             charged,
             usage,
+            ..
         } => {
             let done = Done {
                 chat_id: ids.chat_id,

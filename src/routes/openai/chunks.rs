@@ -15,7 +15,7 @@ use serde_json::value::RawValue;
 use super::{
     completion::{completion_id, finish_reason, stored_tool_calls, CompletionUsage},
     errors::openai_error,
-    relay::{is_usage_chunk, relay},
+    relay::{is_usage_chunk, relay, Charge},
 };
 use crate::{
     clock::unix_now,
@@ -141,8 +141,9 @@ impl ChunkHead {
 
 /// `chat.completion.chunk` events: the model's, relayed as they come, with `model` the
 /// name the client asked for and the usage chunk only when it asked for it, held until the
-/// chat is settled so that its `usage.cost` is the charge (a usage chunk of tokenchat's own
-/// when the model sent none); `[DONE]` once the chat is settled. A replayed answer is
+/// chat is settled so that its `usage.cost` is the charge (a usage chunk of tokenchat's own,
+/// with the counts it charged for, when the model sent none it could read); `[DONE]` once
+/// the chat is settled. A replayed answer is
 /// written whole, as OpenAI would stream it. A failure after the start is an
 /// `{"error": ...}` event.
 pub(super) fn chunk_stream(started: StreamedChat, model: String, include_usage: bool) -> Response {
@@ -155,32 +156,41 @@ pub(super) fn chunk_stream(started: StreamedChat, model: String, include_usage: 
         id: completion_id(chat.chat_id),
         model,
     };
-    // The model's usage chunk (the one without choices), until the charge is known. A chunk
-    // that carries the usage so far beside its choices goes on at once, as it came.
-    let mut usage_chunk: Option<String> = None;
+    // The model's usage chunk (the one without choices), until the charge is known, and
+    // whether its usage could be read. A chunk that carries the usage so far beside its
+    // choices goes on at once, as it came.
+    let mut usage_chunk: Option<(String, bool)> = None;
     let events = chat
         .events
         .map(move |event| match event {
             StreamEvent::Chunk(chunk) if chunk.data.is_empty() => Vec::new(),
-            StreamEvent::Chunk(chunk)
-                if include_usage && chunk.usage.is_some() && is_usage_chunk(&chunk.data) =>
-            {
-                usage_chunk = Some(chunk.data);
+            StreamEvent::Chunk(chunk) if include_usage && is_usage_chunk(&chunk.data) => {
+                usage_chunk = Some((chunk.data, chunk.usage.is_some()));
                 Vec::new()
             }
-            StreamEvent::Chunk(chunk) => relay(chunk.data, &head.model, include_usage, None)
-                .into_iter()
-                .collect(),
+            StreamEvent::Chunk(chunk) => {
+                relay(chunk.data, &head.model, include_usage, Charge::None)
+                    .into_iter()
+                    .collect()
+            }
             StreamEvent::Replayed { text, tool_calls } => {
                 head.replayed(&text, stored_tool_calls(tool_calls))
             }
-            StreamEvent::Done { usage, charged, .. } => {
+            StreamEvent::Done {
+                usage,
+                charged,
+                counted,
+                ..
+            } => {
                 let mut last = Vec::new();
                 if include_usage {
                     match usage_chunk.take() {
-                        Some(chunk) => last.extend(relay(chunk, &head.model, true, Some(charged))),
-                        None => {
-                            let usage = CompletionUsage::charged(usage, charged);
+                        Some((chunk, true)) => {
+                            last.extend(relay(chunk, &head.model, true, Charge::Cost(charged)));
+                        }
+                        // None sent, or none readable: one of tokenchat's own in its place.
+                        _ => {
+                            let usage = CompletionUsage::charged(usage.or(counted), charged);
                             last.push(head.chunk(None, Some(usage)));
                         }
                     }
@@ -190,8 +200,8 @@ pub(super) fn chunk_stream(started: StreamedChat, model: String, include_usage: 
             }
             StreamEvent::Failed { error, charged } => {
                 let mut last = Vec::new();
-                if let Some(chunk) = usage_chunk.take() {
-                    last.extend(relay(chunk, &head.model, true, Some(charged)));
+                if let Some((chunk, _)) = usage_chunk.take() {
+                    last.extend(relay(chunk, &head.model, true, Charge::Cost(charged)));
                 }
                 let envelope = ApiError::from(error).envelope();
                 let error = openai_error(&envelope.error, envelope.code, envelope.field, 500);

@@ -21,9 +21,9 @@ use utoipa::ToSchema;
 pub use self::errors::{openai_errors, options_answer, unknown_route, OpenAiError};
 use self::{
     chunks::chunk_stream,
-    completion::{stored_tool_calls, Completion},
+    completion::{stored_tool_calls, Completion, CompletionUsage},
     errors::{v1_error, OpenAiCallErrors, OpenAiUnauthorised},
-    relay::relay,
+    relay::{relay, Charge},
     request::{CompletionRequest, EmbeddingRequest},
 };
 use super::{
@@ -201,7 +201,19 @@ async fn complete(
     };
     let body = match answer.body {
         // The model's own answer, `model` as asked, with the charge.
-        Some(body) => json_answer(body, &model, answer.charged),
+        Some(body) => {
+            // The model's usage with the charge; or, when it sent none tokenchat could
+            // read, one of tokenchat's own: the counts it charged for (zeros for a flat
+            // chat's), with the charge.
+            let ours = answer.usage.is_none().then(|| {
+                let usage = CompletionUsage::charged(answer.counted, answer.charged);
+                serde_json::to_string(&usage).expect("a usage serialises")
+            });
+            let charge = ours
+                .as_deref()
+                .map_or(Charge::Cost(answer.charged), Charge::Usage);
+            json_answer(body, &model, charge)
+        }
         None => {
             let tool_calls = stored_tool_calls(answer.tool_calls);
             let replayed = Completion::replayed(
@@ -255,7 +267,7 @@ pub async fn embeddings(
     let embedded = chat::embed(&state.chats, user.id, request, admitted.budgets, meters).await;
     let answered = match embedded {
         Ok(embedded) => {
-            let body = json_answer(embedded.body, &model, embedded.charged);
+            let body = json_answer(embedded.body, &model, Charge::Cost(embedded.charged));
             (Extension(TokensRemaining(embedded.balance)), body).into_response()
         }
         Err(err) => v1_error(err),
@@ -265,12 +277,12 @@ pub async fn embeddings(
 
 /// The model's JSON answer, `model` set to the name the client asked for, `usage.cost` the
 /// charge.
-fn json_answer(body: axum::body::Bytes, model: &str, cost: i64) -> Response {
+fn json_answer(body: axum::body::Bytes, model: &str, charge: Charge<'_>) -> Response {
     let text = match String::from_utf8(body.to_vec()) {
         Ok(text) => text,
         Err(_) => return ApiError::Upstream("its answer was not UTF-8".into()).into_response(),
     };
-    let body = relay(text, model, true, Some(cost)).unwrap_or_default();
+    let body = relay(text, model, true, charge).unwrap_or_default();
     (
         [(
             header::CONTENT_TYPE,

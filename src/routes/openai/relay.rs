@@ -5,16 +5,28 @@
 
 use crate::llm::raw::{json_string, write_object, Fields};
 
+/// What tokenchat writes in an answer's `usage`.
+#[derive(Clone, Copy)]
+pub(super) enum Charge<'a> {
+    /// Nothing: the model's usage goes as it came (less a `cost` of the upstream's own).
+    None,
+    /// The charge, as `cost`, beside the model's counts (a usage of it alone when the
+    /// answer has none).
+    Cost(i64),
+    /// This usage object (the charge and what it was worked out from) in place of the
+    /// model's, which it did not send or tokenchat could not read.
+    Usage(&'a str),
+}
+
 /// `answer` (a whole completion, a chunk, an embeddings list) with its `model` set to
-/// `model`, `cost` (when given) added to its `usage` (one is added when it has none) and,
-/// unless `keep_usage`, without `usage`; `None` when nothing is left to send (a usage
-/// chunk the client did not ask for). An answer that is not a JSON object, which the model
-/// layer has already refused, goes as it came.
+/// `model`, its `usage` as `charge` says and, unless `keep_usage`, without `usage`; `None`
+/// when nothing is left to send (a usage chunk the client did not ask for). An answer that
+/// is not a JSON object, which the model layer has already refused, goes as it came.
 pub(super) fn relay(
     answer: String,
     model: &str,
     keep_usage: bool,
-    cost: Option<i64>,
+    charge: Charge<'_>,
 ) -> Option<String> {
     let Ok(fields) = Fields::parse(&answer) else {
         return Some(answer);
@@ -29,13 +41,14 @@ pub(super) fn relay(
     let model_unchanged = fields.get("model").is_some_and(|sent| sent.get() == named);
     // The usage to send, when it is not the model's as it came: with the charge as its
     // `cost`, or without a `cost` of the upstream's own (`usage.cost` is tokenchat's word).
-    let usage = match (keep_usage, cost) {
+    let usage = match (keep_usage, charge) {
         (false, _) => None,
-        (true, Some(cost)) => {
+        (true, Charge::Cost(cost)) => {
             let usage = fields.get("usage").map_or("null", |usage| usage.get());
             Some(with_cost(usage, cost))
         }
-        (true, None) => fields
+        (true, Charge::Usage(usage)) => Some(usage.to_string()),
+        (true, Charge::None) => fields
             .get("usage")
             .and_then(|usage| without_cost(usage.get())),
     };
@@ -61,10 +74,18 @@ pub(super) fn relay(
     Some(rewritten)
 }
 
-/// Whether a chunk of a stream holds any choice: a usage chunk has none. (Some servers put
-/// the usage so far in every chunk, vLLM's `continuous_usage_stats`: those hold choices.)
+/// Whether a chunk of a stream is a usage chunk: a usage, readable or not, and no choice.
+/// (Some servers put the usage so far in every chunk, vLLM's `continuous_usage_stats`:
+/// those hold choices.)
 pub(super) fn is_usage_chunk(chunk: &str) -> bool {
-    Fields::parse(chunk).is_ok_and(|fields| !holds_choices(&fields))
+    // Most chunks name no usage: they are not read field by field.
+    if !chunk.contains(r#""usage""#) {
+        return false;
+    }
+    Fields::parse(chunk).is_ok_and(|fields| {
+        let usage = fields.get("usage").map(|usage| usage.get().trim());
+        usage.is_some_and(|usage| usage != "null") && !holds_choices(&fields)
+    })
 }
 
 fn holds_choices(fields: &Fields<'_>) -> bool {
@@ -130,29 +151,32 @@ mod tests {
     fn the_answer_names_the_model_asked_for_and_keeps_everything_else() {
         let answer = r#"{"id":"x","model":"gpt-4o-2024-08-06","choices":[{"index":0,"logprobs":{"content":[]}}],"system_fingerprint":"fp"}"#;
         assert_eq!(
-            relay(answer.into(), "gpt-4o", true, None).unwrap(),
+            relay(answer.into(), "gpt-4o", true, Charge::None).unwrap(),
             r#"{"id":"x","model":"gpt-4o","choices":[{"index":0,"logprobs":{"content":[]}}],"system_fingerprint":"fp"}"#
         );
         let same = r#"{"model":"gpt-4o", "choices":[]}"#;
-        assert_eq!(relay(same.into(), "gpt-4o", true, None).unwrap(), same);
+        assert_eq!(
+            relay(same.into(), "gpt-4o", true, Charge::None).unwrap(),
+            same
+        );
     }
 
     #[test]
     fn usage_reaches_only_a_client_that_asked_for_it() {
         let usage_chunk = r#"{"model":"m","choices":[],"usage":{"prompt_tokens":1}}"#;
-        assert_eq!(relay(usage_chunk.into(), "m", false, None), None);
+        assert_eq!(relay(usage_chunk.into(), "m", false, Charge::None), None);
         assert_eq!(
-            relay(usage_chunk.into(), "m", true, None).as_deref(),
+            relay(usage_chunk.into(), "m", true, Charge::None).as_deref(),
             Some(usage_chunk)
         );
         let with_choice = r#"{"model":"m","choices":[{"index":0}],"usage":{"prompt_tokens":1}}"#;
         assert_eq!(
-            relay(with_choice.into(), "m", false, None).unwrap(),
+            relay(with_choice.into(), "m", false, Charge::None).unwrap(),
             r#"{"model":"m","choices":[{"index":0}]}"#
         );
         let null_usage = r#"{"model":"m","choices":[{"index":0}],"usage":null}"#;
         assert_eq!(
-            relay(null_usage.into(), "m", false, None).unwrap(),
+            relay(null_usage.into(), "m", false, Charge::None).unwrap(),
             null_usage
         );
     }
@@ -162,41 +186,63 @@ mod tests {
         let answer =
             r#"{"model":"m","choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2}}"#;
         assert_eq!(
-            relay(answer.into(), "m", true, Some(7)).unwrap(),
+            relay(answer.into(), "m", true, Charge::Cost(7)).unwrap(),
             r#"{"model":"m","choices":[],"usage":{"cost":7,"prompt_tokens":1,"completion_tokens":2}}"#
         );
         let without = r#"{"model":"m","choices":[]}"#;
         assert_eq!(
-            relay(without.into(), "m", true, Some(7)).unwrap(),
+            relay(without.into(), "m", true, Charge::Cost(7)).unwrap(),
             r#"{"model":"m","choices":[],"usage":{"cost":7}}"#
         );
         let null_usage = r#"{"model":"m","usage":null}"#;
         assert_eq!(
-            relay(null_usage.into(), "m", true, Some(0)).unwrap(),
+            relay(null_usage.into(), "m", true, Charge::Cost(0)).unwrap(),
             r#"{"model":"m","usage":{"cost":0}}"#
         );
         let empty = r#"{"usage":{ }}"#;
         assert_eq!(
-            relay(empty.into(), "m", true, Some(3)).unwrap(),
+            relay(empty.into(), "m", true, Charge::Cost(3)).unwrap(),
             r#"{"usage":{"cost":3}}"#
         );
         // The upstream's own cost gives way to the charge: one `cost`, tokenchat's; and
         // where the charge is not known yet (a chunk mid-stream), none.
         let priced_upstream = r#"{"usage":{"prompt_tokens":1,"cost":0.00123}}"#;
         assert_eq!(
-            relay(priced_upstream.into(), "m", true, Some(5)).unwrap(),
+            relay(priced_upstream.into(), "m", true, Charge::Cost(5)).unwrap(),
             r#"{"usage":{"cost":5,"prompt_tokens":1}}"#
         );
         assert_eq!(
-            relay(priced_upstream.into(), "m", true, None).unwrap(),
+            relay(priced_upstream.into(), "m", true, Charge::None).unwrap(),
             r#"{"usage":{"prompt_tokens":1}}"#
         );
         // A usage that cannot be read field by field keeps its fields, the charge first.
         let twice = r#"{"usage":{"prompt_tokens":1,"prompt_tokens":1}}"#;
         assert_eq!(
-            relay(twice.into(), "m", true, Some(5)).unwrap(),
+            relay(twice.into(), "m", true, Charge::Cost(5)).unwrap(),
             r#"{"usage":{"cost":5,"prompt_tokens":1,"prompt_tokens":1}}"#
         );
+    }
+
+    #[test]
+    fn a_usage_of_tokenchats_own_takes_the_place_of_one_it_could_not_read_or_was_not_sent() {
+        let ours = r#"{"cost":9,"prompt_tokens":3,"completion_tokens":2}"#;
+        for (answer, relayed) in [
+            (
+                r#"{"model":"m","usage":"lots"}"#,
+                r#"{"model":"m","usage":{"cost":9,"prompt_tokens":3,"completion_tokens":2}}"#,
+            ),
+            (
+                r#"{"model":"m","usage":null}"#,
+                r#"{"model":"m","usage":{"cost":9,"prompt_tokens":3,"completion_tokens":2}}"#,
+            ),
+            (
+                r#"{"model":"m"}"#,
+                r#"{"model":"m","usage":{"cost":9,"prompt_tokens":3,"completion_tokens":2}}"#,
+            ),
+        ] {
+            let charge = Charge::Usage(ours);
+            assert_eq!(relay(answer.into(), "m", true, charge).unwrap(), relayed);
+        }
     }
 
     #[test]

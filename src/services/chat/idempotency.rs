@@ -57,6 +57,7 @@ impl ChatInFlight {
             charged: stored.cost,
             replayed: true,
             usage: None,
+            counted: None,
             conversation_id: stored.conversation_id,
             tool_calls: stored.tool_calls,
             body: None,

@@ -333,6 +333,16 @@ pub(super) fn shown(usage: Option<Usage>, settled: &TokenUsage) -> Option<Usage>
     })
 }
 
+/// The usage tokenchat counted and charged for, when it counted (`usage_source =
+/// counted`): what a client is shown when the model reported none it could read.
+pub(super) fn counted(settled: &TokenUsage) -> Option<Usage> {
+    (settled.source == Some(UsageSource::Counted)).then(|| Usage {
+        prompt_tokens: settled.prompt_tokens.unwrap_or(0),
+        completion_tokens: settled.completion_tokens,
+        cached_tokens: settled.cached_tokens.unwrap_or(0),
+    })
+}
+
 /// A usage as the model reported it, if it did.
 pub(super) fn as_reported(usage: Option<Usage>) -> TokenUsage {
     TokenUsage {
@@ -368,5 +378,17 @@ mod tests {
         };
         assert_eq!(shown(Some(reported), &settled), Some(reported));
         assert_eq!(shown(None, &settled), None);
+        assert_eq!(
+            counted(&settled),
+            Some(Usage {
+                completion_tokens: Some(12),
+                ..left_out
+            })
+        );
+        let from_the_model = TokenUsage {
+            source: Some(UsageSource::Model),
+            ..settled
+        };
+        assert_eq!(counted(&from_the_model), None);
     }
 }

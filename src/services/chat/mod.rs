@@ -54,6 +54,8 @@ pub struct ChatAnswer {
     pub replayed: bool,
     /// What the model said the answer cost it, when it said.
     pub usage: Option<Usage>,
+    /// What tokenchat counted and charged for, when the model said nothing it could read.
+    pub counted: Option<Usage>,
     /// `None` only for a replayed chat whose conversation was deleted since.
     pub conversation_id: Option<i64>,
     /// The first choice's tool calls, the JSON array the model gave.
@@ -441,6 +443,7 @@ impl ChatInFlight {
                             charged: settled.charged,
                             replayed: false,
                             usage: metering::shown(completion.usage, &settlement.usage),
+                            counted: metering::counted(&settlement.usage),
                             conversation_id: Some(reserved.conversation_id),
                             tool_calls: completion.tool_calls,
                             body: completion.body,

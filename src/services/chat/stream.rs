@@ -83,6 +83,7 @@ impl StreamedChat {
                         balance: answer.balance,
                         charged: answer.charged,
                         usage: answer.usage,
+                        counted: answer.counted,
                     },
                 ])
                 .boxed(),
@@ -101,11 +102,13 @@ pub enum StreamEvent {
     },
     /// The next chunk of the answer, as the model sent it and as tokenchat read it.
     Chunk(Chunk),
-    /// The whole answer is stored and charged: the balance after the charge.
+    /// The whole answer is stored and charged: the balance after the charge, the model's
+    /// usage, and what tokenchat counted when the model reported none it could read.
     Done {
         balance: i64,
         charged: i64,
         usage: Option<Usage>,
+        counted: Option<Usage>,
     },
     /// The chat ended without a whole answer; nothing follows. `charged` is 0 when it was
     /// refunded, else what the text already delivered cost (see `ABANDONED_STREAM_CHARGE`).
@@ -309,6 +312,7 @@ impl ChatInFlight {
                             balance: settled.balance_after,
                             charged: settled.charged,
                             usage: metering::shown(usage, &settlement.usage),
+                            counted: metering::counted(&settlement.usage),
                         };
                         // Charged whether or not the client is still there to read it.
                         let _ = events.send(done).await;

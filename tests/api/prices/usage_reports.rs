@@ -235,3 +235,74 @@ async fn a_legacy_function_call_and_an_audio_transcript_are_counted_when_no_usag
     }
     app.assert_all_settled().await;
 }
+
+#[tokio::test]
+async fn a_v1_client_is_shown_the_counts_it_was_charged_for_when_the_model_reported_none() {
+    let app = priced_app(&[]).await;
+    let key = key_of(&app, "counted").await;
+    let ask =
+        json!({ "model": "llama3.2", "messages": [{ "role": "user", "content": "count me" }] });
+    let mut streamed = ask.clone();
+    streamed["stream"] = json!(true);
+    streamed["stream_options"] = json!({ "include_usage": true });
+    // Sent no usage, whole and streamed; then a usage chunk it cannot read.
+    app.llm.set_reply(Reply::EchoWithoutUsage);
+    let whole = completions(&app, &key, ask.clone()).await;
+    assert_eq!(whole.status, StatusCode::OK, "{whole:?}");
+    let data = stream_completion(&app, &key, streamed.clone()).await;
+    let chunk = |choices: Value, usage: Value| {
+        json!({ "id": "x", "object": "chat.completion.chunk", "model": "llama3.2",
+                "choices": choices, "usage": usage })
+    };
+    app.llm.set_reply(Reply::Verbatim {
+        whole: Value::Null,
+        chunks: vec![
+            chunk(
+                json!([{ "index": 0, "delta": { "content": "Echo: count me" } }]),
+                Value::Null,
+            ),
+            chunk(
+                json!([{ "index": 0, "delta": {}, "finish_reason": "stop" }]),
+                Value::Null,
+            ),
+            chunk(json!([]), json!("lots")),
+        ],
+    });
+    let unreadable = stream_completion(&app, &key, streamed).await;
+    let usage_chunks = |data: &[String]| -> Vec<Value> {
+        data.iter()
+            .filter_map(|event| serde_json::from_str::<Value>(event).ok())
+            .filter(|chunk| !chunk["usage"].is_null())
+            .map(|chunk| chunk["usage"].clone())
+            .collect()
+    };
+    let shown = [
+        whole.json["usage"].clone(),
+        usage_chunks(&data).pop().unwrap(),
+        usage_chunks(&unreadable).pop().unwrap(),
+    ];
+    assert_eq!(usage_chunks(&data).len(), 1, "{data:?}");
+    assert_eq!(usage_chunks(&unreadable).len(), 1, "{unreadable:?}");
+    for (chat_id, usage) in (1..).zip(shown) {
+        let row = chat_row(&app, chat_id).await;
+        assert_eq!(row.usage_source.as_deref(), Some("counted"), "{row:?}");
+        let (prompt, completion) = (row.prompt_tokens.unwrap(), row.completion_tokens.unwrap());
+        assert!(prompt > 0 && completion > 0, "{row:?}");
+        assert_eq!(usage["prompt_tokens"], prompt, "{usage}");
+        assert_eq!(usage["completion_tokens"], completion, "{usage}");
+        assert_eq!(usage["total_tokens"], prompt + completion, "{usage}");
+        assert_eq!(usage["cost"], row.cost, "{usage}");
+        assert_eq!(row.cost, REQUEST + prompt + 2 * completion, "{row:?}");
+    }
+    app.assert_all_settled().await;
+
+    // A flat model counts nothing: zeros, which the SDKs read as numbers, beside its cost.
+    let flat = crate::common::TestApp::new().await;
+    let key = key_of(&flat, "flat").await;
+    flat.llm.set_reply(Reply::EchoWithoutUsage);
+    let whole = completions(&flat, &key, ask).await;
+    assert_eq!(
+        whole.json["usage"],
+        json!({ "completion_tokens": 0, "cost": 100, "prompt_tokens": 0, "total_tokens": 0 })
+    );
+}
