@@ -193,11 +193,8 @@ pub fn read_completion(body: &str) -> Result<Read, LlmError> {
             unstored.push_str(content);
         }
         // Their names and arguments, as a stream's pieces of them are counted.
-        let calls = message.tool_calls.map(RawValue::get).unwrap_or("null");
-        let calls: Vec<ToolCallDelta> = serde_json::from_str(calls).unwrap_or_default();
-        for function in calls.into_iter().filter_map(|call| call.function) {
-            unstored.extend(function.name.into_iter().chain(function.arguments));
-        }
+        let calls = message.tool_calls.map_or("null", RawValue::get);
+        unstored.push_str(&tool_call_text(calls));
     }
     Ok(Read {
         unstored,
@@ -211,6 +208,18 @@ pub fn read_completion(body: &str) -> Result<Read, LlmError> {
             .map(|calls| calls.get().to_string()),
         usage: completion.usage.and_then(UsageView::read),
     })
+}
+
+/// What is counted of tool calls (the JSON array a whole answer holds): their names and
+/// arguments as the client reads them, not the JSON around them nor its escapes, as a
+/// stream's pieces of them are counted.
+pub fn tool_call_text(calls: &str) -> String {
+    let calls: Vec<ToolCallDelta> = serde_json::from_str(calls).unwrap_or_default();
+    calls
+        .into_iter()
+        .filter_map(|call| call.function)
+        .flat_map(|function| function.name.into_iter().chain(function.arguments))
+        .collect()
 }
 
 /// The parts of a message or a delta that no chat stores, read for counting: a legacy
@@ -277,10 +286,13 @@ struct DeltaView<'a> {
 }
 
 /// One piece of a streamed tool call: the first names it, the rest add to its arguments.
+/// (Also read for a whole answer's calls, whose `index` is absent.)
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 pub struct ToolCallDelta {
+    /// Absent from some servers' pieces (Gemini's OpenAI endpoint sends each call whole,
+    /// with its own `id` and no `index`).
     #[serde(default)]
-    pub index: usize,
+    pub index: Option<usize>,
     #[serde(default)]
     pub id: Option<String>,
     #[serde(default, rename = "type")]
@@ -372,9 +384,12 @@ pub fn read_chunk(data: String) -> Result<Chunk, LlmError> {
 }
 
 /// The tool calls of a streamed answer, assembled from their pieces as OpenAI's SDKs
-/// assemble them: by index, the first piece's id, type and name, the arguments joined.
+/// assemble them: by index, the first piece's id, type and name, the arguments joined. A
+/// piece naming an id other than its call's starts a call of its own, and one without an
+/// index adds to the last call: some servers send each call whole, with no index, or all
+/// at index 0.
 #[derive(Debug, Default)]
-pub struct ToolCalls(Vec<(usize, ToolCall)>);
+pub struct ToolCalls(Vec<(Option<usize>, ToolCall)>);
 
 #[derive(Debug, Serialize)]
 struct ToolCall {
@@ -393,7 +408,18 @@ struct Function {
 impl ToolCalls {
     pub fn add(&mut self, pieces: &[ToolCallDelta]) {
         for piece in pieces {
-            let slot = match self.0.iter().position(|(index, _)| *index == piece.index) {
+            let latest = match piece.index {
+                Some(index) => self.0.iter().rposition(|(at, _)| *at == Some(index)),
+                None => self.0.len().checked_sub(1),
+            };
+            let continued = latest.filter(|&slot| {
+                let id = &self.0[slot].1.id;
+                piece
+                    .id
+                    .as_ref()
+                    .is_none_or(|named| id.is_empty() || id == named)
+            });
+            let slot = match continued {
                 Some(slot) => slot,
                 None => {
                     let call = ToolCall {

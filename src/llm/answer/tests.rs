@@ -75,7 +75,7 @@ fn a_chunk_yields_its_text_tool_calls_usage_and_whether_it_holds_anything() {
 #[test]
 fn streamed_tool_calls_are_assembled_from_their_pieces() {
     let piece = |index, id: Option<&str>, name: Option<&str>, arguments: &str| ToolCallDelta {
-        index,
+        index: Some(index),
         id: id.map(str::to_string),
         kind: id.map(|_| "function".to_string()),
         function: Some(FunctionDelta {
@@ -196,4 +196,73 @@ fn a_legacy_function_call_and_an_audio_transcript_are_read_for_counting_whole_an
         (chunk.text.as_str(), chunk.unstored.as_str()),
         ("", r#"{"q" there"#)
     );
+}
+
+#[test]
+fn a_piece_with_a_new_id_or_without_an_index_is_assembled_as_the_server_meant_it() {
+    let piece = |index: Option<usize>, id: Option<&str>, name: Option<&str>, arguments: &str| {
+        ToolCallDelta {
+            index,
+            id: id.map(str::to_string),
+            kind: None,
+            function: Some(FunctionDelta {
+                name: name.map(str::to_string),
+                arguments: Some(arguments.to_string()),
+            }),
+        }
+    };
+    let assembled = |calls: &ToolCalls| -> Vec<(String, String, String)> {
+        let json: serde_json::Value = serde_json::from_str(&calls.to_json().unwrap()).unwrap();
+        json.as_array()
+            .unwrap()
+            .iter()
+            .map(|call| {
+                let text = |value: &serde_json::Value| value.as_str().unwrap().to_string();
+                let function = &call["function"];
+                (
+                    text(&call["id"]),
+                    text(&function["name"]),
+                    text(&function["arguments"]),
+                )
+            })
+            .collect()
+    };
+    let call = |id: &str, name: &str, arguments: &str| {
+        (id.to_string(), name.to_string(), arguments.to_string())
+    };
+    // Gemini's: each call whole, its own id, no index; then a piece of the last.
+    let mut gemini = ToolCalls::default();
+    gemini.add(&[piece(
+        None,
+        Some("c1"),
+        Some("weather"),
+        "{\"city\":\"Sydney\"}",
+    )]);
+    gemini.add(&[piece(None, Some("c2"), Some("time"), "{\"tz\":")]);
+    gemini.add(&[piece(None, None, None, "\"AEST\"}")]);
+    assert_eq!(
+        assembled(&gemini),
+        [
+            call("c1", "weather", r#"{"city":"Sydney"}"#),
+            call("c2", "time", r#"{"tz":"AEST"}"#)
+        ]
+    );
+    // Two calls at index 0, told apart by their ids; an id repeated in every piece is one.
+    let mut same_index = ToolCalls::default();
+    same_index.add(&[piece(Some(0), Some("a"), Some("f"), "{")]);
+    same_index.add(&[piece(Some(0), Some("a"), None, "}")]);
+    same_index.add(&[piece(Some(0), Some("b"), Some("g"), "[]")]);
+    same_index.add(&[piece(Some(0), None, None, "!")]);
+    assert_eq!(
+        assembled(&same_index),
+        [call("a", "f", "{}"), call("b", "g", "[]!")]
+    );
+}
+
+#[test]
+fn tool_calls_are_counted_by_their_names_and_arguments_not_their_json() {
+    let calls = r#"[{"id":"call_1","type":"function","function":{"name":"say","arguments":"{\"text\":\"caf\u00e9 \\\"quoted\\\"\"}"}},
+                    {"id":"call_2","type":"function","function":{"name":"t","arguments":"{}"}}]"#;
+    assert_eq!(tool_call_text(calls), r#"say{"text":"café \"quoted\""}t{}"#);
+    assert_eq!(tool_call_text("null"), "");
 }

@@ -5,7 +5,7 @@
 
 use crate::{
     db::chats::{PriceSnapshot, TokenUsage, UsageSource},
-    llm::{Forwarded, PromptMessage, Usage},
+    llm::{answer::tool_call_text, Forwarded, PromptMessage, Usage},
     pricing::{
         tokens::{CALL_OVERHEAD_TOKENS, MESSAGE_OVERHEAD_TOKENS},
         ModelPricing, TokenCounts,
@@ -259,7 +259,9 @@ impl Priced {
 
     fn completion_counted(&self, given: Given<'_>) -> u64 {
         let tokenizer = self.pricing.tokenizer;
-        let tool_calls = given.tool_calls.map_or(0, |calls| tokenizer.count(calls));
+        let tool_calls = given
+            .tool_calls
+            .map_or(0, |calls| tokenizer.count(&tool_call_text(calls)));
         tokenizer.count(given.text) + tool_calls + tokenizer.count(given.unstored)
     }
 
