@@ -101,8 +101,9 @@ where
 
 /// A count of tokens as a model reported it: a whole number (one beyond `i64` as
 /// `i64::MAX`), or a number with a fraction, rounded up (`30.0`, `12.5`, `1e18`); anything
-/// else (a string, `null`, an object) is no count, as if the field were absent. How a model
-/// writes its usage never costs the client the answer it was sent.
+/// else (a negative number, a string, `null`, an object) is no count, as if the field were
+/// absent, so the answer is counted rather than free. How a model writes its usage never
+/// costs the client the answer it was sent.
 pub(super) fn token_count<'de, D: serde::Deserializer<'de>>(
     deserializer: D,
 ) -> Result<Option<i64>, D::Error> {
@@ -113,19 +114,18 @@ pub(super) fn token_count<'de, D: serde::Deserializer<'de>>(
         return Ok(None);
     }
     if let Ok(whole) = text.parse::<i64>() {
-        return Ok(Some(whole));
+        return Ok((whole >= 0).then_some(whole));
     }
-    let digits = text.trim_start_matches('-');
-    if digits.bytes().all(|byte| byte.is_ascii_digit()) {
-        // A whole number beyond i64: as far as it goes, its sign kept.
-        return Ok(Some(if text.starts_with('-') {
-            i64::MIN
-        } else {
-            i64::MAX
-        }));
+    if text.bytes().all(|byte| byte.is_ascii_digit()) {
+        // A whole number beyond i64: as far as it goes.
+        return Ok(Some(i64::MAX));
     }
-    // A float; `as` saturates, so 1e309 (infinite) is i64::MAX.
-    Ok(text.parse::<f64>().ok().map(|float| float.ceil() as i64))
+    // A float, or a negative beyond i64; `as` saturates, so 1e309 (infinite) is i64::MAX.
+    Ok(text
+        .parse::<f64>()
+        .ok()
+        .filter(|float| *float >= 0.0)
+        .map(|float| float.ceil() as i64))
 }
 
 /// What a chat keeps of a whole answer.

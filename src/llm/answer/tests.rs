@@ -121,8 +121,23 @@ fn a_usage_is_read_however_its_numbers_are_written_and_never_costs_the_answer() 
         reported(1_000_000_000_000_000_000, Some(i64::MAX), 0)
     );
     assert_eq!(
-        usage_of(r#"{"prompt_tokens":1e309,"completion_tokens":-4}"#),
-        reported(i64::MAX, Some(-4), 0)
+        usage_of(r#"{"prompt_tokens":1e309,"completion_tokens":-0}"#),
+        reported(i64::MAX, Some(0), 0)
+    );
+    // A negative count is no count: a broken upstream's answer is counted, not free.
+    assert_eq!(
+        usage_of(r#"{"prompt_tokens":7,"completion_tokens":-4}"#),
+        reported(7, None, 0)
+    );
+    for negative in ["-1000", "-0.5", "-1e30", "-99999999999999999999"] {
+        let usage = format!(r#"{{"prompt_tokens":{negative},"completion_tokens":3}}"#);
+        assert_eq!(usage_of(&usage), None, "{usage}");
+    }
+    assert_eq!(
+        usage_of(
+            r#"{"prompt_tokens":5,"completion_tokens":1,"prompt_tokens_details":{"cached_tokens":-2}}"#
+        ),
+        reported(5, Some(1), 0)
     );
     // Not numbers: as if absent. No prompt count is no usage; no answer count, counted.
     assert_eq!(

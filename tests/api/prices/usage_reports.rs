@@ -306,3 +306,21 @@ async fn a_v1_client_is_shown_the_counts_it_was_charged_for_when_the_model_repor
         json!({ "completion_tokens": 0, "cost": 100, "prompt_tokens": 0, "total_tokens": 0 })
     );
 }
+
+#[tokio::test]
+async fn negative_counts_are_no_counts_so_the_answer_is_counted_not_free() {
+    let app = priced_app(&[]).await;
+    let token = app.user_with_token("negative").await;
+    app.llm.set_reply(Reply::EchoWithUsageAs(
+        json!({ "prompt_tokens": -1000, "completion_tokens": -1000 }),
+    ));
+    let answered = chat(&app, &token, "count me anyway").await;
+    assert_eq!(answered.status, StatusCode::OK, "{answered:?}");
+    let row = chat_row(&app, answered.json["chat_id"].as_i64().unwrap()).await;
+    assert_eq!(row.usage_source.as_deref(), Some("counted"), "{row:?}");
+    let (prompt, completion) = (row.prompt_tokens.unwrap(), row.completion_tokens.unwrap());
+    assert!(prompt > 0 && completion > 0, "{row:?}");
+    assert_eq!(row.cost, REQUEST + prompt + 2 * completion, "{row:?}");
+    assert_eq!(answered.json["tokens_charged"], row.cost);
+    app.assert_all_settled().await;
+}
