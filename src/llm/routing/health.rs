@@ -109,27 +109,33 @@ impl Health {
     }
 
     /// The call got an answer (or a refusal of the request that is the client's fault):
-    /// the target works.
+    /// the target works. A `Retry-After` it gave another call still stands: a call already
+    /// under way when it was said proves nothing against it.
     pub(super) fn succeeded(&self) {
         let mut state = self.state();
         state.consecutive_failures = 0;
         state.open_until = None;
         state.cooling = self.policy.cooldown;
         state.probing = false;
-        state.busy_until = None;
     }
 
-    /// The call failed at `now`; `true` when this failure opened the breaker.
-    pub(super) fn failed(&self, now: Instant) -> bool {
+    /// The call failed at `now`; `probe`: it was the half-open breaker's probe. `true` when
+    /// this failure opened the breaker.
+    pub(super) fn failed(&self, now: Instant, probe: bool) -> bool {
         let mut state = self.state();
-        state.consecutive_failures = state.consecutive_failures.saturating_add(1);
-        if state.probing || state.open_until.is_some() {
+        if probe {
             // A failed probe: open again, for twice as long, to the ceiling.
             state.probing = false;
             state.cooling = (state.cooling * 2).min(self.policy.cooldown_max);
             state.open_until = Some(now + state.cooling);
             return true;
         }
+        if state.open_until.is_some() {
+            // A call let through before the breaker opened: its failure is already known,
+            // and would otherwise count as a failed probe, doubling the rest each time.
+            return false;
+        }
+        state.consecutive_failures = state.consecutive_failures.saturating_add(1);
         if state.consecutive_failures >= self.policy.failures_to_open {
             state.cooling = self.policy.cooldown;
             state.open_until = Some(now + state.cooling);
@@ -199,11 +205,11 @@ mod tests {
     fn consecutive_failures_open_the_breaker_and_a_successful_probe_closes_it() {
         let health = Health::new(policy());
         let now = Instant::now();
-        assert!(!health.failed(now));
+        assert!(!health.failed(now, false));
         health.succeeded();
-        assert!(!health.failed(now));
-        assert!(!health.failed(now));
-        assert!(health.failed(now), "the third in a row opens it");
+        assert!(!health.failed(now, false));
+        assert!(!health.failed(now, false));
+        assert!(health.failed(now, false), "the third in a row opens it");
         let until = now + Duration::from_secs(10);
         assert_eq!(health.admit(now), Admission::Resting { until });
         assert_eq!(health.state_at(now).0, BreakerState::Open);
@@ -224,12 +230,12 @@ mod tests {
         let health = Health::new(policy());
         let mut now = Instant::now();
         for _ in 0..3 {
-            health.failed(now);
+            health.failed(now, false);
         }
         for expected in [20, 35, 35] {
             now += Duration::from_secs(36);
             assert_eq!(health.admit(now), Admission::Admitted { probe: true });
-            assert!(health.failed(now));
+            assert!(health.failed(now, true));
             assert_eq!(
                 health.available(now),
                 Admission::Resting {
@@ -252,11 +258,44 @@ mod tests {
             Admission::Admitted { probe: false }
         );
         for _ in 0..3 {
-            health.failed(now);
+            health.failed(now, false);
         }
         let later = now + Duration::from_secs(11);
         assert_eq!(health.admit(later), Admission::Admitted { probe: true });
         health.probe_abandoned();
         assert_eq!(health.admit(later), Admission::Admitted { probe: true });
+    }
+
+    #[test]
+    fn calls_already_under_way_when_the_breaker_opens_leave_its_rest_as_it_is() {
+        let health = Health::new(policy());
+        let now = Instant::now();
+        // Twelve calls in flight, all failing: the third opens the breaker for 10 s, and
+        // the nine after it change nothing.
+        let opened: Vec<bool> = (0..12).map(|_| health.failed(now, false)).collect();
+        assert_eq!(opened.iter().filter(|opened| **opened).count(), 1);
+        let until = now + Duration::from_secs(10);
+        assert_eq!(health.available(now), Admission::Resting { until });
+        // Its probe failing still doubles it.
+        let later = until + Duration::from_millis(1);
+        assert_eq!(health.admit(later), Admission::Admitted { probe: true });
+        assert!(health.failed(later, true));
+        assert_eq!(
+            health.available(later),
+            Admission::Resting {
+                until: later + Duration::from_secs(20)
+            }
+        );
+    }
+
+    #[test]
+    fn a_retry_after_stands_when_a_call_already_under_way_succeeds() {
+        let health = Health::new(policy());
+        let now = Instant::now();
+        health.busy(now, Duration::from_secs(30));
+        health.succeeded();
+        let until = now + Duration::from_secs(30);
+        assert_eq!(health.available(now), Admission::Resting { until });
+        assert_eq!(health.state_at(now).0, BreakerState::Cooling);
     }
 }

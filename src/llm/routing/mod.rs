@@ -217,7 +217,7 @@ impl Router {
                 Verdict::Busy(rest) => target.health.busy(Instant::now(), rest),
                 Verdict::Moved => {}
                 Verdict::Failed => {
-                    if target.health.failed(Instant::now()) {
+                    if target.health.failed(Instant::now(), probe) {
                         tracing::warn!(
                             upstream = &**upstream.name(),
                             model,

@@ -77,7 +77,7 @@ fn a_lower_priority_serves_only_while_every_higher_target_rests() {
     let router = router(&[("a", 1, 0), ("b", 1, 1)]);
     let route = &router.models["m"];
     assert!(
-        route.targets[0].health.failed(Instant::now()),
+        route.targets[0].health.failed(Instant::now(), false),
         "opens at once"
     );
     assert_eq!(next(&router).as_deref(), Some("b"));
@@ -114,7 +114,7 @@ fn asking_whether_every_target_rests_takes_no_probe() {
     let router = router(&[("a", 1, 0)]);
     let route = &router.models["m"];
     let opened = Instant::now() - Duration::from_secs(31);
-    assert!(route.targets[0].health.failed(opened));
+    assert!(route.targets[0].health.failed(opened, false));
     // Half open: the question leaves the probe to the next call.
     assert_eq!(route.resting_until(Instant::now()), None);
     assert_eq!(route.resting_until(Instant::now()), None);
