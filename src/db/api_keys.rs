@@ -1,6 +1,6 @@
 //! Queries on `api_keys`, which hold only SHA-256 hashes of the keys handed out.
 
-use super::{db_execute, db_read, db_run, unix_now, Db};
+use super::{budget_periods::Spender, db_execute, db_read, db_run, unix_now, Db};
 
 /// A live key as its owner sees it in a list.
 #[derive(Debug, sqlx::FromRow)]
@@ -44,6 +44,9 @@ pub struct LimitsChange {
     pub models: Option<Option<String>>,
     pub expires_at: Option<Option<i64>>,
     pub budget: Option<Option<(i64, &'static str)>>,
+    /// When a budget is set: when its period's current one began. A budget set anew or
+    /// with another period starts its period over there (`budget_periods`).
+    pub budget_period_start: Option<i64>,
     pub rpm: Option<Option<i64>>,
     pub tpm: Option<Option<i64>>,
 }
@@ -162,32 +165,74 @@ pub async fn change_limits(
     id: i64,
     change: &LimitsChange,
 ) -> Result<Option<ApiKey>, sqlx::Error> {
-    db_run!(db, pool => sqlx::query_as(
-        "UPDATE api_keys SET models = CASE WHEN $3 THEN $4 ELSE models END,
-                             expires_at = CASE WHEN $5 THEN $6 ELSE expires_at END,
-                             budget_tokens = CASE WHEN $7 THEN $8 ELSE budget_tokens END,
-                             budget_period = CASE WHEN $7 THEN $9 ELSE budget_period END,
-                             rpm = CASE WHEN $10 THEN $11 ELSE rpm END,
-                             tpm = CASE WHEN $12 THEN $13 ELSE tpm END
-         WHERE id = $1 AND user_id = $2 AND revoked_at IS NULL
-         RETURNING id, name, prefix, created_at, last_used_at, models, expires_at,
-                   budget_tokens, budget_period, budget_spent, budget_period_start, rpm, tpm",
-    )
-    .bind(id)
-    .bind(user_id)
-    .bind(change.models.is_some())
-    .bind(change.models.clone().flatten())
-    .bind(change.expires_at.is_some())
-    .bind(change.expires_at.flatten())
-    .bind(change.budget.is_some())
-    .bind(change.budget.flatten().map(|(tokens, _)| tokens))
-    .bind(change.budget.flatten().map(|(_, period)| period))
-    .bind(change.rpm.is_some())
-    .bind(change.rpm.flatten())
-    .bind(change.tpm.is_some())
-    .bind(change.tpm.flatten())
-    .fetch_optional(pool)
-    .await)
+    let period = change.budget.flatten().map(|(_, period)| period);
+    let start = change.budget_period_start.filter(|_| period.is_some());
+    db_run!(db, pool => {
+        // The key's row is taken first (written as it is: a lock, on both backends), so no
+        // reservation comes between the change and its period's new start.
+        let mut tx = pool.begin().await?;
+        let before: Option<Option<String>> = sqlx::query_scalar(
+            "UPDATE api_keys SET budget_period = budget_period
+             WHERE id = $1 AND user_id = $2 AND revoked_at IS NULL
+             RETURNING budget_period",
+        )
+        .bind(id)
+        .bind(user_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(period_before) = before else {
+            return Ok(None);
+        };
+        let start = start.filter(|_| period_before.as_deref() != period);
+        let changed: Option<ApiKey> = sqlx::query_as(
+            "UPDATE api_keys SET models = CASE WHEN $3 THEN $4 ELSE models END,
+                                 expires_at = CASE WHEN $5 THEN $6 ELSE expires_at END,
+                                 budget_tokens = CASE WHEN $7 THEN $8 ELSE budget_tokens END,
+                                 budget_period = CASE WHEN $7 THEN $9 ELSE budget_period END,
+                                 rpm = CASE WHEN $10 THEN $11 ELSE rpm END,
+                                 tpm = CASE WHEN $12 THEN $13 ELSE tpm END
+             WHERE id = $1 AND user_id = $2 AND revoked_at IS NULL
+             RETURNING id, name, prefix, created_at, last_used_at, models, expires_at,
+                       budget_tokens, budget_period, budget_spent, budget_period_start, rpm,
+                       tpm",
+        )
+        .bind(id)
+        .bind(user_id)
+        .bind(change.models.is_some())
+        .bind(change.models.clone().flatten())
+        .bind(change.expires_at.is_some())
+        .bind(change.expires_at.flatten())
+        .bind(change.budget.is_some())
+        .bind(change.budget.flatten().map(|(tokens, _)| tokens))
+        .bind(period)
+        .bind(change.rpm.is_some())
+        .bind(change.rpm.flatten())
+        .bind(change.tpm.is_some())
+        .bind(change.tpm.flatten())
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(mut key) = changed else {
+            return Ok(None);
+        };
+        // Set anew or given another period: started over.
+        if let Some(start) = start {
+            for statement in Spender::Key.start_over() {
+                sqlx::query(&statement)
+                    .bind(id)
+                    .bind(start)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            key.budget_spent =
+                sqlx::query_scalar("SELECT budget_spent FROM api_keys WHERE id = $1")
+                    .bind(id)
+                    .fetch_one(&mut *tx)
+                    .await?;
+            key.budget_period_start = Some(start);
+        }
+        tx.commit().await?;
+        Ok(Some(key))
+    })
 }
 
 /// The look-up of a live key's owner ([`KeyOwner`]) by `$1` (the key's hash) at `$2` (now),

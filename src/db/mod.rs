@@ -3,6 +3,7 @@
 pub mod alerts;
 pub mod api_keys;
 pub mod audit;
+mod budget_periods;
 #[macro_use]
 mod budgets;
 #[macro_use]

@@ -1,7 +1,7 @@
 //! A user's own limits on `users` (set by the operator), read with every credential, and
 //! what their budget's current period has spent.
 
-use super::{db_execute, db_read, Db};
+use super::{budget_periods::Spender, db_read, db_run, Db};
 
 /// A user's own limits as stored: one JSON object (`None`: none of their own), named as the
 /// credential look-ups select it (`user_limits`) so it sits beside a key's in one row.
@@ -22,20 +22,39 @@ pub struct UserLimitsRecord {
     pub budget_period_start: Option<i64>,
 }
 
-/// Sets the user's own limits (by `username_key`) to `limits`; whether the user exists.
+/// Sets the user's own limits (by `username_key`) to `limits`, their budget's period
+/// started over at `start_over` when given (`budget_periods`); whether the user exists.
 #[tracing::instrument(level = "debug", skip_all)]
 pub async fn set(
     db: &Db,
     username_key: &str,
     limits: &StoredUserLimits,
+    start_over: Option<i64>,
 ) -> Result<bool, sqlx::Error> {
-    let changed = db_execute!(
-        db,
-        sqlx::query("UPDATE users SET limits = $2 WHERE username_key = $1")
-            .bind(username_key)
-            .bind(&limits.user_limits)
-    )?;
-    Ok(changed == 1)
+    db_run!(db, pool => {
+        // The user's row is written first, so no reservation comes between.
+        let mut tx = pool.begin().await?;
+        let id: Option<i64> =
+            sqlx::query_scalar("UPDATE users SET limits = $2 WHERE username_key = $1 RETURNING id")
+                .bind(username_key)
+                .bind(&limits.user_limits)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let Some(id) = id else {
+            return Ok(false);
+        };
+        if let Some(start) = start_over {
+            for statement in Spender::User.start_over() {
+                sqlx::query(&statement)
+                    .bind(id)
+                    .bind(start)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+        }
+        tx.commit().await?;
+        Ok(true)
+    })
 }
 
 /// The user's own limits and budget use (by `username_key`); `None` for no such user.

@@ -88,8 +88,13 @@ impl KeyRecord {
     fn at(key: db::api_keys::ApiKey, now: i64) -> Self {
         let budget = auth::budget_of(key.budget_tokens, key.budget_period.as_deref());
         let current = budget.map(|budget| budget.period.start_of(now));
+        // The later of the two, as the counting triggers take it: a call whose instance's
+        // clock was ahead may have begun the next period already.
         let spent = current.map(|start| {
-            if key.budget_period_start == Some(start) {
+            if key
+                .budget_period_start
+                .is_some_and(|stored| stored >= start)
+            {
                 key.budget_spent
             } else {
                 0
@@ -189,6 +194,10 @@ pub async fn change_limits(
             .map(|models| models.as_deref().map(models_json)),
         expires_at: change.expires_at,
         budget: change.budget.map(|budget| budget.map(stored_budget)),
+        budget_period_start: change
+            .budget
+            .flatten()
+            .map(|budget| budget.period.start_of(now)),
         rpm: change.rpm,
         tpm: change.tpm,
     };

@@ -45,6 +45,7 @@ pub async fn change(
         .await?
         .ok_or_else(|| ServiceError::NoSuchUser(username.as_str().into()))?;
     let mut own = auth::user_limits(&record.limits);
+    let period_before = own.clone().or(defaults).budget.map(|budget| budget.period);
     if let Some(budget) = change.budget {
         own.budget = budget;
     }
@@ -60,8 +61,14 @@ pub async fn change(
     let stored = StoredUserLimits {
         user_limits: own.to_json(),
     };
+    // A budget set anew or with another period starts its period over, with what the
+    // user's calls of the new period hold; one whose period stays keeps its spending.
+    let budget_after = own.clone().or(defaults).budget;
+    let start_over = budget_after
+        .filter(|budget| period_before != Some(budget.period))
+        .map(|budget| budget.use_at(now).period_start);
     // An operator's command, one at a time: the read and the write need no lock.
-    if !db::user_limits::set(db, &key, &stored).await? {
+    if !db::user_limits::set(db, &key, &stored, start_over).await? {
         return Err(ServiceError::NoSuchUser(username.as_str().into()));
     }
     show(db, username, defaults, now).await
@@ -81,8 +88,12 @@ pub async fn show(
     let own = auth::user_limits(&record.limits);
     let effective = own.clone().or(defaults);
     let current = effective.budget.map(|budget| budget.use_at(now));
+    // The later of the two, as the counting triggers take it.
     let spent = current.map(|period| {
-        if record.budget_period_start == Some(period.period_start) {
+        if record
+            .budget_period_start
+            .is_some_and(|stored| stored >= period.period_start)
+        {
             record.budget_spent
         } else {
             0

@@ -209,6 +209,37 @@ async fn a_key_budget_crossing_is_posted_once_signed_and_later_chats_past_it_pos
 }
 
 #[tokio::test]
+async fn a_budget_given_a_longer_period_is_still_watched_and_crosses_in_its_new_period() {
+    let mut receiver = Receiver::start(0).await;
+    let app = alerting_app(&receiver.url, "0.8", &[]).await;
+    let token = app.user_with_token("user").await;
+    let (key_id, key) = key_with_budget(&app, &token, "agent", 1000).await;
+    assert_answered(&app.chat(&key, "hello").await);
+    // A month of 1000 from today's 100 spent: the eighth chat of it crosses 80%.
+    let monthly = json!({ "budget": { "tokens": 1000, "period": "month" } });
+    let authorization = format!("Bearer {token}");
+    let changed = app
+        .request(
+            axum::http::Method::PATCH,
+            &format!("/keys/{key_id}"),
+            &[
+                ("authorization", authorization.as_str()),
+                ("content-type", "application/json"),
+            ],
+            monthly.to_string(),
+        )
+        .await;
+    assert_eq!(changed.json["spent"], 100, "{changed:?}");
+    for _ in 0..7 {
+        assert_answered(&app.chat(&key, "hello").await);
+    }
+    let event = receiver.next().await.json();
+    assert_eq!(event["key_id"], key_id, "{event}");
+    assert_eq!(event["period"], "month");
+    assert_eq!(event["spent"], 800);
+}
+
+#[tokio::test]
 async fn a_balance_crossing_is_posted_once_and_a_grant_re_arms_it() {
     let mut receiver = Receiver::start(0).await;
     let app = alerting_app(&receiver.url, "0.5", &[("INITIAL_TOKENS", "1000")]).await;

@@ -4,6 +4,7 @@
 //! ([`periods`]).
 
 mod keys;
+mod period_changes;
 mod periods;
 mod token_rates;
 mod users;

@@ -176,7 +176,7 @@ async fn a_call_whose_period_was_chosen_before_midnight_counts_in_the_new_day_an
 }
 
 /// Sets `user`'s own budget as the operator's command does.
-async fn set_user_budget(app: &TestApp, budget: Option<TokenBudget>) {
+pub(super) async fn set_user_budget(app: &TestApp, budget: Option<TokenBudget>) {
     let change = UserLimitsChange {
         budget: Some(budget),
         ..UserLimitsChange::default()

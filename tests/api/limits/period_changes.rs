@@ -1,0 +1,87 @@
+//! A budget given another period, or set anew, counts what its owner spent in the new
+//! period so far: shown as `spent`, never passed, and as the audit adds it; one that keeps
+//! its period keeps its spending.
+
+use axum::http::StatusCode;
+use serde_json::{json, Value};
+use tokenchat::domain::{BudgetPeriod, TokenBudget, Username};
+
+use super::{grant, key_with, patch_key, periods::set_user_budget};
+use crate::common::TestApp;
+
+/// Chats with `credential` `answered` times, then once more, refused for its budget.
+async fn spend_to_the_budget(app: &TestApp, credential: &str, answered: usize) {
+    for n in 0..answered {
+        let chat = app.chat(credential, &format!("n{n}")).await;
+        assert_eq!(chat.status, StatusCode::OK, "{n}: {chat:?}");
+    }
+    let refused = app.chat(credential, "one more").await;
+    refused.assert_error(StatusCode::PAYMENT_REQUIRED, "budget_exceeded");
+}
+
+fn budget(tokens: i64, period: &str) -> Value {
+    json!({ "budget": { "tokens": tokens, "period": period } })
+}
+
+/// The key's `spent` as `GET /keys` shows it.
+async fn listed_spent(app: &TestApp, token: &str) -> Value {
+    app.get_authorized("/keys", token).await.json["keys"][0]["spent"].clone()
+}
+
+#[tokio::test]
+async fn a_keys_budget_given_another_period_counts_what_that_period_spent_and_is_never_passed() {
+    let app = TestApp::new().await;
+    let token = app.user_with_token("user").await;
+    grant(&app, "user", 96_000).await;
+    let (key, id) = key_with(&app, &token, budget(300, "total")).await;
+    spend_to_the_budget(&app, &key, 3).await;
+    // A day's budget: today's spending is 300, so it is spent already.
+    let daily = patch_key(&app, &token, id, budget(300, "day")).await;
+    assert_eq!(daily.json["spent"], 300, "{daily:?}");
+    app.chat(&key, "still spent")
+        .await
+        .assert_error(StatusCode::PAYMENT_REQUIRED, "budget_exceeded");
+    // A month's: the same 300, shown, and 700 more to spend.
+    let monthly = patch_key(&app, &token, id, budget(1_000, "month")).await;
+    assert_eq!(monthly.json["spent"], 300, "{monthly:?}");
+    spend_to_the_budget(&app, &key, 7).await;
+    assert_eq!(listed_spent(&app, &token).await, 1_000);
+    // The same period, more tokens: the spending is kept.
+    let more = patch_key(&app, &token, id, budget(1_200, "month")).await;
+    assert_eq!(more.json["spent"], 1_000, "{more:?}");
+    // Taken off, a call made, and set again: today's budgeted calls count; the call made
+    // while the key had none was no budget's.
+    patch_key(&app, &token, id, json!({ "budget": null })).await;
+    assert_eq!(app.chat(&key, "unbudgeted").await.status, StatusCode::OK);
+    let again = patch_key(&app, &token, id, budget(1_200, "day")).await;
+    assert_eq!(again.json["spent"], 1_000, "{again:?}");
+    spend_to_the_budget(&app, &key, 2).await;
+    assert_eq!(listed_spent(&app, &token).await, 1_200);
+    app.assert_all_settled().await;
+}
+
+#[tokio::test]
+async fn a_users_budget_given_another_period_counts_what_that_period_spent() {
+    let app = TestApp::new().await;
+    let token = app.user_with_token("user").await;
+    let budget = |tokens, period| Some(TokenBudget { tokens, period });
+    set_user_budget(&app, budget(300, BudgetPeriod::Total)).await;
+    spend_to_the_budget(&app, &token, 3).await;
+    set_user_budget(&app, budget(300, BudgetPeriod::Day)).await;
+    app.chat(&token, "still spent")
+        .await
+        .assert_error(StatusCode::PAYMENT_REQUIRED, "budget_exceeded");
+    set_user_budget(&app, budget(1_000, BudgetPeriod::Month)).await;
+    let config = &app.state.config;
+    let shown = tokenchat::services::user_limits::show(
+        &app.state.db,
+        &Username::parse("user").unwrap(),
+        &config.user_limits,
+        config.clock.now(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(shown.spent, Some(300));
+    spend_to_the_budget(&app, &token, 7).await;
+    app.assert_all_settled().await;
+}
