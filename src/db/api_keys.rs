@@ -51,6 +51,14 @@ pub struct LimitsChange {
     pub tpm: Option<Option<i64>>,
 }
 
+/// A key as a change of its limits left it, and its rates a minute before the change.
+#[derive(Debug)]
+pub struct Changed {
+    pub key: ApiKey,
+    pub rpm_before: Option<i64>,
+    pub tpm_before: Option<i64>,
+}
+
 /// The owner of a live key, with their balance as this read found it, and the key's id
 /// and when it was last used (to refresh that only now and then).
 #[derive(Debug, sqlx::FromRow)]
@@ -164,23 +172,23 @@ pub async fn change_limits(
     user_id: i64,
     id: i64,
     change: &LimitsChange,
-) -> Result<Option<ApiKey>, sqlx::Error> {
+) -> Result<Option<Changed>, sqlx::Error> {
     let period = change.budget.flatten().map(|(_, period)| period);
     let start = change.budget_period_start.filter(|_| period.is_some());
     db_run!(db, pool => {
         // The key's row is taken first (written as it is: a lock, on both backends), so no
         // reservation comes between the change and its period's new start.
         let mut tx = pool.begin().await?;
-        let before: Option<Option<String>> = sqlx::query_scalar(
+        let before: Option<(Option<String>, Option<i64>, Option<i64>)> = sqlx::query_as(
             "UPDATE api_keys SET budget_period = budget_period
              WHERE id = $1 AND user_id = $2 AND revoked_at IS NULL
-             RETURNING budget_period",
+             RETURNING budget_period, rpm, tpm",
         )
         .bind(id)
         .bind(user_id)
         .fetch_optional(&mut *tx)
         .await?;
-        let Some(period_before) = before else {
+        let Some((period_before, rpm_before, tpm_before)) = before else {
             return Ok(None);
         };
         let start = start.filter(|_| period_before.as_deref() != period);
@@ -231,7 +239,11 @@ pub async fn change_limits(
             key.budget_period_start = Some(start);
         }
         tx.commit().await?;
-        Ok(Some(key))
+        Ok(Some(Changed {
+            key,
+            rpm_before,
+            tpm_before,
+        }))
     })
 }
 

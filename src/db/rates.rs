@@ -124,6 +124,41 @@ pub async fn take_back(db: &Db, name: &str, interval_ms: i64) -> Result<(), sqlx
     Ok(())
 }
 
+/// A rate of `before` a minute given `after` instead, at `now_ms`: what it counted stands,
+/// in the new rate's units (so raising a spent `rpm` of 2 to 600 leaves 598 for the
+/// minute, where the time kept as it was would have let one through every 100 ms), at most
+/// `cap_ms` ahead of now. A rate set anew or removed starts from nothing.
+#[tracing::instrument(level = "debug", skip_all)]
+pub async fn rescale(
+    db: &Db,
+    name: &str,
+    now_ms: i64,
+    (before, after): (Option<i64>, Option<i64>),
+    cap_ms: i64,
+) -> Result<(), sqlx::Error> {
+    match (before, after) {
+        (Some(before), Some(after)) if before != after && before > 0 && after > 0 => {
+            db_execute!(
+                db,
+                sqlx::query(
+                    "UPDATE rate_limits
+                     SET tat_ms = $2 + CASE WHEN (tat_ms - $2) * $3 / $4 > $5 THEN $5
+                                            ELSE (tat_ms - $2) * $3 / $4 END
+                     WHERE name = $1 AND tat_ms > $2",
+                )
+                .bind(name)
+                .bind(now_ms)
+                .bind(before)
+                .bind(after)
+                .bind(cap_ms)
+            )?;
+            Ok(())
+        }
+        (Some(_), None) | (None, Some(_)) => clear(db, name).await,
+        _ => Ok(()),
+    }
+}
+
 /// Forgets every request counted for `name`.
 #[tracing::instrument(level = "debug", skip_all)]
 pub async fn clear(db: &Db, name: &str) -> Result<(), sqlx::Error> {

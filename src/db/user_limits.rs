@@ -23,14 +23,15 @@ pub struct UserLimitsRecord {
 }
 
 /// Sets the user's own limits (by `username_key`) to `limits`, their budget's period
-/// started over at `start_over` when given (`budget_periods`); whether the user exists.
+/// started over at `start_over` when given (`budget_periods`); the user's id, `None` when
+/// there is no such user.
 #[tracing::instrument(level = "debug", skip_all)]
 pub async fn set(
     db: &Db,
     username_key: &str,
     limits: &StoredUserLimits,
     start_over: Option<i64>,
-) -> Result<bool, sqlx::Error> {
+) -> Result<Option<i64>, sqlx::Error> {
     db_run!(db, pool => {
         // The user's row is written first, so no reservation comes between.
         let mut tx = pool.begin().await?;
@@ -41,7 +42,7 @@ pub async fn set(
                 .fetch_optional(&mut *tx)
                 .await?;
         let Some(id) = id else {
-            return Ok(false);
+            return Ok(None);
         };
         if let Some(start) = start_over {
             for statement in Spender::User.start_over() {
@@ -53,7 +54,7 @@ pub async fn set(
             }
         }
         tx.commit().await?;
-        Ok(true)
+        Ok(Some(id))
     })
 }
 

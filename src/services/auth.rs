@@ -159,7 +159,7 @@ async fn count_key_request(
     counted: Counted,
     now_ms: i64,
 ) -> ServiceResult<KeyRate> {
-    let name = format!("key:{key_id}");
+    let name = rates::key_requests(key_id);
     let rate = rates::per_minute(rpm);
     let found = match counted {
         Counted::NotHere => return rates::request(db, &name, rpm, now_ms).await,

@@ -7,7 +7,7 @@ use crate::{
     domain::{Invalid, KeyName, TokenBudget},
     services::{
         auth::{self, Credential},
-        sha256_hex, ServiceError, ServiceResult,
+        rates, sha256_hex, ServiceError, ServiceResult,
     },
 };
 
@@ -201,10 +201,22 @@ pub async fn change_limits(
         rpm: change.rpm,
         tpm: change.tpm,
     };
-    match db::api_keys::change_limits(db, user_id, key_id, &stored).await? {
-        Some(key) => Ok(KeyRecord::at(key, now)),
-        None => Err(ServiceError::NoSuchKey),
+    let Some(changed) = db::api_keys::change_limits(db, user_id, key_id, &stored).await? else {
+        return Err(ServiceError::NoSuchKey);
+    };
+    // What the key's rates counted stands, in their new units.
+    let now_ms = now.saturating_mul(1000);
+    if let Some(rpm) = change.rpm {
+        let name = rates::key_requests(key_id);
+        let window = rates::MINUTE_MS;
+        db::rates::rescale(db, &name, now_ms, (changed.rpm_before, rpm), window).await?;
     }
+    if let Some(tpm) = change.tpm {
+        let name = rates::key_tokens(key_id);
+        let horizon = db::rates::ADD_HORIZON_MS;
+        db::rates::rescale(db, &name, now_ms, (changed.tpm_before, tpm), horizon).await?;
+    }
+    Ok(KeyRecord::at(changed.key, now))
 }
 
 /// Revokes one of the user's live keys: refused from then on.

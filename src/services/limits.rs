@@ -104,8 +104,8 @@ pub async fn admit(
         ..Admitted::default()
     };
     let token_rates = [
-        key.and_then(|(key_id, limits)| Some((format!("key-tokens:{key_id}"), limits.tpm?))),
-        user.tpm.map(|tpm| (format!("user-tokens:{user_id}"), tpm)),
+        key.and_then(|(key_id, limits)| Some((rates::key_tokens(key_id), limits.tpm?))),
+        user.tpm.map(|tpm| (rates::user_tokens(user_id), tpm)),
     ];
     for (name, tpm) in token_rates.into_iter().flatten() {
         let found = rates::tokens_left(db, &name, tpm, now_ms).await?;
@@ -116,7 +116,7 @@ pub async fn admit(
     }
     // The user's own: the key's were counted with its look-up.
     if let Some(rpm) = user.rpm {
-        let found = rates::request(db, &format!("user:{user_id}"), rpm, now_ms).await?;
+        let found = rates::request(db, &rates::user_requests(user_id), rpm, now_ms).await?;
         if let Err(refused) = admitted.stand(Per::Requests, found) {
             return Ok(Err(refused));
         }

@@ -10,7 +10,7 @@ use crate::{
     services::{ServiceError, ServiceResult},
 };
 
-const MINUTE_MS: i64 = 60_000;
+pub const MINUTE_MS: i64 = 60_000;
 
 /// Where a key's rate stands after a request it admitted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,6 +52,27 @@ impl KeyRate {
 pub async fn request(db: &Db, name: &str, rpm: i64, now_ms: i64) -> ServiceResult<KeyRate> {
     let checked = check(db, name, per_minute(rpm), now_ms).await?;
     Ok(judged(rpm, now_ms, checked))
+}
+
+/// The rate of a key's requests a minute (`rate_limits.name`; the PostgreSQL look-up of a
+/// key writes it as `'key:' || key_id` too).
+pub fn key_requests(key_id: i64) -> String {
+    format!("key:{key_id}")
+}
+
+/// The rate of a key's model tokens a minute.
+pub fn key_tokens(key_id: i64) -> String {
+    format!("key-tokens:{key_id}")
+}
+
+/// The rate of a user's requests a minute.
+pub fn user_requests(user_id: i64) -> String {
+    format!("user:{user_id}")
+}
+
+/// The rate of a user's model tokens a minute.
+pub fn user_tokens(user_id: i64) -> String {
+    format!("user-tokens:{user_id}")
 }
 
 /// Requests a minute as a [`Gcra`].

@@ -5,7 +5,7 @@
 use crate::{
     db::{self, user_limits::StoredUserLimits, Db},
     domain::{Limits, TokenBudget, Username},
-    services::{auth, ServiceError, ServiceResult},
+    services::{auth, rates, ServiceError, ServiceResult},
 };
 
 /// A change of a user's own limits: each kept (`None`) or set (`Some(None)`: back to the
@@ -45,7 +45,7 @@ pub async fn change(
         .await?
         .ok_or_else(|| ServiceError::NoSuchUser(username.as_str().into()))?;
     let mut own = auth::user_limits(&record.limits);
-    let period_before = own.clone().or(defaults).budget.map(|budget| budget.period);
+    let before = own.clone().or(defaults);
     if let Some(budget) = change.budget {
         own.budget = budget;
     }
@@ -63,14 +63,24 @@ pub async fn change(
     };
     // A budget set anew or with another period starts its period over, with what the
     // user's calls of the new period hold; one whose period stays keeps its spending.
-    let budget_after = own.clone().or(defaults).budget;
-    let start_over = budget_after
+    let after = own.clone().or(defaults);
+    let period_before = before.budget.map(|budget| budget.period);
+    let start_over = after
+        .budget
         .filter(|budget| period_before != Some(budget.period))
         .map(|budget| budget.use_at(now).period_start);
     // An operator's command, one at a time: the read and the write need no lock.
-    if !db::user_limits::set(db, &key, &stored, start_over).await? {
+    let Some(user_id) = db::user_limits::set(db, &key, &stored, start_over).await? else {
         return Err(ServiceError::NoSuchUser(username.as_str().into()));
-    }
+    };
+    // What the user's rates counted stands, in their new units.
+    let now_ms = now.saturating_mul(1000);
+    let requests = rates::user_requests(user_id);
+    let rpm = (before.rpm, after.rpm);
+    db::rates::rescale(db, &requests, now_ms, rpm, rates::MINUTE_MS).await?;
+    let tokens = rates::user_tokens(user_id);
+    let tpm = (before.tpm, after.tpm);
+    db::rates::rescale(db, &tokens, now_ms, tpm, db::rates::ADD_HORIZON_MS).await?;
     show(db, username, defaults, now).await
 }
 

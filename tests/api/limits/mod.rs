@@ -4,7 +4,7 @@
 //! ([`periods`]).
 
 mod keys;
-mod period_changes;
+mod limit_changes;
 mod periods;
 mod token_rates;
 mod users;

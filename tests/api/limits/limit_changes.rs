@@ -1,10 +1,14 @@
-//! A budget given another period, or set anew, counts what its owner spent in the new
-//! period so far: shown as `spent`, never passed, and as the audit adds it; one that keeps
-//! its period keeps its spending.
+//! Limits changed while in use. A budget given another period, or set anew, counts what
+//! its owner spent in the new period so far: shown as `spent`, never passed, and as the
+//! audit adds it; one that keeps its period keeps its spending. A rate given another limit
+//! keeps what it counted, in the new limit's units; one removed and set again starts anew.
 
 use axum::http::StatusCode;
 use serde_json::{json, Value};
-use tokenchat::domain::{BudgetPeriod, TokenBudget, Username};
+use tokenchat::{
+    domain::{BudgetPeriod, TokenBudget, Username},
+    services::user_limits::{self, UserLimitsChange},
+};
 
 use super::{grant, key_with, patch_key, periods::set_user_budget};
 use crate::common::TestApp;
@@ -84,4 +88,65 @@ async fn a_users_budget_given_another_period_counts_what_that_period_spent() {
     assert_eq!(shown.spent, Some(300));
     spend_to_the_budget(&app, &token, 7).await;
     app.assert_all_settled().await;
+}
+
+/// Chats with `key` until one is refused for its rate; how many were answered (at most 50).
+async fn answered_before_the_rate(app: &TestApp, key: &str) -> usize {
+    for answered in 0..50 {
+        let chat = app.chat(key, &format!("n{answered}")).await;
+        if chat.status == StatusCode::TOO_MANY_REQUESTS {
+            return answered;
+        }
+        assert_eq!(chat.status, StatusCode::OK, "{chat:?}");
+    }
+    50
+}
+
+#[tokio::test]
+async fn a_keys_rpm_changed_keeps_what_the_minute_counted_in_the_new_limits_units() {
+    let app = TestApp::new().await;
+    let token = app.user_with_token("user").await;
+    grant(&app, "user", 96_000).await;
+    let (key, id) = key_with(&app, &token, json!({ "rpm": 2 })).await;
+    assert_eq!(answered_before_the_rate(&app, &key).await, 2);
+    // Raised: the two counted stand, and the rest of the new minute is there at once.
+    patch_key(&app, &token, id, json!({ "rpm": 12 })).await;
+    assert_eq!(answered_before_the_rate(&app, &key).await, 10);
+    // Lowered below what was counted: nothing more this minute.
+    patch_key(&app, &token, id, json!({ "rpm": 6 })).await;
+    assert_eq!(answered_before_the_rate(&app, &key).await, 0);
+    // Removed and set again: a new count.
+    patch_key(&app, &token, id, json!({ "rpm": null })).await;
+    assert_eq!(app.chat(&key, "unlimited").await.status, StatusCode::OK);
+    patch_key(&app, &token, id, json!({ "rpm": 3 })).await;
+    assert_eq!(answered_before_the_rate(&app, &key).await, 3);
+}
+
+#[tokio::test]
+async fn a_users_rpm_changed_keeps_what_the_minute_counted_in_the_new_limits_units() {
+    let app = TestApp::new().await;
+    let token = app.user_with_token("user").await;
+    let rpm = |rpm| UserLimitsChange {
+        rpm: Some(rpm),
+        ..UserLimitsChange::default()
+    };
+    let change = |change: UserLimitsChange| {
+        let app = &app;
+        async move {
+            let config = &app.state.config;
+            user_limits::change(
+                &app.state.db,
+                &Username::parse("user").unwrap(),
+                &change,
+                &config.user_limits,
+                config.clock.now(),
+            )
+            .await
+            .unwrap();
+        }
+    };
+    change(rpm(Some(2))).await;
+    assert_eq!(answered_before_the_rate(&app, &token).await, 2);
+    change(rpm(Some(5))).await;
+    assert_eq!(answered_before_the_rate(&app, &token).await, 3);
 }
