@@ -17,7 +17,8 @@ pub enum LlmError {
     Rejected(Rejection),
     /// The model refused tokenchat's own credentials (401, 403): the operator's fault.
     #[error(
-        "it refused this server's credentials (status {0}); the operator must check LLM_API_KEY"
+        "it refused this server's credentials (status {0}); the operator must check the \
+         upstream's key"
     )]
     #[strum(serialize = "refused_credentials")]
     RefusedCredentials(u16),

@@ -252,7 +252,7 @@ impl Upstream {
         if response.status().is_success() {
             return Ok(response);
         }
-        Err(refusal(response, &self.credentials).await)
+        Err(refusal(response, &self.credentials, &self.name).await)
     }
 }
 

@@ -439,7 +439,7 @@ mod tests {
         assert_eq!(status, StatusCode::BAD_GATEWAY);
         assert_eq!(body["code"], "upstream_error");
         assert!(
-            body["error"].as_str().unwrap().contains("LLM_API_KEY"),
+            body["error"].as_str().unwrap().contains("upstream's key"),
             "{body}"
         );
 

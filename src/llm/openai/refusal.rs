@@ -107,7 +107,11 @@ struct ErrorAnswer {
 }
 
 /// What an error status from the model stands for, by whose fault it is.
-pub(super) async fn refusal(response: reqwest::Response, credentials: &Credentials) -> LlmError {
+pub(super) async fn refusal(
+    response: reqwest::Response,
+    credentials: &Credentials,
+    upstream: &str,
+) -> LlmError {
     let status = response.status().as_u16();
     match status {
         400 | 404 | 413 | 422 => {
@@ -121,7 +125,12 @@ pub(super) async fn refusal(response: reqwest::Response, credentials: &Credentia
         }
         401 | 403 => {
             // Its body may repeat the key; it is neither read nor passed on.
-            tracing::error!(status, "model refused the credentials: check LLM_API_KEY");
+            tracing::error!(
+                status,
+                upstream,
+                "model refused the credentials: check the upstream's key (LLM_API_KEY, or the \
+                 variable its api_key_env names)"
+            );
             LlmError::RefusedCredentials(status)
         }
         429 | 503 => {
