@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+use axum::body::Bytes;
 use eventsource_stream::Eventsource;
 use futures_util::StreamExt;
 use reqwest::{header, Url};
@@ -22,6 +23,11 @@ use crate::config::{routing::UpstreamConfig, Config};
 
 /// How long the start-up and readiness probes wait for `GET /models`.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The most a whole answer (a completion, embeddings) may be: far past what any model
+/// writes in one answer (a large batch of float embeddings is some tens of MiB), so that a
+/// broken upstream sending without end cannot hold the memory of a call without bound.
+const MAX_ANSWER_BYTES: usize = 64 * 1024 * 1024;
 
 /// One upstream: where it is, its key, its limits; the connection pool is the process's.
 pub(super) struct Upstream {
@@ -256,9 +262,35 @@ impl Upstream {
     }
 }
 
+/// A whole body, read to its end within [`MAX_ANSWER_BYTES`].
+async fn whole_body(mut response: reqwest::Response) -> Result<Bytes, LlmError> {
+    const TOO_LARGE: LlmError = LlmError::Unusable("an answer too large");
+    if response.content_length().unwrap_or(0) > MAX_ANSWER_BYTES as u64 {
+        return Err(TOO_LARGE);
+    }
+    // The usual answer comes in one piece, kept as it came; more are joined.
+    let Some(first) = response.chunk().await.map_err(classify)? else {
+        return Ok(Bytes::new());
+    };
+    let Some(second) = response.chunk().await.map_err(classify)? else {
+        return Ok(first);
+    };
+    let mut body = Vec::with_capacity(first.len() + second.len());
+    let mut next = Some(second);
+    body.extend_from_slice(&first);
+    while let Some(chunk) = next {
+        if body.len() + chunk.len() > MAX_ANSWER_BYTES {
+            return Err(TOO_LARGE);
+        }
+        body.extend_from_slice(&chunk);
+        next = response.chunk().await.map_err(classify)?;
+    }
+    Ok(Bytes::from(body))
+}
+
 /// A whole answer, read from a response whose head said success.
 pub(super) async fn read_answer(response: reqwest::Response) -> Result<Completion, LlmError> {
-    let body = response.bytes().await.map_err(classify)?;
+    let body = whole_body(response).await?;
     let text = std::str::from_utf8(&body).map_err(|_| LlmError::Unusable("not UTF-8"))?;
     let read = read_completion(text)?;
     Ok(Completion {
@@ -308,7 +340,7 @@ pub(super) fn read_stream(response: reqwest::Response, idle: Duration) -> Answer
 
 /// Embeddings, read from a response whose head said success.
 pub(super) async fn read_embeddings(response: reqwest::Response) -> Result<Embedding, LlmError> {
-    let body = response.bytes().await.map_err(classify)?;
+    let body = whole_body(response).await?;
     let view: EmbeddingsView = serde_json::from_slice(&body).map_err(|err| {
         tracing::warn!(error = %err, "embeddings answer was not the expected JSON");
         LlmError::Unusable("not the expected JSON")

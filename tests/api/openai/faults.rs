@@ -320,3 +320,28 @@ async fn every_v1_answer_is_openais_error_object_an_unknown_routes_included() {
     assert_eq!(events.last().unwrap(), "[DONE]");
     assert_eq!(app.llm.calls(), 1);
 }
+
+#[tokio::test]
+async fn an_answer_past_64_mib_is_unusable_and_refunded_not_held_whole() {
+    let app = TestApp::new().await;
+    let key = key_of(&app, "user").await;
+    let endless = "x".repeat(64 * 1024 * 1024);
+    let whole = json!({ "id": "x", "object": "chat.completion", "model": "llama3.2", "choices": [
+        { "index": 0, "message": { "role": "assistant", "content": endless }, "finish_reason": "stop" },
+    ] });
+    app.llm.set_reply(Reply::Verbatim {
+        whole,
+        chunks: Vec::new(),
+    });
+    let answered = completions(&app, &key, hello("llama3.2")).await;
+    // Checked before anything prints the answer, which might be 64 MiB.
+    assert_eq!(answered.status, StatusCode::BAD_GATEWAY, "a 64 MiB answer");
+    assert_openai_error(
+        &answered,
+        StatusCode::BAD_GATEWAY,
+        "api_error",
+        "upstream_error",
+    );
+    assert_eq!(app.balance(&key).await, 4000);
+    app.assert_all_settled().await;
+}
