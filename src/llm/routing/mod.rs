@@ -159,16 +159,18 @@ impl Router {
         }
     }
 
-    /// Calls `model`'s targets with `send` until one begins to answer: its response, the
-    /// slot it holds at its upstream, and who answered after how many attempts.
-    async fn call<'s, F, Fut>(
+    /// Calls `model`'s targets with `send` until one answers: what `send` made of its
+    /// answer (a stream's response head, or a whole answer read to its end, so that one
+    /// unusable, cut short or stalled in its body moves on and counts against its target
+    /// too), the slot it holds at its upstream, and who answered after how many attempts.
+    async fn call<'s, F, Fut, T>(
         &'s self,
         model: &str,
         mut send: F,
-    ) -> Result<(reqwest::Response, Slot, ServedBy), LlmError>
+    ) -> Result<(T, Slot, ServedBy), LlmError>
     where
         F: FnMut(Arc<Upstream>, &'s str) -> Fut,
-        Fut: Future<Output = Result<reqwest::Response, LlmError>>,
+        Fut: Future<Output = Result<T, LlmError>>,
     {
         let route = self
             .models
@@ -258,14 +260,13 @@ impl Router {
         let model = self.model_of(&ask);
         let text_only = ask.wants_text_only();
         let asked = &ask;
-        let (response, slot, served_by) = self
+        let (mut completion, slot, served_by) = self
             .call(model, move |upstream, name| async move {
-                upstream.ask(name, asked, false).await
+                let response = upstream.ask(name, asked, false).await?;
+                openai::read_answer(response).await
             })
             .await?;
-        // The client's body is let go once an upstream began to answer it.
         drop(ask);
-        let mut completion = openai::read_answer(response).await?;
         drop(slot);
         if text_only && completion.content.trim().is_empty() {
             return Err(LlmError::Unusable("no text"));
@@ -302,15 +303,15 @@ impl Router {
 
     async fn embed(&self, request: Forwarded) -> Result<Embedding, LlmError> {
         let asked = &request;
-        let (response, slot, _) = self
+        let (embedding, slot, _) = self
             .call(&request.model, move |upstream, name| async move {
-                upstream.ask_embeddings(name, asked).await
+                let response = upstream.ask_embeddings(name, asked).await?;
+                openai::read_embeddings(response).await
             })
             .await?;
         drop(request);
-        let embedding = openai::read_embeddings(response).await;
         drop(slot);
-        embedding
+        Ok(embedding)
     }
 }
 
@@ -407,7 +408,8 @@ fn verdict(failure: &LlmError) -> Verdict {
         } => Verdict::Busy(Duration::from_secs(*retry_after_secs)),
         // Busy without saying for how long: the next target, and this one again next time.
         LlmError::Busy { said: false, .. } => Verdict::Moved,
-        // Failures before an answer began: the target's (or its key's) fault.
+        // The target's (or its key's) fault: before its answer began, or in a whole
+        // answer's body.
         LlmError::Timeout
         | LlmError::Unreachable
         | LlmError::Status(_)

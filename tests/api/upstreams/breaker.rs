@@ -204,3 +204,37 @@ async fn start_up_logs_one_line_for_each_upstream_with_its_url_and_never_its_key
     assert_eq!(good["targets"][0]["state"], "closed");
     assert_eq!(ready["model"]["status"], "reachable", "{ready}");
 }
+
+#[tokio::test]
+async fn a_whole_answer_unusable_in_its_body_falls_back_and_counts_toward_the_breaker() {
+    let broken = FakeLlm::start().await;
+    broken.set_reply(Reply::Garbage);
+    let good = FakeLlm::start().await;
+    let app = routed_app(
+        &[
+            ("broken", &broken.base_url, 1, 0),
+            ("good", &good.base_url, 1, 1),
+        ],
+        &[
+            ("UPSTREAM_FAILURES_TO_OPEN", "3"),
+            ("UPSTREAM_COOLDOWN_SECS", "60"),
+        ],
+    )
+    .await;
+    let token = app.user_with_token("user").await;
+    for n in 0..5 {
+        let chat = app.chat(&token, &format!("n{n}")).await;
+        assert_eq!(chat.status, StatusCode::OK, "{chat:?}");
+        assert_eq!(chat.json["response"], format!("Echo: n{n}"));
+        let id = chat.json["chat_id"].as_i64().unwrap();
+        let attempts = if n < 3 { 2 } else { 1 };
+        assert_eq!(
+            served_by(&app, id).await,
+            (Some("good".into()), Some(attempts))
+        );
+    }
+    // A 200 whose body is no answer, three times in a row: open, asked no more.
+    assert_eq!((broken.calls(), good.calls()), (3, 5));
+    assert_eq!(app.balance(&token).await, 4000 - 5 * 100);
+    app.assert_audit_passes().await;
+}
