@@ -213,9 +213,8 @@ pub(super) fn completion(state: &AppState, raw: RawJson) -> Result<Checked, ApiE
         if role == "user" {
             last_user = Some(field("content"));
         }
-        if priced {
-            media_parts += media_parts_of(field("content"))?;
-        }
+        // Read for every model: a part giving a field twice is refused whoever serves it.
+        media_parts += media_parts_of(field("content"))?;
     }
     let Some(content) = last_user else {
         return Err(invalid("messages", "messages must hold a user message"));
@@ -240,7 +239,8 @@ pub(super) fn completion(state: &AppState, raw: RawJson) -> Result<Checked, ApiE
     let hold = raw.hold.clone().map(|hold| Box::new(hold) as _);
     let mut forwarded =
         Forwarded::from_fields(&raw.body, &fields, model, stream, !has_system, hold);
-    forwarded.media_parts = media_parts;
+    // Reserved for by a priced model only.
+    forwarded.media_parts = if priced { media_parts } else { 0 };
     forwarded.client_cap = client_cap;
     forwarded.choices = choices;
     Ok(Checked { forwarded, message })

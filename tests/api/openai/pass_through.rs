@@ -5,10 +5,10 @@
 
 use std::collections::BTreeMap;
 
-use axum::http::StatusCode;
+use axum::http::{Method, StatusCode};
 use serde_json::{json, Value};
 
-use super::{completions, hello, key_of, stream_completion};
+use super::{assert_openai_error, completions, hello, key_of, stream_completion};
 use crate::common::{Reply, TestApp};
 
 fn weather_tool() -> Value {
@@ -432,4 +432,40 @@ async fn the_demo_model_answers_tools_with_text_and_refuses_what_it_cannot_honou
     }
     assert_eq!(app.balance(&key).await, 3800);
     app.assert_all_settled().await;
+}
+
+#[tokio::test]
+async fn a_content_part_giving_a_field_twice_is_refused_naming_it_for_an_unpriced_model_too() {
+    let app = TestApp::new().await;
+    let key = key_of(&app, "twice").await;
+    let authorization = format!("Bearer {key}");
+    for (part, field) in [
+        (
+            r#"{"type":"image_url","image_url":{"url":"a"},"image_url":{"url":"b"}}"#,
+            "image_url",
+        ),
+        (r#"{"type":"text","text":"a","text":"b"}"#, "text"),
+    ] {
+        let body = format!(
+            r#"{{"model":"llama3.2","messages":[{{"role":"user","content":[{{"type":"text","text":"hi"}},{part}]}}]}}"#
+        );
+        let refused = app
+            .request(
+                Method::POST,
+                "/v1/chat/completions",
+                &[("authorization", authorization.as_str())],
+                body,
+            )
+            .await;
+        assert_openai_error(
+            &refused,
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "invalid_input",
+        );
+        let message = refused.json["error"]["message"].as_str().unwrap();
+        assert!(message.contains(&format!("{field:?} twice")), "{message}");
+    }
+    assert_eq!(app.llm.calls(), 0);
+    assert_eq!(app.balance(&key).await, 4000);
 }
