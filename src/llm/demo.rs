@@ -77,15 +77,18 @@ impl Backend for Demo {
     }
 }
 
-/// What the demo model honours of an OpenAI client's request: its model, `n`, and whether a
-/// stream ends with the usage chunk. What it cannot honour (structured output, log
-/// probabilities, audio) it refuses, as a model would, rather than answer something else;
-/// tools it answers with text, as a model may.
+/// What the demo model honours of an OpenAI client's request: its model, `n`, its output cap
+/// (a word and its space are one token here), `stop`, and whether a stream ends with the
+/// usage chunk. What it cannot honour (structured output, log probabilities, audio) it
+/// refuses, as a model would, rather than answer something else; tools it answers with
+/// text, as a model may.
 struct Asked {
     id: String,
     model: String,
     created: i64,
     choices: u64,
+    cap: Option<usize>,
+    stop: Vec<String>,
 }
 
 impl Asked {
@@ -126,13 +129,55 @@ impl Asked {
                 .filter(|n| (1..=MAX_CHOICES).contains(n))
                 .ok_or_else(|| refused("n", "n must be 1 to 128"))?,
         };
+        let mut cap = None;
+        for name in ["max_tokens", "max_completion_tokens"] {
+            if let Some(value) = field(name) {
+                let most = value.as_u64().filter(|most| *most >= 1).ok_or_else(|| {
+                    refused(
+                        name,
+                        &format!("{name} must be a whole number of at least 1"),
+                    )
+                })?;
+                let most = usize::try_from(most).unwrap_or(usize::MAX);
+                cap = Some(cap.map_or(most, |other: usize| other.min(most)));
+            }
+        }
+        let stop = match field("stop") {
+            None => Vec::new(),
+            Some(Value::String(one)) => vec![one],
+            Some(Value::Array(many)) if many.len() <= 4 && many.iter().all(Value::is_string) => {
+                many.iter()
+                    .filter_map(Value::as_str)
+                    .map(str::to_owned)
+                    .collect()
+            }
+            Some(_) => {
+                let message = "stop must be a string or an array of at most 4 strings";
+                return Err(refused("stop", message));
+            }
+        };
         let random: u64 = rand::Rng::gen(&mut rand::rngs::OsRng);
         Ok(Self {
             id: format!("chatcmpl-demo{random:016x}"),
             model: request.model.clone(),
             created: crate::clock::unix_now(),
             choices,
+            cap,
+            stop,
         })
+    }
+
+    /// `text` as asked: cut before the first `stop` it holds, then to the cap; with its
+    /// finish reason (`length` when the cap cut it).
+    fn shaped(&self, mut text: String) -> (String, &'static str) {
+        let stops = self.stop.iter().filter(|stop| !stop.is_empty());
+        if let Some(at) = stops.filter_map(|stop| text.find(stop.as_str())).min() {
+            text.truncate(at);
+        }
+        match self.cap {
+            Some(cap) if pieces(&text).len() > cap => (pieces(&text)[..cap].concat(), "length"),
+            _ => (text, "stop"),
+        }
     }
 
     /// A `chat.completion.chunk` of these `choices`, or none and the usage.
@@ -182,14 +227,14 @@ fn others(asked: &Asked) -> usize {
 /// The demo model's whole answer to an OpenAI client: `n` choices of the same text.
 fn whole_answer(request: &Forwarded, last_user_text: &str) -> Result<Completion, LlmError> {
     let asked = Asked::read(request)?;
-    let content = answer(last_user_text);
+    let (content, finish) = asked.shaped(answer(last_user_text));
     let choices: Vec<Value> = (0..asked.choices)
         .map(|index| {
             json!({
                 "index": index,
                 "message": { "role": "assistant", "content": content, "refusal": null },
                 "logprobs": null,
-                "finish_reason": "stop",
+                "finish_reason": finish,
             })
         })
         .collect();
@@ -214,6 +259,10 @@ fn whole_answer(request: &Forwarded, last_user_text: &str) -> Result<Completion,
 /// The demo model's answer, a word at a time; to an OpenAI client, as OpenAI's chunks: the
 /// role, the words (of every choice), the finish and, when asked, the usage.
 fn demo_stream(answer: String, asked: Option<Asked>) -> AnswerStream {
+    let (answer, finish) = match &asked {
+        Some(asked) => asked.shaped(answer),
+        None => (answer, "stop"),
+    };
     let words = pieces(&answer);
     let Some(asked) = asked else {
         return Box::pin(futures_util::stream::iter(words).then(|word| async move {
@@ -247,7 +296,7 @@ fn demo_stream(answer: String, asked: Option<Asked>) -> AnswerStream {
         });
     }
     chunks.push(Chunk {
-        data: asked.chunk(every(json!({}), Some("stop")), false),
+        data: asked.chunk(every(json!({}), Some(finish)), false),
         ..Chunk::default()
     });
     // Always, as tokenchat asks every upstream: it is what the call is charged by, and the

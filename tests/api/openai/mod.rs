@@ -5,6 +5,7 @@
 //! ([`bodies`]).
 
 mod bodies;
+mod demo;
 mod embeddings;
 mod faults;
 mod models;
