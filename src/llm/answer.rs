@@ -269,6 +269,8 @@ struct ChunkChoiceView<'a> {
     index: u64,
     #[serde(default, borrow)]
     delta: Option<DeltaView<'a>>,
+    #[serde(default, borrow)]
+    finish_reason: Option<&'a RawValue>,
 }
 
 #[derive(Deserialize)]
@@ -326,6 +328,42 @@ pub struct Chunk {
     pub substantial: bool,
     /// What the answer cost the model (the last chunk, when asked for).
     pub usage: Option<Usage>,
+    /// The choices it names, and those it finishes (a finish reason given), as bits by
+    /// index: a stream whose every choice finished is whole even without `[DONE]`.
+    pub choices: Choices,
+}
+
+/// Choices of a stream by their index, as bits; those of index 128 or more are not told
+/// apart, so a stream holding one never counts as finished without `[DONE]`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Choices {
+    pub named: u128,
+    pub finished: u128,
+}
+
+impl Choices {
+    fn add(&mut self, index: u64, finished: bool) {
+        let bit = u32::try_from(index)
+            .ok()
+            .and_then(|index| 1u128.checked_shl(index))
+            .unwrap_or(0);
+        // One past what can be told apart: never finished.
+        self.named |= if bit == 0 { u128::MAX } else { bit };
+        if finished {
+            self.finished |= bit;
+        }
+    }
+
+    /// Both at once: what a stream has seen so far.
+    pub fn merge(&mut self, other: Choices) {
+        self.named |= other.named;
+        self.finished |= other.finished;
+    }
+
+    /// Whether it named a choice and finished every one it named.
+    pub fn all_finished(&self) -> bool {
+        self.named != 0 && self.named & !self.finished == 0
+    }
 }
 
 /// Reads one streamed chunk; an error object in the stream is the model breaking off.
@@ -343,6 +381,10 @@ pub fn read_chunk(data: String) -> Result<Chunk, LlmError> {
         ..Chunk::default()
     };
     for choice in view.choices {
+        let finished = choice
+            .finish_reason
+            .is_some_and(|reason| reason.get().trim() != "null");
+        chunk.choices.add(choice.index, finished);
         let Some(delta) = choice.delta else {
             continue;
         };

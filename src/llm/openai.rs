@@ -16,7 +16,7 @@ mod refusal;
 
 use self::refusal::{refusal, Credentials};
 use super::{
-    answer::{read_chunk, read_completion, readable, token_count},
+    answer::{read_chunk, read_completion, readable, token_count, Choices},
     AnswerStream, Ask, Completion, Embedding, EmbeddingUsage, LlmError, PromptMessage,
 };
 use crate::config::{routing::UpstreamConfig, Config};
@@ -308,21 +308,23 @@ pub(super) async fn read_answer(response: reqwest::Response) -> Result<Completio
 pub(super) fn read_stream(response: reqwest::Response, idle: Duration) -> AnswerStream {
     let events = response.bytes_stream().eventsource();
     let chunks = futures_util::stream::unfold(
-        (Box::pin(events), false),
-        move |(mut events, done)| async move {
+        (Box::pin(events), Choices::default(), false),
+        move |(mut events, mut seen, done)| async move {
             if done {
                 return None;
             }
             let event = match tokio::time::timeout(idle, events.next()).await {
-                Err(_) => return Some((Err(LlmError::Timeout), (events, true))),
-                // The body ended without `[DONE]`: the model was cut off.
-                Ok(None) => return Some((Err(LlmError::BrokeOff), (events, true))),
+                Err(_) => return Some((Err(LlmError::Timeout), (events, seen, true))),
+                // The body ended without `[DONE]`: whole if every choice finished (some
+                // servers never send it), else the model was cut off.
+                Ok(None) if seen.all_finished() => return None,
+                Ok(None) => return Some((Err(LlmError::BrokeOff), (events, seen, true))),
                 Ok(Some(Err(err))) => {
                     let err = match err {
                         eventsource_stream::EventStreamError::Transport(err) => classify(err),
                         _ => LlmError::Unusable("not server-sent events"),
                     };
-                    return Some((Err(err), (events, true)));
+                    return Some((Err(err), (events, seen, true)));
                 }
                 Ok(Some(Ok(event))) => event,
             };
@@ -330,8 +332,11 @@ pub(super) fn read_stream(response: reqwest::Response, idle: Duration) -> Answer
                 return None;
             }
             match read_chunk(event.data) {
-                Ok(chunk) => Some((Ok(chunk), (events, false))),
-                Err(err) => Some((Err(err), (events, true))),
+                Ok(chunk) => {
+                    seen.merge(chunk.choices);
+                    Some((Ok(chunk), (events, seen, false)))
+                }
+                Err(err) => Some((Err(err), (events, seen, true))),
             }
         },
     );

@@ -306,3 +306,47 @@ async fn a_stream_left_by_its_client_after_its_conversation_was_deleted_keeps_no
     assert_eq!(chats[1], ("abandoned".to_string(), None, String::new()));
     app.assert_all_settled().await;
 }
+
+#[tokio::test]
+async fn a_stream_whose_every_choice_finished_is_whole_without_done_and_one_unfinished_is_not() {
+    let app = TestApp::new().await;
+    let token = app.user_with_token("user").await;
+    let chunk = |index: u64, delta: serde_json::Value, finish: serde_json::Value| {
+        json!({ "object": "chat.completion.chunk", "model": "llama3.2",
+                "choices": [{ "index": index, "delta": delta, "finish_reason": finish }] })
+    };
+    let finished = vec![
+        chunk(0, json!({ "content": "all " }), json!(null)),
+        chunk(0, json!({ "content": "here" }), json!(null)),
+        chunk(0, json!({}), json!("stop")),
+        json!({ "object": "chat.completion.chunk", "choices": [],
+                "usage": { "prompt_tokens": 9, "completion_tokens": 2 } }),
+    ];
+    app.llm.set_reply(Reply::WithoutDone(finished));
+    let events = stream_message(&app, &token, "hello")
+        .await
+        .events()
+        .rest()
+        .await;
+    let (name, done) = events.last().unwrap();
+    assert_eq!(name, "done", "{events:?}");
+    assert_eq!(done["usage"]["completion_tokens"], 2);
+    assert_eq!(deltas(&events).concat(), "all here");
+    assert_eq!(settled_chat(&app, &token).await["status"], "answered");
+    // Two choices named, one finished: cut off, as before.
+    let unfinished = vec![
+        chunk(0, json!({ "content": "half" }), json!(null)),
+        chunk(1, json!({ "content": "other" }), json!(null)),
+        chunk(0, json!({}), json!("stop")),
+    ];
+    app.llm.set_reply(Reply::WithoutDone(unfinished));
+    let events = stream_message(&app, &token, "again")
+        .await
+        .events()
+        .rest()
+        .await;
+    let (name, error) = events.last().unwrap();
+    assert_eq!(name, "error", "{events:?}");
+    assert_eq!(error["code"], "upstream_error");
+    app.assert_all_settled().await;
+}

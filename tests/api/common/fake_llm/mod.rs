@@ -93,6 +93,9 @@ pub enum Reply {
     /// Not streamed: this body as it is. Streamed: these chunks, each an event, then
     /// `[DONE]`. A model's answer written out whole (a legacy `function_call`, audio).
     Verbatim { whole: Value, chunks: Vec<Value> },
+    /// Streamed: these chunks, each an event, and the body's end with no `[DONE]`, as some
+    /// servers end a stream. Not streamed: like `Echo`.
+    WithoutDone(Vec<Value>),
     /// Busy with this status (429, 503) and, when given, this `Retry-After`.
     Busy {
         status: u16,
@@ -341,6 +344,18 @@ fn failure(reply: &Reply, headers: &HeaderMap) -> Option<Response> {
     })
 }
 
+/// `chunks` as server-sent events, then `[DONE]` when `done`.
+fn verbatim_events(chunks: &[Value], done: bool) -> Response {
+    let done = done.then(|| "[DONE]".to_string());
+    let events: String = chunks
+        .iter()
+        .map(Value::to_string)
+        .chain(done)
+        .map(|data| format!("data: {data}\n\n"))
+        .collect();
+    ([(header::CONTENT_TYPE, "text/event-stream")], events).into_response()
+}
+
 /// The model as the upstream names it: the name asked, with a date, as OpenAI does.
 fn upstream_name(body: &Value) -> String {
     format!("{}-2024-08-06", body["model"].as_str().unwrap_or_default())
@@ -390,14 +405,8 @@ async fn completions(
         }
         Reply::Verbatim { whole, .. } if !stream => Json(whole).into_response(),
         _ if !stream => Json(answered.completion(&model, true)).into_response(),
-        Reply::Verbatim { chunks, .. } => {
-            let events: String = chunks
-                .iter()
-                .map(|chunk| format!("data: {chunk}\n\n"))
-                .chain(["data: [DONE]\n\n".to_string()])
-                .collect();
-            ([(header::CONTENT_TYPE, "text/event-stream")], events).into_response()
-        }
+        Reply::Verbatim { chunks, .. } => verbatim_events(&chunks, true),
+        Reply::WithoutDone(chunks) => verbatim_events(&chunks, false),
         Reply::EmptyContent => sse(&shared, &model, StreamPlan::whole("", usage)),
         Reply::EchoWithoutUsage => sse(&shared, &model, StreamPlan::of(&answered, None)),
         Reply::BlankContent => sse(&shared, &model, StreamPlan::whole(" \n ", None)),
