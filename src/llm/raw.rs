@@ -106,6 +106,35 @@ impl<'a> Fields<'a> {
     /// The same, field `expanded` read in the same pass as an array whose elements are
     /// objects of raw fields (a chat's `messages`): the text is scanned once, however big.
     pub fn parse_expanding(text: &'a str, expanded: Option<&str>) -> Result<Self, NotAnObject> {
+        let fields = Self::read(text, expanded)?;
+        if let Some(name) = given_twice(fields.iter().map(|(name, _)| name.as_ref())) {
+            return Err(NotAnObject::Duplicate(name.to_string()));
+        }
+        Ok(Self { fields })
+    }
+
+    /// The top-level fields of `text`, a field given more than once kept at its last
+    /// value, as most JSON readers keep it: for what a model sent, which is passed on
+    /// rather than judged.
+    pub fn parse_last_wins(text: &'a str) -> Result<Self, NotAnObject> {
+        let mut fields = Self::read(text, None)?;
+        let mut at = fields.len();
+        while at > 0 {
+            at -= 1;
+            let later = fields[at + 1..]
+                .iter()
+                .any(|(name, _)| *name == fields[at].0);
+            if later {
+                fields.remove(at);
+            }
+        }
+        Ok(Self { fields })
+    }
+
+    fn read(
+        text: &'a str,
+        expanded: Option<&str>,
+    ) -> Result<Vec<(Cow<'a, str>, Field<'a>)>, NotAnObject> {
         let mut deserializer = serde_json::Deserializer::from_str(text);
         let read = Cell::new(0);
         let fields = Object {
@@ -118,10 +147,7 @@ impl<'a> Fields<'a> {
             false => NotAnObject::Json(err),
         })?;
         deserializer.end()?;
-        if let Some(name) = given_twice(fields.iter().map(|(name, _)| name.as_ref())) {
-            return Err(NotAnObject::Duplicate(name.to_string()));
-        }
-        Ok(Self { fields })
+        Ok(fields)
     }
 
     /// The raw value of field `name`, if it was sent (and not expanded).

@@ -3,7 +3,7 @@
 //! that tokenchat always asks for but the client may not have; and `usage.cost`, what the
 //! call was charged.
 
-use crate::llm::raw::{json_string, write_object, Fields};
+use crate::llm::raw::{json_string, write_object, Fields, NotAnObject};
 
 /// What tokenchat writes in an answer's `usage`.
 #[derive(Clone, Copy)]
@@ -20,15 +20,21 @@ pub(super) enum Charge<'a> {
 
 /// `answer` (a whole completion, a chunk, an embeddings list) with its `model` set to
 /// `model`, its `usage` as `charge` says and, unless `keep_usage`, without `usage`; `None`
-/// when nothing is left to send (a usage chunk the client did not ask for). An answer that
-/// is not a JSON object, which the model layer has already refused, goes as it came.
+/// when nothing is left to send (a usage chunk the client did not ask for). A field the
+/// model gave twice is passed on once, at its last value (as most readers take it); an
+/// answer that is not a JSON object, which the model layer has already refused, goes as it
+/// came.
 pub(super) fn relay(
     answer: String,
     model: &str,
     keep_usage: bool,
     charge: Charge<'_>,
 ) -> Option<String> {
-    let Ok(fields) = Fields::parse(&answer) else {
+    let parsed = match Fields::parse(&answer) {
+        Err(NotAnObject::Duplicate(_)) => Fields::parse_last_wins(&answer),
+        parsed => parsed,
+    };
+    let Ok(fields) = parsed else {
         return Some(answer);
     };
     let has_usage = fields
@@ -220,6 +226,15 @@ mod tests {
         assert_eq!(
             relay(twice.into(), "m", true, Charge::Cost(5)).unwrap(),
             r#"{"usage":{"cost":5,"prompt_tokens":1,"prompt_tokens":1}}"#
+        );
+    }
+
+    #[test]
+    fn a_field_the_model_gave_twice_is_passed_on_once_at_its_last_value() {
+        let twice = r#"{"model":"vendor/internal","id":"a","model":"x","id":"b","usage":{"prompt_tokens":1}}"#;
+        assert_eq!(
+            relay(twice.into(), "m", true, Charge::Cost(5)).unwrap(),
+            r#"{"model":"m","id":"b","usage":{"cost":5,"prompt_tokens":1}}"#
         );
     }
 
