@@ -13,7 +13,7 @@ use tower::ServiceExt;
 
 use crate::{
     common::{Reply, TestApp},
-    streaming::{deltas, only_chat, settled_chat, stream_message, EventReader},
+    streaming::{deltas, only_chat, settled_chat, stream_message, stream_to_end, EventReader},
 };
 
 #[tokio::test]
@@ -25,11 +25,7 @@ async fn a_stream_may_write_past_llm_timeout_secs_once_it_began_and_is_answered(
     });
     let words = "word ".repeat(15);
     let started = std::time::Instant::now();
-    let events = stream_message(&app, &token, &words)
-        .await
-        .events()
-        .rest()
-        .await;
+    let events = stream_to_end(&app, &token, &words).await;
     assert!(started.elapsed() > Duration::from_millis(1500));
     let (name, done) = events.last().unwrap();
     assert_eq!(name, "done", "{events:?}");
@@ -48,11 +44,7 @@ async fn llm_stream_max_secs_bounds_a_whole_stream_and_charges_what_was_delivere
         every: Duration::from_millis(100),
     });
     let words = "word ".repeat(40);
-    let events = stream_message(&app, &token, &words)
-        .await
-        .events()
-        .rest()
-        .await;
+    let events = stream_to_end(&app, &token, &words).await;
     let (name, error) = events.last().unwrap();
     assert_eq!(name, "error", "{events:?}");
     assert_eq!(error["code"], "upstream_timeout");

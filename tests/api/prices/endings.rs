@@ -13,7 +13,7 @@ use super::{
 };
 use crate::{
     common::Reply,
-    streaming::{deltas, settled_chat, stream_message},
+    streaming::{deltas, settled_chat, stream_message, stream_to_end},
 };
 
 /// What a chat of `message` that delivered `text` is charged under `delivered`: its prompt
@@ -29,11 +29,7 @@ async fn a_streamed_answer_is_settled_to_its_usage_and_done_says_the_charge() {
     let token = app.user_with_token("streamer").await;
     app.llm.set_reply(Reply::EchoReporting(usage(12, 0, 4, 0)));
     let message = "stream it";
-    let events = stream_message(&app, &token, message)
-        .await
-        .events()
-        .rest()
-        .await;
+    let events = stream_to_end(&app, &token, message).await;
     let (name, done) = events.last().unwrap();
     assert_eq!(name, "done", "{events:?}");
     let charged = REQUEST + 12 + 2 * 4;
@@ -51,11 +47,7 @@ async fn a_model_that_fails_after_text_charges_the_prompt_and_the_text_delivered
     for rule in ["delivered", "never"] {
         let app = priced_app(&[("ABANDONED_STREAM_CHARGE", rule)]).await;
         let token = app.user_with_token("cut").await;
-        let events = stream_message(&app, &token, message)
-            .await
-            .events()
-            .rest()
-            .await;
+        let events = stream_to_end(&app, &token, message).await;
         let (name, error) = events.last().unwrap();
         assert_eq!(name, "error", "{events:?}");
         let delivered = deltas(&events).concat();
@@ -88,11 +80,7 @@ async fn a_model_that_fails_before_any_text_is_refunded_its_whole_reservation() 
     let app = priced_app(&[]).await;
     let token = app.user_with_token("unlucky").await;
     app.llm.set_reply(Reply::DieMidStream { after_words: 0 });
-    let events = stream_message(&app, &token, "hello")
-        .await
-        .events()
-        .rest()
-        .await;
+    let events = stream_to_end(&app, &token, "hello").await;
     let (_, error) = events.last().unwrap();
     assert_eq!(error["tokens_charged"], 0, "{events:?}");
     // Whole, too: a model failing at once.

@@ -9,7 +9,9 @@ use serde_json::json;
 
 use crate::common::{Reply, TestApp};
 
-use super::{deltas, only_chat, settled_chat, stream_chat, stream_message, wait_until};
+use super::{
+    deltas, only_chat, settled_chat, stream_chat, stream_message, stream_to_end, wait_until,
+};
 
 #[tokio::test]
 async fn a_model_that_dies_after_text_was_delivered_ends_the_stream_with_an_error_and_charges_by_the_abandoned_rule(
@@ -18,11 +20,7 @@ async fn a_model_that_dies_after_text_was_delivered_ends_the_stream_with_an_erro
         for (rule, charged) in [("delivered", 100), ("never", 0)] {
             let app = TestApp::with_env(&[("ABANDONED_STREAM_CHARGE", rule)]).await;
             let token = app.user_with_token("user").await;
-            let events = stream_message(&app, &token, message)
-                .await
-                .events()
-                .rest()
-                .await;
+            let events = stream_to_end(&app, &token, message).await;
             let (name, error) = events.last().unwrap();
             assert_eq!(name, "error", "{message}: {events:?}");
             assert_eq!(error["code"], "upstream_error");
@@ -46,11 +44,7 @@ async fn a_model_that_dies_before_any_text_is_refunded_whatever_the_rule() {
     let app = TestApp::new().await;
     let token = app.user_with_token("user").await;
     app.llm.set_reply(Reply::DieMidStream { after_words: 0 });
-    let events = stream_message(&app, &token, "hello")
-        .await
-        .events()
-        .rest()
-        .await;
+    let events = stream_to_end(&app, &token, "hello").await;
     let (name, error) = events.last().unwrap();
     assert_eq!(name, "error", "{events:?}");
     assert_eq!(error["tokens_charged"], 0);
@@ -66,11 +60,7 @@ async fn a_model_silent_past_the_idle_limit_ends_as_a_time_out_charged_for_what_
     let app = TestApp::with_env(&[("LLM_STREAM_IDLE_SECS", "1")]).await;
     let token = app.user_with_token("user").await;
     let started = std::time::Instant::now();
-    let events = stream_message(&app, &token, "[stall-mid-stream] a b")
-        .await
-        .events()
-        .rest()
-        .await;
+    let events = stream_to_end(&app, &token, "[stall-mid-stream] a b").await;
     assert!(
         started.elapsed() < Duration::from_secs(4),
         "{:?}",
@@ -219,11 +209,7 @@ async fn a_stream_of_white_space_alone_is_unusable_and_refunded_though_it_was_de
     let app = TestApp::new().await;
     let token = app.user_with_token("user").await;
     app.llm.set_reply(Reply::BlankContent);
-    let events = stream_message(&app, &token, "hello")
-        .await
-        .events()
-        .rest()
-        .await;
+    let events = stream_to_end(&app, &token, "hello").await;
     assert_eq!(deltas(&events).concat(), " \n ", "{events:?}");
     let (name, error) = events.last().unwrap();
     assert_eq!(name, "error", "{events:?}");
@@ -243,11 +229,7 @@ async fn a_chat_answered_without_text_shows_nothing_and_is_refunded_whole_or_str
     // would be sent nothing and charged for it.
     let whole = app.chat(&token, "[refuse] hello").await;
     whole.assert_error(StatusCode::BAD_GATEWAY, "upstream_error");
-    let events = stream_message(&app, &token, "[refuse] hello")
-        .await
-        .events()
-        .rest()
-        .await;
+    let events = stream_to_end(&app, &token, "[refuse] hello").await;
     assert!(deltas(&events).concat().is_empty(), "{events:?}");
     let (name, error) = events.last().unwrap();
     assert_eq!(name, "error", "{events:?}");
@@ -323,11 +305,7 @@ async fn a_stream_whose_every_choice_finished_is_whole_without_done_and_one_unfi
                 "usage": { "prompt_tokens": 9, "completion_tokens": 2 } }),
     ];
     app.llm.set_reply(Reply::WithoutDone(finished));
-    let events = stream_message(&app, &token, "hello")
-        .await
-        .events()
-        .rest()
-        .await;
+    let events = stream_to_end(&app, &token, "hello").await;
     let (name, done) = events.last().unwrap();
     assert_eq!(name, "done", "{events:?}");
     assert_eq!(done["usage"]["completion_tokens"], 2);
@@ -340,11 +318,7 @@ async fn a_stream_whose_every_choice_finished_is_whole_without_done_and_one_unfi
         chunk(0, json!({}), json!("stop")),
     ];
     app.llm.set_reply(Reply::WithoutDone(unfinished));
-    let events = stream_message(&app, &token, "again")
-        .await
-        .events()
-        .rest()
-        .await;
+    let events = stream_to_end(&app, &token, "again").await;
     let (name, error) = events.last().unwrap();
     assert_eq!(name, "error", "{events:?}");
     assert_eq!(error["code"], "upstream_error");

@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 
 use crate::common::{Reply, TestApp};
 
-use super::{only_chat, settled_chat, stream_chat, stream_message};
+use super::{only_chat, settled_chat, stream_chat, stream_message, stream_to_end};
 
 #[tokio::test]
 async fn a_streamed_answer_arrives_as_start_deltas_and_done_and_is_charged_once() {
@@ -130,11 +130,7 @@ async fn what_is_refused_before_the_stream_begins_is_an_ordinary_json_error() {
         .refused()
         .assert_error(StatusCode::BAD_GATEWAY, "upstream_error");
     assert_eq!(app.balance(&token).await, 150);
-    stream_message(&app, &token, "one")
-        .await
-        .events()
-        .rest()
-        .await;
+    stream_to_end(&app, &token, "one").await;
     let refused = stream_message(&app, &token, "two").await.refused();
     refused.assert_error(StatusCode::PAYMENT_REQUIRED, "out_of_tokens");
     assert_eq!(refused.json["tokens"], 50);
@@ -146,11 +142,7 @@ async fn a_model_that_reports_no_usage_leaves_it_null() {
     let app = TestApp::new().await;
     let token = app.user_with_token("user").await;
     app.llm.set_reply(Reply::EchoWithoutUsage);
-    let events = stream_message(&app, &token, "hi")
-        .await
-        .events()
-        .rest()
-        .await;
+    let events = stream_to_end(&app, &token, "hi").await;
     assert_eq!(events.last().unwrap().1["usage"], Value::Null);
     let whole = app.chat(&token, "hi again").await;
     assert_eq!(whole.status, StatusCode::OK);

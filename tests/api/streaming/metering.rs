@@ -10,7 +10,7 @@ use tower::ServiceExt;
 
 use crate::common::TestApp;
 
-use super::{deltas, stream_message, EventReader, Streamed};
+use super::{deltas, stream_message, stream_to_end, EventReader, Streamed};
 
 #[tokio::test]
 async fn many_concurrent_streams_never_overspend_a_balance() {
@@ -89,11 +89,7 @@ async fn with_no_upstream_the_demo_model_answers_whole_and_streamed_and_is_meter
     assert!(answer.contains("print(\"Hello, World!\")"), "{answer}");
     assert_eq!(whole.json["tokens"], 3900);
 
-    let events = stream_message(&app, &token, "what is the weather like")
-        .await
-        .events()
-        .rest()
-        .await;
+    let events = stream_to_end(&app, &token, "what is the weather like").await;
     let pieces = deltas(&events);
     assert!(pieces.len() > 10, "word by word: {pieces:?}");
     let text = pieces.concat();

@@ -165,6 +165,19 @@ pub(crate) async fn stream_message(app: &TestApp, token: &str, message: &str) ->
     .await
 }
 
+/// Every event of a streamed chat of `message`, to the stream's end.
+pub(crate) async fn stream_to_end(
+    app: &TestApp,
+    token: &str,
+    message: &str,
+) -> Vec<(String, Value)> {
+    stream_message(app, token, message)
+        .await
+        .events()
+        .rest()
+        .await
+}
+
 /// The one chat of the user, as `/chats` shows it.
 pub(crate) async fn only_chat(app: &TestApp, token: &str) -> Value {
     let chats = app.get_authorized("/chats", token).await;

@@ -12,7 +12,7 @@ use super::{first_and_fallback, refusing_url, routed_app, served_by, DeadUpstrea
 use crate::{
     common::{FakeLlm, Reply, TestApp},
     prices::book_file,
-    streaming::{deltas, only_chat, stream_message},
+    streaming::{deltas, only_chat, stream_to_end},
 };
 
 #[tokio::test]
@@ -119,11 +119,7 @@ async fn a_stream_that_dies_midway_is_not_retried_and_is_refunded() {
     )
     .await;
     let token = app.user_with_token("user").await;
-    let events = stream_message(&app, &token, "hello")
-        .await
-        .events()
-        .rest()
-        .await;
+    let events = stream_to_end(&app, &token, "hello").await;
     let (name, _) = events.last().unwrap();
     assert_eq!(name, "error", "{events:?}");
     assert!(deltas(&events).concat().is_empty());
@@ -143,11 +139,7 @@ async fn a_streamed_chat_falls_back_before_its_first_byte() {
     let (app, failing, good) =
         first_and_fallback(("failing", Reply::Status(502)), "good", &[]).await;
     let token = app.user_with_token("user").await;
-    let events = stream_message(&app, &token, "hello there")
-        .await
-        .events()
-        .rest()
-        .await;
+    let events = stream_to_end(&app, &token, "hello there").await;
     assert_eq!(deltas(&events).concat(), "Echo: hello there", "{events:?}");
     let chat = only_chat(&app, &token).await;
     assert_eq!(
@@ -401,11 +393,7 @@ async fn a_chat_still_falling_back_is_not_refunded_before_its_last_target_could_
     // The deadlines recorded: both targets' whole time-outs, the pause between (at most
     // 0.2 s) and 5 s to settle; for a stream, its last attempt up to LLM_STREAM_MAX_SECS.
     hanging.set_reply(Reply::Status(500));
-    let streamed = stream_message(&app, &token, "again")
-        .await
-        .events()
-        .rest()
-        .await;
+    let streamed = stream_to_end(&app, &token, "again").await;
     assert_eq!(deltas(&streamed).concat(), "Echo: again", "{streamed:?}");
     let deadlines: Vec<i64> = tokenchat::db_run!(&app.state.db, pool => sqlx::query_scalar(
         "SELECT deadline_at - created_at FROM chats ORDER BY id",
