@@ -31,7 +31,12 @@ pub(crate) async fn key_of(app: &TestApp, username: &str) -> String {
     created.json["key"].as_str().unwrap().to_string()
 }
 
-pub(crate) async fn completions(app: &TestApp, key: &str, body: Value) -> TestResponse {
+/// `POST /v1/chat/completions` of `body` (JSON, or text as written: a field twice) with `key`.
+pub(crate) async fn completions(
+    app: &TestApp,
+    key: &str,
+    body: impl std::fmt::Display,
+) -> TestResponse {
     let authorization = format!("Bearer {key}");
     app.request(
         Method::POST,

@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use axum::http::{Method, StatusCode};
+use axum::http::StatusCode;
 use serde_json::{json, Value};
 
 use super::{assert_openai_error, completions, hello, key_of, stream_completion};
@@ -438,7 +438,6 @@ async fn the_demo_model_answers_tools_with_text_and_refuses_what_it_cannot_honou
 async fn a_content_part_giving_a_field_twice_is_refused_naming_it_for_an_unpriced_model_too() {
     let app = TestApp::new().await;
     let key = key_of(&app, "twice").await;
-    let authorization = format!("Bearer {key}");
     for (part, field) in [
         (
             r#"{"type":"image_url","image_url":{"url":"a"},"image_url":{"url":"b"}}"#,
@@ -449,14 +448,7 @@ async fn a_content_part_giving_a_field_twice_is_refused_naming_it_for_an_unprice
         let body = format!(
             r#"{{"model":"llama3.2","messages":[{{"role":"user","content":[{{"type":"text","text":"hi"}},{part}]}}]}}"#
         );
-        let refused = app
-            .request(
-                Method::POST,
-                "/v1/chat/completions",
-                &[("authorization", authorization.as_str())],
-                body,
-            )
-            .await;
+        let refused = completions(&app, &key, body).await;
         assert_openai_error(
             &refused,
             StatusCode::BAD_REQUEST,

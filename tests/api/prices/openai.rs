@@ -139,15 +139,7 @@ async fn a_field_given_twice_in_a_message_or_a_content_part_is_refused_before_an
             "type",
         ),
     ] {
-        let authorization = format!("Bearer {key}");
-        let refused = app
-            .request(
-                axum::http::Method::POST,
-                "/v1/chat/completions",
-                &[("authorization", authorization.as_str())],
-                body,
-            )
-            .await;
+        let refused = completions(&app, &key, body).await;
         assert_openai_error(
             &refused,
             StatusCode::BAD_REQUEST,
