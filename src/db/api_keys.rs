@@ -231,12 +231,13 @@ pub async fn change_limits(
                     .execute(&mut *tx)
                     .await?;
             }
-            key.budget_spent =
-                sqlx::query_scalar("SELECT budget_spent FROM api_keys WHERE id = $1")
-                    .bind(id)
-                    .fetch_one(&mut *tx)
-                    .await?;
-            key.budget_period_start = Some(start);
+            let (spent, stamp): (i64, Option<i64>) = sqlx::query_as(
+                "SELECT budget_spent, budget_period_start FROM api_keys WHERE id = $1",
+            )
+            .bind(id)
+            .fetch_one(&mut *tx)
+            .await?;
+            (key.budget_spent, key.budget_period_start) = (spent, stamp);
         }
         tx.commit().await?;
         Ok(Some(Changed {

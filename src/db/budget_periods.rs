@@ -1,7 +1,8 @@
-//! A budget whose period is changed (or that is set anew) starts its period over: the calls
-//! its owner made since the new period began count in it, as the audit adds them, and those
-//! before stay in the periods they counted in. Run in the transaction that changes the
-//! budget, after the owner's row is locked, so no reservation comes between.
+//! A budget whose period is changed (or that is set anew) starts its period over: the
+//! budgeted calls its owner made since the new period began count in it, as the audit adds
+//! them, and those before stay in the periods they counted in. Run in the transaction that
+//! changes the budget, after the owner's row is locked, so no reservation comes between;
+//! one already looked up keeps counting in the period (see [`Spender::restamps`]).
 
 /// Whose budget: an API key's or a user's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -20,38 +21,59 @@ impl Spender {
         }
     }
 
-    /// The statements that move owner `$1`'s calls made since `$2` into the period that
-    /// began at `$2`: chats, then embeddings.
+    /// The statements that move owner `$1`'s budgeted calls made since `$2` into the
+    /// budget's present period: chats, then embeddings. That period is known by the later
+    /// of `$2` and the owner's stored start ([`Self::label`]), never an earlier one: a call
+    /// in flight was stamped with the period its look-up found, and one later than the
+    /// stored start would have the counting triggers start the period afresh, forgetting
+    /// its spending.
     fn restamps(self) -> [String; 2] {
-        let (_, owner, period) = self.columns();
+        let (owners, owner, period) = self.columns();
+        let label = Self::label(owners);
         ["chats", "embeddings"].map(|calls| {
-            format!("UPDATE {calls} SET {period} = $2 WHERE {owner} = $1 AND created_at >= $2")
+            format!(
+                "UPDATE {calls} SET {period} = (SELECT {label} FROM {owners} WHERE id = $1)
+                 WHERE {owner} = $1 AND created_at >= $2 AND {period} IS NOT NULL"
+            )
         })
     }
 
-    /// An expression of what owner `$1`'s calls of the period that began at `$2` hold, as
-    /// the audit adds it (`db::audit::budget_mismatches`): reserved while pending, charged
-    /// once settled, nothing once refunded.
-    fn spent_since(self) -> String {
+    /// The stamp of the period that began at `$2` for the row `owners`: its stored start
+    /// when that is later (a day's start, the budget now a month's: the same month).
+    fn label(owners: &str) -> String {
+        format!(
+            "CASE WHEN {owners}.budget_period_start > $2 THEN {owners}.budget_period_start \
+             ELSE $2 END"
+        )
+    }
+
+    /// An expression of what owner `$1`'s calls stamped `stamp` hold, as the audit adds
+    /// it (`db::audit::budget_mismatches`): reserved while pending, charged once settled,
+    /// nothing once refunded.
+    fn spent_in(self, stamp: &str) -> String {
         let (_, owner, period) = self.columns();
         format!(
             "CAST(COALESCE((SELECT SUM(CASE WHEN c.status = 'failed' OR c.refunded
                                             THEN 0 ELSE c.cost END)
-                            FROM chats c WHERE c.{owner} = $1 AND c.{period} = $2), 0)
+                            FROM chats c WHERE c.{owner} = $1 AND c.{period} = {stamp}), 0)
                   + COALESCE((SELECT SUM(CASE WHEN e.status = 'failed' THEN 0 ELSE e.cost END)
-                              FROM embeddings e WHERE e.{owner} = $1 AND e.{period} = $2), 0)
+                              FROM embeddings e WHERE e.{owner} = $1
+                                AND e.{period} = {stamp}), 0)
                   AS BIGINT)"
         )
     }
 
     /// The statements that start owner `$1`'s budget period over at `$2`, in order: its
-    /// calls since `$2` are moved into that period, and its spending becomes what they hold.
+    /// budgeted calls since `$2` are moved into that period, and its spending becomes what
+    /// they hold. (An `UPDATE`'s `SET` reads the row as it was: the stored start.)
     pub(super) fn start_over(self) -> [String; 3] {
         let (owners, _, _) = self.columns();
         let [chats, embeddings] = self.restamps();
-        let spent = self.spent_since();
+        let label = Self::label(owners);
+        let spent = self.spent_in(&label);
         let reset = format!(
-            "UPDATE {owners} SET budget_period_start = $2, budget_spent = {spent} WHERE id = $1"
+            "UPDATE {owners} SET budget_period_start = {label}, budget_spent = {spent}
+             WHERE id = $1"
         );
         [chats, embeddings, reset]
     }

@@ -46,6 +46,16 @@ pub enum BudgetOwner {
     User,
 }
 
+impl BudgetOwner {
+    /// Whose budget, as a refusal names it.
+    pub fn words(self) -> &'static str {
+        match self {
+            Self::Key => "this API key's budget",
+            Self::User => "your budget",
+        }
+    }
+}
+
 impl Budgets {
     /// The key whose budget the call counts against, if any.
     pub fn key_id(&self) -> Option<i64> {

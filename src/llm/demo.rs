@@ -228,6 +228,10 @@ fn others(asked: &Asked) -> usize {
 fn whole_answer(request: &Forwarded, last_user_text: &str) -> Result<Completion, LlmError> {
     let asked = Asked::read(request)?;
     let (content, finish) = asked.shaped(answer(last_user_text));
+    if content.trim().is_empty() {
+        // Cut to nothing by a `stop` at its start: no answer, as for any model.
+        return Err(LlmError::Unusable("empty answer"));
+    }
     let choices: Vec<Value> = (0..asked.choices)
         .map(|index| {
             json!({

@@ -16,7 +16,7 @@ use utoipa::{
 };
 
 use crate::{
-    domain::Invalid,
+    domain::{BudgetOwner, Invalid},
     llm::LlmError,
     services::{error::with_sources, ServiceError},
 };
@@ -43,10 +43,13 @@ pub enum ApiError {
     InvalidCredentials,
     #[error("Out of Tokens")]
     OutOfTokens { tokens: i64, required: i64 },
-    /// `resets_at`: when the key's next period begins (Unix seconds), `None` for a total
-    /// budget.
-    #[error("this API key's budget for its period is spent")]
-    BudgetExceeded { resets_at: Option<i64> },
+    /// `resets_at`: when the budget's next period begins (Unix seconds), `None` for a
+    /// total budget.
+    #[error("{} for its period is spent", owner.words())]
+    BudgetExceeded {
+        owner: BudgetOwner,
+        resets_at: Option<i64>,
+    },
     #[error("no such route")]
     NotFound,
     /// A chat, conversation or key that does not exist or is someone else's: the same
@@ -189,7 +192,9 @@ impl From<ServiceError> for ApiError {
             ServiceError::WrongCredentials => Self::InvalidCredentials,
             ServiceError::UsernameTaken => Self::UsernameTaken,
             ServiceError::RegistrationClosed => Self::RegistrationClosed,
-            ServiceError::BudgetExceeded { resets_at } => Self::BudgetExceeded { resets_at },
+            ServiceError::BudgetExceeded { owner, resets_at } => {
+                Self::BudgetExceeded { owner, resets_at }
+            }
             ServiceError::OutOfTokens { balance, required } => Self::OutOfTokens {
                 tokens: balance,
                 required,
@@ -280,7 +285,7 @@ impl ApiError {
             _ => (None, None, None),
         };
         let resets_at = match self {
-            Self::BudgetExceeded { resets_at } => Some(resets_at.map(crate::clock::rfc3339)),
+            Self::BudgetExceeded { resets_at, .. } => Some(resets_at.map(crate::clock::rfc3339)),
             _ => None,
         };
         Envelope {

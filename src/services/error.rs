@@ -1,7 +1,11 @@
 //! What the product's rules refuse, and what went wrong beneath them, in the product's words;
 //! the routes decide how each is answered over HTTP, the command line prints it.
 
-use crate::{db, domain::Invalid, llm::LlmError};
+use crate::{
+    db,
+    domain::{BudgetOwner, Invalid},
+    llm::LlmError,
+};
 
 /// Every way a service call can end without its outcome. Failures of the parts beneath
 /// (the database, the model, a task) keep their error as the source, so a log shows the
@@ -27,10 +31,13 @@ pub enum ServiceError {
     /// cost with the shortest answer it may be given).
     #[error("the balance of {balance} tokens does not cover the {required} the call needs")]
     OutOfTokens { balance: i64, required: i64 },
-    /// The API key's budget for its period would be passed; `resets_at`: when the next
-    /// period begins (Unix seconds), `None` for a total budget.
-    #[error("this API key's budget for its period is spent")]
-    BudgetExceeded { resets_at: Option<i64> },
+    /// The key's or the user's budget for its period would be passed; `resets_at`: when
+    /// the next period begins (Unix seconds), `None` for a total budget.
+    #[error("{} for its period is spent", owner.words())]
+    BudgetExceeded {
+        owner: BudgetOwner,
+        resets_at: Option<i64>,
+    },
     #[error("no such chat")]
     NoSuchChat,
     #[error("no such conversation")]

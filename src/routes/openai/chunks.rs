@@ -185,12 +185,13 @@ pub(super) fn chunk_stream(started: StreamedChat, model: String, include_usage: 
                 let mut last = Vec::new();
                 if include_usage {
                     match usage_chunk.take() {
-                        Some((chunk, true)) => {
+                        Some((chunk, true)) if counted.is_none() => {
                             last.extend(relay(chunk, &head.model, true, Charge::Cost(charged)));
                         }
-                        // None sent, or none readable: one of tokenchat's own in its place.
+                        // None sent, none readable, or a count left out (and counted): one
+                        // of tokenchat's own in its place.
                         _ => {
-                            let usage = CompletionUsage::charged(usage.or(counted), charged);
+                            let usage = CompletionUsage::charged(counted.or(usage), charged);
                             last.push(head.chunk(None, Some(usage)));
                         }
                     }

@@ -203,9 +203,9 @@ async fn complete(
         // The model's own answer, `model` as asked, with the charge.
         Some(body) => {
             // The model's usage with the charge; or, when it sent none tokenchat could
-            // read, one of tokenchat's own: the counts it charged for (zeros for a flat
-            // chat's), with the charge.
-            let ours = answer.usage.is_none().then(|| {
+            // read or left a count out, one of tokenchat's own: the counts it charged for
+            // (zeros for a flat chat's), with the charge.
+            let ours = (answer.usage.is_none() || answer.counted.is_some()).then(|| {
                 let usage = CompletionUsage::charged(answer.counted, answer.charged);
                 serde_json::to_string(&usage).expect("a usage serialises")
             });

@@ -111,6 +111,9 @@ pub(super) async fn key_budget(
     if budget_period_start < period.start_of(unix_now()) {
         return Ok(Vec::new());
     }
+    // The stamp may be later than the period's start (a budget given a longer period keeps
+    // its stored one): the period is the one that holds it.
+    let period_start = period.start_of(budget_period_start);
     let mut events = Vec::new();
     for &threshold in thresholds {
         if !threshold.reached(budget_spent, budget_tokens) {
@@ -134,8 +137,8 @@ pub(super) async fn key_budget(
                 spent: budget_spent,
                 budget_tokens,
                 period: period.as_str().to_string(),
-                period_start: rfc3339(budget_period_start),
-                resets_at: period.next_start(budget_period_start).map(rfc3339),
+                period_start: rfc3339(period_start),
+                resets_at: period.next_start(period_start).map(rfc3339),
             });
         }
     }

@@ -87,6 +87,7 @@ async fn run(
         }
         Reservation::BudgetExceeded(owner) => {
             return Err(ServiceError::BudgetExceeded {
+                owner,
                 resets_at: budgets.resets_at(owner),
             })
         }

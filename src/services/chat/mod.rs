@@ -357,7 +357,7 @@ impl ChatInFlight {
                     let metrics = &self.chats.metrics;
                     metrics.chat_ended(ChatOutcome::OutOfTokens, TokenMove::None);
                     let resets_at = self.budgets.resets_at(owner);
-                    return Err(ServiceError::BudgetExceeded { resets_at });
+                    return Err(ServiceError::BudgetExceeded { owner, resets_at });
                 }
                 Err(err) => {
                     self.release_key().await;

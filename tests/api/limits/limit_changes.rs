@@ -3,12 +3,18 @@
 //! audit adds it; one that keeps its period keeps its spending. A rate given another limit
 //! keeps what it counted, in the new limit's units; one removed and set again starts anew.
 
-use axum::http::StatusCode;
+use std::{convert::Infallible, time::Duration};
+
+use axum::{
+    body::{Body, Bytes},
+    http::{header, Request, StatusCode},
+};
 use serde_json::{json, Value};
 use tokenchat::{
     domain::{BudgetPeriod, TokenBudget, Username},
     services::user_limits::{self, UserLimitsChange},
 };
+use tower::ServiceExt;
 
 use super::{grant, key_with, patch_key, periods::set_user_budget};
 use crate::common::TestApp;
@@ -42,9 +48,12 @@ async fn a_keys_budget_given_another_period_counts_what_that_period_spent_and_is
     // A day's budget: today's spending is 300, so it is spent already.
     let daily = patch_key(&app, &token, id, budget(300, "day")).await;
     assert_eq!(daily.json["spent"], 300, "{daily:?}");
-    app.chat(&key, "still spent")
-        .await
-        .assert_error(StatusCode::PAYMENT_REQUIRED, "budget_exceeded");
+    let refused = app.chat(&key, "still spent").await;
+    refused.assert_error(StatusCode::PAYMENT_REQUIRED, "budget_exceeded");
+    assert_eq!(
+        refused.json["error"],
+        "this API key's budget for its period is spent"
+    );
     // A month's: the same 300, shown, and 700 more to spend.
     let monthly = patch_key(&app, &token, id, budget(1_000, "month")).await;
     assert_eq!(monthly.json["spent"], 300, "{monthly:?}");
@@ -65,6 +74,52 @@ async fn a_keys_budget_given_another_period_counts_what_that_period_spent_and_is
 }
 
 #[tokio::test]
+async fn a_call_looked_up_before_its_budget_got_a_longer_period_still_counts_in_it() {
+    let app = TestApp::new().await;
+    let token = app.user_with_token("user").await;
+    grant(&app, "user", 96_000).await;
+    let (key, id) = key_with(&app, &token, budget(1_000, "day")).await;
+    for n in 0..9 {
+        assert_eq!(
+            app.chat(&key, &format!("n{n}")).await.status,
+            StatusCode::OK
+        );
+    }
+    // A chat whose body is still coming when the budget changes: its key was looked up,
+    // and its period chosen, under the day's budget.
+    let (sender, receiver) = tokio::sync::mpsc::channel::<Result<Bytes, Infallible>>(1);
+    let body = futures_util::stream::unfold(receiver, |mut receiver| async move {
+        receiver.recv().await.map(|piece| (piece, receiver))
+    });
+    let request = Request::post("/chat")
+        .header(header::AUTHORIZATION, format!("Bearer {key}"))
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from_stream(body))
+        .unwrap();
+    let slow = tokio::spawn(app.router.clone().oneshot(request));
+    sender
+        .send(Ok(Bytes::from_static(b"{\"message\":")))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let monthly = patch_key(&app, &token, id, budget(1_000, "month")).await;
+    assert_eq!(monthly.json["spent"], 900, "{monthly:?}");
+    sender
+        .send(Ok(Bytes::from_static(b"\"late\"}")))
+        .await
+        .unwrap();
+    drop(sender);
+    let answered = slow.await.unwrap().unwrap();
+    assert_eq!(answered.status(), StatusCode::OK);
+    // It counted in the month, with the nine before it: the budget is spent.
+    assert_eq!(listed_spent(&app, &token).await, 1_000);
+    app.chat(&key, "over")
+        .await
+        .assert_error(StatusCode::PAYMENT_REQUIRED, "budget_exceeded");
+    app.assert_all_settled().await;
+}
+
+#[tokio::test]
 async fn a_users_budget_given_another_period_counts_what_that_period_spent() {
     let app = TestApp::new().await;
     let token = app.user_with_token("user").await;
@@ -72,9 +127,10 @@ async fn a_users_budget_given_another_period_counts_what_that_period_spent() {
     set_user_budget(&app, budget(300, BudgetPeriod::Total)).await;
     spend_to_the_budget(&app, &token, 3).await;
     set_user_budget(&app, budget(300, BudgetPeriod::Day)).await;
-    app.chat(&token, "still spent")
-        .await
-        .assert_error(StatusCode::PAYMENT_REQUIRED, "budget_exceeded");
+    let refused = app.chat(&token, "still spent").await;
+    refused.assert_error(StatusCode::PAYMENT_REQUIRED, "budget_exceeded");
+    // The user's own budget, not a key's, as it says.
+    assert_eq!(refused.json["error"], "your budget for its period is spent");
     set_user_budget(&app, budget(1_000, BudgetPeriod::Month)).await;
     let config = &app.state.config;
     let shown = tokenchat::services::user_limits::show(
@@ -87,6 +143,14 @@ async fn a_users_budget_given_another_period_counts_what_that_period_spent() {
     .unwrap();
     assert_eq!(shown.spent, Some(300));
     spend_to_the_budget(&app, &token, 7).await;
+    // Taken off, two chats made, and set again: those two were no budget's.
+    set_user_budget(&app, None).await;
+    for n in 0..2 {
+        let chat = app.chat(&token, &format!("free {n}")).await;
+        assert_eq!(chat.status, StatusCode::OK, "{chat:?}");
+    }
+    set_user_budget(&app, budget(1_200, BudgetPeriod::Month)).await;
+    spend_to_the_budget(&app, &token, 2).await;
     app.assert_all_settled().await;
 }
 

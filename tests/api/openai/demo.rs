@@ -95,3 +95,15 @@ async fn the_demo_model_honours_max_tokens_and_stop_whole_and_streamed() {
     }
     app.assert_all_settled().await;
 }
+
+#[tokio::test]
+async fn a_stop_at_the_start_of_the_demo_models_answer_leaves_none_and_is_refunded() {
+    let app = TestApp::with_env(&[("LLM_BASE_URL", "")]).await;
+    let key = key_of(&app, "user").await;
+    let ask = json!({ "model": "demo", "stop": "Sorry",
+        "messages": [{ "role": "user", "content": "hi" }] });
+    let whole = completions(&app, &key, ask).await;
+    assert_eq!(whole.status, StatusCode::BAD_GATEWAY, "{whole:?}");
+    assert_eq!(app.balance(&key).await, 4000);
+    app.assert_all_settled().await;
+}

@@ -71,6 +71,20 @@ async fn an_answer_whose_count_the_model_left_out_is_counted_beside_the_reported
             (Some(30), Some(completion))
         );
     }
+    // On `/v1`, the usage shown is what was charged: the count left out, counted, there.
+    let key = key_of(&app, "sdk").await;
+    let ask = json!({ "model": "llama3.2", "messages": [{ "role": "user", "content": "hi" }] });
+    let answered = completions(&app, &key, ask).await;
+    let row = chat_row(&app, 3).await;
+    assert_eq!(row.usage_source.as_deref(), Some("counted"));
+    let usage = &answered.json["usage"];
+    assert_eq!(usage["prompt_tokens"], 30, "{usage}");
+    assert_eq!(
+        usage["completion_tokens"],
+        row.completion_tokens.unwrap(),
+        "{usage}"
+    );
+    assert_eq!(usage["cost"], row.cost, "{usage}");
     app.assert_all_settled().await;
 }
 

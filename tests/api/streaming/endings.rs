@@ -322,5 +322,13 @@ async fn a_stream_whose_every_choice_finished_is_whole_without_done_and_one_unfi
     let (name, error) = events.last().unwrap();
     assert_eq!(name, "error", "{events:?}");
     assert_eq!(error["code"], "upstream_error");
+    // A finish reason of "" names none.
+    let blank = vec![
+        chunk(0, json!({ "content": "cut" }), json!("")),
+        chunk(0, json!({ "content": " short" }), json!("")),
+    ];
+    app.llm.set_reply(Reply::WithoutDone(blank));
+    let events = stream_to_end(&app, &token, "once more").await;
+    assert_eq!(events.last().unwrap().0, "error", "{events:?}");
     app.assert_all_settled().await;
 }
