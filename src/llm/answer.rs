@@ -147,6 +147,17 @@ pub struct Read {
     pub usage: Option<Usage>,
 }
 
+/// Why an answer that is one holds nothing: the target answered, and the request (a `stop`
+/// at the start, say) made it empty, so it is not the target's failure.
+pub const NO_CHOICES: &str = "no choices";
+pub const EMPTY_ANSWER: &str = "empty answer";
+
+/// Whether `err` is an answer holding nothing ([`NO_CHOICES`], [`EMPTY_ANSWER`]) rather
+/// than no answer at all.
+pub fn holds_nothing(err: &LlmError) -> bool {
+    matches!(err, LlmError::Unusable(reason) if [NO_CHOICES, EMPTY_ANSWER].contains(reason))
+}
+
 /// Reads a whole answer; an answer none of whose choices holds text, a refusal, a tool call
 /// or audio is unusable (and refunded), as an empty answer always was.
 pub fn read_completion(body: &str) -> Result<Read, LlmError> {
@@ -155,7 +166,7 @@ pub fn read_completion(body: &str) -> Result<Read, LlmError> {
         LlmError::Unusable("not the expected JSON")
     })?;
     if completion.choices.is_empty() {
-        return Err(LlmError::Unusable("no choices"));
+        return Err(LlmError::Unusable(NO_CHOICES));
     }
     let holds_anything = completion.choices.iter().any(|choice| {
         choice.message.as_ref().is_some_and(|message| {
@@ -170,7 +181,7 @@ pub fn read_completion(body: &str) -> Result<Read, LlmError> {
         })
     });
     if !holds_anything {
-        return Err(LlmError::Unusable("empty answer"));
+        return Err(LlmError::Unusable(EMPTY_ANSWER));
     }
     let first_choice = completion
         .choices

@@ -230,7 +230,7 @@ fn whole_answer(request: &Forwarded, last_user_text: &str) -> Result<Completion,
     let (content, finish) = asked.shaped(answer(last_user_text));
     if content.trim().is_empty() {
         // Cut to nothing by a `stop` at its start: no answer, as for any model.
-        return Err(LlmError::Unusable("empty answer"));
+        return Err(LlmError::Unusable(super::answer::EMPTY_ANSWER));
     }
     let choices: Vec<Value> = (0..asked.choices)
         .map(|index| {

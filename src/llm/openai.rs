@@ -16,7 +16,7 @@ mod refusal;
 
 use self::refusal::{refusal, Credentials};
 use super::{
-    answer::{read_chunk, read_completion, readable, token_count, Choices},
+    answer::{holds_nothing, read_chunk, read_completion, readable, token_count, Choices},
     AnswerStream, Ask, Completion, Embedding, EmbeddingUsage, LlmError, PromptMessage,
 };
 use crate::config::{routing::UpstreamConfig, Config};
@@ -24,10 +24,19 @@ use crate::config::{routing::UpstreamConfig, Config};
 /// How long the start-up and readiness probes wait for `GET /models`.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The most a whole answer (a completion, embeddings) may be: far past what any model
-/// writes in one answer (a large batch of float embeddings is some tens of MiB), so that a
-/// broken upstream sending without end cannot hold the memory of a call without bound.
+/// The most a whole completion may be: far past what any model writes in one answer (its
+/// output cap is some hundreds of KiB of text), so that a broken upstream sending without
+/// end cannot hold the memory of a call without bound.
 const MAX_ANSWER_BYTES: usize = 64 * 1024 * 1024;
+/// The same for embeddings, whose size the client sets: 2,048 inputs of 3,072 numbers
+/// written as floats are some 130 MiB.
+const MAX_EMBEDDINGS_BYTES: usize = 512 * 1024 * 1024;
+
+/// What reading a whole answer found: `Err`, no answer (cut short, stalled, too large, not
+/// the expected JSON), the target's failure; `Ok(Err)`, an answer that holds nothing, which
+/// the request made so (see [`super::answer::holds_nothing`]): final, and not the
+/// target's fault.
+pub(super) type ReadWhole<T> = Result<Result<T, LlmError>, LlmError>;
 
 /// One upstream: where it is, its key, its limits; the connection pool is the process's.
 pub(super) struct Upstream {
@@ -262,10 +271,10 @@ impl Upstream {
     }
 }
 
-/// A whole body, read to its end within [`MAX_ANSWER_BYTES`].
-async fn whole_body(mut response: reqwest::Response) -> Result<Bytes, LlmError> {
+/// A whole body, read to its end within `most` bytes.
+async fn whole_body(mut response: reqwest::Response, most: usize) -> Result<Bytes, LlmError> {
     const TOO_LARGE: LlmError = LlmError::Unusable("an answer too large");
-    if response.content_length().unwrap_or(0) > MAX_ANSWER_BYTES as u64 {
+    if response.content_length().unwrap_or(0) > most as u64 {
         return Err(TOO_LARGE);
     }
     // The usual answer comes in one piece, kept as it came; more are joined.
@@ -279,7 +288,7 @@ async fn whole_body(mut response: reqwest::Response) -> Result<Bytes, LlmError> 
     let mut next = Some(second);
     body.extend_from_slice(&first);
     while let Some(chunk) = next {
-        if body.len() + chunk.len() > MAX_ANSWER_BYTES {
+        if body.len() + chunk.len() > most {
             return Err(TOO_LARGE);
         }
         body.extend_from_slice(&chunk);
@@ -289,18 +298,22 @@ async fn whole_body(mut response: reqwest::Response) -> Result<Bytes, LlmError> 
 }
 
 /// A whole answer, read from a response whose head said success.
-pub(super) async fn read_answer(response: reqwest::Response) -> Result<Completion, LlmError> {
-    let body = whole_body(response).await?;
+pub(super) async fn read_answer(response: reqwest::Response) -> ReadWhole<Completion> {
+    let body = whole_body(response, MAX_ANSWER_BYTES).await?;
     let text = std::str::from_utf8(&body).map_err(|_| LlmError::Unusable("not UTF-8"))?;
-    let read = read_completion(text)?;
-    Ok(Completion {
+    let read = match read_completion(text) {
+        Ok(read) => read,
+        Err(err) if holds_nothing(&err) => return Ok(Err(err)),
+        Err(err) => return Err(err),
+    };
+    Ok(Ok(Completion {
         content: read.text,
         tool_calls: read.tool_calls,
         unstored: read.unstored,
         usage: read.usage,
         body: Some(body),
         served_by: None,
-    })
+    }))
 }
 
 /// A streamed answer's chunks, read from a response whose head said success; past `idle`
@@ -344,14 +357,14 @@ pub(super) fn read_stream(response: reqwest::Response, idle: Duration) -> Answer
 }
 
 /// Embeddings, read from a response whose head said success.
-pub(super) async fn read_embeddings(response: reqwest::Response) -> Result<Embedding, LlmError> {
-    let body = whole_body(response).await?;
+pub(super) async fn read_embeddings(response: reqwest::Response) -> ReadWhole<Embedding> {
+    let body = whole_body(response, MAX_EMBEDDINGS_BYTES).await?;
     let view: EmbeddingsView = serde_json::from_slice(&body).map_err(|err| {
         tracing::warn!(error = %err, "embeddings answer was not the expected JSON");
         LlmError::Unusable("not the expected JSON")
     })?;
     if view.data.is_empty() {
-        return Err(LlmError::Unusable("no embeddings"));
+        return Ok(Err(LlmError::Unusable("no embeddings")));
     }
     let usage = view.usage.and_then(|usage| {
         let prompt_tokens = usage.prompt_tokens?;
@@ -360,7 +373,7 @@ pub(super) async fn read_embeddings(response: reqwest::Response) -> Result<Embed
             total_tokens: usage.total_tokens.unwrap_or(prompt_tokens),
         })
     });
-    Ok(Embedding { body, usage })
+    Ok(Ok(Embedding { body, usage }))
 }
 
 /// Sorts a transport error; its text goes to the log only, without the URL (which may

@@ -160,9 +160,10 @@ impl Router {
     }
 
     /// Calls `model`'s targets with `send` until one answers: what `send` made of its
-    /// answer (a stream's response head, or a whole answer read to its end, so that one
-    /// unusable, cut short or stalled in its body moves on and counts against its target
-    /// too), the slot it holds at its upstream, and who answered after how many attempts.
+    /// answer (a stream's response head, or a whole answer read to its end, so that a body
+    /// that is no answer, cut short, stalled or not the expected JSON, moves on and counts
+    /// against its target too; one that is an answer holding nothing does neither), the
+    /// slot it holds at its upstream, and who answered after how many attempts.
     async fn call<'s, F, Fut, T>(
         &'s self,
         model: &str,
@@ -260,7 +261,7 @@ impl Router {
         let model = self.model_of(&ask);
         let text_only = ask.wants_text_only();
         let asked = &ask;
-        let (mut completion, slot, served_by) = self
+        let (answered, slot, served_by) = self
             .call(model, move |upstream, name| async move {
                 let response = upstream.ask(name, asked, false).await?;
                 openai::read_answer(response).await
@@ -268,6 +269,7 @@ impl Router {
             .await?;
         drop(ask);
         drop(slot);
+        let mut completion = answered?;
         if text_only && completion.content.trim().is_empty() {
             return Err(LlmError::Unusable("no text"));
         }
@@ -303,7 +305,7 @@ impl Router {
 
     async fn embed(&self, request: Forwarded) -> Result<Embedding, LlmError> {
         let asked = &request;
-        let (embedding, slot, _) = self
+        let (embedded, slot, _) = self
             .call(&request.model, move |upstream, name| async move {
                 let response = upstream.ask_embeddings(name, asked).await?;
                 openai::read_embeddings(response).await
@@ -311,7 +313,7 @@ impl Router {
             .await?;
         drop(request);
         drop(slot);
-        Ok(embedding)
+        embedded
     }
 }
 

@@ -292,7 +292,7 @@ impl ChatInFlight {
         };
         let ending = match ending {
             Ending::Finished if !delivered_substance => {
-                Ending::ModelFailed(LlmError::Unusable("empty answer"))
+                Ending::ModelFailed(LlmError::Unusable(crate::llm::answer::EMPTY_ANSWER))
             }
             other => other,
         };

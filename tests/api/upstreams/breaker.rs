@@ -238,3 +238,28 @@ async fn a_whole_answer_unusable_in_its_body_falls_back_and_counts_toward_the_br
     assert_eq!(app.balance(&token).await, 4000 - 5 * 100);
     app.assert_audit_passes().await;
 }
+
+#[tokio::test]
+async fn an_answer_holding_nothing_is_final_and_opens_no_breaker() {
+    let emptied = FakeLlm::start().await;
+    emptied.set_reply(Reply::EmptyContent);
+    let spare = FakeLlm::start().await;
+    let app = routed_app(
+        &[
+            ("emptied", &emptied.base_url, 1, 0),
+            ("spare", &spare.base_url, 1, 1),
+        ],
+        &[("UPSTREAM_FAILURES_TO_OPEN", "2")],
+    )
+    .await;
+    let token = app.user_with_token("user").await;
+    // An answer with nothing in it, as a client's `stop` can make one: the target
+    // answered, so it is neither tried again elsewhere nor counted against.
+    for n in 0..3 {
+        let chat = app.chat(&token, &format!("n{n}")).await;
+        chat.assert_error(StatusCode::BAD_GATEWAY, "upstream_error");
+    }
+    assert_eq!((emptied.calls(), spare.calls()), (3, 0));
+    assert_eq!(app.balance(&token).await, 4000);
+    app.assert_audit_passes().await;
+}
