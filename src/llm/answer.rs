@@ -228,13 +228,40 @@ pub fn read_completion(body: &str) -> Result<Read, LlmError> {
 /// What is counted of tool calls (the JSON array a whole answer holds): their names and
 /// arguments as the client reads them, not the JSON around them nor its escapes, as a
 /// stream's pieces of them are counted.
+/// What it cannot read so is counted as written, whole: nothing delivered goes uncounted.
 pub fn tool_call_text(calls: &str) -> String {
-    let calls: Vec<ToolCallDelta> = serde_json::from_str(calls).unwrap_or_default();
-    calls
-        .into_iter()
-        .filter_map(|call| call.function)
-        .flat_map(|function| function.name.into_iter().chain(function.arguments))
-        .collect()
+    #[derive(Deserialize)]
+    struct CallView<'a> {
+        #[serde(borrow)]
+        function: FunctionView<'a>,
+    }
+    #[derive(Deserialize)]
+    struct FunctionView<'a> {
+        #[serde(default, borrow)]
+        name: Option<&'a RawValue>,
+        #[serde(default, borrow)]
+        arguments: Option<&'a RawValue>,
+    }
+    let Ok(calls) = serde_json::from_str::<Option<Vec<&RawValue>>>(calls) else {
+        return calls.to_owned();
+    };
+    // A string as the client reads it; anything else (`arguments` as an object, as some
+    // servers send it) as written.
+    let read = |raw: &RawValue| {
+        serde_json::from_str::<String>(raw.get()).unwrap_or_else(|_| raw.get().to_owned())
+    };
+    let mut text = String::new();
+    for call in calls.into_iter().flatten() {
+        match serde_json::from_str::<CallView>(call.get()) {
+            Ok(CallView { function }) => {
+                for part in [function.name, function.arguments].into_iter().flatten() {
+                    text.push_str(&read(part));
+                }
+            }
+            Err(_) => text.push_str(call.get()),
+        }
+    }
+    text
 }
 
 /// The parts of a message or a delta that no chat stores, read for counting: a legacy

@@ -280,4 +280,11 @@ fn tool_calls_are_counted_by_their_names_and_arguments_not_their_json() {
                     {"id":"call_2","type":"function","function":{"name":"t","arguments":"{}"}}]"#;
     assert_eq!(tool_call_text(calls), r#"say{"text":"café \"quoted\""}t{}"#);
     assert_eq!(tool_call_text("null"), "");
+    assert_eq!(tool_call_text("[]"), "");
+    // Read as far as it can be; the rest counted as written, never left out.
+    let odd = r#"[{"id":7,"function":{"name":"f","arguments":{"x":1}}},{"type":"custom","custom":{"input":"hi"}}]"#;
+    assert_eq!(
+        tool_call_text(odd),
+        r#"f{"x":1}{"type":"custom","custom":{"input":"hi"}}"#
+    );
 }

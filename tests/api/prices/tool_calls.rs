@@ -136,3 +136,27 @@ async fn whole_calls_streamed_without_an_index_are_stored_and_replayed_as_separa
     );
     app.assert_all_settled().await;
 }
+
+#[tokio::test]
+async fn tool_calls_written_oddly_are_counted_as_written_never_free() {
+    let app = priced_app(&[]).await;
+    let key = key_of(&app, "odd").await;
+    // `arguments` as an object, as some servers write it, and an `id` that is a number.
+    let call = json!({ "id": 7, "type": "function",
+                       "function": { "name": "say", "arguments": { "text": "hi" } } });
+    let whole = json!({ "id": "x", "object": "chat.completion", "model": "llama3.2", "choices": [
+        { "index": 0, "message": { "role": "assistant", "content": null, "tool_calls": [call] },
+          "finish_reason": "tool_calls" },
+    ] });
+    app.llm.set_reply(Reply::Verbatim {
+        whole,
+        chunks: Vec::new(),
+    });
+    let ask = json!({ "model": "llama3.2", "messages": [{ "role": "user", "content": "say it" }] });
+    let answered = completions(&app, &key, ask).await;
+    assert_eq!(answered.status, StatusCode::OK, "{answered:?}");
+    let row = chat_row(&app, 1).await;
+    let counted = ("say".len() + r#"{"text":"hi"}"#.len()) as i64;
+    assert_eq!(row.completion_tokens, Some(counted), "{row:?}");
+    app.assert_all_settled().await;
+}
