@@ -175,10 +175,21 @@ pub async fn change_limits(
 ) -> Result<Option<Changed>, sqlx::Error> {
     let period = change.budget.flatten().map(|(_, period)| period);
     let start = change.budget_period_start.filter(|_| period.is_some());
+    let locks_rows = matches!(db, Db::Postgres(_));
     db_run!(db, pool => {
-        // The key's row is taken first (written as it is: a lock, on both backends), so no
-        // reservation comes between the change and its period's new start.
         let mut tx = pool.begin().await?;
+        // The calls a new period may take first, then the key's row (written as it is: a
+        // lock, on both backends), so no reservation comes between the change and its
+        // period's new start (`budget_periods`).
+        if let Some(start) = start.filter(|_| locks_rows) {
+            for statement in Spender::Key.locks() {
+                sqlx::query(&statement)
+                    .bind(id)
+                    .bind(start)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+        }
         let before: Option<(Option<String>, Option<i64>, Option<i64>)> = sqlx::query_as(
             "UPDATE api_keys SET budget_period = budget_period
              WHERE id = $1 AND user_id = $2 AND revoked_at IS NULL

@@ -38,6 +38,21 @@ impl Spender {
         })
     }
 
+    /// On PostgreSQL, the statements that lock the calls [`Self::restamps`] moves, in the
+    /// order of their ids, before the owner's row: a call settling locks its row, then
+    /// (by its triggers) its owner's, so the change must take them in that order too, or
+    /// the two would wait on each other.
+    pub(super) fn locks(self) -> [String; 2] {
+        let (_, owner, period) = self.columns();
+        ["chats", "embeddings"].map(|calls| {
+            format!(
+                "SELECT id FROM {calls}
+                 WHERE {owner} = $1 AND created_at >= $2 AND {period} IS NOT NULL
+                 ORDER BY id FOR UPDATE"
+            )
+        })
+    }
+
     /// The stamp of the period that began at `$2` for the row `owners`: its stored start
     /// when that is later (a day's start, the budget now a month's: the same month).
     fn label(owners: &str) -> String {

@@ -141,9 +141,14 @@ pub async fn rescale(
             db_execute!(
                 db,
                 sqlx::query(
+                    // The time ahead taken at most `cap_ms` before it is scaled: the
+                    // product stays within 64 bits (SQLite would make it a float).
                     "UPDATE rate_limits
-                     SET tat_ms = $2 + CASE WHEN (tat_ms - $2) * $3 / $4 > $5 THEN $5
-                                            ELSE (tat_ms - $2) * $3 / $4 END
+                     SET tat_ms = $2 + CASE
+                         WHEN (CASE WHEN tat_ms - $2 > $5 THEN $5 ELSE tat_ms - $2 END) * $3 / $4
+                              > $5 THEN $5
+                         ELSE (CASE WHEN tat_ms - $2 > $5 THEN $5 ELSE tat_ms - $2 END) * $3 / $4
+                         END
                      WHERE name = $1 AND tat_ms > $2",
                 )
                 .bind(name)

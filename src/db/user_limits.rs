@@ -32,9 +32,25 @@ pub async fn set(
     limits: &StoredUserLimits,
     start_over: Option<i64>,
 ) -> Result<Option<i64>, sqlx::Error> {
+    let locks_rows = matches!(db, Db::Postgres(_));
     db_run!(db, pool => {
-        // The user's row is written first, so no reservation comes between.
         let mut tx = pool.begin().await?;
+        // The calls a new period takes first, then the user's row, so no reservation
+        // comes between (`budget_periods`).
+        if let Some(start) = start_over.filter(|_| locks_rows) {
+            let id: Option<i64> =
+                sqlx::query_scalar("SELECT id FROM users WHERE username_key = $1")
+                    .bind(username_key)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            for statement in Spender::User.locks() {
+                sqlx::query(&statement)
+                    .bind(id)
+                    .bind(start)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+        }
         let id: Option<i64> =
             sqlx::query_scalar("UPDATE users SET limits = $2 WHERE username_key = $1 RETURNING id")
                 .bind(username_key)

@@ -123,7 +123,9 @@ impl Health {
     /// this failure opened the breaker.
     pub(super) fn failed(&self, now: Instant, probe: bool) -> bool {
         let mut state = self.state();
-        if probe {
+        // A probe still probing (another call's success may have closed the breaker
+        // meanwhile: then this is one failure like any other).
+        if probe && state.probing {
             // A failed probe: open again, for twice as long, to the ceiling.
             state.probing = false;
             state.cooling = (state.cooling * 2).min(self.policy.cooldown_max);
@@ -297,5 +299,23 @@ mod tests {
         let until = now + Duration::from_secs(30);
         assert_eq!(health.available(now), Admission::Resting { until });
         assert_eq!(health.state_at(now).0, BreakerState::Cooling);
+    }
+
+    #[test]
+    fn a_probe_failing_after_another_call_closed_the_breaker_is_one_failure_of_many() {
+        let health = Health::new(policy());
+        let now = Instant::now();
+        for _ in 0..3 {
+            health.failed(now, false);
+        }
+        let later = now + Duration::from_secs(11);
+        assert_eq!(health.admit(later), Admission::Admitted { probe: true });
+        // A call let through before it opened succeeds first and closes it.
+        health.succeeded();
+        assert!(!health.failed(later, true), "one failure does not open it");
+        assert_eq!(
+            health.available(later),
+            Admission::Admitted { probe: false }
+        );
     }
 }
