@@ -1,9 +1,14 @@
 //! Read-only queries that check the ledger against balances and chats. Each streams what
 //! it finds, so a database with many offences is not held in memory at once.
 
+use std::sync::LazyLock;
+
 use futures_util::stream::BoxStream;
 
-use super::{db_read, Db};
+use super::{
+    budget_periods::{calls_hold, Spender},
+    db_read, Db,
+};
 use crate::domain::ChatStatus;
 
 /// The five counts of a call's ledger rows that the audit compares with its status, for
@@ -330,39 +335,30 @@ pub struct BudgetMismatch {
 }
 
 /// The owners (`api_keys` or `users`, as `o`) with a budget whose `budget_spent` is not
-/// what their calls of the current period hold; a call names its owner in `$owner` and its
-/// period in `$period`.
-#[rustfmt::skip]
-macro_rules! budget_mismatches_of {
-    ($owners:literal, $owner:literal, $period:literal) => { concat!(
+/// what their calls of the current period hold.
+fn budget_mismatches_of(spender: Spender) -> String {
+    let (owners, owner, period) = spender.columns();
+    let holds = calls_hold(owner, period, "o.id", "o.budget_period_start");
+    format!(
         "SELECT * FROM (
-             SELECT o.id, o.budget_spent,
-                    CAST(COALESCE((SELECT SUM(CASE WHEN c.status = 'failed' OR c.refunded
-                                                   THEN 0 ELSE c.cost END)
-                                   FROM chats c WHERE c.", $owner, " = o.id
-                                     AND c.", $period, " = o.budget_period_start), 0)
-                         + COALESCE((SELECT SUM(CASE WHEN e.status = 'failed'
-                                                     THEN 0 ELSE e.cost END)
-                                     FROM embeddings e WHERE e.", $owner, " = o.id
-                                       AND e.", $period, " = o.budget_period_start), 0)
-                         AS BIGINT) AS calls_hold
-             FROM ", $owners, " o WHERE o.budget_period_start IS NOT NULL
+             SELECT o.id, o.budget_spent, {holds} AS calls_hold
+             FROM {owners} o WHERE o.budget_period_start IS NOT NULL
          ) AS spending
          WHERE budget_spent <> calls_hold
          ORDER BY id"
-    ) };
+    )
 }
 
 /// The keys' budgets: see [`BudgetMismatch`].
 pub fn budget_mismatches(db: &Db) -> BoxStream<'_, Result<BudgetMismatch, sqlx::Error>> {
-    let sql = budget_mismatches_of!("api_keys", "api_key_id", "budget_period_start");
-    db_read!(db, pool => sqlx::query_as(sql).fetch(pool))
+    static SQL: LazyLock<String> = LazyLock::new(|| budget_mismatches_of(Spender::Key));
+    db_read!(db, pool => sqlx::query_as(SQL.as_str()).fetch(pool))
 }
 
 /// As [`budget_mismatches`], of the users' budgets.
 pub fn user_budget_mismatches(db: &Db) -> BoxStream<'_, Result<BudgetMismatch, sqlx::Error>> {
-    let sql = budget_mismatches_of!("users", "user_id", "user_budget_period_start");
-    db_read!(db, pool => sqlx::query_as(sql).fetch(pool))
+    static SQL: LazyLock<String> = LazyLock::new(|| budget_mismatches_of(Spender::User));
+    db_read!(db, pool => sqlx::query_as(SQL.as_str()).fetch(pool))
 }
 
 /// How many users, chats and ledger rows the audit looked at.

@@ -14,7 +14,7 @@ pub enum Spender {
 impl Spender {
     /// The owners' table, the column by which a call names its owner, and the call's
     /// column of the period it counted in.
-    fn columns(self) -> (&'static str, &'static str, &'static str) {
+    pub(super) fn columns(self) -> (&'static str, &'static str, &'static str) {
         match self {
             Self::Key => ("api_keys", "api_key_id", "budget_period_start"),
             Self::User => ("users", "user_id", "user_budget_period_start"),
@@ -63,19 +63,10 @@ impl Spender {
     }
 
     /// An expression of what owner `$1`'s calls stamped `stamp` hold, as the audit adds
-    /// it (`db::audit::budget_mismatches`): reserved while pending, charged once settled,
-    /// nothing once refunded.
+    /// it.
     fn spent_in(self, stamp: &str) -> String {
         let (_, owner, period) = self.columns();
-        format!(
-            "CAST(COALESCE((SELECT SUM(CASE WHEN c.status = 'failed' OR c.refunded
-                                            THEN 0 ELSE c.cost END)
-                            FROM chats c WHERE c.{owner} = $1 AND c.{period} = {stamp}), 0)
-                  + COALESCE((SELECT SUM(CASE WHEN e.status = 'failed' THEN 0 ELSE e.cost END)
-                              FROM embeddings e WHERE e.{owner} = $1
-                                AND e.{period} = {stamp}), 0)
-                  AS BIGINT)"
-        )
+        calls_hold(owner, period, "$1", stamp)
     }
 
     /// The statements that start owner `$1`'s budget period over at `$2`, in order: its
@@ -92,4 +83,20 @@ impl Spender {
         );
         [chats, embeddings, reset]
     }
+}
+
+/// An expression of what the calls of `owner_id` (by the calls' column `owner`) stamped
+/// `stamp` (in their column `period`) hold: reserved while pending, charged once settled,
+/// nothing once refunded. The audit's equation for a budget's spending, and what a period
+/// started over is given: one text, so the two cannot part.
+pub(super) fn calls_hold(owner: &str, period: &str, owner_id: &str, stamp: &str) -> String {
+    format!(
+        "CAST(COALESCE((SELECT SUM(CASE WHEN c.status = 'failed' OR c.refunded
+                                        THEN 0 ELSE c.cost END)
+                        FROM chats c WHERE c.{owner} = {owner_id} AND c.{period} = {stamp}), 0)
+              + COALESCE((SELECT SUM(CASE WHEN e.status = 'failed' THEN 0 ELSE e.cost END)
+                          FROM embeddings e WHERE e.{owner} = {owner_id}
+                            AND e.{period} = {stamp}), 0)
+              AS BIGINT)"
+    )
 }

@@ -32,6 +32,20 @@ pub struct BudgetUse {
     pub resets_at: Option<i64>,
 }
 
+impl BudgetUse {
+    /// What this period has spent, by the owner's stored counter and the start of the
+    /// period it counts (`stored_start`): its spending when that period is this one or a
+    /// later one (the counting triggers' rule: an instance whose clock is ahead may have
+    /// begun the next already, and a budget given a longer period keeps a later stamp),
+    /// else nothing yet.
+    pub fn spent(&self, stored_start: Option<i64>, stored_spent: i64) -> i64 {
+        match stored_start {
+            Some(stored) if stored >= self.period_start => stored_spent,
+            _ => 0,
+        }
+    }
+}
+
 /// The budgets one call counts against: its API key's (with the key's id) and its user's.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Budgets {

@@ -87,22 +87,9 @@ impl KeyRecord {
     /// The key as stored, its budget's spending as it stands at `now`.
     fn at(key: db::api_keys::ApiKey, now: i64) -> Self {
         let budget = auth::budget_of(key.budget_tokens, key.budget_period.as_deref());
-        let current = budget.map(|budget| budget.period.start_of(now));
-        // The later of the two, as the counting triggers take it: a call whose instance's
-        // clock was ahead may have begun the next period already.
-        let spent = current.map(|start| {
-            if key
-                .budget_period_start
-                .is_some_and(|stored| stored >= start)
-            {
-                key.budget_spent
-            } else {
-                0
-            }
-        });
-        let resets_at = budget
-            .zip(current)
-            .and_then(|(budget, start)| budget.period.next_start(start));
+        let current = budget.map(|budget| budget.use_at(now));
+        let spent = current.map(|period| period.spent(key.budget_period_start, key.budget_spent));
+        let resets_at = current.and_then(|period| period.resets_at);
         Self {
             id: key.id,
             name: key.name,

@@ -98,17 +98,7 @@ pub async fn show(
     let own = auth::user_limits(&record.limits);
     let effective = own.clone().or(defaults);
     let current = effective.budget.map(|budget| budget.use_at(now));
-    // The later of the two, as the counting triggers take it.
-    let spent = current.map(|period| {
-        if record
-            .budget_period_start
-            .is_some_and(|stored| stored >= period.period_start)
-        {
-            record.budget_spent
-        } else {
-            0
-        }
-    });
+    let spent = current.map(|period| period.spent(record.budget_period_start, record.budget_spent));
     Ok(UserLimits {
         own,
         effective,
