@@ -102,6 +102,18 @@ pub(crate) fn assert_openai_error(
     assert_eq!(error["code"], code, "{response:?}");
 }
 
+/// Asserts OpenAI's 400 `invalid_input` naming `param`.
+#[track_caller]
+pub(crate) fn assert_invalid_input(response: &TestResponse, param: &str) {
+    assert_openai_error(
+        response,
+        StatusCode::BAD_REQUEST,
+        "invalid_request_error",
+        "invalid_input",
+    );
+    assert_eq!(response.json["error"]["param"], param, "{response:?}");
+}
+
 pub(super) fn hello(model: &str) -> Value {
     json!({ "model": model, "messages": [{ "role": "user", "content": "hello there" }] })
 }
@@ -365,13 +377,7 @@ async fn errors_are_openais_error_object_with_the_same_statuses() {
         ),
     ] {
         let refused = completions(&app, &key, body).await;
-        assert_openai_error(
-            &refused,
-            StatusCode::BAD_REQUEST,
-            "invalid_request_error",
-            "invalid_input",
-        );
-        assert_eq!(refused.json["error"]["param"], param, "{refused:?}");
+        assert_invalid_input(&refused, param);
     }
     let unauthorised = completions(&app, "tc_wrong", hello("llama3.2")).await;
     assert_openai_error(

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use axum::http::StatusCode;
 use serde_json::{json, Value};
 
-use super::{assert_openai_error, completions, hello, key_of, stream_completion};
+use super::{assert_invalid_input, completions, hello, key_of, stream_completion};
 use crate::common::{Reply, TestApp};
 
 fn weather_tool() -> Value {
@@ -449,12 +449,7 @@ async fn a_content_part_giving_a_field_twice_is_refused_naming_it_for_an_unprice
             r#"{{"model":"llama3.2","messages":[{{"role":"user","content":[{{"type":"text","text":"hi"}},{part}]}}]}}"#
         );
         let refused = completions(&app, &key, body).await;
-        assert_openai_error(
-            &refused,
-            StatusCode::BAD_REQUEST,
-            "invalid_request_error",
-            "invalid_input",
-        );
+        assert_invalid_input(&refused, "messages");
         let message = refused.json["error"]["message"].as_str().unwrap();
         assert!(message.contains(&format!("{field:?} twice")), "{message}");
     }
