@@ -230,16 +230,17 @@ pub fn read_completion(body: &str) -> Result<Read, LlmError> {
 /// stream's pieces of them are counted.
 /// What it cannot read so is counted as written, whole: nothing delivered goes uncounted.
 pub fn tool_call_text(calls: &str) -> String {
+    /// A function call's, or another kind's (`custom`: `name` and `input`).
     #[derive(Deserialize)]
     struct CallView<'a> {
-        #[serde(borrow)]
+        #[serde(borrow, alias = "custom")]
         function: FunctionView<'a>,
     }
     #[derive(Deserialize)]
     struct FunctionView<'a> {
         #[serde(default, borrow)]
         name: Option<&'a RawValue>,
-        #[serde(default, borrow)]
+        #[serde(default, borrow, alias = "input")]
         arguments: Option<&'a RawValue>,
     }
     let Ok(calls) = serde_json::from_str::<Option<Vec<&RawValue>>>(calls) else {
@@ -262,6 +263,14 @@ pub fn tool_call_text(calls: &str) -> String {
         }
     }
     text
+}
+
+/// A streamed piece of a function call, or `None` for one of another kind (`custom`) or one
+/// that cannot be read as one (an `id` that is a number, `arguments` as an object).
+fn function_piece(raw: &RawValue) -> Option<ToolCallDelta> {
+    let piece: ToolCallDelta = serde_json::from_str(raw.get()).ok()?;
+    let a_function = piece.kind.as_deref().is_none_or(|kind| kind == "function");
+    a_function.then_some(piece)
 }
 
 /// The parts of a message or a delta that no chat stores, read for counting: a legacy
@@ -321,8 +330,10 @@ struct DeltaView<'a> {
     content: Option<Cow<'a, str>>,
     #[serde(default, borrow)]
     refusal: Option<Cow<'a, str>>,
-    #[serde(default)]
-    tool_calls: Option<Vec<ToolCallDelta>>,
+    /// Read one by one (see [`function_piece`]): a piece of another kind, or written
+    /// oddly, costs neither the chunk nor its count.
+    #[serde(default, borrow)]
+    tool_calls: Option<Vec<&'a RawValue>>,
     #[serde(default, borrow)]
     function_call: Option<&'a RawValue>,
     #[serde(default, borrow)]
@@ -450,17 +461,25 @@ pub fn read_chunk(data: String) -> Result<Chunk, LlmError> {
             if let Some(refusal) = delta.refusal {
                 chunk.unstored.push_str(&refusal);
             }
-            chunk
-                .tool_calls
-                .extend(delta.tool_calls.unwrap_or_default());
         } else {
             let others = &mut chunk.unstored;
             for text in [delta.content, delta.refusal].into_iter().flatten() {
                 others.push_str(&text);
             }
-            for call in delta.tool_calls.unwrap_or_default() {
-                let function = call.function.unwrap_or_default();
-                others.extend(function.name.into_iter().chain(function.arguments));
+        }
+        for piece in delta.tool_calls.unwrap_or_default() {
+            match function_piece(piece) {
+                // The first choice's function calls are put together and stored.
+                Some(piece) if choice.index == 0 => chunk.tool_calls.push(piece),
+                Some(piece) => {
+                    let function = piece.function.unwrap_or_default();
+                    let text = function.name.into_iter().chain(function.arguments);
+                    chunk.unstored.extend(text);
+                }
+                // Of another kind, or written oddly: counted, as the client got it.
+                None => chunk
+                    .unstored
+                    .push_str(&tool_call_text(&format!("[{}]", piece.get()))),
             }
         }
     }

@@ -283,8 +283,22 @@ fn tool_calls_are_counted_by_their_names_and_arguments_not_their_json() {
     assert_eq!(tool_call_text("[]"), "");
     // Read as far as it can be; the rest counted as written, never left out.
     let odd = r#"[{"id":7,"function":{"name":"f","arguments":{"x":1}}},{"type":"custom","custom":{"input":"hi"}}]"#;
-    assert_eq!(
-        tool_call_text(odd),
-        r#"f{"x":1}{"type":"custom","custom":{"input":"hi"}}"#
-    );
+    assert_eq!(tool_call_text(odd), r#"f{"x":1}hi"#);
+}
+
+#[test]
+fn a_streamed_call_of_another_kind_or_written_oddly_is_counted_not_lost() {
+    let chunk = read_chunk(
+        r#"{"choices":[{"index":0,"delta":{"tool_calls":[
+            {"index":0,"id":"c","type":"custom","custom":{"name":"sh","input":"ls -l"}},
+            {"index":1,"id":7,"type":"function","function":{"name":"f","arguments":{"x":1}}}]}}]}"#
+            .into(),
+    )
+    .unwrap();
+    assert!(chunk.substantial);
+    assert!(chunk.tool_calls.is_empty(), "{chunk:?}");
+    assert_eq!(chunk.unstored, r#"shls -lf{"x":1}"#);
+    // A whole answer's custom call: its name and input too.
+    let calls = r#"[{"id":"c","type":"custom","custom":{"name":"sh","input":"ls -l"}}]"#;
+    assert_eq!(tool_call_text(calls), "shls -l");
 }

@@ -160,3 +160,29 @@ async fn tool_calls_written_oddly_are_counted_as_written_never_free() {
     assert_eq!(row.completion_tokens, Some(counted), "{row:?}");
     app.assert_all_settled().await;
 }
+
+#[tokio::test]
+async fn a_streamed_call_of_another_kind_is_counted_not_free() {
+    let app = priced_app(&[]).await;
+    let key = key_of(&app, "custom").await;
+    let input = "wxyz ".repeat(20);
+    let piece = json!({ "id": "x", "object": "chat.completion.chunk", "model": "llama3.2",
+        "choices": [{ "index": 0, "finish_reason": null, "delta": { "tool_calls": [
+            { "index": 0, "id": "c1", "type": "custom", "custom": { "name": "sh", "input": input } },
+        ] } }] });
+    app.llm.set_reply(Reply::Verbatim {
+        whole: Value::Null,
+        chunks: vec![piece],
+    });
+    let ask = json!({ "model": "llama3.2", "stream": true,
+                      "messages": [{ "role": "user", "content": "run it" }] });
+    let data = stream_completion(&app, &key, ask).await;
+    assert_eq!(data.last().map(String::as_str), Some("[DONE]"), "{data:?}");
+    let row = chat_row(&app, 1).await;
+    assert_eq!(row.usage_source.as_deref(), Some("counted"), "{row:?}");
+    assert_eq!(
+        row.completion_tokens,
+        Some(("sh".len() + input.len()) as i64)
+    );
+    app.assert_all_settled().await;
+}
