@@ -173,6 +173,15 @@ pub async fn change_limits(
     id: i64,
     change: &LimitsChange,
 ) -> Result<Option<Changed>, sqlx::Error> {
+    super::retried(|| change_limits_once(db, user_id, id, change)).await
+}
+
+async fn change_limits_once(
+    db: &Db,
+    user_id: i64,
+    id: i64,
+    change: &LimitsChange,
+) -> Result<Option<Changed>, sqlx::Error> {
     let period = change.budget.flatten().map(|(_, period)| period);
     let start = change.budget_period_start.filter(|_| period.is_some());
     let locks_rows = matches!(db, Db::Postgres(_));
@@ -182,6 +191,7 @@ pub async fn change_limits(
         // lock, on both backends), so no reservation comes between the change and its
         // period's new start (`budget_periods`).
         if let Some(start) = start.filter(|_| locks_rows) {
+            sqlx::query(super::SHORT_LOCK_WAIT).execute(&mut *tx).await?;
             for statement in Spender::Key.locks() {
                 sqlx::query(&statement)
                     .bind(id)

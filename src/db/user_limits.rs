@@ -32,12 +32,22 @@ pub async fn set(
     limits: &StoredUserLimits,
     start_over: Option<i64>,
 ) -> Result<Option<i64>, sqlx::Error> {
+    super::retried(|| set_once(db, username_key, limits, start_over)).await
+}
+
+async fn set_once(
+    db: &Db,
+    username_key: &str,
+    limits: &StoredUserLimits,
+    start_over: Option<i64>,
+) -> Result<Option<i64>, sqlx::Error> {
     let locks_rows = matches!(db, Db::Postgres(_));
     db_run!(db, pool => {
         let mut tx = pool.begin().await?;
         // The calls a new period takes first, then the user's row, so no reservation
         // comes between (`budget_periods`).
         if let Some(start) = start_over.filter(|_| locks_rows) {
+            sqlx::query(super::SHORT_LOCK_WAIT).execute(&mut *tx).await?;
             let id: Option<i64> =
                 sqlx::query_scalar("SELECT id FROM users WHERE username_key = $1")
                     .bind(username_key)
