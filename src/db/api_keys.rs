@@ -173,7 +173,7 @@ pub async fn change_limits(
     id: i64,
     change: &LimitsChange,
 ) -> Result<Option<Changed>, sqlx::Error> {
-    super::retried(|| change_limits_once(db, user_id, id, change)).await
+    super::budget_periods::retried(|| change_limits_once(db, user_id, id, change)).await
 }
 
 async fn change_limits_once(
@@ -191,7 +191,7 @@ async fn change_limits_once(
         // lock, on both backends), so no reservation comes between the change and its
         // period's new start (`budget_periods`).
         if let Some(start) = start.filter(|_| locks_rows) {
-            sqlx::query(super::SHORT_LOCK_WAIT).execute(&mut *tx).await?;
+            sqlx::query(super::budget_periods::SHORT_LOCK_WAIT).execute(&mut *tx).await?;
             for statement in Spender::Key.locks() {
                 sqlx::query(&statement)
                     .bind(id)

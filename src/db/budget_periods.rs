@@ -100,3 +100,34 @@ pub(super) fn calls_hold(owner: &str, period: &str, owner_id: &str, stamp: &str)
               AS BIGINT)"
     )
 }
+
+/// Whether `err` is PostgreSQL giving up a lock: a deadlock found (40P01), or a wait past
+/// the transaction's `lock_timeout` (55P03).
+fn is_lock_conflict(err: &sqlx::Error) -> bool {
+    matches!(err, sqlx::Error::Database(db) if db.code().is_some_and(|code| matches!(&*code, "40P01" | "55P03")))
+}
+
+/// Runs `change` (a transaction that moves many rows under an owner's lock: a budget
+/// period's change) again when PostgreSQL gave up one of its locks, a few times. Such a
+/// change sets a short `lock_timeout` ([`SHORT_LOCK_WAIT`]), so that where it and a call's
+/// reservation wait on each other, the change gives way and is tried again, never the call.
+pub(super) async fn retried<T, F, Fut>(mut change: F) -> Result<T, sqlx::Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, sqlx::Error>>,
+{
+    let mut attempt = 1;
+    loop {
+        match change().await {
+            Err(err) if attempt < 5 && is_lock_conflict(&err) => {
+                tokio::time::sleep(std::time::Duration::from_millis(25 * attempt)).await;
+                attempt += 1;
+            }
+            done => return done,
+        }
+    }
+}
+
+/// What [`retried`]'s changes set first, on PostgreSQL: far below `deadlock_timeout`'s
+/// second, so the change is the one that gives way.
+pub(super) const SHORT_LOCK_WAIT: &str = "SET LOCAL lock_timeout = '200ms'";

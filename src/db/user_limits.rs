@@ -32,7 +32,7 @@ pub async fn set(
     limits: &StoredUserLimits,
     start_over: Option<i64>,
 ) -> Result<Option<i64>, sqlx::Error> {
-    super::retried(|| set_once(db, username_key, limits, start_over)).await
+    super::budget_periods::retried(|| set_once(db, username_key, limits, start_over)).await
 }
 
 async fn set_once(
@@ -47,7 +47,7 @@ async fn set_once(
         // The calls a new period takes first, then the user's row, so no reservation
         // comes between (`budget_periods`).
         if let Some(start) = start_over.filter(|_| locks_rows) {
-            sqlx::query(super::SHORT_LOCK_WAIT).execute(&mut *tx).await?;
+            sqlx::query(super::budget_periods::SHORT_LOCK_WAIT).execute(&mut *tx).await?;
             let id: Option<i64> =
                 sqlx::query_scalar("SELECT id FROM users WHERE username_key = $1")
                     .bind(username_key)
