@@ -164,7 +164,13 @@ pub(super) fn chunk_stream(started: StreamedChat, model: String, include_usage: 
         .events
         .map(move |event| match event {
             StreamEvent::Chunk(chunk) if chunk.data.is_empty() => Vec::new(),
-            StreamEvent::Chunk(chunk) if include_usage && is_usage_chunk(&chunk.data) => {
+            // Only a chunk with a usage read, or one naming no choice, is read again for
+            // it: OpenAI writes `"usage": null` in every chunk of such a stream.
+            StreamEvent::Chunk(chunk)
+                if include_usage
+                    && (chunk.usage.is_some() || chunk.choices.named == 0)
+                    && is_usage_chunk(&chunk.data) =>
+            {
                 usage_chunk = Some((chunk.data, chunk.usage.is_some()));
                 Vec::new()
             }

@@ -14,7 +14,7 @@ pub(super) enum Charge<'a> {
     /// answer has none).
     Cost(i64),
     /// This usage object (the charge and what it was worked out from) in place of the
-    /// model's, which it did not send or tokenchat could not read.
+    /// model's, which it did not send, tokenchat could not read, or left a count out of.
     Usage(&'a str),
 }
 
