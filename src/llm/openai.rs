@@ -317,7 +317,7 @@ pub(super) async fn read_answer(response: reqwest::Response) -> ReadWhole<Comple
 }
 
 /// A streamed answer's chunks, read from a response whose head said success; past `idle`
-/// of silence the stream ends with `Timeout`.
+/// of silence the stream ends with `Timeout`, unless every choice had finished.
 pub(super) fn read_stream(response: reqwest::Response, idle: Duration) -> AnswerStream {
     let events = response.bytes_stream().eventsource();
     let chunks = futures_util::stream::unfold(
@@ -327,10 +327,11 @@ pub(super) fn read_stream(response: reqwest::Response, idle: Duration) -> Answer
                 return None;
             }
             let event = match tokio::time::timeout(idle, events.next()).await {
+                // The body ended, or fell silent, without `[DONE]`: whole if every choice
+                // finished (some servers never send it, some keep the connection open
+                // after their last chunk), else the model was cut off or stalled.
+                Err(_) | Ok(None) if seen.all_finished() => return None,
                 Err(_) => return Some((Err(LlmError::Timeout), (events, seen, true))),
-                // The body ended without `[DONE]`: whole if every choice finished (some
-                // servers never send it), else the model was cut off.
-                Ok(None) if seen.all_finished() => return None,
                 Ok(None) => return Some((Err(LlmError::BrokeOff), (events, seen, true))),
                 Ok(Some(Err(err))) => {
                     let err = match err {

@@ -332,3 +332,41 @@ async fn a_stream_whose_every_choice_finished_is_whole_without_done_and_one_unfi
     assert_eq!(events.last().unwrap().0, "error", "{events:?}");
     app.assert_all_settled().await;
 }
+
+#[tokio::test]
+async fn a_stream_left_open_and_silent_after_every_choice_finished_ends_whole_at_the_idle_limit() {
+    let app = TestApp::with_env(&[("LLM_STREAM_IDLE_SECS", "1")]).await;
+    let token = app.user_with_token("user").await;
+    let chunk = |delta: serde_json::Value, finish: serde_json::Value| {
+        json!({ "object": "chat.completion.chunk", "model": "llama3.2",
+                "choices": [{ "index": 0, "delta": delta, "finish_reason": finish }] })
+    };
+    app.llm.set_reply(Reply::OpenAfter(vec![
+        chunk(json!({ "content": "all " }), json!(null)),
+        chunk(json!({ "content": "here" }), json!("stop")),
+        json!({ "object": "chat.completion.chunk", "choices": [],
+                "usage": { "prompt_tokens": 9, "completion_tokens": 2 } }),
+    ]));
+    let events = stream_to_end(&app, &token, "hello").await;
+    let (name, done) = events.last().unwrap();
+    assert_eq!(name, "done", "{events:?}");
+    assert_eq!(done["usage"]["completion_tokens"], 2);
+    assert_eq!(done["tokens_charged"], 100);
+    assert_eq!(deltas(&events).concat(), "all here");
+    assert_eq!(settled_chat(&app, &token).await["status"], "answered");
+    assert!(
+        app.llm
+            .wait_for_cancelled_streams(1, Duration::from_secs(1))
+            .await
+    );
+    // Silent before its finish: a time-out, as before.
+    app.llm.set_reply(Reply::OpenAfter(vec![chunk(
+        json!({ "content": "half" }),
+        json!(null),
+    )]));
+    let events = stream_to_end(&app, &token, "again").await;
+    let (name, error) = events.last().unwrap();
+    assert_eq!(name, "error", "{events:?}");
+    assert_eq!(error["code"], "upstream_timeout");
+    app.assert_all_settled().await;
+}

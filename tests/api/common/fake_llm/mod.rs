@@ -36,7 +36,7 @@ use serde_json::{json, Value};
 
 use self::{
     answers::{answer, count_words, user_message, Answer},
-    sse::{sse, Break, StreamPlan},
+    sse::{sse, verbatim_events, Break, StreamPlan},
 };
 
 /// How the fake answers the next requests.
@@ -96,6 +96,9 @@ pub enum Reply {
     /// Streamed: these chunks, each an event, and the body's end with no `[DONE]`, as some
     /// servers end a stream. Not streamed: like `Echo`.
     WithoutDone(Vec<Value>),
+    /// Streamed: these chunks, each an event, then silence, the body left open until
+    /// tokenchat goes away. Not streamed: like `Echo`.
+    OpenAfter(Vec<Value>),
     /// Busy with this status (429, 503) and, when given, this `Retry-After`.
     Busy {
         status: u16,
@@ -345,17 +348,6 @@ fn failure(reply: &Reply, headers: &HeaderMap) -> Option<Response> {
 }
 
 /// `chunks` as server-sent events, then `[DONE]` when `done`.
-fn verbatim_events(chunks: &[Value], done: bool) -> Response {
-    let done = done.then(|| "[DONE]".to_string());
-    let events: String = chunks
-        .iter()
-        .map(Value::to_string)
-        .chain(done)
-        .map(|data| format!("data: {data}\n\n"))
-        .collect();
-    ([(header::CONTENT_TYPE, "text/event-stream")], events).into_response()
-}
-
 /// The model as the upstream names it: the name asked, with a date, as OpenAI does.
 fn upstream_name(body: &Value) -> String {
     format!("{}-2024-08-06", body["model"].as_str().unwrap_or_default())
@@ -407,6 +399,7 @@ async fn completions(
         _ if !stream => Json(answered.completion(&model, true)).into_response(),
         Reply::Verbatim { chunks, .. } => verbatim_events(&chunks, true),
         Reply::WithoutDone(chunks) => verbatim_events(&chunks, false),
+        Reply::OpenAfter(chunks) => sse::left_open(&shared, &chunks),
         Reply::EmptyContent => sse(&shared, &model, StreamPlan::whole("", usage)),
         Reply::EchoWithoutUsage => sse(&shared, &model, StreamPlan::of(&answered, None)),
         Reply::BlankContent => sse(&shared, &model, StreamPlan::whole(" \n ", None)),

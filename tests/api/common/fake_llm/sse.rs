@@ -253,6 +253,41 @@ pub fn sse(shared: &Arc<Shared>, model: &str, plan: StreamPlan) -> Response {
         .into_response()
 }
 
+/// A 200 `text/event-stream` answer of `chunks`, each an event as written, then `[DONE]` if
+/// `done`, and the body's end.
+pub fn verbatim_events(chunks: &[Value], done: bool) -> Response {
+    let done = done.then(|| "[DONE]".to_string());
+    let events: String = chunks
+        .iter()
+        .map(Value::to_string)
+        .chain(done)
+        .map(|data| format!("data: {data}\n\n"))
+        .collect();
+    ([(header::CONTENT_TYPE, "text/event-stream")], events).into_response()
+}
+
+/// A 200 `text/event-stream` answer of `chunks`, each an event as written, then silence:
+/// the body stays open until its reader goes away (counted as a cancelled stream).
+pub fn left_open(shared: &Arc<Shared>, chunks: &[Value]) -> Response {
+    let sent = chunks
+        .iter()
+        .map(|chunk| Step::Send(event(&chunk.to_string())));
+    let body = StreamBody {
+        steps: sent
+            .chain([Step::Pause(Duration::from_secs(3600))])
+            .collect(),
+        sleeping: None,
+        end: End::ByTheFake,
+        ended: false,
+        shared: shared.clone(),
+    };
+    (
+        [(header::CONTENT_TYPE, "text/event-stream")],
+        Body::new(body),
+    )
+        .into_response()
+}
+
 enum Step {
     Send(Bytes),
     Pause(Duration),
