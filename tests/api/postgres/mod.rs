@@ -6,6 +6,7 @@ mod abuse_limits;
 mod alerts;
 mod instances;
 mod key_limits;
+mod tls;
 
 use instances::{chat, http_client, TwoInstances};
 
