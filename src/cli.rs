@@ -144,10 +144,26 @@ pub async fn run(cli: Cli) -> ExitCode {
         }
     };
     outcome.unwrap_or_else(|err| {
-        // The context and every cause beneath it, on one line.
-        eprintln!("tokenchat: {err:#}");
+        eprintln!("tokenchat: {}", one_line(&err));
         ExitCode::FAILURE
     })
+}
+
+/// The context and every cause beneath it, on one line, each cause once: sqlx's errors
+/// repeat their source in their own text, which anyhow's `{:#}` would write again.
+fn one_line(err: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
 }
 
 pub(crate) async fn open_database(config: &Config, open: db::Open) -> anyhow::Result<db::Db> {
