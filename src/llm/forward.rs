@@ -16,6 +16,7 @@ use http_body::{Frame, SizeHint};
 use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
 
+use super::output_cap::CapField;
 use super::raw::{json_string, push_name, slice_of, write_object, Element, Field, Fields};
 
 /// From this size a raw value goes upstream as a slice of the client's body (an image);
@@ -170,7 +171,12 @@ impl Forwarded {
 
     /// The body to send upstream, asking for `upstream_model`, with `system_prompt` first
     /// in `messages` when the client sent no system message of its own.
-    pub(super) fn body(&self, upstream_model: &str, system_prompt: &str) -> Pieces {
+    /// The output cap tokenchat writes itself: its own when the client set none.
+    pub(super) fn written_cap(&self) -> Option<u64> {
+        self.output_cap.filter(|_| self.client_cap.is_none())
+    }
+
+    pub(super) fn body(&self, upstream_model: &str, system_prompt: &str, cap: CapField) -> Pieces {
         let mut pieces = VecDeque::with_capacity(2 * self.fields.len() + 4);
         let mut head = String::from("{");
         push_name(&mut head, "model");
@@ -183,14 +189,14 @@ impl Forwarded {
             head.push_str(options);
         }
         // Written only when the client set no cap, so its own fields are null if present.
-        let cap = self.output_cap.filter(|_| self.client_cap.is_none());
-        if let Some(cap) = cap {
+        let written = self.written_cap();
+        if let Some(written) = written {
             head.push(',');
-            push_name(&mut head, "max_tokens");
-            head.push_str(&cap.to_string());
+            push_name(&mut head, cap.name());
+            head.push_str(&written.to_string());
         }
         for (name, value) in &self.fields {
-            if cap.is_some() && CAPS.contains(&name.as_str()) {
+            if written.is_some() && CAPS.contains(&name.as_str()) {
                 continue;
             }
             head.push(',');
@@ -395,7 +401,7 @@ mod tests {
     }
 
     fn sent(forwarded: Forwarded) -> Value {
-        let body = forwarded.body("upstream", "be kind");
+        let body = forwarded.body("upstream", "be kind", CapField::MaxTokens);
         let bytes = body.concat();
         assert_eq!(bytes.len() as u64, body.len());
         serde_json::from_slice(&bytes).unwrap()
@@ -423,7 +429,8 @@ mod tests {
         let text = std::str::from_utf8(&body).unwrap();
         let fields = Fields::parse_expanding(text, Some("messages")).unwrap();
         let forwarded = Forwarded::from_fields(&body, &fields, "m".into(), true, false, None);
-        let sent = String::from_utf8(forwarded.body("m", "").concat()).unwrap();
+        let sent =
+            String::from_utf8(forwarded.body("m", "", CapField::MaxTokens).concat()).unwrap();
         let expected = r#""stream_options":{"continuous_usage_stats":true,"big":123456789012345678901234567890,"far":1e309,"odd":"\ud800","z":-0,"a":[1],"include_usage":true}"#;
         assert!(sent.contains(expected), "{sent}");
     }
@@ -462,7 +469,8 @@ mod tests {
         assert_eq!(messages.len(), 3, "copied, the image's content, copied");
         assert!(body_range.contains(&(messages[1].as_ptr() as usize)));
         assert!(messages[1].len() > SLICED_FROM_BYTES);
-        let sent: Value = serde_json::from_slice(&forwarded.body("m", "").concat()).unwrap();
+        let sent: Value =
+            serde_json::from_slice(&forwarded.body("m", "", CapField::MaxTokens).concat()).unwrap();
         assert_eq!(sent["messages"][0]["content"][0]["image_url"]["url"], image);
     }
 

@@ -10,6 +10,7 @@ pub mod demo;
 mod error;
 pub mod forward;
 mod openai;
+mod output_cap;
 pub mod raw;
 pub mod routing;
 
@@ -187,6 +188,15 @@ pub enum Ask<'a> {
 }
 
 impl Ask<'_> {
+    /// Whether tokenchat writes its own output cap into the request: a priced model's, the
+    /// client having set none.
+    fn writes_cap(&self) -> bool {
+        match self {
+            Ask::Turns { max_tokens, .. } => max_tokens.is_some(),
+            Ask::Forwarded { request, .. } => request.written_cap().is_some(),
+        }
+    }
+
     /// Whether only the answer's text reaches the client (`/chat`, which shows no tool calls
     /// or refusals): an answer without text is then no answer, never charged.
     fn wants_text_only(&self) -> bool {

@@ -17,6 +17,7 @@ mod refusal;
 use self::refusal::{refusal, Credentials};
 use super::{
     answer::{holds_nothing, read_chunk, read_completion, readable, token_count, Choices},
+    output_cap::{CapField, CapFields},
     AnswerStream, Ask, Completion, Embedding, EmbeddingUsage, LlmError, PromptMessage,
 };
 use crate::config::{routing::UpstreamConfig, Config};
@@ -58,6 +59,8 @@ pub(super) struct Upstream {
     stream_max: Duration,
     /// Requests in flight to it at most (`max_concurrent`), when limited.
     slots: Option<std::sync::Arc<tokio::sync::Semaphore>>,
+    /// The field each of its models takes tokenchat's output cap in.
+    cap_fields: CapFields,
 }
 
 /// `GET /models`: `{"data": [{"id": ...}, ...]}`.
@@ -80,9 +83,12 @@ struct CompletionRequest<'a> {
     stream: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     stream_options: Option<StreamOptions>,
-    /// A priced model's output cap: the model cannot use more than was reserved.
+    /// A priced model's output cap: the model cannot use more than was reserved. One of
+    /// the two, as the model takes it.
     #[serde(skip_serializing_if = "Option::is_none")]
     max_tokens: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_completion_tokens: Option<u64>,
 }
 
 #[derive(Serialize)]
@@ -140,6 +146,7 @@ impl Upstream {
             slots: upstream
                 .max_concurrent
                 .map(|most| std::sync::Arc::new(tokio::sync::Semaphore::new(most))),
+            cap_fields: CapFields::default(),
         }
     }
 
@@ -174,7 +181,7 @@ impl Upstream {
         model: &str,
         request: &super::Forwarded,
     ) -> Result<reqwest::Response, LlmError> {
-        let body = request.body(model, &self.system_prompt);
+        let body = request.body(model, &self.system_prompt, CapField::MaxTokens);
         let length = body.len();
         let request = self
             .http
@@ -182,7 +189,7 @@ impl Upstream {
             .header(header::CONTENT_TYPE, "application/json")
             .header(header::CONTENT_LENGTH, length)
             .body(reqwest::Body::wrap(body));
-        self.answer_head(request, self.timeout).await
+        self.answer_head(request, self.timeout, self.timeout).await
     }
 
     /// The models its `GET /models` lists, or why it could not be asked.
@@ -204,7 +211,9 @@ impl Upstream {
     }
 
     /// Posts a chat completion request for `model`; the response once its head says
-    /// success.
+    /// success. A model that refuses tokenchat's output cap in `max_tokens` as unsupported
+    /// is asked again at once with it in `max_completion_tokens`, within the same time
+    /// limits, and from then on asked so.
     pub(super) async fn ask(
         &self,
         model: &str,
@@ -218,6 +227,42 @@ impl Upstream {
         } else {
             self.timeout
         };
+        let began = std::time::Instant::now();
+        let field = self.cap_fields.of(model);
+        let limits = (self.timeout, whole_answer);
+        match self.post_chat(model, ask, stream, field, limits).await {
+            Err(LlmError::Rejected(ref refused))
+                if field == CapField::MaxTokens
+                    && ask.writes_cap()
+                    && self.cap_fields.learn(model, refused) =>
+            {
+                tracing::info!(
+                    upstream = &*self.name,
+                    model,
+                    "the model refuses max_tokens: its output cap goes as max_completion_tokens"
+                );
+                let spent = began.elapsed();
+                let limits = (
+                    self.timeout.saturating_sub(spent),
+                    whole_answer.saturating_sub(spent),
+                );
+                let field = CapField::MaxCompletionTokens;
+                self.post_chat(model, ask, stream, field, limits).await
+            }
+            asked => asked,
+        }
+    }
+
+    /// [`Self::ask`]'s one request, with the output cap in `field`; `(head, whole)` bound
+    /// the wait for the response head and the whole answer.
+    async fn post_chat(
+        &self,
+        model: &str,
+        ask: &Ask<'_>,
+        stream: bool,
+        field: CapField,
+        (head, whole): (Duration, Duration),
+    ) -> Result<reqwest::Response, LlmError> {
         let request = self.http.post(self.endpoint.clone());
         let request = match ask {
             Ask::Turns {
@@ -226,7 +271,9 @@ impl Upstream {
             } => request.json(&CompletionRequest {
                 model,
                 messages,
-                max_tokens: *max_tokens,
+                max_tokens: max_tokens.filter(|_| field == CapField::MaxTokens),
+                max_completion_tokens: max_tokens
+                    .filter(|_| field == CapField::MaxCompletionTokens),
                 stream,
                 stream_options: stream.then_some(StreamOptions {
                     include_usage: true,
@@ -235,22 +282,24 @@ impl Upstream {
             Ask::Forwarded {
                 request: forwarded, ..
             } => {
-                let body = forwarded.body(model, &self.system_prompt);
+                let body = forwarded.body(model, &self.system_prompt, field);
                 request
                     .header(header::CONTENT_TYPE, "application/json")
                     .header(header::CONTENT_LENGTH, body.len())
                     .body(reqwest::Body::wrap(body))
             }
         };
-        self.answer_head(request, whole_answer).await
+        self.answer_head(request, head, whole).await
     }
 
-    /// Sends `request`, bounding the wait for the response head by the upstream's
-    /// time-out and the whole answer by `whole_answer`; the response once its head says
+    /// Sends `request`, bounding the wait for the response head by `head` (the upstream's
+    /// time-out, or what is left of it) and the whole answer by `whole_answer`; the
+    /// response once its head says
     /// success, else the error its status stands for.
     async fn answer_head(
         &self,
         mut request: reqwest::RequestBuilder,
+        head: Duration,
         whole_answer: Duration,
     ) -> Result<reqwest::Response, LlmError> {
         request = request.timeout(whole_answer);
@@ -260,7 +309,7 @@ impl Upstream {
         if let Some(key) = &self.api_key {
             request = request.bearer_auth(key.expose_secret());
         }
-        let response = tokio::time::timeout(self.timeout, request.send())
+        let response = tokio::time::timeout(head, request.send())
             .await
             .map_err(|_| LlmError::Timeout)?
             .map_err(classify)?;

@@ -94,7 +94,11 @@ fn a_server_certificate_that_cannot_be_verified_stops_start_up_with_one_line_and
     assert_eq!(said.trim().lines().count(), 1, "{said}");
     assert!(said.contains("cannot open DATABASE_URL"), "{said}");
     // Why, once (sqlx's error repeats its source in its own text).
-    assert_eq!(said.matches("invalid peer certificate").count(), 1, "{said}");
+    assert_eq!(
+        said.matches("invalid peer certificate").count(),
+        1,
+        "{said}"
+    );
     if let Some(password) = password.filter(|password| !password.is_empty()) {
         let everything = format!("{said}{}", String::from_utf8_lossy(&output.stdout));
         assert!(!everything.contains(&password), "{everything}");

@@ -7,6 +7,7 @@ mod concurrency;
 mod endings;
 mod holds;
 mod openai;
+mod reasoning_models;
 mod tool_calls;
 mod usage_reports;
 

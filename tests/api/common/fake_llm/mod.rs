@@ -13,6 +13,7 @@
 //! the upstream call.
 
 pub mod answers;
+mod failures;
 mod sse;
 
 use std::{
@@ -36,6 +37,7 @@ use serde_json::{json, Value};
 
 use self::{
     answers::{answer, count_words, user_message, Answer},
+    failures::failure,
     sse::{sse, verbatim_events, Break, StreamPlan},
 };
 
@@ -99,6 +101,9 @@ pub enum Reply {
     /// Streamed: these chunks, each an event, then silence, the body left open until
     /// tokenchat goes away. Not streamed: like `Echo`.
     OpenAfter(Vec<Value>),
+    /// An OpenAI reasoning model: refuses a request with `max_tokens` (400,
+    /// `unsupported_parameter`), answers the others as `Echo` does.
+    Reasoning,
     /// Busy with this status (429, 503) and, when given, this `Retry-After`.
     Busy {
         status: u16,
@@ -285,68 +290,6 @@ fn receive(
     }
 }
 
-/// The answer of a reply that fails the same way whatever was asked; `None` for the others.
-fn failure(reply: &Reply, headers: &HeaderMap) -> Option<Response> {
-    Some(match reply {
-        // A real upstream's 401 repeats the key it was given, which must go no further.
-        Reply::Status(401) => (
-            StatusCode::UNAUTHORIZED,
-            Json(json!({ "error": {
-                "message": format!("Incorrect API key provided: {:?}", headers.get("authorization")),
-                "type": "invalid_request_error", "param": null, "code": "invalid_api_key",
-            } })),
-        )
-            .into_response(),
-        Reply::Status(code) => (
-            StatusCode::from_u16(*code).unwrap(),
-            Json(json!({ "error": { "message": "the fake model is failing", "type": "server_error" } })),
-        )
-            .into_response(),
-        Reply::Reject(code) => (
-            StatusCode::from_u16(*code).unwrap(),
-            Json(json!({ "error": {
-                "message": REJECTION, "type": "invalid_request_error",
-                "param": "tools[0].function.parameters", "code": "invalid_function_parameters",
-            } })),
-        )
-            .into_response(),
-        Reply::RejectRepeatingTheKey => (
-            StatusCode::BAD_REQUEST,
-            Json(json!({ "error": {
-                "message": format!(
-                    "Unrecognized request argument; you sent {}",
-                    headers.get("authorization").map_or("no key", |key| key.to_str().unwrap())
-                ),
-                "type": "invalid_request_error", "param": null, "code": null,
-            } })),
-        )
-            .into_response(),
-        Reply::RedirectTo(location) => (
-            StatusCode::TEMPORARY_REDIRECT,
-            [(header::LOCATION, location.clone())],
-        )
-            .into_response(),
-        Reply::Busy {
-            status,
-            retry_after,
-        } => {
-            let mut response = (
-                StatusCode::from_u16(*status).unwrap(),
-                Json(json!({ "error": { "message": "Rate limit reached", "type": "requests", "code": "rate_limit_exceeded" } })),
-            )
-                .into_response();
-            if let Some(after) = retry_after {
-                response
-                    .headers_mut()
-                    .insert(header::RETRY_AFTER, after.parse().unwrap());
-            }
-            response
-        }
-        Reply::Garbage => (StatusCode::OK, "<html>definitely not json</html>").into_response(),
-        _ => return None,
-    })
-}
-
 /// `chunks` as server-sent events, then `[DONE]` when `done`.
 /// The model as the upstream names it: the name asked, with a date, as OpenAI does.
 fn upstream_name(body: &Value) -> String {
@@ -369,7 +312,7 @@ async fn completions(
         tokio::time::sleep(delay).await;
     }
     // These fail before a stream would begin, so they answer the same either way.
-    if let Some(failed) = failure(&reply, &headers) {
+    if let Some(failed) = failure(&reply, &headers, &body) {
         return failed;
     }
     let mut answered = answer(&body);
@@ -445,7 +388,7 @@ async fn embeddings(
     if let Reply::Stall(delay) = reply {
         tokio::time::sleep(delay).await;
     }
-    if let Some(failed) = failure(&reply, &headers) {
+    if let Some(failed) = failure(&reply, &headers, &body) {
         return failed;
     }
     if let Reply::NoChoices = reply {
