@@ -262,3 +262,75 @@ async fn a_low_balance_lowers_a_completions_cap_whole_and_streamed() {
     assert_eq!(last_sent(&again)["max_tokens"], 20);
     again.assert_all_settled().await;
 }
+
+/// The chunks of a streamed completion, `[DONE]` left out (checked to be last).
+fn streamed_chunks(events: &[String]) -> Vec<Value> {
+    assert_eq!(
+        events.last().map(String::as_str),
+        Some("[DONE]"),
+        "{events:?}"
+    );
+    let chunks = events[..events.len() - 1].iter();
+    chunks
+        .map(|data| serde_json::from_str(data).unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_model_s_only_usage_beside_its_last_choice_reaches_the_client_once_with_the_charge() {
+    let app = priced_app(&[]).await;
+    let key = key_of(&app, "sdk").await;
+    let chunk = |delta: Value, finish: Value, usage: Value| {
+        json!({ "id": "x", "object": "chat.completion.chunk", "model": "llama3.2", "usage": usage,
+                "choices": [{ "index": 0, "delta": delta, "finish_reason": finish }] })
+    };
+    let usage = json!({ "prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7,
+                        "prompt_tokens_details": { "cached_tokens": 1 } });
+    // As Mistral and Gemini's OpenAI endpoint stream: the usage on the finishing chunk, and
+    // no usage chunk after it. Then the same with a count left out, which tokenchat counts.
+    let partial = json!({ "prompt_tokens": 5 });
+    let mut balance = 4000;
+    for (usage, complete) in [(usage, true), (partial, false)] {
+        let chunks = vec![
+            chunk(
+                json!({ "role": "assistant", "content": "Hi" }),
+                Value::Null,
+                Value::Null,
+            ),
+            chunk(json!({}), json!("stop"), usage.clone()),
+        ];
+        let whole = json!({});
+        app.llm.set_reply(Reply::Verbatim { whole, chunks });
+        let body = json!({ "model": "llama3.2", "stream": true,
+                           "stream_options": { "include_usage": true },
+                           "messages": [{ "role": "user", "content": "hi" }] });
+        let chunks = streamed_chunks(&stream_completion(&app, &key, body).await);
+        let usages: Vec<&Value> = chunks
+            .iter()
+            .map(|chunk| &chunk["usage"])
+            .filter(|usage| !usage.is_null())
+            .collect();
+        assert_eq!(usages.len(), 1, "{chunks:?}");
+        let charged = app.balance(&key).await;
+        assert_eq!(usages[0]["cost"], balance - charged, "{chunks:?}");
+        balance = charged;
+        let finishing = chunks
+            .iter()
+            .find(|chunk| chunk["choices"][0]["finish_reason"] == "stop");
+        let finishing = finishing.expect("the finishing chunk");
+        if complete {
+            // The model's own, where it put it, details and all: 5 + ceil((4 + 0.5 + 4)).
+            assert_eq!(
+                finishing["usage"]["prompt_tokens_details"]["cached_tokens"],
+                1
+            );
+            assert_eq!(finishing["usage"]["cost"], REQUEST + 9);
+        } else {
+            // tokenchat's count, in a usage chunk of its own; none left beside the choice.
+            assert!(finishing["usage"].is_null(), "{chunks:?}");
+            assert_eq!(chunks.last().unwrap()["choices"], json!([]), "{chunks:?}");
+            assert!(usages[0]["completion_tokens"].as_i64().unwrap() > 0);
+        }
+    }
+    app.assert_all_settled().await;
+}
