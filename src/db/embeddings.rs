@@ -135,7 +135,7 @@ pub async fn settle_answered(
         return Ok(None);
     };
     let settled = ledger::Settled::Embedding(embedding_id);
-    let balance_after = ledger::balance_after_settling(db, settling, settled).await?;
+    let balance_after = ledger::balance_after_settling(db, settling, settled).await;
     Ok(Some((balance_after, settling.0)))
 }
 

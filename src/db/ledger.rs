@@ -111,20 +111,26 @@ pub(super) enum Settled {
 
 /// The balance right after a settlement: the row it wrote's (a held call's charge, or the
 /// rest given back of one reserved in the ledger), or the reservation's when nothing came
-/// back.
+/// back. Never an error: the settlement is committed, so the call is answered and paid
+/// whatever this read meets; on PostgreSQL a failed read gives the statement's own figure.
 pub(super) async fn balance_after_settling(
     db: &Db,
     (charged, reserved, held, reservation_balance, tokens_before): Settling,
     settled: Settled,
-) -> Result<i64, sqlx::Error> {
-    Ok(match db {
+) -> i64 {
+    // The balance the settlement left as its statement saw it.
+    let as_seen = if held {
+        tokens_before - charged
+    } else {
+        tokens_before + (reserved - charged)
+    };
+    match db {
         _ if !held && charged == reserved => reservation_balance.unwrap_or(tokens_before),
         // SQLite computes `RETURNING` before the statement's AFTER triggers run, and its one
         // writer lets nothing move the balance in between: the row's balance is the balance
         // before it less the charge, or plus what it gave back. (Checked by the tests, which
         // compare it with the row's `balance_after`.)
-        Db::Sqlite(_) if held => tokens_before - charged,
-        Db::Sqlite(_) => tokens_before + (reserved - charged),
+        Db::Sqlite(_) => as_seen,
         // PostgreSQL's `RETURNING` reads the statement's snapshot, which a concurrent commit
         // may have moved past; nor can it see a row its trigger wrote: the row is read.
         Db::Postgres(pool) => {
@@ -146,7 +152,17 @@ pub(super) async fn balance_after_settling(
                 }
             };
             let (Settled::Chat(id) | Settled::Embedding(id)) = settled;
-            sqlx::query_scalar(sql).bind(id).fetch_one(pool).await?
+            match sqlx::query_scalar(sql).bind(id).fetch_one(pool).await {
+                Ok(balance_after) => balance_after,
+                Err(err) => {
+                    tracing::warn!(
+                        error = %err,
+                        "the balance after a committed settlement could not be read: \
+                         answering with the figure its statement saw"
+                    );
+                    as_seen
+                }
+            }
         }
-    })
+    }
 }

@@ -173,7 +173,7 @@ pub async fn settle_answered(
         return Ok(None);
     };
     let balance_after =
-        ledger::balance_after_settling(db, settling, ledger::Settled::Chat(chat_id)).await?;
+        ledger::balance_after_settling(db, settling, ledger::Settled::Chat(chat_id)).await;
     Ok(Some(Settled {
         balance_after,
         charged: settling.0,

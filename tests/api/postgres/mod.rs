@@ -6,6 +6,7 @@ mod abuse_limits;
 mod alerts;
 mod instances;
 mod key_limits;
+mod outages;
 mod tls;
 
 use instances::{chat, http_client, TwoInstances};
@@ -200,96 +201,6 @@ async fn chats_of_a_killed_process_are_refunded_once_by_the_other() {
         3
     );
     assert!(pair.audit().status.success());
-}
-
-/// A TCP proxy on a loopback port in front of the PostgreSQL server, which a test can cut
-/// (every connection through it dropped, new ones refused) and restore, so a database
-/// outage can be staged without disturbing the other tests sharing the server.
-struct CuttableProxy {
-    address: std::net::SocketAddr,
-    open: std::sync::Arc<tokio::sync::watch::Sender<bool>>,
-}
-
-impl CuttableProxy {
-    async fn start(upstream: std::net::SocketAddr) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap();
-        let open = std::sync::Arc::new(tokio::sync::watch::channel(true).0);
-        let switch = open.clone();
-        tokio::spawn(async move {
-            loop {
-                let Ok((mut client, _)) = listener.accept().await else {
-                    return;
-                };
-                let mut cut = switch.subscribe();
-                if !*cut.borrow() {
-                    continue; // dropped: refused
-                }
-                tokio::spawn(async move {
-                    let Ok(mut server) = tokio::net::TcpStream::connect(upstream).await else {
-                        return;
-                    };
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
-                        _ = cut.wait_for(|open| !*open) => {}
-                    }
-                });
-            }
-        });
-        Self { address, open }
-    }
-
-    fn cut(&self) {
-        self.open.send_replace(false);
-    }
-
-    fn restore(&self) {
-        self.open.send_replace(true);
-    }
-}
-
-#[tokio::test]
-async fn while_the_database_is_away_requests_are_503_and_afterwards_all_is_well() {
-    if !on_postgres() {
-        println!("skipped: runs in the PostgreSQL run of the suite");
-        return;
-    }
-    let database = TestDatabase::create().await;
-    let mut through_proxy = reqwest::Url::parse(database.url()).unwrap();
-    let upstream = (
-        through_proxy.host_str().unwrap().to_string(),
-        through_proxy.port().unwrap_or(5432),
-    );
-    let upstream = tokio::net::lookup_host(upstream)
-        .await
-        .unwrap()
-        .next()
-        .unwrap();
-    let proxy = CuttableProxy::start(upstream).await;
-    through_proxy.set_port(Some(proxy.address.port())).unwrap();
-    let app = crate::common::TestApp::with_env(&[("DATABASE_URL", through_proxy.as_str())]).await;
-    let token = app.user_with_token("user").await;
-    assert_eq!(app.chat(&token, "before").await.status, 200);
-
-    proxy.cut();
-    for _ in 0..2 {
-        app.chat(&token, "during").await.assert_error(
-            axum::http::StatusCode::SERVICE_UNAVAILABLE,
-            "database_unavailable",
-        );
-    }
-    assert_eq!(
-        app.llm.calls(),
-        1,
-        "the model was asked while the database was away"
-    );
-
-    proxy.restore();
-    let after = app.chat(&token, "after").await;
-    assert_eq!(after.status, 200, "{after:?}");
-    assert_eq!(app.balance(&token).await, 3800);
-    app.assert_all_settled().await;
-    drop(database);
 }
 
 #[test]
