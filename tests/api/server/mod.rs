@@ -3,6 +3,7 @@
 //! restarts).
 
 mod binary;
+mod disk_full;
 pub(crate) use binary::Server;
 
 use std::time::Duration;
