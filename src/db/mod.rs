@@ -26,7 +26,7 @@ pub use crate::clock::unix_now;
 
 use sqlx::{
     postgres::PgConnectOptions,
-    sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous},
+    sqlite::{SqliteConnectOptions, SqliteError, SqliteJournalMode, SqliteSynchronous},
     ConnectOptions, Postgres, Sqlite,
 };
 
@@ -454,7 +454,8 @@ pub async fn migration_state(db: &Db) -> Result<MigrationState, sqlx::Error> {
 }
 
 /// Whether `err` says the database could not be reached (down, restarting, the network
-/// gone), which passes by itself, rather than that a statement failed.
+/// gone, a SQLite file another process holds locked), which passes by itself, rather than
+/// that a statement failed.
 pub fn is_unreachable(err: &sqlx::Error) -> bool {
     match err {
         sqlx::Error::Io(_)
@@ -462,6 +463,12 @@ pub fn is_unreachable(err: &sqlx::Error) -> bool {
         | sqlx::Error::PoolTimedOut
         | sqlx::Error::PoolClosed
         | sqlx::Error::WorkerCrashed => true,
+        // SQLITE_BUSY and SQLITE_LOCKED, and their extended codes: past the busy timeout,
+        // another process still holds the file (a backup, an operator's `sqlite3`).
+        sqlx::Error::Database(db) if db.try_downcast_ref::<SqliteError>().is_some() => db
+            .code()
+            .and_then(|code| code.parse::<i32>().ok())
+            .is_some_and(|code| matches!(code & 0xff, 5 | 6)),
         // PostgreSQL's connection exceptions (class 08) and operator interventions such as
         // a shutdown or a restart (57P01 to 57P03).
         sqlx::Error::Database(db) => db.code().is_some_and(|code| {

@@ -1,7 +1,8 @@
 //! The database and the command line: a process with another time-out refunds no live
 //! chat, expired tokens are swept, the schema and `grant` keep balances whole and under the
 //! ceiling, the database file is private, and the operator's commands work with
-//! registration closed or no address to listen on.
+//! registration closed or no address to listen on; a SQLite file another process holds
+//! locked is 503, as a database away is.
 
 use std::time::Duration;
 
@@ -261,4 +262,35 @@ fn a_server_that_cannot_listen_creates_no_database() {
     assert_eq!(output.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&output.stderr).contains("cannot listen on BIND_ADDR"));
     assert!(!dir.path().join("tokenchat.db").exists());
+}
+
+#[tokio::test]
+async fn a_sqlite_file_another_process_holds_locked_is_503_database_unavailable_while_it_lasts() {
+    let app = TestApp::new().await;
+    let crate::common::database::TestDatabase::Sqlite { path, .. } = &app.database else {
+        println!("skipped: SQLite's file lock");
+        return;
+    };
+    let token = app.user_with_token("user").await;
+    // An operator's `sqlite3` in a write transaction, past the busy time-out (10 s).
+    let url = format!("sqlite://{}", path.display());
+    let mut holder = <sqlx::SqliteConnection as sqlx::Connection>::connect(&url)
+        .await
+        .unwrap();
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    app.chat(&token, "while locked")
+        .await
+        .assert_error(StatusCode::SERVICE_UNAVAILABLE, "database_unavailable");
+    assert_eq!(
+        app.llm.calls(),
+        0,
+        "the model was asked without a reservation"
+    );
+    sqlx::query("ROLLBACK").execute(&mut holder).await.unwrap();
+    assert_eq!(app.chat(&token, "after").await.status, StatusCode::OK);
+    assert_eq!(app.balance(&token).await, 3900);
+    app.assert_all_settled().await;
 }
