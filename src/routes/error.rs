@@ -69,6 +69,10 @@ pub enum ApiError {
     PayloadTooLarge,
     #[error("request body must be JSON or form data")]
     UnsupportedMediaType,
+    /// A compressed body (RFC 9110 answers a coding the server does not take with 415).
+    #[error("request body must be sent as it is: no Content-Encoding is taken")]
+    #[strum(serialize = "unsupported_media_type")]
+    UnsupportedEncoding,
     #[error("this Idempotency-Key was already used with a different request")]
     IdempotencyKeyReused,
     #[error("a request with this Idempotency-Key is still in progress")]
@@ -130,7 +134,9 @@ impl ApiError {
             Self::UsernameTaken | Self::RequestInProgress => StatusCode::CONFLICT,
             Self::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::UnsupportedMediaType | Self::UnsupportedEncoding => {
+                StatusCode::UNSUPPORTED_MEDIA_TYPE
+            }
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::RegistrationClosed
             | Self::Forbidden(_)

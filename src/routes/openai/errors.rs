@@ -89,7 +89,7 @@ pub async fn openai_errors(response: Response) -> Response {
             (bare.error, bare.code.to_string())
         }
     };
-    if status == StatusCode::UNSUPPORTED_MEDIA_TYPE {
+    if message == ApiError::UnsupportedMediaType.to_string() {
         // The contract's words name form data too, which `/v1` does not read.
         message = "request body must be JSON (Content-Type: application/json)".to_string();
     }

@@ -116,6 +116,54 @@ async fn other_content_types_get_415() {
 }
 
 #[tokio::test]
+async fn a_compressed_body_is_415_naming_the_encoding_and_never_read_as_it_came() {
+    let app = TestApp::new().await;
+    let token = app.user_with_token("user").await;
+    let authorization = format!("Token {token}");
+    // A coding that would change the bytes (gzip's magic, not JSON), one whose bytes are
+    // plain JSON all the same, and a list with one of them: none is taken.
+    for (encoding, body) in [
+        ("gzip", "\u{1f}\u{8b}\u{8}\u{0}"),
+        ("br", r#"{"message":"hi"}"#),
+        ("identity, gzip", r#"{"message":"hi"}"#),
+    ] {
+        let refused = app
+            .request(
+                Method::POST,
+                "/chat",
+                &[
+                    ("authorization", &authorization),
+                    ("content-type", "application/json"),
+                    ("content-encoding", encoding),
+                ],
+                body,
+            )
+            .await;
+        refused.assert_error(StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type");
+        assert!(refused.json["error"]
+            .as_str()
+            .unwrap()
+            .contains("Content-Encoding"));
+    }
+    assert_eq!(app.llm.calls(), 0);
+    assert_eq!(app.balance(&token).await, 4000);
+    // `identity` is no coding at all.
+    let plain = app
+        .request(
+            Method::POST,
+            "/chat",
+            &[
+                ("authorization", &authorization),
+                ("content-type", "application/json"),
+                ("content-encoding", "identity"),
+            ],
+            r#"{"message":"hi"}"#,
+        )
+        .await;
+    assert_eq!(plain.status, StatusCode::OK, "{plain:?}");
+}
+
+#[tokio::test]
 async fn a_body_in_another_format_is_415_even_where_no_body_is_read() {
     let app = TestApp::new().await;
     let token = app.user_with_token("user").await;

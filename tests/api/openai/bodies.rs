@@ -102,3 +102,31 @@ async fn v1_refuses_a_body_that_is_not_json_saying_it_reads_json_only() {
     assert_eq!(app.llm.calls(), 0);
     assert_eq!(app.balance(&key).await, 4000);
 }
+
+#[tokio::test]
+async fn a_compressed_body_is_openai_s_415_saying_so() {
+    let app = TestApp::new().await;
+    let key = key_of(&app, "user").await;
+    let authorization = format!("Bearer {key}");
+    let refused = app
+        .request(
+            Method::POST,
+            "/v1/chat/completions",
+            &[
+                ("authorization", &authorization),
+                ("content-type", "application/json"),
+                ("content-encoding", "gzip"),
+            ],
+            "\u{1f}\u{8b}\u{8}\u{0}",
+        )
+        .await;
+    assert_openai_error(
+        &refused,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "invalid_request_error",
+        "unsupported_media_type",
+    );
+    let message = refused.json["error"]["message"].as_str().unwrap();
+    assert!(message.contains("Content-Encoding"), "{message}");
+    assert_eq!(app.llm.calls(), 0);
+}
