@@ -1,5 +1,5 @@
 //! CORS, as tower-http's `CorsLayer::permissive()` answered it: any origin, method and
-//! header, every response header exposed, no credentials.
+//! header (`Authorization` named as well), every response header exposed, no credentials.
 //!
 //! Written here rather than taken from tower-http because its layer builds a header map and
 //! joins its `Vary` value anew for every response: 12 of the 45 allocations a `GET /health`
@@ -15,6 +15,10 @@ use axum::{
 };
 
 const ANY: HeaderValue = HeaderValue::from_static("*");
+/// Any request header, and `Authorization` by name: the Fetch standard's `*` covers every
+/// header but that one, so a browser that follows it (Firefox) would refuse a page's call
+/// with a token.
+const ANY_HEADER: HeaderValue = HeaderValue::from_static("*, authorization");
 const VARY: HeaderValue = HeaderValue::from_static(
     "origin, access-control-request-method, access-control-request-headers",
 );
@@ -34,7 +38,7 @@ pub fn preflight_answer() -> Response {
     let headers = response.headers_mut();
     headers.append(header::VARY, VARY);
     headers.insert(header::ACCESS_CONTROL_ALLOW_METHODS, ANY);
-    headers.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, ANY);
+    headers.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, ANY_HEADER);
     headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, ANY);
     response
 }
