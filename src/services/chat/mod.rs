@@ -434,7 +434,7 @@ impl ChatInFlight {
                 match settled.await {
                     Ok(Some(settled)) => {
                         self.count_answered(settled.charged, metering);
-                        self.count_model_tokens(&settlement.usage);
+                        self.count_model_tokens(&metering::as_reported(completion.usage));
                         chats.alerts.charged(self.user_id, self.budgets.key_id());
                         return Ok(ChatAnswer {
                             chat_id,

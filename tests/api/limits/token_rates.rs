@@ -195,3 +195,24 @@ async fn an_absurd_usage_holds_the_rate_shut_for_a_week_at_most_and_never_breaks
         "{wait}"
     );
 }
+
+#[tokio::test]
+async fn a_priced_model_that_reports_no_usage_uses_none_of_the_tokens_a_minute() {
+    // tokenchat counts such an answer itself to charge it, the `/v1` prompt by its bound;
+    // the tokens a minute are the model's reported tokens only.
+    let app = crate::prices::priced_app(&[]).await;
+    app.llm.set_reply(Reply::EchoWithoutUsage);
+    let token = app.user_with_token("user").await;
+    let (key, _) = key_with(&app, &token, json!({ "tpm": 50 })).await;
+    for _ in 0..2 {
+        let answered = ask(&app, &key).await;
+        assert_eq!(answered.status, StatusCode::OK, "{answered:?}");
+        let chatted = app.chat(&key, "and here").await;
+        assert_eq!(chatted.status, StatusCode::OK, "{chatted:?}");
+    }
+    // Each call's count, had it one, is made beside its answer: long done by now.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let third = ask(&app, &key).await;
+    assert_eq!(third.status, StatusCode::OK, "{third:?}");
+    assert_eq!(header(&third, "x-ratelimit-remaining-tokens"), "50");
+}
