@@ -15,7 +15,7 @@ use serde_json::value::RawValue;
 use super::{
     completion::{completion_id, finish_reason, stored_tool_calls, CompletionUsage},
     errors::openai_error,
-    relay::{is_usage_chunk, relay, Charge},
+    relay::{is_usage_chunk, relay, usage_apart, Charge},
 };
 use crate::{
     clock::unix_now,
@@ -159,92 +159,75 @@ pub(super) fn chunk_stream(started: StreamedChat, model: String, include_usage: 
     // The model's usage chunk (the one without choices), until the charge is known, and
     // whether its usage could be read. A chunk that carries the usage so far beside its
     // choices goes on at once, as it came, unless it also finishes one: some models (Mistral,
-    // Gemini's OpenAI endpoint) put their only usage there, and send no usage chunk. That one
-    // is held until the next chunk, to go as it came, or the end, to go with the charge as
-    // the stream's one usage, so that a client adding up the usages it sees counts it once.
+    // Gemini's OpenAI endpoint) put their only usage there and send no usage chunk, so that
+    // usage goes on apart, as a usage chunk of its own at the end (with the charge), and the
+    // chunk at once without it: a client adding up the usages it sees counts it once.
     let mut usage_chunk: Option<(String, bool)> = None;
-    let mut held: Option<String> = None;
     let events = chat
         .events
-        .map(move |event| {
-            let mut out: Vec<String> = Vec::new();
-            // Anything after a held chunk lets it go as it came.
-            if !matches!(event, StreamEvent::Done { .. } | StreamEvent::Failed { .. }) {
-                let released = held.take();
-                out.extend(
-                    released.and_then(|chunk| relay(chunk, &head.model, true, Charge::None)),
-                );
+        .map(move |event| match event {
+            StreamEvent::Chunk(chunk) if chunk.data.is_empty() => Vec::new(),
+            // Only a chunk with a usage read, or one naming no choice, is read again for
+            // it: OpenAI writes `"usage": null` in every chunk of such a stream.
+            StreamEvent::Chunk(chunk)
+                if include_usage
+                    && (chunk.usage.is_some() || chunk.choices.named == 0)
+                    && is_usage_chunk(&chunk.data) =>
+            {
+                usage_chunk = Some((chunk.data, chunk.usage.is_some()));
+                Vec::new()
             }
-            match event {
-                StreamEvent::Chunk(chunk) if chunk.data.is_empty() => {}
-                // Only a chunk with a usage read, or one naming no choice, is read again for
-                // it: OpenAI writes `"usage": null` in every chunk of such a stream.
-                StreamEvent::Chunk(chunk)
-                    if include_usage
-                        && (chunk.usage.is_some() || chunk.choices.named == 0)
-                        && is_usage_chunk(&chunk.data) =>
-                {
-                    usage_chunk = Some((chunk.data, chunk.usage.is_some()));
+            StreamEvent::Chunk(chunk) if include_usage && chunk.choices.finished != 0 => {
+                let apart = usage_apart(&chunk.data);
+                let keep_usage = apart.is_none();
+                if let Some(apart) = apart {
+                    usage_chunk = Some((apart, chunk.usage.is_some()));
                 }
-                StreamEvent::Chunk(chunk)
-                    if include_usage && chunk.usage.is_some() && chunk.choices.finished != 0 =>
-                {
-                    held = Some(chunk.data);
-                }
-                StreamEvent::Chunk(chunk) => {
-                    out.extend(relay(chunk.data, &head.model, include_usage, Charge::None));
-                }
-                StreamEvent::Replayed { text, tool_calls } => {
-                    out.extend(head.replayed(&text, stored_tool_calls(tool_calls)));
-                }
-                StreamEvent::Done {
-                    usage,
-                    charged,
-                    counted,
-                    ..
-                } => {
-                    if include_usage {
-                        match (usage_chunk.take(), held.take()) {
-                            (Some((chunk, true)), held) if counted.is_none() => {
-                                let held = held.and_then(|chunk| {
-                                    relay(chunk, &head.model, true, Charge::None)
-                                });
-                                out.extend(held);
-                                out.extend(relay(chunk, &head.model, true, Charge::Cost(charged)));
-                            }
-                            // The model's one usage, beside its last choices, with the charge.
-                            (None, Some(held)) if counted.is_none() => {
-                                out.extend(relay(held, &head.model, true, Charge::Cost(charged)));
-                            }
-                            // None sent, none readable, or a count left out (and counted): one
-                            // of tokenchat's own in its place (a held chunk goes without its
-                            // usage).
-                            (_, held) => {
-                                let held = held.and_then(|chunk| {
-                                    relay(chunk, &head.model, false, Charge::None)
-                                });
-                                out.extend(held);
-                                let usage = CompletionUsage::charged(counted.or(usage), charged);
-                                out.push(head.chunk(None, Some(usage)));
-                            }
+                relay(chunk.data, &head.model, keep_usage, Charge::None)
+                    .into_iter()
+                    .collect()
+            }
+            StreamEvent::Chunk(chunk) => {
+                relay(chunk.data, &head.model, include_usage, Charge::None)
+                    .into_iter()
+                    .collect()
+            }
+            StreamEvent::Replayed { text, tool_calls } => {
+                head.replayed(&text, stored_tool_calls(tool_calls))
+            }
+            StreamEvent::Done {
+                usage,
+                charged,
+                counted,
+                ..
+            } => {
+                let mut last = Vec::new();
+                if include_usage {
+                    match usage_chunk.take() {
+                        Some((chunk, true)) if counted.is_none() => {
+                            last.extend(relay(chunk, &head.model, true, Charge::Cost(charged)));
+                        }
+                        // None sent, none readable, or a count left out (and counted): one
+                        // of tokenchat's own in its place.
+                        _ => {
+                            let usage = CompletionUsage::charged(counted.or(usage), charged);
+                            last.push(head.chunk(None, Some(usage)));
                         }
                     }
-                    out.push("[DONE]".to_string());
                 }
-                StreamEvent::Failed { error, charged } => {
-                    let released = held.take();
-                    out.extend(
-                        released.and_then(|chunk| relay(chunk, &head.model, true, Charge::None)),
-                    );
-                    if let Some((chunk, _)) = usage_chunk.take() {
-                        out.extend(relay(chunk, &head.model, true, Charge::Cost(charged)));
-                    }
-                    let envelope = ApiError::from(error).envelope();
-                    let error = openai_error(&envelope.error, envelope.code, envelope.field, 500);
-                    out.push(event_data(&error));
-                }
+                last.push("[DONE]".to_string());
+                last
             }
-            out
+            StreamEvent::Failed { error, charged } => {
+                let mut last = Vec::new();
+                if let Some((chunk, _)) = usage_chunk.take() {
+                    last.extend(relay(chunk, &head.model, true, Charge::Cost(charged)));
+                }
+                let envelope = ApiError::from(error).envelope();
+                let error = openai_error(&envelope.error, envelope.code, envelope.field, 500);
+                last.push(event_data(&error));
+                last
+            }
         })
         .flat_map(stream::iter)
         .map(|data| Ok::<_, Infallible>(Event::default().data(data)));

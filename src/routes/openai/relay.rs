@@ -94,6 +94,23 @@ pub(super) fn is_usage_chunk(chunk: &str) -> bool {
     })
 }
 
+/// A chunk that carries a usage (readable or not) beside its choices, as a usage chunk of
+/// its own: the same fields, its choices none. `None` when it carries no usage.
+pub(super) fn usage_apart(chunk: &str) -> Option<String> {
+    if !chunk.contains(r#""usage""#) {
+        return None;
+    }
+    let fields = Fields::parse(chunk).ok()?;
+    let usage = fields.get("usage").map(|usage| usage.get().trim());
+    if usage.is_none_or(|usage| usage == "null") {
+        return None;
+    }
+    Some(write_object(fields.raw().map(|(name, value)| match name {
+        "choices" => (name, "[]"),
+        _ => (name, value.get()),
+    })))
+}
+
 fn holds_choices(fields: &Fields<'_>) -> bool {
     fields.get("choices").is_some_and(|choices| {
         let choices = choices.get().trim();

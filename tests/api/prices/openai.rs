@@ -287,10 +287,12 @@ async fn a_model_s_only_usage_beside_its_last_choice_reaches_the_client_once_wit
     let usage = json!({ "prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7,
                         "prompt_tokens_details": { "cached_tokens": 1 } });
     // As Mistral and Gemini's OpenAI endpoint stream: the usage on the finishing chunk, and
-    // no usage chunk after it. Then the same with a count left out, which tokenchat counts.
+    // no usage chunk after it. Then the same with a count left out, and with one that cannot
+    // be read, which tokenchat counts.
     let partial = json!({ "prompt_tokens": 5 });
     let mut balance = 4000;
-    for (usage, complete) in [(usage, true), (partial, false)] {
+    let unreadable = json!({ "prompt_tokens": "many" });
+    for (usage, complete) in [(usage, true), (partial, false), (unreadable, false)] {
         let chunks = vec![
             chunk(
                 json!({ "role": "assistant", "content": "Hi" }),
@@ -314,22 +316,21 @@ async fn a_model_s_only_usage_beside_its_last_choice_reaches_the_client_once_wit
         let charged = app.balance(&key).await;
         assert_eq!(usages[0]["cost"], balance - charged, "{chunks:?}");
         balance = charged;
+        // Apart from the choice, as OpenAI sends it: the stream's last chunk, choice-less.
         let finishing = chunks
             .iter()
             .find(|chunk| chunk["choices"][0]["finish_reason"] == "stop");
         let finishing = finishing.expect("the finishing chunk");
+        assert!(finishing["usage"].is_null(), "{chunks:?}");
+        let last = chunks.last().unwrap();
+        assert_eq!(last["choices"], json!([]), "{chunks:?}");
         if complete {
-            // The model's own, where it put it, details and all: 5 + ceil((4 + 0.5 + 4)).
-            assert_eq!(
-                finishing["usage"]["prompt_tokens_details"]["cached_tokens"],
-                1
-            );
-            assert_eq!(finishing["usage"]["cost"], REQUEST + 9);
+            // The model's own, details and all: 5 + ceil(4 + 0.5 + 4).
+            assert_eq!(last["usage"]["prompt_tokens_details"]["cached_tokens"], 1);
+            assert_eq!(last["usage"]["cost"], REQUEST + 9);
         } else {
-            // tokenchat's count, in a usage chunk of its own; none left beside the choice.
-            assert!(finishing["usage"].is_null(), "{chunks:?}");
-            assert_eq!(chunks.last().unwrap()["choices"], json!([]), "{chunks:?}");
-            assert!(usages[0]["completion_tokens"].as_i64().unwrap() > 0);
+            // tokenchat's count in its place.
+            assert!(last["usage"]["completion_tokens"].as_i64().unwrap() > 0);
         }
     }
     app.assert_all_settled().await;
