@@ -27,10 +27,9 @@ impl ChatInFlight {
         self.count_charged(ChatOutcome::Answered, charged, metering);
     }
 
-    /// Counts the model tokens a settled answer's model reported (`as_reported`: none when
-    /// it reported none, never tokenchat's own count, which for a priced `/v1` prompt is a
-    /// bound) in its key's and user's tokens a minute, in a tracked task of its own: the
-    /// answer does not wait for it.
+    /// Counts the model tokens a settled answer used (see `metering::used`) in its key's
+    /// and user's tokens a minute, in a tracked task of its own: the answer does not wait
+    /// for it.
     pub(super) fn count_model_tokens(&self, usage: &db::chats::TokenUsage) {
         // A broken upstream's counts may be negative or near i64::MAX.
         let count = |tokens: Option<i64>| tokens.unwrap_or(0).max(0);

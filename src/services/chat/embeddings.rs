@@ -139,7 +139,9 @@ async fn run(
             match settled.await {
                 Ok(Some((balance, charged))) => {
                     chats.alerts.charged(user_id, budgets.key_id());
-                    let tokens = usage.map_or(0, |usage| usage.total_tokens);
+                    // The tokens a minute count what the model reported, never the bound
+                    // a priced call was charged by when it reported nothing.
+                    let tokens = embedding.usage.map_or(0, |usage| usage.total_tokens);
                     let now_ms = chats.config.clock.now_ms();
                     token_meters.count_in_background(
                         &chats.in_flight.tasks,

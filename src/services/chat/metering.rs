@@ -345,6 +345,20 @@ pub(super) fn counted(settled: &TokenUsage) -> Option<Usage> {
     })
 }
 
+/// The model tokens a settled call used, as its tokens a minute count them: what the model
+/// reported; its completion, when it reported none, as tokenchat counted it to charge it (a
+/// count of what was written), never a prompt's bound.
+pub(super) fn used(reported: Option<Usage>, settled: &TokenUsage) -> TokenUsage {
+    TokenUsage {
+        prompt_tokens: reported.map(|usage| usage.prompt_tokens),
+        completion_tokens: reported
+            .and_then(|usage| usage.completion_tokens)
+            .or(settled.completion_tokens),
+        cached_tokens: None,
+        source: None,
+    }
+}
+
 /// A usage as the model reported it, if it did.
 pub(super) fn as_reported(usage: Option<Usage>) -> TokenUsage {
     TokenUsage {

@@ -434,7 +434,10 @@ impl ChatInFlight {
                 match settled.await {
                     Ok(Some(settled)) => {
                         self.count_answered(settled.charged, metering);
-                        self.count_model_tokens(&metering::as_reported(completion.usage));
+                        self.count_model_tokens(&metering::used(
+                            completion.usage,
+                            &settlement.usage,
+                        ));
                         chats.alerts.charged(self.user_id, self.budgets.key_id());
                         return Ok(ChatAnswer {
                             chat_id,

@@ -307,7 +307,7 @@ impl ChatInFlight {
                 };
                 match db::chats::settle_answered(&chats.db, chat_id, whole).await {
                     Ok(Some(settled)) => {
-                        self.count_model_tokens(&metering::as_reported(usage));
+                        self.count_model_tokens(&metering::used(usage, &settlement.usage));
                         let done = StreamEvent::Done {
                             balance: settled.balance_after,
                             charged: settled.charged,
@@ -337,9 +337,10 @@ impl ChatInFlight {
                     chats.metrics.chat_ended(ChatOutcome::Abandoned, tokens);
                 } else {
                     let (kept, charged) = delivered();
+                    let used = metering::used(usage, &kept.usage);
                     if self.settle_unanswered(chat_id, how, kept).await {
                         chats.alerts.charged(self.user_id, self.budgets.key_id());
-                        self.count_model_tokens(&metering::as_reported(usage));
+                        self.count_model_tokens(&used);
                     }
                     self.count_charged(ChatOutcome::Abandoned, charged, metering);
                 }
@@ -356,6 +357,7 @@ impl ChatInFlight {
                 tracing::info!(chat_id, error = %err, "the model failed after text was delivered: charged");
                 let how = Unanswered::Abandoned { refund: false };
                 let (kept, charged) = delivered();
+                let used = metering::used(usage, &kept.usage);
                 let settled = self.settle_unanswered(chat_id, how, kept).await;
                 let error = ServiceError::from(err);
                 // Not settled here: recovery refunds it (or already did), and counts it.
@@ -363,7 +365,7 @@ impl ChatInFlight {
                 if settled {
                     self.count_charged(failure_outcome(&error), charged, metering);
                     chats.alerts.charged(self.user_id, self.budgets.key_id());
-                    self.count_model_tokens(&metering::as_reported(usage));
+                    self.count_model_tokens(&used);
                 }
                 let failed = StreamEvent::Failed { error, charged };
                 let _ = events.send(failed).await;

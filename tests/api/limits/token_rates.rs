@@ -162,6 +162,26 @@ async fn an_embeddings_calls_tokens_count_in_its_keys_minute_too() {
 }
 
 #[tokio::test]
+async fn a_priced_embeddings_call_that_reports_no_usage_counts_nothing_in_the_minute() {
+    // Charged by its input's bound, which is no measure of use.
+    let app = crate::prices::priced_app(&[]).await;
+    app.llm.set_reply(Reply::EchoWithoutUsage);
+    let token = app.user_with_token("user").await;
+    let (key, _) = key_with(&app, &token, json!({ "tpm": 12 })).await;
+    let words = "one two three four five six seven eight nine ten eleven";
+    let body = json!({ "model": "llama3.2", "input": words });
+    let first = app
+        .post_authorized("/v1/embeddings", &key, body.clone())
+        .await;
+    assert_eq!(first.status, StatusCode::OK, "{first:?}");
+    assert!(first.json["usage"].is_object(), "charged: {first:?}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let second = app.post_authorized("/v1/embeddings", &key, body).await;
+    assert_eq!(second.status, StatusCode::OK, "{second:?}");
+    assert_eq!(header(&second, "x-ratelimit-remaining-tokens"), "12");
+}
+
+#[tokio::test]
 async fn an_absurd_usage_holds_the_rate_shut_for_a_week_at_most_and_never_breaks_it() {
     let app = TestApp::new().await;
     let token = app.user_with_token("user").await;
@@ -197,9 +217,10 @@ async fn an_absurd_usage_holds_the_rate_shut_for_a_week_at_most_and_never_breaks
 }
 
 #[tokio::test]
-async fn a_priced_model_that_reports_no_usage_uses_none_of_the_tokens_a_minute() {
-    // tokenchat counts such an answer itself to charge it, the `/v1` prompt by its bound;
-    // the tokens a minute are the model's reported tokens only.
+async fn a_priced_model_that_reports_no_usage_counts_its_answer_not_the_prompt_s_bound() {
+    // tokenchat counts such an answer itself to charge it, the `/v1` prompt by its bound
+    // (about 200 tokens for "hi"): the tokens a minute count the answer it counted, not the
+    // bound, which is no measure of use.
     let app = crate::prices::priced_app(&[]).await;
     app.llm.set_reply(Reply::EchoWithoutUsage);
     let token = app.user_with_token("user").await;
@@ -210,9 +231,52 @@ async fn a_priced_model_that_reports_no_usage_uses_none_of_the_tokens_a_minute()
         let chatted = app.chat(&key, "and here").await;
         assert_eq!(chatted.status, StatusCode::OK, "{chatted:?}");
     }
-    // Each call's count, had it one, is made beside its answer: long done by now.
+    // Each call's count is made beside its answer: long done by now.
     tokio::time::sleep(Duration::from_millis(300)).await;
+    let answers: i64 = tokenchat::db_run!(&app.state.db, pool => sqlx::query_scalar(
+        "SELECT SUM(completion_tokens) FROM chats",
+    )
+    .fetch_one(pool)
+    .await)
+    .unwrap();
+    assert!(answers > 0 && answers < 50, "{answers}");
     let third = ask(&app, &key).await;
     assert_eq!(third.status, StatusCode::OK, "{third:?}");
-    assert_eq!(header(&third, "x-ratelimit-remaining-tokens"), "50");
+    // A token every 1.2 s comes back meanwhile: at most one by now.
+    let remaining: i64 = header(&third, "x-ratelimit-remaining-tokens")
+        .parse()
+        .unwrap();
+    assert!(
+        (50 - answers..=51 - answers).contains(&remaining),
+        "{remaining} of 50, {answers} answered"
+    );
+}
+
+#[tokio::test]
+async fn a_priced_stream_cut_short_counts_the_answer_it_delivered() {
+    // Charged for what it delivered, it counts that much: what tokenchat counted of the
+    // text, since the model reported nothing before it broke off.
+    let app = crate::prices::priced_app(&[]).await;
+    let token = app.user_with_token("user").await;
+    let (key, _) = key_with(&app, &token, json!({ "tpm": 60 })).await;
+    let events = crate::streaming::stream_to_end(&app, &key, "[die-mid-stream] a b c d").await;
+    assert_eq!(events.last().unwrap().0, "error", "{events:?}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let delivered: i64 = tokenchat::db_run!(&app.state.db, pool => sqlx::query_scalar(
+        "SELECT completion_tokens FROM chats WHERE cost > 0",
+    )
+    .fetch_one(pool)
+    .await)
+    .unwrap();
+    assert!(delivered > 0, "{delivered}");
+    let next = ask(&app, &key).await;
+    assert_eq!(next.status, StatusCode::OK, "{next:?}");
+    // A token a second comes back meanwhile: at most one by now.
+    let remaining: i64 = header(&next, "x-ratelimit-remaining-tokens")
+        .parse()
+        .unwrap();
+    assert!(
+        (60 - delivered..=61 - delivered).contains(&remaining),
+        "{remaining} of 60, {delivered} delivered"
+    );
 }

@@ -46,8 +46,8 @@ use self::{
 pub enum Reply {
     /// `choices[0].message.content` = "Echo: <the user's message>", with `usage`.
     Echo,
-    /// Like `Echo`, but without `usage` (and, streamed, without a usage chunk even when asked),
-    /// as some OpenAI-compatible servers answer.
+    /// Like `Echo`, but without `usage` (and, streamed, without a usage chunk even when asked;
+    /// embeddings without one too), as some OpenAI-compatible servers answer.
     EchoWithoutUsage,
     /// Like `Echo`, but reporting this usage whatever it answered: a model that says it used
     /// more than its cap, or one whose cache served part of the prompt.
@@ -426,11 +426,9 @@ async fn embeddings(
         })
         .collect();
     let tokens: usize = inputs.iter().map(|text| count_words(text)).sum();
-    Json(json!({
-        "object": "list",
-        "data": data,
-        "model": upstream_name(&body),
-        "usage": { "prompt_tokens": tokens, "total_tokens": tokens },
-    }))
-    .into_response()
+    let mut answer = json!({ "object": "list", "data": data, "model": upstream_name(&body) });
+    if !matches!(reply, Reply::EchoWithoutUsage) {
+        answer["usage"] = json!({ "prompt_tokens": tokens, "total_tokens": tokens });
+    }
+    Json(answer).into_response()
 }
