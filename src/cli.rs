@@ -150,12 +150,12 @@ pub async fn run(cli: Cli) -> ExitCode {
 }
 
 /// The context and every cause beneath it, on one line, each cause once: sqlx's errors
-/// repeat their source in their own text, which anyhow's `{:#}` would write again.
+/// end with their source's text, which anyhow's `{:#}` would write again.
 fn one_line(err: &anyhow::Error) -> String {
     let mut line = String::new();
     for cause in err.chain() {
         let text = cause.to_string();
-        if line.contains(&text) {
+        if line.ends_with(&text) {
             continue;
         }
         if !line.is_empty() {

@@ -154,8 +154,18 @@ pub(super) async fn balance_after_settling(
             let (Settled::Chat(id) | Settled::Embedding(id)) = settled;
             match sqlx::query_scalar(sql).bind(id).fetch_one(pool).await {
                 Ok(balance_after) => balance_after,
-                Err(err) => {
+                // The database away for a moment, or (an error) a row the settlement's
+                // trigger did not write: answered all the same, the charge is committed.
+                Err(err) if super::is_unreachable(&err) => {
                     tracing::warn!(
+                        error = %err,
+                        "the balance after a committed settlement could not be read: \
+                         answering with the figure its statement saw"
+                    );
+                    as_seen
+                }
+                Err(err) => {
+                    tracing::error!(
                         error = %err,
                         "the balance after a committed settlement could not be read: \
                          answering with the figure its statement saw"

@@ -464,11 +464,12 @@ pub fn is_unreachable(err: &sqlx::Error) -> bool {
         | sqlx::Error::PoolClosed
         | sqlx::Error::WorkerCrashed => true,
         // SQLITE_BUSY and SQLITE_LOCKED, and their extended codes: past the busy timeout,
-        // another process still holds the file (a backup, an operator's `sqlite3`).
+        // another process still holds the file (a backup, an operator's `sqlite3`);
+        // SQLITE_IOERR and SQLITE_FULL, its disk failing or full, until room is made.
         sqlx::Error::Database(db) if db.try_downcast_ref::<SqliteError>().is_some() => db
             .code()
             .and_then(|code| code.parse::<i32>().ok())
-            .is_some_and(|code| matches!(code & 0xff, 5 | 6)),
+            .is_some_and(|code| matches!(code & 0xff, 5 | 6 | 10 | 13)),
         // PostgreSQL's connection exceptions (class 08) and operator interventions such as
         // a shutdown or a restart (57P01 to 57P03).
         sqlx::Error::Database(db) => db.code().is_some_and(|code| {

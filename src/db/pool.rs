@@ -28,6 +28,9 @@ use sqlx::{
     ConnectOptions, Connection, Database, Describe, Either, Execute, Executor, TransactionManager,
 };
 
+mod statements;
+
+use self::statements::{first_row_of_all, reads_only};
 use super::ACQUIRE_TIMEOUT;
 
 /// How long a connection serves before it is closed and another opened in its place when
@@ -329,38 +332,6 @@ impl<DB: Database> DerefMut for PooledTransaction<DB> {
     }
 }
 
-/// Whether `sql` writes: an `INSERT`, `UPDATE`, `DELETE` or `REPLACE`.
-fn writes(sql: &str) -> bool {
-    let verb = sql.trim_start().get(..7).unwrap_or_default();
-    ["INSERT", "UPDATE", "DELETE", "REPLACE"]
-        .iter()
-        .any(|write| {
-            verb.get(..write.len())
-                .is_some_and(|head| head.eq_ignore_ascii_case(write))
-        })
-}
-
-/// The first row of a statement read to its end. sqlx's SQLite `fetch_optional` stops
-/// after the first row and resets the statement, ignoring what the reset says; a write
-/// outside a transaction commits only as it ends, so a commit that fails there (a full
-/// disk) went unseen: the row `RETURNING` gave was taken for a stored write.
-async fn first_row_of_all<'q, DB: Database>(
-    connection: &mut DB::Connection,
-    query: impl 'q + Execute<'q, DB>,
-) -> Result<Option<DB::Row>, sqlx::Error>
-where
-    for<'x> &'x mut DB::Connection: Executor<'x, Database = DB>,
-{
-    let mut rows = connection.fetch_many(query);
-    let mut first = None;
-    while let Some(row) = rows.try_next().await? {
-        if let Either::Right(row) = row {
-            first.get_or_insert(row);
-        }
-    }
-    Ok(first)
-}
-
 /// Each statement takes a connection and gives it back, as on `&Pool`. `execute`,
 /// `fetch_all` and `fetch_optional` are futures of their own rather than the trait's
 /// defaults over a stream.
@@ -404,7 +375,7 @@ where
         'c: 'e,
         E: 'q + Execute<'q, DB>,
     {
-        let read_to_the_end = DB::NAME == "SQLite" && writes(query.sql());
+        let read_to_the_end = DB::NAME == "SQLite" && !reads_only(query.sql());
         Box::pin(async move {
             let mut connection = self.acquire().await?;
             let outcome = if read_to_the_end {

@@ -169,13 +169,14 @@ impl Forwarded {
         format!("{:x}", hash.finalize())
     }
 
-    /// The body to send upstream, asking for `upstream_model`, with `system_prompt` first
-    /// in `messages` when the client sent no system message of its own.
     /// The output cap tokenchat writes itself: its own when the client set none.
     pub(super) fn written_cap(&self) -> Option<u64> {
         self.output_cap.filter(|_| self.client_cap.is_none())
     }
 
+    /// The body to send upstream, asking for `upstream_model`, with `system_prompt` first
+    /// in `messages` when the client sent no system message of its own, and tokenchat's
+    /// output cap, if it writes one, in the field `cap`.
     pub(super) fn body(&self, upstream_model: &str, system_prompt: &str, cap: CapField) -> Pieces {
         let mut pieces = VecDeque::with_capacity(2 * self.fields.len() + 4);
         let mut head = String::from("{");

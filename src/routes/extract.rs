@@ -178,14 +178,18 @@ fn check_form_is_utf8(body: &[u8]) -> Result<(), Error> {
 
 pub(super) fn body_format(headers: &HeaderMap) -> Result<BodyFormat, Error> {
     // A body read as it came: a compressed one would be taken for bad JSON, or, with a
-    // coding that changes nothing, answered as if the client had not said it.
+    // coding that changes nothing, answered as if the client had not said it. (`utf-8` is
+    // a charset some clients send here by mistake, as they always did: no coding.)
     let encoded = headers
         .get_all(header::CONTENT_ENCODING)
         .iter()
         .any(|value| {
             let codings = value.to_str().unwrap_or("?").split(',');
             let mut codings = codings.map(str::trim).filter(|coding| !coding.is_empty());
-            codings.any(|coding| !coding.eq_ignore_ascii_case("identity"))
+            codings.any(|coding| {
+                let none = ["identity", "utf-8", "utf8"];
+                !none.iter().any(|none| coding.eq_ignore_ascii_case(none))
+            })
         });
     if encoded {
         return Err(Error::UnsupportedEncoding);

@@ -147,20 +147,22 @@ async fn a_compressed_body_is_415_naming_the_encoding_and_never_read_as_it_came(
     }
     assert_eq!(app.llm.calls(), 0);
     assert_eq!(app.balance(&token).await, 4000);
-    // `identity` is no coding at all.
-    let plain = app
-        .request(
-            Method::POST,
-            "/chat",
-            &[
-                ("authorization", &authorization),
-                ("content-type", "application/json"),
-                ("content-encoding", "identity"),
-            ],
-            r#"{"message":"hi"}"#,
-        )
-        .await;
-    assert_eq!(plain.status, StatusCode::OK, "{plain:?}");
+    // `identity` is no coding at all, nor `utf-8`, a charset some clients put there.
+    for encoding in ["identity", "UTF-8"] {
+        let plain = app
+            .request(
+                Method::POST,
+                "/chat",
+                &[
+                    ("authorization", &authorization),
+                    ("content-type", "application/json"),
+                    ("content-encoding", encoding),
+                ],
+                r#"{"message":"hi"}"#,
+            )
+            .await;
+        assert_eq!(plain.status, StatusCode::OK, "{plain:?}");
+    }
 }
 
 #[tokio::test]
