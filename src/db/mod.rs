@@ -15,7 +15,9 @@ pub mod idempotency;
 pub mod ledger;
 mod pool;
 pub mod rates;
+mod tls;
 pub mod tokens;
+mod unreachable;
 pub mod user_limits;
 pub mod users;
 
@@ -26,11 +28,12 @@ pub use crate::clock::unix_now;
 
 use sqlx::{
     postgres::PgConnectOptions,
-    sqlite::{SqliteConnectOptions, SqliteError, SqliteJournalMode, SqliteSynchronous},
+    sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous},
     ConnectOptions, Postgres, Sqlite,
 };
 
 pub use pool::{Connections, PooledTransaction};
+pub use unreachable::is_unreachable;
 
 /// The connection pool every layer above passes around: SQLite or PostgreSQL, chosen at run
 /// time by the scheme of `DATABASE_URL`.
@@ -245,6 +248,7 @@ async fn connect_postgres(
     // filter directive would cost every request's events a look at their target.)
     let quiet = tracing::subscriber::NoSubscriber::default();
     let mut options = tracing::subscriber::with_default(quiet, || PgConnectOptions::from_str(url))?;
+    options = tls::with_default_sslmode(url, options);
     if let Some(timeout) = settings.statement_timeout {
         options = options.options([("statement_timeout", timeout.as_millis().to_string())]);
     }
@@ -451,32 +455,6 @@ pub async fn migration_state(db: &Db) -> Result<MigrationState, sqlx::Error> {
             .count(),
         known: known.iter().count(),
     })
-}
-
-/// Whether `err` says the database could not be reached (down, restarting, the network
-/// gone, a SQLite file another process holds locked), which passes by itself, rather than
-/// that a statement failed.
-pub fn is_unreachable(err: &sqlx::Error) -> bool {
-    match err {
-        sqlx::Error::Io(_)
-        | sqlx::Error::Tls(_)
-        | sqlx::Error::PoolTimedOut
-        | sqlx::Error::PoolClosed
-        | sqlx::Error::WorkerCrashed => true,
-        // SQLITE_BUSY and SQLITE_LOCKED, and their extended codes: past the busy timeout,
-        // another process still holds the file (a backup, an operator's `sqlite3`);
-        // SQLITE_IOERR and SQLITE_FULL, its disk failing or full, until room is made.
-        sqlx::Error::Database(db) if db.try_downcast_ref::<SqliteError>().is_some() => db
-            .code()
-            .and_then(|code| code.parse::<i32>().ok())
-            .is_some_and(|code| matches!(code & 0xff, 5 | 6 | 10 | 13)),
-        // PostgreSQL's connection exceptions (class 08) and operator interventions such as
-        // a shutdown or a restart (57P01 to 57P03).
-        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
-            code.starts_with("08") || matches!(&*code, "57P01" | "57P02" | "57P03")
-        }),
-        _ => false,
-    }
 }
 
 #[cfg(test)]
