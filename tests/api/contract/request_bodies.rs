@@ -115,6 +115,21 @@ async fn other_content_types_get_415() {
     }
 }
 
+/// A JSON `/chat` of `body`, sent with `Content-Encoding: encoding`.
+async fn chat_encoded(
+    app: &TestApp,
+    authorization: &str,
+    encoding: &str,
+    body: &'static str,
+) -> crate::common::TestResponse {
+    let headers = [
+        ("authorization", authorization),
+        ("content-type", "application/json"),
+        ("content-encoding", encoding),
+    ];
+    app.request(Method::POST, "/chat", &headers, body).await
+}
+
 #[tokio::test]
 async fn a_compressed_body_is_415_naming_the_encoding_and_never_read_as_it_came() {
     let app = TestApp::new().await;
@@ -127,40 +142,16 @@ async fn a_compressed_body_is_415_naming_the_encoding_and_never_read_as_it_came(
         ("br", r#"{"message":"hi"}"#),
         ("identity, gzip", r#"{"message":"hi"}"#),
     ] {
-        let refused = app
-            .request(
-                Method::POST,
-                "/chat",
-                &[
-                    ("authorization", &authorization),
-                    ("content-type", "application/json"),
-                    ("content-encoding", encoding),
-                ],
-                body,
-            )
-            .await;
+        let refused = chat_encoded(&app, &authorization, encoding, body).await;
         refused.assert_error(StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type");
-        assert!(refused.json["error"]
-            .as_str()
-            .unwrap()
-            .contains("Content-Encoding"));
+        let message = refused.json["error"].as_str().unwrap();
+        assert!(message.contains("Content-Encoding"), "{message}");
     }
     assert_eq!(app.llm.calls(), 0);
     assert_eq!(app.balance(&token).await, 4000);
     // `identity` is no coding at all, nor `utf-8`, a charset some clients put there.
     for encoding in ["identity", "UTF-8"] {
-        let plain = app
-            .request(
-                Method::POST,
-                "/chat",
-                &[
-                    ("authorization", &authorization),
-                    ("content-type", "application/json"),
-                    ("content-encoding", encoding),
-                ],
-                r#"{"message":"hi"}"#,
-            )
-            .await;
+        let plain = chat_encoded(&app, &authorization, encoding, r#"{"message":"hi"}"#).await;
         assert_eq!(plain.status, StatusCode::OK, "{plain:?}");
     }
 }

@@ -234,7 +234,7 @@ async fn a_priced_model_that_reports_no_usage_counts_its_answer_not_the_prompt_s
     // Each call's count is made beside its answer: long done by now.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let answers: i64 = tokenchat::db_run!(&app.state.db, pool => sqlx::query_scalar(
-        "SELECT SUM(completion_tokens) FROM chats",
+        "SELECT CAST(SUM(completion_tokens) AS BIGINT) FROM chats",
     )
     .fetch_one(pool)
     .await)
