@@ -7,7 +7,6 @@ use std::time::SystemTime;
 use base64::Engine;
 use reqwest::{header, Url};
 use secrecy::{ExposeSecret, SecretString};
-use serde::Deserialize;
 use serde_json::Value;
 
 use crate::{
@@ -98,14 +97,6 @@ impl Credentials {
     }
 }
 
-/// An OpenAI-style error answer: `{"error": {"message", "type", "param", "code"}}`, or the
-/// `{"error": "text"}` some servers send.
-#[derive(Deserialize)]
-struct ErrorAnswer {
-    error: Option<Value>,
-    message: Option<String>,
-}
-
 /// What an error status from the model stands for, by whose fault it is.
 pub(super) async fn refusal(
     response: reqwest::Response,
@@ -163,32 +154,25 @@ async fn rejection(
             Ok(None) | Err(_) => break,
         }
     }
-    let answer: Option<ErrorAnswer> = serde_json::from_slice(&body).ok();
+    read_rejection(status, &body, credentials)
+}
+
+/// [`rejection`] from the body read: OpenAI's `{"error": {"message", "type", "param",
+/// "code"}}`, the same fields at the top (vLLM's `{"object": "error", ...}`), or the
+/// `{"error": "text"}` some servers send.
+fn read_rejection(status: u16, body: &[u8], credentials: &Credentials) -> Rejection {
+    let answer: Option<Value> = serde_json::from_slice(body).ok();
     let text = |value: Option<&Value>| match value {
         Some(Value::String(text)) if !text.is_empty() => Some(text.clone()),
         Some(Value::Number(number)) => Some(number.to_string()),
         _ => None,
     };
-    let (message, kind, param, code) = match answer {
-        Some(ErrorAnswer {
-            error: Some(error @ Value::Object(_)),
-            ..
-        }) => (
-            text(error.get("message")),
-            text(error.get("type")),
-            text(error.get("param")),
-            text(error.get("code")),
-        ),
-        Some(ErrorAnswer {
-            error: Some(Value::String(message)),
-            ..
-        })
-        | Some(ErrorAnswer {
-            message: Some(message),
-            ..
-        }) => (Some(message), None, None, None),
-        _ => (None, None, None, None),
-    };
+    let top = answer.as_ref().filter(|answer| answer.is_object());
+    let error = top.and_then(|top| top.get("error"));
+    let fields = error.filter(|error| error.is_object()).or(top);
+    let field = |name: &str| text(fields.and_then(|fields| fields.get(name)));
+    let message = field("message").or_else(|| text(error));
+    let (kind, param, code) = (field("type"), field("param"), field("code"));
     let mut message = credentials.redact(
         message.unwrap_or_else(|| format!("the model rejected the request (status {status})")),
     );
@@ -281,5 +265,33 @@ mod tests {
             none.redact("model llama3.2 not found".into()),
             "model llama3.2 not found"
         );
+    }
+
+    #[test]
+    fn a_rejection_is_read_from_openais_object_vllms_fields_at_the_top_or_a_bare_text() {
+        let none = Credentials::of(None, &Url::parse("http://127.0.0.1:8000/v1").unwrap());
+        let read = |body: &str| {
+            let rejection = read_rejection(400, body.as_bytes(), &none);
+            (rejection.message, rejection.param, rejection.code)
+        };
+        let said = |message: &str, param: &str, code: &str| {
+            (
+                message.to_owned(),
+                Some(param.to_owned()),
+                Some(code.to_owned()),
+            )
+        };
+        let openai = r#"{"error": {"message": "no", "type": "invalid_request_error",
+                        "param": "max_tokens", "code": "unsupported_parameter"}}"#;
+        assert_eq!(
+            read(openai),
+            said("no", "max_tokens", "unsupported_parameter")
+        );
+        let vllm = r#"{"object": "error", "message": "no", "type": "BadRequestError",
+                      "param": "max_tokens", "code": 400}"#;
+        assert_eq!(read(vllm), said("no", "max_tokens", "400"));
+        assert_eq!(read(r#"{"error": "no"}"#), ("no".to_owned(), None, None));
+        let unread = "the model rejected the request (status 400)".to_owned();
+        assert_eq!(read("<html>"), (unread, None, None));
     }
 }
