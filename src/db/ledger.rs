@@ -156,20 +156,14 @@ pub(super) async fn balance_after_settling(
                 Ok(balance_after) => balance_after,
                 // The database away for a moment, or (an error) a row the settlement's
                 // trigger did not write: answered all the same, the charge is committed.
-                Err(err) if super::is_unreachable(&err) => {
-                    tracing::warn!(
-                        error = %err,
-                        "the balance after a committed settlement could not be read: \
-                         answering with the figure its statement saw"
-                    );
-                    as_seen
-                }
                 Err(err) => {
-                    tracing::error!(
-                        error = %err,
-                        "the balance after a committed settlement could not be read: \
-                         answering with the figure its statement saw"
-                    );
+                    const SAID: &str = "the balance after a committed settlement could not \
+                                        be read: answering with the figure its statement saw";
+                    if super::is_unreachable(&err) {
+                        tracing::warn!(error = %err, "{SAID}");
+                    } else {
+                        tracing::error!(error = %err, "{SAID}");
+                    }
                     as_seen
                 }
             }

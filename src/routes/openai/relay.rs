@@ -37,9 +37,7 @@ pub(super) fn relay(
     let Ok(fields) = parsed else {
         return Some(answer);
     };
-    let has_usage = fields
-        .get("usage")
-        .is_some_and(|usage| usage.get() != "null");
+    let has_usage = carries_usage(&fields);
     if !keep_usage && has_usage && !holds_choices(&fields) {
         return None;
     }
@@ -88,10 +86,13 @@ pub(super) fn is_usage_chunk(chunk: &str) -> bool {
     if !chunk.contains(r#""usage""#) {
         return false;
     }
-    Fields::parse(chunk).is_ok_and(|fields| {
-        let usage = fields.get("usage").map(|usage| usage.get().trim());
-        usage.is_some_and(|usage| usage != "null") && !holds_choices(&fields)
-    })
+    Fields::parse(chunk).is_ok_and(|fields| carries_usage(&fields) && !holds_choices(&fields))
+}
+
+/// Whether an answer or a chunk carries a usage, readable or not (`null` is none).
+fn carries_usage(fields: &Fields<'_>) -> bool {
+    let usage = fields.get("usage").map(|usage| usage.get().trim());
+    usage.is_some_and(|usage| usage != "null")
 }
 
 /// A chunk that carries a usage (readable or not) beside its choices, as a usage chunk of
@@ -100,11 +101,7 @@ pub(super) fn usage_apart(chunk: &str) -> Option<String> {
     if !chunk.contains(r#""usage""#) {
         return None;
     }
-    let fields = Fields::parse(chunk).ok()?;
-    let usage = fields.get("usage").map(|usage| usage.get().trim());
-    if usage.is_none_or(|usage| usage == "null") {
-        return None;
-    }
+    let fields = Fields::parse(chunk).ok().filter(carries_usage)?;
     Some(write_object(fields.raw().map(|(name, value)| match name {
         "choices" => (name, "[]"),
         _ => (name, value.get()),
