@@ -13,6 +13,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
 mod refusal;
+mod unstreamed;
 
 use self::refusal::{refusal, Credentials};
 use super::{
@@ -366,9 +367,46 @@ pub(super) async fn read_answer(response: reqwest::Response) -> ReadWhole<Comple
 }
 
 /// A streamed answer's chunks, read from a response whose head said success; past `idle`
-/// of silence the stream ends with `Timeout`, unless every choice had finished.
+/// of silence the stream ends with `Timeout`, unless every choice had finished. A whole
+/// answer (JSON, from a server that does not stream) is read as the one chunk that says the
+/// same (see [`unstreamed`]).
 pub(super) fn read_stream(response: reqwest::Response, idle: Duration) -> AnswerStream {
-    let events = response.bytes_stream().eventsource();
+    if !says_json(&response) {
+        return chunks_of(response.bytes_stream(), idle);
+    }
+    let whole = async move {
+        let body = match whole_body(response, MAX_ANSWER_BYTES).await {
+            Ok(body) => body,
+            Err(err) => return futures_util::stream::iter([Err(err)]).boxed(),
+        };
+        if !unstreamed::is_whole_answer(&body) {
+            // Events labelled JSON: read as events, as they came.
+            let events = futures_util::stream::iter([Ok::<_, reqwest::Error>(body)]);
+            return chunks_of(events, idle);
+        }
+        tracing::debug!("a stream request was answered whole");
+        let chunk = unstreamed::as_one_chunk(&body).and_then(read_chunk);
+        futures_util::stream::iter([chunk]).boxed()
+    };
+    Box::pin(futures_util::stream::once(whole).flatten())
+}
+
+/// Whether a response's `Content-Type` names JSON.
+fn says_json(response: &reqwest::Response) -> bool {
+    response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.split(';').next())
+        .is_some_and(|media_type| media_type.trim().eq_ignore_ascii_case("application/json"))
+}
+
+/// The chunks of the server-sent events in `body`, as [`read_stream`] reads them.
+fn chunks_of<S>(body: S, idle: Duration) -> AnswerStream
+where
+    S: futures_util::Stream<Item = Result<Bytes, reqwest::Error>> + Send + 'static,
+{
+    let events = body.eventsource();
     let chunks = futures_util::stream::unfold(
         (Box::pin(events), Choices::default(), false),
         move |(mut events, mut seen, done)| async move {

@@ -2,7 +2,8 @@
 //! and words, refunded), a key it refuses is the operator's (502 naming the configuration,
 //! never the key), a busy model is a 503 with its `Retry-After`; every `/v1` answer is
 //! OpenAI's error object, an unknown route's included; `/chat` answers in its own envelope
-//! with the same statuses.
+//! with the same statuses; a model that answers a stream request whole is passed on as a
+//! stream.
 
 use axum::http::{header, Method, StatusCode};
 use serde_json::{json, Value};
@@ -343,5 +344,40 @@ async fn an_answer_past_64_mib_is_unusable_and_refunded_not_held_whole() {
         "upstream_error",
     );
     assert_eq!(app.balance(&key).await, 4000);
+    app.assert_all_settled().await;
+}
+
+#[tokio::test]
+async fn a_model_that_answers_a_stream_request_whole_reaches_the_client_as_openais_chunks() {
+    let app = TestApp::new().await;
+    let key = key_of(&app, "user").await;
+    app.llm.set_reply(Reply::Unstreamed);
+    for include_usage in [true, false] {
+        let mut body = streamed(&hello("llama3.2"));
+        body["stream_options"] = json!({ "include_usage": include_usage });
+        let events = stream_completion(&app, &key, body).await;
+        assert_eq!(events.last().unwrap(), "[DONE]", "{events:?}");
+        let chunks: Vec<Value> = events[..events.len() - 1]
+            .iter()
+            .map(|data| serde_json::from_str(data).unwrap())
+            .collect();
+        let answer = &chunks[0];
+        assert_eq!(answer["object"], "chat.completion.chunk", "{events:?}");
+        let choice = &answer["choices"][0];
+        assert_eq!(choice["delta"]["role"], "assistant");
+        assert_eq!(choice["delta"]["content"], "Echo: hello there");
+        assert_eq!(choice["finish_reason"], "stop");
+        assert!(choice.get("message").is_none(), "{answer}");
+        assert!(answer.get("usage").is_none(), "{events:?}");
+        if include_usage {
+            assert_eq!(chunks.len(), 2, "{events:?}");
+            assert_eq!(chunks[1]["choices"], json!([]));
+            assert_eq!(chunks[1]["usage"]["completion_tokens"], 3);
+            assert_eq!(chunks[1]["usage"]["cost"], 100);
+        } else {
+            assert_eq!(chunks.len(), 1, "{events:?}");
+        }
+    }
+    assert_eq!(app.balance(&key).await, 3800);
     app.assert_all_settled().await;
 }

@@ -175,3 +175,22 @@ async fn a_stream_whose_model_is_silent_says_keep_alive_every_fifteen_seconds() 
     settled_chat(&app, &token).await;
     app.assert_all_settled().await;
 }
+
+#[tokio::test]
+async fn a_model_that_answers_a_stream_request_whole_is_streamed_as_one_delta_and_charged() {
+    let app = TestApp::new().await;
+    let token = app.user_with_token("user").await;
+    app.llm.set_reply(Reply::Unstreamed);
+    let events = stream_to_end(&app, &token, "tell me a story").await;
+    let names: Vec<&str> = events.iter().map(|(name, _)| name.as_str()).collect();
+    assert_eq!(names, ["start", "delta", "done"], "{events:?}");
+    assert_eq!(events[1].1["content"], "Echo: tell me a story");
+    let done = &events[2].1;
+    assert_eq!(done["tokens_charged"], 100);
+    assert_eq!(done["usage"]["completion_tokens"], 5, "{done}");
+    let chat = settled_chat(&app, &token).await;
+    assert_eq!(chat["status"], "answered");
+    assert_eq!(chat["response"], "Echo: tell me a story");
+    assert_eq!(app.balance(&token).await, 3900);
+    app.assert_all_settled().await;
+}

@@ -101,6 +101,9 @@ pub enum Reply {
     /// Streamed: these chunks, each an event, then silence, the body left open until
     /// tokenchat goes away. Not streamed: like `Echo`.
     OpenAfter(Vec<Value>),
+    /// Answers whole (JSON, with its usage) even when a stream is asked, as a server that
+    /// does not stream does.
+    Unstreamed,
     /// An OpenAI reasoning model: refuses a request with `max_tokens` (400,
     /// `unsupported_parameter`), answers the others as `Echo` does.
     Reasoning,
@@ -339,6 +342,7 @@ async fn completions(
             Json(completion).into_response()
         }
         Reply::Verbatim { whole, .. } if !stream => Json(whole).into_response(),
+        Reply::Unstreamed => Json(answered.completion(&model, true)).into_response(),
         _ if !stream => Json(answered.completion(&model, true)).into_response(),
         Reply::Verbatim { chunks, .. } => verbatim_events(&chunks, true),
         Reply::WithoutDone(chunks) => verbatim_events(&chunks, false),
