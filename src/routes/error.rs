@@ -23,6 +23,7 @@ use crate::{
 
 /// What a 401 offers: a login token (or API key) as a Bearer token; `Token <t>` and a bare
 /// token are accepted too.
+const X_SHOULD_RETRY: header::HeaderName = header::HeaderName::from_static("x-should-retry");
 const WWW_AUTHENTICATE: HeaderValue = HeaderValue::from_static("Bearer realm=\"tokenchat\"");
 
 /// Every way a request can fail; each variant maps to one status and one stable code (its
@@ -315,6 +316,12 @@ impl IntoResponse for ApiError {
             | Self::Busy { retry_after_secs }
             | Self::UpstreamBusy { retry_after_secs } => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
+            }
+            // A model past its time-out may have been paid for by the operator, and is
+            // likely to be as slow again: OpenAI's SDKs, which retry every 5xx twice by
+            // default, take this header's word over their rule.
+            Self::UpstreamTimeout => {
+                headers.insert(X_SHOULD_RETRY, HeaderValue::from_static("false"));
             }
             // RFC 9110: a 401 names the scheme that would be accepted.
             Self::Unauthorized | Self::InvalidCredentials => {

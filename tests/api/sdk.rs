@@ -22,6 +22,7 @@ async fn the_official_openai_sdk_lists_models_completes_streams_and_sees_our_err
     let app = TestApp::with_env(&[
         ("INITIAL_TOKENS", "300"),
         ("LLM_MODELS", "meta-llama/Llama-3.1-8B"),
+        ("LLM_TIMEOUT_SECS", "1"),
     ])
     .await;
     let base = serve_in_process(&app).await;
@@ -93,15 +94,16 @@ async fn the_official_openai_sdk_lists_models_completes_streams_and_sees_our_err
     );
     assert!(stdout.contains("sdk: every check passed"), "{stdout}");
     // Eight answers, the embeddings, the rejected request (once: the SDK does not retry a
-    // 400) and the failing chat (tried twice) reached the model; the chat refused for the
-    // empty balance never did, and nothing unanswered cost anything.
+    // 400), the failing chat (tried twice) and the stalled one (once) reached the model;
+    // the chat refused for the empty balance never did, and nothing unanswered cost
+    // anything.
     let received = app.llm.received();
     let rejected = received
         .iter()
         .filter(|request| request.body.to_string().contains("[reject]"))
         .count();
     assert_eq!(rejected, 1);
-    assert_eq!(app.llm.calls(), calls_before + 12);
+    assert_eq!(app.llm.calls(), calls_before + 13);
     assert_eq!(app.balance(&key).await, 1000 - 8 * 100 - 1);
     assert_eq!(app.balance(&empty).await, 0);
     app.assert_all_settled().await;

@@ -182,6 +182,21 @@ except openai.APIStatusError as error:
     assert error.type == "api_error", error.body
 assert retries.count >= 1, "the SDK did not retry a 502"
 
+# A model past its time-out: a 504 the SDK raises at once (x-should-retry: false), though it
+# retries every other 5xx: the operator may have paid for the call, which would likely be as
+# slow again.
+retries.count = 0
+impatient = openai.OpenAI(base_url=base_url, api_key=os.environ["API_KEY"], max_retries=2)
+try:
+    impatient.chat.completions.create(
+        model="llama3.2", messages=[{"role": "user", "content": "[stall] now"}]
+    )
+    raise AssertionError("a stalled model was served")
+except openai.APIStatusError as error:
+    assert error.status_code == 504, error
+    assert error.code == "upstream_timeout", error.body
+assert retries.count == 0, f"the SDK retried a time-out {retries.count} times"
+
 # An empty balance: a 402 the SDK raises at once, without retrying it.
 retries.count = 0
 empty = openai.OpenAI(base_url=base_url, api_key=os.environ["EMPTY_KEY"], max_retries=3)

@@ -214,6 +214,13 @@ async fn a_busy_model_is_a_503_with_its_retry_after_and_other_failures_stay_502_
         for answer in both_ways(&app, &key).await {
             assert_openai_error(&answer, status, "api_error", code);
             assert!(!answer.headers.contains_key(header::RETRY_AFTER));
+            // A time-out is not to be retried by OpenAI's SDKs; other failures are.
+            let retry = answer.headers.get("x-should-retry");
+            if status == StatusCode::GATEWAY_TIMEOUT {
+                assert_eq!(retry.unwrap(), "false", "{answer:?}");
+            } else {
+                assert!(retry.is_none(), "{answer:?}");
+            }
         }
     }
     assert_eq!(app.balance(&key).await, 4000);
