@@ -98,3 +98,54 @@ async fn in_a_browser_a_new_user_chats_sees_the_answer_stream_and_the_balance_dr
     assert_eq!(app.balance(&token).await, 0);
     app.assert_audit_passes().await;
 }
+
+#[tokio::test]
+async fn in_a_browser_older_pages_show_enter_sends_once_a_cut_charge_is_told_and_logout_forgets() {
+    let Ok(python) = std::env::var("TOKENCHAT_SDK_PYTHON") else {
+        println!("page test skipped: set TOKENCHAT_SDK_PYTHON to a Python with selenium");
+        return;
+    };
+    let app = TestApp::with_env(&[("INITIAL_TOKENS", "6000")]).await;
+    let token = app.user_with_token("browser-user").await;
+    for n in 1..=24 {
+        app.chat(&token, &format!("conversation {n}")).await;
+    }
+    let first = app.chat(&token, "turn 1").await;
+    let conversation = first.json["conversation_id"].clone();
+    for n in 2..=25 {
+        let body = serde_json::json!({ "message": format!("turn {n}"), "conversation_id": conversation });
+        assert_eq!(app.post_authorized("/chat", &token, body).await.status, 200);
+    }
+    let base = serve_in_process(&app).await;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/browser/page_faults.py");
+    let command_token = token.clone();
+    let run = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(python)
+            .args([script, &base, &command_token])
+            .output()
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(
+        run.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&run.stdout),
+        String::from_utf8_lossy(&run.stderr)
+    );
+    // Enter pressed three times made one chat; the cut one was charged, as the page said.
+    // (The page's logout revoked its token.)
+    let token = app.login("browser-user", "pass123").await.json["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let chats = app.get_authorized("/chats?limit=100", &token).await.json["chats"].clone();
+    let sent = |message: &str| {
+        let chats = chats.as_array().unwrap().iter();
+        chats.filter(|chat| chat["message"] == message).count()
+    };
+    assert_eq!(sent("only once"), 1);
+    assert_eq!(sent("[die-mid-stream] a b c d"), 1);
+    assert_eq!(app.balance(&token).await, 6000 - 51 * 100);
+    app.assert_audit_passes().await;
+}

@@ -1,0 +1,84 @@
+"""Drives the page at / in headless Chromium where it used to fail (an attack run's
+findings): the older conversations and a conversation's later chats are reachable; Enter
+pressed again while a message is on its way sends nothing more; a stream cut short after
+text arrived says what it was charged; logging out leaves nothing of the user on the page.
+Usage: page_faults.py BASE_URL TOKEN, TOKEN of a user with 25 conversations, the newest
+of 25 chats ("turn 1" to "turn 25"), the others of one. Exits non-zero, saying why, when
+anything is not as it should be."""
+
+import sys
+
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
+
+base, token = sys.argv[1], sys.argv[2]
+
+options = webdriver.ChromeOptions()
+options.binary_location = "/usr/bin/chromium"
+for flag in [
+    "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+    "--disable-quic", "--no-first-run", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--window-size=1100,720",
+]:
+    options.add_argument(flag)
+driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
+wait = WebDriverWait(driver, 20)
+by_id = lambda name: driver.find_element(By.ID, name)
+listed = lambda: driver.find_elements(By.CSS_SELECTOR, "#conversations li")
+turns = lambda: driver.find_elements(By.CSS_SELECTOR, "#history .turn")
+
+
+def send_and_wait(message, presses=1):
+    """Types `message` and presses Enter `presses` times at once, as an impatient user does,
+    then waits for the answer to end."""
+    driver.execute_script("""
+        const [message, presses] = arguments;
+        document.getElementById("message").value = message;
+        for (let i = 0; i < presses; i++) {
+            document.getElementById("message").dispatchEvent(
+                new KeyboardEvent("keydown", { key: "Enter", bubbles: true }));
+        }
+    """, message, presses)
+    wait.until(lambda d: by_id("answer").get_attribute("data-done") == "true")
+
+
+try:
+    driver.get(base + "/")
+    driver.execute_script("sessionStorage.setItem('tokenchat-token', arguments[0])", token)
+    driver.get(base + "/")
+    wait.until(lambda _: len(listed()) == 20)
+    older = by_id("older-conversations")
+    assert older.is_displayed(), "no way to the older conversations"
+    older.click()
+    wait.until(lambda _: len(listed()) == 25)
+    assert not older.is_displayed(), "a last page offers more"
+
+    # The newest conversation, whole: its 25 chats, not the first page of 20.
+    listed()[0].find_element(By.TAG_NAME, "button").click()
+    wait.until(lambda _: len(turns()) == 50)
+    assert turns()[-2].text == "turn 25", turns()[-2].text
+
+    # Enter three times while the first is on its way: one message, one answer.
+    send_and_wait("only once", presses=3)
+    assert len(turns()) == 52, f"{len(turns())} turns after one message"
+    assert by_id("error").text == "", by_id("error").text
+
+    # A stream the model cuts after text arrived is charged, and the page says so.
+    send_and_wait("[die-mid-stream] a b c d")
+    error = by_id("error").text
+    assert "100 tokens were charged for the part that arrived" in error, error
+
+    # Logging out leaves nothing of the user: not the conversations, not the draft, not
+    # the credentials a next user of this tab could log in with.
+    by_id("message").send_keys("a draft")
+    by_id("logout").click()
+    wait.until(lambda _: by_id("account").is_displayed())
+    assert listed() == [] and turns() == [], "the last user's conversations are still in the page"
+    for field in ["message", "username", "password"]:
+        assert by_id(field).get_attribute("value") == "", f"{field} is kept"
+    assert driver.execute_script("return sessionStorage.length") == 0
+    print("page faults test passed")
+finally:
+    driver.quit()
