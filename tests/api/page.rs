@@ -113,7 +113,8 @@ async fn in_a_browser_older_pages_show_enter_sends_once_a_cut_charge_is_told_and
     let first = app.chat(&token, "turn 1").await;
     let conversation = first.json["conversation_id"].clone();
     for n in 2..=25 {
-        let body = serde_json::json!({ "message": format!("turn {n}"), "conversation_id": conversation });
+        let body =
+            serde_json::json!({ "message": format!("turn {n}"), "conversation_id": conversation });
         assert_eq!(app.post_authorized("/chat", &token, body).await.status, 200);
     }
     let base = serve_in_process(&app).await;

@@ -232,6 +232,11 @@ impl ChatInFlight {
         // Something more than blanks or a role sent: text, a refusal, a tool call. A model
         // that fails after it is charged the same way; before it, refunded (issue 21).
         let mut delivered_substance = false;
+        // The model's side is bounded by its time limits; a client that reads too slowly
+        // is bounded here, so the chat is settled by this task before its recorded deadline
+        // (else recovery refunds it as abandoned while the client still reads the answer).
+        let out_of_time =
+            tokio::time::Instant::from_std(asked) + crate::llm::longest_call(&chats.config, true);
         let ending = loop {
             tokio::select! {
                 biased;
@@ -247,7 +252,16 @@ impl ChatInFlight {
                             usage = Some(reported);
                         }
                         let (text, substantial) = (!chunk.text.is_empty(), chunk.substantial);
-                        if events.send(StreamEvent::Chunk(chunk)).await.is_err() {
+                        let sent = tokio::select! {
+                            biased;
+                            sent = events.send(StreamEvent::Chunk(chunk)) => sent.is_ok(),
+                            _ = chats.in_flight.cut_short.cancelled() => break Ending::ShuttingDown,
+                            _ = tokio::time::sleep_until(out_of_time) => {
+                                tracing::info!(chat_id, "the client read too slowly: the stream is out of time");
+                                break Ending::ModelFailed(LlmError::Timeout);
+                            }
+                        };
+                        if !sent {
                             break Ending::ClientGone;
                         }
                         delivered_any |= text || substantial;

@@ -370,3 +370,70 @@ async fn a_stream_left_open_and_silent_after_every_choice_finished_ends_whole_at
     assert_eq!(error["code"], "upstream_timeout");
     app.assert_all_settled().await;
 }
+
+#[tokio::test]
+async fn a_client_reading_too_slowly_has_its_stream_settled_and_charged_by_the_streams_time_limit()
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = TestApp::with_env(&[("LLM_TIMEOUT_SECS", "1"), ("LLM_STREAM_MAX_SECS", "2")]).await;
+    let token = app.user_with_token("user").await;
+    // Far more than the buffers between the server and a client with a small window hold.
+    let piece = "x".repeat(16 * 1024);
+    let mut chunks: Vec<serde_json::Value> = (0..500)
+        .map(|_| json!({ "object": "chat.completion.chunk",
+                         "choices": [{ "index": 0, "delta": { "content": piece }, "finish_reason": null }] }))
+        .collect();
+    chunks.push(json!({ "object": "chat.completion.chunk",
+                        "choices": [{ "index": 0, "delta": {}, "finish_reason": "stop" }] }));
+    app.llm.set_reply(Reply::Verbatim {
+        whole: json!({}),
+        chunks,
+    });
+    let base = crate::server::serve_in_process(&app).await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(1024).unwrap();
+    let mut client = socket
+        .connect(base.trim_start_matches("http://").parse().unwrap())
+        .await
+        .unwrap();
+    let body = json!({ "message": "a long one", "stream": true }).to_string();
+    let request = format!(
+        "POST /chat HTTP/1.1\r\nHost: tokenchat\r\nAuthorization: Bearer {token}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    client.write_all(request.as_bytes()).await.unwrap();
+    // The client reads nothing. Past the stream's time (2 s) its own task settles the chat,
+    // charged for what it delivered, long before recovery could count it abandoned.
+    let pending = || async {
+        app.get_authorized("/chats", &token).await.json["chats"][0]["status"] == "pending"
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(pending().await, "still under way while in time");
+    for _ in 0..40 {
+        if !pending().await {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let chat = app.get_authorized("/chats", &token).await.json["chats"][0].clone();
+    assert_eq!(chat["status"], "abandoned", "{}", chat["status"]);
+    assert_eq!(chat["tokens_charged"], 100);
+    // Read at last, the stream tells what it cost.
+    let mut read = Vec::new();
+    let reading = tokio::time::timeout(Duration::from_secs(30), async {
+        let mut buffer = vec![0; 64 * 1024];
+        while !read.ends_with(b"\r\n0\r\n\r\n") {
+            match client.read(&mut buffer).await.unwrap() {
+                0 => break,
+                n => read.extend_from_slice(&buffer[..n]),
+            }
+        }
+    });
+    reading.await.unwrap();
+    let tail = String::from_utf8_lossy(&read[read.len().saturating_sub(400)..]).into_owned();
+    assert!(tail.contains("event: error"), "{tail}");
+    assert!(tail.contains(r#""tokens_charged":100"#), "{tail}");
+    assert_eq!(app.balance(&token).await, 3900);
+    app.assert_all_settled().await;
+}
