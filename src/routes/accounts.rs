@@ -1,6 +1,10 @@
 //! `/register`, `/login`, `/logout`, `/logout/all` and `/password`.
 
-use axum::{extract::State, http::StatusCode, Json};
+use axum::{
+    extract::State,
+    http::{header, HeaderName, StatusCode},
+    Json,
+};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -94,17 +98,20 @@ pub async fn login(
     State(state): State<AppState>,
     Client(address): Client,
     Payload(credentials): Payload<Credentials>,
-) -> Result<Json<LoginToken>, ApiError> {
+) -> Result<([(HeaderName, &'static str); 1], Json<LoginToken>), ApiError> {
     let username = Username::offered(&credentials.username)?;
     let password = Password::offered(credentials.password, "password")?;
     let issued = state
         .accounts
         .login(username.as_ref(), password, address)
         .await?;
-    Ok(Json(LoginToken {
+    // A token is a credential: kept by no cache (RFC 6749 asks the same of its tokens).
+    let no_store = [(header::CACHE_CONTROL, "no-store")];
+    let token = LoginToken {
         expires_at: issued.expires_at.map(rfc3339),
         token: issued.token,
-    }))
+    };
+    Ok((no_store, Json(token)))
 }
 
 /// Revokes the token this request came with.

@@ -26,6 +26,9 @@ use crate::{
     state::AppState,
 };
 
+/// `Cache-Control` of every answer to a request with a credential.
+const NO_STORE: HeaderValue = HeaderValue::from_static("no-store");
+
 /// A service the middlewares wrap: a router's, which answers every request.
 pub trait Inner: Service<Request, Response = Response, Error = Infallible> {}
 
@@ -184,9 +187,11 @@ where
         .extensions()
         .get::<TokensRemaining>()
         .map_or(balance, |known| known.0);
-    response
-        .headers_mut()
-        .insert(X_TOKENS_REMAINING, HeaderValue::from(remaining));
+    let headers = response.headers_mut();
+    headers.insert(X_TOKENS_REMAINING, HeaderValue::from(remaining));
+    // A user's answers (conversations, keys, balances) are theirs alone: kept by no cache,
+    // a browser's disk cache on a shared computer among them.
+    headers.insert(header::CACHE_CONTROL, NO_STORE);
     Ok(response)
 }
 

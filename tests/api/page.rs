@@ -150,3 +150,17 @@ async fn in_a_browser_older_pages_show_enter_sends_once_a_cut_charge_is_told_and
     assert_eq!(app.balance(&token).await, 6000 - 51 * 100);
     app.assert_audit_passes().await;
 }
+
+#[tokio::test]
+async fn a_users_answers_and_login_tokens_are_kept_by_no_cache_a_browsers_included() {
+    let app = TestApp::new().await;
+    let token = app.user_with_token("user").await;
+    let login = app.login("user", "pass123").await;
+    assert_eq!(login.headers["cache-control"], "no-store");
+    app.chat(&token, "hello").await;
+    for path in ["/balance", "/conversations", "/chats", "/keys"] {
+        let answer = app.get_authorized(path, &token).await;
+        assert_eq!(answer.status, 200, "{path}");
+        assert_eq!(answer.headers["cache-control"], "no-store", "{path}");
+    }
+}
