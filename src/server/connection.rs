@@ -4,7 +4,13 @@
 use std::{convert::Infallible, net::SocketAddr, pin::pin, sync::atomic::Ordering, sync::Arc};
 
 use axum::extract::ConnectInfo;
-use hyper::{body::Incoming, server::conn::http1, service::service_fn, Request};
+use hyper::{
+    body::{Body as _, Incoming},
+    header::{self, HeaderValue},
+    server::conn::http1,
+    service::service_fn,
+    Request,
+};
 use hyper_util::rt::TokioIo;
 use tokio::{
     net::TcpStream,
@@ -44,6 +50,8 @@ impl Server {
         let budget = self.budget.clone();
         let service = service_fn(move |request: Request<Incoming>| {
             let in_flight = RequestInFlight::begin(requests.clone());
+            let unread = !request.body().is_end_stream();
+            requests.body_unread.store(unread, Ordering::Relaxed);
             let hold = HeldBody::new(budget.clone());
             let mut request = request.map(|body| WatchedBody {
                 body,
@@ -54,8 +62,17 @@ impl Server {
             // A handler that keeps the body's bytes keeps them counted (see `HeldBody`).
             request.extensions_mut().insert(hold);
             let router = router.clone();
+            let activity = requests.clone();
             async move {
-                let response = router.oneshot(request).await?;
+                let mut response = router.oneshot(request).await?;
+                // Answered before its body was read (refused by its credential, its rate,
+                // its size or its type): hyper closes the connection after the answer
+                // rather than read the rest, and the client is told so, or it sends its
+                // next request on a connection about to close (a broken pipe).
+                if activity.body_unread.load(Ordering::Relaxed) {
+                    let close = HeaderValue::from_static("close");
+                    response.headers_mut().insert(header::CONNECTION, close);
+                }
                 Ok::<_, Infallible>(response.map(|body| CountedBody {
                     body,
                     _in_flight: in_flight,

@@ -105,6 +105,9 @@ impl hyper::body::Body for WatchedBody {
         }
         match polled {
             Poll::Ready(Some(Ok(frame))) => {
+                if this.body.is_end_stream() {
+                    activity.body_unread.store(false, Ordering::Relaxed);
+                }
                 let bytes = frame.data_ref().map_or(0, Bytes::len);
                 if !this.hold.take(bytes) {
                     // The frame is dropped here, and the rest with the body.
@@ -113,7 +116,10 @@ impl hyper::body::Body for WatchedBody {
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(err))) => Poll::Ready(Some(Err(err.into()))),
-            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Ready(None) => {
+                activity.body_unread.store(false, Ordering::Relaxed);
+                Poll::Ready(None)
+            }
             Poll::Pending => Poll::Pending,
         }
     }

@@ -91,6 +91,7 @@ impl Registry {
             requests_in_flight: AtomicUsize::new(0),
             idle_since_micros: AtomicU64::new(0),
             headers_started: AtomicBool::new(false),
+            body_unread: AtomicBool::new(false),
             body_wait_since_micros: AtomicU64::new(NOT_WAITING),
             write_stall_since_micros: AtomicU64::new(NOT_WAITING),
             closing: AtomicBool::new(false),
@@ -194,6 +195,8 @@ pub(super) struct Activity {
     pub(super) idle_since_micros: AtomicU64,
     /// Bytes arrived while no request was in flight: a request's headers are being read.
     pub(super) headers_started: AtomicBool,
+    /// The request in flight has a body the application has not read to its end (yet).
+    pub(super) body_unread: AtomicBool,
     /// Since when the application has been waiting for more of a request's body, in
     /// microseconds since `epoch`; [`NOT_WAITING`] when it is not.
     pub(super) body_wait_since_micros: AtomicU64,

@@ -1,8 +1,8 @@
 //! Connections over real TCP on 127.0.0.1: slow headers, idle keep-alive connections and
 //! clients that read nothing are closed, the connection cap makes room by evicting idle
 //! connections and ones waiting on their clients, one address cannot take every slot, a low
-//! file-descriptor limit does not lock clients out, and shutdown ends by its deadline whatever
-//! clients hold.
+//! file-descriptor limit does not lock clients out, shutdown ends by its deadline whatever
+//! clients hold, and an answer before its body was read says the connection closes.
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -18,6 +18,7 @@ use tokio::{
 
 mod connection_cap;
 mod descriptor_limit;
+mod early_answers;
 mod per_address_cap;
 mod shutdown;
 mod timeouts;
