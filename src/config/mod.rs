@@ -5,6 +5,7 @@
 pub mod alerts;
 pub mod dotenv;
 pub mod file;
+mod origins;
 pub mod routing;
 mod urls;
 pub mod user_limits;
@@ -98,6 +99,8 @@ pub struct Config {
     pub clock: Clock,
     /// The alert webhook (`ALERT_WEBHOOK_*`, `ALERT_THRESHOLDS`); `None`: alerts are off.
     pub alerts: Option<AlertsConfig>,
+    /// `CORS_ORIGINS`: the origins whose pages may call the API; `None`: any.
+    pub cors_origins: Option<Box<[String]>>,
 }
 
 /// How long a connection may take over each part of a request, and how many may be open.
@@ -424,6 +427,7 @@ impl Config {
             user_limits: Limits::default(),
             clock: Clock::default(),
             alerts: alerts::read(&vars)?,
+            cors_origins: origins::read(&vars)?,
         };
         config.user_limits = user_limits::default_user_limits(&vars, &config.served_models())?;
         // A budget smaller than one body of the largest kind would refuse every such request.

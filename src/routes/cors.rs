@@ -1,16 +1,20 @@
 //! CORS, as tower-http's `CorsLayer::permissive()` answered it: any origin, method and
-//! header (`Authorization` named as well), every response header exposed, no credentials.
+//! header (`Authorization` named as well), every response header exposed, no credentials;
+//! or, with `CORS_ORIGINS`, only the pages of the origins listed.
 //!
 //! Written here rather than taken from tower-http because its layer builds a header map and
 //! joins its `Vary` value anew for every response: 12 of the 45 allocations a `GET /health`
 //! still made once the other layers were concrete (BENCHMARKS.md, issue 23). These headers
 //! are constants. Browsers may call the API from any origin: it authenticates by header,
-//! never by cookie, so there are no ambient credentials for another site to use.
+//! never by cookie, so there are no ambient credentials for another site to use. What
+//! another site's page can still do is call it from the user's address (a login attempt, a
+//! registration), which `CORS_ORIGINS` stops: a request of an origin not listed is refused
+//! before anything is done with it.
 
 use axum::{
     body::Body,
     extract::Request,
-    http::{header, HeaderValue, Method},
+    http::{header, HeaderMap, HeaderValue, Method},
     response::Response,
 };
 
@@ -23,6 +27,47 @@ const VARY: HeaderValue = HeaderValue::from_static(
     "origin, access-control-request-method, access-control-request-headers",
 );
 
+/// Who may read the answer to a request.
+#[derive(Clone)]
+pub enum Reader {
+    /// A page of any origin (`CORS_ORIGINS` unset).
+    AnyOrigin,
+    /// A page of this origin, which `CORS_ORIGINS` lists.
+    Listed(HeaderValue),
+    /// No other origin's page: the request is the API's own page's, or no browser's.
+    Own,
+}
+
+/// Who may read the answer to `request`, given the origins `listed` (`None`: any); `None`
+/// when it comes from the page of an origin not listed.
+pub fn reader(listed: Option<&[String]>, request: &Request) -> Option<Reader> {
+    let Some(listed) = listed else {
+        return Some(Reader::AnyOrigin);
+    };
+    let headers = request.headers();
+    let Some(origin) = headers.get(header::ORIGIN) else {
+        return Some(Reader::Own);
+    };
+    if listed
+        .iter()
+        .any(|allowed| allowed.as_bytes() == origin.as_bytes())
+    {
+        return Some(Reader::Listed(origin.clone()));
+    }
+    // The page at `/` sends its `Origin` on a POST too: it is its own origin's.
+    let same_origin = headers
+        .get("sec-fetch-site")
+        .is_some_and(|site| site == "same-origin")
+        || headers.get(header::HOST).is_some_and(|host| {
+            let origin = origin.as_bytes();
+            let authority = origin
+                .strip_prefix(b"https://")
+                .or_else(|| origin.strip_prefix(b"http://"));
+            authority.is_some_and(|authority| authority.eq_ignore_ascii_case(host.as_bytes()))
+        });
+    same_origin.then_some(Reader::Own)
+}
+
 /// A CORS preflight: OPTIONS with `Origin` and `Access-Control-Request-Method`. (Any other
 /// OPTIONS is answered like any method without a handler.)
 pub fn is_preflight(request: &Request) -> bool {
@@ -32,22 +77,33 @@ pub fn is_preflight(request: &Request) -> bool {
         && headers.contains_key(header::ACCESS_CONTROL_REQUEST_METHOD)
 }
 
-/// The answer to a preflight: allowed, whatever it asks.
-pub fn preflight_answer() -> Response {
+/// The answer to a preflight of a page `reader` allows: allowed, whatever it asks.
+pub fn preflight_answer(reader: &Reader) -> Response {
     let mut response = Response::new(Body::empty());
     let headers = response.headers_mut();
-    headers.append(header::VARY, VARY);
     headers.insert(header::ACCESS_CONTROL_ALLOW_METHODS, ANY);
     headers.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, ANY_HEADER);
-    headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, ANY);
+    allow_origin(headers, reader);
     response
 }
 
-/// Lets a page of any origin read `response` and all its headers.
-pub fn allow_any_origin(response: &mut Response) {
+/// Lets the page `reader` names read `response` and all its headers.
+pub fn allow(response: &mut Response, reader: &Reader) {
     let headers = response.headers_mut();
+    if allow_origin(headers, reader) {
+        headers.insert(header::ACCESS_CONTROL_EXPOSE_HEADERS, ANY);
+    }
+}
+
+/// Names the origin `reader` allows in `headers`; `false` when it is the API's own.
+fn allow_origin(headers: &mut HeaderMap, reader: &Reader) -> bool {
+    let origin = match reader {
+        Reader::AnyOrigin => ANY,
+        Reader::Listed(origin) => origin.clone(),
+        Reader::Own => return false,
+    };
     // `Vary` may have values of its own already: add to them, do not replace them.
     headers.append(header::VARY, VARY);
-    headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, ANY);
-    headers.insert(header::ACCESS_CONTROL_EXPOSE_HEADERS, ANY);
+    headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+    true
 }

@@ -70,27 +70,44 @@ impl<S: Inner> Middleware<S> for Edge {
             method = %method,
             route = route.as_ref().map_or("<unmatched>", MatchedPath::as_str),
         );
-        let stage = if request.method() == Method::OPTIONS {
-            let path = request.uri().path();
-            let answer = if cors::is_preflight(&request) {
-                cors::preflight_answer()
-            } else if path == "/v1" || path.starts_with("/v1/") {
-                openai::options_answer(route.is_some(), request.uri())
-            } else if route.is_some() {
-                ApiError::MethodNotAllowed.into_response()
-            } else {
-                ApiError::NotFound.into_response()
-            };
-            Stage::Answered {
-                response: Some(answer),
+        let path = request.uri().path();
+        let v1 = path == "/v1" || path.starts_with("/v1/");
+        let reader = cors::reader(self.state.config.cors_origins.as_deref(), &request);
+        let stage = match &reader {
+            // Another site's page: refused before anything is done with it.
+            None => {
+                let refused =
+                    ApiError::Forbidden("this origin may not call the API (CORS_ORIGINS)");
+                let answer = if v1 {
+                    openai::error_answer(refused)
+                } else {
+                    refused.into_response()
+                };
+                Stage::Answered {
+                    response: Some(answer),
+                }
             }
-        } else {
-            Stage::Inner {
+            Some(reader) if request.method() == Method::OPTIONS => {
+                let answer = if cors::is_preflight(&request) {
+                    cors::preflight_answer(reader)
+                } else if v1 {
+                    openai::options_answer(route.is_some(), request.uri())
+                } else if route.is_some() {
+                    ApiError::MethodNotAllowed.into_response()
+                } else {
+                    ApiError::NotFound.into_response()
+                };
+                Stage::Answered {
+                    response: Some(answer),
+                }
+            }
+            Some(_) => Stage::Inner {
                 future: span.in_scope(|| inner.call(request)),
-            }
+            },
         };
         EdgeFuture {
             stage,
+            reader: reader.unwrap_or(cors::Reader::Own),
             span,
             started,
             route,
@@ -106,6 +123,7 @@ pin_project! {
     pub struct EdgeFuture<F> {
         #[pin]
         stage: Stage<F>,
+        reader: cors::Reader,
         span: Span,
         started: Instant,
         route: Option<MatchedPath>,
@@ -137,7 +155,7 @@ where
             match this.stage.as_mut().project() {
                 StageProjection::Inner { future } => {
                     let Ok(mut response) = ready!(future.poll(cx));
-                    cors::allow_any_origin(&mut response);
+                    cors::allow(&mut response, this.reader);
                     if response.status() != StatusCode::INTERNAL_SERVER_ERROR {
                         break response;
                     }

@@ -178,10 +178,20 @@ pub fn options_answer(routed: bool, uri: &Uri) -> Response {
     if !routed {
         return not_served(&Method::OPTIONS, uri);
     }
-    let refused = ApiError::MethodNotAllowed;
+    error_answer(ApiError::MethodNotAllowed)
+}
+
+/// `refused` in OpenAI's error object, for an answer given before the `/v1` routes.
+pub fn error_answer(refused: ApiError) -> Response {
     let envelope = refused.envelope();
-    let error = openai_error(&envelope.error, envelope.code, envelope.field, 405);
-    (refused.status(), Json(error)).into_response()
+    let status = refused.status();
+    let error = openai_error(
+        &envelope.error,
+        envelope.code,
+        envelope.field,
+        status.as_u16(),
+    );
+    (status, Json(error)).into_response()
 }
 
 /// `{"error": {"message", "type", "param", "code"}}` for the contract's envelope, typed as

@@ -18,7 +18,7 @@ use axum::{
 use serde::Serialize;
 use utoipa::ToSchema;
 
-pub use self::errors::{openai_errors, options_answer, unknown_route, OpenAiError};
+pub use self::errors::{error_answer, openai_errors, options_answer, unknown_route, OpenAiError};
 use self::{
     chunks::chunk_stream,
     completion::{stored_tool_calls, Completion, CompletionUsage},
