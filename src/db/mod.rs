@@ -249,6 +249,9 @@ async fn connect_postgres(
     let quiet = tracing::subscriber::NoSubscriber::default();
     let mut options = tracing::subscriber::with_default(quiet, || PgConnectOptions::from_str(url))?;
     options = tls::with_default_sslmode(url, options);
+    // The server's notices (a migration's `CREATE TABLE IF NOT EXISTS` on every command's
+    // start) are noise in an operator's log; its warnings and errors still come.
+    options = options.options([("client_min_messages", "warning")]);
     if let Some(timeout) = settings.statement_timeout {
         options = options.options([("statement_timeout", timeout.as_millis().to_string())]);
     }

@@ -122,8 +122,13 @@ impl TwoInstances {
     }
 
     pub(super) fn audit(&self) -> std::process::Output {
+        self.run("audit")
+    }
+
+    /// `tokenchat <command>` on the pair's database.
+    pub(super) fn run(&self, command: &str) -> std::process::Output {
         Server::command(self._dir.path(), &[("DATABASE_URL", self.database.url())])
-            .arg("audit")
+            .arg(command)
             .output()
             .unwrap()
     }

@@ -65,6 +65,11 @@ async fn two_processes_racing_for_the_last_tokens_answer_exactly_what_the_balanc
     assert_eq!(pair.scalar("SELECT tokens FROM users").await, 0);
     let audit = pair.audit();
     assert!(audit.status.success(), "{audit:?}");
+    // Migrating a migrated database logs no server notice ("already exists").
+    let migrated = pair.run("migrate");
+    assert!(migrated.status.success(), "{migrated:?}");
+    let said = [&migrated.stdout, &migrated.stderr].map(|out| String::from_utf8_lossy(out));
+    assert!(!said.concat().contains("already exists"), "{said:?}");
 }
 
 #[tokio::test]
