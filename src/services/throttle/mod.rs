@@ -18,6 +18,8 @@ use crate::{config::AbuseLimits, db::Db, services::ServiceResult};
 /// PostgreSQL, by every instance.
 pub struct Throttle {
     store: Store,
+    /// Where `rate_limits` is: every limit's on PostgreSQL, keys' `rpm` on both backends.
+    db: Db,
 }
 
 /// Where the limits are counted: in this process, with SQLite (whose file one process
@@ -33,7 +35,10 @@ impl Throttle {
             Db::Sqlite(_) => Store::InProcess(Box::new(InProcess::new(limits))),
             Db::Postgres(_) => Store::Shared(Shared::new(limits, db.clone())),
         };
-        Self { store }
+        Self {
+            store,
+            db: db.clone(),
+        }
     }
 
     /// Counts a login attempt from `address`; `RateLimited` past the per-address rate.
@@ -94,15 +99,17 @@ impl Throttle {
         }
     }
 
-    /// Forgets what no longer limits anyone, so the stores shrink after a burst: in this
-    /// process, or on PostgreSQL the rows of `rate_limits` whose time is past.
+    /// Forgets what no longer limits anyone, so the stores shrink after a burst: what this
+    /// process counts, and the rows of `rate_limits` whose time is past (on SQLite too,
+    /// where keys' requests a minute are counted there: a key used and revoked left its row
+    /// for ever).
     pub async fn forget_stale(&self) {
-        match &self.store {
-            Store::InProcess(store) => store.forget_stale(),
-            Store::Shared(store) => match store.forget_stale().await {
-                Ok(forgotten) => tracing::debug!(forgotten, "swept past rate limits"),
-                Err(err) => tracing::warn!(error = %err, "could not sweep past rate limits"),
-            },
+        if let Store::InProcess(store) = &self.store {
+            store.forget_stale();
+        }
+        match crate::services::rates::forget_past(&self.db, crate::clock::unix_now_ms()).await {
+            Ok(forgotten) => tracing::debug!(forgotten, "swept past rate limits"),
+            Err(err) => tracing::warn!(error = %err, "could not sweep past rate limits"),
         }
     }
 }

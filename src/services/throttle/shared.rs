@@ -117,11 +117,6 @@ impl Shared {
         }
     }
 
-    /// Deletes the rows whose time is past, whichever limit (or API key) they counted for.
-    pub(super) async fn forget_stale(&self) -> ServiceResult<u64> {
-        rates::forget_past(&self.db, crate::clock::unix_now_ms()).await
-    }
-
     /// Checks and counts one request of `name` against `rate`, if that limit is on.
     async fn count(&self, rate: Option<Gcra>, name: &str) -> ServiceResult<()> {
         let Some(rate) = rate else {

@@ -1,6 +1,7 @@
 //! Model tokens a minute (`tpm`) of a key and of a user: a call is admitted while the
 //! tokens its earlier calls used stay within the minute, its own counted once it is over,
-//! with OpenAI's `x-ratelimit-*-tokens` headers; 429 `rate_limited` past it.
+//! with OpenAI's `x-ratelimit-*-tokens` headers; 429 `rate_limited` past it. The counts
+//! are swept once their time is past, on SQLite too.
 
 use std::time::Duration;
 
@@ -279,4 +280,39 @@ async fn a_priced_stream_cut_short_counts_the_answer_it_delivered() {
         (60 - delivered..=61 - delivered).contains(&remaining),
         "{remaining} of 60, {delivered} delivered"
     );
+}
+
+#[tokio::test]
+async fn a_keys_counts_are_swept_once_their_time_is_past_on_either_backend() {
+    let app = TestApp::new().await;
+    let token = app.user_with_token("user").await;
+    let (key, id) = key_with(&app, &token, json!({ "rpm": 100 })).await;
+    assert_eq!(ask(&app, &key).await.status, StatusCode::OK);
+    let name = format!("key:{id}");
+    counted(&app, &name, 0).await;
+    let rows = || async {
+        tokenchat::db_run!(&app.state.db, pool => sqlx::query_scalar::<_, i64>(
+            "SELECT COUNT(*) FROM rate_limits WHERE name = $1",
+        )
+        .bind(&name)
+        .fetch_one(pool)
+        .await)
+        .unwrap()
+    };
+    // Still limiting: kept.
+    app.state.throttle.forget_stale().await;
+    assert_eq!(rows().await, 1);
+    // Five minutes on (the key since revoked, say): gone, on SQLite too.
+    let past = tokenchat::clock::unix_now_ms() - 300_000;
+    tokenchat::db_run!(&app.state.db, pool => sqlx::query(
+        "UPDATE rate_limits SET tat_ms = $1 WHERE name = $2",
+    )
+    .bind(past)
+    .bind(&name)
+    .execute(pool)
+    .await
+    .map(|done| done.rows_affected()))
+    .unwrap();
+    app.state.throttle.forget_stale().await;
+    assert_eq!(rows().await, 0);
 }
