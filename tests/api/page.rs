@@ -105,7 +105,8 @@ async fn in_a_browser_older_pages_show_enter_sends_once_a_cut_charge_is_told_and
         println!("page test skipped: set TOKENCHAT_SDK_PYTHON to a Python with selenium");
         return;
     };
-    let app = TestApp::with_env(&[("INITIAL_TOKENS", "6000")]).await;
+    // A model time-out past the fake's 10 s "[stall]": that answer starts late, not never.
+    let app = TestApp::with_env(&[("INITIAL_TOKENS", "6000"), ("LLM_TIMEOUT_SECS", "15")]).await;
     let token = app.user_with_token("browser-user").await;
     for n in 1..=24 {
         app.chat(&token, &format!("conversation {n}")).await;
@@ -147,7 +148,14 @@ async fn in_a_browser_older_pages_show_enter_sends_once_a_cut_charge_is_told_and
     };
     assert_eq!(sent("only once"), 1);
     assert_eq!(sent("[die-mid-stream] a b c d"), 1);
-    assert_eq!(app.balance(&token).await, 6000 - 51 * 100);
+    // The message after switching back went to the conversation shown, not the late one's.
+    let conversation_of = |message: &str| {
+        let mut chats = chats.as_array().unwrap().iter();
+        chats.find(|chat| chat["message"] == message).unwrap()["conversation_id"].clone()
+    };
+    assert_eq!(conversation_of("after switching back"), conversation);
+    assert_ne!(conversation_of("[stall] late start"), conversation);
+    assert_eq!(app.balance(&token).await, 6000 - 53 * 100);
     app.assert_audit_passes().await;
 }
 

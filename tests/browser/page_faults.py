@@ -1,7 +1,9 @@
 """Drives the page at / in headless Chromium where it used to fail (an attack run's
 findings): the older conversations and a conversation's later chats are reachable; Enter
 pressed again while a message is on its way sends nothing more; a stream cut short after
-text arrived says what it was charged; logging out leaves nothing of the user on the page.
+text arrived says what it was charged; an answer that starts after the user switched
+conversations does not take the shown one's place; logging out leaves nothing of the user
+on the page.
 Usage: page_faults.py BASE_URL TOKEN, TOKEN of a user with 25 conversations, the newest
 of 25 chats ("turn 1" to "turn 25"), the others of one. Exits non-zero, saying why, when
 anything is not as it should be."""
@@ -28,6 +30,9 @@ wait = WebDriverWait(driver, 20)
 by_id = lambda name: driver.find_element(By.ID, name)
 listed = lambda: driver.find_elements(By.CSS_SELECTOR, "#conversations li")
 turns = lambda: driver.find_elements(By.CSS_SELECTOR, "#history .turn")
+# Clicked in the page itself: the list is drawn anew whenever it is refreshed, so an element
+# found a moment before may be gone.
+open_newest = lambda: driver.execute_script("document.querySelector('#conversations li button').click()")
 
 
 def send_and_wait(message, presses=1):
@@ -56,7 +61,7 @@ try:
     assert not older.is_displayed(), "a last page offers more"
 
     # The newest conversation, whole: its 25 chats, not the first page of 20.
-    listed()[0].find_element(By.TAG_NAME, "button").click()
+    open_newest()
     wait.until(lambda _: len(turns()) == 50)
     assert turns()[-2].text == "turn 25", turns()[-2].text
 
@@ -69,6 +74,20 @@ try:
     send_and_wait("[die-mid-stream] a b c d")
     error = by_id("error").text
     assert "100 tokens were charged for the part that arrived" in error, error
+
+    # A new conversation's answer that starts late, after the user went back to another:
+    # the next message goes to the one shown, not to the late one's.
+    by_id("new-conversation").click()
+    driver.execute_script("""
+        document.getElementById("message").value = "[stall] late start";
+        document.getElementById("message").dispatchEvent(
+            new KeyboardEvent("keydown", { key: "Enter", bubbles: true }));
+    """)
+    open_newest()
+    wait.until(lambda _: len(turns()) == 54)
+    WebDriverWait(driver, 30).until(lambda _: by_id("send").is_enabled())
+    send_and_wait("after switching back")
+    assert turns()[-2].text == "after switching back", turns()[-2].text
 
     # Logging out leaves nothing of the user: not the conversations, not the draft, not
     # the credentials a next user of this tab could log in with.
