@@ -61,6 +61,23 @@ async fn the_page_cannot_be_framed_sniffed_or_made_to_run_other_scripts() {
     assert!(!policy.contains("unsafe"), "{policy}");
 }
 
+/// Runs a browser script with `python` and `args`, failing the test with its output unless
+/// it succeeds. On a blocking thread: this test's runtime serves the page meanwhile.
+async fn run_to_success<const N: usize>(python: String, args: [&str; N]) {
+    let args: Vec<String> = args.iter().map(|arg| arg.to_string()).collect();
+    let run =
+        tokio::task::spawn_blocking(move || std::process::Command::new(python).args(args).output())
+            .await
+            .unwrap()
+            .unwrap();
+    assert!(
+        run.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&run.stdout),
+        String::from_utf8_lossy(&run.stderr)
+    );
+}
+
 #[tokio::test]
 async fn in_a_browser_a_new_user_chats_sees_the_answer_stream_and_the_balance_drop_then_runs_out() {
     let Ok(python) = std::env::var("TOKENCHAT_SDK_PYTHON") else {
@@ -73,21 +90,7 @@ async fn in_a_browser_a_new_user_chats_sees_the_answer_stream_and_the_balance_dr
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/browser/page_test.py");
     let screenshot = concat!(env!("CARGO_MANIFEST_DIR"), "/target/page-screenshot.png");
     let _ = std::fs::remove_file(screenshot);
-    // On a blocking thread: this test's runtime serves the page meanwhile.
-    let run = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(python)
-            .args([script, &base, screenshot, "100"])
-            .output()
-    })
-    .await
-    .unwrap()
-    .unwrap();
-    assert!(
-        run.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&run.stdout),
-        String::from_utf8_lossy(&run.stderr)
-    );
+    run_to_success(python, [script, &base, screenshot, "100"]).await;
     let png = std::fs::read(screenshot).unwrap();
     assert!(png.starts_with(b"\x89PNG"), "a PNG screenshot");
     // What the page showed is what the database holds.
@@ -120,21 +123,7 @@ async fn in_a_browser_older_pages_show_enter_sends_once_a_cut_charge_is_told_and
     }
     let base = serve_in_process(&app).await;
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/browser/page_faults.py");
-    let command_token = token.clone();
-    let run = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(python)
-            .args([script, &base, &command_token])
-            .output()
-    })
-    .await
-    .unwrap()
-    .unwrap();
-    assert!(
-        run.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&run.stdout),
-        String::from_utf8_lossy(&run.stderr)
-    );
+    run_to_success(python, [script, &base, &token]).await;
     // Enter pressed three times made one chat; the cut one was charged, as the page said.
     // (The page's logout revoked its token.)
     let token = app.login("browser-user", "pass123").await.json["token"]

@@ -10,22 +10,14 @@ anything is not as it should be."""
 
 import sys
 
-from selenium import webdriver
-from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
+from chromium import start_chromium
+
 base, token = sys.argv[1], sys.argv[2]
 
-options = webdriver.ChromeOptions()
-options.binary_location = "/usr/bin/chromium"
-for flag in [
-    "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-    "--disable-quic", "--no-first-run", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--window-size=1100,720",
-]:
-    options.add_argument(flag)
-driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
+driver = start_chromium()
 wait = WebDriverWait(driver, 20)
 by_id = lambda name: driver.find_element(By.ID, name)
 listed = lambda: driver.find_elements(By.CSS_SELECTOR, "#conversations li")

@@ -148,19 +148,25 @@ embedded = client.embeddings.create(model="llama3.2", input=["hello world", "bye
 assert [item.embedding for item in embedded.data] == [[2.0, 11.0, 0.5, -0.5], [1.0, 3.0, 0.5, -0.5]], embedded
 assert embedded.usage.prompt_tokens == 3, embedded.usage
 
+
+def refused(key, retries_allowed, message):
+    """The error a chat of `message` with `key` is answered with, and how often the SDK,
+    allowed `retries_allowed` retries, retried it."""
+    retries.count = 0
+    sdk = openai.OpenAI(base_url=base_url, api_key=key, max_retries=retries_allowed)
+    try:
+        sdk.chat.completions.create(model="llama3.2", messages=[{"role": "user", "content": message}])
+    except openai.APIStatusError as error:
+        return error, retries.count
+    raise AssertionError(f"{message!r} was served")
+
+
 # A request the model rejects: BadRequestError, at once, never retried.
-retries.count = 0
-patient = openai.OpenAI(base_url=base_url, api_key=os.environ["API_KEY"], max_retries=3)
-try:
-    patient.chat.completions.create(
-        model="llama3.2", messages=[{"role": "user", "content": "[reject] this schema"}]
-    )
-    raise AssertionError("a rejected request was served")
-except openai.BadRequestError as error:
-    assert error.status_code == 400, error
-    assert "Invalid schema for function 'get_weather'" in error.message, error.message
-    assert error.code == "invalid_function_parameters", error.body
-assert retries.count == 0, f"the SDK retried a rejection {retries.count} times"
+error, retried = refused(os.environ["API_KEY"], 3, "[reject] this schema")
+assert isinstance(error, openai.BadRequestError) and error.status_code == 400, error
+assert "Invalid schema for function 'get_weather'" in error.message, error.message
+assert error.code == "invalid_function_parameters", error.body
+assert retried == 0, f"the SDK retried a rejection {retried} times"
 
 revoked = openai.OpenAI(base_url=base_url, api_key=os.environ["REVOKED_KEY"])
 try:
@@ -169,45 +175,21 @@ try:
 except openai.AuthenticationError as error:
     assert error.status_code == 401, error
 
-# A model that fails is a 502, which the SDK does retry: the count below can see retries.
-retries.count = 0
-once_more = openai.OpenAI(base_url=base_url, api_key=os.environ["API_KEY"], max_retries=1)
-try:
-    once_more.chat.completions.create(
-        model="llama3.2", messages=[{"role": "user", "content": "[fail] now"}]
-    )
-    raise AssertionError("a failing model was served")
-except openai.APIStatusError as error:
-    assert error.status_code == 502, error
-    assert error.type == "api_error", error.body
-assert retries.count >= 1, "the SDK did not retry a 502"
+# A model that fails is a 502, which the SDK does retry.
+error, retried = refused(os.environ["API_KEY"], 1, "[fail] now")
+assert error.status_code == 502 and error.type == "api_error", error.body
+assert retried >= 1, "the SDK did not retry a 502"
 
 # A model past its time-out: a 504 the SDK raises at once (x-should-retry: false), though it
 # retries every other 5xx: the operator may have paid for the call, which would likely be as
 # slow again.
-retries.count = 0
-impatient = openai.OpenAI(base_url=base_url, api_key=os.environ["API_KEY"], max_retries=2)
-try:
-    impatient.chat.completions.create(
-        model="llama3.2", messages=[{"role": "user", "content": "[stall] now"}]
-    )
-    raise AssertionError("a stalled model was served")
-except openai.APIStatusError as error:
-    assert error.status_code == 504, error
-    assert error.code == "upstream_timeout", error.body
-assert retries.count == 0, f"the SDK retried a time-out {retries.count} times"
+error, retried = refused(os.environ["API_KEY"], 2, "[stall] now")
+assert error.status_code == 504 and error.code == "upstream_timeout", error.body
+assert retried == 0, f"the SDK retried a time-out {retried} times"
 
 # An empty balance: a 402 the SDK raises at once, without retrying it.
-retries.count = 0
-empty = openai.OpenAI(base_url=base_url, api_key=os.environ["EMPTY_KEY"], max_retries=3)
-try:
-    empty.chat.completions.create(
-        model="llama3.2", messages=[{"role": "user", "content": "one more"}]
-    )
-    raise AssertionError("an empty balance was served")
-except openai.APIStatusError as error:
-    assert error.status_code == 402, error
-    assert error.code == "insufficient_quota", error.body
-assert retries.count == 0, f"the SDK retried {retries.count} times"
+error, retried = refused(os.environ["EMPTY_KEY"], 3, "one more")
+assert error.status_code == 402 and error.code == "insufficient_quota", error.body
+assert retried == 0, f"the SDK retried {retried} times"
 
 print("sdk: every check passed")
