@@ -34,7 +34,8 @@ pub enum Reader {
     AnyOrigin,
     /// A page of this origin, which `CORS_ORIGINS` lists.
     Listed(HeaderValue),
-    /// No other origin's page: the request is the API's own page's, or no browser's.
+    /// No other origin's page: the request is the API's own page's (served at an address),
+    /// or no browser's.
     Own,
 }
 
@@ -54,18 +55,28 @@ pub fn reader(listed: Option<&[String]>, request: &Request) -> Option<Reader> {
     {
         return Some(Reader::Listed(origin.clone()));
     }
-    // The page at `/` sends its `Origin` on a POST too: it is its own origin's.
-    let same_origin = headers
-        .get("sec-fetch-site")
-        .is_some_and(|site| site == "same-origin")
-        || headers.get(header::HOST).is_some_and(|host| {
-            let origin = origin.as_bytes();
-            let authority = origin
-                .strip_prefix(b"https://")
-                .or_else(|| origin.strip_prefix(b"http://"));
-            authority.is_some_and(|authority| authority.eq_ignore_ascii_case(host.as_bytes()))
-        });
-    same_origin.then_some(Reader::Own)
+    // The page at `/` sends its `Origin` on a POST too. It is taken for its own origin's
+    // unlisted only when served at an address: a name can be made to point here by another
+    // site (DNS rebinding), whose page then has an `Origin` matching `Host`, and even
+    // `Sec-Fetch-Site: same-origin`. Under a name, the page's origin is to be listed.
+    let own = headers.get(header::HOST).is_some_and(|host| {
+        let origin = origin.as_bytes();
+        let authority = origin
+            .strip_prefix(b"https://")
+            .or_else(|| origin.strip_prefix(b"http://"));
+        authority.is_some_and(|authority| authority.eq_ignore_ascii_case(host.as_bytes()))
+            && std::str::from_utf8(host.as_bytes()).is_ok_and(is_an_address)
+    });
+    own.then_some(Reader::Own)
+}
+
+/// Whether a `Host` names this machine by an address (or `localhost`), not by a name.
+fn is_an_address(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(bracketed) => bracketed.split(']').next().unwrap_or_default(),
+        None => host.rsplit_once(':').map_or(host, |(name, _port)| name),
+    };
+    name.eq_ignore_ascii_case("localhost") || name.parse::<std::net::IpAddr>().is_ok()
 }
 
 /// A CORS preflight: OPTIONS with `Origin` and `Access-Control-Request-Method`. (Any other
@@ -97,13 +108,14 @@ pub fn allow(response: &mut Response, reader: &Reader) {
 
 /// Names the origin `reader` allows in `headers`; `false` when it is the API's own.
 fn allow_origin(headers: &mut HeaderMap, reader: &Reader) -> bool {
+    // `Vary` may have values of its own already: add to them, do not replace them. (With
+    // `CORS_ORIGINS` an answer to the API's own page differs from a listed origin's too.)
+    headers.append(header::VARY, VARY);
     let origin = match reader {
         Reader::AnyOrigin => ANY,
         Reader::Listed(origin) => origin.clone(),
         Reader::Own => return false,
     };
-    // `Vary` may have values of its own already: add to them, do not replace them.
-    headers.append(header::VARY, VARY);
     headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
     true
 }

@@ -1,6 +1,7 @@
 //! Another site's page calling the API from a visitor's browser: with `CORS_ORIGINS` it is
 //! refused before anything is done, so it can neither lock the visitor's address out of a
-//! login nor register accounts on it; the origins listed and the page at `/` still call it.
+//! login nor register accounts on it; the origins listed and the page at `/` served at an
+//! address still call it, a page under a name that merely matches `Host` (DNS rebinding) not.
 
 use axum::{
     body::Body,
@@ -87,21 +88,28 @@ async fn with_cors_origins_another_sites_page_cannot_lock_out_a_login_or_registe
     assert_eq!(login.headers["access-control-allow-origin"], LISTED);
     assert!(login.headers["vary"].to_str().unwrap().contains("origin"));
 
-    // The page at `/` sends its own origin: by `Host`, or as the browser says it.
-    let own = [
-        ("origin", "http://tokenchat.test"),
-        ("host", "tokenchat.test"),
-    ];
+    // The page at `/` served at an address sends its own origin: taken as the API's own.
     let body = r#"{"username":"victim","password":"pass123"}"#;
-    let login = app.request(Method::POST, "/login", &own, body).await;
-    assert_eq!(login.status, StatusCode::OK, "{login:?}");
-    assert!(!login.headers.contains_key("access-control-allow-origin"));
-    let said = [
-        ("origin", "https://behind.proxy"),
+    for (origin, host) in [
+        ("http://127.0.0.1:8000", "127.0.0.1:8000"),
+        ("http://[::1]:8000", "[::1]:8000"),
+        ("http://localhost:8000", "localhost:8000"),
+    ] {
+        let own = [("origin", origin), ("host", host)];
+        let login = app.request(Method::POST, "/login", &own, body).await;
+        assert_eq!(login.status, StatusCode::OK, "{origin}: {login:?}");
+        assert!(!login.headers.contains_key("access-control-allow-origin"));
+    }
+    // Under a name it is not: another site can point a name of its own here (DNS
+    // rebinding), and its page's `Origin` then matches `Host`, the browser even saying
+    // `same-origin`. A page served under a name has its origin listed.
+    let rebound = [
+        ("origin", "http://evil.example:8000"),
+        ("host", "evil.example:8000"),
         ("sec-fetch-site", "same-origin"),
     ];
-    let login = app.request(Method::POST, "/login", &said, body).await;
-    assert_eq!(login.status, StatusCode::OK, "{login:?}");
+    let login = app.request(Method::POST, "/login", &rebound, body).await;
+    login.assert_error(StatusCode::FORBIDDEN, "forbidden");
     // A client that is no browser sends no Origin, as before.
     assert_eq!(app.login("victim", "pass123").await.status, StatusCode::OK);
 }
