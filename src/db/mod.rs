@@ -249,9 +249,6 @@ async fn connect_postgres(
     let quiet = tracing::subscriber::NoSubscriber::default();
     let mut options = tracing::subscriber::with_default(quiet, || PgConnectOptions::from_str(url))?;
     options = tls::with_default_sslmode(url, options);
-    // The server's notices (a migration's `CREATE TABLE IF NOT EXISTS` on every command's
-    // start) are noise in an operator's log; its warnings and errors still come.
-    options = options.options([("client_min_messages", "warning")]);
     if let Some(timeout) = settings.statement_timeout {
         options = options.options([("statement_timeout", timeout.as_millis().to_string())]);
     }
@@ -417,8 +414,17 @@ pub async fn run_migrator(
             migrator.run(&mut **connection).await
         }
         Db::Postgres(pool) => {
+            // The server's notice that the migrations' table "already exists", on every start
+            // and command, is noise in an operator's log; its warnings still come. Set here,
+            // for this one session, not as a startup option, which poolers such as PgBouncer
+            // refuse.
             let mut connection = pool.acquire().await?;
-            migrator.run(&mut **connection).await
+            let quiet = "SET client_min_messages = warning";
+            sqlx::query(quiet).execute(&mut **connection).await?;
+            let migrated = migrator.run(&mut **connection).await;
+            let reset = sqlx::query("RESET client_min_messages");
+            reset.execute(&mut **connection).await?;
+            migrated
         }
     }
 }
