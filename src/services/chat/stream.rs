@@ -237,6 +237,7 @@ impl ChatInFlight {
         // (else recovery refunds it as abandoned while the client still reads the answer).
         let out_of_time =
             tokio::time::Instant::from_std(asked) + crate::llm::longest_call(&chats.config, true);
+        let mut client_too_slow = false;
         let ending = loop {
             tokio::select! {
                 biased;
@@ -245,6 +246,23 @@ impl ChatInFlight {
                 chunk = upstream.next() => match chunk {
                     None => break Ending::Finished,
                     Some(Ok(chunk)) => {
+                        // Room for it first: a chunk never handed over is neither kept nor
+                        // charged.
+                        let room = tokio::select! {
+                            biased;
+                            room = events.reserve() => room,
+                            _ = chats.in_flight.cut_short.cancelled() => break Ending::ShuttingDown,
+                            _ = tokio::time::sleep_until(out_of_time) => {
+                                // The client's slowness, not the model's: settled as a
+                                // stream past its time is, the model not counted as failed.
+                                tracing::info!(chat_id, "the client read too slowly: the stream is out of time");
+                                client_too_slow = true;
+                                break Ending::ModelFailed(LlmError::Timeout);
+                            }
+                        };
+                        let Ok(room) = room else {
+                            break Ending::ClientGone;
+                        };
                         answer.push_str(&chunk.text);
                         tool_calls.add(&chunk.tool_calls);
                         unstored.push_str(&chunk.unstored);
@@ -252,18 +270,7 @@ impl ChatInFlight {
                             usage = Some(reported);
                         }
                         let (text, substantial) = (!chunk.text.is_empty(), chunk.substantial);
-                        let sent = tokio::select! {
-                            biased;
-                            sent = events.send(StreamEvent::Chunk(chunk)) => sent.is_ok(),
-                            _ = chats.in_flight.cut_short.cancelled() => break Ending::ShuttingDown,
-                            _ = tokio::time::sleep_until(out_of_time) => {
-                                tracing::info!(chat_id, "the client read too slowly: the stream is out of time");
-                                break Ending::ModelFailed(LlmError::Timeout);
-                            }
-                        };
-                        if !sent {
-                            break Ending::ClientGone;
-                        }
+                        room.send(StreamEvent::Chunk(chunk));
                         delivered_any |= text || substantial;
                         delivered_substance |= substantial;
                     }
@@ -274,7 +281,7 @@ impl ChatInFlight {
         // The model stops writing (and the operator stops paying) at once.
         drop(upstream);
         let model_error = match &ending {
-            Ending::ModelFailed(err) => Some(err.kind()),
+            Ending::ModelFailed(err) if !client_too_slow => Some(err.kind()),
             _ => None,
         };
         chats.metrics.upstream(true, asked.elapsed(), model_error);
