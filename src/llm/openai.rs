@@ -374,21 +374,8 @@ pub(super) fn read_stream(response: reqwest::Response, idle: Duration) -> Answer
     if !says_json(&response) {
         return chunks_of(response.bytes_stream(), idle);
     }
-    let whole = async move {
-        let body = match whole_body(response, MAX_ANSWER_BYTES).await {
-            Ok(body) => body,
-            Err(err) => return futures_util::stream::iter([Err(err)]).boxed(),
-        };
-        if !unstreamed::is_whole_answer(&body) {
-            // Events labelled JSON: read as events, as they came.
-            let events = futures_util::stream::iter([Ok::<_, reqwest::Error>(body)]);
-            return chunks_of(events, idle);
-        }
-        tracing::debug!("a stream request was answered whole");
-        let chunk = unstreamed::as_one_chunk(&body).and_then(read_chunk);
-        futures_util::stream::iter([chunk]).boxed()
-    };
-    Box::pin(futures_util::stream::once(whole).flatten())
+    let answer = unstreamed::whole_or_events(response.bytes_stream(), idle);
+    Box::pin(futures_util::stream::once(answer).flatten())
 }
 
 /// Whether a response's `Content-Type` names JSON.

@@ -1,5 +1,6 @@
 //! A whole `chat.completion` that a server answered to a stream request, as the one
-//! `chat.completion.chunk` that says the same.
+//! `chat.completion.chunk` that says the same; a body labelled JSON that holds events, read
+//! as events.
 //!
 //! Some OpenAI-compatible servers do not stream, or ignore `stream: true` for some models,
 //! and answer the request whole. Read as server-sent events, such a body holds no event:
@@ -8,21 +9,71 @@
 //! `message` becomes its `delta` (with the `index` every tool-call piece of a stream has),
 //! everything else is kept as written, numbers too.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, time::Duration};
 
+use axum::body::Bytes;
+use futures_util::{stream, Stream, StreamExt};
 use serde_json::value::RawValue;
 
-use crate::llm::LlmError;
+use super::{chunks_of, classify, read_chunk, MAX_ANSWER_BYTES};
+use crate::llm::{AnswerStream, LlmError};
 
 type Fields = BTreeMap<String, Box<RawValue>>;
 
 const UNREADABLE: LlmError =
     LlmError::Unusable("a whole answer to a stream request was not the expected JSON");
 
-/// Whether a body whose head said JSON holds a whole answer rather than events that were
-/// labelled wrongly: a JSON object starts with `{`, an event stream never does.
-pub(super) fn is_whole_answer(body: &[u8]) -> bool {
-    body.trim_ascii_start().starts_with(b"{")
+/// A body whose head said JSON, read as what it holds: a whole answer (a JSON object starts
+/// with `{`) as its one chunk, or events labelled wrongly (they never start so) live, as
+/// they come. Each piece must come within `idle`, as a stream's do.
+pub(super) async fn whole_or_events<S>(mut body: S, idle: Duration) -> AnswerStream
+where
+    S: Stream<Item = Result<Bytes, reqwest::Error>> + Send + Unpin + 'static,
+{
+    let mut read = Vec::new();
+    let first = loop {
+        match next_piece(&mut body, idle).await {
+            Err(err) => return stream::iter([Err(err)]).boxed(),
+            Ok(None) => break None,
+            Ok(Some(piece)) => {
+                let first = piece.trim_ascii_start().first().copied();
+                read.push(piece);
+                if first.is_some() {
+                    break first;
+                }
+            }
+        }
+    };
+    if first != Some(b'{') {
+        let seen = stream::iter(read.into_iter().map(Ok));
+        return chunks_of(seen.chain(body), idle);
+    }
+    tracing::debug!("a stream request was answered whole");
+    let mut whole = read.concat();
+    loop {
+        match next_piece(&mut body, idle).await {
+            Err(err) => return stream::iter([Err(err)]).boxed(),
+            Ok(None) => break,
+            Ok(Some(_)) if whole.len() > MAX_ANSWER_BYTES => {
+                return stream::iter([Err(LlmError::Unusable("an answer too large"))]).boxed()
+            }
+            Ok(Some(piece)) => whole.extend_from_slice(&piece),
+        }
+    }
+    let chunk = as_one_chunk(&whole).and_then(read_chunk);
+    stream::iter([chunk]).boxed()
+}
+
+/// The body's next piece within `idle`; `None` at its end.
+async fn next_piece<S>(body: &mut S, idle: Duration) -> Result<Option<Bytes>, LlmError>
+where
+    S: Stream<Item = Result<Bytes, reqwest::Error>> + Unpin,
+{
+    match tokio::time::timeout(idle, body.next()).await {
+        Err(_) => Err(LlmError::Timeout),
+        Ok(None) => Ok(None),
+        Ok(Some(piece)) => piece.map(Some).map_err(classify),
+    }
 }
 
 /// The chunk that says what the whole answer `body` says: its choices' messages as deltas.
@@ -109,6 +160,36 @@ mod tests {
         assert!(chunk.contains("12345678901234567890123"), "{chunk}");
     }
 
+    /// The texts of the chunks read from `pieces`, or the first error's description.
+    async fn read_from(pieces: &[&str]) -> Vec<Result<String, String>> {
+        let pieces: Vec<Result<Bytes, reqwest::Error>> = pieces
+            .iter()
+            .map(|piece| Ok(Bytes::from(piece.to_string())))
+            .collect();
+        let chunks = whole_or_events(stream::iter(pieces), Duration::from_secs(1)).await;
+        let texts = chunks.map(|chunk| chunk.map(|chunk| chunk.text));
+        texts
+            .map(|text| text.map_err(|err| format!("{err:?}")))
+            .collect()
+            .await
+    }
+
+    #[tokio::test]
+    async fn a_json_body_is_one_chunk_and_events_labelled_json_are_read_as_events() {
+        let whole =
+            r#"{"choices":[{"index":0,"message":{"content":"Hi"},"finish_reason":"stop"}]}"#;
+        let (head, tail) = whole.split_at(20);
+        assert_eq!(read_from(&["  ", head, tail]).await, [Ok("Hi".to_string())]);
+        let event = |text: &str| {
+            format!(
+                r#"data: {{"choices":[{{"index":0,"delta":{{"content":"{text}"}},"finish_reason":null}}]}}"#
+            )
+        };
+        let (one, two) = (event("a") + "\n\n", event("b") + "\n\ndata: [DONE]\n\n");
+        let read = read_from(&[": keep-alive\n\n", &one, &two]).await;
+        assert_eq!(read, [Ok("a".to_string()), Ok("b".to_string())]);
+    }
+
     #[test]
     fn what_is_not_an_answer_object_is_unusable() {
         for body in [
@@ -123,12 +204,5 @@ mod tests {
                 String::from_utf8_lossy(body)
             );
         }
-    }
-
-    #[test]
-    fn an_event_stream_labelled_json_is_not_taken_for_a_whole_answer() {
-        assert!(is_whole_answer(b" \n{\"choices\":[]}"));
-        assert!(!is_whole_answer(b"data: {\"choices\":[]}\n\n"));
-        assert!(!is_whole_answer(b": keep-alive\n\n"));
     }
 }
