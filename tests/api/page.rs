@@ -144,6 +144,8 @@ async fn in_a_browser_older_pages_show_enter_sends_once_a_cut_charge_is_told_and
     };
     assert_eq!(conversation_of("after switching back"), conversation);
     assert_ne!(conversation_of("[stall] late start"), conversation);
+    // The message on its way at logout was ended before its answer began: refunded.
+    assert_eq!(sent("[stall] on its way at logout"), 1);
     assert_eq!(app.balance(&token).await, 6000 - 53 * 100);
     app.assert_audit_passes().await;
 }

@@ -82,14 +82,27 @@ try:
     assert turns()[-2].text == "after switching back", turns()[-2].text
 
     # Logging out leaves nothing of the user: not the conversations, not the draft, not
-    # the credentials a next user of this tab could log in with.
-    by_id("message").send_keys("a draft")
+    # the credentials a next user of this tab could log in with, not a message on its way
+    # (it is ended, and neither its answer nor its wait reaches the next user).
+    driver.execute_script("""
+        document.getElementById("message").value = "[stall] on its way at logout";
+        document.getElementById("message").dispatchEvent(
+            new KeyboardEvent("keydown", { key: "Enter", bubbles: true }));
+    """)
     by_id("logout").click()
     wait.until(lambda _: by_id("account").is_displayed())
     assert listed() == [] and turns() == [], "the last user's conversations are still in the page"
     for field in ["message", "username", "password"]:
         assert by_id(field).get_attribute("value") == "", f"{field} is kept"
     assert driver.execute_script("return sessionStorage.length") == 0
+    by_id("username").send_keys("next-user")
+    by_id("password").send_keys("pass123")
+    by_id("register").click()
+    wait.until(lambda _: by_id("app").is_displayed() and by_id("balance").text == "6000")
+    assert by_id("send").is_enabled(), "the last user's message still holds Send"
+    assert turns() == [] and by_id("error").text == "", by_id("error").text
+    send_and_wait("hello from the next user")
+    assert by_id("balance").text == "5900", by_id("balance").text
     print("page faults test passed")
 finally:
     driver.quit()
