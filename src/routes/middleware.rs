@@ -168,7 +168,8 @@ where
             retry_after_secs,
             state: rate,
         }) => {
-            let refused = Error::RateLimited { retry_after_secs }.into_response();
+            let mut refused = Error::RateLimited { retry_after_secs }.into_response();
+            refused.headers_mut().insert(header::CACHE_CONTROL, NO_STORE);
             return Ok(super::limits::with_rate_headers(refused, Some(rate), None));
         }
     };
