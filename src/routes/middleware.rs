@@ -169,7 +169,9 @@ where
             state: rate,
         }) => {
             let mut refused = Error::RateLimited { retry_after_secs }.into_response();
-            refused.headers_mut().insert(header::CACHE_CONTROL, NO_STORE);
+            refused
+                .headers_mut()
+                .insert(header::CACHE_CONTROL, NO_STORE);
             return Ok(super::limits::with_rate_headers(refused, Some(rate), None));
         }
     };

@@ -109,7 +109,13 @@ async fn in_a_browser_older_pages_show_enter_sends_once_a_cut_charge_is_told_and
         return;
     };
     // A model time-out past the fake's 10 s "[stall]": that answer starts late, not never.
-    let app = TestApp::with_env(&[("INITIAL_TOKENS", "6000"), ("LLM_TIMEOUT_SECS", "15")]).await;
+    // Another origin listed: the page, served at an address, is still the API's own.
+    let app = TestApp::with_env(&[
+        ("INITIAL_TOKENS", "6000"),
+        ("LLM_TIMEOUT_SECS", "15"),
+        ("CORS_ORIGINS", "https://app.example"),
+    ])
+    .await;
     let token = app.user_with_token("browser-user").await;
     for n in 1..=24 {
         app.chat(&token, &format!("conversation {n}")).await;

@@ -22,9 +22,13 @@ wait = WebDriverWait(driver, 20)
 by_id = lambda name: driver.find_element(By.ID, name)
 listed = lambda: driver.find_elements(By.CSS_SELECTOR, "#conversations li")
 turns = lambda: driver.find_elements(By.CSS_SELECTOR, "#history .turn")
-# Clicked in the page itself: the list is drawn anew whenever it is refreshed, so an element
-# found a moment before may be gone.
-open_newest = lambda: driver.execute_script("document.querySelector('#conversations li button').click()")
+# The conversation of 25 chats, found by its title ("turn 1") and clicked in the page itself:
+# the list is drawn anew whenever it is refreshed, so an element found a moment before may
+# be gone, and a new conversation may come first.
+open_the_long_one = lambda: driver.execute_script("""
+    [...document.querySelectorAll('#conversations li button')]
+        .find((button) => button.textContent === "turn 1").click();
+""")
 
 
 def send_and_wait(message, presses=1):
@@ -53,7 +57,7 @@ try:
     assert not older.is_displayed(), "a last page offers more"
 
     # The newest conversation, whole: its 25 chats, not the first page of 20.
-    open_newest()
+    open_the_long_one()
     wait.until(lambda _: len(turns()) == 50)
     assert turns()[-2].text == "turn 25", turns()[-2].text
 
@@ -75,7 +79,7 @@ try:
         document.getElementById("message").dispatchEvent(
             new KeyboardEvent("keydown", { key: "Enter", bubbles: true }));
     """)
-    open_newest()
+    open_the_long_one()
     wait.until(lambda _: len(turns()) == 54)
     WebDriverWait(driver, 30).until(lambda _: by_id("send").is_enabled())
     send_and_wait("after switching back")
