@@ -423,8 +423,10 @@ pub async fn run_migrator(
             sqlx::query(quiet).execute(&mut **connection).await?;
             let migrated = migrator.run(&mut **connection).await;
             let reset = sqlx::query("RESET client_min_messages");
-            reset.execute(&mut **connection).await?;
-            migrated
+            let reset = reset.execute(&mut **connection).await;
+            // A migration's failure is the one to tell, before the reset's.
+            migrated?;
+            reset.map(drop).map_err(Into::into)
         }
     }
 }

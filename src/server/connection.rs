@@ -62,14 +62,13 @@ impl Server {
             // A handler that keeps the body's bytes keeps them counted (see `HeldBody`).
             request.extensions_mut().insert(hold);
             let router = router.clone();
-            let activity = requests.clone();
             async move {
                 let mut response = router.oneshot(request).await?;
                 // Answered before its body was read (refused by its credential, its rate,
                 // its size or its type): hyper closes the connection after the answer
                 // rather than read the rest, and the client is told so, or it sends its
                 // next request on a connection about to close (a broken pipe).
-                if activity.body_unread.load(Ordering::Relaxed) {
+                if in_flight.body_unread() {
                     let close = HeaderValue::from_static("close");
                     response.headers_mut().insert(header::CONNECTION, close);
                 }

@@ -33,6 +33,11 @@ impl RequestInFlight {
         activity.changed.notify_one();
         Self(activity)
     }
+
+    /// Whether the request has a body the application has not read to its end.
+    pub(super) fn body_unread(&self) -> bool {
+        self.0.body_unread.load(Ordering::Relaxed)
+    }
 }
 
 impl Drop for RequestInFlight {

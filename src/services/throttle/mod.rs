@@ -18,7 +18,7 @@ use crate::{config::AbuseLimits, db::Db, services::ServiceResult};
 /// PostgreSQL, by every instance.
 pub struct Throttle {
     store: Store,
-    /// Where `rate_limits` is: every limit's on PostgreSQL, keys' `rpm` on both backends.
+    /// Where `rate_limits` is: every limit's on PostgreSQL, keys' and users' rates on both.
     db: Db,
 }
 
